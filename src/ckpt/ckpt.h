@@ -1,0 +1,136 @@
+/* Checkpoints and gradient dumps (spec: checkpoint.md, format_version 1).
+ *
+ * One checkpoint is one HDF5 file written by all ranks together through
+ * parallel HDF5. Everything here is generic over a moe_tensor_table: each
+ * table entry `name` becomes /model/<name>, /optimizer/m/<name> and
+ * /optimizer/v/<name> with the tensor's GLOBAL shape; expert-sharded
+ * tensors are written by their owners (replica 0 only), replicated ones by
+ * world rank 0. Every dataset is chunked (one chunk per expert row for
+ * [E, ...] datasets) and carries HDF5's Fletcher32 checksum, which HDF5
+ * verifies on every read.
+ *
+ * The MoE layers of a table are the distinct `layer` values of its
+ * expert-sharded tensors, in increasing order; per-layer arrays below are
+ * indexed by that ordinal (0 .. n_moe-1), not by block index.
+ *
+ * A moe_comm pointer may be NULL everywhere: one process, all experts. */
+#ifndef MOE_CKPT_H
+#define MOE_CKPT_H
+
+#include <stdint.h>
+
+#include "comm/comm.h"
+#include "config/config.h"
+#include "core/moe.h"
+#include "core/tensor.h"
+
+enum {
+    MOE_CKPT_FORMAT_VERSION = 1,
+    MOE_CKPT_MAX_EXTRA = 8,      /* resume integers beyond step/tokens_seen/seed */
+    MOE_CKPT_EXTRA_NAME = 32,
+    MOE_CKPT_MAX_MOE_LAYERS = 4096,
+};
+
+/* A named int64 stored as a /train attribute: whatever a run needs to resume
+ * bit-exactly (data cursor, epoch, ...). The trainer documents the names. */
+typedef struct {
+    char name[MOE_CKPT_EXTRA_NAME];
+    int64_t value;
+} moe_ckpt_extra;
+
+/* Everything a checkpoint holds. Pointers are borrowed, never freed here. */
+typedef struct {
+    const moe_tensor_table *table;
+    float *params;             /* (table->total) */
+    float *m, *v;              /* (table->total) AdamW moments; NULL on load: skip them */
+    int n_experts;             /* E, dim 0 of every expert tensor */
+    /* Per MoE layer (ordinal, see above), global expert index. expert_step
+     * is authoritative only for the experts this rank owns (the file takes
+     * each row from its owner; load fills every row). The stats are global
+     * and identical on all ranks (rank 0's copy is written). NULL on load: skip. */
+    int64_t *expert_step;      /* (n_moe, E) */
+    int64_t *expert_tokens;    /* (n_moe, E) kept assignments since step 0 */
+    int64_t *expert_dropped;   /* (n_moe, E) dropped assignments since step 0 */
+    /* /optimizer attributes */
+    int64_t opt_step;
+    double lr, beta1, beta2, eps, weight_decay;
+    /* /train attributes */
+    int64_t step, tokens_seen;
+    uint64_t seed;
+    moe_ckpt_extra extra[MOE_CKPT_MAX_EXTRA];
+    int n_extra;
+    /* root `config` (save: the resolved config text; load: see moe_ckpt_load) */
+    const char *config_text;
+    /* the model: written as /model attributes; on load the file must match it */
+    const moe_train_config *cfg;
+} moe_ckpt_state;
+
+/* ---- tables ---- */
+
+/* Number of MoE layers of a table and (if layers != NULL) their block
+ * indices in increasing order (layers has room for MOE_CKPT_MAX_MOE_LAYERS).
+ * Not collective. */
+int moe_ckpt_moe_layers(const moe_tensor_table *t, int *layers);
+
+/* The spec's tensor layout (checkpoint.md, /model datasets) for a model
+ * config, for ep rank `ep_rank` of `ep_size` (ep_size must divide E):
+ * names, global shapes, local rows, offsets in a contiguous block. Fails
+ * with MOE_ERR_ARG naming the field when the config is out of range (so a
+ * file's absurd attributes are rejected before anything is allocated).
+ * Not collective. */
+moe_status moe_ckpt_layout_create(moe_tensor_table **out, const moe_train_config *cfg, int ep_rank,
+                                  int ep_size);
+void moe_ckpt_layout_destroy(moe_tensor_table *t);
+
+/* ---- checkpoints ---- */
+
+/* Collective over c's world. Writes `path` atomically: every rank writes
+ * its part of `path`.tmp (collective, filtered writes), rank 0 fsyncs and
+ * renames it into place. Before touching the file the ranks check that
+ * their tables, attributes and config text agree (MOE_ERR_MISMATCH).
+ * Fails with MOE_ERR_IO naming the file. Every rank returns the same
+ * status and detail. */
+moe_status moe_ckpt_save(const char *path, moe_comm *c, const moe_ckpt_state *st);
+
+/* Collective over c's world; the world and ep sizes may differ from the
+ * saving run's (E % ep_size == 0). st->table/params/cfg must be set; m/v,
+ * expert_step and the stats are filled when non-NULL. Validates before it
+ * reads or allocates: the file opens (MOE_ERR_IO / MOE_ERR_FORMAT naming
+ * it), format and format_version, every /model attribute equals st->cfg
+ * (MOE_ERR_MISMATCH naming the attribute and both values), every dataset
+ * exists with the shape the table implies (MOE_ERR_FORMAT). A Fletcher32
+ * failure gives MOE_ERR_CHECKSUM naming dataset and file. Each rank reads
+ * only its own expert rows. On success the scalar attributes are filled and
+ * *config_text (if non-NULL) receives a malloc'd copy of the root config
+ * (caller frees). On failure the buffers' contents are unspecified. Every
+ * rank returns the same status and detail. */
+moe_status moe_ckpt_load(const char *path, moe_comm *c, moe_ckpt_state *st, char **config_text);
+
+/* ---- gradient dumps ("moe-gradients") ---- */
+
+/* Collective over c's world, atomic like moe_ckpt_save. grads (table->total)
+ * are this rank's reduced gradients (expert rows of inactive experts must be
+ * zero, as the backward pass leaves them); activated (n_moe, E) the global
+ * mask, identical on all ranks. */
+moe_status moe_ckpt_save_grads(const char *path, moe_comm *c, const moe_tensor_table *table,
+                               const float *grads, const uint8_t *activated, int n_experts, int64_t step,
+                               const moe_train_config *cfg, const char *config_text);
+
+/* ---- run directories ---- */
+
+/* out_dir/ckpt-<step, 6+ digits>.h5 into buf (cap bytes). MOE_ERR_ARG if it
+ * does not fit. Not collective. */
+moe_status moe_ckpt_path(char *buf, size_t cap, const char *out_dir, int64_t step);
+
+/* Not collective (call on world rank 0 after a successful moe_ckpt_save).
+ * Points out_dir/latest at the file name of ckpt_path (temp + rename), then
+ * deletes the oldest ckpt-*.h5 of out_dir beyond keep_last (keep_last <= 0:
+ * keep all), never the one `latest` names. */
+moe_status moe_ckpt_commit(const char *out_dir, const char *ckpt_path, int keep_last);
+
+/* Not collective. `path` is a checkpoint file, or a run directory meaning
+ * the file its `latest` names. Writes the file path into buf. MOE_ERR_IO
+ * naming the path when neither exists. */
+moe_status moe_ckpt_resolve(char *buf, size_t cap, const char *path);
+
+#endif

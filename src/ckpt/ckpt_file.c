@@ -1,0 +1,261 @@
+/* Single-process checkpoint / gradient-dump reader for tools (ckpt_file.h):
+ * attributes first, then the list of datasets the spec expects from them
+ * (with shapes), merged with what the file actually holds. Data is read
+ * only on request, one dataset at a time, after its shape is checked. */
+#include "ckpt/ckpt_file.h"
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "ckpt/ckpt_h5.h"
+
+/* Largest dataset a tool reads whole (elements, as doubles: 16 GiB). */
+#define MAX_READ_ELEMS ((int64_t)1 << 31)
+
+struct moe_ckpt_file {
+    hid_t file;
+    char *path;
+    moe_ckpt_info info;
+    moe_tensor_table *layout;
+    moe_ckpt_dset *d; /* (n) */
+    int n, cap;
+};
+
+static moe_status add_dset(moe_ckpt_file *f, const char *path, moe_ckpt_dtype t, int ndim, const int64_t *dims,
+                           int expected, int tensor)
+{
+    if (f->n == f->cap) {
+        int cap = f->cap ? 2 * f->cap : 128;
+        moe_ckpt_dset *p = realloc(f->d, (size_t)cap * sizeof *p);
+        if (!p) return moe_errorf(MOE_ERR_NOMEM, "dataset list of '%s'", f->path);
+        f->d = p;
+        f->cap = cap;
+    }
+    moe_ckpt_dset *x = &f->d[f->n];
+    memset(x, 0, sizeof *x);
+    if (snprintf(x->path, sizeof x->path, "%s", path) >= (int)sizeof x->path)
+        return moe_errorf(MOE_ERR_FORMAT, "'%s': dataset name too long: '%s'", f->path, path);
+    x->dtype = t;
+    x->ndim = ndim;
+    memcpy(x->dims, dims, (size_t)ndim * sizeof *dims);
+    x->expected = expected;
+    x->tensor = tensor;
+    f->n++;
+    return MOE_OK;
+}
+
+/* The datasets the spec expects, from the layout. */
+static moe_status expect_all(moe_ckpt_file *f)
+{
+    const moe_tensor_table *t = f->layout;
+    const char *ck[] = {"/model/", "/optimizer/m/", "/optimizer/v/"}, *gr[] = {"/grad/"};
+    const char **pre = f->info.gradients ? gr : ck;
+    const int n_pre = f->info.gradients ? 1 : 3;
+    char p[sizeof f->d->path];
+    moe_status st = MOE_OK;
+    for (int k = 0; k < n_pre; k++)
+        for (int i = 0; st == MOE_OK && i < t->n; i++) {
+            snprintf(p, sizeof p, "%s%s", pre[k], t->t[i].name);
+            st = add_dset(f, p, MOE_CKPT_F32, t->t[i].ndim, t->t[i].shape, 1, i);
+        }
+    int layers[MOE_CKPT_MAX_MOE_LAYERS];
+    const int n_moe = moe_ckpt_moe_layers(t, layers);
+    const int64_t E = f->info.model.n_experts;
+    for (int l = 0; st == MOE_OK && l < n_moe; l++) {
+        if (f->info.gradients) {
+            snprintf(p, sizeof p, "/grad/h/%d/moe/experts/activated", layers[l]);
+            st = add_dset(f, p, MOE_CKPT_U8, 1, &E, 1, -1);
+            continue;
+        }
+        const char *fmts[] = {"/optimizer/expert_step/h/%d", "/stats/h/%d/expert_tokens",
+                              "/stats/h/%d/expert_dropped"};
+        for (int k = 0; st == MOE_OK && k < 3; k++) {
+            snprintf(p, sizeof p, fmts[k], layers[l]);
+            st = add_dset(f, p, MOE_CKPT_I64, 1, &E, 1, -1);
+        }
+    }
+    return st;
+}
+
+typedef struct {
+    moe_ckpt_file *f;
+    moe_status st;
+} visit_ctx;
+
+/* Marks expected datasets present and appends the others with their own
+ * type and shape. */
+static herr_t visit(hid_t obj, const char *name, const H5O_info_t *info, void *arg)
+{
+    visit_ctx *v = arg;
+    if (info->type != H5O_TYPE_DATASET) return 0;
+    char p[sizeof v->f->d->path];
+    snprintf(p, sizeof p, "/%s", name);
+    int i = moe_ckpt_file_find(v->f, p);
+    if (i >= 0) {
+        v->f->d[i].present = 1;
+        return 0;
+    }
+    hid_t ds = H5Dopen2(obj, name, H5P_DEFAULT);
+    hid_t t = ds < 0 ? H5I_INVALID_HID : H5Dget_type(ds), sp = ds < 0 ? H5I_INVALID_HID : H5Dget_space(ds);
+    hsize_t dims[H5S_MAX_RANK];
+    int nd = sp < 0 ? -1 : H5Sget_simple_extent_dims(sp, dims, NULL);
+    moe_ckpt_dtype dt = t >= 0 && H5Tget_class(t) == H5T_INTEGER ? (H5Tget_size(t) == 1 ? MOE_CKPT_U8 : MOE_CKPT_I64)
+                                                                 : MOE_CKPT_F32;
+    if (t >= 0) H5Tclose(t);
+    if (sp >= 0) H5Sclose(sp);
+    if (ds >= 0) H5Dclose(ds);
+    if (nd < 0 || nd > MOE_TENSOR_MAX_DIMS) {
+        v->st = moe_errorf(MOE_ERR_FORMAT, "'%s': dataset '%s' cannot be described (rank %d)", v->f->path, p, nd);
+        return -1;
+    }
+    int64_t d64[MOE_TENSOR_MAX_DIMS];
+    for (int k = 0; k < nd; k++) d64[k] = dims[k] > (hsize_t)INT64_MAX ? INT64_MAX : (int64_t)dims[k];
+    v->st = add_dset(v->f, p, dt, nd, d64, 0, -1);
+    if (v->st == MOE_OK) v->f->d[v->f->n - 1].present = 1;
+    return v->st == MOE_OK ? 0 : -1;
+}
+
+static moe_status read_info(moe_ckpt_file *f)
+{
+    moe_ckpt_info *in = &f->info;
+    const char *p = f->path;
+    moe_status st = ckpt_check_format(f->file, NULL, &in->gradients, p);
+    if (st == MOE_OK) snprintf(in->format, sizeof in->format, "%s", in->gradients ? CKPT_FORMAT_GRADS : CKPT_FORMAT);
+    in->format_version = MOE_CKPT_FORMAT_VERSION;
+    if (st == MOE_OK) st = ckpt_attr_get_strbuf(f->file, "created_by", in->created_by, sizeof in->created_by, p);
+    if (st == MOE_OK) st = ckpt_attr_get_strbuf(f->file, "created_at", in->created_at, sizeof in->created_at, p);
+    if (st == MOE_OK) st = ckpt_attr_get_i64(f->file, "saved_world_size", &in->saved_world_size, p);
+    if (st == MOE_OK) st = ckpt_attr_get_i64(f->file, "saved_ep_size", &in->saved_ep_size, p);
+    if (st != MOE_OK) return st;
+    const char *mg = in->gradients ? "/grad" : "/model";
+    hid_t g = H5Gopen2(f->file, mg, H5P_DEFAULT);
+    if (g < 0) return moe_errorf(MOE_ERR_FORMAT, "'%s': group %s is missing", p, mg);
+    st = ckpt_model_get(g, &in->model, p);
+    H5Gclose(g);
+    if (st != MOE_OK) return st;
+    if (moe_ckpt_layout_create(&f->layout, &in->model, 0, 1) != MOE_OK) {
+        char why[512]; /* the detail buffer cannot be its own argument */
+        snprintf(why, sizeof why, "%s", moe_error_detail());
+        return moe_errorf(MOE_ERR_FORMAT, "'%s': %s", p, why);
+    }
+    if (in->gradients) {
+        st = ckpt_attr_get_i64(f->file, "step", &in->step, p);
+        if (st == MOE_OK) st = ckpt_attr_get_str(f->file, "config", &in->config, p);
+        return st;
+    }
+    moe_ckpt_state s;
+    memset(&s, 0, sizeof s);
+    st = ckpt_read_scalars(f->file, p, &s, &in->config);
+    in->step = s.step;
+    in->tokens_seen = s.tokens_seen;
+    in->seed = s.seed;
+    memcpy(in->extra, s.extra, sizeof s.extra);
+    in->n_extra = s.n_extra;
+    in->opt_step = s.opt_step;
+    in->lr = s.lr;
+    in->beta1 = s.beta1;
+    in->beta2 = s.beta2;
+    in->eps = s.eps;
+    in->weight_decay = s.weight_decay;
+    return st;
+}
+
+moe_status moe_ckpt_file_open(moe_ckpt_file **out, const char *path)
+{
+    *out = NULL;
+    if (!path || !*path) return moe_errorf(MOE_ERR_ARG, "no file name");
+    if (access(path, R_OK) != 0) return moe_errorf(MOE_ERR_IO, "cannot read '%s'", path);
+    moe_ckpt_file *f = calloc(1, sizeof *f);
+    if (!f || !(f->path = strdup(path))) {
+        free(f);
+        return moe_errorf(MOE_ERR_NOMEM, "opening '%s'", path);
+    }
+    ckpt_quiet q;
+    ckpt_quiet_begin(&q);
+    moe_status st = MOE_OK;
+    f->file = H5Fopen(path, H5F_ACC_RDONLY, H5P_DEFAULT);
+    if (f->file < 0) {
+        st = H5Fis_hdf5(path) == 0
+                 ? moe_errorf(MOE_ERR_FORMAT, "'%s' is not an HDF5 file", path)
+                 : ckpt_h5_fail(MOE_ERR_FORMAT, "cannot open (truncated or damaged?)", path, path);
+    }
+    if (st == MOE_OK) st = read_info(f);
+    if (st == MOE_OK) st = expect_all(f);
+    if (st == MOE_OK) {
+        visit_ctx v = {f, MOE_OK};
+        if (H5Ovisit2(f->file, H5_INDEX_NAME, H5_ITER_INC, visit, &v, H5O_INFO_BASIC) < 0)
+            st = v.st != MOE_OK ? v.st : ckpt_h5_fail(MOE_ERR_FORMAT, "cannot list the objects of", path, path);
+    }
+    ckpt_quiet_end(&q);
+    if (st != MOE_OK) {
+        moe_ckpt_file_close(f);
+        return st;
+    }
+    *out = f;
+    return MOE_OK;
+}
+
+void moe_ckpt_file_close(moe_ckpt_file *f)
+{
+    if (!f) return;
+    if (f->file > 0) {
+        ckpt_quiet q;
+        ckpt_quiet_begin(&q);
+        H5Fclose(f->file);
+        ckpt_quiet_end(&q);
+    }
+    moe_ckpt_layout_destroy(f->layout);
+    free(f->info.config);
+    free(f->d);
+    free(f->path);
+    free(f);
+}
+
+const moe_ckpt_info *moe_ckpt_file_info(const moe_ckpt_file *f) { return &f->info; }
+const moe_tensor_table *moe_ckpt_file_layout(const moe_ckpt_file *f) { return f->layout; }
+int moe_ckpt_file_n_dsets(const moe_ckpt_file *f) { return f->n; }
+const moe_ckpt_dset *moe_ckpt_file_dset(const moe_ckpt_file *f, int i) { return &f->d[i]; }
+
+int moe_ckpt_file_find(const moe_ckpt_file *f, const char *path)
+{
+    for (int i = 0; i < f->n; i++)
+        if (!strcmp(f->d[i].path, path)) return i;
+    return -1;
+}
+
+moe_status moe_ckpt_file_read(const moe_ckpt_file *f, int i, double **out, int64_t *numel)
+{
+    *out = NULL;
+    *numel = 0;
+    if (i < 0 || i >= f->n) return moe_errorf(MOE_ERR_ARG, "dataset index %d out of range", i);
+    const moe_ckpt_dset *d = &f->d[i];
+    if (!d->present) return moe_errorf(MOE_ERR_FORMAT, "'%s': dataset '%s' is missing", f->path, d->path);
+    int64_t n = 1;
+    for (int k = 0; k < d->ndim && n <= MAX_READ_ELEMS; k++)
+        n = d->dims[k] > 0 && n > MAX_READ_ELEMS / d->dims[k] ? MAX_READ_ELEMS + 1 : n * d->dims[k];
+    if (n > MAX_READ_ELEMS)
+        return moe_errorf(MOE_ERR_FORMAT, "'%s': dataset '%s' is too large to read whole", f->path, d->path);
+    ckpt_quiet q;
+    ckpt_quiet_begin(&q);
+    hid_t ds;
+    moe_status st = ckpt_dset_open(f->file, d->path, d->dtype, d->ndim, d->dims, &ds, f->path);
+    double *buf = NULL;
+    if (st == MOE_OK) {
+        buf = moe_calloc((size_t)n, sizeof *buf);
+        if (!buf)
+            st = moe_errorf(MOE_ERR_NOMEM, "dataset '%s' (%lld elements)", d->path, (long long)n);
+        else if (H5Dread(ds, H5T_NATIVE_DOUBLE, H5S_ALL, H5S_ALL, H5P_DEFAULT, buf) < 0)
+            st = ckpt_h5_fail(MOE_ERR_IO, "cannot read dataset", d->path, f->path);
+        H5Dclose(ds);
+    }
+    ckpt_quiet_end(&q);
+    if (st != MOE_OK) {
+        moe_free(buf);
+        return st;
+    }
+    *out = buf;
+    *numel = n;
+    return MOE_OK;
+}

@@ -1,0 +1,67 @@
+/* Single-process reading of checkpoints and gradient dumps for tools
+ * (`moe inspect`): the attributes, the datasets the spec expects from them
+ * with their shapes, and whole datasets as doubles. Nothing here is
+ * collective and nothing needs MPI to be initialised. */
+#ifndef MOE_CKPT_FILE_H
+#define MOE_CKPT_FILE_H
+
+#include <stdint.h>
+
+#include "ckpt/ckpt.h"
+
+typedef enum { MOE_CKPT_F32 = 0, MOE_CKPT_I64 = 1, MOE_CKPT_U8 = 2 } moe_ckpt_dtype;
+
+/* The root, /model (or /grad), /train and /optimizer attributes. */
+typedef struct {
+    char format[32];           /* "moe-checkpoint" or "moe-gradients" */
+    int64_t format_version;
+    int gradients;             /* 1 for a gradient dump */
+    char created_by[128], created_at[64];
+    int64_t saved_world_size, saved_ep_size;
+    char *config;              /* root `config` text (owned by the file handle) */
+    moe_train_config model;    /* only the model fields are set */
+    int64_t step, tokens_seen; /* tokens_seen: checkpoints only */
+    uint64_t seed;
+    moe_ckpt_extra extra[MOE_CKPT_MAX_EXTRA];
+    int n_extra;
+    int64_t opt_step;
+    double lr, beta1, beta2, eps, weight_decay;
+} moe_ckpt_info;
+
+/* A dataset the spec expects, or one found in the file. */
+typedef struct {
+    char path[160];            /* absolute, e.g. "/model/h/0/moe/experts/w1" */
+    moe_ckpt_dtype dtype;
+    int ndim;
+    int64_t dims[MOE_TENSOR_MAX_DIMS];
+    int expected;              /* 1: the spec expects it; 0: found only in the file */
+    int present;               /* 1: the file has it */
+    int tensor;                /* index in moe_ckpt_file_layout(), or -1 */
+} moe_ckpt_dset;
+
+typedef struct moe_ckpt_file moe_ckpt_file;
+
+/* Opens path read-only and reads its attributes. Fails with MOE_ERR_IO
+ * (missing, unreadable, truncated), MOE_ERR_FORMAT (not HDF5, unknown format
+ * or format_version, a missing or out-of-range attribute), each naming the
+ * file; no dataset is read or allocated for. */
+moe_status moe_ckpt_file_open(moe_ckpt_file **out, const char *path);
+void moe_ckpt_file_close(moe_ckpt_file *f);
+
+const moe_ckpt_info *moe_ckpt_file_info(const moe_ckpt_file *f);
+/* The spec layout from the file's model attributes (one rank, all experts). */
+const moe_tensor_table *moe_ckpt_file_layout(const moe_ckpt_file *f);
+/* Expected datasets in spec order, then any others the file holds. */
+int moe_ckpt_file_n_dsets(const moe_ckpt_file *f);
+const moe_ckpt_dset *moe_ckpt_file_dset(const moe_ckpt_file *f, int i);
+/* Index of the dataset with that absolute path, or -1. */
+int moe_ckpt_file_find(const moe_ckpt_file *f, const char *path);
+
+/* Reads dataset i whole, converted to double, into a new buffer (*out,
+ * caller frees with moe_free) of *numel elements. Checks type and shape
+ * against the expectation before it allocates (MOE_ERR_FORMAT), and
+ * reports a Fletcher32 failure as MOE_ERR_CHECKSUM naming dataset and
+ * file; a missing dataset is MOE_ERR_FORMAT. */
+moe_status moe_ckpt_file_read(const moe_ckpt_file *f, int i, double **out, int64_t *numel);
+
+#endif

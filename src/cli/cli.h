@@ -1,0 +1,19 @@
+/* Subcommands of the `moe` command. Each returns the process exit status
+ * (0 success, 1 runtime failure, 2 usage error) and never calls exit, so
+ * main() can finalise MPI on every path. */
+#ifndef MOE_CLI_H
+#define MOE_CLI_H
+
+int moe_cmd_bench_layer(int argc, char **argv);
+int moe_cmd_bench_a2a(int argc, char **argv);
+int moe_cmd_train(int argc, char **argv);
+int moe_cmd_data(int argc, char **argv);
+int moe_cmd_inspect(int argc, char **argv);
+int moe_cmd_eval(int argc, char **argv);
+int moe_cmd_generate(int argc, char **argv);
+
+/* Prints "moe: <what>: <status>: <detail>" to stderr, prefixed by the rank
+ * when running under MPI with more than one rank. */
+void moe_cli_error(int rank, const char *what, int status);
+
+#endif

@@ -1,0 +1,387 @@
+/* moe bench a2a: times the token exchange (dispatch + combine of one step's
+ * plan) against a raw MPI_Alltoallv of exactly the same bytes, measured in
+ * the same run and interleaved, for each exchange kind. Optionally times
+ * the chunked pipeline against the unchunked sequence around an emulated
+ * expert computation (--compute-us). */
+#include <getopt.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <cjson/cJSON.h>
+
+#include "cli/cli.h"
+#include "comm/comm.h"
+#include "core/rng.h"
+
+typedef struct {
+    int tokens, d, experts, top_k, iters, warmup, chunks, json;
+    int kinds;          /* bit k: moe_a2a_kind k */
+    double compute_us;  /* emulated expert time per step, 0: no pipeline timing */
+    double skew;        /* expert e drawn with weight (e + 1)^-skew */
+    unsigned seed;
+} bench_opts;
+
+static void usage(FILE *f)
+{
+    fprintf(f,
+            "usage: moe bench a2a [options]   (run under mpirun; experts are split over all ranks)\n"
+            "  --tokens N        tokens per rank (4096)\n"
+            "  --d-model N       row width in floats (256)\n"
+            "  --experts N       experts, a multiple of the number of ranks (8)\n"
+            "  --top-k N         distinct experts per token (2)\n"
+            "  --iters N         timed iterations (20)\n"
+            "  --warmup N        untimed iterations first (3)\n"
+            "  --kind K          alltoallv, shm or both (both)\n"
+            "  --chunks N        expert chunks of the pipeline (1)\n"
+            "  --compute-us X    emulated expert compute per step: also time the pipeline\n"
+            "                    against dispatch + compute + combine (0: off)\n"
+            "  --skew X          expert popularity (e + 1)^-X (1.0)\n"
+            "  --seed N          routing seed (1234)\n"
+            "  --json            print one JSON object instead of text\n");
+}
+
+/* 0: run; 1: help printed; 2: usage error. */
+static int parse(bench_opts *o, int argc, char **argv)
+{
+    static const struct option longopts[] = {
+        {"tokens", required_argument, 0, 't'},  {"d-model", required_argument, 0, 'd'},
+        {"experts", required_argument, 0, 'e'}, {"top-k", required_argument, 0, 'k'},
+        {"iters", required_argument, 0, 'i'},   {"warmup", required_argument, 0, 'w'},
+        {"kind", required_argument, 0, 'K'},    {"chunks", required_argument, 0, 'c'},
+        {"compute-us", required_argument, 0, 'u'}, {"skew", required_argument, 0, 's'},
+        {"seed", required_argument, 0, 'S'},    {"json", no_argument, 0, 'j'},
+        {"help", no_argument, 0, 'h'},          {0, 0, 0, 0},
+    };
+    *o = (bench_opts){4096, 256, 8, 2, 20, 3, 1, 0, 3, 0.0, 1.0, 1234};
+    optind = 1;
+    int ch, li = -1;
+    while ((ch = getopt_long(argc, argv, "h", longopts, &li)) != -1) {
+        const char *name = li >= 0 ? longopts[li].name : "?";
+        char *end = NULL;
+        long v = 0;
+        double x = 0;
+        if (strchr("tdekiwcS", ch)) {
+            v = strtol(optarg, &end, 10);
+            if (*optarg == '\0' || *end != '\0' || v < 0 || v > 1 << 30) {
+                fprintf(stderr, "moe bench a2a: bad integer '%s' for --%s\n", optarg, name);
+                return 2;
+            }
+        } else if (ch == 'u' || ch == 's') {
+            x = strtod(optarg, &end);
+            if (*optarg == '\0' || *end != '\0' || !(x >= 0)) {
+                fprintf(stderr, "moe bench a2a: bad number '%s' for --%s\n", optarg, name);
+                return 2;
+            }
+        }
+        switch (ch) {
+        case 't': o->tokens = (int)v; break;
+        case 'd': o->d = (int)v; break;
+        case 'e': o->experts = (int)v; break;
+        case 'k': o->top_k = (int)v; break;
+        case 'i': o->iters = (int)v; break;
+        case 'w': o->warmup = (int)v; break;
+        case 'c': o->chunks = (int)v; break;
+        case 'S': o->seed = (unsigned)v; break;
+        case 'u': o->compute_us = x; break;
+        case 's': o->skew = x; break;
+        case 'j': o->json = 1; break;
+        case 'K':
+            if (!strcmp(optarg, "alltoallv")) o->kinds = 1 << MOE_A2A_ALLTOALLV;
+            else if (!strcmp(optarg, "shm")) o->kinds = 1 << MOE_A2A_SHM;
+            else if (!strcmp(optarg, "both")) o->kinds = 3;
+            else {
+                fprintf(stderr, "moe bench a2a: unknown --kind '%s' (alltoallv, shm or both)\n", optarg);
+                return 2;
+            }
+            break;
+        case 'h': usage(stdout); return 1;
+        default: usage(stderr); return 2;
+        }
+    }
+    if (optind < argc) {
+        fprintf(stderr, "moe bench a2a: unexpected argument '%s'\n", argv[optind]);
+        return 2;
+    }
+    const char *bad = o->tokens < 1 ? "--tokens must be >= 1" : o->d < 1 ? "--d-model must be >= 1"
+                    : o->experts < 1 ? "--experts must be >= 1"
+                    : o->top_k < 1 || o->top_k > o->experts ? "--top-k must be in [1, experts]"
+                    : o->iters < 1 ? "--iters must be >= 1" : o->chunks < 1 ? "--chunks must be >= 1" : NULL;
+    if (bad) {
+        fprintf(stderr, "moe bench a2a: %s\n", bad);
+        return 2;
+    }
+    return 0;
+}
+
+/* Rows per (dest rank, local expert) of this rank's tokens: each token
+ * picks top_k distinct experts, drawn without replacement with weights
+ * (e + 1)^-skew, from Philox counters {global token, 0, draw, 0}. */
+static void make_plan(int *send_rows /* (P * El) */, const bench_opts *o, int rank)
+{
+    const int E = o->experts;
+    double *w = malloc(sizeof(double) * (size_t)E);
+    int *taken = malloc(sizeof(int) * (size_t)E);
+    for (int e = 0; e < E; e++) w[e] = 1.0 / pow(e + 1.0, o->skew);
+    memset(send_rows, 0, sizeof(int) * (size_t)E);
+    for (int t = 0; t < o->tokens; t++) {
+        const uint64_t g = (uint64_t)rank * (uint64_t)o->tokens + (uint64_t)t;
+        memset(taken, 0, sizeof(int) * (size_t)E);
+        for (int i = 0; i < o->top_k; i++) {
+            double total = 0;
+            for (int e = 0; e < E; e++) total += taken[e] ? 0 : w[e];
+            double u = total * moe_rng_uniform(o->seed, MOE_RNG_BENCH, (uint32_t)g, (uint32_t)(g >> 32), (uint32_t)i, 0);
+            int pick = -1;
+            for (int e = 0; e < E; e++) {
+                if (taken[e]) continue;
+                pick = e;
+                if ((u -= w[e]) < 0) break;
+            }
+            taken[pick] = 1;
+            send_rows[pick]++; /* global expert e = p * El + j: the plan's index */
+        }
+    }
+    free(w);
+    free(taken);
+}
+
+typedef struct {
+    const moe_a2a *a;
+    const float *recv; /* (recv_total, d) */
+    float *out;        /* (recv_total, d) */
+    int d;
+    double us_per_row; /* emulated compute */
+} fake_experts;
+
+static moe_status fake_compute(void *p, int j0, int j1)
+{
+    fake_experts *f = p;
+    const int *off = moe_a2a_recv_expert_offsets(f->a);
+    const size_t r0 = (size_t)off[j0] * f->d, n = (size_t)(off[j1] - off[j0]) * f->d;
+    memcpy(f->out + r0, f->recv + r0, n * sizeof(float));
+    const double until = moe_now() + 1e-6 * f->us_per_row * (off[j1] - off[j0]);
+    while (moe_now() < until) {
+    }
+    return MOE_OK;
+}
+
+static int cmp_double(const void *x, const void *y)
+{
+    const double a = *(const double *)x, b = *(const double *)y;
+    return (a > b) - (a < b);
+}
+
+/* Per-iteration times -> slowest rank per iteration -> median. */
+static moe_status median_of_slowest(moe_comm *c, double *t, int n, double *out)
+{
+    moe_status st = moe_comm_allmax_f64(c, MOE_SCOPE_WORLD, t, (size_t)n);
+    if (st) return st;
+    qsort(t, (size_t)n, sizeof *t, cmp_double);
+    *out = n % 2 ? t[n / 2] : 0.5 * (t[n / 2 - 1] + t[n / 2]);
+    return MOE_OK;
+}
+
+typedef struct {
+    double t, t_raw, t_pipe, t_seq; /* seconds, median of the slowest rank */
+    double t_inplace;               /* shm: rows built in the window (moe_a2a_shm_buffer) */
+    int verified;                   /* combine(dispatch(x)) == x on every rank */
+} kind_result;
+
+/* Buffers of one run: send / back (S, d), recv / out (R, d). */
+typedef struct { float *send, *back, *recv, *out; } bufs;
+
+static moe_status time_kind(kind_result *res, moe_comm *c, const bench_opts *o, moe_a2a_kind kind,
+                            const int *send_rows)
+{
+    const int P = moe_comm_size(c), El = o->experts / P, d = o->d, n = o->warmup + o->iters;
+    moe_a2a *a = NULL;
+    bufs b = {0};
+    double *t = calloc(5 * (size_t)o->iters, sizeof(double));
+    moe_status st = moe_comm_agree(c, t ? MOE_OK : moe_errorf(MOE_ERR_NOMEM, "timing arrays"));
+    if (st == MOE_OK) st = moe_a2a_create(&a, c, El, kind, o->chunks);
+    if (st == MOE_OK) st = moe_a2a_set_counts(a, send_rows, MOE_OK, d);
+    if (st == MOE_OK) {
+        const size_t S = (size_t)moe_a2a_send_total(a), R = (size_t)moe_a2a_recv_total(a);
+        b = (bufs){moe_calloc(S * d, 4), moe_calloc(S * d, 4), moe_calloc(R * d, 4), moe_calloc(R * d, 4)};
+        st = b.send && b.back && b.recv && b.out ? MOE_OK : moe_errorf(MOE_ERR_NOMEM, "exchange buffers");
+        for (size_t i = 0; st == MOE_OK && i < S * d; i++) b.send[i] = (float)(i % 8191) - 4095.5f;
+        st = moe_comm_agree(c, st);
+    }
+    double *tk = t, *traw = t + o->iters, *tpipe = t + 2 * o->iters, *tseq = t + 3 * o->iters;
+    double *tin = t + 4 * o->iters;
+    const size_t S = a ? (size_t)moe_a2a_send_total(a) * d : 0, R = a ? (size_t)moe_a2a_recv_total(a) * d : 0;
+    float *stage = a ? moe_a2a_shm_buffer(a) : NULL;
+    const int pipe = o->compute_us > 0;
+    fake_experts fx = {a, b.recv, b.out, d, 0};
+    if (st == MOE_OK && pipe) fx.us_per_row = o->compute_us / (moe_a2a_recv_total(a) > 0 ? moe_a2a_recv_total(a) : 1);
+    for (int it = 0; it < n && st == MOE_OK; it++) {
+        const int k = it - o->warmup;
+        double t0;
+        /* Alternate which one goes first so that neither always runs on a warm cache. */
+        for (int turn = 0; turn < 2 && st == MOE_OK; turn++) {
+            if ((st = moe_comm_barrier(c))) break;
+            t0 = moe_now();
+            if ((turn + it) % 2 == 0) {
+                st = moe_a2a_dispatch(a, b.recv, b.send, d);
+                if (st == MOE_OK) st = moe_a2a_combine(a, b.back, b.recv, d);
+                if (k >= 0) tk[k] = moe_now() - t0;
+            } else {
+                st = moe_a2a_bench_raw_alltoallv(a, b.out, b.send, b.back, d);
+                if (k >= 0) traw[k] = moe_now() - t0;
+            }
+        }
+        if (stage && st == MOE_OK) {
+            /* Rows packed (and expert outputs written) straight into the
+             * window, as a caller using moe_a2a_shm_buffer would: those
+             * copies are the caller's own work, so they stay untimed. */
+            memcpy(stage, b.send, S * sizeof(float));
+            if ((st = moe_comm_barrier(c))) break;
+            t0 = moe_now();
+            st = moe_a2a_dispatch(a, b.recv, stage, d);
+            double t1 = moe_now() - t0;
+            memcpy(stage, b.recv, R * sizeof(float));
+            if (st == MOE_OK) st = moe_comm_barrier(c);
+            t0 = moe_now();
+            if (st == MOE_OK) st = moe_a2a_combine(a, b.back, stage, d);
+            if (k >= 0) tin[k] = t1 + moe_now() - t0;
+        }
+        if (!pipe || st) continue;
+        if ((st = moe_comm_barrier(c))) break;
+        t0 = moe_now();
+        st = moe_a2a_pipeline(a, b.recv, b.send, d, b.out, b.back, d, fake_compute, &fx);
+        if (k >= 0) tpipe[k] = moe_now() - t0;
+        if (st == MOE_OK) st = moe_comm_barrier(c);
+        t0 = moe_now();
+        if (st == MOE_OK) st = moe_a2a_dispatch(a, b.recv, b.send, d);
+        if (st == MOE_OK) st = fake_compute(&fx, 0, El);
+        if (st == MOE_OK) st = moe_a2a_combine(a, b.back, b.out, d);
+        if (k >= 0) tseq[k] = moe_now() - t0;
+    }
+    if (st == MOE_OK) {
+        /* What was timed must also be right: combine(dispatch(x)) == x. */
+        st = moe_a2a_dispatch(a, b.recv, b.send, d);
+        if (st == MOE_OK) st = moe_a2a_combine(a, b.back, b.recv, d);
+        int64_t bad = st == MOE_OK && memcmp(b.back, b.send, S * sizeof(float)) != 0;
+        if (st == MOE_OK) st = moe_comm_allreduce_i64(c, MOE_SCOPE_WORLD, &bad, 1);
+        res->verified = bad == 0;
+    }
+    if (st == MOE_OK) st = median_of_slowest(c, tk, o->iters, &res->t);
+    if (st == MOE_OK) st = median_of_slowest(c, traw, o->iters, &res->t_raw);
+    if (st == MOE_OK && stage) st = median_of_slowest(c, tin, o->iters, &res->t_inplace);
+    if (st == MOE_OK && pipe) st = median_of_slowest(c, tpipe, o->iters, &res->t_pipe);
+    if (st == MOE_OK && pipe) st = median_of_slowest(c, tseq, o->iters, &res->t_seq);
+    moe_free(b.send);
+    moe_free(b.back);
+    moe_free(b.recv);
+    moe_free(b.out);
+    moe_a2a_destroy(a);
+    free(t);
+    return st;
+}
+
+static const char *kind_name(int k) { return k == MOE_A2A_SHM ? "shm" : "alltoallv"; }
+
+static void report_text(const bench_opts *o, int W, double bytes, const kind_result *res)
+{
+    printf("moe bench a2a: %d ranks, %d tokens/rank, d=%d, E=%d, top-k=%d, skew %.2f; median of %d iters "
+           "(slowest rank)\n", W, o->tokens, o->d, o->experts, o->top_k, o->skew, o->iters);
+    printf("bytes moved per rank per dispatch+combine (mean over ranks, rows kept on the rank included): %.2f MB\n",
+           bytes / 1e6);
+    printf("%-10s %10s %8s %14s %10s %16s %s\n", "kind", "time ms", "GB/s", "raw a2av ms", "raw GB/s",
+           "raw/kind ratio", "roundtrip");
+    for (int k = 0; k < 2; k++) {
+        if (!(o->kinds & 1 << k)) continue;
+        const kind_result *r = &res[k];
+        printf("%-10s %10.3f %8.2f %14.3f %10.2f %16.3f %s\n", kind_name(k), 1e3 * r->t, bytes / r->t / 1e9,
+               1e3 * r->t_raw, bytes / r->t_raw / 1e9, r->t_raw / r->t, r->verified ? "ok" : "WRONG");
+        if (k == MOE_A2A_SHM)
+            printf("%-10s %10.3f %8.2f %14s %10s %16.3f (rows built in the window)\n", "shm-inplace",
+                   1e3 * r->t_inplace, bytes / r->t_inplace / 1e9, "", "", r->t_raw / r->t_inplace);
+        if (o->compute_us > 0)
+            printf("%-10s pipeline (chunks=%d, compute %.0f us): %.3f ms; unchunked dispatch+compute+combine: "
+                   "%.3f ms; speed-up %.3fx\n", "", o->chunks, o->compute_us, 1e3 * r->t_pipe, 1e3 * r->t_seq,
+                   r->t_seq / r->t_pipe);
+    }
+}
+
+static int report_json(const bench_opts *o, int W, double bytes, const kind_result *res)
+{
+    cJSON *root = cJSON_CreateObject(), *arr = cJSON_CreateArray();
+    cJSON_AddNumberToObject(root, "ranks", W);
+    cJSON_AddNumberToObject(root, "tokens", o->tokens);
+    cJSON_AddNumberToObject(root, "d_model", o->d);
+    cJSON_AddNumberToObject(root, "experts", o->experts);
+    cJSON_AddNumberToObject(root, "top_k", o->top_k);
+    cJSON_AddNumberToObject(root, "skew", o->skew);
+    cJSON_AddNumberToObject(root, "iters", o->iters);
+    cJSON_AddNumberToObject(root, "chunks", o->chunks);
+    cJSON_AddNumberToObject(root, "compute_us", o->compute_us);
+    cJSON_AddNumberToObject(root, "bytes_per_rank", bytes);
+    for (int k = 0; k < 2; k++) {
+        if (!(o->kinds & 1 << k)) continue;
+        const kind_result *r = &res[k];
+        cJSON *j = cJSON_CreateObject();
+        cJSON_AddStringToObject(j, "kind", kind_name(k));
+        cJSON_AddNumberToObject(j, "seconds", r->t);
+        cJSON_AddNumberToObject(j, "gbps", bytes / r->t / 1e9);
+        cJSON_AddNumberToObject(j, "raw_alltoallv_seconds", r->t_raw);
+        cJSON_AddNumberToObject(j, "raw_alltoallv_gbps", bytes / r->t_raw / 1e9);
+        cJSON_AddNumberToObject(j, "ratio_raw_over_kind", r->t_raw / r->t);
+        cJSON_AddBoolToObject(j, "roundtrip_ok", r->verified);
+        if (k == MOE_A2A_SHM) cJSON_AddNumberToObject(j, "inplace_seconds", r->t_inplace);
+        if (o->compute_us > 0) {
+            cJSON_AddNumberToObject(j, "pipeline_seconds", r->t_pipe);
+            cJSON_AddNumberToObject(j, "unchunked_seconds", r->t_seq);
+        }
+        cJSON_AddItemToArray(arr, j);
+    }
+    cJSON_AddItemToObject(root, "results", arr);
+    char *s = cJSON_Print(root);
+    if (s) puts(s);
+    free(s);
+    cJSON_Delete(root);
+    return s ? 0 : 1;
+}
+
+int moe_cmd_bench_a2a(int argc, char **argv)
+{
+    bench_opts o;
+    int rc = parse(&o, argc, argv);
+    if (rc) return rc == 1 ? 0 : 2;
+    moe_comm *c = NULL;
+    int rank = -1, W = 1;
+    moe_status st = moe_comm_init(&argc, &argv);
+    if (st == MOE_OK) st = moe_comm_create_world(&c, 0);
+    if (st == MOE_OK) {
+        W = moe_comm_size(c);
+        if (W > 1) rank = moe_comm_rank(c);
+        if (o.experts % W)
+            st = moe_errorf(MOE_ERR_ARG, "--experts %d is not a multiple of the %d ranks", o.experts, W);
+    }
+    int *send_rows = st ? NULL : calloc((size_t)o.experts, sizeof(int));
+    if (st == MOE_OK) st = moe_comm_agree(c, send_rows ? MOE_OK : moe_errorf(MOE_ERR_NOMEM, "plan"));
+    double bytes = 0;
+    if (st == MOE_OK) {
+        make_plan(send_rows, &o, moe_comm_rank(c));
+        /* Each rank sends its S rows in dispatch and its R received rows back in combine; sum(S) = sum(R). */
+        bytes = 2.0 * o.tokens * o.top_k * o.d * sizeof(float);
+    }
+    kind_result res[2] = {{0}};
+    for (int k = 0; k < 2 && st == MOE_OK; k++)
+        if (o.kinds & 1 << k) st = time_kind(&res[k], c, &o, (moe_a2a_kind)k, send_rows);
+    if (st == MOE_OK && moe_comm_rank(c) == 0) {
+        if (o.json) rc = report_json(&o, W, bytes, res);
+        else report_text(&o, W, bytes, res);
+    }
+    if (st != MOE_OK) {
+        moe_cli_error(rank, "bench a2a", st);
+        rc = 1;
+    }
+    for (int k = 0; k < 2 && st == MOE_OK; k++)
+        if (o.kinds & 1 << k && !res[k].verified) rc = 1;
+    free(send_rows);
+    moe_comm_destroy(c);
+    moe_comm_finalize();
+    return rc;
+}

@@ -1,0 +1,12 @@
+/* moe generate: placeholder until its issue lands. */
+#include <stdio.h>
+
+#include "cli/cli.h"
+
+int moe_cmd_generate(int argc, char **argv)
+{
+    (void)argc;
+    (void)argv;
+    fprintf(stderr, "moe: 'generate' is not available in this build yet\n");
+    return 2;
+}

@@ -1,0 +1,65 @@
+/* `moe`: the command-line entry point; dispatches to subcommands. */
+#include <stdio.h>
+#include <string.h>
+
+#include "cli/cli.h"
+#include "core/moe.h"
+
+void moe_cli_error(int rank, const char *what, int status)
+{
+    const char *detail = moe_error_detail();
+    if (rank >= 0)
+        fprintf(stderr, "moe[rank %d]: %s: %s%s%s\n", rank, what, moe_status_str((moe_status)status),
+                *detail ? ": " : "", detail);
+    else
+        fprintf(stderr, "moe: %s: %s%s%s\n", what, moe_status_str((moe_status)status),
+                *detail ? ": " : "", detail);
+}
+
+static void usage(FILE *f)
+{
+    fprintf(f,
+            "usage: moe <command> [options]\n"
+            "\n"
+            "commands:\n"
+            "  train --config FILE     train an MoE language model (run under mpirun for expert parallelism)\n"
+            "  eval --ckpt F --data F  next-byte loss of a checkpoint on a file\n"
+            "  generate --ckpt F ...   sample text from a checkpoint\n"
+            "  inspect FILE            describe, verify or diff checkpoints and dumps\n"
+            "  data synth --out FILE   write the built-in multi-domain corpus\n"
+            "  bench layer             time one MoE layer forward+backward (--save writes a dump)\n"
+            "  bench a2a               time the token all-to-all against raw MPI_Alltoallv\n"
+            "\n"
+            "Run 'moe <command> --help' for the options of a command.\n");
+}
+
+int main(int argc, char **argv)
+{
+    if (argc < 2 || !strcmp(argv[1], "--help") || !strcmp(argv[1], "-h")) {
+        usage(argc < 2 ? stderr : stdout);
+        return argc < 2 ? 2 : 0;
+    }
+    if (!strcmp(argv[1], "--version")) {
+        printf("moe %s\n", MOE_VERSION);
+        return 0;
+    }
+    const char *cmd = argv[1];
+    if (!strcmp(cmd, "bench")) {
+        if (argc < 3) {
+            fprintf(stderr, "moe bench: expected 'layer' or 'a2a'\n");
+            return 2;
+        }
+        if (!strcmp(argv[2], "layer")) return moe_cmd_bench_layer(argc - 2, argv + 2);
+        if (!strcmp(argv[2], "a2a")) return moe_cmd_bench_a2a(argc - 2, argv + 2);
+        fprintf(stderr, "moe bench: unknown benchmark '%s' (expected 'layer' or 'a2a')\n", argv[2]);
+        return 2;
+    }
+    if (!strcmp(cmd, "train")) return moe_cmd_train(argc - 1, argv + 1);
+    if (!strcmp(cmd, "data")) return moe_cmd_data(argc - 1, argv + 1);
+    if (!strcmp(cmd, "inspect")) return moe_cmd_inspect(argc - 1, argv + 1);
+    if (!strcmp(cmd, "eval")) return moe_cmd_eval(argc - 1, argv + 1);
+    if (!strcmp(cmd, "generate")) return moe_cmd_generate(argc - 1, argv + 1);
+    fprintf(stderr, "moe: unknown command '%s'\n", cmd);
+    usage(stderr);
+    return 2;
+}

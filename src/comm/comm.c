@@ -1,0 +1,253 @@
+/* Process setup, communicator construction (world / ep / replica groups,
+ * routing.md section 7) and the small collectives every module uses:
+ * error agreement, consistency checks, reductions, broadcast, gather. */
+#include "comm/comm_mpi.h"
+#include "comm/comm_internal.h"
+
+#include <limits.h>
+#include <stdlib.h>
+#include <string.h>
+
+/* Largest element count per MPI call: counts are int. */
+#define MOE_COMM_CHUNK ((size_t)1 << 30)
+
+static int moe_comm_we_init;  /* MPI_Init_thread was called by moe_comm_init */
+static int moe_comm_init_ran; /* moe_comm_init succeeded */
+
+moe_status moe_comm_mpi_error(int rc, const char *call)
+{
+    char msg[MPI_MAX_ERROR_STRING];
+    int len = 0;
+    if (MPI_Error_string(rc, msg, &len) != MPI_SUCCESS) len = 0;
+    msg[len] = '\0';
+    return moe_errorf(MOE_ERR_MPI, "%.*s failed: %s (code %d)", (int)strcspn(call, "("), call,
+                      len ? msg : "unknown error", rc);
+}
+
+moe_status moe_comm_init(int *argc, char ***argv)
+{
+    int inited = 0, finalized = 0;
+    MOE_MPI_TRY(MPI_Finalized(&finalized));
+    if (finalized) return moe_errorf(MOE_ERR_MPI, "moe_comm_init: MPI was already finalized");
+    MOE_MPI_TRY(MPI_Initialized(&inited));
+    if (!inited) {
+        int provided = 0;
+        MOE_MPI_TRY(MPI_Init_thread(argc, argv, MPI_THREAD_FUNNELED, &provided));
+        moe_comm_we_init = 1;
+    }
+    /* Failures must come back as codes so that every rank can report them. */
+    MOE_MPI_TRY(MPI_Comm_set_errhandler(MPI_COMM_WORLD, MPI_ERRORS_RETURN));
+    moe_comm_init_ran = 1;
+    return MOE_OK;
+}
+
+int moe_comm_initialized(void)
+{
+    int inited = 0, finalized = 0;
+    if (!moe_comm_init_ran || MPI_Initialized(&inited) != MPI_SUCCESS ||
+        MPI_Finalized(&finalized) != MPI_SUCCESS)
+        return 0;
+    return inited && !finalized;
+}
+
+void moe_comm_finalize(void)
+{
+    /* MPI initialised by someone else (an embedding application) is theirs to end. */
+    if (moe_comm_initialized() && moe_comm_we_init) MPI_Finalize();
+    moe_comm_init_ran = 0;
+}
+
+static moe_status set_errors_return(MPI_Comm comm)
+{
+    MOE_MPI_TRY(MPI_Comm_set_errhandler(comm, MPI_ERRORS_RETURN));
+    return MOE_OK;
+}
+
+moe_status moe_comm_agree_on(MPI_Comm comm, moe_status local, const char *scope)
+{
+    int rank = 0;
+    if (MPI_Comm_rank(comm, &rank) != MPI_SUCCESS) return local ? local : moe_errorf(MOE_ERR_MPI, "MPI_Comm_rank failed");
+    int in[2] = {(int)local, rank}, out[2] = {0, 0};
+    /* MAXLOC: the highest status wins, ties go to the lowest rank. */
+    int rc = MPI_Allreduce(in, out, 1, MPI_2INT, MPI_MAXLOC, comm);
+    if (local != MOE_OK) return local;
+    if (rc != MPI_SUCCESS) return moe_comm_mpi_error(rc, "MPI_Allreduce");
+    if (out[0] != MOE_OK)
+        return moe_errorf(MOE_ERR_REMOTE, "%s rank %d failed with '%s'", scope, out[1],
+                          moe_status_str((moe_status)out[0]));
+    return MOE_OK;
+}
+
+moe_status moe_comm_create(moe_comm **out, MPI_Comm parent, int ep_size)
+{
+    *out = NULL;
+    int W = 0, rank = 0;
+    MOE_MPI_TRY(MPI_Comm_size(parent, &W));
+    MOE_MPI_TRY(MPI_Comm_rank(parent, &rank));
+    /* Same inputs on every rank, so the same answer: no agreement needed. */
+    if (ep_size == 0) ep_size = W;
+    if (ep_size < 0 || W % ep_size != 0)
+        return moe_errorf(MOE_ERR_ARG, "ep_size=%d must be positive and divide the world size %d",
+                          ep_size, W);
+
+    moe_comm *c = calloc(1, sizeof *c);
+    moe_status st = moe_comm_agree_on(parent, c ? MOE_OK : MOE_ERR_NOMEM, "moe_comm_create:");
+    if (st != MOE_OK) {
+        free(c);
+        return st == MOE_ERR_NOMEM ? moe_errorf(st, "moe_comm_create: no memory for the communicator") : st;
+    }
+    c->world = c->ep = c->replica = MPI_COMM_NULL;
+    c->rank = rank;
+    c->size = W;
+    c->ep_size = ep_size;
+    c->ep_rank = rank % ep_size;
+    c->replica_idx = rank / ep_size;
+    c->n_replicas = W / ep_size;
+
+    MOE_MPI_KEEP(st, MPI_Comm_dup(parent, &c->world));
+    if (st == MOE_OK) st = set_errors_return(c->world);
+    /* ep group: P consecutive ranks; replica group: same ep rank. */
+    if (st == MOE_OK) MOE_MPI_KEEP(st, MPI_Comm_split(c->world, c->replica_idx, rank, &c->ep));
+    if (st == MOE_OK) st = set_errors_return(c->ep);
+    if (st == MOE_OK) MOE_MPI_KEEP(st, MPI_Comm_split(c->world, c->ep_rank, rank, &c->replica));
+    if (st == MOE_OK) st = set_errors_return(c->replica);
+    if (st != MOE_OK) {
+        moe_comm_destroy(c);
+        return st;
+    }
+    *out = c;
+    return MOE_OK;
+}
+
+moe_status moe_comm_create_world(moe_comm **out, int ep_size)
+{
+    return moe_comm_create(out, MPI_COMM_WORLD, ep_size);
+}
+
+void moe_comm_destroy(moe_comm *c)
+{
+    if (!c) return;
+    MPI_Comm *comms[3] = {&c->replica, &c->ep, &c->world};
+    for (int i = 0; i < 3; i++)
+        if (*comms[i] != MPI_COMM_NULL) MPI_Comm_free(comms[i]);
+    free(c);
+}
+
+MPI_Comm moe_comm_mpi(const moe_comm *c, moe_comm_scope s)
+{
+    switch (s) {
+    case MOE_SCOPE_WORLD: return c->world;
+    case MOE_SCOPE_EP: return c->ep;
+    case MOE_SCOPE_REPLICA: return c->replica;
+    }
+    return MPI_COMM_NULL;
+}
+
+int moe_comm_rank(const moe_comm *c) { return c->rank; }
+int moe_comm_size(const moe_comm *c) { return c->size; }
+int moe_comm_ep_rank(const moe_comm *c) { return c->ep_rank; }
+int moe_comm_ep_size(const moe_comm *c) { return c->ep_size; }
+int moe_comm_replica(const moe_comm *c) { return c->replica_idx; }
+int moe_comm_n_replicas(const moe_comm *c) { return c->n_replicas; }
+
+void moe_comm_abort(moe_comm *c, int code)
+{
+    /* Before a moe_comm exists the only way out is the whole job. */
+    MPI_Abort(c ? c->world : MPI_COMM_WORLD, code);
+}
+
+moe_status moe_comm_barrier(moe_comm *c)
+{
+    MOE_MPI_TRY(MPI_Barrier(c->world));
+    return MOE_OK;
+}
+
+moe_status moe_comm_agree(moe_comm *c, moe_status local)
+{
+    return moe_comm_agree_on(c->world, local, "world");
+}
+
+/* FNV-1a, 64 bit: enough to tell configurations apart. */
+static uint64_t fnv1a(const void *p, size_t n)
+{
+    const unsigned char *b = p;
+    uint64_t h = 0xcbf29ce484222325ull;
+    for (size_t i = 0; i < n; i++) h = (h ^ b[i]) * 0x100000001b3ull;
+    return h;
+}
+
+moe_status moe_comm_check_same(moe_comm *c, const char *what, const void *bytes, size_t n)
+{
+    /* Rank 0's (hash, length) against everybody's; then the first differing
+     * rank, found by a MIN reduction, tells its own pair to all. */
+    uint64_t mine[2] = {fnv1a(bytes, n), (uint64_t)n}, ref[2] = {mine[0], mine[1]};
+    MOE_MPI_TRY(MPI_Bcast(ref, 2, MPI_UINT64_T, 0, c->world));
+    int differs = ref[0] != mine[0] || ref[1] != mine[1];
+    int cand = differs ? c->rank : c->size, first = c->size;
+    MOE_MPI_TRY(MPI_Allreduce(&cand, &first, 1, MPI_INT, MPI_MIN, c->world));
+    if (first == c->size) return MOE_OK;
+    uint64_t theirs[2] = {mine[0], mine[1]};
+    MOE_MPI_TRY(MPI_Bcast(theirs, 2, MPI_UINT64_T, first, c->world));
+    if (theirs[1] != ref[1])
+        return moe_errorf(MOE_ERR_MISMATCH, "%s differs between ranks: rank %d has %llu bytes, rank 0 has %llu",
+                          what, first, (unsigned long long)theirs[1], (unsigned long long)ref[1]);
+    return moe_errorf(MOE_ERR_MISMATCH, "%s differs between ranks: rank %d's %llu bytes differ from rank 0's",
+                      what, first, (unsigned long long)ref[1]);
+}
+
+/* In-place reduction of n elements of `type` (esize bytes) over a scope, in
+ * chunks whose counts fit in int. */
+static moe_status reduce(moe_comm *c, moe_comm_scope s, void *buf, size_t n, MPI_Datatype type,
+                         size_t esize, MPI_Op op)
+{
+    MPI_Comm comm = moe_comm_mpi(c, s);
+    if (comm == MPI_COMM_NULL) return moe_errorf(MOE_ERR_ARG, "unknown communicator scope %d", (int)s);
+    for (char *p = buf; n > 0;) {
+        size_t m = n < MOE_COMM_CHUNK ? n : MOE_COMM_CHUNK;
+        MOE_MPI_TRY(MPI_Allreduce(MPI_IN_PLACE, p, (int)m, type, op, comm));
+        p += m * esize;
+        n -= m;
+    }
+    return MOE_OK;
+}
+
+moe_status moe_comm_allreduce_f32(moe_comm *c, moe_comm_scope s, float *buf, size_t n)
+{
+    return reduce(c, s, buf, n, MPI_FLOAT, sizeof *buf, MPI_SUM);
+}
+
+moe_status moe_comm_allreduce_f64(moe_comm *c, moe_comm_scope s, double *buf, size_t n)
+{
+    return reduce(c, s, buf, n, MPI_DOUBLE, sizeof *buf, MPI_SUM);
+}
+
+moe_status moe_comm_allreduce_i64(moe_comm *c, moe_comm_scope s, int64_t *buf, size_t n)
+{
+    return reduce(c, s, buf, n, MPI_INT64_T, sizeof *buf, MPI_SUM);
+}
+
+moe_status moe_comm_allmax_f64(moe_comm *c, moe_comm_scope s, double *buf, size_t n)
+{
+    return reduce(c, s, buf, n, MPI_DOUBLE, sizeof *buf, MPI_MAX);
+}
+
+moe_status moe_comm_bcast(moe_comm *c, void *buf, size_t n, int root)
+{
+    if (root < 0 || root >= c->size)
+        return moe_errorf(MOE_ERR_ARG, "bcast root %d outside [0, %d)", root, c->size);
+    for (char *p = buf; n > 0;) {
+        size_t m = n < MOE_COMM_CHUNK ? n : MOE_COMM_CHUNK;
+        MOE_MPI_TRY(MPI_Bcast(p, (int)m, MPI_BYTE, root, c->world));
+        p += m;
+        n -= m;
+    }
+    return MOE_OK;
+}
+
+moe_status moe_comm_allgather(moe_comm *c, void *out, const void *in, size_t n)
+{
+    /* n is the same on every rank, so every rank takes this branch alike. */
+    if (n > INT_MAX) return moe_errorf(MOE_ERR_OVERFLOW, "allgather of %zu bytes per rank exceeds INT_MAX", n);
+    MOE_MPI_TRY(MPI_Allgather(in, (int)n, MPI_BYTE, out, (int)n, MPI_BYTE, c->world));
+    return MOE_OK;
+}

@@ -1,0 +1,159 @@
+/* Communication: the only module that talks to MPI (and the only one that
+ * includes mpi.h directly; see comm_mpi.h and comm_h5.h for the MPI- and
+ * HDF5-typed entry points).
+ *
+ * A moe_comm is built once from a parent communicator and holds:
+ *   world   - a duplicate of the parent (W ranks),
+ *   ep      - the expert-parallel group of P consecutive ranks (E % P == 0;
+ *             ep rank r owns global experts [r*E/P, (r+1)*E/P), routing.md 7),
+ *   replica - the W/P ranks holding the same experts (same ep rank), whose
+ *             expert gradients are summed.
+ * World rank w has ep group w / P, ep rank w % P, replica index w / P.
+ *
+ * Unless a comment says otherwise every function here is COLLECTIVE over the
+ * named scope, returns MOE_ERR_MPI (with detail) if MPI fails, and never
+ * aborts or exits: moe_comm_abort is for the application to call. */
+#ifndef MOE_COMM_H
+#define MOE_COMM_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "core/moe.h"
+
+typedef struct moe_comm moe_comm;
+
+typedef enum { MOE_SCOPE_WORLD = 0, MOE_SCOPE_EP = 1, MOE_SCOPE_REPLICA = 2 } moe_comm_scope;
+
+/* Process setup for applications: MPI_Init_thread (FUNNELED) and
+ * MPI_ERRORS_RETURN on world; idempotent. Not collective in the library
+ * sense (every process calls it once). */
+moe_status moe_comm_init(int *argc, char ***argv);
+/* 1 if moe_comm_init ran and MPI was initialised. */
+int moe_comm_initialized(void);
+void moe_comm_finalize(void);
+
+/* For main() only: a moe_comm over a duplicate of MPI_COMM_WORLD, with
+ * expert-parallel size ep_size (0 means W). Collective over world.
+ * Fails with MOE_ERR_ARG (same on every rank) if W % ep_size != 0. */
+moe_status moe_comm_create_world(moe_comm **out, int ep_size);
+void moe_comm_destroy(moe_comm *c); /* collective (frees communicators) */
+
+/* Not collective. */
+int moe_comm_rank(const moe_comm *c);      /* world rank */
+int moe_comm_size(const moe_comm *c);      /* W */
+int moe_comm_ep_rank(const moe_comm *c);   /* rank in the ep group */
+int moe_comm_ep_size(const moe_comm *c);   /* P */
+int moe_comm_replica(const moe_comm *c);   /* which replica: world rank / P */
+int moe_comm_n_replicas(const moe_comm *c);/* W / P */
+
+/* Ends every process of the job (MPI_Abort on world). Not collective:
+ * the way out when one rank fails where others may be blocked. */
+void moe_comm_abort(moe_comm *c, int code);
+
+moe_status moe_comm_barrier(moe_comm *c);
+
+/* Collective over world: checks that `bytes` (n bytes, e.g. a config struct
+ * serialised) is identical on every rank. On a difference every rank gets
+ * MOE_ERR_MISMATCH with a detail naming `what` and the first rank differing
+ * from rank 0. n itself may differ between ranks (also a mismatch). */
+moe_status moe_comm_check_same(moe_comm *c, const char *what, const void *bytes, size_t n);
+
+/* Collective over world: error agreement. Returns `local` if it is not OK;
+ * else MOE_ERR_REMOTE (detail names the failing rank) if any rank passed a
+ * non-OK status; else MOE_OK. */
+moe_status moe_comm_agree(moe_comm *c, moe_status local);
+
+/* In-place sums over a scope (n may exceed INT_MAX: done in chunks). */
+moe_status moe_comm_allreduce_f32(moe_comm *c, moe_comm_scope s, float *buf, size_t n);
+moe_status moe_comm_allreduce_f64(moe_comm *c, moe_comm_scope s, double *buf, size_t n);
+moe_status moe_comm_allreduce_i64(moe_comm *c, moe_comm_scope s, int64_t *buf, size_t n);
+/* In-place max over a scope. */
+moe_status moe_comm_allmax_f64(moe_comm *c, moe_comm_scope s, double *buf, size_t n);
+/* Broadcast n bytes from world rank root. */
+moe_status moe_comm_bcast(moe_comm *c, void *buf, size_t n, int root);
+/* Gather n bytes from every world rank into out (W * n bytes) on every rank. */
+moe_status moe_comm_allgather(moe_comm *c, void *out, const void *in, size_t n);
+
+/* ---- token exchange (all-to-all over the ep group) ----
+ *
+ * Send layout (on the token's home rank): rows grouped by destination ep
+ * rank, then by that rank's local expert, then in the sender's order
+ * (ascending token index). Receive layout (on the expert owner): rows
+ * grouped by local expert, then by source ep rank, then in the source's
+ * order. The plan (counts, displacements, staging buffers) is built by
+ * moe_a2a_set_counts once per routing decision and reused by all four
+ * exchanges of a step (dispatch x, combine y, dispatch dy, combine dx).
+ * Buffers grow when needed and are kept across steps. */
+typedef enum {
+    MOE_A2A_ALLTOALLV = 0, /* MPI_Alltoall counts + a zero-copy all-to-all-v payload:
+                            * one message per (peer, local expert), received
+                            * straight into the receive layout */
+    MOE_A2A_SHM = 1,       /* MPI-3 shared-memory window, on-node only */
+} moe_a2a_kind;
+
+typedef struct moe_a2a moe_a2a;
+
+/* Collective over the ep group. n_local_experts = E / P. chunks >= 1:
+ * number of expert chunks for moe_a2a_pipeline. MOE_A2A_SHM fails with
+ * MOE_ERR_ARG if the ep group spans more than one node. */
+moe_status moe_a2a_create(moe_a2a **out, moe_comm *c, int n_local_experts, moe_a2a_kind kind,
+                          int chunks);
+void moe_a2a_destroy(moe_a2a *a);
+
+/* Collective over the ep group. send_rows (P * El): rows this rank sends to
+ * local expert j of ep rank p at [p * El + j]. local_status carries this
+ * rank's state into the count exchange: if any rank passes non-OK, every
+ * rank returns non-OK (its own status, or MOE_ERR_REMOTE) and nobody is
+ * left waiting in a later exchange. Fails with MOE_ERR_OVERFLOW if any count
+ * or displacement (in elements of the widest exchange) would not fit in int. */
+moe_status moe_a2a_set_counts(moe_a2a *a, const int *send_rows, moe_status local_status,
+                              int max_width);
+
+int moe_a2a_send_total(const moe_a2a *a);           /* rows in the send layout */
+int moe_a2a_recv_total(const moe_a2a *a);           /* rows in the receive layout */
+/* (El + 1) row offsets of each local expert in the receive layout. */
+const int *moe_a2a_recv_expert_offsets(const moe_a2a *a);
+/* (El * P) rows received for local expert j from ep rank s at [j * P + s]. */
+const int *moe_a2a_recv_counts(const moe_a2a *a);
+
+/* Collective over the ep group. send (send_total, width) -> recv
+ * (recv_total, width). width <= max_width of set_counts. */
+moe_status moe_a2a_dispatch(moe_a2a *a, float *recv, const float *send, int width);
+/* Collective over the ep group: the reverse, recv layout -> send layout. */
+moe_status moe_a2a_combine(moe_a2a *a, float *send, const float *recv, int width);
+
+/* Chunked, overlapped dispatch -> compute -> combine: local experts are
+ * split into `chunks` ranges; while compute(ctx, j0, j1) runs on the rows of
+ * experts [j0, j1) (already in `recv`, receive layout) the next chunk's
+ * dispatch and the previous chunk's combine are in flight (non-blocking
+ * collectives). compute writes its results into `out` (recv layout, width
+ * out_width) which are combined back into `result` (send layout). The
+ * result equals dispatch + compute on everything + combine, bitwise.
+ * Collective over the ep group. If compute fails on some rank the exchange
+ * still runs to its end and every rank returns non-OK (compute's status or
+ * MOE_ERR_REMOTE). MOE_A2A_SHM runs the unchunked sequence. */
+typedef moe_status (*moe_a2a_compute_fn)(void *ctx, int j0, int j1);
+moe_status moe_a2a_pipeline(moe_a2a *a, float *recv, const float *send, int width,
+                            float *out, float *result, int out_width,
+                            moe_a2a_compute_fn compute, void *ctx);
+
+/* MOE_A2A_SHM only (NULL otherwise, or before a successful set_counts):
+ * this rank's segment of the shared window, room for
+ * max(send_total, recv_total) rows of max_width floats, valid until the next
+ * set_counts. A dispatch whose `send` (send layout) or a combine whose
+ * `recv` (receive layout) IS this buffer skips the copy into the window:
+ * pack or compute straight into it to move each row once. Not collective. */
+float *moe_a2a_shm_buffer(moe_a2a *a);
+
+/* Benchmark baseline, collective over the ep group: one MPI_Alltoallv of
+ * the plan's per-peer rows (send layout -> recv, grouped by source rank, not
+ * by expert) and one back (recv -> back): exactly the bytes of a dispatch
+ * plus a combine. recv (recv_total, width), back (send_total, width). */
+moe_status moe_a2a_bench_raw_alltoallv(moe_a2a *a, float *recv, const float *send, float *back, int width);
+
+/* Seconds spent inside exchange calls since the last reset (this rank). */
+double moe_a2a_seconds(const moe_a2a *a);
+void moe_a2a_reset_seconds(moe_a2a *a);
+
+#endif

@@ -1,0 +1,44 @@
+/* Private to src/comm: the moe_comm layout and the MPI error check shared
+ * by comm.c, a2a.c and comm_h5.c. */
+#ifndef MOE_COMM_INTERNAL_H
+#define MOE_COMM_INTERNAL_H
+
+#include <mpi.h>
+
+#include "comm/comm.h"
+
+struct moe_comm {
+    MPI_Comm world;   /* duplicate of the parent: W ranks */
+    MPI_Comm ep;      /* P consecutive world ranks */
+    MPI_Comm replica; /* the W / P ranks with the same ep rank */
+    int rank, size;   /* in world */
+    int ep_rank, ep_size;
+    int replica_idx, n_replicas;
+};
+
+/* Turns a failed MPI return code into MOE_ERR_MPI with a detail naming the
+ * call (the text of `call` up to its '(') and MPI's error string. */
+moe_status moe_comm_mpi_error(int rc, const char *call);
+
+/* Evaluates an MPI call and returns MOE_ERR_MPI from the enclosing function
+ * if it failed. */
+#define MOE_MPI_TRY(call)                                                    \
+    do {                                                                     \
+        int moe_rc_ = (call);                                                \
+        if (moe_rc_ != MPI_SUCCESS) return moe_comm_mpi_error(moe_rc_, #call); \
+    } while (0)
+
+/* Same, but records the failure in `st` (first one wins) and goes on, for
+ * cleanup paths that must still release everything. */
+#define MOE_MPI_KEEP(st, call)                                               \
+    do {                                                                     \
+        int moe_rc_ = (call);                                                \
+        if (moe_rc_ != MPI_SUCCESS && (st) == MOE_OK) (st) = moe_comm_mpi_error(moe_rc_, #call); \
+    } while (0)
+
+/* Collective over comm: every rank's status agrees. Returns `local` if it
+ * is not OK, else MOE_ERR_REMOTE naming the lowest rank of comm with the
+ * highest failing status (its status name in the detail), else MOE_OK. */
+moe_status moe_comm_agree_on(MPI_Comm comm, moe_status local, const char *scope);
+
+#endif

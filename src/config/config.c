@@ -1,0 +1,596 @@
+/* Training configuration: one table describes every key (type, range,
+ * section, help); strict value parsing, the INI loader (libinih), the
+ * cross-field checks, the INI writer, `moe train --help` and the command
+ * line are all driven by it, so a key is added in exactly one place. */
+#include "config/config.h"
+
+#include <errno.h>
+#include <ini.h>
+#include <limits.h>
+#include <math.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "comm/comm.h"
+
+typedef enum { T_INT, T_U32, T_REAL, T_STR, T_ENUM } key_type;
+
+/* A numeric key accepts [lo, hi]; lo_open / hi_open make a bound strict.
+ * Integer keys with hi == INT_MAX and real keys with hi == HUGE_VAL have no
+ * upper bound; a real key with lo == -HUGE_VAL has no lower bound. */
+typedef struct {
+    const char *name;
+    const char *section;       /* header under which format and help list it */
+    key_type type;
+    size_t off;                /* offset in moe_train_config */
+    double lo, hi;
+    unsigned char lo_open, hi_open;
+    const char *const *names;  /* T_ENUM: value v is names[v], NULL-terminated */
+    const char *help;
+} key_desc;
+
+/* Enum keys store the index of the name, which must equal the C enum value. */
+static const char *const router_names[] = {"token_choice", "expert_choice", NULL};
+static const char *const act_names[] = {"gelu", "relu", "swiglu", NULL};
+static const char *const noise_names[] = {"none", "gaussian", NULL};
+static const char *const a2a_names[] = {"alltoallv", "shm", NULL};
+_Static_assert(MOE_ROUTER_TOKEN_CHOICE == 0 && MOE_ROUTER_EXPERT_CHOICE == 1, "router_names order");
+_Static_assert(MOE_ACT_GELU == 0 && MOE_ACT_RELU == 1 && MOE_ACT_SWIGLU == 2, "act_names order");
+_Static_assert(MOE_A2A_ALLTOALLV == 0 && MOE_A2A_SHM == 1, "a2a_names order");
+_Static_assert(sizeof(moe_router_kind) == sizeof(int) && sizeof(moe_activation) == sizeof(int),
+               "enum keys are stored through int");
+
+#define OFF(f) offsetof(moe_train_config, f)
+#define KI(n, s, lo, hi, h) {#n, s, T_INT, OFF(n), lo, hi, 0, 0, NULL, h}
+#define KR(n, s, lo, hi, lo_open, hi_open, h) {#n, s, T_REAL, OFF(n), lo, hi, lo_open, hi_open, NULL, h}
+#define KS(n, s, h) {#n, s, T_STR, OFF(n), 0, 0, 0, 0, NULL, h}
+#define KE(n, s, names, h) {#n, s, T_ENUM, OFF(n), 0, 0, 0, 0, names, h}
+#define NOMAX INT_MAX
+
+static const key_desc keys[] = {
+    KI(vocab_size, "model", 256, 256, "bytes: fixed at 256"),
+    KI(d_model, "model", 1, NOMAX, "model width d"),
+    KI(n_layers, "model", 1, NOMAX, "transformer blocks"),
+    KI(n_heads, "model", 1, NOMAX, "attention heads (must divide d_model)"),
+    KI(seq_len, "model", 1, NOMAX, "context length in bytes"),
+    KI(n_experts, "model", 1, NOMAX, "experts per MoE layer E"),
+    KI(top_k, "model", 1, NOMAX, "experts per token for token choice (1 <= top_k <= E)"),
+    KI(d_ff, "model", 1, NOMAX, "hidden width F of each expert and of dense blocks"),
+    KI(moe_every, "model", 1, NOMAX, "every moe_every-th block has an MoE feed-forward (1: all)"),
+    KE(router, "model", router_names, "token_choice or expert_choice"),
+    KR(capacity_factor, "model", -HUGE_VAL, HUGE_VAL, 0, 0,
+       "token choice: C = ceil(k*T*cf/E), <= 0 dropless; expert choice: experts per token, > 0"),
+    KI(normalize_topk, "model", 0, 1, "renormalise top-k weights (default 1 if top_k > 1; 0 if top_k == 1)"),
+    KE(activation, "model", act_names, "gelu, relu or swiglu"),
+    KR(ln_eps, "model", 0, HUGE_VAL, 1, 0, "LayerNorm epsilon"),
+    KE(router_noise, "model", noise_names, "none or gaussian (noisy top-k gating, training only)"),
+    KI(group_seqs, "model", 1, NOMAX, "consecutive sequences routed together as one group"),
+
+    KI(batch_size, "train", 1, NOMAX, "global sequences per step (divisible by the number of ranks)"),
+    KI(steps, "train", 1, NOMAX, "optimizer steps"),
+    KR(lr, "train", 0, HUGE_VAL, 1, 0, "peak learning rate (AdamW)"),
+    KR(min_lr_frac, "train", 0, 1, 0, 0, "final learning rate as a fraction of lr (cosine decay)"),
+    KI(warmup_steps, "train", 0, NOMAX, "linear warm-up steps"),
+    KR(weight_decay, "train", 0, HUGE_VAL, 0, 0, "AdamW decoupled weight decay"),
+    KR(grad_clip, "train", 0, HUGE_VAL, 0, 0, "clip of the global gradient norm (0: off)"),
+    KR(beta1, "train", 0, 1, 0, 1, "AdamW beta1"),
+    KR(beta2, "train", 0, 1, 0, 1, "AdamW beta2"),
+    KR(adam_eps, "train", 0, HUGE_VAL, 1, 0, "AdamW epsilon"),
+    KR(aux_loss_coef, "train", 0, HUGE_VAL, 0, 0, "load-balance loss coefficient"),
+    KR(z_loss_coef, "train", 0, HUGE_VAL, 0, 0, "router z-loss coefficient"),
+    {"seed", "train", T_U32, OFF(seed), 0, 4294967295.0, 0, 0, NULL,
+     "seed of every random stream (init, data, router noise)"},
+    KI(ep_size, "train", 0, NOMAX, "expert-parallel group size in ranks (0: all ranks)"),
+    KI(log_every, "train", 1, NOMAX, "steps between log lines"),
+    KS(out_dir, "train", "output directory (log, checkpoints)"),
+
+    KS(data, "data", "training text file, read as bytes"),
+    KS(val_data, "data", "validation file (empty: the last val_frac of data)"),
+    KR(val_frac, "data", 0, 1, 0, 1, "held-out tail fraction of data when val_data is empty"),
+    KI(val_every, "data", 0, NOMAX, "steps between validations (0: never)"),
+    KI(val_batches, "data", 1, NOMAX, "batches of batch_size sequences per validation"),
+
+    KE(a2a, "exchange", a2a_names, "token all-to-all: alltoallv or shm (on-node shared memory)"),
+    KI(a2a_chunks, "exchange", 1, NOMAX, "expert chunks overlapped with the all-to-all"),
+
+    KI(ckpt_every, "checkpoint", 0, NOMAX, "steps between checkpoints (0: only at the end)"),
+    KI(keep_last, "checkpoint", 0, NOMAX, "checkpoints kept in out_dir (0: all)"),
+    KI(dump_grads_every, "checkpoint", 0, NOMAX, "steps between gradient dumps (0: never)"),
+    KS(resume, "checkpoint", "checkpoint to resume from (empty: fresh start)"),
+};
+#define N_KEYS ((int)(sizeof keys / sizeof keys[0]))
+
+_Static_assert(sizeof(((moe_train_config *)0)->data) == 1024 && sizeof(((moe_train_config *)0)->val_data) == 1024 &&
+                   sizeof(((moe_train_config *)0)->out_dir) == 1024 && sizeof(((moe_train_config *)0)->resume) == 1024,
+               "T_STR keys are char[1024]");
+#define STR_CAP 1024
+
+void moe_train_config_default(moe_train_config *c)
+{
+    memset(c, 0, sizeof *c);
+    c->vocab_size = 256;
+    c->d_model = 128;
+    c->n_layers = 4;
+    c->n_heads = 4;
+    c->seq_len = 128;
+    c->n_experts = 8;
+    c->top_k = 2;
+    c->d_ff = 512;
+    c->moe_every = 2;
+    c->router = MOE_ROUTER_TOKEN_CHOICE;
+    c->capacity_factor = 1.25;
+    c->normalize_topk = 1;
+    c->normalize_topk_user = -1;
+    c->capacity_factor_user = NAN;
+    c->activation = MOE_ACT_GELU;
+    c->ln_eps = 1e-5;
+    c->router_noise = 0;
+    c->group_seqs = 1;
+
+    c->batch_size = 16;
+    c->steps = 600;
+    c->lr = 3e-3;
+    c->min_lr_frac = 0.1;
+    c->warmup_steps = 50;
+    c->weight_decay = 0.1;
+    c->grad_clip = 1.0;
+    c->beta1 = 0.9;
+    c->beta2 = 0.95;
+    c->adam_eps = 1e-8;
+    c->aux_loss_coef = 0.01;
+    c->z_loss_coef = 0.001;
+    c->seed = 1234;
+    c->ep_size = 0;
+    c->log_every = 10;
+    strcpy(c->out_dir, "runs/default");
+
+    c->val_frac = 0.05;
+    c->val_every = 100;
+    c->val_batches = 8;
+
+    c->a2a = MOE_A2A_ALLTOALLV;
+    c->a2a_chunks = 1;
+
+    c->ckpt_every = 0;
+    c->keep_last = 2;
+    c->dump_grads_every = 0;
+}
+
+static const key_desc *find_key(const char *name)
+{
+    for (int i = 0; i < N_KEYS; i++)
+        if (!strcmp(keys[i].name, name)) return &keys[i];
+    return NULL;
+}
+
+/* Edit distance, for "did you mean" on a mistyped key (keys are short). */
+static int edit_distance(const char *a, const char *b)
+{
+    int la = (int)strlen(a), lb = (int)strlen(b), row[64];
+    if (la >= 64 || lb >= 64) return INT_MAX;
+    for (int j = 0; j <= lb; j++) row[j] = j;
+    for (int i = 1; i <= la; i++) {
+        int diag = row[0];
+        row[0] = i;
+        for (int j = 1; j <= lb; j++) {
+            int up = row[j];
+            int best = diag + (a[i - 1] != b[j - 1]);
+            if (up + 1 < best) best = up + 1;
+            if (row[j - 1] + 1 < best) best = row[j - 1] + 1;
+            row[j] = best;
+            diag = up;
+        }
+    }
+    return row[lb];
+}
+
+static moe_status unknown_key(const char *name)
+{
+    const key_desc *best = NULL;
+    int best_d = 3; /* suggest only close matches */
+    for (int i = 0; i < N_KEYS; i++) {
+        int d = edit_distance(name, keys[i].name);
+        if (d < best_d) best_d = d, best = &keys[i];
+    }
+    if (best) return moe_errorf(MOE_ERR_ARG, "unknown key '%s' (did you mean '%s'?)", name, best->name);
+    return moe_errorf(MOE_ERR_ARG, "unknown key '%s' (see 'moe train --help')", name);
+}
+
+static void real_text(char *buf, size_t cap, double x)
+{
+    /* Shortest text that reads back as the same double. */
+    for (int prec = 6; prec <= 17; prec++) {
+        snprintf(buf, cap, "%.*g", prec, x);
+        if (strtod(buf, NULL) == x) return;
+    }
+}
+
+/* What a key accepts, e.g. "an integer >= 1" or "a number in [0, 1)". */
+static void expectation(char *buf, size_t cap, const key_desc *k)
+{
+    if (k->type == T_ENUM) {
+        size_t len = 0;
+        for (int i = 0; k->names[i]; i++) {
+            const char *sep = !i ? "" : k->names[i + 1] ? ", " : " or ";
+            len += (size_t)snprintf(buf + len, len < cap ? cap - len : 0, "%s%s", sep, k->names[i]);
+            if (len >= cap) return;
+        }
+        return;
+    }
+    if (k->type == T_STR) {
+        snprintf(buf, cap, "a path without ';', control characters or surrounding spaces, under %d bytes", STR_CAP);
+        return;
+    }
+    const char *what = k->type == T_REAL ? "a number" : "an integer";
+    int has_lo = k->lo > -HUGE_VAL;
+    int has_hi = k->type == T_REAL ? k->hi < HUGE_VAL : !(k->type == T_INT && k->hi == INT_MAX);
+    if (has_lo && has_hi && k->lo == k->hi)
+        snprintf(buf, cap, "%.10g", k->lo);
+    else if (has_lo && has_hi)
+        snprintf(buf, cap, "%s in %c%.10g, %.10g%c", what, k->lo_open ? '(' : '[', k->lo, k->hi,
+                 k->hi_open ? ')' : ']');
+    else if (has_lo)
+        snprintf(buf, cap, "%s %s %.10g", what, k->lo_open ? ">" : ">=", k->lo);
+    else
+        snprintf(buf, cap, "a finite number");
+}
+
+static moe_status bad_value(const key_desc *k, const char *got)
+{
+    char want[256];
+    expectation(want, sizeof want, k);
+    return moe_errorf(MOE_ERR_ARG, "%s: expected %s, got '%s'", k->name, want, got);
+}
+
+static int in_range(const key_desc *k, double x)
+{
+    if (k->lo_open ? !(x > k->lo) : !(x >= k->lo)) return 0;
+    if (k->hi_open ? !(x < k->hi) : !(x <= k->hi)) return 0;
+    return 1;
+}
+
+/* A path survives the INI round trip (inih strips surrounding spaces and
+ * cuts a value at " ;") and fits its buffer. */
+static int path_ok(const char *s)
+{
+    size_t n = strlen(s);
+    if (n >= STR_CAP || strchr(s, ';')) return 0;
+    if (n && (s[0] == ' ' || s[0] == '\t' || s[n - 1] == ' ' || s[n - 1] == '\t')) return 0;
+    for (size_t i = 0; i < n; i++)
+        if ((unsigned char)s[i] < 0x20 || s[i] == 0x7f) return 0;
+    return 1;
+}
+
+static int enum_count(const key_desc *k)
+{
+    int n = 0;
+    while (k->names[n]) n++;
+    return n;
+}
+
+/* Parses text into the field of key k; writes only on success. */
+static moe_status parse_into(const key_desc *k, const char *v, void *field)
+{
+    switch (k->type) {
+    case T_INT:
+    case T_U32: {
+        /* strtoll skips leading spaces and accepts '+': both are refused. */
+        if (!(v[0] == '-' || (v[0] >= '0' && v[0] <= '9'))) return bad_value(k, v);
+        char *end;
+        errno = 0;
+        long long x = strtoll(v, &end, 10);
+        if (*end || errno == ERANGE || !in_range(k, (double)x)) return bad_value(k, v);
+        if (k->type == T_INT)
+            *(int *)field = (int)x;
+        else
+            *(uint32_t *)field = (uint32_t)x;
+        return MOE_OK;
+    }
+    case T_REAL: {
+        if (!(v[0] == '-' || v[0] == '.' || (v[0] >= '0' && v[0] <= '9'))) return bad_value(k, v);
+        char *end;
+        errno = 0;
+        double x = strtod(v, &end);
+        if (*end || !isfinite(x) || !in_range(k, x)) return bad_value(k, v);
+        *(double *)field = x;
+        return MOE_OK;
+    }
+    case T_STR:
+        if (!path_ok(v)) return bad_value(k, v);
+        strcpy((char *)field, v);
+        return MOE_OK;
+    case T_ENUM:
+        for (int i = 0; k->names[i]; i++)
+            if (!strcmp(v, k->names[i])) {
+                *(int *)field = i;
+                return MOE_OK;
+            }
+        return bad_value(k, v);
+    }
+    return bad_value(k, v);
+}
+
+/* The value of key k in c as text (how format writes it). */
+static void value_text(char *buf, size_t cap, const key_desc *k, const moe_train_config *c)
+{
+    const void *field = (const char *)c + k->off;
+    switch (k->type) {
+    case T_INT: snprintf(buf, cap, "%d", *(const int *)field); break;
+    case T_U32: snprintf(buf, cap, "%u", (unsigned)*(const uint32_t *)field); break;
+    case T_REAL: real_text(buf, cap, *(const double *)field); break;
+    case T_STR: snprintf(buf, cap, "%.*s", STR_CAP - 1, (const char *)field); break;
+    case T_ENUM: {
+        int v = *(const int *)field;
+        if (v >= 0 && v < enum_count(k))
+            snprintf(buf, cap, "%s", k->names[v]);
+        else
+            snprintf(buf, cap, "%d", v);
+        break;
+    }
+    }
+}
+
+/* Range check of a key as stored (for configurations built in code). */
+static moe_status check_key(const key_desc *k, const moe_train_config *c)
+{
+    const void *field = (const char *)c + k->off;
+    int ok = 1;
+    switch (k->type) {
+    case T_INT: ok = in_range(k, *(const int *)field); break;
+    case T_U32: ok = 1; break;
+    case T_REAL: ok = isfinite(*(const double *)field) && in_range(k, *(const double *)field); break;
+    case T_STR: ok = memchr(field, '\0', STR_CAP) && path_ok(field); break;
+    case T_ENUM: ok = *(const int *)field >= 0 && *(const int *)field < enum_count(k); break;
+    }
+    if (ok) return MOE_OK;
+    char got[STR_CAP + 16];
+    if (k->type == T_STR)
+        snprintf(got, sizeof got, "%.*s", STR_CAP - 1, (const char *)field);
+    else
+        value_text(got, sizeof got, k, c);
+    return bad_value(k, got);
+}
+
+/* Defaults that depend on other keys: normalize_topk (1 for k > 1, always 0
+ * for k = 1) and capacity_factor (1.25 for token choice, c = 2 experts per
+ * token for expert choice, as routing.md says). */
+static void resolve_defaults(moe_train_config *c)
+{
+    c->normalize_topk = c->top_k == 1 ? 0 : c->normalize_topk_user < 0 ? 1 : c->normalize_topk_user;
+    if (isnan(c->capacity_factor_user))
+        c->capacity_factor = c->router == MOE_ROUTER_EXPERT_CHOICE ? 2.0 : 1.25;
+    else
+        c->capacity_factor = c->capacity_factor_user;
+}
+
+moe_status moe_train_config_set(moe_train_config *c, const char *key, const char *value)
+{
+    if (!c || !key || !value) return moe_errorf(MOE_ERR_ARG, "moe_train_config_set: NULL argument");
+    const key_desc *k = find_key(key);
+    if (!k) return unknown_key(key);
+    if (k->off == OFF(normalize_topk)) {
+        moe_status st = parse_into(k, value, &c->normalize_topk_user);
+        if (st) return st;
+    } else if (k->off == OFF(capacity_factor)) {
+        moe_status st = parse_into(k, value, &c->capacity_factor_user);
+        if (st) return st;
+    } else {
+        moe_status st = parse_into(k, value, (char *)c + k->off);
+        if (st) return st;
+    }
+    resolve_defaults(c);
+    return MOE_OK;
+}
+
+/* ---- INI loading ---- */
+
+typedef struct {
+    moe_train_config *c;
+    const char *path;
+    FILE *f;
+    int line;             /* lines read so far: the line the handler is looking at */
+    int set_line[N_KEYS]; /* line that set each key, 0 if none */
+    moe_status st;        /* first problem, reported with its line */
+    char msg[1280];
+} load_ctx;
+
+static int load_fail(load_ctx *x, moe_status st)
+{
+    if (!x->st) {
+        x->st = st;
+        snprintf(x->msg, sizeof x->msg, "%s:%d: %s", x->path, x->line, moe_error_detail());
+    }
+    return 0;
+}
+
+/* fgets for inih that counts lines (so errors carry the line number), refuses
+ * lines longer than inih's buffer instead of splitting them, and drops
+ * leading whitespace so an indented line is an ordinary line rather than a
+ * continuation of the previous value. */
+static char *load_reader(char *str, int num, void *stream)
+{
+    load_ctx *x = stream;
+    if (!fgets(str, num, x->f)) return NULL;
+    x->line++;
+    size_t n = strlen(str);
+    if (n && str[n - 1] != '\n' && !feof(x->f)) {
+        load_fail(x, moe_errorf(MOE_ERR_ARG, "line longer than %d characters", num - 2));
+        int ch;
+        while ((ch = fgetc(x->f)) != EOF && ch != '\n') {}
+    }
+    size_t lead = strspn(str, " \t");
+    if (lead) memmove(str, str + lead, n - lead + 1);
+    return str;
+}
+
+static int load_handler(void *user, const char *section, const char *name, const char *value)
+{
+    (void)section; /* keys may sit in any section */
+    load_ctx *x = user;
+    if (x->st) return 0; /* report the first problem only */
+    const key_desc *k = find_key(name);
+    if (k && x->set_line[k - keys])
+        return load_fail(x, moe_errorf(MOE_ERR_ARG, "%s: set twice (first on line %d)", name,
+                                       x->set_line[k - keys]));
+    moe_status st = moe_train_config_set(x->c, name, value);
+    if (st) return load_fail(x, st);
+    x->set_line[k - keys] = x->line;
+    return 1;
+}
+
+moe_status moe_train_config_load(moe_train_config *c, const char *path)
+{
+    if (!c || !path) return moe_errorf(MOE_ERR_ARG, "moe_train_config_load: NULL argument");
+    load_ctx x = {.c = c, .path = path};
+    x.f = fopen(path, "r");
+    if (!x.f) return moe_errorf(MOE_ERR_IO, "cannot open config '%s': %s", path, strerror(errno));
+    int rc = ini_parse_stream(load_reader, &x, load_handler, &x);
+    int read_error = ferror(x.f);
+    fclose(x.f);
+    if (x.st) return moe_errorf(x.st, "%s", x.msg);
+    if (read_error) return moe_errorf(MOE_ERR_IO, "cannot read config '%s'", path);
+    if (rc > 0)
+        return moe_errorf(MOE_ERR_ARG, "%s:%d: syntax error (expected 'key = value' or '[section]')", path, rc);
+    if (rc < 0) return moe_errorf(MOE_ERR_NOMEM, "parsing config '%s': out of memory", path);
+    return MOE_OK;
+}
+
+/* ---- cross-field checks ---- */
+
+moe_status moe_train_config_check(const moe_train_config *c, int world)
+{
+    if (!c) return moe_errorf(MOE_ERR_ARG, "moe_train_config_check: NULL config");
+    if (world < 1) return moe_errorf(MOE_ERR_ARG, "world size %d < 1", world);
+    for (int i = 0; i < N_KEYS; i++) {
+        moe_status st = check_key(&keys[i], c);
+        if (st) return st;
+    }
+    if (c->d_model % c->n_heads)
+        return moe_errorf(MOE_ERR_ARG, "n_heads=%d does not divide d_model=%d", c->n_heads, c->d_model);
+    if (c->router == MOE_ROUTER_TOKEN_CHOICE && c->top_k > c->n_experts)
+        return moe_errorf(MOE_ERR_ARG, "top_k=%d exceeds n_experts=%d", c->top_k, c->n_experts);
+    if (c->router == MOE_ROUTER_EXPERT_CHOICE && !(c->capacity_factor > 0))
+        return moe_errorf(MOE_ERR_ARG, "capacity_factor=%g must be > 0 with router = expert_choice",
+                          c->capacity_factor);
+    if (c->normalize_topk && c->top_k == 1)
+        return moe_errorf(MOE_ERR_ARG, "normalize_topk=1 with top_k=1 (must be 0)");
+    if (c->batch_size % world)
+        return moe_errorf(MOE_ERR_ARG, "batch_size=%d is not divisible by the %d ranks", c->batch_size, world);
+    if ((c->batch_size / world) % c->group_seqs)
+        return moe_errorf(MOE_ERR_ARG,
+                          "group_seqs=%d does not divide the %d sequences per rank (batch_size=%d over %d ranks)",
+                          c->group_seqs, c->batch_size / world, c->batch_size, world);
+    int ep = c->ep_size ? c->ep_size : world;
+    if (ep > world || world % ep)
+        return moe_errorf(MOE_ERR_ARG, "ep_size=%d does not divide the %d ranks", c->ep_size, world);
+    if (c->n_experts % ep)
+        return moe_errorf(MOE_ERR_ARG, "n_experts=%d is not divisible by ep_size=%d%s", c->n_experts, ep,
+                          c->ep_size ? "" : " (ep_size = 0: all ranks)");
+    if (!c->data[0])
+        return moe_errorf(MOE_ERR_ARG, "data: no training file set (e.g. 'moe data synth --out FILE', then data = FILE)");
+    if (!c->out_dir[0]) return moe_errorf(MOE_ERR_ARG, "out_dir: empty");
+    if (c->val_every > 0 && !c->val_data[0] && c->val_frac <= 0)
+        return moe_errorf(MOE_ERR_ARG, "val_every=%d needs validation data: set val_data, or val_frac > 0, or val_every = 0",
+                          c->val_every);
+    return MOE_OK;
+}
+
+/* ---- writing ---- */
+
+static void appendf(char *buf, size_t cap, size_t *len, const char *fmt, ...) __attribute__((format(printf, 4, 5)));
+static void appendf(char *buf, size_t cap, size_t *len, const char *fmt, ...)
+{
+    va_list ap;
+    va_start(ap, fmt);
+    int n = vsnprintf(*len < cap ? buf + *len : NULL, *len < cap ? cap - *len : 0, fmt, ap);
+    va_end(ap);
+    if (n > 0) *len += (size_t)n;
+}
+
+int moe_train_config_format(const moe_train_config *c, char *buf, int cap)
+{
+    size_t len = 0, ucap = cap > 0 && buf ? (size_t)cap : 0;
+    const char *section = NULL;
+    char v[STR_CAP + 16];
+    for (int i = 0; i < N_KEYS; i++) {
+        if (keys[i].section != section) {
+            section = keys[i].section;
+            appendf(buf, ucap, &len, "%s[%s]\n", len ? "\n" : "", section);
+        }
+        value_text(v, sizeof v, &keys[i], c);
+        appendf(buf, ucap, &len, "%s = %s\n", keys[i].name, v);
+    }
+    return len > INT_MAX ? INT_MAX : (int)len;
+}
+
+void moe_train_config_help(FILE *f)
+{
+    moe_train_config d;
+    moe_train_config_default(&d);
+    fprintf(f,
+            "usage: mpirun -np N moe train [--config FILE] [--key=value | --key value ...]\n"
+            "\n"
+            "Keys are read from the INI file (in any section or none), then overridden by\n"
+            "--key=value options in order. Key, default, meaning:\n");
+    const char *section = NULL;
+    char v[STR_CAP + 16];
+    for (int i = 0; i < N_KEYS; i++) {
+        if (keys[i].section != section) {
+            section = keys[i].section;
+            fprintf(f, "\n[%s]\n", section);
+        }
+        value_text(v, sizeof v, &keys[i], &d);
+        fprintf(f, "  %-17s %-13s %s\n", keys[i].name, v[0] ? v : "\"\"", keys[i].help);
+    }
+}
+
+/* ---- command line ---- */
+
+moe_status moe_train_config_parse_args(moe_train_config *c, int argc, char **argv, int *help)
+{
+    *help = 0;
+    for (int i = 1; i < argc; i++)
+        if (!strcmp(argv[i], "--help") || !strcmp(argv[i], "-h")) {
+            *help = 1;
+            return MOE_OK;
+        }
+    /* Pass 0 loads the --config files, pass 1 applies the overrides: both
+     * walk the options the same way so `--key value` pairs stay aligned. */
+    for (int pass = 0; pass < 2; pass++) {
+        for (int i = 1; i < argc; i++) {
+            const char *a = argv[i];
+            if (strncmp(a, "--", 2) || !a[2])
+                return moe_errorf(MOE_ERR_ARG, "unexpected argument '%s' (expected --config FILE or --key=value)", a);
+            const char *eq = strchr(a + 2, '=');
+            size_t klen = eq ? (size_t)(eq - (a + 2)) : strlen(a + 2);
+            char key[64];
+            if (klen >= sizeof key) return moe_errorf(MOE_ERR_ARG, "unknown option '%s'", a);
+            for (size_t j = 0; j < klen; j++) key[j] = a[2 + j] == '-' ? '_' : a[2 + j];
+            key[klen] = '\0';
+            const char *val;
+            if (eq) {
+                val = eq + 1;
+            } else {
+                if (i + 1 >= argc || !strncmp(argv[i + 1], "--", 2))
+                    return moe_errorf(MOE_ERR_ARG, "option --%s needs a value", key);
+                val = argv[++i];
+            }
+            int is_config = !strcmp(key, "config");
+            moe_status st = MOE_OK;
+            if (pass == 0 && is_config) {
+                st = moe_train_config_load(c, val);
+                if (st) return st;
+            } else if (pass == 1 && !is_config) {
+                st = moe_train_config_set(c, key, val);
+                if (st) {
+                    char detail[1024];
+                    snprintf(detail, sizeof detail, "%s", moe_error_detail());
+                    return moe_errorf(st, "command line: %s", detail);
+                }
+            }
+        }
+    }
+    return MOE_OK;
+}

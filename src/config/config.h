@@ -1,0 +1,87 @@
+/* Training configuration: every key of `moe train` (INI file, overridable as
+ * --key=value), with defaults. Keys are named like the checkpoint's /model
+ * attributes plus the training keys. */
+#ifndef MOE_TRAIN_CONFIG_H
+#define MOE_TRAIN_CONFIG_H
+
+#include <stdint.h>
+#include <stdio.h>
+
+#include "core/moe.h"
+
+typedef struct {
+    /* model (checkpoint /model attributes) */
+    int vocab_size;          /* 256, bytes (fixed) */
+    int d_model, n_layers, n_heads, seq_len;
+    int n_experts, top_k, d_ff, moe_every;
+    moe_router_kind router;
+    double capacity_factor;
+    int normalize_topk;      /* resolved: 1 by default when top_k > 1, 0 when top_k == 1 */
+    int normalize_topk_user; /* -1: not set (follows top_k), else the value the user set */
+    double capacity_factor_user; /* NAN: not set by the user (default depends on router) */
+    moe_activation activation;
+    double ln_eps;
+    int router_noise;        /* 0 none, 1 gaussian */
+    int group_seqs;          /* sequences per routing group */
+    /* training */
+    int batch_size;          /* global sequences per step */
+    int steps, warmup_steps, val_every, val_batches;
+    double lr, min_lr_frac, weight_decay, grad_clip, beta1, beta2, adam_eps;
+    double aux_loss_coef, z_loss_coef;
+    uint32_t seed;
+    int ep_size;             /* 0: world size */
+    char data[1024], val_data[1024], out_dir[1024];
+    double val_frac;         /* held-out fraction when val_data is empty */
+    int log_every;
+    /* exchange */
+    int a2a;                 /* moe_a2a_kind */
+    int a2a_chunks;
+    /* checkpoints (issue 5) */
+    int ckpt_every, keep_last, dump_grads_every;
+    char resume[1024];
+} moe_train_config;
+
+/* Defaults (a small model that trains in minutes on 2 cores). */
+void moe_train_config_default(moe_train_config *c);
+
+/* Set one key from text. MOE_ERR_ARG with a detail naming the key and the
+ * problem for unknown keys and bad values (out of range, not a number,
+ * trailing garbage, unknown name); c is unchanged on error. Setting top_k or
+ * normalize_topk re-resolves normalize_topk (top_k == 1 forces 0). */
+moe_status moe_train_config_set(moe_train_config *c, const char *key, const char *value);
+
+/* Load an INI file (keys may sit in any section or none) over c.
+ * Comments start with '#' or ';' at the start of a line, or ' ;' inline;
+ * leading whitespace is ignored (no continuation lines); a key set twice in
+ * one file is an error. MOE_ERR_IO if unreadable, MOE_ERR_ARG (detail:
+ * "file:line: key: problem") on bad content; keys before the bad line may
+ * have been applied. */
+moe_status moe_train_config_load(moe_train_config *c, const char *path);
+
+/* Validation of every key's range and of the cross-field rules (heads divide
+ * d_model, top_k <= n_experts, ...) given the world size (batch divisible by
+ * ranks, E by ep_size, ...). MOE_ERR_ARG with a detail naming the key(s). */
+moe_status moe_train_config_check(const moe_train_config *c, int world_size);
+
+/* Writes the resolved configuration as INI text (for checkpoints and logs):
+ * one "key = value" line for every key, under [section] headers, such that
+ * loading it over the defaults gives the same configuration. Returns the
+ * length of the full text (snprintf semantics: a result >= cap means buf
+ * holds a truncated, terminated prefix). */
+int moe_train_config_format(const moe_train_config *c, char *buf, int cap);
+
+/* Prints every key with its default and a one-line description
+ * (`moe train --help`). */
+void moe_train_config_help(FILE *f);
+
+/* Command line of `moe train` over c (call moe_train_config_default first):
+ * argv[0] is the command name and is skipped; every `--config FILE` (or
+ * `--config=FILE`) is loaded first, in order, then every `--key=value` or
+ * `--key value` is applied in order ('-' in a key reads as '_', so
+ * --warmup-steps works). `--help`/`-h` anywhere sets *help = 1 and returns
+ * MOE_OK with c untouched. Errors: MOE_ERR_IO for an unreadable config,
+ * MOE_ERR_ARG naming the option for an unknown key, a missing or bad value
+ * or a stray argument. Does not call moe_train_config_check. */
+moe_status moe_train_config_parse_args(moe_train_config *c, int argc, char **argv, int *help);
+
+#endif

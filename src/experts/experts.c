@@ -1,0 +1,187 @@
+/* Feed-forward experts, fast path: one cblas_sgemm per matmul per expert,
+ * biases folded into the GEMM output (C initialised with the bias, beta = 1),
+ * the b1 gradient summed inside the activation backward pass, activations in
+ * branch-free loops that the compiler vectorises. gelu and silu share one
+ * polynomial exp: both are x * sigmoid(z), so no tanhf call is needed (see
+ * moe_gelu_neg_exp). */
+#include "experts/experts.h"
+
+#include <cblas.h>
+#include <stdint.h>
+#include <string.h>
+
+#define MOE_SQRT_2_OVER_PI 0.79788456080286535588f
+#define MOE_GELU_C 0.044715f
+
+/* exp(x) for |x| <= 80 (clamped outside), Cephes expf: Cody-Waite reduction
+ * by ln 2 then a degree-6 polynomial, relative error about 2 ulp. Branch-free
+ * with an integer bit-cast for 2^n so that loops calling it vectorise. The
+ * clamp keeps 1/(1+exp(x)) and exp(x)/(1+exp(x))^2 out of the denormal range
+ * (slow on x86); it changes gelu/silu by less than 1e-33 in absolute terms. */
+static inline float moe_fast_expf(float x)
+{
+    x = x < -80.0f ? -80.0f : x;
+    x = x > 80.0f ? 80.0f : x;
+    /* round(x / ln 2) by the 1.5 * 2^23 trick (rintf does not vectorise on SSE2) */
+    const float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+    float r = x - n * 0.693359375f;
+    r = r - n * -2.12194440e-4f;
+    float p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * (r * r) + r + 1.0f;
+    const int32_t bits = ((int32_t)n + 127) << 23;
+    float scale;
+    memcpy(&scale, &bits, sizeof scale);
+    return p * scale;
+}
+
+/* gelu(x) = 0.5 x (1 + tanh(u)) = x * s with s = sigmoid(2u) = 1 / (1 + e),
+ * e = exp(-2u), u = sqrt(2/pi) (x + 0.044715 x^3). The sigmoid form has no
+ * cancellation for negative x, unlike 1 + tanh(u). */
+static inline float moe_gelu_neg_exp(float x)
+{
+    return moe_fast_expf(-2.0f * MOE_SQRT_2_OVER_PI * x * (1.0f + MOE_GELU_C * x * x));
+}
+
+/* The activation loops are compute-bound at SSE2 width (about 3x slower
+ * than the memory traffic allows), so on x86-64 GCC/Clang also build an
+ * AVX2+FMA clone picked at load time (ifunc). Elementwise only: the clones
+ * differ by FMA rounding (an ulp), never by summation order. */
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define MOE_ACT_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
+#else
+#define MOE_ACT_CLONES
+#endif
+
+MOE_ACT_CLONES static void act_forward_row(float *restrict a, const float *restrict h, int F, moe_activation act)
+{
+    switch (act) {
+    case MOE_ACT_GELU:
+        for (int j = 0; j < F; j++) a[j] = h[j] / (1.0f + moe_gelu_neg_exp(h[j]));
+        break;
+    case MOE_ACT_RELU:
+        for (int j = 0; j < F; j++) a[j] = h[j] > 0.0f ? h[j] : 0.0f;
+        break;
+    case MOE_ACT_SWIGLU: /* silu(g) * v, gate g = h[0, F), value v = h[F, 2F) */
+        for (int j = 0; j < F; j++) a[j] = h[j] * h[F + j] / (1.0f + moe_fast_expf(-h[j]));
+        break;
+    }
+}
+
+/* dh (F1) from da (F) and h (F1) for one row. */
+MOE_ACT_CLONES static void act_backward_row(float *restrict dh, const float *restrict da, const float *restrict h, int F,
+                             moe_activation act)
+{
+    switch (act) {
+    case MOE_ACT_GELU:
+        /* gelu' = s + 2 x s (1 - s) u' with 1 - s = e s and u' = sqrt(2/pi) (1 + 3 c x^2) */
+        for (int j = 0; j < F; j++) {
+            const float x = h[j], e = moe_gelu_neg_exp(x), s = 1.0f / (1.0f + e);
+            const float du = MOE_SQRT_2_OVER_PI * (1.0f + 3.0f * MOE_GELU_C * x * x);
+            dh[j] = da[j] * (s + 2.0f * x * e * s * s * du);
+        }
+        break;
+    case MOE_ACT_RELU:
+        for (int j = 0; j < F; j++) {
+            const float g = da[j]; /* an unconditional load keeps the loop vectorisable */
+            dh[j] = h[j] > 0.0f ? g : 0.0f;
+        }
+        break;
+    case MOE_ACT_SWIGLU:
+        /* d/dg = v silu'(g) = v s (1 + g (1 - s)); d/dv = silu(g) = g s;
+         * 1 - s = e s avoids the cancellation of 1 - s for large g */
+        for (int j = 0; j < F; j++) {
+            const float g = h[j], v = h[F + j], e = moe_fast_expf(-g), s = 1.0f / (1.0f + e);
+            dh[j] = da[j] * v * s * (1.0f + g * e * s);
+            dh[F + j] = da[j] * g * s;
+        }
+        break;
+    }
+}
+
+void moe_act_forward(float *a, const float *h, long n, int F, moe_activation act)
+{
+    const int F1 = moe_f1(F, act);
+    for (long r = 0; r < n; r++) act_forward_row(a + r * F, h + r * F1, F, act);
+}
+
+/* With db1 != NULL also accumulates the column sums of dh into db1 (F1),
+ * while each row is still in L1 (saves a pass over dh in the expert backward). */
+static void act_backward_rows(float *restrict dh, float *restrict db1, const float *da, const float *h, long n,
+                              int F, moe_activation act)
+{
+    const int F1 = moe_f1(F, act);
+    for (long r = 0; r < n; r++) {
+        float *restrict row = dh + r * F1;
+        act_backward_row(row, da + r * F, h + r * F1, F, act);
+        if (db1)
+            for (int j = 0; j < F1; j++) db1[j] += row[j];
+    }
+}
+
+void moe_act_backward(float *dh, const float *da, const float *h, long n, int F, moe_activation act)
+{
+    act_backward_rows(dh, NULL, da, h, n, F, act);
+}
+
+/* Every row of out (n, m) = bias (m): the C operand of a beta = 1 GEMM. */
+static void fill_rows(float *restrict out, const float *restrict bias, int n, int m)
+{
+    for (int r = 0; r < n; r++) memcpy(out + (size_t)r * m, bias, (size_t)m * sizeof *out);
+}
+
+void moe_expert_forward(float *y, float *h, float *a, const float *x, const int *offsets,
+                        const moe_expert_params *p, int E, int d, int F, moe_activation act)
+{
+    const int F1 = moe_f1(F, act);
+    for (int e = 0; e < E; e++) {
+        const int r0 = offsets[e], n = offsets[e + 1] - r0;
+        if (n <= 0) continue;
+        const float *xe = x + (size_t)r0 * d;
+        float *he = h + (size_t)r0 * F1, *ae = a + (size_t)r0 * F, *ye = y + (size_t)r0 * d;
+        const float *w1 = p->w1 + (size_t)e * F1 * d, *w2 = p->w2 + (size_t)e * d * F;
+        fill_rows(he, p->b1 + (size_t)e * F1, n, F1); /* h = x W1^T + b1 */
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, n, F1, d, 1.0f, xe, d, w1, d, 1.0f, he, F1);
+        moe_act_forward(ae, he, n, F, act);
+        fill_rows(ye, p->b2 + (size_t)e * d, n, d); /* y = a W2^T + b2 */
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, n, d, F, 1.0f, ae, F, w2, F, 1.0f, ye, d);
+    }
+}
+
+void moe_expert_backward(float *dx, moe_expert_params *g, float *dh, float *da, const float *dy,
+                         const float *x, const float *h, const float *a, const int *offsets,
+                         const moe_expert_params *p, int E, int d, int F, moe_activation act)
+{
+    const int F1 = moe_f1(F, act);
+    for (int e = 0; e < E; e++) {
+        const int r0 = offsets[e], n = offsets[e + 1] - r0;
+        if (n <= 0) continue;
+        const float *dye = dy + (size_t)r0 * d, *xe = x + (size_t)r0 * d;
+        const float *he = h + (size_t)r0 * F1, *ae = a + (size_t)r0 * F;
+        float *dhe = dh + (size_t)r0 * F1, *dae = da + (size_t)r0 * F, *dxe = dx + (size_t)r0 * d;
+        const float *w1 = p->w1 + (size_t)e * F1 * d, *w2 = p->w2 + (size_t)e * d * F;
+        float *gw1 = g->w1 + (size_t)e * F1 * d, *gw2 = g->w2 + (size_t)e * d * F;
+        float *gb1 = g->b1 + (size_t)e * F1, *gb2 = g->b2 + (size_t)e * d;
+
+        cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, d, F, n, 1.0f, dye, d, ae, F, 1.0f, gw2, F);
+        for (int r = 0; r < n; r++) {
+            const float *restrict row = dye + (size_t)r * d;
+            for (int j = 0; j < d; j++) gb2[j] += row[j];
+        }
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, n, F, d, 1.0f, dye, d, w2, F, 0.0f, dae, F);
+        act_backward_rows(dhe, gb1, dae, he, n, F, act);
+        cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, F1, d, n, 1.0f, dhe, F1, xe, d, 1.0f, gw1, d);
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, n, d, F1, 1.0f, dhe, F1, w1, d, 0.0f, dxe, d);
+    }
+}
+
+double moe_expert_flops(const int *offsets, int E, int d, int F, moe_activation act)
+{
+    const double N = (double)offsets[E] - (double)offsets[0];
+    const double fwd = 2.0 * N * d * moe_f1(F, act) + 2.0 * N * F * d;
+    return 3.0 * fwd; /* backward: two GEMMs per forward GEMM */
+}

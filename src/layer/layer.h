@@ -1,0 +1,81 @@
+/* The MoE layer: route -> pack -> exchange -> experts -> exchange -> combine,
+ * forward and backward. With comm == NULL all experts are local and the
+ * exchange is the identity (no copy); with a comm, the same code runs the
+ * all-to-all of src/comm over the expert-parallel group. The T local tokens
+ * form G routing groups; a single process holding all groups computes the
+ * same numbers as any number of ranks holding them in order.
+ *
+ * Parameters are not owned by the layer: callers pass views into their own
+ * contiguous parameter and gradient blocks. */
+#ifndef MOE_LAYER_H
+#define MOE_LAYER_H
+
+#include "comm/comm.h"
+#include "experts/experts.h"
+#include "router/router.h"
+
+typedef struct {
+    moe_router_config router;  /* n_experts, top_k, d_model, kind, capacity, normalize, noise */
+    int d_ff;                  /* F */
+    moe_activation act;
+    int max_tokens;            /* largest local T forward will be called with */
+    int max_groups;            /* largest local G */
+    moe_a2a_kind a2a;          /* exchange path when comm != NULL */
+    int chunks;                /* >= 1: expert chunks overlapped with the exchange */
+} moe_layer_config;
+
+typedef struct {
+    float *router_w;           /* (E, d) */
+    float *noise_w;            /* (E, d), or NULL without router noise */
+    moe_expert_params experts; /* local experts only: (E_local, F1, d) ... */
+} moe_layer_params;
+
+/* Time split of the last forward+backward (seconds, this rank). */
+typedef struct {
+    double route, pack, dispatch, expert_fwd, combine_comm, combine;
+    double bwd_combine_grad, bwd_dispatch, expert_bwd, bwd_combine_comm, bwd_unpack, bwd_router;
+} moe_layer_timing;
+
+typedef struct moe_layer moe_layer;
+
+/* Collective over comm's ep group when comm != NULL (creates the exchange).
+ * Validates the config (MOE_ERR_ARG naming the field). Owner: caller. */
+moe_status moe_layer_create(moe_layer **out, const moe_layer_config *cfg, moe_comm *comm);
+void moe_layer_destroy(moe_layer *L);
+
+int moe_layer_expert0(const moe_layer *L);         /* first global expert held here */
+int moe_layer_n_local_experts(const moe_layer *L); /* E / P */
+
+/* Forward for T local tokens in G local groups: y (T, d) overwritten, x (T, d).
+ * Collective over the ep group. Fails on bad sizes (MOE_ERR_ARG), NaN/Inf in
+ * x (MOE_ERR_NONFINITE), allocation (MOE_ERR_NOMEM); with a comm every rank
+ * of the ep group then returns non-OK too (MOE_ERR_REMOTE), nobody hangs. */
+moe_status moe_layer_forward(moe_layer *L, float *y, const float *x, const moe_layer_params *p,
+                             int T, int G, const moe_noise_key *noise);
+
+/* Backward of the last forward. dy (T, d). Accumulates into dx (T, d) and
+ * into grads (router_w, noise_w, local experts). lb_scale / z_scale: dL/d of
+ * each group's load-balance / z loss. Expert gradients are summed over the ep
+ * group (they arrive at the owner) but NOT over replicas, and router
+ * gradients are this rank's contribution only: reducing them is the
+ * caller's job (moe_layer_reduce_grads or a bucketed allreduce).
+ * Collective over the ep group. */
+moe_status moe_layer_backward(moe_layer *L, float *dx, moe_layer_params *grads, const float *dy,
+                              const float *x, const moe_layer_params *p, float lb_scale,
+                              float z_scale);
+
+/* Convenience for benchmarks and tests: sums router grads over world and
+ * expert grads over replicas. Collective over world. */
+moe_status moe_layer_reduce_grads(moe_layer *L, moe_layer_params *grads);
+
+/* The routing record of the last forward (local tokens). */
+const moe_route *moe_layer_route(const moe_layer *L);
+/* (E_local) kept rows each local expert processed in the last forward,
+ * summed over the ep group (not over replicas). */
+const int *moe_layer_expert_rows(const moe_layer *L);
+const moe_layer_timing *moe_layer_get_timing(const moe_layer *L);
+void moe_layer_reset_timing(moe_layer *L);
+/* Expert GEMM floating-point operations of the last forward+backward on this rank. */
+double moe_layer_expert_flops(const moe_layer *L);
+
+#endif

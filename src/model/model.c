@@ -1,0 +1,572 @@
+/* The GPT-2 style MoE decoder: parameter table and init, activation memory,
+ * forward, backward and step statistics (model.h). Dense layers come from
+ * ops.c, MoE FFNs from src/layer, activations from src/experts. */
+#include "model/model.h"
+
+#include <math.h>
+#include <stdio.h>
+#include <string.h>
+
+#include "core/rng.h"
+#include "model/ops.h"
+
+/* Per-block tensors, in checkpoint order. */
+enum {
+    S_LN1W, S_LN1B, S_QKVW, S_QKVB, S_PROJW, S_PROJB, S_LN2W, S_LN2B,
+    S_FCW, S_FCB, S_FCPW, S_FCPB,       /* dense FFN */
+    S_RW, S_NW, S_W1, S_B1, S_W2, S_B2, /* MoE FFN */
+    S_COUNT
+};
+static const char *const slot_name[S_COUNT] = {
+    "ln_1/weight", "ln_1/bias", "attn/c_attn/weight", "attn/c_attn/bias",
+    "attn/c_proj/weight", "attn/c_proj/bias", "ln_2/weight", "ln_2/bias",
+    "mlp/c_fc/weight", "mlp/c_fc/bias", "mlp/c_proj/weight", "mlp/c_proj/bias",
+    "moe/router/weight", "moe/router/noise_weight", "moe/experts/w1", "moe/experts/b1",
+    "moe/experts/w2", "moe/experts/b2",
+};
+enum { G_WTE, G_WPE, G_LNFW, G_LNFB, G_COUNT };
+enum { INIT_NORMAL, INIT_RESID, INIT_ZERO, INIT_ONE };
+
+/* Activations of B_max sequences of T_max tokens (N = B_max * T_max rows).
+ * Per-block arrays are indexed [l][N][.] with stride N_max rows. */
+typedef struct {
+    float *encoded;                     /* (N, C) block 0 input */
+    float *ln1, *ln1_mean, *ln1_rstd;   /* (L, N, C), (L, N), (L, N) */
+    float *qkv;                         /* (L, N, 3C) */
+    float *att;                         /* (L, B, NH, T, T) */
+    float *atty;                        /* (L, N, C) attention output before c_proj */
+    float *res2;                        /* (L, N, C) residual stream after attention */
+    float *ln2, *ln2_mean, *ln2_rstd;   /* (L, N, C), (L, N), (L, N) */
+    float *fch, *fch_act;               /* (L_dense, N, F1), (L_dense, N, F) */
+    float *res3;                        /* (L, N, C) residual stream after the FFN */
+    float *lnf, *lnf_mean, *lnf_rstd;   /* (N, C), (N), (N) */
+    float *logits, *probs;              /* (N, V) */
+    float *losses;                      /* (N) */
+    /* backward scratch */
+    float *dres;                        /* (N, C) gradient of the residual stream */
+    float *dln, *datty;                 /* (N, C) */
+    float *dqkv;                        /* (N, 3C) */
+    float *datt;                        /* (T, T) */
+    float *dfch, *dfch_act;             /* (N, F1), (N, F) */
+    float *dlogits;                     /* (N, V) */
+} model_acts;
+
+struct moe_model {
+    moe_train_config cfg;
+    moe_comm *comm;
+    int W, rank;                 /* world size and rank (1, 0 without comm) */
+    int V, C, L, NH, T_max, B_max, F, F1, E, El, e0;
+    moe_tensor_table table;
+    int *init;                   /* (table.n) INIT_* of each tensor */
+    int gid[G_COUNT];            /* table index of the global tensors */
+    int *bid;                    /* (L, S_COUNT) table index of each block tensor, -1 if absent */
+    size_t dense_floats;
+    float *params, *grads;       /* (table.total) */
+    int n_moe;
+    int *moe_index;              /* (L) index among MoE blocks, -1 for dense */
+    int *dense_index;            /* (L) index among dense blocks, -1 for MoE */
+    int *moe_blocks;             /* (n_moe) block index of each MoE layer */
+    moe_layer **layers;          /* (L) NULL for dense blocks */
+    float *act_mem;
+    model_acts a;
+    uint8_t *inputs, *targets;   /* (B_max, T_max) of the last forward */
+    int B, T, train, have_targets, have_forward;
+    double part_d[3];            /* this rank's ce_sum, lb_sum, z_sum */
+    int64_t *part_i;             /* (2 + 2 n_moe E): tokens, aux_terms, kept, dropped */
+    int64_t *red_i;              /* the same, reduced */
+};
+
+static float *tensor_ptr(const moe_model *m, float *base, int id)
+{
+    return id < 0 ? NULL : base + m->table.t[id].offset;
+}
+
+static float *block_ptr(const moe_model *m, float *base, int l, int slot)
+{
+    return tensor_ptr(m, base, m->bid[l * S_COUNT + slot]);
+}
+
+static moe_layer_params moe_view(const moe_model *m, float *base, int l)
+{
+    moe_layer_params p = {
+        .router_w = block_ptr(m, base, l, S_RW),
+        .noise_w = block_ptr(m, base, l, S_NW),
+        .experts = {block_ptr(m, base, l, S_W1), block_ptr(m, base, l, S_B1),
+                    block_ptr(m, base, l, S_W2), block_ptr(m, base, l, S_B2)},
+    };
+    return p;
+}
+
+/* Appends a tensor to the table (offset assigned later); returns its index. */
+static int add_tensor(moe_model *m, const char *name, int ndim, const int64_t *shape, int sharded,
+                      int layer, int decay, int init)
+{
+    const int id = m->table.n++;
+    moe_tensor *t = &m->table.t[id];
+    snprintf(t->name, sizeof t->name, "%s", name);
+    t->ndim = ndim;
+    for (int i = 0; i < ndim; i++) t->shape[i] = shape[i];
+    t->expert_sharded = sharded;
+    t->row0 = sharded ? m->e0 : 0;
+    t->rows = sharded ? m->El : shape[0];
+    t->layer = sharded ? layer : -1;
+    t->decay = decay;
+    t->numel = (size_t)(t->rows * moe_tensor_row_numel(t));
+    m->init[id] = init;
+    return id;
+}
+
+static void add_block_tensor(moe_model *m, int l, int slot, int ndim, const int64_t *shape,
+                             int sharded, int decay, int init)
+{
+    char name[MOE_TENSOR_NAME_MAX];
+    snprintf(name, sizeof name, "h/%d/%s", l, slot_name[slot]);
+    m->bid[l * S_COUNT + slot] = add_tensor(m, name, ndim, shape, sharded, l, decay, init);
+}
+
+static void build_table(moe_model *m)
+{
+    const int64_t C = m->C, F = m->F, F1 = m->F1, E = m->E;
+    m->gid[G_WTE] = add_tensor(m, "wte", 2, (int64_t[]){m->V, C}, 0, -1, 1, INIT_NORMAL);
+    m->gid[G_WPE] = add_tensor(m, "wpe", 2, (int64_t[]){m->T_max, C}, 0, -1, 1, INIT_NORMAL);
+    for (int l = 0; l < m->L; l++) {
+        for (int s = 0; s < S_COUNT; s++) m->bid[l * S_COUNT + s] = -1;
+        add_block_tensor(m, l, S_LN1W, 1, (int64_t[]){C}, 0, 0, INIT_ONE);
+        add_block_tensor(m, l, S_LN1B, 1, (int64_t[]){C}, 0, 0, INIT_ZERO);
+        add_block_tensor(m, l, S_QKVW, 2, (int64_t[]){3 * C, C}, 0, 1, INIT_NORMAL);
+        add_block_tensor(m, l, S_QKVB, 1, (int64_t[]){3 * C}, 0, 0, INIT_ZERO);
+        add_block_tensor(m, l, S_PROJW, 2, (int64_t[]){C, C}, 0, 1, INIT_RESID);
+        add_block_tensor(m, l, S_PROJB, 1, (int64_t[]){C}, 0, 0, INIT_ZERO);
+        add_block_tensor(m, l, S_LN2W, 1, (int64_t[]){C}, 0, 0, INIT_ONE);
+        add_block_tensor(m, l, S_LN2B, 1, (int64_t[]){C}, 0, 0, INIT_ZERO);
+        if (m->moe_index[l] >= 0) {
+            add_block_tensor(m, l, S_RW, 2, (int64_t[]){E, C}, 0, 1, INIT_NORMAL);
+            if (m->cfg.router_noise)
+                add_block_tensor(m, l, S_NW, 2, (int64_t[]){E, C}, 0, 1, INIT_NORMAL);
+            add_block_tensor(m, l, S_W1, 3, (int64_t[]){E, F1, C}, 1, 1, INIT_NORMAL);
+            add_block_tensor(m, l, S_B1, 2, (int64_t[]){E, F1}, 1, 0, INIT_ZERO);
+            add_block_tensor(m, l, S_W2, 3, (int64_t[]){E, C, F}, 1, 1, INIT_RESID);
+            add_block_tensor(m, l, S_B2, 2, (int64_t[]){E, C}, 1, 0, INIT_ZERO);
+        } else {
+            add_block_tensor(m, l, S_FCW, 2, (int64_t[]){F1, C}, 0, 1, INIT_NORMAL);
+            add_block_tensor(m, l, S_FCB, 1, (int64_t[]){F1}, 0, 0, INIT_ZERO);
+            add_block_tensor(m, l, S_FCPW, 2, (int64_t[]){C, F}, 0, 1, INIT_RESID);
+            add_block_tensor(m, l, S_FCPB, 1, (int64_t[]){C}, 0, 0, INIT_ZERO);
+        }
+    }
+    m->gid[G_LNFW] = add_tensor(m, "ln_f/weight", 1, (int64_t[]){C}, 0, -1, 0, INIT_ONE);
+    m->gid[G_LNFB] = add_tensor(m, "ln_f/bias", 1, (int64_t[]){C}, 0, -1, 0, INIT_ZERO);
+    /* offsets: every replicated tensor first, then every expert tensor */
+    size_t off = 0;
+    for (int pass = 0; pass < 2; pass++) {
+        for (int i = 0; i < m->table.n; i++) {
+            moe_tensor *t = &m->table.t[i];
+            if (t->expert_sharded != pass) continue;
+            t->offset = off;
+            off += t->numel;
+        }
+        if (pass == 0) m->dense_floats = off;
+    }
+    m->table.total = off;
+}
+
+static void init_params(moe_model *m)
+{
+    const double std = 0.02, resid_std = 0.02 / sqrt(2.0 * m->L);
+    for (int i = 0; i < m->table.n; i++) {
+        const moe_tensor *t = &m->table.t[i];
+        float *p = m->params + t->offset;
+        const int64_t g0 = t->row0 * moe_tensor_row_numel(t); /* global index of local element 0 */
+        for (size_t j = 0; j < t->numel; j++) {
+            const uint64_t g = (uint64_t)g0 + j;
+            switch (m->init[i]) {
+            case INIT_ZERO: p[j] = 0.0f; break;
+            case INIT_ONE: p[j] = 1.0f; break;
+            default:
+                p[j] = (float)((m->init[i] == INIT_RESID ? resid_std : std) *
+                               moe_rng_normal(m->cfg.seed, MOE_RNG_INIT, (uint32_t)g,
+                                              (uint32_t)(g >> 32), (uint32_t)i, 0));
+            }
+        }
+    }
+}
+
+static moe_status alloc_acts(moe_model *m)
+{
+    model_acts *a = &m->a;
+    const size_t N = (size_t)m->B_max * m->T_max, C = m->C, L = m->L, V = m->V;
+    const size_t Ld = (size_t)(m->L - m->n_moe), T = m->T_max;
+    const size_t att = (size_t)m->B_max * m->NH * T * T;
+    struct { float **p; size_t n; } lay[] = {
+        {&a->encoded, N * C},
+        {&a->ln1, L * N * C}, {&a->ln1_mean, L * N}, {&a->ln1_rstd, L * N},
+        {&a->qkv, L * N * 3 * C}, {&a->att, L * att}, {&a->atty, L * N * C}, {&a->res2, L * N * C},
+        {&a->ln2, L * N * C}, {&a->ln2_mean, L * N}, {&a->ln2_rstd, L * N},
+        {&a->fch, Ld * N * m->F1}, {&a->fch_act, Ld * N * m->F}, {&a->res3, L * N * C},
+        {&a->lnf, N * C}, {&a->lnf_mean, N}, {&a->lnf_rstd, N},
+        {&a->logits, N * V}, {&a->probs, N * V}, {&a->losses, N},
+        {&a->dres, N * C}, {&a->dln, N * C}, {&a->datty, N * C}, {&a->dqkv, N * 3 * C},
+        {&a->datt, T * T}, {&a->dfch, N * m->F1}, {&a->dfch_act, N * m->F}, {&a->dlogits, N * V},
+    };
+    const int n = (int)(sizeof lay / sizeof lay[0]);
+    size_t total = 0;
+    for (int i = 0; i < n; i++) total += lay[i].n;
+    m->act_mem = moe_calloc(total, sizeof(float));
+    if (!m->act_mem) return moe_errorf(MOE_ERR_NOMEM, "model activations: %zu floats", total);
+    float *p = m->act_mem;
+    for (int i = 0; i < n; i++) {
+        *lay[i].p = p;
+        p += lay[i].n;
+    }
+    return MOE_OK;
+}
+
+static moe_status check_config(const moe_train_config *c, int max_local_seqs)
+{
+    if (c->vocab_size != 256)
+        return moe_errorf(MOE_ERR_ARG, "vocab_size=%d: the model is byte-level (256)", c->vocab_size);
+    if (c->d_model < 1 || c->n_layers < 1 || c->n_heads < 1 || c->seq_len < 1 || c->d_ff < 1)
+        return moe_errorf(MOE_ERR_ARG, "d_model=%d n_layers=%d n_heads=%d seq_len=%d d_ff=%d must be >= 1",
+                          c->d_model, c->n_layers, c->n_heads, c->seq_len, c->d_ff);
+    if (c->d_model % c->n_heads)
+        return moe_errorf(MOE_ERR_ARG, "n_heads=%d does not divide d_model=%d", c->n_heads, c->d_model);
+    if (c->moe_every < 1) return moe_errorf(MOE_ERR_ARG, "moe_every=%d must be >= 1", c->moe_every);
+    if (c->n_experts < 1) return moe_errorf(MOE_ERR_ARG, "n_experts=%d must be >= 1", c->n_experts);
+    if (c->group_seqs < 1) return moe_errorf(MOE_ERR_ARG, "group_seqs=%d must be >= 1", c->group_seqs);
+    if (max_local_seqs < c->group_seqs)
+        return moe_errorf(MOE_ERR_ARG, "local sequences per step (%d) fewer than group_seqs=%d",
+                          max_local_seqs, c->group_seqs);
+    return MOE_OK;
+}
+
+/* Everything of the model but its MoE layers: sizes, tables, parameter,
+ * gradient and activation blocks, initial weights. Purely local. */
+static moe_status setup(moe_model *m, const moe_train_config *cfg, int max_local_seqs,
+                        moe_comm *comm)
+{
+    const int P = comm ? moe_comm_ep_size(comm) : 1;
+    m->cfg = *cfg;
+    m->comm = comm;
+    m->W = comm ? moe_comm_size(comm) : 1;
+    m->rank = comm ? moe_comm_rank(comm) : 0;
+    m->V = cfg->vocab_size;
+    m->C = cfg->d_model;
+    m->L = cfg->n_layers;
+    m->NH = cfg->n_heads;
+    m->T_max = cfg->seq_len;
+    m->B_max = max_local_seqs;
+    m->F = cfg->d_ff;
+    m->F1 = moe_f1(cfg->d_ff, cfg->activation);
+    m->E = cfg->n_experts;
+    m->El = m->E / P;
+    m->e0 = (comm ? moe_comm_ep_rank(comm) : 0) * m->El;
+
+    m->moe_index = moe_calloc((size_t)m->L, sizeof(int));
+    m->dense_index = moe_calloc((size_t)m->L, sizeof(int));
+    m->layers = moe_calloc((size_t)m->L, sizeof(moe_layer *));
+    m->bid = moe_calloc((size_t)m->L * S_COUNT, sizeof(int));
+    const int max_tensors = G_COUNT + m->L * S_COUNT;
+    m->table.t = moe_calloc((size_t)max_tensors, sizeof(moe_tensor));
+    m->init = moe_calloc((size_t)max_tensors, sizeof(int));
+    if (!m->moe_index || !m->dense_index || !m->layers || !m->bid || !m->table.t || !m->init)
+        return moe_errorf(MOE_ERR_NOMEM, "model tables");
+    for (int l = 0; l < m->L; l++) {
+        const int is_moe = l % cfg->moe_every == 0;
+        m->moe_index[l] = is_moe ? m->n_moe : -1;
+        m->dense_index[l] = is_moe ? -1 : l - m->n_moe;
+        m->n_moe += is_moe;
+    }
+    m->moe_blocks = moe_calloc((size_t)m->n_moe, sizeof(int));
+    m->part_i = moe_calloc(2 + 2 * (size_t)m->n_moe * m->E, sizeof(int64_t));
+    m->red_i = moe_calloc(2 + 2 * (size_t)m->n_moe * m->E, sizeof(int64_t));
+    m->inputs = moe_calloc((size_t)m->B_max * m->T_max, 1);
+    m->targets = moe_calloc((size_t)m->B_max * m->T_max, 1);
+    if (!m->moe_blocks || !m->part_i || !m->red_i || !m->inputs || !m->targets)
+        return moe_errorf(MOE_ERR_NOMEM, "model buffers");
+    for (int l = 0; l < m->L; l++)
+        if (m->moe_index[l] >= 0) m->moe_blocks[m->moe_index[l]] = l;
+
+    build_table(m);
+    m->params = moe_calloc(m->table.total, sizeof(float));
+    m->grads = moe_calloc(m->table.total, sizeof(float));
+    if (!m->params || !m->grads)
+        return moe_errorf(MOE_ERR_NOMEM, "model parameters: 2 x %zu floats", m->table.total);
+    init_params(m);
+    return alloc_acts(m);
+}
+
+moe_status moe_model_create(moe_model **out, const moe_train_config *cfg, int max_local_seqs,
+                            moe_comm *comm)
+{
+    *out = NULL;
+    /* argument errors are the same on every rank: no agreement needed */
+    moe_status st = check_config(cfg, max_local_seqs);
+    if (st) return st;
+    const int P = comm ? moe_comm_ep_size(comm) : 1;
+    if (cfg->n_experts % P)
+        return moe_errorf(MOE_ERR_ARG, "n_experts=%d not divisible by the expert-parallel size %d",
+                          cfg->n_experts, P);
+    moe_model *m = moe_calloc(1, sizeof *m);
+    st = m ? setup(m, cfg, max_local_seqs, comm) : moe_errorf(MOE_ERR_NOMEM, "model");
+    /* local failures must reach every rank before the collective layer creation */
+    if (comm) st = moe_comm_agree(comm, st);
+    if (st) goto fail;
+
+    moe_layer_config lc = {
+        .router = {.n_experts = m->E, .top_k = cfg->top_k, .d_model = m->C, .kind = cfg->router,
+                   .capacity_factor = cfg->capacity_factor, .normalize_topk = cfg->normalize_topk,
+                   .noise = cfg->router_noise},
+        .d_ff = m->F,
+        .act = cfg->activation,
+        .max_tokens = m->B_max * m->T_max,
+        .max_groups = m->B_max / cfg->group_seqs,
+        .a2a = (moe_a2a_kind)cfg->a2a,
+        .chunks = cfg->a2a_chunks < 1 ? 1 : cfg->a2a_chunks,
+    };
+    /* every rank creates every MoE layer in the same order (collective), and
+     * a failure on one rank is reported by the layer on all of them */
+    for (int i = 0; i < m->n_moe; i++)
+        if ((st = moe_layer_create(&m->layers[m->moe_blocks[i]], &lc, comm))) goto fail;
+    *out = m;
+    return MOE_OK;
+fail:
+    moe_model_destroy(m);
+    return st;
+}
+
+void moe_model_destroy(moe_model *m)
+{
+    if (!m) return;
+    if (m->layers)
+        for (int l = 0; l < m->L; l++) moe_layer_destroy(m->layers[l]);
+    moe_free(m->layers);
+    moe_free(m->moe_index);
+    moe_free(m->dense_index);
+    moe_free(m->moe_blocks);
+    moe_free(m->bid);
+    moe_free(m->table.t);
+    moe_free(m->init);
+    moe_free(m->params);
+    moe_free(m->grads);
+    moe_free(m->act_mem);
+    moe_free(m->part_i);
+    moe_free(m->red_i);
+    moe_free(m->inputs);
+    moe_free(m->targets);
+    moe_free(m);
+}
+
+const moe_tensor_table *moe_model_tensors(const moe_model *m) { return &m->table; }
+float *moe_model_params(moe_model *m) { return m->params; }
+float *moe_model_grads(moe_model *m) { return m->grads; }
+size_t moe_model_dense_floats(const moe_model *m) { return m->dense_floats; }
+moe_layer *moe_model_layer(moe_model *m, int l) { return l >= 0 && l < m->L ? m->layers[l] : NULL; }
+int moe_model_moe_index(const moe_model *m, int l) { return l >= 0 && l < m->L ? m->moe_index[l] : -1; }
+int moe_model_n_moe_layers(const moe_model *m) { return m->n_moe; }
+const moe_train_config *moe_model_config(const moe_model *m) { return &m->cfg; }
+const float *moe_model_logits(const moe_model *m) { return m->a.logits; }
+
+void moe_model_zero_grad(moe_model *m) { memset(m->grads, 0, m->table.total * sizeof(float)); }
+
+/* Per-block activation pointers for the current B, T (stride: N_max rows). */
+typedef struct {
+    float *in;                        /* (N, C) block input */
+    float *ln1, *ln1_mean, *ln1_rstd, *qkv, *att, *atty, *res2;
+    float *ln2, *ln2_mean, *ln2_rstd, *fch, *fch_act, *res3;
+} block_acts;
+
+static block_acts block_view(const moe_model *m, int l)
+{
+    const model_acts *a = &m->a;
+    const size_t Nm = (size_t)m->B_max * m->T_max, C = m->C;
+    const size_t att = (size_t)m->B_max * m->NH * m->T_max * m->T_max;
+    const int di = m->dense_index[l];
+    block_acts b = {
+        .in = l == 0 ? a->encoded : a->res3 + (size_t)(l - 1) * Nm * C,
+        .ln1 = a->ln1 + l * Nm * C, .ln1_mean = a->ln1_mean + l * Nm, .ln1_rstd = a->ln1_rstd + l * Nm,
+        .qkv = a->qkv + l * Nm * 3 * C, .att = a->att + l * att, .atty = a->atty + l * Nm * C,
+        .res2 = a->res2 + l * Nm * C,
+        .ln2 = a->ln2 + l * Nm * C, .ln2_mean = a->ln2_mean + l * Nm, .ln2_rstd = a->ln2_rstd + l * Nm,
+        .fch = di < 0 ? NULL : a->fch + di * Nm * m->F1,
+        .fch_act = di < 0 ? NULL : a->fch_act + di * Nm * m->F,
+        .res3 = a->res3 + l * Nm * C,
+    };
+    return b;
+}
+
+/* Adds this rank's routing statistics of the last forward of MoE layer i. */
+static void add_route_stats(moe_model *m, int i, int G)
+{
+    const moe_route *r = moe_layer_route(m->layers[m->moe_blocks[i]]);
+    const int E = m->E;
+    int64_t *kept = m->part_i + 2 + (size_t)i * E, *dropped = kept + (size_t)m->n_moe * E;
+    for (int g = 0; g < G; g++) {
+        m->part_d[1] += r->load_balance[g];
+        m->part_d[2] += r->z_loss[g];
+        for (int e = 0; e < E; e++) {
+            kept[e] += r->n_kept[(size_t)g * E + e];
+            dropped[e] += r->n_dropped[(size_t)g * E + e];
+        }
+    }
+}
+
+moe_status moe_model_forward(moe_model *m, const uint8_t *inputs, const uint8_t *targets, int B,
+                             int T, int train, uint32_t step)
+{
+    m->have_forward = 0;
+    if (B < 1 || B > m->B_max || T < 1 || T > m->T_max)
+        return moe_errorf(MOE_ERR_ARG, "forward: B=%d T=%d outside 1..%d, 1..%d", B, T, m->B_max, m->T_max);
+    if (B % m->cfg.group_seqs)
+        return moe_errorf(MOE_ERR_ARG, "forward: B=%d not a multiple of group_seqs=%d", B,
+                          m->cfg.group_seqs);
+    const int N = B * T, C = m->C, G = B / m->cfg.group_seqs;
+    const float eps = (float)m->cfg.ln_eps;
+    model_acts *a = &m->a;
+    memcpy(m->inputs, inputs, (size_t)N);
+    if (targets) memcpy(m->targets, targets, (size_t)N);
+    memset(m->part_d, 0, sizeof m->part_d);
+    memset(m->part_i, 0, (2 + 2 * (size_t)m->n_moe * m->E) * sizeof(int64_t));
+
+    moe_model_encoder_forward(a->encoded, inputs, tensor_ptr(m, m->params, m->gid[G_WTE]),
+                              tensor_ptr(m, m->params, m->gid[G_WPE]), B, T, C);
+    for (int l = 0; l < m->L; l++) {
+        const block_acts b = block_view(m, l);
+#define PW(slot) block_ptr(m, m->params, l, slot)
+        moe_model_layernorm_forward(b.ln1, b.ln1_mean, b.ln1_rstd, b.in, PW(S_LN1W), PW(S_LN1B), N, C, eps);
+        moe_model_matmul_forward(b.qkv, b.ln1, PW(S_QKVW), PW(S_QKVB), N, C, 3 * C);
+        moe_model_attention_forward(b.atty, b.att, b.qkv, B, T, C, m->NH);
+        moe_model_matmul_forward(b.res2, b.atty, PW(S_PROJW), PW(S_PROJB), N, C, C);
+        moe_model_residual_forward(b.res2, b.res2, b.in, (long)N * C);
+        moe_model_layernorm_forward(b.ln2, b.ln2_mean, b.ln2_rstd, b.res2, PW(S_LN2W), PW(S_LN2B), N, C, eps);
+        if (m->layers[l]) {
+            const moe_layer_params p = moe_view(m, m->params, l);
+            const moe_noise_key key = {.seed = m->cfg.seed, .step = step, .layer = (uint32_t)l,
+                                       .token0 = (int64_t)m->rank * N};
+            const moe_status st = moe_layer_forward(m->layers[l], b.res3, b.ln2, &p, N, G,
+                                                    train && m->cfg.router_noise ? &key : NULL);
+            if (st) return st;
+            add_route_stats(m, m->moe_index[l], G);
+        } else {
+            moe_model_matmul_forward(b.fch, b.ln2, PW(S_FCW), PW(S_FCB), N, C, m->F1);
+            moe_act_forward(b.fch_act, b.fch, N, m->F, m->cfg.activation);
+            moe_model_matmul_forward(b.res3, b.fch_act, PW(S_FCPW), PW(S_FCPB), N, m->F, C);
+        }
+        moe_model_residual_forward(b.res3, b.res3, b.res2, (long)N * C);
+#undef PW
+    }
+    const float *x = block_view(m, m->L - 1).res3;
+    moe_model_layernorm_forward(a->lnf, a->lnf_mean, a->lnf_rstd, x,
+                                tensor_ptr(m, m->params, m->gid[G_LNFW]),
+                                tensor_ptr(m, m->params, m->gid[G_LNFB]), N, C, eps);
+    moe_model_matmul_forward(a->logits, a->lnf, tensor_ptr(m, m->params, m->gid[G_WTE]), NULL, N, C, m->V);
+    if (targets) {
+        moe_model_crossentropy_forward(a->losses, a->probs, a->logits, targets, N, m->V);
+        double s = 0.0;
+        for (int i = 0; i < N; i++) s += a->losses[i];
+        m->part_d[0] = s;
+        m->part_i[0] = N;
+    }
+    m->part_i[1] = (int64_t)G * m->n_moe;
+    m->B = B;
+    m->T = T;
+    m->train = train;
+    m->have_targets = targets != NULL;
+    m->have_forward = 1;
+    return MOE_OK;
+}
+
+moe_status moe_model_backward(moe_model *m)
+{
+    if (!m->have_forward || !m->train || !m->have_targets)
+        return moe_errorf(MOE_ERR_ARG, "backward needs a preceding training forward with targets");
+    const int B = m->B, T = m->T, N = B * T, C = m->C, V = m->V, F = m->F, F1 = m->F1;
+    model_acts *a = &m->a;
+    /* objective = mean CE over all W*N global tokens + coef * mean over the
+     * W*G global groups and n_moe layers of each aux loss */
+    const double global_tokens = (double)m->W * N;
+    const double aux_terms = (double)m->W * (B / m->cfg.group_seqs) * (m->n_moe ? m->n_moe : 1);
+    const float lb_scale = (float)(m->cfg.aux_loss_coef / aux_terms);
+    const float z_scale = (float)(m->cfg.z_loss_coef / aux_terms);
+    float *wte = tensor_ptr(m, m->params, m->gid[G_WTE]);
+
+    memset(a->dlogits, 0, (size_t)N * V * sizeof(float));
+    moe_model_crossentropy_backward(a->dlogits, a->probs, m->targets, (float)(1.0 / global_tokens), N, V);
+    memset(a->dln, 0, (size_t)N * C * sizeof(float));
+    moe_model_matmul_backward(a->dln, tensor_ptr(m, m->grads, m->gid[G_WTE]), NULL, a->dlogits,
+                              a->lnf, wte, N, C, V);
+    memset(a->dres, 0, (size_t)N * C * sizeof(float));
+    moe_model_layernorm_backward(a->dres, tensor_ptr(m, m->grads, m->gid[G_LNFW]),
+                                 tensor_ptr(m, m->grads, m->gid[G_LNFB]), a->dln,
+                                 block_view(m, m->L - 1).res3, tensor_ptr(m, m->params, m->gid[G_LNFW]),
+                                 a->lnf_mean, a->lnf_rstd, N, C);
+    /* a->dres now holds dL/d(residual stream) after block l; the residual
+     * branches accumulate into it in place */
+    for (int l = m->L - 1; l >= 0; l--) {
+        const block_acts b = block_view(m, l);
+#define PW(slot) block_ptr(m, m->params, l, slot)
+#define GW(slot) block_ptr(m, m->grads, l, slot)
+        memset(a->dln, 0, (size_t)N * C * sizeof(float));
+        if (m->layers[l]) {
+            const moe_layer_params p = moe_view(m, m->params, l);
+            moe_layer_params g = moe_view(m, m->grads, l);
+            const moe_status st = moe_layer_backward(m->layers[l], a->dln, &g, a->dres, b.ln2, &p,
+                                                     lb_scale, z_scale);
+            if (st) return st;
+        } else {
+            memset(a->dfch_act, 0, (size_t)N * F * sizeof(float));
+            moe_model_matmul_backward(a->dfch_act, GW(S_FCPW), GW(S_FCPB), a->dres, b.fch_act,
+                                      PW(S_FCPW), N, F, C);
+            moe_act_backward(a->dfch, a->dfch_act, b.fch, N, F, m->cfg.activation);
+            moe_model_matmul_backward(a->dln, GW(S_FCW), GW(S_FCB), a->dfch, b.ln2, PW(S_FCW), N, C, F1);
+        }
+        moe_model_layernorm_backward(a->dres, GW(S_LN2W), GW(S_LN2B), a->dln, b.res2, PW(S_LN2W),
+                                     b.ln2_mean, b.ln2_rstd, N, C);
+        memset(a->datty, 0, (size_t)N * C * sizeof(float));
+        moe_model_matmul_backward(a->datty, GW(S_PROJW), GW(S_PROJB), a->dres, b.atty, PW(S_PROJW), N, C, C);
+        memset(a->dqkv, 0, (size_t)N * 3 * C * sizeof(float));
+        moe_model_attention_backward(a->dqkv, a->datt, a->datty, b.qkv, b.att, B, T, C, m->NH);
+        memset(a->dln, 0, (size_t)N * C * sizeof(float));
+        moe_model_matmul_backward(a->dln, GW(S_QKVW), GW(S_QKVB), a->dqkv, b.ln1, PW(S_QKVW), N, C, 3 * C);
+        moe_model_layernorm_backward(a->dres, GW(S_LN1W), GW(S_LN1B), a->dln, b.in, PW(S_LN1W),
+                                     b.ln1_mean, b.ln1_rstd, N, C);
+#undef PW
+#undef GW
+    }
+    moe_model_encoder_backward(tensor_ptr(m, m->grads, m->gid[G_WTE]),
+                               tensor_ptr(m, m->grads, m->gid[G_WPE]), a->dres, m->inputs, B, T, C);
+    return MOE_OK;
+}
+
+moe_status moe_model_reduce_stats(moe_model *m, moe_model_stats *st)
+{
+    const size_t ni = 2 + 2 * (size_t)m->n_moe * m->E;
+    moe_status s = m->have_forward ? MOE_OK : moe_errorf(MOE_ERR_ARG, "reduce_stats: the last forward failed or none ran");
+    /* a forward may have failed in another ep group only: agree first */
+    if (m->comm && m->W > 1) s = moe_comm_agree(m->comm, s);
+    if (s) return s;
+    double d[3];
+    memcpy(d, m->part_d, sizeof d);
+    memcpy(m->red_i, m->part_i, ni * sizeof(int64_t));
+    if (m->comm && m->W > 1) {
+        s = moe_comm_allreduce_f64(m->comm, MOE_SCOPE_WORLD, d, 3);
+        if (!s) s = moe_comm_allreduce_i64(m->comm, MOE_SCOPE_WORLD, m->red_i, ni);
+        if (s) return s;
+    }
+    memset(st, 0, sizeof *st);
+    st->ce_sum = d[0];
+    st->lb_sum = d[1];
+    st->z_sum = d[2];
+    st->tokens = m->red_i[0];
+    st->aux_terms = m->red_i[1];
+    st->ce = st->tokens ? st->ce_sum / (double)st->tokens : 0.0;
+    st->loss = st->ce;
+    if (st->aux_terms)
+        st->loss += (m->cfg.aux_loss_coef * st->lb_sum + m->cfg.z_loss_coef * st->z_sum) /
+                    (double)st->aux_terms;
+    st->n_moe_layers = m->n_moe;
+    st->n_experts = m->E;
+    st->moe_blocks = m->moe_blocks;
+    st->kept = m->red_i + 2;
+    st->dropped = m->red_i + 2 + (size_t)m->n_moe * m->E;
+    return MOE_OK;
+}

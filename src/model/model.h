@@ -1,0 +1,109 @@
+/* The byte-level GPT-2 style decoder with MoE feed-forward blocks
+ * (checkpoint.md): wte + wpe, n_layers pre-norm blocks
+ * x += attn(ln_1(x)); x += ffn(ln_2(x)), where every moe_every-th block
+ * (from block 0) has an MoE FFN (src/layer, expert-parallel over comm's ep
+ * group) and the others a dense FFN, then ln_f and logits = ln_f(x) wte^T.
+ *
+ * Parameters and gradients each live in ONE contiguous block described by a
+ * moe_tensor_table whose names are the checkpoint's /model paths. All
+ * replicated (dense) tensors come first in the block, then all expert-sharded
+ * tensors, so the dense gradients are one contiguous range.
+ *
+ * Data parallelism: world rank r holds global sequences [r*B, (r+1)*B) of
+ * every batch (B local sequences, the same B on every rank), so the global
+ * token index of its first token is r*B*T. Routing groups are group_seqs
+ * consecutive local sequences; no result depends on the number of ranks. */
+#ifndef MOE_MODEL_H
+#define MOE_MODEL_H
+
+#include <stdint.h>
+
+#include "comm/comm.h"
+#include "config/config.h"
+#include "core/tensor.h"
+#include "layer/layer.h"
+
+typedef struct moe_model moe_model;
+
+/* Statistics of the last forward, reduced over all ranks by
+ * moe_model_reduce_stats. Arrays are owned by the model and valid until its
+ * next forward. */
+typedef struct {
+    double ce_sum;          /* sum of the cross-entropy over all global tokens */
+    int64_t tokens;         /* global tokens with a target */
+    double ce;              /* ce_sum / tokens (nats per byte) */
+    double lb_sum, z_sum;   /* sums of L_bal and L_z over global groups x MoE layers */
+    int64_t aux_terms;      /* global groups x MoE layers: divisor of the aux means */
+    double loss;            /* ce + aux_loss_coef * mean L_bal + z_loss_coef * mean L_z */
+    int n_moe_layers, n_experts;
+    const int *moe_blocks;  /* (n_moe_layers) block index of each MoE layer */
+    const int64_t *kept;    /* (n_moe_layers, E) kept assignments per expert, global */
+    const int64_t *dropped; /* (n_moe_layers, E) dropped assignments per expert, global */
+} moe_model_stats;
+
+/* Builds the model for at most max_local_seqs sequences of cfg->seq_len per
+ * call on this rank, and initialises the parameters (GPT-2: normal(0, 0.02),
+ * residual projections (attn/c_proj, mlp/c_proj, experts/w2) scaled by
+ * 1/sqrt(2 n_layers), biases 0, LN weights 1), each element drawn with
+ * moe_rng_normal(seed, MOE_RNG_INIT, g lo, g hi, tensor id, 0) where g is its
+ * GLOBAL element index in the tensor and the tensor id its table index, so
+ * the weights do not depend on the number of ranks. Gradients start at 0.
+ * comm == NULL: single process, all experts local. Collective over world
+ * (agrees on local failures, creates the MoE layers); every rank returns
+ * non-OK if any fails. Fails with MOE_ERR_ARG naming the
+ * field (bad sizes, E % ep_size, max_local_seqs % group_seqs),
+ * MOE_ERR_NOMEM. Owner: caller (moe_model_destroy). */
+moe_status moe_model_create(moe_model **out, const moe_train_config *cfg, int max_local_seqs,
+                            moe_comm *comm);
+void moe_model_destroy(moe_model *m);
+
+/* The parameter table (names, shapes, local offsets) and the two blocks
+ * (table->total floats each). Owned by the model. */
+const moe_tensor_table *moe_model_tensors(const moe_model *m);
+float *moe_model_params(moe_model *m);
+float *moe_model_grads(moe_model *m);
+/* Floats of the leading dense (replicated) range of the blocks; expert
+ * tensors occupy [dense_floats, total). */
+size_t moe_model_dense_floats(const moe_model *m);
+/* The MoE layer of block l, or NULL for a dense block. */
+moe_layer *moe_model_layer(moe_model *m, int l);
+/* Index of block l among the MoE blocks (0 .. n_moe_layers-1), -1 if dense. */
+int moe_model_moe_index(const moe_model *m, int l);
+int moe_model_n_moe_layers(const moe_model *m);
+const moe_train_config *moe_model_config(const moe_model *m);
+
+/* Sets every gradient to 0. Not collective. */
+void moe_model_zero_grad(moe_model *m);
+
+/* Forward over B local sequences of T <= seq_len tokens. inputs (B, T) bytes;
+ * targets (B, T) or NULL (no loss: generation). train = 1 keeps what the
+ * backward needs and draws router noise (if configured) keyed by step;
+ * train = 0 is pure evaluation (no noise, no backward allowed).
+ * B % group_seqs == 0, B <= max_local_seqs. Computes this rank's partial
+ * stats (see moe_model_reduce_stats). Collective over the ep group (MoE
+ * layers). Fails with MOE_ERR_ARG on bad sizes; MoE layer failures
+ * (MOE_ERR_NONFINITE, MOE_ERR_NOMEM, MOE_ERR_REMOTE) reach every rank of
+ * the ep group. */
+moe_status moe_model_forward(moe_model *m, const uint8_t *inputs, const uint8_t *targets, int B,
+                             int T, int train, uint32_t step);
+
+/* Backward of the last (train, with targets) forward; ACCUMULATES into the
+ * gradient block the gradient of the global objective
+ *   mean CE over all global tokens + aux_loss_coef * mean L_bal
+ *   + z_loss_coef * mean L_z   (means over global groups x MoE layers),
+ * i.e. this rank's share of it: reducing over ranks is the caller's job
+ * (dense grads over WORLD, expert grads over REPLICA; src/train does it).
+ * Collective over the ep group. MOE_ERR_ARG if the last forward was not a
+ * training forward with targets. */
+moe_status moe_model_backward(moe_model *m);
+
+/* Reduces the last forward's partial stats over all ranks into *st.
+ * Collective over world (comm == NULL: local). If the last forward failed
+ * (or none ran) on any rank, every rank returns non-OK (MOE_ERR_ARG there,
+ * MOE_ERR_REMOTE elsewhere), so evaluation loops cannot hang. */
+moe_status moe_model_reduce_stats(moe_model *m, moe_model_stats *st);
+
+/* Logits of the last forward: (B, T, vocab_size), this rank's sequences. */
+const float *moe_model_logits(const moe_model *m);
+
+#endif

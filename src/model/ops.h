@@ -1,0 +1,70 @@
+/* The dense building blocks of the GPT-2 style model (llm.c train_gpt2.c
+ * style): token+position encoder, layernorm, matmul (cblas_sgemm), causal
+ * multi-head attention, residual add, fused softmax cross-entropy. Each is a
+ * `_forward` / `_backward` pair; a backward ACCUMULATES into every gradient
+ * it is given (inputs and parameters alike). The optimised matmul and
+ * attention have a naive `_ref` beside them that tests hold them to.
+ *
+ * Layout: N = B*T rows, row-major; linear weights are [out, in] (nn.Linear).
+ * None of these fail: sizes are the caller's contract. */
+#ifndef MOE_MODEL_OPS_H
+#define MOE_MODEL_OPS_H
+
+#include <stdint.h>
+
+/* out (B, T, C) = wte[inp] + wpe[t]. inp (B, T) bytes, wte (V, C), wpe (>= T, C). */
+void moe_model_encoder_forward(float *out, const uint8_t *inp, const float *wte, const float *wpe,
+                               int B, int T, int C);
+/* dwte (V, C), dwpe (T, C) += scattered dout (B, T, C). */
+void moe_model_encoder_backward(float *dwte, float *dwpe, const float *dout, const uint8_t *inp,
+                                int B, int T, int C);
+
+/* out (N, C) = (inp - mean) * rstd * weight + bias; saves mean, rstd (N). */
+void moe_model_layernorm_forward(float *out, float *mean, float *rstd, const float *inp,
+                                 const float *weight, const float *bias, int N, int C, float eps);
+/* dinp (N, C), dweight, dbias (C) += from dout (N, C). */
+void moe_model_layernorm_backward(float *dinp, float *dweight, float *dbias, const float *dout,
+                                  const float *inp, const float *weight, const float *mean,
+                                  const float *rstd, int N, int C);
+
+/* out (N, OC) = inp (N, C) weight^T + bias; weight (OC, C), bias (OC) or NULL. */
+void moe_model_matmul_forward(float *out, const float *inp, const float *weight, const float *bias,
+                              int N, int C, int OC);
+void moe_model_matmul_forward_ref(float *out, const float *inp, const float *weight,
+                                  const float *bias, int N, int C, int OC);
+/* dinp (N, C) += dout weight; dweight (OC, C) += dout^T inp; dbias (OC) += column
+ * sums of dout (dbias may be NULL). dout (N, OC). */
+void moe_model_matmul_backward(float *dinp, float *dweight, float *dbias, const float *dout,
+                               const float *inp, const float *weight, int N, int C, int OC);
+void moe_model_matmul_backward_ref(float *dinp, float *dweight, float *dbias, const float *dout,
+                                   const float *inp, const float *weight, int N, int C, int OC);
+
+/* Causal self-attention, NH heads of size C/NH, scale 1/sqrt(C/NH).
+ * out (B, T, C); att (B, NH, T, T) the softmax probabilities, saved for the
+ * backward (0 above the diagonal); inp (B, T, 3C) = q, k, v stacked. */
+void moe_model_attention_forward(float *out, float *att, const float *inp, int B, int T, int C,
+                                 int NH);
+void moe_model_attention_forward_ref(float *out, float *att, const float *inp, int B, int T, int C,
+                                     int NH);
+/* dinp (B, T, 3C) += from dout (B, T, C). scratch (T, T) is overwritten. */
+void moe_model_attention_backward(float *dinp, float *scratch, const float *dout, const float *inp,
+                                  const float *att, int B, int T, int C, int NH);
+void moe_model_attention_backward_ref(float *dinp, float *scratch, const float *dout,
+                                      const float *inp, const float *att, int B, int T, int C,
+                                      int NH);
+
+/* out (n) = a + b (out may alias a or b). Its backward is the identity into
+ * both inputs: the model keeps one residual-stream gradient buffer that
+ * both branches accumulate into, so no residual_backward is needed. */
+void moe_model_residual_forward(float *out, const float *a, const float *b, long n);
+
+/* Fused softmax cross-entropy over V classes: probs (N, V) = softmax(logits),
+ * losses (N) = logsumexp(logits) - logits[target]. targets (N). */
+void moe_model_crossentropy_forward(float *losses, float *probs, const float *logits,
+                                    const uint8_t *targets, int N, int V);
+/* dlogits (N, V) += (probs - onehot(target)) * dloss, the same dL/dloss for
+ * every row (the mean over tokens: 1 / tokens). */
+void moe_model_crossentropy_backward(float *dlogits, const float *probs, const uint8_t *targets,
+                                     float dloss, int N, int V);
+
+#endif

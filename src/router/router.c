@@ -1,0 +1,440 @@
+/* The router (docs/routing.md sections 1, 2, 3, 5, 6): gate logits with
+ * optional Shazeer noise, softmax, token-choice / expert-choice assignment
+ * with capacity per routing group, load-balance and z losses, and the
+ * backward into x, W_g and W_n. Purely local, no allocation after create. */
+#include "router/router.h"
+
+#include <cblas.h>
+#include <math.h>
+#include <string.h>
+
+#include "core/rng.h"
+
+/* The public record plus what only the router needs. pub comes first, so a
+ * moe_route * handed out is a pointer to this. */
+typedef struct {
+    moe_route pub;
+    moe_router_kind kind;
+    int d;
+    float *noise_buf;     /* (T_max, E) noise draws; pub.noise points here only after a noisy forward */
+    float *noise_pre_buf; /* (T_max, E) W_n x, likewise */
+    int *ec_idx;          /* (E, T_max) expert choice: tokens taken by each expert, best first */
+    uint64_t *ec_work;    /* (2 T_max) expert choice: moe_topk_cols_ws workspace */
+    float *dl;            /* (T_max, E) backward scratch: dL/dlogits */
+    float *dpre;          /* (T_max, E) backward scratch: dL/d(W_n x), with noise */
+} moe_route_impl;
+
+moe_status moe_router_config_check(const moe_router_config *cfg)
+{
+    if (!cfg) return moe_errorf(MOE_ERR_ARG, "router: config is NULL");
+    if (cfg->n_experts < 1) return moe_errorf(MOE_ERR_ARG, "router: n_experts=%d must be >= 1", cfg->n_experts);
+    if (cfg->d_model < 1) return moe_errorf(MOE_ERR_ARG, "router: d_model=%d must be >= 1", cfg->d_model);
+    if (!isfinite(cfg->capacity_factor))
+        return moe_errorf(MOE_ERR_ARG, "router: capacity_factor=%g is not finite", cfg->capacity_factor);
+    if (cfg->normalize_topk != 0 && cfg->normalize_topk != 1)
+        return moe_errorf(MOE_ERR_ARG, "router: normalize_topk=%d must be 0 or 1", cfg->normalize_topk);
+    if (cfg->noise != 0 && cfg->noise != 1)
+        return moe_errorf(MOE_ERR_ARG, "router: noise=%d must be 0 (none) or 1 (gaussian)", cfg->noise);
+    switch (cfg->kind) {
+    case MOE_ROUTER_TOKEN_CHOICE:
+        if (cfg->top_k < 1) return moe_errorf(MOE_ERR_ARG, "router: top_k=%d must be >= 1", cfg->top_k);
+        if (cfg->top_k > cfg->n_experts)
+            return moe_errorf(MOE_ERR_ARG, "router: top_k=%d exceeds n_experts=%d", cfg->top_k, cfg->n_experts);
+        return MOE_OK;
+    case MOE_ROUTER_EXPERT_CHOICE:
+        if (!(cfg->capacity_factor > 0))
+            return moe_errorf(MOE_ERR_ARG,
+                              "router: capacity_factor=%g must be > 0 for expert_choice "
+                              "(it is the average number of experts per token)",
+                              cfg->capacity_factor);
+        return MOE_OK;
+    }
+    return moe_errorf(MOE_ERR_ARG, "router: unknown router kind %d", (int)cfg->kind);
+}
+
+/* T >= 1 and a checked config. Absurd factors saturate at INT32_MAX rather
+ * than overflow the conversion (any C >= T means no drops anyway). */
+int64_t moe_router_capacity(const moe_router_config *cfg, int T)
+{
+    const double E = cfg->n_experts;
+    double x;
+    if (cfg->kind == MOE_ROUTER_EXPERT_CHOICE) {
+        x = (double)T * cfg->capacity_factor / E;
+    } else {
+        if (cfg->capacity_factor <= 0) return -1;
+        x = (double)cfg->top_k * (double)T * cfg->capacity_factor / E;
+    }
+    int64_t c = x >= (double)INT32_MAX ? INT32_MAX : moe_ceil_tol(x);
+    if (cfg->kind == MOE_ROUTER_EXPERT_CHOICE && c > T) c = T;
+    return c;
+}
+
+void moe_route_destroy(moe_route *r)
+{
+    if (!r) return;
+    moe_route_impl *m = (moe_route_impl *)r;
+    moe_free(r->logits);
+    moe_free(r->probs);
+    moe_free(r->weight);
+    moe_free(r->selected);
+    moe_free(r->kept);
+    moe_free(r->topk);
+    moe_free(r->topk_sum);
+    moe_free(r->lse);
+    moe_free(r->n_selected);
+    moe_free(r->n_kept);
+    moe_free(r->n_dropped);
+    moe_free(r->load_balance);
+    moe_free(r->z_loss);
+    moe_free(m->noise_buf);
+    moe_free(m->noise_pre_buf);
+    moe_free(m->ec_idx);
+    moe_free(m->ec_work);
+    moe_free(m->dl);
+    moe_free(m->dpre);
+    moe_free(m);
+}
+
+moe_status moe_route_create(moe_route **out, const moe_router_config *cfg, int T_max, int G_max)
+{
+    if (!out) return moe_errorf(MOE_ERR_ARG, "router: out is NULL");
+    *out = NULL;
+    moe_status st = moe_router_config_check(cfg);
+    if (st != MOE_OK) return st;
+    if (T_max < 1) return moe_errorf(MOE_ERR_ARG, "router: T_max=%d must be >= 1", T_max);
+    if (G_max < 1) return moe_errorf(MOE_ERR_ARG, "router: G_max=%d must be >= 1", G_max);
+    moe_route_impl *m = moe_calloc(1, sizeof *m);
+    if (!m) return moe_errorf(MOE_ERR_NOMEM, "router: cannot allocate the route");
+    moe_route *r = &m->pub;
+    const size_t E = (size_t)cfg->n_experts, T = (size_t)T_max, G = (size_t)G_max;
+    const int k = cfg->kind == MOE_ROUTER_TOKEN_CHOICE ? cfg->top_k : 0;
+    r->E = cfg->n_experts;
+    r->k = k;
+    r->T_max = T_max;
+    r->G_max = G_max;
+    m->kind = cfg->kind;
+    m->d = cfg->d_model;
+    r->logits = moe_calloc(T * E, sizeof(float));
+    r->probs = moe_calloc(T * E, sizeof(float));
+    r->weight = moe_calloc(T * E, sizeof(float));
+    r->selected = moe_calloc(T * E, sizeof(uint8_t));
+    r->kept = moe_calloc(T * E, sizeof(uint8_t));
+    r->topk = moe_calloc(T * (size_t)k, sizeof(int));
+    r->topk_sum = moe_calloc(T, sizeof(float));
+    r->lse = moe_calloc(T, sizeof(float));
+    r->n_selected = moe_calloc(G * E, sizeof(int));
+    r->n_kept = moe_calloc(G * E, sizeof(int));
+    r->n_dropped = moe_calloc(G * E, sizeof(int));
+    r->load_balance = moe_calloc(G, sizeof(float));
+    r->z_loss = moe_calloc(G, sizeof(float));
+    const int ec = cfg->kind == MOE_ROUTER_EXPERT_CHOICE;
+    m->ec_idx = moe_calloc(ec ? E * T : 0, sizeof(int));
+    m->ec_work = moe_calloc(ec ? 2 * T : 0, sizeof(uint64_t));
+    m->dl = moe_calloc(T * E, sizeof(float));
+    int ok = r->logits && r->probs && r->weight && r->selected && r->kept && r->topk && r->topk_sum &&
+             r->lse && r->n_selected && r->n_kept && r->n_dropped && r->load_balance && r->z_loss &&
+             m->ec_idx && m->ec_work && m->dl;
+    if (cfg->noise) {
+        m->noise_buf = moe_calloc(T * E, sizeof(float));
+        m->noise_pre_buf = moe_calloc(T * E, sizeof(float));
+        m->dpre = moe_calloc(T * E, sizeof(float));
+        ok = ok && m->noise_buf && m->noise_pre_buf && m->dpre;
+    }
+    if (!ok) {
+        moe_route_destroy(r);
+        return moe_errorf(MOE_ERR_NOMEM, "router: cannot allocate a route for T_max=%d, E=%d", T_max, r->E);
+    }
+    *out = r;
+    return MOE_OK;
+}
+
+/* The forward's and backward's cfg must describe the route's shape. */
+static moe_status route_matches(const moe_route_impl *m, const moe_router_config *cfg)
+{
+    moe_status st = moe_router_config_check(cfg);
+    if (st != MOE_OK) return st;
+    if (cfg->kind != m->kind)
+        return moe_errorf(MOE_ERR_ARG, "router: kind %s differs from the route's %s",
+                          moe_router_kind_str(cfg->kind), moe_router_kind_str(m->kind));
+    if (cfg->n_experts != m->pub.E || cfg->d_model != m->d)
+        return moe_errorf(MOE_ERR_ARG, "router: n_experts=%d, d_model=%d differ from the route's %d, %d",
+                          cfg->n_experts, cfg->d_model, m->pub.E, m->d);
+    if (cfg->kind == MOE_ROUTER_TOKEN_CHOICE && cfg->top_k != m->pub.k)
+        return moe_errorf(MOE_ERR_ARG, "router: top_k=%d differs from the route's %d", cfg->top_k, m->pub.k);
+    return MOE_OK;
+}
+
+/* Finite check on the bit pattern (exponent all ones): an integer OR
+ * reduction vectorizes, unlike moe_all_finite's float-add chain, and this
+ * runs on every forward. */
+static int router_all_finite(const float *a, size_t n)
+{
+    uint32_t bad = 0;
+    for (size_t i = 0; i < n; i++) {
+        uint32_t u;
+        memcpy(&u, a + i, sizeof u);
+        bad |= (u & 0x7f800000u) == 0x7f800000u;
+    }
+    return !bad;
+}
+
+static inline float softplusf(float z) { return z > 0 ? z + log1pf(expf(-z)) : log1pf(expf(z)); }
+static inline float sigmoidf(float z) { return 1.0f / (1.0f + expf(-z)); }
+
+/* Token choice for one group of Tg tokens starting at t0 (routing.md 2):
+ * choice rank outer, token inner, so all first choices are served first. */
+static void assign_token_choice(moe_route *r, const moe_router_config *cfg, int t0, int Tg, int g)
+{
+    const int E = r->E, k = r->k;
+    const int64_t C = moe_router_capacity(cfg, Tg);
+    const int normalize = cfg->normalize_topk && k > 1;
+    int *ns = r->n_selected + (size_t)g * E, *nk = r->n_kept + (size_t)g * E, *nd = r->n_dropped + (size_t)g * E;
+    for (int t = t0; t < t0 + Tg; t++) {
+        float s = 0.0f;
+        for (int c = 0; c < k; c++) s += r->probs[(size_t)t * E + r->topk[(size_t)t * k + c]];
+        r->topk_sum[t] = s;
+    }
+    for (int c = 0; c < k; c++) {
+        for (int t = t0; t < t0 + Tg; t++) {
+            const int e = r->topk[(size_t)t * k + c];
+            const size_t te = (size_t)t * E + e;
+            r->selected[te] = 1;
+            ns[e]++;
+            if (C < 0 || nk[e] < C) {
+                r->kept[te] = 1;
+                r->weight[te] = normalize ? r->probs[te] / r->topk_sum[t] : r->probs[te];
+                nk[e]++;
+            } else {
+                nd[e]++;
+            }
+        }
+    }
+    /* L_bal = E sum_e f_e P_e = E / (Tg^2 k) * sum_t sum_e n_sel[e] p[t,e]. */
+    double acc = 0.0;
+    for (int t = t0; t < t0 + Tg; t++) {
+        float row = 0.0f; /* per-token partial sum: keeps the double chain T long, not T*E */
+        for (int e = 0; e < E; e++) row += (float)ns[e] * r->probs[(size_t)t * E + e];
+        acc += row;
+    }
+    r->load_balance[g] = (float)(acc * E / ((double)Tg * Tg * k));
+}
+
+/* Expert choice for one group (routing.md 3): each expert takes its top-C
+ * tokens of the group's (Tg, E) probability block. */
+static void assign_expert_choice(moe_route_impl *m, const moe_router_config *cfg, int t0, int Tg, int g)
+{
+    moe_route *r = &m->pub;
+    const int E = r->E;
+    const int C = (int)moe_router_capacity(cfg, Tg);
+    int *ns = r->n_selected + (size_t)g * E, *nk = r->n_kept + (size_t)g * E;
+    if (C > 0) moe_topk_cols_ws(m->ec_idx, r->probs + (size_t)t0 * E, Tg, E, C, m->ec_work);
+    for (int e = 0; e < E; e++) {
+        for (int c = 0; c < C; c++) {
+            const size_t te = (size_t)(t0 + m->ec_idx[(size_t)e * C + c]) * E + e;
+            r->selected[te] = r->kept[te] = 1;
+            r->weight[te] = r->probs[te];
+        }
+        ns[e] = nk[e] = C;
+    }
+    r->load_balance[g] = 0.0f;
+}
+
+moe_status moe_router_forward(moe_route *r, const float *x, const float *wg, const float *wn,
+                              const moe_router_config *cfg, int T, int G, const moe_noise_key *key)
+{
+    if (!r || !x || !wg) return moe_errorf(MOE_ERR_ARG, "router: forward needs a route, x and W_g");
+    moe_route_impl *m = (moe_route_impl *)r;
+    moe_status st = route_matches(m, cfg);
+    if (st != MOE_OK) return st;
+    if (T < 1) return moe_errorf(MOE_ERR_ARG, "router: T=%d tokens must be >= 1", T);
+    if (G < 1) return moe_errorf(MOE_ERR_ARG, "router: G=%d groups must be >= 1", G);
+    if (T % G != 0) return moe_errorf(MOE_ERR_ARG, "router: T=%d tokens do not split into G=%d equal groups", T, G);
+    if (T > r->T_max) return moe_errorf(MOE_ERR_ARG, "router: T=%d exceeds the route's T_max=%d", T, r->T_max);
+    if (G > r->G_max) return moe_errorf(MOE_ERR_ARG, "router: G=%d exceeds the route's G_max=%d", G, r->G_max);
+    const int noisy = cfg->noise && key != NULL;
+    if (noisy && !m->noise_buf)
+        return moe_errorf(MOE_ERR_ARG, "router: noise requested but the route was created without noise");
+    if (noisy && !wn) return moe_errorf(MOE_ERR_ARG, "router: noise requested but W_n is NULL");
+    const int E = r->E, d = m->d, Tg = T / G;
+    const size_t TE = (size_t)T * E;
+    r->T = T;
+    r->G = G;
+
+    /* l = x W_g^T for all T tokens at once. */
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, T, E, d, 1.0f, x, d, wg, d, 0.0f, r->logits, E);
+    r->noise = noisy ? m->noise_buf : NULL;
+    r->noise_pre = noisy ? m->noise_pre_buf : NULL;
+    if (noisy) {
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, T, E, d, 1.0f, x, d, wn, d, 0.0f, r->noise_pre, E);
+        for (int t = 0; t < T; t++) {
+            const uint32_t tok = (uint32_t)(key->token0 + t); /* global token: rank-count independent */
+            for (int e = 0; e < E; e++) {
+                const size_t i = (size_t)t * E + e;
+                r->noise[i] = (float)moe_rng_normal(key->seed, MOE_RNG_ROUTER_NOISE, tok, (uint32_t)e, key->layer,
+                                                    key->step);
+                r->logits[i] += r->noise[i] * softplusf(r->noise_pre[i]);
+            }
+        }
+    }
+    /* A NaN or Inf anywhere in x_t reaches l_t (NaN propagates; Inf times any
+     * weight, zero included, is Inf or NaN), so the (T, E) logits cover x at
+     * 1/d of the cost of scanning it; x is scanned only to name the culprit. */
+    if (!router_all_finite(r->logits, TE)) {
+        if (!moe_all_finite(x, (size_t)T * d))
+            return moe_errorf(MOE_ERR_NONFINITE, "router: the input x (%d x %d) holds NaN or Inf", T, d);
+        return moe_errorf(MOE_ERR_NONFINITE, "router: the gate logits hold NaN or Inf (weights too large?)");
+    }
+
+    /* Stable softmax and logsumexp per token. */
+    for (int t = 0; t < T; t++) {
+        const float *l = r->logits + (size_t)t * E;
+        float *p = r->probs + (size_t)t * E;
+        float mx = l[0];
+        for (int e = 1; e < E; e++) mx = l[e] > mx ? l[e] : mx;
+        float s = 0.0f;
+        for (int e = 0; e < E; e++) s += (p[e] = expf(l[e] - mx));
+        const float inv = 1.0f / s;
+        for (int e = 0; e < E; e++) p[e] *= inv;
+        r->lse[t] = mx + logf(s);
+    }
+
+    memset(r->weight, 0, TE * sizeof(float));
+    memset(r->selected, 0, TE);
+    memset(r->kept, 0, TE);
+    memset(r->n_selected, 0, (size_t)G * E * sizeof(int));
+    memset(r->n_kept, 0, (size_t)G * E * sizeof(int));
+    memset(r->n_dropped, 0, (size_t)G * E * sizeof(int));
+    if (m->kind == MOE_ROUTER_TOKEN_CHOICE) moe_topk_rows(r->topk, r->probs, T, E, r->k);
+    for (int g = 0; g < G; g++) {
+        if (m->kind == MOE_ROUTER_TOKEN_CHOICE)
+            assign_token_choice(r, cfg, g * Tg, Tg, g);
+        else
+            assign_expert_choice(m, cfg, g * Tg, Tg, g);
+        double z = 0.0;
+        for (int t = g * Tg; t < (g + 1) * Tg; t++) z += (double)r->lse[t] * r->lse[t];
+        r->z_loss[g] = (float)(z / Tg);
+    }
+    return MOE_OK;
+}
+
+moe_status moe_router_backward(float *dx, float *dwg, float *dwn, const float *dweight,
+                               const moe_route *r, const float *x, const float *wg, const float *wn,
+                               const moe_router_config *cfg, float lb_scale, float z_scale)
+{
+    if (!r || !dx || !dwg || !dweight || !x || !wg)
+        return moe_errorf(MOE_ERR_ARG, "router: backward needs the route, dx, dwg, dweight, x and W_g");
+    const moe_route_impl *m = (const moe_route_impl *)r;
+    moe_status st = route_matches(m, cfg);
+    if (st != MOE_OK) return st;
+    if (r->T < 1) return moe_errorf(MOE_ERR_ARG, "router: backward called before any forward");
+    if (r->noise && (!dwn || !wn))
+        return moe_errorf(MOE_ERR_ARG, "router: the forward used noise, so backward needs W_n and dwn");
+    const int E = r->E, k = r->k, d = m->d, T = r->T, G = r->G, Tg = T / G;
+    const int normalize = m->kind == MOE_ROUTER_TOKEN_CHOICE && cfg->normalize_topk && k > 1;
+    const float zc = 2.0f * z_scale / (float)Tg;
+    float *dl = m->dl;
+
+    for (int g = 0; g < G; g++) {
+        const int *ns = r->n_selected + (size_t)g * E;
+        /* d L_bal / d p[t,e] = E f_e / Tg with f_e = n_sel[e] / (Tg k) held fixed. */
+        const float lbc = m->kind == MOE_ROUTER_TOKEN_CHOICE ? lb_scale * (float)E / ((float)Tg * Tg * k) : 0.0f;
+        for (int t = g * Tg; t < (g + 1) * Tg; t++) {
+            const size_t row = (size_t)t * E;
+            const float *p = r->probs + row, *dw = dweight + row;
+            const uint8_t *kept = r->kept + row;
+            float *dp = dl + row; /* holds dL/dp, then becomes dL/dl in place */
+            for (int e = 0; e < E; e++) dp[e] = lbc * (float)ns[e];
+            if (m->kind == MOE_ROUTER_EXPERT_CHOICE) {
+                for (int e = 0; e < E; e++) dp[e] += kept[e] ? dw[e] : 0.0f;
+            } else if (!normalize) {
+                for (int c = 0; c < k; c++) {
+                    const int e = r->topk[(size_t)t * k + c];
+                    dp[e] += kept[e] ? dw[e] : 0.0f;
+                }
+            } else {
+                /* g_e = p_e / S over the k chosen (dropped ones included in S):
+                 * dL/dp_j = dg_j / S - sum_e dg_e p_e / S^2 for every chosen j. */
+                const float inv_s = 1.0f / r->topk_sum[t];
+                float a = 0.0f;
+                for (int c = 0; c < k; c++) {
+                    const int e = r->topk[(size_t)t * k + c];
+                    a += kept[e] ? dw[e] * p[e] : 0.0f;
+                }
+                a *= inv_s * inv_s;
+                for (int c = 0; c < k; c++) {
+                    const int e = r->topk[(size_t)t * k + c];
+                    dp[e] += (kept[e] ? dw[e] * inv_s : 0.0f) - a;
+                }
+            }
+            /* Softmax Jacobian, then the z-loss term d(lse^2)/dl = 2 lse p. */
+            float dot = 0.0f;
+            for (int e = 0; e < E; e++) dot += p[e] * dp[e];
+            const float zt = zc * r->lse[t];
+            for (int e = 0; e < E; e++) dp[e] = p[e] * (dp[e] - dot + zt);
+        }
+    }
+    cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, E, d, T, 1.0f, dl, E, x, d, 1.0f, dwg, d);
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, T, d, E, 1.0f, dl, E, wg, d, 1.0f, dx, d);
+    if (r->noise) {
+        /* l += n softplus(pre): dL/dpre = dL/dl * n * sigmoid(pre). */
+        const size_t TE = (size_t)T * E;
+        for (size_t i = 0; i < TE; i++) m->dpre[i] = dl[i] * r->noise[i] * sigmoidf(r->noise_pre[i]);
+        cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, E, d, T, 1.0f, m->dpre, E, x, d, 1.0f, dwn, d);
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, T, d, E, 1.0f, m->dpre, E, wn, d, 1.0f, dx, d);
+    }
+    return MOE_OK;
+}
+
+/* Rank of entry i among n strided entries under (value desc, index asc). */
+static int rank_of(const float *a, ptrdiff_t stride, int n, int i)
+{
+    int rank = 0;
+    for (int j = 0; j < n; j++) {
+        const float x = a[i * stride], y = a[j * stride];
+        rank += y > x || (y == x && j < i);
+    }
+    return rank;
+}
+
+/* Reference (one group): a literal transcription of routing.md 2 and 3,
+ * ranks recomputed from scratch for every assignment. */
+void moe_router_assign_ref(float *weight, uint8_t *selected, uint8_t *kept, int *n_selected,
+                           int *n_kept, int *n_dropped, const float *probs,
+                           const moe_router_config *cfg, int T)
+{
+    const int E = cfg->n_experts;
+    const int64_t C = moe_router_capacity(cfg, T);
+    for (size_t i = 0; i < (size_t)T * E; i++) weight[i] = 0.0f, selected[i] = kept[i] = 0;
+    for (int e = 0; e < E; e++) n_selected[e] = n_kept[e] = n_dropped[e] = 0;
+    if (cfg->kind == MOE_ROUTER_EXPERT_CHOICE) {
+        for (int e = 0; e < E; e++)
+            for (int t = 0; t < T; t++)
+                if (rank_of(probs + e, E, T, t) < C) {
+                    selected[t * E + e] = kept[t * E + e] = 1;
+                    weight[t * E + e] = probs[t * E + e];
+                    n_selected[e]++;
+                    n_kept[e]++;
+                }
+        return;
+    }
+    const int k = cfg->top_k;
+    for (int r = 0; r < k; r++) {
+        for (int t = 0; t < T; t++) {
+            const float *p = probs + (size_t)t * E;
+            for (int e = 0; e < E; e++) {
+                if (rank_of(p, 1, E, e) != r) continue;
+                double s = 0.0;
+                for (int j = 0; j < E; j++) s += rank_of(p, 1, E, j) < k ? p[j] : 0.0;
+                selected[t * E + e] = 1;
+                n_selected[e]++;
+                if (C < 0 || n_kept[e] < C) {
+                    kept[t * E + e] = 1;
+                    weight[t * E + e] = (float)(cfg->normalize_topk && k > 1 ? p[e] / s : p[e]);
+                    n_kept[e]++;
+                } else {
+                    n_dropped[e]++;
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,256 @@
+/* The training step (train.h): forward/backward, bucketed gradient
+ * reduction, clipping by the global norm, AdamW restricted to activated
+ * experts, learning-rate schedule. */
+#include "train/train.h"
+
+#include <math.h>
+#include <string.h>
+
+struct moe_trainer {
+    moe_train_config cfg;
+    moe_comm *comm;
+    int W, n_replicas, replica, B;
+    moe_model *model;
+    float *m, *v;              /* (table.total) AdamW moments */
+    int n_moe, El;
+    int64_t *expert_steps;     /* (n_moe, El) */
+    uint8_t *active;           /* (n_moe, El) activated in the current step */
+    int64_t updates;
+};
+
+moe_status moe_trainer_create(moe_trainer **out, const moe_train_config *cfg, moe_comm *comm)
+{
+    *out = NULL;
+    const int W = comm ? moe_comm_size(comm) : 1;
+    if (cfg->batch_size < 1 || cfg->batch_size % W)
+        return moe_errorf(MOE_ERR_ARG, "batch_size=%d must be a positive multiple of the world size %d",
+                          cfg->batch_size, W);
+    const int B = cfg->batch_size / W;
+    if (cfg->group_seqs < 1 || B % cfg->group_seqs)
+        return moe_errorf(MOE_ERR_ARG, "local sequences per step %d (batch_size/%d ranks) not a multiple of group_seqs=%d",
+                          B, W, cfg->group_seqs);
+    moe_trainer *tr = moe_calloc(1, sizeof *tr);
+    if (!tr) return moe_errorf(MOE_ERR_NOMEM, "trainer");
+    tr->cfg = *cfg;
+    tr->comm = comm;
+    tr->W = W;
+    tr->B = B;
+    tr->n_replicas = comm ? moe_comm_n_replicas(comm) : 1;
+    tr->replica = comm ? moe_comm_replica(comm) : 0;
+    moe_status st = moe_model_create(&tr->model, cfg, B, comm);
+    if (!st) {
+        const size_t total = moe_model_tensors(tr->model)->total;
+        tr->n_moe = moe_model_n_moe_layers(tr->model);
+        tr->El = cfg->n_experts / (comm ? moe_comm_ep_size(comm) : 1);
+        tr->m = moe_calloc(total, sizeof(float));
+        tr->v = moe_calloc(total, sizeof(float));
+        tr->expert_steps = moe_calloc((size_t)tr->n_moe * tr->El, sizeof(int64_t));
+        tr->active = moe_calloc((size_t)tr->n_moe * tr->El, 1);
+        if (!tr->m || !tr->v || !tr->expert_steps || !tr->active)
+            st = moe_errorf(MOE_ERR_NOMEM, "optimizer state: 2 x %zu floats", total);
+    }
+    /* model creation agrees inside the MoE layers; the allocations above are local */
+    if (comm) st = moe_comm_agree(comm, st);
+    if (st) {
+        moe_trainer_destroy(tr);
+        return st;
+    }
+    *out = tr;
+    return MOE_OK;
+}
+
+void moe_trainer_destroy(moe_trainer *tr)
+{
+    if (!tr) return;
+    moe_model_destroy(tr->model);
+    moe_free(tr->m);
+    moe_free(tr->v);
+    moe_free(tr->expert_steps);
+    moe_free(tr->active);
+    moe_free(tr);
+}
+
+moe_model *moe_trainer_model(moe_trainer *tr) { return tr->model; }
+int moe_trainer_local_seqs(const moe_trainer *tr) { return tr->B; }
+float *moe_trainer_adam_m(moe_trainer *tr) { return tr->m; }
+float *moe_trainer_adam_v(moe_trainer *tr) { return tr->v; }
+int64_t *moe_trainer_expert_steps(moe_trainer *tr) { return tr->expert_steps; }
+int64_t moe_trainer_updates(const moe_trainer *tr) { return tr->updates; }
+void moe_trainer_set_updates(moe_trainer *tr, int64_t n) { tr->updates = n; }
+
+double moe_train_lr(const moe_train_config *c, int64_t step)
+{
+    if (step < c->warmup_steps) return c->lr * (double)(step + 1) / c->warmup_steps;
+    const double lo = c->lr * c->min_lr_frac;
+    const int64_t span = c->steps - c->warmup_steps;
+    if (span <= 0) return lo;
+    double prog = (double)(step - c->warmup_steps) / (double)span;
+    prog = prog > 1.0 ? 1.0 : prog;
+    return lo + 0.5 * (c->lr - lo) * (1.0 + cos(M_PI * prog));
+}
+
+/* Error agreement after the local part of a step, so that a rank whose ep
+ * group failed cannot leave the others waiting in a world reduction; a
+ * non-finite value anywhere becomes MOE_ERR_NONFINITE everywhere. */
+static moe_status agree(moe_trainer *tr, moe_status local)
+{
+    if (!tr->comm) return local;
+    const moe_status s = moe_comm_agree(tr->comm, local);
+    if (!s) return MOE_OK;
+    double nonfinite = local == MOE_ERR_NONFINITE;
+    if (moe_comm_allmax_f64(tr->comm, MOE_SCOPE_WORLD, &nonfinite, 1)) return s;
+    if (nonfinite > 0 && local != MOE_ERR_NONFINITE)
+        return moe_errorf(MOE_ERR_NONFINITE, "a non-finite value on another rank (%s)", moe_error_detail());
+    return s;
+}
+
+/* In-place sum of buf (n floats) over a scope, one collective per bucket. */
+static moe_status allreduce_buckets(moe_comm *c, moe_comm_scope scope, float *buf, size_t n)
+{
+    for (size_t off = 0; off < n; off += MOE_TRAIN_BUCKET_FLOATS) {
+        const size_t len = n - off < MOE_TRAIN_BUCKET_FLOATS ? n - off : MOE_TRAIN_BUCKET_FLOATS;
+        const moe_status s = moe_comm_allreduce_f32(c, scope, buf + off, len);
+        if (s) return s;
+    }
+    return MOE_OK;
+}
+
+static double sum_sq(const float *a, size_t n)
+{
+    double s = 0.0;
+    for (size_t i = 0; i < n; i++) s += (double)a[i] * a[i];
+    return s;
+}
+
+/* Dense gradients over WORLD; expert gradients (already summed over the ep
+ * group by the layer) over the replicas of each expert. */
+static moe_status reduce_grads(moe_trainer *tr)
+{
+    if (!tr->comm) return MOE_OK;
+    moe_model *m = tr->model;
+    const size_t dense = moe_model_dense_floats(m), total = moe_model_tensors(m)->total;
+    float *g = moe_model_grads(m);
+    moe_status s = MOE_OK;
+    if (tr->W > 1) s = allreduce_buckets(tr->comm, MOE_SCOPE_WORLD, g, dense);
+    if (!s && tr->n_replicas > 1)
+        s = allreduce_buckets(tr->comm, MOE_SCOPE_REPLICA, g + dense, total - dense);
+    return s;
+}
+
+/* Squared L2 norm of the whole reduced gradient with every parameter counted
+ * once: the dense part is identical on all ranks (counted locally), each
+ * expert is counted by its replica-0 holder only. The sum over WORLD gives
+ * every rank the same value, so all ranks take the same clip / skip decision. */
+static moe_status grad_norm_sq(moe_trainer *tr, double *out)
+{
+    moe_model *m = tr->model;
+    const size_t dense = moe_model_dense_floats(m), total = moe_model_tensors(m)->total;
+    const float *g = moe_model_grads(m);
+    double experts = tr->replica == 0 ? sum_sq(g + dense, total - dense) : 0.0;
+    if (tr->comm && tr->W > 1) {
+        const moe_status s = moe_comm_allreduce_f64(tr->comm, MOE_SCOPE_WORLD, &experts, 1);
+        if (s) return s;
+    }
+    *out = sum_sq(g, dense) + experts;
+    return MOE_OK;
+}
+
+typedef struct {
+    float lr, b1, b2, eps, gscale;
+} adam_hyper;
+
+/* AdamW over n elements at bias-correction step t (>= 1). */
+static void adamw(float *p, float *m, float *v, const float *g, size_t n, const adam_hyper *h,
+                  float wd, int64_t t)
+{
+    const float bc1 = (float)(1.0 - pow(h->b1, (double)t)), bc2 = (float)(1.0 - pow(h->b2, (double)t));
+    for (size_t i = 0; i < n; i++) {
+        const float gi = g[i] * h->gscale;
+        m[i] = h->b1 * m[i] + (1.0f - h->b1) * gi;
+        v[i] = h->b2 * v[i] + (1.0f - h->b2) * gi * gi;
+        const float mhat = m[i] / bc1, vhat = v[i] / bc2;
+        p[i] -= h->lr * (mhat / (sqrtf(vhat) + h->eps) + wd * p[i]);
+    }
+}
+
+/* Marks the local experts that received a kept assignment anywhere (kept
+ * counts are global) and returns how many (layer, expert) pairs are active
+ * globally. */
+static int64_t mark_active(moe_trainer *tr, const moe_model_stats *ms)
+{
+    const int E = ms->n_experts;
+    const int e0 = moe_layer_expert0(moe_model_layer(tr->model, ms->moe_blocks[0]));
+    int64_t n = 0;
+    for (int i = 0; i < tr->n_moe; i++) {
+        for (int e = 0; e < E; e++) n += ms->kept[(size_t)i * E + e] > 0;
+        for (int j = 0; j < tr->El; j++) tr->active[(size_t)i * tr->El + j] = ms->kept[(size_t)i * E + e0 + j] > 0;
+    }
+    return n;
+}
+
+static void update(moe_trainer *tr, const adam_hyper *h)
+{
+    moe_model *m = tr->model;
+    const moe_tensor_table *tab = moe_model_tensors(m);
+    float *p = moe_model_params(m), *g = moe_model_grads(m);
+    const float wd = (float)tr->cfg.weight_decay;
+    for (int i = 0; i < tab->n; i++) {
+        const moe_tensor *t = &tab->t[i];
+        const size_t o = t->offset;
+        if (!t->expert_sharded) {
+            adamw(p + o, tr->m + o, tr->v + o, g + o, t->numel, h, t->decay ? wd : 0.0f, tr->updates + 1);
+            continue;
+        }
+        const int li = moe_model_moe_index(m, t->layer);
+        const size_t row = (size_t)moe_tensor_row_numel(t);
+        for (int j = 0; j < tr->El; j++) {
+            const size_t k = (size_t)li * tr->El + j, r = o + (size_t)j * row;
+            if (tr->active[k])
+                adamw(p + r, tr->m + r, tr->v + r, g + r, row, h, t->decay ? wd : 0.0f,
+                      tr->expert_steps[k] + 1);
+        }
+    }
+    for (size_t k = 0; k < (size_t)tr->n_moe * tr->El; k++) tr->expert_steps[k] += tr->active[k];
+    tr->updates++;
+}
+
+moe_status moe_trainer_step(moe_trainer *tr, const uint8_t *inputs, const uint8_t *targets,
+                            int64_t step, moe_train_stats *st)
+{
+    moe_train_stats local;
+    if (!st) st = &local;
+    memset(st, 0, sizeof *st);
+    moe_model *m = tr->model;
+    double t0 = moe_now();
+    moe_model_zero_grad(m);
+    moe_status s = moe_model_forward(m, inputs, targets, tr->B, tr->cfg.seq_len, 1, (uint32_t)step);
+    st->t_forward = moe_now() - t0;
+    t0 = moe_now();
+    if (!s) s = moe_model_backward(m);
+    st->t_backward = moe_now() - t0;
+    if ((s = agree(tr, s))) return s;
+
+    t0 = moe_now();
+    double norm_sq = 0.0;
+    s = moe_model_reduce_stats(m, &st->model);
+    if (!s) s = reduce_grads(tr);
+    if (!s) s = grad_norm_sq(tr, &norm_sq);
+    st->t_reduce = moe_now() - t0;
+    if (s) return s;
+    st->grad_norm = sqrt(norm_sq);
+    /* loss and norm are identical on every rank: the same decision everywhere */
+    if (!isfinite(st->model.loss) || !isfinite(st->grad_norm))
+        return moe_errorf(MOE_ERR_NONFINITE, "step %lld: loss %g, gradient norm %g (step not applied)",
+                          (long long)step, st->model.loss, st->grad_norm);
+
+    t0 = moe_now();
+    st->clip_scale = tr->cfg.grad_clip > 0 && st->grad_norm > tr->cfg.grad_clip
+                         ? tr->cfg.grad_clip / st->grad_norm : 1.0;
+    st->lr = moe_train_lr(&tr->cfg, step);
+    const adam_hyper h = {(float)st->lr, (float)tr->cfg.beta1, (float)tr->cfg.beta2,
+                          (float)tr->cfg.adam_eps, (float)st->clip_scale};
+    st->active_experts = tr->n_moe ? mark_active(tr, &st->model) : 0;
+    update(tr, &h);
+    st->t_update = moe_now() - t0;
+    return MOE_OK;
+}

@@ -1,0 +1,150 @@
+/* Deterministic checkpoint contents for the tests (see ckpt_testlib.h). */
+#include "ckpt_testlib.h"
+
+#include <stdlib.h>
+#include <string.h>
+
+const char *tk_config_text = "[model]\nd_model = 8\nn_experts = 12\n# a test config\n";
+
+void tk_config(moe_train_config *c)
+{
+    moe_train_config_default(c);
+    c->d_model = 8;
+    c->n_layers = 3;
+    c->n_heads = 2;
+    c->seq_len = 8;
+    c->n_experts = 12;
+    c->top_k = 2;
+    c->d_ff = 8;
+    c->moe_every = 2;
+    c->activation = MOE_ACT_SWIGLU;
+    c->router_noise = 1;
+    c->capacity_factor = 1.25;
+}
+
+static uint32_t fnv32(const char *s)
+{
+    uint32_t h = 2166136261u;
+    for (; *s; s++) h = (h ^ (uint8_t)*s) * 16777619u;
+    return h;
+}
+
+float tk_value(int kind, const char *name, int64_t j)
+{
+    uint32_t h = (fnv32(name) ^ ((uint32_t)kind * 0x9e3779b9u)) + (uint32_t)j * 40503u;
+    return (float)((int32_t)(h % 65536u) - 32768) / 4096.0f;
+}
+
+/* Per-layer counters: expert_step = 1000 l + e + 7, tokens 10 e + l,
+ * dropped e + 3 l. */
+static int64_t tk_counter(int which, int l, int e)
+{
+    return which == 0 ? 1000 * l + e + 7 : which == 1 ? 10 * e + l : e + 3 * l;
+}
+
+static int alloc_state(tk_state *t, int ep_rank, int ep_size)
+{
+    memset(t, 0, sizeof *t);
+    tk_config(&t->cfg);
+    if (moe_ckpt_layout_create(&t->table, &t->cfg, ep_rank, ep_size) != MOE_OK) return -1;
+    t->n_moe = moe_ckpt_moe_layers(t->table, NULL);
+    const size_t n = t->table->total, ne = (size_t)t->n_moe * (size_t)t->cfg.n_experts;
+    moe_ckpt_state *s = &t->s;
+    s->table = t->table;
+    s->cfg = &t->cfg;
+    s->n_experts = t->cfg.n_experts;
+    s->params = moe_calloc(n, sizeof(float));
+    s->m = moe_calloc(n, sizeof(float));
+    s->v = moe_calloc(n, sizeof(float));
+    s->expert_step = moe_calloc(ne, sizeof(int64_t));
+    s->expert_tokens = moe_calloc(ne, sizeof(int64_t));
+    s->expert_dropped = moe_calloc(ne, sizeof(int64_t));
+    return s->params && s->m && s->v && s->expert_step && s->expert_tokens && s->expert_dropped ? 0 : -1;
+}
+
+int tk_state_blank(tk_state *t, int ep_rank, int ep_size) { return alloc_state(t, ep_rank, ep_size); }
+
+int tk_state_make(tk_state *t, int ep_rank, int ep_size, int world_rank, int replica)
+{
+    if (alloc_state(t, ep_rank, ep_size)) return -1;
+    moe_ckpt_state *s = &t->s;
+    float *blocks[3] = {s->params, s->m, s->v};
+    for (int k = 0; k < 3; k++)
+        for (int i = 0; i < t->table->n; i++) {
+            const moe_tensor *x = &t->table->t[i];
+            const int64_t j0 = x->row0 * moe_tensor_row_numel(x);
+            const int garbage = x->expert_sharded ? replica > 0 : world_rank != 0;
+            for (size_t e = 0; e < x->numel; e++)
+                blocks[k][x->offset + e] = garbage ? -777.0f : tk_value(k, x->name, j0 + (int64_t)e);
+        }
+    const int E = t->cfg.n_experts, El = E / ep_size;
+    for (int l = 0; l < t->n_moe; l++)
+        for (int e = 0; e < E; e++) {
+            const size_t o = (size_t)l * (size_t)E + (size_t)e;
+            const int owned = e / El == ep_rank && replica == 0;
+            s->expert_step[o] = owned ? tk_counter(0, l, e) : -1;
+            s->expert_tokens[o] = tk_counter(1, l, e);
+            s->expert_dropped[o] = tk_counter(2, l, e);
+        }
+    s->opt_step = 41;
+    s->lr = 3e-3;
+    s->beta1 = 0.9;
+    s->beta2 = 0.95;
+    s->eps = 1e-8;
+    s->weight_decay = 0.1;
+    s->step = 42;
+    s->tokens_seen = 42 * 16 * 8;
+    s->seed = 0xfedcba9876543210ull;
+    s->n_extra = 2;
+    strcpy(s->extra[0].name, "data_cursor");
+    s->extra[0].value = 123456789012345ll;
+    strcpy(s->extra[1].name, "data_epoch");
+    s->extra[1].value = 3;
+    s->config_text = tk_config_text;
+    return 0;
+}
+
+void tk_state_free(tk_state *t)
+{
+    moe_ckpt_state *s = &t->s;
+    moe_free(s->params);
+    moe_free(s->m);
+    moe_free(s->v);
+    moe_free(s->expert_step);
+    moe_free(s->expert_tokens);
+    moe_free(s->expert_dropped);
+    moe_ckpt_layout_destroy(t->table);
+    memset(t, 0, sizeof *t);
+}
+
+int64_t tk_state_check(const tk_state *t)
+{
+    const moe_ckpt_state *s = &t->s;
+    int64_t bad = 0;
+    const float *blocks[3] = {s->params, s->m, s->v};
+    for (int k = 0; k < 3; k++) {
+        if (!blocks[k]) continue;
+        for (int i = 0; i < t->table->n; i++) {
+            const moe_tensor *x = &t->table->t[i];
+            const int64_t j0 = x->row0 * moe_tensor_row_numel(x);
+            for (size_t e = 0; e < x->numel; e++) {
+                float want = tk_value(k, x->name, j0 + (int64_t)e), got = blocks[k][x->offset + e];
+                bad += memcmp(&want, &got, sizeof want) != 0;
+            }
+        }
+    }
+    const int E = t->cfg.n_experts;
+    for (int l = 0; l < t->n_moe; l++)
+        for (int e = 0; e < E; e++) {
+            const size_t o = (size_t)l * (size_t)E + (size_t)e;
+            if (s->expert_step) bad += s->expert_step[o] != tk_counter(0, l, e);
+            if (s->expert_tokens) bad += s->expert_tokens[o] != tk_counter(1, l, e);
+            if (s->expert_dropped) bad += s->expert_dropped[o] != tk_counter(2, l, e);
+        }
+    bad += s->opt_step != 41 || s->lr != 3e-3 || s->beta1 != 0.9 || s->beta2 != 0.95 || s->eps != 1e-8 ||
+           s->weight_decay != 0.1;
+    bad += s->step != 42 || s->tokens_seen != 42 * 16 * 8 || s->seed != 0xfedcba9876543210ull;
+    bad += s->n_extra != 2 || strcmp(s->extra[0].name, "data_cursor") || s->extra[0].value != 123456789012345ll ||
+           strcmp(s->extra[1].name, "data_epoch") || s->extra[1].value != 3;
+    return bad;
+}

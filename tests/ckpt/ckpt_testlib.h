@@ -1,0 +1,44 @@
+/* Shared by the checkpoint tests: a small model config with 2 MoE layers,
+ * and a checkpoint state whose every value is a pure function of (what,
+ * tensor name, GLOBAL element index), so that any rank layout can compute
+ * what a file must hold, and so can read_spec.py (the same formula). */
+#ifndef MOE_TEST_CKPT_LIB_H
+#define MOE_TEST_CKPT_LIB_H
+
+#include <stdint.h>
+
+#include "ckpt/ckpt.h"
+
+enum { TK_PARAM = 0, TK_M = 1, TK_V = 2, TK_GRAD = 3 };
+
+/* d=8, 3 blocks (MoE at 0 and 2: moe_every = 2), E = 12, swiglu, noisy router. */
+void tk_config(moe_train_config *cfg);
+
+/* Value of element j (global, row-major) of tensor `name` of kind k. An
+ * integer / 4096, exact in float32. */
+float tk_value(int kind, const char *name, int64_t j);
+
+/* A state over table for this rank (ep rank p of P; replica index r): owned
+ * rows and replicated tensors hold tk_value; rows/tensors this rank must not
+ * write (replica r > 0 for experts, world rank != 0 for replicated ones)
+ * hold garbage, which the file must not contain. Frees with tk_state_free. */
+typedef struct {
+    moe_ckpt_state s;
+    moe_tensor_table *table;
+    moe_train_config cfg;
+    int n_moe;
+} tk_state;
+
+int tk_state_make(tk_state *t, int ep_rank, int ep_size, int world_rank, int replica);
+/* Zeroed buffers for loading into. */
+int tk_state_blank(tk_state *t, int ep_rank, int ep_size);
+void tk_state_free(tk_state *t);
+
+/* Number of elements of t (this rank's slice) that differ from tk_value, and
+ * of the counters / attributes that differ from what tk_state_make wrote. */
+int64_t tk_state_check(const tk_state *t);
+
+/* The config text tk_state_make stores. */
+extern const char *tk_config_text;
+
+#endif

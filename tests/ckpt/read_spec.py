@@ -1,0 +1,130 @@
+#!/usr/bin/python3
+"""Reads a checkpoint with h5py using only docs of checkpoint.md (the spec):
+root, /model, /optimizer, /train and /stats attributes, every dataset the
+attributes imply with its shape and dtype, the checksum filter, nothing
+else; and compares every value with the formula the C tests wrote
+(ckpt_testlib.c: tk_value and the counters).
+
+usage: read_spec.py FILE SAVED_WORLD SAVED_EP"""
+import re
+import sys
+
+import h5py
+import numpy as np
+
+
+def fnv32(s):
+    h = 2166136261
+    for b in s.encode():
+        h = ((h ^ b) * 16777619) & 0xFFFFFFFF
+    return h
+
+
+def tk_values(kind, name, n):
+    j = np.arange(n, dtype=np.uint64)
+    h = ((fnv32(name) ^ ((kind * 0x9E3779B9) & 0xFFFFFFFF)) + j * 40503) & 0xFFFFFFFF
+    return ((h % 65536).astype(np.int64) - 32768).astype(np.float32) / np.float32(4096)
+
+
+def spec_layout(m):
+    """(name, shape) of every /model dataset, from the spec's table."""
+    V, d, S, E, F = m["vocab_size"], m["d_model"], m["seq_len"], m["n_experts"], m["d_ff"]
+    F1 = 2 * F if m["activation"] == "swiglu" else F
+    out = [("wte", (V, d)), ("wpe", (S, d))]
+    for L in range(m["n_layers"]):
+        h = f"h/{L}/"
+        out += [(h + "ln_1/weight", (d,)), (h + "ln_1/bias", (d,)),
+                (h + "attn/c_attn/weight", (3 * d, d)), (h + "attn/c_attn/bias", (3 * d,)),
+                (h + "attn/c_proj/weight", (d, d)), (h + "attn/c_proj/bias", (d,)),
+                (h + "ln_2/weight", (d,)), (h + "ln_2/bias", (d,))]
+        if L % m["moe_every"] == 0:
+            out.append((h + "moe/router/weight", (E, d)))
+            if m["router_noise"] == "gaussian":
+                out.append((h + "moe/router/noise_weight", (E, d)))
+            out += [(h + "moe/experts/w1", (E, F1, d)), (h + "moe/experts/b1", (E, F1)),
+                    (h + "moe/experts/w2", (E, d, F)), (h + "moe/experts/b2", (E, d))]
+        else:
+            out += [(h + "mlp/c_fc/weight", (F1, d)), (h + "mlp/c_fc/bias", (F1,)),
+                    (h + "mlp/c_proj/weight", (d, F)), (h + "mlp/c_proj/bias", (d,))]
+    return out + [("ln_f/weight", (d,)), ("ln_f/bias", (d,))]
+
+
+def main():
+    path, world, ep = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+    errors = []
+
+    def check(cond, what):
+        if not cond:
+            errors.append(what)
+
+    with h5py.File(path, "r") as f:
+        a = f.attrs
+        check(a["format"] == "moe-checkpoint", f"format {a['format']!r}")
+        check(int(a["format_version"]) == 1, "format_version")
+        check(isinstance(a["created_by"], str) and a["created_by"], "created_by")
+        check(re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", a["created_at"]) is not None, "created_at ISO 8601 UTC")
+        check("n_experts = 12" in a["config"], "config text")
+        check(int(a["saved_world_size"]) == world and int(a["saved_ep_size"]) == ep, "saved sizes")
+
+        ma = f["model"].attrs
+        ints = ["vocab_size", "d_model", "n_layers", "n_heads", "seq_len", "n_experts", "top_k", "d_ff",
+                "moe_every", "normalize_topk", "group_seqs"]
+        m = {k: int(ma[k]) for k in ints}
+        for k in ["router", "activation", "router_noise"]:
+            m[k] = ma[k]
+        m["capacity_factor"], m["ln_eps"] = float(ma["capacity_factor"]), float(ma["ln_eps"])
+        check(m["router"] in ("token_choice", "expert_choice"), "router")
+        check(m["activation"] in ("gelu", "relu", "swiglu"), "activation")
+        check(m["router_noise"] in ("none", "gaussian"), "router_noise")
+        check(m["capacity_factor"] == 1.25 and m["ln_eps"] == 1e-5, "float model attributes")
+        E = m["n_experts"]
+
+        expected = {}
+        for kind, prefix in enumerate(["model/", "optimizer/m/", "optimizer/v/"]):
+            for name, shape in spec_layout(m):
+                expected[prefix + name] = (shape, np.float32, kind, name)
+        moe_layers = [L for L in range(m["n_layers"]) if L % m["moe_every"] == 0]
+        for li, L in enumerate(moe_layers):
+            expected[f"optimizer/expert_step/h/{L}"] = ((E,), np.int64, None, (0, li))
+            expected[f"stats/h/{L}/expert_tokens"] = ((E,), np.int64, None, (1, li))
+            expected[f"stats/h/{L}/expert_dropped"] = ((E,), np.int64, None, (2, li))
+
+        found = []
+        f.visititems(lambda n, o: found.append(n) if isinstance(o, h5py.Dataset) else None)
+        check(sorted(found) == sorted(expected), f"dataset names differ: extra {set(found) - set(expected)}, "
+                                                  f"missing {set(expected) - set(found)}")
+        e = np.arange(E)
+        for name, (shape, dtype, kind, key) in expected.items():
+            if name not in f:
+                continue
+            ds = f[name]
+            check(ds.shape == shape, f"{name} shape {ds.shape} != {shape}")
+            check(ds.dtype == np.dtype(dtype).newbyteorder("<"), f"{name} dtype {ds.dtype}")
+            check(ds.fletcher32, f"{name} has no Fletcher32 checksum")
+            if len(shape) > 1 and shape[0] == E and "/experts/" in name:
+                check(ds.chunks[0] == 1, f"{name} chunks {ds.chunks}: one expert row per chunk")
+            data = ds[...]
+            if kind is not None:
+                want = tk_values(kind, key, int(np.prod(shape))).reshape(shape)
+                check(np.array_equal(data.view(np.uint32), want.view(np.uint32)), f"{name} values")
+            else:
+                which, li = key
+                want = [1000 * li + e + 7, 10 * e + li, e + 3 * li][which]
+                check(np.array_equal(data, want), f"{name} values {data} != {want}")
+
+        oa, ta = f["optimizer"].attrs, f["train"].attrs
+        check(int(oa["step"]) == 41 and float(oa["lr"]) == 3e-3 and float(oa["beta1"]) == 0.9 and
+              float(oa["beta2"]) == 0.95 and float(oa["eps"]) == 1e-8 and float(oa["weight_decay"]) == 0.1,
+              "optimizer attributes")
+        check(int(ta["step"]) == 42 and int(ta["tokens_seen"]) == 42 * 16 * 8 and
+              int(ta["seed"]) == 0xFEDCBA9876543210, "train attributes")
+        check(int(ta["data_cursor"]) == 123456789012345 and int(ta["data_epoch"]) == 3, "resume attributes")
+
+    for e in errors:
+        print("FAIL:", e)
+    print(f"{path}: {len(expected)} datasets checked, {len(errors)} problems")
+    return 1 if errors else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

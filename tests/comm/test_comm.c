@@ -1,0 +1,487 @@
+/* comm: communicator placement (routing.md 7), the small collectives, and
+ * the token exchange (layouts, both kinds, chunked pipeline, empty senders
+ * and experts, error agreement, overflow). Runs at any number of ranks:
+ * every rank runs every test; only rank 0 prints the progress, failures are
+ * printed by the rank that sees them and make the exit code non-zero.
+ * Checks are taken after a test's collectives so that a failing rank does
+ * not leave the others waiting. */
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <cmocka.h>
+
+#include "comm/comm_h5.h"
+#include "comm/comm_mpi.h"
+
+static int W, R; /* world size and rank */
+
+/* ---- placement and small collectives ---- */
+
+static void gather_members(MPI_Comm comm, int *members)
+{
+    MPI_Allgather(&R, 1, MPI_INT, members, 1, MPI_INT, comm);
+}
+
+static void test_placement(void **state)
+{
+    (void)state;
+    for (int P = 1; P <= W; P++) {
+        if (W % P) continue;
+        moe_comm *c = NULL;
+        assert_int_equal(moe_comm_create(&c, MPI_COMM_WORLD, P == W ? 0 : P), MOE_OK);
+        const int g = R / P, r = R % P;
+        int ep_members[64], rep_members[64], n_ep = 0, n_rep = 0;
+        MPI_Comm_size(moe_comm_mpi(c, MOE_SCOPE_EP), &n_ep);
+        MPI_Comm_size(moe_comm_mpi(c, MOE_SCOPE_REPLICA), &n_rep);
+        gather_members(moe_comm_mpi(c, MOE_SCOPE_EP), ep_members);
+        gather_members(moe_comm_mpi(c, MOE_SCOPE_REPLICA), rep_members);
+        int64_t ep_sum = R, rep_sum = R;
+        assert_int_equal(moe_comm_allreduce_i64(c, MOE_SCOPE_EP, &ep_sum, 1), MOE_OK);
+        assert_int_equal(moe_comm_allreduce_i64(c, MOE_SCOPE_REPLICA, &rep_sum, 1), MOE_OK);
+        double mx = R;
+        assert_int_equal(moe_comm_allmax_f64(c, MOE_SCOPE_EP, &mx, 1), MOE_OK);
+
+        assert_int_equal(moe_comm_rank(c), R);
+        assert_int_equal(moe_comm_size(c), W);
+        assert_int_equal(moe_comm_ep_size(c), P);
+        assert_int_equal(moe_comm_ep_rank(c), r);
+        assert_int_equal(moe_comm_replica(c), g);
+        assert_int_equal(moe_comm_n_replicas(c), W / P);
+        assert_int_equal(n_ep, P);
+        assert_int_equal(n_rep, W / P);
+        for (int i = 0; i < P; i++) assert_int_equal(ep_members[i], g * P + i);
+        for (int i = 0; i < W / P; i++) assert_int_equal(rep_members[i], i * P + r);
+        assert_int_equal(ep_sum, (int64_t)g * P * P + (int64_t)P * (P - 1) / 2);
+        assert_int_equal(rep_sum, (int64_t)P * (W / P) * (W / P - 1) / 2 + (int64_t)r * (W / P));
+        assert_true(mx == g * P + P - 1);
+        moe_comm_destroy(c);
+    }
+    moe_comm *c = (moe_comm *)&W;
+    assert_int_equal(moe_comm_create(&c, MPI_COMM_WORLD, W + 1), MOE_ERR_ARG);
+    assert_null(c);
+    assert_non_null(strstr(moe_error_detail(), "ep_size"));
+    assert_int_equal(moe_comm_create(&c, MPI_COMM_WORLD, -1), MOE_ERR_ARG);
+}
+
+static void test_collectives(void **state)
+{
+    (void)state;
+    moe_comm *c = NULL;
+    assert_int_equal(moe_comm_create(&c, MPI_COMM_WORLD, 0), MOE_OK);
+    float f[3] = {(float)R, 1.0f, 0.5f};
+    double d[2] = {(double)R * R, -1.0};
+    int64_t big = (int64_t)R << 40;
+    char msg[16] = {0}, all[64 * 4];
+    if (R == W - 1) strcpy(msg, "from-last");
+    const int mine = 1000 + R;
+    assert_int_equal(moe_comm_allreduce_f32(c, MOE_SCOPE_WORLD, f, 3), MOE_OK);
+    assert_int_equal(moe_comm_allreduce_f64(c, MOE_SCOPE_WORLD, d, 2), MOE_OK);
+    assert_int_equal(moe_comm_allreduce_i64(c, MOE_SCOPE_WORLD, &big, 1), MOE_OK);
+    assert_int_equal(moe_comm_bcast(c, msg, sizeof msg, W - 1), MOE_OK);
+    assert_int_equal(moe_comm_allgather(c, all, &mine, sizeof mine), MOE_OK);
+    assert_int_equal(moe_comm_barrier(c), MOE_OK);
+    /* Local argument errors, same on every rank. */
+    assert_int_equal(moe_comm_bcast(c, msg, 1, W), MOE_ERR_ARG);
+    assert_int_equal(moe_comm_allreduce_f32(c, (moe_comm_scope)7, f, 1), MOE_ERR_ARG);
+
+    assert_true(f[0] == (float)(W * (W - 1) / 2));
+    assert_true(f[1] == (float)W && f[2] == 0.5f * W);
+    double sq = 0;
+    for (int i = 0; i < W; i++) sq += (double)i * i;
+    assert_true(d[0] == sq && d[1] == -W);
+    assert_int_equal(big, ((int64_t)W * (W - 1) / 2) << 40);
+    assert_string_equal(msg, "from-last");
+    for (int i = 0; i < W; i++) {
+        int v;
+        memcpy(&v, all + i * sizeof v, sizeof v);
+        assert_int_equal(v, 1000 + i);
+    }
+    moe_comm_destroy(c);
+}
+
+static void test_check_same_and_agree(void **state)
+{
+    (void)state;
+    moe_comm *c = NULL;
+    assert_int_equal(moe_comm_create(&c, MPI_COMM_WORLD, 0), MOE_OK);
+    double cfg[4] = {1, 2, 3, 4};
+    moe_status same = moe_comm_check_same(c, "test config", cfg, sizeof cfg);
+    if (R == W - 1) cfg[2] = 3.5;
+    moe_status diff = moe_comm_check_same(c, "test config", cfg, sizeof cfg);
+    char diff_detail[256];
+    snprintf(diff_detail, sizeof diff_detail, "%s", moe_error_detail());
+    moe_status len = moe_comm_check_same(c, "test sizes", cfg, R == W - 1 ? 3 * sizeof(double) : sizeof cfg);
+    char len_detail[256];
+    snprintf(len_detail, sizeof len_detail, "%s", moe_error_detail());
+    moe_status ok = moe_comm_agree(c, MOE_OK);
+    moe_status ag = moe_comm_agree(c, R == W - 1 ? MOE_ERR_NONFINITE : MOE_OK);
+    char ag_detail[256];
+    snprintf(ag_detail, sizeof ag_detail, "%s", moe_error_detail());
+    moe_comm_destroy(c);
+
+    char want[32];
+    snprintf(want, sizeof want, "rank %d", W - 1);
+    assert_int_equal(same, MOE_OK);
+    assert_int_equal(ok, MOE_OK);
+    if (W == 1) {
+        /* Nobody to differ from. */
+        assert_int_equal(diff, MOE_OK);
+        assert_int_equal(len, MOE_OK);
+        assert_int_equal(ag, MOE_ERR_NONFINITE);
+        return;
+    }
+    assert_int_equal(diff, MOE_ERR_MISMATCH);
+    assert_non_null(strstr(diff_detail, "test config"));
+    assert_non_null(strstr(diff_detail, want));
+    assert_int_equal(len, MOE_ERR_MISMATCH);
+    assert_non_null(strstr(len_detail, "test sizes"));
+    assert_non_null(strstr(len_detail, want));
+    assert_non_null(strstr(len_detail, "24 bytes"));
+    if (R == W - 1) {
+        assert_int_equal(ag, MOE_ERR_NONFINITE);
+    } else {
+        assert_int_equal(ag, MOE_ERR_REMOTE);
+        assert_non_null(strstr(ag_detail, want));
+        assert_non_null(strstr(ag_detail, "non-finite"));
+    }
+}
+
+static void test_h5_properties(void **state)
+{
+    (void)state;
+    moe_comm *c = NULL;
+    assert_int_equal(moe_comm_create(&c, MPI_COMM_WORLD, 0), MOE_OK);
+    char path[64];
+    snprintf(path, sizeof path, "test_comm_h5_np%d.h5", W);
+    hid_t fapl = moe_comm_h5_fapl(c), dxpl = moe_comm_h5_dxpl(c);
+    assert_true(fapl >= 0 && dxpl >= 0);
+    /* Each rank writes its own element of a shared dataset collectively. */
+    hid_t f = H5Fcreate(path, H5F_ACC_TRUNC, H5P_DEFAULT, fapl);
+    hsize_t n = (hsize_t)W, one = 1, at = (hsize_t)R;
+    hid_t space = H5Screate_simple(1, &n, NULL), mem = H5Screate_simple(1, &one, NULL);
+    hid_t ds = H5Dcreate2(f, "ranks", H5T_NATIVE_INT, space, H5P_DEFAULT, H5P_DEFAULT, H5P_DEFAULT);
+    H5Sselect_hyperslab(space, H5S_SELECT_SET, &at, NULL, &one, NULL);
+    herr_t wr = H5Dwrite(ds, H5T_NATIVE_INT, mem, space, dxpl, &R);
+    H5Dclose(ds);
+    H5Sclose(mem);
+    H5Sclose(space);
+    H5Fclose(f);
+    int back[64] = {0};
+    hid_t f2 = H5Fopen(path, H5F_ACC_RDONLY, fapl);
+    hid_t ds2 = H5Dopen2(f2, "ranks", H5P_DEFAULT);
+    herr_t rd = H5Dread(ds2, H5T_NATIVE_INT, H5S_ALL, H5S_ALL, dxpl, back);
+    H5Dclose(ds2);
+    H5Fclose(f2);
+    H5Pclose(fapl);
+    H5Pclose(dxpl);
+    MPI_Barrier(MPI_COMM_WORLD);
+    if (R == 0) remove(path);
+    moe_comm_destroy(c);
+    hid_t serial = moe_comm_h5_fapl(NULL);
+    assert_true(serial >= 0);
+    assert_int_equal(H5Pget_driver(serial), H5FD_SEC2);
+    H5Pclose(serial);
+    assert_true(f >= 0 && wr >= 0 && rd >= 0);
+    for (int i = 0; i < W; i++) assert_int_equal(back[i], i);
+}
+
+/* ---- token exchange ---- */
+
+enum { EL = 3, WIDTH = 5, MAX_WIDTH = 7, OUT_WIDTH = 3 };
+
+/* Rows that source s sends to local expert j of ep rank p, per scenario. */
+typedef enum { GENERAL, SILENT_RANK0, ALL_REMOTE, EMPTY_EXPERT, LARGE, N_SCENARIOS } scenario;
+static const char *scenario_name[] = {"general", "rank 0 sends nothing", "no rows to self",
+                                      "expert 0 receives nothing", "large (window growth)"};
+
+static int rows_for(scenario sc, int s, int p, int j, int P)
+{
+    switch (sc) {
+    case GENERAL: return (3 * s + 5 * p + 7 * j + 1) % 5; /* includes zeros */
+    case SILENT_RANK0: return s == 0 ? 0 : 1 + (s + 2 * p + j) % 3;
+    case ALL_REMOTE: return s == p && P > 1 ? 0 : 2 + (s + p + j) % 3;
+    case EMPTY_EXPERT: return j == 0 ? 0 : 1 + (s * p + j) % 4;
+    default: return 200 + (s * 31 + p * 17 + j * 13) % 40;
+    }
+}
+
+/* Content of column col of row r of the block (s -> p, j): a 20-bit
+ * integer, exact in float, and 2 v + 1 too. */
+static float value(int s, int p, int j, int r, int col)
+{
+    uint32_t h = (uint32_t)s * 0x9E3779B1u ^ (uint32_t)p * 0x85EBCA77u ^ (uint32_t)j * 0xC2B2AE3Du ^
+                 (uint32_t)r * 0x27D4EB2Fu ^ (uint32_t)col * 0x165667B1u;
+    h ^= h >> 15;
+    h *= 0x2C1B3C6Du;
+    h ^= h >> 12;
+    return (float)(h & 0xFFFFFu);
+}
+
+typedef struct {
+    const float *recv; /* (recv_total, WIDTH) */
+    float *out;        /* (recv_total, OUT_WIDTH) */
+    const int *eoff;   /* (EL + 1) */
+    int next_j;        /* chunks must arrive in order and cover [0, EL) */
+    int in_order;
+} expert_ctx;
+
+/* The "experts": out = 2 x + 1 on the first OUT_WIDTH columns. */
+static moe_status fake_experts(void *p, int j0, int j1)
+{
+    expert_ctx *e = p;
+    e->in_order &= j0 == e->next_j && j1 > j0;
+    e->next_j = j1;
+    for (int i = e->eoff[j0]; i < e->eoff[j1]; i++)
+        for (int c = 0; c < OUT_WIDTH; c++) e->out[(size_t)i * OUT_WIDTH + c] = 2 * e->recv[(size_t)i * WIDTH + c] + 1;
+    return MOE_OK;
+}
+
+/* One step of one scenario on an existing exchange; returns the receive
+ * buffer (caller frees) so that kinds can be compared bitwise. */
+static float *run_step(moe_a2a *a, scenario sc, int P, int me)
+{
+    int send_rows[64 * EL];
+    int S = 0, Rt = 0;
+    for (int p = 0; p < P; p++)
+        for (int j = 0; j < EL; j++) S += send_rows[p * EL + j] = rows_for(sc, me, p, j, P);
+    for (int j = 0; j < EL; j++)
+        for (int s = 0; s < P; s++) Rt += rows_for(sc, s, me, j, P);
+    float *send = malloc(sizeof(float) * ((size_t)S * WIDTH + 1));
+    float *recv = calloc((size_t)Rt * WIDTH + 1, sizeof(float));
+    float *recv2 = calloc((size_t)Rt * WIDTH + 1, sizeof(float));
+    float *out = calloc((size_t)Rt * OUT_WIDTH + 1, sizeof(float));
+    float *result = calloc((size_t)S * OUT_WIDTH + 1, sizeof(float));
+    float *result2 = calloc((size_t)S * OUT_WIDTH + 1, sizeof(float));
+    float *expect = calloc((size_t)Rt * WIDTH + 1, sizeof(float));
+    assert_true(send && recv && recv2 && out && result && result2 && expect);
+    for (int p = 0, i = 0; p < P; p++)
+        for (int j = 0; j < EL; j++)
+            for (int r = 0; r < send_rows[p * EL + j]; r++, i++)
+                for (int c = 0; c < WIDTH; c++) send[(size_t)i * WIDTH + c] = value(me, p, j, r, c);
+    for (int j = 0, i = 0; j < EL; j++)
+        for (int s = 0; s < P; s++)
+            for (int r = 0; r < rows_for(sc, s, me, j, P); r++, i++)
+                for (int c = 0; c < WIDTH; c++) expect[(size_t)i * WIDTH + c] = value(s, me, j, r, c);
+
+    moe_status st_plan = moe_a2a_set_counts(a, send_rows, MOE_OK, MAX_WIDTH);
+    moe_status st_disp = moe_a2a_dispatch(a, recv, send, WIDTH);
+    expert_ctx e = {recv, out, moe_a2a_recv_expert_offsets(a), 0, 1};
+    moe_status st_comp = fake_experts(&e, 0, EL);
+    moe_status st_comb = moe_a2a_combine(a, result, out, OUT_WIDTH);
+    memset(out, 0, sizeof(float) * (size_t)Rt * OUT_WIDTH);
+    expert_ctx e2 = {recv2, out, moe_a2a_recv_expert_offsets(a), 0, 1};
+    moe_status st_pipe = moe_a2a_pipeline(a, recv2, send, WIDTH, out, result2, OUT_WIDTH, fake_experts, &e2);
+
+    /* Shared-memory kind, rows built in the window: the same bytes again. */
+    float *stage = moe_a2a_shm_buffer(a), *recv3 = NULL, *result3 = NULL;
+    moe_status st_inpl = MOE_OK;
+    if (stage) {
+        recv3 = calloc((size_t)Rt * WIDTH + 1, sizeof(float));
+        result3 = calloc((size_t)S * OUT_WIDTH + 1, sizeof(float));
+        assert_true(recv3 && result3);
+        memcpy(stage, send, sizeof(float) * (size_t)S * WIDTH);
+        st_inpl = moe_a2a_dispatch(a, recv3, stage, WIDTH);
+        memcpy(stage, out, sizeof(float) * (size_t)Rt * OUT_WIDTH);
+        if (st_inpl == MOE_OK) st_inpl = moe_a2a_combine(a, result3, stage, OUT_WIDTH);
+    }
+
+    assert_int_equal(st_plan, MOE_OK);
+    assert_int_equal(st_inpl, MOE_OK);
+    assert_int_equal(st_disp, MOE_OK);
+    assert_int_equal(st_comp, MOE_OK);
+    assert_int_equal(st_comb, MOE_OK);
+    assert_int_equal(st_pipe, MOE_OK);
+    assert_int_equal(moe_a2a_send_total(a), S);
+    assert_int_equal(moe_a2a_recv_total(a), Rt);
+    const int *eoff = moe_a2a_recv_expert_offsets(a), *rc = moe_a2a_recv_counts(a);
+    for (int j = 0, o = 0; j < EL; j++) {
+        assert_int_equal(eoff[j], o);
+        for (int s = 0; s < P; s++) {
+            assert_int_equal(rc[j * P + s], rows_for(sc, s, me, j, P));
+            o += rc[j * P + s];
+        }
+    }
+    assert_int_equal(eoff[EL], Rt);
+    if (memcmp(recv, expect, sizeof(float) * (size_t)Rt * WIDTH))
+        fail_msg("rank %d, %s: receive layout differs from (expert, source, order)", R, scenario_name[sc]);
+    for (size_t i = 0; i < (size_t)S; i++)
+        for (int c = 0; c < OUT_WIDTH; c++)
+            if (result[i * OUT_WIDTH + c] != 2 * send[i * WIDTH + c] + 1)
+                fail_msg("rank %d, %s: combined row %zu col %d is wrong", R, scenario_name[sc], i, c);
+    assert_true(e2.in_order && e2.next_j == EL);
+    assert_memory_equal(recv2, recv, sizeof(float) * (size_t)Rt * WIDTH + 1);
+    assert_memory_equal(result2, result, sizeof(float) * (size_t)S * OUT_WIDTH + 1);
+    if (stage) {
+        assert_memory_equal(recv3, recv, sizeof(float) * (size_t)Rt * WIDTH + 1);
+        assert_memory_equal(result3, result, sizeof(float) * (size_t)S * OUT_WIDTH + 1);
+    }
+    free(recv3);
+    free(result3);
+    free(send);
+    free(recv2);
+    free(out);
+    free(result);
+    free(result2);
+    free(expect);
+    return recv;
+}
+
+/* Every scenario, in sequence on one exchange per (kind, chunks) so that
+ * plans shrink and grow, at P = W and (when W is even) P = W / 2. */
+static void test_exchange_layouts(void **state)
+{
+    (void)state;
+    const int chunk_counts[] = {1, 2, 3, 5};
+    for (int half = 0; half < 2; half++) {
+        const int P = half ? W / 2 : W;
+        if (half && (W % 2 || P < 1)) continue;
+        moe_comm *c = NULL;
+        assert_int_equal(moe_comm_create(&c, MPI_COMM_WORLD, P), MOE_OK);
+        const int me = moe_comm_ep_rank(c);
+        for (int ci = 0; ci < 4; ci++) {
+            moe_a2a *a[2] = {NULL, NULL};
+            assert_int_equal(moe_a2a_create(&a[0], c, EL, MOE_A2A_ALLTOALLV, chunk_counts[ci]), MOE_OK);
+            assert_int_equal(moe_a2a_create(&a[1], c, EL, MOE_A2A_SHM, chunk_counts[ci]), MOE_OK);
+            assert_null(moe_a2a_shm_buffer(a[1])); /* no plan yet */
+            const scenario order[] = {GENERAL, LARGE, SILENT_RANK0, ALL_REMOTE, EMPTY_EXPERT, GENERAL};
+            for (size_t k = 0; k < sizeof order / sizeof order[0]; k++) {
+                float *r0 = run_step(a[0], order[k], P, me);
+                assert_null(moe_a2a_shm_buffer(a[0]));
+                float *r1 = run_step(a[1], order[k], P, me);
+                /* The shared-memory path is bitwise the default one. */
+                assert_memory_equal(r0, r1, sizeof(float) * (size_t)moe_a2a_recv_total(a[0]) * WIDTH + 1);
+                free(r0);
+                free(r1);
+            }
+            assert_true(moe_a2a_seconds(a[0]) > 0);
+            moe_a2a_reset_seconds(a[0]);
+            assert_true(moe_a2a_seconds(a[0]) == 0);
+            moe_a2a_destroy(a[0]);
+            moe_a2a_destroy(a[1]);
+        }
+        moe_comm_destroy(c);
+    }
+}
+
+static moe_status failing_experts(void *ctx, int j0, int j1)
+{
+    (void)ctx;
+    (void)j1;
+    return R == W - 1 && j0 == 0 ? moe_errorf(MOE_ERR_NONFINITE, "test experts fail") : MOE_OK;
+}
+
+/* An error on one rank enters the count exchange: every rank fails, the
+ * plan is void (exchanges refuse to run), and the next step works again. */
+static void test_exchange_errors(void **state)
+{
+    (void)state;
+    moe_comm *c = NULL;
+    assert_int_equal(moe_comm_create(&c, MPI_COMM_WORLD, 0), MOE_OK);
+    char want[32];
+    snprintf(want, sizeof want, "rank %d", W - 1);
+    for (int kind = 0; kind < 2; kind++) {
+        moe_a2a *a = NULL;
+        assert_int_equal(moe_a2a_create(&a, c, EL, (moe_a2a_kind)kind, 2), MOE_OK);
+        int rows[64 * EL];
+        for (int i = 0; i < W * EL; i++) rows[i] = 1;
+        float buf[64 * EL * MAX_WIDTH];
+        moe_status st = moe_a2a_set_counts(a, rows, R == W - 1 ? MOE_ERR_NONFINITE : MOE_OK, MAX_WIDTH);
+        char detail[256];
+        snprintf(detail, sizeof detail, "%s", moe_error_detail());
+        moe_status st_disp = moe_a2a_dispatch(a, buf, buf, WIDTH);
+        if (R == 0) rows[W * EL - 1] = -2;
+        moe_status st_neg = moe_a2a_set_counts(a, rows, MOE_OK, MAX_WIDTH);
+        rows[W * EL - 1] = 1;
+        moe_status st_ok = moe_a2a_set_counts(a, rows, MOE_OK, MAX_WIDTH);
+        moe_status st_wide = moe_a2a_dispatch(a, buf, buf, MAX_WIDTH + 1);
+        /* The experts fail on the last rank: the pipeline completes everywhere. */
+        float in[64 * EL * WIDTH] = {0}, recv[64 * EL * WIDTH], out[64 * EL * WIDTH], res[64 * EL * WIDTH];
+        moe_status st_pipe = moe_a2a_pipeline(a, recv, in, WIDTH, out, res, WIDTH, failing_experts, NULL);
+        char pipe_detail[256];
+        snprintf(pipe_detail, sizeof pipe_detail, "%s", moe_error_detail());
+        moe_a2a_destroy(a);
+
+        assert_int_equal(st, R == W - 1 ? MOE_ERR_NONFINITE : MOE_ERR_REMOTE);
+        if (R != W - 1) assert_non_null(strstr(detail, want));
+        assert_int_equal(st_disp, MOE_ERR_ARG);
+        assert_int_equal(st_neg, R == 0 ? MOE_ERR_ARG : MOE_ERR_REMOTE);
+        assert_int_equal(st_ok, MOE_OK);
+        assert_int_equal(st_wide, MOE_ERR_ARG);
+        assert_int_equal(st_pipe, R == W - 1 ? MOE_ERR_NONFINITE : MOE_ERR_REMOTE);
+        if (R != W - 1) assert_non_null(strstr(pipe_detail, want));
+    }
+    moe_a2a *bad = NULL;
+    assert_int_equal(moe_a2a_create(&bad, c, 0, MOE_A2A_ALLTOALLV, 1), MOE_ERR_ARG);
+    assert_null(bad);
+    assert_int_equal(moe_a2a_create(&bad, c, EL, MOE_A2A_ALLTOALLV, 0), MOE_ERR_ARG);
+    /* One rank with a bad argument: the others fail too instead of waiting. */
+    moe_status st = moe_a2a_create(&bad, c, R == 0 ? -1 : EL, MOE_A2A_ALLTOALLV, 1);
+    assert_int_equal(st, R == 0 ? MOE_ERR_ARG : MOE_ERR_REMOTE);
+    assert_null(bad);
+    moe_comm_destroy(c);
+}
+
+/* Counts whose elements (rows x max_width) exceed INT_MAX fail before any
+ * buffer of that size exists. */
+static void test_exchange_overflow(void **state)
+{
+    (void)state;
+    moe_comm *c = NULL;
+    assert_int_equal(moe_comm_create(&c, MPI_COMM_WORLD, 0), MOE_OK);
+    const int width = 1 << 12, limit = 0x7fffffff / width; /* rows that still fit */
+    for (int kind = 0; kind < 2; kind++) {
+        moe_a2a *a = NULL;
+        assert_int_equal(moe_a2a_create(&a, c, EL, (moe_a2a_kind)kind, 1), MOE_OK);
+        int rows[64 * EL] = {0};
+        /* Every rank's send layout overflows. */
+        for (int p = 0; p < W; p++) rows[p * EL] = limit / W + 1;
+        moe_status all = moe_a2a_set_counts(a, rows, MOE_OK, width);
+        char detail[256];
+        snprintf(detail, sizeof detail, "%s", moe_error_detail());
+        /* Only rank 0's receive layout overflows: each sends it just over 1/W of the limit. */
+        memset(rows, 0, sizeof rows);
+        rows[0] = limit / W + 1;
+        moe_status one = moe_a2a_set_counts(a, rows, MOE_OK, width);
+        moe_a2a_destroy(a);
+
+        assert_int_equal(all, MOE_ERR_OVERFLOW);
+        assert_non_null(strstr(detail, "INT_MAX"));
+        if (R == 0 || W == 1) assert_int_equal(one, MOE_ERR_OVERFLOW);
+        else assert_int_equal(one, MOE_ERR_REMOTE);
+    }
+    moe_comm_destroy(c);
+}
+
+int main(int argc, char **argv)
+{
+    if (moe_comm_init(&argc, &argv) != MOE_OK) {
+        fprintf(stderr, "test_comm: %s\n", moe_error_detail());
+        return 1;
+    }
+    MPI_Comm_size(MPI_COMM_WORLD, &W);
+    MPI_Comm_rank(MPI_COMM_WORLD, &R);
+    if (W > 64) {
+        fprintf(stderr, "test_comm: written for at most 64 ranks\n");
+        moe_comm_finalize();
+        return 1;
+    }
+    if (R != 0 && !freopen("/dev/null", "w", stdout)) return 1;
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_placement),
+        cmocka_unit_test(test_collectives),
+        cmocka_unit_test(test_check_same_and_agree),
+        cmocka_unit_test(test_h5_properties),
+        cmocka_unit_test(test_exchange_layouts),
+        cmocka_unit_test(test_exchange_errors),
+        cmocka_unit_test(test_exchange_overflow),
+    };
+    int failed = cmocka_run_group_tests(tests, NULL, NULL), any = 0;
+    MPI_Allreduce(&failed, &any, 1, MPI_INT, MPI_MAX, MPI_COMM_WORLD);
+    moe_comm_finalize();
+    return any ? 1 : 0;
+}

@@ -1,0 +1,300 @@
+/* The single-process MoE layer: against a naive per-token reference built
+ * from the _ref kernels, finite differences of the whole layer (incl. both
+ * aux losses), exact zero gradients for an idle expert, and bad input. */
+#include <math.h>
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <cmocka.h>
+
+#include "core/rng.h"
+#include "layer/layer.h"
+
+typedef struct {
+    int T, G, d, F, E, k;
+    moe_router_kind kind;
+    double cf;
+    moe_activation act;
+} shape;
+
+typedef struct {
+    shape s;
+    int F1;
+    moe_layer *L;
+    float *mem;
+    moe_layer_params p, g;
+    float *x, *y, *dy, *dx; /* (T, d) */
+    size_t n_params;
+} fixture;
+
+static void fill(float *a, size_t n, uint32_t id, float scale)
+{
+    for (size_t i = 0; i < n; i++) a[i] = scale * (float)moe_rng_normal(99, MOE_RNG_BENCH, (uint32_t)i, 0, id, 0);
+}
+
+static void setup(fixture *f, shape s)
+{
+    memset(f, 0, sizeof *f);
+    f->s = s;
+    f->F1 = moe_f1(s.F, s.act);
+    moe_layer_config lc = {
+        .router = {.n_experts = s.E, .top_k = s.k, .d_model = s.d, .kind = s.kind,
+                   .capacity_factor = s.cf, .normalize_topk = s.k > 1, .noise = 0},
+        .d_ff = s.F, .act = s.act, .max_tokens = s.T, .max_groups = s.G, .chunks = 1};
+    assert_int_equal(moe_layer_create(&f->L, &lc, NULL), MOE_OK);
+    size_t nr = (size_t)s.E * s.d, n1 = (size_t)s.E * f->F1 * s.d, nb1 = (size_t)s.E * f->F1;
+    size_t n2 = (size_t)s.E * s.d * s.F, nb2 = (size_t)s.E * s.d, na = (size_t)s.T * s.d;
+    f->n_params = nr + n1 + nb1 + n2 + nb2;
+    f->mem = calloc(2 * f->n_params + 4 * na, sizeof(float));
+    float *q = f->mem;
+    moe_layer_params *ps[2] = {&f->p, &f->g};
+    for (int i = 0; i < 2; i++) {
+        ps[i]->router_w = q; q += nr;
+        ps[i]->experts.w1 = q; q += n1;
+        ps[i]->experts.b1 = q; q += nb1;
+        ps[i]->experts.w2 = q; q += n2;
+        ps[i]->experts.b2 = q; q += nb2;
+    }
+    f->x = q; q += na;
+    f->y = q; q += na;
+    f->dy = q; q += na;
+    f->dx = q;
+    fill(f->p.router_w, nr, 1, 1.0f / sqrtf((float)s.d));
+    fill(f->p.experts.w1, n1, 2, 1.0f / sqrtf((float)s.d));
+    fill(f->p.experts.b1, nb1, 3, 0.1f);
+    fill(f->p.experts.w2, n2, 4, 1.0f / sqrtf((float)s.F));
+    fill(f->p.experts.b2, nb2, 5, 0.1f);
+    fill(f->x, na, 6, 1.0f);
+    fill(f->dy, na, 7, 1.0f);
+}
+
+static void teardown(fixture *f)
+{
+    moe_layer_destroy(f->L);
+    free(f->mem);
+}
+
+/* Naive reference: y_t = sum over kept (t, e) of g_te * FFN_e(x_t), one
+ * token at a time through the _ref expert kernel; routing decisions from
+ * moe_router_assign_ref on the layer's own probabilities. */
+static void check_against_ref(fixture *f)
+{
+    const shape s = f->s;
+    assert_int_equal(moe_layer_forward(f->L, f->y, f->x, &f->p, s.T, s.G, NULL), MOE_OK);
+    const moe_route *r = moe_layer_route(f->L);
+    moe_router_config rc = {.n_experts = s.E, .top_k = s.k, .d_model = s.d, .kind = s.kind,
+                            .capacity_factor = s.cf, .normalize_topk = s.k > 1};
+    int Tg = s.T / s.G;
+    float *w = calloc((size_t)Tg * s.E, sizeof(float));
+    uint8_t *sel = calloc((size_t)Tg * s.E, 1), *kept = calloc((size_t)Tg * s.E, 1);
+    int cnt[3][64];
+    for (int g = 0; g < s.G; g++) {
+        moe_router_assign_ref(w, sel, kept, cnt[0], cnt[1], cnt[2], r->probs + (size_t)g * Tg * s.E, &rc, Tg);
+        for (int i = 0; i < Tg * s.E; i++) {
+            assert_int_equal(kept[i], r->kept[(size_t)g * Tg * s.E + i]);
+            assert_int_equal(sel[i], r->selected[(size_t)g * Tg * s.E + i]);
+            assert_float_equal(w[i], r->weight[(size_t)g * Tg * s.E + i], 1e-6);
+        }
+    }
+    float *yo = calloc((size_t)s.d, sizeof(float)), *h = calloc((size_t)f->F1, sizeof(float));
+    float *a = calloc((size_t)s.F, sizeof(float));
+    int off[2] = {0, 1};
+    double maxerr = 0, maxabs = 0;
+    for (int t = 0; t < s.T; t++) {
+        double acc[512] = {0};
+        for (int e = 0; e < s.E; e++) {
+            if (!r->kept[(size_t)t * s.E + e]) continue;
+            moe_expert_params pe = {f->p.experts.w1 + (size_t)e * f->F1 * s.d, f->p.experts.b1 + (size_t)e * f->F1,
+                                    f->p.experts.w2 + (size_t)e * s.d * s.F, f->p.experts.b2 + (size_t)e * s.d};
+            moe_expert_forward_ref(yo, h, a, f->x + (size_t)t * s.d, off, &pe, 1, s.d, s.F, s.act);
+            for (int i = 0; i < s.d; i++) acc[i] += r->weight[(size_t)t * s.E + e] * yo[i];
+        }
+        for (int i = 0; i < s.d; i++) {
+            double err = fabs(acc[i] - f->y[(size_t)t * s.d + i]);
+            maxerr = err > maxerr ? err : maxerr;
+            maxabs = fabs(acc[i]) > maxabs ? fabs(acc[i]) : maxabs;
+        }
+    }
+    assert_true(maxerr <= 1e-5 * (maxabs + 1e-6) + 1e-6);
+    free(w); free(sel); free(kept); free(yo); free(h); free(a);
+}
+
+static void test_forward_matches_reference(void **state)
+{
+    (void)state;
+    shape shapes[] = {
+        {64, 2, 16, 24, 4, 2, MOE_ROUTER_TOKEN_CHOICE, 1.0, MOE_ACT_GELU},   /* drops */
+        {64, 4, 16, 24, 4, 1, MOE_ROUTER_TOKEN_CHOICE, 1.0, MOE_ACT_RELU},   /* Switch */
+        {48, 1, 8, 16, 3, 3, MOE_ROUTER_TOKEN_CHOICE, 0.0, MOE_ACT_SWIGLU},  /* k = E, dropless */
+        {32, 2, 8, 16, 1, 1, MOE_ROUTER_TOKEN_CHOICE, 1.25, MOE_ACT_GELU},   /* E = 1 */
+        {64, 2, 16, 24, 8, 2, MOE_ROUTER_EXPERT_CHOICE, 2.0, MOE_ACT_GELU},
+        {16, 2, 8, 8, 4, 2, MOE_ROUTER_EXPERT_CHOICE, 16.0, MOE_ACT_SWIGLU}, /* C clipped to T */
+    };
+    for (size_t i = 0; i < sizeof shapes / sizeof shapes[0]; i++) {
+        fixture f;
+        setup(&f, shapes[i]);
+        check_against_ref(&f);
+        teardown(&f);
+    }
+}
+
+/* L = sum(y * dy) + a * sum_g Lbal_g + b * sum_g Lz_g, in double. */
+static double loss(fixture *f, double a, double b, const uint8_t *kept_ref, int *flipped)
+{
+    const shape s = f->s;
+    assert_int_equal(moe_layer_forward(f->L, f->y, f->x, &f->p, s.T, s.G, NULL), MOE_OK);
+    const moe_route *r = moe_layer_route(f->L);
+    if (kept_ref && (memcmp(kept_ref, r->kept, (size_t)s.T * s.E) || memcmp(kept_ref + s.T * s.E, r->selected, (size_t)s.T * s.E)))
+        *flipped = 1;
+    double L = 0;
+    for (size_t i = 0; i < (size_t)s.T * s.d; i++) L += (double)f->y[i] * f->dy[i];
+    for (int g = 0; g < s.G; g++) L += a * r->load_balance[g] + b * r->z_loss[g];
+    return L;
+}
+
+/* Central differences on a sample of entries of one tensor. */
+static void fd_tensor(fixture *f, float *param, const float *grad, size_t n, double a, double b, const char *name)
+{
+    const shape s = f->s;
+    uint8_t *masks = malloc((size_t)2 * s.T * s.E);
+    (void)loss(f, a, b, NULL, NULL);
+    memcpy(masks, moe_layer_route(f->L)->kept, (size_t)s.T * s.E);
+    memcpy(masks + s.T * s.E, moe_layer_route(f->L)->selected, (size_t)s.T * s.E);
+    double gmax = 0;
+    for (size_t i = 0; i < n; i++) gmax = fabs(grad[i]) > gmax ? fabs(grad[i]) : gmax;
+    int checked = 0;
+    size_t stride = n > 40 ? n / 40 : 1;
+    for (size_t i = 0; i < n; i += stride) {
+        float keep = param[i];
+        float eps = 1e-2f * (fabsf(keep) > 0.1f ? fabsf(keep) : 0.1f);
+        int flipped = 0;
+        param[i] = keep + eps;
+        double lp = loss(f, a, b, masks, &flipped);
+        param[i] = keep - eps;
+        double lm = loss(f, a, b, masks, &flipped);
+        param[i] = keep;
+        if (flipped) continue; /* selection is not differentiable */
+        double num = (lp - lm) / (2.0 * eps);
+        if (fabs(num - grad[i]) > 2e-2 * gmax + 1e-4)
+            fail_msg("%s[%zu]: finite difference %.6g vs backward %.6g (max |grad| %.3g)", name, i, num, grad[i], gmax);
+        checked++;
+    }
+    assert_true(checked >= 5);
+    free(masks);
+}
+
+static void fd_case(shape s, double a, double b, int with_y)
+{
+    fixture f;
+    setup(&f, s);
+    if (!with_y) memset(f.dy, 0, sizeof(float) * (size_t)s.T * s.d);
+    assert_int_equal(moe_layer_forward(f.L, f.y, f.x, &f.p, s.T, s.G, NULL), MOE_OK);
+    assert_int_equal(moe_layer_backward(f.L, f.dx, &f.g, f.dy, f.x, &f.p, (float)a, (float)b), MOE_OK);
+    float *gx = malloc(sizeof(float) * (size_t)s.T * s.d);
+    memcpy(gx, f.dx, sizeof(float) * (size_t)s.T * s.d);
+    fd_tensor(&f, f.x, gx, (size_t)s.T * s.d, a, b, "x");
+    fd_tensor(&f, f.p.router_w, f.g.router_w, (size_t)s.E * s.d, a, b, "router_w");
+    if (with_y) {
+        fd_tensor(&f, f.p.experts.w1, f.g.experts.w1, (size_t)s.E * f.F1 * s.d, a, b, "w1");
+        fd_tensor(&f, f.p.experts.b1, f.g.experts.b1, (size_t)s.E * f.F1, a, b, "b1");
+        fd_tensor(&f, f.p.experts.w2, f.g.experts.w2, (size_t)s.E * s.d * s.F, a, b, "w2");
+        fd_tensor(&f, f.p.experts.b2, f.g.experts.b2, (size_t)s.E * s.d, a, b, "b2");
+    }
+    free(gx);
+    teardown(&f);
+}
+
+static void test_finite_differences(void **state)
+{
+    (void)state;
+    shape tc = {32, 2, 8, 12, 4, 2, MOE_ROUTER_TOKEN_CHOICE, 1.0, MOE_ACT_GELU};
+    shape ec = {32, 2, 8, 12, 4, 2, MOE_ROUTER_EXPERT_CHOICE, 2.0, MOE_ACT_SWIGLU};
+    fd_case(tc, 0.0, 0.0, 1);  /* outputs only */
+    fd_case(tc, 5.0, 0.0, 0);  /* load-balance loss alone */
+    fd_case(tc, 0.0, 5.0, 0);  /* z-loss alone */
+    fd_case(tc, 0.5, 0.5, 1);
+    fd_case(ec, 0.0, 5.0, 0);
+    fd_case(ec, 0.5, 0.5, 1);
+}
+
+static void test_idle_expert_has_zero_gradient(void **state)
+{
+    (void)state;
+    shape s = {64, 2, 8, 12, 4, 2, MOE_ROUTER_TOKEN_CHOICE, 0.0, MOE_ACT_GELU};
+    fixture f;
+    setup(&f, s);
+    /* Expert 3 scores far below the others for every token. */
+    for (size_t i = 0; i < (size_t)s.T * s.d; i++) f.x[i] = fabsf(f.x[i]) + 0.5f;
+    for (int i = 0; i < s.d; i++) f.p.router_w[3 * s.d + i] = -3.0f;
+    const float sentinel = 1234.5f;
+    float *gexp = f.g.experts.w1;
+    size_t n_exp = f.n_params - (size_t)s.E * s.d;
+    for (size_t i = 0; i < n_exp; i++) gexp[i] = sentinel;
+    assert_int_equal(moe_layer_forward(f.L, f.y, f.x, &f.p, s.T, s.G, NULL), MOE_OK);
+    assert_int_equal(moe_layer_expert_rows(f.L)[3], 0);
+    assert_int_equal(moe_layer_backward(f.L, f.dx, &f.g, f.dy, f.x, &f.p, 0.01f, 0.001f), MOE_OK);
+    /* Untouched bit for bit: the backward adds nothing, not even +0. */
+    const float *w1 = f.g.experts.w1 + (size_t)3 * f.F1 * s.d, *w2 = f.g.experts.w2 + (size_t)3 * s.d * s.F;
+    for (int i = 0; i < f.F1 * s.d; i++) assert_memory_equal(&w1[i], &sentinel, sizeof(float));
+    for (int i = 0; i < s.d * s.F; i++) assert_memory_equal(&w2[i], &sentinel, sizeof(float));
+    for (int i = 0; i < f.F1; i++) assert_memory_equal(&f.g.experts.b1[3 * f.F1 + i], &sentinel, sizeof(float));
+    for (int i = 0; i < s.d; i++) assert_memory_equal(&f.g.experts.b2[3 * s.d + i], &sentinel, sizeof(float));
+    /* ... while active experts did receive gradient. */
+    assert_true(f.g.experts.w1[0] != sentinel);
+    teardown(&f);
+}
+
+static void test_bad_input(void **state)
+{
+    (void)state;
+    moe_layer *L = NULL;
+    moe_layer_config base = {
+        .router = {.n_experts = 4, .top_k = 2, .d_model = 8, .kind = MOE_ROUTER_TOKEN_CHOICE,
+                   .capacity_factor = 1.0, .normalize_topk = 1},
+        .d_ff = 8, .act = MOE_ACT_GELU, .max_tokens = 16, .max_groups = 2, .chunks = 1};
+    moe_layer_config c = base;
+    c.router.top_k = 5;
+    assert_int_equal(moe_layer_create(&L, &c, NULL), MOE_ERR_ARG);
+    assert_true(strlen(moe_error_detail()) > 0);
+    assert_null(L);
+    c = base; c.router.top_k = 0;
+    assert_int_equal(moe_layer_create(&L, &c, NULL), MOE_ERR_ARG);
+    c = base; c.router.n_experts = 0;
+    assert_int_equal(moe_layer_create(&L, &c, NULL), MOE_ERR_ARG);
+    c = base; c.router.d_model = 0;
+    assert_int_equal(moe_layer_create(&L, &c, NULL), MOE_ERR_ARG);
+    c = base; c.d_ff = -3;
+    assert_int_equal(moe_layer_create(&L, &c, NULL), MOE_ERR_ARG);
+    c = base; c.router.kind = MOE_ROUTER_EXPERT_CHOICE; c.router.capacity_factor = 0;
+    assert_int_equal(moe_layer_create(&L, &c, NULL), MOE_ERR_ARG);
+
+    shape s = {16, 2, 8, 8, 4, 2, MOE_ROUTER_TOKEN_CHOICE, 1.0, MOE_ACT_GELU};
+    fixture f;
+    setup(&f, s);
+    assert_int_equal(moe_layer_forward(f.L, f.y, f.x, &f.p, 15, 2, NULL), MOE_ERR_ARG); /* T % G */
+    assert_int_equal(moe_layer_forward(f.L, f.y, f.x, &f.p, 0, 1, NULL), MOE_ERR_ARG);
+    assert_int_equal(moe_layer_forward(f.L, f.y, f.x, &f.p, 32, 2, NULL), MOE_ERR_ARG); /* > max */
+    assert_int_equal(moe_layer_backward(f.L, f.dx, &f.g, f.dy, f.x, &f.p, 0, 0), MOE_ERR_ARG);
+    f.x[5] = NAN;
+    assert_int_equal(moe_layer_forward(f.L, f.y, f.x, &f.p, 16, 2, NULL), MOE_ERR_NONFINITE);
+    f.x[5] = INFINITY;
+    assert_int_equal(moe_layer_forward(f.L, f.y, f.x, &f.p, 16, 2, NULL), MOE_ERR_NONFINITE);
+    f.x[5] = 0.5f;
+    assert_int_equal(moe_layer_forward(f.L, f.y, f.x, &f.p, 16, 2, NULL), MOE_OK);
+    teardown(&f);
+}
+
+int main(void)
+{
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_forward_matches_reference),
+        cmocka_unit_test(test_finite_differences),
+        cmocka_unit_test(test_idle_expert_has_zero_gradient),
+        cmocka_unit_test(test_bad_input),
+    };
+    return cmocka_run_group_tests(tests, NULL, NULL);
+}

@@ -1,0 +1,252 @@
+/* Dense model layers: the GEMM kernels against their naive references, and
+ * layernorm, attention and cross-entropy backward against central finite
+ * differences of L = sum(out * R) with double accumulation. A dropped term
+ * in any backward gives a relative error of order 0.1..1, far above the
+ * 2e-3 tolerance; float round-off of the differences stays below ~1e-4. */
+#include <math.h>
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <string.h>
+
+#include <cmocka.h>
+
+#include "core/moe.h"
+#include "core/rng.h"
+#include "model/ops.h"
+
+static void fill(float *a, size_t n, uint32_t id, float scale)
+{
+    for (size_t i = 0; i < n; i++)
+        a[i] = scale * (float)moe_rng_normal(7, MOE_RNG_BENCH, (uint32_t)i, 0, id, 0);
+}
+
+/* ||a - b|| / ||b|| */
+static double rel_err(const float *a, const float *b, size_t n)
+{
+    double d = 0, s = 0;
+    for (size_t i = 0; i < n; i++) {
+        d += ((double)a[i] - b[i]) * ((double)a[i] - b[i]);
+        s += (double)b[i] * b[i];
+    }
+    return sqrt(d / (s > 0 ? s : 1e-300));
+}
+
+static double dot(const float *a, const float *r, size_t n)
+{
+    double s = 0;
+    for (size_t i = 0; i < n; i++) s += (double)a[i] * r[i];
+    return s;
+}
+
+/* Central differences of f (a closure computing L at the current inputs) with
+ * respect to the n entries of x, into fd. */
+typedef double (*loss_fn)(void *ctx);
+static void finite_diff(float *fd, float *x, size_t n, float h, loss_fn f, void *ctx)
+{
+    for (size_t i = 0; i < n; i++) {
+        const float x0 = x[i];
+        x[i] = x0 + h;
+        const double lp = f(ctx);
+        x[i] = x0 - h;
+        const double lm = f(ctx);
+        x[i] = x0;
+        fd[i] = (float)((lp - lm) / (2.0 * h));
+    }
+}
+
+static void test_matmul_matches_ref(void **state)
+{
+    (void)state;
+    enum { N = 37, C = 19, OC = 23 };
+    float inp[N * C], w[OC * C], b[OC], dout[N * OC];
+    float o1[N * OC], o2[N * OC];
+    float di1[N * C] = {0}, di2[N * C] = {0}, dw1[OC * C] = {0}, dw2[OC * C] = {0}, db1[OC] = {0},
+          db2[OC] = {0};
+    fill(inp, N * C, 1, 1.0f);
+    fill(w, OC * C, 2, 0.5f);
+    fill(b, OC, 3, 1.0f);
+    fill(dout, N * OC, 4, 1.0f);
+    moe_model_matmul_forward(o1, inp, w, b, N, C, OC);
+    moe_model_matmul_forward_ref(o2, inp, w, b, N, C, OC);
+    assert_true(rel_err(o1, o2, N * OC) < 1e-6);
+    moe_model_matmul_forward(o1, inp, w, NULL, N, C, OC);
+    moe_model_matmul_forward_ref(o2, inp, w, NULL, N, C, OC);
+    assert_true(rel_err(o1, o2, N * OC) < 1e-6);
+    /* accumulation: run twice, the result is twice one pass */
+    for (int rep = 0; rep < 2; rep++) {
+        moe_model_matmul_backward(di1, dw1, db1, dout, inp, w, N, C, OC);
+        moe_model_matmul_backward_ref(di2, dw2, db2, dout, inp, w, N, C, OC);
+    }
+    assert_true(rel_err(di1, di2, N * C) < 1e-6);
+    assert_true(rel_err(dw1, dw2, OC * C) < 1e-6);
+    assert_true(rel_err(db1, db2, OC) < 1e-6);
+    float one[N * C] = {0};
+    moe_model_matmul_backward_ref(one, dw2, NULL, dout, inp, w, N, C, OC);
+    for (int i = 0; i < N * C; i++) one[i] *= 2.0f;
+    assert_true(rel_err(di2, one, N * C) < 1e-6);
+}
+
+/* ---- layernorm ---- */
+enum { LN_N = 5, LN_C = 12 };
+typedef struct {
+    float x[LN_N * LN_C], w[LN_C], b[LN_C], r[LN_N * LN_C];
+} ln_ctx;
+
+static double ln_loss(void *vctx)
+{
+    ln_ctx *c = vctx;
+    float out[LN_N * LN_C], mean[LN_N], rstd[LN_N];
+    moe_model_layernorm_forward(out, mean, rstd, c->x, c->w, c->b, LN_N, LN_C, 1e-5f);
+    return dot(out, c->r, LN_N * LN_C);
+}
+
+static void test_layernorm_fd(void **state)
+{
+    (void)state;
+    ln_ctx c;
+    fill(c.x, LN_N * LN_C, 10, 1.0f);
+    for (int i = 0; i < LN_N * LN_C; i++) c.x[i] += 3.0f; /* a non-zero mean must be handled */
+    fill(c.w, LN_C, 11, 1.0f);
+    fill(c.b, LN_C, 12, 1.0f);
+    fill(c.r, LN_N * LN_C, 13, 1.0f);
+    float out[LN_N * LN_C], mean[LN_N], rstd[LN_N];
+    float dx[LN_N * LN_C] = {0}, dw[LN_C] = {0}, db[LN_C] = {0};
+    moe_model_layernorm_forward(out, mean, rstd, c.x, c.w, c.b, LN_N, LN_C, 1e-5f);
+    moe_model_layernorm_backward(dx, dw, db, c.r, c.x, c.w, mean, rstd, LN_N, LN_C);
+    float fx[LN_N * LN_C], fw[LN_C], fb[LN_C];
+    finite_diff(fx, c.x, LN_N * LN_C, 1e-2f, ln_loss, &c);
+    finite_diff(fw, c.w, LN_C, 1e-2f, ln_loss, &c);
+    finite_diff(fb, c.b, LN_C, 1e-2f, ln_loss, &c);
+    assert_true(rel_err(dx, fx, LN_N * LN_C) < 2e-3);
+    assert_true(rel_err(dw, fw, LN_C) < 2e-3);
+    assert_true(rel_err(db, fb, LN_C) < 2e-3);
+}
+
+/* ---- attention ---- */
+enum { AB = 2, AT = 6, AC = 8, ANH = 2 };
+typedef struct {
+    float qkv[AB * AT * 3 * AC], r[AB * AT * AC];
+    int ref;
+} att_ctx;
+
+static double att_loss(void *vctx)
+{
+    att_ctx *c = vctx;
+    float out[AB * AT * AC], att[AB * ANH * AT * AT];
+    if (c->ref) moe_model_attention_forward_ref(out, att, c->qkv, AB, AT, AC, ANH);
+    else moe_model_attention_forward(out, att, c->qkv, AB, AT, AC, ANH);
+    return dot(out, c->r, AB * AT * AC);
+}
+
+static void test_attention(void **state)
+{
+    (void)state;
+    att_ctx c = {.ref = 0};
+    fill(c.qkv, AB * AT * 3 * AC, 20, 1.0f);
+    fill(c.r, AB * AT * AC, 21, 1.0f);
+    float o1[AB * AT * AC], o2[AB * AT * AC], a1[AB * ANH * AT * AT], a2[AB * ANH * AT * AT];
+    moe_model_attention_forward(o1, a1, c.qkv, AB, AT, AC, ANH);
+    moe_model_attention_forward_ref(o2, a2, c.qkv, AB, AT, AC, ANH);
+    assert_true(rel_err(o1, o2, AB * AT * AC) < 1e-5);
+    assert_true(rel_err(a1, a2, AB * ANH * AT * AT) < 1e-5);
+    /* causal: probabilities above the diagonal are exactly 0, rows sum to 1 */
+    for (int r = 0; r < AB * ANH * AT; r++) {
+        const int t = r % AT;
+        double s = 0;
+        for (int j = 0; j < AT; j++) {
+            if (j > t) assert_true(a1[r * AT + j] == 0.0f);
+            s += a1[r * AT + j];
+        }
+        assert_true(fabs(s - 1.0) < 1e-5);
+    }
+    float d1[AB * AT * 3 * AC] = {0}, d2[AB * AT * 3 * AC] = {0}, scratch[AT * AT];
+    moe_model_attention_backward(d1, scratch, c.r, c.qkv, a1, AB, AT, AC, ANH);
+    moe_model_attention_backward_ref(d2, scratch, c.r, c.qkv, a2, AB, AT, AC, ANH);
+    assert_true(rel_err(d1, d2, AB * AT * 3 * AC) < 1e-5);
+    float fd[AB * AT * 3 * AC];
+    finite_diff(fd, c.qkv, AB * AT * 3 * AC, 1e-2f, att_loss, &c);
+    assert_true(rel_err(d1, fd, AB * AT * 3 * AC) < 2e-3);
+    c.ref = 1;
+    finite_diff(fd, c.qkv, AB * AT * 3 * AC, 1e-2f, att_loss, &c);
+    assert_true(rel_err(d2, fd, AB * AT * 3 * AC) < 2e-3);
+    /* the future does not leak: out at t = 0 ignores k, v of t >= 1 */
+    float d0[AB * AT * 3 * AC] = {0}, r0[AB * AT * AC] = {0};
+    for (int i = 0; i < AC; i++) r0[i] = 1.0f; /* only (b = 0, t = 0) */
+    moe_model_attention_backward(d0, scratch, r0, c.qkv, a1, AB, AT, AC, ANH);
+    for (int t = 1; t < AT; t++)
+        for (int i = 0; i < 3 * AC; i++) assert_true(d0[t * 3 * AC + i] == 0.0f);
+}
+
+/* ---- cross-entropy ---- */
+enum { CN = 4, CV = 11 };
+typedef struct {
+    float logits[CN * CV];
+    uint8_t targets[CN];
+} ce_ctx;
+
+static double ce_loss(void *vctx)
+{
+    ce_ctx *c = vctx;
+    float losses[CN], probs[CN * CV];
+    moe_model_crossentropy_forward(losses, probs, c->logits, c->targets, CN, CV);
+    double s = 0;
+    for (int i = 0; i < CN; i++) s += losses[i];
+    return s;
+}
+
+static void test_crossentropy(void **state)
+{
+    (void)state;
+    ce_ctx c = {.targets = {0, 3, 10, 3}};
+    fill(c.logits, CN * CV, 30, 2.0f);
+    float losses[CN], probs[CN * CV], dl[CN * CV] = {0}, fd[CN * CV];
+    moe_model_crossentropy_forward(losses, probs, c.logits, c.targets, CN, CV);
+    for (int n = 0; n < CN; n++) { /* against -log softmax in double */
+        double mx = -1e30, s = 0;
+        for (int i = 0; i < CV; i++) mx = fmax(mx, c.logits[n * CV + i]);
+        for (int i = 0; i < CV; i++) s += exp(c.logits[n * CV + i] - mx);
+        const double ref = mx + log(s) - c.logits[n * CV + c.targets[n]];
+        assert_true(fabs(losses[n] - ref) < 1e-5 * fabs(ref) + 1e-6);
+    }
+    moe_model_crossentropy_backward(dl, probs, c.targets, 1.0f, CN, CV);
+    finite_diff(fd, c.logits, CN * CV, 1e-2f, ce_loss, &c);
+    assert_true(rel_err(dl, fd, CN * CV) < 2e-3);
+    /* large logits stay finite */
+    for (int i = 0; i < CV; i++) c.logits[i] = 1000.0f + i;
+    moe_model_crossentropy_forward(losses, probs, c.logits, c.targets, CN, CV);
+    const double ref0 = 10.0 + log((1.0 - exp(-11.0)) / (1.0 - exp(-1.0))); /* target 0 */
+    assert_true(isfinite(losses[0]) && fabs(losses[0] - ref0) < 1e-3);
+}
+
+static void test_encoder(void **state)
+{
+    (void)state;
+    enum { B = 2, T = 3, C = 4, V = 256 };
+    static float wte[V * C], wpe[T * C], dwte[V * C], dwpe[T * C];
+    fill(wte, V * C, 40, 1.0f);
+    fill(wpe, T * C, 41, 1.0f);
+    const uint8_t inp[B * T] = {5, 255, 5, 0, 1, 2};
+    float out[B * T * C], dout[B * T * C];
+    moe_model_encoder_forward(out, inp, wte, wpe, B, T, C);
+    for (int i = 0; i < B * T; i++)
+        for (int c = 0; c < C; c++)
+            assert_true(out[i * C + c] == wte[inp[i] * C + c] + wpe[(i % T) * C + c]);
+    for (int i = 0; i < B * T * C; i++) dout[i] = 1.0f;
+    moe_model_encoder_backward(dwte, dwpe, dout, inp, B, T, C);
+    assert_true(dwte[5 * C] == 2.0f && dwte[255 * C] == 1.0f && dwte[7 * C] == 0.0f);
+    assert_true(dwpe[0] == 2.0f && dwpe[2 * C + 3] == 2.0f);
+}
+
+int main(void)
+{
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_matmul_matches_ref),
+        cmocka_unit_test(test_layernorm_fd),
+        cmocka_unit_test(test_attention),
+        cmocka_unit_test(test_crossentropy),
+        cmocka_unit_test(test_encoder),
+    };
+    return cmocka_run_group_tests(tests, NULL, NULL);
+}
