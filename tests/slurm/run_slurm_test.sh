@@ -1,0 +1,246 @@
+#!/usr/bin/env bash
+# run_slurm_test.sh: end-to-end test of launch/slurm/moe-train.sbatch on a
+# private one-node Slurm cluster (munged, slurmctld and slurmd started here,
+# all state in a temp dir, on ports of their own).
+#
+#   run_slurm_test.sh MOE_BIN REPO_ROOT
+#
+# Installs Debian's slurmctld, slurmd, slurm-client and munge if missing
+# (needs root and apt). Job 1 trains a tiny model on 2 ranks with the launcher
+# the script picks (srun --mpi=pmix here) and checks the job state, the log
+# and the checkpoints. Job 2 resubmits into the same run directory with more
+# steps through the mpirun launcher and checks that it resumed from job 1's
+# latest checkpoint and went on. Every wait is bounded (one deadline for the
+# whole test), and the daemons, jobs and temp dir are always cleaned up.
+# Fails, never skips, when Slurm cannot be installed or started.
+set -euo pipefail
+
+fail() { echo "FAIL: $*" >&2; exit 1; }
+log() { echo "-- $*"; }
+
+(( $# == 2 )) || { echo "usage: $0 MOE_BIN REPO_ROOT" >&2; exit 2; }
+moe=$(realpath "$1")
+repo=$(realpath "$2")
+sbatch_script=$repo/launch/slurm/moe-train.sbatch
+[[ -x $moe ]] || fail "no moe binary at '$1'"
+[[ -r $sbatch_script ]] || fail "no $sbatch_script"
+
+deadline=$(( SECONDS + 380 )) # under the ctest TIMEOUT, so cleanup always runs
+# until_ok LIMIT_S WHAT CMD...: retry CMD every 0.5 s until it succeeds,
+# for at most LIMIT_S seconds and never past the deadline.
+until_ok() {
+    local limit=$1 what=$2
+    shift 2
+    local end=$(( SECONDS + limit ))
+    (( end < deadline )) || end=$deadline
+    until "$@" > /dev/null 2>&1; do
+        (( SECONDS < end )) || fail "timed out after ${limit}s waiting for $what"
+        sleep 0.5
+    done
+}
+
+# ---- packages ----
+need=(slurmctld slurmd sbatch srun sinfo squeue scontrol scancel munged mungekey munge unmunge)
+missing() { local c; for c in "${need[@]}"; do command -v "$c" > /dev/null || return 0; done; return 1; }
+if missing; then
+    [[ $(id -u) -eq 0 ]] || fail "Slurm/munge not installed and not root: cannot apt-get install them"
+    pkgs=(slurmctld slurmd slurm-client munge)
+    apt_install() {
+        DEBIAN_FRONTEND=noninteractive timeout 150 apt-get install -y -q --no-install-recommends "${pkgs[@]}" \
+            > "${TMPDIR:-/tmp}/moe-slurm-apt.log" 2>&1
+    }
+    log "installing ${pkgs[*]}"
+    if ! apt_install; then
+        log "install failed, running apt-get update first"
+        timeout 150 apt-get update -q > /dev/null 2>&1 || true
+        apt_install || fail "apt-get install ${pkgs[*]} failed: $(tail -3 "${TMPDIR:-/tmp}/moe-slurm-apt.log")"
+    fi
+    ! missing || fail "Slurm/munge commands still missing after install (need: ${need[*]})"
+fi
+
+# ---- private cluster ----
+tmp=$(mktemp -d "${TMPDIR:-/tmp}/moe-slurm.XXXXXX")
+chmod 755 "$tmp"
+pids=()  # daemons started here, killed in reverse order
+job_ids=()
+cleanup() {
+    local rc=$?
+    set +e
+    trap - EXIT INT TERM
+    if (( ${#job_ids[@]} )); then
+        scancel "${job_ids[@]}" 2> /dev/null
+        local end=$(( SECONDS + 20 ))  # let slurmd end the job steps first
+        while (( SECONDS < end )) && [[ -n $(squeue -h -o %i 2> /dev/null) ]]; do sleep 0.5; done
+    fi
+    local i p
+    for (( i = ${#pids[@]} - 1; i >= 0; i-- )); do
+        p=${pids[i]}
+        kill "$p" 2> /dev/null || continue
+        for _ in $(seq 20); do kill -0 "$p" 2> /dev/null || break; sleep 0.25; done
+        kill -9 "$p" 2> /dev/null
+        wait "$p" 2> /dev/null
+    done
+    if (( rc != 0 )); then
+        for f in "$tmp"/job-*.out "$tmp"/slurmctld.log "$tmp"/slurmd.log "$tmp"/munged.log; do
+            [[ -f $f ]] && { echo "==== tail of $f"; tail -n 30 "$f"; }
+        done
+    fi
+    rm -rf "$tmp"
+    exit "$rc"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+# munged on a private socket and key, so a system munge (if any) is untouched.
+mkdir -m 700 "$tmp/munge"
+sock=$tmp/munge/munge.sock
+mungekey --create --keyfile="$tmp/munge/munge.key" || fail "mungekey could not create a key"
+munged --foreground --force --socket="$sock" --key-file="$tmp/munge/munge.key" \
+    --pid-file="$tmp/munge/munged.pid" --seed-file="$tmp/munge/munged.seed" \
+    --log-file="$tmp/munged.log" < /dev/null > /dev/null 2>&1 &
+pids+=($!)
+munge_ok() { munge --socket="$sock" -n | unmunge --socket="$sock"; }
+until_ok 15 "munged to answer" munge_ok
+
+# Two free TCP ports above 20000 for slurmctld and slurmd.
+free_port() {
+    local p
+    for _ in $(seq 50); do
+        p=$(( 20000 + RANDOM % 20000 ))
+        ss -Hltn "sport = :$p" 2> /dev/null | grep -q . || { echo "$p"; return; }
+    done
+    fail "no free TCP port found"
+}
+ctld_port=$(free_port)
+slurmd_port=$(free_port)
+(( slurmd_port != ctld_port )) || slurmd_port=$(( ctld_port + 1 ))
+
+node=$(hostname -s)
+cpus=$(nproc)
+(( cpus >= 2 )) || cpus=2 # 2 ranks must fit even on 1 core (config_overrides trusts this)
+export SLURM_CONF=$tmp/slurm.conf
+cat > "$SLURM_CONF" << EOF
+ClusterName=moetest
+SlurmctldHost=$node(127.0.0.1)
+SlurmctldPort=$ctld_port
+SlurmdPort=$slurmd_port
+SlurmUser=root
+SlurmdUser=root
+AuthType=auth/munge
+CredType=cred/munge
+AuthInfo=socket=$sock
+StateSaveLocation=$tmp/ctld
+SlurmdSpoolDir=$tmp/slurmd
+SlurmctldPidFile=$tmp/slurmctld.pid
+SlurmdPidFile=$tmp/slurmd.pid
+SlurmctldLogFile=$tmp/slurmctld.log
+SlurmdLogFile=$tmp/slurmd.log
+SlurmctldDebug=info
+SlurmdDebug=info
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+JobAcctGatherType=jobacct_gather/none
+AccountingStorageType=accounting_storage/none
+SchedulerType=sched/builtin
+SelectType=select/cons_tres
+SelectTypeParameters=CR_Core
+SlurmdParameters=config_overrides
+MpiDefault=none
+ReturnToService=2
+MessageTimeout=10
+KillWait=5
+MinJobAge=600
+NodeName=$node NodeAddr=127.0.0.1 CPUs=$cpus RealMemory=1000 State=UNKNOWN
+PartitionName=debug Nodes=$node Default=YES MaxTime=INFINITE State=UP OverSubscribe=YES
+EOF
+mkdir -p "$tmp/ctld" "$tmp/slurmd"
+
+log "starting slurmctld and slurmd (node $node, ports $ctld_port/$slurmd_port)"
+slurmctld -D -i -f "$SLURM_CONF" < /dev/null > "$tmp/slurmctld.stdout" 2>&1 &
+pids+=($!)
+until_ok 30 "slurmctld to answer" scontrol ping
+slurmd -D -f "$SLURM_CONF" -N "$node" < /dev/null > "$tmp/slurmd.stdout" 2>&1 &
+pids+=($!)
+node_idle() { [[ $(sinfo -h -n "$node" -o %t) == idle ]]; }
+until_ok 60 "node $node to be idle in sinfo" node_idle
+
+# ---- the payload: a tiny model on a synthetic corpus ----
+"$moe" data synth --out "$tmp/corpus.txt" --bytes 200000 > /dev/null || fail "moe data synth failed"
+cat > "$tmp/tiny.ini" << EOF
+[model]
+d_model = 32
+n_layers = 2
+n_heads = 2
+seq_len = 32
+n_experts = 4
+top_k = 2
+d_ff = 64
+[train]
+batch_size = 4
+steps = 20
+data = $tmp/corpus.txt
+[checkpoint]
+ckpt_every = 10
+EOF
+run=$tmp/run
+
+# submit OUT_VAR [sbatch args...] -- [script args...]: submits the job, records its id.
+submit() {
+    local -n id_out=$1
+    shift
+    id_out=$(sbatch --parsable --chdir="$tmp" --output="$tmp/job-%j.out" --time=5 "$@") \
+        || fail "sbatch refused the job"
+    id_out=${id_out%%;*}
+    job_ids+=("$id_out")
+}
+# wait_job ID LIMIT_S: waits for the job to end; fails unless it COMPLETED with 0:0.
+wait_job() {
+    local id=$1 limit=$2 info state
+    local end=$(( SECONDS + limit ))
+    (( end < deadline )) || end=$deadline
+    while :; do
+        info=$(scontrol -o show job "$id" 2> /dev/null) || info=
+        state=$(sed -n 's/.*JobState=\([A-Z_]*\).*/\1/p' <<< "$info")
+        case $state in
+            COMPLETED|FAILED|CANCELLED|TIMEOUT|NODE_FAIL|OUT_OF_MEMORY|BOOT_FAIL|DEADLINE|PREEMPTED) break ;;
+        esac
+        (( SECONDS < end )) || fail "job $id not finished after ${limit}s (state '${state:-unknown}')"
+        sleep 0.5
+    done
+    [[ $state == COMPLETED && $info == *" ExitCode=0:0 "* ]] \
+        || fail "job $id ended $state, $(grep -o 'ExitCode=[0-9:]*' <<< "$info")"
+    log "job $id COMPLETED"
+}
+env_export=ALL,MOE_BIN=$moe,OMPI_ALLOW_RUN_AS_ROOT=1,OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1,OMPI_MCA_rmaps_base_oversubscribe=1
+latest_is() { [[ $(cat "$run/latest" 2> /dev/null) == "$1" ]]; }
+verify() { "$moe" inspect --verify "$1" > /dev/null || fail "moe inspect --verify $1 failed"; }
+
+# ---- job 1: fresh run, launcher picked by the script ----
+t0=$SECONDS
+submit job1 -N 1 -n 2 --export="$env_export" "$sbatch_script" "$tmp/tiny.ini" "$run"
+wait_job "$job1" 150
+out1=$tmp/job-$job1.out
+grep -q '^== 2 ranks x 1 threads' "$out1" || fail "job 1 log lacks the ranks/threads header"
+grep -q -- '--resume=' "$out1" && fail "job 1 resumed, but its run directory was new"
+grep -q '^== moe train exited with 0' "$out1" || fail "job 1 log lacks a clean exit of moe train"
+latest_is ckpt-000020.h5 || fail "after job 1 latest is '$(cat "$run/latest" 2> /dev/null)', want ckpt-000020.h5"
+verify "$run/ckpt-000010.h5"
+verify "$run/ckpt-000020.h5"
+[[ -s $run/metrics.jsonl ]] || fail "job 1 wrote no metrics.jsonl"
+sum1=$(md5sum < "$run/ckpt-000020.h5")
+log "job 1: $(grep '^== .* launcher' "$out1" | sed 's/^== //'), $(( SECONDS - t0 ))s"
+
+# ---- job 2: resubmit into the same run directory with more steps, via mpirun ----
+t0=$SECONDS
+submit job2 -N 1 -n 2 --export="$env_export,MOE_LAUNCHER=mpirun" "$sbatch_script" "$tmp/tiny.ini" "$run" --steps=30
+wait_job "$job2" 150
+out2=$tmp/job-$job2.out
+grep -q '^== 2 ranks x 1 threads, launcher mpirun' "$out2" || fail "job 2 did not use the mpirun launcher"
+grep -q -- "--resume=$run --steps=30" "$out2" || fail "job 2 did not resume from $run"
+latest_is ckpt-000030.h5 || fail "after job 2 latest is '$(cat "$run/latest" 2> /dev/null)', want ckpt-000030.h5"
+verify "$run/ckpt-000030.h5"
+verify "$run"
+# A fresh start would have rewritten step 20's checkpoint.
+[[ $(md5sum < "$run/ckpt-000020.h5") == "$sum1" ]] || fail "job 2 rewrote ckpt-000020.h5: it did not resume"
+log "job 2: resumed from ckpt-000020.h5 to ckpt-000030.h5, $(( SECONDS - t0 ))s"
+echo "PASS: Slurm run, checkpoint and resume"
