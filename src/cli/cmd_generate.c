@@ -1,12 +1,311 @@
-/* moe generate: placeholder until its issue lands. */
+/* moe generate: sample text from a checkpoint with a key/value cache.
+ *   [mpirun -np N] moe generate --ckpt FILE|RUNDIR (--prompt TEXT | --prompt_file FILE) [--tokens N]
+ *                  [--temperature T] [--top_k K] [--top_p P] [--seed S] [--json]
+ * All prompts are decoded together as one batch; every rank runs every
+ * sequence and the N ranks share the experts (N must divide n_experts).
+ * The same seed gives the same text on any N. Rules: src/infer/infer.h. */
+#include <cjson/cJSON.h>
+#include <errno.h>
+#include <getopt.h>
+#include <math.h>
+#include <stdarg.h>
 #include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
 
 #include "cli/cli.h"
+#include "infer/infer.h"
+
+enum { MAX_PROMPTS = 256 };
+
+typedef struct {
+    const char *ckpt, *prompt, *prompt_file;
+    int tokens, json, help;
+    moe_infer_sampler s;
+} gen_opts;
+
+static void usage(FILE *f)
+{
+    fprintf(f,
+            "usage: [mpirun -np N] moe generate --ckpt FILE|RUNDIR (--prompt TEXT | --prompt_file FILE)\n"
+            "                                   [--tokens N] [--temperature T] [--top_k K] [--top_p P]\n"
+            "                                   [--seed S] [--json]\n"
+            "\n"
+            "Samples bytes after each prompt with a key/value cache. N ranks share the experts (N must\n"
+            "divide n_experts); every rank decodes every prompt, and the same seed gives the same text\n"
+            "on any N.\n"
+            "  --ckpt FILE|RUNDIR  checkpoint file, or a run directory (its 'latest')\n"
+            "  --prompt TEXT       one prompt (UTF-8; empty: start a new document, i.e. after \"\\n\")\n"
+            "  --prompt_file FILE  one prompt per line (UTF-8; a trailing \\r is dropped), decoded as ONE\n"
+            "                      batch of at most %d sequences\n"
+            "  --tokens N          bytes to generate per prompt (default 200)\n"
+            "  --temperature T     >= 0; 0 = greedy (default 1.0)\n"
+            "  --top_k K           keep the K most likely bytes; 0 = off (default 0)\n"
+            "  --top_p P           nucleus sampling, P in (0, 1]; 1 = off (default 1.0)\n"
+            "  --seed S            0..4294967295 (default 1)\n"
+            "  --json              print {\"samples\": [{\"prompt\", \"text\"}], ...} (invalid UTF-8 shown as U+FFFD)\n"
+            "\n"
+            "Context: seq_len bytes. A longer prompt keeps its last seq_len bytes; a full context slides\n"
+            "to its last seq_len/2 bytes (re-read in one pass). Routing: each prompt is one routing group;\n"
+            "each decoding step routes the newest byte of every prompt together as one group (for expert\n"
+            "choice, C = min(B, ceil(B c / E)) with B prompts; at B = 1 every expert takes the byte).\n",
+            MAX_PROMPTS);
+}
+
+static void perr(int rank, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+static void perr(int rank, const char *fmt, ...)
+{
+    if (rank != 0) return;
+    va_list ap;
+    va_start(ap, fmt);
+    fputs("moe generate: ", stderr);
+    vfprintf(stderr, fmt, ap);
+    fputc('\n', stderr);
+    va_end(ap);
+}
+
+static int parse_long(const char *s, long lo, long hi, long *out)
+{
+    char *end;
+    errno = 0;
+    long v = strtol(s, &end, 10);
+    if (!*s || *end || errno || v < lo || v > hi) return -1;
+    *out = v;
+    return 0;
+}
+
+static int parse(gen_opts *o, int argc, char **argv, int rank)
+{
+    static const struct option longs[] = {
+        {"ckpt", required_argument, NULL, 'c'},        {"prompt", required_argument, NULL, 'p'},
+        {"prompt_file", required_argument, NULL, 'f'}, {"tokens", required_argument, NULL, 'n'},
+        {"temperature", required_argument, NULL, 't'}, {"top_k", required_argument, NULL, 'k'},
+        {"top_p", required_argument, NULL, 'P'},       {"seed", required_argument, NULL, 's'},
+        {"json", no_argument, NULL, 'j'},              {"help", no_argument, NULL, 'h'},
+        {NULL, 0, NULL, 0}};
+    *o = (gen_opts){.tokens = 200, .s = {.temperature = 1.0, .top_k = 0, .top_p = 1.0, .seed = 1}};
+    opterr = 0;
+    optind = 0;
+    for (int ch; (ch = getopt_long(argc, argv, "h", longs, NULL)) != -1;) {
+        long v = 0;
+        char *end;
+        switch (ch) {
+        case 'c': o->ckpt = optarg; break;
+        case 'p': o->prompt = optarg; break;
+        case 'f': o->prompt_file = optarg; break;
+        case 'j': o->json = 1; break;
+        case 'h': o->help = 1; return 0;
+        case 'n':
+            if (parse_long(optarg, -2147483647L, 2147483647L, &v))
+                return perr(rank, "--tokens: expected an integer, got '%s'", optarg), -1;
+            o->tokens = (int)v;
+            break;
+        case 'k':
+            if (parse_long(optarg, -2147483647L, 2147483647L, &v))
+                return perr(rank, "--top_k: expected an integer, got '%s'", optarg), -1;
+            o->s.top_k = (int)v;
+            break;
+        case 's':
+            if (parse_long(optarg, 0, 4294967295L, &v))
+                return perr(rank, "--seed: expected an integer in 0..4294967295, got '%s'", optarg), -1;
+            o->s.seed = (uint32_t)v;
+            break;
+        case 't':
+        case 'P': {
+            double x = strtod(optarg, &end);
+            if (!*optarg || *end)
+                return perr(rank, "--%s: expected a number, got '%s'", ch == 't' ? "temperature" : "top_p", optarg), -1;
+            *(ch == 't' ? &o->s.temperature : &o->s.top_p) = x;
+            break;
+        }
+        default: return perr(rank, "unknown option or missing value: '%s' (see 'moe generate --help')", argv[optind - 1]), -1;
+        }
+    }
+    if (optind < argc) return perr(rank, "unexpected argument '%s'", argv[optind]), -1;
+    if (!o->ckpt) return perr(rank, "--ckpt is required (see 'moe generate --help')"), -1;
+    if (!o->prompt == !o->prompt_file) return perr(rank, "give exactly one of --prompt TEXT and --prompt_file FILE"), -1;
+    if (o->tokens < 0) return perr(rank, "--tokens=%d must be >= 0", o->tokens), -1;
+    moe_status st = moe_infer_sampler_check(&o->s);
+    if (st) return perr(rank, "--%s", moe_error_detail()), -1;
+    return 0;
+}
+
+/* Length of the valid UTF-8 sequence at p (n bytes left), 0 if invalid
+ * (overlong forms, surrogates and code points above U+10FFFF included). */
+static int utf8_len(const uint8_t *p, size_t n)
+{
+    if (p[0] < 0x80) return 1;
+    int k = p[0] >= 0xc2 && p[0] <= 0xdf ? 2 : p[0] >= 0xe0 && p[0] <= 0xef ? 3 : p[0] >= 0xf0 && p[0] <= 0xf4 ? 4 : 0;
+    if (!k || (size_t)k > n) return 0;
+    for (int i = 1; i < k; i++)
+        if ((p[i] & 0xc0) != 0x80) return 0;
+    if ((p[0] == 0xe0 && p[1] < 0xa0) || (p[0] == 0xed && p[1] > 0x9f) || (p[0] == 0xf0 && p[1] < 0x90) ||
+        (p[0] == 0xf4 && p[1] > 0x8f))
+        return 0;
+    return k;
+}
+
+/* Offset of the first byte that is not valid UTF-8, or n. */
+static size_t utf8_check(const uint8_t *p, size_t n)
+{
+    size_t i = 0;
+    for (int k; i < n && (k = utf8_len(p + i, n - i)); i += (size_t)k) {}
+    return i;
+}
+
+typedef struct {
+    uint8_t *buf;              /* the file (or NULL for --prompt) */
+    const uint8_t *p[MAX_PROMPTS];
+    size_t len[MAX_PROMPTS];
+    int n;
+} prompt_set;
+
+/* Splits the prompts (every rank reads the file itself). */
+static moe_status load_prompts(prompt_set *ps, const gen_opts *o)
+{
+    if (o->prompt) {
+        ps->p[0] = (const uint8_t *)o->prompt;
+        ps->len[0] = strlen(o->prompt);
+        ps->n = 1;
+        size_t bad = utf8_check(ps->p[0], ps->len[0]);
+        if (bad < ps->len[0])
+            return moe_errorf(MOE_ERR_ARG, "--prompt: invalid UTF-8 at byte %zu (prompts must be UTF-8 text)", bad);
+        return MOE_OK;
+    }
+    size_t n = 0;
+    moe_status st = moe_infer_read_file(&ps->buf, &n, o->prompt_file);
+    if (st) return st;
+    size_t i = 0;
+    for (int line = 1; i < n; line++) {
+        const uint8_t *s = ps->buf + i, *nl = memchr(s, '\n', n - i);
+        size_t len = nl ? (size_t)(nl - s) : n - i;
+        i += len + (nl != NULL);
+        if (len && s[len - 1] == '\r') len--;
+        size_t bad = utf8_check(s, len);
+        if (bad < len)
+            return moe_errorf(MOE_ERR_ARG, "'%s' line %d: invalid UTF-8 at byte %zu (prompts must be UTF-8 text)",
+                              o->prompt_file, line, bad + 1);
+        if (ps->n == MAX_PROMPTS)
+            return moe_errorf(MOE_ERR_ARG, "'%s': more than %d prompts (lines)", o->prompt_file, MAX_PROMPTS);
+        ps->p[ps->n] = s;
+        ps->len[ps->n++] = len;
+    }
+    if (ps->n == 0) return moe_errorf(MOE_ERR_ARG, "'%s' holds no prompt (empty file)", o->prompt_file);
+    return MOE_OK;
+}
+
+/* A JSON string of n bytes: invalid UTF-8 bytes become U+FFFD. */
+static cJSON *json_bytes(const uint8_t *p, size_t n)
+{
+    char *s = malloc(3 * n + 1);
+    if (!s) return NULL;
+    size_t o = 0;
+    for (size_t i = 0; i < n;) {
+        int k = p[i] ? utf8_len(p + i, n - i) : 0; /* NUL would end the C string */
+        if (k) {
+            memcpy(s + o, p + i, (size_t)k);
+            o += (size_t)k;
+            i += (size_t)k;
+        } else {
+            memcpy(s + o, "\xef\xbf\xbd", 3);
+            o += 3;
+            i++;
+        }
+    }
+    s[o] = '\0';
+    cJSON *j = cJSON_CreateString(s);
+    free(s);
+    return j;
+}
+
+static int print_json(const prompt_set *ps, const uint8_t *out, int tokens, const moe_infer_gen_stats *gs)
+{
+    cJSON *j = cJSON_CreateObject(), *arr = cJSON_AddArrayToObject(j, "samples");
+    for (int b = 0; b < ps->n; b++) {
+        cJSON *o = cJSON_CreateObject();
+        cJSON_AddItemToObject(o, "prompt", json_bytes(ps->p[b], ps->len[b]));
+        cJSON_AddItemToObject(o, "text", json_bytes(out + (size_t)b * tokens, (size_t)tokens));
+        cJSON_AddItemToArray(arr, o);
+    }
+    cJSON_AddNumberToObject(j, "prefill_tokens", (double)gs->prefill_tokens);
+    cJSON_AddNumberToObject(j, "decode_tokens", (double)gs->decode_tokens);
+    cJSON_AddNumberToObject(j, "slides", (double)gs->slides);
+    cJSON_AddNumberToObject(j, "decode_tokens_per_s", gs->decode_s > 0 ? (double)gs->decode_tokens / gs->decode_s : 0);
+    char *s = cJSON_Print(j);
+    cJSON_Delete(j);
+    if (!s) return 1;
+    printf("%s\n", s);
+    free(s);
+    return 0;
+}
+
+static void print_text(const prompt_set *ps, const uint8_t *out, int tokens)
+{
+    for (int b = 0; b < ps->n; b++) {
+        if (ps->n > 1) printf("%s=== [%d/%d] %.*s\n", b ? "\n" : "", b + 1, ps->n, (int)ps->len[b], (const char *)ps->p[b]);
+        fwrite(out + (size_t)b * tokens, 1, (size_t)tokens, stdout);
+        printf("\n");
+    }
+}
+
+static int run(const gen_opts *o, moe_comm *comm)
+{
+    const int rank = moe_comm_rank(comm), W = moe_comm_size(comm);
+    prompt_set ps = {0};
+    moe_model *m = NULL;
+    moe_infer_decoder *d = NULL;
+    uint8_t *out = NULL;
+    moe_infer_gen_stats gs = {0};
+    moe_status st = moe_comm_agree(comm, load_prompts(&ps, o));
+    if (!st) st = moe_infer_load(&m, NULL, o->ckpt, 1, ps.n, comm);
+    if (!st) {
+        st = moe_infer_decoder_create(&d, m, ps.n);
+        if (!st && !(out = moe_calloc((size_t)ps.n * o->tokens, 1))) st = moe_errorf(MOE_ERR_NOMEM, "output");
+        st = moe_comm_agree(comm, st);
+    }
+    if (!st) st = moe_infer_generate(out, &gs, d, comm, ps.p, ps.len, ps.n, o->tokens, &o->s);
+    int rc = 0;
+    if (st) {
+        const int who = moe_infer_error_rank(comm, st);
+        if (who < 0 || who == rank) moe_cli_error(W > 1 ? rank : -1, "generate", st);
+        rc = 1;
+    } else if (rank == 0) {
+        rc = o->json ? print_json(&ps, out, o->tokens, &gs) : (print_text(&ps, out, o->tokens), 0);
+        fprintf(stderr, "moe generate: %d ranks, %d prompts: prefill %lld tokens in %.3f s; decode %lld tokens in %.3f s "
+                        "(%.1f tokens/s, %lld context slides)\n",
+                W, ps.n, (long long)gs.prefill_tokens, gs.prefill_s, (long long)gs.decode_tokens, gs.decode_s,
+                gs.decode_s > 0 ? (double)gs.decode_tokens / gs.decode_s : 0.0, (long long)gs.slides);
+    }
+    moe_free(out);
+    moe_infer_decoder_destroy(d);
+    moe_model_destroy(m);
+    moe_free(ps.buf);
+    return rc;
+}
 
 int moe_cmd_generate(int argc, char **argv)
 {
-    (void)argc;
-    (void)argv;
-    fprintf(stderr, "moe: 'generate' is not available in this build yet\n");
-    return 2;
+    if (moe_comm_init(&argc, &argv)) {
+        moe_cli_error(-1, "generate: MPI initialisation", MOE_ERR_MPI);
+        return 1;
+    }
+    moe_comm *comm = NULL;
+    moe_status st = moe_comm_create_world(&comm, 0);
+    if (st) {
+        moe_cli_error(-1, "generate", st);
+        moe_comm_finalize();
+        return 1;
+    }
+    gen_opts o;
+    const int prc = parse(&o, argc, argv, moe_comm_rank(comm));
+    int ret;
+    if (prc || o.help) {
+        if (o.help && moe_comm_rank(comm) == 0) usage(stdout);
+        ret = prc ? 2 : 0;
+    } else {
+        ret = run(&o, comm);
+    }
+    moe_comm_destroy(comm);
+    moe_comm_finalize();
+    return ret;
 }

@@ -440,21 +440,39 @@ static int load_handler(void *user, const char *section, const char *name, const
     return 1;
 }
 
+/* Parses the open stream x->f (closed here); errors name x->path. */
+static moe_status load_stream(load_ctx *x)
+{
+    const char *path = x->path;
+    int rc = ini_parse_stream(load_reader, x, load_handler, x);
+    int read_error = ferror(x->f);
+    fclose(x->f);
+    if (x->st) return moe_errorf(x->st, "%s", x->msg);
+    if (read_error) return moe_errorf(MOE_ERR_IO, "cannot read config '%s'", path);
+    if (rc > 0)
+        return moe_errorf(MOE_ERR_ARG, "%s:%d: syntax error (expected 'key = value' or '[section]')", path, rc);
+    if (rc < 0) return moe_errorf(MOE_ERR_NOMEM, "parsing config '%s': out of memory", path);
+    return MOE_OK;
+}
+
 moe_status moe_train_config_load(moe_train_config *c, const char *path)
 {
     if (!c || !path) return moe_errorf(MOE_ERR_ARG, "moe_train_config_load: NULL argument");
     load_ctx x = {.c = c, .path = path};
     x.f = fopen(path, "r");
     if (!x.f) return moe_errorf(MOE_ERR_IO, "cannot open config '%s': %s", path, strerror(errno));
-    int rc = ini_parse_stream(load_reader, &x, load_handler, &x);
-    int read_error = ferror(x.f);
-    fclose(x.f);
-    if (x.st) return moe_errorf(x.st, "%s", x.msg);
-    if (read_error) return moe_errorf(MOE_ERR_IO, "cannot read config '%s'", path);
-    if (rc > 0)
-        return moe_errorf(MOE_ERR_ARG, "%s:%d: syntax error (expected 'key = value' or '[section]')", path, rc);
-    if (rc < 0) return moe_errorf(MOE_ERR_NOMEM, "parsing config '%s': out of memory", path);
-    return MOE_OK;
+    return load_stream(&x);
+}
+
+moe_status moe_train_config_load_text(moe_train_config *c, const char *text, const char *origin)
+{
+    if (!c || !text || !origin) return moe_errorf(MOE_ERR_ARG, "moe_train_config_load_text: NULL argument");
+    load_ctx x = {.c = c, .path = origin};
+    /* a read-only memory stream, so text goes through the file loader's
+     * exact rules (line numbers, leading whitespace, duplicate keys) */
+    x.f = fmemopen((void *)text, strlen(text), "r");
+    if (!x.f) return moe_errorf(MOE_ERR_NOMEM, "config text of '%s': cannot open a memory stream", origin);
+    return load_stream(&x);
 }
 
 /* ---- cross-field checks ---- */

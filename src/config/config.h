@@ -58,6 +58,12 @@ moe_status moe_train_config_set(moe_train_config *c, const char *key, const char
  * have been applied. */
 moe_status moe_train_config_load(moe_train_config *c, const char *path);
 
+/* The same for INI text held in memory (e.g. a checkpoint's root `config`
+ * attribute); `origin` replaces the file name in messages
+ * ("origin:line: key: problem"). Same rules and errors as
+ * moe_train_config_load (MOE_ERR_NOMEM if no memory stream can be opened). */
+moe_status moe_train_config_load_text(moe_train_config *c, const char *text, const char *origin);
+
 /* Validation of every key's range and of the cross-field rules (heads divide
  * d_model, top_k <= n_experts, ...) given the world size (batch divisible by
  * ranks, E by ep_size, ...). MOE_ERR_ARG with a detail naming the key(s). */

@@ -44,6 +44,7 @@ struct moe_layer {
     float *dh;               /* (recv_cap, F1) scratch */
     float *da;               /* (recv_cap, F) scratch */
     float *dyr;              /* (recv_cap, d) dy rows at the owner */
+    float *yout;             /* expert output rows of the current pass: yr, or the shm window */
 
     float *dweight;          /* (T_max, E) dL/dg */
     int *expert_rows;        /* (El) */
@@ -198,11 +199,11 @@ static const int *recv_offsets(const moe_layer *L)
     return L->a2a ? moe_a2a_recv_expert_offsets(L->a2a) : L->recv_off;
 }
 
-/* Pack: one send row per kept assignment, grouped by expert, tokens ascending. */
-static moe_status pack(moe_layer *L, const float *x)
+/* Rows per destination (= per global expert) and room for them. */
+static moe_status count_rows(moe_layer *L)
 {
     const moe_route *r = L->route;
-    const int T = L->T, E = L->E, d = L->d;
+    const int E = L->E;
     memset(L->send_rows, 0, sizeof(int) * (size_t)E);
     for (int g = 0; g < L->G; g++)
         for (int e = 0; e < E; e++) L->send_rows[e] += r->n_kept[(size_t)g * E + e];
@@ -211,6 +212,15 @@ static moe_status pack(moe_layer *L, const float *x)
     moe_status st = grow_send(L, n);
     if (st) return st;
     L->n_send = n;
+    return MOE_OK;
+}
+
+/* Pack: one send row per kept assignment into dst (send layout), grouped by
+ * expert, tokens ascending; records each row's token and weight. */
+static void pack(moe_layer *L, float *dst, const float *x)
+{
+    const moe_route *r = L->route;
+    const int T = L->T, E = L->E, d = L->d;
     /* Cursor per expert, then one pass over the (T, E) mask: tokens land
      * in ascending order inside each expert. */
     int cursor[E];
@@ -227,10 +237,9 @@ static moe_status pack(moe_layer *L, const float *x)
             int row = cursor[e]++;
             L->send_token[row] = t;
             L->send_w[row] = wt[e];
-            memcpy(L->xs + (size_t)row * d, x + (size_t)t * d, sizeof(float) * (size_t)d);
+            memcpy(dst + (size_t)row * d, x + (size_t)t * d, sizeof(float) * (size_t)d);
         }
     }
-    return MOE_OK;
 }
 
 typedef struct {
@@ -245,7 +254,7 @@ static moe_status fwd_compute(void *vctx, int j0, int j1)
     moe_layer *L = c->L;
     if (j1 <= j0) return MOE_OK;
     moe_expert_params v = expert_view(&c->p->experts, L, j0);
-    moe_expert_forward(L->yr, L->h, L->a, L->xr, recv_offsets(L) + j0, &v, j1 - j0, L->d, L->F,
+    moe_expert_forward(L->yout, L->h, L->a, L->xr, recv_offsets(L) + j0, &v, j1 - j0, L->d, L->F,
                        L->cfg.act);
     return MOE_OK;
 }
@@ -257,14 +266,14 @@ static moe_status bwd_compute(void *vctx, int j0, int j1)
     if (j1 <= j0) return MOE_OK;
     moe_expert_params v = expert_view(&c->p->experts, L, j0);
     moe_expert_params gv = expert_view(&c->g->experts, L, j0);
-    moe_expert_backward(L->yr, &gv, L->dh, L->da, L->dyr, L->xr, L->h, L->a, recv_offsets(L) + j0,
+    moe_expert_backward(L->yout, &gv, L->dh, L->da, L->dyr, L->xr, L->h, L->a, recv_offsets(L) + j0,
                         &v, j1 - j0, L->d, L->F, L->cfg.act);
     return MOE_OK;
 }
 
 /* Expert outputs in the send layout: combined back home, or (single
  * process) the expert output buffer itself. */
-static const float *home_y_rows(const moe_layer *L) { return L->comm ? L->ys : L->yr; }
+static const float *home_y_rows(const moe_layer *L) { return L->comm ? L->ys : L->yout; }
 
 static double gemm_flops(const moe_layer *L, int rows)
 {
@@ -287,7 +296,7 @@ moe_status moe_layer_forward(moe_layer *L, float *y, const float *x, const moe_l
         st = moe_router_forward(L->route, x, p->router_w, p->noise_w, &L->cfg.router, T, G, noise);
     }
     double t1 = moe_now();
-    if (!st) st = pack(L, x);
+    if (!st) st = count_rows(L);
     if (!st && moe_fault("layer_alloc", L->comm ? moe_comm_rank(L->comm) : 0))
         st = moe_errorf(MOE_ERR_NOMEM, "MoE layer: injected allocation failure (MOE_FAULT=layer_alloc)");
     if (st) {
@@ -314,6 +323,12 @@ moe_status moe_layer_forward(moe_layer *L, float *y, const float *x, const moe_l
         st = grow_recv(L, L->n_recv);
         if (st) return st;
     }
+    /* With the shared-memory exchange, rows are packed (and expert outputs
+     * written) straight into this rank's window segment: one copy per row. */
+    float *shm = L->a2a ? moe_a2a_shm_buffer(L->a2a) : NULL;
+    float *xsend = shm ? shm : L->xs;
+    pack(L, xsend, x);
+    L->yout = shm ? shm : L->yr;
     const int *off = recv_offsets(L);
     for (int j = 0; j < L->El; j++) L->expert_rows[j] = off[j + 1] - off[j];
     L->flops = 3.0 * gemm_flops(L, L->n_recv);
@@ -321,14 +336,14 @@ moe_status moe_layer_forward(moe_layer *L, float *y, const float *x, const moe_l
     compute_ctx ctx = {L, p, NULL};
     double t3 = moe_now(), t4, t5;
     if (L->comm && L->cfg.chunks > 1) {
-        st = moe_a2a_pipeline(L->a2a, L->xr, L->xs, L->d, L->yr, L->ys, L->d, fwd_compute, &ctx);
+        st = moe_a2a_pipeline(L->a2a, L->xr, xsend, L->d, L->yout, L->ys, L->d, fwd_compute, &ctx);
         t4 = t5 = moe_now();
     } else {
-        if (L->comm) st = moe_a2a_dispatch(L->a2a, L->xr, L->xs, L->d);
+        if (L->comm) st = moe_a2a_dispatch(L->a2a, L->xr, xsend, L->d);
         t3 = moe_now();
         if (!st) st = fwd_compute(&ctx, 0, L->El);
         t4 = moe_now();
-        if (!st && L->comm) st = moe_a2a_combine(L->a2a, L->ys, L->yr, L->d);
+        if (!st && L->comm) st = moe_a2a_combine(L->a2a, L->ys, L->yout, L->d);
         t5 = moe_now();
     }
     if (st) return st;
@@ -364,20 +379,23 @@ moe_status moe_layer_backward(moe_layer *L, float *dx, moe_layer_params *grads, 
     /* dL/dg of each kept assignment, and the rows dy * g for the experts. */
     memset(L->dweight, 0, sizeof(float) * (size_t)T * E);
     const float *home_y = home_y_rows(L);
+    float *shm = L->a2a ? moe_a2a_shm_buffer(L->a2a) : NULL;
+    float *dysend = shm ? shm : L->ys;
     int cursor[E];
     int acc = 0;
     for (int e = 0; e < E; e++) {
         cursor[e] = acc;
         acc += L->send_rows[e];
     }
-    /* Walk the expert outputs in send order; ys receives each row's dy * g
-     * (in place when ys holds the outputs: each row is read before written). */
+    /* Walk the expert outputs in send order; dysend receives each row's
+     * dy * g (in place when it holds the outputs: each row is read before
+     * it is written). */
     for (int e = 0; e < E; e++) {
         for (int row = cursor[e]; row < cursor[e] + L->send_rows[e]; row++) {
             int t = L->send_token[row];
             const float *dyt = dy + (size_t)t * d;
             const float *yrow = home_y + (size_t)row * d;
-            float *dyrow = L->ys + (size_t)row * d;
+            float *dyrow = dysend + (size_t)row * d;
             float dot = 0.0f, w = L->send_w[row];
             for (int i = 0; i < d; i++) {
                 dot += dyt[i] * yrow[i];
@@ -392,22 +410,23 @@ moe_status moe_layer_backward(moe_layer *L, float *dx, moe_layer_params *grads, 
     double t2 = moe_now();
     if (st) return st; /* purely local: a failure here is an argument error on every rank alike */
 
+    L->yout = shm ? shm : L->yr; /* dx rows of the experts */
     compute_ctx ctx = {L, p, grads};
     double t3, t4, t5;
     if (L->comm && L->cfg.chunks > 1) {
-        st = moe_a2a_pipeline(L->a2a, L->dyr, L->ys, d, L->yr, L->xs, d, bwd_compute, &ctx);
+        st = moe_a2a_pipeline(L->a2a, L->dyr, dysend, d, L->yout, L->xs, d, bwd_compute, &ctx);
         t3 = t4 = t5 = moe_now();
     } else {
-        if (L->comm) st = moe_a2a_dispatch(L->a2a, L->dyr, L->ys, d);
+        if (L->comm) st = moe_a2a_dispatch(L->a2a, L->dyr, dysend, d);
         t3 = moe_now();
         if (!st) st = bwd_compute(&ctx, 0, L->El);
         t4 = moe_now();
-        if (!st && L->comm) st = moe_a2a_combine(L->a2a, L->xs, L->yr, d);
+        if (!st && L->comm) st = moe_a2a_combine(L->a2a, L->xs, L->yout, d);
         t5 = moe_now();
     }
     if (st) return st;
     /* Unpack: dx[t] += rows of t, in expert order. */
-    const float *home_dx = L->comm ? L->xs : L->yr;
+    const float *home_dx = L->comm ? L->xs : L->yout;
     for (int row = 0; row < L->n_send; row++) {
         float *dxt = dx + (size_t)L->send_token[row] * d;
         const float *src = home_dx + (size_t)row * d;

@@ -9,10 +9,11 @@
 # (needs root and apt). Job 1 trains a tiny model on 2 ranks with the launcher
 # the script picks (srun --mpi=pmix here) and checks the job state, the log
 # and the checkpoints. Job 2 resubmits into the same run directory with more
-# steps through the mpirun launcher and checks that it resumed from job 1's
-# latest checkpoint and went on. Every wait is bounded (one deadline for the
+# steps through the mpirun launcher, gets the time-limit signal while running
+# and must requeue itself, then resume from job 1's latest checkpoint and go on. Every wait is bounded (one deadline for the
 # whole test), and the daemons, jobs and temp dir are always cleaned up.
 # Fails, never skips, when Slurm cannot be installed or started.
+# MOE_SLURM_TEST_KEEP=1 keeps the temp dir (logs, run directory) for a look.
 set -euo pipefail
 
 fail() { echo "FAIL: $*" >&2; exit 1; }
@@ -39,26 +40,7 @@ until_ok() {
     done
 }
 
-# ---- packages ----
-need=(slurmctld slurmd sbatch srun sinfo squeue scontrol scancel munged mungekey munge unmunge)
-missing() { local c; for c in "${need[@]}"; do command -v "$c" > /dev/null || return 0; done; return 1; }
-if missing; then
-    [[ $(id -u) -eq 0 ]] || fail "Slurm/munge not installed and not root: cannot apt-get install them"
-    pkgs=(slurmctld slurmd slurm-client munge)
-    apt_install() {
-        DEBIAN_FRONTEND=noninteractive timeout 150 apt-get install -y -q --no-install-recommends "${pkgs[@]}" \
-            > "${TMPDIR:-/tmp}/moe-slurm-apt.log" 2>&1
-    }
-    log "installing ${pkgs[*]}"
-    if ! apt_install; then
-        log "install failed, running apt-get update first"
-        timeout 150 apt-get update -q > /dev/null 2>&1 || true
-        apt_install || fail "apt-get install ${pkgs[*]} failed: $(tail -3 "${TMPDIR:-/tmp}/moe-slurm-apt.log")"
-    fi
-    ! missing || fail "Slurm/munge commands still missing after install (need: ${need[*]})"
-fi
-
-# ---- private cluster ----
+# ---- temp dir and cleanup ----
 tmp=$(mktemp -d "${TMPDIR:-/tmp}/moe-slurm.XXXXXX")
 chmod 755 "$tmp"
 pids=()  # daemons started here, killed in reverse order
@@ -81,16 +63,36 @@ cleanup() {
         wait "$p" 2> /dev/null
     done
     if (( rc != 0 )); then
-        for f in "$tmp"/job-*.out "$tmp"/slurmctld.log "$tmp"/slurmd.log "$tmp"/munged.log; do
+        for f in "$tmp"/apt.log "$tmp"/job-*.out "$tmp"/slurmctld.log "$tmp"/slurmd.log "$tmp"/munged.log; do
             [[ -f $f ]] && { echo "==== tail of $f"; tail -n 30 "$f"; }
         done
     fi
-    rm -rf "$tmp"
+    if [[ ${MOE_SLURM_TEST_KEEP:-0} == 1 ]]; then echo "kept $tmp"; else rm -rf "$tmp"; fi
     exit "$rc"
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
+# ---- packages ----
+need=(slurmctld slurmd sbatch srun sinfo squeue scontrol scancel munged mungekey munge unmunge)
+missing() { local c; for c in "${need[@]}"; do command -v "$c" > /dev/null || return 0; done; return 1; }
+if missing; then
+    [[ $(id -u) -eq 0 ]] || fail "Slurm/munge not installed and not root: cannot apt-get install them"
+    pkgs=(slurmctld slurmd slurm-client munge)
+    apt_install() {
+        DEBIAN_FRONTEND=noninteractive timeout 120 apt-get install -y -q --no-install-recommends "${pkgs[@]}" \
+            > "$tmp/apt.log" 2>&1
+    }
+    log "installing ${pkgs[*]}"
+    if ! apt_install; then
+        log "install failed, running apt-get update first"
+        timeout 90 apt-get update -q > /dev/null 2>&1 || true
+        apt_install || fail "apt-get install ${pkgs[*]} failed: $(tail -3 "$tmp/apt.log")"
+    fi
+    ! missing || fail "Slurm/munge commands still missing after install (need: ${need[*]})"
+fi
+
+# ---- private cluster ----
 # munged on a private socket and key, so a system munge (if any) is untouched.
 mkdir -m 700 "$tmp/munge"
 sock=$tmp/munge/munge.sock
@@ -128,7 +130,7 @@ SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
 CredType=cred/munge
-AuthInfo=socket=$sock
+AuthInfo=socket=$sock,cred_expire=10
 StateSaveLocation=$tmp/ctld
 SlurmdSpoolDir=$tmp/slurmd
 SlurmctldPidFile=$tmp/slurmctld.pid
@@ -142,6 +144,7 @@ TaskPlugin=task/none
 JobAcctGatherType=jobacct_gather/none
 AccountingStorageType=accounting_storage/none
 SchedulerType=sched/builtin
+SchedulerParameters=sched_interval=2
 SelectType=select/cons_tres
 SelectTypeParameters=CR_Core
 SlurmdParameters=config_overrides
@@ -150,10 +153,12 @@ ReturnToService=2
 MessageTimeout=10
 KillWait=5
 MinJobAge=600
+MailProg=/bin/true
+TmpFS=$tmp/tmpfs
 NodeName=$node NodeAddr=127.0.0.1 CPUs=$cpus RealMemory=1000 State=UNKNOWN
 PartitionName=debug Nodes=$node Default=YES MaxTime=INFINITE State=UP OverSubscribe=YES
 EOF
-mkdir -p "$tmp/ctld" "$tmp/slurmd"
+mkdir -p "$tmp/ctld" "$tmp/slurmd" "$tmp/tmpfs"
 
 log "starting slurmctld and slurmd (node $node, ports $ctld_port/$slurmd_port)"
 slurmctld -D -i -f "$SLURM_CONF" < /dev/null > "$tmp/slurmctld.stdout" 2>&1 &
@@ -214,6 +219,12 @@ wait_job() {
 env_export=ALL,MOE_BIN=$moe,OMPI_ALLOW_RUN_AS_ROOT=1,OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1,OMPI_MCA_rmaps_base_oversubscribe=1
 latest_is() { [[ $(cat "$run/latest" 2> /dev/null) == "$1" ]]; }
 verify() { "$moe" inspect --verify "$1" > /dev/null || fail "moe inspect --verify $1 failed"; }
+# metrics_steps_are N: metrics.jsonl holds steps 1..N, each once, in order.
+metrics_steps_are() {
+    local got
+    got=$(sed -n 's/^{"step":\([0-9]*\),.*/\1/p' "$run/metrics.jsonl" | tr '\n' ' ')
+    [[ $got == "$(seq -s ' ' 1 "$1") " ]] || fail "metrics.jsonl steps are '$got', want 1..$1 once each"
+}
 
 # ---- job 1: fresh run, launcher picked by the script ----
 t0=$SECONDS
@@ -226,21 +237,39 @@ grep -q '^== moe train exited with 0' "$out1" || fail "job 1 log lacks a clean e
 latest_is ckpt-000020.h5 || fail "after job 1 latest is '$(cat "$run/latest" 2> /dev/null)', want ckpt-000020.h5"
 verify "$run/ckpt-000010.h5"
 verify "$run/ckpt-000020.h5"
-[[ -s $run/metrics.jsonl ]] || fail "job 1 wrote no metrics.jsonl"
+grep -q '^done: 20 steps' "$out1" || fail "job 1 log lacks moe train's 'done: 20 steps'"
+metrics_steps_are 20
 sum1=$(md5sum < "$run/ckpt-000020.h5")
 log "job 1: $(grep '^== .* launcher' "$out1" | sed 's/^== //'), $(( SECONDS - t0 ))s"
 
 # ---- job 2: resubmit into the same run directory with more steps, via mpirun ----
+# Its first start stands in for a run reaching the time limit: the ranks hold
+# until the test sends the batch shell the time-limit signal (USR1); the
+# script must requeue the job, and the restart must resume and finish.
+cat > "$tmp/hold-moe" << EOF
+#!/bin/sh
+if [ "\${SLURM_RESTART_COUNT:-0}" = 0 ]; then touch "$tmp/held"; exec sleep 300; fi
+exec "$moe" "\$@"
+EOF
+chmod +x "$tmp/hold-moe"
 t0=$SECONDS
-submit job2 -N 1 -n 2 --export="$env_export,MOE_LAUNCHER=mpirun" "$sbatch_script" "$tmp/tiny.ini" "$run" --steps=30
-wait_job "$job2" 150
+submit job2 -N 1 -n 2 --export="$env_export,MOE_BIN=$tmp/hold-moe,MOE_LAUNCHER=mpirun" \
+    "$sbatch_script" "$tmp/tiny.ini" "$run" --steps=30
+until_ok 60 "job 2 to start" test -e "$tmp/held"
+scancel --batch --signal=USR1 "$job2" || fail "could not signal job 2"
+wait_job "$job2" 200
 out2=$tmp/job-$job2.out
+grep -q '^== time limit near: requeueing job' "$out2" || fail "job 2 did not requeue itself on USR1"
+grep -q "^== moe-train job $job2 (restart 1)" "$out2" || fail "job 2 did not restart after the requeue"
 grep -q '^== 2 ranks x 1 threads, launcher mpirun' "$out2" || fail "job 2 did not use the mpirun launcher"
-grep -q -- "--resume=$run --steps=30" "$out2" || fail "job 2 did not resume from $run"
+grep -q -- "--resume=$run --steps=30" "$out2" || fail "job 2 did not pass --resume=$run"
+grep -q "^resumed from $run/ckpt-000020.h5 at step 20" "$out2" || fail "moe train did not resume from step 20"
+grep -q '^done: 10 steps' "$out2" || fail "job 2 log lacks moe train's 'done: 10 steps'"
+metrics_steps_are 30
 latest_is ckpt-000030.h5 || fail "after job 2 latest is '$(cat "$run/latest" 2> /dev/null)', want ckpt-000030.h5"
 verify "$run/ckpt-000030.h5"
 verify "$run"
 # A fresh start would have rewritten step 20's checkpoint.
 [[ $(md5sum < "$run/ckpt-000020.h5") == "$sum1" ]] || fail "job 2 rewrote ckpt-000020.h5: it did not resume"
-log "job 2: resumed from ckpt-000020.h5 to ckpt-000030.h5, $(( SECONDS - t0 ))s"
-echo "PASS: Slurm run, checkpoint and resume"
+log "job 2: requeued on USR1, resumed from ckpt-000020.h5 to ckpt-000030.h5, $(( SECONDS - t0 ))s"
+echo "PASS: Slurm run, checkpoint, requeue and resume"

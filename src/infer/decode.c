@@ -1,0 +1,236 @@
+/* Incremental decoding with a key/value cache (moe_infer_decode): only the
+ * new tokens run through the blocks; each attends to its sequence's cached
+ * keys and values. Dense layers are the model's kernels (model/ops.h), the
+ * MoE FFN is the model's own MoE layer called on the new tokens as one
+ * routing group, and the parameters are the model's, found by their
+ * checkpoint names. */
+#include "infer/infer.h"
+
+#include <cblas.h>
+#include <math.h>
+#include <stdio.h>
+#include <string.h>
+
+#include "model/ops.h"
+
+typedef struct {
+    const float *ln1w, *ln1b, *qkvw, *qkvb, *projw, *projb, *ln2w, *ln2b; /* (C), (3C, C), (C, C) ... */
+    const float *fcw, *fcb, *fcpw, *fcpb; /* dense FFN: (F1, C), (F1), (C, F), (C); NULL in MoE blocks */
+    moe_layer *moe;                       /* the model's MoE layer, NULL in dense blocks */
+    moe_layer_params mp;                  /* its parameter views */
+} dec_block;
+
+struct moe_infer_decoder {
+    moe_model *m;
+    int V, C, L, NH, T, F, F1, S, n_max;
+    moe_activation act;
+    float eps;
+    const float *wte, *wpe, *lnfw, *lnfb; /* (V, C), (T, C), (C), (C) */
+    dec_block *blk;                       /* (L) */
+    int *len;                             /* (S) positions each sequence holds */
+    int *add;                             /* (S) scratch: tokens of the current call per sequence */
+    int *pos;                             /* (n_max) position of each token of the current call */
+    float *kc, *vc;                       /* (L, S, T, C) cached keys and values */
+    float *x;                             /* (n_max, C) residual stream of the new tokens */
+    float *ln, *mean, *rstd;              /* (n_max, C), (n_max), (n_max) */
+    float *qkv;                           /* (n_max, 3C) */
+    float *atty, *tmp;                    /* (n_max, C) */
+    float *fch, *fch_act;                 /* (n_max, F1), (n_max, F) */
+    float *scores;                        /* (T) attention probabilities of one head */
+};
+
+/* The parameter named printf-style, or NULL with an error detail. */
+static float *param(moe_model *m, const char *fmt, int l)
+{
+    char name[MOE_TENSOR_NAME_MAX];
+    snprintf(name, sizeof name, fmt, l);
+    const moe_tensor_table *t = moe_model_tensors(m);
+    for (int i = 0; i < t->n; i++)
+        if (!strcmp(t->t[i].name, name)) return moe_model_params(m) + t->t[i].offset;
+    moe_errorf(MOE_ERR_ARG, "decoder: the model has no tensor '%s'", name);
+    return NULL;
+}
+
+static moe_status bind_params(moe_infer_decoder *d)
+{
+    moe_model *m = d->m;
+    d->wte = param(m, "wte", 0);
+    d->wpe = param(m, "wpe", 0);
+    d->lnfw = param(m, "ln_f/weight", 0);
+    d->lnfb = param(m, "ln_f/bias", 0);
+    if (!d->wte || !d->wpe || !d->lnfw || !d->lnfb) return MOE_ERR_ARG;
+    for (int l = 0; l < d->L; l++) {
+        dec_block *b = &d->blk[l];
+        const float **dense[] = {&b->ln1w, &b->ln1b, &b->qkvw, &b->qkvb, &b->projw, &b->projb, &b->ln2w, &b->ln2b};
+        const char *names[] = {"h/%d/ln_1/weight", "h/%d/ln_1/bias", "h/%d/attn/c_attn/weight",
+                               "h/%d/attn/c_attn/bias", "h/%d/attn/c_proj/weight", "h/%d/attn/c_proj/bias",
+                               "h/%d/ln_2/weight", "h/%d/ln_2/bias"};
+        for (int i = 0; i < 8; i++)
+            if (!(*dense[i] = param(m, names[i], l))) return MOE_ERR_ARG;
+        b->moe = moe_model_layer(m, l);
+        if (b->moe) {
+            b->mp.router_w = param(m, "h/%d/moe/router/weight", l);
+            b->mp.noise_w = NULL; /* no noise at inference */
+            b->mp.experts.w1 = param(m, "h/%d/moe/experts/w1", l);
+            b->mp.experts.b1 = param(m, "h/%d/moe/experts/b1", l);
+            b->mp.experts.w2 = param(m, "h/%d/moe/experts/w2", l);
+            b->mp.experts.b2 = param(m, "h/%d/moe/experts/b2", l);
+            if (!b->mp.router_w || !b->mp.experts.w1 || !b->mp.experts.b1 || !b->mp.experts.w2 || !b->mp.experts.b2)
+                return MOE_ERR_ARG;
+        } else {
+            b->fcw = param(m, "h/%d/mlp/c_fc/weight", l);
+            b->fcb = param(m, "h/%d/mlp/c_fc/bias", l);
+            b->fcpw = param(m, "h/%d/mlp/c_proj/weight", l);
+            b->fcpb = param(m, "h/%d/mlp/c_proj/bias", l);
+            if (!b->fcw || !b->fcb || !b->fcpw || !b->fcpb) return MOE_ERR_ARG;
+        }
+    }
+    return MOE_OK;
+}
+
+moe_status moe_infer_decoder_create(moe_infer_decoder **out, moe_model *m, int max_seqs)
+{
+    *out = NULL;
+    if (!m || max_seqs < 1) return moe_errorf(MOE_ERR_ARG, "decoder: NULL model or max_seqs=%d < 1", max_seqs);
+    const moe_train_config *c = moe_model_config(m);
+    moe_infer_decoder *d = moe_calloc(1, sizeof *d);
+    if (!d) return moe_errorf(MOE_ERR_NOMEM, "decoder");
+    d->m = m;
+    d->V = c->vocab_size;
+    d->C = c->d_model;
+    d->L = c->n_layers;
+    d->NH = c->n_heads;
+    d->T = c->seq_len;
+    d->F = c->d_ff;
+    d->F1 = moe_f1(c->d_ff, c->activation);
+    d->S = max_seqs;
+    d->n_max = max_seqs > d->T ? max_seqs : d->T;
+    d->act = c->activation;
+    d->eps = (float)c->ln_eps;
+    const size_t N = (size_t)d->n_max, C = (size_t)d->C, cache = (size_t)d->L * d->S * d->T * C;
+    d->blk = moe_calloc((size_t)d->L, sizeof *d->blk);
+    d->len = moe_calloc((size_t)d->S, sizeof(int));
+    d->add = moe_calloc((size_t)d->S, sizeof(int));
+    d->pos = moe_calloc(N, sizeof(int));
+    d->kc = moe_calloc(cache, sizeof(float));
+    d->vc = moe_calloc(cache, sizeof(float));
+    d->x = moe_calloc(N * C, sizeof(float));
+    d->ln = moe_calloc(N * C, sizeof(float));
+    d->mean = moe_calloc(N, sizeof(float));
+    d->rstd = moe_calloc(N, sizeof(float));
+    d->qkv = moe_calloc(N * 3 * C, sizeof(float));
+    d->atty = moe_calloc(N * C, sizeof(float));
+    d->tmp = moe_calloc(N * C, sizeof(float));
+    d->fch = moe_calloc(N * d->F1, sizeof(float));
+    d->fch_act = moe_calloc(N * d->F, sizeof(float));
+    d->scores = moe_calloc((size_t)d->T, sizeof(float));
+    moe_status st = MOE_OK;
+    if (!d->blk || !d->len || !d->add || !d->pos || !d->kc || !d->vc || !d->x || !d->ln || !d->mean ||
+        !d->rstd || !d->qkv || !d->atty || !d->tmp || !d->fch || !d->fch_act || !d->scores)
+        st = moe_errorf(MOE_ERR_NOMEM, "decoder: key/value cache of %zu floats x 2 and buffers", cache);
+    if (!st) st = bind_params(d);
+    if (st) {
+        moe_infer_decoder_destroy(d);
+        return st;
+    }
+    *out = d;
+    return MOE_OK;
+}
+
+void moe_infer_decoder_destroy(moe_infer_decoder *d)
+{
+    if (!d) return;
+    void *p[] = {d->blk, d->len, d->add, d->pos, d->kc, d->vc, d->x, d->ln, d->mean, d->rstd,
+                 d->qkv, d->atty, d->tmp, d->fch, d->fch_act, d->scores};
+    for (size_t i = 0; i < sizeof p / sizeof p[0]; i++) moe_free(p[i]);
+    moe_free(d);
+}
+
+void moe_infer_decoder_reset(moe_infer_decoder *d, int s)
+{
+    if (s >= 0 && s < d->S) d->len[s] = 0;
+}
+
+int moe_infer_decoder_max_seqs(const moe_infer_decoder *d) { return d->S; }
+int moe_infer_decoder_seq_len(const moe_infer_decoder *d) { return d->T; }
+int moe_infer_decoder_max_tokens(const moe_infer_decoder *d) { return d->n_max; }
+int moe_infer_decoder_length(const moe_infer_decoder *d, int s) { return s >= 0 && s < d->S ? d->len[s] : 0; }
+
+/* Cache row of (layer l, sequence s, position t). */
+static size_t cache_row(const moe_infer_decoder *d, int l, int s, int t)
+{
+    return (((size_t)l * d->S + s) * d->T + t) * (size_t)d->C;
+}
+
+/* atty (n, C): causal attention of each new token over its sequence's cache
+ * positions 0 .. pos (the new keys and values are already stored). */
+static void attend(moe_infer_decoder *d, int l, const int *seq, int n)
+{
+    const int C = d->C, hs = C / d->NH;
+    const float scale = 1.0f / sqrtf((float)hs);
+    for (int i = 0; i < n; i++) {
+        const int p = d->pos[i], len = p + 1;
+        const float *K = d->kc + cache_row(d, l, seq[i], 0), *Vc = d->vc + cache_row(d, l, seq[i], 0);
+        for (int h = 0; h < d->NH; h++) {
+            const float *q = d->qkv + (size_t)i * 3 * C + h * hs;
+            float *a = d->scores;
+            cblas_sgemv(CblasRowMajor, CblasNoTrans, len, hs, scale, K + h * hs, C, q, 1, 0.0f, a, 1);
+            float mx = a[0];
+            for (int j = 1; j < len; j++) mx = a[j] > mx ? a[j] : mx;
+            float sum = 0.0f;
+            for (int j = 0; j < len; j++) sum += (a[j] = expf(a[j] - mx));
+            const float inv = 1.0f / sum;
+            for (int j = 0; j < len; j++) a[j] *= inv;
+            cblas_sgemv(CblasRowMajor, CblasTrans, len, hs, 1.0f, Vc + h * hs, C, a, 1, 0.0f,
+                        d->atty + (size_t)i * C + h * hs, 1);
+        }
+    }
+}
+
+moe_status moe_infer_decode(moe_infer_decoder *d, float *logits, const uint8_t *tokens, const int *seq, int n)
+{
+    if (n < 1 || n > d->n_max)
+        return moe_errorf(MOE_ERR_ARG, "decode: %d tokens outside 1..%d", n, d->n_max);
+    for (int i = 0; i < n; i++)
+        if (seq[i] < 0 || seq[i] >= d->S)
+            return moe_errorf(MOE_ERR_ARG, "decode: token %d names sequence %d outside 0..%d", i, seq[i], d->S - 1);
+    memset(d->add, 0, (size_t)d->S * sizeof(int));
+    for (int i = 0; i < n; i++) {
+        d->pos[i] = d->len[seq[i]] + d->add[seq[i]]++;
+        if (d->pos[i] >= d->T)
+            return moe_errorf(MOE_ERR_ARG, "decode: sequence %d would pass seq_len=%d positions (reset it first)",
+                              seq[i], d->T);
+    }
+    const int C = d->C;
+    const long NC = (long)n * C;
+    for (int i = 0; i < n; i++)
+        moe_model_encoder_forward(d->x + (size_t)i * C, &tokens[i], d->wte, d->wpe + (size_t)d->pos[i] * C, 1, 1, C);
+    for (int l = 0; l < d->L; l++) {
+        const dec_block *b = &d->blk[l];
+        moe_model_layernorm_forward(d->ln, d->mean, d->rstd, d->x, b->ln1w, b->ln1b, n, C, d->eps);
+        moe_model_matmul_forward(d->qkv, d->ln, b->qkvw, b->qkvb, n, C, 3 * C);
+        for (int i = 0; i < n; i++) {
+            const size_t r = cache_row(d, l, seq[i], d->pos[i]);
+            memcpy(d->kc + r, d->qkv + (size_t)i * 3 * C + C, (size_t)C * sizeof(float));
+            memcpy(d->vc + r, d->qkv + (size_t)i * 3 * C + 2 * C, (size_t)C * sizeof(float));
+        }
+        attend(d, l, seq, n);
+        moe_model_matmul_forward(d->tmp, d->atty, b->projw, b->projb, n, C, C);
+        moe_model_residual_forward(d->x, d->x, d->tmp, NC);
+        moe_model_layernorm_forward(d->ln, d->mean, d->rstd, d->x, b->ln2w, b->ln2b, n, C, d->eps);
+        if (b->moe) {
+            /* the n new tokens are one routing group; no noise */
+            const moe_status st = moe_layer_forward(b->moe, d->tmp, d->ln, &b->mp, n, 1, NULL);
+            if (st) return st;
+        } else {
+            moe_model_matmul_forward(d->fch, d->ln, b->fcw, b->fcb, n, C, d->F1);
+            moe_act_forward(d->fch_act, d->fch, n, d->F, d->act);
+            moe_model_matmul_forward(d->tmp, d->fch_act, b->fcpw, b->fcpb, n, d->F, C);
+        }
+        moe_model_residual_forward(d->x, d->x, d->tmp, NC);
+    }
+    moe_model_layernorm_forward(d->ln, d->mean, d->rstd, d->x, d->lnfw, d->lnfb, n, C, d->eps);
+    moe_model_matmul_forward(logits, d->ln, d->wte, NULL, n, C, d->V);
+    for (int i = 0; i < n; i++) d->len[seq[i]]++;
+    return MOE_OK;
+}

@@ -1,0 +1,144 @@
+/* Next-byte evaluation of a model over a byte buffer (moe_infer_eval):
+ * consecutive windows spread over the ranks in padded batches, per-window
+ * loss sums added in window order, and the domain x expert routing counts. */
+#include "infer/infer.h"
+
+#include <string.h>
+
+#include "model/ops.h"
+
+typedef struct {
+    int B, S, V, W, rank, n_moe, E;
+    uint8_t *in, *tg;  /* (B, S) this rank's windows of the current forward */
+    float *losses;     /* (B*S) */
+    float *probs;      /* (B*S, V) */
+    double *wsum;      /* (B) loss sum of each local window, 0 for padding */
+    double *all;       /* (W*B) every rank's wsum, in window order */
+} eval_ws;
+
+static void eval_ws_free(eval_ws *w)
+{
+    moe_free(w->in);
+    moe_free(w->tg);
+    moe_free(w->losses);
+    moe_free(w->probs);
+    moe_free(w->wsum);
+    moe_free(w->all);
+}
+
+static moe_status eval_ws_alloc(eval_ws *w)
+{
+    const size_t N = (size_t)w->B * w->S;
+    w->in = moe_calloc(N, 1);
+    w->tg = moe_calloc(N, 1);
+    w->losses = moe_calloc(N, sizeof(float));
+    w->probs = moe_calloc(N * w->V, sizeof(float));
+    w->wsum = moe_calloc((size_t)w->B, sizeof(double));
+    w->all = moe_calloc((size_t)w->W * w->B, sizeof(double));
+    if (!w->in || !w->tg || !w->losses || !w->probs || !w->wsum || !w->all)
+        return moe_errorf(MOE_ERR_NOMEM, "eval buffers for %d windows of %d bytes", w->B, w->S);
+    return MOE_OK;
+}
+
+/* Adds the kept assignments of this rank's nv valid windows, by the domain of
+ * each input byte (window g0 + b starts at byte (g0 + b) * S). */
+static void count_domains(int64_t *kept, moe_model *m, const eval_ws *w, const uint8_t *domains, int64_t g0,
+                          int nv, int n_domains)
+{
+    const int L = moe_model_config(m)->n_layers, E = w->E;
+    for (int l = 0; l < L; l++) {
+        const int i = moe_model_moe_index(m, l);
+        if (i < 0) continue;
+        const moe_route *r = moe_layer_route(moe_model_layer(m, l));
+        int64_t *k = kept + (size_t)i * n_domains * E;
+        for (int b = 0; b < nv; b++) {
+            const uint8_t *dom = domains + (size_t)(g0 + b) * w->S;
+            for (int t = 0; t < w->S; t++) {
+                const uint8_t *row = r->kept + ((size_t)b * w->S + t) * E;
+                int64_t *kd = k + (size_t)dom[t] * E;
+                for (int e = 0; e < E; e++) kd[e] += row[e];
+            }
+        }
+    }
+}
+
+moe_status moe_infer_eval(moe_infer_eval_result *res, moe_model *m, moe_comm *comm, const uint8_t *data,
+                          const uint8_t *domains, size_t n, int n_domains, int batch)
+{
+    memset(res, 0, sizeof *res);
+    const moe_train_config *cfg = moe_model_config(m);
+    eval_ws w = {.B = batch, .S = cfg->seq_len, .V = cfg->vocab_size, .W = comm ? moe_comm_size(comm) : 1,
+                 .rank = comm ? moe_comm_rank(comm) : 0, .n_moe = moe_model_n_moe_layers(m),
+                 .E = cfg->n_experts};
+    /* argument checks see the same data on every rank: no agreement needed */
+    if (batch < 1) return moe_errorf(MOE_ERR_ARG, "eval: batch=%d must be >= 1", batch);
+    if (n < (size_t)w.S + 1)
+        return moe_errorf(MOE_ERR_ARG, "the data has %zu bytes; evaluation needs at least seq_len+1 = %d", n, w.S + 1);
+    if (domains) {
+        if (n_domains < 1 || n_domains > 256)
+            return moe_errorf(MOE_ERR_ARG, "eval: n_domains=%d outside 1..256", n_domains);
+        for (size_t i = 0; i < n; i++)
+            if (domains[i] >= n_domains)
+                return moe_errorf(MOE_ERR_ARG, "domain id %d at byte %zu (expected 0..%d)", domains[i], i,
+                                  n_domains - 1);
+    }
+    const int64_t windows = (int64_t)((n - 1) / (size_t)w.S);
+    const int64_t per_fwd = (int64_t)w.W * w.B;
+    const int64_t n_fwd = (windows + per_fwd - 1) / per_fwd;
+    res->windows = windows;
+    res->tokens = windows * w.S;
+    res->n_moe = w.n_moe;
+    res->n_experts = w.E;
+    res->n_domains = domains ? n_domains : 0;
+
+    moe_status st = eval_ws_alloc(&w);
+    const size_t nk = (size_t)w.n_moe * n_domains * w.E;
+    if (!st && domains && !(res->domain_kept = moe_calloc(nk, sizeof(int64_t))))
+        st = moe_errorf(MOE_ERR_NOMEM, "eval: domain counts");
+    if (comm) st = moe_comm_agree(comm, st);
+    double sum = 0.0;
+    for (int64_t j = 0; !st && j < n_fwd; j++) {
+        const int64_t g0 = j * per_fwd + (int64_t)w.rank * w.B; /* first window of this rank */
+        int nv = (int)(windows - g0 < 0 ? 0 : windows - g0 < w.B ? windows - g0 : w.B);
+        memset(w.in, 0, (size_t)w.B * w.S);
+        memset(w.tg, 0, (size_t)w.B * w.S);
+        for (int b = 0; b < nv; b++) {
+            memcpy(w.in + (size_t)b * w.S, data + (size_t)(g0 + b) * w.S, (size_t)w.S);
+            memcpy(w.tg + (size_t)b * w.S, data + (size_t)(g0 + b) * w.S + 1, (size_t)w.S);
+        }
+        /* the model's own loss would include the padding: compute it here */
+        if ((st = moe_model_forward(m, w.in, NULL, w.B, w.S, 0, 0))) break;
+        if (nv > 0)
+            moe_model_crossentropy_forward(w.losses, w.probs, moe_model_logits(m), w.tg, nv * w.S, w.V);
+        for (int b = 0; b < w.B; b++) {
+            double s = 0.0;
+            for (int t = 0; b < nv && t < w.S; t++) s += w.losses[(size_t)b * w.S + t];
+            w.wsum[b] = s;
+        }
+        if (domains) count_domains(res->domain_kept, m, &w, domains, g0, nv, n_domains);
+        if (comm) {
+            if ((st = moe_comm_allgather(comm, w.all, w.wsum, (size_t)w.B * sizeof(double)))) break;
+        } else {
+            memcpy(w.all, w.wsum, (size_t)w.B * sizeof(double));
+        }
+        /* window order, whatever the number of ranks */
+        for (int64_t g = j * per_fwd; g < windows && g < (j + 1) * per_fwd; g++) sum += w.all[g - j * per_fwd];
+    }
+    /* a forward failure is already known to the whole ep group (= world) */
+    if (!st && domains && comm)
+        st = moe_comm_allreduce_i64(comm, MOE_SCOPE_WORLD, res->domain_kept, nk);
+    eval_ws_free(&w);
+    if (st) {
+        moe_infer_eval_result_free(res);
+        return st;
+    }
+    res->loss_sum = sum;
+    res->loss = sum / (double)res->tokens;
+    return MOE_OK;
+}
+
+void moe_infer_eval_result_free(moe_infer_eval_result *res)
+{
+    moe_free(res->domain_kept);
+    res->domain_kept = NULL;
+}

@@ -1,0 +1,179 @@
+/* Inference from a checkpoint, shared by `moe eval` and `moe generate`:
+ * loading a model on any number of ranks, next-byte evaluation over a file,
+ * an incremental decoder with a key/value cache, and sampling.
+ *
+ * Parallelism: the expert-parallel group is the whole world (ep size = W,
+ * which must divide n_experts); experts are sharded, everything else is
+ * replicated. Evaluation spreads windows over the ranks; generation runs
+ * every sequence on every rank (the routing group of a decoding step must
+ * live on one rank, routing.md) and only the expert FFNs are distributed.
+ *
+ * Routing at inference (docs/routing.md, "autoregressive decoding"):
+ *   - no router noise, ever;
+ *   - evaluation: every window of seq_len bytes is its own routing group;
+ *   - decoding: the tokens passed to ONE moe_infer_decode call form one
+ *     routing group at every MoE layer: a prompt (or a re-prefilled context)
+ *     is one group, a decoding step is the group of the B newest tokens, one
+ *     per sequence. Capacity follows routing.md for that group size T:
+ *     token choice C = ceil(k T cf / E) (cf <= 0: dropless), expert choice
+ *     C = min(T, ceil(T c / E)). At T = 1 expert choice therefore sends the
+ *     single token to every expert (C = 1), weighted by its router probs. */
+#ifndef MOE_INFER_H
+#define MOE_INFER_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "comm/comm.h"
+#include "config/config.h"
+#include "model/model.h"
+
+/* ---- loading (load.c) ---- */
+
+/* Builds a model for at most max_local_seqs sequences of seq_len bytes per
+ * forward, whose MoE layers also take calls of up to min_tokens tokens
+ * (decoding: the batch size; the model then holds enough sequences), from
+ * the checkpoint `path` (a file, or a run directory meaning the file its
+ * `latest` names). The configuration is the checkpoint's root `config`
+ * text (routing keys as saved) with group_seqs = 1, copied to *cfg (may be
+ * NULL). comm == NULL: one process; otherwise its ep size must be its world
+ * size. Collective over comm's world; every rank returns non-OK if any
+ * fails (the cause's detail on the rank that found it, MOE_ERR_REMOTE
+ * elsewhere; moe_infer_error_rank says which). Fails with MOE_ERR_IO /
+ * MOE_ERR_FORMAT / MOE_ERR_CHECKSUM / MOE_ERR_MISMATCH for a missing or
+ * damaged file, MOE_ERR_ARG when the world size does not divide n_experts or
+ * max_local_seqs < 1. Owner: caller (moe_model_destroy). */
+moe_status moe_infer_load(moe_model **out, moe_train_config *cfg, const char *path, int max_local_seqs,
+                          int min_tokens, moe_comm *comm);
+
+/* Which rank should print a failure that every rank returned (after an
+ * agreement): world rank 0 unless its status is MOE_ERR_REMOTE, else the
+ * lowest rank holding the cause. Collective over comm's world (NULL: 0);
+ * -1 if the exchange itself fails (then every rank should print). */
+int moe_infer_error_rank(moe_comm *comm, moe_status st);
+
+/* Reads a whole file into a new buffer (*data, caller frees with moe_free;
+ * never NULL on success, even for an empty file) of *n bytes. Not
+ * collective. MOE_ERR_IO naming the file. */
+moe_status moe_infer_read_file(uint8_t **data, size_t *n, const char *path);
+
+/* ---- evaluation (eval.c) ---- */
+
+typedef struct {
+    double loss;         /* mean next-byte cross-entropy, nats */
+    double loss_sum;     /* sum over every target byte */
+    int64_t tokens;      /* target bytes: windows * seq_len */
+    int64_t windows;
+    int n_moe, n_domains, n_experts;
+    int64_t *domain_kept; /* (n_moe, n_domains, E) kept assignments of the tokens of each domain,
+                           * global, MoE layers in block order; NULL without domains */
+} moe_infer_eval_result;
+
+/* Next-byte cross-entropy of m over data (n bytes, the same on every rank):
+ * window i has inputs data[i*S .. i*S+S) and targets shifted by one, for
+ * i = 0 .. floor((n-1)/S)-1 (S = seq_len; every full window). Each window is
+ * its own routing group, no noise. Window g goes to forward j = g / (W*batch),
+ * rank (g % (W*batch)) / batch; the last forward is padded with empty
+ * windows that contribute nothing, so every rank runs the same number of
+ * forwards. Per-window loss sums are gathered and added in window order in
+ * double on every rank, so the result does not depend on W beyond the
+ * floating-point identity of the forward itself.
+ * domains (n bytes, each < n_domains) or NULL: counts, per MoE layer, the
+ * kept expert assignments of every input token by the domain of its byte.
+ * batch <= the model's max_local_seqs. Collective over comm's world (NULL:
+ * one process). MOE_ERR_ARG for fewer than S+1 bytes, a bad domain id
+ * (naming its offset) or batch < 1; forward failures reach every rank.
+ * res->domain_kept is owned by the caller (moe_infer_eval_result_free). */
+moe_status moe_infer_eval(moe_infer_eval_result *res, moe_model *m, moe_comm *comm, const uint8_t *data,
+                          const uint8_t *domains, size_t n, int n_domains, int batch);
+void moe_infer_eval_result_free(moe_infer_eval_result *res);
+
+/* ---- incremental decoding with a key/value cache (decode.c) ---- */
+
+typedef struct moe_infer_decoder moe_infer_decoder;
+
+/* A decoder over m's parameters (borrowed: m must outlive it) for up to
+ * max_seqs sequences of at most seq_len positions each, all empty. The
+ * model's MoE layers must take max(max_seqs, seq_len) tokens per call
+ * (moe_infer_load with min_tokens >= max_seqs). Not collective. MOE_ERR_ARG (max_seqs < 1), MOE_ERR_NOMEM. Owner: caller. */
+moe_status moe_infer_decoder_create(moe_infer_decoder **out, moe_model *m, int max_seqs);
+void moe_infer_decoder_destroy(moe_infer_decoder *d);
+
+int moe_infer_decoder_max_seqs(const moe_infer_decoder *d);
+int moe_infer_decoder_seq_len(const moe_infer_decoder *d);
+/* The largest n one moe_infer_decode call takes: max(max_seqs, seq_len). */
+int moe_infer_decoder_max_tokens(const moe_infer_decoder *d);
+
+/* Empties sequence s (its next token goes to position 0). Not collective. */
+void moe_infer_decoder_reset(moe_infer_decoder *d, int s);
+/* Positions sequence s holds in its cache. */
+int moe_infer_decoder_length(const moe_infer_decoder *d, int s);
+
+/* Appends n tokens: token i goes to sequence seq[i] at that sequence's next
+ * position (tokens of one sequence in call order), and writes the logits
+ * of every new token: logits (n, 256). Each token attends to its
+ * sequence's cache up to and including itself; only the new tokens run
+ * through the blocks, and the n tokens form ONE routing group at every MoE
+ * layer (see the header comment). 1 <= n <= max(max_seqs, seq_len).
+ * Collective over the ep group: every rank must make calls with the same n
+ * (the tokens themselves may differ). MOE_ERR_ARG (bad n or sequence, a
+ * sequence would pass seq_len positions; nothing is changed), and the MoE
+ * layer's failures, which reach every rank of the ep group. */
+moe_status moe_infer_decode(moe_infer_decoder *d, float *logits, const uint8_t *tokens, const int *seq, int n);
+
+/* ---- sampling (sample.c) ---- */
+
+typedef struct {
+    double temperature; /* 0: greedy (argmax, lowest index on ties); > 0 divides the logits */
+    int top_k;          /* keep the top_k most likely bytes; 0: all */
+    double top_p;       /* keep the smallest most-likely set with probability >= top_p; 1: all */
+    uint32_t seed;
+} moe_infer_sampler;
+
+/* MOE_ERR_ARG naming the field: temperature < 0 or not finite, top_k < 0,
+ * top_p outside (0, 1]. */
+moe_status moe_infer_sampler_check(const moe_infer_sampler *s);
+
+/* Next byte from logits (256). Candidates are ordered by decreasing logit
+ * (lower byte first on ties). temperature 0: the first one. Otherwise, in
+ * double: keep the first top_k; p = softmax(logit / temperature) over them;
+ * keep the shortest prefix whose p sums to >= top_p; the draw
+ * u = moe_rng_uniform(seed, MOE_RNG_SAMPLE, position, sequence, 0, 0) times
+ * the kept sum picks the first candidate whose cumulative p exceeds it. A pure
+ * function of its arguments (same seed, same text on any number of ranks).
+ * Non-finite logits: MOE_ERR_NONFINITE. */
+moe_status moe_infer_sample(int *out, const moe_infer_sampler *s, const float *logits, uint32_t position,
+                            uint32_t sequence);
+
+/* ---- generation (generate.c) ---- */
+
+typedef struct {
+    int64_t prefill_tokens, decode_tokens; /* tokens through the blocks: prompts, decoding steps */
+    int64_t slides;                        /* context re-prefills (see moe_infer_generate) */
+    double prefill_s, decode_s;            /* wall time of the prompt pass and of the decoding loop */
+} moe_infer_gen_stats;
+
+/* Samples `tokens` bytes after each of the n prompts (prompt i: len[i]
+ * bytes) into out (n, tokens), decoding all n sequences together in d
+ * (max_seqs >= n; its sequences are reset first).
+ * Rules (S = seq_len):
+ *   - an empty prompt stands for "\n" (the corpus' document separator);
+ *     a prompt longer than S keeps its last S bytes as context;
+ *   - each prompt is prefilled in one pass (one routing group per prompt);
+ *     then every step feeds the n newest bytes as ONE routing group;
+ *   - a sequence whose cache is full (S positions) slides: its cache is
+ *     reset and the last max(1, S/2) bytes of its context (the new byte
+ *     included) are prefilled again in one pass (their own group);
+ *   - byte j (0-based) after prompt i is drawn with position = (prompt
+ *     length, at least 1) + j and sequence = i (moe_infer_sample).
+ * World rank 0 samples and broadcasts each step's bytes, so every rank
+ * holds the same sequences and out is the same everywhere. Collective over
+ * comm's world (NULL: one process); every rank runs all n sequences and
+ * only the experts are distributed. Errors (MOE_ERR_ARG for n outside
+ * 1..max_seqs or tokens < 0, the sampler's and the layers') reach every
+ * rank. stats may be NULL. */
+moe_status moe_infer_generate(uint8_t *out, moe_infer_gen_stats *stats, moe_infer_decoder *d, moe_comm *comm,
+                              const uint8_t *const *prompts, const size_t *len, int n, int tokens,
+                              const moe_infer_sampler *s);
+
+#endif
