@@ -73,7 +73,7 @@ static int parse_double(const char *s, double *out)
 /* Returns 0 on success, 2 on a usage error (message printed), 1 for --help. */
 static int parse_opts(bench_opts *o, int argc, char **argv, int rank)
 {
-    memset(o, 0, sizeof *o); /* zero padding: the struct is compared across ranks */
+    memset(o, 0, sizeof *o);
     o->T = 4096; o->d = 256; o->F = 1024; o->E = 8; o->k = 2; o->G = 0; o->iters = 10; o->warmup = 2; o->threads = 0; o->ep_size = 0; o->normalize = -1; o->chunks = 1; o->cf = NAN; o->aux = 0.01; o->z = 0.001; o->router = MOE_ROUTER_TOKEN_CHOICE; o->act = MOE_ACT_GELU; o->a2a = MOE_A2A_ALLTOALLV; o->seed = 1234;
     static const struct option longopts[] = {
         {"tokens", required_argument, 0, 'T'},      {"d-model", required_argument, 0, 'd'},
@@ -260,8 +260,20 @@ static int run(moe_comm *comm, const bench_opts *o)
     else if (o->E % P != 0)
         st = moe_errorf(MOE_ERR_ARG, "--experts %d is not divisible by the expert-parallel size %d", o->E, P);
     if (st) return fail(rank, "bench layer", st);
-    /* Every rank must run the same experiment. */
-    st = moe_comm_check_same(comm, "bench layer options", o, offsetof(bench_opts, save));
+    /* Every rank must run the same experiment; name the option that differs. */
+    const struct { const char *name; const void *v; size_t n; } same[] = {
+        {"--tokens", &o->T, sizeof o->T},          {"--d-model", &o->d, sizeof o->d},
+        {"--d-ff", &o->F, sizeof o->F},            {"--experts", &o->E, sizeof o->E},
+        {"--top-k", &o->k, sizeof o->k},           {"--groups", &o->G, sizeof o->G},
+        {"--capacity-factor", &o->cf, sizeof o->cf}, {"--router", &o->router, sizeof o->router},
+        {"--activation", &o->act, sizeof o->act},  {"--normalize-topk", &o->normalize, sizeof o->normalize},
+        {"--seed", &o->seed, sizeof o->seed},      {"--iters", &o->iters, sizeof o->iters},
+        {"--warmup", &o->warmup, sizeof o->warmup}, {"--aux-loss-coef", &o->aux, sizeof o->aux},
+        {"--z-loss-coef", &o->z, sizeof o->z},     {"--a2a", &o->a2a, sizeof o->a2a},
+        {"--chunks", &o->chunks, sizeof o->chunks}, {"--save (given or not)", &(int){o->save != NULL}, sizeof(int)},
+    };
+    for (size_t i = 0; i < sizeof same / sizeof same[0] && !st; i++)
+        st = moe_comm_check_same(comm, same[i].name, same[i].v, same[i].n);
     if (st) return fail(rank, "bench layer", st);
 
     const int G_local = G / W, T_local = o->T / W;
