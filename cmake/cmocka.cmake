@@ -31,3 +31,18 @@ function(moe_add_mpi_test name np)
   set_tests_properties(${name} PROPERTIES PROCESSORS ${np} LABELS mpi TIMEOUT 300
     ENVIRONMENT "OPENBLAS_NUM_THREADS=1;OMPI_MCA_rmaps_base_oversubscribe=1")
 endfunction()
+
+# The AddressSanitizer + UBSan pass of launch/test runs `ctest -L asan`.
+# Called at the end of a tests/<module>/CMakeLists.txt: labels every unit
+# test of that folder (kernels, bad input, corrupt and truncated files) and
+# the tests whose names match the optional regex.
+function(moe_label_asan_tests)
+  set(pattern "${ARGV0}")
+  get_property(dir_tests DIRECTORY PROPERTY TESTS)
+  foreach(t IN LISTS dir_tests)
+    get_test_property(${t} LABELS labels)
+    if("unit" IN_LIST labels OR (pattern AND t MATCHES "${pattern}"))
+      set_property(TEST ${t} APPEND PROPERTY LABELS asan)
+    endif()
+  endforeach()
+endfunction()

@@ -189,14 +189,12 @@ ckpt_every = 10
 EOF
 run=$tmp/run
 
-# submit OUT_VAR [sbatch args...] -- [script args...]: submits the job, records its id.
+# submit SBATCH_ARGS...: submits a job, sets $job to its id and records it for cleanup.
 submit() {
-    local -n id_out=$1
-    shift
-    id_out=$(sbatch --parsable --chdir="$tmp" --output="$tmp/job-%j.out" --time=5 "$@") \
+    job=$(sbatch --parsable --chdir="$tmp" --output="$tmp/job-%j.out" --time=5 "$@") \
         || fail "sbatch refused the job"
-    id_out=${id_out%%;*}
-    job_ids+=("$id_out")
+    job=${job%%;*}
+    job_ids+=("$job")
 }
 # wait_job ID LIMIT_S: waits for the job to end; fails unless it COMPLETED with 0:0.
 wait_job() {
@@ -228,10 +226,12 @@ metrics_steps_are() {
 
 # ---- job 1: fresh run, launcher picked by the script ----
 t0=$SECONDS
-submit job1 -N 1 -n 2 --export="$env_export" "$sbatch_script" "$tmp/tiny.ini" "$run"
+submit -N 1 -n 2 --export="$env_export" "$sbatch_script" "$tmp/tiny.ini" "$run"
+job1=$job
 wait_job "$job1" 150
 out1=$tmp/job-$job1.out
-grep -q '^== 2 ranks x 1 threads' "$out1" || fail "job 1 log lacks the ranks/threads header"
+grep -q '^== 2 ranks x 1 threads, launcher srun' "$out1" \
+    || fail "job 1 did not pick srun (does 'srun --mpi=list' offer pmix?)"
 grep -q -- '--resume=' "$out1" && fail "job 1 resumed, but its run directory was new"
 grep -q '^== moe train exited with 0' "$out1" || fail "job 1 log lacks a clean exit of moe train"
 latest_is ckpt-000020.h5 || fail "after job 1 latest is '$(cat "$run/latest" 2> /dev/null)', want ckpt-000020.h5"
@@ -240,7 +240,7 @@ verify "$run/ckpt-000020.h5"
 grep -q '^done: 20 steps' "$out1" || fail "job 1 log lacks moe train's 'done: 20 steps'"
 metrics_steps_are 20
 sum1=$(md5sum < "$run/ckpt-000020.h5")
-log "job 1: $(grep '^== .* launcher' "$out1" | sed 's/^== //'), $(( SECONDS - t0 ))s"
+log "job 1: 20 steps on 2 ranks via srun --mpi=pmix, $(( SECONDS - t0 ))s"
 
 # ---- job 2: resubmit into the same run directory with more steps, via mpirun ----
 # Its first start stands in for a run reaching the time limit: the ranks hold
@@ -253,8 +253,9 @@ exec "$moe" "\$@"
 EOF
 chmod +x "$tmp/hold-moe"
 t0=$SECONDS
-submit job2 -N 1 -n 2 --export="$env_export,MOE_BIN=$tmp/hold-moe,MOE_LAUNCHER=mpirun" \
+submit -N 1 -n 2 --export="$env_export,MOE_BIN=$tmp/hold-moe,MOE_LAUNCHER=mpirun" \
     "$sbatch_script" "$tmp/tiny.ini" "$run" --steps=30
+job2=$job
 until_ok 60 "job 2 to start" test -e "$tmp/held"
 scancel --batch --signal=USR1 "$job2" || fail "could not signal job 2"
 wait_job "$job2" 200
