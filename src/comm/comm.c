@@ -167,6 +167,12 @@ moe_status moe_comm_agree(moe_comm *c, moe_status local)
     return moe_comm_agree_on(c->world, local, "world");
 }
 
+moe_status moe_comm_agree_scope(moe_comm *c, moe_comm_scope s, moe_status local)
+{
+    static const char *names[] = {"world", "ep", "replica"};
+    return moe_comm_agree_on(moe_comm_mpi(c, s), local, names[s]);
+}
+
 /* FNV-1a, 64 bit: enough to tell configurations apart. */
 static uint64_t fnv1a(const void *p, size_t n)
 {

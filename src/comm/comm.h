@@ -63,6 +63,9 @@ moe_status moe_comm_check_same(moe_comm *c, const char *what, const void *bytes,
  * else MOE_ERR_REMOTE (detail names the failing rank) if any rank passed a
  * non-OK status; else MOE_OK. */
 moe_status moe_comm_agree(moe_comm *c, moe_status local);
+/* The same over one scope only (e.g. the ep group inside an MoE layer,
+ * where other ep groups may be at a different point). Collective over s. */
+moe_status moe_comm_agree_scope(moe_comm *c, moe_comm_scope s, moe_status local);
 
 /* In-place sums over a scope (n may exceed INT_MAX: done in chunks). */
 moe_status moe_comm_allreduce_f32(moe_comm *c, moe_comm_scope s, float *buf, size_t n);

@@ -311,7 +311,9 @@ moe_status moe_layer_forward(moe_layer *L, float *y, const float *x, const moe_l
         st = moe_a2a_set_counts(L->a2a, L->send_rows, st, L->d);
         if (st) return st;
         L->n_recv = moe_a2a_recv_total(L->a2a);
-        st = moe_comm_agree(L->comm, grow_recv(L, L->n_recv));
+        /* Over the ep group only: other ep groups (replicas) run their own
+         * exchange and may already have stopped on an error of their own. */
+        st = moe_comm_agree_scope(L->comm, MOE_SCOPE_EP, grow_recv(L, L->n_recv));
         if (st) return st;
     } else {
         if (st) return st;

@@ -38,7 +38,7 @@ typedef struct {
 
 typedef struct moe_layer moe_layer;
 
-/* Collective over comm's ep group when comm != NULL (creates the exchange).
+/* Collective over comm's world when comm != NULL (creates the exchange).
  * Validates the config (MOE_ERR_ARG naming the field). Owner: caller. */
 moe_status moe_layer_create(moe_layer **out, const moe_layer_config *cfg, moe_comm *comm);
 void moe_layer_destroy(moe_layer *L);

@@ -21,7 +21,7 @@ import subprocess
 import sys
 
 SMALL = ["--d_model=32", "--n_layers=2", "--n_heads=2", "--seq_len=32", "--n_experts=4", "--top_k=2",
-         "--d_ff=64", "--batch_size=8", "--val_every=0"]
+         "--d_ff=64", "--moe_every=1", "--batch_size=8", "--val_every=0"]
 
 
 def run(args, np=1, check=True):
@@ -126,7 +126,7 @@ def case_ec():
     print("ec: %r" % text[:60])
 
 
-def expect_fail(args, words, np=1):
+def expect_fail(args, words, np=0):
     p = run(args, np=np, check=False)
     err = p.stderr.decode(errors="replace")
     assert p.returncode != 0, ("expected failure", args, p.stdout)
@@ -158,7 +158,9 @@ def case_errors():
     expect_fail(["generate", "--ckpt", path("truncated.h5"), "--prompt", "x"], ["truncated.h5"])
     e = ["eval", "--ckpt", tc]
     expect_fail(e, ["--data"])
-    expect_fail(e + ["--data", path("prompts.txt")], ["seq_len+1"])
+    with open(path("short.txt"), "wb") as f:
+        f.write(b"x" * 32)  # a window needs seq_len + 1 = 33 bytes
+    expect_fail(e + ["--data", path("short.txt")], ["seq_len+1"])
     expect_fail(e + ["--data", path("eval.txt"), "--domains", path("prompts.txt")], ["one id per byte"])
     expect_fail(e + ["--data", path("eval.txt"), "--batch", "0"], ["--batch"])
     expect_fail(e + ["--data", path("eval.txt")], ["must divide"], np=3)
