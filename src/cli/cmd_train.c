@@ -285,14 +285,16 @@ static int run(train_run *r)
                                      ? moe_errorf(MOE_ERR_IO, "cannot write %s/metrics.jsonl", c->out_dir)
                                      : MOE_OK);
     const int64_t step0 = step;
-    double t_start = moe_now(), t_last = t_start, last_val = NAN, ckpt_total = 0, last_ckpt = t_start;
+    double t_start = moe_now(), last_val = NAN, ckpt_total = 0, last_ckpt = t_start;
     moe_train_stats ts;
     memset(&ts, 0, sizeof ts);
     while (!st && step < c->steps) {
+        double t_step = moe_now();
         st = moe_data_batch(r->ds, in, tg, step, r->rank * B, B);
         st = moe_comm_agree(r->comm, st);
         if (!st) st = moe_trainer_step(r->tr, in, tg, step, &ts);
         if (st) break;
+        t_step = moe_now() - t_step;
         step++;
         tokens_seen += (int64_t)c->batch_size * S;
         for (size_t i = 0; i < (size_t)r->n_moe * r->E; i++) {
@@ -324,8 +326,7 @@ static int run(train_run *r)
         }
         if (r->rank == 0) {
             double now = moe_now();
-            double tok_s = (double)c->batch_size * S / (now - t_last);
-            t_last = now;
+            double tok_s = (double)c->batch_size * S / t_step; /* the step alone, not validation or checkpoints */
             double balance, drop;
             load_figures(&ts.model, &balance, &drop);
             write_metrics(r, step, &ts, val, tok_s, balance, drop, ckpt_s);
