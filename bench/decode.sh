@@ -5,6 +5,7 @@
 # batch 1 and batch 16, on 1 and 2 ranks (experts sharded). Decode tokens/s
 # counts every sequence's new bytes over the decoding loop (prefill excluded;
 # 8-byte prompts + 200 bytes stay inside seq_len, so no context slides).
+# One BLAS thread per rank: decoding GEMMs are a few rows, too small to split.
 #   bench/decode.sh [rounds]      (build first: launch/build; MOE_BIN overrides)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -28,13 +29,11 @@ PY
 
 printf "%-6s %-6s %14s %10s\n" ranks batch "decode tok/s" "ms/step"
 for np in 1 2; do
-  # 2 cores: one BLAS thread per rank when two ranks share them
-  threads=$((2 / np))
   for batch in 1 16; do
     if [ "$batch" = 1 ]; then prompt=(--prompt "07+17=4 "); else prompt=(--prompt_file "$WORK/prompts16.txt"); fi
     best=0
     for _ in $(seq "$ROUNDS"); do
-      out=$(OPENBLAS_NUM_THREADS=$threads "${MPI[@]}" -np "$np" "$MOE" generate --ckpt "$WORK/run" \
+      out=$(OPENBLAS_NUM_THREADS=1 "${MPI[@]}" -np "$np" "$MOE" generate --ckpt "$WORK/run" \
             "${prompt[@]}" --tokens $TOKENS --seed 1 --json 2>/dev/null)
       r=$(python3 -c "import json,sys; print(json.loads(sys.argv[1])['decode_tokens_per_s'])" "$out")
       best=$(python3 -c "print(max($best, $r))")

@@ -78,10 +78,25 @@ int main(int argc, char **argv)
 EOF
 cc -O2 -o "$tmp/sgemm" "$tmp/sgemm.c" -I/usr/include/x86_64-linux-gnu/openblas-pthread -lopenblas
 
-# Every rank of a moe-local run under /usr/bin/time: its peak RSS (KB) lands in rss.<rank>.
+# Runs moe (each rank, under moe-local too) under /usr/bin/time: peak RSS
+# (KB) of the whole run in rss.<rank>; VmHWM sampled while metrics.jsonl has
+# fewer than STEPS lines (before the final checkpoint) in hwm.<rank>.
 cat > "$tmp/rss_wrap" << EOF
 #!/bin/sh
-exec /usr/bin/time -f %M -o "$tmp/rss.\${OMPI_COMM_WORLD_RANK:-0}" "$MOE" "\$@"
+r=\${OMPI_COMM_WORLD_RANK:-0}
+echo 0 > "$tmp/hwm.\$r"
+/usr/bin/time -f %M -o "$tmp/rss.\$r" "$MOE" "\$@" &
+pid=\$!
+while kill -0 \$pid 2> /dev/null; do
+    child=\$(pgrep -P \$pid | head -n 1)
+    n=\$(cat "$tmp/run/metrics.jsonl" 2> /dev/null | wc -l)
+    if [ -n "\$child" ] && [ "\$n" -lt $STEPS ]; then
+        awk '/VmHWM/ {print \$2}' /proc/\$child/status > "$tmp/hwm.\$r.new" 2> /dev/null &&
+            [ -s "$tmp/hwm.\$r.new" ] && mv "$tmp/hwm.\$r.new" "$tmp/hwm.\$r"
+    fi
+    sleep 0.2
+done
+wait \$pid
 EOF
 chmod +x "$tmp/rss_wrap"
 
@@ -95,7 +110,8 @@ rows = [json.loads(l) for l in open(sys.argv[1])]
 skip = int(sys.argv[2])
 s = rows[skip:-1]  # the last step includes the final checkpoint
 print(json.dumps({"tok_s": statistics.median(r["tokens_per_s"] for r in s),
-                  "drop": sum(r["dropped_frac"] for r in s) / len(s)}))
+                  "drop": sum(r["dropped_frac"] for r in s) / len(s),
+                  "max_rows": max(sum(l["kept"]) for r in rows for l in r["layers"])}))
 EOF
 }
 
@@ -146,19 +162,22 @@ for name in $CONFIGS; do
          "moe_every $MOE_EVERY ($((B * T)) tokens/step; moe $STEPS steps, median of steps $((SKIP + 1))..$((STEPS - 1)))"
     printf "%-6s %10s %10s %10s %10s %8s %8s %9s %9s\n" round "moe 1x2" "moe 2x1" "moe 1x1" "torch 2t" \
         "sgemm1t" "sgemm2t" "peak1t" "peak2t"
-    r12=(); r21=(); r11=(); rt=(); g1=(); g2=(); p1=(); p2=(); drop=0; tdrop=0; rss1=0; rss2a=0; rss2b=0
+    r12=(); r21=(); r11=(); rt=(); g1=(); g2=(); p1=(); p2=(); drop=0; tdrop=0
+    rss1=0; rss2a=0; rss2b=0; hwm1=0; hwm2a=0; hwm2b=0
     for round in $(seq "$ROUNDS"); do
         out=$tmp/run
         rm -rf "$out"
-        OPENBLAS_NUM_THREADS=2 /usr/bin/time -f %M -o "$tmp/rss.single" "$MOE" train $(moe_args $d $L $NH $E $k $F $T $B "$out") > "$tmp/log" 2>&1 \
+        OPENBLAS_NUM_THREADS=2 "$tmp/rss_wrap" train $(moe_args $d $L $NH $E $k $F $T $B "$out") > "$tmp/log" 2>&1 \
             || { cat "$tmp/log" >&2; exit 1; }
         s=$(steady "$out/metrics.jsonl"); r12+=("$(jget "$s" tok_s)"); drop=$(jget "$s" drop)
-        rss1=$(best "$rss1" "$(cat "$tmp/rss.single")")
+        max_rows=$(jget "$s" max_rows)
+        rss1=$(best "$rss1" "$(cat "$tmp/rss.0")"); hwm1=$(best "$hwm1" "$(cat "$tmp/hwm.0")")
         rm -rf "$out"
         env -u OPENBLAS_NUM_THREADS -u OMP_NUM_THREADS MOE_BIN="$tmp/rss_wrap" launch/moe-local 2 train \
             $(moe_args $d $L $NH $E $k $F $T $B "$out") > "$tmp/log" 2>&1 || { cat "$tmp/log" >&2; exit 1; }
         s=$(steady "$out/metrics.jsonl"); r21+=("$(jget "$s" tok_s)")
         rss2a=$(best "$rss2a" "$(cat "$tmp/rss.0")"); rss2b=$(best "$rss2b" "$(cat "$tmp/rss.1")")
+        hwm2a=$(best "$hwm2a" "$(cat "$tmp/hwm.0")"); hwm2b=$(best "$hwm2b" "$(cat "$tmp/hwm.1")")
         rm -rf "$out"
         OPENBLAS_NUM_THREADS=1 "$MOE" train $(moe_args $d $L $NH $E $k $F $T $B "$out") > "$tmp/log" 2>&1 \
             || { cat "$tmp/log" >&2; exit 1; }
@@ -197,11 +216,18 @@ EOF
     read -r state2 acts2 moe_acts2 <<< "$(accounting $d $L $F $E $k $T $B $MOE_EVERY 2 "$(python3 -c "print(1 - $drop)")" $NH)"
     python3 - << EOF
 MB = 2**20
-for what, rss, st, ac, ma in (("1 rank (2 threads)", [$rss1], $state, $acts, $moe_acts),
-                              ("2 ranks, per rank", [$rss2a, $rss2b], $state2, $acts2, $moe_acts2)):
+for what, hwm, rss, st, ac, ma in (("1 rank (2 threads)", [$hwm1], [$rss1], $state, $acts, $moe_acts),
+                                   ("2 ranks, per rank", [$hwm2a, $hwm2b], [$rss2a, $rss2b], $state2, $acts2, $moe_acts2)):
     need = st + ac + ma
-    print(f"peak RSS, {what}: " + " / ".join(f"{r * 1024 / MB:.0f}" for r in rss) + " MB; accounting "
-          f"{need / MB:.0f} MB = params+grads+AdamW {st / MB:.0f} + model activations {ac / MB:.0f} "
-          f"+ MoE kept-row activations {ma / MB:.0f}; ratio {max(rss) * 1024 / need:.2f}x (target <= 1.3x)")
+    mb = lambda v: " / ".join(f"{r * 1024 / MB:.0f}" for r in v)
+    print(f"memory, {what}: accounting {need / MB:.0f} MB = params+grads+AdamW {st / MB:.0f} + model activations "
+          f"{ac / MB:.0f} + MoE kept-row activations {ma / MB:.0f}")
+    print(f"  peak RSS while training {mb(hwm)} MB: ratio {max(hwm) * 1024 / need:.2f}x (target <= 1.3x); "
+          f"whole run incl. final checkpoint {mb(rss)} MB: {max(rss) * 1024 / need:.2f}x")
+    if what.startswith("1"):  # src/layer grows its buffers to 1.25 x rows + 16, (3d + 4F) floats a row
+        n_moe = ($L + $MOE_EVERY - 1) // $MOE_EVERY
+        alloc = n_moe * (1.25 * $max_rows + 16) * (3 * $d + 4 * $F) * 4
+        print(f"  (MoE layer buffers as src/layer allocates them: ~{alloc / MB:.0f} MB for the {ma / MB:.0f} MB "
+              f"of kept-row activations)")
 EOF
 done

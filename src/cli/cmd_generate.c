@@ -271,6 +271,7 @@ static int run(const gen_opts *o, moe_comm *comm)
         rc = 1;
     } else if (rank == 0) {
         rc = o->json ? print_json(&ps, out, o->tokens, &gs) : (print_text(&ps, out, o->tokens), 0);
+        fflush(stdout); /* the text, then the figures */
         fprintf(stderr, "moe generate: %d ranks, %d prompts: prefill %lld tokens in %.3f s; decode %lld tokens in %.3f s "
                         "(%.1f tokens/s, %lld context slides)\n",
                 W, ps.n, (long long)gs.prefill_tokens, gs.prefill_s, (long long)gs.decode_tokens, gs.decode_s,
