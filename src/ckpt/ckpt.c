@@ -165,8 +165,13 @@ static moe_status write_dset(const writer *w, const wdset *d)
     for (int i = 1; i < d->ndim; i++) chunk[i] = d->dims[i];
     if (row * d->chunk_rows * dtype_size(d->dtype) >= (hsize_t)1 << 32)
         return moe_errorf(MOE_ERR_ARG, "checkpoint: a row of '%s' exceeds HDF5's 4 GiB chunk limit", d->name);
-    const hsize_t n = d->nr * row, mn = n ? n : 1;
-    hid_t fs = H5Screate_simple(d->ndim, d->dims, NULL), ms = H5Screate_simple(1, &mn, NULL);
+    const hsize_t n = d->nr * row;
+    /* The memory space has the shape of the file selection (rows x the
+     * tensor's other dims): with a flat one HDF5 maps chunks element by
+     * element, which made writes 4-8x slower (128 MB: 2.4-3.8 s -> 0.3-1.3 s). */
+    hsize_t mdims[MOE_TENSOR_MAX_DIMS] = {n ? d->nr : 1};
+    for (int i = 1; i < d->ndim; i++) mdims[i] = n ? d->dims[i] : 1;
+    hid_t fs = H5Screate_simple(d->ndim, d->dims, NULL), ms = H5Screate_simple(d->ndim, mdims, NULL);
     hid_t dcpl = H5Pcreate(H5P_DATASET_CREATE);
     herr_t rc = fs < 0 || ms < 0 || dcpl < 0 ? -1 : 0;
     if (rc == 0)
@@ -538,7 +543,8 @@ static moe_status read_rows(hid_t f, const char *name, hid_t mtype, int ndim, co
     hid_t fs = ds < 0 ? H5I_INVALID_HID : H5Dget_space(ds);
     hsize_t start[MOE_TENSOR_MAX_DIMS] = {(hsize_t)r0}, count[MOE_TENSOR_MAX_DIMS] = {(hsize_t)nr}, n = (hsize_t)nr;
     for (int i = 1; i < ndim; i++) n *= (count[i] = (hsize_t)shape[i]);
-    hid_t ms = H5Screate_simple(1, &n, NULL);
+    /* Same shape as the file selection: HDF5's fast path (see write_dset). */
+    hid_t ms = H5Screate_simple(ndim, count, NULL);
     herr_t rc = ds < 0 || fs < 0 || ms < 0 ? -1 : H5Sselect_hyperslab(fs, H5S_SELECT_SET, start, NULL, count, NULL);
     if (rc >= 0) rc = H5Dread(ds, mtype, ms, fs, H5P_DEFAULT, buf);
     moe_status st = rc < 0 ? ckpt_h5_fail(MOE_ERR_IO, "cannot read dataset", name, path) : MOE_OK;

@@ -202,6 +202,7 @@ static moe_status resume(train_run *r, int64_t *step, int64_t *tokens_seen)
     if (st) return st;
     moe_ckpt_state s;
     ckpt_state(r, &s, 0, 0);
+    const double t0 = moe_now();
     st = moe_ckpt_load(path, r->comm, &s, NULL);
     if (st) return st;
     int64_t *local = moe_trainer_expert_steps(r->tr);
@@ -211,7 +212,8 @@ static moe_status resume(train_run *r, int64_t *step, int64_t *tokens_seen)
     moe_trainer_set_updates(r->tr, s.opt_step);
     *step = s.step;
     *tokens_seen = s.tokens_seen;
-    if (r->rank == 0) printf("resumed from %s at step %lld\n", path, (long long)s.step);
+    if (r->rank == 0)
+        printf("resumed from %s at step %lld in %.3f s\n", path, (long long)s.step, moe_now() - t0);
     return MOE_OK;
 }
 
@@ -383,7 +385,10 @@ int moe_cmd_train(int argc, char **argv)
         return 1;
     }
     int rc = 2;
-    if (!st) st = moe_comm_create_world(&r.comm, r.cfg.ep_size);
+    /* A command-line error is reported once the world exists, so that each
+     * rank's message carries its rank (ep_size 0: any world size works). */
+    const moe_status parse_st = st;
+    st = moe_comm_create_world(&r.comm, parse_st ? 0 : r.cfg.ep_size);
     if (st) {
         moe_cli_error(-1, "train", st);
         moe_comm_finalize();
@@ -391,7 +396,7 @@ int moe_cmd_train(int argc, char **argv)
     }
     r.rank = moe_comm_rank(r.comm);
     r.W = moe_comm_size(r.comm);
-    st = moe_train_config_check(&r.cfg, r.W);
+    st = parse_st ? parse_st : moe_train_config_check(&r.cfg, r.W);
     if (!st) {
         moe_train_config_format(&r.cfg, r.config_text, sizeof r.config_text);
         /* Every rank must train the same model on the same data. */

@@ -15,7 +15,7 @@ typedef enum {
     MOE_ERR_NONFINITE, /* NaN or Inf in an input, a loss or a gradient */
     MOE_ERR_MPI,       /* an MPI call failed */
     MOE_ERR_REMOTE,    /* another rank reported an error */
-    MOE_ERR_MISMATCH,  /* configuration or shapes differ between ranks */
+    MOE_ERR_MISMATCH,  /* configuration or shapes differ (between ranks, or file vs config) */
     MOE_ERR_OVERFLOW,  /* a count does not fit the type an API needs */
     MOE_ERR_IO,        /* file missing, unreadable, unwritable */
     MOE_ERR_FORMAT,    /* file content is not what the format says */

@@ -18,7 +18,7 @@ const char *moe_status_str(moe_status s)
         [MOE_ERR_NONFINITE] = "non-finite value",
         [MOE_ERR_MPI] = "MPI error",
         [MOE_ERR_REMOTE] = "error on another rank",
-        [MOE_ERR_MISMATCH] = "mismatch between ranks",
+        [MOE_ERR_MISMATCH] = "mismatch",
         [MOE_ERR_OVERFLOW] = "count overflow",
         [MOE_ERR_IO] = "I/O error",
         [MOE_ERR_FORMAT] = "bad file format",

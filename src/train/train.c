@@ -227,6 +227,9 @@ moe_status moe_trainer_step(moe_trainer *tr, const uint8_t *inputs, const uint8_
     st->t_forward = moe_now() - t0;
     t0 = moe_now();
     if (!s) s = moe_model_backward(m);
+    /* Test hook: a NaN gradient on one rank must stop every rank cleanly
+     * (the world reduction spreads it, the norm check below catches it). */
+    if (!s && moe_fault("nan_grad", tr->comm ? moe_comm_rank(tr->comm) : 0)) moe_model_grads(m)[0] = NAN;
     st->t_backward = moe_now() - t0;
     if ((s = agree(tr, s))) return s;
 
