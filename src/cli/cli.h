@@ -12,6 +12,12 @@ int moe_cmd_inspect(int argc, char **argv);
 int moe_cmd_eval(int argc, char **argv);
 int moe_cmd_generate(int argc, char **argv);
 
+struct moe_comm;
+/* MPI start-up shared by the subcommands: moe_comm_init, then a world
+ * communicator with expert-parallel size ep_size (0: all ranks). Returns 0
+ * with *comm set, or prints the problem and returns 1 with MPI finalised. */
+int moe_cli_start(const char *what, int ep_size, struct moe_comm **comm);
+
 /* Prints "moe: <what>: <status>: <detail>" to stderr, prefixed by the rank
  * when running under MPI with more than one rank. */
 void moe_cli_error(int rank, const char *what, int status);

@@ -215,17 +215,8 @@ static int run(const eval_opts *o, moe_comm *comm)
 
 int moe_cmd_eval(int argc, char **argv)
 {
-    if (moe_comm_init(&argc, &argv)) {
-        moe_cli_error(-1, "eval: MPI initialisation", MOE_ERR_MPI);
-        return 1;
-    }
     moe_comm *comm = NULL;
-    moe_status st = moe_comm_create_world(&comm, 0);
-    if (st) {
-        moe_cli_error(-1, "eval", st);
-        moe_comm_finalize();
-        return 1;
-    }
+    if (moe_cli_start("eval", 0, &comm)) return 1;
     const int rank = moe_comm_rank(comm);
     eval_opts o;
     int rc = parse(&o, argc, argv, rank);

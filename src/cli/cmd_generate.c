@@ -286,17 +286,8 @@ static int run(const gen_opts *o, moe_comm *comm)
 
 int moe_cmd_generate(int argc, char **argv)
 {
-    if (moe_comm_init(&argc, &argv)) {
-        moe_cli_error(-1, "generate: MPI initialisation", MOE_ERR_MPI);
-        return 1;
-    }
     moe_comm *comm = NULL;
-    moe_status st = moe_comm_create_world(&comm, 0);
-    if (st) {
-        moe_cli_error(-1, "generate", st);
-        moe_comm_finalize();
-        return 1;
-    }
+    if (moe_cli_start("generate", 0, &comm)) return 1;
     gen_opts o;
     const int prc = parse(&o, argc, argv, moe_comm_rank(comm));
     int ret;

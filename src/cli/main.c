@@ -3,6 +3,7 @@
 #include <string.h>
 
 #include "cli/cli.h"
+#include "comm/comm.h"
 #include "core/moe.h"
 
 void moe_cli_error(int rank, const char *what, int status)
@@ -14,6 +15,17 @@ void moe_cli_error(int rank, const char *what, int status)
     else
         fprintf(stderr, "moe: %s: %s%s%s\n", what, moe_status_str((moe_status)status),
                 *detail ? ": " : "", detail);
+}
+
+int moe_cli_start(const char *what, int ep_size, moe_comm **comm)
+{
+    *comm = NULL;
+    moe_status st = moe_comm_init(NULL, NULL);
+    if (!st) st = moe_comm_create_world(comm, ep_size);
+    if (!st) return 0;
+    moe_cli_error(-1, what, st);
+    moe_comm_finalize();
+    return 1;
 }
 
 static void usage(FILE *f)
