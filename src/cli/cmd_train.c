@@ -376,7 +376,6 @@ int moe_cmd_train(int argc, char **argv)
     int help = 0;
     moe_status st = moe_train_config_parse_args(&r.cfg, argc, argv, &help);
     if (!st && help) {
-        printf("usage: [mpirun -np N] moe train --config FILE [--key=value ...]\n\nkeys (default):\n");
         moe_train_config_help(stdout);
         return 0;
     }

@@ -13,8 +13,8 @@
 
 enum {
     MOE_RNG_ROUTER_NOISE = 1, /* ctr = {global token, expert, layer, step} */
-    MOE_RNG_INIT = 2,         /* ctr = {element lo, element hi, tensor id, 0} */
-    MOE_RNG_DATA = 3,         /* ctr = {draw index lo, draw index hi, epoch, 0} */
+    MOE_RNG_INIT = 2,         /* ctr = {element lo, element hi, tensor id, 0} (src/model/model.c) */
+    MOE_RNG_DATA = 3,         /* training windows and the corpus: see src/data/data.h */
     MOE_RNG_BENCH = 4,        /* ctr = {element lo, element hi, tensor id, 0} */
     MOE_RNG_SAMPLE = 5,       /* ctr = {position, sequence, 0, 0} */
 };
