@@ -17,7 +17,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 MOE=$(realpath "${MOE_BIN:-build/src/cli/moe}")
-ROUNDS=${1:-2}
+ROUNDS=${1:-3}
 STEPS=${STEPS:-14}
 SKIP=${SKIP:-3}
 TORCH_STEPS=${TORCH_STEPS:-8}
