@@ -207,35 +207,59 @@ static void zero_grads(bench_data *b, size_t n_params)
     memset(b->g.router_w, 0, n_params * sizeof(float));
 }
 
+static int cmp_double(const void *a, const void *b)
+{
+    double x = *(const double *)a, y = *(const double *)b;
+    return (x > y) - (x < y);
+}
+
+/* Median of n values (sorts them). */
+static double median(double *v, int n)
+{
+    qsort(v, (size_t)n, sizeof *v, cmp_double);
+    return n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
+}
+
 /* The same expert GEMMs as one forward+backward, alone (no routing,
- * packing, activation or exchange): the bound the layer is measured against. */
+ * packing, activation, bias or exchange), on the same row counts, with
+ * distinct weights per expert as in the layer: the bound the layer is
+ * measured against. Returns the median seconds of `iters` runs. */
 static double bare_gemm_seconds(const bench_opts *o, const int *rows, int El, int iters)
 {
     const int d = o->d, F = o->F, F1 = moe_f1(o->F, o->act);
-    int maxr = 1;
-    for (int j = 0; j < El; j++) maxr = rows[j] > maxr ? rows[j] : maxr;
-    float *buf = moe_calloc((size_t)maxr * (2 * d + 2 * F1) + 2 * ((size_t)F1 * d + (size_t)d * F), sizeof(float));
-    if (!buf) return NAN;
-    float *x = buf, *h = x + (size_t)maxr * d, *a = h + (size_t)maxr * F1, *y = a + (size_t)maxr * F1;
-    float *w1 = y + (size_t)maxr * d, *w2 = w1 + (size_t)F1 * d, *gw1 = w2 + (size_t)d * F, *gw2 = gw1 + (size_t)F1 * d;
-    double best = INFINITY;
+    size_t N = 0;
+    for (int j = 0; j < El; j++) N += (size_t)rows[j];
+    const size_t wn = (size_t)El * ((size_t)F1 * d + (size_t)d * F);
+    float *buf = moe_calloc((N ? N : 1) * (2 * (size_t)d + 2 * (size_t)F1) + 2 * wn, sizeof(float));
+    if (!buf || iters < 1) {
+        moe_free(buf);
+        return NAN;
+    }
+    float *x = buf, *h = x + N * d, *a = h + N * F1, *y = a + N * F1;
+    float *w = y + N * d, *gw = w + wn;
+    double t[64];
+    if (iters > 64) iters = 64;
     for (int it = 0; it < iters + 1; it++) {
         double t0 = moe_now();
+        size_t r0 = 0;
         for (int j = 0; j < El; j++) {
-            int n = rows[j];
+            const int n = rows[j];
+            float *w1 = w + (size_t)j * ((size_t)F1 * d + (size_t)d * F), *w2 = w1 + (size_t)F1 * d;
+            float *gw1 = gw + (size_t)j * ((size_t)F1 * d + (size_t)d * F), *gw2 = gw1 + (size_t)F1 * d;
+            float *xe = x + r0 * d, *he = h + r0 * F1, *ae = a + r0 * F1, *ye = y + r0 * d;
+            r0 += (size_t)n;
             if (n == 0) continue;
-            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, n, F1, d, 1.0f, x, d, w1, d, 0.0f, h, F1);
-            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, n, d, F, 1.0f, a, F, w2, F, 0.0f, y, d);
-            cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, d, F, n, 1.0f, y, d, a, F, 1.0f, gw2, F);
-            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, n, F, d, 1.0f, y, d, w2, F, 0.0f, a, F);
-            cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, F1, d, n, 1.0f, h, F1, x, d, 1.0f, gw1, d);
-            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, n, d, F1, 1.0f, h, F1, w1, d, 0.0f, x, d);
+            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, n, F1, d, 1.0f, xe, d, w1, d, 0.0f, he, F1);
+            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, n, d, F, 1.0f, ae, F, w2, F, 0.0f, ye, d);
+            cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, d, F, n, 1.0f, ye, d, ae, F, 1.0f, gw2, F);
+            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, n, F, d, 1.0f, ye, d, w2, F, 0.0f, ae, F);
+            cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, F1, d, n, 1.0f, he, F1, xe, d, 1.0f, gw1, d);
+            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, n, d, F1, 1.0f, he, F1, w1, d, 0.0f, xe, d);
         }
-        double t = moe_now() - t0;
-        if (it > 0 && t < best) best = t; /* first call warms up */
+        if (it > 0) t[it - 1] = moe_now() - t0; /* the first run warms up */
     }
     moe_free(buf);
-    return best;
+    return median(t, iters);
 }
 
 static int fail(int rank, const char *what, moe_status st)
@@ -311,17 +335,22 @@ static int run(moe_comm *comm, const bench_opts *o)
         }                                                                                         \
     } while (0)
 
-    double elapsed = 0;
+    /* Each timed iteration starts together on every rank; the figure is the
+     * median iteration (robust to a noisy neighbour on a shared machine). */
+    double *iter_s = moe_calloc((size_t)(o->iters > 0 ? o->iters : 1), sizeof(double));
+    if (!iter_s) st = moe_errorf(MOE_ERR_NOMEM, "bench layer: timing buffer");
     for (int it = 0; it < o->warmup + o->iters && !st; it++) {
-        if (it == o->warmup) {
-            moe_layer_reset_timing(L);
+        if (it == o->warmup) moe_layer_reset_timing(L);
+        double t_it = 0;
+        if (it >= o->warmup) {
             st = moe_comm_barrier(comm);
-            elapsed = moe_now();
+            t_it = moe_now();
         }
-        STEP();
+        if (!st) STEP();
+        if (it >= o->warmup) iter_s[it - o->warmup] = moe_now() - t_it;
     }
-    if (!st) st = moe_comm_barrier(comm);
-    elapsed = moe_now() - elapsed;
+    double elapsed = o->iters > 0 && iter_s ? median(iter_s, o->iters) : 0;
+    moe_free(iter_s);
     if (st) {
         moe_layer_destroy(L);
         moe_free(b.block);
@@ -329,7 +358,7 @@ static int run(moe_comm *comm, const bench_opts *o)
     }
     const moe_layer_timing tm = *moe_layer_get_timing(L);
     double flops = moe_layer_expert_flops(L);
-    double gemm_s = bare_gemm_seconds(o, moe_layer_expert_rows(L), El, o->iters > 0 ? 3 : 0);
+    double gemm_s = bare_gemm_seconds(o, moe_layer_expert_rows(L), El, o->iters > 0 ? 5 : 0);
     /* Aggregates: slowest rank's time, summed drops and flops. */
     double agg_max[2] = {elapsed, 0}, agg_sum[4] = {flops, 0, 0, 0};
     const moe_route *r = moe_layer_route(L);
@@ -346,7 +375,7 @@ static int run(moe_comm *comm, const bench_opts *o)
         return fail(rank, "bench layer", st);
     }
     int iters = o->iters > 0 ? o->iters : 1;
-    double per_iter = agg_max[0] / iters;
+    double per_iter = agg_max[0]; /* median iteration of the slowest rank */
     double tokens_s = o->iters > 0 ? o->T / per_iter : 0;
     double expert_s = (tm.expert_fwd + tm.expert_bwd) / iters;
     double comm_s = (tm.dispatch + tm.combine_comm + tm.bwd_dispatch + tm.bwd_combine_comm) / iters;
@@ -385,10 +414,11 @@ static int run(moe_comm *comm, const bench_opts *o)
             free(s);
             cJSON_Delete(j);
         } else {
-            printf("moe bench layer: T=%d d=%d F=%d E=%d k=%d cf=%g %s %s groups=%d ranks=%d ep=%d threads=%s\n",
+            printf("moe bench layer: T=%d d=%d F=%d E=%d k=%d cf=%g %s %s groups=%d ranks=%d ep=%d "
+                   "BLAS threads/rank=%d\n",
                    o->T, o->d, o->F, o->E, o->k, o->cf, moe_router_kind_str(o->router),
-                   moe_activation_str(o->act), G, W, P, getenv("OPENBLAS_NUM_THREADS") ? getenv("OPENBLAS_NUM_THREADS") : "default");
-            printf("  forward+backward: %.3f ms/iter, %.0f tokens/s (%d iters)\n", 1e3 * per_iter, tokens_s, o->iters);
+                   moe_activation_str(o->act), G, W, P, openblas_get_num_threads());
+            printf("  forward+backward: %.3f ms/iter (median of %d), %.0f tokens/s\n", 1e3 * per_iter, o->iters, tokens_s);
             printf("  dropped assignments: %.2f%% of %.0f selected; kept %.0f\n",
                    agg_sum[2] > 0 ? 100 * agg_sum[1] / agg_sum[2] : 0, agg_sum[2], agg_sum[3]);
             printf("  expert GEMMs (rank 0): %.3f ms/iter, %.1f GFLOP/s\n", 1e3 * expert_s,

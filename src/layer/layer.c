@@ -366,7 +366,9 @@ moe_status moe_layer_forward(moe_layer *L, float *y, const float *x, const moe_l
      * written) straight into this rank's window segment: one copy per row. */
     float *shm = L->a2a ? moe_a2a_shm_buffer(L->a2a) : NULL;
     float *xsend = shm ? shm : L->xs;
+    double tp = moe_now();
     pack(L, xsend, x);
+    double tp_end = moe_now();
     L->yout = shm ? shm : L->yr;
     const int *off = recv_offsets(L);
     for (int j = 0; j < L->El; j++) L->expert_rows[j] = off[j + 1] - off[j];
@@ -399,8 +401,8 @@ moe_status moe_layer_forward(moe_layer *L, float *y, const float *x, const moe_l
     }
     double t6 = moe_now();
     L->timing.route += t1 - t0;
-    L->timing.pack += t2 - t1;
-    L->timing.dispatch += t3 - t2;
+    L->timing.pack += (t2 - t1) + (tp_end - tp);
+    L->timing.dispatch += (t3 - t2) - (tp_end - tp);
     L->timing.expert_fwd += t4 - t3;
     L->timing.combine_comm += t5 - t4;
     L->timing.combine += t6 - t5;
