@@ -657,8 +657,14 @@ moe_status moe_ckpt_load(const char *path, moe_comm *c, moe_ckpt_state *s, char 
     hid_t fapl = moe_comm_h5_fapl(c);
     /* Test the path first: HDF5's own message for a missing file is obscure. */
     hid_t f = H5I_INVALID_HID;
-    if (access(path, R_OK) == 0 && fapl >= 0) f = H5Fopen(path, H5F_ACC_RDONLY, fapl);
-    st = f < 0 ? open_fail(path) : MOE_OK;
+    /* Opening is collective (MPI-IO): every rank must see the same readable
+     * file before any rank enters H5Fopen. */
+    st = agree(c, access(path, R_OK) == 0 && fapl >= 0 ? MOE_OK : open_fail(path));
+    if (st == MOE_OK && c) st = agree(c, moe_comm_check_same(c, "checkpoint path", path, strlen(path)));
+    if (st == MOE_OK) {
+        f = H5Fopen(path, H5F_ACC_RDONLY, fapl);
+        st = f < 0 ? open_fail(path) : MOE_OK;
+    }
     if (fapl >= 0) H5Pclose(fapl);
     st = agree(c, st);
     if (st == MOE_OK) {

@@ -359,6 +359,16 @@ moe_status ckpt_dset_open(hid_t file, const char *dset, moe_ckpt_dtype dtype, in
                             dset, g, e);
         }
     }
+    /* The format promises a verified checksum on every dataset: a dataset
+     * without one (e.g. re-saved by another tool) is refused, not trusted. */
+    if (st == MOE_OK) {
+        hid_t dcpl = H5Dget_create_plist(ds);
+        unsigned flags = 0;
+        size_t nv = 0;
+        if (dcpl < 0 || H5Pget_filter_by_id2(dcpl, H5Z_FILTER_FLETCHER32, &flags, &nv, NULL, 0, NULL, NULL) < 0)
+            st = moe_errorf(MOE_ERR_FORMAT, "'%s': dataset '%s' carries no Fletcher32 checksum", path, dset);
+        if (dcpl >= 0) H5Pclose(dcpl);
+    }
     if (t >= 0) H5Tclose(t);
     if (sp >= 0) H5Sclose(sp);
     if (st == MOE_OK)

@@ -338,7 +338,7 @@ static int run(moe_comm *comm, const bench_opts *o)
     /* Each timed iteration starts together on every rank; the figure is the
      * median iteration (robust to a noisy neighbour on a shared machine). */
     double *iter_s = moe_calloc((size_t)(o->iters > 0 ? o->iters : 1), sizeof(double));
-    if (!iter_s) st = moe_errorf(MOE_ERR_NOMEM, "bench layer: timing buffer");
+    st = moe_comm_agree(comm, iter_s ? MOE_OK : moe_errorf(MOE_ERR_NOMEM, "bench layer: timing buffer"));
     for (int it = 0; it < o->warmup + o->iters && !st; it++) {
         if (it == o->warmup) moe_layer_reset_timing(L);
         double t_it = 0;
@@ -348,6 +348,9 @@ static int run(moe_comm *comm, const bench_opts *o)
         }
         if (!st) STEP();
         if (it >= o->warmup) iter_s[it - o->warmup] = moe_now() - t_it;
+        /* The layer agrees on errors within its ep group; with replicas the
+         * other groups must hear of it before the next world barrier. */
+        st = moe_comm_agree(comm, st);
     }
     double elapsed = o->iters > 0 && iter_s ? median(iter_s, o->iters) : 0;
     moe_free(iter_s);
@@ -435,6 +438,7 @@ static int run(moe_comm *comm, const bench_opts *o)
     if (o->save) {
         zero_grads(&b, n_params);
         STEP();
+        st = moe_comm_agree(comm, st);
         if (!st) st = moe_layer_reduce_grads(L, &b.g);
         double aux[2] = {0, 0};
         for (int g = 0; g < G_local; g++) {

@@ -223,7 +223,11 @@ static moe_status dump_grads(train_run *r, int64_t step, const moe_train_stats *
     snprintf(path, sizeof path, "%s/grads-%06lld.h5", r->cfg.out_dir, (long long)step);
     size_t n = (size_t)r->n_moe * r->E;
     uint8_t *activated = moe_calloc(n, 1);
-    if (!activated) return moe_errorf(MOE_ERR_NOMEM, "gradient dump mask");
+    moe_status ast = moe_comm_agree(r->comm, activated ? MOE_OK : moe_errorf(MOE_ERR_NOMEM, "gradient dump mask"));
+    if (ast) {
+        moe_free(activated);
+        return ast;
+    }
     for (size_t i = 0; i < n; i++) activated[i] = ts->model.kept[i] > 0;
     moe_status st = moe_ckpt_save_grads(path, r->comm, moe_model_tensors(r->model), moe_model_grads(r->model),
                                         activated, r->E, step, &r->cfg, r->config_text);

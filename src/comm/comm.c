@@ -67,14 +67,18 @@ moe_status moe_comm_agree_on(MPI_Comm comm, moe_status local, const char *scope)
 {
     int rank = 0;
     if (MPI_Comm_rank(comm, &rank) != MPI_SUCCESS) return local ? local : moe_errorf(MOE_ERR_MPI, "MPI_Comm_rank failed");
-    int in[2] = {(int)local, rank}, out[2] = {0, 0};
-    /* MAXLOC: the highest status wins, ties go to the lowest rank. */
+    /* MAXLOC over a priority: an original error outranks a rank that only
+     * relays "error on another rank", so the message names the root cause;
+     * ties go to the lowest rank. */
+    int prio = local == MOE_OK ? 0 : local == MOE_ERR_REMOTE ? 1 : 2 + (int)local;
+    int in[2] = {prio, rank}, out[2] = {0, 0};
     int rc = MPI_Allreduce(in, out, 1, MPI_2INT, MPI_MAXLOC, comm);
     if (local != MOE_OK) return local;
     if (rc != MPI_SUCCESS) return moe_comm_mpi_error(rc, "MPI_Allreduce");
-    if (out[0] != MOE_OK)
-        return moe_errorf(MOE_ERR_REMOTE, "%s rank %d failed with '%s'", scope, out[1],
-                          moe_status_str((moe_status)out[0]));
+    if (out[0] != 0) {
+        moe_status worst = out[0] == 1 ? MOE_ERR_REMOTE : (moe_status)(out[0] - 2);
+        return moe_errorf(MOE_ERR_REMOTE, "%s rank %d failed with '%s'", scope, out[1], moe_status_str(worst));
+    }
     return MOE_OK;
 }
 

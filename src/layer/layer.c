@@ -279,6 +279,14 @@ static void pack(moe_layer *L, float *dst, const float *x)
     }
 }
 
+/* The combine runs on every ep rank even after a local failure (its peers
+ * are already in it), then the ep group agrees, as the pipeline does. */
+static moe_status combine_agreed(moe_layer *L, float *send, const float *recv, moe_status st)
+{
+    moe_status cs = moe_a2a_combine(L->a2a, send, recv, L->d);
+    return moe_comm_agree_scope(L->comm, MOE_SCOPE_EP, st ? st : cs);
+}
+
 typedef struct {
     moe_layer *L;
     const moe_layer_params *p;
@@ -384,7 +392,7 @@ moe_status moe_layer_forward(moe_layer *L, float *y, const float *x, const moe_l
         t3 = moe_now();
         if (!st) st = fwd_compute(&ctx, 0, L->El);
         t4 = moe_now();
-        if (!st && L->comm) st = moe_a2a_combine(L->a2a, L->ys, L->yout, L->d);
+        if (L->comm) st = combine_agreed(L, L->ys, L->yout, st);
         t5 = moe_now();
     }
     if (st) return st;
@@ -462,7 +470,7 @@ moe_status moe_layer_backward(moe_layer *L, float *dx, moe_layer_params *grads, 
         t3 = moe_now();
         if (!st) st = bwd_compute(&ctx, 0, L->El);
         t4 = moe_now();
-        if (!st && L->comm) st = moe_a2a_combine(L->a2a, L->xs, L->yout, d);
+        if (L->comm) st = combine_agreed(L, L->xs, L->yout, st);
         t5 = moe_now();
     }
     if (st) return st;
