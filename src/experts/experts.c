@@ -7,7 +7,9 @@
 #include "experts/experts.h"
 
 #include <cblas.h>
+#include <pthread.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 #define MOE_SQRT_2_OVER_PI 0.79788456080286535588f
@@ -103,29 +105,99 @@ MOE_ACT_CLONES static void act_backward_row(float *restrict dh, const float *res
     }
 }
 
-void moe_act_forward(float *a, const float *h, long n, int F, moe_activation act)
+/* ---- row-parallel activation passes ----
+ * The GEMMs run on OpenBLAS's threads; the elementwise passes between them
+ * would otherwise run on one core while the others idle. They are split in
+ * contiguous row ranges over as many threads as OpenBLAS uses (a fixed
+ * split, so results depend only on the thread count; the b1 column sums are
+ * added per thread, then across threads in thread order). */
+enum { MOE_ACT_MAX_THREADS = 8, MOE_ACT_MIN_ELEMS = 1 << 17 };
+
+typedef struct {
+    float *out, *db1;           /* a or dh (n, F or F1); this thread's db1 partial (F1) or NULL */
+    const float *in, *h;        /* h (forward) / da and h (backward) */
+    long r0, r1;
+    int F;
+    moe_activation act;
+    int backward;
+} act_job;
+
+static void act_job_run(act_job *j)
 {
-    const int F1 = moe_f1(F, act);
-    for (long r = 0; r < n; r++) act_forward_row(a + r * F, h + r * F1, F, act);
+    const int F1 = moe_f1(j->F, j->act);
+    for (long r = j->r0; r < j->r1; r++) {
+        if (!j->backward) {
+            act_forward_row(j->out + r * j->F, j->h + r * F1, j->F, j->act);
+            continue;
+        }
+        float *row = j->out + r * F1;
+        act_backward_row(row, j->in + r * j->F, j->h + r * F1, j->F, j->act);
+        if (j->db1)
+            for (int c = 0; c < F1; c++) j->db1[c] += row[c];
+    }
 }
 
-/* With db1 != NULL also accumulates the column sums of dh into db1 (F1),
- * while each row is still in L1 (saves a pass over dh in the expert backward). */
-static void act_backward_rows(float *restrict dh, float *restrict db1, const float *da, const float *h, long n,
-                              int F, moe_activation act)
+static void *act_job_thread(void *arg)
 {
-    const int F1 = moe_f1(F, act);
-    for (long r = 0; r < n; r++) {
-        float *restrict row = dh + r * F1;
-        act_backward_row(row, da + r * F, h + r * F1, F, act);
-        if (db1)
-            for (int j = 0; j < F1; j++) db1[j] += row[j];
+    act_job_run(arg);
+    return NULL;
+}
+
+/* Threads for n rows of F1 columns: 1 below MOE_ACT_MIN_ELEMS elements. */
+static int act_threads(long n, int F1)
+{
+    int nt = openblas_get_num_threads();
+    if (nt > MOE_ACT_MAX_THREADS) nt = MOE_ACT_MAX_THREADS;
+    while (nt > 1 && n * (long)F1 / nt < MOE_ACT_MIN_ELEMS / 2) nt--;
+    return nt < 1 || n * (long)F1 < MOE_ACT_MIN_ELEMS ? 1 : nt;
+}
+
+/* Runs job over rows [0, n) on nt threads (the caller is thread 0). With
+ * job.db1 != NULL each thread sums into its own partial, added into job.db1
+ * in thread order. Falls back to the caller alone if a thread cannot start. */
+static void act_parallel(act_job job, long n)
+{
+    const int F1 = moe_f1(job.F, job.act);
+    int nt = act_threads(n, F1);
+    float *partial = NULL;
+    if (nt > 1 && job.db1 && !(partial = calloc((size_t)(nt - 1) * F1, sizeof(float)))) nt = 1;
+    if (nt == 1) {
+        job.r0 = 0;
+        job.r1 = n;
+        act_job_run(&job);
+        return;
     }
+    act_job jobs[MOE_ACT_MAX_THREADS];
+    pthread_t tid[MOE_ACT_MAX_THREADS];
+    int started[MOE_ACT_MAX_THREADS] = {0};
+    for (int t = 0; t < nt; t++) {
+        jobs[t] = job;
+        jobs[t].r0 = n * t / nt;
+        jobs[t].r1 = n * (t + 1) / nt;
+        if (job.db1 && t > 0) jobs[t].db1 = partial + (size_t)(t - 1) * F1;
+    }
+    for (int t = 1; t < nt; t++) started[t] = pthread_create(&tid[t], NULL, act_job_thread, &jobs[t]) == 0;
+    act_job_run(&jobs[0]);
+    for (int t = 1; t < nt; t++) {
+        if (started[t])
+            pthread_join(tid[t], NULL);
+        else
+            act_job_run(&jobs[t]);
+    }
+    if (job.db1)
+        for (int t = 1; t < nt; t++)
+            for (int c = 0; c < F1; c++) job.db1[c] += partial[(size_t)(t - 1) * F1 + c];
+    free(partial);
+}
+
+void moe_act_forward(float *a, const float *h, long n, int F, moe_activation act)
+{
+    act_parallel((act_job){.out = a, .h = h, .F = F, .act = act}, n);
 }
 
 void moe_act_backward(float *dh, const float *da, const float *h, long n, int F, moe_activation act)
 {
-    act_backward_rows(dh, NULL, da, h, n, F, act);
+    act_parallel((act_job){.out = dh, .in = da, .h = h, .F = F, .act = act, .backward = 1}, n);
 }
 
 /* Every row of out (n, m) = bias (m): the C operand of a beta = 1 GEMM. */
@@ -173,7 +245,8 @@ void moe_expert_backward(float *dx, moe_expert_params *g, float *dh, float *da, 
             for (int j = 0; j < d; j++) gb2[j] += row[j];
         }
         cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, n, F, d, 1.0f, dye, d, w2, F, 0.0f, dae, F);
-        act_backward_rows(dhe, gb1, dae, he, n, F, act);
+        /* dh = act'(h) * da, with the b1 gradient summed while rows are hot */
+        act_parallel((act_job){.out = dhe, .db1 = gb1, .in = dae, .h = he, .F = F, .act = act, .backward = 1}, n);
         cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, F1, d, n, 1.0f, dhe, F1, xe, d, 1.0f, gw1, d);
         cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, n, d, F1, 1.0f, dhe, F1, w1, d, 0.0f, dxe, d);
     }

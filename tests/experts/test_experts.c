@@ -11,6 +11,8 @@
 
 #include <cmocka.h>
 
+#include <cblas.h>
+
 #include "core/moe.h"
 #include "core/rng.h"
 #include "experts/experts.h"
@@ -162,6 +164,20 @@ static void test_fast_vs_ref(void **state)
         fast_vs_ref(c3_mid, 3, 12, 20, acts[i]);
         fast_vs_ref(c8, 8, 32, 48, acts[i]);
     }
+}
+
+/* Large enough that the activation passes are split over threads
+ * (rows x F1 >= 2^17 per expert), at 1, 2 and 3 BLAS threads. */
+static void test_fast_vs_ref_threaded(void **state)
+{
+    (void)state;
+    static const int big[] = {700, 0, 513};
+    const int saved = openblas_get_num_threads();
+    for (int nt = 1; nt <= 3; nt++) {
+        openblas_set_num_threads(nt);
+        for (int i = 0; i < N_ACTS; i++) fast_vs_ref(big, 3, 16, 256, acts[i]);
+    }
+    openblas_set_num_threads(saved);
 }
 
 /* ---- finite differences ---- */
@@ -417,6 +433,7 @@ int main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_fast_vs_ref),
+        cmocka_unit_test(test_fast_vs_ref_threaded),
         cmocka_unit_test(test_fd_ref_double),
         cmocka_unit_test(test_fd_fast_float),
         cmocka_unit_test(test_empty_expert_untouched),
