@@ -79,9 +79,10 @@ for np in 1 2; do
   mb=$(calc "$bytes / 1e6" .1f)
   tw=$(best_min "${w[@]}"); tdw=$(best_min "${dw[@]}"); tv=$(best_min "${v[@]}"); tdr=$(best_min "${dr[@]}")
   resume="-"
-  [ ${#rs[@]} -gt 0 ] && resume=$(calc "$mb / $(best_min "${rs[@]}")" .0f)
+  tread=$tv # the read ratio is the trainer's load (--resume) when it reports it, else verify
+  if [ ${#rs[@]} -gt 0 ]; then tread=$(best_min "${rs[@]}"); resume=$(calc "$mb / $tread" .0f); fi
   printf "%-5s %8s | %10.0f %10.0f %6.2fx | %12.0f %12s %10.0f %6.2fx\n" "$np" "$mb" \
     "$(calc "$mb / $tw" .3f)" "$(calc "$mb / $tdw" .3f)" "$(calc "$tdw / $tw" .4f)" \
-    "$(calc "$mb / $tv" .3f)" "$resume" "$(calc "$mb / $tdr" .3f)" "$(calc "$tdr / $tv" .4f)"
+    "$(calc "$mb / $tv" .3f)" "$resume" "$(calc "$mb / $tdr" .3f)" "$(calc "$tdr / $tread" .4f)"
 done
-echo "(ratio: moe bandwidth / dd bandwidth; directory $DIR)"
+echo "(ratio: moe bandwidth / dd bandwidth; read ratio from the --resume load; directory $DIR)"
