@@ -75,7 +75,9 @@ MOE_ACT_CLONES static void act_forward_row(float *restrict a, const float *restr
 }
 
 /* dh (F1) from da (F) and h (F1) for one row. */
-MOE_ACT_CLONES static void act_backward_row(float *restrict dh, const float *restrict da, const float *restrict h, int F,
+/* dh may be h itself (in place): every iteration reads its h entries
+ * before it writes the same entries of dh, so no restrict on those two. */
+MOE_ACT_CLONES static void act_backward_row(float *dh, const float *restrict da, const float *h, int F,
                              moe_activation act)
 {
     switch (act) {

@@ -27,7 +27,10 @@ void moe_expert_forward_ref(float *y, float *h, float *a, const float *x, const 
 
 /* Backward: writes dx (N, d) (overwritten), accumulates into g, uses dh
  * (N, F1) and da (N, F) as scratch. dy (N, d); x, h, a as saved by forward.
- * An expert with no rows gets no gradient contribution (stays exactly as it was). */
+ * An expert with no rows gets no gradient contribution (stays exactly as it was).
+ * In-place use is allowed and saves memory: dx may be dy, dh may be h and da
+ * may be a (each is dead once its replacement is written, expert by
+ * expert); h and a are then destroyed. */
 void moe_expert_backward(float *dx, moe_expert_params *g, float *dh, float *da, const float *dy,
                          const float *x, const float *h, const float *a, const int *offsets,
                          const moe_expert_params *p, int E, int d, int F, moe_activation act);

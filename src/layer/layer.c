@@ -15,37 +15,6 @@
 #include <cblas.h>
 #include <string.h>
 
-struct moe_layer_scratch {
-    float *dh, *da;          /* (rows, F1), (rows, F) of the largest layer so far */
-    size_t dh_cap, da_cap;   /* floats */
-};
-
-moe_status moe_layer_scratch_create(moe_layer_scratch **out)
-{
-    *out = moe_calloc(1, sizeof **out);
-    return *out ? MOE_OK : moe_errorf(MOE_ERR_NOMEM, "MoE layer scratch");
-}
-
-void moe_layer_scratch_destroy(moe_layer_scratch *s)
-{
-    if (!s) return;
-    moe_free(s->dh);
-    moe_free(s->da);
-    moe_free(s);
-}
-
-/* Grows a scratch buffer; its contents are not kept. */
-static moe_status scratch_grow(float **p, size_t *cap, size_t n)
-{
-    if (n <= *cap) return MOE_OK;
-    float *q = moe_calloc(n, sizeof(float));
-    if (!q) return moe_errorf(MOE_ERR_NOMEM, "MoE layer: cannot allocate %zu bytes of scratch", n * sizeof(float));
-    moe_free(*p);
-    *p = q;
-    *cap = n;
-    return MOE_OK;
-}
-
 struct moe_layer {
     moe_layer_config cfg;
     moe_comm *comm;          /* not owned; NULL: single process */
@@ -72,9 +41,7 @@ struct moe_layer {
     float *h;                /* (recv_cap, F1) pre-activation */
     float *a;                /* (recv_cap, F) activation */
     float *yr;               /* (recv_cap, d) expert outputs; dx rows in backward */
-    moe_layer_scratch *scratch; /* dh (recv_cap, F1), da (recv_cap, F): shared or own */
-    int own_scratch;
-    float *dyr;              /* (recv_cap, d) dy rows at the owner */
+    float *dyr;              /* dy rows at the owner: yr (comm) or ys (single process) */
     float *yout;             /* expert output rows of the current pass: yr, or the shm window */
 
     float *dweight;          /* (T_max, E) dL/dg */
@@ -117,15 +84,10 @@ static moe_status grow_recv(moe_layer *L, int n)
     int cap = n + n / 8 + 64;
     size_t c = (size_t)cap;
     moe_status st;
-    if (L->comm) {
-        if ((st = grow((void **)&L->xr, c * L->d, sizeof(float)))) return st;
-        if ((st = grow((void **)&L->dyr, c * L->d, sizeof(float)))) return st;
-    }
+    if (L->comm && (st = grow((void **)&L->xr, c * L->d, sizeof(float)))) return st;
     if ((st = grow((void **)&L->h, c * L->F1, sizeof(float)))) return st;
     if ((st = grow((void **)&L->a, c * L->F, sizeof(float)))) return st;
     if ((st = grow((void **)&L->yr, c * L->d, sizeof(float)))) return st;
-    if ((st = scratch_grow(&L->scratch->dh, &L->scratch->dh_cap, c * L->F1))) return st;
-    if ((st = scratch_grow(&L->scratch->da, &L->scratch->da_cap, c * L->F))) return st;
     L->recv_cap = cap;
     return MOE_OK;
 }
@@ -158,11 +120,6 @@ moe_status moe_layer_create(moe_layer **out, const moe_layer_config *cfg, moe_co
     L->F = cfg->d_ff;
     L->F1 = moe_f1(cfg->d_ff, cfg->act);
     st = moe_route_create(&L->route, &cfg->router, cfg->max_tokens, cfg->max_groups);
-    L->scratch = cfg->scratch;
-    if (!st && !L->scratch) {
-        st = moe_layer_scratch_create(&L->scratch);
-        L->own_scratch = !st;
-    }
     if (!st) {
         L->send_rows = moe_calloc((size_t)E, sizeof(int));
         L->recv_off = moe_calloc((size_t)L->El + 1, sizeof(int));
@@ -197,14 +154,10 @@ void moe_layer_destroy(moe_layer *L)
     moe_free(L->xs);
     moe_free(L->ys);
     moe_free(L->recv_off);
-    if (L->comm) {
-        moe_free(L->xr);
-        moe_free(L->dyr);
-    }
+    if (L->comm) moe_free(L->xr);
     moe_free(L->h);
     moe_free(L->a);
     moe_free(L->yr);
-    if (L->own_scratch) moe_layer_scratch_destroy(L->scratch);
     moe_free(L->dweight);
     moe_free(L->expert_rows);
     moe_free(L);
@@ -311,7 +264,7 @@ static moe_status bwd_compute(void *vctx, int j0, int j1)
     if (j1 <= j0) return MOE_OK;
     moe_expert_params v = expert_view(&c->p->experts, L, j0);
     moe_expert_params gv = expert_view(&c->g->experts, L, j0);
-    moe_expert_backward(L->yout, &gv, L->scratch->dh, L->scratch->da, L->dyr, L->xr, L->h, L->a, recv_offsets(L) + j0,
+    moe_expert_backward(L->yout, &gv, L->h, L->a, L->dyr, L->xr, L->h, L->a, recv_offsets(L) + j0,
                         &v, j1 - j0, L->d, L->F, L->cfg.act);
     return MOE_OK;
 }
@@ -360,6 +313,8 @@ moe_status moe_layer_forward(moe_layer *L, float *y, const float *x, const moe_l
          * exchange and may already have stopped on an error of their own. */
         st = moe_comm_agree_scope(L->comm, MOE_SCOPE_EP, grow_recv(L, L->n_recv));
         if (st) return st;
+        L->dyr = L->yr; /* dy rows arrive where the expert outputs were (dead by then);
+                         * the expert backward writes dx over them in place */
     } else {
         if (st) return st;
         L->n_recv = L->n_send;

@@ -14,13 +14,6 @@
 #include "experts/experts.h"
 #include "router/router.h"
 
-/* Backward scratch (dh, da of the experts) that the MoE layers of one model
- * share: their backward passes run one after another, so one buffer (sized
- * by the largest layer) serves them all. Not thread-safe across layers. */
-typedef struct moe_layer_scratch moe_layer_scratch;
-moe_status moe_layer_scratch_create(moe_layer_scratch **out);
-void moe_layer_scratch_destroy(moe_layer_scratch *s);
-
 typedef struct {
     moe_router_config router;  /* n_experts, top_k, d_model, kind, capacity, normalize, noise */
     int d_ff;                  /* F */
@@ -29,7 +22,6 @@ typedef struct {
     int max_groups;            /* largest local G */
     moe_a2a_kind a2a;          /* exchange path when comm != NULL */
     int chunks;                /* >= 1: expert chunks overlapped with the exchange */
-    moe_layer_scratch *scratch;/* shared backward scratch, or NULL: the layer keeps its own */
 } moe_layer_config;
 
 typedef struct {

@@ -57,7 +57,6 @@ struct moe_model {
     int W, rank;                 /* world size and rank (1, 0 without comm) */
     int V, C, L, NH, T_max, B_max, F, F1, E, El, e0;
     moe_tensor_table table;
-    moe_layer_scratch *scratch;  /* backward scratch shared by the MoE layers */
     int *init;                   /* (table.n) INIT_* of each tensor */
     int gid[G_COUNT];            /* table index of the global tensors */
     int *bid;                    /* (L, S_COUNT) table index of each block tensor, -1 if absent */
@@ -309,7 +308,6 @@ moe_status moe_model_create(moe_model **out, const moe_train_config *cfg, int ma
                           cfg->n_experts, P);
     moe_model *m = moe_calloc(1, sizeof *m);
     st = m ? setup(m, cfg, max_local_seqs, comm) : moe_errorf(MOE_ERR_NOMEM, "model");
-    if (!st) st = moe_layer_scratch_create(&m->scratch);
     /* local failures must reach every rank before the collective layer creation */
     if (comm) st = moe_comm_agree(comm, st);
     if (st) goto fail;
@@ -324,7 +322,6 @@ moe_status moe_model_create(moe_model **out, const moe_train_config *cfg, int ma
         .max_groups = m->B_max / cfg->group_seqs,
         .a2a = (moe_a2a_kind)cfg->a2a,
         .chunks = cfg->a2a_chunks < 1 ? 1 : cfg->a2a_chunks,
-        .scratch = m->scratch,
     };
     /* every rank creates every MoE layer in the same order (collective), and
      * a failure on one rank is reported by the layer on all of them */
@@ -343,7 +340,6 @@ void moe_model_destroy(moe_model *m)
     if (m->layers)
         for (int l = 0; l < m->L; l++) moe_layer_destroy(m->layers[l]);
     moe_free(m->layers);
-    moe_layer_scratch_destroy(m->scratch);
     moe_free(m->moe_index);
     moe_free(m->dense_index);
     moe_free(m->moe_blocks);

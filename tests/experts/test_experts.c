@@ -180,6 +180,39 @@ static void test_fast_vs_ref_threaded(void **state)
     openblas_set_num_threads(saved);
 }
 
+/* In place (dx over dy, dh over h, da over a: what the MoE layer does to
+ * save memory) gives bitwise the result of separate buffers. */
+static void in_place_case(const int *counts, int E, int d, int F, moe_activation act)
+{
+    problem A, B;
+    problem_init(&A, counts, E, d, F, act, 2);
+    problem_init(&B, counts, E, d, F, act, 2);
+    forward(&A, moe_expert_forward);
+    forward(&B, moe_expert_forward);
+    backward(&A, moe_expert_backward);
+    moe_expert_backward(B.dy, &B.g, B.h, B.a, B.dy, B.x, B.h, B.a, B.offsets, &B.p, B.E, B.d, B.F, B.act);
+    assert_memory_equal(A.dx, B.dy, sizeof(float) * (size_t)A.N * d);
+    assert_memory_equal(A.g.w1, B.g.w1, sizeof(float) * n_w1(&A));
+    assert_memory_equal(A.g.b1, B.g.b1, sizeof(float) * n_b1(&A));
+    assert_memory_equal(A.g.w2, B.g.w2, sizeof(float) * n_w2(&A));
+    assert_memory_equal(A.g.b2, B.g.b2, sizeof(float) * n_b2(&A));
+    problem_free(&A), problem_free(&B);
+}
+
+static void test_in_place(void **state)
+{
+    (void)state;
+    static const int c8[] = {5, 0, 25, 1, 29, 0, 37, 0};
+    static const int big[] = {700, 0, 513};
+    const int saved = openblas_get_num_threads();
+    for (int i = 0; i < N_ACTS; i++) {
+        in_place_case(c8, 8, 32, 48, acts[i]);
+        openblas_set_num_threads(2);
+        in_place_case(big, 3, 16, 256, acts[i]);
+        openblas_set_num_threads(saved);
+    }
+}
+
 /* ---- finite differences ---- */
 
 /* Double-precision loss L = sum R * y with its own forward, independent of
@@ -434,6 +467,7 @@ int main(void)
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_fast_vs_ref),
         cmocka_unit_test(test_fast_vs_ref_threaded),
+        cmocka_unit_test(test_in_place),
         cmocka_unit_test(test_fd_ref_double),
         cmocka_unit_test(test_fd_fast_float),
         cmocka_unit_test(test_empty_expert_untouched),
