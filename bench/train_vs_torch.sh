@@ -224,10 +224,5 @@ for what, hwm, rss, st, ac, ma in (("1 rank (2 threads)", [$hwm1], [$rss1], $sta
           f"{ac / MB:.0f} + MoE kept-row activations {ma / MB:.0f}")
     print(f"  peak RSS while training {mb(hwm)} MB: ratio {max(hwm) * 1024 / need:.2f}x (target <= 1.3x); "
           f"whole run incl. final checkpoint {mb(rss)} MB: {max(rss) * 1024 / need:.2f}x")
-    if what.startswith("1"):  # src/layer grows its buffers to 1.25 x rows + 16, (3d + 4F) floats a row
-        n_moe = ($L + $MOE_EVERY - 1) // $MOE_EVERY
-        alloc = n_moe * (1.25 * $max_rows + 16) * (3 * $d + 4 * $F) * 4
-        print(f"  (MoE layer buffers as src/layer allocates them: ~{alloc / MB:.0f} MB for the {ma / MB:.0f} MB "
-              f"of kept-row activations)")
 EOF
 done
