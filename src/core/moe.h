@@ -61,6 +61,16 @@ double moe_now(void);
 void *moe_calloc(size_t n, size_t size);
 void moe_free(void *p);
 
+/* Elementwise loops that are compute-bound at SSE2 width (exp, sqrt,
+ * division) get an AVX2+FMA clone as well, picked at load time (ifunc) on
+ * x86-64 with GCC/Clang. Elementwise only: the clones differ by FMA rounding
+ * (an ulp), never by summation order, so every rank of a machine agrees. */
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define MOE_TARGET_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
+#else
+#define MOE_TARGET_CLONES
+#endif
+
 /* A test hook for fault injection: when the environment variable
  * MOE_FAULT names `site` (e.g. "layer_alloc") and MOE_FAULT_RANK is unset or
  * equals `rank`, returns 1 once per process. Used by tests to prove that an

@@ -12,34 +12,10 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "core/fastmath.h"
+
 #define MOE_SQRT_2_OVER_PI 0.79788456080286535588f
 #define MOE_GELU_C 0.044715f
-
-/* exp(x) for |x| <= 80 (clamped outside), Cephes expf: Cody-Waite reduction
- * by ln 2 then a degree-6 polynomial, relative error about 2 ulp. Branch-free
- * with an integer bit-cast for 2^n so that loops calling it vectorise. The
- * clamp keeps 1/(1+exp(x)) and exp(x)/(1+exp(x))^2 out of the denormal range
- * (slow on x86); it changes gelu/silu by less than 1e-33 in absolute terms. */
-static inline float moe_fast_expf(float x)
-{
-    x = x < -80.0f ? -80.0f : x;
-    x = x > 80.0f ? 80.0f : x;
-    /* round(x / ln 2) by the 1.5 * 2^23 trick (rintf does not vectorise on SSE2) */
-    const float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
-    float r = x - n * 0.693359375f;
-    r = r - n * -2.12194440e-4f;
-    float p = 1.9875691500e-4f;
-    p = p * r + 1.3981999507e-3f;
-    p = p * r + 8.3334519073e-3f;
-    p = p * r + 4.1665795894e-2f;
-    p = p * r + 1.6666665459e-1f;
-    p = p * r + 5.0000001201e-1f;
-    p = p * (r * r) + r + 1.0f;
-    const int32_t bits = ((int32_t)n + 127) << 23;
-    float scale;
-    memcpy(&scale, &bits, sizeof scale);
-    return p * scale;
-}
 
 /* gelu(x) = 0.5 x (1 + tanh(u)) = x * s with s = sigmoid(2u) = 1 / (1 + e),
  * e = exp(-2u), u = sqrt(2/pi) (x + 0.044715 x^3). The sigmoid form has no
@@ -50,16 +26,8 @@ static inline float moe_gelu_neg_exp(float x)
 }
 
 /* The activation loops are compute-bound at SSE2 width (about 3x slower
- * than the memory traffic allows), so on x86-64 GCC/Clang also build an
- * AVX2+FMA clone picked at load time (ifunc). Elementwise only: the clones
- * differ by FMA rounding (an ulp), never by summation order. */
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-#define MOE_ACT_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
-#else
-#define MOE_ACT_CLONES
-#endif
-
-MOE_ACT_CLONES static void act_forward_row(float *restrict a, const float *restrict h, int F, moe_activation act)
+ * than the memory traffic allows): MOE_TARGET_CLONES adds an AVX2+FMA clone. */
+MOE_TARGET_CLONES static void act_forward_row(float *restrict a, const float *restrict h, int F, moe_activation act)
 {
     switch (act) {
     case MOE_ACT_GELU:
@@ -77,7 +45,7 @@ MOE_ACT_CLONES static void act_forward_row(float *restrict a, const float *restr
 /* dh (F1) from da (F) and h (F1) for one row. */
 /* dh may be h itself (in place): every iteration reads its h entries
  * before it writes the same entries of dh, so no restrict on those two. */
-MOE_ACT_CLONES static void act_backward_row(float *dh, const float *restrict da, const float *h, int F,
+MOE_TARGET_CLONES static void act_backward_row(float *dh, const float *restrict da, const float *h, int F,
                              moe_activation act)
 {
     switch (act) {

@@ -6,6 +6,9 @@
 #include <math.h>
 #include <string.h>
 
+#include "core/fastmath.h"
+#include "core/moe.h"
+
 void moe_model_encoder_forward(float *out, const uint8_t *inp, const float *wte, const float *wpe,
                                int B, int T, int C)
 {
@@ -31,47 +34,68 @@ void moe_model_encoder_backward(float *dwte, float *dwpe, const float *dout, con
         }
 }
 
-void moe_model_layernorm_forward(float *out, float *mean, float *rstd, const float *inp,
-                                 const float *weight, const float *bias, int N, int C, float eps)
+/* Reductions over a row in 8 lanes added in a fixed order: the compiler
+ * vectorises them (it may not reorder a single running float sum), and the
+ * result depends on nothing but the row. */
+#define LANES 8
+static inline float lanes_total(const float *s)
+{
+    return ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7]));
+}
+
+MOE_TARGET_CLONES void moe_model_layernorm_forward(float *restrict out, float *mean, float *rstd,
+                                                   const float *restrict inp, const float *weight,
+                                                   const float *bias, int N, int C, float eps)
 {
     for (int n = 0; n < N; n++) {
         const float *x = inp + (size_t)n * C;
         float *o = out + (size_t)n * C;
-        float m = 0.0f;
-        for (int i = 0; i < C; i++) m += x[i];
-        m /= C;
-        float v = 0.0f; /* two passes: no cancellation for rows with a large mean */
-        for (int i = 0; i < C; i++) v += (x[i] - m) * (x[i] - m);
-        v /= C;
-        const float s = 1.0f / sqrtf(v + eps);
-        for (int i = 0; i < C; i++) o[i] = (x[i] - m) * s * weight[i] + bias[i];
+        float s[LANES] = {0}, q[LANES] = {0};
+        int i = 0;
+        for (; i + LANES <= C; i += LANES)
+            for (int l = 0; l < LANES; l++) s[l] += x[i + l];
+        for (; i < C; i++) s[0] += x[i];
+        const float m = lanes_total(s) / C;
+        /* two passes: no cancellation for rows with a large mean */
+        for (i = 0; i + LANES <= C; i += LANES)
+            for (int l = 0; l < LANES; l++) q[l] += (x[i + l] - m) * (x[i + l] - m);
+        for (; i < C; i++) q[0] += (x[i] - m) * (x[i] - m);
+        const float r = 1.0f / sqrtf(lanes_total(q) / C + eps);
+        for (i = 0; i < C; i++) o[i] = (x[i] - m) * r * weight[i] + bias[i];
         mean[n] = m;
-        rstd[n] = s;
+        rstd[n] = r;
     }
 }
 
-void moe_model_layernorm_backward(float *dinp, float *dweight, float *dbias, const float *dout,
-                                  const float *inp, const float *weight, const float *mean,
-                                  const float *rstd, int N, int C)
+MOE_TARGET_CLONES void moe_model_layernorm_backward(float *restrict dinp, float *restrict dweight,
+                                                    float *restrict dbias, const float *restrict dout,
+                                                    const float *restrict inp, const float *weight,
+                                                    const float *mean, const float *rstd, int N, int C)
 {
     for (int n = 0; n < N; n++) {
         const float *x = inp + (size_t)n * C, *dy = dout + (size_t)n * C;
         float *dx = dinp + (size_t)n * C;
-        const float m = mean[n], s = rstd[n];
-        /* dx = s * (dnorm - mean(dnorm) - norm * mean(dnorm * norm)), dnorm = w * dy */
-        float dnorm_mean = 0.0f, dnorm_norm_mean = 0.0f;
-        for (int i = 0; i < C; i++) {
-            const float norm = (x[i] - m) * s, dnorm = weight[i] * dy[i];
-            dnorm_mean += dnorm;
-            dnorm_norm_mean += dnorm * norm;
+        const float m = mean[n], r = rstd[n];
+        /* dx = r * (dnorm - mean(dnorm) - norm * mean(dnorm * norm)), dnorm = w * dy */
+        float a[LANES] = {0}, b[LANES] = {0};
+        int i = 0;
+        for (; i + LANES <= C; i += LANES)
+            for (int l = 0; l < LANES; l++) {
+                const float norm = (x[i + l] - m) * r, dnorm = weight[i + l] * dy[i + l];
+                a[l] += dnorm;
+                b[l] += dnorm * norm;
+            }
+        for (; i < C; i++) {
+            const float norm = (x[i] - m) * r, dnorm = weight[i] * dy[i];
+            a[0] += dnorm;
+            b[0] += dnorm * norm;
         }
-        dnorm_mean /= C;
-        dnorm_norm_mean /= C;
-        for (int i = 0; i < C; i++) {
-            const float norm = (x[i] - m) * s, dnorm = weight[i] * dy[i];
+        const float dnorm_mean = lanes_total(a) / C, dnorm_norm_mean = lanes_total(b) / C;
+        for (i = 0; i < C; i++) {
+            const float norm = (x[i] - m) * r, dnorm = weight[i] * dy[i];
             dbias[i] += dy[i];
             dweight[i] += norm * dy[i];
-            dx[i] += s * (dnorm - dnorm_mean - norm * dnorm_norm_mean);
+            dx[i] += r * (dnorm - dnorm_mean - norm * dnorm_norm_mean);
         }
     }
 }
@@ -146,35 +170,66 @@ void moe_model_matmul_backward_ref(float *dinp, float *dweight, float *dbias, co
     }
 }
 
+/* Largest of x[0..n) (n >= 1), over 8 lanes so that the loop vectorises
+ * (a float max reduction is not reassociated by the compiler on its own). */
+static inline float row_max(const float *x, int n)
+{
+    float m[8];
+    for (int l = 0; l < 8; l++) m[l] = x[0];
+    int j = 0;
+    for (; j + 8 <= n; j += 8)
+        for (int l = 0; l < 8; l++) m[l] = x[j + l] > m[l] ? x[j + l] : m[l];
+    for (; j < n; j++) m[0] = x[j] > m[0] ? x[j] : m[0];
+    for (int l = 1; l < 8; l++) m[0] = m[l] > m[0] ? m[l] : m[0];
+    return m[0];
+}
+
+/* x[j] = exp(x[j] - mx) for j < n; returns their sum (8 lanes, fixed order). */
+static inline float row_exp_sum(float *x, int n, float mx)
+{
+    float s[LANES] = {0};
+    int j = 0;
+    for (; j + LANES <= n; j += LANES)
+        for (int l = 0; l < LANES; l++) s[l] += (x[j + l] = moe_fast_expf(x[j + l] - mx));
+    for (; j < n; j++) s[0] += (x[j] = moe_fast_expf(x[j] - mx));
+    return lanes_total(s);
+}
+
 /* Causal softmax of the scaled scores of row t in place: entries j <= t become
  * probabilities, entries j > t become 0. */
-static void causal_softmax_row(float *row, int t, int T)
+MOE_TARGET_CLONES static void causal_softmax_row(float *row, int t, int T)
 {
-    float mx = row[0];
-    for (int j = 1; j <= t; j++) mx = row[j] > mx ? row[j] : mx;
-    float sum = 0.0f;
-    for (int j = 0; j <= t; j++) {
-        row[j] = expf(row[j] - mx);
-        sum += row[j];
-    }
-    const float inv = 1.0f / sum;
+    const float mx = row_max(row, t + 1);
+    const float inv = 1.0f / row_exp_sum(row, t + 1, mx);
     for (int j = 0; j <= t; j++) row[j] *= inv;
     for (int j = t + 1; j < T; j++) row[j] = 0.0f;
 }
 
-/* In place on a (T, T) block holding dP = dL/dP: dS = P * (dP - sum_j P dP) * scale,
- * the softmax backward folded with the score scale. Zero above the diagonal. */
-static void causal_softmax_backward(float *d, const float *P, int T, float scale)
+/* In place on rows [t0, t0 + n) of a (T, T) block holding dP = dL/dP in
+ * columns [0, cols): dS = P * (dP - sum_j P dP) * scale, the softmax backward
+ * folded with the score scale; zero above the diagonal. P and d point at row t0. */
+MOE_TARGET_CLONES static void causal_softmax_backward(float *d, const float *P, int t0, int n, int cols, int T,
+                                    float scale)
 {
-    for (int t = 0; t < T; t++) {
-        float *dr = d + (size_t)t * T;
-        const float *pr = P + (size_t)t * T;
-        float dot = 0.0f;
-        for (int j = 0; j <= t; j++) dot += pr[j] * dr[j];
-        for (int j = 0; j <= t; j++) dr[j] = pr[j] * (dr[j] - dot) * scale;
-        for (int j = t + 1; j < T; j++) dr[j] = 0.0f;
+    for (int i = 0; i < n; i++) {
+        const int t = t0 + i;
+        float *dr = d + (size_t)i * T;
+        const float *pr = P + (size_t)i * T;
+        float acc[8] = {0};
+        int j = 0;
+        for (; j + 8 <= t + 1; j += 8)
+            for (int l = 0; l < 8; l++) acc[l] += pr[j + l] * dr[j + l];
+        for (; j <= t; j++) acc[0] += pr[j] * dr[j];
+        const float dot = lanes_total(acc);
+        for (j = 0; j <= t; j++) dr[j] = pr[j] * (dr[j] - dot) * scale;
+        for (int j = t + 1; j < cols; j++) dr[j] = 0.0f;
     }
 }
+
+/* Causal attention works on row blocks of ATT_ROWS queries: block [r0, r1)
+ * only needs keys [0, r1), so the GEMMs skip the masked upper-right blocks
+ * (5/8 of the full T x T work at T = 4 blocks, 1/2 as T grows). */
+enum { ATT_ROWS = 32 };
 
 void moe_model_attention_forward(float *out, float *att, const float *inp, int B, int T, int C,
                                  int NH)
@@ -186,13 +241,16 @@ void moe_model_attention_forward(float *out, float *att, const float *inp, int B
             const float *q = inp + (size_t)b * T * C3 + h * hs, *k = q + C, *v = q + 2 * C;
             float *P = att + ((size_t)b * NH + h) * T * T;
             float *o = out + (size_t)b * T * C + h * hs;
-            /* S = scale q k^T over the whole (T, T) block: the GEMM is cheaper than
-             * skipping the masked half element by element. */
-            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, T, T, hs, scale, q, C3, k, C3, 0.0f,
-                        P, T);
-            for (int t = 0; t < T; t++) causal_softmax_row(P + (size_t)t * T, t, T);
-            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, T, hs, T, 1.0f, P, T, v, C3, 0.0f,
-                        o, C);
+            for (int r0 = 0; r0 < T; r0 += ATT_ROWS) {
+                const int r1 = r0 + ATT_ROWS < T ? r0 + ATT_ROWS : T, n = r1 - r0;
+                float *Pb = P + (size_t)r0 * T;
+                /* S = scale q k^T on rows [r0, r1), keys [0, r1) */
+                cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, n, r1, hs, scale,
+                            q + (size_t)r0 * C3, C3, k, C3, 0.0f, Pb, T);
+                for (int t = r0; t < r1; t++) causal_softmax_row(P + (size_t)t * T, t, T);
+                cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, n, hs, r1, 1.0f, Pb, T, v, C3,
+                            0.0f, o + (size_t)r0 * C, C);
+            }
         }
 }
 
@@ -235,17 +293,22 @@ void moe_model_attention_backward(float *dinp, float *scratch, const float *dout
             float *dq = dinp + base, *dk = dq + C, *dv = dq + 2 * C;
             const float *P = att + ((size_t)b * NH + h) * T * T;
             const float *dO = dout + (size_t)b * T * C + h * hs;
-            /* dP = dout v^T; dv += P^T dout */
-            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, T, T, hs, 1.0f, dO, C, v, C3, 0.0f,
-                        scratch, T);
-            cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, T, hs, T, 1.0f, P, T, dO, C, 1.0f,
-                        dv, C3);
-            causal_softmax_backward(scratch, P, T, scale); /* scratch = dS */
-            /* dq += dS k; dk += dS^T q */
-            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, T, hs, T, 1.0f, scratch, T, k, C3,
-                        1.0f, dq, C3);
-            cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, T, hs, T, 1.0f, scratch, T, q, C3,
-                        1.0f, dk, C3);
+            for (int r0 = 0; r0 < T; r0 += ATT_ROWS) {
+                const int r1 = r0 + ATT_ROWS < T ? r0 + ATT_ROWS : T, n = r1 - r0;
+                const float *Pb = P + (size_t)r0 * T, *dOb = dO + (size_t)r0 * C;
+                float *dS = scratch + (size_t)r0 * T;
+                /* dP = dout v^T; dv += P^T dout (rows [r0, r1), keys [0, r1)) */
+                cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, n, r1, hs, 1.0f, dOb, C, v, C3,
+                            0.0f, dS, T);
+                cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, r1, hs, n, 1.0f, Pb, T, dOb, C,
+                            1.0f, dv, C3);
+                causal_softmax_backward(dS, Pb, r0, n, r1, T, scale);
+                /* dq += dS k; dk += dS^T q */
+                cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, n, hs, r1, 1.0f, dS, T, k, C3,
+                            1.0f, dq + (size_t)r0 * C3, C3);
+                cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, r1, hs, n, 1.0f, dS, T,
+                            q + (size_t)r0 * C3, C3, 1.0f, dk, C3);
+            }
         }
 }
 
@@ -269,7 +332,7 @@ void moe_model_attention_backward_ref(float *dinp, float *scratch, const float *
                     for (int i = 0; i < hs; i++) DQ(j)[2 * C + i] += P[(size_t)t * T + j] * dO[i];
                 }
             }
-            causal_softmax_backward(scratch, P, T, scale);
+            causal_softmax_backward(scratch, P, 0, T, T, T, scale);
             for (int t = 0; t < T; t++)
                 for (int j = 0; j <= t; j++) {
                     const float ds = scratch[(size_t)t * T + j];
@@ -288,19 +351,15 @@ void moe_model_residual_forward(float *out, const float *a, const float *b, long
     for (long i = 0; i < n; i++) out[i] = a[i] + b[i];
 }
 
-void moe_model_crossentropy_forward(float *losses, float *probs, const float *logits,
+MOE_TARGET_CLONES void moe_model_crossentropy_forward(float *losses, float *probs, const float *logits,
                                     const uint8_t *targets, int N, int V)
 {
     for (int n = 0; n < N; n++) {
         const float *l = logits + (size_t)n * V;
         float *p = probs + (size_t)n * V;
-        float mx = l[0];
-        for (int i = 1; i < V; i++) mx = l[i] > mx ? l[i] : mx;
-        double sum = 0.0;
-        for (int i = 0; i < V; i++) {
-            p[i] = expf(l[i] - mx);
-            sum += p[i];
-        }
+        const float mx = row_max(l, V);
+        memcpy(p, l, (size_t)V * sizeof *p);
+        const double sum = row_exp_sum(p, V, mx);
         const float inv = (float)(1.0 / sum);
         for (int i = 0; i < V; i++) p[i] *= inv;
         /* lse - l[target] rather than -log(p[target]): exact for tiny probabilities */

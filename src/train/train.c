@@ -115,11 +115,16 @@ static moe_status allreduce_buckets(moe_comm *c, moe_comm_scope scope, float *bu
     return MOE_OK;
 }
 
+/* Sum of squares in double over 8 interleaved accumulators: a single
+ * running sum is one long dependency chain the compiler may not reorder. */
 static double sum_sq(const float *a, size_t n)
 {
-    double s = 0.0;
-    for (size_t i = 0; i < n; i++) s += (double)a[i] * a[i];
-    return s;
+    double acc[8] = {0};
+    size_t i = 0;
+    for (; i + 8 <= n; i += 8)
+        for (int j = 0; j < 8; j++) acc[j] += (double)a[i + j] * a[i + j];
+    for (; i < n; i++) acc[0] += (double)a[i] * a[i];
+    return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
 }
 
 /* Dense gradients over WORLD; expert gradients (already summed over the ep
@@ -160,16 +165,20 @@ typedef struct {
 } adam_hyper;
 
 /* AdamW over n elements at bias-correction step t (>= 1). */
-static void adamw(float *p, float *m, float *v, const float *g, size_t n, const adam_hyper *h,
-                  float wd, int64_t t)
+MOE_TARGET_CLONES static void adamw(float *restrict p, float *restrict m, float *restrict v,
+                                    const float *restrict g, size_t n, const adam_hyper *h, float wd,
+                                    int64_t t)
 {
-    const float bc1 = (float)(1.0 - pow(h->b1, (double)t)), bc2 = (float)(1.0 - pow(h->b2, (double)t));
+    const float ib1 = (float)(1.0 / (1.0 - pow(h->b1, (double)t)));
+    const float ib2 = (float)(1.0 / (1.0 - pow(h->b2, (double)t)));
+    const float b1 = h->b1, b2 = h->b2, gs = h->gscale, lr = h->lr, eps = h->eps;
     for (size_t i = 0; i < n; i++) {
-        const float gi = g[i] * h->gscale;
-        m[i] = h->b1 * m[i] + (1.0f - h->b1) * gi;
-        v[i] = h->b2 * v[i] + (1.0f - h->b2) * gi * gi;
-        const float mhat = m[i] / bc1, vhat = v[i] / bc2;
-        p[i] -= h->lr * (mhat / (sqrtf(vhat) + h->eps) + wd * p[i]);
+        const float gi = g[i] * gs;
+        const float mi = b1 * m[i] + (1.0f - b1) * gi;
+        const float vi = b2 * v[i] + (1.0f - b2) * gi * gi;
+        m[i] = mi;
+        v[i] = vi;
+        p[i] -= lr * (mi * ib1 / (sqrtf(vi * ib2) + eps) + wd * p[i]);
     }
 }
 

@@ -179,6 +179,37 @@ static void test_attention(void **state)
         for (int i = 0; i < 3 * AC; i++) assert_true(d0[t * 3 * AC + i] == 0.0f);
 }
 
+/* Sequences longer than the kernel's row block (32 queries), at lengths that
+ * are and are not a multiple of it: the blocked GEMMs must cover every
+ * (query, key <= query) pair exactly once, like the naive reference. */
+static void test_attention_long(void **state)
+{
+    (void)state;
+    enum { B = 2, C = 16, NH = 2, TMAX = 97 };
+    static float qkv[B * TMAX * 3 * C], r[B * TMAX * C], o1[B * TMAX * C], o2[B * TMAX * C];
+    static float a1[B * NH * TMAX * TMAX], a2[B * NH * TMAX * TMAX], scratch[TMAX * TMAX];
+    static float d1[B * TMAX * 3 * C], d2[B * TMAX * 3 * C];
+    const int lengths[] = {31, 32, 33, 64, 97};
+    for (size_t li = 0; li < sizeof lengths / sizeof lengths[0]; li++) {
+        const int T = lengths[li];
+        fill(qkv, (size_t)B * T * 3 * C, 40 + li, 1.0f);
+        fill(r, (size_t)B * T * C, 50 + li, 1.0f);
+        /* stale values where the kernel must write zeros */
+        for (size_t i = 0; i < sizeof a1 / sizeof a1[0]; i++) a1[i] = 7.0f;
+        moe_model_attention_forward(o1, a1, qkv, B, T, C, NH);
+        moe_model_attention_forward_ref(o2, a2, qkv, B, T, C, NH);
+        assert_true(rel_err(o1, o2, (size_t)B * T * C) < 1e-5);
+        assert_true(rel_err(a1, a2, (size_t)B * NH * T * T) < 1e-5);
+        for (int row = 0; row < B * NH * T; row++)
+            for (int j = row % T + 1; j < T; j++) assert_true(a1[(size_t)row * T + j] == 0.0f);
+        memset(d1, 0, sizeof d1);
+        memset(d2, 0, sizeof d2);
+        moe_model_attention_backward(d1, scratch, r, qkv, a1, B, T, C, NH);
+        moe_model_attention_backward_ref(d2, scratch, r, qkv, a2, B, T, C, NH);
+        assert_true(rel_err(d1, d2, (size_t)B * T * 3 * C) < 1e-5);
+    }
+}
+
 /* ---- cross-entropy ---- */
 enum { CN = 4, CV = 11 };
 typedef struct {
@@ -245,6 +276,7 @@ int main(void)
         cmocka_unit_test(test_matmul_matches_ref),
         cmocka_unit_test(test_layernorm_fd),
         cmocka_unit_test(test_attention),
+        cmocka_unit_test(test_attention_long),
         cmocka_unit_test(test_crossentropy),
         cmocka_unit_test(test_encoder),
     };
