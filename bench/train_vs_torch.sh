@@ -100,6 +100,9 @@ wait \$pid
 EOF
 chmod +x "$tmp/rss_wrap"
 
+# rank 0's resident memory before the model (libraries, data), MB, from the
+# "memory (rank 0): ..." line moe train prints at the end
+base_mb() { sed -n 's/^memory (rank 0): .* = \([0-9]*\) MB before the model.*/\1/p' "$1" | tail -n 1; }
 # json-field helper: jget JSON KEY
 jget() { python3 -c "import json,sys; print(json.loads(sys.argv[1])[sys.argv[2]])" "$1" "$2"; }
 # steady-state figures of a run: {"tok_s": median, "drop": mean dropped_frac}
@@ -163,7 +166,7 @@ for name in $CONFIGS; do
     printf "%-6s %10s %10s %10s %10s %8s %8s %9s %9s\n" round "moe 1x2" "moe 2x1" "moe 1x1" "torch 2t" \
         "sgemm1t" "sgemm2t" "peak1t" "peak2t"
     r12=(); r21=(); r11=(); rt=(); g1=(); g2=(); p1=(); p2=(); drop=0; tdrop=0
-    rss1=0; rss2a=0; rss2b=0; hwm1=0; hwm2a=0; hwm2b=0
+    rss1=0; rss2a=0; rss2b=0; hwm1=0; hwm2a=0; hwm2b=0; base1=0; base2=0
     for round in $(seq "$ROUNDS"); do
         out=$tmp/run
         rm -rf "$out"
@@ -172,12 +175,14 @@ for name in $CONFIGS; do
         s=$(steady "$out/metrics.jsonl"); r12+=("$(jget "$s" tok_s)"); drop=$(jget "$s" drop)
         max_rows=$(jget "$s" max_rows)
         rss1=$(best "$rss1" "$(cat "$tmp/rss.0")"); hwm1=$(best "$hwm1" "$(cat "$tmp/hwm.0")")
+        base1=$(base_mb "$tmp/log")
         rm -rf "$out"
         env -u OPENBLAS_NUM_THREADS -u OMP_NUM_THREADS MOE_BIN="$tmp/rss_wrap" launch/moe-local 2 train \
             $(moe_args $d $L $NH $E $k $F $T $B "$out") > "$tmp/log" 2>&1 || { cat "$tmp/log" >&2; exit 1; }
         s=$(steady "$out/metrics.jsonl"); r21+=("$(jget "$s" tok_s)")
         rss2a=$(best "$rss2a" "$(cat "$tmp/rss.0")"); rss2b=$(best "$rss2b" "$(cat "$tmp/rss.1")")
         hwm2a=$(best "$hwm2a" "$(cat "$tmp/hwm.0")"); hwm2b=$(best "$hwm2b" "$(cat "$tmp/hwm.1")")
+        base2=$(base_mb "$tmp/log")
         rm -rf "$out"
         OPENBLAS_NUM_THREADS=1 "$MOE" train $(moe_args $d $L $NH $E $k $F $T $B "$out") > "$tmp/log" 2>&1 \
             || { cat "$tmp/log" >&2; exit 1; }
@@ -216,13 +221,17 @@ EOF
     read -r state2 acts2 moe_acts2 <<< "$(accounting $d $L $F $E $k $T $B $MOE_EVERY 2 "$(python3 -c "print(1 - $drop)")" $NH)"
     python3 - << EOF
 MB = 2**20
-for what, hwm, rss, st, ac, ma in (("1 rank (2 threads)", [$hwm1], [$rss1], $state, $acts, $moe_acts),
-                                   ("2 ranks, per rank", [$hwm2a, $hwm2b], [$rss2a, $rss2b], $state2, $acts2, $moe_acts2)):
+for what, hwm, rss, st, ac, ma, base in (("1 rank (2 threads)", [$hwm1], [$rss1], $state, $acts, $moe_acts, ${base1:-0}),
+                                         ("2 ranks, per rank", [$hwm2a, $hwm2b], [$rss2a, $rss2b], $state2, $acts2,
+                                          $moe_acts2, ${base2:-0})):
     need = st + ac + ma
     mb = lambda v: " / ".join(f"{r * 1024 / MB:.0f}" for r in v)
     print(f"memory, {what}: accounting {need / MB:.0f} MB = params+grads+AdamW {st / MB:.0f} + model activations "
           f"{ac / MB:.0f} + MoE kept-row activations {ma / MB:.0f}")
     print(f"  peak RSS while training {mb(hwm)} MB: ratio {max(hwm) * 1024 / need:.2f}x (target <= 1.3x); "
           f"whole run incl. final checkpoint {mb(rss)} MB: {max(rss) * 1024 / need:.2f}x")
+    if base > 0:
+        print(f"  without the {base} MB the process holds before the model (MPI, OpenBLAS, HDF5, data): "
+              f"{(max(hwm) / 1024 - base) * MB / need:.2f}x while training")
 EOF
 done

@@ -22,4 +22,8 @@ int moe_cli_start(const char *what, int ep_size, struct moe_comm **comm);
  * when running under MPI with more than one rank. */
 void moe_cli_error(int rank, const char *what, int status);
 
+/* This process's resident memory in MB from /proc/self/status: field
+ * "VmRSS" (now) or "VmHWM" (peak). -1 where /proc is unavailable. */
+double moe_cli_mem_mb(const char *field);
+
 #endif

@@ -127,6 +127,13 @@ static void write_metrics(train_run *r, int64_t step, const moe_train_stats *ts,
     cJSON_AddNumberToObject(j, "max_over_mean_load", balance);
     cJSON_AddNumberToObject(j, "active_experts", (double)ts->active_experts);
     if (ckpt_s > 0) cJSON_AddNumberToObject(j, "checkpoint_s", ckpt_s);
+    /* where rank 0's step time went (the reduction includes waiting for the
+     * slowest rank) */
+    cJSON *tm = cJSON_AddObjectToObject(j, "time_ms");
+    cJSON_AddNumberToObject(tm, "forward", 1e3 * ts->t_forward);
+    cJSON_AddNumberToObject(tm, "backward", 1e3 * ts->t_backward);
+    cJSON_AddNumberToObject(tm, "reduce", 1e3 * ts->t_reduce);
+    cJSON_AddNumberToObject(tm, "update", 1e3 * ts->t_update);
     cJSON *layers = cJSON_AddArrayToObject(j, "layers");
     for (int l = 0; l < ts->model.n_moe_layers; l++) {
         cJSON *o = cJSON_CreateObject();
@@ -245,6 +252,9 @@ static int run(train_run *r)
     st = moe_comm_agree(r->comm, st);
     if (st) return moe_cli_error(r->rank, "train", st), 1;
 
+    /* what the libraries (MPI, BLAS, HDF5) and the data index hold before
+     * the model exists: the memory report separates it from the model's */
+    const double base_mb = moe_cli_mem_mb("VmRSS");
     st = moe_trainer_create(&r->tr, c, r->comm);
     if (st) return moe_cli_error(r->rank, "train", st), 1;
     r->model = moe_trainer_model(r->tr);
@@ -354,6 +364,12 @@ static int run(train_run *r)
         printf("done: %lld steps in %.1f s (%.0f tokens/s); checkpoints took %.2f s (%.1f%% of the run)\n",
                (long long)(step - step0), wall, (double)(step - step0) * c->batch_size * S / wall, ckpt_total,
                100 * ckpt_total / wall);
+        const double peak_mb = moe_cli_mem_mb("VmHWM");
+        if (peak_mb > 0)
+            printf("memory (rank 0): peak RSS %.0f MB = %.0f MB before the model (libraries, data) + %.0f MB "
+                   "(parameters, gradients and AdamW state: %.0f MB)\n",
+                   peak_mb, base_mb, peak_mb - base_mb,
+                   4.0 * sizeof(float) * moe_model_tensors(r->model)->total / (1 << 20));
         if (isfinite(last_val))
             printf("validation: %.4f nats/byte = %.3f bits/byte (unigram baseline %.3f bits/byte)\n", last_val,
                    last_val / M_LN2, moe_data_unigram_bpb(r->ds));

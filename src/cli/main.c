@@ -1,5 +1,6 @@
 /* `moe`: the command-line entry point; dispatches to subcommands. */
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include "cli/cli.h"
@@ -15,6 +16,22 @@ void moe_cli_error(int rank, const char *what, int status)
     else
         fprintf(stderr, "moe: %s: %s%s%s\n", what, moe_status_str((moe_status)status),
                 *detail ? ": " : "", detail);
+}
+
+double moe_cli_mem_mb(const char *field)
+{
+    FILE *f = fopen("/proc/self/status", "r");
+    if (!f) return -1;
+    char line[256];
+    double mb = -1;
+    const size_t n = strlen(field);
+    while (fgets(line, sizeof line, f))
+        if (!strncmp(line, field, n) && line[n] == ':') {
+            mb = strtod(line + n + 1, NULL) / 1024.0; /* the kernel reports kB */
+            break;
+        }
+    fclose(f);
+    return mb;
 }
 
 int moe_cli_start(const char *what, int ep_size, moe_comm **comm)

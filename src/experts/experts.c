@@ -7,12 +7,12 @@
 #include "experts/experts.h"
 
 #include <cblas.h>
-#include <pthread.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include "core/fastmath.h"
+#include "core/par.h"
 
 #define MOE_SQRT_2_OVER_PI 0.79788456080286535588f
 #define MOE_GELU_C 0.044715f
@@ -81,7 +81,7 @@ MOE_TARGET_CLONES static void act_backward_row(float *dh, const float *restrict 
  * contiguous row ranges over as many threads as OpenBLAS uses (a fixed
  * split, so results depend only on the thread count; the b1 column sums are
  * added per thread, then across threads in thread order). */
-enum { MOE_ACT_MAX_THREADS = 8, MOE_ACT_MIN_ELEMS = 1 << 17 };
+enum { MOE_ACT_MIN_ELEMS = 1 << 17 };
 
 typedef struct {
     float *out, *db1;           /* a or dh (n, F or F1); this thread's db1 partial (F1) or NULL */
@@ -107,57 +107,37 @@ static void act_job_run(act_job *j)
     }
 }
 
-static void *act_job_thread(void *arg)
+typedef struct {
+    act_job job;
+    float *partial; /* (nt - 1, F1) db1 partials of threads 1.. */
+    long n;
+} act_region;
+
+static void act_region_run(void *ctx, int t, int nt)
 {
-    act_job_run(arg);
-    return NULL;
+    const act_region *r = ctx;
+    act_job j = r->job;
+    moe_par_range(r->n, t, nt, &j.r0, &j.r1);
+    if (j.db1 && t > 0) j.db1 = r->partial + (size_t)(t - 1) * moe_f1(j.F, j.act);
+    act_job_run(&j);
 }
 
-/* Threads for n rows of F1 columns: 1 below MOE_ACT_MIN_ELEMS elements. */
-static int act_threads(long n, int F1)
-{
-    int nt = openblas_get_num_threads();
-    if (nt > MOE_ACT_MAX_THREADS) nt = MOE_ACT_MAX_THREADS;
-    while (nt > 1 && n * (long)F1 / nt < MOE_ACT_MIN_ELEMS / 2) nt--;
-    return nt < 1 || n * (long)F1 < MOE_ACT_MIN_ELEMS ? 1 : nt;
-}
-
-/* Runs job over rows [0, n) on nt threads (the caller is thread 0). With
+/* Runs job over rows [0, n) in a parallel region (core/par.h). With
  * job.db1 != NULL each thread sums into its own partial, added into job.db1
- * in thread order. Falls back to the caller alone if a thread cannot start. */
+ * in thread order. Runs on the caller alone if the partials cannot be
+ * allocated. */
 static void act_parallel(act_job job, long n)
 {
     const int F1 = moe_f1(job.F, job.act);
-    int nt = act_threads(n, F1);
-    float *partial = NULL;
-    if (nt > 1 && job.db1 && !(partial = calloc((size_t)(nt - 1) * F1, sizeof(float)))) nt = 1;
-    if (nt == 1) {
-        job.r0 = 0;
-        job.r1 = n;
-        act_job_run(&job);
-        return;
-    }
-    act_job jobs[MOE_ACT_MAX_THREADS];
-    pthread_t tid[MOE_ACT_MAX_THREADS];
-    int started[MOE_ACT_MAX_THREADS] = {0};
-    for (int t = 0; t < nt; t++) {
-        jobs[t] = job;
-        jobs[t].r0 = n * t / nt;
-        jobs[t].r1 = n * (t + 1) / nt;
-        if (job.db1 && t > 0) jobs[t].db1 = partial + (size_t)(t - 1) * F1;
-    }
-    for (int t = 1; t < nt; t++) started[t] = pthread_create(&tid[t], NULL, act_job_thread, &jobs[t]) == 0;
-    act_job_run(&jobs[0]);
-    for (int t = 1; t < nt; t++) {
-        if (started[t])
-            pthread_join(tid[t], NULL);
-        else
-            act_job_run(&jobs[t]);
-    }
+    int nt = moe_par_threads_for(n * (long)F1, MOE_ACT_MIN_ELEMS / 2);
+    if (n * (long)F1 < MOE_ACT_MIN_ELEMS) nt = 1;
+    act_region r = {job, NULL, n};
+    if (nt > 1 && job.db1 && !(r.partial = calloc((size_t)(nt - 1) * F1, sizeof(float)))) nt = 1;
+    moe_par_run(nt, act_region_run, &r);
     if (job.db1)
         for (int t = 1; t < nt; t++)
-            for (int c = 0; c < F1; c++) job.db1[c] += partial[(size_t)(t - 1) * F1 + c];
-    free(partial);
+            for (int c = 0; c < F1; c++) job.db1[c] += r.partial[(size_t)(t - 1) * F1 + c];
+    free(r.partial);
 }
 
 void moe_act_forward(float *a, const float *h, long n, int F, moe_activation act)

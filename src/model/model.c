@@ -7,6 +7,7 @@
 #include <stdio.h>
 #include <string.h>
 
+#include "core/par.h"
 #include "core/rng.h"
 #include "model/ops.h"
 
@@ -46,7 +47,7 @@ typedef struct {
     float *dres;                        /* (N, C) gradient of the residual stream */
     float *dln, *datty;                 /* (N, C) */
     float *dqkv;                        /* (N, 3C) */
-    float *datt;                        /* (T, T) */
+    float *datt;                        /* (MOE_PAR_MAX_THREADS, T, T) per-thread scratch */
     float *dfch, *dfch_act;             /* (N, F1), (N, F) */
     float *dlogits;                     /* (N, V) */
 } model_acts;
@@ -206,7 +207,7 @@ static moe_status alloc_acts(moe_model *m)
         {&a->lnf, N * C}, {&a->lnf_mean, N}, {&a->lnf_rstd, N},
         {&a->logits, N * V}, {&a->probs, N * V}, {&a->losses, N},
         {&a->dres, N * C}, {&a->dln, N * C}, {&a->datty, N * C}, {&a->dqkv, N * 3 * C},
-        {&a->datt, T * T}, {&a->dfch, N * m->F1}, {&a->dfch_act, N * m->F}, {&a->dlogits, N * V},
+        {&a->datt, MOE_PAR_MAX_THREADS * T * T}, {&a->dfch, N * m->F1}, {&a->dfch_act, N * m->F}, {&a->dlogits, N * V},
     };
     const int n = (int)(sizeof lay / sizeof lay[0]);
     size_t total = 0;

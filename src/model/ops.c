@@ -8,6 +8,7 @@
 
 #include "core/fastmath.h"
 #include "core/moe.h"
+#include "core/par.h"
 
 void moe_model_encoder_forward(float *out, const uint8_t *inp, const float *wte, const float *wpe,
                                int B, int T, int C)
@@ -38,16 +39,20 @@ void moe_model_encoder_backward(float *dwte, float *dwpe, const float *dout, con
  * vectorises them (it may not reorder a single running float sum), and the
  * result depends on nothing but the row. */
 #define LANES 8
+
+/* Elements per thread below which a region does not pay for its start-up. */
+enum { PAR_MIN_ELEMS = 1 << 15 };
 static inline float lanes_total(const float *s)
 {
     return ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7]));
 }
 
-MOE_TARGET_CLONES void moe_model_layernorm_forward(float *restrict out, float *mean, float *rstd,
-                                                   const float *restrict inp, const float *weight,
-                                                   const float *bias, int N, int C, float eps)
+/* Rows [n0, n1) of the layernorm forward. */
+MOE_TARGET_CLONES static void ln_forward_rows(float *restrict out, float *mean, float *rstd,
+                                              const float *restrict inp, const float *weight,
+                                              const float *bias, long n0, long n1, int C, float eps)
 {
-    for (int n = 0; n < N; n++) {
+    for (long n = n0; n < n1; n++) {
         const float *x = inp + (size_t)n * C;
         float *o = out + (size_t)n * C;
         float s[LANES] = {0}, q[LANES] = {0};
@@ -67,12 +72,13 @@ MOE_TARGET_CLONES void moe_model_layernorm_forward(float *restrict out, float *m
     }
 }
 
-MOE_TARGET_CLONES void moe_model_layernorm_backward(float *restrict dinp, float *restrict dweight,
-                                                    float *restrict dbias, const float *restrict dout,
-                                                    const float *restrict inp, const float *weight,
-                                                    const float *mean, const float *rstd, int N, int C)
+/* dx of rows [n0, n1) of the layernorm backward. */
+MOE_TARGET_CLONES static void ln_backward_rows(float *restrict dinp, const float *restrict dout,
+                                               const float *restrict inp, const float *weight,
+                                               const float *mean, const float *rstd, long n0, long n1,
+                                               int C)
 {
-    for (int n = 0; n < N; n++) {
+    for (long n = n0; n < n1; n++) {
         const float *x = inp + (size_t)n * C, *dy = dout + (size_t)n * C;
         float *dx = dinp + (size_t)n * C;
         const float m = mean[n], r = rstd[n];
@@ -93,11 +99,72 @@ MOE_TARGET_CLONES void moe_model_layernorm_backward(float *restrict dinp, float 
         const float dnorm_mean = lanes_total(a) / C, dnorm_norm_mean = lanes_total(b) / C;
         for (i = 0; i < C; i++) {
             const float norm = (x[i] - m) * r, dnorm = weight[i] * dy[i];
-            dbias[i] += dy[i];
-            dweight[i] += norm * dy[i];
             dx[i] += r * (dnorm - dnorm_mean - norm * dnorm_norm_mean);
         }
     }
+}
+
+/* dweight, dbias of columns [c0, c1), summed over all N rows in row order. */
+MOE_TARGET_CLONES static void ln_backward_cols(float *restrict dweight, float *restrict dbias,
+                                               const float *restrict dout, const float *restrict inp,
+                                               const float *mean, const float *rstd, int N, int C,
+                                               int c0, int c1)
+{
+    for (int n = 0; n < N; n++) {
+        const float *x = inp + (size_t)n * C, *dy = dout + (size_t)n * C;
+        const float m = mean[n], r = rstd[n];
+        for (int i = c0; i < c1; i++) {
+            dbias[i] += dy[i];
+            dweight[i] += (x[i] - m) * r * dy[i];
+        }
+    }
+}
+
+typedef struct {
+    float *out, *mean, *rstd, *dinp, *dweight, *dbias;
+    const float *inp, *dout, *weight, *bias, *mean_in, *rstd_in;
+    int N, C;
+    float eps;
+} ln_job;
+
+/* Forward: rows split over threads. Backward: thread t computes dx for its
+ * rows and dweight/dbias for its columns (each column summed over every row
+ * in row order), so no partial sums and the result does not depend on nt. */
+static void ln_run(void *ctx, int t, int nt)
+{
+    const ln_job *j = ctx;
+    long n0, n1, c0, c1;
+    moe_par_range(j->N, t, nt, &n0, &n1);
+    if (!j->dinp) {
+        ln_forward_rows(j->out, j->mean, j->rstd, j->inp, j->weight, j->bias, n0, n1, j->C, j->eps);
+        return;
+    }
+    ln_backward_rows(j->dinp, j->dout, j->inp, j->weight, j->mean_in, j->rstd_in, n0, n1, j->C);
+    /* column shares in multiples of 16 floats: threads never share a cache line */
+    const long blocks = (j->C + 15) / 16;
+    moe_par_range(blocks, t, nt, &c0, &c1);
+    c0 *= 16;
+    c1 = c1 * 16 < j->C ? c1 * 16 : j->C;
+    if (c0 < c1)
+        ln_backward_cols(j->dweight, j->dbias, j->dout, j->inp, j->mean_in, j->rstd_in, j->N, j->C,
+                         (int)c0, (int)c1);
+}
+
+void moe_model_layernorm_forward(float *out, float *mean, float *rstd, const float *inp,
+                                 const float *weight, const float *bias, int N, int C, float eps)
+{
+    ln_job j = {.out = out, .mean = mean, .rstd = rstd, .inp = inp, .weight = weight, .bias = bias,
+                .N = N, .C = C, .eps = eps};
+    moe_par_run(moe_par_threads_for((long)N * C, PAR_MIN_ELEMS), ln_run, &j);
+}
+
+void moe_model_layernorm_backward(float *dinp, float *dweight, float *dbias, const float *dout,
+                                  const float *inp, const float *weight, const float *mean,
+                                  const float *rstd, int N, int C)
+{
+    ln_job j = {.dinp = dinp, .dweight = dweight, .dbias = dbias, .dout = dout, .inp = inp,
+                .weight = weight, .mean_in = mean, .rstd_in = rstd, .N = N, .C = C};
+    moe_par_run(moe_par_threads_for((long)N * C, PAR_MIN_ELEMS), ln_run, &j);
 }
 
 /* Every row of out (n, m) = bias, or 0 without a bias: the C operand of a beta = 1 GEMM. */
@@ -109,13 +176,32 @@ static void fill_rows(float *out, const float *bias, int n, int m)
     }
 }
 
-/* Adds the column sums of a (n, m) into acc (m). */
+typedef struct {
+    float *acc;
+    const float *a;
+    int n, m;
+} colsum_job;
+
+/* Thread t sums its share of the columns (in blocks of 16 floats, so no
+ * two threads write one cache line) over every row in row order. */
+static void colsum_run(void *ctx, int t, int nt)
+{
+    const colsum_job *j = ctx;
+    long c0, c1;
+    moe_par_range((j->m + 15) / 16, t, nt, &c0, &c1);
+    c0 *= 16;
+    c1 = c1 * 16 < j->m ? c1 * 16 : j->m;
+    for (int r = 0; r < j->n; r++) {
+        const float *row = j->a + (size_t)r * j->m;
+        for (long c = c0; c < c1; c++) j->acc[c] += row[c];
+    }
+}
+
+/* Adds the column sums of a (n, m) into acc (m); independent of the thread count. */
 static void add_colsums(float *acc, const float *a, int n, int m)
 {
-    for (int r = 0; r < n; r++) {
-        const float *row = a + (size_t)r * m;
-        for (int j = 0; j < m; j++) acc[j] += row[j];
-    }
+    colsum_job j = {acc, a, n, m};
+    moe_par_run(m >= 32 ? moe_par_threads_for((long)n * m, PAR_MIN_ELEMS) : 1, colsum_run, &j);
 }
 
 void moe_model_matmul_forward(float *out, const float *inp, const float *weight, const float *bias,
@@ -231,27 +317,76 @@ MOE_TARGET_CLONES static void causal_softmax_backward(float *d, const float *P, 
  * (5/8 of the full T x T work at T = 4 blocks, 1/2 as T grows). */
 enum { ATT_ROWS = 32 };
 
+typedef struct {
+    float *out, *att, *dinp, *scratch;
+    const float *inp, *dout, *att_in;
+    int B, T, C, NH;
+} att_job;
+
+/* Attention forward of one (sequence, head) pair. */
+static void att_forward_pair(const att_job *j, int b, int h)
+{
+    const int T = j->T, C = j->C, hs = C / j->NH, C3 = 3 * C;
+    const float scale = 1.0f / sqrtf((float)hs);
+    const float *q = j->inp + (size_t)b * T * C3 + h * hs, *k = q + C, *v = q + 2 * C;
+    float *P = j->att + ((size_t)b * j->NH + h) * T * T;
+    float *o = j->out + (size_t)b * T * C + h * hs;
+    for (int r0 = 0; r0 < T; r0 += ATT_ROWS) {
+        const int r1 = r0 + ATT_ROWS < T ? r0 + ATT_ROWS : T, n = r1 - r0;
+        float *Pb = P + (size_t)r0 * T;
+        /* S = scale q k^T on rows [r0, r1), keys [0, r1) */
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, n, r1, hs, scale, q + (size_t)r0 * C3, C3,
+                    k, C3, 0.0f, Pb, T);
+        for (int t = r0; t < r1; t++) causal_softmax_row(P + (size_t)t * T, t, T);
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, n, hs, r1, 1.0f, Pb, T, v, C3, 0.0f,
+                    o + (size_t)r0 * C, C);
+    }
+}
+
+/* Attention backward of one (sequence, head) pair; dS is a (T, T) scratch. */
+static void att_backward_pair(const att_job *j, int b, int h, float *dS)
+{
+    const int T = j->T, C = j->C, hs = C / j->NH, C3 = 3 * C;
+    const float scale = 1.0f / sqrtf((float)hs);
+    const size_t base = (size_t)b * T * C3 + h * hs;
+    const float *q = j->inp + base, *k = q + C, *v = q + 2 * C;
+    float *dq = j->dinp + base, *dk = dq + C, *dv = dq + 2 * C;
+    const float *P = j->att_in + ((size_t)b * j->NH + h) * T * T;
+    const float *dO = j->dout + (size_t)b * T * C + h * hs;
+    for (int r0 = 0; r0 < T; r0 += ATT_ROWS) {
+        const int r1 = r0 + ATT_ROWS < T ? r0 + ATT_ROWS : T, n = r1 - r0;
+        const float *Pb = P + (size_t)r0 * T, *dOb = dO + (size_t)r0 * C;
+        float *dSb = dS + (size_t)r0 * T;
+        /* dP = dout v^T; dv += P^T dout (rows [r0, r1), keys [0, r1)) */
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, n, r1, hs, 1.0f, dOb, C, v, C3, 0.0f, dSb, T);
+        cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, r1, hs, n, 1.0f, Pb, T, dOb, C, 1.0f, dv, C3);
+        causal_softmax_backward(dSb, Pb, r0, n, r1, T, scale);
+        /* dq += dS k; dk += dS^T q */
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, n, hs, r1, 1.0f, dSb, T, k, C3, 1.0f,
+                    dq + (size_t)r0 * C3, C3);
+        cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, r1, hs, n, 1.0f, dSb, T, q + (size_t)r0 * C3,
+                    C3, 1.0f, dk, C3);
+    }
+}
+
+/* Thread t of nt takes a contiguous share of the B * NH (sequence, head)
+ * pairs: pairs write disjoint outputs, so the result does not depend on nt. */
+static void att_run(void *ctx, int t, int nt)
+{
+    const att_job *j = ctx;
+    long p0, p1;
+    moe_par_range((long)j->B * j->NH, t, nt, &p0, &p1);
+    for (long p = p0; p < p1; p++) {
+        if (j->dinp) att_backward_pair(j, (int)(p / j->NH), (int)(p % j->NH), j->scratch + (size_t)t * j->T * j->T);
+        else att_forward_pair(j, (int)(p / j->NH), (int)(p % j->NH));
+    }
+}
+
 void moe_model_attention_forward(float *out, float *att, const float *inp, int B, int T, int C,
                                  int NH)
 {
-    const int hs = C / NH, C3 = 3 * C;
-    const float scale = 1.0f / sqrtf((float)hs);
-    for (int b = 0; b < B; b++)
-        for (int h = 0; h < NH; h++) {
-            const float *q = inp + (size_t)b * T * C3 + h * hs, *k = q + C, *v = q + 2 * C;
-            float *P = att + ((size_t)b * NH + h) * T * T;
-            float *o = out + (size_t)b * T * C + h * hs;
-            for (int r0 = 0; r0 < T; r0 += ATT_ROWS) {
-                const int r1 = r0 + ATT_ROWS < T ? r0 + ATT_ROWS : T, n = r1 - r0;
-                float *Pb = P + (size_t)r0 * T;
-                /* S = scale q k^T on rows [r0, r1), keys [0, r1) */
-                cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, n, r1, hs, scale,
-                            q + (size_t)r0 * C3, C3, k, C3, 0.0f, Pb, T);
-                for (int t = r0; t < r1; t++) causal_softmax_row(P + (size_t)t * T, t, T);
-                cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, n, hs, r1, 1.0f, Pb, T, v, C3,
-                            0.0f, o + (size_t)r0 * C, C);
-            }
-        }
+    att_job j = {.out = out, .att = att, .inp = inp, .B = B, .T = T, .C = C, .NH = NH};
+    moe_par_run(moe_par_threads_for((long)B * NH, 1), att_run, &j);
 }
 
 void moe_model_attention_forward_ref(float *out, float *att, const float *inp, int B, int T, int C,
@@ -284,32 +419,9 @@ void moe_model_attention_forward_ref(float *out, float *att, const float *inp, i
 void moe_model_attention_backward(float *dinp, float *scratch, const float *dout, const float *inp,
                                   const float *att, int B, int T, int C, int NH)
 {
-    const int hs = C / NH, C3 = 3 * C;
-    const float scale = 1.0f / sqrtf((float)hs);
-    for (int b = 0; b < B; b++)
-        for (int h = 0; h < NH; h++) {
-            const size_t base = (size_t)b * T * C3 + h * hs;
-            const float *q = inp + base, *k = q + C, *v = q + 2 * C;
-            float *dq = dinp + base, *dk = dq + C, *dv = dq + 2 * C;
-            const float *P = att + ((size_t)b * NH + h) * T * T;
-            const float *dO = dout + (size_t)b * T * C + h * hs;
-            for (int r0 = 0; r0 < T; r0 += ATT_ROWS) {
-                const int r1 = r0 + ATT_ROWS < T ? r0 + ATT_ROWS : T, n = r1 - r0;
-                const float *Pb = P + (size_t)r0 * T, *dOb = dO + (size_t)r0 * C;
-                float *dS = scratch + (size_t)r0 * T;
-                /* dP = dout v^T; dv += P^T dout (rows [r0, r1), keys [0, r1)) */
-                cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, n, r1, hs, 1.0f, dOb, C, v, C3,
-                            0.0f, dS, T);
-                cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, r1, hs, n, 1.0f, Pb, T, dOb, C,
-                            1.0f, dv, C3);
-                causal_softmax_backward(dS, Pb, r0, n, r1, T, scale);
-                /* dq += dS k; dk += dS^T q */
-                cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, n, hs, r1, 1.0f, dS, T, k, C3,
-                            1.0f, dq + (size_t)r0 * C3, C3);
-                cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, r1, hs, n, 1.0f, dS, T,
-                            q + (size_t)r0 * C3, C3, 1.0f, dk, C3);
-            }
-        }
+    att_job j = {.dinp = dinp, .scratch = scratch, .dout = dout, .inp = inp, .att_in = att,
+                 .B = B, .T = T, .C = C, .NH = NH};
+    moe_par_run(moe_par_threads_for((long)B * NH, 1), att_run, &j);
 }
 
 void moe_model_attention_backward_ref(float *dinp, float *scratch, const float *dout,
@@ -346,15 +458,20 @@ void moe_model_attention_backward_ref(float *dinp, float *scratch, const float *
 #undef DQ
 }
 
-void moe_model_residual_forward(float *out, const float *a, const float *b, long n)
-{
-    for (long i = 0; i < n; i++) out[i] = a[i] + b[i];
-}
+typedef struct {
+    float *out, *probs, *losses;
+    const float *a, *b, *logits, *probs_in;
+    const uint8_t *targets;
+    long n;
+    int V;
+    float dloss;
+    int kind; /* 0 residual, 1 cross-entropy forward, 2 cross-entropy backward */
+} rows_job;
 
-MOE_TARGET_CLONES void moe_model_crossentropy_forward(float *losses, float *probs, const float *logits,
-                                    const uint8_t *targets, int N, int V)
+MOE_TARGET_CLONES static void ce_forward_rows(float *losses, float *probs, const float *logits,
+                                              const uint8_t *targets, long n0, long n1, int V)
 {
-    for (int n = 0; n < N; n++) {
+    for (long n = n0; n < n1; n++) {
         const float *l = logits + (size_t)n * V;
         float *p = probs + (size_t)n * V;
         const float mx = row_max(l, V);
@@ -367,13 +484,50 @@ MOE_TARGET_CLONES void moe_model_crossentropy_forward(float *losses, float *prob
     }
 }
 
-void moe_model_crossentropy_backward(float *dlogits, const float *probs, const uint8_t *targets,
-                                     float dloss, int N, int V)
+static void ce_backward_rows(float *dlogits, const float *probs, const uint8_t *targets, float dloss,
+                             long n0, long n1, int V)
 {
-    for (int n = 0; n < N; n++) {
+    for (long n = n0; n < n1; n++) {
         float *d = dlogits + (size_t)n * V;
         const float *p = probs + (size_t)n * V;
         for (int i = 0; i < V; i++) d[i] += p[i] * dloss;
         d[targets[n]] -= dloss;
     }
+}
+
+/* Row-independent passes, rows (elements for the residual) split over threads. */
+static void rows_run(void *ctx, int t, int nt)
+{
+    const rows_job *j = ctx;
+    long i0, i1;
+    moe_par_range(j->n, t, nt, &i0, &i1);
+    switch (j->kind) {
+    case 0:
+        for (long i = i0; i < i1; i++) j->out[i] = j->a[i] + j->b[i];
+        break;
+    case 1: ce_forward_rows(j->losses, j->probs, j->logits, j->targets, i0, i1, j->V); break;
+    default: ce_backward_rows(j->out, j->probs_in, j->targets, j->dloss, i0, i1, j->V); break;
+    }
+}
+
+void moe_model_residual_forward(float *out, const float *a, const float *b, long n)
+{
+    rows_job j = {.out = out, .a = a, .b = b, .n = n, .kind = 0};
+    moe_par_run(moe_par_threads_for(n, PAR_MIN_ELEMS), rows_run, &j);
+}
+
+void moe_model_crossentropy_forward(float *losses, float *probs, const float *logits,
+                                    const uint8_t *targets, int N, int V)
+{
+    rows_job j = {.losses = losses, .probs = probs, .logits = logits, .targets = targets, .n = N, .V = V,
+                  .kind = 1};
+    moe_par_run(moe_par_threads_for((long)N * V, PAR_MIN_ELEMS), rows_run, &j);
+}
+
+void moe_model_crossentropy_backward(float *dlogits, const float *probs, const uint8_t *targets,
+                                     float dloss, int N, int V)
+{
+    rows_job j = {.out = dlogits, .probs_in = probs, .targets = targets, .n = N, .V = V, .dloss = dloss,
+                  .kind = 2};
+    moe_par_run(moe_par_threads_for((long)N * V, PAR_MIN_ELEMS), rows_run, &j);
 }

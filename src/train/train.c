@@ -6,6 +6,17 @@
 #include <math.h>
 #include <string.h>
 
+#include "core/par.h"
+
+enum { SUMSQ_CHUNK = 1 << 16 }; /* floats per partial sum of the gradient norm */
+
+/* One contiguous run of parameters AdamW updates with one bias-correction step. */
+typedef struct {
+    size_t offset, n;
+    float wd;
+    int64_t t;
+} adam_seg;
+
 struct moe_trainer {
     moe_train_config cfg;
     moe_comm *comm;
@@ -16,6 +27,8 @@ struct moe_trainer {
     int64_t *expert_steps;     /* (n_moe, El) */
     uint8_t *active;           /* (n_moe, El) activated in the current step */
     int64_t updates;
+    double *sumsq_part;        /* (ceil(total / SUMSQ_CHUNK)) partial sums of squares */
+    adam_seg *segs;            /* (table.n + n_moe * El * 4) AdamW work list of a step */
 };
 
 moe_status moe_trainer_create(moe_trainer **out, const moe_train_config *cfg, moe_comm *comm)
@@ -46,7 +59,10 @@ moe_status moe_trainer_create(moe_trainer **out, const moe_train_config *cfg, mo
         tr->v = moe_calloc(total, sizeof(float));
         tr->expert_steps = moe_calloc((size_t)tr->n_moe * tr->El, sizeof(int64_t));
         tr->active = moe_calloc((size_t)tr->n_moe * tr->El, 1);
-        if (!tr->m || !tr->v || !tr->expert_steps || !tr->active)
+        tr->sumsq_part = moe_calloc(total / SUMSQ_CHUNK + 1, sizeof(double));
+        const int ntab = moe_model_tensors(tr->model)->n;
+        tr->segs = moe_calloc((size_t)ntab * (tr->El > 0 ? tr->El : 1), sizeof(adam_seg));
+        if (!tr->m || !tr->v || !tr->expert_steps || !tr->active || !tr->sumsq_part || !tr->segs)
             st = moe_errorf(MOE_ERR_NOMEM, "optimizer state: 2 x %zu floats", total);
     }
     /* model creation agrees inside the MoE layers; the allocations above are local */
@@ -67,6 +83,8 @@ void moe_trainer_destroy(moe_trainer *tr)
     moe_free(tr->v);
     moe_free(tr->expert_steps);
     moe_free(tr->active);
+    moe_free(tr->sumsq_part);
+    moe_free(tr->segs);
     moe_free(tr);
 }
 
@@ -117,7 +135,7 @@ static moe_status allreduce_buckets(moe_comm *c, moe_comm_scope scope, float *bu
 
 /* Sum of squares in double over 8 interleaved accumulators: a single
  * running sum is one long dependency chain the compiler may not reorder. */
-static double sum_sq(const float *a, size_t n)
+static double sum_sq_serial(const float *a, size_t n)
 {
     double acc[8] = {0};
     size_t i = 0;
@@ -125,6 +143,40 @@ static double sum_sq(const float *a, size_t n)
         for (int j = 0; j < 8; j++) acc[j] += (double)a[i + j] * a[i + j];
     for (; i < n; i++) acc[0] += (double)a[i] * a[i];
     return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+}
+
+/* Fixed chunks (SUMSQ_CHUNK) whose partial sums are added in chunk order:
+ * the norm does not depend on how many threads computed the chunks (dense
+ * gradients are identical on every rank, and so must be their norm,
+ * whatever each rank's thread count). */
+
+typedef struct {
+    const float *a;
+    size_t n;
+    double *part; /* (chunks) */
+} sumsq_job;
+
+static void sum_sq_run(void *ctx, int t, int nt)
+{
+    const sumsq_job *j = ctx;
+    const long chunks = (long)((j->n + SUMSQ_CHUNK - 1) / SUMSQ_CHUNK);
+    long c0, c1;
+    moe_par_range(chunks, t, nt, &c0, &c1);
+    for (long c = c0; c < c1; c++) {
+        const size_t i0 = (size_t)c * SUMSQ_CHUNK, len = j->n - i0 < SUMSQ_CHUNK ? j->n - i0 : SUMSQ_CHUNK;
+        j->part[c] = sum_sq_serial(j->a + i0, len);
+    }
+}
+
+/* part: scratch of at least ceil(n / SUMSQ_CHUNK) doubles. */
+static double sum_sq(const float *a, size_t n, double *part)
+{
+    const long chunks = (long)((n + SUMSQ_CHUNK - 1) / SUMSQ_CHUNK);
+    sumsq_job j = {a, n, part};
+    moe_par_run(moe_par_threads_for(chunks, 2), sum_sq_run, &j);
+    double s = 0.0;
+    for (long c = 0; c < chunks; c++) s += part[c];
+    return s;
 }
 
 /* Dense gradients over WORLD; expert gradients (already summed over the ep
@@ -151,12 +203,12 @@ static moe_status grad_norm_sq(moe_trainer *tr, double *out)
     moe_model *m = tr->model;
     const size_t dense = moe_model_dense_floats(m), total = moe_model_tensors(m)->total;
     const float *g = moe_model_grads(m);
-    double experts = tr->replica == 0 ? sum_sq(g + dense, total - dense) : 0.0;
+    double experts = tr->replica == 0 ? sum_sq(g + dense, total - dense, tr->sumsq_part) : 0.0;
     if (tr->comm && tr->W > 1) {
         const moe_status s = moe_comm_allreduce_f64(tr->comm, MOE_SCOPE_WORLD, &experts, 1);
         if (s) return s;
     }
-    *out = sum_sq(g, dense) + experts;
+    *out = sum_sq(g, dense, tr->sumsq_part) + experts;
     return MOE_OK;
 }
 
@@ -197,28 +249,56 @@ static int64_t mark_active(moe_trainer *tr, const moe_model_stats *ms)
     return n;
 }
 
+typedef struct {
+    moe_trainer *tr;
+    const adam_hyper *h;
+    int n;
+} adam_job;
+
+/* Every segment is split over the threads (elementwise: the result does not
+ * depend on the thread count); segments too small to split go whole to one
+ * thread, round robin. */
+static void adam_run(void *ctx, int t, int nt)
+{
+    const adam_job *j = ctx;
+    moe_trainer *tr = j->tr;
+    float *p = moe_model_params(tr->model), *g = moe_model_grads(tr->model);
+    for (int i = 0; i < j->n; i++) {
+        const adam_seg *sg = &tr->segs[i];
+        long e0 = 0, e1 = (long)sg->n;
+        if (sg->n >= 4096) moe_par_range((long)sg->n, t, nt, &e0, &e1);
+        else if (i % nt != t) continue;
+        const size_t o = sg->offset + (size_t)e0;
+        adamw(p + o, tr->m + o, tr->v + o, g + o, (size_t)(e1 - e0), j->h, sg->wd, sg->t);
+    }
+}
+
 static void update(moe_trainer *tr, const adam_hyper *h)
 {
     moe_model *m = tr->model;
     const moe_tensor_table *tab = moe_model_tensors(m);
-    float *p = moe_model_params(m), *g = moe_model_grads(m);
     const float wd = (float)tr->cfg.weight_decay;
+    int n = 0;
+    size_t work = 0;
     for (int i = 0; i < tab->n; i++) {
         const moe_tensor *t = &tab->t[i];
         const size_t o = t->offset;
         if (!t->expert_sharded) {
-            adamw(p + o, tr->m + o, tr->v + o, g + o, t->numel, h, t->decay ? wd : 0.0f, tr->updates + 1);
+            tr->segs[n++] = (adam_seg){o, t->numel, t->decay ? wd : 0.0f, tr->updates + 1};
+            work += t->numel;
             continue;
         }
         const int li = moe_model_moe_index(m, t->layer);
         const size_t row = (size_t)moe_tensor_row_numel(t);
         for (int j = 0; j < tr->El; j++) {
-            const size_t k = (size_t)li * tr->El + j, r = o + (size_t)j * row;
-            if (tr->active[k])
-                adamw(p + r, tr->m + r, tr->v + r, g + r, row, h, t->decay ? wd : 0.0f,
-                      tr->expert_steps[k] + 1);
+            const size_t k = (size_t)li * tr->El + j;
+            if (!tr->active[k]) continue; /* an idle expert keeps weights and moments bit for bit */
+            tr->segs[n++] = (adam_seg){o + (size_t)j * row, row, t->decay ? wd : 0.0f, tr->expert_steps[k] + 1};
+            work += row;
         }
     }
+    adam_job job = {tr, h, n};
+    moe_par_run(moe_par_threads_for((long)work, 1 << 16), adam_run, &job);
     for (size_t k = 0; k < (size_t)tr->n_moe * tr->El; k++) tr->expert_steps[k] += tr->active[k];
     tr->updates++;
 }

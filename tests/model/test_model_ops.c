@@ -10,9 +10,11 @@
 #include <stdint.h>
 #include <string.h>
 
+#include <cblas.h>
 #include <cmocka.h>
 
 #include "core/moe.h"
+#include "core/par.h"
 #include "core/rng.h"
 #include "model/ops.h"
 
@@ -124,6 +126,66 @@ static void test_layernorm_fd(void **state)
     assert_true(rel_err(db, fb, LN_C) < 2e-3);
 }
 
+/* The threaded passes (rows split for outputs, columns for dweight/dbias and
+ * bias gradients) give the same bits on 1, 2 and 3 threads, at sizes above
+ * the threading threshold and with C not a multiple of the 16-float blocks. */
+static void test_threads_bitwise(void **state)
+{
+    (void)state;
+    enum { N = 700, C = 200, V = 256 };
+    static float x[N * C], w[C], b[C], dy[N * C], out[2][N * C], mean[2][N], rstd[2][N];
+    static float dx[2][N * C], dw[2][C], db[2][C], res[2][N * C];
+    static float logits[N * V], probs[2][N * V], losses[2][N], dl[2][N * V];
+    static float inp[N * C], wt[V * C], dinp[2][N * C], dwt[2][V * C], dbias[2][V];
+    uint8_t tg[N];
+    fill(x, N * C, 60, 1.0f);
+    fill(w, C, 61, 1.0f);
+    fill(b, C, 62, 1.0f);
+    fill(dy, N * C, 63, 1.0f);
+    fill(logits, N * V, 64, 3.0f);
+    fill(inp, N * C, 65, 1.0f);
+    fill(wt, V * C, 66, 0.1f);
+    for (int i = 0; i < N; i++) tg[i] = (uint8_t)(i * 37);
+    const int threads0 = openblas_get_num_threads();
+    for (int nt = 1; nt <= 3; nt++) {
+        const int k = nt > 1;
+        openblas_set_num_threads(nt);
+        memset(dx[k], 0, sizeof dx[k]);
+        memset(dw[k], 0, sizeof dw[k]);
+        memset(db[k], 0, sizeof db[k]);
+        memset(dl[k], 0, sizeof dl[k]);
+        memset(dinp[k], 0, sizeof dinp[k]);
+        memset(dwt[k], 0, sizeof dwt[k]);
+        memset(dbias[k], 0, sizeof dbias[k]);
+        moe_model_layernorm_forward(out[k], mean[k], rstd[k], x, w, b, N, C, 1e-5f);
+        moe_model_layernorm_backward(dx[k], dw[k], db[k], dy, x, w, mean[k], rstd[k], N, C);
+        moe_model_residual_forward(res[k], x, dy, (long)N * C);
+        moe_model_crossentropy_forward(losses[k], probs[k], logits, tg, N, V);
+        moe_model_crossentropy_backward(dl[k], probs[k], tg, 0.5f, N, V);
+        moe_model_matmul_backward(dinp[k], dwt[k], dbias[k], dl[k], inp, wt, N, C, V);
+        if (!k) continue;
+        assert_memory_equal(out[0], out[1], sizeof out[0]);
+        assert_memory_equal(mean[0], mean[1], sizeof mean[0]);
+        assert_memory_equal(rstd[0], rstd[1], sizeof rstd[0]);
+        assert_memory_equal(dx[0], dx[1], sizeof dx[0]);
+        assert_memory_equal(dw[0], dw[1], sizeof dw[0]);
+        assert_memory_equal(db[0], db[1], sizeof db[0]);
+        assert_memory_equal(res[0], res[1], sizeof res[0]);
+        assert_memory_equal(losses[0], losses[1], sizeof losses[0]);
+        assert_memory_equal(probs[0], probs[1], sizeof probs[0]);
+        assert_memory_equal(dl[0], dl[1], sizeof dl[0]);
+        assert_memory_equal(dbias[0], dbias[1], sizeof dbias[0]);
+    }
+    openblas_set_num_threads(threads0);
+    /* and the threaded layernorm backward still matches its definition:
+     * dbias = column sums of dy */
+    for (int c = 0; c < C; c++) {
+        double s = 0;
+        for (int n = 0; n < N; n++) s += dy[(size_t)n * C + c];
+        assert_true(fabs(s - db[1][c]) < 1e-3 * (1 + fabs(s)));
+    }
+}
+
 /* ---- attention ---- */
 enum { AB = 2, AT = 6, AC = 8, ANH = 2 };
 typedef struct {
@@ -161,7 +223,7 @@ static void test_attention(void **state)
         }
         assert_true(fabs(s - 1.0) < 1e-5);
     }
-    float d1[AB * AT * 3 * AC] = {0}, d2[AB * AT * 3 * AC] = {0}, scratch[AT * AT];
+    float d1[AB * AT * 3 * AC] = {0}, d2[AB * AT * 3 * AC] = {0}, scratch[MOE_PAR_MAX_THREADS * AT * AT];
     moe_model_attention_backward(d1, scratch, c.r, c.qkv, a1, AB, AT, AC, ANH);
     moe_model_attention_backward_ref(d2, scratch, c.r, c.qkv, a2, AB, AT, AC, ANH);
     assert_true(rel_err(d1, d2, AB * AT * 3 * AC) < 1e-5);
@@ -187,7 +249,7 @@ static void test_attention_long(void **state)
     (void)state;
     enum { B = 2, C = 16, NH = 2, TMAX = 97 };
     static float qkv[B * TMAX * 3 * C], r[B * TMAX * C], o1[B * TMAX * C], o2[B * TMAX * C];
-    static float a1[B * NH * TMAX * TMAX], a2[B * NH * TMAX * TMAX], scratch[TMAX * TMAX];
+    static float a1[B * NH * TMAX * TMAX], a2[B * NH * TMAX * TMAX], scratch[MOE_PAR_MAX_THREADS * TMAX * TMAX];
     static float d1[B * TMAX * 3 * C], d2[B * TMAX * 3 * C];
     const int lengths[] = {31, 32, 33, 64, 97};
     for (size_t li = 0; li < sizeof lengths / sizeof lengths[0]; li++) {
@@ -207,6 +269,17 @@ static void test_attention_long(void **state)
         moe_model_attention_backward(d1, scratch, r, qkv, a1, B, T, C, NH);
         moe_model_attention_backward_ref(d2, scratch, r, qkv, a2, B, T, C, NH);
         assert_true(rel_err(d1, d2, (size_t)B * T * 3 * C) < 1e-5);
+        /* the (sequence, head) pairs split over 1, 2 and 3 threads: bitwise the same */
+        const int threads0 = openblas_get_num_threads();
+        for (int nt = 1; nt <= 3; nt++) {
+            openblas_set_num_threads(nt);
+            memset(d2, 0, sizeof d2);
+            moe_model_attention_forward(o2, a2, qkv, B, T, C, NH);
+            moe_model_attention_backward(d2, scratch, r, qkv, a2, B, T, C, NH);
+            assert_memory_equal(o1, o2, (size_t)B * T * C * sizeof(float));
+            assert_memory_equal(d1, d2, (size_t)B * T * 3 * C * sizeof(float));
+        }
+        openblas_set_num_threads(threads0);
     }
 }
 
@@ -275,6 +348,7 @@ int main(void)
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_matmul_matches_ref),
         cmocka_unit_test(test_layernorm_fd),
+        cmocka_unit_test(test_threads_bitwise),
         cmocka_unit_test(test_attention),
         cmocka_unit_test(test_attention_long),
         cmocka_unit_test(test_crossentropy),
