@@ -59,21 +59,15 @@ static int parse(bench_opts *o, int argc, char **argv)
     int ch, li = -1;
     while ((ch = getopt_long(argc, argv, "h", longopts, &li)) != -1) {
         const char *name = li >= 0 ? longopts[li].name : "?";
-        char *end = NULL;
         long v = 0;
         double x = 0;
-        if (strchr("tdekiwcS", ch)) {
-            v = strtol(optarg, &end, 10);
-            if (*optarg == '\0' || *end != '\0' || v < 0 || v > 1 << 30) {
-                fprintf(stderr, "moe bench a2a: bad integer '%s' for --%s\n", optarg, name);
-                return 2;
-            }
-        } else if (ch == 'u' || ch == 's') {
-            x = strtod(optarg, &end);
-            if (*optarg == '\0' || *end != '\0' || !(x >= 0)) {
-                fprintf(stderr, "moe bench a2a: bad number '%s' for --%s\n", optarg, name);
-                return 2;
-            }
+        if (strchr("tdekiwcS", ch) && moe_cli_parse_long(optarg, 0, 1L << 30, &v)) {
+            moe_cli_usage_error(-1, "bench a2a", "bad integer '%s' for --%s", optarg, name);
+            return 2;
+        }
+        if ((ch == 'u' || ch == 's') && (moe_cli_parse_double(optarg, &x) || x < 0)) {
+            moe_cli_usage_error(-1, "bench a2a", "bad number '%s' for --%s", optarg, name);
+            return 2;
         }
         switch (ch) {
         case 't': o->tokens = (int)v; break;
@@ -166,19 +160,12 @@ static moe_status fake_compute(void *p, int j0, int j1)
     return MOE_OK;
 }
 
-static int cmp_double(const void *x, const void *y)
-{
-    const double a = *(const double *)x, b = *(const double *)y;
-    return (a > b) - (a < b);
-}
-
 /* Per-iteration times -> slowest rank per iteration -> median. */
 static moe_status median_of_slowest(moe_comm *c, double *t, int n, double *out)
 {
     moe_status st = moe_comm_allmax_f64(c, MOE_SCOPE_WORLD, t, (size_t)n);
     if (st) return st;
-    qsort(t, (size_t)n, sizeof *t, cmp_double);
-    *out = n % 2 ? t[n / 2] : 0.5 * (t[n / 2 - 1] + t[n / 2]);
+    *out = moe_cli_median(t, n);
     return MOE_OK;
 }
 

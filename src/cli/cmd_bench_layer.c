@@ -52,23 +52,16 @@ static void usage(FILE *f)
             "  --save FILE.h5        write the layer dump of one forward+backward\n");
 }
 
+/* 1 if s is an int (stored in *out), 0 otherwise. */
 static int parse_int(const char *s, int *out)
 {
-    char *end;
-    long v = strtol(s, &end, 10);
-    if (*s == '\0' || *end != '\0' || v < -2147483647L || v > 2147483647L) return 0;
+    long v;
+    if (moe_cli_parse_long(s, -2147483647L, 2147483647L, &v)) return 0;
     *out = (int)v;
     return 1;
 }
 
-static int parse_double(const char *s, double *out)
-{
-    char *end;
-    double v = strtod(s, &end);
-    if (*s == '\0' || *end != '\0' || !isfinite(v)) return 0;
-    *out = v;
-    return 1;
-}
+static int parse_double(const char *s, double *out) { return moe_cli_parse_double(s, out) == 0; }
 
 /* Returns 0 on success, 2 on a usage error (message printed), 1 for --help. */
 static int parse_opts(bench_opts *o, int argc, char **argv, int rank)
@@ -207,19 +200,6 @@ static void zero_grads(bench_data *b, size_t n_params)
     memset(b->g.router_w, 0, n_params * sizeof(float));
 }
 
-static int cmp_double(const void *a, const void *b)
-{
-    double x = *(const double *)a, y = *(const double *)b;
-    return (x > y) - (x < y);
-}
-
-/* Median of n values (sorts them). */
-static double median(double *v, int n)
-{
-    qsort(v, (size_t)n, sizeof *v, cmp_double);
-    return n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
-}
-
 /* The same expert GEMMs as one forward+backward, alone (no routing,
  * packing, activation, bias or exchange), on the same row counts, with
  * distinct weights per expert as in the layer: the bound the layer is
@@ -259,7 +239,7 @@ static double bare_gemm_seconds(const bench_opts *o, const int *rows, int El, in
         if (it > 0) t[it - 1] = moe_now() - t0; /* the first run warms up */
     }
     moe_free(buf);
-    return median(t, iters);
+    return moe_cli_median(t, iters);
 }
 
 static int fail(int rank, const char *what, moe_status st)
@@ -352,7 +332,7 @@ static int run(moe_comm *comm, const bench_opts *o)
          * other groups must hear of it before the next world barrier. */
         st = moe_comm_agree(comm, st);
     }
-    double elapsed = o->iters > 0 && iter_s ? median(iter_s, o->iters) : 0;
+    double elapsed = o->iters > 0 && iter_s ? moe_cli_median(iter_s, o->iters) : 0;
     moe_free(iter_s);
     if (st) {
         moe_layer_destroy(L);

@@ -7,7 +7,6 @@
 #include <cjson/cJSON.h>
 #include <getopt.h>
 #include <math.h>
-#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -37,18 +36,7 @@ static void usage(FILE *f)
             "  --batch N           windows per rank per forward (default 8)\n");
 }
 
-/* Usage errors go to stderr from rank 0 only (every rank parses the same). */
-static void perr(int rank, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
-static void perr(int rank, const char *fmt, ...)
-{
-    if (rank != 0) return;
-    va_list ap;
-    va_start(ap, fmt);
-    fputs("moe eval: ", stderr);
-    vfprintf(stderr, fmt, ap);
-    fputc('\n', stderr);
-    va_end(ap);
-}
+#define perr(rank, ...) moe_cli_usage_error(rank, "eval", __VA_ARGS__)
 
 static int parse(eval_opts *o, int argc, char **argv, int rank)
 {
@@ -67,9 +55,8 @@ static int parse(eval_opts *o, int argc, char **argv, int rank)
         case 'j': o->json = 1; break;
         case 'h': o->help = 1; return 0;
         case 'b': {
-            char *end;
-            long v = strtol(optarg, &end, 10);
-            if (!*optarg || *end || v < 1 || v > 65536) {
+            long v;
+            if (moe_cli_parse_long(optarg, 1, 65536, &v)) {
                 perr(rank, "--batch: expected an integer in 1..65536, got '%s'", optarg);
                 return -1;
             }

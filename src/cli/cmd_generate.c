@@ -8,7 +8,6 @@
 #include <errno.h>
 #include <getopt.h>
 #include <math.h>
-#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -52,27 +51,7 @@ static void usage(FILE *f)
             MAX_PROMPTS);
 }
 
-static void perr(int rank, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
-static void perr(int rank, const char *fmt, ...)
-{
-    if (rank != 0) return;
-    va_list ap;
-    va_start(ap, fmt);
-    fputs("moe generate: ", stderr);
-    vfprintf(stderr, fmt, ap);
-    fputc('\n', stderr);
-    va_end(ap);
-}
-
-static int parse_long(const char *s, long lo, long hi, long *out)
-{
-    char *end;
-    errno = 0;
-    long v = strtol(s, &end, 10);
-    if (!*s || *end || errno || v < lo || v > hi) return -1;
-    *out = v;
-    return 0;
-}
+#define perr(rank, ...) moe_cli_usage_error(rank, "generate", __VA_ARGS__)
 
 static int parse(gen_opts *o, int argc, char **argv, int rank)
 {
@@ -96,17 +75,17 @@ static int parse(gen_opts *o, int argc, char **argv, int rank)
         case 'j': o->json = 1; break;
         case 'h': o->help = 1; return 0;
         case 'n':
-            if (parse_long(optarg, -2147483647L, 2147483647L, &v))
+            if (moe_cli_parse_long(optarg, -2147483647L, 2147483647L, &v))
                 return perr(rank, "--tokens: expected an integer, got '%s'", optarg), -1;
             o->tokens = (int)v;
             break;
         case 'k':
-            if (parse_long(optarg, -2147483647L, 2147483647L, &v))
+            if (moe_cli_parse_long(optarg, -2147483647L, 2147483647L, &v))
                 return perr(rank, "--top_k: expected an integer, got '%s'", optarg), -1;
             o->s.top_k = (int)v;
             break;
         case 's':
-            if (parse_long(optarg, 0, 4294967295L, &v))
+            if (moe_cli_parse_long(optarg, 0, 4294967295L, &v))
                 return perr(rank, "--seed: expected an integer in 0..4294967295, got '%s'", optarg), -1;
             o->s.seed = (uint32_t)v;
             break;
