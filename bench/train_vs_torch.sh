@@ -27,6 +27,9 @@ MOE_EVERY=${MOE_EVERY:-2}
 (( STEPS > SKIP + 1 )) || { echo "STEPS=$STEPS must exceed SKIP+1=$((SKIP + 1))" >&2; exit 2; }
 # OpenBLAS misdetects this machine's CPU and picks slow kernels otherwise.
 export OPENBLAS_CORETYPE=${OPENBLAS_CORETYPE:-Haswell}
+# moe's counterpart of PyTorch's OMP_WAIT_POLICY=PASSIVE below: idle OpenBLAS
+# workers sleep instead of spinning (launch/moe-local sets the same).
+export OPENBLAS_THREAD_TIMEOUT=${OPENBLAS_THREAD_TIMEOUT:-4}
 # Settings that make PyTorch's CPU path ~2x faster here (passive OpenMP
 # waiting, no mmap churn in the allocator): the baseline gets its best case.
 TORCH_ENV=(OMP_WAIT_POLICY=PASSIVE MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=17179869184 MALLOC_TOP_PAD_=268435456)

@@ -47,7 +47,7 @@ typedef struct {
     float *dres;                        /* (N, C) gradient of the residual stream */
     float *dln, *datty;                 /* (N, C) */
     float *dqkv;                        /* (N, 3C) */
-    float *datt;                        /* (MOE_PAR_MAX_THREADS, T, T) per-thread scratch */
+    float *datt;                        /* (att_blocks, T, T) per-thread scratch */
     float *dfch, *dfch_act;             /* (N, F1), (N, F) */
     float *dlogits;                     /* (N, V) */
 } model_acts;
@@ -70,6 +70,7 @@ struct moe_model {
     moe_layer **layers;          /* (L) NULL for dense blocks */
     float *act_mem;
     model_acts a;
+    int att_blocks;              /* attention backward scratch blocks: the thread count at creation */
     uint8_t *inputs, *targets;   /* (B_max, T_max) of the last forward */
     int B, T, train, have_targets, have_forward;
     double part_d[3];            /* this rank's ce_sum, lb_sum, z_sum */
@@ -194,6 +195,7 @@ static void init_params(moe_model *m)
 
 static moe_status alloc_acts(moe_model *m)
 {
+    m->att_blocks = moe_par_threads();
     model_acts *a = &m->a;
     const size_t N = (size_t)m->B_max * m->T_max, C = m->C, L = m->L, V = m->V;
     const size_t Ld = (size_t)(m->L - m->n_moe), T = m->T_max;
@@ -207,7 +209,7 @@ static moe_status alloc_acts(moe_model *m)
         {&a->lnf, N * C}, {&a->lnf_mean, N}, {&a->lnf_rstd, N},
         {&a->logits, N * V}, {&a->probs, N * V}, {&a->losses, N},
         {&a->dres, N * C}, {&a->dln, N * C}, {&a->datty, N * C}, {&a->dqkv, N * 3 * C},
-        {&a->datt, MOE_PAR_MAX_THREADS * T * T}, {&a->dfch, N * m->F1}, {&a->dfch_act, N * m->F}, {&a->dlogits, N * V},
+        {&a->datt, (size_t)m->att_blocks * T * T}, {&a->dfch, N * m->F1}, {&a->dfch_act, N * m->F}, {&a->dlogits, N * V},
     };
     const int n = (int)(sizeof lay / sizeof lay[0]);
     size_t total = 0;
@@ -525,7 +527,7 @@ moe_status moe_model_backward(moe_model *m)
         memset(a->datty, 0, (size_t)N * C * sizeof(float));
         moe_model_matmul_backward(a->datty, GW(S_PROJW), GW(S_PROJB), a->dres, b.atty, PW(S_PROJW), N, C, C);
         memset(a->dqkv, 0, (size_t)N * 3 * C * sizeof(float));
-        moe_model_attention_backward(a->dqkv, a->datt, a->datty, b.qkv, b.att, B, T, C, m->NH);
+        moe_model_attention_backward(a->dqkv, a->datt, m->att_blocks, a->datty, b.qkv, b.att, B, T, C, m->NH);
         memset(a->dln, 0, (size_t)N * C * sizeof(float));
         moe_model_matmul_backward(a->dln, GW(S_QKVW), GW(S_QKVB), a->dqkv, b.ln1, PW(S_QKVW), N, C, 3 * C);
         moe_model_layernorm_backward(a->dres, GW(S_LN1W), GW(S_LN1B), a->dln, b.in, PW(S_LN1W),

@@ -416,12 +416,14 @@ void moe_model_attention_forward_ref(float *out, float *att, const float *inp, i
             }
 }
 
-void moe_model_attention_backward(float *dinp, float *scratch, const float *dout, const float *inp,
-                                  const float *att, int B, int T, int C, int NH)
+void moe_model_attention_backward(float *dinp, float *scratch, int scratch_blocks, const float *dout,
+                                  const float *inp, const float *att, int B, int T, int C, int NH)
 {
     att_job j = {.dinp = dinp, .scratch = scratch, .dout = dout, .inp = inp, .att_in = att,
                  .B = B, .T = T, .C = C, .NH = NH};
-    moe_par_run(moe_par_threads_for((long)B * NH, 1), att_run, &j);
+    int nt = moe_par_threads_for((long)B * NH, 1);
+    nt = nt < scratch_blocks ? nt : scratch_blocks < 1 ? 1 : scratch_blocks;
+    moe_par_run(nt, att_run, &j);
 }
 
 void moe_model_attention_backward_ref(float *dinp, float *scratch, const float *dout,

@@ -46,10 +46,11 @@ void moe_model_attention_forward(float *out, float *att, const float *inp, int B
                                  int NH);
 void moe_model_attention_forward_ref(float *out, float *att, const float *inp, int B, int T, int C,
                                      int NH);
-/* dinp (B, T, 3C) += from dout (B, T, C). scratch (MOE_PAR_MAX_THREADS, T, T)
- * is overwritten (one (T, T) block per thread; the _ref uses the first). */
-void moe_model_attention_backward(float *dinp, float *scratch, const float *dout, const float *inp,
-                                  const float *att, int B, int T, int C, int NH);
+/* dinp (B, T, 3C) += from dout (B, T, C). scratch (scratch_blocks, T, T) is
+ * overwritten: one (T, T) block per thread, so at most scratch_blocks threads
+ * run (the _ref uses one block). */
+void moe_model_attention_backward(float *dinp, float *scratch, int scratch_blocks, const float *dout,
+                                  const float *inp, const float *att, int B, int T, int C, int NH);
 void moe_model_attention_backward_ref(float *dinp, float *scratch, const float *dout,
                                       const float *inp, const float *att, int B, int T, int C,
                                       int NH);

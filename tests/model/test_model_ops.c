@@ -224,7 +224,7 @@ static void test_attention(void **state)
         assert_true(fabs(s - 1.0) < 1e-5);
     }
     float d1[AB * AT * 3 * AC] = {0}, d2[AB * AT * 3 * AC] = {0}, scratch[MOE_PAR_MAX_THREADS * AT * AT];
-    moe_model_attention_backward(d1, scratch, c.r, c.qkv, a1, AB, AT, AC, ANH);
+    moe_model_attention_backward(d1, scratch, MOE_PAR_MAX_THREADS, c.r, c.qkv, a1, AB, AT, AC, ANH);
     moe_model_attention_backward_ref(d2, scratch, c.r, c.qkv, a2, AB, AT, AC, ANH);
     assert_true(rel_err(d1, d2, AB * AT * 3 * AC) < 1e-5);
     float fd[AB * AT * 3 * AC];
@@ -236,7 +236,7 @@ static void test_attention(void **state)
     /* the future does not leak: out at t = 0 ignores k, v of t >= 1 */
     float d0[AB * AT * 3 * AC] = {0}, r0[AB * AT * AC] = {0};
     for (int i = 0; i < AC; i++) r0[i] = 1.0f; /* only (b = 0, t = 0) */
-    moe_model_attention_backward(d0, scratch, r0, c.qkv, a1, AB, AT, AC, ANH);
+    moe_model_attention_backward(d0, scratch, MOE_PAR_MAX_THREADS, r0, c.qkv, a1, AB, AT, AC, ANH);
     for (int t = 1; t < AT; t++)
         for (int i = 0; i < 3 * AC; i++) assert_true(d0[t * 3 * AC + i] == 0.0f);
 }
@@ -266,7 +266,7 @@ static void test_attention_long(void **state)
             for (int j = row % T + 1; j < T; j++) assert_true(a1[(size_t)row * T + j] == 0.0f);
         memset(d1, 0, sizeof d1);
         memset(d2, 0, sizeof d2);
-        moe_model_attention_backward(d1, scratch, r, qkv, a1, B, T, C, NH);
+        moe_model_attention_backward(d1, scratch, MOE_PAR_MAX_THREADS, r, qkv, a1, B, T, C, NH);
         moe_model_attention_backward_ref(d2, scratch, r, qkv, a2, B, T, C, NH);
         assert_true(rel_err(d1, d2, (size_t)B * T * 3 * C) < 1e-5);
         /* the (sequence, head) pairs split over 1, 2 and 3 threads: bitwise the same */
@@ -275,7 +275,7 @@ static void test_attention_long(void **state)
             openblas_set_num_threads(nt);
             memset(d2, 0, sizeof d2);
             moe_model_attention_forward(o2, a2, qkv, B, T, C, NH);
-            moe_model_attention_backward(d2, scratch, r, qkv, a2, B, T, C, NH);
+            moe_model_attention_backward(d2, scratch, MOE_PAR_MAX_THREADS, r, qkv, a2, B, T, C, NH);
             assert_memory_equal(o1, o2, (size_t)B * T * C * sizeof(float));
             assert_memory_equal(d1, d2, (size_t)B * T * 3 * C * sizeof(float));
         }
