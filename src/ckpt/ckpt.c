@@ -193,7 +193,7 @@ static moe_status write_dset(const writer *w, const wdset *d)
     if (dcpl >= 0) H5Pclose(dcpl);
     if (ms >= 0) H5Sclose(ms);
     if (fs >= 0) H5Sclose(fs);
-    return rc < 0 ? ckpt_h5_fail(MOE_ERR_IO, "cannot write dataset", d->name, w->path) : MOE_OK;
+    return rc < 0 ? moe_h5_fail(MOE_ERR_IO, "cannot write dataset", d->name, w->path) : MOE_OK;
 }
 
 /* A table tensor under `prefix` ("/model/", "/optimizer/m/", "/grad/"):
@@ -240,7 +240,7 @@ static moe_status write_per_expert(const writer *w, moe_comm *c, const char *nam
 static moe_status make_group(const writer *w, const char *name, hid_t *g)
 {
     *g = H5Gcreate2(w->file, name, w->lcpl, H5P_DEFAULT, H5P_DEFAULT);
-    return *g < 0 ? ckpt_h5_fail(MOE_ERR_IO, "cannot create group", name, w->path) : MOE_OK;
+    return *g < 0 ? moe_h5_fail(MOE_ERR_IO, "cannot create group", name, w->path) : MOE_OK;
 }
 
 /* The root attributes every file carries. created_at comes from rank 0 so
@@ -264,13 +264,13 @@ static moe_status root_info_make(root_info *r, moe_comm *c)
 
 static moe_status write_root(const writer *w, const char *format, const root_info *r, const char *config)
 {
-    moe_status st = ckpt_attr_put_str(w->file, "format", format, w->path);
-    if (st == MOE_OK) st = ckpt_attr_put_i64(w->file, "format_version", MOE_CKPT_FORMAT_VERSION, w->path);
-    if (st == MOE_OK) st = ckpt_attr_put_str(w->file, "created_by", "moerun " MOE_VERSION, w->path);
-    if (st == MOE_OK) st = ckpt_attr_put_str(w->file, "created_at", r->created_at, w->path);
-    if (st == MOE_OK) st = ckpt_attr_put_str(w->file, "config", config ? config : "", w->path);
-    if (st == MOE_OK) st = ckpt_attr_put_i64(w->file, "saved_world_size", r->world, w->path);
-    if (st == MOE_OK) st = ckpt_attr_put_i64(w->file, "saved_ep_size", r->ep, w->path);
+    moe_status st = moe_h5_attr_put_str(w->file, "format", format, w->path);
+    if (st == MOE_OK) st = moe_h5_attr_put_i64(w->file, "format_version", MOE_CKPT_FORMAT_VERSION, w->path);
+    if (st == MOE_OK) st = moe_h5_attr_put_str(w->file, "created_by", "moerun " MOE_VERSION, w->path);
+    if (st == MOE_OK) st = moe_h5_attr_put_str(w->file, "created_at", r->created_at, w->path);
+    if (st == MOE_OK) st = moe_h5_attr_put_str(w->file, "config", config ? config : "", w->path);
+    if (st == MOE_OK) st = moe_h5_attr_put_i64(w->file, "saved_world_size", r->world, w->path);
+    if (st == MOE_OK) st = moe_h5_attr_put_i64(w->file, "saved_ep_size", r->ep, w->path);
     return st;
 }
 
@@ -301,9 +301,9 @@ static moe_status write_ckpt_body(const writer *w, moe_comm *c, const moe_ckpt_s
             double v;
         } a[] = {{"lr", s->lr}, {"beta1", s->beta1}, {"beta2", s->beta2}, {"eps", s->eps},
                  {"weight_decay", s->weight_decay}};
-        st = ckpt_attr_put_i64(g, "step", s->opt_step, w->path);
+        st = moe_h5_attr_put_i64(g, "step", s->opt_step, w->path);
         for (size_t i = 0; st == MOE_OK && i < sizeof a / sizeof a[0]; i++)
-            st = ckpt_attr_put_f64(g, a[i].name, a[i].v, w->path);
+            st = moe_h5_attr_put_f64(g, a[i].name, a[i].v, w->path);
     }
     if (g >= 0) H5Gclose(g);
     g = H5I_INVALID_HID;
@@ -324,12 +324,12 @@ static moe_status write_ckpt_body(const writer *w, moe_comm *c, const moe_ckpt_s
     }
 
     if (st == MOE_OK && (st = make_group(w, "/train", &g)) == MOE_OK) {
-        st = ckpt_attr_put_i64(g, "step", s->step, w->path);
-        if (st == MOE_OK) st = ckpt_attr_put_i64(g, "tokens_seen", s->tokens_seen, w->path);
+        st = moe_h5_attr_put_i64(g, "step", s->step, w->path);
+        if (st == MOE_OK) st = moe_h5_attr_put_i64(g, "tokens_seen", s->tokens_seen, w->path);
         /* The seed is stored unsigned so that no value wraps. */
-        if (st == MOE_OK) st = ckpt_attr_put_u64(g, "seed", s->seed, w->path);
+        if (st == MOE_OK) st = moe_h5_attr_put_u64(g, "seed", s->seed, w->path);
         for (int i = 0; st == MOE_OK && i < s->n_extra; i++)
-            st = ckpt_attr_put_i64(g, s->extra[i].name, s->extra[i].value, w->path);
+            st = moe_h5_attr_put_i64(g, s->extra[i].name, s->extra[i].value, w->path);
     }
     if (g >= 0) H5Gclose(g);
     return st;
@@ -338,7 +338,7 @@ static moe_status write_ckpt_body(const writer *w, moe_comm *c, const moe_ckpt_s
 static moe_status write_grads_body(const writer *w, moe_comm *c, const body *b)
 {
     hid_t g = H5I_INVALID_HID;
-    moe_status st = ckpt_attr_put_i64(w->file, "step", b->step, w->path);
+    moe_status st = moe_h5_attr_put_i64(w->file, "step", b->step, w->path);
     /* The model attributes sit on /grad so that readers can check shapes. */
     if (st == MOE_OK) st = make_group(w, "/grad", &g);
     if (st == MOE_OK) st = ckpt_model_put(g, b->cfg, w->path);
@@ -364,7 +364,7 @@ static moe_status write_file(const char *tmp, moe_comm *c, const body *b, const 
     writer w = {H5I_INVALID_HID, H5I_INVALID_HID, H5I_INVALID_HID, tmp};
     hid_t fapl = moe_comm_h5_fapl(c);
     if (fapl >= 0) w.file = H5Fcreate(tmp, H5F_ACC_TRUNC, H5P_DEFAULT, fapl);
-    moe_status st = w.file < 0 ? ckpt_h5_fail(MOE_ERR_IO, "cannot create", tmp, tmp) : MOE_OK;
+    moe_status st = w.file < 0 ? moe_h5_fail(MOE_ERR_IO, "cannot create", tmp, tmp) : MOE_OK;
     if (fapl >= 0) H5Pclose(fapl);
     st = agree(c, st);
     if (st != MOE_OK) {
@@ -374,15 +374,15 @@ static moe_status write_file(const char *tmp, moe_comm *c, const body *b, const 
     w.dxpl = moe_comm_h5_dxpl(c);
     w.lcpl = H5Pcreate(H5P_LINK_CREATE);
     if (w.dxpl < 0 || w.lcpl < 0 || H5Pset_create_intermediate_group(w.lcpl, 1) < 0)
-        st = ckpt_h5_fail(MOE_ERR_IO, "cannot make property lists for", tmp, tmp);
+        st = moe_h5_fail(MOE_ERR_IO, "cannot make property lists for", tmp, tmp);
     const char *config = b->st ? b->st->config_text : b->config;
     if (st == MOE_OK) st = write_root(&w, b->st ? CKPT_FORMAT : CKPT_FORMAT_GRADS, r, config);
     if (st == MOE_OK) st = b->st ? write_ckpt_body(&w, c, b->st) : write_grads_body(&w, c, b);
     if (st == MOE_OK && H5Fflush(w.file, H5F_SCOPE_GLOBAL) < 0)
-        st = ckpt_h5_fail(MOE_ERR_IO, "cannot flush", tmp, tmp);
+        st = moe_h5_fail(MOE_ERR_IO, "cannot flush", tmp, tmp);
     if (w.lcpl >= 0) H5Pclose(w.lcpl);
     if (w.dxpl >= 0) H5Pclose(w.dxpl);
-    if (H5Fclose(w.file) < 0 && st == MOE_OK) st = ckpt_h5_fail(MOE_ERR_IO, "cannot close", tmp, tmp);
+    if (H5Fclose(w.file) < 0 && st == MOE_OK) st = moe_h5_fail(MOE_ERR_IO, "cannot close", tmp, tmp);
     return st;
 }
 
@@ -422,10 +422,10 @@ static moe_status save_atomic(const char *path, moe_comm *c, const body *b)
     st = agree(c, st);
     if (st != MOE_OK) return st;
 
-    ckpt_quiet q;
-    ckpt_quiet_begin(&q);
+    moe_h5_quiet q;
+    moe_h5_quiet_begin(&q);
     st = write_file(tmp, c, b, &r);
-    ckpt_quiet_end(&q);
+    moe_h5_quiet_end(&q);
 
     /* Every rank has closed before rank 0 renames (agree synchronises). */
     st = agree(c, st);
@@ -547,7 +547,7 @@ static moe_status read_rows(hid_t f, const char *name, hid_t mtype, int ndim, co
     hid_t ms = H5Screate_simple(ndim, count, NULL);
     herr_t rc = ds < 0 || fs < 0 || ms < 0 ? -1 : H5Sselect_hyperslab(fs, H5S_SELECT_SET, start, NULL, count, NULL);
     if (rc >= 0) rc = H5Dread(ds, mtype, ms, fs, H5P_DEFAULT, buf);
-    moe_status st = rc < 0 ? ckpt_h5_fail(MOE_ERR_IO, "cannot read dataset", name, path) : MOE_OK;
+    moe_status st = rc < 0 ? moe_h5_fail(MOE_ERR_IO, "cannot read dataset", name, path) : MOE_OK;
     if (ms >= 0) H5Sclose(ms);
     if (fs >= 0) H5Sclose(fs);
     if (ds >= 0) H5Dclose(ds);
@@ -588,14 +588,14 @@ moe_status ckpt_read_scalars(hid_t f, const char *path, moe_ckpt_state *s, char 
     moe_status st = MOE_OK;
     hid_t g = H5Gopen2(f, "/train", H5P_DEFAULT);
     if (g < 0) return moe_errorf(MOE_ERR_FORMAT, "'%s': group /train is missing", path);
-    st = ckpt_attr_get_i64(g, "step", &s->step, path);
-    if (st == MOE_OK) st = ckpt_attr_get_i64(g, "tokens_seen", &s->tokens_seen, path);
-    if (st == MOE_OK) st = ckpt_attr_get_u64(g, "seed", &s->seed, path);
+    st = moe_h5_attr_get_i64(g, "step", &s->step, path);
+    if (st == MOE_OK) st = moe_h5_attr_get_i64(g, "tokens_seen", &s->tokens_seen, path);
+    if (st == MOE_OK) st = moe_h5_attr_get_u64(g, "seed", &s->seed, path);
     /* The extra resume integers: every other attribute of /train. */
     s->n_extra = 0;
     H5O_info_t oi;
     if (st == MOE_OK && H5Oget_info2(g, &oi, H5O_INFO_NUM_ATTRS) < 0)
-        st = ckpt_h5_fail(MOE_ERR_FORMAT, "cannot query group", "/train", path);
+        st = moe_h5_fail(MOE_ERR_FORMAT, "cannot query group", "/train", path);
     for (hsize_t i = 0; st == MOE_OK && i < oi.num_attrs; i++) {
         char an[MOE_CKPT_EXTRA_NAME];
         ssize_t len = H5Aget_name_by_idx(g, ".", H5_INDEX_NAME, H5_ITER_INC, i, an, sizeof an, H5P_DEFAULT);
@@ -612,21 +612,21 @@ moe_status ckpt_read_scalars(hid_t f, const char *path, moe_ckpt_state *s, char 
         }
         moe_ckpt_extra *e = &s->extra[s->n_extra];
         snprintf(e->name, sizeof e->name, "%s", an);
-        if ((st = ckpt_attr_get_i64(g, an, &e->value, path)) == MOE_OK) s->n_extra++;
+        if ((st = moe_h5_attr_get_i64(g, an, &e->value, path)) == MOE_OK) s->n_extra++;
     }
     H5Gclose(g);
     if (st != MOE_OK) return st;
     if ((g = H5Gopen2(f, "/optimizer", H5P_DEFAULT)) < 0)
         return moe_errorf(MOE_ERR_FORMAT, "'%s': group /optimizer is missing", path);
-    st = ckpt_attr_get_i64(g, "step", &s->opt_step, path);
+    st = moe_h5_attr_get_i64(g, "step", &s->opt_step, path);
     const struct {
         const char *name;
         double *v;
     } a[] = {{"lr", &s->lr}, {"beta1", &s->beta1}, {"beta2", &s->beta2}, {"eps", &s->eps},
              {"weight_decay", &s->weight_decay}};
-    for (size_t i = 0; st == MOE_OK && i < sizeof a / sizeof a[0]; i++) st = ckpt_attr_get_f64(g, a[i].name, a[i].v, path);
+    for (size_t i = 0; st == MOE_OK && i < sizeof a / sizeof a[0]; i++) st = moe_h5_attr_get_f64(g, a[i].name, a[i].v, path);
     H5Gclose(g);
-    if (st == MOE_OK && config) st = ckpt_attr_get_str(f, "config", config, path);
+    if (st == MOE_OK && config) st = moe_h5_attr_get_str(f, "config", config, path);
     return st;
 }
 
@@ -636,7 +636,7 @@ static moe_status open_fail(const char *path)
     if (access(path, R_OK) != 0) return moe_errorf(MOE_ERR_IO, "cannot read '%s': %s", path, strerror(errno));
     htri_t h5 = H5Fis_hdf5(path);
     if (h5 == 0) return moe_errorf(MOE_ERR_FORMAT, "'%s' is not an HDF5 file", path);
-    return ckpt_h5_fail(MOE_ERR_FORMAT, "cannot open (truncated or damaged?)", path, path);
+    return moe_h5_fail(MOE_ERR_FORMAT, "cannot open (truncated or damaged?)", path, path);
 }
 
 moe_status moe_ckpt_load(const char *path, moe_comm *c, moe_ckpt_state *s, char **config_text)
@@ -652,8 +652,8 @@ moe_status moe_ckpt_load(const char *path, moe_comm *c, moe_ckpt_state *s, char 
     int layers[MOE_CKPT_MAX_MOE_LAYERS];
     const int n_moe = moe_ckpt_moe_layers(s->table, layers);
 
-    ckpt_quiet q;
-    ckpt_quiet_begin(&q);
+    moe_h5_quiet q;
+    moe_h5_quiet_begin(&q);
     hid_t fapl = moe_comm_h5_fapl(c);
     /* Test the path first: HDF5's own message for a missing file is obscure. */
     hid_t f = H5I_INVALID_HID;
@@ -678,8 +678,8 @@ moe_status moe_ckpt_load(const char *path, moe_comm *c, moe_ckpt_state *s, char 
         else
             free(cfg_text);
     }
-    if (f >= 0 && H5Fclose(f) < 0 && st == MOE_OK) st = ckpt_h5_fail(MOE_ERR_IO, "cannot close", path, path);
-    ckpt_quiet_end(&q);
+    if (f >= 0 && H5Fclose(f) < 0 && st == MOE_OK) st = moe_h5_fail(MOE_ERR_IO, "cannot close", path, path);
+    moe_h5_quiet_end(&q);
     st = agree(c, st);
     if (st != MOE_OK && config_text) {
         free(*config_text);

@@ -124,10 +124,10 @@ static moe_status read_info(moe_ckpt_file *f)
     moe_status st = ckpt_check_format(f->file, NULL, &in->gradients, p);
     if (st == MOE_OK) snprintf(in->format, sizeof in->format, "%s", in->gradients ? CKPT_FORMAT_GRADS : CKPT_FORMAT);
     in->format_version = MOE_CKPT_FORMAT_VERSION;
-    if (st == MOE_OK) st = ckpt_attr_get_strbuf(f->file, "created_by", in->created_by, sizeof in->created_by, p);
-    if (st == MOE_OK) st = ckpt_attr_get_strbuf(f->file, "created_at", in->created_at, sizeof in->created_at, p);
-    if (st == MOE_OK) st = ckpt_attr_get_i64(f->file, "saved_world_size", &in->saved_world_size, p);
-    if (st == MOE_OK) st = ckpt_attr_get_i64(f->file, "saved_ep_size", &in->saved_ep_size, p);
+    if (st == MOE_OK) st = moe_h5_attr_get_strbuf(f->file, "created_by", in->created_by, sizeof in->created_by, p);
+    if (st == MOE_OK) st = moe_h5_attr_get_strbuf(f->file, "created_at", in->created_at, sizeof in->created_at, p);
+    if (st == MOE_OK) st = moe_h5_attr_get_i64(f->file, "saved_world_size", &in->saved_world_size, p);
+    if (st == MOE_OK) st = moe_h5_attr_get_i64(f->file, "saved_ep_size", &in->saved_ep_size, p);
     if (st != MOE_OK) return st;
     const char *mg = in->gradients ? "/grad" : "/model";
     hid_t g = H5Gopen2(f->file, mg, H5P_DEFAULT);
@@ -141,8 +141,8 @@ static moe_status read_info(moe_ckpt_file *f)
         return moe_errorf(MOE_ERR_FORMAT, "'%s': %s", p, why);
     }
     if (in->gradients) {
-        st = ckpt_attr_get_i64(f->file, "step", &in->step, p);
-        if (st == MOE_OK) st = ckpt_attr_get_str(f->file, "config", &in->config, p);
+        st = moe_h5_attr_get_i64(f->file, "step", &in->step, p);
+        if (st == MOE_OK) st = moe_h5_attr_get_str(f->file, "config", &in->config, p);
         return st;
     }
     moe_ckpt_state s;
@@ -172,23 +172,23 @@ moe_status moe_ckpt_file_open(moe_ckpt_file **out, const char *path)
         free(f);
         return moe_errorf(MOE_ERR_NOMEM, "opening '%s'", path);
     }
-    ckpt_quiet q;
-    ckpt_quiet_begin(&q);
+    moe_h5_quiet q;
+    moe_h5_quiet_begin(&q);
     moe_status st = MOE_OK;
     f->file = H5Fopen(path, H5F_ACC_RDONLY, H5P_DEFAULT);
     if (f->file < 0) {
         st = H5Fis_hdf5(path) == 0
                  ? moe_errorf(MOE_ERR_FORMAT, "'%s' is not an HDF5 file", path)
-                 : ckpt_h5_fail(MOE_ERR_FORMAT, "cannot open (truncated or damaged?)", path, path);
+                 : moe_h5_fail(MOE_ERR_FORMAT, "cannot open (truncated or damaged?)", path, path);
     }
     if (st == MOE_OK) st = read_info(f);
     if (st == MOE_OK) st = expect_all(f);
     if (st == MOE_OK) {
         visit_ctx v = {f, MOE_OK};
         if (H5Ovisit2(f->file, H5_INDEX_NAME, H5_ITER_INC, visit, &v, H5O_INFO_BASIC) < 0)
-            st = v.st != MOE_OK ? v.st : ckpt_h5_fail(MOE_ERR_FORMAT, "cannot list the objects of", path, path);
+            st = v.st != MOE_OK ? v.st : moe_h5_fail(MOE_ERR_FORMAT, "cannot list the objects of", path, path);
     }
-    ckpt_quiet_end(&q);
+    moe_h5_quiet_end(&q);
     if (st != MOE_OK) {
         moe_ckpt_file_close(f);
         return st;
@@ -201,10 +201,10 @@ void moe_ckpt_file_close(moe_ckpt_file *f)
 {
     if (!f) return;
     if (f->file > 0) {
-        ckpt_quiet q;
-        ckpt_quiet_begin(&q);
+        moe_h5_quiet q;
+        moe_h5_quiet_begin(&q);
         H5Fclose(f->file);
-        ckpt_quiet_end(&q);
+        moe_h5_quiet_end(&q);
     }
     moe_ckpt_layout_destroy(f->layout);
     free(f->info.config);
@@ -237,8 +237,8 @@ moe_status moe_ckpt_file_read(const moe_ckpt_file *f, int i, double **out, int64
         n = d->dims[k] > 0 && n > MAX_READ_ELEMS / d->dims[k] ? MAX_READ_ELEMS + 1 : n * d->dims[k];
     if (n > MAX_READ_ELEMS)
         return moe_errorf(MOE_ERR_FORMAT, "'%s': dataset '%s' is too large to read whole", f->path, d->path);
-    ckpt_quiet q;
-    ckpt_quiet_begin(&q);
+    moe_h5_quiet q;
+    moe_h5_quiet_begin(&q);
     hid_t ds;
     moe_status st = ckpt_dset_open(f->file, d->path, d->dtype, d->ndim, d->dims, &ds, f->path);
     double *buf = NULL;
@@ -247,10 +247,10 @@ moe_status moe_ckpt_file_read(const moe_ckpt_file *f, int i, double **out, int64
         if (!buf)
             st = moe_errorf(MOE_ERR_NOMEM, "dataset '%s' (%lld elements)", d->path, (long long)n);
         else if (H5Dread(ds, H5T_NATIVE_DOUBLE, H5S_ALL, H5S_ALL, H5P_DEFAULT, buf) < 0)
-            st = ckpt_h5_fail(MOE_ERR_IO, "cannot read dataset", d->path, f->path);
+            st = moe_h5_fail(MOE_ERR_IO, "cannot read dataset", d->path, f->path);
         H5Dclose(ds);
     }
-    ckpt_quiet_end(&q);
+    moe_h5_quiet_end(&q);
     if (st != MOE_OK) {
         moe_free(buf);
         return st;

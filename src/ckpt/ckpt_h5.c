@@ -1,186 +1,12 @@
-/* HDF5 helpers of the checkpoint module: quiet errors with HDF5's innermost
- * message in the detail, typed scalar attributes, the spec's /model
- * attributes and dataset shape checks (see ckpt_h5.h). */
+/* HDF5 helpers of the checkpoint module: the spec's /model attributes,
+ * format checks and dataset shape checks (see ckpt_h5.h); error handling
+ * and typed attributes come from io/h5.h. */
 #include "ckpt/ckpt_h5.h"
 
 #include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-
-enum { H5MSG = 384 };
-
-void ckpt_quiet_begin(ckpt_quiet *q)
-{
-    H5Eget_auto2(H5E_DEFAULT, &q->func, &q->data);
-    H5Eset_auto2(H5E_DEFAULT, NULL, NULL);
-}
-
-void ckpt_quiet_end(const ckpt_quiet *q) { H5Eset_auto2(H5E_DEFAULT, q->func, q->data); }
-
-typedef struct {
-    char msg[H5MSG];
-    int checksum;
-} h5_err;
-
-static herr_t walk_error(unsigned n, const H5E_error2_t *e, void *arg)
-{
-    h5_err *r = arg;
-    if (n == 0) snprintf(r->msg, sizeof r->msg, "%s", e->desc ? e->desc : "");
-    /* A Fletcher32 mismatch surfaces as "data error detected by fletcher32
-     * checksum" (filter pipeline) somewhere on the stack. */
-    if (e->desc && (strstr(e->desc, "checksum") || strstr(e->desc, "Fletcher"))) r->checksum = 1;
-    return 0;
-}
-
-moe_status ckpt_h5_fail(moe_status s, const char *what, const char *name, const char *file)
-{
-    h5_err r = {{0}, 0};
-    H5Ewalk2(H5E_DEFAULT, H5E_WALK_UPWARD, walk_error, &r);
-    if (r.checksum) s = MOE_ERR_CHECKSUM;
-    return moe_errorf(s, "%s%s '%s' in '%s'%s%s", what, r.checksum ? " (checksum mismatch)" : "", name, file,
-                      *r.msg ? ": " : "", r.msg);
-}
-
-/* ---- attributes ---- */
-
-static hid_t str_type(void)
-{
-    hid_t t = H5Tcopy(H5T_C_S1);
-    if (t >= 0 && (H5Tset_size(t, H5T_VARIABLE) < 0 || H5Tset_cset(t, H5T_CSET_UTF8) < 0)) {
-        H5Tclose(t);
-        t = H5I_INVALID_HID;
-    }
-    return t;
-}
-
-static moe_status attr_put(hid_t loc, const char *name, hid_t ftype, hid_t mtype, const void *v, const char *file)
-{
-    hid_t sp = H5Screate(H5S_SCALAR);
-    hid_t at = sp < 0 ? H5I_INVALID_HID : H5Acreate2(loc, name, ftype, sp, H5P_DEFAULT, H5P_DEFAULT);
-    herr_t rc = at < 0 ? -1 : H5Awrite(at, mtype, v);
-    if (at >= 0) H5Aclose(at);
-    if (sp >= 0) H5Sclose(sp);
-    return rc < 0 ? ckpt_h5_fail(MOE_ERR_IO, "cannot write attribute", name, file) : MOE_OK;
-}
-
-moe_status ckpt_attr_put_i64(hid_t loc, const char *name, int64_t v, const char *file)
-{
-    return attr_put(loc, name, H5T_STD_I64LE, H5T_NATIVE_INT64, &v, file);
-}
-
-moe_status ckpt_attr_put_u64(hid_t loc, const char *name, uint64_t v, const char *file)
-{
-    return attr_put(loc, name, H5T_STD_U64LE, H5T_NATIVE_UINT64, &v, file);
-}
-
-moe_status ckpt_attr_put_f64(hid_t loc, const char *name, double v, const char *file)
-{
-    return attr_put(loc, name, H5T_IEEE_F64LE, H5T_NATIVE_DOUBLE, &v, file);
-}
-
-moe_status ckpt_attr_put_str(hid_t loc, const char *name, const char *s, const char *file)
-{
-    hid_t t = str_type();
-    if (t < 0) return ckpt_h5_fail(MOE_ERR_IO, "cannot make a string type for", name, file);
-    moe_status st = attr_put(loc, name, t, t, &s, file);
-    H5Tclose(t);
-    return st;
-}
-
-/* Opens a scalar attribute of the given class, or fails naming it. */
-static moe_status attr_open(hid_t loc, const char *name, H5T_class_t cls, hid_t *out, const char *file)
-{
-    htri_t ex = H5Aexists(loc, name);
-    if (ex <= 0) return moe_errorf(MOE_ERR_FORMAT, "'%s': attribute '%s' is missing", file, name);
-    hid_t at = H5Aopen(loc, name, H5P_DEFAULT);
-    if (at < 0) return ckpt_h5_fail(MOE_ERR_FORMAT, "cannot open attribute", name, file);
-    hid_t t = H5Aget_type(at), sp = H5Aget_space(at);
-    int ok = t >= 0 && sp >= 0 && H5Tget_class(t) == cls && H5Sget_simple_extent_npoints(sp) == 1;
-    if (t >= 0) H5Tclose(t);
-    if (sp >= 0) H5Sclose(sp);
-    if (!ok) {
-        H5Aclose(at);
-        return moe_errorf(MOE_ERR_FORMAT, "'%s': attribute '%s' is not a scalar %s", file, name,
-                          cls == H5T_STRING ? "string" : cls == H5T_FLOAT ? "float" : "integer");
-    }
-    *out = at;
-    return MOE_OK;
-}
-
-static moe_status attr_get(hid_t loc, const char *name, H5T_class_t cls, hid_t mtype, void *v, const char *file)
-{
-    hid_t at = H5I_INVALID_HID;
-    moe_status st = attr_open(loc, name, cls, &at, file);
-    if (st != MOE_OK) return st;
-    if (H5Aread(at, mtype, v) < 0) st = ckpt_h5_fail(MOE_ERR_FORMAT, "cannot read attribute", name, file);
-    H5Aclose(at);
-    return st;
-}
-
-moe_status ckpt_attr_get_i64(hid_t loc, const char *name, int64_t *v, const char *file)
-{
-    return attr_get(loc, name, H5T_INTEGER, H5T_NATIVE_INT64, v, file);
-}
-
-moe_status ckpt_attr_get_u64(hid_t loc, const char *name, uint64_t *v, const char *file)
-{
-    return attr_get(loc, name, H5T_INTEGER, H5T_NATIVE_UINT64, v, file);
-}
-
-moe_status ckpt_attr_get_f64(hid_t loc, const char *name, double *v, const char *file)
-{
-    return attr_get(loc, name, H5T_FLOAT, H5T_NATIVE_DOUBLE, v, file);
-}
-
-moe_status ckpt_attr_get_str(hid_t loc, const char *name, char **s, const char *file)
-{
-    hid_t at = H5I_INVALID_HID;
-    *s = NULL;
-    moe_status st = attr_open(loc, name, H5T_STRING, &at, file);
-    if (st != MOE_OK) return st;
-    hid_t ft = H5Aget_type(at), mt = H5I_INVALID_HID;
-    htri_t vl = ft < 0 ? -1 : H5Tis_variable_str(ft);
-    if (vl > 0) {
-        char *p = NULL;
-        mt = str_type();
-        if (mt < 0 || H5Aread(at, mt, &p) < 0) {
-            st = ckpt_h5_fail(MOE_ERR_FORMAT, "cannot read attribute", name, file);
-        } else {
-            *s = strdup(p ? p : "");
-            hid_t sp = H5Screate(H5S_SCALAR);
-            H5Dvlen_reclaim(mt, sp, H5P_DEFAULT, &p);
-            H5Sclose(sp);
-        }
-    } else if (vl == 0) {
-        /* Fixed-length strings (other writers, e.g. h5py with bytes). */
-        size_t n = H5Tget_size(ft);
-        mt = H5Tcopy(ft);
-        *s = calloc(n + 1, 1);
-        if (mt < 0 || !*s || H5Aread(at, mt, *s) < 0) {
-            free(*s);
-            *s = NULL;
-            st = ckpt_h5_fail(MOE_ERR_FORMAT, "cannot read attribute", name, file);
-        }
-    } else {
-        st = ckpt_h5_fail(MOE_ERR_FORMAT, "cannot read attribute", name, file);
-    }
-    if (st == MOE_OK && !*s) st = moe_errorf(MOE_ERR_NOMEM, "attribute '%s' of '%s'", name, file);
-    if (mt >= 0) H5Tclose(mt);
-    if (ft >= 0) H5Tclose(ft);
-    H5Aclose(at);
-    return st;
-}
-
-moe_status ckpt_attr_get_strbuf(hid_t loc, const char *name, char *buf, size_t cap, const char *file)
-{
-    char *s;
-    moe_status st = ckpt_attr_get_str(loc, name, &s, file);
-    if (st != MOE_OK) return st;
-    snprintf(buf, cap, "%s", s);
-    free(s);
-    return MOE_OK;
-}
 
 /* ---- /model attributes ---- */
 
@@ -218,12 +44,12 @@ moe_status ckpt_model_put(hid_t loc, const moe_train_config *cfg, const char *fi
 {
     moe_status st = MOE_OK;
     for (size_t i = 0; st == MOE_OK && i < NELEM(model_ints); i++)
-        st = ckpt_attr_put_i64(loc, model_ints[i].name, FIELD(cfg, model_ints[i].off, const int), file);
+        st = moe_h5_attr_put_i64(loc, model_ints[i].name, FIELD(cfg, model_ints[i].off, const int), file);
     for (size_t i = 0; st == MOE_OK && i < NELEM(model_dbls); i++)
-        st = ckpt_attr_put_f64(loc, model_dbls[i].name, FIELD(cfg, model_dbls[i].off, const double), file);
-    if (st == MOE_OK) st = ckpt_attr_put_str(loc, "router", moe_router_kind_str(cfg->router), file);
-    if (st == MOE_OK) st = ckpt_attr_put_str(loc, "activation", moe_activation_str(cfg->activation), file);
-    if (st == MOE_OK) st = ckpt_attr_put_str(loc, "router_noise", noise_str(cfg->router_noise), file);
+        st = moe_h5_attr_put_f64(loc, model_dbls[i].name, FIELD(cfg, model_dbls[i].off, const double), file);
+    if (st == MOE_OK) st = moe_h5_attr_put_str(loc, "router", moe_router_kind_str(cfg->router), file);
+    if (st == MOE_OK) st = moe_h5_attr_put_str(loc, "activation", moe_activation_str(cfg->activation), file);
+    if (st == MOE_OK) st = moe_h5_attr_put_str(loc, "router_noise", noise_str(cfg->router_noise), file);
     return st;
 }
 
@@ -233,22 +59,22 @@ moe_status ckpt_model_get(hid_t loc, moe_train_config *cfg, const char *file)
     moe_status st = MOE_OK;
     for (size_t i = 0; st == MOE_OK && i < NELEM(model_ints); i++) {
         int64_t v;
-        st = ckpt_attr_get_i64(loc, model_ints[i].name, &v, file);
+        st = moe_h5_attr_get_i64(loc, model_ints[i].name, &v, file);
         if (st == MOE_OK && (v < 0 || v > INT32_MAX))
             st = moe_errorf(MOE_ERR_FORMAT, "'%s': /model attribute %s = %lld is out of range", file,
                             model_ints[i].name, (long long)v);
         if (st == MOE_OK) FIELD(cfg, model_ints[i].off, int) = (int)v;
     }
     for (size_t i = 0; st == MOE_OK && i < NELEM(model_dbls); i++)
-        st = ckpt_attr_get_f64(loc, model_dbls[i].name, &FIELD(cfg, model_dbls[i].off, double), file);
+        st = moe_h5_attr_get_f64(loc, model_dbls[i].name, &FIELD(cfg, model_dbls[i].off, double), file);
     char s[64];
-    if (st == MOE_OK) st = ckpt_attr_get_strbuf(loc, "router", s, sizeof s, file);
+    if (st == MOE_OK) st = moe_h5_attr_get_strbuf(loc, "router", s, sizeof s, file);
     if (st == MOE_OK && moe_router_kind_parse(&cfg->router, s) != MOE_OK)
         st = moe_errorf(MOE_ERR_FORMAT, "'%s': unknown /model router '%s'", file, s);
-    if (st == MOE_OK) st = ckpt_attr_get_strbuf(loc, "activation", s, sizeof s, file);
+    if (st == MOE_OK) st = moe_h5_attr_get_strbuf(loc, "activation", s, sizeof s, file);
     if (st == MOE_OK && moe_activation_parse(&cfg->activation, s) != MOE_OK)
         st = moe_errorf(MOE_ERR_FORMAT, "'%s': unknown /model activation '%s'", file, s);
-    if (st == MOE_OK) st = ckpt_attr_get_strbuf(loc, "router_noise", s, sizeof s, file);
+    if (st == MOE_OK) st = moe_h5_attr_get_strbuf(loc, "router_noise", s, sizeof s, file);
     if (st == MOE_OK) {
         if (!strcmp(s, "none") || !strcmp(s, "gaussian"))
             cfg->router_noise = !strcmp(s, "gaussian");
@@ -292,13 +118,13 @@ moe_status ckpt_check_format(hid_t file, const char *want, int *grads, const cha
 {
     char fmt[64];
     int64_t ver;
-    moe_status st = ckpt_attr_get_strbuf(file, "format", fmt, sizeof fmt, path);
+    moe_status st = moe_h5_attr_get_strbuf(file, "format", fmt, sizeof fmt, path);
     if (st != MOE_OK) return st;
     int is_ckpt = !strcmp(fmt, CKPT_FORMAT), is_grads = !strcmp(fmt, CKPT_FORMAT_GRADS);
     if ((want && strcmp(fmt, want)) || (!is_ckpt && !is_grads))
         return moe_errorf(MOE_ERR_FORMAT, "'%s' has format '%s', expected '%s'", path, fmt,
                           want ? want : CKPT_FORMAT "' or '" CKPT_FORMAT_GRADS);
-    if ((st = ckpt_attr_get_i64(file, "format_version", &ver, path)) != MOE_OK) return st;
+    if ((st = moe_h5_attr_get_i64(file, "format_version", &ver, path)) != MOE_OK) return st;
     if (ver != MOE_CKPT_FORMAT_VERSION)
         return moe_errorf(MOE_ERR_FORMAT, "'%s' has format_version %lld; this build reads version %d", path,
                           (long long)ver, MOE_CKPT_FORMAT_VERSION);
@@ -330,14 +156,14 @@ moe_status ckpt_dset_open(hid_t file, const char *dset, moe_ckpt_dtype dtype, in
     if (H5Lexists(file, dset, H5P_DEFAULT) <= 0)
         return moe_errorf(MOE_ERR_FORMAT, "'%s': dataset '%s' is missing", path, dset);
     hid_t ds = H5Dopen2(file, dset, H5P_DEFAULT);
-    if (ds < 0) return ckpt_h5_fail(MOE_ERR_FORMAT, "cannot open dataset", dset, path);
+    if (ds < 0) return moe_h5_fail(MOE_ERR_FORMAT, "cannot open dataset", dset, path);
     hid_t t = H5Dget_type(ds), sp = H5Dget_space(ds);
     moe_status st = MOE_OK;
     int fnd = sp < 0 ? -1 : H5Sget_simple_extent_ndims(sp);
     hsize_t got[H5S_MAX_RANK];
     int64_t got64[H5S_MAX_RANK];
     if (t < 0 || fnd < 0 || H5Sget_simple_extent_dims(sp, got, NULL) < 0) {
-        st = ckpt_h5_fail(MOE_ERR_FORMAT, "cannot query dataset", dset, path);
+        st = moe_h5_fail(MOE_ERR_FORMAT, "cannot query dataset", dset, path);
     } else {
         H5T_class_t cls = H5Tget_class(t);
         size_t size = H5Tget_size(t);

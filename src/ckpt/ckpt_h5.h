@@ -1,42 +1,17 @@
 /* Internal to src/ckpt: HDF5 helpers shared by the parallel writer/loader
- * (ckpt.c) and the single-process reader (ckpt_file.c): quiet error
- * handling with HDF5's message in the detail, typed attributes, the model
- * attributes, dataset shape checks. Not a public interface. */
+ * (ckpt.c) and the single-process reader (ckpt_file.c): the model
+ * attributes, format and dataset shape checks (quiet errors and typed
+ * attributes: io/h5.h). Not a public interface. */
 #ifndef MOE_CKPT_H5_H
 #define MOE_CKPT_H5_H
 
 #include <hdf5.h>
 
 #include "ckpt/ckpt_file.h"
+#include "io/h5.h"
 
 #define CKPT_FORMAT "moe-checkpoint"
 #define CKPT_FORMAT_GRADS "moe-gradients"
-
-/* HDF5 prints its error stack by default; library code must not print. */
-typedef struct {
-    H5E_auto2_t func;
-    void *data;
-} ckpt_quiet;
-void ckpt_quiet_begin(ckpt_quiet *q);
-void ckpt_quiet_end(const ckpt_quiet *q);
-
-/* Records "<what> '<name>' in '<file>': <innermost HDF5 message>" and returns
- * MOE_ERR_CHECKSUM if HDF5 reported a checksum failure, else s. */
-moe_status ckpt_h5_fail(moe_status s, const char *what, const char *name, const char *file);
-
-/* Scalar attributes on loc. Strings are variable-length UTF-8. */
-moe_status ckpt_attr_put_i64(hid_t loc, const char *name, int64_t v, const char *file);
-moe_status ckpt_attr_put_u64(hid_t loc, const char *name, uint64_t v, const char *file);
-moe_status ckpt_attr_put_f64(hid_t loc, const char *name, double v, const char *file);
-moe_status ckpt_attr_put_str(hid_t loc, const char *name, const char *s, const char *file);
-/* Missing or mistyped attributes are MOE_ERR_FORMAT naming them. */
-moe_status ckpt_attr_get_i64(hid_t loc, const char *name, int64_t *v, const char *file);
-moe_status ckpt_attr_get_u64(hid_t loc, const char *name, uint64_t *v, const char *file);
-moe_status ckpt_attr_get_f64(hid_t loc, const char *name, double *v, const char *file);
-/* *s is malloc'd (caller frees). */
-moe_status ckpt_attr_get_str(hid_t loc, const char *name, char **s, const char *file);
-/* Into a fixed buffer, truncated. */
-moe_status ckpt_attr_get_strbuf(hid_t loc, const char *name, char *buf, size_t cap, const char *file);
 
 /* The spec's /model attributes of cfg on loc, and back (model fields of
  * *cfg only; the others are zeroed). */

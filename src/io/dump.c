@@ -25,6 +25,7 @@
 #include <hdf5.h>
 
 #include "comm/comm_h5.h"
+#include "io/h5.h"
 
 enum { DUMP_MAX_DIMS = 3, DUMP_H5MSG = 384, DUMP_PATH_MAX = 4096 };
 /* Same temporary name on every rank without communication; one writer per path. */
@@ -185,30 +186,6 @@ typedef struct {
     const char *path; /* for messages */
 } dump_file;
 
-/* Scalar attribute: ftype in the file, *val of memory type mtype. */
-static moe_status write_attr(const dump_file *f, const char *name, hid_t ftype, hid_t mtype, const void *val)
-{
-    hid_t sp = H5Screate(H5S_SCALAR);
-    hid_t at = sp < 0 ? H5I_INVALID_HID : H5Acreate2(f->file, name, ftype, sp, H5P_DEFAULT, H5P_DEFAULT);
-    herr_t rc = at < 0 ? -1 : H5Awrite(at, mtype, val);
-    if (at >= 0) H5Aclose(at);
-    if (sp >= 0) H5Sclose(sp);
-    return rc < 0 ? h5_fail("cannot write attribute", name, f->path) : MOE_OK;
-}
-
-/* Variable-length UTF-8 string: h5py reads it as str. */
-static moe_status write_attr_str(const dump_file *f, const char *name, const char *s)
-{
-    hid_t t = H5Tcopy(H5T_C_S1);
-    if (t < 0 || H5Tset_size(t, H5T_VARIABLE) < 0 || H5Tset_cset(t, H5T_CSET_UTF8) < 0) {
-        if (t >= 0) H5Tclose(t);
-        return h5_fail("cannot make string type for", name, f->path);
-    }
-    moe_status st = write_attr(f, name, t, t, &s);
-    H5Tclose(t);
-    return st;
-}
-
 static moe_status write_attrs(const dump_file *f, const moe_dump_view *v)
 {
     const struct {
@@ -223,15 +200,15 @@ static moe_status write_attrs(const dump_file *f, const moe_dump_view *v)
     } dbls[] = {{"capacity_factor", v->capacity_factor},
                 {"aux_loss_coef", v->aux_loss_coef},
                 {"z_loss_coef", v->z_loss_coef}};
-    moe_status st = write_attr_str(f, "format", "moe-layer-dump");
-    if (st == MOE_OK) st = write_attr_str(f, "router", moe_router_kind_str(v->router));
-    if (st == MOE_OK) st = write_attr_str(f, "activation", moe_activation_str(v->activation));
+    moe_status st = moe_h5_attr_put_str(f->file, "format", "moe-layer-dump", f->path);
+    if (st == MOE_OK) st = moe_h5_attr_put_str(f->file, "router", moe_router_kind_str(v->router), f->path);
+    if (st == MOE_OK) st = moe_h5_attr_put_str(f->file, "activation", moe_activation_str(v->activation), f->path);
     for (size_t i = 0; st == MOE_OK && i < sizeof ints / sizeof ints[0]; i++)
-        st = write_attr(f, ints[i].name, H5T_STD_I64LE, H5T_NATIVE_INT64, &ints[i].v);
+        st = moe_h5_attr_put_i64(f->file, ints[i].name, ints[i].v, f->path);
     for (size_t i = 0; st == MOE_OK && i < sizeof dbls / sizeof dbls[0]; i++)
-        st = write_attr(f, dbls[i].name, H5T_IEEE_F64LE, H5T_NATIVE_DOUBLE, &dbls[i].v);
+        st = moe_h5_attr_put_f64(f->file, dbls[i].name, dbls[i].v, f->path);
     /* The seed is a uint64 in the CLI; stored unsigned so no value wraps. */
-    if (st == MOE_OK) st = write_attr(f, "seed", H5T_STD_U64LE, H5T_NATIVE_UINT64, &v->seed);
+    if (st == MOE_OK) st = moe_h5_attr_put_u64(f->file, "seed", v->seed, f->path);
     return st;
 }
 
@@ -346,12 +323,10 @@ moe_status moe_dump_write(const char *path, moe_comm *c, const moe_dump_view *v)
     char tmp[DUMP_PATH_MAX];
     snprintf(tmp, sizeof tmp, "%s" DUMP_TMP_SUFFIX, path);
 
-    H5E_auto2_t efunc;
-    void *edata;
-    H5Eget_auto2(H5E_DEFAULT, &efunc, &edata);
-    H5Eset_auto2(H5E_DEFAULT, NULL, NULL);
+    moe_h5_quiet quiet;
+    moe_h5_quiet_begin(&quiet);
     st = write_file(tmp, c, v, rank);
-    H5Eset_auto2(H5E_DEFAULT, efunc, edata);
+    moe_h5_quiet_end(&quiet);
 
     /* Every rank has closed before rank 0 renames (agree synchronises). */
     if (c) st = moe_comm_agree(c, st);

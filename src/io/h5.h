@@ -1,0 +1,40 @@
+/* HDF5 helpers shared by the checkpoint (src/ckpt) and the layer dump
+ * (dump.c): quiet error handling with HDF5's innermost message in the error
+ * detail, and typed scalar attributes that fail naming the attribute and
+ * the file. Internal to the library. */
+#ifndef MOE_IO_H5_H
+#define MOE_IO_H5_H
+
+#include <hdf5.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "core/moe.h"
+
+/* HDF5 prints its error stack by default; library code must not print. */
+typedef struct {
+    H5E_auto2_t func;
+    void *data;
+} moe_h5_quiet;
+void moe_h5_quiet_begin(moe_h5_quiet *q);
+void moe_h5_quiet_end(const moe_h5_quiet *q);
+
+/* Records "<what> '<name>' in '<file>': <innermost HDF5 message>" and returns
+ * MOE_ERR_CHECKSUM if HDF5 reported a checksum failure, else s. */
+moe_status moe_h5_fail(moe_status s, const char *what, const char *name, const char *file);
+
+/* Scalar attributes on loc. Strings are variable-length UTF-8. */
+moe_status moe_h5_attr_put_i64(hid_t loc, const char *name, int64_t v, const char *file);
+moe_status moe_h5_attr_put_u64(hid_t loc, const char *name, uint64_t v, const char *file);
+moe_status moe_h5_attr_put_f64(hid_t loc, const char *name, double v, const char *file);
+moe_status moe_h5_attr_put_str(hid_t loc, const char *name, const char *s, const char *file);
+/* Missing or mistyped attributes are MOE_ERR_FORMAT naming them. */
+moe_status moe_h5_attr_get_i64(hid_t loc, const char *name, int64_t *v, const char *file);
+moe_status moe_h5_attr_get_u64(hid_t loc, const char *name, uint64_t *v, const char *file);
+moe_status moe_h5_attr_get_f64(hid_t loc, const char *name, double *v, const char *file);
+/* *s is malloc'd (caller frees). */
+moe_status moe_h5_attr_get_str(hid_t loc, const char *name, char **s, const char *file);
+/* Into a fixed buffer, truncated. */
+moe_status moe_h5_attr_get_strbuf(hid_t loc, const char *name, char *buf, size_t cap, const char *file);
+
+#endif
