@@ -364,7 +364,7 @@ static moe_status write_file(const char *tmp, moe_comm *c, const body *b, const 
     writer w = {H5I_INVALID_HID, H5I_INVALID_HID, H5I_INVALID_HID, tmp};
     hid_t fapl = moe_comm_h5_fapl(c);
     if (fapl >= 0) w.file = H5Fcreate(tmp, H5F_ACC_TRUNC, H5P_DEFAULT, fapl);
-    moe_status st = w.file < 0 ? moe_h5_fail(MOE_ERR_IO, "cannot create", tmp, tmp) : MOE_OK;
+    moe_status st = w.file < 0 ? moe_h5_fail(MOE_ERR_IO, "cannot create", NULL, tmp) : MOE_OK;
     if (fapl >= 0) H5Pclose(fapl);
     st = agree(c, st);
     if (st != MOE_OK) {
@@ -374,15 +374,15 @@ static moe_status write_file(const char *tmp, moe_comm *c, const body *b, const 
     w.dxpl = moe_comm_h5_dxpl(c);
     w.lcpl = H5Pcreate(H5P_LINK_CREATE);
     if (w.dxpl < 0 || w.lcpl < 0 || H5Pset_create_intermediate_group(w.lcpl, 1) < 0)
-        st = moe_h5_fail(MOE_ERR_IO, "cannot make property lists for", tmp, tmp);
+        st = moe_h5_fail(MOE_ERR_IO, "cannot make property lists for", NULL, tmp);
     const char *config = b->st ? b->st->config_text : b->config;
     if (st == MOE_OK) st = write_root(&w, b->st ? CKPT_FORMAT : CKPT_FORMAT_GRADS, r, config);
     if (st == MOE_OK) st = b->st ? write_ckpt_body(&w, c, b->st) : write_grads_body(&w, c, b);
     if (st == MOE_OK && H5Fflush(w.file, H5F_SCOPE_GLOBAL) < 0)
-        st = moe_h5_fail(MOE_ERR_IO, "cannot flush", tmp, tmp);
+        st = moe_h5_fail(MOE_ERR_IO, "cannot flush", NULL, tmp);
     if (w.lcpl >= 0) H5Pclose(w.lcpl);
     if (w.dxpl >= 0) H5Pclose(w.dxpl);
-    if (H5Fclose(w.file) < 0 && st == MOE_OK) st = moe_h5_fail(MOE_ERR_IO, "cannot close", tmp, tmp);
+    if (H5Fclose(w.file) < 0 && st == MOE_OK) st = moe_h5_fail(MOE_ERR_IO, "cannot close", NULL, tmp);
     return st;
 }
 
@@ -636,7 +636,7 @@ static moe_status open_fail(const char *path)
     if (access(path, R_OK) != 0) return moe_errorf(MOE_ERR_IO, "cannot read '%s': %s", path, strerror(errno));
     htri_t h5 = H5Fis_hdf5(path);
     if (h5 == 0) return moe_errorf(MOE_ERR_FORMAT, "'%s' is not an HDF5 file", path);
-    return moe_h5_fail(MOE_ERR_FORMAT, "cannot open (truncated or damaged?)", path, path);
+    return moe_h5_fail(MOE_ERR_FORMAT, "cannot open (truncated or damaged?)", NULL, path);
 }
 
 moe_status moe_ckpt_load(const char *path, moe_comm *c, moe_ckpt_state *s, char **config_text)
@@ -678,7 +678,7 @@ moe_status moe_ckpt_load(const char *path, moe_comm *c, moe_ckpt_state *s, char 
         else
             free(cfg_text);
     }
-    if (f >= 0 && H5Fclose(f) < 0 && st == MOE_OK) st = moe_h5_fail(MOE_ERR_IO, "cannot close", path, path);
+    if (f >= 0 && H5Fclose(f) < 0 && st == MOE_OK) st = moe_h5_fail(MOE_ERR_IO, "cannot close", NULL, path);
     moe_h5_quiet_end(&q);
     st = agree(c, st);
     if (st != MOE_OK && config_text) {

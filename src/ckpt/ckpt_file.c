@@ -179,14 +179,14 @@ moe_status moe_ckpt_file_open(moe_ckpt_file **out, const char *path)
     if (f->file < 0) {
         st = H5Fis_hdf5(path) == 0
                  ? moe_errorf(MOE_ERR_FORMAT, "'%s' is not an HDF5 file", path)
-                 : moe_h5_fail(MOE_ERR_FORMAT, "cannot open (truncated or damaged?)", path, path);
+                 : moe_h5_fail(MOE_ERR_FORMAT, "cannot open (truncated or damaged?)", NULL, path);
     }
     if (st == MOE_OK) st = read_info(f);
     if (st == MOE_OK) st = expect_all(f);
     if (st == MOE_OK) {
         visit_ctx v = {f, MOE_OK};
         if (H5Ovisit2(f->file, H5_INDEX_NAME, H5_ITER_INC, visit, &v, H5O_INFO_BASIC) < 0)
-            st = v.st != MOE_OK ? v.st : moe_h5_fail(MOE_ERR_FORMAT, "cannot list the objects of", path, path);
+            st = v.st != MOE_OK ? v.st : moe_h5_fail(MOE_ERR_FORMAT, "cannot list the objects of", NULL, path);
     }
     moe_h5_quiet_end(&q);
     if (st != MOE_OK) {

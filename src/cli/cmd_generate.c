@@ -5,7 +5,6 @@
  * sequence and the N ranks share the experts (N must divide n_experts).
  * The same seed gives the same text on any N. Rules: src/infer/infer.h. */
 #include <cjson/cJSON.h>
-#include <errno.h>
 #include <getopt.h>
 #include <math.h>
 #include <stdio.h>
@@ -67,7 +66,6 @@ static int parse(gen_opts *o, int argc, char **argv, int rank)
     optind = 0;
     for (int ch; (ch = getopt_long(argc, argv, "h", longs, NULL)) != -1;) {
         long v = 0;
-        char *end;
         switch (ch) {
         case 'c': o->ckpt = optarg; break;
         case 'p': o->prompt = optarg; break;
@@ -91,8 +89,8 @@ static int parse(gen_opts *o, int argc, char **argv, int rank)
             break;
         case 't':
         case 'P': {
-            double x = strtod(optarg, &end);
-            if (!*optarg || *end)
+            double x;
+            if (moe_cli_parse_double(optarg, &x))
                 return perr(rank, "--%s: expected a number, got '%s'", ch == 't' ? "temperature" : "top_p", optarg), -1;
             *(ch == 't' ? &o->s.temperature : &o->s.top_p) = x;
             break;

@@ -27,35 +27,9 @@
 #include "comm/comm_h5.h"
 #include "io/h5.h"
 
-enum { DUMP_MAX_DIMS = 3, DUMP_H5MSG = 384, DUMP_PATH_MAX = 4096 };
+enum { DUMP_MAX_DIMS = 3, DUMP_PATH_MAX = 4096 };
 /* Same temporary name on every rank without communication; one writer per path. */
 #define DUMP_TMP_SUFFIX ".tmp.moe-dump"
-
-/* ---- HDF5 error text ---- */
-
-static herr_t h5_first_error(unsigned n, const H5E_error2_t *e, void *out)
-{
-    if (n == 0) snprintf((char *)out, DUMP_H5MSG, "%s", e->desc ? e->desc : "");
-    return 0;
-}
-
-/* The innermost message on HDF5's error stack ("" if none). */
-static const char *h5_msg(char buf[DUMP_H5MSG])
-{
-    buf[0] = '\0';
-    H5Ewalk2(H5E_DEFAULT, H5E_WALK_UPWARD, h5_first_error, buf);
-    return buf;
-}
-
-/* MOE_ERR_IO: "<what> '<name>' in '<file>': <hdf5 message>" (name NULL: the file itself). */
-static moe_status h5_fail(const char *what, const char *name, const char *file)
-{
-    char m[DUMP_H5MSG];
-    h5_msg(m);
-    const char *sep = *m ? ": " : "";
-    if (!name) return moe_errorf(MOE_ERR_IO, "%s '%s'%s%s", what, file, sep, m);
-    return moe_errorf(MOE_ERR_IO, "%s '%s' in '%s'%s%s", what, name, file, sep, m);
-}
 
 /* ---- view checks (before any collective HDF5 call) ---- */
 
@@ -249,7 +223,7 @@ static moe_status write_dset(const dump_file *f, const dump_dset *d)
     if (ds >= 0) H5Dclose(ds);
     if (ms >= 0) H5Sclose(ms);
     if (fs >= 0) H5Sclose(fs);
-    return rc < 0 ? h5_fail("cannot write dataset", d->name, f->path) : MOE_OK;
+    return rc < 0 ? moe_h5_fail(MOE_ERR_IO, "cannot write dataset", d->name, f->path) : MOE_OK;
 }
 
 static moe_status write_dsets(const dump_file *f, const moe_dump_view *v, int rank)
@@ -294,7 +268,7 @@ static moe_status write_file(const char *tmp, moe_comm *c, const moe_dump_view *
     dump_file f = {H5I_INVALID_HID, H5I_INVALID_HID, H5I_INVALID_HID, tmp};
     hid_t fapl = moe_comm_h5_fapl(c);
     if (fapl >= 0) f.file = H5Fcreate(tmp, H5F_ACC_TRUNC, H5P_DEFAULT, fapl);
-    moe_status st = f.file < 0 ? h5_fail("cannot create", NULL, tmp) : MOE_OK;
+    moe_status st = f.file < 0 ? moe_h5_fail(MOE_ERR_IO, "cannot create", NULL, tmp) : MOE_OK;
     if (fapl >= 0) H5Pclose(fapl);
     if (c) st = moe_comm_agree(c, st);
     if (st != MOE_OK) {
@@ -304,13 +278,13 @@ static moe_status write_file(const char *tmp, moe_comm *c, const moe_dump_view *
     f.dxpl = moe_comm_h5_dxpl(c);
     f.lcpl = H5Pcreate(H5P_LINK_CREATE);
     if (f.dxpl < 0 || f.lcpl < 0 || H5Pset_create_intermediate_group(f.lcpl, 1) < 0)
-        st = h5_fail("cannot make property lists for", NULL, tmp);
+        st = moe_h5_fail(MOE_ERR_IO, "cannot make property lists for", NULL, tmp);
     if (st == MOE_OK) st = write_attrs(&f, v);
     if (st == MOE_OK) st = write_dsets(&f, v, rank);
-    if (st == MOE_OK && H5Fflush(f.file, H5F_SCOPE_GLOBAL) < 0) st = h5_fail("cannot flush", NULL, tmp);
+    if (st == MOE_OK && H5Fflush(f.file, H5F_SCOPE_GLOBAL) < 0) st = moe_h5_fail(MOE_ERR_IO, "cannot flush", NULL, tmp);
     if (f.lcpl >= 0) H5Pclose(f.lcpl);
     if (f.dxpl >= 0) H5Pclose(f.dxpl);
-    if (H5Fclose(f.file) < 0 && st == MOE_OK) st = h5_fail("cannot close", NULL, tmp);
+    if (H5Fclose(f.file) < 0 && st == MOE_OK) st = moe_h5_fail(MOE_ERR_IO, "cannot close", NULL, tmp);
     return st;
 }
 
@@ -353,9 +327,9 @@ static moe_status read_dset(const char *path, const char *dataset, hid_t mtype, 
     hid_t sp = ds < 0 ? H5I_INVALID_HID : H5Dget_space(ds);
     hid_t ty = ds < 0 ? H5I_INVALID_HID : H5Dget_type(ds);
     if (f < 0) {
-        st = h5_fail("cannot open", NULL, path);
+        st = moe_h5_fail(MOE_ERR_IO, "cannot open", NULL, path);
     } else if (ds < 0 || sp < 0 || ty < 0) {
-        st = h5_fail("cannot open dataset", dataset, path);
+        st = moe_h5_fail(MOE_ERR_IO, "cannot open dataset", dataset, path);
     } else {
         hssize_t got = H5Sget_simple_extent_npoints(sp);
         if (H5Tget_class(ty) != cls)
@@ -364,7 +338,7 @@ static moe_status read_dset(const char *path, const char *dataset, hid_t mtype, 
             st = moe_errorf(MOE_ERR_FORMAT, "dataset '%s' in '%s' has %lld elements, expected %zu", dataset, path,
                             (long long)got, n);
         else if (H5Dread(ds, mtype, H5S_ALL, H5S_ALL, H5P_DEFAULT, out) < 0)
-            st = h5_fail("cannot read dataset", dataset, path);
+            st = moe_h5_fail(MOE_ERR_IO, "cannot read dataset", dataset, path);
     }
     if (ty >= 0) H5Tclose(ty);
     if (sp >= 0) H5Sclose(sp);

@@ -35,8 +35,9 @@ moe_status moe_h5_fail(moe_status s, const char *what, const char *name, const c
     h5_err r = {{0}, 0};
     H5Ewalk2(H5E_DEFAULT, H5E_WALK_UPWARD, walk_error, &r);
     if (r.checksum) s = MOE_ERR_CHECKSUM;
-    return moe_errorf(s, "%s%s '%s' in '%s'%s%s", what, r.checksum ? " (checksum mismatch)" : "", name, file,
-                      *r.msg ? ": " : "", r.msg);
+    const char *cs = r.checksum ? " (checksum mismatch)" : "", *sep = *r.msg ? ": " : "";
+    if (!name) return moe_errorf(s, "%s%s '%s'%s%s", what, cs, file, sep, r.msg);
+    return moe_errorf(s, "%s%s '%s' in '%s'%s%s", what, cs, name, file, sep, r.msg);
 }
 
 /* ---- attributes ---- */

@@ -19,8 +19,9 @@ typedef struct {
 void moe_h5_quiet_begin(moe_h5_quiet *q);
 void moe_h5_quiet_end(const moe_h5_quiet *q);
 
-/* Records "<what> '<name>' in '<file>': <innermost HDF5 message>" and returns
- * MOE_ERR_CHECKSUM if HDF5 reported a checksum failure, else s. */
+/* Records "<what> '<name>' in '<file>': <innermost HDF5 message>" (name NULL:
+ * "<what> '<file>': ...") and returns MOE_ERR_CHECKSUM if HDF5 reported a
+ * checksum failure, else s. */
 moe_status moe_h5_fail(moe_status s, const char *what, const char *name, const char *file);
 
 /* Scalar attributes on loc. Strings are variable-length UTF-8. */

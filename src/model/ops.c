@@ -35,16 +35,29 @@ void moe_model_encoder_backward(float *dwte, float *dwpe, const float *dout, con
         }
 }
 
+/* Elements per thread below which a region does not pay for its start-up. */
+enum { PAR_MIN_ELEMS = 1 << 15 };
+/* Column shares in blocks of 16 floats: no cache line written by two threads. */
+enum { COL_BLOCK = 16 };
+
 /* Reductions over a row in 8 lanes added in a fixed order: the compiler
  * vectorises them (it may not reorder a single running float sum), and the
  * result depends on nothing but the row. */
 #define LANES 8
-
-/* Elements per thread below which a region does not pay for its start-up. */
-enum { PAR_MIN_ELEMS = 1 << 15 };
 static inline float lanes_total(const float *s)
 {
     return ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7]));
+}
+
+/* sum_j a[j] b[j] over j < n, in lanes. */
+static inline float lanes_dot(const float *a, const float *b, int n)
+{
+    float s[LANES] = {0};
+    int j = 0;
+    for (; j + LANES <= n; j += LANES)
+        for (int l = 0; l < LANES; l++) s[l] += a[j + l] * b[j + l];
+    for (; j < n; j++) s[0] += a[j] * b[j];
+    return lanes_total(s);
 }
 
 /* Rows [n0, n1) of the layernorm forward. */
@@ -140,11 +153,7 @@ static void ln_run(void *ctx, int t, int nt)
         return;
     }
     ln_backward_rows(j->dinp, j->dout, j->inp, j->weight, j->mean_in, j->rstd_in, n0, n1, j->C);
-    /* column shares in multiples of 16 floats: threads never share a cache line */
-    const long blocks = (j->C + 15) / 16;
-    moe_par_range(blocks, t, nt, &c0, &c1);
-    c0 *= 16;
-    c1 = c1 * 16 < j->C ? c1 * 16 : j->C;
+    moe_par_range_aligned(j->C, COL_BLOCK, t, nt, &c0, &c1);
     if (c0 < c1)
         ln_backward_cols(j->dweight, j->dbias, j->dout, j->inp, j->mean_in, j->rstd_in, j->N, j->C,
                          (int)c0, (int)c1);
@@ -182,15 +191,12 @@ typedef struct {
     int n, m;
 } colsum_job;
 
-/* Thread t sums its share of the columns (in blocks of 16 floats, so no
- * two threads write one cache line) over every row in row order. */
+/* Thread t sums its share of the columns over every row in row order. */
 static void colsum_run(void *ctx, int t, int nt)
 {
     const colsum_job *j = ctx;
     long c0, c1;
-    moe_par_range((j->m + 15) / 16, t, nt, &c0, &c1);
-    c0 *= 16;
-    c1 = c1 * 16 < j->m ? c1 * 16 : j->m;
+    moe_par_range_aligned(j->m, COL_BLOCK, t, nt, &c0, &c1);
     for (int r = 0; r < j->n; r++) {
         const float *row = j->a + (size_t)r * j->m;
         for (long c = c0; c < c1; c++) j->acc[c] += row[c];
@@ -201,7 +207,8 @@ static void colsum_run(void *ctx, int t, int nt)
 static void add_colsums(float *acc, const float *a, int n, int m)
 {
     colsum_job j = {acc, a, n, m};
-    moe_par_run(m >= 32 ? moe_par_threads_for((long)n * m, PAR_MIN_ELEMS) : 1, colsum_run, &j);
+    const int nt = moe_par_threads_for((long)n * m, PAR_MIN_ELEMS), blocks = (m + COL_BLOCK - 1) / COL_BLOCK;
+    moe_par_run(nt < blocks ? nt : blocks, colsum_run, &j);
 }
 
 void moe_model_matmul_forward(float *out, const float *inp, const float *weight, const float *bias,
@@ -260,13 +267,13 @@ void moe_model_matmul_backward_ref(float *dinp, float *dweight, float *dbias, co
  * (a float max reduction is not reassociated by the compiler on its own). */
 static inline float row_max(const float *x, int n)
 {
-    float m[8];
-    for (int l = 0; l < 8; l++) m[l] = x[0];
+    float m[LANES];
+    for (int l = 0; l < LANES; l++) m[l] = x[0];
     int j = 0;
-    for (; j + 8 <= n; j += 8)
-        for (int l = 0; l < 8; l++) m[l] = x[j + l] > m[l] ? x[j + l] : m[l];
+    for (; j + LANES <= n; j += LANES)
+        for (int l = 0; l < LANES; l++) m[l] = x[j + l] > m[l] ? x[j + l] : m[l];
     for (; j < n; j++) m[0] = x[j] > m[0] ? x[j] : m[0];
-    for (int l = 1; l < 8; l++) m[0] = m[l] > m[0] ? m[l] : m[0];
+    for (int l = 1; l < LANES; l++) m[0] = m[l] > m[0] ? m[l] : m[0];
     return m[0];
 }
 
@@ -294,20 +301,15 @@ MOE_TARGET_CLONES static void causal_softmax_row(float *row, int t, int T)
 /* In place on rows [t0, t0 + n) of a (T, T) block holding dP = dL/dP in
  * columns [0, cols): dS = P * (dP - sum_j P dP) * scale, the softmax backward
  * folded with the score scale; zero above the diagonal. P and d point at row t0. */
-MOE_TARGET_CLONES static void causal_softmax_backward(float *d, const float *P, int t0, int n, int cols, int T,
-                                    float scale)
+MOE_TARGET_CLONES static void causal_softmax_backward(float *d, const float *P, int t0, int n, int cols,
+                                                      int T, float scale)
 {
     for (int i = 0; i < n; i++) {
         const int t = t0 + i;
         float *dr = d + (size_t)i * T;
         const float *pr = P + (size_t)i * T;
-        float acc[8] = {0};
-        int j = 0;
-        for (; j + 8 <= t + 1; j += 8)
-            for (int l = 0; l < 8; l++) acc[l] += pr[j + l] * dr[j + l];
-        for (; j <= t; j++) acc[0] += pr[j] * dr[j];
-        const float dot = lanes_total(acc);
-        for (j = 0; j <= t; j++) dr[j] = pr[j] * (dr[j] - dot) * scale;
+        const float dot = lanes_dot(pr, dr, t + 1);
+        for (int j = 0; j <= t; j++) dr[j] = pr[j] * (dr[j] - dot) * scale;
         for (int j = t + 1; j < cols; j++) dr[j] = 0.0f;
     }
 }
@@ -460,6 +462,8 @@ void moe_model_attention_backward_ref(float *dinp, float *scratch, const float *
 #undef DQ
 }
 
+/* Arguments of the row-independent passes below; each thread takes a
+ * contiguous share of the n rows (elements, for the residual add). */
 typedef struct {
     float *out, *probs, *losses;
     const float *a, *b, *logits, *probs_in;
@@ -467,69 +471,65 @@ typedef struct {
     long n;
     int V;
     float dloss;
-    int kind; /* 0 residual, 1 cross-entropy forward, 2 cross-entropy backward */
 } rows_job;
 
-MOE_TARGET_CLONES static void ce_forward_rows(float *losses, float *probs, const float *logits,
-                                              const uint8_t *targets, long n0, long n1, int V)
+static void residual_run(void *ctx, int t, int nt)
 {
+    const rows_job *j = ctx;
+    long i0, i1;
+    moe_par_range(j->n, t, nt, &i0, &i1);
+    for (long i = i0; i < i1; i++) j->out[i] = j->a[i] + j->b[i];
+}
+
+MOE_TARGET_CLONES static void ce_forward_run(void *ctx, int t, int nt)
+{
+    const rows_job *j = ctx;
+    const int V = j->V;
+    long n0, n1;
+    moe_par_range(j->n, t, nt, &n0, &n1);
     for (long n = n0; n < n1; n++) {
-        const float *l = logits + (size_t)n * V;
-        float *p = probs + (size_t)n * V;
+        const float *l = j->logits + (size_t)n * V;
+        float *p = j->probs + (size_t)n * V;
         const float mx = row_max(l, V);
         memcpy(p, l, (size_t)V * sizeof *p);
         const double sum = row_exp_sum(p, V, mx);
         const float inv = (float)(1.0 / sum);
         for (int i = 0; i < V; i++) p[i] *= inv;
         /* lse - l[target] rather than -log(p[target]): exact for tiny probabilities */
-        losses[n] = (float)((double)mx + log(sum) - l[targets[n]]);
+        j->losses[n] = (float)((double)mx + log(sum) - l[j->targets[n]]);
     }
 }
 
-static void ce_backward_rows(float *dlogits, const float *probs, const uint8_t *targets, float dloss,
-                             long n0, long n1, int V)
-{
-    for (long n = n0; n < n1; n++) {
-        float *d = dlogits + (size_t)n * V;
-        const float *p = probs + (size_t)n * V;
-        for (int i = 0; i < V; i++) d[i] += p[i] * dloss;
-        d[targets[n]] -= dloss;
-    }
-}
-
-/* Row-independent passes, rows (elements for the residual) split over threads. */
-static void rows_run(void *ctx, int t, int nt)
+static void ce_backward_run(void *ctx, int t, int nt)
 {
     const rows_job *j = ctx;
-    long i0, i1;
-    moe_par_range(j->n, t, nt, &i0, &i1);
-    switch (j->kind) {
-    case 0:
-        for (long i = i0; i < i1; i++) j->out[i] = j->a[i] + j->b[i];
-        break;
-    case 1: ce_forward_rows(j->losses, j->probs, j->logits, j->targets, i0, i1, j->V); break;
-    default: ce_backward_rows(j->out, j->probs_in, j->targets, j->dloss, i0, i1, j->V); break;
+    const int V = j->V;
+    long n0, n1;
+    moe_par_range(j->n, t, nt, &n0, &n1);
+    for (long n = n0; n < n1; n++) {
+        float *d = j->out + (size_t)n * V;
+        const float *p = j->probs_in + (size_t)n * V;
+        for (int i = 0; i < V; i++) d[i] += p[i] * j->dloss;
+        d[j->targets[n]] -= j->dloss;
     }
 }
 
 void moe_model_residual_forward(float *out, const float *a, const float *b, long n)
 {
-    rows_job j = {.out = out, .a = a, .b = b, .n = n, .kind = 0};
-    moe_par_run(moe_par_threads_for(n, PAR_MIN_ELEMS), rows_run, &j);
+    rows_job j = {.out = out, .a = a, .b = b, .n = n};
+    moe_par_run(moe_par_threads_for(n, PAR_MIN_ELEMS), residual_run, &j);
 }
 
 void moe_model_crossentropy_forward(float *losses, float *probs, const float *logits,
                                     const uint8_t *targets, int N, int V)
 {
-    rows_job j = {.losses = losses, .probs = probs, .logits = logits, .targets = targets, .n = N, .V = V,
-                  .kind = 1};
-    moe_par_run(moe_par_threads_for((long)N * V, PAR_MIN_ELEMS), rows_run, &j);
+    rows_job j = {.losses = losses, .probs = probs, .logits = logits, .targets = targets, .n = N, .V = V};
+    moe_par_run(moe_par_threads_for((long)N * V, PAR_MIN_ELEMS), ce_forward_run, &j);
 }
 
 void moe_model_crossentropy_backward(float *dlogits, const float *probs, const uint8_t *targets,
                                      float dloss, int N, int V)
 {
-    rows_job j = {.out = dlogits, .probs_in = probs, .targets = targets, .n = N, .V = V, .dloss = dloss,
-                  .kind = 2};
-    moe_par_run(moe_par_threads_for((long)N * V, PAR_MIN_ELEMS), rows_run, &j);
+    rows_job j = {.out = dlogits, .probs_in = probs, .targets = targets, .n = N, .V = V, .dloss = dloss};
+    moe_par_run(moe_par_threads_for((long)N * V, PAR_MIN_ELEMS), ce_backward_run, &j);
 }

@@ -28,7 +28,7 @@ struct moe_trainer {
     uint8_t *active;           /* (n_moe, El) activated in the current step */
     int64_t updates;
     double *sumsq_part;        /* (ceil(total / SUMSQ_CHUNK)) partial sums of squares */
-    adam_seg *segs;            /* (table.n + n_moe * El * 4) AdamW work list of a step */
+    adam_seg *segs;            /* (table.n * max(El, 1)) AdamW work list of a step: at most one per tensor or expert row block */
 };
 
 moe_status moe_trainer_create(moe_trainer **out, const moe_train_config *cfg, moe_comm *comm)
@@ -149,7 +149,6 @@ static double sum_sq_serial(const float *a, size_t n)
  * the norm does not depend on how many threads computed the chunks (dense
  * gradients are identical on every rank, and so must be their norm,
  * whatever each rank's thread count). */
-
 typedef struct {
     const float *a;
     size_t n;
