@@ -32,17 +32,33 @@ function(moe_add_mpi_test name np)
     ENVIRONMENT "OPENBLAS_NUM_THREADS=1;OMPI_MCA_rmaps_base_oversubscribe=1")
 endfunction()
 
-# The AddressSanitizer + UBSan pass of launch/test runs `ctest -L asan`.
-# Called at the end of a tests/<module>/CMakeLists.txt: labels every unit
-# test of that folder (kernels, bad input, corrupt and truncated files) and
-# the tests whose names match the optional regex.
-function(moe_label_asan_tests)
-  set(pattern "${ARGV0}")
+# Called at the end of every tests/<module>/CMakeLists.txt:
+# - gives each test of the folder a working directory of its own
+#   (build/tests/<module>/work/<test>), so tests that run at the same time
+#   under `ctest -j` never share a scratch file;
+# - labels `asan` (the AddressSanitizer + UBSan pass of launch/test runs
+#   `ctest -L asan`) every unit test of the folder (kernels, bad input,
+#   corrupt and truncated files) and the tests whose names match the
+#   optional regex ASAN;
+# - adds the label `equiv` to the tests whose names match the optional regex
+#   EQUIV: multi-rank runs held to the single-process result, which .ci/run
+#   repeats under every BLAS kernel set.
+function(moe_finalize_tests)
+  cmake_parse_arguments(ARG "" "ASAN;EQUIV;LABEL" "" ${ARGN})
   get_property(dir_tests DIRECTORY PROPERTY TESTS)
   foreach(t IN LISTS dir_tests)
+    set(work ${CMAKE_CURRENT_BINARY_DIR}/work/${t})
+    file(MAKE_DIRECTORY ${work})
+    set_property(TEST ${t} PROPERTY WORKING_DIRECTORY ${work})
     get_test_property(${t} LABELS labels)
-    if("unit" IN_LIST labels OR (pattern AND t MATCHES "${pattern}"))
+    if(ARG_LABEL)
+      set_property(TEST ${t} APPEND PROPERTY LABELS ${ARG_LABEL})
+    endif()
+    if("unit" IN_LIST labels OR (ARG_ASAN AND t MATCHES "${ARG_ASAN}"))
       set_property(TEST ${t} APPEND PROPERTY LABELS asan)
+    endif()
+    if(ARG_EQUIV AND t MATCHES "${ARG_EQUIV}")
+      set_property(TEST ${t} APPEND PROPERTY LABELS equiv)
     endif()
   endforeach()
 endfunction()
