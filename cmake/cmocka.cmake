@@ -34,7 +34,7 @@ endfunction()
 
 # Called at the end of every tests/<module>/CMakeLists.txt:
 # - gives each test of the folder a working directory of its own
-#   (build/tests/<module>/work/<test>), so tests that run at the same time
+#   (build/tests/<module>/cwd/<test>), so tests that run at the same time
 #   under `ctest -j` never share a scratch file;
 # - labels `asan` (the AddressSanitizer + UBSan pass of launch/test runs
 #   `ctest -L asan`) every unit test of the folder (kernels, bad input,
@@ -47,7 +47,7 @@ function(moe_finalize_tests)
   cmake_parse_arguments(ARG "" "ASAN;EQUIV;LABEL" "" ${ARGN})
   get_property(dir_tests DIRECTORY PROPERTY TESTS)
   foreach(t IN LISTS dir_tests)
-    set(work ${CMAKE_CURRENT_BINARY_DIR}/work/${t})
+    set(work ${CMAKE_CURRENT_BINARY_DIR}/cwd/${t})
     file(MAKE_DIRECTORY ${work})
     set_property(TEST ${t} PROPERTY WORKING_DIRECTORY ${work})
     get_test_property(${t} LABELS labels)
