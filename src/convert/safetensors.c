@@ -937,12 +937,13 @@ static void sb_puts(sbuf *b, const char *s) { sb_put(b, s, strlen(s)); }
 static void sb_printf(sbuf *b, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 static void sb_printf(sbuf *b, const char *fmt, ...)
 {
-    char tmp[64];
+    char tmp[256];
     va_list ap;
     va_start(ap, fmt);
     int n = vsnprintf(tmp, sizeof tmp, fmt, ap);
     va_end(ap);
-    sb_put(b, tmp, (size_t)n);
+    if (n < 0 || (size_t)n >= sizeof tmp) b->bad = 1; /* only short fixed texts pass through here */
+    else sb_put(b, tmp, (size_t)n);
 }
 
 /* A JSON string as serde_json writes it (ascii = 0: UTF-8 kept as is) or as
