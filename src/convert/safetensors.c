@@ -264,12 +264,19 @@ static moe_status parse_metadata(moe_st_file *f, const cJSON *m)
             return moe_errorf(MOE_ERR_NOMEM, "safetensors '%s': metadata", f->path);
         f->n_meta++;
     }
-    /* Keys and values are sorted together: sort an index, then permute. */
-    for (size_t i = 1; i < f->n_meta; i++)
-        for (size_t k = i; k > 0 && strcmp(f->meta_k[k - 1], f->meta_k[k]) > 0; k--) {
-            char *t = f->meta_k[k]; f->meta_k[k] = f->meta_k[k - 1]; f->meta_k[k - 1] = t;
-            t = f->meta_v[k]; f->meta_v[k] = f->meta_v[k - 1]; f->meta_v[k - 1] = t;
-        }
+    /* Sort the keys and carry the values along (pairs sorted by key). */
+    char *(*pairs)[2] = malloc((f->n_meta ? f->n_meta : 1) * sizeof *pairs);
+    if (!pairs) return moe_errorf(MOE_ERR_NOMEM, "safetensors '%s': metadata", f->path);
+    for (size_t i = 0; i < f->n_meta; i++) {
+        pairs[i][0] = f->meta_k[i];
+        pairs[i][1] = f->meta_v[i];
+    }
+    qsort(pairs, f->n_meta, sizeof *pairs, cmp_str_ptr); /* compares the first pointer of a pair */
+    for (size_t i = 0; i < f->n_meta; i++) {
+        f->meta_k[i] = pairs[i][0];
+        f->meta_v[i] = pairs[i][1];
+    }
+    free(pairs);
     for (size_t i = 1; i < f->n_meta; i++)
         if (!strcmp(f->meta_k[i - 1], f->meta_k[i]))
             return FMT_ERR(f, "'__metadata__' key '%s' given twice", f->path, shown(kb, f->meta_k[i]));

@@ -203,6 +203,11 @@ static void test_write_metadata_and_escapes(void **state)
     moe_st_file *f;
     assert_int_equal(moe_st_file_create(&f, "meta.safetensors"), MOE_OK);
     assert_string_equal(moe_st_file_meta(f, "alpha"), "tab\there \"q\"");
+    assert_string_equal(moe_st_file_meta(f, "zeta"), "1");
+    const char *k0, *v0;
+    moe_st_file_meta_get(f, 1, &k0, &v0);
+    assert_string_equal(k0, "zeta");
+    assert_string_equal(v0, "1");
     assert_true(moe_st_file_find(f, "layer.\xc3\xa9\\name", NULL));
     moe_st_file_destroy(f);
 
