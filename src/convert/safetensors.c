@@ -78,7 +78,8 @@ static const char *shown(char buf[128], const char *s)
     return buf;
 }
 
-#define FMT_ERR(f, ...) moe_errorf(MOE_ERR_FORMAT, "safetensors '%s': " __VA_ARGS__)
+/* A format error naming the file: FMT_ERR(f, "fmt", args...). */
+#define FMT_ERR(f, fmt, ...) moe_errorf(MOE_ERR_FORMAT, "safetensors '%s': " fmt, (f)->path, ##__VA_ARGS__)
 
 /* ---- header text checks cJSON does not make ---- */
 
@@ -182,7 +183,7 @@ static moe_status parse_entry(const moe_st_file *f, const cJSON *j, entry *e)
 {
     char nb[128];
     const char *nm = shown(nb, j->string);
-    if (!cJSON_IsObject(j)) return FMT_ERR(f, "tensor '%s': entry is not an object", f->path, nm);
+    if (!cJSON_IsObject(j)) return FMT_ERR(f, "tensor '%s': entry is not an object", nm);
     const cJSON *dt = NULL, *sh = NULL, *off = NULL;
     for (const cJSON *c = j->child; c; c = c->next) {
         const cJSON **slot = !strcmp(c->string, "dtype")          ? &dt
@@ -190,57 +191,56 @@ static moe_status parse_entry(const moe_st_file *f, const cJSON *j, entry *e)
                              : !strcmp(c->string, "data_offsets") ? &off
                                                                   : NULL;
         char fb[128];
-        if (!slot) return FMT_ERR(f, "tensor '%s': unknown field '%s'", f->path, nm, shown(fb, c->string));
-        if (*slot) return FMT_ERR(f, "tensor '%s': field '%s' given twice", f->path, nm, c->string);
+        if (!slot) return FMT_ERR(f, "tensor '%s': unknown field '%s'", nm, shown(fb, c->string));
+        if (*slot) return FMT_ERR(f, "tensor '%s': field '%s' given twice", nm, c->string);
         *slot = c;
     }
-    if (!dt) return FMT_ERR(f, "tensor '%s': missing field 'dtype'", f->path, nm);
-    if (!sh) return FMT_ERR(f, "tensor '%s': missing field 'shape'", f->path, nm);
-    if (!off) return FMT_ERR(f, "tensor '%s': missing field 'data_offsets'", f->path, nm);
+    if (!dt) return FMT_ERR(f, "tensor '%s': missing field 'dtype'", nm);
+    if (!sh) return FMT_ERR(f, "tensor '%s': missing field 'shape'", nm);
+    if (!off) return FMT_ERR(f, "tensor '%s': missing field 'data_offsets'", nm);
 
     char db[128];
-    if (!cJSON_IsString(dt)) return FMT_ERR(f, "tensor '%s': 'dtype' is not a string", f->path, nm);
+    if (!cJSON_IsString(dt)) return FMT_ERR(f, "tensor '%s': 'dtype' is not a string", nm);
     if (!dtype_parse(dt->valuestring, &e->dtype))
-        return FMT_ERR(f, "tensor '%s': unknown dtype '%s'", f->path, nm, shown(db, dt->valuestring));
+        return FMT_ERR(f, "tensor '%s': unknown dtype '%s'", nm, shown(db, dt->valuestring));
 
-    if (!cJSON_IsArray(sh)) return FMT_ERR(f, "tensor '%s': 'shape' is not an array", f->path, nm);
+    if (!cJSON_IsArray(sh)) return FMT_ERR(f, "tensor '%s': 'shape' is not an array", nm);
     int rank = cJSON_GetArraySize(sh);
     if (rank > MOE_ST_MAX_RANK)
-        return FMT_ERR(f, "tensor '%s': rank %d above the supported %d", f->path, nm, rank, MOE_ST_MAX_RANK);
+        return FMT_ERR(f, "tensor '%s': rank %d above the supported %d", nm, rank, MOE_ST_MAX_RANK);
     e->rank = rank;
     uint64_t numel = 1;
     int i = 0;
     for (const cJSON *c = sh->child; c; c = c->next, i++) {
         uint64_t v;
         if (!json_uint(c, &v))
-            return FMT_ERR(f, "tensor '%s': shape[%d] is not a non-negative integer", f->path, nm, i);
-        if (v > (uint64_t)INT64_MAX) return FMT_ERR(f, "tensor '%s': shape[%d] too large", f->path, nm, i);
+            return FMT_ERR(f, "tensor '%s': shape[%d] is not a non-negative integer", nm, i);
+        if (v > (uint64_t)INT64_MAX) return FMT_ERR(f, "tensor '%s': shape[%d] too large", nm, i);
         e->shape[i] = (int64_t)v;
         if (v && numel > (uint64_t)INT64_MAX / v)
-            return FMT_ERR(f, "tensor '%s': the shape's element count overflows", f->path, nm);
+            return FMT_ERR(f, "tensor '%s': the shape's element count overflows", nm);
         numel *= v;
     }
     e->numel = (int64_t)numel;
     const unsigned bits = (unsigned)dtypes[e->dtype].bits;
-    if (numel > UINT64_MAX / bits) return FMT_ERR(f, "tensor '%s': the byte size overflows", f->path, nm);
+    if (numel > UINT64_MAX / bits) return FMT_ERR(f, "tensor '%s': the byte size overflows", nm);
     const uint64_t nbits = numel * bits;
     if (nbits % 8)
-        return FMT_ERR(f, "tensor '%s': %llu elements of %s do not fill whole bytes", f->path, nm,
+        return FMT_ERR(f, "tensor '%s': %llu elements of %s do not fill whole bytes", nm,
                        (unsigned long long)numel, dtypes[e->dtype].name);
 
     if (!cJSON_IsArray(off) || cJSON_GetArraySize(off) != 2 || !json_uint(off->child, &e->begin) ||
         !json_uint(off->child->next, &e->end))
-        return FMT_ERR(f, "tensor '%s': 'data_offsets' is not two non-negative integers", f->path, nm);
+        return FMT_ERR(f, "tensor '%s': 'data_offsets' is not two non-negative integers", nm);
     if (e->end < e->begin)
-        return FMT_ERR(f, "tensor '%s': data_offsets [%llu, %llu] end before they begin", f->path, nm,
+        return FMT_ERR(f, "tensor '%s': data_offsets [%llu, %llu] end before they begin", nm,
                        (unsigned long long)e->begin, (unsigned long long)e->end);
     if (e->end - e->begin != nbits / 8)
-        return FMT_ERR(f, "tensor '%s': data_offsets [%llu, %llu] hold %llu bytes, but %s x %llu elements take %llu",
-                       f->path, nm, (unsigned long long)e->begin, (unsigned long long)e->end,
+        return FMT_ERR(f, "tensor '%s': data_offsets [%llu, %llu] hold %llu bytes, but %s x %llu elements take %llu", nm, (unsigned long long)e->begin, (unsigned long long)e->end,
                        (unsigned long long)(e->end - e->begin), dtypes[e->dtype].name,
                        (unsigned long long)numel, (unsigned long long)(nbits / 8));
     if (e->end > f->data_len)
-        return FMT_ERR(f, "tensor '%s': data_offsets [%llu, %llu] run past the %llu data bytes of the file", f->path,
+        return FMT_ERR(f, "tensor '%s': data_offsets [%llu, %llu] run past the %llu data bytes of the file",
                        nm, (unsigned long long)e->begin, (unsigned long long)e->end,
                        (unsigned long long)f->data_len);
     return MOE_OK;
@@ -249,7 +249,7 @@ static moe_status parse_entry(const moe_st_file *f, const cJSON *j, entry *e)
 static moe_status parse_metadata(moe_st_file *f, const cJSON *m)
 {
     if (cJSON_IsNull(m)) return MOE_OK;
-    if (!cJSON_IsObject(m)) return FMT_ERR(f, "'__metadata__' is not an object", f->path);
+    if (!cJSON_IsObject(m)) return FMT_ERR(f, "'__metadata__' is not an object");
     size_t n = (size_t)cJSON_GetArraySize(m);
     f->meta_k = calloc(n ? n : 1, sizeof *f->meta_k);
     f->meta_v = calloc(n ? n : 1, sizeof *f->meta_v);
@@ -257,7 +257,7 @@ static moe_status parse_metadata(moe_st_file *f, const cJSON *m)
     char kb[128];
     for (const cJSON *c = m->child; c; c = c->next) {
         if (!cJSON_IsString(c))
-            return FMT_ERR(f, "'__metadata__' value of '%s' is not a string", f->path, shown(kb, c->string));
+            return FMT_ERR(f, "'__metadata__' value of '%s' is not a string", shown(kb, c->string));
         f->meta_k[f->n_meta] = strdup(c->string);
         f->meta_v[f->n_meta] = strdup(c->valuestring);
         if (!f->meta_k[f->n_meta] || !f->meta_v[f->n_meta])
@@ -279,26 +279,26 @@ static moe_status parse_metadata(moe_st_file *f, const cJSON *m)
     free(pairs);
     for (size_t i = 1; i < f->n_meta; i++)
         if (!strcmp(f->meta_k[i - 1], f->meta_k[i]))
-            return FMT_ERR(f, "'__metadata__' key '%s' given twice", f->path, shown(kb, f->meta_k[i]));
+            return FMT_ERR(f, "'__metadata__' key '%s' given twice", shown(kb, f->meta_k[i]));
     return MOE_OK;
 }
 
 /* Validates the header of f->base[0..len) and fills the tables. */
 static moe_status parse(moe_st_file *f)
 {
-    if (f->len < 8) return FMT_ERR(f, "%zu bytes, shorter than the 8-byte header length", f->path, f->len);
+    if (f->len < 8) return FMT_ERR(f, "%zu bytes, shorter than the 8-byte header length", f->len);
     uint64_t hn = 0;
     for (int i = 7; i >= 0; i--) hn = (hn << 8) | f->base[i];
     if (hn > MOE_ST_MAX_HEADER)
-        return FMT_ERR(f, "header length %llu above the %d-byte limit", f->path, (unsigned long long)hn,
+        return FMT_ERR(f, "header length %llu above the %d-byte limit", (unsigned long long)hn,
                        MOE_ST_MAX_HEADER);
     if (hn > f->len - 8)
-        return FMT_ERR(f, "header length %llu runs past the end of the file (%zu bytes)", f->path,
+        return FMT_ERR(f, "header length %llu runs past the end of the file (%zu bytes)",
                        (unsigned long long)hn, f->len);
     const char *h = (const char *)f->base + 8;
-    if (hn == 0 || h[0] != '{') return FMT_ERR(f, "the header does not start with '{'", f->path);
-    if (!utf8_valid((const unsigned char *)h, (size_t)hn)) return FMT_ERR(f, "the header is not valid UTF-8", f->path);
-    if (has_escaped_nul(h, (size_t)hn)) return FMT_ERR(f, "the header holds an escaped NUL (\\u0000)", f->path);
+    if (hn == 0 || h[0] != '{') return FMT_ERR(f, "the header does not start with '{'");
+    if (!utf8_valid((const unsigned char *)h, (size_t)hn)) return FMT_ERR(f, "the header is not valid UTF-8");
+    if (has_escaped_nul(h, (size_t)hn)) return FMT_ERR(f, "the header holds an escaped NUL (\\u0000)");
     f->data = f->base + 8 + hn;
     f->data_len = f->len - 8 - hn;
 
@@ -314,18 +314,18 @@ static moe_status parse(moe_st_file *f)
     if (!root) {
         const char *at = cJSON_GetErrorPtr();
         size_t pos = at && at >= text && at <= text + hn ? (size_t)(at - text) : 0;
-        st = FMT_ERR(f, "the header is not valid JSON (near byte %zu of %llu)", f->path, pos, (unsigned long long)hn);
+        st = FMT_ERR(f, "the header is not valid JSON (near byte %zu of %llu)", pos, (unsigned long long)hn);
         goto done;
     }
     /* After the JSON object only padding (JSON whitespace) may follow. */
     for (const char *p = end; p < text + hn; p++)
         if (*p != ' ' && *p != '\t' && *p != '\n' && *p != '\r') {
-            st = FMT_ERR(f, "unexpected byte 0x%02x after the header's JSON object (byte %zu)", f->path,
+            st = FMT_ERR(f, "unexpected byte 0x%02x after the header's JSON object (byte %zu)",
                          (unsigned char)*p, (size_t)(p - text));
             goto done;
         }
     if (!cJSON_IsObject(root)) {
-        st = FMT_ERR(f, "the header is not a JSON object", f->path);
+        st = FMT_ERR(f, "the header is not a JSON object");
         goto done;
     }
 
@@ -334,7 +334,7 @@ static moe_status parse(moe_st_file *f)
     for (const cJSON *c = root->child; c; c = c->next) {
         if (!strcmp(c->string, "__metadata__")) {
             if (meta) {
-                st = FMT_ERR(f, "'__metadata__' given twice", f->path);
+                st = FMT_ERR(f, "'__metadata__' given twice");
                 goto done;
             }
             meta = c;
@@ -361,7 +361,7 @@ static moe_status parse(moe_st_file *f)
     char nb[128];
     for (size_t i = 1; i < f->n; i++)
         if (!strcmp(f->e[i - 1].name, f->e[i].name)) {
-            st = FMT_ERR(f, "tensor '%s' given twice", f->path, shown(nb, f->e[i].name));
+            st = FMT_ERR(f, "tensor '%s' given twice", shown(nb, f->e[i].name));
             goto done;
         }
 
@@ -379,15 +379,15 @@ static moe_status parse(moe_st_file *f)
     for (size_t i = 0; i < f->n && st == MOE_OK; i++) {
         const entry *e = by_off[i];
         if (e->begin > at)
-            st = FMT_ERR(f, "tensor '%s': %llu data bytes before it belong to no tensor (offset %llu)", f->path,
+            st = FMT_ERR(f, "tensor '%s': %llu data bytes before it belong to no tensor (offset %llu)",
                          shown(nb, e->name), (unsigned long long)(e->begin - at), (unsigned long long)at);
         else if (e->begin < at)
-            st = FMT_ERR(f, "tensor '%s': data_offsets [%llu, %llu] overlap '%s'", f->path, shown(nb, e->name),
+            st = FMT_ERR(f, "tensor '%s': data_offsets [%llu, %llu] overlap '%s'", shown(nb, e->name),
                          (unsigned long long)e->begin, (unsigned long long)e->end, by_off[i - 1]->name);
         at = e->end;
     }
     if (st == MOE_OK && at != f->data_len)
-        st = FMT_ERR(f, "the tensors cover %llu data bytes but the file holds %llu after the header", f->path,
+        st = FMT_ERR(f, "the tensors cover %llu data bytes but the file holds %llu after the header",
                      (unsigned long long)at, (unsigned long long)f->data_len);
     free(by_off);
 done:

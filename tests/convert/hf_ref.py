@@ -255,6 +255,13 @@ class Arch:
         self.V = c["vocab_size"]
         self.eps = c["rms_norm_eps"]
         self.theta = c.get("rope_theta", 1e6 if self.type == "mixtral" else 10000.0)
+        rp = c.get("rope_parameters")  # transformers 5 spelling
+        if rp:
+            if rp.get("rope_type", "default") != "default":
+                raise ValueError(f"rope_parameters.rope_type {rp.get('rope_type')} is not modelled")
+            self.theta = rp.get("rope_theta", self.theta)
+        if c.get("partial_rotary_factor", 1.0) != 1.0:
+            raise ValueError("partial_rotary_factor is not modelled by this reference")
         self.k = c["num_experts_per_tok"]
         self.E = c["num_local_experts"] if self.type == "mixtral" else c["num_experts"]
         # Mixtral always renormalises the top-k weights; the others when norm_topk_prob.
