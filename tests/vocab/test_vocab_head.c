@@ -277,6 +277,10 @@ static void test_experts_vs_ref(void **state)
     check_experts(&P, 2, 6); /* a rank's share: experts 2..5 */
     check_experts(&P, 3, 4); /* one expert, no rows at all */
     problem_free(&P);
+    /* a few rows per expert (decoding): the GEMV path of small tiles */
+    problem_init(&P, 260, 20, 8, 11, -1, 0, 13);
+    check_experts(&P, 0, 8);
+    problem_free(&P);
     /* many rows and many tokens per expert: several tiles each way */
     problem_init(&P, 3000, 40, 6, 600, -1, 1, 3);
     assert_true(moe_vocab_part_max_size(P.p) > 1000);
