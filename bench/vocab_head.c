@@ -22,7 +22,7 @@
  *
  * Prints a table and `PERF <name> <value> <unit>` lines.
  * Usage: vocab_head [--V n] [--d n] [--M n] [--N n] [--K n] [--rounds n]
- *                   [--partition frequency|random] [--chunk n] [--only train|gen] [--quick] */
+ *                   [--partition frequency|random] [--chunk n] [--only train|gen|partition] [--quick] */
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -37,7 +37,7 @@
 
 typedef struct {
     int V, d, M, N, K, rounds, chunk, random_part;
-    int only; /* 0: both, 1: training, 2: generation */
+    int only; /* 0: all, 1: training, 2: generation, 3: partition */
 } opts;
 
 static int die(const char *what, moe_status s)
@@ -142,8 +142,8 @@ int main(int argc, char **argv)
         else if (!strcmp(a, "--K")) o.K = atoi(v);
         else if (!strcmp(a, "--rounds")) o.rounds = atoi(v);
         else if (!strcmp(a, "--chunk")) o.chunk = atoi(v);
-        else if (!strcmp(a, "--only") && (!strcmp(v, "train") || !strcmp(v, "gen")))
-            o.only = !strcmp(v, "train") ? 1 : 2;
+        else if (!strcmp(a, "--only") && (!strcmp(v, "train") || !strcmp(v, "gen") || !strcmp(v, "partition")))
+            o.only = !strcmp(v, "train") ? 1 : !strcmp(v, "gen") ? 2 : 3;
         else if (!strcmp(a, "--partition") && (!strcmp(v, "random") || !strcmp(v, "frequency")))
             o.random_part = !strcmp(v, "random");
         else goto usage;
@@ -212,7 +212,26 @@ int main(int argc, char **argv)
            "V d = %.3g (%.1fx fewer)\n",
            mean_s, (double)V / M, (M + mean_s) * d, (double)V * d, V / (M + mean_s));
 
-    if (o.only != 2) {
+    if (o.only == 0 || o.only == 3) {
+        /* ---- building the partition (once per run: not a hot path, timed for scale) ---- */
+        int32_t *a2 = alloc((size_t)V * sizeof *a2);
+        float *emb = alloc((size_t)V * d * sizeof *emb);
+        fill(emb, (size_t)V * d, 1.0f, 5);
+        moe_vocab_kmeans_config kc;
+        moe_vocab_kmeans_config_default(&kc);
+        double t0 = moe_now();
+        if ((s = moe_vocab_partition_frequency(a2, counts, V, M))) return die("frequency partition", s);
+        const double tf = moe_now() - t0;
+        t0 = moe_now();
+        if ((s = moe_vocab_partition_kmeans(a2, emb, V, d, M, &kc))) return die("k-means partition", s);
+        const double tk = moe_now() - t0;
+        printf("\npartition of %d ids into %d sets: frequency %.1f ms; k-means over (%d, %d) Gaussian embeddings, "
+               "%d iterations, cap %.1f: %.2f s\n", V, M, 1e3 * tf, V, d, kc.iters, kc.balance, tk);
+        printf("PERF vocab_partition_kmeans_s %.3f s\n", tk);
+        moe_free(a2), moe_free(emb);
+    }
+
+    if (o.only == 0 || o.only == 1) {
         /* ---- training, interleaved ---- */
         double *t_all = alloc(o.rounds * sizeof(double)), *t_chunk = alloc(o.rounds * sizeof(double));
         double *t_voc = alloc(o.rounds * sizeof(double));
@@ -242,7 +261,7 @@ int main(int argc, char **argv)
         moe_free(t_all), moe_free(t_chunk), moe_free(t_voc);
     }
 
-    if (o.only != 1) {
+    if (o.only == 0 || o.only == 2) {
         /* ---- generation, interleaved; a new batch of rows each time (new experts chosen, as in decoding) ---- */
         const int batches[2] = {1, 16};
         printf("\ngeneration (next-token distribution)                   tokens/s\n");
@@ -279,9 +298,12 @@ int main(int argc, char **argv)
     }
     moe_vocab_head_destroy(hd);
     moe_vocab_part_destroy(p);
+    moe_free(cdf), moe_free(tg), moe_free(assign), moe_free(sample), moe_free(counts), moe_free(pb), moe_free(gb);
+    moe_free(h), moe_free(dh), moe_free(loss), moe_free(ids), moe_free(cnt), moe_free(lp);
+    moe_free(f.logits), moe_free(f.probs), moe_free(f.tg);
     return 0;
 usage:
     fprintf(stderr, "usage: vocab_head [--V n] [--d n] [--M n] [--N n >= 16] [--K n] [--rounds n] "
-                    "[--partition frequency|random] [--chunk n] [--only train|gen] [--quick]\n");
+                    "[--partition frequency|random] [--chunk n] [--only train|gen|partition] [--quick]\n");
     return 2;
 }
