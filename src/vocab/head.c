@@ -25,8 +25,10 @@ enum { ROW_TILE = 64, COL_TILE = 256, ROUTER_TILE = 16 };
 /* Expert tiles of at most this many rows multiply by GEMV (see tile_logits):
  * measured faster than sgemm up to 4 rows for sets of ~800 tokens, d = 256. */
 enum { GEMV_ROWS = 4 };
-/* Multiply-adds a thread should get before a region pays for its start. */
-#define MIN_MACS_PER_THREAD (1L << 20)
+/* Multiply-adds a thread should get before a region pays for its start
+ * (thread creation, and reading the weights is memory-bound at decoding
+ * sizes anyway): about 0.1 ms of work. */
+#define MIN_MACS_PER_THREAD (1L << 22)
 
 size_t moe_vocab_params_numel(int V, int d, int M)
 {
