@@ -17,6 +17,7 @@ enum {
     MOE_RNG_DATA = 3,         /* training windows and the corpus: see src/data/data.h */
     MOE_RNG_BENCH = 4,        /* ctr = {element lo, element hi, tensor id, 0} */
     MOE_RNG_SAMPLE = 5,       /* ctr = {position, sequence, 0, 0} */
+    MOE_RNG_VOCAB_KMEANS = 6, /* ctr = {row, seeding round, 0, 0}: k-means++ (src/vocab/partition.c) */
 };
 
 /* out = Philox4x32-10(ctr, key). */
