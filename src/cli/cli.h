@@ -51,10 +51,11 @@ void moe_cli_input_free(moe_cli_input *in);
 
 /* --doc-sep NAME / --doc-delim S of `tokenizer encode` and `data encode`:
  * sets the encoder's document delimiter (S with C escapes; default NAME's
- * own text). Returns 0, or the exit status after printing the problem. */
+ * own text). Returns 0, or the exit status after printing the problem
+ * (a usage error: by rank 0 only, as moe_cli_usage_error). */
 struct moe_tok;
 struct moe_tok_encoder;
 int moe_cli_doc_delim(struct moe_tok_encoder *e, const struct moe_tok *t, const char *sep_name, const char *delim_arg,
-                      const char *cmd);
+                      const char *cmd, int rank);
 
 #endif

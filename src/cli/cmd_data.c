@@ -179,7 +179,7 @@ static int cmd_encode(int argc, char **argv)
     if (st) {
         moe_cli_error(W > 1 ? rank : -1, "data encode", st);
         r = 1;
-    } else if ((r = moe_cli_doc_delim(e, t, sep, delim, "data encode")) == 0) {
+    } else if ((r = moe_cli_doc_delim(e, t, sep, delim, "data encode", W > 1 ? rank : -1)) == 0) {
         /* the delimiter lives in the encoder; the file encoder takes it as bytes */
         const uint8_t *dbytes = NULL;
         size_t dlen = 0;

@@ -253,8 +253,8 @@ moe_status moe_tok_create(moe_tok **out, const uint8_t *bytes, const int64_t *of
                           int n_specials, const char *const *special_names, const int64_t *special_ids)
 {
     *out = NULL;
-    if (n < 256 || !offsets || (!bytes && offsets[n] > 0))
-        return moe_errorf(MOE_ERR_FORMAT, "a tokenizer needs at least the 256 single bytes (got %lld ranks)",
+    if (n < 1 || !offsets || (!bytes && offsets[n] > 0))
+        return moe_errorf(MOE_ERR_FORMAT, "a tokenizer needs ranks for the 256 single bytes (got %lld ranks)",
                           (long long)n);
     if (n > MOE_TOK_MAX_VOCAB)
         return moe_errorf(MOE_ERR_FORMAT, "%lld ranks (at most %d)", (long long)n, MOE_TOK_MAX_VOCAB);
