@@ -136,18 +136,25 @@ def main():
 
     mpi = ["mpiexec", "--oversubscribe"] + (["--allow-run-as-root"] if os.geteuid() == 0 else [])
     tok = os.path.join(work, "cl100k_base.json")
-    print(f"\nmoe data encode (cl100k_base, {n / 1e6:.1f} MB; encode phase incl. split planning and checks):")
-    res = {}
-    for label, cmd in (("1 rank x 1 thread", [MOE]), ("1 rank x 2 threads", [MOE]), ("2 ranks x 1 thread",
-                                                                                       mpi + ["-np", "2", MOE])):
-        th = "2" if "2 threads" in label else "1"
-        vals = []
-        for _ in range(ROUNDS):
+    print(f"\nmoe data encode (cl100k_base, {n / 1e6:.1f} MB; encode phase incl. split planning and checks; "
+          f"{max(ROUNDS, 5)} interleaved rounds, median). 'work split': CPU seconds of all parts over the busiest "
+          "part's, the speed-up on free cores whatever else runs here:")
+    runs = {"1 rank x 1 thread": ([MOE], "1"), "1 rank x 2 threads": ([MOE], "2"),
+            "2 ranks x 1 thread": (mpi + ["-np", "2", MOE], "1")}
+    vals = {k: [] for k in runs}
+    split = {k: [] for k in runs}
+    for _ in range(max(ROUNDS, 5)):
+        for label, (cmd, th) in runs.items():
             out, _ = run(cmd + ["data", "encode", "--tokenizer", tok, "--data", text, "--out",
                                 os.path.join(work, "c.tok"), "--threads", th])
-            vals.append(float(re.search(r"encode \S+ s \((\S+) MB/s\)", out).group(1)))
-        res[label] = statistics.median(vals)
-        print(f"  {label:<20} {res[label]:7.2f} MB/s  {res[label] / res['1 rank x 1 thread']:.2f}x")
+            vals[label].append(float(re.search(r"encode \S+ s \((\S+) MB/s\)", out).group(1)))
+            split[label].append(float(re.search(r"work split (\S+)x", out).group(1)))
+    base = statistics.median(vals["1 rank x 1 thread"])
+    for label in runs:
+        v = statistics.median(vals[label])
+        print(f"  {label:<20} {v:7.2f} MB/s  {v / base:.2f}x   work split {statistics.median(split[label]):.2f}x")
+    load = open("/proc/loadavg").read().split()[0]
+    print(f"  (load average {load} on {os.cpu_count()} cores at the end: other jobs share this machine)")
 
     train_in = os.path.join(work, "train.txt")
     with open(text, "rb") as f, open(train_in, "wb") as g:

@@ -414,6 +414,9 @@ static int cmd_info(int argc, char **argv)
         printf("tokenizer %s (loaded in %.3f s, peak RSS %.1f MB)\n", o.tok, secs, moe_cli_mem_mb("VmHWM"));
         print_summary(t, stdout);
         printf("pattern: %s\n", moe_tok_pattern(t));
+        char engine[160];
+        moe_tok_regex_engine(engine, sizeof engine);
+        printf("regex engine: %s\n", engine);
         for (int i = 0; i < moe_tok_n_specials(t); i++)
             printf("special %lld: %s\n", (long long)moe_tok_special_id(t, i), moe_tok_special_name(t, i));
         size_t longest = 0;

@@ -32,6 +32,16 @@ const char *moe_tok_named_pattern(const char *name)
     return NULL;
 }
 
+void moe_tok_regex_engine(char *buf, size_t n)
+{
+    char ver[64] = "?", uni[64] = "?";
+    uint32_t jit = 0;
+    pcre2_config(PCRE2_CONFIG_VERSION, ver);
+    pcre2_config(PCRE2_CONFIG_UNICODE_VERSION, uni);
+    pcre2_config(PCRE2_CONFIG_JIT, &jit);
+    snprintf(buf, n, "PCRE2 %s (Unicode %s), JIT %s", ver, uni, jit ? "on" : "off");
+}
+
 uint64_t moe_tok_fnv1a64(uint64_t h, const void *data, size_t n)
 {
     const uint8_t *p = data;

@@ -227,12 +227,20 @@ moe_status moe_tok_encode_file(moe_comm *c, const moe_tok *t, const char *in_pat
     st = ids && splits && counts && mine ? MOE_OK : moe_errorf(MOE_ERR_NOMEM, "parts");
     if (c) st = moe_comm_agree(c, st);
     int bad = 0;
+    double *cpu = calloc((size_t)threads, sizeof(double)), cpu_sum = 0, cpu_max = 0;
     if (!st) {
         enc_ctx x = {m.data, m.n, ids, p0};
         const moe_tok_parts_ops ops = {enc_run, enc_reset, &x, c ? comm_exchange : NULL, c};
-        st = moe_tok_parts_run(t, delim, delim_len, sep, m.data, m.n, P, p0, p1, &ops, splits, &bad);
+        st = moe_tok_parts_run(t, delim, delim_len, sep, m.data, m.n, P, p0, p1, &ops, splits, &bad, cpu);
     }
     const double t_encode = moe_now() - t0;
+    for (int i = 0; cpu && i < threads; i++) {
+        cpu_sum += cpu[i];
+        if (cpu[i] > cpu_max) cpu_max = cpu[i];
+    }
+    free(cpu);
+    if (!st && c) st = moe_comm_allreduce_f64(c, MOE_SCOPE_WORLD, &cpu_sum, 1);
+    if (!st && c) st = moe_comm_allmax_f64(c, MOE_SCOPE_WORLD, &cpu_max, 1);
     /* token offsets: an exclusive prefix sum over the parts in order */
     for (int i = 0; !st && i < threads; i++) mine[i] = ids[i].n;
     if (!st && c) st = moe_comm_allgather(c, counts, mine, sizeof(uint64_t) * (size_t)threads);
@@ -288,6 +296,8 @@ moe_status moe_tok_encode_file(moe_comm *c, const moe_tok *t, const char *in_pat
         stats->write_seconds = moe_now() - t1;
         stats->bad_splits = bad;
         stats->parts = P;
+        stats->cpu_sum = cpu_sum;
+        stats->cpu_max = cpu_max;
     }
     for (int i = 0; ids && i < threads; i++) moe_tok_ids_free(&ids[i]);
     free(ids);

@@ -33,6 +33,7 @@ typedef struct {
     double write_seconds;  /* pwrite, fsync, rename */
     int bad_splits;
     int parts;
+    double cpu_sum, cpu_max; /* CPU seconds of all parts' threads, of the busiest (all ranks) */
 } moe_tok_encode_stats;
 
 /* Encodes the file in_path with t into the token file out_path (tokfile.h):

@@ -3,6 +3,7 @@
 #include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #include "tokenizer/tok_parts.h"
 
@@ -24,12 +25,22 @@ typedef struct {
     int part;
     size_t start, stop, end;
     moe_status st;
+    double cpu;
 } job;
+
+static double thread_cpu(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts);
+    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+}
 
 static void *run_job(void *arg)
 {
     job *j = arg;
+    const double c0 = thread_cpu();
     j->st = j->ops->run(j->ops->ctx, j->part, j->e, j->start, j->stop, &j->end);
+    j->cpu = thread_cpu() - c0;
     return NULL;
 }
 
@@ -50,9 +61,10 @@ static void run_jobs(job *jobs, int nj)
 
 moe_status moe_tok_parts_run(const moe_tok *t, const uint8_t *delim, size_t delim_len, int64_t sep,
                              const uint8_t *text, size_t n, int n_parts, int p0, int p1, const moe_tok_parts_ops *ops,
-                             size_t *splits, int *n_bad)
+                             size_t *splits, int *n_bad, double *cpu)
 {
     if (n_bad) *n_bad = 0;
+    for (int i = 0; cpu && i < p1 - p0; i++) cpu[i] = 0;
     if (n_parts < 1 || p0 < 0 || p1 > n_parts || p0 > p1 || (!ops->exchange && (p0 != 0 || p1 != n_parts)))
         return moe_errorf(MOE_ERR_ARG, "parts [%d, %d) of %d", p0, p1, n_parts);
     const int nl = p1 - p0;
@@ -81,12 +93,13 @@ moe_status moe_tok_parts_run(const moe_tok *t, const uint8_t *delim, size_t deli
     for (int round = 0;; round++) {
         int nj = 0;
         for (int k = p0; k < p1 && !st; k++)
-            if (pending[k]) jobs[nj++] = (job){ops, enc[k - p0], k, from[k], splits[k + 1], 0, MOE_OK};
+            if (pending[k]) jobs[nj++] = (job){ops, enc[k - p0], k, from[k], splits[k + 1], 0, MOE_OK, 0};
         if (!st) run_jobs(jobs, nj);
         for (int i = 0; i < nj; i++) {
             if (!st) st = jobs[i].st;
             ends[jobs[i].part] = jobs[i].end;
             pending[jobs[i].part] = 0;
+            if (cpu) cpu[jobs[i].part - p0] += jobs[i].cpu;
         }
         /* parts not run this round keep their ends */
         if (ops->exchange) st = ops->exchange(ops->xctx, ends, n_parts, p0, p1, st);

@@ -44,9 +44,11 @@ void moe_tok_parts_plan(moe_tok_encoder *e, const uint8_t *text, size_t n, int n
  * the splits as described above; splits (n_parts + 1) is planned here and
  * holds the final positions on return (every process agrees on them).
  * *n_bad (may be NULL) gets the number of candidates that were not piece
- * boundaries. Collective through ops->exchange when it is set. */
+ * boundaries; cpu (may be NULL; p1 - p0 entries) the CPU seconds of the
+ * thread that ran each local part (what the part costs, whatever else
+ * shares the machine). Collective through ops->exchange when it is set. */
 moe_status moe_tok_parts_run(const moe_tok *t, const uint8_t *delim, size_t delim_len, int64_t sep,
                              const uint8_t *text, size_t n, int n_parts, int p0, int p1, const moe_tok_parts_ops *ops,
-                             size_t *splits, int *n_bad);
+                             size_t *splits, int *n_bad, double *cpu);
 
 #endif

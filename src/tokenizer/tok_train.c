@@ -182,7 +182,7 @@ moe_status moe_tok_counts_add_text(moe_tok_counts *c, const moe_tok *t, const ui
         if (moe_tok_counts_create(&part[i])) part[i] = NULL;
     count_ctx cc = {text, n, part, p0};
     const moe_tok_parts_ops ops = {count_run, count_reset, &cc, exchange, xctx};
-    moe_status st = moe_tok_parts_run(t, NULL, 0, -1, text, n, n_parts, p0, p1, &ops, splits, bad);
+    moe_status st = moe_tok_parts_run(t, NULL, 0, -1, text, n, n_parts, p0, p1, &ops, splits, bad, NULL);
     for (int i = 0; i < nl && !st; i++)
         for (uint64_t j = 0; j <= part[i]->mask && !st; j++) { /* sums: the order does not matter */
             const count_slot *s = &part[i]->slots[j];

@@ -79,6 +79,10 @@ uint64_t moe_tok_fnv1a64(uint64_t h, const void *data, size_t n);
 /* 1 if the two tokenizers have the same ranks, pattern and specials. */
 int moe_tok_equal(const moe_tok *a, const moe_tok *b);
 
+/* "PCRE2 <version> (Unicode <version>), JIT on|off" into buf (n bytes):
+ * the Unicode tables decide which characters are letters, numbers, marks. */
+void moe_tok_regex_engine(char *buf, size_t n);
+
 /* The published patterns by name ("gpt2", "r50k_base", "p50k_base",
  * "cl100k_base", "o200k_base"); NULL for an unknown name. gpt2, r50k and
  * p50k share one pattern. */

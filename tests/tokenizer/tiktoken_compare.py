@@ -142,6 +142,16 @@ def main():
     corpora["scripts and emoji"] = scripts_text(rng)
     corpora["edge cases"] = edge_cases(rng)
     corpora["random UTF-8"] = random_bytes_valid(rng, 200000)
+    # the filter of assigned characters is Python's Unicode version: it must
+    # be the one PCRE2's tables have
+    tok0 = os.path.join(WORK, "probe.json")
+    run([MOE, "tokenizer", "import", "--from", os.path.join(TKDIR, "encoders", "gpt2.json"), "--out", tok0])
+    info = run([MOE, "tokenizer", "info", "--tokenizer", tok0]).decode()
+    uni = info.split("(Unicode ")[1].split(")")[0]
+    if uni != unicodedata.unidata_version:
+        print(f"FAILED: PCRE2 has Unicode {uni}, this Python {unicodedata.unidata_version}: the character filter "
+              "would be wrong")
+        sys.exit(1)
     if ENC in ("cl100k_base", "o200k_base", "gpt2"):
         corpora["all code points"] = all_code_points()
     total = sum(len(v) for v in corpora.values())
