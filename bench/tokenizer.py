@@ -137,8 +137,8 @@ def main():
     mpi = ["mpiexec", "--oversubscribe"] + (["--allow-run-as-root"] if os.geteuid() == 0 else [])
     tok = os.path.join(work, "cl100k_base.json")
     print(f"\nmoe data encode (cl100k_base, {n / 1e6:.1f} MB; encode phase incl. split planning and checks; "
-          f"{max(ROUNDS, 5)} interleaved rounds, median). 'work split': CPU seconds of all parts over the busiest "
-          "part's, the speed-up on free cores whatever else runs here:")
+          f"{max(ROUNDS, 5)} interleaved rounds, median). 'work split': CPU seconds of all parts over the longest "
+          "a rank needs for its share, the speed-up the split allows on free cores, whatever else runs here:")
     runs = {"1 rank x 1 thread": ([MOE], "1"), "1 rank x 2 threads": ([MOE], "2"),
             "2 ranks x 1 thread": (mpi + ["-np", "2", MOE], "1")}
     vals = {k: [] for k in runs}

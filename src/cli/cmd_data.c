@@ -203,9 +203,8 @@ static int cmd_encode(int argc, char **argv)
                    "repaired\n",
                    W, threads, es.encode_seconds, es.encode_seconds > 0 ? (double)es.bytes / es.encode_seconds / 1e6 : 0.0,
                    es.write_seconds, es.bad_splits);
-            /* what the split achieves on free cores, whatever else runs here */
-            printf("parts: %d, CPU %.3f s in all, %.3f s in the busiest: work split %.2fx\n", es.parts, es.cpu_sum,
-                   es.cpu_max, es.cpu_max > 0 ? es.cpu_sum / es.cpu_max : 1.0);
+            /* what the split allows on free cores, whatever else runs here */
+            printf("parts: %d, CPU %.3f s in all: work split %.2fx\n", es.parts, es.cpu_sum, es.split_bound);
         }
     }
     /* a usage problem is the same on every rank: nobody is left waiting */

@@ -454,7 +454,7 @@ static int cmd_encode(int argc, char **argv)
     moe_tok *t = NULL;
     moe_tok_encoder *e = NULL;
     moe_cli_input in = {0};
-    uint32_t *ids = NULL;
+    moe_tok_ids v = {0};
     double load_s = 0;
     if ((r = load_tok(&t, o.tok, NULL, cmd, &load_s))) return r;
     moe_status st = moe_tok_encoder_create(&e, t);
@@ -463,42 +463,52 @@ static int cmd_encode(int argc, char **argv)
     if (!st && o.format == FMT_U16 && moe_tok_vocab_size(t) > 65536)
         st = moe_errorf(MOE_ERR_ARG, "--format u16 needs a vocabulary of at most 65536 ids (this one has %lld)",
                         (long long)moe_tok_vocab_size(t));
-    if (!st && !(ids = malloc(sizeof(uint32_t) * (in.n ? in.n : 1)))) st = moe_errorf(MOE_ERR_NOMEM, "%zu ids", in.n);
-    size_t n_ids = 0;
     if (!st && o.stats) { /* --stats times the encode alone: fault the input in first */
         volatile uint8_t sink = 0;
         for (size_t i = 0; i < in.n; i += 4096) sink ^= in.data[i];
         (void)sink;
     }
-    double t0 = moe_now(), enc_s = 0;
-    if (!st) st = moe_tok_encode(e, ids, &n_ids, in.data, in.n);
-    enc_s = moe_now() - t0;
-    if (!st) {
-        FILE *f = open_out(o.out);
-        if (!f) st = moe_errorf(MOE_ERR_IO, "cannot write %s: %s", o.out, strerror(errno));
-        else {
+    const char *out_name = o.out && strcmp(o.out, "-") ? o.out : "standard output";
+    FILE *f = NULL;
+    if (!st && !(f = open_out(o.out))) st = moe_errorf(MOE_ERR_IO, "cannot write %s: %s", out_name, strerror(errno));
+    /* in chunks that end on piece boundaries (moe_tok_encode_part), so that
+     * memory stays bounded and the ids are those of one encode */
+    const size_t chunk = (size_t)16 << 20;
+    size_t pos = 0, n_ids = 0;
+    double enc_s = 0;
+    char buf[1 << 16];
+    size_t w = 0;
+    while (!st && pos < in.n) {
+        size_t end = pos;
+        const double t0 = moe_now();
+        st = moe_tok_encode_part(e, &v, &end, in.data, in.n, pos, pos + chunk < in.n ? pos + chunk : in.n);
+        enc_s += moe_now() - t0;
+        for (size_t i = 0; !st && i < v.n; i++) {
             if (o.format == FMT_TEXT) {
-                char buf[1 << 16];
-                size_t w = 0;
-                for (size_t i = 0; i < n_ids && !st; i++) {
-                    w += (size_t)snprintf(buf + w, sizeof buf - w, i + 1 < n_ids ? "%u " : "%u", ids[i]);
-                    if (w > sizeof buf - 16) {
-                        st = write_all(f, buf, w, o.out ? o.out : "stdout");
-                        w = 0;
-                    }
-                }
-                buf[w++] = '\n';
-                if (!st) st = write_all(f, buf, w, o.out ? o.out : "stdout");
-            } else if (o.format == FMT_U16) {
-                uint16_t *s = (uint16_t *)ids; /* in place: narrowing never overtakes */
-                for (size_t i = 0; i < n_ids; i++) s[i] = (uint16_t)ids[i];
-                st = write_all(f, s, n_ids * 2, o.out ? o.out : "stdout");
+                w += (size_t)snprintf(buf + w, sizeof buf - w, n_ids + i ? " %u" : "%u", v.ids[i]);
             } else {
-                st = write_all(f, ids, n_ids * 4, o.out ? o.out : "stdout");
+                const uint32_t x = v.ids[i];
+                buf[w++] = (char)x;
+                buf[w++] = (char)(x >> 8);
+                if (o.format == FMT_U32) {
+                    buf[w++] = (char)(x >> 16);
+                    buf[w++] = (char)(x >> 24);
+                }
             }
-            moe_status c = close_out(f, o.out);
-            if (!st) st = c;
+            if (w > sizeof buf - 16) {
+                st = write_all(f, buf, w, out_name);
+                w = 0;
+            }
         }
+        n_ids += v.n;
+        v.n = 0;
+        pos = end;
+    }
+    if (!st && o.format == FMT_TEXT) buf[w++] = '\n';
+    if (!st) st = write_all(f, buf, w, out_name);
+    if (f) {
+        moe_status c = close_out(f, o.out);
+        if (!st) st = c;
     }
     if (!st && o.stats)
         fprintf(stderr, "encode: %zu bytes -> %zu ids, load %.4f s, encode %.4f s, %.2f MB/s, peak RSS %.1f MB\n",
@@ -508,7 +518,7 @@ static int cmd_encode(int argc, char **argv)
         r = 1;
     }
 done:
-    free(ids);
+    moe_tok_ids_free(&v);
     moe_cli_input_free(&in);
     moe_tok_encoder_destroy(e);
     moe_tok_destroy(t);
@@ -583,6 +593,9 @@ static int cmd_decode(int argc, char **argv)
     double t0 = moe_now(), dec_s = 0;
     if (!st) st = moe_tok_decoded_len(t, &n_text, ids, n_ids);
     if (!st && !(text = malloc(n_text + 16))) st = moe_errorf(MOE_ERR_NOMEM, "%zu bytes", n_text);
+    /* --stats times the decode alone: the output pages are faulted in first
+     * (as a warm process reuses its memory) */
+    if (!st && o.stats) memset(text, 0, n_text + 16);
     t0 = moe_now();
     if (!st) st = moe_tok_decode(t, text, n_text + 16, &n_text, ids, n_ids);
     dec_s = moe_now() - t0;

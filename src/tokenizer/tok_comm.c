@@ -17,24 +17,21 @@
 #include "tokenizer/tok_parts.h"
 #include "tokenizer/tokfile.h"
 
-/* ---- part-end exchange: every rank owns `threads` consecutive parts ---- */
+/* ---- part-end exchange (tok_parts.h): every rank sends its parts' ends ---- */
 
-static moe_status comm_exchange(void *xctx, size_t *ends, int n_parts, int p0, int p1, moe_status local)
+static moe_status comm_exchange(void *xctx, const size_t *mine, size_t *all, int n_local, moe_status local)
 {
     moe_comm *c = xctx;
     moe_status st = moe_comm_agree(c, local);
     if (st) return st;
-    const int per = p1 - p0, W = moe_comm_size(c);
-    if (per * W != n_parts) return moe_errorf(MOE_ERR_ARG, "%d parts over %d ranks of %d", n_parts, W, per);
-    uint64_t *mine = malloc(sizeof(uint64_t) * (size_t)(per ? per : 1));
-    uint64_t *all = malloc(sizeof(uint64_t) * (size_t)(n_parts ? n_parts : 1));
-    st = mine && all ? MOE_OK : moe_errorf(MOE_ERR_NOMEM, "part ends");
-    st = moe_comm_agree(c, st);
-    for (int i = 0; !st && i < per; i++) mine[i] = ends[p0 + i];
-    if (!st) st = moe_comm_allgather(c, all, mine, sizeof(uint64_t) * (size_t)per);
-    for (int k = 0; !st && k < n_parts; k++) ends[k] = (size_t)all[k];
-    free(mine);
-    free(all);
+    uint64_t *m = malloc(sizeof(uint64_t) * (size_t)(n_local ? n_local : 1));
+    uint64_t *a = malloc(sizeof(uint64_t) * (size_t)(n_local ? n_local : 1) * (size_t)moe_comm_size(c));
+    st = moe_comm_agree(c, m && a ? MOE_OK : moe_errorf(MOE_ERR_NOMEM, "part ends"));
+    for (int i = 0; !st && i < n_local; i++) m[i] = mine[i];
+    if (!st) st = moe_comm_allgather(c, a, m, sizeof(uint64_t) * (size_t)n_local);
+    for (int i = 0; !st && i < n_local * moe_comm_size(c); i++) all[i] = (size_t)a[i];
+    free(m);
+    free(a);
     return st;
 }
 
@@ -98,7 +95,7 @@ moe_status moe_tok_train_comm(moe_tok **out, moe_comm *c, const char *path, int6
     if (c) st = moe_comm_agree(c, st);
     int bad = 0;
     if (!st)
-        st = moe_tok_counts_add_text(counts, base, m.data, m.n, W * threads, r * threads, (r + 1) * threads,
+        st = moe_tok_counts_add_text(counts, base, m.data, m.n, moe_tok_parts_count(m.n, W, threads), r, W, threads,
                                      c ? comm_exchange : NULL, c, &bad);
     const double t_count = moe_now() - t0;
     /* every rank gets every rank's counts (sizes, then one broadcast per rank) */
@@ -155,20 +152,20 @@ moe_status moe_tok_train_comm(moe_tok **out, moe_comm *c, const char *path, int6
 typedef struct {
     const uint8_t *text;
     size_t n;
-    moe_tok_ids *ids; /* per part of this rank */
-    int p0;
+    moe_tok_ids *ids; /* per local part of this rank */
+    int n_procs;
 } enc_ctx;
 
 static moe_status enc_run(void *ctx, int part, moe_tok_encoder *e, size_t start, size_t stop, size_t *end)
 {
     enc_ctx *x = ctx;
-    return moe_tok_encode_part(e, &x->ids[part - x->p0], end, x->text, x->n, start, stop);
+    return moe_tok_encode_part(e, &x->ids[moe_tok_part_local(part, x->n_procs)], end, x->text, x->n, start, stop);
 }
 
 static void enc_reset(void *ctx, int part)
 {
     enc_ctx *x = ctx;
-    x->ids[part - x->p0].n = 0;
+    x->ids[moe_tok_part_local(part, x->n_procs)].n = 0;
 }
 
 /* Writes all of buf at off (pwrite may write less). */
@@ -214,40 +211,54 @@ moe_status moe_tok_encode_file(moe_comm *c, const moe_tok *t, const char *in_pat
                                moe_tok_encode_stats *stats)
 {
     if (threads < 1) threads = 1;
-    const int W = c ? moe_comm_size(c) : 1, r = c ? moe_comm_rank(c) : 0, P = W * threads;
-    const int p0 = r * threads, p1 = p0 + threads;
+    const int W = c ? moe_comm_size(c) : 1, r = c ? moe_comm_rank(c) : 0;
     mapped m = {0};
     double t0 = moe_now();
     moe_status st = map_input(&m, in_path);
     if (c) st = moe_comm_agree(c, st);
     if (st) return st;
-    moe_tok_ids *ids = calloc((size_t)threads, sizeof *ids);
+    const int P = moe_tok_parts_count(m.n, W, threads), nl = P / W;
+    moe_tok_ids *ids = calloc((size_t)nl, sizeof *ids);
     size_t *splits = malloc(sizeof(size_t) * (size_t)(P + 1));
-    uint64_t *counts = calloc((size_t)P, sizeof(uint64_t)), *mine = calloc((size_t)threads, sizeof(uint64_t));
-    st = ids && splits && counts && mine ? MOE_OK : moe_errorf(MOE_ERR_NOMEM, "parts");
+    uint64_t *counts = calloc((size_t)P, sizeof(uint64_t)), *mine = calloc((size_t)nl, sizeof(uint64_t));
+    double *cpu = calloc((size_t)nl, sizeof(double)), cpu_sum = 0, cpu_max = 0;
+    st = ids && splits && counts && mine && cpu ? MOE_OK : moe_errorf(MOE_ERR_NOMEM, "parts");
     if (c) st = moe_comm_agree(c, st);
     int bad = 0;
-    double *cpu = calloc((size_t)threads, sizeof(double)), cpu_sum = 0, cpu_max = 0;
     if (!st) {
-        enc_ctx x = {m.data, m.n, ids, p0};
+        enc_ctx x = {m.data, m.n, ids, W};
         const moe_tok_parts_ops ops = {enc_run, enc_reset, &x, c ? comm_exchange : NULL, c};
-        st = moe_tok_parts_run(t, delim, delim_len, sep, m.data, m.n, P, p0, p1, &ops, splits, &bad, cpu);
+        st = moe_tok_parts_run(t, delim, delim_len, sep, m.data, m.n, P, r, W, threads, &ops, splits, &bad, cpu);
     }
     const double t_encode = moe_now() - t0;
-    for (int i = 0; cpu && i < threads; i++) {
+    double largest = 0;
+    for (int i = 0; cpu && i < nl; i++) {
         cpu_sum += cpu[i];
-        if (cpu[i] > cpu_max) cpu_max = cpu[i];
+        if (cpu[i] > largest) largest = cpu[i];
     }
     free(cpu);
+    /* the longest any rank needs: its parts over its threads, at least its largest part */
+    cpu_max = cpu_sum / threads > largest ? cpu_sum / threads : largest;
     if (!st && c) st = moe_comm_allreduce_f64(c, MOE_SCOPE_WORLD, &cpu_sum, 1);
     if (!st && c) st = moe_comm_allmax_f64(c, MOE_SCOPE_WORLD, &cpu_max, 1);
-    /* token offsets: an exclusive prefix sum over the parts in order */
-    for (int i = 0; !st && i < threads; i++) mine[i] = ids[i].n;
-    if (!st && c) st = moe_comm_allgather(c, counts, mine, sizeof(uint64_t) * (size_t)threads);
-    else if (!st) memcpy(counts, mine, sizeof(uint64_t) * (size_t)threads);
-    uint64_t total = 0, before = 0;
+    /* token offsets: an exclusive prefix sum over all parts in text order */
+    for (int i = 0; !st && i < nl; i++) mine[i] = ids[i].n;
+    if (!st && c) {
+        uint64_t *packed = malloc(sizeof(uint64_t) * (size_t)P);
+        st = moe_comm_agree(c, packed ? MOE_OK : moe_errorf(MOE_ERR_NOMEM, "counts"));
+        if (!st) st = moe_comm_allgather(c, packed, mine, sizeof(uint64_t) * (size_t)nl);
+        for (int q = 0; !st && q < W; q++)
+            for (int i = 0; i < nl; i++) counts[i * W + q] = packed[q * nl + i];
+        free(packed);
+    } else if (!st) {
+        memcpy(counts, mine, sizeof(uint64_t) * (size_t)P);
+    }
+    uint64_t total = 0;
+    uint64_t *before = calloc((size_t)(P ? P : 1), sizeof(uint64_t));
+    if (!before && !st) st = moe_errorf(MOE_ERR_NOMEM, "offsets");
+    if (c) st = moe_comm_agree(c, st);
     for (int k = 0; !st && k < P; k++) {
-        if (k == p0) before = total;
+        before[k] = total;
         total += counts[k];
     }
     const moe_tok_file_header h = moe_tok_file_header_for(t, total);
@@ -270,11 +281,7 @@ moe_status moe_tok_encode_file(moe_comm *c, const moe_tok *t, const char *in_pat
             fd = open(tmp, O_WRONLY);
             if (fd < 0) st = moe_errorf(MOE_ERR_IO, "cannot open %s: %s", tmp, strerror(errno));
         }
-        uint64_t at = before;
-        for (int i = 0; !st && i < threads; i++) {
-            st = write_ids(fd, ids[i].ids, ids[i].n, at, bpt, tmp);
-            at += ids[i].n;
-        }
+        for (int i = 0; !st && i < nl; i++) st = write_ids(fd, ids[i].ids, ids[i].n, before[i * W + r], bpt, tmp);
         if (!st && fsync(fd)) st = moe_errorf(MOE_ERR_IO, "cannot sync %s: %s", tmp, strerror(errno));
         if (c) st = moe_comm_agree(c, st);
         if (!st && r == 0) {
@@ -297,10 +304,11 @@ moe_status moe_tok_encode_file(moe_comm *c, const moe_tok *t, const char *in_pat
         stats->bad_splits = bad;
         stats->parts = P;
         stats->cpu_sum = cpu_sum;
-        stats->cpu_max = cpu_max;
+        stats->split_bound = cpu_max > 0 ? cpu_sum / cpu_max : 1.0;
     }
-    for (int i = 0; ids && i < threads; i++) moe_tok_ids_free(&ids[i]);
+    for (int i = 0; ids && i < nl; i++) moe_tok_ids_free(&ids[i]);
     free(ids);
+    free(before);
     free(splits);
     free(counts);
     free(mine);

@@ -16,7 +16,7 @@ typedef struct {
 } moe_tok_train_stats;
 
 /* Trains on the file `path` (see moe_tok_train): pieces counted over
- * W x threads parts (rank r takes parts [r*threads, (r+1)*threads)), the
+ * parts spread over the W ranks and their threads (tok_parts.h), the
  * counts of every rank summed on every rank, then the merge loop, which
  * every rank runs on the same counts, so *out is the same everywhere and
  * the same for any W and threads. Collective over the world of c; errors
@@ -33,11 +33,14 @@ typedef struct {
     double write_seconds;  /* pwrite, fsync, rename */
     int bad_splits;
     int parts;
-    double cpu_sum, cpu_max; /* CPU seconds of all parts' threads, of the busiest (all ranks) */
+    double cpu_sum;       /* CPU seconds of all parts (all ranks) */
+    double split_bound;   /* cpu_sum over the longest a rank needs on its threads (its parts' CPU
+                           * over its threads, or its largest part): the speed-up the split allows
+                           * on free cores, whatever else runs on this machine */
 } moe_tok_encode_stats;
 
 /* Encodes the file in_path with t into the token file out_path (tokfile.h):
- * W x threads parts as in training, so the ids are those of one
+ * parts over the W ranks and their threads as in training, so the ids are those of one
  * moe_tok_encode of the whole file. With delim_len > 0 every occurrence of
  * delim becomes the id sep (documents are encoded separately). Rank 0
  * creates out_path.tmp at its final size, every rank pwrites its parts'

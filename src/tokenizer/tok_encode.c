@@ -683,10 +683,9 @@ moe_status moe_tok_decode_ref(const moe_tok *t, uint8_t *out, size_t cap, size_t
 
 /* ---- reference encoder ---- */
 
-static const moe_tok *sort_tok;
-static int cmp_token(const void *a, const void *b)
+static int cmp_token(const void *a, const void *b, void *ctx)
 {
-    const moe_tok *t = sort_tok;
+    const moe_tok *t = ctx;
     const int64_t ia = *(const uint32_t *)a, ib = *(const uint32_t *)b;
     const size_t la = (size_t)moe_tok_tlen(t, ia), lb = (size_t)moe_tok_tlen(t, ib);
     int c = memcmp(t->bytes + t->offsets[ia], t->bytes + t->offsets[ib], la < lb ? la : lb);
@@ -809,8 +808,7 @@ moe_status moe_tok_encode_ref(moe_tok_encoder *e, uint32_t *ids, size_t *n_ids, 
         size_t m = 0;
         for (int64_t i = 0; i < t->n; i++)
             if (moe_tok_tlen(t, i)) e->sorted[m++] = (uint32_t)i;
-        sort_tok = t; /* tests only: not thread-safe */
-        qsort(e->sorted, m, sizeof(uint32_t), cmp_token);
+        qsort_r(e->sorted, m, sizeof(uint32_t), cmp_token, (void *)t);
         e->n_sorted = m;
     }
     size_t k = 0, i = 0;

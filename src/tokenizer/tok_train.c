@@ -3,6 +3,7 @@
  * updated incrementally, a lazy max-heap ordered by count then by the
  * pair's bytes, so the result is a function of the counts alone), with a
  * plain reference that recounts everything after each merge. */
+#define _GNU_SOURCE /* qsort_r */
 #include <stdlib.h>
 #include <string.h>
 
@@ -109,22 +110,24 @@ static moe_status count_piece(void *ctx, const uint8_t *p, size_t len, int is_se
 typedef struct {
     const uint8_t *text;
     size_t n;
-    moe_tok_counts **part; /* per part of this process (index - p0) */
-    int p0;
+    moe_tok_counts **part; /* per local part of this process */
+    int n_procs;
 } count_ctx;
 
 static moe_status count_run(void *ctx, int part, moe_tok_encoder *e, size_t start, size_t stop, size_t *end)
 {
     count_ctx *c = ctx;
+    moe_tok_counts *pc = c->part[moe_tok_part_local(part, c->n_procs)];
     *end = start;
-    if (!c->part[part - c->p0]) return moe_errorf(MOE_ERR_NOMEM, "piece counts");
-    return moe_tok_scan(e, end, c->text, c->n, start, stop, count_piece, c->part[part - c->p0]);
+    if (!pc) return moe_errorf(MOE_ERR_NOMEM, "piece counts");
+    return moe_tok_scan(e, end, c->text, c->n, start, stop, count_piece, pc);
 }
 
 static void count_reset(void *ctx, int part)
 {
     count_ctx *c = ctx;
-    if (c->part[part - c->p0]) counts_clear(c->part[part - c->p0]);
+    moe_tok_counts *pc = c->part[moe_tok_part_local(part, c->n_procs)];
+    if (pc) counts_clear(pc);
 }
 
 moe_status moe_tok_counts_merge(moe_tok_counts *c, const uint8_t *data, size_t n)
@@ -166,9 +169,10 @@ moe_status moe_tok_counts_serialize(const moe_tok_counts *c, uint8_t **data, siz
 }
 
 moe_status moe_tok_counts_add_text(moe_tok_counts *c, const moe_tok *t, const uint8_t *text, size_t n, int n_parts,
-                                   int p0, int p1, moe_tok_exchange_fn exchange, void *xctx, int *bad)
+                                   int proc, int n_procs, int threads, moe_tok_exchange_fn exchange, void *xctx,
+                                   int *bad)
 {
-    const int nl = p1 - p0;
+    const int nl = n_procs > 0 && n_parts % n_procs == 0 ? n_parts / n_procs : 0;
     moe_tok_counts **part = calloc((size_t)(nl ? nl : 1), sizeof *part);
     size_t *splits = malloc(sizeof(size_t) * (size_t)(n_parts + 1));
     if (!part || !splits) { /* tiny allocations: the process cannot go on */
@@ -180,11 +184,12 @@ moe_status moe_tok_counts_add_text(moe_tok_counts *c, const moe_tok *t, const ui
      * every process still reaches the exchanges */
     for (int i = 0; i < nl; i++)
         if (moe_tok_counts_create(&part[i])) part[i] = NULL;
-    count_ctx cc = {text, n, part, p0};
+    count_ctx cc = {text, n, part, n_procs};
     const moe_tok_parts_ops ops = {count_run, count_reset, &cc, exchange, xctx};
-    moe_status st = moe_tok_parts_run(t, NULL, 0, -1, text, n, n_parts, p0, p1, &ops, splits, bad, NULL);
+    moe_status st =
+        moe_tok_parts_run(t, NULL, 0, -1, text, n, n_parts, proc, n_procs, threads, &ops, splits, bad, NULL);
     for (int i = 0; i < nl && !st; i++)
-        for (uint64_t j = 0; j <= part[i]->mask && !st; j++) { /* sums: the order does not matter */
+        for (uint64_t j = 0; part[i] && j <= part[i]->mask && !st; j++) { /* sums: the order does not matter */
             const count_slot *s = &part[i]->slots[j];
             if (s->count) st = counts_add(c, part[i]->bytes + s->off, s->len, s->count);
         }
@@ -415,12 +420,12 @@ static void trainer_free(trainer *T)
     free(T->stamp);
 }
 
-static const moe_tok_counts *sort_counts;
-static int cmp_piece(const void *x, const void *y)
+static int cmp_piece(const void *x, const void *y, void *ctx)
 {
-    const count_slot *a = &sort_counts->slots[*(const uint64_t *)x], *b = &sort_counts->slots[*(const uint64_t *)y];
-    int c = memcmp(sort_counts->bytes + a->off, sort_counts->bytes + b->off, a->len < b->len ? a->len : b->len);
-    return c ? c : (a->len > b->len) - (a->len < b->len);
+    const moe_tok_counts *c = ctx;
+    const count_slot *a = &c->slots[*(const uint64_t *)x], *b = &c->slots[*(const uint64_t *)y];
+    int r = memcmp(c->bytes + a->off, c->bytes + b->off, a->len < b->len ? a->len : b->len);
+    return r ? r : (a->len > b->len) - (a->len < b->len);
 }
 
 /* Words in byte order (so nothing depends on hash-table order), as symbol
@@ -453,8 +458,7 @@ static moe_status trainer_init(trainer *T, const moe_tok_counts *c, int64_t max_
     size_t k = 0;
     for (uint64_t i = 0; i <= c->mask; i++)
         if (c->slots[i].count) order[k++] = i;
-    sort_counts = c; /* training is single-threaded */
-    qsort(order, k, sizeof *order, cmp_piece);
+    qsort_r(order, k, sizeof *order, cmp_piece, (void *)c);
     int64_t w = 0;
     for (size_t i = 0; i < k; i++) {
         const count_slot *s = &c->slots[order[i]];
@@ -660,7 +664,9 @@ moe_status moe_tok_train(moe_tok **out, const uint8_t *text, size_t n, int64_t v
     moe_tok_counts *c = NULL;
     st = moe_tok_create(&base, bytes, off, 256, pattern, 0, NULL, NULL);
     if (!st) st = moe_tok_counts_create(&c);
-    if (!st) st = moe_tok_counts_add_text(c, base, text, n, threads, 0, threads, NULL, NULL, NULL);
+    if (!st)
+        st = moe_tok_counts_add_text(c, base, text, n, moe_tok_parts_count(n, 1, threads), 0, 1, threads, NULL, NULL,
+                                     NULL);
     if (!st) st = moe_tok_train_from_counts(out, c, vocab_size, moe_tok_pattern(base), ns, names);
     moe_tok_counts_destroy(c);
     moe_tok_destroy(base);

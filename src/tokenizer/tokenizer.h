@@ -229,14 +229,18 @@ typedef struct moe_tok_counts moe_tok_counts;
 moe_status moe_tok_counts_create(moe_tok_counts **out);
 void moe_tok_counts_destroy(moe_tok_counts *c);
 int64_t moe_tok_counts_n_pieces(const moe_tok_counts *c); /* distinct pieces */
-/* Counts the pieces of parts [p0, p1) of n_parts parts of text (one thread
- * per part; tok_parts.h) into c, with the pieces of t's pattern. exchange
- * (NULL with one process) gathers the part ends of every process; *bad
- * (may be NULL) gets the number of split candidates that were not piece
- * boundaries. Collective through exchange. */
-typedef moe_status (*moe_tok_exchange_fn)(void *xctx, size_t *ends, int n_parts, int p0, int p1, moe_status local);
+/* Counts the pieces of text into c with the pattern of t, split into
+ * n_parts parts (moe_tok_parts_count; a multiple of n_procs) of which this
+ * process (proc of n_procs) counts its share on `threads` threads at
+ * verified piece boundaries (tok_parts.h). exchange (NULL with one
+ * process) gathers every process's part ends: see moe_tok_exchange_fn.
+ * *bad (may be NULL) gets the number of split candidates that were not
+ * piece boundaries. Collective through exchange. */
+typedef moe_status (*moe_tok_exchange_fn)(void *xctx, const size_t *mine, size_t *all, int n_local,
+                                          moe_status local);
 moe_status moe_tok_counts_add_text(moe_tok_counts *c, const moe_tok *t, const uint8_t *text, size_t n, int n_parts,
-                                   int p0, int p1, moe_tok_exchange_fn exchange, void *xctx, int *bad);
+                                   int proc, int n_procs, int threads, moe_tok_exchange_fn exchange, void *xctx,
+                                   int *bad);
 /* Serialise counts (records: uint32 length, int64 count, bytes; malloc'd)
  * and add serialised counts into c (sums: the order does not matter). */
 moe_status moe_tok_counts_serialize(const moe_tok_counts *c, uint8_t **data, size_t *n);

@@ -364,6 +364,56 @@ static void test_parts_equal_whole(void **state)
     moe_tok_destroy(t);
 }
 
+/* The parts driver with more parts than threads (a queue per process). */
+typedef struct {
+    const uint8_t *text;
+    size_t n;
+    moe_tok_ids *ids;
+} direct_ctx;
+
+static moe_status direct_run(void *ctx, int part, moe_tok_encoder *e, size_t start, size_t stop, size_t *end)
+{
+    direct_ctx *d = ctx;
+    return moe_tok_encode_part(e, &d->ids[part], end, d->text, d->n, start, stop);
+}
+
+static void direct_reset(void *ctx, int part) { ((direct_ctx *)ctx)->ids[part].n = 0; }
+
+static void test_parts_queue(void **state)
+{
+    (void)state;
+    moe_tok *t = trained("cl100k_base", 500, 1);
+    static uint8_t text[300000];
+    rng_state = 42;
+    const size_t n = gen_text(text, sizeof text, 1);
+    moe_tok_encoder *e;
+    assert_ok(moe_tok_encoder_create(&e, t));
+    uint32_t *whole = malloc(n * 4);
+    size_t nw;
+    assert_ok(moe_tok_encode(e, whole, &nw, text, n));
+    for (int parts = 1; parts <= 23; parts += 11)
+        for (int threads = 1; threads <= 4; threads++) {
+            moe_tok_ids ids[23] = {{0}};
+            direct_ctx d = {text, n, ids};
+            const moe_tok_parts_ops ops = {direct_run, direct_reset, &d, NULL, NULL};
+            size_t splits[24];
+            double cpu[23];
+            assert_ok(moe_tok_parts_run(t, NULL, 0, -1, text, n, parts, 0, 1, threads, &ops, splits, NULL, cpu));
+            size_t k = 0;
+            for (int p = 0; p < parts; p++) {
+                assert_true(k + ids[p].n <= nw);
+                assert_memory_equal(ids[p].ids, whole + k, ids[p].n * 4);
+                k += ids[p].n;
+                moe_tok_ids_free(&ids[p]);
+            }
+            assert_int_equal(k, nw);
+            for (int i = 0; i < parts; i++) assert_true(cpu[i] >= 0);
+        }
+    free(whole);
+    moe_tok_encoder_destroy(e);
+    moe_tok_destroy(t);
+}
+
 /* Training: the incremental merge loop equals the reference; threads give
  * the same tokenizer; a hand-worked case for counts, ties and overlaps. */
 static void test_train_matches_ref(void **state)
@@ -381,7 +431,7 @@ static void test_train_matches_ref(void **state)
         size_t n = gen_text(text, sizeof text, 1);
         moe_tok_counts *c;
         assert_ok(moe_tok_counts_create(&c));
-        assert_ok(moe_tok_counts_add_text(c, base, text, n, 3, 0, 3, NULL, NULL, NULL));
+        assert_ok(moe_tok_counts_add_text(c, base, text, n, 7, 0, 1, 2, NULL, NULL, NULL)); /* 7 parts, 2 threads */
         const char *sp[] = {"<|endoftext|>"};
         assert_ok(moe_tok_train_from_counts(&a, c, 900, moe_tok_pattern(base), 1, sp));
         assert_ok(moe_tok_train_from_counts_ref(&b, c, 900, moe_tok_pattern(base), 1, sp));
@@ -794,7 +844,8 @@ int main(void)
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_encode_matches_ref), cmocka_unit_test(test_long_pieces),
         cmocka_unit_test(test_encode_part),        cmocka_unit_test(test_delimiter),
-        cmocka_unit_test(test_parts_equal_whole),  cmocka_unit_test(test_train_matches_ref),
+        cmocka_unit_test(test_parts_equal_whole),  cmocka_unit_test(test_parts_queue),
+        cmocka_unit_test(test_train_matches_ref),
         cmocka_unit_test(test_train_hand_worked),  cmocka_unit_test(test_forms_round_trip),
         cmocka_unit_test(test_hf_alphabet),        cmocka_unit_test(test_hash),
         cmocka_unit_test(test_base64),             cmocka_unit_test(test_bad_tokenizer_files),
