@@ -246,6 +246,12 @@ static moe_status set_specials(moe_tok *t, int ns, const char *const *names, con
                 break;
             }
         if (st) break;
+        const size_t nlen = strlen(name), valid = moe_tok_utf8_valid_prefix((const uint8_t *)name, nlen);
+        if (valid < nlen) { /* names are text: JSON keys, HF contents, command-line words */
+            st = moe_errorf(MOE_ERR_FORMAT, "special token with id %lld: its name is not UTF-8 (byte %zu)",
+                            (long long)ids[i], valid);
+            break;
+        }
         if (strlen(name) > MOE_TOK_MAX_TOKEN_LEN) {
             st = moe_errorf(MOE_ERR_FORMAT, "special token name of %zu bytes", strlen(name));
             break;

@@ -649,6 +649,8 @@ static void test_bad_tokenizer_files(void **state)
     assert_int_equal(load_json(ranks_json("", "\\\\S+", "\"<|e|>\": 12")), MOE_ERR_FORMAT);
     assert_detail_has("special token '<|e|>' has id 12, which is already a rank");
     assert_int_equal(load_json(ranks_json("", "\\\\S+", "\"<|e|>\": -3")), MOE_ERR_FORMAT);
+    assert_int_equal(load_json(ranks_json("", "\\\\S+", "\"<|\xc3|>\": 300")), MOE_ERR_FORMAT);
+    assert_detail_has("special token with id 300: its name is not UTF-8 (byte 2)");
     assert_int_equal(load_json("{\"pat_str\": \"x\", \"bpe_ranks\": \"! 0 AA==\"}"), MOE_ERR_FORMAT);
     assert_detail_has("the single byte 0x01 has no rank");
     assert_int_equal(load_json("{\"pat_str\": \"x\", \"bpe_ranks\": 3"), MOE_ERR_FORMAT);
