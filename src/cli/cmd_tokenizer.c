@@ -260,6 +260,15 @@ typedef struct {
     int n_ids;
 } opts_t;
 
+/* 1 if `word` is one of the space-separated words of `list`. */
+static int has_word(const char *list, const char *word)
+{
+    const size_t n = strlen(word);
+    for (const char *p = list; (p = strstr(p, word)); p += n)
+        if ((p == list || p[-1] == ' ') && (p[n] == ' ' || p[n] == '\0')) return 1;
+    return 0;
+}
+
 /* Parses the options of subcommand `sub`; returns -1 to go on, else an exit status. */
 static int parse(opts_t *o, int argc, char **argv, const char *cmd, const char *allowed)
 {
@@ -275,7 +284,7 @@ static int parse(opts_t *o, int argc, char **argv, const char *cmd, const char *
         const struct option *lo = NULL;
         for (const struct option *p = long_opts; p->name; p++)
             if (p->val == c) lo = p;
-        if (!lo || !strstr(allowed, lo->name)) {
+        if (!lo || !has_word(allowed, lo->name)) {
             moe_cli_usage_error(-1, cmd, "option --%s does not apply here", lo ? lo->name : "?");
             return 2;
         }

@@ -338,6 +338,8 @@ def case_bad_input(cli):
     expect_fail(cli, 0, ["tokenizer", "export", "--tokenizer", tok, "--form", "xml", "--out", "q"],
                 "unknown tokenizer form 'xml'")
     expect_fail(cli, 0, ["tokenizer", "frobnicate"], "unknown subcommand")
+    expect_fail(cli, 0, ["tokenizer", "encode", "--tokenizer", tok, "--form", "hf"],
+                "option --form does not apply here")
     big = "\n".join(f"{b} {i}" for i, b in enumerate(ranks[2:258])) + "\n"
     open(cli.path("big.tiktoken"), "w").write(big)
     cli.moe_("tokenizer", "import", "--from", cli.path("big.tiktoken"), "--pattern", "gpt2", "--special",
