@@ -22,9 +22,9 @@ void moe_tok_parts_plan(moe_tok_encoder *e, const uint8_t *text, size_t n, int n
 int moe_tok_parts_count(size_t n, int n_procs, int threads)
 {
     const size_t per = (size_t)n_procs * (size_t)threads;
-    size_t k = n / (per * ((size_t)1 << 20));
+    size_t k = n / (per * ((size_t)256 << 10));
     if (k < 1) k = 1;
-    if (k > 8) k = 8;
+    if (k > 16) k = 16;
     return (int)(per * k);
 }
 

@@ -49,7 +49,8 @@ typedef struct {
 void moe_tok_parts_plan(moe_tok_encoder *e, const uint8_t *text, size_t n, int n_parts, size_t *splits);
 
 /* How many parts for n bytes over n_procs x threads: a multiple of n_procs,
- * up to 8 per thread while parts stay above 1 MB. */
+ * up to 16 per thread while parts stay above 256 KB (small parts balance
+ * text of different cost; each costs a candidate check of a few lines). */
 int moe_tok_parts_count(size_t n, int n_procs, int threads);
 
 /* Runs this process's parts (proc of n_procs; n_parts a multiple of
