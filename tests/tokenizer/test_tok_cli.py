@@ -185,6 +185,11 @@ def case_commands(cli):
              "--doc-sep", "<|sep|>", "--doc-delim", "\\n\\n")
     bids, _, _ = read_tok(cli.path("blank.tok"))
     check(bids.count(1199) == 3, f"blank-line delimiters: {bids}")
+    # an empty corpus: a header and no ids
+    open(cli.path("empty.txt"), "wb").close()
+    cli.mpi(2, "data", "encode", "--tokenizer", tok, "--data", cli.path("empty.txt"), "--out", cli.path("empty.tok"))
+    eids, _, _ = read_tok(cli.path("empty.tok"))
+    check(eids == [], f"empty corpus: {eids}")
     _, err = cli.moe_("tokenizer", "encode", "--tokenizer", tok, "--in", paths["fortunes"], "--out", "/dev/null",
                       "--stats")
     check("MB/s" in err and "peak RSS" in err, f"--stats: {err}")
@@ -274,6 +279,11 @@ def case_bad_input(cli):
     expect_fail(cli, 2, ["data", "encode", "--tokenizer", tok, "--data", data, "--out", cli.path("no/dir/x.tok")],
                 "no/dir/x.tok.tmp")
     check(not os.path.exists(cli.path("x.tok")), "a failed encode left an output file")
+    expect_fail(cli, 2, ["tokenizer", "train", "--data", cli.path("nodata.txt"), "--vocab-size", "300", "--out",
+                         cli.path("tt.json")], "cannot open", "nodata.txt")
+    expect_fail(cli, 2, ["tokenizer", "train", "--data", data, "--vocab-size", "300", "--pattern", "a(b",
+                         "--out", cli.path("tt.json")], "the pattern does not compile: missing closing parenthesis")
+    check(not os.path.exists(cli.path("tt.json")), "a failed training left an output file")
     err = expect_fail(cli, 2, ["data", "encode", "--tokenizer", tok, "--data", data, "--out", "x.tok",
                                "--doc-sep", "<|nope|>"], "no special token '<|nope|>'", per_rank=False)
     check(err.count("no special token") == 1, f"a usage error is printed once:\n{err}")
