@@ -14,6 +14,7 @@ import glob
 import gzip
 import os
 import random
+import shutil
 import subprocess
 import sys
 import unicodedata
@@ -137,6 +138,12 @@ def random_bytes_valid(rng, n):
 
 
 def main():
+    if not os.path.isfile(os.path.join(TKDIR, "encoders", f"{ENC}.json")):
+        print(f"FAILED: the npm package tiktoken is not installed at {TKDIR} (launch/install-deps installs it)")
+        sys.exit(1)
+    if not shutil.which("node"):
+        print("FAILED: node is not installed (launch/install-deps installs it)")
+        sys.exit(1)
     rng = random.Random(1234)
     corpora = real_text()
     corpora["scripts and emoji"] = scripts_text(rng)
