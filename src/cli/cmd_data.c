@@ -122,7 +122,7 @@ static const char encode_usage[] =
     "usage: moe data encode --tokenizer T --data F --out F.tok [--threads N] [--doc-sep NAME [--doc-delim S]]\n"
     "\n"
     "Encodes the corpus F with tokenizer T into the token file F.tok (docs/tokenizer.md):\n"
-    "the corpus is split into ranks x threads parts at verified piece boundaries, so the\n"
+    "the corpus is split into parts over ranks and threads at verified piece boundaries, so the\n"
     "ids are those of a single-threaded encode. Run under mpirun (launch/moe-local N data\n"
     "encode ...) to use several ranks; every rank maps F.\n"
     "  --threads N      threads per rank (default 1)\n"
