@@ -4,6 +4,8 @@
 #ifndef MOE_CLI_H
 #define MOE_CLI_H
 
+#include <stddef.h>
+
 int moe_cmd_bench_layer(int argc, char **argv);
 int moe_cmd_bench_a2a(int argc, char **argv);
 int moe_cmd_train(int argc, char **argv);
@@ -11,6 +13,7 @@ int moe_cmd_data(int argc, char **argv);
 int moe_cmd_inspect(int argc, char **argv);
 int moe_cmd_eval(int argc, char **argv);
 int moe_cmd_generate(int argc, char **argv);
+int moe_cmd_tokenizer(int argc, char **argv);
 
 struct moe_comm;
 /* MPI start-up shared by the subcommands: moe_comm_init, then a world
@@ -35,5 +38,24 @@ double moe_cli_median(double *v, int n);
 /* This process's resident memory in MB from /proc/self/status: field
  * "VmRSS" (now) or "VmHWM" (peak). -1 where /proc is unavailable. */
 double moe_cli_mem_mb(const char *field);
+
+/* Input of a command (cmd_tokenizer.c): a file, memory-mapped, or all of
+ * standard input when path is NULL or "-". Returns a moe_status. */
+typedef struct {
+    unsigned char *data;
+    size_t n;
+    int mapped;
+} moe_cli_input;
+int moe_cli_input_read(moe_cli_input *in, const char *path);
+void moe_cli_input_free(moe_cli_input *in);
+
+/* --doc-sep NAME / --doc-delim S of `tokenizer encode` and `data encode`:
+ * sets the encoder's document delimiter (S with C escapes; default NAME's
+ * own text). Returns 0, or the exit status after printing the problem
+ * (a usage error: by rank 0 only, as moe_cli_usage_error). */
+struct moe_tok;
+struct moe_tok_encoder;
+int moe_cli_doc_delim(struct moe_tok_encoder *e, const struct moe_tok *t, const char *sep_name, const char *delim_arg,
+                      const char *cmd, int rank);
 
 #endif

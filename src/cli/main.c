@@ -56,6 +56,8 @@ static void usage(FILE *f)
             "  generate --ckpt F ...   sample text from a checkpoint\n"
             "  inspect FILE            describe, verify or diff checkpoints and dumps\n"
             "  data synth --out FILE   write the built-in multi-domain corpus\n"
+            "  data encode ...         encode a corpus into a token file (ranks and threads)\n"
+            "  tokenizer <sub> ...     train, import, export, encode, decode, info (BPE tokenizers)\n"
             "  bench layer             time one MoE layer forward+backward (--save writes a dump)\n"
             "  bench a2a               time the token all-to-all against raw MPI_Alltoallv\n"
             "\n"
@@ -88,6 +90,7 @@ int main(int argc, char **argv)
     if (!strcmp(cmd, "inspect")) return moe_cmd_inspect(argc - 1, argv + 1);
     if (!strcmp(cmd, "eval")) return moe_cmd_eval(argc - 1, argv + 1);
     if (!strcmp(cmd, "generate")) return moe_cmd_generate(argc - 1, argv + 1);
+    if (!strcmp(cmd, "tokenizer")) return moe_cmd_tokenizer(argc - 1, argv + 1);
     fprintf(stderr, "moe: unknown command '%s'\n", cmd);
     usage(stderr);
     return 2;
