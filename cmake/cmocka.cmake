@@ -43,6 +43,15 @@ endfunction()
 # - adds the label `equiv` to the tests whose names match the optional regex
 #   EQUIV: multi-rank runs held to the single-process result, which .ci/run
 #   repeats under every BLAS kernel set.
+# Open MPI 4.1 keeps a session directory under /tmp shared by every mpirun
+# of the user, and two launches that create it at the same moment can fail
+# ("A call to mkdir was unable to create the desired directory", open-mpi
+# issue 8510). Each test therefore gets its own session directory base
+# (OMPI_MCA_orte_tmpdir_base), short so that paths below it stay short.
+string(MD5 MOE_OMPI_TMP_TAG "${CMAKE_BINARY_DIR}")
+string(SUBSTRING "${MOE_OMPI_TMP_TAG}" 0 8 MOE_OMPI_TMP_TAG)
+set(MOE_OMPI_TMP_ROOT /tmp/moe-ompi-${MOE_OMPI_TMP_TAG})
+
 function(moe_finalize_tests)
   cmake_parse_arguments(ARG "" "ASAN;EQUIV;LABEL" "" ${ARGN})
   get_property(dir_tests DIRECTORY PROPERTY TESTS)
@@ -50,6 +59,14 @@ function(moe_finalize_tests)
     set(work ${CMAKE_CURRENT_BINARY_DIR}/cwd/${t})
     file(MAKE_DIRECTORY ${work})
     set_property(TEST ${t} PROPERTY WORKING_DIRECTORY ${work})
+    get_property(moe_n GLOBAL PROPERTY MOE_TEST_COUNT)
+    if(NOT moe_n)
+      set(moe_n 0)
+    endif()
+    math(EXPR moe_n "${moe_n} + 1")
+    set_property(GLOBAL PROPERTY MOE_TEST_COUNT ${moe_n})
+    file(MAKE_DIRECTORY ${MOE_OMPI_TMP_ROOT}/${moe_n})
+    set_property(TEST ${t} APPEND PROPERTY ENVIRONMENT OMPI_MCA_orte_tmpdir_base=${MOE_OMPI_TMP_ROOT}/${moe_n})
     get_test_property(${t} LABELS labels)
     if(ARG_LABEL)
       set_property(TEST ${t} APPEND PROPERTY LABELS ${ARG_LABEL})
