@@ -13,7 +13,7 @@
  * expert-sharded tensors, in increasing order; per-layer arrays below are
  * indexed by that ordinal (0 .. n_moe-1), not by block index.
  *
- * A moe_comm pointer may be NULL everywhere: one process, all experts. */
+ * Every call takes a moe_comm (moe_comm_create_self for one process). */
 #ifndef MOE_CKPT_H
 #define MOE_CKPT_H
 

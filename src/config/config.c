@@ -35,10 +35,15 @@ typedef struct {
 static const char *const router_names[] = {"token_choice", "expert_choice", NULL};
 static const char *const act_names[] = {"gelu", "relu", "swiglu", NULL};
 static const char *const noise_names[] = {"none", "gaussian", NULL};
-static const char *const a2a_names[] = {"alltoallv", "shm", NULL};
+static const char *const a2a_names[] = {"p2p", "shm", NULL};
+/* Old spellings still accepted (configs and checkpoint config texts written
+ * before a rename): {key, old value, the value it means}. */
+static const struct {
+    const char *key, *old, *now;
+} enum_aliases[] = {{"a2a", "alltoallv", "p2p"}};
 _Static_assert(MOE_ROUTER_TOKEN_CHOICE == 0 && MOE_ROUTER_EXPERT_CHOICE == 1, "router_names order");
 _Static_assert(MOE_ACT_GELU == 0 && MOE_ACT_RELU == 1 && MOE_ACT_SWIGLU == 2, "act_names order");
-_Static_assert(MOE_A2A_ALLTOALLV == 0 && MOE_A2A_SHM == 1, "a2a_names order");
+_Static_assert(MOE_A2A_P2P == 0 && MOE_A2A_SHM == 1, "a2a_names order");
 _Static_assert(sizeof(moe_router_kind) == sizeof(int) && sizeof(moe_activation) == sizeof(int),
                "enum keys are stored through int");
 
@@ -92,7 +97,7 @@ static const key_desc keys[] = {
     KI(val_every, "data", 0, NOMAX, "steps between validations (0: never)"),
     KI(val_batches, "data", 1, NOMAX, "batches of batch_size sequences per validation"),
 
-    KE(a2a, "exchange", a2a_names, "token all-to-all: alltoallv or shm (on-node shared memory)"),
+    KE(a2a, "exchange", a2a_names, "token exchange: p2p (point-to-point) or shm (on-node shared memory); alltoallv = p2p"),
     KI(a2a_chunks, "exchange", 1, NOMAX, "expert chunks overlapped with the all-to-all"),
 
     KI(ckpt_every, "checkpoint", 0, NOMAX, "steps between checkpoints (0: only at the end)"),
@@ -150,7 +155,7 @@ void moe_train_config_default(moe_train_config *c)
     c->val_every = 100;
     c->val_batches = 8;
 
-    c->a2a = MOE_A2A_ALLTOALLV;
+    c->a2a = MOE_A2A_P2P;
     c->a2a_chunks = 1;
 
     c->ckpt_every = 0;
@@ -302,6 +307,8 @@ static moe_status parse_into(const key_desc *k, const char *v, void *field)
         strcpy((char *)field, v);
         return MOE_OK;
     case T_ENUM:
+        for (size_t a = 0; a < sizeof enum_aliases / sizeof enum_aliases[0]; a++)
+            if (!strcmp(k->name, enum_aliases[a].key) && !strcmp(v, enum_aliases[a].old)) v = enum_aliases[a].now;
         for (int i = 0; k->names[i]; i++)
             if (!strcmp(v, k->names[i])) {
                 *(int *)field = i;

@@ -55,7 +55,7 @@ typedef struct {
 struct moe_model {
     moe_train_config cfg;
     moe_comm *comm;
-    int W, rank;                 /* world size and rank (1, 0 without comm) */
+    int W, rank;                 /* world size and rank */
     int V, C, L, NH, T_max, B_max, F, F1, E, El, e0;
     moe_tensor_table table;
     int *init;                   /* (table.n) INIT_* of each tensor */
@@ -247,11 +247,11 @@ static moe_status check_config(const moe_train_config *c, int max_local_seqs)
 static moe_status setup(moe_model *m, const moe_train_config *cfg, int max_local_seqs,
                         moe_comm *comm)
 {
-    const int P = comm ? moe_comm_ep_size(comm) : 1;
+    const int P = moe_comm_ep_size(comm);
     m->cfg = *cfg;
     m->comm = comm;
-    m->W = comm ? moe_comm_size(comm) : 1;
-    m->rank = comm ? moe_comm_rank(comm) : 0;
+    m->W = moe_comm_size(comm);
+    m->rank = moe_comm_rank(comm);
     m->V = cfg->vocab_size;
     m->C = cfg->d_model;
     m->L = cfg->n_layers;
@@ -262,7 +262,7 @@ static moe_status setup(moe_model *m, const moe_train_config *cfg, int max_local
     m->F1 = moe_f1(cfg->d_ff, cfg->activation);
     m->E = cfg->n_experts;
     m->El = m->E / P;
-    m->e0 = (comm ? moe_comm_ep_rank(comm) : 0) * m->El;
+    m->e0 = moe_comm_ep_rank(comm) * m->El;
 
     m->moe_index = moe_calloc((size_t)m->L, sizeof(int));
     m->dense_index = moe_calloc((size_t)m->L, sizeof(int));
@@ -305,14 +305,15 @@ moe_status moe_model_create(moe_model **out, const moe_train_config *cfg, int ma
     /* argument errors are the same on every rank: no agreement needed */
     moe_status st = check_config(cfg, max_local_seqs);
     if (st) return st;
-    const int P = comm ? moe_comm_ep_size(comm) : 1;
+    if (!comm) return moe_errorf(MOE_ERR_ARG, "model: no communicator (one process: moe_comm_create_self)");
+    const int P = moe_comm_ep_size(comm);
     if (cfg->n_experts % P)
         return moe_errorf(MOE_ERR_ARG, "n_experts=%d not divisible by the expert-parallel size %d",
                           cfg->n_experts, P);
     moe_model *m = moe_calloc(1, sizeof *m);
     st = m ? setup(m, cfg, max_local_seqs, comm) : moe_errorf(MOE_ERR_NOMEM, "model");
     /* local failures must reach every rank before the collective layer creation */
-    if (comm) st = moe_comm_agree(comm, st);
+    st = moe_comm_agree(comm, st);
     if (st) goto fail;
 
     moe_layer_config lc = {
@@ -545,16 +546,14 @@ moe_status moe_model_reduce_stats(moe_model *m, moe_model_stats *st)
     const size_t ni = 2 + 2 * (size_t)m->n_moe * m->E;
     moe_status s = m->have_forward ? MOE_OK : moe_errorf(MOE_ERR_ARG, "reduce_stats: the last forward failed or none ran");
     /* a forward may have failed in another ep group only: agree first */
-    if (m->comm && m->W > 1) s = moe_comm_agree(m->comm, s);
+    s = moe_comm_agree(m->comm, s);
     if (s) return s;
     double d[3];
     memcpy(d, m->part_d, sizeof d);
     memcpy(m->red_i, m->part_i, ni * sizeof(int64_t));
-    if (m->comm && m->W > 1) {
-        s = moe_comm_allreduce_f64(m->comm, MOE_SCOPE_WORLD, d, 3);
-        if (!s) s = moe_comm_allreduce_i64(m->comm, MOE_SCOPE_WORLD, m->red_i, ni);
-        if (s) return s;
-    }
+    s = moe_comm_allreduce_f64(m->comm, MOE_SCOPE_WORLD, d, 3);
+    if (!s) s = moe_comm_allreduce_i64(m->comm, MOE_SCOPE_WORLD, m->red_i, ni);
+    if (s) return s;
     memset(st, 0, sizeof *st);
     st->ce_sum = d[0];
     st->lb_sum = d[1];

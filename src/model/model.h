@@ -48,7 +48,7 @@ typedef struct {
  * moe_rng_normal(seed, MOE_RNG_INIT, g lo, g hi, tensor id, 0) where g is its
  * GLOBAL element index in the tensor and the tensor id its table index, so
  * the weights do not depend on the number of ranks. Gradients start at 0.
- * comm == NULL: single process, all experts local. Collective over world
+ * comm: moe_comm_create_self for one process. Collective over world
  * (agrees on local failures, creates the MoE layers); every rank returns
  * non-OK if any fails. Fails with MOE_ERR_ARG naming the
  * field (bad sizes, E % ep_size, max_local_seqs % group_seqs),
@@ -98,7 +98,7 @@ moe_status moe_model_forward(moe_model *m, const uint8_t *inputs, const uint8_t 
 moe_status moe_model_backward(moe_model *m);
 
 /* Reduces the last forward's partial stats over all ranks into *st.
- * Collective over world (comm == NULL: local). If the last forward failed
+ * Collective over world. If the last forward failed
  * (or none ran) on any rank, every rank returns non-OK (MOE_ERR_ARG there,
  * MOE_ERR_REMOTE elsewhere), so evaluation loops cannot hang. */
 moe_status moe_model_reduce_stats(moe_model *m, moe_model_stats *st);

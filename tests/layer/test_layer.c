@@ -11,6 +11,7 @@
 
 #include <cmocka.h>
 
+#include "comm/comm.h"
 #include "core/rng.h"
 #include "layer/layer.h"
 
@@ -45,7 +46,7 @@ static void setup(fixture *f, shape s)
         .router = {.n_experts = s.E, .top_k = s.k, .d_model = s.d, .kind = s.kind,
                    .capacity_factor = s.cf, .normalize_topk = s.k > 1, .noise = 0},
         .d_ff = s.F, .act = s.act, .max_tokens = s.T, .max_groups = s.G, .chunks = 1};
-    assert_int_equal(moe_layer_create(&f->L, &lc, NULL), MOE_OK);
+    assert_int_equal(moe_layer_create(&f->L, &lc, moe_comm_self()), MOE_OK);
     size_t nr = (size_t)s.E * s.d, n1 = (size_t)s.E * f->F1 * s.d, nb1 = (size_t)s.E * f->F1;
     size_t n2 = (size_t)s.E * s.d * s.F, nb2 = (size_t)s.E * s.d, na = (size_t)s.T * s.d;
     f->n_params = nr + n1 + nb1 + n2 + nb2;
@@ -258,19 +259,19 @@ static void test_bad_input(void **state)
         .d_ff = 8, .act = MOE_ACT_GELU, .max_tokens = 16, .max_groups = 2, .chunks = 1};
     moe_layer_config c = base;
     c.router.top_k = 5;
-    assert_int_equal(moe_layer_create(&L, &c, NULL), MOE_ERR_ARG);
+    assert_int_equal(moe_layer_create(&L, &c, moe_comm_self()), MOE_ERR_ARG);
     assert_true(strlen(moe_error_detail()) > 0);
     assert_null(L);
     c = base; c.router.top_k = 0;
-    assert_int_equal(moe_layer_create(&L, &c, NULL), MOE_ERR_ARG);
+    assert_int_equal(moe_layer_create(&L, &c, moe_comm_self()), MOE_ERR_ARG);
     c = base; c.router.n_experts = 0;
-    assert_int_equal(moe_layer_create(&L, &c, NULL), MOE_ERR_ARG);
+    assert_int_equal(moe_layer_create(&L, &c, moe_comm_self()), MOE_ERR_ARG);
     c = base; c.router.d_model = 0;
-    assert_int_equal(moe_layer_create(&L, &c, NULL), MOE_ERR_ARG);
+    assert_int_equal(moe_layer_create(&L, &c, moe_comm_self()), MOE_ERR_ARG);
     c = base; c.d_ff = -3;
-    assert_int_equal(moe_layer_create(&L, &c, NULL), MOE_ERR_ARG);
+    assert_int_equal(moe_layer_create(&L, &c, moe_comm_self()), MOE_ERR_ARG);
     c = base; c.router.kind = MOE_ROUTER_EXPERT_CHOICE; c.router.capacity_factor = 0;
-    assert_int_equal(moe_layer_create(&L, &c, NULL), MOE_ERR_ARG);
+    assert_int_equal(moe_layer_create(&L, &c, moe_comm_self()), MOE_ERR_ARG);
 
     shape s = {16, 2, 8, 8, 4, 2, MOE_ROUTER_TOKEN_CHOICE, 1.0, MOE_ACT_GELU};
     fixture f;
