@@ -1,5 +1,5 @@
 /* The training engine over W ranks against a single-process run of the same
- * global batch (every rank runs that reference too, comm == NULL): initial
+ * global batch (every rank runs that reference too, on moe_comm_self()): initial
  * weights bitwise equal to the reference rows, then for 10 steps losses and
  * gradient norms within 1e-4 relative, identical per-expert update counts,
  * final parameters close to the reference, dense parameters bitwise equal on
