@@ -3,6 +3,7 @@
  * (with shapes), merged with what the file actually holds. Data is read
  * only on request, one dataset at a time, after its shape is checked. */
 #include "ckpt/ckpt_file.h"
+#include "layout/layout.h"
 
 #include <stdio.h>
 #include <stdlib.h>
@@ -135,7 +136,7 @@ static moe_status read_info(moe_ckpt_file *f)
     st = ckpt_model_get(g, &in->model, p);
     H5Gclose(g);
     if (st != MOE_OK) return st;
-    if (moe_ckpt_layout_create(&f->layout, &in->model, 0, 1) != MOE_OK) {
+    if (moe_layout_create(&f->layout, &in->model, 0, 1) != MOE_OK) {
         char why[512]; /* the detail buffer cannot be its own argument */
         snprintf(why, sizeof why, "%s", moe_error_detail());
         return moe_errorf(MOE_ERR_FORMAT, "'%s': %s", p, why);
@@ -206,7 +207,7 @@ void moe_ckpt_file_close(moe_ckpt_file *f)
         H5Fclose(f->file);
         moe_h5_quiet_end(&q);
     }
-    moe_ckpt_layout_destroy(f->layout);
+    moe_layout_destroy(f->layout);
     free(f->info.config);
     free(f->d);
     free(f->path);

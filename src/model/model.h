@@ -22,6 +22,7 @@
 #include "config/config.h"
 #include "core/tensor.h"
 #include "layer/layer.h"
+#include "layout/layout.h"
 
 typedef struct moe_model moe_model;
 
@@ -65,6 +66,9 @@ float *moe_model_grads(moe_model *m);
 /* Floats of the leading dense (replicated) range of the blocks; expert
  * tensors occupy [dense_floats, total). */
 size_t moe_model_dense_floats(const moe_model *m);
+/* The parameters of tensor `kind` (layout.h) of block `block` (-1 for the
+ * global tensors), or NULL when the model has none. */
+float *moe_model_param(moe_model *m, moe_tensor_kind kind, int block);
 /* The MoE layer of block l, or NULL for a dense block. */
 moe_layer *moe_model_layer(moe_model *m, int l);
 /* Index of block l among the MoE blocks (0 .. n_moe_layers-1), -1 if dense. */

@@ -266,6 +266,7 @@ static void update(moe_trainer *tr, const adam_hyper *h)
     for (int i = 0; i < tab->n; i++) {
         const moe_tensor *t = &tab->t[i];
         const size_t o = t->offset;
+        if (t->role == MOE_TENSOR_BUFFER) continue; /* checkpointed state, not trained */
         if (!t->expert_sharded) {
             tr->segs[n++] = (adam_seg){o, t->numel, t->decay ? wd : 0.0f, tr->updates + 1};
             work += t->numel;
@@ -276,8 +277,10 @@ static void update(moe_trainer *tr, const adam_hyper *h)
         for (int j = 0; j < tr->El; j++) {
             const size_t k = (size_t)li * tr->El + j;
             if (!tr->active[k]) continue; /* an idle expert keeps weights and moments bit for bit */
-            tr->segs[n++] = (adam_seg){o + (size_t)j * row, row, t->decay ? wd : 0.0f, tr->expert_steps[k] + 1};
-            work += row;
+            int64_t r0, nr; /* the expert's segment of dim 0 */
+            moe_tensor_segment(t, j, &r0, &nr);
+            tr->segs[n++] = (adam_seg){o + (size_t)r0 * row, (size_t)nr * row, t->decay ? wd : 0.0f, tr->expert_steps[k] + 1};
+            work += (size_t)nr * row;
         }
     }
     adam_job job = {tr, h, n};
