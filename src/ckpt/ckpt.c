@@ -19,7 +19,6 @@
 #include "ckpt/ckpt.h"
 
 #include <errno.h>
-#include <fcntl.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -29,7 +28,7 @@
 #include "ckpt/ckpt_h5.h"
 #include "comm/comm_h5.h"
 
-enum { PATH_MAX_ = 4096, DSET_NAME = 160, CHUNK_TARGET = 1 << 20, DETAIL = 1000 };
+enum { DSET_NAME = 160, CHUNK_TARGET = 1 << 20 };
 
 /* Agreement carries the cause (moe_comm_agree_detail): every rank returns
  * the failing rank's status and detail, so whichever rank prints, it
@@ -331,90 +330,35 @@ static moe_status write_grads_body(const writer *w, moe_comm *c, const body *b)
     return st;
 }
 
-/* Creates tmp, writes everything, flushes and closes. Collective; every
- * HDF5 failure on this path is symmetric (same call on every rank) or
- * agreed after each dataset group by the caller. */
-static moe_status write_file(const char *tmp, moe_comm *c, const body *b, const root_info *r)
+typedef struct {
+    const body *b;
+    const root_info *r;
+    moe_comm *c;
+} fill_ctx;
+
+/* Fills the open temporary file (moe_h5_write_atomic). Every HDF5 failure
+ * on this path is symmetric (same call on every rank) or agreed after each
+ * dataset group. */
+static moe_status fill(void *vctx, hid_t file, hid_t dxpl, hid_t lcpl, const char *tmp)
 {
-    writer w = {H5I_INVALID_HID, H5I_INVALID_HID, H5I_INVALID_HID, tmp};
-    hid_t fapl = moe_comm_h5_fapl(c);
-    if (fapl >= 0) w.file = H5Fcreate(tmp, H5F_ACC_TRUNC, H5P_DEFAULT, fapl);
-    moe_status st = w.file < 0 ? moe_h5_fail(MOE_ERR_IO, "cannot create", NULL, tmp) : MOE_OK;
-    if (fapl >= 0) H5Pclose(fapl);
-    st = agree(c, st);
-    if (st != MOE_OK) {
-        if (w.file >= 0) H5Fclose(w.file);
-        return st;
-    }
-    w.dxpl = moe_comm_h5_dxpl(c);
-    w.lcpl = H5Pcreate(H5P_LINK_CREATE);
-    if (w.dxpl < 0 || w.lcpl < 0 || H5Pset_create_intermediate_group(w.lcpl, 1) < 0)
-        st = moe_h5_fail(MOE_ERR_IO, "cannot make property lists for", NULL, tmp);
+    const fill_ctx *x = vctx;
+    const body *b = x->b;
+    writer w = {file, dxpl, lcpl, tmp};
     const char *config = b->st ? b->st->config_text : b->config;
-    if (st == MOE_OK) st = write_root(&w, b->st ? CKPT_FORMAT : CKPT_FORMAT_GRADS, r, config);
-    if (st == MOE_OK) st = b->st ? write_ckpt_body(&w, c, b->st) : write_grads_body(&w, c, b);
-    if (st == MOE_OK && H5Fflush(w.file, H5F_SCOPE_GLOBAL) < 0)
-        st = moe_h5_fail(MOE_ERR_IO, "cannot flush", NULL, tmp);
-    if (w.lcpl >= 0) H5Pclose(w.lcpl);
-    if (w.dxpl >= 0) H5Pclose(w.dxpl);
-    if (H5Fclose(w.file) < 0 && st == MOE_OK) st = moe_h5_fail(MOE_ERR_IO, "cannot close", NULL, tmp);
+    moe_status st = write_root(&w, b->st ? CKPT_FORMAT : CKPT_FORMAT_GRADS, x->r, config);
+    if (st == MOE_OK) st = b->st ? write_ckpt_body(&w, x->c, b->st) : write_grads_body(&w, x->c, b);
     return st;
 }
 
-/* fsync a file or directory so that a rename survives a crash. */
-static moe_status sync_path(const char *p, int dir)
-{
-    int fd = open(p, dir ? O_RDONLY | O_DIRECTORY : O_RDONLY);
-    if (fd < 0) return moe_errorf(MOE_ERR_IO, "cannot open '%s' to sync it: %s", p, strerror(errno));
-    int rc = fsync(fd);
-    close(fd);
-    return rc ? moe_errorf(MOE_ERR_IO, "cannot sync '%s': %s", p, strerror(errno)) : MOE_OK;
-}
-
-static void dir_of(char *buf, size_t cap, const char *path)
-{
-    const char *slash = strrchr(path, '/');
-    if (!slash)
-        snprintf(buf, cap, ".");
-    else if (slash == path)
-        snprintf(buf, cap, "/");
-    else
-        snprintf(buf, cap, "%.*s", (int)(slash - path), path);
-}
-
-/* Writes path atomically: path.tmp, fsync, rename, fsync of the directory.
+/* Writes path atomically (path.tmp, the one HDF5 writer of io/h5.h).
  * Collective; the caller has already agreed on its argument checks. */
 static moe_status save_atomic(const char *path, moe_comm *c, const body *b)
 {
-    const int rank = moe_comm_rank(c);
-    char tmp[PATH_MAX_], dir[PATH_MAX_];
-    moe_status st = MOE_OK;
-    if (snprintf(tmp, sizeof tmp, "%s.tmp", path) >= (int)sizeof tmp)
-        st = moe_errorf(MOE_ERR_ARG, "checkpoint path too long: '%s'", path);
     root_info r;
-    moe_status bs = root_info_make(&r, c);
-    if (bs != MOE_OK) return bs;
-    st = agree(c, st);
+    moe_status st = root_info_make(&r, c);
     if (st != MOE_OK) return st;
-
-    moe_h5_quiet q;
-    moe_h5_quiet_begin(&q);
-    st = write_file(tmp, c, b, &r);
-    moe_h5_quiet_end(&q);
-
-    /* Every rank has closed before rank 0 renames (agree synchronises). */
-    st = agree(c, st);
-    if (rank == 0) {
-        if (st == MOE_OK) st = sync_path(tmp, 0);
-        if (st == MOE_OK && rename(tmp, path) != 0)
-            st = moe_errorf(MOE_ERR_IO, "cannot rename '%s' to '%s': %s", tmp, path, strerror(errno));
-        if (st == MOE_OK) {
-            dir_of(dir, sizeof dir, path);
-            st = sync_path(dir, 1);
-        }
-        if (st != MOE_OK) remove(tmp);
-    }
-    return agree(c, st);
+    fill_ctx x = {b, &r, c};
+    return moe_h5_write_atomic(path, ".tmp", c, fill, &x);
 }
 
 moe_status moe_ckpt_save(const char *path, moe_comm *c, const moe_ckpt_state *s)
