@@ -1,5 +1,5 @@
 /* Parallel checkpoint and gradient-dump writer and checkpoint loader
- * (spec: checkpoint.md).
+ * (docs/formats.md section 1).
  *
  * Writing: every rank opens the temp file through parallel HDF5, makes the
  * same metadata calls (groups, attributes, dataset creation) and takes part

@@ -1,5 +1,5 @@
 /* Single-process checkpoint / gradient-dump reader for tools (ckpt_file.h):
- * attributes first, then the list of datasets the spec expects from them
+ * attributes first, then the list of datasets the format expects from them
  * (with shapes), merged with what the file actually holds. Data is read
  * only on request, one dataset at a time, after its shape is checked. */
 #include "ckpt/ckpt_file.h"
@@ -47,7 +47,7 @@ static moe_status add_dset(moe_ckpt_file *f, const char *path, moe_ckpt_dtype t,
     return MOE_OK;
 }
 
-/* The datasets the spec expects, from the layout. */
+/* The datasets the format expects, from the layout. */
 static moe_status expect_all(moe_ckpt_file *f)
 {
     const moe_tensor_table *t = f->layout;

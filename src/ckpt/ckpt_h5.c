@@ -1,4 +1,4 @@
-/* HDF5 helpers of the checkpoint module: the spec's /model attributes,
+/* HDF5 helpers of the checkpoint module: the /model attributes,
  * format checks and dataset shape checks (see ckpt_h5.h); error handling
  * and typed attributes come from io/h5.h. */
 #include "ckpt/ckpt_h5.h"

@@ -306,7 +306,7 @@ static int verify(const moe_ckpt_file *f, const char *path, cJSON *j)
         moe_status st = moe_ckpt_file_read(f, i, &buf, &n);
         moe_free(buf);
         bad += st != MOE_OK;
-        const char *note = d->expected ? "" : " (not in the spec)";
+        const char *note = d->expected ? "" : " (not in the format)";
         if (j) {
             cJSON *x = cJSON_CreateObject();
             cJSON_AddStringToObject(x, "name", d->path);

@@ -366,7 +366,7 @@ static moe_status check_key(const key_desc *k, const moe_train_config *c)
 
 /* Defaults that depend on other keys: normalize_topk (1 for k > 1, always 0
  * for k = 1) and capacity_factor (1.25 for token choice, c = 2 experts per
- * token for expert choice, as routing.md says). */
+ * token for expert choice, as docs/routing.md says). */
 static void resolve_defaults(moe_train_config *c)
 {
     c->normalize_topk = c->top_k == 1 ? 0 : c->normalize_topk_user < 0 ? 1 : c->normalize_topk_user;

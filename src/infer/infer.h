@@ -6,7 +6,7 @@
  * which must divide n_experts); experts are sharded, everything else is
  * replicated. Evaluation spreads windows over the ranks; generation runs
  * every sequence on every rank (the routing group of a decoding step must
- * live on one rank, routing.md) and only the expert FFNs are distributed.
+ * live on one rank, docs/routing.md) and only the expert FFNs are distributed.
  *
  * Routing at inference (docs/routing.md, "autoregressive decoding"):
  *   - no router noise, ever;
@@ -14,7 +14,7 @@
  *   - decoding: the tokens passed to ONE moe_infer_decode call form one
  *     routing group at every MoE layer: a prompt (or a re-prefilled context)
  *     is one group, a decoding step is the group of the B newest tokens, one
- *     per sequence. Capacity follows routing.md for that group size T:
+ *     per sequence. Capacity follows docs/routing.md for that group size T:
  *     token choice C = ceil(k T cf / E) (cf <= 0: dropless), expert choice
  *     C = min(T, ceil(T c / E)). At T = 1 expert choice therefore sends the
  *     single token to every expert (C = 1), weighted by its router probs. */

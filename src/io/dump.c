@@ -1,4 +1,4 @@
-/* Layer dump writer (spec: layer-dump.md) and a small single-process reader.
+/* Layer dump writer (docs/formats.md section 2) and a small single-process reader.
  *
  * Every rank opens the file through parallel HDF5 (MPI-IO driver from
  * src/comm), makes the same metadata calls (attributes, dataset creation)
@@ -230,7 +230,7 @@ static moe_status write_dsets(const dump_file *f, const moe_dump_view *v, int ra
     const hsize_t t0 = (hsize_t)v->t0, nt = (hsize_t)v->T_local;
     const hsize_t e0 = (hsize_t)v->e0, ne = v->write_experts ? (hsize_t)v->E_local : 0;
     const hsize_t nr = rank == 0 ? E : 0, ns = rank == 0 ? 1 : 0;
-    /* The spec stores the scalars as float32. */
+    /* The format stores the scalars as float32. */
     const float lb = (float)v->load_balance, zl = (float)v->z_loss;
     const dump_dset sets[] = {
         {"/x", 2, {T, d}, t0, nt, v->x, 0},

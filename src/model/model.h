@@ -1,5 +1,5 @@
 /* The byte-level GPT-2 style decoder with MoE feed-forward blocks
- * (checkpoint.md): wte + wpe, n_layers pre-norm blocks
+ * (docs/formats.md section 1): wte + wpe, n_layers pre-norm blocks
  * x += attn(ln_1(x)); x += ffn(ln_2(x)), where every moe_every-th block
  * (from block 0) has an MoE FFN (src/layer, expert-parallel over comm's ep
  * group) and the others a dense FFN, then ln_f and logits = ln_f(x) wte^T.

@@ -1,5 +1,5 @@
 /* Checkpoint module, one process: bitwise round trip, gradient dumps, the
- * run directory (latest, keep_last, resolve), the spec layout, and the
+ * run directory (latest, keep_last, resolve), the tensor layout, and the
  * loader's rejection of damaged files (truncated, flipped data bytes,
  * unknown format_version, missing dataset, absurd dims, model mismatch),
  * each with a clear status and no crash or leak. */

@@ -102,7 +102,7 @@ static void test_roundtrip(void **state)
     assert_true(a >= 0 && H5Aread(a, H5T_NATIVE_UINT64, &seed) >= 0);
     H5Aclose(a);
     assert_true(seed == fx.g.seed);
-    /* Shapes follow the spec: swiglu W1 has 2F rows. */
+    /* Shapes follow docs/formats.md: swiglu W1 has 2F rows. */
     hid_t ds = H5Dopen2(f, "/experts/w1", H5P_DEFAULT);
     hid_t sp = H5Dget_space(ds);
     hsize_t dims[3];
