@@ -64,18 +64,33 @@ static moe_status set_errors_return(MPI_Comm comm)
     return MOE_OK;
 }
 
+/* The root cause over comm into out = {priority, rank}: MAXLOC over a
+ * priority, where an original error outranks a rank that only relays "error
+ * on another rank" (so the message names the root cause), a higher status
+ * a lower one; ties go to the lowest rank. Priority 0: nobody failed. */
+static int cause_of(MPI_Comm comm, moe_status local, int rank, int out[2])
+{
+    int in[2] = {local == MOE_OK ? 0 : local == MOE_ERR_REMOTE ? 1 : 2 + (int)local, rank};
+    return MPI_Allreduce(in, out, 1, MPI_2INT, MPI_MAXLOC, comm);
+}
+
+int moe_comm_cause_rank(moe_comm *c, moe_comm_scope s, moe_status local)
+{
+    MPI_Comm comm = moe_comm_mpi(c, s);
+    if (comm == MPI_COMM_NULL) return local != MOE_OK ? 0 : -1;
+    int rank = 0, out[2] = {0, 0};
+    if (MPI_Comm_rank(comm, &rank) != MPI_SUCCESS || cause_of(comm, local, rank, out) != MPI_SUCCESS) return -2;
+    return out[0] == 0 ? -1 : out[1];
+}
+
 moe_status moe_comm_agree_on(MPI_Comm comm, moe_status local, const char *scope, int detail)
 {
     if (comm == MPI_COMM_NULL) return local;
     int rank = 0, size = 1;
     if (MPI_Comm_rank(comm, &rank) != MPI_SUCCESS || MPI_Comm_size(comm, &size) != MPI_SUCCESS)
         return local ? local : moe_errorf(MOE_ERR_MPI, "MPI_Comm_rank failed");
-    /* MAXLOC over a priority: an original error outranks a rank that only
-     * relays "error on another rank", so the message names the root cause;
-     * ties go to the lowest rank. */
-    int prio = local == MOE_OK ? 0 : local == MOE_ERR_REMOTE ? 1 : 2 + (int)local;
-    int in[2] = {prio, rank}, out[2] = {0, 0};
-    int rc = MPI_Allreduce(in, out, 1, MPI_2INT, MPI_MAXLOC, comm);
+    int out[2] = {0, 0};
+    int rc = cause_of(comm, local, rank, out);
     if (rc != MPI_SUCCESS) return local ? local : moe_comm_mpi_error(rc, "MPI_Allreduce");
     if (!detail) {
         if (local != MOE_OK) return local;

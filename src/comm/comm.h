@@ -91,6 +91,11 @@ moe_status moe_comm_agree_scope(moe_comm *c, moe_comm_scope s, moe_status local)
  * over s. */
 moe_status moe_comm_agree_detail(moe_comm *c, moe_comm_scope s, moe_status local);
 
+/* Collective over s: the rank (in s) of the root cause by the rule of
+ * moe_comm_agree_detail, -1 if no rank failed, -2 if MPI failed. For
+ * printing a shared failure once, from the rank that holds its cause. */
+int moe_comm_cause_rank(moe_comm *c, moe_comm_scope s, moe_status local);
+
 /* In-place sums over a scope (n may exceed INT_MAX: done in chunks). */
 moe_status moe_comm_allreduce_f32(moe_comm *c, moe_comm_scope s, float *buf, size_t n);
 moe_status moe_comm_allreduce_f64(moe_comm *c, moe_comm_scope s, double *buf, size_t n);

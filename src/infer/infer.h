@@ -39,18 +39,12 @@
  * NULL). comm (moe_comm_create_self for one process): its ep size must be its world
  * size. Collective over comm's world; every rank returns non-OK if any
  * fails (the cause's detail on the rank that found it, MOE_ERR_REMOTE
- * elsewhere; moe_infer_error_rank says which). Fails with MOE_ERR_IO /
+ * elsewhere; moe_comm_cause_rank says which). Fails with MOE_ERR_IO /
  * MOE_ERR_FORMAT / MOE_ERR_CHECKSUM / MOE_ERR_MISMATCH for a missing or
  * damaged file, MOE_ERR_ARG when the world size does not divide n_experts or
  * max_local_seqs < 1. Owner: caller (moe_model_destroy). */
 moe_status moe_infer_load(moe_model **out, moe_train_config *cfg, const char *path, int max_local_seqs,
                           int min_tokens, moe_comm *comm);
-
-/* Which rank should print a failure that every rank returned (after an
- * agreement): world rank 0 unless its status is MOE_ERR_REMOTE, else the
- * lowest rank holding the cause. Collective over comm's world;
- * -1 if the exchange itself fails (then every rank should print). */
-int moe_infer_error_rank(moe_comm *comm, moe_status st);
 
 /* Reads a whole file into a new buffer (*data, caller frees with moe_free;
  * never NULL on success, even for an empty file) of *n bytes. Not

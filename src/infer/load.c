@@ -41,15 +41,6 @@ moe_status moe_infer_read_file(uint8_t **data, size_t *n, const char *path)
     return MOE_OK;
 }
 
-int moe_infer_error_rank(moe_comm *comm, moe_status st)
-{
-    const int W = moe_comm_size(comm), rank = moe_comm_rank(comm);
-    /* max of W - rank over the ranks with a cause: the lowest such rank */
-    double who = st != MOE_OK && st != MOE_ERR_REMOTE ? (double)(W - rank) : 0.0;
-    if (moe_comm_allmax_f64(comm, MOE_SCOPE_WORLD, &who, 1)) return -1;
-    return who == 0.0 ? 0 : W - (int)who;
-}
-
 /* Rank 0's root `config` text of the checkpoint at path (*text malloc'd). */
 static moe_status read_config_text(char **text, const char *path)
 {

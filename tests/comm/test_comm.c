@@ -122,7 +122,29 @@ static void test_check_same_and_agree(void **state)
     moe_status ag = moe_comm_agree(c, R == W - 1 ? MOE_ERR_NONFINITE : MOE_OK);
     char ag_detail[256];
     snprintf(ag_detail, sizeof ag_detail, "%s", moe_error_detail());
+    /* Agreement carrying the cause: rank W-1 has an I/O error, rank 0 an
+     * argument error (lower), the others relay: everybody gets the I/O
+     * error with its detail; moe_comm_cause_rank names the same rank. */
+    moe_status mine = R == W - 1 ? moe_errorf(MOE_ERR_IO, "disk full on the last rank")
+                      : R == 0   ? moe_errorf(MOE_ERR_ARG, "bad argument on rank 0")
+                                 : moe_errorf(MOE_ERR_REMOTE, "relayed");
+    const int cause = moe_comm_cause_rank(c, MOE_SCOPE_WORLD, mine);
+    moe_status det = moe_comm_agree_detail(c, MOE_SCOPE_WORLD, mine);
+    char det_detail[256];
+    snprintf(det_detail, sizeof det_detail, "%s", moe_error_detail());
+    const int none = moe_comm_cause_rank(c, MOE_SCOPE_WORLD, MOE_OK);
+    moe_status det_ok = moe_comm_agree_detail(c, MOE_SCOPE_EP, MOE_OK);
     moe_comm_destroy(c);
+    assert_int_equal(cause, W - 1);
+    assert_int_equal(none, -1);
+    assert_int_equal(det_ok, MOE_OK);
+    assert_int_equal(det, MOE_ERR_IO);
+    assert_non_null(strstr(det_detail, "disk full on the last rank"));
+    if (W > 1) {
+        char who[32];
+        snprintf(who, sizeof who, "rank %d: ", W - 1);
+        assert_non_null(strstr(det_detail, who));
+    }
 
     char want[32];
     snprintf(want, sizeof want, "rank %d", W - 1);
