@@ -267,7 +267,8 @@ static moe_status reserve_buf(moe_a2a *a, int i, int rows, int width)
 {
     const size_t need = (size_t)rows * (size_t)width;
     if (need <= a->buf_cap[i] && a->buf[i]) return MOE_OK;
-    const size_t cap = (size_t)(i == B_SEND_X || i == B_SEND_Y ? rows + rows / 4 + 16 : rows + rows / 8 + 64) * width;
+    const int64_t r = rows, cap_rows = i == B_SEND_X || i == B_SEND_Y ? r + r / 4 + 16 : r + r / 8 + 64;
+    const size_t cap = (size_t)cap_rows * (size_t)width;
     float *p = moe_calloc(cap, sizeof(float));
     if (!p) return moe_errorf(MOE_ERR_NOMEM, "token exchange: cannot allocate %zu bytes", cap * sizeof(float));
     moe_free(a->buf[i]);

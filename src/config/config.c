@@ -102,7 +102,7 @@ static const key_desc keys[] = {
     KI(val_batches, "data", 1, NOMAX, "batches of batch_size sequences per validation"),
 
     KE(a2a, "exchange", a2a_names, "token exchange: p2p (point-to-point) or shm (on-node shared memory); alltoallv = p2p"),
-    KI(a2a_chunks, "exchange", 1, NOMAX, "expert chunks overlapped with the all-to-all"),
+    KI(a2a_chunks, "exchange", 1, NOMAX, "expert chunks overlapped with the exchange (p2p)"),
 
     KI(ckpt_every, "checkpoint", 0, NOMAX, "steps between checkpoints (0: only at the end)"),
     KI(keep_last, "checkpoint", 0, NOMAX, "checkpoints kept in out_dir (0: all)"),
