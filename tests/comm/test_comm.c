@@ -354,7 +354,7 @@ static float *run_step(moe_a2a *a, scenario sc, int P, int me)
     for (size_t i = 0; i < (size_t)S; i++)
         for (int c = 0; c < OUT_WIDTH; c++)
             if (result[i * OUT_WIDTH + c] != 2 * send[i * WIDTH + c] + 1)
-                fail_msg("rank %d, %s: combined row %zu col %d is wrong", R, scenario_name[sc], i, c);
+                fail_msg("rank %d, %s: returned row %zu col %d is wrong", R, scenario_name[sc], i, c);
     assert_true(e2.in_order && e2.next_j == EL);
     assert_memory_equal(recv2, recv, sizeof(float) * (size_t)Rt * WIDTH + 1);
     assert_memory_equal(result2, result, sizeof(float) * (size_t)S * OUT_WIDTH + 1);
