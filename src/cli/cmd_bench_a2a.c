@@ -81,15 +81,16 @@ static int parse(bench_opts *o, int argc, char **argv)
         case 'u': o->compute_us = x; break;
         case 's': o->skew = x; break;
         case 'j': o->json = 1; break;
-        case 'K':
-            if (!strcmp(optarg, "p2p") || !strcmp(optarg, "alltoallv")) o->kinds = 1 << MOE_A2A_P2P;
-            else if (!strcmp(optarg, "shm")) o->kinds = 1 << MOE_A2A_SHM;
-            else if (!strcmp(optarg, "both")) o->kinds = 3;
+        case 'K': {
+            moe_a2a_kind kind;
+            if (!strcmp(optarg, "both")) o->kinds = 3;
+            else if (moe_a2a_kind_parse(&kind, optarg) == MOE_OK) o->kinds = 1 << kind;
             else {
                 fprintf(stderr, "moe bench a2a: unknown --kind '%s' (p2p, shm or both)\n", optarg);
                 return 2;
             }
             break;
+        }
         case 'h': usage(stdout); return 1;
         default: usage(stderr); return 2;
         }

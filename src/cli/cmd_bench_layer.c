@@ -118,9 +118,7 @@ static int parse_opts(bench_opts *o, int argc, char **argv, int rank)
             }
             break;
         case 'x':
-            if (!strcmp(optarg, "p2p") || !strcmp(optarg, "alltoallv")) o->a2a = MOE_A2A_P2P;
-            else if (!strcmp(optarg, "shm")) o->a2a = MOE_A2A_SHM;
-            else ok = 0;
+            if (moe_a2a_kind_parse(&o->a2a, optarg) != MOE_OK) ok = 0;
             break;
         case 'h':
             if (rank == 0) usage(stdout);

@@ -62,6 +62,20 @@ struct moe_a2a {
 
 static int imin(int a, int b) { return a < b ? a : b; }
 
+const char *const moe_a2a_kind_names[] = {"p2p", "shm", NULL};
+
+moe_status moe_a2a_kind_parse(moe_a2a_kind *out, const char *name)
+{
+    if (name && !strcmp(name, MOE_A2A_P2P_OLD_NAME)) name = moe_a2a_kind_names[MOE_A2A_P2P];
+    for (int k = 0; name && moe_a2a_kind_names[k]; k++)
+        if (!strcmp(name, moe_a2a_kind_names[k])) {
+            *out = (moe_a2a_kind)k;
+            return MOE_OK;
+        }
+    return moe_errorf(MOE_ERR_ARG, "unknown exchange kind '%s' (p2p or shm; %s = p2p)", name ? name : "(null)",
+                      MOE_A2A_P2P_OLD_NAME);
+}
+
 /* MPI guarantees tags up to 32767; the exchange uses 2 * El of them. */
 #define MOE_A2A_MAX_LOCAL_EXPERTS (32767 / 2)
 

@@ -132,6 +132,14 @@ typedef enum {
     MOE_A2A_SHM = 1, /* MPI-3 shared-memory window, on-node only */
 } moe_a2a_kind;
 
+/* The kinds' names, index = kind, NULL-terminated: "p2p", "shm". The old
+ * name of p2p, "alltoallv", is still read everywhere a kind is named
+ * (configs, checkpoint config texts, bench options). */
+extern const char *const moe_a2a_kind_names[];
+#define MOE_A2A_P2P_OLD_NAME "alltoallv"
+/* A kind from its name (or the old name). MOE_ERR_ARG naming the choices. Not collective. */
+moe_status moe_a2a_kind_parse(moe_a2a_kind *out, const char *name);
+
 /* The two round trips of a step, whose buffers are arranged so that:
  *  - the FORWARD trip's `recv` rows stay valid until the BACKWARD trip has
  *    run (the expert backward needs its inputs);

@@ -35,12 +35,12 @@ typedef struct {
 static const char *const router_names[] = {"token_choice", "expert_choice", NULL};
 static const char *const act_names[] = {"gelu", "relu", "swiglu", NULL};
 static const char *const noise_names[] = {"none", "gaussian", NULL};
-static const char *const a2a_names[] = {"p2p", "shm", NULL};
+#define a2a_names moe_a2a_kind_names /* named where the kinds are defined */
 /* Old spellings still accepted (configs and checkpoint config texts written
  * before a rename): {key, old value, the value it means}. */
 static const struct {
     const char *key, *old, *now;
-} enum_aliases[] = {{"a2a", "alltoallv", "p2p"}};
+} enum_aliases[] = {{"a2a", MOE_A2A_P2P_OLD_NAME, "p2p"}};
 _Static_assert(MOE_ROUTER_TOKEN_CHOICE == 0 && MOE_ROUTER_EXPERT_CHOICE == 1, "router_names order");
 _Static_assert(MOE_ACT_GELU == 0 && MOE_ACT_RELU == 1 && MOE_ACT_SWIGLU == 2, "act_names order");
 _Static_assert(MOE_A2A_P2P == 0 && MOE_A2A_SHM == 1, "a2a_names order");
