@@ -350,8 +350,10 @@ moe_status moe_train_run_step(moe_train_run *r)
         r->last_val = p.val_loss;
     }
     /* Preemption: any rank may ask; all stop after a checkpoint of this step. */
+    /* Asked on every rank, hook or not, so that ranks whose hooks differ
+     * still run the same collectives. */
     double stop = r->cb.should_stop && r->cb.should_stop(r->cb.ctx, r->step) ? 1.0 : 0.0;
-    if (r->cb.should_stop && (st = moe_comm_allmax_f64(r->comm, MOE_SCOPE_WORLD, &stop, 1))) return st;
+    if ((st = moe_comm_allmax_f64(r->comm, MOE_SCOPE_WORLD, &stop, 1))) return st;
     r->stopped = stop > 0;
     if ((c->ckpt_every > 0 && r->step % c->ckpt_every == 0) || r->step == c->steps || r->stopped)
         if ((st = save_checkpoint(r, &p.checkpoint_s))) return st;
