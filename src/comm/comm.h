@@ -210,7 +210,8 @@ moe_status moe_a2a_exchange(moe_a2a *a, moe_a2a_trip trip, int width, int out_wi
                             moe_a2a_compute_fn compute, void *ctx, moe_status local);
 
 /* Seconds of the last moe_a2a_exchange on this rank: dispatch, compute and
- * return. When chunks overlap, the whole overlapped time counts as compute. */
+ * return. When chunks overlap, the whole overlapped time counts as compute.
+ * Not collective. */
 typedef struct {
     double dispatch, compute, ret;
 } moe_a2a_times;

@@ -80,7 +80,8 @@ typedef struct {
     const char *text;  /* static storage */
 } moe_model_attr;
 enum { MOE_MODEL_ATTRS_MAX = 64 };
-/* Fills out[0 .. min(count, cap)) in key-table order; returns the count. */
+/* Fills out[0 .. min(count, cap)) in key-table order; returns the count.
+ * Never fails. */
 int moe_train_config_model_attrs(const moe_train_config *c, moe_model_attr *out, int cap);
 /* Sets one [model] key from a typed value (a->type must be the key's;
  * names as moe_train_config_set reads them). No range check:

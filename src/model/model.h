@@ -67,7 +67,7 @@ float *moe_model_grads(moe_model *m);
  * tensors occupy [dense_floats, total). */
 size_t moe_model_dense_floats(const moe_model *m);
 /* The parameters of tensor `kind` (layout.h) of block `block` (-1 for the
- * global tensors), or NULL when the model has none. */
+ * global tensors), or NULL when the model has none. Not collective. */
 float *moe_model_param(moe_model *m, moe_tensor_kind kind, int block);
 /* The MoE layer of block l, or NULL for a dense block. */
 moe_layer *moe_model_layer(moe_model *m, int l);

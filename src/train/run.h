@@ -66,6 +66,7 @@ moe_status moe_train_run_step(moe_train_run *r);
 /* Steps until cfg->steps are done or should_stop asks to stop. */
 moe_status moe_train_run_run(moe_train_run *r);
 
+/* Accessors: not collective. */
 int64_t moe_train_run_steps_done(const moe_train_run *r);
 int moe_train_run_stopped(const moe_train_run *r); /* 1 after a should_stop */
 double moe_train_run_checkpoint_seconds(const moe_train_run *r); /* total so far */
