@@ -17,6 +17,8 @@
 #include <stddef.h>
 #include <string.h>
 
+/* A field added to moe_layer_timing without a line here fails to compile. */
+_Static_assert(sizeof(moe_layer_timing) == MOE_LAYER_TIMING_N * sizeof(double), "one table line per timing field");
 const moe_layer_timing_field moe_layer_timing_fields[MOE_LAYER_TIMING_N] = {
     {"route", offsetof(moe_layer_timing, route)},
     {"pack", offsetof(moe_layer_timing, pack)},

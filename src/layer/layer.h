@@ -1,9 +1,9 @@
 /* The MoE layer: route -> pack -> exchange (dispatch, experts, return) ->
  * combine, forward and backward, over the expert-parallel group of a
- * moe_comm (one process: moe_comm_create_self; the exchange then moves
- * nothing). The T local tokens
- * form G routing groups; a single process holding all groups computes the
- * same numbers as any number of ranks holding them in order.
+ * moe_comm (one process: moe_comm_self(); the exchange then moves nothing).
+ * The T local tokens form G routing groups; a single process holding all
+ * groups computes the same numbers as any number of ranks holding them in
+ * order.
  *
  * Parameters are not owned by the layer: callers pass views into their own
  * contiguous parameter and gradient blocks. */

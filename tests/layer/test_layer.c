@@ -289,6 +289,35 @@ static void test_bad_input(void **state)
     teardown(&f);
 }
 
+/* The timing table names every field once, at its own offset, and the
+ * values read through it are the struct's (bench layer prints through it). */
+static void test_timing_table(void **state)
+{
+    (void)state;
+    moe_layer_timing t;
+    double *v = (double *)&t;
+    for (int i = 0; i < MOE_LAYER_TIMING_N; i++) v[i] = 0;
+    int seen[MOE_LAYER_TIMING_N] = {0};
+    for (int i = 0; i < MOE_LAYER_TIMING_N; i++) {
+        const size_t off = moe_layer_timing_fields[i].offset;
+        assert_true(off % sizeof(double) == 0 && off < sizeof t);
+        seen[off / sizeof(double)]++;
+        for (int j = 0; j < i; j++) assert_string_not_equal(moe_layer_timing_fields[i].name, moe_layer_timing_fields[j].name);
+    }
+    for (int i = 0; i < MOE_LAYER_TIMING_N; i++) assert_int_equal(seen[i], 1);
+    t.ret = 1.5;
+    t.combine = 2.5;
+    t.bwd_return = 3.5;
+    double ret = -1, comb = -1, bret = -1;
+    for (int i = 0; i < MOE_LAYER_TIMING_N; i++) {
+        const char *n = moe_layer_timing_fields[i].name;
+        if (!strcmp(n, "return")) ret = moe_layer_timing_get(&t, i);
+        if (!strcmp(n, "combine")) comb = moe_layer_timing_get(&t, i);
+        if (!strcmp(n, "bwd_return")) bret = moe_layer_timing_get(&t, i);
+    }
+    assert_true(ret == 1.5 && comb == 2.5 && bret == 3.5);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -296,6 +325,7 @@ int main(void)
         cmocka_unit_test(test_finite_differences),
         cmocka_unit_test(test_idle_expert_has_zero_gradient),
         cmocka_unit_test(test_bad_input),
+        cmocka_unit_test(test_timing_table),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
