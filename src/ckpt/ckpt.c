@@ -1,5 +1,5 @@
 /* Parallel checkpoint and gradient-dump writer and checkpoint loader
- * (spec: checkpoint.md).
+ * (docs/formats.md section 1).
  *
  * Writing: every rank opens the temp file through parallel HDF5, makes the
  * same metadata calls (groups, attributes, dataset creation) and takes part
@@ -19,7 +19,6 @@
 #include "ckpt/ckpt.h"
 
 #include <errno.h>
-#include <fcntl.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -29,47 +28,22 @@
 #include "ckpt/ckpt_h5.h"
 #include "comm/comm_h5.h"
 
-enum { PATH_MAX_ = 4096, DSET_NAME = 160, CHUNK_TARGET = 1 << 20, DETAIL = 1000 };
+enum { DSET_NAME = 160, CHUNK_TARGET = 1 << 20 };
 
-/* ---- agreement ---- */
-
-static int rank_of(const moe_comm *c) { return c ? moe_comm_rank(c) : 0; }
-
-/* Like moe_comm_agree, but every rank returns the status and detail of the
- * lowest failing rank, so whichever rank prints, it prints the cause. */
-static moe_status agree(moe_comm *c, moe_status s)
-{
-    if (!c) return s;
-    const int W = moe_comm_size(c), rank = moe_comm_rank(c);
-    double who = s != MOE_OK ? (double)(W - rank) : 0.0;
-    moe_status m = moe_comm_allmax_f64(c, MOE_SCOPE_WORLD, &who, 1);
-    if (m != MOE_OK) return m;
-    if (who == 0.0) return MOE_OK;
-    const int root = W - (int)who;
-    struct {
-        int32_t status;
-        char detail[DETAIL];
-    } msg;
-    memset(&msg, 0, sizeof msg);
-    if (rank == root) {
-        msg.status = (int32_t)s;
-        snprintf(msg.detail, sizeof msg.detail, "%s", moe_error_detail());
-    }
-    if ((m = moe_comm_bcast(c, &msg, sizeof msg, root)) != MOE_OK) return m;
-    if (W > 1 && root != 0)
-        return moe_errorf((moe_status)msg.status, "rank %d: %s", root, msg.detail);
-    return moe_errorf((moe_status)msg.status, "%s", msg.detail);
-}
+/* Agreement carries the cause (moe_comm_agree_detail): every rank returns
+ * the failing rank's status and detail, so whichever rank prints, it
+ * prints the cause. */
+static moe_status agree(moe_comm *c, moe_status s) { return moe_comm_agree_detail(c, MOE_SCOPE_WORLD, s); }
 
 /* ---- table checks ---- */
 
 /* The local rows of every tensor are consistent with the table and with c's
- * expert ownership (routing.md 7: ep rank r holds [r E/P, (r+1) E/P)), and
+ * expert ownership (docs/routing.md section 8: ep rank r holds [r E/P, (r+1) E/P)), and
  * offsets stay inside the block. Local check. */
 static moe_status check_table(const moe_tensor_table *t, int E, const moe_comm *c)
 {
     if (!t || t->n <= 0 || !t->t) return moe_errorf(MOE_ERR_ARG, "checkpoint: empty tensor table");
-    const int P = c ? moe_comm_ep_size(c) : 1, p = c ? moe_comm_ep_rank(c) : 0;
+    const int P = moe_comm_ep_size(c), p = moe_comm_ep_rank(c);
     if (E <= 0 || E % P) return moe_errorf(MOE_ERR_ARG, "checkpoint: n_experts = %d with ep size %d", E, P);
     const int64_t r0 = (int64_t)p * (E / P), rows = E / P;
     for (int i = 0; i < t->n; i++) {
@@ -122,7 +96,7 @@ static moe_status check_common(moe_comm *c, const moe_tensor_table *t, int E, co
     if (local == MOE_OK && cfg && cfg->n_experts != E)
         local = moe_errorf(MOE_ERR_ARG, "checkpoint: n_experts = %d but the config says %d", E, cfg->n_experts);
     moe_status st = agree(c, local);
-    if (st != MOE_OK || !c) return st;
+    if (st != MOE_OK) return st;
     uint64_t h = table_hash(t);
     return agree(c, moe_comm_check_same(c, "checkpoint tensor table", &h, sizeof h));
 }
@@ -205,7 +179,7 @@ static moe_status write_tensor(const writer *w, moe_comm *c, const char *prefix,
     if (snprintf(d.name, sizeof d.name, "%s%s", prefix, x->name) >= (int)sizeof d.name)
         return moe_errorf(MOE_ERR_ARG, "checkpoint: dataset name %s%s too long", prefix, x->name);
     for (int i = 0; i < x->ndim; i++) d.dims[i] = (hsize_t)x->shape[i];
-    const int writes = x->expert_sharded ? (!c || moe_comm_replica(c) == 0) : rank_of(c) == 0;
+    const int writes = x->expert_sharded ? moe_comm_replica(c) == 0 : moe_comm_rank(c) == 0;
     d.r0 = (hsize_t)x->row0;
     d.nr = writes ? (hsize_t)x->rows : 0;
     const hsize_t row_bytes = (hsize_t)moe_tensor_row_numel(x) * 4;
@@ -225,12 +199,12 @@ static moe_status write_per_expert(const writer *w, moe_comm *c, const char *nam
     wdset d = {.dtype = dtype, .ndim = 1, .dims = {(hsize_t)E}};
     snprintf(d.name, sizeof d.name, "%s", name);
     if (owned) {
-        const int P = c ? moe_comm_ep_size(c) : 1, p = c ? moe_comm_ep_rank(c) : 0;
+        const int P = moe_comm_ep_size(c), p = moe_comm_ep_rank(c);
         d.r0 = (hsize_t)p * (hsize_t)(E / P);
-        d.nr = !c || moe_comm_replica(c) == 0 ? (hsize_t)(E / P) : 0;
+        d.nr = moe_comm_replica(c) == 0 ? (hsize_t)(E / P) : 0;
         d.chunk_rows = 1;
     } else {
-        d.nr = rank_of(c) == 0 ? (hsize_t)E : 0;
+        d.nr = moe_comm_rank(c) == 0 ? (hsize_t)E : 0;
         d.chunk_rows = (hsize_t)E;
     }
     d.buf = (const char *)row + d.r0 * dtype_size(dtype);
@@ -257,9 +231,9 @@ static moe_status root_info_make(root_info *r, moe_comm *c)
     struct tm tm;
     gmtime_r(&now, &tm);
     strftime(r->created_at, sizeof r->created_at, "%Y-%m-%dT%H:%M:%SZ", &tm);
-    r->world = c ? moe_comm_size(c) : 1;
-    r->ep = c ? moe_comm_ep_size(c) : 1;
-    return c ? moe_comm_bcast(c, r, sizeof *r, 0) : MOE_OK;
+    r->world = moe_comm_size(c);
+    r->ep = moe_comm_ep_size(c);
+    return moe_comm_bcast(c, r, sizeof *r, 0);
 }
 
 static moe_status write_root(const writer *w, const char *format, const root_info *r, const char *config)
@@ -356,90 +330,35 @@ static moe_status write_grads_body(const writer *w, moe_comm *c, const body *b)
     return st;
 }
 
-/* Creates tmp, writes everything, flushes and closes. Collective; every
- * HDF5 failure on this path is symmetric (same call on every rank) or
- * agreed after each dataset group by the caller. */
-static moe_status write_file(const char *tmp, moe_comm *c, const body *b, const root_info *r)
+typedef struct {
+    const body *b;
+    const root_info *r;
+    moe_comm *c;
+} fill_ctx;
+
+/* Fills the open temporary file (moe_h5_write_atomic). Every HDF5 failure
+ * on this path is symmetric (same call on every rank) or agreed after each
+ * dataset group. */
+static moe_status fill(void *vctx, hid_t file, hid_t dxpl, hid_t lcpl, const char *tmp)
 {
-    writer w = {H5I_INVALID_HID, H5I_INVALID_HID, H5I_INVALID_HID, tmp};
-    hid_t fapl = moe_comm_h5_fapl(c);
-    if (fapl >= 0) w.file = H5Fcreate(tmp, H5F_ACC_TRUNC, H5P_DEFAULT, fapl);
-    moe_status st = w.file < 0 ? moe_h5_fail(MOE_ERR_IO, "cannot create", NULL, tmp) : MOE_OK;
-    if (fapl >= 0) H5Pclose(fapl);
-    st = agree(c, st);
-    if (st != MOE_OK) {
-        if (w.file >= 0) H5Fclose(w.file);
-        return st;
-    }
-    w.dxpl = moe_comm_h5_dxpl(c);
-    w.lcpl = H5Pcreate(H5P_LINK_CREATE);
-    if (w.dxpl < 0 || w.lcpl < 0 || H5Pset_create_intermediate_group(w.lcpl, 1) < 0)
-        st = moe_h5_fail(MOE_ERR_IO, "cannot make property lists for", NULL, tmp);
+    const fill_ctx *x = vctx;
+    const body *b = x->b;
+    writer w = {file, dxpl, lcpl, tmp};
     const char *config = b->st ? b->st->config_text : b->config;
-    if (st == MOE_OK) st = write_root(&w, b->st ? CKPT_FORMAT : CKPT_FORMAT_GRADS, r, config);
-    if (st == MOE_OK) st = b->st ? write_ckpt_body(&w, c, b->st) : write_grads_body(&w, c, b);
-    if (st == MOE_OK && H5Fflush(w.file, H5F_SCOPE_GLOBAL) < 0)
-        st = moe_h5_fail(MOE_ERR_IO, "cannot flush", NULL, tmp);
-    if (w.lcpl >= 0) H5Pclose(w.lcpl);
-    if (w.dxpl >= 0) H5Pclose(w.dxpl);
-    if (H5Fclose(w.file) < 0 && st == MOE_OK) st = moe_h5_fail(MOE_ERR_IO, "cannot close", NULL, tmp);
+    moe_status st = write_root(&w, b->st ? CKPT_FORMAT : CKPT_FORMAT_GRADS, x->r, config);
+    if (st == MOE_OK) st = b->st ? write_ckpt_body(&w, x->c, b->st) : write_grads_body(&w, x->c, b);
     return st;
 }
 
-/* fsync a file or directory so that a rename survives a crash. */
-static moe_status sync_path(const char *p, int dir)
-{
-    int fd = open(p, dir ? O_RDONLY | O_DIRECTORY : O_RDONLY);
-    if (fd < 0) return moe_errorf(MOE_ERR_IO, "cannot open '%s' to sync it: %s", p, strerror(errno));
-    int rc = fsync(fd);
-    close(fd);
-    return rc ? moe_errorf(MOE_ERR_IO, "cannot sync '%s': %s", p, strerror(errno)) : MOE_OK;
-}
-
-static void dir_of(char *buf, size_t cap, const char *path)
-{
-    const char *slash = strrchr(path, '/');
-    if (!slash)
-        snprintf(buf, cap, ".");
-    else if (slash == path)
-        snprintf(buf, cap, "/");
-    else
-        snprintf(buf, cap, "%.*s", (int)(slash - path), path);
-}
-
-/* Writes path atomically: path.tmp, fsync, rename, fsync of the directory.
+/* Writes path atomically (path.tmp, the one HDF5 writer of io/h5.h).
  * Collective; the caller has already agreed on its argument checks. */
 static moe_status save_atomic(const char *path, moe_comm *c, const body *b)
 {
-    const int rank = rank_of(c);
-    char tmp[PATH_MAX_], dir[PATH_MAX_];
-    moe_status st = MOE_OK;
-    if (snprintf(tmp, sizeof tmp, "%s.tmp", path) >= (int)sizeof tmp)
-        st = moe_errorf(MOE_ERR_ARG, "checkpoint path too long: '%s'", path);
     root_info r;
-    moe_status bs = root_info_make(&r, c);
-    if (bs != MOE_OK) return bs;
-    st = agree(c, st);
+    moe_status st = root_info_make(&r, c);
     if (st != MOE_OK) return st;
-
-    moe_h5_quiet q;
-    moe_h5_quiet_begin(&q);
-    st = write_file(tmp, c, b, &r);
-    moe_h5_quiet_end(&q);
-
-    /* Every rank has closed before rank 0 renames (agree synchronises). */
-    st = agree(c, st);
-    if (rank == 0) {
-        if (st == MOE_OK) st = sync_path(tmp, 0);
-        if (st == MOE_OK && rename(tmp, path) != 0)
-            st = moe_errorf(MOE_ERR_IO, "cannot rename '%s' to '%s': %s", tmp, path, strerror(errno));
-        if (st == MOE_OK) {
-            dir_of(dir, sizeof dir, path);
-            st = sync_path(dir, 1);
-        }
-        if (st != MOE_OK) remove(tmp);
-    }
-    return agree(c, st);
+    fill_ctx x = {b, &r, c};
+    return moe_h5_write_atomic(path, ".tmp", c, fill, &x);
 }
 
 moe_status moe_ckpt_save(const char *path, moe_comm *c, const moe_ckpt_state *s)
@@ -468,7 +387,7 @@ moe_status moe_ckpt_save(const char *path, moe_comm *c, const moe_ckpt_state *s)
     h = ckpt_fnv1a(h, dbls, sizeof dbls);
     h = ckpt_fnv1a(h, s->extra, sizeof s->extra[0] * (size_t)s->n_extra);
     if (s->config_text) h = ckpt_fnv1a(h, s->config_text, strlen(s->config_text));
-    if (c && (st = agree(c, moe_comm_check_same(c, "checkpoint attributes", &h, sizeof h))) != MOE_OK)
+    if ((st = agree(c, moe_comm_check_same(c, "checkpoint attributes", &h, sizeof h))) != MOE_OK)
         return st;
     body b = {.st = s};
     return save_atomic(path, c, &b);
@@ -483,12 +402,10 @@ moe_status moe_ckpt_save_grads(const char *path, moe_comm *c, const moe_tensor_t
         local = moe_errorf(MOE_ERR_ARG, "gradient dump: NULL path, table, gradients, mask or config");
     moe_status st = check_common(c, local == MOE_OK ? table : NULL, n_experts, cfg, local);
     if (st != MOE_OK) return st;
-    if (c) {
-        uint64_t h = ckpt_fnv1a(0xcbf29ce484222325ull, &step, sizeof step);
-        if (config_text) h = ckpt_fnv1a(h, config_text, strlen(config_text));
-        if ((st = agree(c, moe_comm_check_same(c, "gradient dump attributes", &h, sizeof h))) != MOE_OK)
-            return st;
-    }
+    uint64_t h = ckpt_fnv1a(0xcbf29ce484222325ull, &step, sizeof step);
+    if (config_text) h = ckpt_fnv1a(h, config_text, strlen(config_text));
+    if ((st = agree(c, moe_comm_check_same(c, "gradient dump attributes", &h, sizeof h))) != MOE_OK)
+        return st;
     body b = {.table = table, .grads = grads, .activated = activated, .n_experts = n_experts,
               .step = step, .cfg = cfg, .config = config_text};
     return save_atomic(path, c, &b);
@@ -660,7 +577,7 @@ moe_status moe_ckpt_load(const char *path, moe_comm *c, moe_ckpt_state *s, char 
     /* Opening is collective (MPI-IO): every rank must see the same readable
      * file before any rank enters H5Fopen. */
     st = agree(c, access(path, R_OK) == 0 && fapl >= 0 ? MOE_OK : open_fail(path));
-    if (st == MOE_OK && c) st = agree(c, moe_comm_check_same(c, "checkpoint path", path, strlen(path)));
+    if (st == MOE_OK) st = agree(c, moe_comm_check_same(c, "checkpoint path", path, strlen(path)));
     if (st == MOE_OK) {
         f = H5Fopen(path, H5F_ACC_RDONLY, fapl);
         st = f < 0 ? open_fail(path) : MOE_OK;

@@ -1,4 +1,4 @@
-/* Checkpoints and gradient dumps (spec: checkpoint.md, format_version 1).
+/* Checkpoints and gradient dumps (docs/formats.md, format_version 1).
  *
  * One checkpoint is one HDF5 file written by all ranks together through
  * parallel HDF5. Everything here is generic over a moe_tensor_table: each
@@ -13,7 +13,7 @@
  * expert-sharded tensors, in increasing order; per-layer arrays below are
  * indexed by that ordinal (0 .. n_moe-1), not by block index.
  *
- * A moe_comm pointer may be NULL everywhere: one process, all experts. */
+ * Every call takes a moe_comm (moe_comm_create_self for one process). */
 #ifndef MOE_CKPT_H
 #define MOE_CKPT_H
 
@@ -72,15 +72,7 @@ typedef struct {
  * Not collective. */
 int moe_ckpt_moe_layers(const moe_tensor_table *t, int *layers);
 
-/* The spec's tensor layout (checkpoint.md, /model datasets) for a model
- * config, for ep rank `ep_rank` of `ep_size` (ep_size must divide E):
- * names, global shapes, local rows, offsets in a contiguous block. Fails
- * with MOE_ERR_ARG naming the field when the config is out of range (so a
- * file's absurd attributes are rejected before anything is allocated).
- * Not collective. */
-moe_status moe_ckpt_layout_create(moe_tensor_table **out, const moe_train_config *cfg, int ep_rank,
-                                  int ep_size);
-void moe_ckpt_layout_destroy(moe_tensor_table *t);
+/* The table of a model configuration: moe_layout_create (src/layout). */
 
 /* ---- checkpoints ---- */
 

@@ -1,8 +1,9 @@
 /* Single-process checkpoint / gradient-dump reader for tools (ckpt_file.h):
- * attributes first, then the list of datasets the spec expects from them
+ * attributes first, then the list of datasets the format expects from them
  * (with shapes), merged with what the file actually holds. Data is read
  * only on request, one dataset at a time, after its shape is checked. */
 #include "ckpt/ckpt_file.h"
+#include "layout/layout.h"
 
 #include <stdio.h>
 #include <stdlib.h>
@@ -46,7 +47,7 @@ static moe_status add_dset(moe_ckpt_file *f, const char *path, moe_ckpt_dtype t,
     return MOE_OK;
 }
 
-/* The datasets the spec expects, from the layout. */
+/* The datasets the format expects, from the layout. */
 static moe_status expect_all(moe_ckpt_file *f)
 {
     const moe_tensor_table *t = f->layout;
@@ -135,7 +136,7 @@ static moe_status read_info(moe_ckpt_file *f)
     st = ckpt_model_get(g, &in->model, p);
     H5Gclose(g);
     if (st != MOE_OK) return st;
-    if (moe_ckpt_layout_create(&f->layout, &in->model, 0, 1) != MOE_OK) {
+    if (moe_layout_create(&f->layout, &in->model, 0, 1) != MOE_OK) {
         char why[512]; /* the detail buffer cannot be its own argument */
         snprintf(why, sizeof why, "%s", moe_error_detail());
         return moe_errorf(MOE_ERR_FORMAT, "'%s': %s", p, why);
@@ -206,7 +207,7 @@ void moe_ckpt_file_close(moe_ckpt_file *f)
         H5Fclose(f->file);
         moe_h5_quiet_end(&q);
     }
-    moe_ckpt_layout_destroy(f->layout);
+    moe_layout_destroy(f->layout);
     free(f->info.config);
     free(f->d);
     free(f->path);

@@ -1,5 +1,5 @@
 /* Single-process reading of checkpoints and gradient dumps for tools
- * (`moe inspect`): the attributes, the datasets the spec expects from them
+ * (`moe inspect`): the attributes, the datasets the format expects from them
  * with their shapes, and whole datasets as doubles. Nothing here is
  * collective and nothing needs MPI to be initialised. */
 #ifndef MOE_CKPT_FILE_H
@@ -28,13 +28,13 @@ typedef struct {
     double lr, beta1, beta2, eps, weight_decay;
 } moe_ckpt_info;
 
-/* A dataset the spec expects, or one found in the file. */
+/* A dataset the format expects, or one found in the file. */
 typedef struct {
     char path[160];            /* absolute, e.g. "/model/h/0/moe/experts/w1" */
     moe_ckpt_dtype dtype;
     int ndim;
     int64_t dims[MOE_TENSOR_MAX_DIMS];
-    int expected;              /* 1: the spec expects it; 0: found only in the file */
+    int expected;              /* 1: the format expects it; 0: found only in the file */
     int present;               /* 1: the file has it */
     int tensor;                /* index in moe_ckpt_file_layout(), or -1 */
 } moe_ckpt_dset;
@@ -49,9 +49,9 @@ moe_status moe_ckpt_file_open(moe_ckpt_file **out, const char *path);
 void moe_ckpt_file_close(moe_ckpt_file *f);
 
 const moe_ckpt_info *moe_ckpt_file_info(const moe_ckpt_file *f);
-/* The spec layout from the file's model attributes (one rank, all experts). */
+/* The layout (src/layout) from the file's model attributes (one rank, all experts). */
 const moe_tensor_table *moe_ckpt_file_layout(const moe_ckpt_file *f);
-/* Expected datasets in spec order, then any others the file holds. */
+/* Expected datasets in the format's order, then any others the file holds. */
 int moe_ckpt_file_n_dsets(const moe_ckpt_file *f);
 const moe_ckpt_dset *moe_ckpt_file_dset(const moe_ckpt_file *f, int i);
 /* Index of the dataset with that absolute path, or -1. */

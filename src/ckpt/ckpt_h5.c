@@ -1,4 +1,4 @@
-/* HDF5 helpers of the checkpoint module: the spec's /model attributes,
+/* HDF5 helpers of the checkpoint module: the /model attributes,
  * format checks and dataset shape checks (see ckpt_h5.h); error handling
  * and typed attributes come from io/h5.h. */
 #include "ckpt/ckpt_h5.h"
@@ -10,76 +10,43 @@
 
 /* ---- /model attributes ---- */
 
-static const struct {
-    const char *name;
-    size_t off;
-} model_ints[] = {
-    {"vocab_size", offsetof(moe_train_config, vocab_size)},
-    {"d_model", offsetof(moe_train_config, d_model)},
-    {"n_layers", offsetof(moe_train_config, n_layers)},
-    {"n_heads", offsetof(moe_train_config, n_heads)},
-    {"seq_len", offsetof(moe_train_config, seq_len)},
-    {"n_experts", offsetof(moe_train_config, n_experts)},
-    {"top_k", offsetof(moe_train_config, top_k)},
-    {"d_ff", offsetof(moe_train_config, d_ff)},
-    {"moe_every", offsetof(moe_train_config, moe_every)},
-    {"normalize_topk", offsetof(moe_train_config, normalize_topk)},
-    {"group_seqs", offsetof(moe_train_config, group_seqs)},
-};
-
-static const struct {
-    const char *name;
-    size_t off;
-} model_dbls[] = {
-    {"capacity_factor", offsetof(moe_train_config, capacity_factor)},
-    {"ln_eps", offsetof(moe_train_config, ln_eps)},
-};
-
-#define NELEM(a) (sizeof(a) / sizeof((a)[0]))
-#define FIELD(cfg, off, type) (*(type *)((char *)(cfg) + (off)))
-
-static const char *noise_str(int noise) { return noise ? "gaussian" : "none"; }
+/* The attributes are the configuration's [model] keys, in the key table's
+ * order and types (config.h, moe_train_config_model_attrs): no list here. */
 
 moe_status ckpt_model_put(hid_t loc, const moe_train_config *cfg, const char *file)
 {
+    moe_model_attr a[MOE_MODEL_ATTRS_MAX];
+    const int n = moe_train_config_model_attrs(cfg, a, MOE_MODEL_ATTRS_MAX);
     moe_status st = MOE_OK;
-    for (size_t i = 0; st == MOE_OK && i < NELEM(model_ints); i++)
-        st = moe_h5_attr_put_i64(loc, model_ints[i].name, FIELD(cfg, model_ints[i].off, const int), file);
-    for (size_t i = 0; st == MOE_OK && i < NELEM(model_dbls); i++)
-        st = moe_h5_attr_put_f64(loc, model_dbls[i].name, FIELD(cfg, model_dbls[i].off, const double), file);
-    if (st == MOE_OK) st = moe_h5_attr_put_str(loc, "router", moe_router_kind_str(cfg->router), file);
-    if (st == MOE_OK) st = moe_h5_attr_put_str(loc, "activation", moe_activation_str(cfg->activation), file);
-    if (st == MOE_OK) st = moe_h5_attr_put_str(loc, "router_noise", noise_str(cfg->router_noise), file);
+    for (int i = 0; st == MOE_OK && i < n; i++) {
+        if (a[i].type == MOE_ATTR_INT) st = moe_h5_attr_put_i64(loc, a[i].name, a[i].i, file);
+        else if (a[i].type == MOE_ATTR_REAL) st = moe_h5_attr_put_f64(loc, a[i].name, a[i].r, file);
+        else st = moe_h5_attr_put_str(loc, a[i].name, a[i].text, file);
+    }
     return st;
 }
 
 moe_status ckpt_model_get(hid_t loc, moe_train_config *cfg, const char *file)
 {
     memset(cfg, 0, sizeof *cfg);
+    moe_model_attr a[MOE_MODEL_ATTRS_MAX];
+    const int n = moe_train_config_model_attrs(cfg, a, MOE_MODEL_ATTRS_MAX); /* names and types */
     moe_status st = MOE_OK;
-    for (size_t i = 0; st == MOE_OK && i < NELEM(model_ints); i++) {
-        int64_t v;
-        st = moe_h5_attr_get_i64(loc, model_ints[i].name, &v, file);
-        if (st == MOE_OK && (v < 0 || v > INT32_MAX))
-            st = moe_errorf(MOE_ERR_FORMAT, "'%s': /model attribute %s = %lld is out of range", file,
-                            model_ints[i].name, (long long)v);
-        if (st == MOE_OK) FIELD(cfg, model_ints[i].off, int) = (int)v;
-    }
-    for (size_t i = 0; st == MOE_OK && i < NELEM(model_dbls); i++)
-        st = moe_h5_attr_get_f64(loc, model_dbls[i].name, &FIELD(cfg, model_dbls[i].off, double), file);
     char s[64];
-    if (st == MOE_OK) st = moe_h5_attr_get_strbuf(loc, "router", s, sizeof s, file);
-    if (st == MOE_OK && moe_router_kind_parse(&cfg->router, s) != MOE_OK)
-        st = moe_errorf(MOE_ERR_FORMAT, "'%s': unknown /model router '%s'", file, s);
-    if (st == MOE_OK) st = moe_h5_attr_get_strbuf(loc, "activation", s, sizeof s, file);
-    if (st == MOE_OK && moe_activation_parse(&cfg->activation, s) != MOE_OK)
-        st = moe_errorf(MOE_ERR_FORMAT, "'%s': unknown /model activation '%s'", file, s);
-    if (st == MOE_OK) st = moe_h5_attr_get_strbuf(loc, "router_noise", s, sizeof s, file);
-    if (st == MOE_OK) {
-        if (!strcmp(s, "none") || !strcmp(s, "gaussian"))
-            cfg->router_noise = !strcmp(s, "gaussian");
-        else
-            st = moe_errorf(MOE_ERR_FORMAT, "'%s': unknown /model router_noise '%s'", file, s);
+    for (int i = 0; st == MOE_OK && i < n; i++) {
+        if (a[i].type == MOE_ATTR_INT) {
+            st = moe_h5_attr_get_i64(loc, a[i].name, &a[i].i, file);
+            if (st == MOE_OK && (a[i].i < 0 || a[i].i > INT32_MAX))
+                st = moe_errorf(MOE_ERR_FORMAT, "'%s': /model attribute %s = %lld is out of range", file, a[i].name,
+                                (long long)a[i].i);
+        } else if (a[i].type == MOE_ATTR_REAL) {
+            st = moe_h5_attr_get_f64(loc, a[i].name, &a[i].r, file);
+        } else {
+            st = moe_h5_attr_get_strbuf(loc, a[i].name, s, sizeof s, file);
+            a[i].text = s;
+        }
+        if (st == MOE_OK && moe_train_config_set_model_attr(cfg, &a[i]) != MOE_OK)
+            st = moe_errorf(MOE_ERR_FORMAT, "'%s': unknown /model %s '%s'", file, a[i].name, s);
     }
     return st;
 }
@@ -87,30 +54,26 @@ moe_status ckpt_model_get(hid_t loc, moe_train_config *cfg, const char *file)
 moe_status ckpt_model_compare(const moe_train_config *f, const moe_train_config *c, const char *file)
 {
     const char *what = "checkpoint '%s' was saved with %s = %s, the configuration has %s";
+    moe_model_attr x[MOE_MODEL_ATTRS_MAX], y[MOE_MODEL_ATTRS_MAX];
+    const int n = moe_train_config_model_attrs(f, x, MOE_MODEL_ATTRS_MAX);
+    moe_train_config_model_attrs(c, y, MOE_MODEL_ATTRS_MAX);
     char a[64], b[64];
-    for (size_t i = 0; i < NELEM(model_ints); i++) {
-        int x = FIELD(f, model_ints[i].off, const int), y = FIELD(c, model_ints[i].off, const int);
-        if (x == y) continue;
-        snprintf(a, sizeof a, "%d", x);
-        snprintf(b, sizeof b, "%d", y);
-        return moe_errorf(MOE_ERR_MISMATCH, what, file, model_ints[i].name, a, b);
+    for (int i = 0; i < n; i++) {
+        if (x[i].type == MOE_ATTR_INT) {
+            if (x[i].i == y[i].i) continue;
+            snprintf(a, sizeof a, "%lld", (long long)x[i].i);
+            snprintf(b, sizeof b, "%lld", (long long)y[i].i);
+        } else if (x[i].type == MOE_ATTR_REAL) {
+            if (x[i].r == y[i].r) continue;
+            snprintf(a, sizeof a, "%.17g", x[i].r);
+            snprintf(b, sizeof b, "%.17g", y[i].r);
+        } else {
+            if (!strcmp(x[i].text, y[i].text)) continue;
+            snprintf(a, sizeof a, "%s", x[i].text);
+            snprintf(b, sizeof b, "%s", y[i].text);
+        }
+        return moe_errorf(MOE_ERR_MISMATCH, what, file, x[i].name, a, b);
     }
-    for (size_t i = 0; i < NELEM(model_dbls); i++) {
-        double x = FIELD(f, model_dbls[i].off, const double), y = FIELD(c, model_dbls[i].off, const double);
-        if (x == y) continue;
-        snprintf(a, sizeof a, "%.17g", x);
-        snprintf(b, sizeof b, "%.17g", y);
-        return moe_errorf(MOE_ERR_MISMATCH, what, file, model_dbls[i].name, a, b);
-    }
-    if (f->router != c->router)
-        return moe_errorf(MOE_ERR_MISMATCH, what, file, "router", moe_router_kind_str(f->router),
-                          moe_router_kind_str(c->router));
-    if (f->activation != c->activation)
-        return moe_errorf(MOE_ERR_MISMATCH, what, file, "activation", moe_activation_str(f->activation),
-                          moe_activation_str(c->activation));
-    if ((f->router_noise != 0) != (c->router_noise != 0))
-        return moe_errorf(MOE_ERR_MISMATCH, what, file, "router_noise", noise_str(f->router_noise),
-                          noise_str(c->router_noise));
     return MOE_OK;
 }
 

@@ -13,7 +13,7 @@
 #define CKPT_FORMAT "moe-checkpoint"
 #define CKPT_FORMAT_GRADS "moe-gradients"
 
-/* The spec's /model attributes of cfg on loc, and back (model fields of
+/* The /model attributes (docs/formats.md) of cfg on loc, and back (model fields of
  * *cfg only; the others are zeroed). */
 moe_status ckpt_model_put(hid_t loc, const moe_train_config *cfg, const char *file);
 moe_status ckpt_model_get(hid_t loc, moe_train_config *cfg, const char *file);

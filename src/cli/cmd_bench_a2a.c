@@ -1,4 +1,4 @@
-/* moe bench a2a: times the token exchange (dispatch + combine of one step's
+/* moe bench a2a: times the token exchange (dispatch + return of one step's
  * plan) against a raw MPI_Alltoallv of exactly the same bytes, measured in
  * the same run and interleaved, for each exchange kind. Optionally times
  * the chunked pipeline against the unchunked sequence around an emulated
@@ -33,10 +33,10 @@ static void usage(FILE *f)
             "  --top-k N         distinct experts per token (2)\n"
             "  --iters N         timed iterations (20)\n"
             "  --warmup N        untimed iterations first (3)\n"
-            "  --kind K          alltoallv, shm or both (both)\n"
+            "  --kind K          p2p, shm or both (both; alltoallv = p2p)\n"
             "  --chunks N        expert chunks of the pipeline (1)\n"
             "  --compute-us X    emulated expert compute per step: also time the pipeline\n"
-            "                    against dispatch + compute + combine (0: off)\n"
+            "                    against dispatch + compute + return (0: off)\n"
             "  --skew X          expert popularity (e + 1)^-X (1.0)\n"
             "  --seed N          routing seed (1234)\n"
             "  --json            print one JSON object instead of text\n");
@@ -81,15 +81,16 @@ static int parse(bench_opts *o, int argc, char **argv)
         case 'u': o->compute_us = x; break;
         case 's': o->skew = x; break;
         case 'j': o->json = 1; break;
-        case 'K':
-            if (!strcmp(optarg, "alltoallv")) o->kinds = 1 << MOE_A2A_ALLTOALLV;
-            else if (!strcmp(optarg, "shm")) o->kinds = 1 << MOE_A2A_SHM;
-            else if (!strcmp(optarg, "both")) o->kinds = 3;
+        case 'K': {
+            moe_a2a_kind kind;
+            if (!strcmp(optarg, "both")) o->kinds = 3;
+            else if (moe_a2a_kind_parse(&kind, optarg) == MOE_OK) o->kinds = 1 << kind;
             else {
-                fprintf(stderr, "moe bench a2a: unknown --kind '%s' (alltoallv, shm or both)\n", optarg);
+                fprintf(stderr, "moe bench a2a: unknown --kind '%s' (p2p, shm or both)\n", optarg);
                 return 2;
             }
             break;
+        }
         case 'h': usage(stdout); return 1;
         default: usage(stderr); return 2;
         }
@@ -142,18 +143,17 @@ static void make_plan(int *send_rows /* (P * El) */, const bench_opts *o, int ra
 
 typedef struct {
     const moe_a2a *a;
-    const float *recv; /* (recv_total, d) */
-    float *out;        /* (recv_total, d) */
     int d;
     double us_per_row; /* emulated compute */
 } fake_experts;
 
-static moe_status fake_compute(void *p, int j0, int j1)
+/* The "experts": copy their rows, then spin for the emulated compute time. */
+static moe_status fake_compute(void *p, int j0, int j1, const float *in, float *out)
 {
     fake_experts *f = p;
     const int *off = moe_a2a_recv_expert_offsets(f->a);
     const size_t r0 = (size_t)off[j0] * f->d, n = (size_t)(off[j1] - off[j0]) * f->d;
-    memcpy(f->out + r0, f->recv + r0, n * sizeof(float));
+    if (out != in) memcpy(out + r0, in + r0, n * sizeof(float));
     const double until = moe_now() + 1e-6 * f->us_per_row * (off[j1] - off[j0]);
     while (moe_now() < until) {
     }
@@ -172,7 +172,7 @@ static moe_status median_of_slowest(moe_comm *c, double *t, int n, double *out)
 typedef struct {
     double t, t_raw, t_pipe, t_seq; /* seconds, median of the slowest rank */
     double t_inplace;               /* shm: rows built in the window (moe_a2a_shm_buffer) */
-    int verified;                   /* combine(dispatch(x)) == x on every rank */
+    int verified;                   /* return(dispatch(x)) == x on every rank */
 } kind_result;
 
 /* Buffers of one run: send / back (S, d), recv / out (R, d). */
@@ -200,7 +200,9 @@ static moe_status time_kind(kind_result *res, moe_comm *c, const bench_opts *o, 
     const size_t S = a ? (size_t)moe_a2a_send_total(a) * d : 0, R = a ? (size_t)moe_a2a_recv_total(a) * d : 0;
     float *stage = a ? moe_a2a_shm_buffer(a) : NULL;
     const int pipe = o->compute_us > 0;
-    fake_experts fx = {a, b.recv, b.out, d, 0};
+    fake_experts fx = {a, d, 0};
+    moe_a2a_buffers trip = {0};
+    if (st == MOE_OK && pipe) st = moe_a2a_buffers_get(a, MOE_A2A_FORWARD, &trip);
     if (st == MOE_OK && pipe) fx.us_per_row = o->compute_us / (moe_a2a_recv_total(a) > 0 ? moe_a2a_recv_total(a) : 1);
     for (int it = 0; it < n && st == MOE_OK; it++) {
         const int k = it - o->warmup;
@@ -211,7 +213,7 @@ static moe_status time_kind(kind_result *res, moe_comm *c, const bench_opts *o, 
             t0 = moe_now();
             if ((turn + it) % 2 == 0) {
                 st = moe_a2a_dispatch(a, b.recv, b.send, d);
-                if (st == MOE_OK) st = moe_a2a_combine(a, b.back, b.recv, d);
+                if (st == MOE_OK) st = moe_a2a_return(a, b.back, b.recv, d);
                 if (k >= 0) tk[k] = moe_now() - t0;
             } else {
                 st = moe_a2a_bench_raw_alltoallv(a, b.out, b.send, b.back, d);
@@ -230,25 +232,30 @@ static moe_status time_kind(kind_result *res, moe_comm *c, const bench_opts *o, 
             memcpy(stage, b.recv, R * sizeof(float));
             if (st == MOE_OK) st = moe_comm_barrier(c);
             t0 = moe_now();
-            if (st == MOE_OK) st = moe_a2a_combine(a, b.back, stage, d);
+            if (st == MOE_OK) st = moe_a2a_return(a, b.back, stage, d);
             if (k >= 0) tin[k] = t1 + moe_now() - t0;
         }
         if (!pipe || st) continue;
+        /* The layer's round trip (chunked when --chunks > 1) on the
+         * exchange's own buffers; packing them is the caller's work, untimed. */
+        memcpy(trip.send, b.send, S * sizeof(float));
         if ((st = moe_comm_barrier(c))) break;
         t0 = moe_now();
-        st = moe_a2a_pipeline(a, b.recv, b.send, d, b.out, b.back, d, fake_compute, &fx);
+        st = moe_a2a_exchange(a, MOE_A2A_FORWARD, d, d, fake_compute, &fx, MOE_OK);
         if (k >= 0) tpipe[k] = moe_now() - t0;
+        /* The same round trip unchunked, on the same buffers. */
+        memcpy(trip.send, b.send, S * sizeof(float));
         if (st == MOE_OK) st = moe_comm_barrier(c);
         t0 = moe_now();
-        if (st == MOE_OK) st = moe_a2a_dispatch(a, b.recv, b.send, d);
-        if (st == MOE_OK) st = fake_compute(&fx, 0, El);
-        if (st == MOE_OK) st = moe_a2a_combine(a, b.back, b.out, d);
+        if (st == MOE_OK) st = moe_a2a_dispatch(a, (float *)trip.recv, trip.send, d);
+        if (st == MOE_OK) st = fake_compute(&fx, 0, El, trip.recv, trip.out);
+        if (st == MOE_OK) st = moe_a2a_return(a, (float *)trip.back, trip.out, d);
         if (k >= 0) tseq[k] = moe_now() - t0;
     }
     if (st == MOE_OK) {
-        /* What was timed must also be right: combine(dispatch(x)) == x. */
+        /* What was timed must also be right: return(dispatch(x)) == x. */
         st = moe_a2a_dispatch(a, b.recv, b.send, d);
-        if (st == MOE_OK) st = moe_a2a_combine(a, b.back, b.recv, d);
+        if (st == MOE_OK) st = moe_a2a_return(a, b.back, b.recv, d);
         int64_t bad = st == MOE_OK && memcmp(b.back, b.send, S * sizeof(float)) != 0;
         if (st == MOE_OK) st = moe_comm_allreduce_i64(c, MOE_SCOPE_WORLD, &bad, 1);
         res->verified = bad == 0;
@@ -267,13 +274,13 @@ static moe_status time_kind(kind_result *res, moe_comm *c, const bench_opts *o, 
     return st;
 }
 
-static const char *kind_name(int k) { return k == MOE_A2A_SHM ? "shm" : "alltoallv"; }
+static const char *kind_name(int k) { return k == MOE_A2A_SHM ? "shm" : "p2p"; }
 
 static void report_text(const bench_opts *o, int W, double bytes, const kind_result *res)
 {
     printf("moe bench a2a: %d ranks, %d tokens/rank, d=%d, E=%d, top-k=%d, skew %.2f; median of %d iters "
            "(slowest rank)\n", W, o->tokens, o->d, o->experts, o->top_k, o->skew, o->iters);
-    printf("bytes moved per rank per dispatch+combine (mean over ranks, rows kept on the rank included): %.2f MB\n",
+    printf("bytes moved per rank per dispatch+return (mean over ranks, rows kept on the rank included): %.2f MB\n",
            bytes / 1e6);
     printf("%-10s %10s %8s %14s %10s %16s %s\n", "kind", "time ms", "GB/s", "raw a2av ms", "raw GB/s",
            "raw/kind ratio", "roundtrip");
@@ -286,9 +293,9 @@ static void report_text(const bench_opts *o, int W, double bytes, const kind_res
             printf("%-10s %10.3f %8.2f %14s %10s %16.3f (rows built in the window)\n", "shm-inplace",
                    1e3 * r->t_inplace, bytes / r->t_inplace / 1e9, "", "", r->t_raw / r->t_inplace);
         if (o->compute_us > 0)
-            printf("%-10s pipeline (chunks=%d, compute %.0f us): %.3f ms; unchunked dispatch+compute+combine: "
-                   "%.3f ms; speed-up %.3fx\n", "", o->chunks, o->compute_us, 1e3 * r->t_pipe, 1e3 * r->t_seq,
-                   r->t_seq / r->t_pipe);
+            printf("%-10s round trip (chunks=%d%s, compute %.0f us): %.3f ms; unchunked dispatch+compute+return: "
+                   "%.3f ms; speed-up %.3fx\n", "", o->chunks, k == MOE_A2A_SHM ? ", shm runs unchunked" : "",
+                   o->compute_us, 1e3 * r->t_pipe, 1e3 * r->t_seq, r->t_seq / r->t_pipe);
     }
 }
 
@@ -351,7 +358,7 @@ int moe_cmd_bench_a2a(int argc, char **argv)
     double bytes = 0;
     if (st == MOE_OK) {
         make_plan(send_rows, &o, moe_comm_rank(c));
-        /* Each rank sends its S rows in dispatch and its R received rows back in combine; sum(S) = sum(R). */
+        /* Each rank sends its S rows in dispatch and its R received rows back in return; sum(S) = sum(R). */
         bytes = 2.0 * o.tokens * o.top_k * o.d * sizeof(float);
     }
     kind_result res[2] = {{0}};

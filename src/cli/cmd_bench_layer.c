@@ -42,7 +42,7 @@ static void usage(FILE *f)
             "  --activation A        gelu | relu | swiglu\n"
             "  --groups G            routing groups of T/G tokens (default: number of ranks)\n"
             "  --ep-size P           expert-parallel size (default: number of ranks)\n"
-            "  --a2a KIND            alltoallv | shm  (exchange path under MPI)\n"
+            "  --a2a KIND            p2p | shm  (exchange transport under MPI; alltoallv = p2p)\n"
             "  --chunks N            overlap the exchange with expert compute in N chunks (1)\n"
             "  --aux-loss-coef A     (0.01)   --z-loss-coef Z  (0.001)\n"
             "  --iters N             timed iterations (10); --warmup N (2)\n"
@@ -67,7 +67,7 @@ static int parse_double(const char *s, double *out) { return moe_cli_parse_doubl
 static int parse_opts(bench_opts *o, int argc, char **argv, int rank)
 {
     memset(o, 0, sizeof *o);
-    o->T = 4096; o->d = 256; o->F = 1024; o->E = 8; o->k = 2; o->G = 0; o->iters = 10; o->warmup = 2; o->threads = 0; o->ep_size = 0; o->normalize = -1; o->chunks = 1; o->cf = NAN; o->aux = 0.01; o->z = 0.001; o->router = MOE_ROUTER_TOKEN_CHOICE; o->act = MOE_ACT_GELU; o->a2a = MOE_A2A_ALLTOALLV; o->seed = 1234;
+    o->T = 4096; o->d = 256; o->F = 1024; o->E = 8; o->k = 2; o->G = 0; o->iters = 10; o->warmup = 2; o->threads = 0; o->ep_size = 0; o->normalize = -1; o->chunks = 1; o->cf = NAN; o->aux = 0.01; o->z = 0.001; o->router = MOE_ROUTER_TOKEN_CHOICE; o->act = MOE_ACT_GELU; o->a2a = MOE_A2A_P2P; o->seed = 1234;
     static const struct option longopts[] = {
         {"tokens", required_argument, 0, 'T'},      {"d-model", required_argument, 0, 'd'},
         {"d-ff", required_argument, 0, 'F'},        {"experts", required_argument, 0, 'E'},
@@ -118,9 +118,7 @@ static int parse_opts(bench_opts *o, int argc, char **argv, int rank)
             }
             break;
         case 'x':
-            if (!strcmp(optarg, "alltoallv")) o->a2a = MOE_A2A_ALLTOALLV;
-            else if (!strcmp(optarg, "shm")) o->a2a = MOE_A2A_SHM;
-            else ok = 0;
+            if (moe_a2a_kind_parse(&o->a2a, optarg) != MOE_OK) ok = 0;
             break;
         case 'h':
             if (rank == 0) usage(stdout);
@@ -290,9 +288,7 @@ static int run(moe_comm *comm, const bench_opts *o)
         .d_ff = o->F, .act = o->act, .max_tokens = T_local, .max_groups = G_local,
         .a2a = o->a2a, .chunks = o->chunks};
     moe_layer *L = NULL;
-    /* One process: the single-process path (no exchange) is the reference
-     * that multi-rank runs are held to. */
-    st = moe_layer_create(&L, &lc, W > 1 ? comm : NULL);
+    st = moe_layer_create(&L, &lc, comm);
     if (st) return fail(rank, "bench layer", st);
     const int El = moe_layer_n_local_experts(L), e0 = moe_layer_expert0(L);
     bench_data b;
@@ -361,14 +357,9 @@ static int run(moe_comm *comm, const bench_opts *o)
     double per_iter = agg_max[0]; /* median iteration of the slowest rank */
     double tokens_s = o->iters > 0 ? o->T / per_iter : 0;
     double expert_s = (tm.expert_fwd + tm.expert_bwd) / iters;
-    double comm_s = (tm.dispatch + tm.combine_comm + tm.bwd_dispatch + tm.bwd_combine_comm) / iters;
+    double comm_s = (tm.dispatch + tm.ret + tm.bwd_dispatch + tm.bwd_return) / iters;
 
     if (rank == 0 && o->iters > 0) {
-        /* In moe_layer_timing field order. */
-        const char *names[] = {"route", "pack", "dispatch", "expert_fwd", "combine_comm", "combine",
-                               "bwd_combine_grad", "bwd_dispatch", "expert_bwd", "bwd_combine_comm",
-                               "bwd_unpack", "bwd_router"};
-        const double *vals = &tm.route;
         if (o->json) {
             cJSON *j = cJSON_CreateObject();
             cJSON_AddNumberToObject(j, "ranks", W);
@@ -391,7 +382,8 @@ static int run(moe_comm *comm, const bench_opts *o)
             cJSON_AddNumberToObject(j, "exchange_ms", 1e3 * comm_s);
             cJSON_AddNumberToObject(j, "dropped_frac", agg_sum[2] > 0 ? agg_sum[1] / agg_sum[2] : 0);
             cJSON *split = cJSON_AddObjectToObject(j, "split_ms");
-            for (int i = 0; i < 12; i++) cJSON_AddNumberToObject(split, names[i], 1e3 * vals[i] / iters);
+            for (int i = 0; i < MOE_LAYER_TIMING_N; i++)
+                cJSON_AddNumberToObject(split, moe_layer_timing_fields[i].name, 1e3 * moe_layer_timing_get(&tm, i) / iters);
             char *s = cJSON_PrintUnformatted(j);
             printf("%s\n", s);
             free(s);
@@ -410,7 +402,8 @@ static int run(moe_comm *comm, const bench_opts *o)
                    1e3 * gemm_s, 100 * gemm_s / per_iter);
             if (W > 1) printf("  exchange (rank 0):     %.3f ms/iter\n", 1e3 * comm_s);
             printf("  time split (rank 0, ms/iter):\n");
-            for (int i = 0; i < 12; i++) printf("    %-18s %8.3f\n", names[i], 1e3 * vals[i] / iters);
+            for (int i = 0; i < MOE_LAYER_TIMING_N; i++)
+                printf("    %-18s %8.3f\n", moe_layer_timing_fields[i].name, 1e3 * moe_layer_timing_get(&tm, i) / iters);
         }
         fflush(stdout);
     }

@@ -182,7 +182,7 @@ static int run(const eval_opts *o, moe_comm *comm)
     if (!st) st = moe_infer_eval(&res, m, comm, data, dom, n, moe_data_n_domains(), o->batch);
     int rc = 0;
     if (st) {
-        const int who = moe_infer_error_rank(comm, st);
+        const int who = moe_comm_cause_rank(comm, MOE_SCOPE_WORLD, st);
         if (who < 0 || who == rank) moe_cli_error(W > 1 ? rank : -1, "eval", st);
         rc = 1;
     } else if (rank == 0) {

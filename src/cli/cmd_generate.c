@@ -243,7 +243,7 @@ static int run(const gen_opts *o, moe_comm *comm)
     if (!st) st = moe_infer_generate(out, &gs, d, comm, ps.p, ps.len, ps.n, o->tokens, &o->s);
     int rc = 0;
     if (st) {
-        const int who = moe_infer_error_rank(comm, st);
+        const int who = moe_comm_cause_rank(comm, MOE_SCOPE_WORLD, st);
         if (who < 0 || who == rank) moe_cli_error(W > 1 ? rank : -1, "generate", st);
         rc = 1;
     } else if (rank == 0) {

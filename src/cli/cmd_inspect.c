@@ -12,6 +12,7 @@
 
 #include "ckpt/ckpt_file.h"
 #include "cli/cli.h"
+#include "layout/layout.h"
 
 typedef struct {
     const char *file, *diff, *plot;
@@ -76,22 +77,16 @@ static param_counts count_params(const moe_ckpt_file *f)
     return p;
 }
 
+/* The /model attributes, from the key table (config.h). */
 static cJSON *model_json(const moe_train_config *m)
 {
     cJSON *o = cJSON_CreateObject();
-    const struct {
-        const char *k;
-        int v;
-    } ints[] = {{"vocab_size", m->vocab_size}, {"d_model", m->d_model},     {"n_layers", m->n_layers},
-                {"n_heads", m->n_heads},       {"seq_len", m->seq_len},     {"n_experts", m->n_experts},
-                {"top_k", m->top_k},           {"d_ff", m->d_ff},           {"moe_every", m->moe_every},
-                {"normalize_topk", m->normalize_topk}, {"group_seqs", m->group_seqs}};
-    for (size_t i = 0; i < sizeof ints / sizeof ints[0]; i++) cJSON_AddNumberToObject(o, ints[i].k, ints[i].v);
-    cJSON_AddStringToObject(o, "router", moe_router_kind_str(m->router));
-    cJSON_AddNumberToObject(o, "capacity_factor", m->capacity_factor);
-    cJSON_AddStringToObject(o, "activation", moe_activation_str(m->activation));
-    cJSON_AddNumberToObject(o, "ln_eps", m->ln_eps);
-    cJSON_AddStringToObject(o, "router_noise", m->router_noise ? "gaussian" : "none");
+    moe_model_attr a[MOE_MODEL_ATTRS_MAX];
+    const int n = moe_train_config_model_attrs(m, a, MOE_MODEL_ATTRS_MAX);
+    for (int i = 0; i < n; i++) {
+        if (a[i].type == MOE_ATTR_TEXT) cJSON_AddStringToObject(o, a[i].name, a[i].text);
+        else cJSON_AddNumberToObject(o, a[i].name, a[i].type == MOE_ATTR_INT ? (double)a[i].i : a[i].r);
+    }
     return o;
 }
 
@@ -204,9 +199,13 @@ static moe_status layer_stats_read(const moe_ckpt_file *f, int L, layer_stats *s
     if (st == MOE_OK) st = read_named(f, p, &s->dropped, &n);
     snprintf(p, sizeof p, "/optimizer/expert_step/h/%d", L);
     if (st == MOE_OK) st = read_named(f, p, &s->steps, &n);
-    snprintf(p, sizeof p, "/model/h/%d/moe/experts/w1", L);
+    /* The expert weights' datasets, named by the layout's table. */
+    const moe_tensor_table *t = moe_ckpt_file_layout(f);
+    const int w1 = moe_layout_find(t, MOE_T_EXP_W1, L), w2 = moe_layout_find(t, MOE_T_EXP_W2, L);
+    if (st == MOE_OK && (w1 < 0 || w2 < 0)) st = moe_errorf(MOE_ERR_FORMAT, "block %d has no expert weights", L);
+    if (st == MOE_OK) snprintf(p, sizeof p, "/model/%s", t->t[w1].name);
     if (st == MOE_OK) st = row_norms(f, p, E, &s->w1n);
-    snprintf(p, sizeof p, "/model/h/%d/moe/experts/w2", L);
+    if (st == MOE_OK) snprintf(p, sizeof p, "/model/%s", t->t[w2].name);
     if (st == MOE_OK) st = row_norms(f, p, E, &s->w2n);
     if (st != MOE_OK) layer_stats_free(s);
     return st;
@@ -307,7 +306,7 @@ static int verify(const moe_ckpt_file *f, const char *path, cJSON *j)
         moe_status st = moe_ckpt_file_read(f, i, &buf, &n);
         moe_free(buf);
         bad += st != MOE_OK;
-        const char *note = d->expected ? "" : " (not in the spec)";
+        const char *note = d->expected ? "" : " (not in the format)";
         if (j) {
             cJSON *x = cJSON_CreateObject();
             cJSON_AddStringToObject(x, "name", d->path);

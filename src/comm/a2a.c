@@ -1,6 +1,6 @@
 /* Token exchange over the expert-parallel group (comm.h, "token exchange").
  *
- * MOE_A2A_ALLTOALLV moves the payload zero-copy: one message per (peer,
+ * MOE_A2A_P2P moves the payload zero-copy: one message per (peer,
  * local expert) pair, sent from its contiguous block of the send layout and
  * received straight into its (expert, source) slot of the receive layout, so
  * no staging buffer and no permuting copy are needed. Measured against one
@@ -8,12 +8,16 @@
  * slower), MPI_Alltoallw with indexed receive types (1.5x slower) and one
  * MPI_Alltoallv per local expert (same speed but El collectives), it matches
  * a raw MPI_Alltoallv of the same bytes. The same messages, posted a chunk
- * of experts at a time, give moe_a2a_pipeline its overlap.
+ * of experts at a time, give the chunked round trip its overlap.
  *
  * MOE_A2A_SHM: every rank copies the rows it sends to other ranks into its
  * segment of an MPI-3 shared window (or builds them there in the first
- * place: moe_a2a_shm_buffer), a barrier publishes them, and every receiver
- * copies its rows from the senders' segments straight into place. */
+ * place: the trip buffers pack and compute into the window), a barrier
+ * publishes them, and every receiver copies its rows from the senders'
+ * segments straight into place.
+ *
+ * With one rank in the ep group (local) nothing moves: the receive layout
+ * IS the send layout and the trip buffers alias accordingly. */
 #include "comm/comm_mpi.h"
 #include "comm/comm_internal.h"
 
@@ -21,12 +25,18 @@
 #include <stdlib.h>
 #include <string.h>
 
-enum { DISPATCH = 0, COMBINE = 1 };
+enum { DISPATCH = 0, RETURN = 1 };
+
+/* The private trip buffers: x-like rows in the send and receive layouts,
+ * and y-like rows (results) in both. Which of them (or the shm window)
+ * plays which role in a trip is decided once, in moe_a2a_buffers_get. */
+enum { B_SEND_X, B_SEND_Y, B_RECV_X, B_RECV_Y, N_BUF };
 
 struct moe_a2a {
     moe_comm *c;
     MPI_Comm comm;          /* duplicate of the ep group: the exchange's tags are private */
     moe_a2a_kind kind;
+    int local;              /* 1: one rank in the ep group, no MPI */
     int P, me, El, chunks;
     int max_width;          /* of the current plan; 0: no valid plan */
     int send_total, recv_total;
@@ -44,10 +54,27 @@ struct moe_a2a {
     MPI_Win win;
     size_t win_floats;      /* capacity of my segment */
     float **seg;            /* (P) every rank's segment, mapped here */
+    float *buf[N_BUF];      /* private trip buffers */
+    size_t buf_cap[N_BUF];  /* floats allocated */
+    moe_a2a_times last;     /* of the last moe_a2a_exchange */
     double seconds;
 };
 
 static int imin(int a, int b) { return a < b ? a : b; }
+
+const char *const moe_a2a_kind_names[] = {"p2p", "shm", NULL};
+
+moe_status moe_a2a_kind_parse(moe_a2a_kind *out, const char *name)
+{
+    if (name && !strcmp(name, MOE_A2A_P2P_OLD_NAME)) name = moe_a2a_kind_names[MOE_A2A_P2P];
+    for (int k = 0; name && moe_a2a_kind_names[k]; k++)
+        if (!strcmp(name, moe_a2a_kind_names[k])) {
+            *out = (moe_a2a_kind)k;
+            return MOE_OK;
+        }
+    return moe_errorf(MOE_ERR_ARG, "unknown exchange kind '%s' (p2p or shm; %s = p2p)", name ? name : "(null)",
+                      MOE_A2A_P2P_OLD_NAME);
+}
 
 /* MPI guarantees tags up to 32767; the exchange uses 2 * El of them. */
 #define MOE_A2A_MAX_LOCAL_EXPERTS (32767 / 2)
@@ -74,7 +101,7 @@ moe_status moe_a2a_create(moe_a2a **out, moe_comm *c, int n_local_experts, moe_a
     moe_status st = MOE_OK;
     if (El < 1 || El > MOE_A2A_MAX_LOCAL_EXPERTS)
         st = moe_errorf(MOE_ERR_ARG, "n_local_experts=%d outside [1, %d]", El, MOE_A2A_MAX_LOCAL_EXPERTS);
-    else if (kind != MOE_A2A_ALLTOALLV && kind != MOE_A2A_SHM)
+    else if (kind != MOE_A2A_P2P && kind != MOE_A2A_SHM)
         st = moe_errorf(MOE_ERR_ARG, "unknown exchange kind %d", (int)kind);
     else if (chunks < 1)
         st = moe_errorf(MOE_ERR_ARG, "chunks=%d must be >= 1", chunks);
@@ -85,6 +112,7 @@ moe_status moe_a2a_create(moe_a2a **out, moe_comm *c, int n_local_experts, moe_a
         a->comm = MPI_COMM_NULL;
         a->win = MPI_WIN_NULL;
         a->kind = kind;
+        a->local = P == 1;
         a->P = P;
         a->me = moe_comm_ep_rank(c);
         a->El = El;
@@ -109,11 +137,14 @@ moe_status moe_a2a_create(moe_a2a **out, moe_comm *c, int n_local_experts, moe_a
     } else if (st == MOE_OK) {
         st = moe_errorf(MOE_ERR_NOMEM, "exchange object");
     }
-    MPI_Comm ep = moe_comm_mpi(c, MOE_SCOPE_EP);
-    st = moe_comm_agree_on(ep, st, "ep");
-    if (st == MOE_OK) MOE_MPI_KEEP(st, MPI_Comm_dup(ep, &a->comm));
-    if (st == MOE_OK) MOE_MPI_KEEP(st, MPI_Comm_set_errhandler(a->comm, MPI_ERRORS_RETURN));
-    if (st == MOE_OK && kind == MOE_A2A_SHM) st = moe_comm_agree_on(a->comm, shm_check_node(a), "ep");
+    /* One rank: no MPI at all (the communicator may have none). */
+    if (P > 1) {
+        MPI_Comm ep = moe_comm_mpi(c, MOE_SCOPE_EP);
+        st = moe_comm_agree_on(ep, st, "ep", 0);
+        if (st == MOE_OK) MOE_MPI_KEEP(st, MPI_Comm_dup(ep, &a->comm));
+        if (st == MOE_OK) MOE_MPI_KEEP(st, MPI_Comm_set_errhandler(a->comm, MPI_ERRORS_RETURN));
+        if (st == MOE_OK && kind == MOE_A2A_SHM) st = moe_comm_agree_on(a->comm, shm_check_node(a), "ep", 0);
+    }
     if (st != MOE_OK) {
         moe_a2a_destroy(a);
         return st;
@@ -139,6 +170,7 @@ void moe_a2a_destroy(moe_a2a *a)
                       a->xsend, a->xrecv, a->req, a->vcount, a->vdispl, a->peer_send_off,
                       a->peer_recv_off, a->seg};
     for (size_t i = 0; i < sizeof arrays / sizeof arrays[0]; i++) moe_free(arrays[i]);
+    for (int i = 0; i < N_BUF; i++) moe_free(a->buf[i]);
     free(a);
 }
 
@@ -242,6 +274,35 @@ static moe_status plan_recv(moe_a2a *a, int max_width)
     return MOE_OK;
 }
 
+/* Makes trip buffer i hold rows x width floats; headroom so that
+ * step-to-step fluctuation of the load does not reallocate (small for the
+ * receive side, whose buffers are the largest). Contents are not kept. */
+static moe_status reserve_buf(moe_a2a *a, int i, int rows, int width)
+{
+    const size_t need = (size_t)rows * (size_t)width;
+    if (need <= a->buf_cap[i] && a->buf[i]) return MOE_OK;
+    const int64_t r = rows, cap_rows = i == B_SEND_X || i == B_SEND_Y ? r + r / 4 + 16 : r + r / 8 + 64;
+    const size_t cap = (size_t)cap_rows * (size_t)width;
+    float *p = moe_calloc(cap, sizeof(float));
+    if (!p) return moe_errorf(MOE_ERR_NOMEM, "token exchange: cannot allocate %zu bytes", cap * sizeof(float));
+    moe_free(a->buf[i]);
+    a->buf[i] = p;
+    a->buf_cap[i] = cap;
+    return MOE_OK;
+}
+
+/* The private buffers the trips of this kind use (moe_a2a_buffers_get). */
+static moe_status reserve_trip_buffers(moe_a2a *a, int width)
+{
+    const int S = a->send_total, R = a->recv_total;
+    moe_status st = reserve_buf(a, B_SEND_X, S, width);
+    if (!st) st = reserve_buf(a, B_RECV_Y, R, width);
+    if (a->local) return st;
+    if (!st) st = reserve_buf(a, B_SEND_Y, S, width);
+    if (!st) st = reserve_buf(a, B_RECV_X, R, width);
+    return st;
+}
+
 moe_status moe_a2a_set_counts(moe_a2a *a, const int *send_rows, moe_status local_status, int max_width)
 {
     const double t0 = moe_now();
@@ -253,18 +314,26 @@ moe_status moe_a2a_set_counts(moe_a2a *a, const int *send_rows, moe_status local
         a->xsend[p * X + El] = st ? 0 : a->send_off[p * El];
         a->xsend[p * X + El + 1] = (int)st;
     }
-    /* The status words travel with the counts: this is the agreement point. */
-    MOE_MPI_TRY(MPI_Alltoall(a->xsend, X, MPI_INT, a->xrecv, X, MPI_INT, a->comm));
-    if (st == MOE_OK) st = plan_recv(a, max_width);
-    /* A receive-side overflow is known to its rank only: agree once more. */
-    st = moe_comm_agree_on(a->comm, st, "ep");
-    if (st == MOE_OK && a->kind == MOE_A2A_SHM) {
-        /* Senders learn where their rows sit in each receiver's layout. */
-        for (int s = 0; s < P; s++)
-            for (int j = 0; j < El; j++) a->xsend[s * El + j] = a->recv_off[j * P + s];
-        MOE_MPI_TRY(MPI_Alltoall(a->xsend, El, MPI_INT, a->peer_recv_off, El, MPI_INT, a->comm));
-        const int64_t rows = a->send_total > a->recv_total ? a->send_total : a->recv_total;
-        st = moe_comm_agree_on(a->comm, shm_reserve(a, (size_t)rows * (size_t)max_width), "ep");
+    if (a->local) {
+        memcpy(a->xrecv, a->xsend, sizeof(int) * (size_t)X);
+        if (st == MOE_OK) st = plan_recv(a, max_width);
+        if (st == MOE_OK) st = reserve_trip_buffers(a, max_width);
+    } else {
+        /* The status words travel with the counts: this is the agreement point. */
+        MOE_MPI_TRY(MPI_Alltoall(a->xsend, X, MPI_INT, a->xrecv, X, MPI_INT, a->comm));
+        if (st == MOE_OK) st = plan_recv(a, max_width);
+        /* A receive-side overflow is known to its rank only: agree once more. */
+        st = moe_comm_agree_on(a->comm, st, "ep", 0);
+        if (st == MOE_OK && a->kind == MOE_A2A_SHM) {
+            /* Senders learn where their rows sit in each receiver's layout. */
+            for (int s = 0; s < P; s++)
+                for (int j = 0; j < El; j++) a->xsend[s * El + j] = a->recv_off[j * P + s];
+            MOE_MPI_TRY(MPI_Alltoall(a->xsend, El, MPI_INT, a->peer_recv_off, El, MPI_INT, a->comm));
+            const int64_t rows = a->send_total > a->recv_total ? a->send_total : a->recv_total;
+            st = moe_comm_agree_on(a->comm, shm_reserve(a, (size_t)rows * (size_t)max_width), "ep", 0);
+        }
+        /* Only now, with every count known to fit, may the buffers grow. */
+        if (st == MOE_OK) st = moe_comm_agree_on(a->comm, reserve_trip_buffers(a, max_width), "ep", 0);
     }
     if (st == MOE_OK) {
         a->max_width = max_width;
@@ -281,7 +350,7 @@ moe_status moe_a2a_set_counts(moe_a2a *a, const int *send_rows, moe_status local
 
 float *moe_a2a_shm_buffer(moe_a2a *a)
 {
-    return a->kind == MOE_A2A_SHM && a->max_width > 0 ? a->seg[a->me] : NULL;
+    return a->kind == MOE_A2A_SHM && !a->local && a->max_width > 0 ? a->seg[a->me] : NULL;
 }
 
 int moe_a2a_send_total(const moe_a2a *a) { return a->send_total; }
@@ -303,7 +372,7 @@ static moe_status check_call(const moe_a2a *a, int width, const char *what)
 /* One (local expert j, peer q) block in direction dir: the rows move from
  * (src at *src_off, src_n rows) and arrive at (dst at *dst_off, dst_n rows).
  * Dispatch sends q's expert j from the send layout and receives my expert j
- * from q into the receive layout; combine is the mirror image. */
+ * from q into the receive layout; return is the mirror image. */
 typedef struct { int dst_off, dst_n, src_off, src_n; } block;
 
 static block block_of(const moe_a2a *a, int dir, int j, int q)
@@ -383,17 +452,25 @@ static moe_status shm_exchange(moe_a2a *a, int dir, float *dst, const float *src
     return MOE_OK;
 }
 
+/* One direction of the plan on the given buffers, whatever the transport. */
+static moe_status transfer(moe_a2a *a, int dir, float *dst, const float *src, int w)
+{
+    if (a->local) { /* one rank: the two layouts are the same */
+        if (dst != src) copy_rows(dst, 0, src, 0, a->send_total, w);
+        return MOE_OK;
+    }
+    if (a->kind == MOE_A2A_SHM) return shm_exchange(a, dir, dst, src, w);
+    moe_status st = post_range(a, dir, 0, a->El, dst, src, w);
+    if (st == MOE_OK) st = wait_range(a, dir, 0, a->El);
+    return st;
+}
+
 static moe_status exchange(moe_a2a *a, int dir, float *dst, const float *src, int w)
 {
-    moe_status st = check_call(a, w, dir == DISPATCH ? "moe_a2a_dispatch" : "moe_a2a_combine");
+    moe_status st = check_call(a, w, dir == DISPATCH ? "moe_a2a_dispatch" : "moe_a2a_return");
     if (st) return st;
     const double t0 = moe_now();
-    if (a->kind == MOE_A2A_SHM) {
-        st = shm_exchange(a, dir, dst, src, w);
-    } else {
-        st = post_range(a, dir, 0, a->El, dst, src, w);
-        if (st == MOE_OK) st = wait_range(a, dir, 0, a->El);
-    }
+    st = transfer(a, dir, dst, src, w);
     a->seconds += moe_now() - t0;
     return st;
 }
@@ -403,52 +480,117 @@ moe_status moe_a2a_dispatch(moe_a2a *a, float *recv, const float *send, int widt
     return exchange(a, DISPATCH, recv, send, width);
 }
 
-moe_status moe_a2a_combine(moe_a2a *a, float *send, const float *recv, int width)
+moe_status moe_a2a_return(moe_a2a *a, float *send, const float *recv, int width)
 {
-    return exchange(a, COMBINE, send, recv, width);
+    return exchange(a, RETURN, send, recv, width);
 }
 
-moe_status moe_a2a_pipeline(moe_a2a *a, float *recv, const float *send, int width, float *out,
-                            float *result, int out_width, moe_a2a_compute_fn compute, void *ctx)
+moe_status moe_a2a_buffers_get(moe_a2a *a, moe_a2a_trip trip, moe_a2a_buffers *b)
 {
-    moe_status st = check_call(a, width, "moe_a2a_pipeline");
-    if (st == MOE_OK) st = check_call(a, out_width, "moe_a2a_pipeline (out)");
-    if (st) return st;
-    const int El = a->El, nc = imin(a->chunks, El);
-    if (a->kind == MOE_A2A_SHM || nc == 1) {
-        /* Nothing to overlap with: the plain sequence. */
-        st = moe_a2a_dispatch(a, recv, send, width);
-        moe_status cst = st ? st : compute(ctx, 0, El);
-        st = moe_a2a_combine(a, result, out, out_width);
-        return moe_comm_agree_on(a->comm, cst ? cst : st, "ep");
+    memset(b, 0, sizeof *b);
+    if (a->max_width == 0)
+        return moe_errorf(MOE_ERR_ARG, "exchange buffers without a valid plan (moe_a2a_set_counts failed or was not called)");
+    float **B = a->buf;
+    float *shm = moe_a2a_shm_buffer(a);
+    const int fwd = trip == MOE_A2A_FORWARD;
+    if (a->local) {
+        /* The receive layout is the send layout: x rows are read where they
+         * were packed, results stay where the experts wrote them, and the
+         * backward works in place on the forward results. */
+        *b = fwd ? (moe_a2a_buffers){B[B_SEND_X], B[B_SEND_X], B[B_RECV_Y], B[B_RECV_Y]}
+                 : (moe_a2a_buffers){B[B_RECV_Y], B[B_RECV_Y], B[B_RECV_Y], B[B_RECV_Y]};
+    } else if (shm) {
+        /* Rows are packed and computed straight into the window: one copy
+         * per row (the receiver's). */
+        *b = fwd ? (moe_a2a_buffers){shm, B[B_RECV_X], shm, B[B_SEND_Y]}
+                 : (moe_a2a_buffers){shm, B[B_RECV_Y], shm, B[B_SEND_X]};
+    } else {
+        /* The backward sends where the forward results came home (in place),
+         * and its experts write over their own inputs. */
+        *b = fwd ? (moe_a2a_buffers){B[B_SEND_X], B[B_RECV_X], B[B_RECV_Y], B[B_SEND_Y]}
+                 : (moe_a2a_buffers){B[B_SEND_Y], B[B_RECV_Y], B[B_RECV_Y], B[B_SEND_X]};
     }
-    const double t0 = moe_now();
-    double t_compute = 0;
-    moe_status cst = MOE_OK;
+    return MOE_OK;
+}
+
+/* Chunked round trip (P2P, nc > 1 chunks): while chunk c computes, chunk
+ * c+1's dispatch and chunk c's return are in flight, posted as the same
+ * per-block messages, so the result is bitwise that of the plain sequence. */
+static moe_status chunked_trip(moe_a2a *a, int nc, const moe_a2a_buffers *b, int w, int ow,
+                               moe_a2a_compute_fn compute, void *ctx, moe_status cst, double *t_compute)
+{
+    const int El = a->El;
+    float *recv = (float *)b->recv, *back = (float *)b->back;
     /* Chunk c holds local experts [c * El / nc, (c + 1) * El / nc). */
-    st = post_range(a, DISPATCH, 0, El / nc, recv, send, width);
+    moe_status st = post_range(a, DISPATCH, 0, El / nc, recv, b->send, w);
     for (int c = 0; c < nc && st == MOE_OK; c++) {
         const int j0 = c * El / nc, j1 = (c + 1) * El / nc;
-        if (c + 1 < nc) st = post_range(a, DISPATCH, j1, (c + 2) * El / nc, recv, send, width);
+        if (c + 1 < nc) st = post_range(a, DISPATCH, j1, (c + 2) * El / nc, recv, b->send, w);
         if (st == MOE_OK) st = wait_range(a, DISPATCH, j0, j1);
         /* After a compute failure the exchange still runs to the end so that
          * no rank waits for messages that never come; the results are void. */
         if (st == MOE_OK && cst == MOE_OK) {
             const double tc = moe_now();
-            cst = compute(ctx, j0, j1);
-            t_compute += moe_now() - tc;
+            cst = compute(ctx, j0, j1, b->recv, b->out);
+            *t_compute += moe_now() - tc;
         }
-        if (st == MOE_OK) st = post_range(a, COMBINE, j0, j1, result, out, out_width);
+        if (st == MOE_OK) st = post_range(a, RETURN, j0, j1, back, b->out, ow);
     }
-    if (st == MOE_OK) st = wait_range(a, COMBINE, 0, El);
-    a->seconds += moe_now() - t0 - t_compute;
-    return moe_comm_agree_on(a->comm, cst ? cst : st, "ep");
+    if (st == MOE_OK) st = wait_range(a, RETURN, 0, El);
+    return cst ? cst : st;
 }
+
+moe_status moe_a2a_exchange(moe_a2a *a, moe_a2a_trip trip, int width, int out_width,
+                            moe_a2a_compute_fn compute, void *ctx, moe_status local)
+{
+    moe_a2a_buffers b;
+    moe_status st = check_call(a, width, "moe_a2a_exchange");
+    if (st == MOE_OK) st = check_call(a, out_width, "moe_a2a_exchange (out)");
+    if (st == MOE_OK) st = moe_a2a_buffers_get(a, trip, &b);
+    if (st) return st; /* the same on every rank: no plan, or a bad width */
+    const int El = a->El, nc = imin(a->chunks, El);
+    const double t0 = moe_now();
+    double t1 = t0, t2 = t0;
+    if (a->local) {
+        /* back IS out: nothing to move either way. */
+        st = local ? local : compute(ctx, 0, El, b.recv, b.out);
+        t2 = moe_now();
+        a->last = (moe_a2a_times){0, t2 - t0, 0};
+        return st;
+    }
+    if (a->kind == MOE_A2A_P2P && nc > 1) {
+        double tc = 0;
+        st = chunked_trip(a, nc, &b, width, out_width, compute, ctx, local, &tc);
+        t1 = t2 = moe_now();
+        a->seconds += t2 - t0 - tc;
+    } else {
+        /* Nothing to overlap with: the plain sequence. */
+        st = transfer(a, DISPATCH, (float *)b.recv, b.send, width);
+        t1 = moe_now();
+        moe_status cst = local ? local : st ? st : compute(ctx, 0, El, b.recv, b.out);
+        t2 = moe_now();
+        /* The return runs on every rank even after a failure: its peers are already in it. */
+        st = transfer(a, RETURN, (float *)b.back, b.out, out_width);
+        st = cst ? cst : st;
+        a->seconds += (t1 - t0) + (moe_now() - t2);
+    }
+    st = moe_comm_agree_on(a->comm, st, "ep", 0);
+    const double t3 = moe_now();
+    a->last = (moe_a2a_times){t1 - t0, t2 - t1, t3 - t2};
+    return st;
+}
+
+moe_a2a_times moe_a2a_last_times(const moe_a2a *a) { return a->last; }
 
 moe_status moe_a2a_bench_raw_alltoallv(moe_a2a *a, float *recv, const float *send, float *back, int width)
 {
     moe_status st = check_call(a, width, "moe_a2a_bench_raw_alltoallv");
     if (st) return st;
+    if (a->local) { /* one rank: the two copies */
+        copy_rows(recv, 0, send, 0, a->send_total, width);
+        copy_rows(back, 0, recv, 0, a->send_total, width);
+        return MOE_OK;
+    }
     const int P = a->P, El = a->El;
     int *scount = a->vcount, *sdispl = a->vdispl, *rcount = scount + P, *rdispl = sdispl + P;
     for (int q = 0, roff = 0; q < P; q++) {

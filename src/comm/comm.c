@@ -1,10 +1,11 @@
 /* Process setup, communicator construction (world / ep / replica groups,
- * routing.md section 7) and the small collectives every module uses:
+ * docs/routing.md "Expert placement"; or one process without MPI) and the small collectives every module uses:
  * error agreement, consistency checks, reductions, broadcast, gather. */
 #include "comm/comm_mpi.h"
 #include "comm/comm_internal.h"
 
 #include <limits.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -63,23 +64,57 @@ static moe_status set_errors_return(MPI_Comm comm)
     return MOE_OK;
 }
 
-moe_status moe_comm_agree_on(MPI_Comm comm, moe_status local, const char *scope)
+/* The root cause over comm into out = {priority, rank}: MAXLOC over a
+ * priority, where an original error outranks a rank that only relays "error
+ * on another rank" (so the message names the root cause), a higher status
+ * a lower one; ties go to the lowest rank. Priority 0: nobody failed. */
+static int cause_of(MPI_Comm comm, moe_status local, int rank, int out[2])
 {
-    int rank = 0;
-    if (MPI_Comm_rank(comm, &rank) != MPI_SUCCESS) return local ? local : moe_errorf(MOE_ERR_MPI, "MPI_Comm_rank failed");
-    /* MAXLOC over a priority: an original error outranks a rank that only
-     * relays "error on another rank", so the message names the root cause;
-     * ties go to the lowest rank. */
-    int prio = local == MOE_OK ? 0 : local == MOE_ERR_REMOTE ? 1 : 2 + (int)local;
-    int in[2] = {prio, rank}, out[2] = {0, 0};
-    int rc = MPI_Allreduce(in, out, 1, MPI_2INT, MPI_MAXLOC, comm);
-    if (local != MOE_OK) return local;
-    if (rc != MPI_SUCCESS) return moe_comm_mpi_error(rc, "MPI_Allreduce");
-    if (out[0] != 0) {
+    int in[2] = {local == MOE_OK ? 0 : local == MOE_ERR_REMOTE ? 1 : 2 + (int)local, rank};
+    return MPI_Allreduce(in, out, 1, MPI_2INT, MPI_MAXLOC, comm);
+}
+
+int moe_comm_cause_rank(moe_comm *c, moe_comm_scope s, moe_status local)
+{
+    MPI_Comm comm = moe_comm_mpi(c, s);
+    if (comm == MPI_COMM_NULL) return local != MOE_OK ? 0 : -1;
+    int rank = 0, out[2] = {0, 0};
+    if (MPI_Comm_rank(comm, &rank) != MPI_SUCCESS || cause_of(comm, local, rank, out) != MPI_SUCCESS) return -2;
+    return out[0] == 0 ? -1 : out[1];
+}
+
+moe_status moe_comm_agree_on(MPI_Comm comm, moe_status local, const char *scope, int detail)
+{
+    if (comm == MPI_COMM_NULL) return local;
+    int rank = 0, size = 1;
+    if (MPI_Comm_rank(comm, &rank) != MPI_SUCCESS || MPI_Comm_size(comm, &size) != MPI_SUCCESS)
+        return local ? local : moe_errorf(MOE_ERR_MPI, "MPI_Comm_rank failed");
+    int out[2] = {0, 0};
+    int rc = cause_of(comm, local, rank, out);
+    if (rc != MPI_SUCCESS) return local ? local : moe_comm_mpi_error(rc, "MPI_Allreduce");
+    if (!detail) {
+        if (local != MOE_OK) return local;
+        if (out[0] == 0) return MOE_OK;
         moe_status worst = out[0] == 1 ? MOE_ERR_REMOTE : (moe_status)(out[0] - 2);
         return moe_errorf(MOE_ERR_REMOTE, "%s rank %d failed with '%s'", scope, out[1], moe_status_str(worst));
     }
-    return MOE_OK;
+    if (out[0] == 0) return MOE_OK;
+    /* The root cause tells everyone its status and message, so that
+     * whichever rank prints, it prints the cause. */
+    const int root = out[1];
+    struct {
+        int32_t status;
+        char detail[1000]; /* below the 1024 bytes of the detail buffer, leaving room for the rank */
+    } msg;
+    memset(&msg, 0, sizeof msg);
+    if (rank == root) {
+        msg.status = (int32_t)local;
+        snprintf(msg.detail, sizeof msg.detail, "%s", moe_error_detail());
+    }
+    rc = MPI_Bcast(&msg, (int)sizeof msg, MPI_BYTE, root, comm);
+    if (rc != MPI_SUCCESS) return local ? local : moe_comm_mpi_error(rc, "MPI_Bcast");
+    if (size > 1 && root != 0) return moe_errorf((moe_status)msg.status, "rank %d: %s", root, msg.detail);
+    return moe_errorf((moe_status)msg.status, "%s", msg.detail);
 }
 
 moe_status moe_comm_create(moe_comm **out, MPI_Comm parent, int ep_size)
@@ -95,7 +130,7 @@ moe_status moe_comm_create(moe_comm **out, MPI_Comm parent, int ep_size)
                           ep_size, W);
 
     moe_comm *c = calloc(1, sizeof *c);
-    moe_status st = moe_comm_agree_on(parent, c ? MOE_OK : MOE_ERR_NOMEM, "moe_comm_create:");
+    moe_status st = moe_comm_agree_on(parent, c ? MOE_OK : MOE_ERR_NOMEM, "moe_comm_create:", 0);
     if (st != MOE_OK) {
         free(c);
         return st == MOE_ERR_NOMEM ? moe_errorf(st, "moe_comm_create: no memory for the communicator") : st;
@@ -123,6 +158,23 @@ moe_status moe_comm_create(moe_comm **out, MPI_Comm parent, int ep_size)
     return MOE_OK;
 }
 
+/* Immutable after initialisation, so one instance serves every caller. */
+static moe_comm the_self = {.self = 1, .world = MPI_COMM_NULL, .ep = MPI_COMM_NULL, .replica = MPI_COMM_NULL,
+                            .size = 1, .ep_size = 1, .n_replicas = 1};
+
+moe_comm *moe_comm_self(void) { return &the_self; }
+
+moe_status moe_comm_create_self(moe_comm **out)
+{
+    moe_comm *c = calloc(1, sizeof *c);
+    *out = c;
+    if (!c) return moe_errorf(MOE_ERR_NOMEM, "moe_comm_create_self: no memory for the communicator");
+    c->self = 1;
+    c->world = c->ep = c->replica = MPI_COMM_NULL;
+    c->size = c->ep_size = c->n_replicas = 1;
+    return MOE_OK;
+}
+
 moe_status moe_comm_create_world(moe_comm **out, int ep_size)
 {
     return moe_comm_create(out, MPI_COMM_WORLD, ep_size);
@@ -130,7 +182,11 @@ moe_status moe_comm_create_world(moe_comm **out, int ep_size)
 
 void moe_comm_destroy(moe_comm *c)
 {
-    if (!c) return;
+    if (!c || c == &the_self) return;
+    if (c->self) {
+        free(c);
+        return;
+    }
     MPI_Comm *comms[3] = {&c->replica, &c->ep, &c->world};
     for (int i = 0; i < 3; i++)
         if (*comms[i] != MPI_COMM_NULL) MPI_Comm_free(comms[i]);
@@ -157,24 +213,32 @@ int moe_comm_n_replicas(const moe_comm *c) { return c->n_replicas; }
 void moe_comm_abort(moe_comm *c, int code)
 {
     /* Before a moe_comm exists the only way out is the whole job. */
+    if ((c && c->self) || !moe_comm_initialized()) return; /* no MPI job to end: the caller returns */
     MPI_Abort(c ? c->world : MPI_COMM_WORLD, code);
 }
 
 moe_status moe_comm_barrier(moe_comm *c)
 {
+    if (c->self) return MOE_OK;
     MOE_MPI_TRY(MPI_Barrier(c->world));
     return MOE_OK;
 }
 
 moe_status moe_comm_agree(moe_comm *c, moe_status local)
 {
-    return moe_comm_agree_on(c->world, local, "world");
+    return moe_comm_agree_on(c->world, local, "world", 0);
 }
+
+static const char *const scope_names[] = {"world", "ep", "replica"};
 
 moe_status moe_comm_agree_scope(moe_comm *c, moe_comm_scope s, moe_status local)
 {
-    static const char *names[] = {"world", "ep", "replica"};
-    return moe_comm_agree_on(moe_comm_mpi(c, s), local, names[s]);
+    return moe_comm_agree_on(moe_comm_mpi(c, s), local, scope_names[s], 0);
+}
+
+moe_status moe_comm_agree_detail(moe_comm *c, moe_comm_scope s, moe_status local)
+{
+    return moe_comm_agree_on(moe_comm_mpi(c, s), local, scope_names[s], 1);
 }
 
 /* FNV-1a, 64 bit: enough to tell configurations apart. */
@@ -190,6 +254,7 @@ moe_status moe_comm_check_same(moe_comm *c, const char *what, const void *bytes,
 {
     /* Rank 0's (hash, length) against everybody's; then the first differing
      * rank, found by a MIN reduction, tells its own pair to all. */
+    if (c->self) return MOE_OK;
     uint64_t mine[2] = {fnv1a(bytes, n), (uint64_t)n}, ref[2] = {mine[0], mine[1]};
     MOE_MPI_TRY(MPI_Bcast(ref, 2, MPI_UINT64_T, 0, c->world));
     int differs = ref[0] != mine[0] || ref[1] != mine[1];
@@ -210,6 +275,8 @@ moe_status moe_comm_check_same(moe_comm *c, const char *what, const void *bytes,
 static moe_status reduce(moe_comm *c, moe_comm_scope s, void *buf, size_t n, MPI_Datatype type,
                          size_t esize, MPI_Op op)
 {
+    if ((unsigned)s > MOE_SCOPE_REPLICA) return moe_errorf(MOE_ERR_ARG, "unknown communicator scope %d", (int)s);
+    if (c->self) return MOE_OK; /* the sum over one process */
     MPI_Comm comm = moe_comm_mpi(c, s);
     if (comm == MPI_COMM_NULL) return moe_errorf(MOE_ERR_ARG, "unknown communicator scope %d", (int)s);
     for (char *p = buf; n > 0;) {
@@ -245,6 +312,7 @@ moe_status moe_comm_bcast(moe_comm *c, void *buf, size_t n, int root)
 {
     if (root < 0 || root >= c->size)
         return moe_errorf(MOE_ERR_ARG, "bcast root %d outside [0, %d)", root, c->size);
+    if (c->self) return MOE_OK;
     for (char *p = buf; n > 0;) {
         size_t m = n < MOE_COMM_CHUNK ? n : MOE_COMM_CHUNK;
         MOE_MPI_TRY(MPI_Bcast(p, (int)m, MPI_BYTE, root, c->world));
@@ -258,6 +326,10 @@ moe_status moe_comm_allgather(moe_comm *c, void *out, const void *in, size_t n)
 {
     /* n is the same on every rank, so every rank takes this branch alike. */
     if (n > INT_MAX) return moe_errorf(MOE_ERR_OVERFLOW, "allgather of %zu bytes per rank exceeds INT_MAX", n);
+    if (c->self) {
+        if (n) memmove(out, in, n);
+        return MOE_OK;
+    }
     MOE_MPI_TRY(MPI_Allgather(in, (int)n, MPI_BYTE, out, (int)n, MPI_BYTE, c->world));
     return MOE_OK;
 }

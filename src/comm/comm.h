@@ -2,17 +2,25 @@
  * includes mpi.h directly; see comm_mpi.h and comm_h5.h for the MPI- and
  * HDF5-typed entry points).
  *
- * A moe_comm is built once from a parent communicator and holds:
+ * A moe_comm is built once from a parent communicator (or, without MPI,
+ * for this process alone: moe_comm_create_self) and holds:
  *   world   - a duplicate of the parent (W ranks),
  *   ep      - the expert-parallel group of P consecutive ranks (E % P == 0;
- *             ep rank r owns global experts [r*E/P, (r+1)*E/P), routing.md 7),
+ *             ep rank r owns global experts [r*E/P, (r+1)*E/P),
+ *             docs/routing.md section 8),
  *   replica - the W/P ranks holding the same experts (same ep rank), whose
  *             expert gradients are summed.
  * World rank w has ep group w / P, ep rank w % P, replica index w / P.
  *
  * Unless a comment says otherwise every function here is COLLECTIVE over the
  * named scope, returns MOE_ERR_MPI (with detail) if MPI fails, and never
- * aborts or exits: moe_comm_abort is for the application to call. */
+ * aborts or exits: moe_comm_abort is for the application to call.
+ *
+ * Callers never test for a missing communicator: one process is a moe_comm
+ * too (moe_comm_create_self, W = P = 1), on which every collective is local
+ * and exact (agreement returns the local status, sums and broadcasts leave
+ * the buffer as it is, the exchange hands the packed rows to the experts
+ * without a copy). */
 #ifndef MOE_COMM_H
 #define MOE_COMM_H
 
@@ -37,6 +45,13 @@ void moe_comm_finalize(void);
  * expert-parallel size ep_size (0 means W). Collective over world.
  * Fails with MOE_ERR_ARG (same on every rank) if W % ep_size != 0. */
 moe_status moe_comm_create_world(moe_comm **out, int ep_size);
+/* A one-process communicator (world = ep = replica = this process). Needs
+ * no MPI: works whether MPI is initialised or not. Not collective. Fails
+ * only with MOE_ERR_NOMEM. */
+moe_status moe_comm_create_self(moe_comm **out);
+/* A shared one-process communicator (static: never fails, never needs
+ * destroying; moe_comm_destroy on it does nothing). Not collective. */
+moe_comm *moe_comm_self(void);
 void moe_comm_destroy(moe_comm *c); /* collective (frees communicators) */
 
 /* Not collective. */
@@ -48,7 +63,8 @@ int moe_comm_replica(const moe_comm *c);   /* which replica: world rank / P */
 int moe_comm_n_replicas(const moe_comm *c);/* W / P */
 
 /* Ends every process of the job (MPI_Abort on world). Not collective:
- * the way out when one rank fails where others may be blocked. */
+ * the way out when one rank fails where others may be blocked. Returns
+ * (and does nothing) without MPI: the caller then exits itself. */
 void moe_comm_abort(moe_comm *c, int code);
 
 moe_status moe_comm_barrier(moe_comm *c);
@@ -66,6 +82,19 @@ moe_status moe_comm_agree(moe_comm *c, moe_status local);
 /* The same over one scope only (e.g. the ep group inside an MoE layer,
  * where other ep groups may be at a different point). Collective over s. */
 moe_status moe_comm_agree_scope(moe_comm *c, moe_comm_scope s, moe_status local);
+/* Agreement that carries the cause: if any rank of s failed, EVERY rank
+ * (the failing ones included) returns the root cause's status and detail
+ * ("rank R: <detail>" when R != 0), so whichever rank prints, it prints the
+ * cause. The root cause is the rank with an original error (not
+ * MOE_ERR_REMOTE), the highest status, the lowest rank, in that order; a
+ * NaN found on one rank is therefore MOE_ERR_NONFINITE on all. Collective
+ * over s. */
+moe_status moe_comm_agree_detail(moe_comm *c, moe_comm_scope s, moe_status local);
+
+/* Collective over s: the rank (in s) of the root cause by the rule of
+ * moe_comm_agree_detail, -1 if no rank failed, -2 if MPI failed. For
+ * printing a shared failure once, from the rank that holds its cause. */
+int moe_comm_cause_rank(moe_comm *c, moe_comm_scope s, moe_status local);
 
 /* In-place sums over a scope (n may exceed INT_MAX: done in chunks). */
 moe_status moe_comm_allreduce_f32(moe_comm *c, moe_comm_scope s, float *buf, size_t n);
@@ -84,22 +113,59 @@ moe_status moe_comm_allgather(moe_comm *c, void *out, const void *in, size_t n);
  * rank, then by that rank's local expert, then in the sender's order
  * (ascending token index). Receive layout (on the expert owner): rows
  * grouped by local expert, then by source ep rank, then in the source's
- * order. The plan (counts, displacements, staging buffers) is built by
- * moe_a2a_set_counts once per routing decision and reused by all four
- * exchanges of a step (dispatch x, combine y, dispatch dy, combine dx).
- * Buffers grow when needed and are kept across steps. */
+ * order. The plan (counts, displacements, buffers) is built by
+ * moe_a2a_set_counts once per routing decision and reused by both round
+ * trips of a step (forward: dispatch x, experts, return y; backward:
+ * dispatch dy, experts, return dx). Buffers grow when needed and are kept
+ * across steps.
+ *
+ * Callers see one sequence whatever the transport: set_counts; pack rows
+ * into the trip's `send` buffer; moe_a2a_exchange (dispatch, compute on the
+ * receive layout, return); read the results from the trip's `back` buffer.
+ * Which buffers alias which (the shared-memory window, a private buffer,
+ * or, on one rank, the send rows themselves) is the exchange's business. */
 typedef enum {
-    MOE_A2A_ALLTOALLV = 0, /* MPI_Alltoall counts + a zero-copy all-to-all-v payload:
-                            * one message per (peer, local expert), received
-                            * straight into the receive layout */
-    MOE_A2A_SHM = 1,       /* MPI-3 shared-memory window, on-node only */
+    MOE_A2A_P2P = 0, /* counts by MPI_Alltoall, then a zero-copy point-to-point
+                      * payload: one message per (peer, local expert) block,
+                      * received straight into the receive layout (config
+                      * value "p2p"; "alltoallv" is an old alias) */
+    MOE_A2A_SHM = 1, /* MPI-3 shared-memory window, on-node only */
 } moe_a2a_kind;
+
+/* The kinds' names, index = kind, NULL-terminated: "p2p", "shm". The old
+ * name of p2p, "alltoallv", is still read everywhere a kind is named
+ * (configs, checkpoint config texts, bench options). */
+extern const char *const moe_a2a_kind_names[];
+#define MOE_A2A_P2P_OLD_NAME "alltoallv"
+/* A kind from its name (or the old name). MOE_ERR_ARG naming the choices. Not collective. */
+moe_status moe_a2a_kind_parse(moe_a2a_kind *out, const char *name);
+
+/* The two round trips of a step, whose buffers are arranged so that:
+ *  - the FORWARD trip's `recv` rows stay valid until the BACKWARD trip has
+ *    run (the expert backward needs its inputs);
+ *  - the BACKWARD trip's `send` may be the FORWARD trip's `back`: the caller
+ *    reads row i of the forward results before writing row i of backward
+ *    send rows (in place, row by row);
+ *  - the BACKWARD trip's `out` may be its `recv`: compute must work in place;
+ *  - the FORWARD trip's `out` is never its `recv`. */
+typedef enum { MOE_A2A_FORWARD = 0, MOE_A2A_BACKWARD = 1 } moe_a2a_trip;
+
+/* A trip's buffers, valid from a successful set_counts to the next one;
+ * each has room for its layout's rows x the plan's max_width floats. */
+typedef struct {
+    float *send;       /* (send_total, width) the caller packs rows here (send layout) */
+    const float *recv; /* (recv_total, width) the same rows at the expert owner (receive layout) */
+    float *out;        /* (recv_total, out_width) compute writes its result rows here */
+    const float *back; /* (send_total, out_width) the results back home (send layout) */
+} moe_a2a_buffers;
 
 typedef struct moe_a2a moe_a2a;
 
 /* Collective over the ep group. n_local_experts = E / P. chunks >= 1:
- * number of expert chunks for moe_a2a_pipeline. MOE_A2A_SHM fails with
- * MOE_ERR_ARG if the ep group spans more than one node. */
+ * number of expert chunks moe_a2a_exchange overlaps with the point-to-point
+ * payload. MOE_A2A_SHM fails with MOE_ERR_ARG if the ep group spans more
+ * than one node. With one rank in the ep group no MPI is used whatever the
+ * kind. */
 moe_status moe_a2a_create(moe_a2a **out, moe_comm *c, int n_local_experts, moe_a2a_kind kind,
                           int chunks);
 void moe_a2a_destroy(moe_a2a *a);
@@ -109,7 +175,9 @@ void moe_a2a_destroy(moe_a2a *a);
  * rank's state into the count exchange: if any rank passes non-OK, every
  * rank returns non-OK (its own status, or MOE_ERR_REMOTE) and nobody is
  * left waiting in a later exchange. Fails with MOE_ERR_OVERFLOW if any count
- * or displacement (in elements of the widest exchange) would not fit in int. */
+ * or displacement (in elements of the widest exchange) would not fit in int,
+ * before anything of that size is allocated; then grows the trip buffers
+ * (MOE_ERR_NOMEM, agreed). */
 moe_status moe_a2a_set_counts(moe_a2a *a, const int *send_rows, moe_status local_status,
                               int max_width);
 
@@ -120,42 +188,58 @@ const int *moe_a2a_recv_expert_offsets(const moe_a2a *a);
 /* (El * P) rows received for local expert j from ep rank s at [j * P + s]. */
 const int *moe_a2a_recv_counts(const moe_a2a *a);
 
+/* The buffers of one trip of the current plan. Not collective. MOE_ERR_ARG
+ * without a valid plan. */
+moe_status moe_a2a_buffers_get(moe_a2a *a, moe_a2a_trip trip, moe_a2a_buffers *b);
+
+/* compute(ctx, j0, j1, in, out): the experts [j0, j1) on their rows of the
+ * receive layout: reads in (width wide), writes out (out_width wide); the
+ * rows of expert j are [off[j], off[j+1]) of moe_a2a_recv_expert_offsets. */
+typedef moe_status (*moe_a2a_compute_fn)(void *ctx, int j0, int j1, const float *in, float *out);
+
+/* One round trip, collective over the ep group: the trip's send rows go to
+ * their owners (recv), compute runs, its out rows come back (back).
+ * Unchunked, chunked (P2P with chunks > 1: while chunk c computes, chunk
+ * c+1's dispatch and chunk c's return are in flight; bitwise the same
+ * result) and shared-memory sequences are all inside. local carries a
+ * failure of the caller since set_counts: that rank skips compute but takes
+ * part in every message. If anything fails on any rank every rank returns
+ * non-OK (its own status, or MOE_ERR_REMOTE naming the cause) and nobody
+ * hangs; the back rows are then void. width, out_width <= max_width. */
+moe_status moe_a2a_exchange(moe_a2a *a, moe_a2a_trip trip, int width, int out_width,
+                            moe_a2a_compute_fn compute, void *ctx, moe_status local);
+
+/* Seconds of the last moe_a2a_exchange on this rank: dispatch, compute and
+ * return. When chunks overlap, the whole overlapped time counts as compute.
+ * Not collective. */
+typedef struct {
+    double dispatch, compute, ret;
+} moe_a2a_times;
+moe_a2a_times moe_a2a_last_times(const moe_a2a *a);
+
+/* ---- primitives on caller buffers (benchmarks and tests of the transport) ---- */
+
 /* Collective over the ep group. send (send_total, width) -> recv
  * (recv_total, width). width <= max_width of set_counts. */
 moe_status moe_a2a_dispatch(moe_a2a *a, float *recv, const float *send, int width);
 /* Collective over the ep group: the reverse, recv layout -> send layout. */
-moe_status moe_a2a_combine(moe_a2a *a, float *send, const float *recv, int width);
+moe_status moe_a2a_return(moe_a2a *a, float *send, const float *recv, int width);
 
-/* Chunked, overlapped dispatch -> compute -> combine: local experts are
- * split into `chunks` ranges; while compute(ctx, j0, j1) runs on the rows of
- * experts [j0, j1) (already in `recv`, receive layout) the next chunk's
- * dispatch and the previous chunk's combine are in flight (non-blocking
- * collectives). compute writes its results into `out` (recv layout, width
- * out_width) which are combined back into `result` (send layout). The
- * result equals dispatch + compute on everything + combine, bitwise.
- * Collective over the ep group. If compute fails on some rank the exchange
- * still runs to its end and every rank returns non-OK (compute's status or
- * MOE_ERR_REMOTE). MOE_A2A_SHM runs the unchunked sequence. */
-typedef moe_status (*moe_a2a_compute_fn)(void *ctx, int j0, int j1);
-moe_status moe_a2a_pipeline(moe_a2a *a, float *recv, const float *send, int width,
-                            float *out, float *result, int out_width,
-                            moe_a2a_compute_fn compute, void *ctx);
-
-/* MOE_A2A_SHM only (NULL otherwise, or before a successful set_counts):
- * this rank's segment of the shared window, room for
- * max(send_total, recv_total) rows of max_width floats, valid until the next
- * set_counts. A dispatch whose `send` (send layout) or a combine whose
+/* MOE_A2A_SHM on more than one rank only (NULL otherwise, or before a
+ * successful set_counts): this rank's segment of the shared window, room
+ * for max(send_total, recv_total) rows of max_width floats, valid until the
+ * next set_counts. A dispatch whose `send` (send layout) or a return whose
  * `recv` (receive layout) IS this buffer skips the copy into the window:
- * pack or compute straight into it to move each row once. Not collective. */
+ * the exchange packs and computes straight into it. Not collective. */
 float *moe_a2a_shm_buffer(moe_a2a *a);
 
 /* Benchmark baseline, collective over the ep group: one MPI_Alltoallv of
  * the plan's per-peer rows (send layout -> recv, grouped by source rank, not
  * by expert) and one back (recv -> back): exactly the bytes of a dispatch
- * plus a combine. recv (recv_total, width), back (send_total, width). */
+ * plus a return. recv (recv_total, width), back (send_total, width). */
 moe_status moe_a2a_bench_raw_alltoallv(moe_a2a *a, float *recv, const float *send, float *back, int width);
 
-/* Seconds spent inside exchange calls since the last reset (this rank). */
+/* Seconds spent inside exchange calls (not compute) since the last reset (this rank). */
 double moe_a2a_seconds(const moe_a2a *a);
 void moe_a2a_reset_seconds(moe_a2a *a);
 

@@ -8,6 +8,7 @@
 #include "comm/comm.h"
 
 struct moe_comm {
+    int self;         /* 1: a one-process communicator (moe_comm_create_self): no MPI at all */
     MPI_Comm world;   /* duplicate of the parent: W ranks */
     MPI_Comm ep;      /* P consecutive world ranks */
     MPI_Comm replica; /* the W / P ranks with the same ep rank */
@@ -36,9 +37,14 @@ moe_status moe_comm_mpi_error(int rc, const char *call);
         if (moe_rc_ != MPI_SUCCESS && (st) == MOE_OK) (st) = moe_comm_mpi_error(moe_rc_, #call); \
     } while (0)
 
-/* Collective over comm: every rank's status agrees. Returns `local` if it
- * is not OK, else MOE_ERR_REMOTE naming the lowest rank of comm with the
- * highest failing status (its status name in the detail), else MOE_OK. */
-moe_status moe_comm_agree_on(MPI_Comm comm, moe_status local, const char *scope);
+/* Collective over comm (MPI_COMM_NULL: this process alone, returns local):
+ * the one implementation of error agreement (comm.h, moe_comm_agree_scope
+ * and moe_comm_agree_detail). The root cause is the rank with the highest
+ * priority (an original error outranks MOE_ERR_REMOTE; then the higher
+ * status; ties go to the lowest rank). Returns `local` if it is not OK;
+ * else, if any rank failed, MOE_ERR_REMOTE naming the root cause
+ * (detail == 0) or the root cause's own status and detail message
+ * (detail == 1); else MOE_OK. */
+moe_status moe_comm_agree_on(MPI_Comm comm, moe_status local, const char *scope, int detail);
 
 #endif

@@ -35,10 +35,15 @@ typedef struct {
 static const char *const router_names[] = {"token_choice", "expert_choice", NULL};
 static const char *const act_names[] = {"gelu", "relu", "swiglu", NULL};
 static const char *const noise_names[] = {"none", "gaussian", NULL};
-static const char *const a2a_names[] = {"alltoallv", "shm", NULL};
+#define a2a_names moe_a2a_kind_names /* named where the kinds are defined */
+/* Old spellings still accepted (configs and checkpoint config texts written
+ * before a rename): {key, old value, the value it means}. */
+static const struct {
+    const char *key, *old, *now;
+} enum_aliases[] = {{"a2a", MOE_A2A_P2P_OLD_NAME, "p2p"}};
 _Static_assert(MOE_ROUTER_TOKEN_CHOICE == 0 && MOE_ROUTER_EXPERT_CHOICE == 1, "router_names order");
 _Static_assert(MOE_ACT_GELU == 0 && MOE_ACT_RELU == 1 && MOE_ACT_SWIGLU == 2, "act_names order");
-_Static_assert(MOE_A2A_ALLTOALLV == 0 && MOE_A2A_SHM == 1, "a2a_names order");
+_Static_assert(MOE_A2A_P2P == 0 && MOE_A2A_SHM == 1, "a2a_names order");
 _Static_assert(sizeof(moe_router_kind) == sizeof(int) && sizeof(moe_activation) == sizeof(int),
                "enum keys are stored through int");
 
@@ -50,15 +55,19 @@ _Static_assert(sizeof(moe_router_kind) == sizeof(int) && sizeof(moe_activation) 
 #define NOMAX INT_MAX
 
 static const key_desc keys[] = {
+    /* The [model] keys are also the checkpoint's /model attributes. Their
+     * upper bounds keep every tensor shape product far inside int64 (and
+     * any realistic model inside them), so a file's absurd attributes are
+     * refused before anything is allocated. */
     KI(vocab_size, "model", 256, 256, "bytes: fixed at 256"),
-    KI(d_model, "model", 1, NOMAX, "model width d"),
-    KI(n_layers, "model", 1, NOMAX, "transformer blocks"),
-    KI(n_heads, "model", 1, NOMAX, "attention heads (must divide d_model)"),
-    KI(seq_len, "model", 1, NOMAX, "context length in bytes"),
-    KI(n_experts, "model", 1, NOMAX, "experts per MoE layer E"),
+    KI(d_model, "model", 1, 1 << 16, "model width d"),
+    KI(n_layers, "model", 1, 1 << 12, "transformer blocks"),
+    KI(n_heads, "model", 1, 1 << 16, "attention heads (must divide d_model)"),
+    KI(seq_len, "model", 1, 1 << 20, "context length in bytes"),
+    KI(n_experts, "model", 1, 1 << 16, "experts per MoE layer E"),
     KI(top_k, "model", 1, NOMAX, "experts per token for token choice (1 <= top_k <= E)"),
-    KI(d_ff, "model", 1, NOMAX, "hidden width F of each expert and of dense blocks"),
-    KI(moe_every, "model", 1, NOMAX, "every moe_every-th block has an MoE feed-forward (1: all)"),
+    KI(d_ff, "model", 1, 1 << 20, "hidden width F of each expert and of dense blocks"),
+    KI(moe_every, "model", 1, 1 << 12, "every moe_every-th block has an MoE feed-forward (1: all)"),
     KE(router, "model", router_names, "token_choice or expert_choice"),
     KR(capacity_factor, "model", -HUGE_VAL, HUGE_VAL, 0, 0,
        "token choice: C = ceil(k*T*cf/E), <= 0 dropless; expert choice: experts per token, > 0"),
@@ -66,7 +75,7 @@ static const key_desc keys[] = {
     KE(activation, "model", act_names, "gelu, relu or swiglu"),
     KR(ln_eps, "model", 0, HUGE_VAL, 1, 0, "LayerNorm epsilon"),
     KE(router_noise, "model", noise_names, "none or gaussian (noisy top-k gating, training only)"),
-    KI(group_seqs, "model", 1, NOMAX, "consecutive sequences routed together as one group"),
+    KI(group_seqs, "model", 1, 1 << 24, "consecutive sequences routed together as one group"),
 
     KI(batch_size, "train", 1, NOMAX, "global sequences per step (divisible by the number of ranks)"),
     KI(steps, "train", 1, NOMAX, "optimizer steps"),
@@ -92,8 +101,8 @@ static const key_desc keys[] = {
     KI(val_every, "data", 0, NOMAX, "steps between validations (0: never)"),
     KI(val_batches, "data", 1, NOMAX, "batches of batch_size sequences per validation"),
 
-    KE(a2a, "exchange", a2a_names, "token all-to-all: alltoallv or shm (on-node shared memory)"),
-    KI(a2a_chunks, "exchange", 1, NOMAX, "expert chunks overlapped with the all-to-all"),
+    KE(a2a, "exchange", a2a_names, "token exchange: p2p (point-to-point) or shm (on-node shared memory); alltoallv = p2p"),
+    KI(a2a_chunks, "exchange", 1, NOMAX, "expert chunks overlapped with the exchange (p2p)"),
 
     KI(ckpt_every, "checkpoint", 0, NOMAX, "steps between checkpoints (0: only at the end)"),
     KI(keep_last, "checkpoint", 0, NOMAX, "checkpoints kept in out_dir (0: all)"),
@@ -150,7 +159,7 @@ void moe_train_config_default(moe_train_config *c)
     c->val_every = 100;
     c->val_batches = 8;
 
-    c->a2a = MOE_A2A_ALLTOALLV;
+    c->a2a = MOE_A2A_P2P;
     c->a2a_chunks = 1;
 
     c->ckpt_every = 0;
@@ -302,6 +311,8 @@ static moe_status parse_into(const key_desc *k, const char *v, void *field)
         strcpy((char *)field, v);
         return MOE_OK;
     case T_ENUM:
+        for (size_t a = 0; a < sizeof enum_aliases / sizeof enum_aliases[0]; a++)
+            if (!strcmp(k->name, enum_aliases[a].key) && !strcmp(v, enum_aliases[a].old)) v = enum_aliases[a].now;
         for (int i = 0; k->names[i]; i++)
             if (!strcmp(v, k->names[i])) {
                 *(int *)field = i;
@@ -355,7 +366,7 @@ static moe_status check_key(const key_desc *k, const moe_train_config *c)
 
 /* Defaults that depend on other keys: normalize_topk (1 for k > 1, always 0
  * for k = 1) and capacity_factor (1.25 for token choice, c = 2 experts per
- * token for expert choice, as routing.md says). */
+ * token for expert choice, as docs/routing.md says). */
 static void resolve_defaults(moe_train_config *c)
 {
     c->normalize_topk = c->top_k == 1 ? 0 : c->normalize_topk_user < 0 ? 1 : c->normalize_topk_user;
@@ -477,12 +488,12 @@ moe_status moe_train_config_load_text(moe_train_config *c, const char *text, con
 
 /* ---- cross-field checks ---- */
 
-moe_status moe_train_config_check(const moe_train_config *c, int world)
+static int is_model_key(const key_desc *k) { return !strcmp(k->section, "model"); }
+
+moe_status moe_train_config_check_model(const moe_train_config *c)
 {
-    if (!c) return moe_errorf(MOE_ERR_ARG, "moe_train_config_check: NULL config");
-    if (world < 1) return moe_errorf(MOE_ERR_ARG, "world size %d < 1", world);
     for (int i = 0; i < N_KEYS; i++) {
-        moe_status st = check_key(&keys[i], c);
+        moe_status st = is_model_key(&keys[i]) ? check_key(&keys[i], c) : MOE_OK;
         if (st) return st;
     }
     if (c->d_model % c->n_heads)
@@ -494,6 +505,70 @@ moe_status moe_train_config_check(const moe_train_config *c, int world)
                           c->capacity_factor);
     if (c->normalize_topk && c->top_k == 1)
         return moe_errorf(MOE_ERR_ARG, "normalize_topk=1 with top_k=1 (must be 0)");
+    return MOE_OK;
+}
+
+int moe_train_config_model_attrs(const moe_train_config *c, moe_model_attr *out, int cap)
+{
+    int n = 0;
+    for (int i = 0; i < N_KEYS; i++) {
+        const key_desc *k = &keys[i];
+        if (!is_model_key(k)) continue;
+        if (n < cap) {
+            moe_model_attr *a = &out[n];
+            memset(a, 0, sizeof *a);
+            a->name = k->name;
+            const void *field = (const char *)c + k->off;
+            if (k->type == T_REAL) {
+                a->type = MOE_ATTR_REAL;
+                a->r = *(const double *)field;
+            } else if (k->type == T_ENUM) {
+                const int v = *(const int *)field;
+                a->type = MOE_ATTR_TEXT;
+                a->text = v >= 0 && v < enum_count(k) ? k->names[v] : "?";
+            } else {
+                a->type = MOE_ATTR_INT;
+                a->i = k->type == T_U32 ? (int64_t)*(const uint32_t *)field : (int64_t)*(const int *)field;
+            }
+        }
+        n++;
+    }
+    return n;
+}
+
+moe_status moe_train_config_set_model_attr(moe_train_config *c, const moe_model_attr *a)
+{
+    const key_desc *k = find_key(a->name);
+    if (!k || !is_model_key(k)) return moe_errorf(MOE_ERR_ARG, "'%s' is not a model key", a->name);
+    void *field = (char *)c + k->off;
+    switch (a->type) {
+    case MOE_ATTR_INT:
+        if (k->type != T_INT) break;
+        if (a->i < INT_MIN || a->i > INT_MAX)
+            return moe_errorf(MOE_ERR_ARG, "%s = %lld is out of range", k->name, (long long)a->i);
+        *(int *)field = (int)a->i;
+        return MOE_OK;
+    case MOE_ATTR_REAL:
+        if (k->type != T_REAL) break;
+        *(double *)field = a->r;
+        return MOE_OK;
+    case MOE_ATTR_TEXT:
+        if (k->type != T_ENUM) break;
+        return parse_into(k, a->text, field);
+    }
+    return moe_errorf(MOE_ERR_ARG, "%s: wrong type of value", k->name);
+}
+
+moe_status moe_train_config_check(const moe_train_config *c, int world)
+{
+    if (!c) return moe_errorf(MOE_ERR_ARG, "moe_train_config_check: NULL config");
+    if (world < 1) return moe_errorf(MOE_ERR_ARG, "world size %d < 1", world);
+    for (int i = 0; i < N_KEYS; i++) {
+        moe_status st = check_key(&keys[i], c);
+        if (st) return st;
+    }
+    moe_status st = moe_train_config_check_model(c);
+    if (st) return st;
     if (c->batch_size % world)
         return moe_errorf(MOE_ERR_ARG, "batch_size=%d is not divisible by the %d ranks", c->batch_size, world);
     if ((c->batch_size / world) % c->group_seqs)

@@ -64,6 +64,30 @@ moe_status moe_train_config_load(moe_train_config *c, const char *path);
  * moe_train_config_load (MOE_ERR_NOMEM if no memory stream can be opened). */
 moe_status moe_train_config_load_text(moe_train_config *c, const char *text, const char *origin);
 
+/* The model part of moe_train_config_check: the ranges of the [model] keys
+ * and their cross-field rules (heads divide d_model, top_k <= n_experts,
+ * ...). Serves configurations read from checkpoints too. MOE_ERR_ARG
+ * naming the key. Not collective. */
+moe_status moe_train_config_check_model(const moe_train_config *c);
+
+/* The [model] keys are the checkpoint's /model attributes: each as a typed
+ * value (integers as int64, reals as double, enum keys by name). */
+typedef struct {
+    const char *name;  /* the key */
+    enum { MOE_ATTR_INT, MOE_ATTR_REAL, MOE_ATTR_TEXT } type;
+    int64_t i;
+    double r;
+    const char *text;  /* static storage */
+} moe_model_attr;
+enum { MOE_MODEL_ATTRS_MAX = 64 };
+/* Fills out[0 .. min(count, cap)) in key-table order; returns the count.
+ * Never fails. */
+int moe_train_config_model_attrs(const moe_train_config *c, moe_model_attr *out, int cap);
+/* Sets one [model] key from a typed value (a->type must be the key's;
+ * names as moe_train_config_set reads them). No range check:
+ * moe_train_config_check_model does that. MOE_ERR_ARG naming the key. */
+moe_status moe_train_config_set_model_attr(moe_train_config *c, const moe_model_attr *a);
+
 /* Validation of every key's range and of the cross-field rules (heads divide
  * d_model, top_k <= n_experts, ...) given the world size (batch divisible by
  * ranks, E by ep_size, ...). MOE_ERR_ARG with a detail naming the key(s). */

@@ -47,7 +47,7 @@ moe_status moe_activation_parse(moe_activation *out, const char *s);
 static inline int moe_f1(int d_ff, moe_activation a) { return a == MOE_ACT_SWIGLU ? 2 * d_ff : d_ff; }
 
 /* ceil(x) where x within 1e-9 of an integer counts as that integer
- * (routing.md: capacity rounding). */
+ * (docs/routing.md: capacity rounding). */
 int64_t moe_ceil_tol(double x);
 
 /* 1 if every entry of a is finite. */

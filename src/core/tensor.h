@@ -1,8 +1,10 @@
-/* A table of named parameter tensors laid out in one contiguous block.
- * The same offsets index the parameter, gradient and both AdamW moment
- * blocks, so checkpointing, gradient reduction and the optimizer are written
- * once, generically, over the table. Names are checkpoint paths under
- * /model (docs/formats.md), e.g. "wte", "h/0/moe/experts/w1". */
+/* A table of named tensors laid out in one contiguous block. The same
+ * offsets index the parameter, gradient and both AdamW moment blocks, so
+ * checkpointing, gradient reduction and the optimizer are written once,
+ * generically, over the table. Names are checkpoint paths under /model
+ * (docs/formats.md), e.g. "wte", "h/0/moe/experts/w1". The table of a model
+ * is built in one place, from one descriptor of every tensor
+ * (src/layout/layout.h). */
 #ifndef MOE_TENSOR_H
 #define MOE_TENSOR_H
 
@@ -18,15 +20,30 @@ typedef struct {
     int expert_sharded;   /* 1: dim 0 is the global expert index and this rank holds
                              rows [row0, row0 + rows); 0: replicated, whole tensor here */
     int64_t row0, rows;   /* local rows of dim 0 (row0 = 0, rows = shape[0] if replicated) */
-    int layer;            /* block index of an expert tensor (for per-expert step counters), else -1 */
+    /* Expert segments of dim 0 (expert_sharded only). Local expert j owns
+     * local rows [seg_off[j], seg_off[j+1]); seg_off NULL: one row per
+     * expert (the FFN experts). row_ids NULL: local row i is global row
+     * row0 + i; else its global row id (rows of a vocabulary expert are not
+     * contiguous in id order). The optimizer's "only activated experts are
+     * updated" rule and the checkpoint work per segment through these. */
+    const int64_t *seg_off;  /* (local experts + 1) or NULL; owned by the table's builder */
+    const int64_t *row_ids;  /* (rows) or NULL */
+    int layer;            /* block index of an expert tensor (per-expert step counters), else -1 */
+    int block;            /* block index of any block tensor, -1 outside the blocks */
+    int kind;             /* which tensor (moe_tensor_kind, layout.h) */
+    int role;             /* MOE_TENSOR_PARAM, or MOE_TENSOR_BUFFER: checkpointed, no gradient/optimizer state */
+    int init;             /* moe_init_kind (layout.h) */
     int decay;            /* 1: AdamW weight decay applies (matrices), 0: biases, norms */
     size_t offset;        /* offset in floats of the local data within the block */
     size_t numel;         /* local element count */
 } moe_tensor;
 
+enum { MOE_TENSOR_PARAM = 0, MOE_TENSOR_BUFFER = 1 };
+
 typedef struct {
     moe_tensor *t;        /* (n) */
     int n;
+    size_t dense;         /* floats of the leading replicated range: expert tensors occupy [dense, total) */
     size_t total;         /* floats in the local block */
 } moe_tensor_table;
 
@@ -36,6 +53,13 @@ static inline int64_t moe_tensor_row_numel(const moe_tensor *t)
     int64_t r = 1;
     for (int i = 1; i < t->ndim; i++) r *= t->shape[i];
     return r;
+}
+
+/* Local rows [*r0, *r0 + *n) of local expert j of an expert-sharded tensor. */
+static inline void moe_tensor_segment(const moe_tensor *t, int j, int64_t *r0, int64_t *n)
+{
+    *r0 = t->seg_off ? t->seg_off[j] : j;
+    *n = t->seg_off ? t->seg_off[j + 1] - t->seg_off[j] : 1;
 }
 
 #endif

@@ -39,49 +39,45 @@ struct moe_infer_decoder {
     float *scores;                        /* (T) attention probabilities of one head */
 };
 
-/* The parameter named printf-style, or NULL with an error detail. */
-static float *param(moe_model *m, const char *fmt, int l)
+/* Tensor `kind` of block l (-1: global) by the table's lookup, or NULL
+ * with an error detail. */
+static float *param(moe_model *m, moe_tensor_kind kind, int l)
 {
-    char name[MOE_TENSOR_NAME_MAX];
-    snprintf(name, sizeof name, fmt, l);
-    const moe_tensor_table *t = moe_model_tensors(m);
-    for (int i = 0; i < t->n; i++)
-        if (!strcmp(t->t[i].name, name)) return moe_model_params(m) + t->t[i].offset;
-    moe_errorf(MOE_ERR_ARG, "decoder: the model has no tensor '%s'", name);
-    return NULL;
+    float *p = moe_model_param(m, kind, l);
+    if (!p) moe_errorf(MOE_ERR_ARG, "decoder: the model has no tensor of kind %d in block %d", (int)kind, l);
+    return p;
 }
 
 static moe_status bind_params(moe_infer_decoder *d)
 {
     moe_model *m = d->m;
-    d->wte = param(m, "wte", 0);
-    d->wpe = param(m, "wpe", 0);
-    d->lnfw = param(m, "ln_f/weight", 0);
-    d->lnfb = param(m, "ln_f/bias", 0);
+    d->wte = param(m, MOE_T_WTE, -1);
+    d->wpe = param(m, MOE_T_WPE, -1);
+    d->lnfw = param(m, MOE_T_LNF_W, -1);
+    d->lnfb = param(m, MOE_T_LNF_B, -1);
     if (!d->wte || !d->wpe || !d->lnfw || !d->lnfb) return MOE_ERR_ARG;
     for (int l = 0; l < d->L; l++) {
         dec_block *b = &d->blk[l];
         const float **dense[] = {&b->ln1w, &b->ln1b, &b->qkvw, &b->qkvb, &b->projw, &b->projb, &b->ln2w, &b->ln2b};
-        const char *names[] = {"h/%d/ln_1/weight", "h/%d/ln_1/bias", "h/%d/attn/c_attn/weight",
-                               "h/%d/attn/c_attn/bias", "h/%d/attn/c_proj/weight", "h/%d/attn/c_proj/bias",
-                               "h/%d/ln_2/weight", "h/%d/ln_2/bias"};
+        const moe_tensor_kind kinds[] = {MOE_T_LN1_W, MOE_T_LN1_B, MOE_T_QKV_W, MOE_T_QKV_B,
+                                         MOE_T_PROJ_W, MOE_T_PROJ_B, MOE_T_LN2_W, MOE_T_LN2_B};
         for (int i = 0; i < 8; i++)
-            if (!(*dense[i] = param(m, names[i], l))) return MOE_ERR_ARG;
+            if (!(*dense[i] = param(m, kinds[i], l))) return MOE_ERR_ARG;
         b->moe = moe_model_layer(m, l);
         if (b->moe) {
-            b->mp.router_w = param(m, "h/%d/moe/router/weight", l);
+            b->mp.router_w = param(m, MOE_T_ROUTER_W, l);
             b->mp.noise_w = NULL; /* no noise at inference */
-            b->mp.experts.w1 = param(m, "h/%d/moe/experts/w1", l);
-            b->mp.experts.b1 = param(m, "h/%d/moe/experts/b1", l);
-            b->mp.experts.w2 = param(m, "h/%d/moe/experts/w2", l);
-            b->mp.experts.b2 = param(m, "h/%d/moe/experts/b2", l);
+            b->mp.experts.w1 = param(m, MOE_T_EXP_W1, l);
+            b->mp.experts.b1 = param(m, MOE_T_EXP_B1, l);
+            b->mp.experts.w2 = param(m, MOE_T_EXP_W2, l);
+            b->mp.experts.b2 = param(m, MOE_T_EXP_B2, l);
             if (!b->mp.router_w || !b->mp.experts.w1 || !b->mp.experts.b1 || !b->mp.experts.w2 || !b->mp.experts.b2)
                 return MOE_ERR_ARG;
         } else {
-            b->fcw = param(m, "h/%d/mlp/c_fc/weight", l);
-            b->fcb = param(m, "h/%d/mlp/c_fc/bias", l);
-            b->fcpw = param(m, "h/%d/mlp/c_proj/weight", l);
-            b->fcpb = param(m, "h/%d/mlp/c_proj/bias", l);
+            b->fcw = param(m, MOE_T_FC_W, l);
+            b->fcb = param(m, MOE_T_FC_B, l);
+            b->fcpw = param(m, MOE_T_FCPROJ_W, l);
+            b->fcpb = param(m, MOE_T_FCPROJ_B, l);
             if (!b->fcw || !b->fcb || !b->fcpw || !b->fcpb) return MOE_ERR_ARG;
         }
     }

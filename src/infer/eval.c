@@ -67,8 +67,8 @@ moe_status moe_infer_eval(moe_infer_eval_result *res, moe_model *m, moe_comm *co
 {
     memset(res, 0, sizeof *res);
     const moe_train_config *cfg = moe_model_config(m);
-    eval_ws w = {.B = batch, .S = cfg->seq_len, .V = cfg->vocab_size, .W = comm ? moe_comm_size(comm) : 1,
-                 .rank = comm ? moe_comm_rank(comm) : 0, .n_moe = moe_model_n_moe_layers(m),
+    eval_ws w = {.B = batch, .S = cfg->seq_len, .V = cfg->vocab_size, .W = moe_comm_size(comm),
+                 .rank = moe_comm_rank(comm), .n_moe = moe_model_n_moe_layers(m),
                  .E = cfg->n_experts};
     /* argument checks see the same data on every rank: no agreement needed */
     if (batch < 1) return moe_errorf(MOE_ERR_ARG, "eval: batch=%d must be >= 1", batch);
@@ -95,7 +95,7 @@ moe_status moe_infer_eval(moe_infer_eval_result *res, moe_model *m, moe_comm *co
     const size_t nk = (size_t)w.n_moe * n_domains * w.E;
     if (!st && domains && !(res->domain_kept = moe_calloc(nk, sizeof(int64_t))))
         st = moe_errorf(MOE_ERR_NOMEM, "eval: domain counts");
-    if (comm) st = moe_comm_agree(comm, st);
+    st = moe_comm_agree(comm, st);
     double sum = 0.0;
     for (int64_t j = 0; !st && j < n_fwd; j++) {
         const int64_t g0 = j * per_fwd + (int64_t)w.rank * w.B; /* first window of this rank */
@@ -116,16 +116,12 @@ moe_status moe_infer_eval(moe_infer_eval_result *res, moe_model *m, moe_comm *co
             w.wsum[b] = s;
         }
         if (domains) count_domains(res->domain_kept, m, &w, domains, g0, nv, n_domains);
-        if (comm) {
-            if ((st = moe_comm_allgather(comm, w.all, w.wsum, (size_t)w.B * sizeof(double)))) break;
-        } else {
-            memcpy(w.all, w.wsum, (size_t)w.B * sizeof(double));
-        }
+        if ((st = moe_comm_allgather(comm, w.all, w.wsum, (size_t)w.B * sizeof(double)))) break;
         /* window order, whatever the number of ranks */
         for (int64_t g = j * per_fwd; g < windows && g < (j + 1) * per_fwd; g++) sum += w.all[g - j * per_fwd];
     }
     /* a forward failure is already known to the whole ep group (= world) */
-    if (!st && domains && comm)
+    if (!st && domains)
         st = moe_comm_allreduce_i64(comm, MOE_SCOPE_WORLD, res->domain_kept, nk);
     eval_ws_free(&w);
     if (st) {

@@ -38,7 +38,7 @@ static moe_status prefill(gen_state *g, int b, int k)
 static moe_status sample_step(gen_state *g, uint8_t *next, moe_comm *comm, const moe_infer_sampler *s,
                               const uint32_t *position)
 {
-    const int rank = comm ? moe_comm_rank(comm) : 0;
+    const int rank = moe_comm_rank(comm);
     int32_t msg[1 + 256];
     int32_t *ids = msg + 1;
     msg[0] = MOE_OK;
@@ -48,10 +48,8 @@ static moe_status sample_step(gen_state *g, uint8_t *next, moe_comm *comm, const
         ids[b] = id;
     }
     /* (the batch fits the message: n <= 256 is checked by the caller) */
-    if (comm) {
-        moe_status st = moe_comm_bcast(comm, msg, (size_t)(1 + g->n) * sizeof(int32_t), 0);
-        if (st) return st;
-    }
+    moe_status st = moe_comm_bcast(comm, msg, (size_t)(1 + g->n) * sizeof(int32_t), 0);
+    if (st) return st;
     if (msg[0] != MOE_OK)
         return rank == 0 ? (moe_status)msg[0] : moe_errorf(MOE_ERR_REMOTE, "rank 0: sampling failed");
     for (int b = 0; b < g->n; b++) next[b] = (uint8_t)ids[b];
@@ -157,7 +155,7 @@ moe_status moe_infer_generate(uint8_t *out, moe_infer_gen_stats *stats, moe_infe
     st = g.ctx && g.ctx_len && g.logits && g.cur && g.seq && g.tok ? MOE_OK
                                                                    : moe_errorf(MOE_ERR_NOMEM, "generate buffers");
     /* allocation is local: agree before the first collective decode */
-    if (comm) st = moe_comm_agree(comm, st);
+    st = moe_comm_agree(comm, st);
     if (!st) st = run(&g, out, stats, comm, prompts, len, tokens, s);
     gen_free(&g);
     return st;

@@ -6,7 +6,7 @@
  * which must divide n_experts); experts are sharded, everything else is
  * replicated. Evaluation spreads windows over the ranks; generation runs
  * every sequence on every rank (the routing group of a decoding step must
- * live on one rank, routing.md) and only the expert FFNs are distributed.
+ * live on one rank, docs/routing.md) and only the expert FFNs are distributed.
  *
  * Routing at inference (docs/routing.md, "autoregressive decoding"):
  *   - no router noise, ever;
@@ -14,7 +14,7 @@
  *   - decoding: the tokens passed to ONE moe_infer_decode call form one
  *     routing group at every MoE layer: a prompt (or a re-prefilled context)
  *     is one group, a decoding step is the group of the B newest tokens, one
- *     per sequence. Capacity follows routing.md for that group size T:
+ *     per sequence. Capacity follows docs/routing.md for that group size T:
  *     token choice C = ceil(k T cf / E) (cf <= 0: dropless), expert choice
  *     C = min(T, ceil(T c / E)). At T = 1 expert choice therefore sends the
  *     single token to every expert (C = 1), weighted by its router probs. */
@@ -36,21 +36,15 @@
  * the checkpoint `path` (a file, or a run directory meaning the file its
  * `latest` names). The configuration is the checkpoint's root `config`
  * text (routing keys as saved) with group_seqs = 1, copied to *cfg (may be
- * NULL). comm == NULL: one process; otherwise its ep size must be its world
+ * NULL). comm (moe_comm_create_self for one process): its ep size must be its world
  * size. Collective over comm's world; every rank returns non-OK if any
  * fails (the cause's detail on the rank that found it, MOE_ERR_REMOTE
- * elsewhere; moe_infer_error_rank says which). Fails with MOE_ERR_IO /
+ * elsewhere; moe_comm_cause_rank says which). Fails with MOE_ERR_IO /
  * MOE_ERR_FORMAT / MOE_ERR_CHECKSUM / MOE_ERR_MISMATCH for a missing or
  * damaged file, MOE_ERR_ARG when the world size does not divide n_experts or
  * max_local_seqs < 1. Owner: caller (moe_model_destroy). */
 moe_status moe_infer_load(moe_model **out, moe_train_config *cfg, const char *path, int max_local_seqs,
                           int min_tokens, moe_comm *comm);
-
-/* Which rank should print a failure that every rank returned (after an
- * agreement): world rank 0 unless its status is MOE_ERR_REMOTE, else the
- * lowest rank holding the cause. Collective over comm's world (NULL: 0);
- * -1 if the exchange itself fails (then every rank should print). */
-int moe_infer_error_rank(moe_comm *comm, moe_status st);
 
 /* Reads a whole file into a new buffer (*data, caller frees with moe_free;
  * never NULL on success, even for an empty file) of *n bytes. Not
@@ -80,8 +74,8 @@ typedef struct {
  * floating-point identity of the forward itself.
  * domains (n bytes, each < n_domains) or NULL: counts, per MoE layer, the
  * kept expert assignments of every input token by the domain of its byte.
- * batch <= the model's max_local_seqs. Collective over comm's world (NULL:
- * one process). MOE_ERR_ARG for fewer than S+1 bytes, a bad domain id
+ * batch <= the model's max_local_seqs. Collective over comm's world.
+ * MOE_ERR_ARG for fewer than S+1 bytes, a bad domain id
  * (naming its offset) or batch < 1; forward failures reach every rank.
  * res->domain_kept is owned by the caller (moe_infer_eval_result_free). */
 moe_status moe_infer_eval(moe_infer_eval_result *res, moe_model *m, moe_comm *comm, const uint8_t *data,
@@ -168,7 +162,7 @@ typedef struct {
  *     length, at least 1) + j and sequence = i (moe_infer_sample).
  * World rank 0 samples and broadcasts each step's bytes, so every rank
  * holds the same sequences and out is the same everywhere. Collective over
- * comm's world (NULL: one process); every rank runs all n sequences and
+ * comm's world; every rank runs all n sequences and
  * only the experts are distributed. Errors (MOE_ERR_ARG for n outside
  * 1..max_seqs or tokens < 0, the sampler's and the layers') reach every
  * rank. stats may be NULL. */

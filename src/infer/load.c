@@ -41,16 +41,6 @@ moe_status moe_infer_read_file(uint8_t **data, size_t *n, const char *path)
     return MOE_OK;
 }
 
-int moe_infer_error_rank(moe_comm *comm, moe_status st)
-{
-    if (!comm) return 0;
-    const int W = moe_comm_size(comm), rank = moe_comm_rank(comm);
-    /* max of W - rank over the ranks with a cause: the lowest such rank */
-    double who = st != MOE_OK && st != MOE_ERR_REMOTE ? (double)(W - rank) : 0.0;
-    if (moe_comm_allmax_f64(comm, MOE_SCOPE_WORLD, &who, 1)) return -1;
-    return who == 0.0 ? 0 : W - (int)who;
-}
-
 /* Rank 0's root `config` text of the checkpoint at path (*text malloc'd). */
 static moe_status read_config_text(char **text, const char *path)
 {
@@ -72,9 +62,8 @@ static moe_status read_config_text(char **text, const char *path)
 /* The config text of rank 0 on every rank (text malloc'd; NULL on failure). */
 static moe_status share_config_text(char **text, const char *path, moe_comm *comm)
 {
-    const int rank = comm ? moe_comm_rank(comm) : 0;
+    const int rank = moe_comm_rank(comm);
     moe_status st = rank == 0 ? read_config_text(text, path) : MOE_OK;
-    if (!comm) return st;
     if ((st = moe_comm_agree(comm, st))) {
         free(*text);
         *text = NULL;
@@ -100,13 +89,13 @@ moe_status moe_infer_load(moe_model **out, moe_train_config *cfg_out, const char
     *out = NULL;
     if (!path || max_local_seqs < 1)
         return moe_errorf(MOE_ERR_ARG, "infer load: NULL path or max_local_seqs=%d < 1", max_local_seqs);
-    const int W = comm ? moe_comm_size(comm) : 1;
-    if (comm && moe_comm_ep_size(comm) != W)
+    const int W = moe_comm_size(comm);
+    if (moe_comm_ep_size(comm) != W)
         return moe_errorf(MOE_ERR_ARG, "infer load: ep size %d must equal the world size %d",
                           moe_comm_ep_size(comm), W);
     char file[2048];
     moe_status st = moe_ckpt_resolve(file, sizeof file, path);
-    if (comm) st = moe_comm_agree(comm, st);
+    st = moe_comm_agree(comm, st);
     if (st) return st;
 
     char *text = NULL;

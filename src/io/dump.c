@@ -1,4 +1,4 @@
-/* Layer dump writer (spec: layer-dump.md) and a small single-process reader.
+/* Layer dump writer (docs/formats.md section 2) and a small single-process reader.
  *
  * Every rank opens the file through parallel HDF5 (MPI-IO driver from
  * src/comm), makes the same metadata calls (attributes, dataset creation)
@@ -27,7 +27,7 @@
 #include "comm/comm_h5.h"
 #include "io/h5.h"
 
-enum { DUMP_MAX_DIMS = 3, DUMP_PATH_MAX = 4096 };
+enum { DUMP_MAX_DIMS = 3, DUMP_PATH_MAX = MOE_H5_PATH_MAX };
 /* Same temporary name on every rank without communication; one writer per path. */
 #define DUMP_TMP_SUFFIX ".tmp.moe-dump"
 
@@ -130,24 +130,21 @@ static moe_status check_tiling(const int64_t *ranges, int W, int64_t T, int64_t 
 static moe_status check_view(moe_comm *c, const char *path, const moe_dump_view *v, int rank, int W)
 {
     moe_status st = check_local(path, v, rank);
-    if (c) st = moe_comm_agree(c, st);
+    st = moe_comm_agree(c, st);
     if (st != MOE_OK) return st;
-    if (c && (st = moe_comm_check_same(c, "layer dump path", path, strlen(path) + 1)) != MOE_OK) return st;
+    if ((st = moe_comm_check_same(c, "layer dump path", path, strlen(path) + 1)) != MOE_OK) return st;
     dump_attrs a;
     pack_attrs(&a, v);
-    if (c && (st = moe_comm_check_same(c, "layer dump attributes", &a, sizeof a)) != MOE_OK) return st;
+    if ((st = moe_comm_check_same(c, "layer dump attributes", &a, sizeof a)) != MOE_OK) return st;
     int64_t mine[4] = {v->t0, v->T_local, v->e0, v->write_experts ? v->E_local : 0};
     int64_t *all = moe_calloc((size_t)W * 4, sizeof *all);
     st = all ? MOE_OK : moe_errorf(MOE_ERR_NOMEM, "dump: %d rank ranges", W);
-    if (c) st = moe_comm_agree(c, st);
+    st = moe_comm_agree(c, st);
     if (st != MOE_OK) {
         moe_free(all);
         return st;
     }
-    if (c)
-        st = moe_comm_allgather(c, all, mine, sizeof mine);
-    else
-        memcpy(all, mine, sizeof mine);
+    st = moe_comm_allgather(c, all, mine, sizeof mine);
     if (st == MOE_OK) st = check_tiling(all, W, v->tokens, v->n_experts);
     moe_free(all);
     return st;
@@ -233,7 +230,7 @@ static moe_status write_dsets(const dump_file *f, const moe_dump_view *v, int ra
     const hsize_t t0 = (hsize_t)v->t0, nt = (hsize_t)v->T_local;
     const hsize_t e0 = (hsize_t)v->e0, ne = v->write_experts ? (hsize_t)v->E_local : 0;
     const hsize_t nr = rank == 0 ? E : 0, ns = rank == 0 ? 1 : 0;
-    /* The spec stores the scalars as float32. */
+    /* The format stores the scalars as float32. */
     const float lb = (float)v->load_balance, zl = (float)v->z_loss;
     const dump_dset sets[] = {
         {"/x", 2, {T, d}, t0, nt, v->x, 0},
@@ -262,54 +259,31 @@ static moe_status write_dsets(const dump_file *f, const moe_dump_view *v, int ra
     return st;
 }
 
-/* Creates tmp, writes everything, flushes and closes. Collective. */
-static moe_status write_file(const char *tmp, moe_comm *c, const moe_dump_view *v, int rank)
+typedef struct {
+    const moe_dump_view *v;
+    int rank;
+} fill_ctx;
+
+/* Fills the open temporary file (moe_h5_write_atomic). Collective. */
+static moe_status fill(void *vctx, hid_t file, hid_t dxpl, hid_t lcpl, const char *tmp)
 {
-    dump_file f = {H5I_INVALID_HID, H5I_INVALID_HID, H5I_INVALID_HID, tmp};
-    hid_t fapl = moe_comm_h5_fapl(c);
-    if (fapl >= 0) f.file = H5Fcreate(tmp, H5F_ACC_TRUNC, H5P_DEFAULT, fapl);
-    moe_status st = f.file < 0 ? moe_h5_fail(MOE_ERR_IO, "cannot create", NULL, tmp) : MOE_OK;
-    if (fapl >= 0) H5Pclose(fapl);
-    if (c) st = moe_comm_agree(c, st);
-    if (st != MOE_OK) {
-        if (f.file >= 0) H5Fclose(f.file);
-        return st;
-    }
-    f.dxpl = moe_comm_h5_dxpl(c);
-    f.lcpl = H5Pcreate(H5P_LINK_CREATE);
-    if (f.dxpl < 0 || f.lcpl < 0 || H5Pset_create_intermediate_group(f.lcpl, 1) < 0)
-        st = moe_h5_fail(MOE_ERR_IO, "cannot make property lists for", NULL, tmp);
-    if (st == MOE_OK) st = write_attrs(&f, v);
-    if (st == MOE_OK) st = write_dsets(&f, v, rank);
-    if (st == MOE_OK && H5Fflush(f.file, H5F_SCOPE_GLOBAL) < 0) st = moe_h5_fail(MOE_ERR_IO, "cannot flush", NULL, tmp);
-    if (f.lcpl >= 0) H5Pclose(f.lcpl);
-    if (f.dxpl >= 0) H5Pclose(f.dxpl);
-    if (H5Fclose(f.file) < 0 && st == MOE_OK) st = moe_h5_fail(MOE_ERR_IO, "cannot close", NULL, tmp);
+    const fill_ctx *x = vctx;
+    dump_file f = {file, dxpl, lcpl, tmp};
+    moe_status st = write_attrs(&f, x->v);
+    if (st == MOE_OK) st = write_dsets(&f, x->v, x->rank);
     return st;
 }
 
 moe_status moe_dump_write(const char *path, moe_comm *c, const moe_dump_view *v)
 {
     if (!path || !*path || !v) return moe_errorf(MOE_ERR_ARG, "dump: NULL path or view");
-    const int rank = c ? moe_comm_rank(c) : 0, W = c ? moe_comm_size(c) : 1;
+    const int rank = moe_comm_rank(c), W = moe_comm_size(c);
     moe_status st = check_view(c, path, v, rank, W);
     if (st != MOE_OK) return st;
-    char tmp[DUMP_PATH_MAX];
-    snprintf(tmp, sizeof tmp, "%s" DUMP_TMP_SUFFIX, path);
-
-    moe_h5_quiet quiet;
-    moe_h5_quiet_begin(&quiet);
-    st = write_file(tmp, c, v, rank);
-    moe_h5_quiet_end(&quiet);
-
-    /* Every rank has closed before rank 0 renames (agree synchronises). */
-    if (c) st = moe_comm_agree(c, st);
-    if (rank == 0) {
-        if (st == MOE_OK && rename(tmp, path) != 0)
-            st = moe_errorf(MOE_ERR_IO, "cannot rename '%s' to '%s': %s", tmp, path, strerror(errno));
-        if (st != MOE_OK) remove(tmp);
-    }
-    return c ? moe_comm_agree(c, st) : st;
+    /* The one atomic HDF5 writer: temporary name, flush, fsync, rename,
+     * directory fsync. */
+    fill_ctx x = {v, rank};
+    return moe_h5_write_atomic(path, DUMP_TMP_SUFFIX, c, fill, &x);
 }
 
 /* ---- reader ---- */

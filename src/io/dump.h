@@ -36,8 +36,9 @@ typedef struct {
     double load_balance, z_loss;         /* means over the global groups */
 } moe_dump_view;
 
-/* Collective over c's world (c == NULL: single process). Writes path
- * (replacing it) atomically: temp name, flush, rename. Fails with
+/* Collective over c's world (moe_comm_self(): one process). Writes path
+ * (replacing it) atomically through the one HDF5 writer (io/h5.h: temp name,
+ * flush, fsync, rename, directory fsync). Fails with
  * MOE_ERR_IO naming the file. Every rank gets the same status. */
 moe_status moe_dump_write(const char *path, moe_comm *c, const moe_dump_view *v);
 

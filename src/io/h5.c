@@ -1,9 +1,14 @@
 /* HDF5 error silencing, error messages and scalar attributes (h5.h). */
 #include "io/h5.h"
 
+#include <errno.h>
+#include <fcntl.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
+
+#include "comm/comm_h5.h"
 
 enum { H5MSG = 384 }; /* room for HDF5's innermost error message */
 
@@ -180,3 +185,82 @@ moe_status moe_h5_attr_get_strbuf(hid_t loc, const char *name, char *buf, size_t
     return MOE_OK;
 }
 
+
+/* ---- the atomic writer ---- */
+
+/* fsync a file or directory so that a rename survives a crash. */
+static moe_status sync_path(const char *p, int dir)
+{
+    int fd = open(p, dir ? O_RDONLY | O_DIRECTORY : O_RDONLY);
+    if (fd < 0) return moe_errorf(MOE_ERR_IO, "cannot open '%s' to sync it: %s", p, strerror(errno));
+    int rc = fsync(fd);
+    close(fd);
+    return rc ? moe_errorf(MOE_ERR_IO, "cannot sync '%s': %s", p, strerror(errno)) : MOE_OK;
+}
+
+static void dir_of(char *buf, size_t cap, const char *path)
+{
+    const char *slash = strrchr(path, '/');
+    if (!slash)
+        snprintf(buf, cap, ".");
+    else if (slash == path)
+        snprintf(buf, cap, "/");
+    else
+        snprintf(buf, cap, "%.*s", (int)(slash - path), path);
+}
+
+/* Creates tmp, fills it, flushes and closes. Collective. */
+static moe_status write_tmp(const char *tmp, moe_comm *c, moe_h5_write_fn fill, void *ctx)
+{
+    hid_t fapl = moe_comm_h5_fapl(c), file = H5I_INVALID_HID;
+    if (fapl >= 0) file = H5Fcreate(tmp, H5F_ACC_TRUNC, H5P_DEFAULT, fapl);
+    moe_status st = file < 0 ? moe_h5_fail(MOE_ERR_IO, "cannot create", NULL, tmp) : MOE_OK;
+    if (fapl >= 0) H5Pclose(fapl);
+    st = moe_comm_agree_detail(c, MOE_SCOPE_WORLD, st);
+    if (st != MOE_OK) {
+        if (file >= 0) H5Fclose(file);
+        return st;
+    }
+    hid_t dxpl = moe_comm_h5_dxpl(c), lcpl = H5Pcreate(H5P_LINK_CREATE);
+    if (dxpl < 0 || lcpl < 0 || H5Pset_create_intermediate_group(lcpl, 1) < 0)
+        st = moe_h5_fail(MOE_ERR_IO, "cannot make property lists for", NULL, tmp);
+    if (st == MOE_OK) st = fill(ctx, file, dxpl, lcpl, tmp);
+    if (st == MOE_OK && H5Fflush(file, H5F_SCOPE_GLOBAL) < 0) st = moe_h5_fail(MOE_ERR_IO, "cannot flush", NULL, tmp);
+    if (lcpl >= 0) H5Pclose(lcpl);
+    if (dxpl >= 0) H5Pclose(dxpl);
+    if (H5Fclose(file) < 0 && st == MOE_OK) st = moe_h5_fail(MOE_ERR_IO, "cannot close", NULL, tmp);
+    return st;
+}
+
+moe_status moe_h5_write_atomic(const char *path, const char *tmp_suffix, moe_comm *c, moe_h5_write_fn fill,
+                               void *ctx)
+{
+    char tmp[MOE_H5_PATH_MAX], dir[MOE_H5_PATH_MAX];
+    moe_status st = MOE_OK;
+    if (!path || !*path || !tmp_suffix || !*tmp_suffix)
+        st = moe_errorf(MOE_ERR_ARG, "HDF5 write: empty path or temporary suffix");
+    else if (snprintf(tmp, sizeof tmp, "%s%s", path, tmp_suffix) >= (int)sizeof tmp)
+        st = moe_errorf(MOE_ERR_ARG, "path too long (with its temporary suffix '%s', over %d bytes): '%.64s...'",
+                        tmp_suffix, MOE_H5_PATH_MAX - 1, path);
+    st = moe_comm_agree_detail(c, MOE_SCOPE_WORLD, st);
+    if (st != MOE_OK) return st;
+
+    moe_h5_quiet q;
+    moe_h5_quiet_begin(&q);
+    st = write_tmp(tmp, c, fill, ctx);
+    moe_h5_quiet_end(&q);
+
+    /* Every rank has closed before rank 0 renames (agreement synchronises). */
+    st = moe_comm_agree_detail(c, MOE_SCOPE_WORLD, st);
+    if (moe_comm_rank(c) == 0) {
+        if (st == MOE_OK) st = sync_path(tmp, 0);
+        if (st == MOE_OK && rename(tmp, path) != 0)
+            st = moe_errorf(MOE_ERR_IO, "cannot rename '%s' to '%s': %s", tmp, path, strerror(errno));
+        if (st == MOE_OK) {
+            dir_of(dir, sizeof dir, path);
+            st = sync_path(dir, 1);
+        }
+        if (st != MOE_OK) remove(tmp);
+    }
+    return moe_comm_agree_detail(c, MOE_SCOPE_WORLD, st);
+}

@@ -1,7 +1,7 @@
 /* HDF5 helpers shared by the checkpoint (src/ckpt) and the layer dump
- * (dump.c): quiet error handling with HDF5's innermost message in the error
- * detail, and typed scalar attributes that fail naming the attribute and
- * the file. Internal to the library. */
+ * (dump.c): the one atomic file writer, quiet error handling with HDF5's
+ * innermost message in the error detail, and typed scalar attributes that
+ * fail naming the attribute and the file. Internal to the library. */
 #ifndef MOE_IO_H5_H
 #define MOE_IO_H5_H
 
@@ -9,7 +9,26 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "comm/comm.h"
 #include "core/moe.h"
+
+enum { MOE_H5_PATH_MAX = 4096 };
+
+/* Fills an open file: file, transfer (dxpl) and link-creation (lcpl,
+ * intermediate groups) property lists; tmp is the file's name for messages.
+ * Runs on every rank (collective HDF5 metadata calls). */
+typedef moe_status (*moe_h5_write_fn)(void *ctx, hid_t file, hid_t dxpl, hid_t lcpl, const char *tmp);
+
+/* The atomic write of every HDF5 file moerun produces, collective over c's
+ * world: every rank creates path + tmp_suffix through (parallel) HDF5, fill
+ * writes it, HDF5 flushes and closes it; then world rank 0 fsyncs the file,
+ * renames it to path and fsyncs the directory, so a crash leaves either the
+ * old file or the new one, never a partial one under path. A failure
+ * removes the temporary file. MOE_ERR_ARG when path + tmp_suffix does not
+ * fit MOE_H5_PATH_MAX (before anything is created); MOE_ERR_IO naming the
+ * file. Every rank returns the same status and detail (the cause's). */
+moe_status moe_h5_write_atomic(const char *path, const char *tmp_suffix, moe_comm *c, moe_h5_write_fn fill,
+                               void *ctx);
 
 /* HDF5 prints its error stack by default; library code must not print. */
 typedef struct {

@@ -1,24 +1,48 @@
-/* The MoE layer: route -> pack -> exchange -> experts -> exchange -> combine.
+/* The MoE layer: route -> pack -> exchange (dispatch, experts, return) ->
+ * combine, and its backward.
  *
  * Send layout (on a token's home rank): one row per kept assignment, grouped
  * by GLOBAL expert (which is also "destination ep rank, then its local
- * expert", by the placement of routing.md 7), tokens ascending inside an
- * expert. The combine walks that layout in order, so every token sums its
- * expert outputs in ascending expert order whatever the number of ranks:
- * results do not depend on message arrival order.
+ * expert", by the placement of docs/routing.md section 8), tokens ascending
+ * inside an expert. The combine walks that layout in order, so every token
+ * sums its expert outputs in ascending expert order whatever the number of
+ * ranks: results do not depend on message arrival order.
  *
- * Without a comm the receive layout IS the send layout and the exchange is
- * skipped (pointer aliasing, no copy); with a comm the a2a plan is set once
- * per forward and reused by the four exchanges of the step. */
+ * The layer never knows which transport runs (one process, point-to-point,
+ * shared memory, chunked): the exchange plan is set once per forward and
+ * the exchange owns the row buffers of both round trips (comm.h). */
 #include "layer/layer.h"
 
 #include <cblas.h>
+#include <stddef.h>
 #include <string.h>
+
+/* A field added to moe_layer_timing without a line here fails to compile. */
+_Static_assert(sizeof(moe_layer_timing) == MOE_LAYER_TIMING_N * sizeof(double), "one table line per timing field");
+const moe_layer_timing_field moe_layer_timing_fields[MOE_LAYER_TIMING_N] = {
+    {"route", offsetof(moe_layer_timing, route)},
+    {"pack", offsetof(moe_layer_timing, pack)},
+    {"dispatch", offsetof(moe_layer_timing, dispatch)},
+    {"expert_fwd", offsetof(moe_layer_timing, expert_fwd)},
+    {"return", offsetof(moe_layer_timing, ret)},
+    {"combine", offsetof(moe_layer_timing, combine)},
+    {"bwd_gate_grad", offsetof(moe_layer_timing, bwd_gate_grad)},
+    {"bwd_router", offsetof(moe_layer_timing, bwd_router)},
+    {"bwd_dispatch", offsetof(moe_layer_timing, bwd_dispatch)},
+    {"expert_bwd", offsetof(moe_layer_timing, expert_bwd)},
+    {"bwd_return", offsetof(moe_layer_timing, bwd_return)},
+    {"bwd_unpack", offsetof(moe_layer_timing, bwd_unpack)},
+};
+
+double moe_layer_timing_get(const moe_layer_timing *t, int i)
+{
+    return *(const double *)((const char *)t + moe_layer_timing_fields[i].offset);
+}
 
 struct moe_layer {
     moe_layer_config cfg;
-    moe_comm *comm;          /* not owned; NULL: single process */
-    moe_a2a *a2a;            /* owned; NULL without comm */
+    moe_comm *comm;          /* not owned */
+    moe_a2a *a2a;            /* owned: the token exchange over the ep group */
     int E, El, e0, P, d, F, F1;
     moe_route *route;
     int T, G;                /* sizes of the last forward */
@@ -27,22 +51,15 @@ struct moe_layer {
     /* send layout (home rank) */
     int n_send;
     int send_cap;            /* rows allocated */
-    int *send_rows;          /* (P * El) rows per destination (rank, local expert) = per global expert */
+    int *send_rows;          /* (E) rows per global expert = per destination (rank, local expert) */
     int *send_token;         /* (send_cap) token of each send row */
-    float *send_w;           /* (send_cap) combine weight of each send row */
-    float *xs;               /* (send_cap, d) x rows, then dx rows in backward */
-    float *ys;               /* (send_cap, d) expert outputs back home; dy*w rows in backward */
+    float *send_w;           /* (send_cap) gate weight of each send row */
 
-    /* receive layout (expert owner) */
+    /* receive layout (expert owner): the experts' activations */
     int n_recv;
     int recv_cap;
-    int *recv_off;           /* (El + 1) local expert offsets (single-process path) */
-    float *xr;               /* (recv_cap, d) expert inputs (alias of xs without comm) */
     float *h;                /* (recv_cap, F1) pre-activation */
     float *a;                /* (recv_cap, F) activation */
-    float *yr;               /* (recv_cap, d) expert outputs; dx rows in backward */
-    float *dyr;              /* dy rows at the owner: yr (comm) or ys (single process) */
-    float *yout;             /* expert output rows of the current pass: yr, or the shm window */
 
     float *dweight;          /* (T_max, E) dL/dg */
     int *expert_rows;        /* (El) */
@@ -61,7 +78,7 @@ static moe_status grow(void **p, size_t n, size_t size)
     return MOE_OK;
 }
 
-/* Grows the send-side buffers to hold n rows. */
+/* Grows the per-send-row records to n rows. */
 static moe_status grow_send(moe_layer *L, int n)
 {
     if (n <= L->send_cap) return MOE_OK;
@@ -69,13 +86,11 @@ static moe_status grow_send(moe_layer *L, int n)
     moe_status st;
     if ((st = grow((void **)&L->send_token, cap, sizeof(int)))) return st;
     if ((st = grow((void **)&L->send_w, cap, sizeof(float)))) return st;
-    if ((st = grow((void **)&L->xs, (size_t)cap * L->d, sizeof(float)))) return st;
-    if ((st = grow((void **)&L->ys, (size_t)cap * L->d, sizeof(float)))) return st;
     L->send_cap = cap;
     return MOE_OK;
 }
 
-/* Grows the receive-side buffers to hold n rows. */
+/* Grows the expert activations to n rows of the receive layout. */
 static moe_status grow_recv(moe_layer *L, int n)
 {
     if (n <= L->recv_cap) return MOE_OK;
@@ -84,10 +99,8 @@ static moe_status grow_recv(moe_layer *L, int n)
     int cap = n + n / 8 + 64;
     size_t c = (size_t)cap;
     moe_status st;
-    if (L->comm && (st = grow((void **)&L->xr, c * L->d, sizeof(float)))) return st;
     if ((st = grow((void **)&L->h, c * L->F1, sizeof(float)))) return st;
     if ((st = grow((void **)&L->a, c * L->F, sizeof(float)))) return st;
-    if ((st = grow((void **)&L->yr, c * L->d, sizeof(float)))) return st;
     L->recv_cap = cap;
     return MOE_OK;
 }
@@ -95,6 +108,7 @@ static moe_status grow_recv(moe_layer *L, int n)
 moe_status moe_layer_create(moe_layer **out, const moe_layer_config *cfg, moe_comm *comm)
 {
     *out = NULL;
+    if (!comm) return moe_errorf(MOE_ERR_ARG, "MoE layer: no communicator (one process: moe_comm_create_self)");
     moe_status st = moe_router_config_check(&cfg->router);
     if (st) return st;
     if (cfg->d_ff < 1) return moe_errorf(MOE_ERR_ARG, "d_ff must be >= 1 (got %d)", cfg->d_ff);
@@ -102,7 +116,7 @@ moe_status moe_layer_create(moe_layer **out, const moe_layer_config *cfg, moe_co
         return moe_errorf(MOE_ERR_ARG, "max_tokens and max_groups must be >= 1 (got %d, %d)",
                           cfg->max_tokens, cfg->max_groups);
     if (cfg->chunks < 0) return moe_errorf(MOE_ERR_ARG, "chunks must be >= 1 (got %d)", cfg->chunks);
-    int P = comm ? moe_comm_ep_size(comm) : 1;
+    int P = moe_comm_ep_size(comm);
     int E = cfg->router.n_experts;
     if (E % P != 0)
         return moe_errorf(MOE_ERR_ARG, "n_experts=%d is not divisible by the expert-parallel size %d", E, P);
@@ -115,26 +129,23 @@ moe_status moe_layer_create(moe_layer **out, const moe_layer_config *cfg, moe_co
     L->E = E;
     L->P = P;
     L->El = E / P;
-    L->e0 = comm ? moe_comm_ep_rank(comm) * L->El : 0;
+    L->e0 = moe_comm_ep_rank(comm) * L->El;
     L->d = cfg->router.d_model;
     L->F = cfg->d_ff;
     L->F1 = moe_f1(cfg->d_ff, cfg->act);
     st = moe_route_create(&L->route, &cfg->router, cfg->max_tokens, cfg->max_groups);
     if (!st) {
         L->send_rows = moe_calloc((size_t)E, sizeof(int));
-        L->recv_off = moe_calloc((size_t)L->El + 1, sizeof(int));
         L->expert_rows = moe_calloc((size_t)L->El, sizeof(int));
         L->dweight = moe_calloc((size_t)cfg->max_tokens * E, sizeof(float));
-        if (!L->send_rows || !L->recv_off || !L->expert_rows || !L->dweight)
+        if (!L->send_rows || !L->expert_rows || !L->dweight)
             st = moe_errorf(MOE_ERR_NOMEM, "MoE layer: out of memory");
     }
     /* Collective: every ep rank creates its exchange even if a local step failed,
      * then all agree, so no rank is left inside a2a_create. */
-    if (comm) {
-        moe_status cst = moe_a2a_create(&L->a2a, comm, L->El, cfg->a2a, L->cfg.chunks);
-        if (!st) st = cst;
-        st = moe_comm_agree(comm, st);
-    }
+    moe_status cst = moe_a2a_create(&L->a2a, comm, L->El, cfg->a2a, L->cfg.chunks);
+    if (!st) st = cst;
+    st = moe_comm_agree(comm, st);
     if (st) {
         moe_layer_destroy(L);
         return st;
@@ -151,13 +162,8 @@ void moe_layer_destroy(moe_layer *L)
     moe_free(L->send_rows);
     moe_free(L->send_token);
     moe_free(L->send_w);
-    moe_free(L->xs);
-    moe_free(L->ys);
-    moe_free(L->recv_off);
-    if (L->comm) moe_free(L->xr);
     moe_free(L->h);
     moe_free(L->a);
-    moe_free(L->yr);
     moe_free(L->dweight);
     moe_free(L->expert_rows);
     moe_free(L);
@@ -183,13 +189,7 @@ static moe_expert_params expert_view(const moe_expert_params *p, const moe_layer
     return v;
 }
 
-/* Receive-layout expert offsets: from the plan, or the send layout itself. */
-static const int *recv_offsets(const moe_layer *L)
-{
-    return L->a2a ? moe_a2a_recv_expert_offsets(L->a2a) : L->recv_off;
-}
-
-/* Rows per destination (= per global expert) and room for them. */
+/* Rows per destination (= per global expert) and room for their records. */
 static moe_status count_rows(moe_layer *L)
 {
     const moe_route *r = L->route;
@@ -205,9 +205,9 @@ static moe_status count_rows(moe_layer *L)
     return MOE_OK;
 }
 
-/* Pack: one send row per kept assignment into dst (send layout), grouped by
- * expert, tokens ascending; records each row's token and weight. */
-static void pack(moe_layer *L, float *dst, const float *x)
+/* Pack: one send row per kept assignment into x_rows (send layout), grouped
+ * by expert, tokens ascending; records each row's token and gate weight. */
+static void pack(moe_layer *L, float *x_rows, const float *x)
 {
     const moe_route *r = L->route;
     const int T = L->T, E = L->E, d = L->d;
@@ -227,51 +227,42 @@ static void pack(moe_layer *L, float *dst, const float *x)
             int row = cursor[e]++;
             L->send_token[row] = t;
             L->send_w[row] = wt[e];
-            memcpy(dst + (size_t)row * d, x + (size_t)t * d, sizeof(float) * (size_t)d);
+            memcpy(x_rows + (size_t)row * d, x + (size_t)t * d, sizeof(float) * (size_t)d);
         }
     }
-}
-
-/* The combine runs on every ep rank even after a local failure (its peers
- * are already in it), then the ep group agrees, as the pipeline does. */
-static moe_status combine_agreed(moe_layer *L, float *send, const float *recv, moe_status st)
-{
-    moe_status cs = moe_a2a_combine(L->a2a, send, recv, L->d);
-    return moe_comm_agree_scope(L->comm, MOE_SCOPE_EP, st ? st : cs);
 }
 
 typedef struct {
     moe_layer *L;
     const moe_layer_params *p;
     moe_layer_params *g;
+    const float *x_rows;     /* backward: the forward's expert inputs (receive layout) */
 } compute_ctx;
 
-static moe_status fwd_compute(void *vctx, int j0, int j1)
+static moe_status fwd_compute(void *vctx, int j0, int j1, const float *x_rows, float *y_rows)
 {
     compute_ctx *c = vctx;
     moe_layer *L = c->L;
     if (j1 <= j0) return MOE_OK;
     moe_expert_params v = expert_view(&c->p->experts, L, j0);
-    moe_expert_forward(L->yout, L->h, L->a, L->xr, recv_offsets(L) + j0, &v, j1 - j0, L->d, L->F,
-                       L->cfg.act);
+    moe_expert_forward(y_rows, L->h, L->a, x_rows, moe_a2a_recv_expert_offsets(L->a2a) + j0, &v, j1 - j0,
+                       L->d, L->F, L->cfg.act);
     return MOE_OK;
 }
 
-static moe_status bwd_compute(void *vctx, int j0, int j1)
+/* dy rows in, dx rows out (possibly the same buffer: the expert backward
+ * works in place). */
+static moe_status bwd_compute(void *vctx, int j0, int j1, const float *dy_rows, float *dx_rows)
 {
     compute_ctx *c = vctx;
     moe_layer *L = c->L;
     if (j1 <= j0) return MOE_OK;
     moe_expert_params v = expert_view(&c->p->experts, L, j0);
     moe_expert_params gv = expert_view(&c->g->experts, L, j0);
-    moe_expert_backward(L->yout, &gv, L->h, L->a, L->dyr, L->xr, L->h, L->a, recv_offsets(L) + j0,
-                        &v, j1 - j0, L->d, L->F, L->cfg.act);
+    moe_expert_backward(dx_rows, &gv, L->h, L->a, dy_rows, c->x_rows, L->h, L->a,
+                        moe_a2a_recv_expert_offsets(L->a2a) + j0, &v, j1 - j0, L->d, L->F, L->cfg.act);
     return MOE_OK;
 }
-
-/* Expert outputs in the send layout: combined back home, or (single
- * process) the expert output buffer itself. */
-static const float *home_y_rows(const moe_layer *L) { return L->comm ? L->ys : L->yout; }
 
 static double gemm_flops(const moe_layer *L, int rows)
 {
@@ -283,7 +274,7 @@ moe_status moe_layer_forward(moe_layer *L, float *y, const float *x, const moe_l
                              int T, int G, const moe_noise_key *noise)
 {
     moe_status st = MOE_OK;
-    double t0 = moe_now();
+    const double t0 = moe_now();
     L->fwd_ok = 0;
     if (T < 1 || G < 1 || T > L->cfg.max_tokens || G > L->cfg.max_groups || T % G != 0)
         st = moe_errorf(MOE_ERR_ARG, "MoE layer: bad sizes T=%d G=%d (T must be a positive multiple "
@@ -293,81 +284,54 @@ moe_status moe_layer_forward(moe_layer *L, float *y, const float *x, const moe_l
         L->G = G;
         st = moe_router_forward(L->route, x, p->router_w, p->noise_w, &L->cfg.router, T, G, noise);
     }
-    double t1 = moe_now();
+    const double t1 = moe_now();
     if (!st) st = count_rows(L);
-    if (!st && moe_fault("layer_alloc", L->comm ? moe_comm_rank(L->comm) : 0))
+    if (!st && moe_fault("layer_alloc", moe_comm_rank(L->comm)))
         st = moe_errorf(MOE_ERR_NOMEM, "MoE layer: injected allocation failure (MOE_FAULT=layer_alloc)");
     if (st) {
         L->n_send = 0;
         memset(L->send_rows, 0, sizeof(int) * (size_t)L->E);
     }
-    double t2 = moe_now();
+    const double t2 = moe_now();
 
     /* Exchange counts: the status rides along, so a failure anywhere stops
      * every rank here instead of in a later payload exchange. */
-    if (L->comm) {
-        st = moe_a2a_set_counts(L->a2a, L->send_rows, st, L->d);
-        if (st) return st;
-        L->n_recv = moe_a2a_recv_total(L->a2a);
-        /* Over the ep group only: other ep groups (replicas) run their own
-         * exchange and may already have stopped on an error of their own. */
-        st = moe_comm_agree_scope(L->comm, MOE_SCOPE_EP, grow_recv(L, L->n_recv));
-        if (st) return st;
-        L->dyr = L->yr; /* dy rows arrive where the expert outputs were (dead by then);
-                         * the expert backward writes dx over them in place */
-    } else {
-        if (st) return st;
-        L->n_recv = L->n_send;
-        L->recv_off[0] = 0;
-        for (int j = 0; j < L->El; j++) L->recv_off[j + 1] = L->recv_off[j] + L->send_rows[j];
-        L->xr = L->xs;  /* the receive layout is the send layout */
-        L->dyr = L->ys; /* backward writes the dy * g rows there */
-        st = grow_recv(L, L->n_recv);
-        if (st) return st;
-    }
-    /* With the shared-memory exchange, rows are packed (and expert outputs
-     * written) straight into this rank's window segment: one copy per row. */
-    float *shm = L->a2a ? moe_a2a_shm_buffer(L->a2a) : NULL;
-    float *xsend = shm ? shm : L->xs;
-    double tp = moe_now();
-    pack(L, xsend, x);
-    double tp_end = moe_now();
-    L->yout = shm ? shm : L->yr;
-    const int *off = recv_offsets(L);
+    st = moe_a2a_set_counts(L->a2a, L->send_rows, st, L->d);
+    if (st) return st;
+    L->n_recv = moe_a2a_recv_total(L->a2a);
+    /* A failure here rides into the exchange, which agrees over the ep group. */
+    const moe_status local = grow_recv(L, L->n_recv);
+    moe_a2a_buffers b;
+    st = moe_a2a_buffers_get(L->a2a, MOE_A2A_FORWARD, &b);
+    if (st) return st;
+    const double tp = moe_now();
+    pack(L, b.send, x);
+    const double tp_end = moe_now();
+    const int *off = moe_a2a_recv_expert_offsets(L->a2a);
     for (int j = 0; j < L->El; j++) L->expert_rows[j] = off[j + 1] - off[j];
     L->flops = 3.0 * gemm_flops(L, L->n_recv);
 
-    compute_ctx ctx = {L, p, NULL};
-    double t3 = moe_now(), t4, t5;
-    if (L->comm && L->cfg.chunks > 1) {
-        st = moe_a2a_pipeline(L->a2a, L->xr, xsend, L->d, L->yout, L->ys, L->d, fwd_compute, &ctx);
-        t4 = t5 = moe_now();
-    } else {
-        if (L->comm) st = moe_a2a_dispatch(L->a2a, L->xr, xsend, L->d);
-        t3 = moe_now();
-        if (!st) st = fwd_compute(&ctx, 0, L->El);
-        t4 = moe_now();
-        if (L->comm) st = combine_agreed(L, L->ys, L->yout, st);
-        t5 = moe_now();
-    }
+    compute_ctx ctx = {L, p, NULL, NULL};
+    st = moe_a2a_exchange(L->a2a, MOE_A2A_FORWARD, L->d, L->d, fwd_compute, &ctx, local);
+    const moe_a2a_times xt = moe_a2a_last_times(L->a2a);
     if (st) return st;
+    const double t5 = moe_now();
 
     /* Combine at home: expert order per token is fixed by the send layout. */
     const int d = L->d;
-    const float *home_y = home_y_rows(L);
     memset(y, 0, sizeof(float) * (size_t)T * d);
     for (int row = 0; row < L->n_send; row++) {
         float w = L->send_w[row];
         float *yt = y + (size_t)L->send_token[row] * d;
-        const float *src = home_y + (size_t)row * d;
+        const float *src = b.back + (size_t)row * d;
         for (int i = 0; i < d; i++) yt[i] += w * src[i];
     }
-    double t6 = moe_now();
+    const double t6 = moe_now();
     L->timing.route += t1 - t0;
     L->timing.pack += (t2 - t1) + (tp_end - tp);
-    L->timing.dispatch += (t3 - t2) - (tp_end - tp);
-    L->timing.expert_fwd += t4 - t3;
-    L->timing.combine_comm += t5 - t4;
+    L->timing.dispatch += (tp - t2) + xt.dispatch;
+    L->timing.expert_fwd += xt.compute;
+    L->timing.ret += xt.ret;
     L->timing.combine += t6 - t5;
     L->fwd_ok = 1;
     return MOE_OK;
@@ -379,27 +343,28 @@ moe_status moe_layer_backward(moe_layer *L, float *dx, moe_layer_params *grads, 
 {
     if (!L->fwd_ok) return moe_errorf(MOE_ERR_ARG, "MoE layer: backward without a successful forward");
     const int T = L->T, E = L->E, d = L->d;
-    double t0 = moe_now();
+    const double t0 = moe_now();
+    moe_a2a_buffers fb, bb;
+    moe_status st = moe_a2a_buffers_get(L->a2a, MOE_A2A_FORWARD, &fb);
+    if (!st) st = moe_a2a_buffers_get(L->a2a, MOE_A2A_BACKWARD, &bb);
+    if (st) return st; /* no plan: the same on every rank */
     /* dL/dg of each kept assignment, and the rows dy * g for the experts. */
     memset(L->dweight, 0, sizeof(float) * (size_t)T * E);
-    const float *home_y = home_y_rows(L);
-    float *shm = L->a2a ? moe_a2a_shm_buffer(L->a2a) : NULL;
-    float *dysend = shm ? shm : L->ys;
     int cursor[E];
     int acc = 0;
     for (int e = 0; e < E; e++) {
         cursor[e] = acc;
         acc += L->send_rows[e];
     }
-    /* Walk the expert outputs in send order; dysend receives each row's
+    /* Walk the expert outputs in send order; bb.send receives each row's
      * dy * g (in place when it holds the outputs: each row is read before
      * it is written). */
     for (int e = 0; e < E; e++) {
         for (int row = cursor[e]; row < cursor[e] + L->send_rows[e]; row++) {
             int t = L->send_token[row];
             const float *dyt = dy + (size_t)t * d;
-            const float *yrow = home_y + (size_t)row * d;
-            float *dyrow = dysend + (size_t)row * d;
+            const float *yrow = fb.back + (size_t)row * d;
+            float *dyrow = bb.send + (size_t)row * d;
             float dot = 0.0f, w = L->send_w[row];
             for (int i = 0; i < d; i++) {
                 dot += dyt[i] * yrow[i];
@@ -408,40 +373,29 @@ moe_status moe_layer_backward(moe_layer *L, float *dx, moe_layer_params *grads, 
             L->dweight[(size_t)t * E + e] = dot;
         }
     }
-    double t1 = moe_now();
-    moe_status st = moe_router_backward(dx, grads->router_w, grads->noise_w, L->dweight, L->route, x,
-                                        p->router_w, p->noise_w, &L->cfg.router, lb_scale, z_scale);
-    double t2 = moe_now();
+    const double t1 = moe_now();
+    st = moe_router_backward(dx, grads->router_w, grads->noise_w, L->dweight, L->route, x,
+                             p->router_w, p->noise_w, &L->cfg.router, lb_scale, z_scale);
+    const double t2 = moe_now();
     if (st) return st; /* purely local: a failure here is an argument error on every rank alike */
 
-    L->yout = shm ? shm : L->yr; /* dx rows of the experts */
-    compute_ctx ctx = {L, p, grads};
-    double t3, t4, t5;
-    if (L->comm && L->cfg.chunks > 1) {
-        st = moe_a2a_pipeline(L->a2a, L->dyr, dysend, d, L->yout, L->xs, d, bwd_compute, &ctx);
-        t3 = t4 = t5 = moe_now();
-    } else {
-        if (L->comm) st = moe_a2a_dispatch(L->a2a, L->dyr, dysend, d);
-        t3 = moe_now();
-        if (!st) st = bwd_compute(&ctx, 0, L->El);
-        t4 = moe_now();
-        if (L->comm) st = combine_agreed(L, L->xs, L->yout, st);
-        t5 = moe_now();
-    }
+    compute_ctx ctx = {L, p, grads, fb.recv};
+    st = moe_a2a_exchange(L->a2a, MOE_A2A_BACKWARD, d, d, bwd_compute, &ctx, MOE_OK);
+    const moe_a2a_times xt = moe_a2a_last_times(L->a2a);
     if (st) return st;
+    const double t5 = moe_now();
     /* Unpack: dx[t] += rows of t, in expert order. */
-    const float *home_dx = L->comm ? L->xs : L->yout;
     for (int row = 0; row < L->n_send; row++) {
         float *dxt = dx + (size_t)L->send_token[row] * d;
-        const float *src = home_dx + (size_t)row * d;
+        const float *src = bb.back + (size_t)row * d;
         for (int i = 0; i < d; i++) dxt[i] += src[i];
     }
-    double t6 = moe_now();
-    L->timing.bwd_combine_grad += t1 - t0;
+    const double t6 = moe_now();
+    L->timing.bwd_gate_grad += t1 - t0;
     L->timing.bwd_router += t2 - t1;
-    L->timing.bwd_dispatch += t3 - t2;
-    L->timing.expert_bwd += t4 - t3;
-    L->timing.bwd_combine_comm += t5 - t4;
+    L->timing.bwd_dispatch += xt.dispatch;
+    L->timing.expert_bwd += xt.compute;
+    L->timing.bwd_return += xt.ret;
     L->timing.bwd_unpack += t6 - t5;
     L->fwd_ok = 0;
     return MOE_OK;
@@ -449,7 +403,6 @@ moe_status moe_layer_backward(moe_layer *L, float *dx, moe_layer_params *grads, 
 
 moe_status moe_layer_reduce_grads(moe_layer *L, moe_layer_params *grads)
 {
-    if (!L->comm) return MOE_OK;
     size_t Ed = (size_t)L->E * L->d;
     moe_status st = moe_comm_allreduce_f32(L->comm, MOE_SCOPE_WORLD, grads->router_w, Ed);
     if (!st && grads->noise_w) st = moe_comm_allreduce_f32(L->comm, MOE_SCOPE_WORLD, grads->noise_w, Ed);

@@ -1,9 +1,9 @@
-/* The MoE layer: route -> pack -> exchange -> experts -> exchange -> combine,
- * forward and backward. With comm == NULL all experts are local and the
- * exchange is the identity (no copy); with a comm, the same code runs the
- * all-to-all of src/comm over the expert-parallel group. The T local tokens
- * form G routing groups; a single process holding all groups computes the
- * same numbers as any number of ranks holding them in order.
+/* The MoE layer: route -> pack -> exchange (dispatch, experts, return) ->
+ * combine, forward and backward, over the expert-parallel group of a
+ * moe_comm (one process: moe_comm_self(); the exchange then moves nothing).
+ * The T local tokens form G routing groups; a single process holding all
+ * groups computes the same numbers as any number of ranks holding them in
+ * order.
  *
  * Parameters are not owned by the layer: callers pass views into their own
  * contiguous parameter and gradient blocks. */
@@ -20,7 +20,7 @@ typedef struct {
     moe_activation act;
     int max_tokens;            /* largest local T forward will be called with */
     int max_groups;            /* largest local G */
-    moe_a2a_kind a2a;          /* exchange path when comm != NULL */
+    moe_a2a_kind a2a;          /* exchange transport over more than one rank */
     int chunks;                /* >= 1: expert chunks overlapped with the exchange */
 } moe_layer_config;
 
@@ -30,15 +30,28 @@ typedef struct {
     moe_expert_params experts; /* local experts only: (E_local, F1, d) ... */
 } moe_layer_params;
 
-/* Time split of the last forward+backward (seconds, this rank). */
+/* Time split of forward+backward since the last reset (seconds, this
+ * rank). "dispatch"/"return" are the exchange there and back, "combine" the
+ * weighted sum at home. With chunks > 1 the overlapped exchange counts as
+ * expert time. */
 typedef struct {
-    double route, pack, dispatch, expert_fwd, combine_comm, combine;
-    double bwd_combine_grad, bwd_dispatch, expert_bwd, bwd_combine_comm, bwd_unpack, bwd_router;
+    double route, pack, dispatch, expert_fwd, ret, combine;
+    double bwd_gate_grad, bwd_router, bwd_dispatch, expert_bwd, bwd_return, bwd_unpack;
 } moe_layer_timing;
+
+/* Every phase of moe_layer_timing by name, in order: printers and JSON
+ * writers walk this table instead of the struct's memory. */
+enum { MOE_LAYER_TIMING_N = 12 };
+typedef struct {
+    const char *name;
+    size_t offset;
+} moe_layer_timing_field;
+extern const moe_layer_timing_field moe_layer_timing_fields[MOE_LAYER_TIMING_N];
+double moe_layer_timing_get(const moe_layer_timing *t, int i);
 
 typedef struct moe_layer moe_layer;
 
-/* Collective over comm's world when comm != NULL (creates the exchange).
+/* Collective over comm's world (creates the exchange).
  * Validates the config (MOE_ERR_ARG naming the field). Owner: caller. */
 moe_status moe_layer_create(moe_layer **out, const moe_layer_config *cfg, moe_comm *comm);
 void moe_layer_destroy(moe_layer *L);

@@ -9,24 +9,14 @@
 
 #include "core/par.h"
 #include "core/rng.h"
+#include "layout/layout.h"
 #include "model/ops.h"
 
-/* Per-block tensors, in checkpoint order. */
-enum {
-    S_LN1W, S_LN1B, S_QKVW, S_QKVB, S_PROJW, S_PROJB, S_LN2W, S_LN2B,
-    S_FCW, S_FCB, S_FCPW, S_FCPB,       /* dense FFN */
-    S_RW, S_NW, S_W1, S_B1, S_W2, S_B2, /* MoE FFN */
-    S_COUNT
-};
-static const char *const slot_name[S_COUNT] = {
-    "ln_1/weight", "ln_1/bias", "attn/c_attn/weight", "attn/c_attn/bias",
-    "attn/c_proj/weight", "attn/c_proj/bias", "ln_2/weight", "ln_2/bias",
-    "mlp/c_fc/weight", "mlp/c_fc/bias", "mlp/c_proj/weight", "mlp/c_proj/bias",
-    "moe/router/weight", "moe/router/noise_weight", "moe/experts/w1", "moe/experts/b1",
-    "moe/experts/w2", "moe/experts/b2",
-};
-enum { G_WTE, G_WPE, G_LNFW, G_LNFB, G_COUNT };
-enum { INIT_NORMAL, INIT_RESID, INIT_ZERO, INIT_ONE };
+/* The tensors a forward and backward use: each block's by kind
+ * (layout.h), looked up once from the table. */
+enum { G_COUNT = 4 };
+static const moe_tensor_kind global_kinds[G_COUNT] = {MOE_T_WTE, MOE_T_WPE, MOE_T_LNF_W, MOE_T_LNF_B};
+enum { G_WTE, G_WPE, G_LNFW, G_LNFB };
 
 /* Activations of B_max sequences of T_max tokens (N = B_max * T_max rows).
  * Per-block arrays are indexed [l][N][.] with stride N_max rows. */
@@ -55,14 +45,12 @@ typedef struct {
 struct moe_model {
     moe_train_config cfg;
     moe_comm *comm;
-    int W, rank;                 /* world size and rank (1, 0 without comm) */
+    int W, rank;                 /* world size and rank */
     int V, C, L, NH, T_max, B_max, F, F1, E, El, e0;
-    moe_tensor_table table;
-    int *init;                   /* (table.n) INIT_* of each tensor */
+    moe_tensor_table *table;     /* from the one descriptor (src/layout) */
     int gid[G_COUNT];            /* table index of the global tensors */
-    int *bid;                    /* (L, S_COUNT) table index of each block tensor, -1 if absent */
-    size_t dense_floats;
-    float *params, *grads;       /* (table.total) */
+    int *bid;                    /* (L, MOE_T_COUNT) table index of each block tensor, -1 if absent */
+    float *params, *grads;       /* (table->total) */
     int n_moe;
     int *moe_index;              /* (L) index among MoE blocks, -1 for dense */
     int *dense_index;            /* (L) index among dense blocks, -1 for MoE */
@@ -80,112 +68,51 @@ struct moe_model {
 
 static float *tensor_ptr(const moe_model *m, float *base, int id)
 {
-    return id < 0 ? NULL : base + m->table.t[id].offset;
+    return id < 0 ? NULL : base + m->table->t[id].offset;
 }
 
 static float *block_ptr(const moe_model *m, float *base, int l, int slot)
 {
-    return tensor_ptr(m, base, m->bid[l * S_COUNT + slot]);
+    return tensor_ptr(m, base, m->bid[l * MOE_T_COUNT + slot]);
 }
 
 static moe_layer_params moe_view(const moe_model *m, float *base, int l)
 {
     moe_layer_params p = {
-        .router_w = block_ptr(m, base, l, S_RW),
-        .noise_w = block_ptr(m, base, l, S_NW),
-        .experts = {block_ptr(m, base, l, S_W1), block_ptr(m, base, l, S_B1),
-                    block_ptr(m, base, l, S_W2), block_ptr(m, base, l, S_B2)},
+        .router_w = block_ptr(m, base, l, MOE_T_ROUTER_W),
+        .noise_w = block_ptr(m, base, l, MOE_T_NOISE_W),
+        .experts = {block_ptr(m, base, l, MOE_T_EXP_W1), block_ptr(m, base, l, MOE_T_EXP_B1),
+                    block_ptr(m, base, l, MOE_T_EXP_W2), block_ptr(m, base, l, MOE_T_EXP_B2)},
     };
     return p;
 }
 
-/* Appends a tensor to the table (offset assigned later); returns its index. */
-static int add_tensor(moe_model *m, const char *name, int ndim, const int64_t *shape, int sharded,
-                      int layer, int decay, int init)
+/* The table from the descriptor, and the lookups of the tensors the
+ * forward and backward use. */
+static moe_status build_table(moe_model *m, int ep_rank, int ep_size)
 {
-    const int id = m->table.n++;
-    moe_tensor *t = &m->table.t[id];
-    snprintf(t->name, sizeof t->name, "%s", name);
-    t->ndim = ndim;
-    for (int i = 0; i < ndim; i++) t->shape[i] = shape[i];
-    t->expert_sharded = sharded;
-    t->row0 = sharded ? m->e0 : 0;
-    t->rows = sharded ? m->El : shape[0];
-    t->layer = sharded ? layer : -1;
-    t->decay = decay;
-    t->numel = (size_t)(t->rows * moe_tensor_row_numel(t));
-    m->init[id] = init;
-    return id;
-}
-
-static void add_block_tensor(moe_model *m, int l, int slot, int ndim, const int64_t *shape,
-                             int sharded, int decay, int init)
-{
-    char name[MOE_TENSOR_NAME_MAX];
-    snprintf(name, sizeof name, "h/%d/%s", l, slot_name[slot]);
-    m->bid[l * S_COUNT + slot] = add_tensor(m, name, ndim, shape, sharded, l, decay, init);
-}
-
-static void build_table(moe_model *m)
-{
-    const int64_t C = m->C, F = m->F, F1 = m->F1, E = m->E;
-    m->gid[G_WTE] = add_tensor(m, "wte", 2, (int64_t[]){m->V, C}, 0, -1, 1, INIT_NORMAL);
-    m->gid[G_WPE] = add_tensor(m, "wpe", 2, (int64_t[]){m->T_max, C}, 0, -1, 1, INIT_NORMAL);
-    for (int l = 0; l < m->L; l++) {
-        for (int s = 0; s < S_COUNT; s++) m->bid[l * S_COUNT + s] = -1;
-        add_block_tensor(m, l, S_LN1W, 1, (int64_t[]){C}, 0, 0, INIT_ONE);
-        add_block_tensor(m, l, S_LN1B, 1, (int64_t[]){C}, 0, 0, INIT_ZERO);
-        add_block_tensor(m, l, S_QKVW, 2, (int64_t[]){3 * C, C}, 0, 1, INIT_NORMAL);
-        add_block_tensor(m, l, S_QKVB, 1, (int64_t[]){3 * C}, 0, 0, INIT_ZERO);
-        add_block_tensor(m, l, S_PROJW, 2, (int64_t[]){C, C}, 0, 1, INIT_RESID);
-        add_block_tensor(m, l, S_PROJB, 1, (int64_t[]){C}, 0, 0, INIT_ZERO);
-        add_block_tensor(m, l, S_LN2W, 1, (int64_t[]){C}, 0, 0, INIT_ONE);
-        add_block_tensor(m, l, S_LN2B, 1, (int64_t[]){C}, 0, 0, INIT_ZERO);
-        if (m->moe_index[l] >= 0) {
-            add_block_tensor(m, l, S_RW, 2, (int64_t[]){E, C}, 0, 1, INIT_NORMAL);
-            if (m->cfg.router_noise)
-                add_block_tensor(m, l, S_NW, 2, (int64_t[]){E, C}, 0, 1, INIT_NORMAL);
-            add_block_tensor(m, l, S_W1, 3, (int64_t[]){E, F1, C}, 1, 1, INIT_NORMAL);
-            add_block_tensor(m, l, S_B1, 2, (int64_t[]){E, F1}, 1, 0, INIT_ZERO);
-            add_block_tensor(m, l, S_W2, 3, (int64_t[]){E, C, F}, 1, 1, INIT_RESID);
-            add_block_tensor(m, l, S_B2, 2, (int64_t[]){E, C}, 1, 0, INIT_ZERO);
-        } else {
-            add_block_tensor(m, l, S_FCW, 2, (int64_t[]){F1, C}, 0, 1, INIT_NORMAL);
-            add_block_tensor(m, l, S_FCB, 1, (int64_t[]){F1}, 0, 0, INIT_ZERO);
-            add_block_tensor(m, l, S_FCPW, 2, (int64_t[]){C, F}, 0, 1, INIT_RESID);
-            add_block_tensor(m, l, S_FCPB, 1, (int64_t[]){C}, 0, 0, INIT_ZERO);
-        }
-    }
-    m->gid[G_LNFW] = add_tensor(m, "ln_f/weight", 1, (int64_t[]){C}, 0, -1, 0, INIT_ONE);
-    m->gid[G_LNFB] = add_tensor(m, "ln_f/bias", 1, (int64_t[]){C}, 0, -1, 0, INIT_ZERO);
-    /* offsets: every replicated tensor first, then every expert tensor */
-    size_t off = 0;
-    for (int pass = 0; pass < 2; pass++) {
-        for (int i = 0; i < m->table.n; i++) {
-            moe_tensor *t = &m->table.t[i];
-            if (t->expert_sharded != pass) continue;
-            t->offset = off;
-            off += t->numel;
-        }
-        if (pass == 0) m->dense_floats = off;
-    }
-    m->table.total = off;
+    moe_status st = moe_layout_create(&m->table, &m->cfg, ep_rank, ep_size);
+    if (st) return st;
+    for (int g = 0; g < G_COUNT; g++) m->gid[g] = moe_layout_find(m->table, global_kinds[g], -1);
+    for (int l = 0; l < m->L; l++)
+        for (int k = 0; k < MOE_T_COUNT; k++) m->bid[l * MOE_T_COUNT + k] = moe_layout_find(m->table, (moe_tensor_kind)k, l);
+    return MOE_OK;
 }
 
 static void init_params(moe_model *m)
 {
     const double std = 0.02, resid_std = 0.02 / sqrt(2.0 * m->L);
-    for (int i = 0; i < m->table.n; i++) {
-        const moe_tensor *t = &m->table.t[i];
+    for (int i = 0; i < m->table->n; i++) {
+        const moe_tensor *t = &m->table->t[i];
         float *p = m->params + t->offset;
         const int64_t g0 = t->row0 * moe_tensor_row_numel(t); /* global index of local element 0 */
         for (size_t j = 0; j < t->numel; j++) {
             const uint64_t g = (uint64_t)g0 + j;
-            switch (m->init[i]) {
-            case INIT_ZERO: p[j] = 0.0f; break;
-            case INIT_ONE: p[j] = 1.0f; break;
+            switch (t->init) {
+            case MOE_INIT_ZERO: p[j] = 0.0f; break;
+            case MOE_INIT_ONE: p[j] = 1.0f; break;
             default:
-                p[j] = (float)((m->init[i] == INIT_RESID ? resid_std : std) *
+                p[j] = (float)((t->init == MOE_INIT_RESID ? resid_std : std) *
                                moe_rng_normal(m->cfg.seed, MOE_RNG_INIT, (uint32_t)g,
                                               (uint32_t)(g >> 32), (uint32_t)i, 0));
             }
@@ -226,16 +153,8 @@ static moe_status alloc_acts(moe_model *m)
 
 static moe_status check_config(const moe_train_config *c, int max_local_seqs)
 {
-    if (c->vocab_size != 256)
-        return moe_errorf(MOE_ERR_ARG, "vocab_size=%d: the model is byte-level (256)", c->vocab_size);
-    if (c->d_model < 1 || c->n_layers < 1 || c->n_heads < 1 || c->seq_len < 1 || c->d_ff < 1)
-        return moe_errorf(MOE_ERR_ARG, "d_model=%d n_layers=%d n_heads=%d seq_len=%d d_ff=%d must be >= 1",
-                          c->d_model, c->n_layers, c->n_heads, c->seq_len, c->d_ff);
-    if (c->d_model % c->n_heads)
-        return moe_errorf(MOE_ERR_ARG, "n_heads=%d does not divide d_model=%d", c->n_heads, c->d_model);
-    if (c->moe_every < 1) return moe_errorf(MOE_ERR_ARG, "moe_every=%d must be >= 1", c->moe_every);
-    if (c->n_experts < 1) return moe_errorf(MOE_ERR_ARG, "n_experts=%d must be >= 1", c->n_experts);
-    if (c->group_seqs < 1) return moe_errorf(MOE_ERR_ARG, "group_seqs=%d must be >= 1", c->group_seqs);
+    moe_status st = moe_train_config_check_model(c); /* the key table's ranges and rules */
+    if (st) return st;
     if (max_local_seqs < c->group_seqs)
         return moe_errorf(MOE_ERR_ARG, "local sequences per step (%d) fewer than group_seqs=%d",
                           max_local_seqs, c->group_seqs);
@@ -247,11 +166,11 @@ static moe_status check_config(const moe_train_config *c, int max_local_seqs)
 static moe_status setup(moe_model *m, const moe_train_config *cfg, int max_local_seqs,
                         moe_comm *comm)
 {
-    const int P = comm ? moe_comm_ep_size(comm) : 1;
+    const int P = moe_comm_ep_size(comm);
     m->cfg = *cfg;
     m->comm = comm;
-    m->W = comm ? moe_comm_size(comm) : 1;
-    m->rank = comm ? moe_comm_rank(comm) : 0;
+    m->W = moe_comm_size(comm);
+    m->rank = moe_comm_rank(comm);
     m->V = cfg->vocab_size;
     m->C = cfg->d_model;
     m->L = cfg->n_layers;
@@ -262,19 +181,16 @@ static moe_status setup(moe_model *m, const moe_train_config *cfg, int max_local
     m->F1 = moe_f1(cfg->d_ff, cfg->activation);
     m->E = cfg->n_experts;
     m->El = m->E / P;
-    m->e0 = (comm ? moe_comm_ep_rank(comm) : 0) * m->El;
+    m->e0 = moe_comm_ep_rank(comm) * m->El;
 
     m->moe_index = moe_calloc((size_t)m->L, sizeof(int));
     m->dense_index = moe_calloc((size_t)m->L, sizeof(int));
     m->layers = moe_calloc((size_t)m->L, sizeof(moe_layer *));
-    m->bid = moe_calloc((size_t)m->L * S_COUNT, sizeof(int));
-    const int max_tensors = G_COUNT + m->L * S_COUNT;
-    m->table.t = moe_calloc((size_t)max_tensors, sizeof(moe_tensor));
-    m->init = moe_calloc((size_t)max_tensors, sizeof(int));
-    if (!m->moe_index || !m->dense_index || !m->layers || !m->bid || !m->table.t || !m->init)
+    m->bid = moe_calloc((size_t)m->L * MOE_T_COUNT, sizeof(int));
+    if (!m->moe_index || !m->dense_index || !m->layers || !m->bid)
         return moe_errorf(MOE_ERR_NOMEM, "model tables");
     for (int l = 0; l < m->L; l++) {
-        const int is_moe = l % cfg->moe_every == 0;
+        const int is_moe = moe_layout_block_is_moe(cfg, l);
         m->moe_index[l] = is_moe ? m->n_moe : -1;
         m->dense_index[l] = is_moe ? -1 : l - m->n_moe;
         m->n_moe += is_moe;
@@ -289,11 +205,12 @@ static moe_status setup(moe_model *m, const moe_train_config *cfg, int max_local
     for (int l = 0; l < m->L; l++)
         if (m->moe_index[l] >= 0) m->moe_blocks[m->moe_index[l]] = l;
 
-    build_table(m);
-    m->params = moe_calloc(m->table.total, sizeof(float));
-    m->grads = moe_calloc(m->table.total, sizeof(float));
+    moe_status st = build_table(m, moe_comm_ep_rank(comm), P);
+    if (st) return st;
+    m->params = moe_calloc(m->table->total, sizeof(float));
+    m->grads = moe_calloc(m->table->total, sizeof(float));
     if (!m->params || !m->grads)
-        return moe_errorf(MOE_ERR_NOMEM, "model parameters: 2 x %zu floats", m->table.total);
+        return moe_errorf(MOE_ERR_NOMEM, "model parameters: 2 x %zu floats", m->table->total);
     init_params(m);
     return alloc_acts(m);
 }
@@ -305,14 +222,15 @@ moe_status moe_model_create(moe_model **out, const moe_train_config *cfg, int ma
     /* argument errors are the same on every rank: no agreement needed */
     moe_status st = check_config(cfg, max_local_seqs);
     if (st) return st;
-    const int P = comm ? moe_comm_ep_size(comm) : 1;
+    if (!comm) return moe_errorf(MOE_ERR_ARG, "model: no communicator (one process: moe_comm_create_self)");
+    const int P = moe_comm_ep_size(comm);
     if (cfg->n_experts % P)
         return moe_errorf(MOE_ERR_ARG, "n_experts=%d not divisible by the expert-parallel size %d",
                           cfg->n_experts, P);
     moe_model *m = moe_calloc(1, sizeof *m);
     st = m ? setup(m, cfg, max_local_seqs, comm) : moe_errorf(MOE_ERR_NOMEM, "model");
     /* local failures must reach every rank before the collective layer creation */
-    if (comm) st = moe_comm_agree(comm, st);
+    st = moe_comm_agree(comm, st);
     if (st) goto fail;
 
     moe_layer_config lc = {
@@ -347,8 +265,7 @@ void moe_model_destroy(moe_model *m)
     moe_free(m->dense_index);
     moe_free(m->moe_blocks);
     moe_free(m->bid);
-    moe_free(m->table.t);
-    moe_free(m->init);
+    moe_layout_destroy(m->table);
     moe_free(m->params);
     moe_free(m->grads);
     moe_free(m->act_mem);
@@ -359,17 +276,28 @@ void moe_model_destroy(moe_model *m)
     moe_free(m);
 }
 
-const moe_tensor_table *moe_model_tensors(const moe_model *m) { return &m->table; }
+const moe_tensor_table *moe_model_tensors(const moe_model *m) { return m->table; }
 float *moe_model_params(moe_model *m) { return m->params; }
 float *moe_model_grads(moe_model *m) { return m->grads; }
-size_t moe_model_dense_floats(const moe_model *m) { return m->dense_floats; }
+float *moe_model_param(moe_model *m, moe_tensor_kind kind, int block)
+{
+    if ((unsigned)kind >= MOE_T_COUNT || block < -1 || block >= m->L) return NULL;
+    if (block < 0) {
+        for (int g = 0; g < G_COUNT; g++)
+            if (global_kinds[g] == kind) return tensor_ptr(m, m->params, m->gid[g]);
+        return NULL;
+    }
+    return block_ptr(m, m->params, block, kind);
+}
+
+size_t moe_model_dense_floats(const moe_model *m) { return m->table->dense; }
 moe_layer *moe_model_layer(moe_model *m, int l) { return l >= 0 && l < m->L ? m->layers[l] : NULL; }
 int moe_model_moe_index(const moe_model *m, int l) { return l >= 0 && l < m->L ? m->moe_index[l] : -1; }
 int moe_model_n_moe_layers(const moe_model *m) { return m->n_moe; }
 const moe_train_config *moe_model_config(const moe_model *m) { return &m->cfg; }
 const float *moe_model_logits(const moe_model *m) { return m->a.logits; }
 
-void moe_model_zero_grad(moe_model *m) { memset(m->grads, 0, m->table.total * sizeof(float)); }
+void moe_model_zero_grad(moe_model *m) { memset(m->grads, 0, m->table->total * sizeof(float)); }
 
 /* Per-block activation pointers for the current B, T (stride: N_max rows). */
 typedef struct {
@@ -435,12 +363,12 @@ moe_status moe_model_forward(moe_model *m, const uint8_t *inputs, const uint8_t 
     for (int l = 0; l < m->L; l++) {
         const block_acts b = block_view(m, l);
 #define PW(slot) block_ptr(m, m->params, l, slot)
-        moe_model_layernorm_forward(b.ln1, b.ln1_mean, b.ln1_rstd, b.in, PW(S_LN1W), PW(S_LN1B), N, C, eps);
-        moe_model_matmul_forward(b.qkv, b.ln1, PW(S_QKVW), PW(S_QKVB), N, C, 3 * C);
+        moe_model_layernorm_forward(b.ln1, b.ln1_mean, b.ln1_rstd, b.in, PW(MOE_T_LN1_W), PW(MOE_T_LN1_B), N, C, eps);
+        moe_model_matmul_forward(b.qkv, b.ln1, PW(MOE_T_QKV_W), PW(MOE_T_QKV_B), N, C, 3 * C);
         moe_model_attention_forward(b.atty, b.att, b.qkv, B, T, C, m->NH);
-        moe_model_matmul_forward(b.res2, b.atty, PW(S_PROJW), PW(S_PROJB), N, C, C);
+        moe_model_matmul_forward(b.res2, b.atty, PW(MOE_T_PROJ_W), PW(MOE_T_PROJ_B), N, C, C);
         moe_model_residual_forward(b.res2, b.res2, b.in, (long)N * C);
-        moe_model_layernorm_forward(b.ln2, b.ln2_mean, b.ln2_rstd, b.res2, PW(S_LN2W), PW(S_LN2B), N, C, eps);
+        moe_model_layernorm_forward(b.ln2, b.ln2_mean, b.ln2_rstd, b.res2, PW(MOE_T_LN2_W), PW(MOE_T_LN2_B), N, C, eps);
         if (m->layers[l]) {
             const moe_layer_params p = moe_view(m, m->params, l);
             const moe_noise_key key = {.seed = m->cfg.seed, .step = step, .layer = (uint32_t)l,
@@ -450,9 +378,9 @@ moe_status moe_model_forward(moe_model *m, const uint8_t *inputs, const uint8_t 
             if (st) return st;
             add_route_stats(m, m->moe_index[l], G);
         } else {
-            moe_model_matmul_forward(b.fch, b.ln2, PW(S_FCW), PW(S_FCB), N, C, m->F1);
+            moe_model_matmul_forward(b.fch, b.ln2, PW(MOE_T_FC_W), PW(MOE_T_FC_B), N, C, m->F1);
             moe_act_forward(b.fch_act, b.fch, N, m->F, m->cfg.activation);
-            moe_model_matmul_forward(b.res3, b.fch_act, PW(S_FCPW), PW(S_FCPB), N, m->F, C);
+            moe_model_matmul_forward(b.res3, b.fch_act, PW(MOE_T_FCPROJ_W), PW(MOE_T_FCPROJ_B), N, m->F, C);
         }
         moe_model_residual_forward(b.res3, b.res3, b.res2, (long)N * C);
 #undef PW
@@ -517,20 +445,20 @@ moe_status moe_model_backward(moe_model *m)
             if (st) return st;
         } else {
             memset(a->dfch_act, 0, (size_t)N * F * sizeof(float));
-            moe_model_matmul_backward(a->dfch_act, GW(S_FCPW), GW(S_FCPB), a->dres, b.fch_act,
-                                      PW(S_FCPW), N, F, C);
+            moe_model_matmul_backward(a->dfch_act, GW(MOE_T_FCPROJ_W), GW(MOE_T_FCPROJ_B), a->dres, b.fch_act,
+                                      PW(MOE_T_FCPROJ_W), N, F, C);
             moe_act_backward(a->dfch, a->dfch_act, b.fch, N, F, m->cfg.activation);
-            moe_model_matmul_backward(a->dln, GW(S_FCW), GW(S_FCB), a->dfch, b.ln2, PW(S_FCW), N, C, F1);
+            moe_model_matmul_backward(a->dln, GW(MOE_T_FC_W), GW(MOE_T_FC_B), a->dfch, b.ln2, PW(MOE_T_FC_W), N, C, F1);
         }
-        moe_model_layernorm_backward(a->dres, GW(S_LN2W), GW(S_LN2B), a->dln, b.res2, PW(S_LN2W),
+        moe_model_layernorm_backward(a->dres, GW(MOE_T_LN2_W), GW(MOE_T_LN2_B), a->dln, b.res2, PW(MOE_T_LN2_W),
                                      b.ln2_mean, b.ln2_rstd, N, C);
         memset(a->datty, 0, (size_t)N * C * sizeof(float));
-        moe_model_matmul_backward(a->datty, GW(S_PROJW), GW(S_PROJB), a->dres, b.atty, PW(S_PROJW), N, C, C);
+        moe_model_matmul_backward(a->datty, GW(MOE_T_PROJ_W), GW(MOE_T_PROJ_B), a->dres, b.atty, PW(MOE_T_PROJ_W), N, C, C);
         memset(a->dqkv, 0, (size_t)N * 3 * C * sizeof(float));
         moe_model_attention_backward(a->dqkv, a->datt, m->att_blocks, a->datty, b.qkv, b.att, B, T, C, m->NH);
         memset(a->dln, 0, (size_t)N * C * sizeof(float));
-        moe_model_matmul_backward(a->dln, GW(S_QKVW), GW(S_QKVB), a->dqkv, b.ln1, PW(S_QKVW), N, C, 3 * C);
-        moe_model_layernorm_backward(a->dres, GW(S_LN1W), GW(S_LN1B), a->dln, b.in, PW(S_LN1W),
+        moe_model_matmul_backward(a->dln, GW(MOE_T_QKV_W), GW(MOE_T_QKV_B), a->dqkv, b.ln1, PW(MOE_T_QKV_W), N, C, 3 * C);
+        moe_model_layernorm_backward(a->dres, GW(MOE_T_LN1_W), GW(MOE_T_LN1_B), a->dln, b.in, PW(MOE_T_LN1_W),
                                      b.ln1_mean, b.ln1_rstd, N, C);
 #undef PW
 #undef GW
@@ -545,16 +473,14 @@ moe_status moe_model_reduce_stats(moe_model *m, moe_model_stats *st)
     const size_t ni = 2 + 2 * (size_t)m->n_moe * m->E;
     moe_status s = m->have_forward ? MOE_OK : moe_errorf(MOE_ERR_ARG, "reduce_stats: the last forward failed or none ran");
     /* a forward may have failed in another ep group only: agree first */
-    if (m->comm && m->W > 1) s = moe_comm_agree(m->comm, s);
+    s = moe_comm_agree(m->comm, s);
     if (s) return s;
     double d[3];
     memcpy(d, m->part_d, sizeof d);
     memcpy(m->red_i, m->part_i, ni * sizeof(int64_t));
-    if (m->comm && m->W > 1) {
-        s = moe_comm_allreduce_f64(m->comm, MOE_SCOPE_WORLD, d, 3);
-        if (!s) s = moe_comm_allreduce_i64(m->comm, MOE_SCOPE_WORLD, m->red_i, ni);
-        if (s) return s;
-    }
+    s = moe_comm_allreduce_f64(m->comm, MOE_SCOPE_WORLD, d, 3);
+    if (!s) s = moe_comm_allreduce_i64(m->comm, MOE_SCOPE_WORLD, m->red_i, ni);
+    if (s) return s;
     memset(st, 0, sizeof *st);
     st->ce_sum = d[0];
     st->lb_sum = d[1];

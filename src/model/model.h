@@ -1,5 +1,5 @@
 /* The byte-level GPT-2 style decoder with MoE feed-forward blocks
- * (checkpoint.md): wte + wpe, n_layers pre-norm blocks
+ * (docs/formats.md section 1): wte + wpe, n_layers pre-norm blocks
  * x += attn(ln_1(x)); x += ffn(ln_2(x)), where every moe_every-th block
  * (from block 0) has an MoE FFN (src/layer, expert-parallel over comm's ep
  * group) and the others a dense FFN, then ln_f and logits = ln_f(x) wte^T.
@@ -22,6 +22,7 @@
 #include "config/config.h"
 #include "core/tensor.h"
 #include "layer/layer.h"
+#include "layout/layout.h"
 
 typedef struct moe_model moe_model;
 
@@ -48,7 +49,7 @@ typedef struct {
  * moe_rng_normal(seed, MOE_RNG_INIT, g lo, g hi, tensor id, 0) where g is its
  * GLOBAL element index in the tensor and the tensor id its table index, so
  * the weights do not depend on the number of ranks. Gradients start at 0.
- * comm == NULL: single process, all experts local. Collective over world
+ * comm: moe_comm_create_self for one process. Collective over world
  * (agrees on local failures, creates the MoE layers); every rank returns
  * non-OK if any fails. Fails with MOE_ERR_ARG naming the
  * field (bad sizes, E % ep_size, max_local_seqs % group_seqs),
@@ -65,6 +66,9 @@ float *moe_model_grads(moe_model *m);
 /* Floats of the leading dense (replicated) range of the blocks; expert
  * tensors occupy [dense_floats, total). */
 size_t moe_model_dense_floats(const moe_model *m);
+/* The parameters of tensor `kind` (layout.h) of block `block` (-1 for the
+ * global tensors), or NULL when the model has none. Not collective. */
+float *moe_model_param(moe_model *m, moe_tensor_kind kind, int block);
 /* The MoE layer of block l, or NULL for a dense block. */
 moe_layer *moe_model_layer(moe_model *m, int l);
 /* Index of block l among the MoE blocks (0 .. n_moe_layers-1), -1 if dense. */
@@ -98,7 +102,7 @@ moe_status moe_model_forward(moe_model *m, const uint8_t *inputs, const uint8_t 
 moe_status moe_model_backward(moe_model *m);
 
 /* Reduces the last forward's partial stats over all ranks into *st.
- * Collective over world (comm == NULL: local). If the last forward failed
+ * Collective over world. If the last forward failed
  * (or none ran) on any rank, every rank returns non-OK (MOE_ERR_ARG there,
  * MOE_ERR_REMOTE elsewhere), so evaluation loops cannot hang. */
 moe_status moe_model_reduce_stats(moe_model *m, moe_model_stats *st);

@@ -181,7 +181,7 @@ static int router_all_finite(const float *a, size_t n)
 static inline float softplusf(float z) { return z > 0 ? z + log1pf(expf(-z)) : log1pf(expf(z)); }
 static inline float sigmoidf(float z) { return 1.0f / (1.0f + expf(-z)); }
 
-/* Token choice for one group of Tg tokens starting at t0 (routing.md 2):
+/* Token choice for one group of Tg tokens starting at t0 (docs/routing.md section 3):
  * choice rank outer, token inner, so all first choices are served first. */
 static void assign_token_choice(moe_route *r, const moe_router_config *cfg, int t0, int Tg, int g)
 {
@@ -219,7 +219,7 @@ static void assign_token_choice(moe_route *r, const moe_router_config *cfg, int 
     r->load_balance[g] = (float)(acc * E / ((double)Tg * Tg * k));
 }
 
-/* Expert choice for one group (routing.md 3): each expert takes its top-C
+/* Expert choice for one group (docs/routing.md section 4): each expert takes its top-C
  * tokens of the group's (Tg, E) probability block. */
 static void assign_expert_choice(moe_route_impl *m, const moe_router_config *cfg, int t0, int Tg, int g)
 {
@@ -396,7 +396,7 @@ static int rank_of(const float *a, ptrdiff_t stride, int n, int i)
     return rank;
 }
 
-/* Reference (one group): a literal transcription of routing.md 2 and 3,
+/* Reference (one group): a literal transcription of docs/routing.md sections 3 and 4,
  * ranks recomputed from scratch for every assignment. */
 void moe_router_assign_ref(float *weight, uint8_t *selected, uint8_t *kept, int *n_selected,
                            int *n_kept, int *n_dropped, const float *probs,

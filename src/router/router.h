@@ -26,11 +26,11 @@ typedef struct {
 /* Validate a config; returns MOE_ERR_ARG with a detail naming the field. */
 moe_status moe_router_config_check(const moe_router_config *cfg);
 
-/* Capacity per expert for a group of T tokens (routing.md 2 and 3);
+/* Capacity per expert for a group of T tokens (docs/routing.md sections 3 and 4);
  * returns -1 for dropless token choice. */
 int64_t moe_router_capacity(const moe_router_config *cfg, int T);
 
-/* Key of the router-noise generator for one layer call (routing.md 1):
+/* Key of the router-noise generator for one layer call (docs/routing.md section 2):
  * the draw for local token t, expert e is
  * moe_rng_normal(seed, MOE_RNG_ROUTER_NOISE, token0 + t, e, layer, step). */
 typedef struct {

@@ -2,7 +2,7 @@
  * and per column (expert choice, C of T tokens), plus plain references.
  *
  * Order everywhere: larger value first, equal values by lower index
- * (routing.md). Both fast paths scan indices in increasing order and only
+ * (docs/routing.md). Both fast paths scan indices in increasing order and only
  * let a later entry displace a kept one when it is strictly larger, which
  * gives the lower-index tie rule for free. No allocation: results (and the
  * heap) live in the caller's idx; the radix path uses a caller workspace. */

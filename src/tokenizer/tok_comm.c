@@ -79,7 +79,7 @@ moe_status moe_tok_train_comm(moe_tok **out, moe_comm *c, const char *path, int6
 {
     *out = NULL;
     if (threads < 1) threads = 1;
-    const int W = c ? moe_comm_size(c) : 1, r = c ? moe_comm_rank(c) : 0;
+    const int W = moe_comm_size(c), r = moe_comm_rank(c);
     mapped m = {0};
     moe_tok *base = NULL;
     moe_tok_counts *counts = NULL;
@@ -92,11 +92,11 @@ moe_status moe_tok_train_comm(moe_tok **out, moe_comm *c, const char *path, int6
     moe_status st = moe_tok_create(&base, bytes, off, 256, pattern, 0, NULL, NULL);
     if (!st) st = map_input(&m, path);
     if (!st) st = moe_tok_counts_create(&counts);
-    if (c) st = moe_comm_agree(c, st);
+    st = moe_comm_agree(c, st);
     int bad = 0;
     if (!st)
         st = moe_tok_counts_add_text(counts, base, m.data, m.n, moe_tok_parts_count(m.n, W, threads), r, W, threads,
-                                     c ? comm_exchange : NULL, c, &bad);
+                                     comm_exchange, c, &bad);
     const double t_count = moe_now() - t0;
     /* every rank gets every rank's counts (sizes, then one broadcast per rank) */
     uint8_t *blob = NULL, *other = NULL;
@@ -126,7 +126,7 @@ moe_status moe_tok_train_comm(moe_tok **out, moe_comm *c, const char *path, int6
     free(blob);
     double t1 = moe_now();
     if (!st) st = moe_tok_train_from_counts(out, counts, vocab_size, moe_tok_pattern(base), ns, names);
-    if (c) {
+    {
         moe_status a = moe_comm_agree(c, st);
         if (a && !st) {
             moe_tok_destroy(*out);
@@ -211,11 +211,11 @@ moe_status moe_tok_encode_file(moe_comm *c, const moe_tok *t, const char *in_pat
                                moe_tok_encode_stats *stats)
 {
     if (threads < 1) threads = 1;
-    const int W = c ? moe_comm_size(c) : 1, r = c ? moe_comm_rank(c) : 0;
+    const int W = moe_comm_size(c), r = moe_comm_rank(c);
     mapped m = {0};
     double t0 = moe_now();
     moe_status st = map_input(&m, in_path);
-    if (c) st = moe_comm_agree(c, st);
+    st = moe_comm_agree(c, st);
     if (st) return st;
     const int P = moe_tok_parts_count(m.n, W, threads), nl = P / W;
     moe_tok_ids *ids = calloc((size_t)nl, sizeof *ids);
@@ -223,11 +223,11 @@ moe_status moe_tok_encode_file(moe_comm *c, const moe_tok *t, const char *in_pat
     uint64_t *counts = calloc((size_t)P, sizeof(uint64_t)), *mine = calloc((size_t)nl, sizeof(uint64_t));
     double *cpu = calloc((size_t)nl, sizeof(double)), cpu_sum = 0, cpu_max = 0;
     st = ids && splits && counts && mine && cpu ? MOE_OK : moe_errorf(MOE_ERR_NOMEM, "parts");
-    if (c) st = moe_comm_agree(c, st);
+    st = moe_comm_agree(c, st);
     int bad = 0;
     if (!st) {
         enc_ctx x = {m.data, m.n, ids, W};
-        const moe_tok_parts_ops ops = {enc_run, enc_reset, &x, c ? comm_exchange : NULL, c};
+        const moe_tok_parts_ops ops = {enc_run, enc_reset, &x, comm_exchange, c};
         st = moe_tok_parts_run(t, delim, delim_len, sep, m.data, m.n, P, r, W, threads, &ops, splits, &bad, cpu);
     }
     const double t_encode = moe_now() - t0;
@@ -256,7 +256,7 @@ moe_status moe_tok_encode_file(moe_comm *c, const moe_tok *t, const char *in_pat
     uint64_t total = 0;
     uint64_t *before = calloc((size_t)(P ? P : 1), sizeof(uint64_t));
     if (!before && !st) st = moe_errorf(MOE_ERR_NOMEM, "offsets");
-    if (c) st = moe_comm_agree(c, st);
+    st = moe_comm_agree(c, st);
     for (int k = 0; !st && k < P; k++) {
         before[k] = total;
         total += counts[k];
@@ -276,14 +276,14 @@ moe_status moe_tok_encode_file(moe_comm *c, const moe_tok *t, const char *in_pat
             else if (ftruncate(fd, (off_t)(MOE_TOK_FILE_HEADER + total * (uint64_t)bpt)))
                 st = moe_errorf(MOE_ERR_IO, "cannot size %s: %s", tmp, strerror(errno));
         }
-        if (c) st = moe_comm_agree(c, st);
+        st = moe_comm_agree(c, st);
         if (!st && r != 0) {
             fd = open(tmp, O_WRONLY);
             if (fd < 0) st = moe_errorf(MOE_ERR_IO, "cannot open %s: %s", tmp, strerror(errno));
         }
         for (int i = 0; !st && i < nl; i++) st = write_ids(fd, ids[i].ids, ids[i].n, before[i * W + r], bpt, tmp);
         if (!st && fsync(fd)) st = moe_errorf(MOE_ERR_IO, "cannot sync %s: %s", tmp, strerror(errno));
-        if (c) st = moe_comm_agree(c, st);
+        st = moe_comm_agree(c, st);
         if (!st && r == 0) {
             uint8_t hdr[MOE_TOK_FILE_HEADER];
             moe_tok_file_header_pack(hdr, &h);
@@ -293,7 +293,7 @@ moe_status moe_tok_encode_file(moe_comm *c, const moe_tok *t, const char *in_pat
                 st = moe_errorf(MOE_ERR_IO, "cannot rename %s to %s: %s", tmp, out_path, strerror(errno));
         }
         if (fd >= 0) close(fd);
-        if (c) st = moe_comm_agree(c, st);
+        st = moe_comm_agree(c, st);
         if (st && r == 0) unlink(tmp);
     }
     if (stats) {

@@ -34,7 +34,8 @@ struct moe_trainer {
 moe_status moe_trainer_create(moe_trainer **out, const moe_train_config *cfg, moe_comm *comm)
 {
     *out = NULL;
-    const int W = comm ? moe_comm_size(comm) : 1;
+    if (!comm) return moe_errorf(MOE_ERR_ARG, "trainer: no communicator (one process: moe_comm_create_self)");
+    const int W = moe_comm_size(comm);
     if (cfg->batch_size < 1 || cfg->batch_size % W)
         return moe_errorf(MOE_ERR_ARG, "batch_size=%d must be a positive multiple of the world size %d",
                           cfg->batch_size, W);
@@ -48,13 +49,13 @@ moe_status moe_trainer_create(moe_trainer **out, const moe_train_config *cfg, mo
     tr->comm = comm;
     tr->W = W;
     tr->B = B;
-    tr->n_replicas = comm ? moe_comm_n_replicas(comm) : 1;
-    tr->replica = comm ? moe_comm_replica(comm) : 0;
+    tr->n_replicas = moe_comm_n_replicas(comm);
+    tr->replica = moe_comm_replica(comm);
     moe_status st = moe_model_create(&tr->model, cfg, B, comm);
     if (!st) {
         const size_t total = moe_model_tensors(tr->model)->total;
         tr->n_moe = moe_model_n_moe_layers(tr->model);
-        tr->El = cfg->n_experts / (comm ? moe_comm_ep_size(comm) : 1);
+        tr->El = cfg->n_experts / moe_comm_ep_size(comm);
         tr->m = moe_calloc(total, sizeof(float));
         tr->v = moe_calloc(total, sizeof(float));
         tr->expert_steps = moe_calloc((size_t)tr->n_moe * tr->El, sizeof(int64_t));
@@ -66,7 +67,7 @@ moe_status moe_trainer_create(moe_trainer **out, const moe_train_config *cfg, mo
             st = moe_errorf(MOE_ERR_NOMEM, "optimizer state: 2 x %zu floats", total);
     }
     /* model creation agrees inside the MoE layers; the allocations above are local */
-    if (comm) st = moe_comm_agree(comm, st);
+    st = moe_comm_agree(comm, st);
     if (st) {
         moe_trainer_destroy(tr);
         return st;
@@ -107,20 +108,6 @@ double moe_train_lr(const moe_train_config *c, int64_t step)
     return lo + 0.5 * (c->lr - lo) * (1.0 + cos(M_PI * prog));
 }
 
-/* Error agreement after the local part of a step, so that a rank whose ep
- * group failed cannot leave the others waiting in a world reduction; a
- * non-finite value anywhere becomes MOE_ERR_NONFINITE everywhere. */
-static moe_status agree(moe_trainer *tr, moe_status local)
-{
-    if (!tr->comm) return local;
-    const moe_status s = moe_comm_agree(tr->comm, local);
-    if (!s) return MOE_OK;
-    double nonfinite = local == MOE_ERR_NONFINITE;
-    if (moe_comm_allmax_f64(tr->comm, MOE_SCOPE_WORLD, &nonfinite, 1)) return s;
-    if (nonfinite > 0 && local != MOE_ERR_NONFINITE)
-        return moe_errorf(MOE_ERR_NONFINITE, "a non-finite value on another rank (%s)", moe_error_detail());
-    return s;
-}
 
 /* In-place sum of buf (n floats) over a scope, one collective per bucket. */
 static moe_status allreduce_buckets(moe_comm *c, moe_comm_scope scope, float *buf, size_t n)
@@ -182,12 +169,11 @@ static double sum_sq(const float *a, size_t n, double *part)
  * group by the layer) over the replicas of each expert. */
 static moe_status reduce_grads(moe_trainer *tr)
 {
-    if (!tr->comm) return MOE_OK;
     moe_model *m = tr->model;
     const size_t dense = moe_model_dense_floats(m), total = moe_model_tensors(m)->total;
     float *g = moe_model_grads(m);
     moe_status s = MOE_OK;
-    if (tr->W > 1) s = allreduce_buckets(tr->comm, MOE_SCOPE_WORLD, g, dense);
+    s = allreduce_buckets(tr->comm, MOE_SCOPE_WORLD, g, dense);
     if (!s && tr->n_replicas > 1)
         s = allreduce_buckets(tr->comm, MOE_SCOPE_REPLICA, g + dense, total - dense);
     return s;
@@ -203,10 +189,8 @@ static moe_status grad_norm_sq(moe_trainer *tr, double *out)
     const size_t dense = moe_model_dense_floats(m), total = moe_model_tensors(m)->total;
     const float *g = moe_model_grads(m);
     double experts = tr->replica == 0 ? sum_sq(g + dense, total - dense, tr->sumsq_part) : 0.0;
-    if (tr->comm && tr->W > 1) {
-        const moe_status s = moe_comm_allreduce_f64(tr->comm, MOE_SCOPE_WORLD, &experts, 1);
-        if (s) return s;
-    }
+    const moe_status s = moe_comm_allreduce_f64(tr->comm, MOE_SCOPE_WORLD, &experts, 1);
+    if (s) return s;
     *out = sum_sq(g, dense, tr->sumsq_part) + experts;
     return MOE_OK;
 }
@@ -282,6 +266,7 @@ static void update(moe_trainer *tr, const adam_hyper *h)
     for (int i = 0; i < tab->n; i++) {
         const moe_tensor *t = &tab->t[i];
         const size_t o = t->offset;
+        if (t->role == MOE_TENSOR_BUFFER) continue; /* checkpointed state, not trained */
         if (!t->expert_sharded) {
             tr->segs[n++] = (adam_seg){o, t->numel, t->decay ? wd : 0.0f, tr->updates + 1};
             work += t->numel;
@@ -292,8 +277,10 @@ static void update(moe_trainer *tr, const adam_hyper *h)
         for (int j = 0; j < tr->El; j++) {
             const size_t k = (size_t)li * tr->El + j;
             if (!tr->active[k]) continue; /* an idle expert keeps weights and moments bit for bit */
-            tr->segs[n++] = (adam_seg){o + (size_t)j * row, row, t->decay ? wd : 0.0f, tr->expert_steps[k] + 1};
-            work += row;
+            int64_t r0, nr; /* the expert's segment of dim 0 */
+            moe_tensor_segment(t, j, &r0, &nr);
+            tr->segs[n++] = (adam_seg){o + (size_t)r0 * row, (size_t)nr * row, t->decay ? wd : 0.0f, tr->expert_steps[k] + 1};
+            work += (size_t)nr * row;
         }
     }
     adam_job job = {tr, h, n};
@@ -317,9 +304,12 @@ moe_status moe_trainer_step(moe_trainer *tr, const uint8_t *inputs, const uint8_
     if (!s) s = moe_model_backward(m);
     /* Test hook: a NaN gradient on one rank must stop every rank cleanly
      * (the world reduction spreads it, the norm check below catches it). */
-    if (!s && moe_fault("nan_grad", tr->comm ? moe_comm_rank(tr->comm) : 0)) moe_model_grads(m)[0] = NAN;
+    if (!s && moe_fault("nan_grad", moe_comm_rank(tr->comm))) moe_model_grads(m)[0] = NAN;
     st->t_backward = moe_now() - t0;
-    if ((s = agree(tr, s))) return s;
+    /* So that a rank whose ep group failed cannot leave the others waiting
+     * in a world reduction; the cause (a NaN: MOE_ERR_NONFINITE) reaches
+     * every rank. */
+    if ((s = moe_comm_agree_detail(tr->comm, MOE_SCOPE_WORLD, s))) return s;
 
     t0 = moe_now();
     double norm_sq = 0.0;

@@ -1,5 +1,6 @@
 /* Deterministic checkpoint contents for the tests (see ckpt_testlib.h). */
 #include "ckpt_testlib.h"
+#include "layout/layout.h"
 
 #include <stdlib.h>
 #include <string.h>
@@ -46,7 +47,7 @@ static int alloc_state(tk_state *t, int ep_rank, int ep_size)
 {
     memset(t, 0, sizeof *t);
     tk_config(&t->cfg);
-    if (moe_ckpt_layout_create(&t->table, &t->cfg, ep_rank, ep_size) != MOE_OK) return -1;
+    if (moe_layout_create(&t->table, &t->cfg, ep_rank, ep_size) != MOE_OK) return -1;
     t->n_moe = moe_ckpt_moe_layers(t->table, NULL);
     const size_t n = t->table->total, ne = (size_t)t->n_moe * (size_t)t->cfg.n_experts;
     moe_ckpt_state *s = &t->s;
@@ -113,7 +114,7 @@ void tk_state_free(tk_state *t)
     moe_free(s->expert_step);
     moe_free(s->expert_tokens);
     moe_free(s->expert_dropped);
-    moe_ckpt_layout_destroy(t->table);
+    moe_layout_destroy(t->table);
     memset(t, 0, sizeof *t);
 }
 

@@ -1,5 +1,5 @@
 #!/usr/bin/python3
-"""Reads a checkpoint with h5py using only docs of checkpoint.md (the spec):
+"""Reads a checkpoint with h5py using only docs/formats.md section 1 (the format):
 root, /model, /optimizer, /train and /stats attributes, every dataset the
 attributes imply with its shape and dtype, the checksum filter, nothing
 else; and compares every value with the formula the C tests wrote

@@ -1,5 +1,5 @@
 /* Checkpoint module, one process: bitwise round trip, gradient dumps, the
- * run directory (latest, keep_last, resolve), the spec layout, and the
+ * run directory (latest, keep_last, resolve), the tensor layout, and the
  * loader's rejection of damaged files (truncated, flipped data bytes,
  * unknown format_version, missing dataset, absurd dims, model mismatch),
  * each with a clear status and no crash or leak. */
@@ -16,7 +16,9 @@
 #include <cmocka.h>
 #include <hdf5.h>
 
+#include "comm/comm.h"
 #include "ckpt/ckpt_file.h"
+#include "layout/layout.h"
 #include "ckpt_testlib.h"
 
 static char dir[64], good[128];
@@ -31,7 +33,7 @@ static int setup(void **state)
     path_in(good, sizeof good, "good.h5");
     tk_state t;
     if (tk_state_make(&t, 0, 1, 0, 0)) return -1;
-    moe_status st = moe_ckpt_save(good, NULL, &t.s);
+    moe_status st = moe_ckpt_save(good, moe_comm_self(), &t.s);
     tk_state_free(&t);
     return st == MOE_OK ? 0 : -1;
 }
@@ -63,7 +65,7 @@ static moe_status load(const char *path, const moe_train_config *cfg_override)
     assert_int_equal(tk_state_blank(&t, 0, 1), 0);
     if (cfg_override) t.cfg = *cfg_override;
     char *cfg = NULL;
-    moe_status st = moe_ckpt_load(path, NULL, &t.s, &cfg);
+    moe_status st = moe_ckpt_load(path, moe_comm_self(), &t.s, &cfg);
     if (st == MOE_OK) {
         assert_int_equal(tk_state_check(&t), 0);
         assert_string_equal(cfg, tk_config_text);
@@ -84,7 +86,7 @@ static void test_round_trip(void **state)
     assert_int_equal(tk_state_blank(&t, 0, 1), 0);
     moe_free(t.s.m), moe_free(t.s.v);
     t.s.m = t.s.v = NULL;
-    assert_int_equal(moe_ckpt_load(good, NULL, &t.s, NULL), MOE_OK);
+    assert_int_equal(moe_ckpt_load(good, moe_comm_self(), &t.s, NULL), MOE_OK);
     assert_int_equal(tk_state_check(&t), 0);
     tk_state_free(&t);
 }
@@ -95,17 +97,24 @@ static void test_layout(void **state)
     moe_train_config c;
     tk_config(&c);
     moe_tensor_table *t;
-    assert_int_equal(moe_ckpt_layout_create(&t, &c, 1, 3), MOE_OK);
+    assert_int_equal(moe_layout_create(&t, &c, 1, 3), MOE_OK);
     int layers[MOE_CKPT_MAX_MOE_LAYERS];
     assert_int_equal(moe_ckpt_moe_layers(t, layers), 2);
     assert_int_equal(layers[0], 0);
     assert_int_equal(layers[1], 2);
+    /* Offsets: replicated tensors first, then expert ones, each in table order, no gaps. */
     size_t total = 0;
+    for (int pass = 0; pass < 2; pass++) {
+        for (int i = 0; i < t->n; i++) {
+            if (t->t[i].expert_sharded != pass) continue;
+            assert_int_equal(t->t[i].offset, total);
+            total += t->t[i].numel;
+        }
+        if (pass == 0) assert_int_equal(total, t->dense);
+    }
     int found = 0;
     for (int i = 0; i < t->n; i++) {
         const moe_tensor *x = &t->t[i];
-        assert_int_equal(x->offset, total);
-        total += x->numel;
         if (!strcmp(x->name, "h/2/moe/experts/w1")) {
             found = 1;
             assert_int_equal(x->ndim, 3);
@@ -120,12 +129,12 @@ static void test_layout(void **state)
     }
     assert_true(found);
     assert_int_equal(total, t->total);
-    moe_ckpt_layout_destroy(t);
+    moe_layout_destroy(t);
     /* An ep size that does not divide E, and absurd dims, are refused. */
-    assert_int_equal(moe_ckpt_layout_create(&t, &c, 0, 5), MOE_ERR_ARG);
+    assert_int_equal(moe_layout_create(&t, &c, 0, 5), MOE_ERR_ARG);
     assert_non_null(strstr(moe_error_detail(), "divide n_experts = 12"));
     c.d_model = 1 << 30;
-    assert_int_equal(moe_ckpt_layout_create(&t, &c, 0, 1), MOE_ERR_ARG);
+    assert_int_equal(moe_layout_create(&t, &c, 0, 1), MOE_ERR_ARG);
     assert_non_null(strstr(moe_error_detail(), "d_model"));
     assert_null(t);
 }
@@ -314,7 +323,7 @@ static void test_grads(void **state)
     char p[160];
     path_in(p, sizeof p, "grads.h5");
     /* grads: reuse the m block (any deterministic values) */
-    assert_int_equal(moe_ckpt_save_grads(p, NULL, t.table, t.s.m, act, E, 42, &t.cfg, tk_config_text), MOE_OK);
+    assert_int_equal(moe_ckpt_save_grads(p, moe_comm_self(), t.table, t.s.m, act, E, 42, &t.cfg, tk_config_text), MOE_OK);
     moe_ckpt_file *f;
     assert_int_equal(moe_ckpt_file_open(&f, p), MOE_OK);
     const moe_ckpt_info *in = moe_ckpt_file_info(f);
@@ -361,7 +370,7 @@ static void test_run_dir(void **state)
     assert_int_equal(tk_state_make(&t, 0, 1, 0, 0), 0);
     for (int step = 100; step <= 500; step += 100) {
         assert_int_equal(moe_ckpt_path(p, sizeof p, run, step), MOE_OK);
-        assert_int_equal(moe_ckpt_save(p, NULL, &t.s), MOE_OK);
+        assert_int_equal(moe_ckpt_save(p, moe_comm_self(), &t.s), MOE_OK);
         assert_false(exists(strcat(strcpy(r, p), ".tmp")));
         assert_int_equal(moe_ckpt_commit(run, p, 2), MOE_OK);
         assert_int_equal(moe_ckpt_resolve(r, sizeof r, run), MOE_OK);
@@ -398,13 +407,13 @@ static void test_bad_state(void **state)
     char p[160];
     path_in(p, sizeof p, "bad.h5");
     t.table->t[3].rows = 5; /* a replicated tensor that lost rows */
-    assert_int_equal(moe_ckpt_save(p, NULL, &t.s), MOE_ERR_ARG);
+    assert_int_equal(moe_ckpt_save(p, moe_comm_self(), &t.s), MOE_ERR_ARG);
     assert_non_null(strstr(moe_error_detail(), t.table->t[3].name));
     assert_false(exists(p));
     tk_state_free(&t);
     path_in(p, sizeof p, "no/such/dir/x.h5");
     assert_int_equal(tk_state_make(&t, 0, 1, 0, 0), 0);
-    assert_int_equal(moe_ckpt_save(p, NULL, &t.s), MOE_ERR_IO);
+    assert_int_equal(moe_ckpt_save(p, moe_comm_self(), &t.s), MOE_ERR_IO);
     assert_non_null(strstr(moe_error_detail(), "x.h5.tmp"));
     tk_state_free(&t);
 }

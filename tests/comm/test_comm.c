@@ -1,5 +1,5 @@
-/* comm: communicator placement (routing.md 7), the small collectives, and
- * the token exchange (layouts, both kinds, chunked pipeline, empty senders
+/* comm: communicator placement (docs/routing.md section 8), the small collectives, and
+ * the token exchange (layouts, both kinds, chunked round trips, trip buffers, empty senders
  * and experts, error agreement, overflow). Runs at any number of ranks:
  * every rank runs every test; only rank 0 prints the progress, failures are
  * printed by the rank that sees them and make the exit code non-zero.
@@ -122,7 +122,29 @@ static void test_check_same_and_agree(void **state)
     moe_status ag = moe_comm_agree(c, R == W - 1 ? MOE_ERR_NONFINITE : MOE_OK);
     char ag_detail[256];
     snprintf(ag_detail, sizeof ag_detail, "%s", moe_error_detail());
+    /* Agreement carrying the cause: rank W-1 has an I/O error, rank 0 an
+     * argument error (lower), the others relay: everybody gets the I/O
+     * error with its detail; moe_comm_cause_rank names the same rank. */
+    moe_status mine = R == W - 1 ? moe_errorf(MOE_ERR_IO, "disk full on the last rank")
+                      : R == 0   ? moe_errorf(MOE_ERR_ARG, "bad argument on rank 0")
+                                 : moe_errorf(MOE_ERR_REMOTE, "relayed");
+    const int cause = moe_comm_cause_rank(c, MOE_SCOPE_WORLD, mine);
+    moe_status det = moe_comm_agree_detail(c, MOE_SCOPE_WORLD, mine);
+    char det_detail[256];
+    snprintf(det_detail, sizeof det_detail, "%s", moe_error_detail());
+    const int none = moe_comm_cause_rank(c, MOE_SCOPE_WORLD, MOE_OK);
+    moe_status det_ok = moe_comm_agree_detail(c, MOE_SCOPE_EP, MOE_OK);
     moe_comm_destroy(c);
+    assert_int_equal(cause, W - 1);
+    assert_int_equal(none, -1);
+    assert_int_equal(det_ok, MOE_OK);
+    assert_int_equal(det, MOE_ERR_IO);
+    assert_non_null(strstr(det_detail, "disk full on the last rank"));
+    if (W > 1) {
+        char who[32];
+        snprintf(who, sizeof who, "rank %d: ", W - 1);
+        assert_non_null(strstr(det_detail, who));
+    }
 
     char want[32];
     snprintf(want, sizeof want, "rank %d", W - 1);
@@ -223,21 +245,21 @@ static float value(int s, int p, int j, int r, int col)
 }
 
 typedef struct {
-    const float *recv; /* (recv_total, WIDTH) */
-    float *out;        /* (recv_total, OUT_WIDTH) */
     const int *eoff;   /* (EL + 1) */
     int next_j;        /* chunks must arrive in order and cover [0, EL) */
     int in_order;
+    int in_w, out_w;   /* row widths of in and out */
 } expert_ctx;
 
-/* The "experts": out = 2 x + 1 on the first OUT_WIDTH columns. */
-static moe_status fake_experts(void *p, int j0, int j1)
+/* The "experts": out = 2 x + 1 on the first out_w columns (in place when
+ * out == in and the widths agree: each element is read before written). */
+static moe_status fake_experts(void *p, int j0, int j1, const float *in, float *out)
 {
     expert_ctx *e = p;
     e->in_order &= j0 == e->next_j && j1 > j0;
     e->next_j = j1;
     for (int i = e->eoff[j0]; i < e->eoff[j1]; i++)
-        for (int c = 0; c < OUT_WIDTH; c++) e->out[(size_t)i * OUT_WIDTH + c] = 2 * e->recv[(size_t)i * WIDTH + c] + 1;
+        for (int c = 0; c < e->out_w; c++) out[(size_t)i * e->out_w + c] = 2 * in[(size_t)i * e->in_w + c] + 1;
     return MOE_OK;
 }
 
@@ -270,12 +292,32 @@ static float *run_step(moe_a2a *a, scenario sc, int P, int me)
 
     moe_status st_plan = moe_a2a_set_counts(a, send_rows, MOE_OK, MAX_WIDTH);
     moe_status st_disp = moe_a2a_dispatch(a, recv, send, WIDTH);
-    expert_ctx e = {recv, out, moe_a2a_recv_expert_offsets(a), 0, 1};
-    moe_status st_comp = fake_experts(&e, 0, EL);
-    moe_status st_comb = moe_a2a_combine(a, result, out, OUT_WIDTH);
-    memset(out, 0, sizeof(float) * (size_t)Rt * OUT_WIDTH);
-    expert_ctx e2 = {recv2, out, moe_a2a_recv_expert_offsets(a), 0, 1};
-    moe_status st_pipe = moe_a2a_pipeline(a, recv2, send, WIDTH, out, result2, OUT_WIDTH, fake_experts, &e2);
+    expert_ctx e = {moe_a2a_recv_expert_offsets(a), 0, 1, WIDTH, OUT_WIDTH};
+    moe_status st_comp = fake_experts(&e, 0, EL, recv, out);
+    moe_status st_comb = moe_a2a_return(a, result, out, OUT_WIDTH);
+    /* The round trip on the exchange's own buffers (chunked or not, shm or
+     * not): the same bytes. Then the backward trip, in place on the forward
+     * results, must leave the forward's receive rows intact. */
+    moe_a2a_buffers fb, bb;
+    moe_status st_bufs = moe_a2a_buffers_get(a, MOE_A2A_FORWARD, &fb);
+    if (st_bufs == MOE_OK) st_bufs = moe_a2a_buffers_get(a, MOE_A2A_BACKWARD, &bb);
+    assert_int_equal(st_bufs, MOE_OK);
+    memcpy(fb.send, send, sizeof(float) * (size_t)S * WIDTH);
+    expert_ctx e2 = {moe_a2a_recv_expert_offsets(a), 0, 1, WIDTH, OUT_WIDTH};
+    moe_status st_pipe = moe_a2a_exchange(a, MOE_A2A_FORWARD, WIDTH, OUT_WIDTH, fake_experts, &e2, MOE_OK);
+    memcpy(recv2, fb.recv, sizeof(float) * (size_t)Rt * WIDTH);
+    memcpy(result2, fb.back, sizeof(float) * (size_t)S * OUT_WIDTH);
+    for (size_t i = 0; i < (size_t)S * OUT_WIDTH; i++) bb.send[i] = fb.back[i]; /* row by row, maybe in place */
+    expert_ctx e4 = {moe_a2a_recv_expert_offsets(a), 0, 1, OUT_WIDTH, OUT_WIDTH};
+    moe_status st_back = moe_a2a_exchange(a, MOE_A2A_BACKWARD, OUT_WIDTH, OUT_WIDTH, fake_experts, &e4, MOE_OK);
+    assert_int_equal(st_back, MOE_OK);
+    assert_true(e4.in_order && e4.next_j == EL);
+    for (size_t i = 0; i < (size_t)S; i++)
+        for (int c = 0; c < OUT_WIDTH; c++)
+            if (bb.back[i * OUT_WIDTH + c] != 2 * result2[i * OUT_WIDTH + c] + 1)
+                fail_msg("rank %d, %s: backward trip row %zu col %d is wrong", R, scenario_name[sc], i, c);
+    if (memcmp(fb.recv, recv2, sizeof(float) * (size_t)Rt * WIDTH))
+        fail_msg("rank %d, %s: the backward trip overwrote the forward's receive rows", R, scenario_name[sc]);
 
     /* Shared-memory kind, rows built in the window: the same bytes again. */
     float *stage = moe_a2a_shm_buffer(a), *recv3 = NULL, *result3 = NULL;
@@ -287,7 +329,7 @@ static float *run_step(moe_a2a *a, scenario sc, int P, int me)
         memcpy(stage, send, sizeof(float) * (size_t)S * WIDTH);
         st_inpl = moe_a2a_dispatch(a, recv3, stage, WIDTH);
         memcpy(stage, out, sizeof(float) * (size_t)Rt * OUT_WIDTH);
-        if (st_inpl == MOE_OK) st_inpl = moe_a2a_combine(a, result3, stage, OUT_WIDTH);
+        if (st_inpl == MOE_OK) st_inpl = moe_a2a_return(a, result3, stage, OUT_WIDTH);
     }
 
     assert_int_equal(st_plan, MOE_OK);
@@ -312,7 +354,7 @@ static float *run_step(moe_a2a *a, scenario sc, int P, int me)
     for (size_t i = 0; i < (size_t)S; i++)
         for (int c = 0; c < OUT_WIDTH; c++)
             if (result[i * OUT_WIDTH + c] != 2 * send[i * WIDTH + c] + 1)
-                fail_msg("rank %d, %s: combined row %zu col %d is wrong", R, scenario_name[sc], i, c);
+                fail_msg("rank %d, %s: returned row %zu col %d is wrong", R, scenario_name[sc], i, c);
     assert_true(e2.in_order && e2.next_j == EL);
     assert_memory_equal(recv2, recv, sizeof(float) * (size_t)Rt * WIDTH + 1);
     assert_memory_equal(result2, result, sizeof(float) * (size_t)S * OUT_WIDTH + 1);
@@ -345,7 +387,7 @@ static void test_exchange_layouts(void **state)
         const int me = moe_comm_ep_rank(c);
         for (int ci = 0; ci < 4; ci++) {
             moe_a2a *a[2] = {NULL, NULL};
-            assert_int_equal(moe_a2a_create(&a[0], c, EL, MOE_A2A_ALLTOALLV, chunk_counts[ci]), MOE_OK);
+            assert_int_equal(moe_a2a_create(&a[0], c, EL, MOE_A2A_P2P, chunk_counts[ci]), MOE_OK);
             assert_int_equal(moe_a2a_create(&a[1], c, EL, MOE_A2A_SHM, chunk_counts[ci]), MOE_OK);
             assert_null(moe_a2a_shm_buffer(a[1])); /* no plan yet */
             const scenario order[] = {GENERAL, LARGE, SILENT_RANK0, ALL_REMOTE, EMPTY_EXPERT, GENERAL};
@@ -368,11 +410,21 @@ static void test_exchange_layouts(void **state)
     }
 }
 
-static moe_status failing_experts(void *ctx, int j0, int j1)
+static moe_status failing_experts(void *ctx, int j0, int j1, const float *in, float *out)
 {
     (void)ctx;
     (void)j1;
+    (void)in;
+    (void)out;
     return R == W - 1 && j0 == 0 ? moe_errorf(MOE_ERR_NONFINITE, "test experts fail") : MOE_OK;
+}
+
+/* Never called: the rank that passes a local failure skips compute, and
+ * the others must not run on rows that were never sent either. */
+static moe_status fake_experts_unused(void *ctx, int j0, int j1, const float *in, float *out)
+{
+    (void)ctx, (void)j0, (void)j1, (void)in, (void)out;
+    return MOE_OK;
 }
 
 /* An error on one rank enters the count exchange: every rank fails, the
@@ -399,11 +451,13 @@ static void test_exchange_errors(void **state)
         rows[W * EL - 1] = 1;
         moe_status st_ok = moe_a2a_set_counts(a, rows, MOE_OK, MAX_WIDTH);
         moe_status st_wide = moe_a2a_dispatch(a, buf, buf, MAX_WIDTH + 1);
-        /* The experts fail on the last rank: the pipeline completes everywhere. */
-        float in[64 * EL * WIDTH] = {0}, recv[64 * EL * WIDTH], out[64 * EL * WIDTH], res[64 * EL * WIDTH];
-        moe_status st_pipe = moe_a2a_pipeline(a, recv, in, WIDTH, out, res, WIDTH, failing_experts, NULL);
+        /* The experts fail on the last rank: the round trip completes everywhere. */
+        moe_status st_pipe = moe_a2a_exchange(a, MOE_A2A_FORWARD, WIDTH, WIDTH, failing_experts, NULL, MOE_OK);
         char pipe_detail[256];
         snprintf(pipe_detail, sizeof pipe_detail, "%s", moe_error_detail());
+        /* A failure of the caller before the trip (local) rides along the same way. */
+        moe_status st_local = moe_a2a_exchange(a, MOE_A2A_BACKWARD, WIDTH, WIDTH, fake_experts_unused, NULL,
+                                               R == W - 1 ? MOE_ERR_NOMEM : MOE_OK);
         moe_a2a_destroy(a);
 
         assert_int_equal(st, R == W - 1 ? MOE_ERR_NONFINITE : MOE_ERR_REMOTE);
@@ -414,13 +468,14 @@ static void test_exchange_errors(void **state)
         assert_int_equal(st_wide, MOE_ERR_ARG);
         assert_int_equal(st_pipe, R == W - 1 ? MOE_ERR_NONFINITE : MOE_ERR_REMOTE);
         if (R != W - 1) assert_non_null(strstr(pipe_detail, want));
+        assert_int_equal(st_local, R == W - 1 ? MOE_ERR_NOMEM : MOE_ERR_REMOTE);
     }
     moe_a2a *bad = NULL;
-    assert_int_equal(moe_a2a_create(&bad, c, 0, MOE_A2A_ALLTOALLV, 1), MOE_ERR_ARG);
+    assert_int_equal(moe_a2a_create(&bad, c, 0, MOE_A2A_P2P, 1), MOE_ERR_ARG);
     assert_null(bad);
-    assert_int_equal(moe_a2a_create(&bad, c, EL, MOE_A2A_ALLTOALLV, 0), MOE_ERR_ARG);
+    assert_int_equal(moe_a2a_create(&bad, c, EL, MOE_A2A_P2P, 0), MOE_ERR_ARG);
     /* One rank with a bad argument: the others fail too instead of waiting. */
-    moe_status st = moe_a2a_create(&bad, c, R == 0 ? -1 : EL, MOE_A2A_ALLTOALLV, 1);
+    moe_status st = moe_a2a_create(&bad, c, R == 0 ? -1 : EL, MOE_A2A_P2P, 1);
     assert_int_equal(st, R == 0 ? MOE_ERR_ARG : MOE_ERR_REMOTE);
     assert_null(bad);
     moe_comm_destroy(c);

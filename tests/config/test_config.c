@@ -12,6 +12,7 @@
 
 #include <cmocka.h>
 
+#include "comm/comm.h"
 #include "config/config.h"
 
 /* Writes text to a fresh temporary file whose name goes to path. */
@@ -84,6 +85,16 @@ static void test_load_and_overrides(void **state)
     assert_int_equal(c.router_noise, 1);
     assert_int_equal(c.steps, 77);
     assert_int_equal(c.n_layers, 4); /* untouched keys keep their defaults */
+    /* The exchange was renamed: the old value still loads, the new one too,
+     * and the writer uses the new name. */
+    assert_int_equal(moe_train_config_set(&c, "a2a", "alltoallv"), MOE_OK);
+    assert_int_equal(c.a2a, MOE_A2A_P2P);
+    char text[8192];
+    moe_train_config_format(&c, text, sizeof text);
+    assert_non_null(strstr(text, "a2a = p2p\n"));
+    assert_int_equal(moe_train_config_set(&c, "a2a", "shm"), MOE_OK);
+    assert_int_equal(moe_train_config_set(&c, "a2a", "p2p"), MOE_OK);
+    assert_int_equal(c.a2a, MOE_A2A_P2P);
 
     /* Command line: --config is applied first wherever it sits, then the
      * overrides in order; '-' reads as '_'. */
@@ -146,7 +157,7 @@ static void test_bad_files(void **state)
         {"router = best\n", {"router", "token_choice or expert_choice", "'best'"}},
         {"activation = tanh\n", {"activation", "gelu, relu or swiglu"}},
         {"router_noise = yes\n", {"router_noise", "none or gaussian"}},
-        {"a2a = nccl\n", {"a2a", "alltoallv or shm"}},
+        {"a2a = nccl\n", {"a2a", "p2p or shm"}},
         {"normalize_topk = 2\n", {"normalize_topk", "'2'"}},
         {"steps = 5\nlr = 0.1\nsteps = 6\n", {":3: ", "steps: set twice (first on line 1)"}},
         {"steps 10\n", {":1: ", "syntax error"}},

@@ -56,7 +56,7 @@ static void test_normal_moments(void **state)
 static void test_ceil_tol(void **state)
 {
     (void)state;
-    assert_int_equal(moe_ceil_tol(2.0 * 50 * 1.1 / 2), 55); /* routing.md's example */
+    assert_int_equal(moe_ceil_tol(2.0 * 50 * 1.1 / 2), 55); /* docs/routing.md's example */
     assert_int_equal(moe_ceil_tol(2.0 * 4096 * 1.25 / 8), 1280);
     assert_int_equal(moe_ceil_tol(10.2), 11);
     assert_int_equal(moe_ceil_tol(3.0), 3);

@@ -11,6 +11,7 @@
 
 #include <cmocka.h>
 
+#include "comm/comm.h"
 #include "core/rng.h"
 #include "infer/infer.h"
 
@@ -33,7 +34,7 @@ static moe_model *make_model(const char *router, const char *cf, const char *act
     assert_int_equal(moe_train_config_set(&c, "activation", act), MOE_OK);
     if (cf) assert_int_equal(moe_train_config_set(&c, "capacity_factor", cf), MOE_OK);
     moe_model *m = NULL;
-    assert_int_equal(moe_model_create(&m, &c, max_seqs, NULL), MOE_OK);
+    assert_int_equal(moe_model_create(&m, &c, max_seqs, moe_comm_self()), MOE_OK);
     /* weights far from the 0.02 init, so the logits are O(1) and every layer
      * matters (LayerNorm gains included) */
     const moe_tensor_table *t = moe_model_tensors(m);
@@ -200,7 +201,7 @@ static void test_generate_greedy_slides(void **state)
     uint8_t out[2 * N];
     moe_infer_sampler greedy = {.temperature = 0, .top_p = 1, .seed = 5};
     moe_infer_gen_stats gs;
-    assert_int_equal(moe_infer_generate(out, &gs, d, NULL, prompts, len, 2, N, &greedy), MOE_OK);
+    assert_int_equal(moe_infer_generate(out, &gs, d, moe_comm_self(), prompts, len, 2, N, &greedy), MOE_OK);
     assert_true(gs.slides >= 4);
     assert_int_equal(gs.prefill_tokens, S + 3);
     for (int b = 0; b < 2; b++) {
@@ -219,17 +220,17 @@ static void test_generate_greedy_slides(void **state)
     /* sampling is deterministic in the seed */
     moe_infer_sampler s = {.temperature = 1, .top_k = 40, .top_p = 0.95, .seed = 9};
     uint8_t a[2 * N], b2[2 * N];
-    assert_int_equal(moe_infer_generate(a, NULL, d, NULL, prompts, len, 2, N, &s), MOE_OK);
-    assert_int_equal(moe_infer_generate(b2, NULL, d, NULL, prompts, len, 2, N, &s), MOE_OK);
+    assert_int_equal(moe_infer_generate(a, NULL, d, moe_comm_self(), prompts, len, 2, N, &s), MOE_OK);
+    assert_int_equal(moe_infer_generate(b2, NULL, d, moe_comm_self(), prompts, len, 2, N, &s), MOE_OK);
     assert_memory_equal(a, b2, sizeof a);
     s.seed = 10;
-    assert_int_equal(moe_infer_generate(b2, NULL, d, NULL, prompts, len, 2, N, &s), MOE_OK);
+    assert_int_equal(moe_infer_generate(b2, NULL, d, moe_comm_self(), prompts, len, 2, N, &s), MOE_OK);
     assert_memory_not_equal(a, b2, sizeof a);
     /* argument errors */
-    assert_int_equal(moe_infer_generate(a, NULL, d, NULL, prompts, len, 3, N, &s), MOE_ERR_ARG);
-    assert_int_equal(moe_infer_generate(a, NULL, d, NULL, prompts, len, 2, -1, &s), MOE_ERR_ARG);
+    assert_int_equal(moe_infer_generate(a, NULL, d, moe_comm_self(), prompts, len, 3, N, &s), MOE_ERR_ARG);
+    assert_int_equal(moe_infer_generate(a, NULL, d, moe_comm_self(), prompts, len, 2, -1, &s), MOE_ERR_ARG);
     s.top_p = 0;
-    assert_int_equal(moe_infer_generate(a, NULL, d, NULL, prompts, len, 2, N, &s), MOE_ERR_ARG);
+    assert_int_equal(moe_infer_generate(a, NULL, d, moe_comm_self(), prompts, len, 2, N, &s), MOE_ERR_ARG);
     moe_infer_decoder_destroy(d);
     moe_model_destroy(m);
 }
@@ -252,7 +253,7 @@ static void test_eval_matches_model(void **state)
     moe_model_stats st;
     assert_int_equal(moe_model_reduce_stats(m, &st), MOE_OK);
     moe_infer_eval_result r;
-    assert_int_equal(moe_infer_eval(&r, m, NULL, data, dom, NB, 3, 3), MOE_OK);
+    assert_int_equal(moe_infer_eval(&r, m, moe_comm_self(), data, dom, NB, 3, 3), MOE_OK);
     assert_int_equal(r.windows, W);
     assert_int_equal(r.tokens, W * S);
     print_message("eval %.9f model %.9f\n", r.loss, st.ce);
@@ -265,11 +266,11 @@ static void test_eval_matches_model(void **state)
     }
     moe_infer_eval_result_free(&r);
     /* bad inputs */
-    assert_int_equal(moe_infer_eval(&r, m, NULL, data, NULL, S, 3, 3), MOE_ERR_ARG);
+    assert_int_equal(moe_infer_eval(&r, m, moe_comm_self(), data, NULL, S, 3, 3), MOE_ERR_ARG);
     dom[50] = 3;
-    assert_int_equal(moe_infer_eval(&r, m, NULL, data, dom, NB, 3, 3), MOE_ERR_ARG);
+    assert_int_equal(moe_infer_eval(&r, m, moe_comm_self(), data, dom, NB, 3, 3), MOE_ERR_ARG);
     assert_non_null(strstr(moe_error_detail(), "byte 50"));
-    assert_int_equal(moe_infer_eval(&r, m, NULL, data, NULL, NB, 3, 0), MOE_ERR_ARG);
+    assert_int_equal(moe_infer_eval(&r, m, moe_comm_self(), data, NULL, NB, 3, 0), MOE_ERR_ARG);
     moe_model_destroy(m);
 }
 

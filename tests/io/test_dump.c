@@ -77,7 +77,7 @@ static void test_roundtrip(void **state)
     fclose(junk);
 
     moe_dump_view v = fx_view(&fx, 0, 12, 0, 3, 1);
-    assert_int_equal(moe_dump_write(path, NULL, &v), MOE_OK);
+    assert_int_equal(moe_dump_write(path, moe_comm_self(), &v), MOE_OK);
     assert_int_equal(access(tmp, F_OK), -1);
     assert_int_equal(fx_check_file(&fx, path), 0);
 
@@ -102,7 +102,7 @@ static void test_roundtrip(void **state)
     assert_true(a >= 0 && H5Aread(a, H5T_NATIVE_UINT64, &seed) >= 0);
     H5Aclose(a);
     assert_true(seed == fx.g.seed);
-    /* Shapes follow the spec: swiglu W1 has 2F rows. */
+    /* Shapes follow docs/formats.md: swiglu W1 has 2F rows. */
     hid_t ds = H5Dopen2(f, "/experts/w1", H5P_DEFAULT);
     hid_t sp = H5Dget_space(ds);
     hsize_t dims[3];
@@ -128,32 +128,32 @@ static void test_bad_view(void **state)
     snprintf(path, sizeof path, "%s/bad.h5", dir);
 
     moe_dump_view v = fx_view(&fx, 0, 6, 0, 4, 1); /* two token rows missing */
-    assert_int_equal(moe_dump_write(path, NULL, &v), MOE_ERR_ARG);
+    assert_int_equal(moe_dump_write(path, moe_comm_self(), &v), MOE_ERR_ARG);
     assert_non_null(strstr(moe_error_detail(), "token rows"));
     v = fx_view(&fx, 0, 8, 0, 4, 0); /* nobody writes the experts */
-    assert_int_equal(moe_dump_write(path, NULL, &v), MOE_ERR_ARG);
+    assert_int_equal(moe_dump_write(path, moe_comm_self(), &v), MOE_ERR_ARG);
     assert_non_null(strstr(moe_error_detail(), "expert rows"));
     v = fx_view(&fx, 0, 8, 0, 4, 1);
     v.x = NULL;
-    assert_int_equal(moe_dump_write(path, NULL, &v), MOE_ERR_ARG);
+    assert_int_equal(moe_dump_write(path, moe_comm_self(), &v), MOE_ERR_ARG);
     v = fx_view(&fx, 0, 8, 0, 4, 1);
     v.router = MOE_ROUTER_TOKEN_CHOICE;
     v.top_k = 5;
-    assert_int_equal(moe_dump_write(path, NULL, &v), MOE_ERR_ARG);
+    assert_int_equal(moe_dump_write(path, moe_comm_self(), &v), MOE_ERR_ARG);
     assert_non_null(strstr(moe_error_detail(), "top_k=5"));
     v = fx_view(&fx, 0, 8, 0, 4, 1);
     v.capacity_factor = NAN;
-    assert_int_equal(moe_dump_write(path, NULL, &v), MOE_ERR_ARG);
+    assert_int_equal(moe_dump_write(path, moe_comm_self(), &v), MOE_ERR_ARG);
     assert_non_null(strstr(moe_error_detail(), "finite"));
     v = fx_view(&fx, 0, 8, 0, 4, 1);
     v.groups = 3;
-    assert_int_equal(moe_dump_write(path, NULL, &v), MOE_ERR_ARG);
+    assert_int_equal(moe_dump_write(path, moe_comm_self(), &v), MOE_ERR_ARG);
     v = fx_view(&fx, 2, 8, 0, 4, 1);
-    assert_int_equal(moe_dump_write(path, NULL, &v), MOE_ERR_ARG);
+    assert_int_equal(moe_dump_write(path, moe_comm_self(), &v), MOE_ERR_ARG);
     assert_int_equal(access(path, F_OK), -1);
     v = fx_view(&fx, 0, 8, 0, 4, 1); /* expert choice ignores top_k */
     v.top_k = 5;
-    assert_int_equal(moe_dump_write(path, NULL, &v), MOE_OK);
+    assert_int_equal(moe_dump_write(path, moe_comm_self(), &v), MOE_OK);
     fx_free(&fx);
 }
 
@@ -165,7 +165,7 @@ static void test_bad_path(void **state)
     char path[300];
     snprintf(path, sizeof path, "%s/no/such/dir/a.h5", dir);
     moe_dump_view v = fx_view(&fx, 0, 4, 0, 2, 1);
-    assert_int_equal(moe_dump_write(path, NULL, &v), MOE_ERR_IO);
+    assert_int_equal(moe_dump_write(path, moe_comm_self(), &v), MOE_ERR_IO);
     assert_non_null(strstr(moe_error_detail(), "no/such/dir/a.h5.tmp.moe-dump"));
     fx_free(&fx);
 }
@@ -178,7 +178,7 @@ static void test_reader_errors(void **state)
     char path[300];
     snprintf(path, sizeof path, "%s/r.h5", dir);
     moe_dump_view v = fx_view(&fx, 0, 4, 0, 2, 1);
-    assert_int_equal(moe_dump_write(path, NULL, &v), MOE_OK);
+    assert_int_equal(moe_dump_write(path, moe_comm_self(), &v), MOE_OK);
     float buf[16];
     uint8_t u[16];
     assert_int_equal(moe_dump_read_f32(path, "/x", buf, 7), MOE_ERR_FORMAT);

@@ -11,6 +11,7 @@
 
 #include <cmocka.h>
 
+#include "comm/comm.h"
 #include "core/rng.h"
 #include "layer/layer.h"
 
@@ -45,7 +46,7 @@ static void setup(fixture *f, shape s)
         .router = {.n_experts = s.E, .top_k = s.k, .d_model = s.d, .kind = s.kind,
                    .capacity_factor = s.cf, .normalize_topk = s.k > 1, .noise = 0},
         .d_ff = s.F, .act = s.act, .max_tokens = s.T, .max_groups = s.G, .chunks = 1};
-    assert_int_equal(moe_layer_create(&f->L, &lc, NULL), MOE_OK);
+    assert_int_equal(moe_layer_create(&f->L, &lc, moe_comm_self()), MOE_OK);
     size_t nr = (size_t)s.E * s.d, n1 = (size_t)s.E * f->F1 * s.d, nb1 = (size_t)s.E * f->F1;
     size_t n2 = (size_t)s.E * s.d * s.F, nb2 = (size_t)s.E * s.d, na = (size_t)s.T * s.d;
     f->n_params = nr + n1 + nb1 + n2 + nb2;
@@ -258,19 +259,19 @@ static void test_bad_input(void **state)
         .d_ff = 8, .act = MOE_ACT_GELU, .max_tokens = 16, .max_groups = 2, .chunks = 1};
     moe_layer_config c = base;
     c.router.top_k = 5;
-    assert_int_equal(moe_layer_create(&L, &c, NULL), MOE_ERR_ARG);
+    assert_int_equal(moe_layer_create(&L, &c, moe_comm_self()), MOE_ERR_ARG);
     assert_true(strlen(moe_error_detail()) > 0);
     assert_null(L);
     c = base; c.router.top_k = 0;
-    assert_int_equal(moe_layer_create(&L, &c, NULL), MOE_ERR_ARG);
+    assert_int_equal(moe_layer_create(&L, &c, moe_comm_self()), MOE_ERR_ARG);
     c = base; c.router.n_experts = 0;
-    assert_int_equal(moe_layer_create(&L, &c, NULL), MOE_ERR_ARG);
+    assert_int_equal(moe_layer_create(&L, &c, moe_comm_self()), MOE_ERR_ARG);
     c = base; c.router.d_model = 0;
-    assert_int_equal(moe_layer_create(&L, &c, NULL), MOE_ERR_ARG);
+    assert_int_equal(moe_layer_create(&L, &c, moe_comm_self()), MOE_ERR_ARG);
     c = base; c.d_ff = -3;
-    assert_int_equal(moe_layer_create(&L, &c, NULL), MOE_ERR_ARG);
+    assert_int_equal(moe_layer_create(&L, &c, moe_comm_self()), MOE_ERR_ARG);
     c = base; c.router.kind = MOE_ROUTER_EXPERT_CHOICE; c.router.capacity_factor = 0;
-    assert_int_equal(moe_layer_create(&L, &c, NULL), MOE_ERR_ARG);
+    assert_int_equal(moe_layer_create(&L, &c, moe_comm_self()), MOE_ERR_ARG);
 
     shape s = {16, 2, 8, 8, 4, 2, MOE_ROUTER_TOKEN_CHOICE, 1.0, MOE_ACT_GELU};
     fixture f;
@@ -288,6 +289,35 @@ static void test_bad_input(void **state)
     teardown(&f);
 }
 
+/* The timing table names every field once, at its own offset, and the
+ * values read through it are the struct's (bench layer prints through it). */
+static void test_timing_table(void **state)
+{
+    (void)state;
+    moe_layer_timing t;
+    double *v = (double *)&t;
+    for (int i = 0; i < MOE_LAYER_TIMING_N; i++) v[i] = 0;
+    int seen[MOE_LAYER_TIMING_N] = {0};
+    for (int i = 0; i < MOE_LAYER_TIMING_N; i++) {
+        const size_t off = moe_layer_timing_fields[i].offset;
+        assert_true(off % sizeof(double) == 0 && off < sizeof t);
+        seen[off / sizeof(double)]++;
+        for (int j = 0; j < i; j++) assert_string_not_equal(moe_layer_timing_fields[i].name, moe_layer_timing_fields[j].name);
+    }
+    for (int i = 0; i < MOE_LAYER_TIMING_N; i++) assert_int_equal(seen[i], 1);
+    t.ret = 1.5;
+    t.combine = 2.5;
+    t.bwd_return = 3.5;
+    double ret = -1, comb = -1, bret = -1;
+    for (int i = 0; i < MOE_LAYER_TIMING_N; i++) {
+        const char *n = moe_layer_timing_fields[i].name;
+        if (!strcmp(n, "return")) ret = moe_layer_timing_get(&t, i);
+        if (!strcmp(n, "combine")) comb = moe_layer_timing_get(&t, i);
+        if (!strcmp(n, "bwd_return")) bret = moe_layer_timing_get(&t, i);
+    }
+    assert_true(ret == 1.5 && comb == 2.5 && bret == 3.5);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -295,6 +325,7 @@ int main(void)
         cmocka_unit_test(test_finite_differences),
         cmocka_unit_test(test_idle_expert_has_zero_gradient),
         cmocka_unit_test(test_bad_input),
+        cmocka_unit_test(test_timing_table),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -1,6 +1,6 @@
 #!/usr/bin/python3
-"""Independent PyTorch (float64) reference of the moerun model (checkpoint.md,
-routing.md) and its AdamW training step (docs: train.h), checked against the C
+"""Independent PyTorch (float64) reference of the moerun model (docs/formats.md section 1,
+docs/routing.md) and its AdamW training step (docs: train.h), checked against the C
 implementation.
 
 Runs the C exporter (tests/model/model_export.c) for a variant, reads the
@@ -53,7 +53,7 @@ def ffn(x, w1, b1, w2, b2, cfg):
 
 
 def moe(x, P, l, cfg, stats):
-    """x (N, d): routing per group of group_seqs*T tokens (routing.md)."""
+    """x (N, d): routing per group of group_seqs*T tokens (docs/routing.md)."""
     E, k = cfg["n_experts"], cfg["top_k"]
     Tg = cfg["group_seqs"] * cfg["T"]
     pre = f"h/{l}/moe/"

@@ -1,12 +1,12 @@
 #!/usr/bin/env python3
 """Independent PyTorch (float64) reference for a MoE layer dump.
 
-Reads a `moe bench layer --save` file (spec: layer-dump.md, numbers defined
-by routing.md) with h5py and recomputes everything from /x, the weights,
+Reads a `moe bench layer --save` file (docs/formats.md section 2, numbers defined
+by docs/routing.md) with h5py and recomputes everything from /x, the weights,
 /dy and the root attributes alone:
 
   logits, probs -> routing decision (token choice top-k, lower index wins
-  ties, normalize_topk, per-group capacity with the spec's rounding rule and
+  ties, normalize_topk, per-group capacity with docs/routing.md's rounding rule and
   fill order; or expert choice) -> y -> aux losses (mean over groups) ->
   gradients of  sum(y*dy) + aux_loss_coef*load_balance + z_loss_coef*z_loss
   by torch.autograd with respect to x, the router weight and w1 b1 w2 b2.
@@ -26,7 +26,7 @@ small expert is not hidden behind a large one and a slice tiny compared with
 the tensor is judged on an absolute scale. Scalars use |file - ref| /
 max(|ref|, 1e-12). Pass if err <= --tol (default 1e-4). Experts that
 received no kept assignment must have EXACTLY zero gradients in the file
-(routing.md 6).
+(docs/routing.md section 7).
 
 Exit status: 0 pass, 1 mismatch, 2 unreadable or malformed file, 3 ambiguous
 routing (near-tie).
@@ -50,7 +50,7 @@ class FormatError(Exception):
 
 
 def ceil_tol(v):
-    """routing.md 2: ceil, where a value within 1e-9 of an integer is that integer."""
+    """docs/routing.md section 3: ceil, where a value within 1e-9 of an integer is that integer."""
     r = round(v)
     return int(r) if abs(v - r) <= 1e-9 else int(math.ceil(v))
 
@@ -122,7 +122,7 @@ def near(a, b, tol):
 
 
 def route(cfg, p, tie_tol):
-    """Routing decision of routing.md 2-3 on float64 probs p (T, E), per group.
+    """Routing decision of docs/routing.md sections 3-4 on float64 probs p (T, E), per group.
     Returns selected, kept (T, E) bool, topk (T, k) or None, and the groups
     containing near-ties (dict group -> description)."""
     T, G, E, k = cfg["T"], cfg["G"], cfg["E"], cfg["k"]
@@ -192,7 +192,7 @@ def reference(cfg, data, tie_tol):
     kept_t = torch.from_numpy(kept)
     if cfg["router"] == "token_choice":
         g = probs
-        if cfg["normalize"] and k > 1:  # always off for k = 1 (routing.md 2)
+        if cfg["normalize"] and k > 1:  # always off for k = 1 (docs/routing.md section 3)
             denom = torch.gather(probs, 1, torch.from_numpy(topk)).sum(dim=1, keepdim=True)
             g = probs / denom
     else:
@@ -302,7 +302,7 @@ def main(argv=None):
             status = EXIT_MISMATCH
         print(f"  {'/' + name:<22} {scale:11.4e} {dmax:11.4e} {err:10.2e}  {where}{'' if ok else '  <-- FAIL'}")
 
-    # routing.md 6: an expert with no kept assignment has an exactly zero gradient.
+    # docs/routing.md section 7: an expert with no kept assignment has an exactly zero gradient.
     idle = np.nonzero(kept.sum(axis=0) == 0)[0]
     for e in idle:
         for n in ("grad/experts/w1", "grad/experts/b1", "grad/experts/w2", "grad/experts/b2"):

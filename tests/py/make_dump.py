@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Writes a synthetic layer dump (layer-dump.md) from a float32 PyTorch
+"""Writes a synthetic layer dump (docs/formats.md section 2) from a float32 PyTorch
 forward and backward, so that layer_ref.py and h5_compare.py can be tested
 without the C runtime. Deliberately written differently from layer_ref.py
 (per-token loops, Python sorting, float32, a per-expert FFN loop) so that

@@ -2,7 +2,7 @@
  * double-precision re-implementation of the loss
  *   L = sum_{t,e} R_{t,e} g_{t,e} + a sum_g L_bal_g + b sum_g L_z_g
  * with the selection (top-k, capacity, expert choice) and the noise draws
- * frozen from the float forward, as routing.md 6 says: selection is not
+ * frozen from the float forward, as docs/routing.md section 7 says: selection is not
  * differentiated. Each term is also checked alone, so a missing term fails. */
 #include <setjmp.h>
 #include <stdarg.h>
@@ -35,7 +35,7 @@ static double softmax_d(double *p, const double *l)
     return mx + log(s);
 }
 
-/* The loss from routing.md 1-5 in double. Optionally returns the combine
+/* The loss from docs/routing.md sections 2-6 in double. Optionally returns the combine
  * weights (T, E) and per-group L_bal, L_z for comparison with the forward. */
 static double loss_d(const frozen *f, const double *x, const double *wg, const double *wn, double *weight,
                      double *lbal, double *lz)

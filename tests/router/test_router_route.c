@@ -22,7 +22,7 @@ static void test_capacity(void **state)
 {
     (void)state;
     moe_router_config c = tu_config(TC, 2, 2, 4, 1.1, 1, 0);
-    assert_int_equal(moe_router_capacity(&c, 50), 55); /* routing.md: 2*50*1.1/2 is 55, not 56 */
+    assert_int_equal(moe_router_capacity(&c, 50), 55); /* docs/routing.md: 2*50*1.1/2 is 55, not 56 */
     c = tu_config(TC, 8, 2, 4, 1.25, 1, 0);
     assert_int_equal(moe_router_capacity(&c, 4096), 1280);
     assert_int_equal(moe_router_capacity(&c, 100), 32); /* 31.25 rounds up */

@@ -311,7 +311,7 @@ static void check_file_parts(moe_tok *t, const uint8_t *text, size_t n, const ch
     int repaired = 0;
     for (int threads = 1; threads <= 6; threads++) {
         moe_tok_encode_stats s;
-        assert_ok(moe_tok_encode_file(NULL, t, "parts_in.txt", "parts_out.tok", threads, (const uint8_t *)delim,
+        assert_ok(moe_tok_encode_file(moe_comm_self(), t, "parts_in.txt", "parts_out.tok", threads, (const uint8_t *)delim,
                                       delim ? strlen(delim) : 0, sep, &s));
         repaired += s.bad_splits;
         moe_tok_file *tf;

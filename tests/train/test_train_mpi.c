@@ -1,5 +1,5 @@
 /* The training engine over W ranks against a single-process run of the same
- * global batch (every rank runs that reference too, comm == NULL): initial
+ * global batch (every rank runs that reference too, on moe_comm_self()): initial
  * weights bitwise equal to the reference rows, then for 10 steps losses and
  * gradient norms within 1e-4 relative, identical per-expert update counts,
  * final parameters close to the reference, dense parameters bitwise equal on
@@ -12,6 +12,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "comm/comm.h"
 #include "core/rng.h"
 #include "train/train.h"
 
@@ -95,7 +96,7 @@ int main(int argc, char **argv)
 
     moe_trainer *tr = NULL, *ref = NULL;
     CHECK(moe_trainer_create(&tr, &cfg, c) == MOE_OK);
-    CHECK(moe_trainer_create(&ref, &cfg, NULL) == MOE_OK);
+    CHECK(moe_trainer_create(&ref, &cfg, moe_comm_self()) == MOE_OK);
     if (fails) return 1;
     moe_model *m = moe_trainer_model(tr), *mr = moe_trainer_model(ref);
     const moe_tensor_table *tab = moe_model_tensors(m), *rtab = moe_model_tensors(mr);

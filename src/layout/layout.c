@@ -1,0 +1,166 @@
+/* The descriptor of every tensor (layout.h) and the table built from it. */
+#include "layout/layout.h"
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+/* Dimensions, resolved against a configuration. */
+typedef enum { D_V, D_S, D_C, D_3C, D_E, D_F, D_F1 } dim_code;
+
+/* Where a tensor sits: before the blocks, in every block, in MoE or dense
+ * blocks only, after the blocks. */
+typedef enum { AT_HEAD, AT_BLOCK, AT_MOE, AT_DENSE, AT_TAIL } place;
+
+typedef struct {
+    moe_tensor_kind kind;
+    const char *name;         /* under /model; block tensors get "h/<l>/" in front */
+    place at;
+    int ndim;
+    dim_code dims[MOE_TENSOR_MAX_DIMS];
+    int sharded;              /* dim 0 split into expert segments over the ep group */
+    int decay;
+    moe_init_kind init;
+    int role;                 /* MOE_TENSOR_PARAM or MOE_TENSOR_BUFFER */
+    int (*present)(const moe_train_config *c); /* NULL: always */
+} tensor_desc;
+
+static int with_router_noise(const moe_train_config *c) { return c->router_noise != 0; }
+
+#define P MOE_TENSOR_PARAM
+/* In table order (part of the format: see layout.h). */
+static const tensor_desc descs[] = {
+    {MOE_T_WTE, "wte", AT_HEAD, 2, {D_V, D_C}, 0, 1, MOE_INIT_NORMAL, P, NULL},
+    {MOE_T_WPE, "wpe", AT_HEAD, 2, {D_S, D_C}, 0, 1, MOE_INIT_NORMAL, P, NULL},
+    {MOE_T_LN1_W, "ln_1/weight", AT_BLOCK, 1, {D_C}, 0, 0, MOE_INIT_ONE, P, NULL},
+    {MOE_T_LN1_B, "ln_1/bias", AT_BLOCK, 1, {D_C}, 0, 0, MOE_INIT_ZERO, P, NULL},
+    {MOE_T_QKV_W, "attn/c_attn/weight", AT_BLOCK, 2, {D_3C, D_C}, 0, 1, MOE_INIT_NORMAL, P, NULL},
+    {MOE_T_QKV_B, "attn/c_attn/bias", AT_BLOCK, 1, {D_3C}, 0, 0, MOE_INIT_ZERO, P, NULL},
+    {MOE_T_PROJ_W, "attn/c_proj/weight", AT_BLOCK, 2, {D_C, D_C}, 0, 1, MOE_INIT_RESID, P, NULL},
+    {MOE_T_PROJ_B, "attn/c_proj/bias", AT_BLOCK, 1, {D_C}, 0, 0, MOE_INIT_ZERO, P, NULL},
+    {MOE_T_LN2_W, "ln_2/weight", AT_BLOCK, 1, {D_C}, 0, 0, MOE_INIT_ONE, P, NULL},
+    {MOE_T_LN2_B, "ln_2/bias", AT_BLOCK, 1, {D_C}, 0, 0, MOE_INIT_ZERO, P, NULL},
+    {MOE_T_ROUTER_W, "moe/router/weight", AT_MOE, 2, {D_E, D_C}, 0, 1, MOE_INIT_NORMAL, P, NULL},
+    {MOE_T_NOISE_W, "moe/router/noise_weight", AT_MOE, 2, {D_E, D_C}, 0, 1, MOE_INIT_NORMAL, P, with_router_noise},
+    {MOE_T_EXP_W1, "moe/experts/w1", AT_MOE, 3, {D_E, D_F1, D_C}, 1, 1, MOE_INIT_NORMAL, P, NULL},
+    {MOE_T_EXP_B1, "moe/experts/b1", AT_MOE, 2, {D_E, D_F1}, 1, 0, MOE_INIT_ZERO, P, NULL},
+    {MOE_T_EXP_W2, "moe/experts/w2", AT_MOE, 3, {D_E, D_C, D_F}, 1, 1, MOE_INIT_RESID, P, NULL},
+    {MOE_T_EXP_B2, "moe/experts/b2", AT_MOE, 2, {D_E, D_C}, 1, 0, MOE_INIT_ZERO, P, NULL},
+    {MOE_T_FC_W, "mlp/c_fc/weight", AT_DENSE, 2, {D_F1, D_C}, 0, 1, MOE_INIT_NORMAL, P, NULL},
+    {MOE_T_FC_B, "mlp/c_fc/bias", AT_DENSE, 1, {D_F1}, 0, 0, MOE_INIT_ZERO, P, NULL},
+    {MOE_T_FCPROJ_W, "mlp/c_proj/weight", AT_DENSE, 2, {D_C, D_F}, 0, 1, MOE_INIT_RESID, P, NULL},
+    {MOE_T_FCPROJ_B, "mlp/c_proj/bias", AT_DENSE, 1, {D_C}, 0, 0, MOE_INIT_ZERO, P, NULL},
+    {MOE_T_LNF_W, "ln_f/weight", AT_TAIL, 1, {D_C}, 0, 0, MOE_INIT_ONE, P, NULL},
+    {MOE_T_LNF_B, "ln_f/bias", AT_TAIL, 1, {D_C}, 0, 0, MOE_INIT_ZERO, P, NULL},
+};
+#undef P
+#define N_DESCS ((int)(sizeof descs / sizeof descs[0]))
+
+int moe_layout_block_is_moe(const moe_train_config *cfg, int l) { return l % cfg->moe_every == 0; }
+
+static int64_t dim_value(dim_code d, const moe_train_config *c)
+{
+    switch (d) {
+    case D_V: return c->vocab_size;
+    case D_S: return c->seq_len;
+    case D_C: return c->d_model;
+    case D_3C: return 3 * (int64_t)c->d_model;
+    case D_E: return c->n_experts;
+    case D_F: return c->d_ff;
+    case D_F1: return moe_f1(c->d_ff, c->activation);
+    }
+    return 0;
+}
+
+/* Appends the tensors of one place (and block l) to t; counts only when t->t is NULL. */
+static moe_status add_place(moe_tensor_table *t, const moe_train_config *c, place at, int l, int64_t r0,
+                            int64_t rows)
+{
+    for (int i = 0; i < N_DESCS; i++) {
+        const tensor_desc *d = &descs[i];
+        if (d->at != at || (d->present && !d->present(c))) continue;
+        if (t->t) {
+            moe_tensor *x = &t->t[t->n];
+            memset(x, 0, sizeof *x);
+            int len = l < 0 ? snprintf(x->name, sizeof x->name, "%s", d->name)
+                            : snprintf(x->name, sizeof x->name, "h/%d/%s", l, d->name);
+            if (len >= (int)sizeof x->name) return moe_errorf(MOE_ERR_ARG, "layout: tensor name '%s' too long", x->name);
+            x->ndim = d->ndim;
+            for (int k = 0; k < d->ndim; k++) x->shape[k] = dim_value(d->dims[k], c);
+            x->expert_sharded = d->sharded;
+            x->row0 = d->sharded ? r0 : 0;
+            x->rows = d->sharded ? rows : x->shape[0];
+            x->block = l;
+            x->layer = d->sharded ? l : -1;
+            x->kind = d->kind;
+            x->role = d->role;
+            x->init = d->init;
+            x->decay = d->decay;
+            x->numel = (size_t)(x->rows * moe_tensor_row_numel(x));
+        }
+        t->n++;
+    }
+    return MOE_OK;
+}
+
+/* Every tensor of the model in table order (counting pass when t->t is NULL). */
+static moe_status add_all(moe_tensor_table *t, const moe_train_config *c, int64_t r0, int64_t rows)
+{
+    moe_status st = add_place(t, c, AT_HEAD, -1, r0, rows);
+    for (int l = 0; st == MOE_OK && l < c->n_layers; l++) {
+        st = add_place(t, c, AT_BLOCK, l, r0, rows);
+        if (st == MOE_OK) st = add_place(t, c, moe_layout_block_is_moe(c, l) ? AT_MOE : AT_DENSE, l, r0, rows);
+    }
+    if (st == MOE_OK) st = add_place(t, c, AT_TAIL, -1, r0, rows);
+    return st;
+}
+
+moe_status moe_layout_create(moe_tensor_table **out, const moe_train_config *c, int ep_rank, int ep_size)
+{
+    *out = NULL;
+    moe_status st = moe_train_config_check_model(c);
+    if (st != MOE_OK) return st;
+    if (ep_size < 1 || c->n_experts % ep_size != 0 || ep_rank < 0 || ep_rank >= ep_size)
+        return moe_errorf(MOE_ERR_ARG, "expert-parallel size %d (rank %d) must divide n_experts = %d", ep_size,
+                          ep_rank, c->n_experts);
+    const int64_t rows = c->n_experts / ep_size, r0 = ep_rank * rows;
+    moe_tensor_table *t = calloc(1, sizeof *t);
+    if (!t) return moe_errorf(MOE_ERR_NOMEM, "layout table");
+    add_all(t, c, r0, rows); /* count */
+    const int n = t->n;
+    t->n = 0;
+    t->t = calloc((size_t)n, sizeof *t->t);
+    st = t->t ? add_all(t, c, r0, rows) : moe_errorf(MOE_ERR_NOMEM, "layout: %d tensors", n);
+    if (st != MOE_OK) {
+        moe_layout_destroy(t);
+        return st;
+    }
+    /* Offsets: every replicated tensor first, then every expert tensor. */
+    size_t off = 0;
+    for (int pass = 0; pass < 2; pass++) {
+        for (int i = 0; i < t->n; i++) {
+            moe_tensor *x = &t->t[i];
+            if (x->expert_sharded != pass) continue;
+            x->offset = off;
+            off += x->numel;
+        }
+        if (pass == 0) t->dense = off;
+    }
+    t->total = off;
+    *out = t;
+    return MOE_OK;
+}
+
+void moe_layout_destroy(moe_tensor_table *t)
+{
+    if (!t) return;
+    free(t->t);
+    free(t);
+}
+
+int moe_layout_find(const moe_tensor_table *t, moe_tensor_kind kind, int layer)
+{
+    for (int i = 0; i < t->n; i++)
+        if (t->t[i].kind == (int)kind && t->t[i].block == layer) return i;
+    return -1;
+}

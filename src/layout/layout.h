@@ -1,0 +1,58 @@
+/* The one descriptor of every tensor of the model: name (its /model path),
+ * shape, which dimension is sharded over experts, dense or expert, parameter
+ * or buffer, weight decay and init kind, and under which options it exists.
+ * From it moe_layout_create builds the moe_tensor_table that the model
+ * (allocation, init, views), the trainer (reduction, AdamW), checkpoints
+ * (datasets and shapes), the decoder and `moe inspect` all use; a new
+ * tensor or architecture option is added here, once.
+ *
+ * Order: the global tensors before the blocks (wte, wpe), then every block
+ * l = 0 .. n_layers-1 (its common tensors, then those of an MoE or of a
+ * dense feed-forward), then the global tensors after them (ln_f). The table
+ * index is part of each tensor's init random key, so the order is part of
+ * the format. Offsets: every replicated tensor first (in table order), then
+ * every expert-sharded one, so the dense gradients are one range.
+ *
+ * Anticipated (not built yet), each a descriptor line plus a predicate:
+ * no biases when linear_bias = 0, no wpe with RoPE, norms without bias for
+ * RMSNorm, q_norm/k_norm, lm_head when untied, shared experts (dense even
+ * with an expert-like leading dim: sharded = 0), router expert_bias as a
+ * MOE_TENSOR_BUFFER; vocabulary experts shard dim 0 of the head into
+ * segments of non-contiguous rows (moe_tensor seg_off and row_ids). */
+#ifndef MOE_LAYOUT_H
+#define MOE_LAYOUT_H
+
+#include "config/config.h"
+#include "core/tensor.h"
+
+typedef enum {
+    MOE_T_WTE, MOE_T_WPE, MOE_T_LNF_W, MOE_T_LNF_B,
+    /* every block */
+    MOE_T_LN1_W, MOE_T_LN1_B, MOE_T_QKV_W, MOE_T_QKV_B, MOE_T_PROJ_W, MOE_T_PROJ_B, MOE_T_LN2_W, MOE_T_LN2_B,
+    /* a dense feed-forward block */
+    MOE_T_FC_W, MOE_T_FC_B, MOE_T_FCPROJ_W, MOE_T_FCPROJ_B,
+    /* an MoE block */
+    MOE_T_ROUTER_W, MOE_T_NOISE_W, MOE_T_EXP_W1, MOE_T_EXP_B1, MOE_T_EXP_W2, MOE_T_EXP_B2,
+    MOE_T_COUNT
+} moe_tensor_kind;
+
+/* How a parameter starts (GPT-2): normal(0, 0.02), the same scaled by
+ * 1/sqrt(2 n_layers) for residual projections, zeros, ones. */
+typedef enum { MOE_INIT_NORMAL, MOE_INIT_RESID, MOE_INIT_ZERO, MOE_INIT_ONE } moe_init_kind;
+
+/* 1 if block l has an MoE feed-forward (every moe_every-th from block 0). */
+int moe_layout_block_is_moe(const moe_train_config *cfg, int l);
+
+/* The table of cfg's model for ep rank ep_rank of ep_size (which must
+ * divide n_experts): names, global shapes, local rows, kinds, offsets.
+ * Checks the model keys first (moe_train_config_check_model), so that a
+ * file's absurd attributes never reach an allocation. MOE_ERR_ARG naming
+ * the key, MOE_ERR_NOMEM. Not collective. */
+moe_status moe_layout_create(moe_tensor_table **out, const moe_train_config *cfg, int ep_rank, int ep_size);
+void moe_layout_destroy(moe_tensor_table *t);
+
+/* Table index of tensor `kind` of block `layer` (-1 for global tensors),
+ * or -1 when the model has no such tensor. Not collective. */
+int moe_layout_find(const moe_tensor_table *t, moe_tensor_kind kind, int layer);
+
+#endif

@@ -1,0 +1,381 @@
+/* The training run (run.h): data, trainer, the step loop with validation,
+ * gradient dumps, checkpoints, resume and the metrics file. Moved here from
+ * the `moe train` command so that a C test drives the same loop. */
+#include "train/run.h"
+
+#include <cjson/cJSON.h>
+#include <errno.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+
+#include "ckpt/ckpt.h"
+
+struct moe_train_run {
+    moe_train_config cfg;
+    moe_comm *comm;            /* not owned */
+    moe_train_callbacks cb;
+    int rank, W;
+    moe_data *ds;
+    moe_trainer *tr;
+    moe_model *model;
+    int n_moe, E, El, e0, B;
+    int64_t *tokens_total, *dropped_total; /* (n_moe, E) since step 0, global */
+    int64_t *expert_step_g;                /* (n_moe, E) global view for checkpoints */
+    uint8_t *in, *tg;                      /* (B, seq_len) this rank's batch */
+    char *config_text;                     /* the resolved INI text (owned) */
+    FILE *metrics;                         /* rank 0 */
+    int64_t step, step0, tokens_seen;
+    double t_start, last_val, ckpt_total, last_ckpt;
+    int stopped;
+    moe_train_stats ts;
+};
+
+static int mkdir_p(const char *path)
+{
+    char tmp[1024];
+    snprintf(tmp, sizeof tmp, "%s", path);
+    for (char *p = tmp + 1; *p; p++) {
+        if (*p != '/') continue;
+        *p = '\0';
+        if (mkdir(tmp, 0775) && errno != EEXIST) return -1;
+        *p = '/';
+    }
+    return mkdir(tmp, 0775) && errno != EEXIST ? -1 : 0;
+}
+
+/* Validation loss (nats per byte) over val_batches fixed batches. Collective. */
+static moe_status validate(moe_train_run *r, uint8_t *in, uint8_t *tg, double *loss)
+{
+    const moe_train_config *c = &r->cfg;
+    const int B = r->B;
+    int64_t n_total = (int64_t)c->val_batches * c->batch_size;
+    if (n_total > moe_data_val_windows(r->ds)) n_total = moe_data_val_windows(r->ds) / c->batch_size * c->batch_size;
+    if (n_total < c->batch_size) n_total = c->batch_size;
+    double ce = 0;
+    int64_t tokens = 0;
+    for (int64_t v = 0; v * c->batch_size < n_total; v++) {
+        moe_status st = moe_data_val_batch(r->ds, in, tg, v * c->batch_size + (int64_t)r->rank * B, n_total, B);
+        st = moe_comm_agree_detail(r->comm, MOE_SCOPE_WORLD, st);
+        if (!st) st = moe_model_forward(r->model, in, tg, B, c->seq_len, 0, 0);
+        moe_model_stats s;
+        moe_status st2 = moe_model_reduce_stats(r->model, &s);
+        if (st) return st;
+        if (st2) return st2;
+        ce += s.ce_sum;
+        tokens += s.tokens;
+    }
+    *loss = tokens ? ce / tokens : NAN;
+    return MOE_OK;
+}
+
+/* Worst max/mean expert load over the MoE layers, and dropped share. */
+static void load_figures(const moe_model_stats *s, double *balance, double *drop_frac)
+{
+    double worst = 0, kept = 0, dropped = 0;
+    for (int l = 0; l < s->n_moe_layers; l++) {
+        double mx = 0, sum = 0;
+        for (int e = 0; e < s->n_experts; e++) {
+            double k = (double)s->kept[(size_t)l * s->n_experts + e];
+            sum += k;
+            mx = k > mx ? k : mx;
+            dropped += (double)s->dropped[(size_t)l * s->n_experts + e];
+        }
+        kept += sum;
+        if (sum > 0) {
+            double b = mx / (sum / s->n_experts);
+            worst = b > worst ? b : worst;
+        }
+    }
+    *balance = worst;
+    *drop_frac = kept + dropped > 0 ? dropped / (kept + dropped) : 0;
+}
+
+static void write_metrics(moe_train_run *r, const moe_train_progress *p)
+{
+    const moe_train_stats *ts = p->stats;
+    const double val = p->val_loss, ckpt_s = p->checkpoint_s;
+    cJSON *j = cJSON_CreateObject();
+    cJSON_AddNumberToObject(j, "step", (double)p->step);
+    cJSON_AddNumberToObject(j, "loss", ts->model.loss);
+    cJSON_AddNumberToObject(j, "ce", ts->model.ce);
+    cJSON_AddNumberToObject(j, "bpb", ts->model.ce / M_LN2);
+    if (isfinite(val)) {
+        cJSON_AddNumberToObject(j, "val_loss", val);
+        cJSON_AddNumberToObject(j, "val_bpb", val / M_LN2);
+    }
+    cJSON_AddNumberToObject(j, "load_balance_loss",
+                            ts->model.aux_terms ? ts->model.lb_sum / ts->model.aux_terms : 0);
+    cJSON_AddNumberToObject(j, "z_loss", ts->model.aux_terms ? ts->model.z_sum / ts->model.aux_terms : 0);
+    cJSON_AddNumberToObject(j, "lr", ts->lr);
+    cJSON_AddNumberToObject(j, "grad_norm", ts->grad_norm);
+    cJSON_AddNumberToObject(j, "tokens_per_s", p->tokens_per_s);
+    cJSON_AddNumberToObject(j, "dropped_frac", p->dropped_frac);
+    cJSON_AddNumberToObject(j, "max_over_mean_load", p->max_over_mean_load);
+    cJSON_AddNumberToObject(j, "active_experts", (double)ts->active_experts);
+    if (ckpt_s > 0) cJSON_AddNumberToObject(j, "checkpoint_s", ckpt_s);
+    /* where rank 0's step time went (the reduction includes waiting for the
+     * slowest rank) */
+    cJSON *tm = cJSON_AddObjectToObject(j, "time_ms");
+    cJSON_AddNumberToObject(tm, "forward", 1e3 * ts->t_forward);
+    cJSON_AddNumberToObject(tm, "backward", 1e3 * ts->t_backward);
+    cJSON_AddNumberToObject(tm, "reduce", 1e3 * ts->t_reduce);
+    cJSON_AddNumberToObject(tm, "update", 1e3 * ts->t_update);
+    cJSON *layers = cJSON_AddArrayToObject(j, "layers");
+    for (int l = 0; l < ts->model.n_moe_layers; l++) {
+        cJSON *o = cJSON_CreateObject();
+        cJSON_AddNumberToObject(o, "block", ts->model.moe_blocks[l]);
+        cJSON *k = cJSON_AddArrayToObject(o, "kept"), *d = cJSON_AddArrayToObject(o, "dropped");
+        for (int e = 0; e < ts->model.n_experts; e++) {
+            cJSON_AddItemToArray(k, cJSON_CreateNumber((double)ts->model.kept[(size_t)l * ts->model.n_experts + e]));
+            cJSON_AddItemToArray(d, cJSON_CreateNumber((double)ts->model.dropped[(size_t)l * ts->model.n_experts + e]));
+        }
+        cJSON_AddItemToArray(layers, o);
+    }
+    char *s = cJSON_PrintUnformatted(j);
+    fprintf(r->metrics, "%s\n", s);
+    fflush(r->metrics);
+    free(s);
+    cJSON_Delete(j);
+}
+
+/* Fills the checkpoint state from the trainer (global expert steps gathered
+ * from the owners' local rows: each rank fills its own columns). */
+static void ckpt_state(moe_train_run *r, moe_ckpt_state *s, int64_t step, int64_t tokens_seen)
+{
+    const int64_t *local = moe_trainer_expert_steps(r->tr);
+    for (int l = 0; l < r->n_moe; l++)
+        for (int j = 0; j < r->El; j++)
+            r->expert_step_g[(size_t)l * r->E + r->e0 + j] = local[(size_t)l * r->El + j];
+    memset(s, 0, sizeof *s);
+    s->table = moe_model_tensors(r->model);
+    s->params = moe_model_params(r->model);
+    s->m = moe_trainer_adam_m(r->tr);
+    s->v = moe_trainer_adam_v(r->tr);
+    s->n_experts = r->E;
+    s->expert_step = r->expert_step_g;
+    s->expert_tokens = r->tokens_total;
+    s->expert_dropped = r->dropped_total;
+    s->opt_step = moe_trainer_updates(r->tr);
+    s->lr = moe_train_lr(&r->cfg, step > 0 ? step - 1 : 0);
+    s->beta1 = r->cfg.beta1;
+    s->beta2 = r->cfg.beta2;
+    s->eps = r->cfg.adam_eps;
+    s->weight_decay = r->cfg.weight_decay;
+    s->step = step;
+    s->tokens_seen = tokens_seen;
+    s->seed = r->cfg.seed;
+    /* Batches and router noise are pure functions of (seed, step): the step
+     * is the whole data cursor, and no generator carries state. */
+    snprintf(s->extra[0].name, sizeof s->extra[0].name, "data_cursor");
+    s->extra[0].value = step;
+    s->n_extra = 1;
+    s->config_text = r->config_text;
+    s->cfg = &r->cfg;
+}
+
+static moe_status dump_grads(moe_train_run *r, int64_t step, const moe_train_stats *ts)
+{
+    char path[1200];
+    snprintf(path, sizeof path, "%s/grads-%06lld.h5", r->cfg.out_dir, (long long)step);
+    size_t n = (size_t)r->n_moe * r->E;
+    uint8_t *activated = moe_calloc(n, 1);
+    moe_status ast = moe_comm_agree(r->comm, activated ? MOE_OK : moe_errorf(MOE_ERR_NOMEM, "gradient dump mask"));
+    if (ast) {
+        moe_free(activated);
+        return ast;
+    }
+    for (size_t i = 0; i < n; i++) activated[i] = ts->model.kept[i] > 0;
+    moe_status st = moe_ckpt_save_grads(path, r->comm, moe_model_tensors(r->model), moe_model_grads(r->model),
+                                        activated, r->E, step, &r->cfg, r->config_text);
+    moe_free(activated);
+    return st;
+}
+
+/* Writes out_dir/ckpt-<step>.h5 and points `latest` at it. */
+static moe_status save_checkpoint(moe_train_run *r, double *seconds)
+{
+    char path[1200];
+    const double t0 = moe_now(), interval = t0 - r->last_ckpt;
+    moe_status st = moe_ckpt_path(path, sizeof path, r->cfg.out_dir, r->step);
+    moe_ckpt_state s;
+    ckpt_state(r, &s, r->step, r->tokens_seen);
+    if (!st) st = moe_ckpt_save(path, r->comm, &s);
+    if (!st && r->rank == 0) st = moe_ckpt_commit(r->cfg.out_dir, path, r->cfg.keep_last);
+    st = moe_comm_agree_detail(r->comm, MOE_SCOPE_WORLD, st);
+    *seconds = moe_now() - t0;
+    if (st) return st;
+    r->ckpt_total += *seconds;
+    r->last_ckpt = moe_now();
+    if (r->cb.on_checkpoint) r->cb.on_checkpoint(r->cb.ctx, r->step, path, *seconds, interval);
+    return MOE_OK;
+}
+
+static moe_status resume(moe_train_run *r)
+{
+    char path[1200];
+    moe_status st = moe_ckpt_resolve(path, sizeof path, r->cfg.resume);
+    st = moe_comm_agree_detail(r->comm, MOE_SCOPE_WORLD, st);
+    if (st) return st;
+    moe_ckpt_state s;
+    ckpt_state(r, &s, 0, 0);
+    const double t0 = moe_now();
+    st = moe_ckpt_load(path, r->comm, &s, NULL);
+    if (st) return st;
+    int64_t *local = moe_trainer_expert_steps(r->tr);
+    for (int l = 0; l < r->n_moe; l++)
+        for (int j = 0; j < r->El; j++)
+            local[(size_t)l * r->El + j] = r->expert_step_g[(size_t)l * r->E + r->e0 + j];
+    moe_trainer_set_updates(r->tr, s.opt_step);
+    r->step = s.step;
+    r->tokens_seen = s.tokens_seen;
+    if (r->cb.on_resume) r->cb.on_resume(r->cb.ctx, path, s.step, moe_now() - t0);
+    return MOE_OK;
+}
+
+/* Rank 0's files of the run: metrics.jsonl (appended to on resume) and config.ini. */
+static moe_status open_outputs(moe_train_run *r)
+{
+    if (r->rank != 0) return MOE_OK;
+    char path[1200];
+    snprintf(path, sizeof path, "%s/metrics.jsonl", r->cfg.out_dir);
+    r->metrics = fopen(path, r->step > 0 ? "a" : "w");
+    if (!r->metrics) return moe_errorf(MOE_ERR_IO, "cannot write %s: %s", path, strerror(errno));
+    snprintf(path, sizeof path, "%s/config.ini", r->cfg.out_dir);
+    FILE *f = fopen(path, "w");
+    if (f) {
+        fputs(r->config_text, f);
+        fclose(f);
+    }
+    return MOE_OK;
+}
+
+moe_status moe_train_run_create(moe_train_run **out, const moe_train_config *cfg, const char *config_text,
+                                moe_comm *comm, const moe_train_callbacks *cb)
+{
+    *out = NULL;
+    moe_train_run *r = calloc(1, sizeof *r);
+    moe_status st = r ? MOE_OK : moe_errorf(MOE_ERR_NOMEM, "training run");
+    if (r) {
+        r->cfg = *cfg;
+        r->comm = comm;
+        if (cb) r->cb = *cb;
+        r->rank = moe_comm_rank(comm);
+        r->W = moe_comm_size(comm);
+        r->last_val = NAN;
+        if (config_text) {
+            r->config_text = strdup(config_text);
+        } else {
+            const int n = moe_train_config_format(cfg, NULL, 0);
+            if ((r->config_text = malloc((size_t)n + 1))) moe_train_config_format(cfg, r->config_text, n + 1);
+        }
+        if (!r->config_text) st = moe_errorf(MOE_ERR_NOMEM, "configuration text");
+    }
+    const moe_train_config *c = cfg;
+    if (!st && r->rank == 0 && mkdir_p(c->out_dir))
+        st = moe_errorf(MOE_ERR_IO, "cannot create out_dir '%s': %s", c->out_dir, strerror(errno));
+    if (!st)
+        st = moe_data_open(&r->ds, c->data, c->val_data[0] ? c->val_data : NULL, c->val_frac, c->seq_len, c->seed);
+    st = moe_comm_agree_detail(comm, MOE_SCOPE_WORLD, st);
+    if (!st) st = moe_trainer_create(&r->tr, c, comm);
+    if (!st) {
+        r->model = moe_trainer_model(r->tr);
+        r->n_moe = moe_model_n_moe_layers(r->model);
+        r->E = c->n_experts;
+        r->El = r->E / moe_comm_ep_size(comm);
+        r->e0 = moe_comm_ep_rank(comm) * r->El;
+        r->B = moe_trainer_local_seqs(r->tr);
+        const size_t nE = (size_t)(r->n_moe > 0 ? r->n_moe : 1) * r->E;
+        r->tokens_total = moe_calloc(nE, sizeof(int64_t));
+        r->dropped_total = moe_calloc(nE, sizeof(int64_t));
+        r->expert_step_g = moe_calloc(nE, sizeof(int64_t));
+        r->in = moe_calloc((size_t)r->B * c->seq_len, 1);
+        r->tg = moe_calloc((size_t)r->B * c->seq_len, 1);
+        st = r->tokens_total && r->dropped_total && r->expert_step_g && r->in && r->tg
+                 ? MOE_OK : moe_errorf(MOE_ERR_NOMEM, "train buffers");
+        st = moe_comm_agree_detail(comm, MOE_SCOPE_WORLD, st);
+    }
+    if (!st && c->resume[0]) st = resume(r);
+    if (!st) st = moe_comm_agree_detail(comm, MOE_SCOPE_WORLD, open_outputs(r));
+    if (st) {
+        moe_train_run_destroy(r);
+        return st;
+    }
+    r->step0 = r->step;
+    r->t_start = r->last_ckpt = moe_now();
+    *out = r;
+    return MOE_OK;
+}
+
+void moe_train_run_destroy(moe_train_run *r)
+{
+    if (!r) return;
+    if (r->metrics) fclose(r->metrics);
+    moe_trainer_destroy(r->tr);
+    moe_data_destroy(r->ds);
+    moe_free(r->tokens_total);
+    moe_free(r->dropped_total);
+    moe_free(r->expert_step_g);
+    moe_free(r->in);
+    moe_free(r->tg);
+    free(r->config_text);
+    free(r);
+}
+
+moe_status moe_train_run_step(moe_train_run *r)
+{
+    const moe_train_config *c = &r->cfg;
+    if (r->step >= c->steps) return moe_errorf(MOE_ERR_ARG, "training run: all %d steps are done", c->steps);
+    const int S = c->seq_len;
+    double t_step = moe_now();
+    moe_status st = moe_data_batch(r->ds, r->in, r->tg, r->step, r->rank * r->B, r->B);
+    st = moe_comm_agree_detail(r->comm, MOE_SCOPE_WORLD, st);
+    if (!st) st = moe_trainer_step(r->tr, r->in, r->tg, r->step, &r->ts);
+    if (st) return st;
+    t_step = moe_now() - t_step;
+    r->step++;
+    r->tokens_seen += (int64_t)c->batch_size * S;
+    const moe_train_stats *ts = &r->ts;
+    for (size_t i = 0; i < (size_t)r->n_moe * r->E; i++) {
+        r->tokens_total[i] += ts->model.kept[i];
+        r->dropped_total[i] += ts->model.dropped[i];
+    }
+    if (c->dump_grads_every > 0 && r->step % c->dump_grads_every == 0 && (st = dump_grads(r, r->step, ts)))
+        return st;
+    moe_train_progress p = {.step = r->step, .first_step = r->step0, .stats = ts, .val_loss = NAN};
+    if (moe_data_val_bytes(r->ds) > 0 && c->val_every > 0 && (r->step % c->val_every == 0 || r->step == c->steps)) {
+        if ((st = validate(r, r->in, r->tg, &p.val_loss))) return st;
+        r->last_val = p.val_loss;
+    }
+    /* Preemption: any rank may ask; all stop after a checkpoint of this step. */
+    /* Asked on every rank, hook or not, so that ranks whose hooks differ
+     * still run the same collectives. */
+    double stop = r->cb.should_stop && r->cb.should_stop(r->cb.ctx, r->step) ? 1.0 : 0.0;
+    if ((st = moe_comm_allmax_f64(r->comm, MOE_SCOPE_WORLD, &stop, 1))) return st;
+    r->stopped = stop > 0;
+    if ((c->ckpt_every > 0 && r->step % c->ckpt_every == 0) || r->step == c->steps || r->stopped)
+        if ((st = save_checkpoint(r, &p.checkpoint_s))) return st;
+    p.last_val_loss = r->last_val;
+    p.tokens_per_s = (double)c->batch_size * S / t_step; /* the step alone */
+    load_figures(&ts->model, &p.max_over_mean_load, &p.dropped_frac);
+    p.elapsed_s = moe_now() - r->t_start;
+    if (r->metrics) write_metrics(r, &p);
+    if (r->cb.on_step) r->cb.on_step(r->cb.ctx, &p);
+    return MOE_OK;
+}
+
+moe_status moe_train_run_run(moe_train_run *r)
+{
+    moe_status st = MOE_OK;
+    while (!st && !r->stopped && r->step < r->cfg.steps) st = moe_train_run_step(r);
+    return st;
+}
+
+int64_t moe_train_run_steps_done(const moe_train_run *r) { return r->step; }
+int moe_train_run_stopped(const moe_train_run *r) { return r->stopped; }
+double moe_train_run_checkpoint_seconds(const moe_train_run *r) { return r->ckpt_total; }
+double moe_train_run_last_val_loss(const moe_train_run *r) { return r->last_val; }
+moe_trainer *moe_train_run_trainer(moe_train_run *r) { return r->tr; }
+const moe_data *moe_train_run_data(const moe_train_run *r) { return r->ds; }

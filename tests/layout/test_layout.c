@@ -1,0 +1,105 @@
+/* layout: the one descriptor of every tensor. Lookups by kind (what the
+ * model, decoder and inspect use instead of names), init kinds, a tensor
+ * that exists only under an option, and the [model] keys as typed /model
+ * attributes, set back into a configuration. */
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <string.h>
+
+#include <cmocka.h>
+
+#include "layout/layout.h"
+
+static void config(moe_train_config *c)
+{
+    moe_train_config_default(c);
+    c->d_model = 8;
+    c->n_layers = 3;
+    c->n_heads = 2;
+    c->seq_len = 8;
+    c->n_experts = 12;
+    c->top_k = 2;
+    c->d_ff = 8;
+    c->moe_every = 2;
+    c->activation = MOE_ACT_SWIGLU;
+    c->router_noise = 1;
+}
+
+static void test_descriptor(void **state)
+{
+    (void)state;
+    moe_train_config c;
+    config(&c);
+    moe_tensor_table *t = NULL;
+    assert_int_equal(moe_layout_create(&t, &c, 1, 3), MOE_OK);
+    /* Lookups by kind: the decoder, inspect and the model use these, not names. */
+    const int w1 = moe_layout_find(t, MOE_T_EXP_W1, 2);
+    assert_true(w1 >= 0);
+    assert_string_equal(t->t[w1].name, "h/2/moe/experts/w1");
+    assert_int_equal(t->t[w1].init, MOE_INIT_NORMAL);
+    assert_int_equal(t->t[moe_layout_find(t, MOE_T_EXP_W2, 0)].init, MOE_INIT_RESID);
+    assert_int_equal(t->t[moe_layout_find(t, MOE_T_LNF_W, -1)].init, MOE_INIT_ONE);
+    assert_int_equal(moe_layout_find(t, MOE_T_EXP_W1, 1), -1); /* block 1 is dense */
+    assert_int_equal(moe_layout_find(t, MOE_T_FC_W, 0), -1);
+    assert_string_equal(t->t[moe_layout_find(t, MOE_T_FC_W, 1)].name, "h/1/mlp/c_fc/weight");
+    const int had_noise = moe_layout_find(t, MOE_T_NOISE_W, 0) >= 0;
+    assert_int_equal(had_noise, c.router_noise != 0);
+    for (int i = 0; i < t->n; i++) {
+        assert_int_equal(t->t[i].role, MOE_TENSOR_PARAM);
+        assert_int_equal(moe_layout_find(t, (moe_tensor_kind)t->t[i].kind, t->t[i].block), i);
+    }
+    moe_layout_destroy(t);
+    /* A tensor present only under an option: the router noise weight. */
+    c.router_noise = !c.router_noise;
+    assert_int_equal(moe_layout_create(&t, &c, 1, 3), MOE_OK);
+    assert_int_equal(moe_layout_find(t, MOE_T_NOISE_W, 0) >= 0, !had_noise);
+    moe_layout_destroy(t);
+    c.router_noise = !c.router_noise;
+    /* The /model attributes are the [model] keys, typed, and set back. */
+    moe_model_attr at[MOE_MODEL_ATTRS_MAX];
+    const int na = moe_train_config_model_attrs(&c, at, MOE_MODEL_ATTRS_MAX);
+    assert_int_equal(na, 16);
+    moe_train_config back;
+    memset(&back, 0, sizeof back);
+    for (int i = 0; i < na; i++) assert_int_equal(moe_train_config_set_model_attr(&back, &at[i]), MOE_OK);
+    moe_model_attr at2[MOE_MODEL_ATTRS_MAX];
+    assert_int_equal(moe_train_config_model_attrs(&back, at2, MOE_MODEL_ATTRS_MAX), na);
+    for (int i = 0; i < na; i++) {
+        assert_string_equal(at[i].name, at2[i].name);
+        assert_true(at[i].i == at2[i].i && at[i].r == at2[i].r);
+        if (at[i].type == MOE_ATTR_TEXT) assert_string_equal(at[i].text, at2[i].text);
+    }
+    moe_model_attr bad = {.name = "lr", .type = MOE_ATTR_REAL, .r = 1};
+    assert_int_equal(moe_train_config_set_model_attr(&back, &bad), MOE_ERR_ARG); /* not a model key */
+}
+
+/* Out-of-range model keys and an ep size that does not divide E are refused
+ * before anything is allocated, naming the key. */
+static void test_refused(void **state)
+{
+    (void)state;
+    moe_train_config c;
+    config(&c);
+    moe_tensor_table *t = NULL;
+    c.n_layers = 1 << 13;
+    assert_int_equal(moe_layout_create(&t, &c, 0, 1), MOE_ERR_ARG);
+    assert_non_null(strstr(moe_error_detail(), "n_layers"));
+    config(&c);
+    c.n_heads = 3;
+    assert_int_equal(moe_layout_create(&t, &c, 0, 1), MOE_ERR_ARG);
+    assert_non_null(strstr(moe_error_detail(), "n_heads"));
+    config(&c);
+    assert_int_equal(moe_layout_create(&t, &c, 3, 3), MOE_ERR_ARG);
+    assert_null(t);
+}
+
+int main(void)
+{
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_descriptor),
+        cmocka_unit_test(test_refused),
+    };
+    return cmocka_run_group_tests(tests, NULL, NULL);
+}
