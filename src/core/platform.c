@@ -144,8 +144,8 @@ moe_status moe_platform_check(const moe_platform *all, int n, int allow_mixed_ke
         put_groups(&m, all, n, off);
         put(&m, "; the same GEMM gives other bits on other kernels, so ranks would drift apart");
         if (!allow_mixed_kernels) {
-            put(&m, ". Give every rank the same OPENBLAS_CORETYPE (e.g. mpirun -x OPENBLAS_CORETYPE=%s; "
-                    "launch/moe-local forwards it) or pass --allow_mixed_kernels to accept the difference",
+            put(&m, ". Give every rank the same OPENBLAS_* variables (e.g. mpirun -x OPENBLAS_CORETYPE=%s; "
+                    "launch/moe-local exports them all) or pass --allow_mixed_kernels to accept the difference",
                 all[0].blas_core);
             return moe_errorf(MOE_ERR_MISMATCH, "%s", msg);
         }
