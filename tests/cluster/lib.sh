@@ -9,7 +9,7 @@
 #   working network namespaces.
 # $py: the Python with h5py and numpy (MOE_PYTHON3 from CMake, else Debian's).
 # run_for LIMIT_S LOG CMD...: CMD under `timeout`, stdout+stderr to LOG;
-#   returns CMD's status (124: timed out).
+#   returns CMD's status (124: timed out). run_for_json: stderr to LOG.err.
 # Every wait is bounded; cleanup runs on every exit path.
 
 py=${MOE_PYTHON3:-/usr/bin/python3}
@@ -89,7 +89,7 @@ vc_cleanup() {
     fi
     if (( rc != 0 )); then
         local f
-        for f in "$tmp"/*.log; do [[ -f $f ]] && { echo "==== tail of $f"; tail -n 25 "$f"; }; done
+        for f in "$tmp"/*.log "$tmp"/*.log.err; do [[ -f $f ]] && { echo "==== tail of $f"; tail -n 25 "$f"; }; done
     fi
     if [[ ${MOE_CLUSTER_TEST_KEEP:-0} == 1 ]]; then echo "kept $tmp"; else rm -rf "$tmp"; fi
     exit "$rc"
@@ -99,4 +99,12 @@ run_for() {
     local limit=$1 out=$2
     shift 2
     timeout -k 10 "$limit" "$@" > "$out" 2>&1
+}
+# run_for_json LIMIT OUT CMD...: the same with stderr apart in OUT.err, so
+# that OUT holds the command's JSON alone (ranks' stderr lines, forwarded
+# by mpirun, may land anywhere in a merged stream).
+run_for_json() {
+    local limit=$1 out=$2
+    shift 2
+    timeout -k 10 "$limit" "$@" > "$out" 2> "$out.err"
 }

@@ -132,24 +132,20 @@ same_h5 "$tmp/sc/ckpt-000010.h5" "$tmp/s1/ckpt-000010.h5"
 log "ep 2 + shm per node: bitwise equal to one node"
 
 # ---- 3. eval and generate of the cross-node checkpoint ----
-run_for 120 "$tmp/eval-cluster.log" "${on_cluster[@]}" eval --ckpt "$tmp/rc" --data "$tmp/eval.txt" --json \
+run_for_json 120 "$tmp/eval-cluster.log" "${on_cluster[@]}" eval --ckpt "$tmp/rc" --data "$tmp/eval.txt" --json \
     || fail "moe eval on the cluster failed"
-run_for 120 "$tmp/eval-local.log" "${on_one_node[@]}" eval --ckpt "$tmp/rc" --data "$tmp/eval.txt" --json \
+run_for_json 120 "$tmp/eval-local.log" "${on_one_node[@]}" eval --ckpt "$tmp/rc" --data "$tmp/eval.txt" --json \
     || fail "moe eval on one node failed"
-run_for 120 "$tmp/eval-1.log" "$moe" eval --ckpt "$tmp/rc" --data "$tmp/eval.txt" --json \
+run_for_json 120 "$tmp/eval-1.log" "$moe" eval --ckpt "$tmp/rc" --data "$tmp/eval.txt" --json \
     || fail "moe eval on 1 rank failed"
 gen=(generate --ckpt "$tmp/rc" --prompt "17+25=" --tokens 60 --temperature 0.8 --top_k 20 --seed 5 --json)
-run_for 120 "$tmp/gen-cluster.log" "${on_cluster[@]}" "${gen[@]}" || fail "moe generate on the cluster failed"
-run_for 120 "$tmp/gen-local.log" "${on_one_node[@]}" "${gen[@]}" || fail "moe generate on one node failed"
+run_for_json 120 "$tmp/gen-cluster.log" "${on_cluster[@]}" "${gen[@]}" || fail "moe generate on the cluster failed"
+run_for_json 120 "$tmp/gen-local.log" "${on_one_node[@]}" "${gen[@]}" || fail "moe generate on one node failed"
 "$py" - "$tmp" << 'EOF' || fail "eval/generate across nodes differ from one node"
 import json, sys
 t = sys.argv[1]
 def js(name):
-    # the JSON object is the text from the first '{' line to the last '}' line
-    lines = open(f"{t}/{name}").read().splitlines()
-    a = next(i for i, l in enumerate(lines) if l.startswith("{"))
-    b = max(i for i, l in enumerate(lines) if l.startswith("}"))
-    return json.loads("\n".join(lines[a:b + 1]))
+    return json.load(open(f"{t}/{name}"))
 ec, el, e1 = js("eval-cluster.log"), js("eval-local.log"), js("eval-1.log")
 for k in ("loss", "bpb", "tokens", "windows"):
     assert ec[k] == el[k], ("eval", k, ec[k], el[k])
