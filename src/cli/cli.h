@@ -5,6 +5,7 @@
 #define MOE_CLI_H
 
 #include <stddef.h>
+#include "core/moe.h"
 
 int moe_cmd_bench_layer(int argc, char **argv);
 int moe_cmd_bench_a2a(int argc, char **argv);
@@ -17,9 +18,23 @@ int moe_cmd_tokenizer(int argc, char **argv);
 
 struct moe_comm;
 /* MPI start-up shared by the subcommands: moe_comm_init, then a world
- * communicator with expert-parallel size ep_size (0: all ranks). Returns 0
- * with *comm set, or prints the problem and returns 1 with MPI finalised. */
+ * communicator with expert-parallel size ep_size (0: all ranks), then
+ * moe_cli_check_platform. Returns 0 with *comm set, or prints the problem
+ * and returns the exit status (2: ranks differ, 1: otherwise) with MPI
+ * finalised. */
 int moe_cli_start(const char *what, int ep_size, struct moe_comm **comm);
+
+/* Start-up (startup.c). moe_cli_take_global_options removes the options
+ * every MPI command accepts from argv (before the command parses it):
+ * --allow_mixed_kernels[=0|1]. Returns 0, or 2 after printing a usage error.
+ * moe_cli_check_platform: collective over world; gathers every rank's
+ * platform record (core/platform.h) and returns MOE_ERR_MISMATCH (detail:
+ * values, ranks, hosts) on every rank if moerun versions or BLAS kernel
+ * sets differ (kernels: unless --allow_mixed_kernels, then rank 0 warns);
+ * on a job spanning hosts rank 0 prints one line of placement to stderr.
+ * MOE_ERR_MPI/NOMEM if the gather fails. Same result on every rank. */
+int moe_cli_take_global_options(int *argc, char **argv);
+moe_status moe_cli_check_platform(struct moe_comm *comm, const char *what);
 
 /* Prints "moe: <what>: <status>: <detail>" to stderr, prefixed by the rank
  * when running under MPI with more than one rank. */

@@ -350,7 +350,8 @@ int moe_cmd_bench_a2a(int argc, char **argv)
     if (st == MOE_OK) {
         W = moe_comm_size(c);
         if (W > 1) rank = moe_comm_rank(c);
-        if (o.experts % W)
+        st = moe_cli_check_platform(c, "bench a2a");
+        if (st == MOE_OK && o.experts % W)
             st = moe_errorf(MOE_ERR_ARG, "--experts %d is not a multiple of the %d ranks", o.experts, W);
     }
     int *send_rows = st ? NULL : calloc((size_t)o.experts, sizeof(int));

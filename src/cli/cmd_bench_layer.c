@@ -468,7 +468,9 @@ int moe_cmd_bench_layer(int argc, char **argv)
         return 1;
     }
     if (o.G == 0) o.G = moe_comm_size(comm);
-    rc = run(comm, &o);
+    st = moe_cli_check_platform(comm, "bench layer");
+    if (st) moe_cli_error(moe_comm_rank(comm), "bench layer", st);
+    rc = st ? 2 : run(comm, &o);
     moe_comm_destroy(comm);
     moe_comm_finalize();
     return rc;

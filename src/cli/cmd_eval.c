@@ -203,7 +203,8 @@ static int run(const eval_opts *o, moe_comm *comm)
 int moe_cmd_eval(int argc, char **argv)
 {
     moe_comm *comm = NULL;
-    if (moe_cli_start("eval", 0, &comm)) return 1;
+    const int start_rc = moe_cli_start("eval", 0, &comm);
+    if (start_rc) return start_rc;
     const int rank = moe_comm_rank(comm);
     eval_opts o;
     int rc = parse(&o, argc, argv, rank);

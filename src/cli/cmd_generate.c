@@ -264,7 +264,8 @@ static int run(const gen_opts *o, moe_comm *comm)
 int moe_cmd_generate(int argc, char **argv)
 {
     moe_comm *comm = NULL;
-    if (moe_cli_start("generate", 0, &comm)) return 1;
+    const int start_rc = moe_cli_start("generate", 0, &comm);
+    if (start_rc) return start_rc;
     gen_opts o;
     const int prc = parse(&o, argc, argv, moe_comm_rank(comm));
     int ret;

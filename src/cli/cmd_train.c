@@ -154,7 +154,8 @@ int moe_cmd_train(int argc, char **argv)
     }
     r.rank = moe_comm_rank(r.comm);
     r.W = moe_comm_size(r.comm);
-    st = parse_st ? parse_st : moe_train_config_check(&r.cfg, r.W);
+    const moe_status platform_st = moe_cli_check_platform(r.comm, "train"); /* every rank, before any branch */
+    st = parse_st ? parse_st : platform_st ? platform_st : moe_train_config_check(&r.cfg, r.W);
     if (!st) {
         moe_train_config_format(&r.cfg, r.config_text, sizeof r.config_text);
         /* Every rank must train the same model on the same data. */

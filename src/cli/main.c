@@ -6,6 +6,7 @@
 #include "cli/cli.h"
 #include "comm/comm.h"
 #include "core/moe.h"
+#include "core/platform.h"
 
 void moe_cli_error(int rank, const char *what, int status)
 {
@@ -39,10 +40,14 @@ int moe_cli_start(const char *what, int ep_size, moe_comm **comm)
     *comm = NULL;
     moe_status st = moe_comm_init(NULL, NULL);
     if (!st) st = moe_comm_create_world(comm, ep_size);
+    if (!st) st = moe_cli_check_platform(*comm, what);
     if (!st) return 0;
-    moe_cli_error(-1, what, st);
+    /* A platform mismatch is the same on every rank: rank 0 says it. */
+    if (st != MOE_ERR_MISMATCH || moe_comm_rank(*comm) == 0) moe_cli_error(-1, what, st);
+    moe_comm_destroy(*comm);
+    *comm = NULL;
     moe_comm_finalize();
-    return 1;
+    return st == MOE_ERR_MISMATCH ? 2 : 1;
 }
 
 static void usage(FILE *f)
@@ -61,17 +66,26 @@ static void usage(FILE *f)
             "  bench layer             time one MoE layer forward+backward (--save writes a dump)\n"
             "  bench a2a               time the token all-to-all against raw MPI_Alltoallv\n"
             "\n"
-            "Run 'moe <command> --help' for the options of a command.\n");
+            "Run 'moe <command> --help' for the options of a command.\n"
+            "\n"
+            "Under MPI every rank reports its BLAS kernel set (OpenBLAS core), BLAS threads,\n"
+            "moe version and host at start; a job whose ranks differ in kernels or version\n"
+            "stops. --allow_mixed_kernels (any MPI command) accepts mixed kernels with a warning.\n"
+            "moe --version prints this process's version and BLAS kernels.\n");
 }
 
 int main(int argc, char **argv)
 {
+    if (moe_cli_take_global_options(&argc, argv)) return 2;
     if (argc < 2 || !strcmp(argv[1], "--help") || !strcmp(argv[1], "-h")) {
         usage(argc < 2 ? stderr : stdout);
         return argc < 2 ? 2 : 0;
     }
     if (!strcmp(argv[1], "--version")) {
-        printf("moe %s\n", MOE_VERSION);
+        moe_platform p;
+        moe_platform_get(&p);
+        printf("moe %s (%s, %d BLAS thread%s)\n", p.version, p.blas_config, p.blas_threads,
+               p.blas_threads == 1 ? "" : "s");
         return 0;
     }
     const char *cmd = argv[1];

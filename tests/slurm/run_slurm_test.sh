@@ -1,9 +1,17 @@
 #!/usr/bin/env bash
 # run_slurm_test.sh: end-to-end test of launch/slurm/moe-train.sbatch on a
-# private one-node Slurm cluster (munged, slurmctld and slurmd started here,
-# all state in a temp dir, on ports of their own).
+# private Slurm cluster (munged, slurmctld and slurmd started here, all
+# state in a temp dir, on ports of their own).
 #
-#   run_slurm_test.sh MOE_BIN REPO_ROOT
+#   run_slurm_test.sh MOE_BIN REPO_ROOT [NODES]
+#
+# NODES = 1 (default): one node on this machine. NODES >= 2: a virtual
+# cluster (launch/vcluster, tests/cluster/lib.sh) with one slurmd per node
+# namespace under its own NodeName, slurmctld on node 1 (where the client
+# commands run, as on a login node) and one munged; the jobs ask for
+# -N NODES with one rank per node, so the all-to-all crosses nodes, and
+# each job must report its placement over all the nodes. Needs root and
+# network namespaces (exit 77, a skip, without them).
 #
 # Installs Debian's slurmctld, slurmd, slurm-client and munge if missing
 # (needs root and apt). Job 1 trains a tiny model on 2 ranks with the launcher
@@ -19,9 +27,17 @@ set -euo pipefail
 fail() { echo "FAIL: $*" >&2; exit 1; }
 log() { echo "-- $*"; }
 
-(( $# == 2 )) || { echo "usage: $0 MOE_BIN REPO_ROOT" >&2; exit 2; }
+(( $# == 2 || $# == 3 )) || { echo "usage: $0 MOE_BIN REPO_ROOT [NODES]" >&2; exit 2; }
 moe=$(realpath "$1")
 repo=$(realpath "$2")
+nodes=${3:-1}
+[[ $nodes =~ ^[1-9]$ ]] || { echo "NODES must be 1..9, got '$nodes'" >&2; exit 2; }
+if (( nodes > 1 )); then
+    # shellcheck source=../cluster/lib.sh
+    source "$repo/tests/cluster/lib.sh"  # vc_skip_unless_netns, vc_up, vc_assert_gone
+    vc_skip_unless_netns
+    vc=$repo/launch/vcluster
+fi
 sbatch_script=$repo/launch/slurm/moe-train.sbatch
 [[ -x $moe ]] || fail "no moe binary at '$1'"
 [[ -r $sbatch_script ]] || fail "no $sbatch_script"
@@ -45,14 +61,17 @@ tmp=$(mktemp -d "${TMPDIR:-/tmp}/moe-slurm.XXXXXX")
 chmod 755 "$tmp"
 pids=()  # daemons started here, killed in reverse order
 job_ids=()
+cl=""    # the virtual cluster (NODES > 1)
+# ctl CMD...: a Slurm client command where slurmctld is reachable (node 1).
+ctl() { if [[ -n $cl ]]; then "$vc" run "$cl" -- "$@"; else "$@"; fi; }
 cleanup() {
     local rc=$?
     set +e
     trap - EXIT INT TERM
     if (( ${#job_ids[@]} )); then
-        scancel "${job_ids[@]}" 2> /dev/null
+        ctl scancel "${job_ids[@]}" 2> /dev/null
         local end=$(( SECONDS + 20 ))  # let slurmd end the job steps first
-        while (( SECONDS < end )) && [[ -n $(squeue -h -o %i 2> /dev/null) ]]; do sleep 0.5; done
+        while (( SECONDS < end )) && [[ -n $(ctl squeue -h -o %i 2> /dev/null) ]]; do sleep 0.5; done
     fi
     local i p
     for (( i = ${#pids[@]} - 1; i >= 0; i-- )); do
@@ -62,8 +81,13 @@ cleanup() {
         kill -9 "$p" 2> /dev/null
         wait "$p" 2> /dev/null
     done
+    if [[ -n $cl ]]; then
+        # slurmstepd and anything else left in the nodes: killed by PID.
+        "$vc" down "$cl" || rc=1
+        if vc_assert_gone; then log "teardown: no namespace, hosts file or process left"; else rc=1; fi
+    fi
     if (( rc != 0 )); then
-        for f in "$tmp"/apt.log "$tmp"/job-*.out "$tmp"/slurmctld.log "$tmp"/slurmd.log "$tmp"/munged.log; do
+        for f in "$tmp"/apt.log "$tmp"/job-*.out "$tmp"/slurmctld.log "$tmp"/slurmd*.log "$tmp"/munged.log; do
             [[ -f $f ]] && { echo "==== tail of $f"; tail -n 30 "$f"; }
         done
     fi
@@ -117,13 +141,29 @@ ctld_port=$(free_port)
 slurmd_port=$(free_port)
 (( slurmd_port != ctld_port )) || slurmd_port=$(( ctld_port + 1 ))
 
-node=$(hostname -s)
 cpus=$(nproc)
 (( cpus >= 2 )) || cpus=2 # 2 ranks must fit even on 1 core (config_overrides trusts this)
+if (( nodes == 1 )); then
+    node=$(hostname -s)
+    node_lines="NodeName=$node NodeAddr=127.0.0.1 CPUs=$cpus RealMemory=1000 State=UNKNOWN"
+    part_nodes=$node
+    ctld_addr=127.0.0.1
+else
+    vc_up "$nodes" --slots "$cpus"
+    node_lines=
+    part_nodes=
+    for (( i = 1; i <= nodes; i++ )); do
+        addr=$("$vc" run "$cl" --node "$i" -- getent hosts "$cl-n$i" | awk '{print $1}')
+        node_lines+="NodeName=$cl-n$i NodeAddr=$addr CPUs=$cpus RealMemory=1000 State=UNKNOWN"$'\n'
+        part_nodes+=${part_nodes:+,}$cl-n$i
+        (( i == 1 )) && ctld_addr=$addr
+    done
+    node=$cl-n1
+fi
 export SLURM_CONF=$tmp/slurm.conf
 cat > "$SLURM_CONF" << EOF
 ClusterName=moetest
-SlurmctldHost=$node(127.0.0.1)
+SlurmctldHost=$node($ctld_addr)
 SlurmctldPort=$ctld_port
 SlurmdPort=$slurmd_port
 SlurmUser=root
@@ -132,11 +172,11 @@ AuthType=auth/munge
 CredType=cred/munge
 AuthInfo=socket=$sock,cred_expire=10
 StateSaveLocation=$tmp/ctld
-SlurmdSpoolDir=$tmp/slurmd
+SlurmdSpoolDir=$tmp/slurmd/%n
 SlurmctldPidFile=$tmp/slurmctld.pid
-SlurmdPidFile=$tmp/slurmd.pid
+SlurmdPidFile=$tmp/slurmd-%n.pid
 SlurmctldLogFile=$tmp/slurmctld.log
-SlurmdLogFile=$tmp/slurmd.log
+SlurmdLogFile=$tmp/slurmd-%n.log
 SlurmctldDebug=info
 SlurmdDebug=info
 ProctrackType=proctrack/linuxproc
@@ -155,19 +195,36 @@ KillWait=5
 MinJobAge=600
 MailProg=/bin/true
 TmpFS=$tmp/tmpfs
-NodeName=$node NodeAddr=127.0.0.1 CPUs=$cpus RealMemory=1000 State=UNKNOWN
-PartitionName=debug Nodes=$node Default=YES MaxTime=INFINITE State=UP OverSubscribe=YES
+$node_lines
+PartitionName=debug Nodes=$part_nodes Default=YES MaxTime=INFINITE State=UP OverSubscribe=YES
 EOF
-mkdir -p "$tmp/ctld" "$tmp/slurmd" "$tmp/tmpfs"
+mkdir -p "$tmp/ctld" "$tmp/tmpfs"
+for n in ${part_nodes//,/ }; do mkdir -p "$tmp/slurmd/$n"; done
 
-log "starting slurmctld and slurmd (node $node, ports $ctld_port/$slurmd_port)"
-slurmctld -D -i -f "$SLURM_CONF" < /dev/null > "$tmp/slurmctld.stdout" 2>&1 &
+log "starting slurmctld and slurmd (nodes $part_nodes, ports $ctld_port/$slurmd_port)"
+# On node 1 of a virtual cluster, the daemons run in that node's namespace
+# (`vcluster run` execs, so the PID is the daemon's).
+if (( nodes == 1 )); then
+    slurmctld -D -i -f "$SLURM_CONF" < /dev/null > "$tmp/slurmctld.stdout" 2>&1 &
+else
+    "$vc" run "$cl" -- slurmctld -D -i -f "$SLURM_CONF" < /dev/null > "$tmp/slurmctld.stdout" 2>&1 &
+fi
 pids+=($!)
-until_ok 30 "slurmctld to answer" scontrol ping
-slurmd -D -f "$SLURM_CONF" -N "$node" < /dev/null > "$tmp/slurmd.stdout" 2>&1 &
-pids+=($!)
-node_idle() { [[ $(sinfo -h -n "$node" -o %t) == idle ]]; }
-until_ok 60 "node $node to be idle in sinfo" node_idle
+until_ok 30 "slurmctld to answer" ctl scontrol ping
+for n in ${part_nodes//,/ }; do
+    if (( nodes == 1 )); then
+        slurmd -D -f "$SLURM_CONF" -N "$n" < /dev/null > "$tmp/slurmd-$n.stdout" 2>&1 &
+    else
+        # TmpFS is node-local on a real cluster (PMIx puts its per-step
+        # directory there): each slurmd sees its own directory at that path.
+        mkdir -p "$tmp/tmpfs-$n"
+        "$vc" run "$cl" --node "${n##*-n}" -- sh -c 'mount --bind "$0" "$1" && exec slurmd -D -f "$2" -N "$3"' \
+            "$tmp/tmpfs-$n" "$tmp/tmpfs" "$SLURM_CONF" "$n" < /dev/null > "$tmp/slurmd-$n.stdout" 2>&1 &
+    fi
+    pids+=($!)
+done
+nodes_idle() { [[ $(ctl sinfo -h -t idle -o %D) == "$nodes" ]]; }
+until_ok 60 "$nodes node(s) to be idle in sinfo" nodes_idle
 
 # ---- the payload: a tiny model on a synthetic corpus ----
 "$moe" data synth --out "$tmp/corpus.txt" --bytes 200000 > /dev/null || fail "moe data synth failed"
@@ -191,7 +248,7 @@ run=$tmp/run
 
 # submit SBATCH_ARGS...: submits a job, sets $job to its id and records it for cleanup.
 submit() {
-    job=$(sbatch --parsable --chdir="$tmp" --output="$tmp/job-%j.out" --time=5 "$@") \
+    job=$(ctl sbatch --parsable --chdir="$tmp" --output="$tmp/job-%j.out" --time=5 "$@") \
         || fail "sbatch refused the job"
     job=${job%%;*}
     job_ids+=("$job")
@@ -202,7 +259,7 @@ wait_job() {
     local end=$(( SECONDS + limit ))
     (( end < deadline )) || end=$deadline
     while :; do
-        info=$(scontrol -o show job "$id" 2> /dev/null) || info=
+        info=$(ctl scontrol -o show job "$id" 2> /dev/null) || info=
         state=$(sed -n 's/.*JobState=\([A-Z_]*\).*/\1/p' <<< "$info")
         case $state in
             COMPLETED|FAILED|CANCELLED|TIMEOUT|NODE_FAIL|OUT_OF_MEMORY|BOOT_FAIL|DEADLINE|PREEMPTED) break ;;
@@ -224,13 +281,28 @@ metrics_steps_are() {
     [[ $got == "$(seq -s ' ' 1 "$1") " ]] || fail "metrics.jsonl steps are '$got', want 1..$1 once each"
 }
 
+# One node: 2 ranks; NODES nodes: one rank on each (the all-to-all crosses nodes).
+if (( nodes == 1 )); then shape=(-N 1 -n 2); ranks=2; else shape=(-N "$nodes" --ntasks-per-node=1); ranks=$nodes; fi
+# placed_on_all OUT: a job spanning nodes reports rank r on node r+1
+# ("moe train: 2 ranks on 2 hosts (X-n1: rank 0, X-n2: rank 1); ...").
+placed_on_all() {
+    (( nodes > 1 )) || return 0
+    local want="moe train: $ranks ranks on $nodes hosts (" i
+    for (( i = 1; i <= nodes; i++ )); do
+        (( i > 1 )) && want+=", "
+        want+="$cl-n$i: rank $(( i - 1 ))"
+    done
+    grep -qF "$want); OpenBLAS" "$1" || fail "$1: no placement over the $nodes nodes (want '$want); ...')"
+}
+
 # ---- job 1: fresh run, launcher picked by the script ----
 t0=$SECONDS
-submit -N 1 -n 2 --export="$env_export" "$sbatch_script" "$tmp/tiny.ini" "$run"
+submit "${shape[@]}" --export="$env_export" "$sbatch_script" "$tmp/tiny.ini" "$run"
 job1=$job
 wait_job "$job1" 150
 out1=$tmp/job-$job1.out
-grep -q '^== 2 ranks x 1 threads, launcher srun' "$out1" \
+placed_on_all "$out1"
+grep -q "^== $ranks ranks x 1 threads, launcher srun" "$out1" \
     || fail "job 1 did not pick srun (does 'srun --mpi=list' offer pmix?)"
 grep -q -- '--resume=' "$out1" && fail "job 1 resumed, but its run directory was new"
 grep -q '^== moe train exited with 0' "$out1" || fail "job 1 log lacks a clean exit of moe train"
@@ -240,7 +312,7 @@ verify "$run/ckpt-000020.h5"
 grep -q '^done: 20 steps' "$out1" || fail "job 1 log lacks moe train's 'done: 20 steps'"
 metrics_steps_are 20
 sum1=$(md5sum < "$run/ckpt-000020.h5")
-log "job 1: 20 steps on 2 ranks via srun --mpi=pmix, $(( SECONDS - t0 ))s"
+log "job 1: 20 steps on $ranks ranks ($nodes node(s)) via srun --mpi=pmix, $(( SECONDS - t0 ))s"
 
 # ---- job 2: resubmit into the same run directory with more steps, via mpirun ----
 # Its first start stands in for a run reaching the time limit: the ranks hold
@@ -253,16 +325,17 @@ exec "$moe" "\$@"
 EOF
 chmod +x "$tmp/hold-moe"
 t0=$SECONDS
-submit -N 1 -n 2 --export="$env_export,MOE_BIN=$tmp/hold-moe,MOE_LAUNCHER=mpirun" \
+submit "${shape[@]}" --export="$env_export,MOE_BIN=$tmp/hold-moe,MOE_LAUNCHER=mpirun" \
     "$sbatch_script" "$tmp/tiny.ini" "$run" --steps=30
 job2=$job
 until_ok 60 "job 2 to start" test -e "$tmp/held"
-scancel --batch --signal=USR1 "$job2" || fail "could not signal job 2"
+ctl scancel --batch --signal=USR1 "$job2" || fail "could not signal job 2"
 wait_job "$job2" 200
 out2=$tmp/job-$job2.out
 grep -q '^== time limit near: requeueing job' "$out2" || fail "job 2 did not requeue itself on USR1"
 grep -q "^== moe-train job $job2 (restart 1)" "$out2" || fail "job 2 did not restart after the requeue"
-grep -q '^== 2 ranks x 1 threads, launcher mpirun' "$out2" || fail "job 2 did not use the mpirun launcher"
+grep -q "^== $ranks ranks x 1 threads, launcher mpirun" "$out2" || fail "job 2 did not use the mpirun launcher"
+placed_on_all "$out2"
 grep -q -- "--resume=$run --steps=30" "$out2" || fail "job 2 did not pass --resume=$run"
 grep -q "^resumed from $run/ckpt-000020.h5 at step 20" "$out2" || fail "moe train did not resume from step 20"
 grep -q '^done: 10 steps' "$out2" || fail "job 2 log lacks moe train's 'done: 10 steps'"
@@ -273,4 +346,4 @@ verify "$run"
 # A fresh start would have rewritten step 20's checkpoint.
 [[ $(md5sum < "$run/ckpt-000020.h5") == "$sum1" ]] || fail "job 2 rewrote ckpt-000020.h5: it did not resume"
 log "job 2: requeued on USR1, resumed from ckpt-000020.h5 to ckpt-000030.h5, $(( SECONDS - t0 ))s"
-echo "PASS: Slurm run, checkpoint, requeue and resume"
+echo "PASS: Slurm run on $nodes node(s), checkpoint, requeue and resume"
