@@ -4,6 +4,7 @@
  * out_dir/metrics.jsonl (one line per step), the loss / expert-load plot, and
  * checkpoints (every ckpt_every steps and at the end) through parallel HDF5.
  * Every failure ends every rank with a message and a non-zero exit. */
+#include <cblas.h>
 #include <cjson/cJSON.h>
 #include <errno.h>
 #include <math.h>
@@ -34,6 +35,7 @@ typedef struct {
     char config_text[16384];
     FILE *metrics;
     int tty;
+    int blas_noted; /* metrics line carrying the OpenBLAS kernel set written */
 } train_run;
 
 static int mkdir_p(const char *path)
@@ -110,6 +112,8 @@ static void write_metrics(train_run *r, int64_t step, const moe_train_stats *ts,
 {
     cJSON *j = cJSON_CreateObject();
     cJSON_AddNumberToObject(j, "step", (double)step);
+    /* the kernel set OpenBLAS loaded (OPENBLAS_CORETYPE or its own detection), on the first line of each start */
+    if (!r->blas_noted++) cJSON_AddStringToObject(j, "blas_coretype", openblas_get_corename());
     cJSON_AddNumberToObject(j, "loss", ts->model.loss);
     cJSON_AddNumberToObject(j, "ce", ts->model.ce);
     cJSON_AddNumberToObject(j, "bpb", ts->model.ce / M_LN2);

@@ -58,6 +58,7 @@ static void usage(FILE *f)
             "  data synth --out FILE   write the built-in multi-domain corpus\n"
             "  bench layer             time one MoE layer forward+backward (--save writes a dump)\n"
             "  bench a2a               time the token all-to-all against raw MPI_Alltoallv\n"
+            "  selftest blas           check and time OpenBLAS's kernel sets; pick the fastest correct one\n"
             "\n"
             "Run 'moe <command> --help' for the options of a command.\n");
 }
@@ -88,6 +89,7 @@ int main(int argc, char **argv)
     if (!strcmp(cmd, "inspect")) return moe_cmd_inspect(argc - 1, argv + 1);
     if (!strcmp(cmd, "eval")) return moe_cmd_eval(argc - 1, argv + 1);
     if (!strcmp(cmd, "generate")) return moe_cmd_generate(argc - 1, argv + 1);
+    if (!strcmp(cmd, "selftest")) return moe_cmd_selftest(argc - 1, argv + 1);
     fprintf(stderr, "moe: unknown command '%s'\n", cmd);
     usage(stderr);
     return 2;
