@@ -35,7 +35,7 @@
 enum { MAX_CAND = 12, MAX_ROUNDS = 9, MAX_ROWS = 64 };
 static const char RESULT_TAG[] = "MOE_BLAS_RESULT ";
 /* Bump when the check or the timed shapes change: cached picks are redone. */
-static const char SELFTEST_FORMAT[] = "blas-selftest-1";
+static const char SELFTEST_FORMAT[] = "blas-selftest-2";
 
 static void usage(FILE *f)
 {
@@ -50,7 +50,8 @@ static void usage(FILE *f)
             "  --json              one JSON object on stdout instead of the table\n"
             "  --quick             fewer check cases, shorter timing (a smoke test)\n"
             "  --candidates A,B    kernel sets to try (default: from /proc/cpuinfo flags)\n"
-            "  --rounds N          timing rounds, candidates alternating (default 3, --quick 1)\n"
+            "  --rounds N          timing rounds, candidates alternating; a rate is the best round\n"
+            "                      (default 3, --quick 1)\n"
             "  --timeout S         seconds a child may take before it counts as hung (default 600)\n"
             "  --pick              print only the kernel set to use: OPENBLAS_CORETYPE when it is set\n"
             "                      (an explicit setting wins), else the fastest correct set from the\n"
@@ -58,7 +59,9 @@ static void usage(FILE *f)
             "                      running the selftest (table on stderr) when there is no entry;\n"
             "                      one line on stderr says which and why\n"
             "  --refresh           with --pick: ignore the cached entry\n"
-            "  --one SET           (internal) check and time SET in this process, print one line\n");
+            "  --one SET           (internal) check and time SET in this process (run it with\n"
+            "                      OPENBLAS_CORETYPE=SET; 'auto': whatever OpenBLAS loaded) and print\n"
+            "                      one MOE_BLAS_RESULT line; --no-check, --no-time skip either part\n");
 }
 
 typedef struct {
@@ -418,22 +421,15 @@ static void absorb(candidate *c, const cJSON *res, row *rows, int *n_rows, int r
     c->n_rounds = round + 1;
 }
 
-static int cmp_double(const void *a, const void *b)
-{
-    const double x = *(const double *)a, y = *(const double *)b;
-    return (x > y) - (x < y);
-}
-
-/* Median over rounds of one row (NAN if never measured). */
+/* The best round of one row (NAN if never measured): a busy machine only
+ * ever slows a run down, so the fastest round is the closest to what the
+ * kernels do; each round is already the median of its samples. */
 static double row_rate(const candidate *c, int r)
 {
-    double v[MAX_ROUNDS];
-    int n = 0;
+    double best = NAN;
     for (int k = 0; k < c->n_rounds; k++)
-        if (c->gflops[r][k] > 0) v[n++] = c->gflops[r][k];
-    if (!n) return NAN;
-    qsort(v, (size_t)n, sizeof *v, cmp_double);
-    return n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
+        if (c->gflops[r][k] > 0 && !(c->gflops[r][k] <= best)) best = c->gflops[r][k];
+    return best;
 }
 
 /* Kernel sets by the CPU features they need, fewest first; unknown names last. */
@@ -629,7 +625,8 @@ static void print_table(FILE *f, const selftest *s)
         fprintf(f, "\nchoice: none: no kernel set computed correct results\n");
         return;
     }
-    fprintf(f, "\nsgemm GFLOP/s (median of %d round%s; rows: moerun's shapes, threads)\n", s->rounds,
+    fprintf(f, "\nsgemm GFLOP/s (best of %d alternating round%s, each the median of its samples; rows: moerun's shapes, "
+               "threads)\n", s->rounds,
             s->rounds > 1 ? "s" : "");
     fprintf(f, "%-26s %3s", "shape", "thr");
     for (int k = 0; k < s->n_cand; k++)
