@@ -25,6 +25,8 @@
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
+#include <fcntl.h>
+#include <sys/file.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -184,7 +186,7 @@ static int fault(const char *what, const char *set)
     return moe_fault(site, 0);
 }
 
-static int run_one(const opts *o, int check, int time)
+static int run_one(const opts *o, int check, int timed)
 {
     cpu_info cpu;
     cpu_read(&cpu);
@@ -215,7 +217,7 @@ static int run_one(const opts *o, int check, int time)
         cJSON_AddStringToObject(c, "worst_case", r.worst_case);
         cJSON_AddStringToObject(c, "first_failure", r.first_failure);
     }
-    if (available && time && !st) {
+    if (available && timed && !st) {
         int n;
         const moe_blas_shape *s = moe_blas_shapes(&n);
         cJSON *t = cJSON_AddArrayToObject(j, "times");
@@ -269,7 +271,7 @@ typedef struct {
 /* Runs `moe selftest blas --one SET ...` with OPENBLAS_CORETYPE=SET (unset
  * for "auto") and returns its result object (NULL on failure, with *status
  * and why set). */
-static cJSON *run_child(const char *set, int check, int time, const opts *o, int cpus, cand_status *status,
+static cJSON *run_child(const char *set, int check, int timed, const opts *o, int cpus, cand_status *status,
                         char *why, size_t why_n)
 {
     int fd[2];
@@ -306,7 +308,7 @@ static cJSON *run_child(const char *set, int check, int time, const opts *o, int
         args[a++] = (char *)set;
         if (o->quick) args[a++] = "--quick";
         if (!check) args[a++] = "--no-check";
-        if (!time) args[a++] = "--no-time";
+        if (!timed) args[a++] = "--no-time";
         args[a] = NULL;
         execv("/proc/self/exe", args);
         fprintf(stderr, "moe selftest blas: cannot re-run /proc/self/exe: %s\n", strerror(errno));
@@ -338,9 +340,19 @@ static cJSON *run_child(const char *set, int check, int time, const opts *o, int
         len += (size_t)got;
     }
     close(fd[0]);
-    if (hung) kill(pid, SIGKILL);
+    /* End of output is not the end of the child (it may hang on its way
+     * out): wait for it until the same deadline, then kill it. */
     int ws = 0;
-    while (waitpid(pid, &ws, 0) < 0 && errno == EINTR) {}
+    while (!hung) {
+        const pid_t w = waitpid(pid, &ws, WNOHANG);
+        if (w == pid || (w < 0 && errno != EINTR)) break;
+        if (moe_now() > deadline) hung = 1;
+        else usleep(10000);
+    }
+    if (hung) {
+        kill(pid, SIGKILL);
+        while (waitpid(pid, &ws, 0) < 0 && errno == EINTR) {}
+    }
     cJSON *res = NULL;
     if (buf) {
         buf[len] = '\0';
@@ -378,8 +390,8 @@ static const char *str(const cJSON *o, const char *k)
     return cJSON_IsString(v) ? v->valuestring : "";
 }
 
-/* Takes a child's answer into c; returns the row index of each time, adding
- * rows as they first appear. */
+/* Takes a child's answer into c: its status, check figures and the rates of
+ * this round, adding timed rows (shape, threads) as they first appear. */
 static void absorb(candidate *c, const cJSON *res, row *rows, int *n_rows, int round)
 {
     snprintf(c->corename, sizeof c->corename, "%s", str(res, "corename"));
@@ -731,6 +743,19 @@ static int pick(selftest *s, const opts *o)
     free(s->cpu.flags);
     const int have_path = cache_path(path, sizeof path, key) == 0;
     char *choice = have_path && !o->refresh ? cache_read(path, key) : NULL;
+    /* One selftest per machine at a time: a second launcher waits for the
+     * first one's answer instead of timing against it. */
+    int lock = -1;
+    if (!choice && have_path) {
+        char lpath[1100];
+        snprintf(lpath, sizeof lpath, "%s.lock", path);
+        lock = open(lpath, O_RDWR | O_CREAT | O_CLOEXEC, 0644);
+        if (lock >= 0 && flock(lock, LOCK_EX | LOCK_NB)) {
+            fprintf(stderr, "moe selftest blas: waiting for the selftest another process runs (%s)\n", lpath);
+            while (flock(lock, LOCK_EX) && errno == EINTR) {}
+            if (!o->refresh) choice = cache_read(path, key);
+        }
+    }
     const int cached = choice != NULL;
     if (!choice) {
         fprintf(stderr, "moe selftest blas: choosing the OpenBLAS kernel set for this machine (once; cached in %s)\n",
@@ -746,6 +771,7 @@ static int pick(selftest *s, const opts *o)
         }
         free(s->cpu.flags);
     }
+    if (lock >= 0) close(lock); /* releases the lock */
     if (!choice) {
         fprintf(stderr, "moe selftest blas: no OpenBLAS kernel set computed correct results on this machine "
                         "(table above); set OPENBLAS_CORETYPE to override\n");
@@ -758,12 +784,12 @@ static int pick(selftest *s, const opts *o)
     return 0;
 }
 
-static int parse_opts(opts *o, int argc, char **argv, int *check, int *time)
+static int parse_opts(opts *o, int argc, char **argv, int *check, int *timed)
 {
     memset(o, 0, sizeof *o);
     o->rounds = -1;
     o->timeout = 600;
-    *check = *time = 1;
+    *check = *timed = 1;
     static const struct option longs[] = {
         {"json", no_argument, NULL, 'j'},          {"quick", no_argument, NULL, 'q'},
         {"candidates", required_argument, NULL, 'c'}, {"rounds", required_argument, NULL, 'r'},
@@ -782,7 +808,7 @@ static int parse_opts(opts *o, int argc, char **argv, int *check, int *time)
         case 'p': o->pick = 1; break;
         case 'R': o->refresh = 1; break;
         case 'C': *check = 0; break;
-        case 'T': *time = 0; break;
+        case 'T': *timed = 0; break;
         case 'o': o->one = optarg; break;
         case 'c':
             if (!*optarg || strlen(optarg) >= sizeof o->candidates || strspn(optarg, "abcdefghijklmnopqrstuvwxyz"
@@ -824,10 +850,10 @@ static int parse_opts(opts *o, int argc, char **argv, int *check, int *time)
 static int cmd_blas(int argc, char **argv)
 {
     opts o;
-    int check, time;
-    const int prc = parse_opts(&o, argc, argv, &check, &time);
+    int check, timed;
+    const int prc = parse_opts(&o, argc, argv, &check, &timed);
     if (prc) return prc == 1 ? 0 : 2;
-    if (o.one) return run_one(&o, check, time);
+    if (o.one) return run_one(&o, check, timed);
 
     selftest *s = calloc(1, sizeof *s);
     if (!s) {

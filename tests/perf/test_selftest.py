@@ -51,6 +51,12 @@ def selftest_json(args, env=None, rc=0, timeout=300):
         fail("stdout is not one JSON object", p)
 
 
+def entries(cache):
+    """The cache's answers (not its lock files)."""
+    d = os.path.join(cache, "moerun")
+    return sorted(f for f in os.listdir(d) if f.endswith(".json")) if os.path.isdir(d) else []
+
+
 def by_name(j):
     return {c["coretype"]: c for c in j["candidates"]}
 
@@ -144,8 +150,8 @@ def case_pick_cache():
     expect(p.returncode == 0 and p.stdout.strip() in ("Prescott", "Nehalem"), "first pick", p)
     expect("choosing the OpenBLAS kernel set" in p.stderr and "geometric mean" in p.stderr, "no table", p)
     first = p.stdout.strip()
-    files = os.listdir(os.path.join(cache, "moerun"))
-    expect(len(files) == 1 and files[0].startswith("blas-") and files[0].endswith(".json"), f"cache {files}", p)
+    files = entries(cache)
+    expect(len(files) == 1 and files[0].startswith("blas-"), f"cache {files}", p)
     path = os.path.join(cache, "moerun", files[0])
     entry = json.load(open(path))
     expect(entry["choice"] == first and entry["cpu"]["model"] in entry["key"], "cache entry", p)
@@ -165,13 +171,13 @@ def case_pick_cache():
            "damaged entry", p)
     # Another candidate list is another key.
     p = run(["selftest", "blas", "--pick", "--quick", "--candidates", "Prescott"], env)
-    expect(p.returncode == 0 and p.stdout.strip() == "Prescott" and len(os.listdir(os.path.join(cache, "moerun"))) == 2,
+    expect(p.returncode == 0 and p.stdout.strip() == "Prescott" and len(entries(cache)) == 2,
            "candidate list not in the key", p)
     # No correct set: no answer, exit 1, nothing cached.
     p = run(["selftest", "blas", "--pick", "--quick", "--candidates", "Nehalem"], dict(env, MOE_FAULT="blas_wrong:Nehalem"))
     expect(p.returncode == 1 and p.stdout == "" and "no OpenBLAS kernel set computed correct results" in p.stderr
            and "set OPENBLAS_CORETYPE to override" in p.stderr, "pick without a correct set", p)
-    expect(len(os.listdir(os.path.join(cache, "moerun"))) == 2, "a failed pick was cached", p)
+    expect(len(entries(cache)) == 2, "a failed pick was cached", p)
     # An explicit OPENBLAS_CORETYPE wins without a selftest; a name OpenBLAS
     # does not load is warned about.
     p = run(args, dict(env, OPENBLAS_CORETYPE="Prescott", MOE_FAULT="blas_crash:Prescott"))
@@ -180,6 +186,22 @@ def case_pick_cache():
     p = run(args, dict(env, OPENBLAS_CORETYPE="NoSuchCore"))
     expect(p.returncode == 0 and p.stdout.strip() == "NoSuchCore" and "warning: OPENBLAS_CORETYPE=NoSuchCore" in p.stderr,
            "explicit unknown name", p)
+
+
+def case_pick_concurrent():
+    """Two launchers picking at once on a machine without an answer: one runs
+    the selftest, the other waits for it and answers the same."""
+    cache = os.path.join(WORK, "cache")
+    shutil.rmtree(cache, ignore_errors=True)
+    e = dict(os.environ, XDG_CACHE_HOME=cache)
+    e.pop("OPENBLAS_CORETYPE", None)
+    cmd = [MOE, "selftest", "blas", "--pick", "--quick", "--candidates", SAFE]
+    ps = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=e) for _ in range(2)]
+    outs = [p.communicate(timeout=300) for p in ps]
+    expect(all(p.returncode == 0 for p in ps), f"exit statuses {[p.returncode for p in ps]}: {outs}")
+    expect(outs[0][0] == outs[1][0] and outs[0][0].strip() in SAFE.split(","), f"answers {outs}")
+    expect(sum("choosing the OpenBLAS kernel set" in err for _, err in outs) == 1, f"the selftest ran twice: {outs}")
+    expect(len(entries(cache)) == 1, "cache entries")
 
 
 def case_usage():
