@@ -36,7 +36,7 @@ print(max(t["gflops"] for t in j["times"] if t["threads"] == int(sys.argv[2])) i
     t["threads"] == int(sys.argv[2]) for t in j["times"]) else max(t["gflops"] for t in j["times"]))
 EOF
 )
-echo "kernels $OPENBLAS_CORETYPE, $THREADS threads per side; peak sgemm (moe selftest blas) $peak GFLOP/s"
+echo "kernels $OPENBLAS_CORETYPE, $THREADS threads per side; peak sgemm (moe selftest blas) $(calc "round($peak)") GFLOP/s"
 for c in "${cases[@]}"; do
   IFS='|' read -r key name args <<< "$c"
   : > "$tmp/moe.$key"
