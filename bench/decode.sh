@@ -1,43 +1,89 @@
 #!/usr/bin/env bash
-# Decoding throughput of `moe generate` (key/value cache) for the medium
-# model (d_model 256, 4 layers, 4 heads, E=8 top-2, d_ff 1024, seq_len 256;
-# weights from a 1-step training run: speed does not depend on them), at
-# batch 1 and batch 16, on 1 and 2 ranks (experts sharded). Decode tokens/s
-# counts every sequence's new bytes over the decoding loop (prefill excluded;
-# 8-byte prompts + 200 bytes stay inside seq_len, so no context slides).
-# One BLAS thread per rank: decoding GEMMs are a few rows, too small to split.
-#   bench/decode.sh [rounds]      (build first: launch/build; MOE_BIN overrides)
+# Generation: moe generate (KV cache) against a PyTorch KV-cache decode loop, batch 1 and 16.
+# The medium model (d_model 256, 4 layers, 4 heads, E=8 top-2, d_ff 1024,
+# seq_len 256; moe's weights from a 1-step training run, PyTorch's random:
+# speed does not depend on them), 8-byte prompts + 200 bytes (no context
+# slides). Decode tokens/s counts every sequence's fed bytes over the
+# decoding loop (prefill excluded), on both sides (bench/torch_decode.py).
+# Per round, alternating the order: moe 1 rank x 1 thread, moe 2 ranks x 1
+# thread (experts sharded), PyTorch at 1 and at 2 threads, every MoE
+# formulation of bench/torch_layer.py (--study); median over rounds; the
+# strongest PyTorch formulation per thread count is the comparison.
+#   bench/decode.sh [ROUNDS]      (default 3; build first: launch/build)
 set -euo pipefail
-cd "$(dirname "$0")/.."
-MOE=${MOE_BIN:-build/src/cli/moe}
+source "$(dirname "$0")/env.sh"
 ROUNDS=${1:-3}
 TOKENS=200
-WORK=$(mktemp -d)
-trap 'rm -rf "$WORK"' EXIT
-MPI=(mpirun --allow-run-as-root --oversubscribe)
+MODEL=(--d_model=256 --n_layers=4 --n_heads=4 --n_experts=8 --top_k=2 --d_ff=1024 --seq_len=256)
+TMODEL=(--d-model 256 --layers 4 --heads 4 --experts 8 --top-k 2 --d-ff 1024 --seq 256)
+if [[ $QUICK == 1 ]]; then
+  ROUNDS=1 TOKENS=20
+  MODEL=(--d_model=64 --n_layers=2 --n_heads=2 --n_experts=4 --top_k=2 --d_ff=128 --seq_len=64)
+  TMODEL=(--d-model 64 --layers 2 --heads 2 --experts 4 --top-k 2 --d-ff 128 --seq 64)
+fi
+tmp=$(mktemp -d)
+trap 'rm -rf "$tmp"' EXIT
 
-"$MOE" data synth --out "$WORK/corpus.txt" --bytes 1M >/dev/null
-OPENBLAS_NUM_THREADS=2 "$MOE" train --d_model=256 --n_layers=4 --n_heads=4 --n_experts=8 --top_k=2 \
-  --d_ff=1024 --seq_len=256 --batch_size=2 --steps=1 --val_every=0 --data="$WORK/corpus.txt" \
-  --out_dir="$WORK/run" >/dev/null
-python3 - "$WORK/prompts16.txt" <<'PY'
+"$MOE" data synth --out "$tmp/corpus.txt" --bytes 1M > /dev/null
+set_threads 2
+"$MOE" train "${MODEL[@]}" --batch_size=2 --steps=1 --val_every=0 --data="$tmp/corpus.txt" --out_dir="$tmp/run" > /dev/null
+"$PY" - "$tmp/prompts16.txt" << 'EOF'
 import sys
 with open(sys.argv[1], "w") as f:
     for i in range(16):
         f.write("%02d+17=4" % i + "\n")  # 8-byte prompts, all different
-PY
+EOF
 
-printf "%-6s %-6s %14s %10s\n" ranks batch "decode tok/s" "ms/step"
-for np in 1 2; do
+moe_gen() { # ranks batch -> appends decode tok/s to $tmp/moe.<ranks>.<batch>
+  local prompt
+  if [[ $2 == 1 ]]; then prompt=(--prompt "07+17=4 "); else prompt=(--prompt_file "$tmp/prompts16.txt"); fi
+  set_threads 1
+  "${MPIRUN[@]}" -np "$1" -x OPENBLAS_NUM_THREADS -x OMP_NUM_THREADS -x OPENBLAS_CORETYPE -x OPENBLAS_THREAD_TIMEOUT \
+      "$MOE" generate --ckpt "$tmp/run" "${prompt[@]}" --tokens $TOKENS --seed 1 --json 2> /dev/null \
+    | "$PY" -c "import json,sys; print(json.load(sys.stdin)['decode_tokens_per_s'])" >> "$tmp/moe.$1.$2"
+}
+torch_gen() { # threads batch -> appends one JSON line per formulation to $tmp/torch.<threads>.<batch>
+  set_threads "$1"
+  "$PY" "$BENCH_DIR/torch_decode.py" "${TMODEL[@]}" --batch "$2" --tokens $TOKENS --threads "$1" --study \
+      >> "$tmp/torch.$1.$2"
+}
+
+for r in $(seq "$ROUNDS"); do
   for batch in 1 16; do
-    if [ "$batch" = 1 ]; then prompt=(--prompt "07+17=4 "); else prompt=(--prompt_file "$WORK/prompts16.txt"); fi
-    best=0
-    for _ in $(seq "$ROUNDS"); do
-      out=$(OPENBLAS_NUM_THREADS=1 "${MPI[@]}" -np "$np" "$MOE" generate --ckpt "$WORK/run" \
-            "${prompt[@]}" --tokens $TOKENS --seed 1 --json 2>/dev/null)
-      r=$(python3 -c "import json,sys; print(json.loads(sys.argv[1])['decode_tokens_per_s'])" "$out")
-      best=$(python3 -c "print(max($best, $r))")
-    done
-    printf "%-6s %-6s %14.0f %10.3f\n" "$np" "$batch" "$best" "$(python3 -c "print(1000*$batch/$best)")"
+    if (( r % 2 )); then
+      moe_gen 1 $batch; moe_gen 2 $batch; torch_gen 1 $batch; torch_gen 2 $batch
+    else
+      torch_gen 2 $batch; torch_gen 1 $batch; moe_gen 2 $batch; moe_gen 1 $batch
+    fi
   done
+done
+
+echo "kernels $OPENBLAS_CORETYPE; decode tokens/s, median of $ROUNDS rounds"
+printf "%-6s %12s %12s %22s %22s %8s %8s\n" batch "moe 1x1" "moe 2x1" "torch 1 thread" "torch 2 threads" "1 core" "2 cores"
+for batch in 1 16; do
+  "$PY" - "$tmp" "$batch" << 'EOF'
+import json, statistics, sys
+tmp, b = sys.argv[1], sys.argv[2]
+med = statistics.median
+moe = {n: med(float(x) for x in open(f"{tmp}/moe.{n}.{b}")) for n in (1, 2)}
+best = {}
+for t in (1, 2):
+    by = {}
+    for l in open(f"{tmp}/torch.{t}.{b}"):
+        j = json.loads(l)
+        by.setdefault(j["moe"], []).append(j["decode_tokens_per_s"])
+    v = max(by, key=lambda k: med(by[k]))
+    best[t] = (med(by[v]), v)
+r1, r2 = moe[1] / best[1][0], moe[2] / best[2][0]
+print(f"{b:<6} {moe[1]:12.0f} {moe[2]:12.0f} {best[1][0]:12.0f} ({best[1][1]:>6}) {best[2][0]:12.0f} ({best[2][1]:>6}) "
+      f"{r1:7.2f}x {r2:7.2f}x")
+print(f"PERF decode.b{b}.moe_tok_s {moe[1]:.0f} tok/s moe generate, batch {b}, 1 rank x 1 thread")
+print(f"PERF decode.b{b}.moe_2ranks_tok_s {moe[2]:.0f} tok/s moe generate, batch {b}, 2 ranks x 1 thread")
+print(f"PERF decode.b{b}.torch_tok_s {best[1][0]:.0f} tok/s PyTorch KV-cache decode ({best[1][1]}), batch {b}, 1 thread")
+print(f"PERF decode.b{b}.torch_2threads_tok_s {best[2][0]:.0f} tok/s PyTorch KV-cache decode ({best[2][1]}), batch {b}, 2 threads")
+print(f"PERF_README decode.b{b}.ratio {r1:.2f} x generation vs PyTorch, batch {b}, 1 core each "
+      f"(moe {moe[1]:.0f} tok/s)")
+print(f"PERF decode.b{b}.ratio_2cores {r2:.2f} x generation vs PyTorch, batch {b}, 2 cores each "
+      f"(moe 2 ranks, PyTorch 2 threads)")
+EOF
 done

@@ -1,36 +1,79 @@
 #!/usr/bin/env bash
-# moe bench layer against the PyTorch baseline (bench/torch_layer.py), both
-# with 2 threads, run alternately in one session; prints tokens/s and the
-# ratio for E=8 token choice, E=8 expert choice and E=64 token choice.
-#   bench/layer_vs_torch.sh [rounds]      (build first: launch/build)
+# MoE layer forward+backward: moe bench layer against the strongest PyTorch formulation.
+# For E=8 top-2, E=64 top-2 (token choice) and E=8 expert choice at the
+# default shape of `moe bench layer` (4096 tokens, d_model 256, d_ff 1024),
+# each round runs moe bench layer and every formulation of
+# bench/torch_layer.py (--study: loop, split, unbind, bmm, jit; checked
+# against each other first), alternating which side goes first. Figures:
+# median over rounds of each side's median iteration; "strongest" is the
+# formulation with the best median in this run. Also: the layer's expert
+# GEMM rate against the same GEMMs alone (moe bench layer) and against the
+# peak sgemm rate of `moe selftest blas` at the same thread count.
+#   bench/layer_vs_torch.sh [ROUNDS]    (default 3; build first: launch/build)
+#   env: THREADS (2), bench/env.sh (kernels, thread settings of both sides)
 set -euo pipefail
-cd "$(dirname "$0")/.."
-MOE=${MOE_BIN:-build/src/cli/moe}
-# OpenBLAS picks slow generic kernels on some virtual CPUs; both sides use the
-# same OpenBLAS, so the comparison stays fair. An explicit setting wins.
-if [ -z "${OPENBLAS_CORETYPE:-}" ] && grep -qw avx2 /proc/cpuinfo; then export OPENBLAS_CORETYPE=Haswell; fi
+source "$(dirname "$0")/env.sh"
 ROUNDS=${1:-3}
-# Settings that make PyTorch's CPU path ~2x faster here (passive OpenMP
-# waiting, no mmap churn in the allocator): the baseline gets its best case.
-TORCH_ENV=(OMP_WAIT_POLICY=PASSIVE MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=17179869184 MALLOC_TOP_PAD_=268435456)
+THREADS=${THREADS:-2}
+ITERS=10
+SHAPE=() QFLAG=()
+if [[ $QUICK == 1 ]]; then ROUNDS=1 ITERS=2 SHAPE=(--tokens 512 --d-model 64 --d-ff 128) QFLAG=(--quick); fi
+set_threads "$THREADS"
+tmp=$(mktemp -d)
+trap 'rm -rf "$tmp"' EXIT
+
 cases=(
-  "E=8 token choice|--experts 8 --top-k 2"
-  "E=8 expert choice|--experts 8 --router expert_choice"
-  "E=64 token choice|--experts 64 --top-k 2"
+  "e8_k2|E=8 top-2 token choice|--experts 8 --top-k 2"
+  "e64_k2|E=64 top-2 token choice|--experts 64 --top-k 2"
+  "e8_ec|E=8 expert choice|--experts 8 --router expert_choice"
 )
-printf "%-20s %14s %14s %8s %10s\n" case "moe tok/s" "torch tok/s" ratio "moe/bareGEMM"
+# the peak sgemm rate of these kernels at THREADS threads (the selftest's timed shapes)
+OPENBLAS_NUM_THREADS=$(nproc) "$MOE" selftest blas --one "$OPENBLAS_CORETYPE" --no-check "${QFLAG[@]}" > "$tmp/sgemm" || { echo "layer_vs_torch: moe selftest blas --one $OPENBLAS_CORETYPE failed" >&2; exit 1; }
+peak=$("$PY" - "$tmp/sgemm" "$THREADS" << 'EOF'
+import json, sys
+j = json.loads(open(sys.argv[1]).read().split("MOE_BLAS_RESULT ", 1)[1])
+print(max(t["gflops"] for t in j["times"] if t["threads"] == int(sys.argv[2])) if any(
+    t["threads"] == int(sys.argv[2]) for t in j["times"]) else max(t["gflops"] for t in j["times"]))
+EOF
+)
+echo "kernels $OPENBLAS_CORETYPE, $THREADS threads per side; peak sgemm (moe selftest blas) $(calc "round($peak)") GFLOP/s"
 for c in "${cases[@]}"; do
-  name=${c%%|*}; args=${c#*|}
-  best_m=0; best_t=0; eff=0
-  for _ in $(seq "$ROUNDS"); do
-    m=$(OPENBLAS_NUM_THREADS=2 "$MOE" bench layer $args --threads 2 --iters 10 --json)
-    t=$(env "${TORCH_ENV[@]}" /usr/bin/python3 bench/torch_layer.py $args --threads 2 --iters 10)
-    mt=$(python3 -c "import json,sys; print(json.loads(sys.argv[1])['tokens_per_s'])" "$m")
-    me=$(python3 -c "import json,sys; print(json.loads(sys.argv[1])['gemm_efficiency'])" "$m")
-    tt=$(python3 -c "import json,sys; print(json.loads(sys.argv[1])['tokens_per_s'])" "$t")
-    best_m=$(python3 -c "print(max($best_m,$mt))"); best_t=$(python3 -c "print(max($best_t,$tt))")
-    eff=$(python3 -c "print(max($eff,$me))")
+  IFS='|' read -r key name args <<< "$c"
+  : > "$tmp/moe.$key"
+  : > "$tmp/torch.$key"
+  for r in $(seq "$ROUNDS"); do
+    run_moe() { "$MOE" bench layer $args "${SHAPE[@]}" --threads "$THREADS" --iters $ITERS --json >> "$tmp/moe.$key"; }
+    run_torch() { "$PY" "$BENCH_DIR/torch_layer.py" --study --rounds 1 $args "${SHAPE[@]}" --threads "$THREADS" \
+                      --iters $ITERS | grep '^{' >> "$tmp/torch.$key"; }
+    if (( r % 2 )); then run_moe; run_torch; else run_torch; run_moe; fi
   done
-  printf "%-20s %14.0f %14.0f %7.2fx %9.1f%%\n" "$name" "$best_m" "$best_t" \
-    "$(python3 -c "print($best_m/$best_t)")" "$(python3 -c "print(100*$eff)")"
+  "$PY" - "$tmp/moe.$key" "$tmp/torch.$key" "$key" "$name" "$peak" "$ROUNDS" << 'EOF'
+import json, statistics, sys
+moe_f, torch_f, key, name, peak, rounds = sys.argv[1:7]
+med = statistics.median
+moe = [json.loads(l) for l in open(moe_f)]
+by_variant = {}
+for l in open(torch_f):
+    j = json.loads(l)
+    if "tokens_per_s" in j:
+        by_variant.setdefault(j["variant"], []).append(j["tokens_per_s"])
+m = med(r["tokens_per_s"] for r in moe)
+tv = {v: med(x) for v, x in by_variant.items()}
+best = max(tv, key=tv.get)
+eff = med(r["gemm_efficiency"] for r in moe)
+# the layer's expert FLOPs over its whole iteration, against the peak sgemm rate
+rate = med(r["expert_gemm_gflops"] * (r["split_ms"]["expert_fwd"] + r["split_ms"]["expert_bwd"]) / r["ms_per_iter"]
+           for r in moe)
+print(f"== {name}: moe {m:.0f} tok/s; PyTorch " + ", ".join(f"{v} {t:.0f}" for v, t in sorted(tv.items(), key=lambda kv: -kv[1]))
+      + f" tok/s (median of {rounds} rounds)")
+print(f"   moe / strongest PyTorch ({best}): {m / tv[best]:.2f}x; layer at {100 * eff:.0f}% of its expert GEMMs alone; "
+      f"{rate:.0f} GFLOP/s of expert GEMM work = {100 * rate / float(peak):.0f}% of peak sgemm")
+print(f"PERF layer.{key}.moe_tok_s {m:.0f} tok/s moe bench layer, {name}")
+print(f"PERF layer.{key}.torch_tok_s {tv[best]:.0f} tok/s strongest PyTorch formulation ({best}), {name}")
+for v, t in sorted(tv.items()):
+    print(f"PERF layer.{key}.torch_{v}_tok_s {t:.0f} tok/s PyTorch formulation {v}, {name}")
+print(f"PERF_README layer.{key}.ratio {m / tv[best]:.2f} x MoE layer fwd+bwd vs strongest PyTorch ({best}), {name}")
+print(f"PERF layer.{key}.gemm_efficiency {100 * eff:.0f} % layer time of the same expert GEMMs alone / layer time, {name}")
+print(f"PERF layer.{key}.peak_fraction {100 * rate / float(peak):.0f} % expert GEMM FLOPs per layer second / peak sgemm, {name}")
+EOF
 done

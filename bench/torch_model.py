@@ -1,87 +1,124 @@
 #!/usr/bin/env python3
-"""A fair PyTorch implementation of the model and training step of `moe train`
-(checkpoint.md, routing.md), used as the baseline of bench/train_vs_torch.sh.
+"""The model and training step of `moe train` in PyTorch, in its strongest
+formulation here, the baseline of bench/train_vs_torch.sh.
 
-Same shapes and the same work per step: token + position embeddings, pre-norm
-blocks (LN, causal multi-head attention, LN, FFN), every moe_every-th block
-(from block 0) an MoE FFN (router [E, d] without bias, softmax, token-choice
-top-k with capacity per routing group of group_seqs sequences, fill order
-"choice rank, then token", normalize_topk, experts w1 [E, F, d] b1 w2 [E, d, F]
-b2, gelu tanh), the others a dense FFN, final LN, head tied to wte; objective
-CE + aux_loss_coef * mean L_bal + z_loss_coef * mean L_z; global-norm
-clipping and AdamW (decay on matrices only). The MoE FFN is sorted dispatch:
-index_select of the kept rows, one addmm pair per expert, index_add_ back.
+Same shapes and work per step (docs/training.md, docs/routing.md): token +
+position embeddings, pre-norm blocks (LN, causal multi-head attention, LN,
+FFN), every moe_every-th block (from block 0) an MoE FFN (router [E, d]
+without bias, softmax, token-choice top-k with capacity per routing group of
+group_seqs sequences, fill order "choice rank, then token", normalize_topk,
+experts F x d with gelu tanh), the others a dense FFN, final LN, head tied
+to wte; objective CE + aux_loss_coef * mean L_bal + z_loss_coef * mean L_z;
+global-norm clipping and AdamW (decay on matrices only).
+
+Formulation (each choice measured with --study, figures in bench/README.md):
+  - fused QKV: one [3d, d] linear, q/k/v as views;
+  - attention (--attention): "manual" q k^T, masked_fill, softmax, @ v;
+    "baddbmm" the scores in one baddbmm onto an additive -inf mask;
+    "sdpa" torch's scaled_dot_product_attention with is_causal
+    (F.scaled_dot_product_attention from PyTorch 2.0; PyTorch 1.13 has it as
+    the private F._scaled_dot_product_attention, which this uses there);
+  - MoE FFN (--moe): a formulation of bench/torch_layer.py (routing and
+    experts come from there: loop, split, unbind, bmm, jit);
+  - AdamW with foreach (multi-tensor) updates (--foreach; fused AdamW is
+    CUDA-only in this PyTorch);
+  - no .contiguous() beyond the one reshape attention needs.
 
 Batches are random windows of --data FILE (use the corpus `moe train` reads,
-so that routing, hence dropped assignments, is alike), else random bytes. Prints one
-JSON line after warmup: {"tokens_per_s": ..., "ms_per_step": ...} (median
-over the timed steps) plus the mean dropped fraction.
+so that routing, hence dropped assignments, is alike), else random bytes.
+Prints one JSON line after warmup: {"tokens_per_s", "ms_per_step" (median
+over the timed steps), "dropped_frac", "loss", the formulation, threads and
+OpenBLAS kernels}; --study prints one line per formulation tried, measured
+in alternating rounds after checking they compute the same loss and
+gradients.
 """
 import argparse
+import inspect
 import json
 import math
+import os
 import statistics
+import sys
 import time
 
 import torch
 import torch.nn.functional as Fn
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from torch_layer import Experts, blas_info, route  # noqa: E402
 
-def normal(shape, std):
-    return (torch.randn(*shape) * std).requires_grad_()
+ATTENTION = ("manual", "baddbmm", "sdpa")
+MOE_VARIANTS = ("loop", "split", "unbind", "bmm", "jit")
+# clip_grad_norm_ takes foreach from PyTorch 2.0 on
+CLIP_FOREACH = "foreach" in inspect.signature(torch.nn.utils.clip_grad_norm_).parameters
+# the strongest formulation measured here (bench/README.md)
+BEST = {"attention": "baddbmm", "moe": "unbind", "foreach": 1}
 
 
-def zeros(*shape):
-    return torch.zeros(*shape, requires_grad=True)
-
-
-def ones(*shape):
-    return torch.ones(*shape, requires_grad=True)
+def sdpa_fn():
+    if hasattr(Fn, "scaled_dot_product_attention"):
+        return lambda q, k, v: Fn.scaled_dot_product_attention(q, k, v, is_causal=True)
+    return lambda q, k, v: Fn._scaled_dot_product_attention(q, k, v, None, 0.0, False, True)[0]
 
 
 class Model:
-    """Parameters in the checkpoint layout; decay / no-decay lists for AdamW."""
+    """Parameters in the checkpoint layout (experts in the --moe layout)."""
 
-    def __init__(self, a):
+    def __init__(self, a, seed):
+        g = torch.Generator().manual_seed(seed)
         d, F, E, V = a.d_model, a.d_ff, a.experts, 256
         std, rstd = 0.02, 0.02 / math.sqrt(2 * a.layers)
+        normal = lambda shape, s: (torch.randn(*shape, generator=g) * s).requires_grad_()
+        zeros = lambda *shape: torch.zeros(*shape, requires_grad=True)
+        ones = lambda *shape: torch.ones(*shape, requires_grad=True)
         self.a = a
         self.wte = normal((V, d), std)
         self.wpe = normal((a.seq, d), std)
         self.blocks = []
+        decay, no_decay = [self.wte, self.wpe], []
         for l in range(a.layers):
-            b = {
-                "ln1w": ones(d), "ln1b": zeros(d),
-                "qkvw": normal((3 * d, d), std), "qkvb": zeros(3 * d),
-                "projw": normal((d, d), rstd), "projb": zeros(d),
-                "ln2w": ones(d), "ln2b": zeros(d),
-            }
+            b = {"ln1w": ones(d), "ln1b": zeros(d), "qkvw": normal((3 * d, d), std), "qkvb": zeros(3 * d),
+                 "projw": normal((d, d), rstd), "projb": zeros(d), "ln2w": ones(d), "ln2b": zeros(d)}
+            decay += [b["qkvw"], b["projw"]]
+            no_decay += [b[n] for n in ("ln1w", "ln1b", "qkvb", "projb", "ln2w", "ln2b")]
             if l % a.moe_every == 0:
-                b.update({"rw": normal((E, d), std),
-                          "w1": normal((E, F, d), std), "b1": zeros(E, F),
-                          "w2": normal((E, d, F), rstd), "b2": zeros(E, d)})
+                b["rw"] = normal((E, d), std)
+                b["experts"] = Experts(a.moe, normal((E, F, d), std), torch.zeros(E, F), normal((E, d, F), rstd),
+                                       torch.zeros(E, d))
+                decay += [b["rw"]] + b["experts"].weights()
+                no_decay += b["experts"].biases()
             else:
-                b.update({"fcw": normal((F, d), std), "fcb": zeros(F),
-                          "fcpw": normal((d, F), rstd), "fcpb": zeros(d)})
+                b.update({"fcw": normal((F, d), std), "fcb": zeros(F), "fcpw": normal((d, F), rstd), "fcpb": zeros(d)})
+                decay += [b["fcw"], b["fcpw"]]
+                no_decay += [b["fcb"], b["fcpb"]]
             self.blocks.append(b)
         self.lnfw, self.lnfb = ones(d), zeros(d)
-        params = [self.wte, self.wpe, self.lnfw, self.lnfb] + [p for b in self.blocks for p in b.values()]
-        self.decay = [p for p in params if p.dim() >= 2]
-        self.no_decay = [p for p in params if p.dim() < 2]
+        no_decay += [self.lnfw, self.lnfb]
+        self.decay, self.no_decay = decay, no_decay
         self.n_moe = sum(1 for l in range(a.layers) if l % a.moe_every == 0)
         self.kept = self.assigned = 0  # kept / total top-k assignments (dropped fraction)
+        T = a.seq
+        self.mask = torch.triu(torch.ones(T, T, dtype=torch.bool), diagonal=1)
+        self.mask_add = torch.zeros(T, T).masked_fill(self.mask, float("-inf"))
+        self.sdpa = sdpa_fn()
 
     def attention(self, x, b):
         B, T, d = x.shape
         nh = self.a.heads
         hs = d // nh
         qkv = Fn.linear(x, b["qkvw"], b["qkvb"]).view(B, T, 3, nh, hs).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv[0], qkv[1], qkv[2]                  # (B, nh, T, hs)
-        s = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(hs))
-        s = s.masked_fill(self.mask[:T, :T], float("-inf"))
-        y = torch.softmax(s, dim=-1) @ v                  # (B, nh, T, hs)
-        y = y.transpose(1, 2).reshape(B, T, d)
-        return Fn.linear(y, b["projw"], b["projb"])
+        q, k, v = qkv[0], qkv[1], qkv[2]  # (B, nh, T, hs) views of the fused projection
+        if self.a.attention == "sdpa":
+            y = self.sdpa(q, k, v)
+        elif self.a.attention == "baddbmm":
+            s = torch.baddbmm(self.mask_add[:T, :T], q.reshape(B * nh, T, hs),
+                              k.reshape(B * nh, T, hs).transpose(1, 2), alpha=1.0 / math.sqrt(hs))
+            y = (torch.softmax(s, dim=-1) @ v.reshape(B * nh, T, hs)).view(B, nh, T, hs)
+        else:
+            s = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(hs))
+            s = s.masked_fill(self.mask[:T, :T], float("-inf"))
+            y = torch.softmax(s, dim=-1) @ v
+        return Fn.linear(y.transpose(1, 2).reshape(B, T, d), b["projw"], b["projb"])
 
     def moe(self, x, b, G):
         """x (N, d) in G routing groups; returns y (N, d), L_bal (G), L_z (G)."""
@@ -89,39 +126,12 @@ class Model:
         N, d = x.shape
         E, k = a.experts, a.top_k
         Tg = N // G
-        logits = x @ b["rw"].t()                            # (N, E)
+        logits = x @ b["rw"].t()  # (N, E)
         probs = torch.softmax(logits, dim=1)
-        with torch.no_grad():
-            topi = torch.topk(probs.detach().view(G, Tg, E), k, dim=2).indices  # (G, Tg, k)
-            flat = topi.transpose(1, 2).reshape(G, k * Tg)  # choice rank outer, token inner
-            onehot = Fn.one_hot(flat, E)                    # (G, k Tg, E)
-            selected = onehot.sum(1)                        # (G, E) before drops
-            if a.capacity_factor > 0:
-                C = math.ceil(k * Tg * a.capacity_factor / E - 1e-9)
-                pos = onehot.cumsum(1).gather(2, flat.unsqueeze(2)).squeeze(2) - 1
-                keep = pos < C
-            else:
-                keep = torch.ones_like(flat, dtype=torch.bool)
-            tok = (torch.arange(Tg).view(1, 1, Tg) + Tg * torch.arange(G).view(G, 1, 1)).expand(G, k, Tg)
-            e_idx, t_idx = flat[keep], tok.reshape(G, k * Tg)[keep]
-            order = torch.argsort(e_idx * N + t_idx)        # by expert, tokens ascending
-            e_idx, t_idx = e_idx[order], t_idx[order]
-            counts = torch.bincount(e_idx, minlength=E).tolist()
-            self.kept += len(e_idx)
-            self.assigned += k * N
-        gate = probs[t_idx, e_idx]
-        if k > 1 and a.normalize_topk:
-            gate = gate / probs.gather(1, topi.view(N, k)).sum(1)[t_idx]
-        xs = x.index_select(0, t_idx)
-        outs, s0 = [], 0
-        for e in range(E):
-            n = counts[e]
-            if n:
-                h = Fn.gelu(torch.addmm(b["b1"][e], xs[s0:s0 + n], b["w1"][e].t()), approximate="tanh")
-                outs.append(torch.addmm(b["b2"][e], h, b["w2"][e].t()))
-            s0 += n
-        ys = torch.cat(outs) * gate.unsqueeze(1)
-        y = torch.zeros(N, d).index_add_(0, t_idx, ys)
+        e_idx, t_idx, gate, counts, selected = route(probs, k, a.capacity_factor, "token_choice", G, a.normalize_topk)
+        self.kept += len(e_idx)
+        self.assigned += k * N
+        y = b["experts"].forward(x, e_idx, t_idx, gate, counts)
         f = selected.to(probs.dtype) / (Tg * k)
         lb = E * (f * probs.view(G, Tg, E).mean(1)).sum(1)
         z = (torch.logsumexp(logits, dim=1) ** 2).view(G, Tg).mean(1)
@@ -151,6 +161,82 @@ class Model:
             loss = loss + a.aux_loss_coef * lb_sum / terms + a.z_loss_coef * z_sum / terms
         return loss
 
+    def grads(self):
+        """Every gradient in a formulation-independent order and layout."""
+        out = []
+        for p in [self.wte, self.wpe, self.lnfw, self.lnfb]:
+            out.append(p.grad)
+        for b in self.blocks:
+            for n, p in b.items():
+                if n == "experts":
+                    out += list(p.grads().values())
+                else:
+                    out.append(p.grad)
+        return out
+
+
+def batches(a):
+    """Every step's (input, target) bytes, fixed by the seed."""
+    g = torch.Generator().manual_seed(a.seed + 1)
+    corpus = None
+    if a.data:
+        with open(a.data, "rb") as f:
+            corpus = torch.frombuffer(bytearray(f.read()), dtype=torch.uint8).long()
+        if corpus.numel() <= a.seq + 1:
+            raise SystemExit(f"torch_model.py: --data {a.data}: fewer than seq + 2 = {a.seq + 2} bytes")
+    out = []
+    for _ in range(a.warmup + a.steps):
+        if corpus is None:
+            data = torch.randint(0, 256, (a.batch, a.seq + 1), generator=g)
+        else:
+            start = torch.randint(0, corpus.numel() - a.seq - 1, (a.batch, 1), generator=g)
+            data = corpus[start + torch.arange(a.seq + 1)]
+        out.append((data[:, :-1], data[:, 1:]))
+    return out
+
+
+def train(a, data):
+    """Median step seconds, dropped fraction and last loss of one run."""
+    m = Model(a, a.seed)
+    opt = torch.optim.AdamW([{"params": m.decay, "weight_decay": 0.1}, {"params": m.no_decay, "weight_decay": 0.0}],
+                            lr=a.lr, betas=(0.9, 0.95), eps=1e-8, foreach=bool(a.foreach))
+    params = m.decay + m.no_decay
+    times = []
+    for i, (inp, tgt) in enumerate(data):
+        if i == a.warmup:
+            m.kept = m.assigned = 0
+        t0 = time.perf_counter()
+        for grp in opt.param_groups:
+            grp["lr"] = a.lr * min(1.0, (i + 1) / max(1, a.warmup_steps))
+        opt.zero_grad(set_to_none=True)
+        loss = m.loss(inp, tgt)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0, **({"foreach": bool(a.foreach)} if CLIP_FOREACH else {}))
+        opt.step()
+        if i >= a.warmup:
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times), (1 - m.kept / m.assigned if m.assigned else 0.0), float(loss)
+
+
+def check(a, variants):
+    """One step's loss and gradients of every formulation against the first's."""
+    data = batches(a)[:1]
+    ref = None
+    for v in variants:
+        b = argparse.Namespace(**{**vars(a), **v})
+        m = Model(b, a.seed)
+        loss = m.loss(*data[0])
+        loss.backward()
+        got = [loss.detach()] + m.grads()
+        if ref is None:
+            ref = got
+            continue
+        for i, (x, y) in enumerate(zip(got, ref)):
+            err = (x - y).abs().max().item() / (y.abs().max().item() + 1e-30)
+            if not err < 1e-3:
+                raise SystemExit(f"torch_model.py: formulation {v} differs from {variants[0]} in tensor {i} "
+                                 f"(relative {err:.2e})")
+
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -176,46 +262,40 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--data", default=None, help="text file to sample windows from (default: random bytes)")
+    ap.add_argument("--attention", default=BEST["attention"], choices=ATTENTION)
+    ap.add_argument("--moe", default=BEST["moe"], choices=MOE_VARIANTS)
+    ap.add_argument("--foreach", type=int, default=BEST["foreach"], choices=(0, 1))
+    ap.add_argument("--study", action="store_true", help="check and time the formulations, alternating")
+    ap.add_argument("--rounds", type=int, default=3, help="--study: rounds")
     a = ap.parse_args()
     if a.batch % a.group_seqs or a.d_model % a.heads or not 1 <= a.top_k <= a.experts:
         ap.error("need batch % group_seqs == 0, d_model % heads == 0, 1 <= top_k <= experts")
     torch.set_num_threads(a.threads)
-    torch.manual_seed(a.seed)
-    m = Model(a)
-    m.mask = torch.triu(torch.ones(a.seq, a.seq, dtype=torch.bool), diagonal=1)
-    opt = torch.optim.AdamW([{"params": m.decay, "weight_decay": 0.1},
-                             {"params": m.no_decay, "weight_decay": 0.0}],
-                            lr=a.lr, betas=(0.9, 0.95), eps=1e-8)
-    params = m.decay + m.no_decay
-    corpus = None
-    if a.data:
-        with open(a.data, "rb") as f:
-            corpus = torch.frombuffer(bytearray(f.read()), dtype=torch.uint8).long()
-        if corpus.numel() <= a.seq + 1:
-            ap.error(f"--data {a.data}: fewer than seq + 2 = {a.seq + 2} bytes")
-    times = []
-    for i in range(a.warmup + a.steps):
-        if i == a.warmup:
-            m.kept = m.assigned = 0
-        if corpus is None:
-            data = torch.randint(0, 256, (a.batch, a.seq + 1))
-        else:
-            start = torch.randint(0, corpus.numel() - a.seq - 1, (a.batch, 1))
-            data = corpus[start + torch.arange(a.seq + 1)]
-        t0 = time.perf_counter()
-        for g in opt.param_groups:
-            g["lr"] = a.lr * min(1.0, (i + 1) / max(1, a.warmup_steps))
-        opt.zero_grad(set_to_none=True)
-        loss = m.loss(data[:, :-1], data[:, 1:])
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        if i >= a.warmup:
-            times.append(time.perf_counter() - t0)
-    dt = statistics.median(times)
-    print(json.dumps({"tokens_per_s": a.batch * a.seq / dt, "ms_per_step": 1e3 * dt,
-                      "dropped_frac": 1 - m.kept / m.assigned if m.assigned else 0.0,
-                      "loss": float(loss)}))
+    core, blas_threads = blas_info()
+    info = {"threads": a.threads, "blas_coretype": core, "blas_threads": blas_threads, "torch": torch.__version__}
+    if not a.study:
+        dt, drop, loss = train(a, batches(a))
+        print(json.dumps(dict(tokens_per_s=a.batch * a.seq / dt, ms_per_step=1e3 * dt, dropped_frac=drop, loss=loss,
+                              attention=a.attention, moe=a.moe, foreach=a.foreach, **info)))
+        return
+    # The strongest choices, then one change at a time.
+    forms = [dict(BEST)]
+    forms += [dict(BEST, attention=x) for x in ATTENTION if x != BEST["attention"]]
+    forms += [dict(BEST, moe=x) for x in MOE_VARIANTS if x != BEST["moe"]]
+    forms += [dict(BEST, foreach=1 - BEST["foreach"])]
+    check(a, forms)
+    data = batches(a)
+    times = [[] for _ in forms]
+    for r in range(a.rounds):
+        for i in (range(len(forms)) if r % 2 == 0 else reversed(range(len(forms)))):
+            times[i].append(train(argparse.Namespace(**{**vars(a), **forms[i]}), data)[0])
+    print(f"# d_model {a.d_model}, {a.layers} layers, E={a.experts} k={a.top_k}, d_ff {a.d_ff}, seq {a.seq}, "
+          f"batch {a.batch}; {a.threads} threads, OpenBLAS {core} x {blas_threads}, torch {torch.__version__}; "
+          f"median of {a.rounds} rounds, each the median of {a.steps} steps; formulations checked against the first")
+    for f, t in zip(forms, times):
+        dt = statistics.median(t)
+        print(json.dumps(dict(f, tokens_per_s=a.batch * a.seq / dt, ms_per_step=1e3 * dt,
+                              rounds_ms=[round(1e3 * x, 1) for x in t], **info)))
 
 
 if __name__ == "__main__":

@@ -20,7 +20,9 @@ PNG=${PNG:-docs/img/dense_vs_moe.png}
 THREADS=${THREADS:-2}
 [[ -x $MOE ]] || { echo "no moe binary at $MOE (build first, or set MOE_BIN)" >&2; exit 2; }
 command -v gnuplot > /dev/null || { echo "gnuplot not found" >&2; exit 2; }
-export OPENBLAS_CORETYPE=${OPENBLAS_CORETYPE:-Haswell}
+# the kernel set the launch scripts use (moe selftest blas; an explicit setting wins)
+OPENBLAS_CORETYPE=$("$MOE" selftest blas --pick) || exit 1
+export OPENBLAS_CORETYPE
 mkdir -p "$OUT" "$(dirname "$PNG")"
 
 # Corpus: every fortune file (not the .dat indexes nor the .u8 copies);

@@ -65,6 +65,7 @@ static void usage(FILE *f)
             "  tokenizer <sub> ...     train, import, export, encode, decode, info (BPE tokenizers)\n"
             "  bench layer             time one MoE layer forward+backward (--save writes a dump)\n"
             "  bench a2a               time the token all-to-all against raw MPI_Alltoallv\n"
+            "  selftest blas           check and time OpenBLAS's kernel sets; pick the fastest correct one\n"
             "\n"
             "Run 'moe <command> --help' for the options of a command.\n"
             "\n"
@@ -105,6 +106,7 @@ int main(int argc, char **argv)
     if (!strcmp(cmd, "eval")) return moe_cmd_eval(argc - 1, argv + 1);
     if (!strcmp(cmd, "generate")) return moe_cmd_generate(argc - 1, argv + 1);
     if (!strcmp(cmd, "tokenizer")) return moe_cmd_tokenizer(argc - 1, argv + 1);
+    if (!strcmp(cmd, "selftest")) return moe_cmd_selftest(argc - 1, argv + 1);
     fprintf(stderr, "moe: unknown command '%s'\n", cmd);
     usage(stderr);
     return 2;

@@ -12,6 +12,7 @@
 #include <sys/stat.h>
 
 #include "ckpt/ckpt.h"
+#include "core/platform.h"
 
 struct moe_train_run {
     moe_train_config cfg;
@@ -30,6 +31,7 @@ struct moe_train_run {
     int64_t step, step0, tokens_seen;
     double t_start, last_val, ckpt_total, last_ckpt;
     int stopped;
+    int blas_noted;                        /* a metrics line has named the BLAS kernel set */
     moe_train_stats ts;
 };
 
@@ -99,6 +101,13 @@ static void write_metrics(moe_train_run *r, const moe_train_progress *p)
     const double val = p->val_loss, ckpt_s = p->checkpoint_s;
     cJSON *j = cJSON_CreateObject();
     cJSON_AddNumberToObject(j, "step", (double)p->step);
+    if (!r->blas_noted++) {
+        /* the kernel set OpenBLAS loaded (OPENBLAS_CORETYPE or its own
+         * detection), on the first line of each start */
+        moe_platform pf;
+        moe_platform_get(&pf);
+        cJSON_AddStringToObject(j, "blas_coretype", pf.blas_core);
+    }
     cJSON_AddNumberToObject(j, "loss", ts->model.loss);
     cJSON_AddNumberToObject(j, "ce", ts->model.ce);
     cJSON_AddNumberToObject(j, "bpb", ts->model.ce / M_LN2);

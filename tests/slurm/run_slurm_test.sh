@@ -271,7 +271,9 @@ wait_job() {
         || fail "job $id ended $state, $(grep -o 'ExitCode=[0-9:]*' <<< "$info")"
     log "job $id COMPLETED"
 }
-env_export=ALL,MOE_BIN=$moe,OMPI_ALLOW_RUN_AS_ROOT=1,OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1,OMPI_MCA_rmaps_base_oversubscribe=1
+# MOE_BLAS_PICK_ARGS: when OPENBLAS_CORETYPE is unset the script runs the
+# BLAS selftest on first use; the quick one keeps the job short.
+env_export=ALL,MOE_BIN=$moe,MOE_BLAS_PICK_ARGS=--quick,OMPI_ALLOW_RUN_AS_ROOT=1,OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1,OMPI_MCA_rmaps_base_oversubscribe=1
 latest_is() { [[ $(cat "$run/latest" 2> /dev/null) == "$1" ]]; }
 verify() { "$moe" inspect --verify "$1" > /dev/null || fail "moe inspect --verify $1 failed"; }
 # metrics_steps_are N: metrics.jsonl holds steps 1..N, each once, in order.
@@ -304,6 +306,7 @@ out1=$tmp/job-$job1.out
 placed_on_all "$out1"
 grep -q "^== $ranks ranks x 1 threads, launcher srun" "$out1" \
     || fail "job 1 did not pick srun (does 'srun --mpi=list' offer pmix?)"
+grep -q '^== .*, OpenBLAS kernels [A-Za-z]' "$out1" || fail "job 1 log does not name the OpenBLAS kernel set"
 grep -q -- '--resume=' "$out1" && fail "job 1 resumed, but its run directory was new"
 grep -q '^== moe train exited with 0' "$out1" || fail "job 1 log lacks a clean exit of moe train"
 latest_is ckpt-000020.h5 || fail "after job 1 latest is '$(cat "$run/latest" 2> /dev/null)', want ckpt-000020.h5"
@@ -320,6 +323,8 @@ log "job 1: 20 steps on $ranks ranks ($nodes node(s)) via srun --mpi=pmix, $(( S
 # script must requeue the job, and the restart must resume and finish.
 cat > "$tmp/hold-moe" << EOF
 #!/bin/sh
+# only the training run holds (the script's kernel-set pick runs before it)
+[ "\$1" = selftest ] && exec "$moe" "\$@"
 if [ "\${SLURM_RESTART_COUNT:-0}" = 0 ]; then touch "$tmp/held"; exec sleep 300; fi
 exec "$moe" "\$@"
 EOF
