@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Token all-to-all: moe's exchange (alltoallv plan, shared-memory window) against raw MPI_Alltoallv, 2 ranks.
+# Token all-to-all: moe's exchange (point-to-point plan, shared-memory window) against raw MPI_Alltoallv, 2 ranks.
 # `moe bench a2a` on 2 ranks of this machine (launch/moe-local), defaults:
 # 4096 tokens per rank, d_model 256, E=8 top-2, skewed expert popularity;
 # it checks the round trip and times its own exchange and a raw
@@ -23,7 +23,7 @@ med = statistics.median
 r0 = runs[0]
 print(f"moe bench a2a: {r0['ranks']} ranks, {r0['tokens']} tokens/rank, d_model {r0['d_model']}, E={r0['experts']} "
       f"top-{r0['top_k']}, {r0['bytes_per_rank'] / 1e6:.1f} MB per rank each way; median of {sys.argv[2]} runs")
-for kind in ("alltoallv", "shm"):
+for kind in ("p2p", "shm"):
     rs = [x for r in runs for x in r["results"] if x["kind"] == kind]
     if not all(x["roundtrip_ok"] for x in rs):
         sys.exit(f"a2a: the {kind} round trip did not return the rows it sent")

@@ -72,6 +72,8 @@ scripts=()
 for f in "$BENCH_DIR"/*.sh; do
   n=$(basename "$f" .sh)
   [[ $n == all || $n == env ]] && continue
+  # a script that is not a performance benchmark says so (bench/soak.sh)
+  grep -qx "# bench/all.sh: skip" "$f" && continue
   [[ -n $ONLY && ",$ONLY," != *",$n,"* ]] && continue
   scripts+=("$n")
 done

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
 # Soak test: does a long training run leak memory or file descriptors?
+# bench/all.sh: skip
 #   bench/soak.sh MINUTES [OUT_DIR]
 # Trains the demo model on 2 ranks for MINUTES minutes with a checkpoint
 # every 50 steps and a validation every 100, runs `moe generate` from the

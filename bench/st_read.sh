@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# Safetensors load: moerun's reader against numpy from an mmap (F32 and BF16, float32 out).
 # Safetensors load speed: moerun's reader (mmap, validate, convert every
 # tensor to float32 into a new buffer, release the file pages) against numpy
 # doing the same from an mmap (np.frombuffer + astype / the BF16 shift), in
@@ -6,22 +7,25 @@
 # elements in 64 tensors. Prints MB/s of float32 output, best of ROUNDS.
 #   bench/st_read.sh [DIR] [ROUNDS]     (build first: launch/build)
 set -euo pipefail
-cd "$(dirname "$0")/.."
+source "$(dirname "$0")/env.sh"
+cd "$REPO_DIR"
 TOOL=$(realpath "${ST_TOOL:-build/tests/convert/st_tool}")
 DIR=$(realpath -m "${1:-build/st_bench}")
 ROUNDS=${2:-3}
+ROWS=1024
+[[ $QUICK == 1 ]] && ROUNDS=1 ROWS=16 DIR=$DIR-quick
 mkdir -p "$DIR"
-/usr/bin/python3 - "$DIR" <<'PY'
+/usr/bin/python3 - "$DIR" "$ROWS" <<'PY'
 import os, sys
 import numpy as np
 sys.path.insert(0, "tests/convert")
 import hf_ref
-d = sys.argv[1]
+d, rows = sys.argv[1], int(sys.argv[2])
 rng = np.random.default_rng(0)
 for dt in ("F32", "BF16"):
     p = os.path.join(d, f"{dt}.safetensors")
     if not os.path.exists(p):
-        ent = {f"t{i:02d}": (dt, (1024, 1024), hf_ref.encode(rng.standard_normal((1024, 1024)), dt)) for i in range(64)}
+        ent = {f"t{i:02d}": (dt, (rows, 1024), hf_ref.encode(rng.standard_normal((rows, 1024)), dt)) for i in range(64)}
         hf_ref.write_atomic(p, hf_ref.st_bytes(ent, {"format": "pt"}))
 PY
 numpy_read() {
@@ -59,4 +63,6 @@ for dt in F32 BF16; do
     [ "$p" -gt "$best_np" ] && best_np=$p
   done
   echo "$dt: moerun $best_c MB/s, numpy $best_np MB/s (float32 out, best of $ROUNDS)"
+  perf "st_read.${dt,,}.mb_s" "$best_c" MB/s "safetensors $dt load to float32, 64 tensors of $ROWS x 1024, warm cache (numpy from an mmap: $best_np MB/s)"
+  perf "st_read.${dt,,}.vs_numpy" "$(awk -v a="$best_c" -v b="$best_np" 'BEGIN { printf "%.2f", b > 0 ? a / b : 0 }')" x "moerun / numpy, safetensors $dt load to float32"
 done

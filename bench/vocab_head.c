@@ -130,8 +130,8 @@ int main(int argc, char **argv)
     opts o = {50257, 256, 64, 2048, 2, 7, 256, 0, 0};
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
-        if (!strcmp(a, "--quick")) {
-            o = (opts){5000, 64, 16, 256, 2, 2, 64, 0, 0};
+        if (!strcmp(a, "--quick")) { /* tiny shapes; the other options keep their values */
+            o.V = 5000, o.d = 64, o.M = 16, o.N = 256, o.rounds = 2, o.chunk = 64;
             continue;
         }
         if (!v) goto usage;
@@ -227,7 +227,7 @@ int main(int argc, char **argv)
         const double tk = moe_now() - t0;
         printf("\npartition of %d ids into %d sets: frequency %.1f ms; k-means over (%d, %d) Gaussian embeddings, "
                "%d iterations, cap %.1f: %.2f s\n", V, M, 1e3 * tf, V, d, kc.iters, kc.balance, tk);
-        printf("PERF vocab_partition_kmeans_s %.3f s\n", tk);
+        printf("PERF vocab.partition_kmeans_s %.3f s k-means partition of V x d embeddings into M sets\n", tk);
         moe_free(a2), moe_free(emb);
     }
 
@@ -259,9 +259,9 @@ int main(int argc, char **argv)
         printf("  vocabulary experts                          %9.2f %10.0f  (%.0f)   %.1fx the faster full head "
                "(best rounds: %.1fx)\n",
                1e3 * tv, N / tv, N / t_voc[0], tfull / tv, bfull / t_voc[0]);
-        printf("PERF vocab_head_train_full %.0f tokens/s\n", N / tfull);
-        printf("PERF vocab_head_train_experts %.0f tokens/s\n", N / tv);
-        printf("PERF vocab_head_train_speedup %.2f x\n", tfull / tv);
+        printf("PERF vocab.train_full %.0f tokens/s full softmax head forward+backward\n", N / tfull);
+        printf("PERF vocab.train_experts %.0f tokens/s vocabulary-expert head forward+backward\n", N / tv);
+        printf("PERF vocab.train_speedup %.2f x vocabulary-expert head / full head, training\n", tfull / tv);
         moe_free(t_all), moe_free(t_chunk), moe_free(t_voc);
     }
 
@@ -295,9 +295,9 @@ int main(int argc, char **argv)
             printf("  batch %2d: full head, sgemv per row         %10.0f  (%.0f)\n", B, sv, B / tg1[0]);
             printf("  batch %2d: top-%d vocabulary experts         %10.0f  (%.0f)   %.1fx the faster full head "
                    "(best rounds: %.1fx)\n", B, o.K, se, be, se / best, be / bf);
-            printf("PERF vocab_head_gen_b%d_full %.0f tokens/s\n", B, best);
-            printf("PERF vocab_head_gen_b%d_experts %.0f tokens/s\n", B, se);
-            printf("PERF vocab_head_gen_b%d_speedup %.2f x\n", B, se / best);
+            printf("PERF vocab.gen_b%d_full %.0f tokens/s full head next-token distributions, batch %d\n", B, best, B);
+            printf("PERF vocab.gen_b%d_experts %.0f tokens/s vocabulary experts top-2 distributions, batch %d\n", B, se, B);
+            printf("PERF vocab.gen_b%d_speedup %.2f x vocabulary experts / full head, generation batch %d\n", B, se / best, B);
             moe_free(tf), moe_free(tg1), moe_free(tvk);
         }
     }
