@@ -67,7 +67,7 @@ static const key_desc keys[] = {
     KI(d_model, "model", 1, 1 << 16, "model width d"),
     KI(n_layers, "model", 1, 1 << 12, "transformer blocks"),
     KI(n_heads, "model", 1, 1 << 16, "attention heads (must divide d_model)"),
-    KI(seq_len, "model", 1, 1 << 20, "context length in bytes"),
+    KI(seq_len, "model", 1, 1 << 20, "context length in tokens (bytes for byte data)"),
     KI(n_experts, "model", 1, 1 << 16, "experts per MoE layer E"),
     KI(top_k, "model", 1, NOMAX, "experts per token for token choice (1 <= top_k <= E)"),
     KI(d_ff, "model", 1, 1 << 20, "hidden width F of each expert and of dense blocks"),
