@@ -277,9 +277,10 @@ function(moe_finalize_modules)
     set_target_properties(${t} PROPERTIES OUTPUT_NAME moerun)
     target_include_directories(${t} INTERFACE ${public_includes})
     target_compile_features(${t} INTERFACE c_std_11)
-    # moe_options (warnings, sanitizers) only while building: not exported.
-    target_link_libraries(${t} PUBLIC ${public_libs} PRIVATE ${private_libs} $<BUILD_INTERFACE:moe_options>)
+    target_link_libraries(${t} PUBLIC ${public_libs} PRIVATE ${private_libs})
   endforeach()
+  # the sanitizers' link options (a static library is not linked)
+  target_link_libraries(moerun_shared PRIVATE moe_options)
   set_target_properties(moerun_static PROPERTIES EXPORT_NAME moerun_static)
   # moerun::moerun is the shared library. Its soname carries the minor
   # version while the major is 0 (every 0.x may change the ABI), the

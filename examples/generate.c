@@ -1,6 +1,7 @@
 /* Text from a trained checkpoint through moerun's public API: load the
  * model on every rank of an MPI job (the experts are split over the
- * ranks), then sample bytes after a prompt with the key/value cache.
+ * ranks), then sample bytes after a prompt with the key/value cache
+ * (a byte-level model: token ids are bytes).
  *
  *   ./generate CHECKPOINT [PROMPT] [TOKENS] [TEMPERATURE] [SEED]
  *   mpirun -np 2 ./generate runs/a "17+25=" 64 0.8 1
@@ -32,7 +33,7 @@ int main(int argc, char **argv)
     moe_comm *comm = NULL;
     moe_model *model = NULL;
     moe_infer_decoder *dec = NULL;
-    uint8_t *out = NULL;
+    int32_t *ids = NULL, *out = NULL;
     moe_status st = moe_comm_init(&argc, &argv);
     if (!st) st = moe_comm_create_world(&comm, 0);
     if (st) {
@@ -45,14 +46,17 @@ int main(int argc, char **argv)
     st = moe_infer_load(&model, NULL, path, 1, 1, comm);
     if (!st) {
         st = moe_infer_decoder_create(&dec, model, 1);
-        if (!st && tokens > 0 && !(out = malloc((size_t)tokens)))
-            st = moe_errorf(MOE_ERR_NOMEM, "%d output bytes", tokens);
-        st = moe_comm_agree(comm, st);
-    }
-    if (!st) {
-        const uint8_t *p = (const uint8_t *)prompt;
+        /* a byte-level model: every byte of the prompt is its own token id */
         const size_t len = strlen(prompt);
-        st = moe_infer_generate(out, NULL, dec, comm, &p, &len, 1, tokens, &sampler);
+        if (!st && !(ids = calloc(len + 1, sizeof *ids))) st = moe_errorf(MOE_ERR_NOMEM, "prompt ids");
+        for (size_t i = 0; !st && i < len; i++) ids[i] = (unsigned char)prompt[i];
+        if (!st && tokens > 0 && !(out = calloc((size_t)tokens, sizeof *out)))
+            st = moe_errorf(MOE_ERR_NOMEM, "%d output ids", tokens);
+        st = moe_comm_agree(comm, st);
+        if (!st) {
+            const int32_t *p = ids;
+            st = moe_infer_generate(out, NULL, dec, comm, &p, &len, 1, tokens, &sampler, NULL);
+        }
     }
     const int rank = moe_comm_rank(comm);
     if (st) {
@@ -60,9 +64,10 @@ int main(int argc, char **argv)
         const int cause = moe_comm_cause_rank(comm, MOE_SCOPE_WORLD, st);
         if (cause < 0 || cause == rank) fprintf(stderr, "generate: %s: %s\n", moe_status_str(st), moe_error_detail());
     } else if (rank == 0) {
-        fwrite(out, 1, (size_t)tokens, stdout);
+        for (int i = 0; i < tokens; i++) putchar(out[i]); /* ids < 256: bytes */
         putchar('\n');
     }
+    free(ids);
     free(out);
     moe_infer_decoder_destroy(dec);
     moe_model_destroy(model);
