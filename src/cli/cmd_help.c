@@ -72,7 +72,7 @@ static size_t indent_of(const char *s, size_t n)
     return i;
 }
 
-/* Line i of text: start and length (without '\n'); 0 past the end. */
+/* One line of a text: where it starts, its length without the '\n'. */
 typedef struct {
     const char *p;
     size_t n;
