@@ -254,6 +254,11 @@ static int run(const eval_opts *o, moe_comm *comm)
 
 int moe_cmd_eval(int argc, char **argv)
 {
+    const int help = moe_cli_wants_help(argc, argv);
+    if (help) {
+        if (help > 0) usage(stdout);
+        return 0;
+    }
     moe_comm *comm = NULL;
     const int start_rc = moe_cli_start("eval", 0, &comm);
     if (start_rc) return start_rc;

@@ -654,7 +654,8 @@ void moe_train_config_help(FILE *f)
             "usage: mpirun -np N moe train [--config FILE] [--key=value | --key value ...]\n"
             "\n"
             "Keys are read from the INI file (in any section or none), then overridden by\n"
-            "--key=value options in order. Key, default, meaning:\n");
+            "--key=value options in order.\n"
+            "Key, default, meaning:\n");
     const char *section = NULL;
     char v[STR_CAP + 16];
     for (int i = 0; i < N_KEYS; i++) {
@@ -665,6 +666,21 @@ void moe_train_config_help(FILE *f)
         value_text(v, sizeof v, &keys[i], &d);
         fprintf(f, "  %-17s %-13s %s\n", keys[i].name, v[0] ? v : "\"\"", keys[i].help);
     }
+}
+
+int moe_train_config_n_keys(void) { return N_KEYS; }
+
+moe_status moe_train_config_key_doc_get(int i, moe_train_config_key_doc *out)
+{
+    if (i < 0 || i >= N_KEYS) return moe_errorf(MOE_ERR_ARG, "key index %d outside [0, %d)", i, N_KEYS);
+    moe_train_config d;
+    moe_train_config_default(&d);
+    out->name = keys[i].name;
+    out->section = keys[i].section;
+    out->help = keys[i].help;
+    value_text(out->default_text, sizeof out->default_text, &keys[i], &d);
+    expectation(out->accepts, sizeof out->accepts, &keys[i]);
+    return MOE_OK;
 }
 
 /* ---- command line ---- */

@@ -113,6 +113,17 @@ int moe_train_config_format(const moe_train_config *c, char *buf, int cap);
  * (`moe train --help`). */
 void moe_train_config_help(FILE *f);
 
+/* The key table for documentation (the man page of `moe train`): key i,
+ * 0 <= i < moe_train_config_n_keys(), in table order. Not collective;
+ * MOE_ERR_ARG for i out of range. */
+typedef struct {
+    const char *name, *section, *help; /* static storage */
+    char default_text[1024];           /* as --help prints it ("" for an empty path); fits any path key */
+    char accepts[256];                 /* "an integer >= 1", "gelu, relu or swiglu", ... */
+} moe_train_config_key_doc;
+int moe_train_config_n_keys(void);
+moe_status moe_train_config_key_doc_get(int i, moe_train_config_key_doc *out);
+
 /* Command line of `moe train` over c (call moe_train_config_default first):
  * argv[0] is the command name and is skipped; every `--config FILE` (or
  * `--config=FILE`) is loaded first, in order, then every `--key=value` or
