@@ -9,12 +9,12 @@
 
 #include "ckpt/ckpt.h"
 
-typedef enum { MOE_CKPT_F32 = 0, MOE_CKPT_I64 = 1, MOE_CKPT_U8 = 2 } moe_ckpt_dtype;
+typedef enum { MOE_CKPT_F32 = 0, MOE_CKPT_I64 = 1, MOE_CKPT_U8 = 2, MOE_CKPT_I32 = 3 } moe_ckpt_dtype;
 
 /* The root, /model (or /grad), /train and /optimizer attributes. */
 typedef struct {
     char format[32];           /* "moe-checkpoint" or "moe-gradients" */
-    int64_t format_version;
+    int64_t format_version;    /* 1 or 2 (as the file says) */
     int gradients;             /* 1 for a gradient dump */
     char created_by[128], created_at[64];
     int64_t saved_world_size, saved_ep_size;

@@ -91,6 +91,11 @@ moe_status moe_data_batch(const moe_data *ds, uint8_t *inputs, uint8_t *targets,
 moe_status moe_data_val_batch(const moe_data *ds, uint8_t *inputs, uint8_t *targets, int64_t seq0,
                               int64_t n_total, int nseq);
 
+/* counts (V) = occurrences of every token id in the training part (the
+ * input of the frequency partition of the vocabulary experts). MOE_ERR_ARG
+ * when a token is not below V (naming its offset). */
+moe_status moe_data_train_counts(const moe_data *ds, int64_t *counts, int V);
+
 /* Unigram entropy of the training part in bits per byte: the loss of the
  * best model that ignores context, the baseline for what a model learned. */
 double moe_data_unigram_bpb(const moe_data *ds);

@@ -47,7 +47,7 @@ static int alloc_state(tk_state *t, int ep_rank, int ep_size)
 {
     memset(t, 0, sizeof *t);
     tk_config(&t->cfg);
-    if (moe_layout_create(&t->table, &t->cfg, ep_rank, ep_size) != MOE_OK) return -1;
+    if (moe_layout_create(&t->table, &t->cfg, NULL, ep_rank, ep_size) != MOE_OK) return -1;
     t->n_moe = moe_ckpt_moe_layers(t->table, NULL);
     const size_t n = t->table->total, ne = (size_t)t->n_moe * (size_t)t->cfg.n_experts;
     moe_ckpt_state *s = &t->s;

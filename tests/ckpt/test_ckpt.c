@@ -97,7 +97,7 @@ static void test_layout(void **state)
     moe_train_config c;
     tk_config(&c);
     moe_tensor_table *t;
-    assert_int_equal(moe_layout_create(&t, &c, 1, 3), MOE_OK);
+    assert_int_equal(moe_layout_create(&t, &c, NULL, 1, 3), MOE_OK);
     int layers[MOE_CKPT_MAX_MOE_LAYERS];
     assert_int_equal(moe_ckpt_moe_layers(t, layers), 2);
     assert_int_equal(layers[0], 0);
@@ -131,10 +131,10 @@ static void test_layout(void **state)
     assert_int_equal(total, t->total);
     moe_layout_destroy(t);
     /* An ep size that does not divide E, and absurd dims, are refused. */
-    assert_int_equal(moe_layout_create(&t, &c, 0, 5), MOE_ERR_ARG);
+    assert_int_equal(moe_layout_create(&t, &c, NULL, 0, 5), MOE_ERR_ARG);
     assert_non_null(strstr(moe_error_detail(), "divide n_experts = 12"));
     c.d_model = 1 << 30;
-    assert_int_equal(moe_layout_create(&t, &c, 0, 1), MOE_ERR_ARG);
+    assert_int_equal(moe_layout_create(&t, &c, NULL, 0, 1), MOE_ERR_ARG);
     assert_non_null(strstr(moe_error_detail(), "d_model"));
     assert_null(t);
 }
@@ -245,7 +245,7 @@ static void set_i64(hid_t loc, const char *name, int64_t v)
     H5Aclose(a);
 }
 
-static void edit_version(hid_t f) { set_i64(f, "format_version", 2); }
+static void edit_version(hid_t f) { set_i64(f, "format_version", 3); }
 static void edit_drop(hid_t f) { assert_true(H5Ldelete(f, "/optimizer/v/wpe", H5P_DEFAULT) >= 0); }
 static void edit_huge(hid_t f)
 {
@@ -272,7 +272,7 @@ static void test_bad_files(void **state)
     char p[160];
     edited(p, sizeof p, edit_version);
     assert_int_equal(load(p, NULL), MOE_ERR_FORMAT);
-    assert_non_null(strstr(moe_error_detail(), "format_version 2"));
+    assert_non_null(strstr(moe_error_detail(), "format_version 3"));
 
     edited(p, sizeof p, edit_drop);
     assert_int_equal(load(p, NULL), MOE_ERR_FORMAT);
@@ -323,7 +323,7 @@ static void test_grads(void **state)
     char p[160];
     path_in(p, sizeof p, "grads.h5");
     /* grads: reuse the m block (any deterministic values) */
-    assert_int_equal(moe_ckpt_save_grads(p, moe_comm_self(), t.table, t.s.m, act, E, 42, &t.cfg, tk_config_text), MOE_OK);
+    assert_int_equal(moe_ckpt_save_grads(p, moe_comm_self(), t.table, t.s.m, act, NULL, E, 42, &t.cfg, tk_config_text), MOE_OK);
     moe_ckpt_file *f;
     assert_int_equal(moe_ckpt_file_open(&f, p), MOE_OK);
     const moe_ckpt_info *in = moe_ckpt_file_info(f);

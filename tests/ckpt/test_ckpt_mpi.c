@@ -97,7 +97,7 @@ int main(int argc, char **argv)
         for (int i = 0; i < 2 * 12; i++) act[i] = (uint8_t)((i % 12 + i / 12) % 3 != 0);
         char gp[4096];
         snprintf(gp, sizeof gp, "%s.grads.h5", argv[2]);
-        st = moe_ckpt_save_grads(gp, c, t.table, t.s.m, act, 12, 42, &t.cfg, tk_config_text);
+        st = moe_ckpt_save_grads(gp, c, t.table, t.s.m, act, NULL, 12, 42, &t.cfg, tk_config_text);
         CHECK(st == MOE_OK, "save %s: %s", gp, moe_status_str(st));
         tk_state_free(&t);
         load_check(c, argv[2]);

@@ -117,7 +117,7 @@ int main(int argc, char **argv)
     moe_train_config cfg;
     config_for(&cfg, argv[2]);
     moe_trainer *tr = NULL;
-    moe_status s = moe_trainer_create(&tr, &cfg, moe_comm_self());
+    moe_status s = moe_trainer_create(&tr, &cfg, NULL, moe_comm_self());
     if (s) return fail("trainer", s);
     moe_model *m = moe_trainer_model(tr);
     const moe_tensor_table *tab = moe_model_tensors(m);

@@ -95,8 +95,8 @@ int main(int argc, char **argv)
     config(&cfg, argc > 1 ? atoi(argv[1]) : 0);
 
     moe_trainer *tr = NULL, *ref = NULL;
-    CHECK(moe_trainer_create(&tr, &cfg, c) == MOE_OK);
-    CHECK(moe_trainer_create(&ref, &cfg, moe_comm_self()) == MOE_OK);
+    CHECK(moe_trainer_create(&tr, &cfg, NULL, c) == MOE_OK);
+    CHECK(moe_trainer_create(&ref, &cfg, NULL, moe_comm_self()) == MOE_OK);
     if (fails) return 1;
     moe_model *m = moe_trainer_model(tr), *mr = moe_trainer_model(ref);
     const moe_tensor_table *tab = moe_model_tensors(m), *rtab = moe_model_tensors(mr);
