@@ -61,11 +61,10 @@ struct moe_model {
     moe_vocab_part *vocab;       /* head = vocab_experts: the partition (own copy), else NULL */
     moe_vocab_ep *vhead;         /* the vocabulary head over the ep group, else NULL */
     int M, vtopk;                /* vocabulary experts; K of the coverage statistic */
-    int32_t *targets32;          /* (B_max, T_max) the targets as token ids for the vocabulary head */
     float *act_mem;
     model_acts a;
     int att_blocks;              /* attention backward scratch blocks: the thread count at creation */
-    uint8_t *inputs, *targets;   /* (B_max, T_max) of the last forward */
+    int32_t *inputs, *targets;   /* (B_max, T_max) token ids of the last forward */
     int B, T, train, have_targets, have_forward;
     double part_d[3];            /* this rank's ce_sum, lb_sum, z_sum */
     int64_t *part_i;             /* (2 + 2 n_moe E [+ M + 1]): tokens, aux_terms, kept, dropped
@@ -209,8 +208,8 @@ static moe_status setup(moe_model *m, const moe_train_config *cfg, const moe_voc
     m->moe_blocks = moe_calloc((size_t)m->n_moe, sizeof(int));
     m->part_i = moe_calloc(2 + 2 * (size_t)m->n_moe * m->E, sizeof(int64_t));
     m->red_i = moe_calloc(2 + 2 * (size_t)m->n_moe * m->E, sizeof(int64_t));
-    m->inputs = moe_calloc((size_t)m->B_max * m->T_max, 1);
-    m->targets = moe_calloc((size_t)m->B_max * m->T_max, 1);
+    m->inputs = moe_calloc((size_t)m->B_max * m->T_max, sizeof(int32_t));
+    m->targets = moe_calloc((size_t)m->B_max * m->T_max, sizeof(int32_t));
     if (!m->moe_blocks || !m->part_i || !m->red_i || !m->inputs || !m->targets)
         return moe_errorf(MOE_ERR_NOMEM, "model buffers");
     if (cfg->head == MOE_HEAD_VOCAB_EXPERTS) {
@@ -225,8 +224,7 @@ static moe_status setup(moe_model *m, const moe_train_config *cfg, const moe_voc
         const size_t ni = 2 + 2 * (size_t)m->n_moe * m->E + (size_t)m->M + 1;
         m->part_i = moe_calloc(ni, sizeof(int64_t));
         m->red_i = moe_calloc(ni, sizeof(int64_t));
-        m->targets32 = moe_calloc((size_t)m->B_max * m->T_max, sizeof(int32_t));
-        if (!m->part_i || !m->red_i || !m->targets32) return moe_errorf(MOE_ERR_NOMEM, "model buffers");
+        if (!m->part_i || !m->red_i) return moe_errorf(MOE_ERR_NOMEM, "model buffers");
     }
     for (int l = 0; l < m->L; l++)
         if (m->moe_index[l] >= 0) m->moe_blocks[m->moe_index[l]] = l;
@@ -293,7 +291,6 @@ void moe_model_destroy(moe_model *m)
     moe_free(m->layers);
     moe_vocab_ep_destroy(m->vhead);
     moe_vocab_part_destroy(m->vocab);
-    moe_free(m->targets32);
     moe_free(m->moe_index);
     moe_free(m->dense_index);
     moe_free(m->moe_blocks);
@@ -407,13 +404,12 @@ static size_t stats_ints(const moe_model *m)
 /* The vocabulary head over ln_f(x): per-position losses, this rank's
  * expert target counts and coverage. In training the objective is the mean
  * over all global tokens, so each position's loss has weight 1 / (W N). */
-static moe_status head_forward(moe_model *m, const uint8_t *targets, int N, int train)
+static moe_status head_forward(moe_model *m, const int32_t *targets, int N, int train)
 {
     model_acts *a = &m->a;
-    for (int i = 0; i < N; i++) m->targets32[i] = targets[i];
     const moe_vocab_params vp = moe_model_vocab_view(m, m->params);
     const float dloss = train ? (float)(1.0 / ((double)m->W * N)) : 0.0f;
-    moe_status st = moe_vocab_ep_forward(m->vhead, a->losses, a->lnf, m->targets32, &vp, N, dloss);
+    moe_status st = moe_vocab_ep_forward(m->vhead, a->losses, a->lnf, targets, &vp, N, dloss);
     if (st) return st;
     int64_t *vc = m->part_i + 2 + 2 * (size_t)m->n_moe * m->E, covered = 0;
     const int32_t *counts = moe_vocab_ep_counts(m->vhead);
@@ -423,7 +419,17 @@ static moe_status head_forward(moe_model *m, const uint8_t *targets, int N, int 
     return MOE_OK;
 }
 
-moe_status moe_model_forward(moe_model *m, const uint8_t *inputs, const uint8_t *targets, int B,
+/* Every id of ids (n) is in [0, V); else MOE_ERR_ARG naming the first that is not. */
+static moe_status check_ids(const int32_t *ids, int n, int V, const char *what)
+{
+    for (int i = 0; i < n; i++)
+        if (ids[i] < 0 || ids[i] >= V)
+            return moe_errorf(MOE_ERR_ARG, "forward: %s id %ld at position %d is outside the vocabulary [0, %d)",
+                              what, (long)ids[i], i, V);
+    return MOE_OK;
+}
+
+moe_status moe_model_forward(moe_model *m, const int32_t *inputs, const int32_t *targets, int B,
                              int T, int train, uint32_t step)
 {
     m->have_forward = 0;
@@ -435,8 +441,14 @@ moe_status moe_model_forward(moe_model *m, const uint8_t *inputs, const uint8_t 
     const int N = B * T, C = m->C, G = B / m->cfg.group_seqs;
     const float eps = (float)m->cfg.ln_eps;
     model_acts *a = &m->a;
-    memcpy(m->inputs, inputs, (size_t)N);
-    if (targets) memcpy(m->targets, targets, (size_t)N);
+    moe_status cs = check_ids(inputs, N, m->V, "input");
+    if (!cs && targets) cs = check_ids(targets, N, m->V, "target");
+    /* ids differ between ranks: a bad one must stop the whole ep group
+     * before its first exchange */
+    if (m->n_moe) cs = moe_comm_agree_detail(m->comm, MOE_SCOPE_EP, cs);
+    if (cs) return cs;
+    memcpy(m->inputs, inputs, (size_t)N * sizeof(int32_t));
+    if (targets) memcpy(m->targets, targets, (size_t)N * sizeof(int32_t));
     memset(m->part_d, 0, sizeof m->part_d);
     memset(m->part_i, 0, stats_ints(m) * sizeof(int64_t));
 

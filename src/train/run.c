@@ -28,7 +28,7 @@ struct moe_train_run {
     int M, Ml, m0;                         /* vocabulary experts: all, local, first local (M = 0: head = full) */
     int64_t *vocab_tokens_total;           /* (M) targets per vocabulary expert since step 0, global */
     int64_t *vocab_step_g;                 /* (M) global view of the vocabulary experts' steps */
-    uint8_t *in, *tg;                      /* (B, seq_len) this rank's batch */
+    int32_t *in, *tg;                      /* (B, seq_len) this rank's batch, token ids */
     char *config_text;                     /* the resolved INI text (owned) */
     FILE *metrics;                         /* rank 0 */
     int64_t step, step0, tokens_seen;
@@ -52,7 +52,7 @@ static int mkdir_p(const char *path)
 }
 
 /* Validation loss (nats per byte) over val_batches fixed batches. Collective. */
-static moe_status validate(moe_train_run *r, uint8_t *in, uint8_t *tg, double *loss)
+static moe_status validate(moe_train_run *r, int32_t *in, int32_t *tg, double *loss)
 {
     const moe_train_config *c = &r->cfg;
     const int B = r->B;
@@ -325,8 +325,8 @@ moe_status moe_train_run_create(moe_train_run **out, const moe_train_config *cfg
         r->tokens_total = moe_calloc(nE, sizeof(int64_t));
         r->dropped_total = moe_calloc(nE, sizeof(int64_t));
         r->expert_step_g = moe_calloc(nE, sizeof(int64_t));
-        r->in = moe_calloc((size_t)r->B * c->seq_len, 1);
-        r->tg = moe_calloc((size_t)r->B * c->seq_len, 1);
+        r->in = moe_calloc((size_t)r->B * c->seq_len, sizeof(int32_t));
+        r->tg = moe_calloc((size_t)r->B * c->seq_len, sizeof(int32_t));
         moe_vocab_ep *vh = moe_model_vocab_head(r->model);
         r->M = vh ? c->vocab_experts : 0;
         r->Ml = vh ? moe_vocab_ep_n_local(vh) : 0;

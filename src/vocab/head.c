@@ -562,17 +562,24 @@ void moe_vocab_topk_dense(float *P, const int32_t *ids, const float *logp, const
         for (int i = 0; i < count[n]; i++) P[(size_t)n * V + ids[n * stride + i]] = expf(logp[n * stride + i]);
 }
 
+/* Experts ranked before e in q: larger q, or equal q and a lower index. */
+static int rank_of(const float *qn, int e, int M)
+{
+    int rank = 0;
+    for (int m = 0; m < M; m++) rank += qn[m] > qn[e] || (qn[m] == qn[e] && m < e);
+    return rank;
+}
+
 int64_t moe_vocab_coverage(const float *q, const int32_t *expert, int N, int M, int K)
 {
     int64_t covered = 0;
-    for (int n = 0; n < N; n++) {
-        const float *qn = q + (size_t)n * M;
-        const int e = expert[n];
-        int rank = 0; /* experts ranked before e: larger q, or equal q and a lower index */
-        for (int m = 0; m < M; m++) rank += qn[m] > qn[e] || (qn[m] == qn[e] && m < e);
-        covered += rank < K;
-    }
+    for (int n = 0; n < N; n++) covered += rank_of(q + (size_t)n * M, expert[n], M) < K;
     return covered;
+}
+
+void moe_vocab_rank_hist(int64_t *hist, const float *q, const int32_t *expert, int N, int M)
+{
+    for (int n = 0; n < N; n++) hist[rank_of(q + (size_t)n * M, expert[n], M)]++;
 }
 
 /* ---- the head, one process ---- */

@@ -176,6 +176,9 @@ void moe_vocab_topk_dense(float *P, const int32_t *ids, const float *logp, const
 
 /* Positions whose expert lies in the top-K of q (ties to the lower index). */
 int64_t moe_vocab_coverage(const float *q, const int32_t *expert, int N, int M, int K);
+/* hist (M) += the positions whose expert has rank r in q (0: the largest;
+ * ties to the lower index): the coverage at K is the sum of hist[0 .. K). */
+void moe_vocab_rank_hist(int64_t *hist, const float *q, const int32_t *expert, int N, int M);
 
 /* ---- the head, one process ---- */
 typedef struct moe_vocab_head moe_vocab_head;

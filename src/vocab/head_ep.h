@@ -82,6 +82,10 @@ const int32_t *moe_vocab_ep_counts(const moe_vocab_ep *v);
  * among the K largest q (ties to the lower index). MOE_ERR_ARG (K not in
  * [1, M], no forward). Not collective. */
 moe_status moe_vocab_ep_coverage(const moe_vocab_ep *v, int K, int64_t *covered);
+/* hist (M) += the first n positions of the last forward by the rank of
+ * their target's expert in q (moe_vocab_rank_hist). MOE_ERR_ARG (n outside
+ * [0, N], no forward). Not collective. */
+moe_status moe_vocab_ep_rank_hist(const moe_vocab_ep *v, int n, int64_t *hist);
 
 /* Top-K distributions (generation) for N local positions, as
  * moe_vocab_head_topk: count[n] candidates in increasing token id at
