@@ -75,7 +75,7 @@ static const key_desc keys[] = {
      * upper bounds keep every tensor shape product far inside int64 (and
      * any realistic model inside them), so a file's absurd attributes are
      * refused before anything is allocated. */
-    KI(vocab_size, "model", 256, 256, "bytes: fixed at 256"),
+    KI(vocab_size, "model", 256, 1 << 24, "token ids 0..vocab_size-1 (256: bytes)"),
     KI(d_model, "model", 1, 1 << 16, "model width d"),
     KI(n_layers, "model", 1, 1 << 12, "transformer blocks"),
     KI(n_heads, "model", 1, 1 << 16, "attention heads (must divide d_model)"),

@@ -110,7 +110,8 @@ moe_status moe_infer_eval(moe_infer_eval_result *res, moe_model *m, moe_comm *co
     if (!st && domains && !(res->domain_kept = moe_calloc(nk, sizeof(int64_t))))
         st = moe_errorf(MOE_ERR_NOMEM, "eval: domain counts");
     if (!st && vh && (!(res->vocab_rank_hist = moe_calloc((size_t)res->vocab_experts, sizeof(int64_t))) ||
-                      !(res->vocab_tokens = moe_calloc((size_t)res->vocab_experts, sizeof(int64_t)))))
+                      !(res->vocab_tokens = moe_calloc((size_t)res->vocab_experts, sizeof(int64_t))) ||
+                      !(res->vocab_rank_mass = moe_calloc((size_t)res->vocab_experts, sizeof(double)))))
         st = moe_errorf(MOE_ERR_NOMEM, "eval: vocabulary expert counts");
     st = moe_comm_agree(comm, st);
     double sum = 0.0;
@@ -130,6 +131,7 @@ moe_status moe_infer_eval(moe_infer_eval_result *res, moe_model *m, moe_comm *co
             memcpy(w.losses, moe_model_losses(m), (size_t)nv * w.S * sizeof(float));
             for (int i = 0; i < nv * w.S; i++) res->vocab_tokens[moe_vocab_part_assign(moe_model_vocab(m))[w.tg[i]]]++;
             if ((st = moe_vocab_ep_rank_hist(vh, nv * w.S, res->vocab_rank_hist))) break;
+            if ((st = moe_vocab_ep_rank_mass(vh, nv * w.S, res->vocab_rank_mass))) break;
         } else {
             /* the model's own loss would include the padding: compute it here */
             if ((st = moe_model_forward(m, w.in, NULL, w.B, w.S, 0, 0))) break;
@@ -153,6 +155,7 @@ moe_status moe_infer_eval(moe_infer_eval_result *res, moe_model *m, moe_comm *co
         st = moe_comm_allreduce_i64(comm, MOE_SCOPE_WORLD, res->domain_kept, nk);
     if (!st && vh) st = moe_comm_allreduce_i64(comm, MOE_SCOPE_WORLD, res->vocab_rank_hist, (size_t)res->vocab_experts);
     if (!st && vh) st = moe_comm_allreduce_i64(comm, MOE_SCOPE_WORLD, res->vocab_tokens, (size_t)res->vocab_experts);
+    if (!st && vh) st = moe_comm_allreduce_f64(comm, MOE_SCOPE_WORLD, res->vocab_rank_mass, (size_t)res->vocab_experts);
     /* the sum is the same on every rank: so is this decision */
     if (!st && !isfinite(sum))
         st = moe_errorf(MOE_ERR_NONFINITE, "eval: the loss is not finite (%g): NaN or Inf in the model's weights?", sum);
@@ -168,6 +171,8 @@ moe_status moe_infer_eval(moe_infer_eval_result *res, moe_model *m, moe_comm *co
         int64_t covered = 0;
         for (int k = 0; k < res->vocab_top_k; k++) covered += res->vocab_rank_hist[k];
         res->vocab_coverage = (double)covered / (double)res->tokens;
+        for (int k = 0; k < res->vocab_experts; k++) res->vocab_rank_mass[k] /= (double)res->tokens;
+        for (int k = 0; k < res->vocab_top_k; k++) res->vocab_kept_mass += res->vocab_rank_mass[k];
     }
     return MOE_OK;
 }
@@ -177,5 +182,7 @@ void moe_infer_eval_result_free(moe_infer_eval_result *res)
     moe_free(res->domain_kept);
     moe_free(res->vocab_rank_hist);
     moe_free(res->vocab_tokens);
+    moe_free(res->vocab_rank_mass);
     res->domain_kept = res->vocab_rank_hist = res->vocab_tokens = NULL;
+    res->vocab_rank_mass = NULL;
 }

@@ -70,6 +70,8 @@ typedef struct {
     double vocab_coverage;    /* share of target tokens whose expert is in the top K of the head router */
     int64_t *vocab_rank_hist; /* (M) target tokens by the rank of their expert in q: coverage at any K */
     int64_t *vocab_tokens;    /* (M) target tokens per expert (each expert's load) */
+    double vocab_kept_mass;   /* mean over target tokens of the router mass of the top K experts */
+    double *vocab_rank_mass;  /* (M) mean r-th largest router probability: kept mass at any K */
 } moe_infer_eval_result;
 
 /* Next-token cross-entropy of m over ids (n tokens, the same on every

@@ -38,6 +38,7 @@ typedef struct {
     /* backward scratch */
     float *dres;                        /* (N, C) gradient of the residual stream */
     float *dln, *datty;                 /* (N, C) */
+    float *dhead;                       /* (N, C) the head's dL/d ln_f(x) */
     float *dqkv;                        /* (N, 3C) */
     float *datt;                        /* (att_blocks, T, T) per-thread scratch */
     float *dfch, *dfch_act;             /* (N, F1), (N, F) */
@@ -145,7 +146,7 @@ static moe_status alloc_acts(moe_model *m)
         {&a->fch, Ld * N * m->F1}, {&a->fch_act, Ld * N * m->F}, {&a->res3, L * N * C},
         {&a->lnf, N * C}, {&a->lnf_mean, N}, {&a->lnf_rstd, N},
         {&a->logits, N * V}, {&a->probs, N * V}, {&a->losses, N},
-        {&a->dres, N * C}, {&a->dln, N * C}, {&a->datty, N * C}, {&a->dqkv, N * 3 * C},
+        {&a->dres, N * C}, {&a->dln, N * C}, {&a->dhead, N * C}, {&a->datty, N * C}, {&a->dqkv, N * 3 * C},
         {&a->datt, (size_t)m->att_blocks * T * T}, {&a->dfch, N * m->F1}, {&a->dfch_act, N * m->F}, {&a->dlogits, N * V},
     };
     const int n = (int)(sizeof lay / sizeof lay[0]);
@@ -327,6 +328,8 @@ int moe_model_n_moe_layers(const moe_model *m) { return m->n_moe; }
 const moe_train_config *moe_model_config(const moe_model *m) { return &m->cfg; }
 const float *moe_model_logits(const moe_model *m) { return m->vocab ? NULL : m->a.logits; }
 const float *moe_model_losses(const moe_model *m) { return m->a.losses; }
+const float *moe_model_head_input(const moe_model *m) { return m->a.lnf; }
+const float *moe_model_head_grad(const moe_model *m) { return m->a.dhead; }
 const moe_vocab_part *moe_model_vocab(const moe_model *m) { return m->vocab; }
 moe_vocab_ep *moe_model_vocab_head(moe_model *m) { return m->vhead; }
 int moe_model_vocab_top_k(const moe_model *m) { return m->vtopk; }
@@ -521,22 +524,22 @@ moe_status moe_model_backward(moe_model *m)
     const float z_scale = (float)(m->cfg.z_loss_coef / aux_terms);
     float *wte = tensor_ptr(m, m->params, m->gid[G_WTE]);
 
-    memset(a->dln, 0, (size_t)N * C * sizeof(float));
+    memset(a->dhead, 0, (size_t)N * C * sizeof(float));
     if (m->vocab) {
         /* the owners' share ran in the forward's exchange: this is local */
         const moe_vocab_params vp = moe_model_vocab_view(m, m->params);
         moe_vocab_params vg = moe_model_vocab_view(m, m->grads);
-        moe_status st = moe_vocab_ep_backward(m->vhead, a->dln, &vg, a->lnf, &vp);
+        moe_status st = moe_vocab_ep_backward(m->vhead, a->dhead, &vg, a->lnf, &vp);
         if (st) return st;
     } else {
         memset(a->dlogits, 0, (size_t)N * V * sizeof(float));
         moe_model_crossentropy_backward(a->dlogits, a->probs, m->targets, (float)(1.0 / global_tokens), N, V);
-        moe_model_matmul_backward(a->dln, tensor_ptr(m, m->grads, m->gid[G_WTE]), NULL, a->dlogits, a->lnf, wte, N,
-                                  C, V);
+        moe_model_matmul_backward(a->dhead, tensor_ptr(m, m->grads, m->gid[G_WTE]), NULL, a->dlogits, a->lnf, wte,
+                                  N, C, V);
     }
     memset(a->dres, 0, (size_t)N * C * sizeof(float));
     moe_model_layernorm_backward(a->dres, tensor_ptr(m, m->grads, m->gid[G_LNFW]),
-                                 tensor_ptr(m, m->grads, m->gid[G_LNFB]), a->dln,
+                                 tensor_ptr(m, m->grads, m->gid[G_LNFB]), a->dhead,
                                  block_view(m, m->L - 1).res3, tensor_ptr(m, m->params, m->gid[G_LNFW]),
                                  a->lnf_mean, a->lnf_rstd, N, C);
     /* a->dres now holds dL/d(residual stream) after block l; the residual

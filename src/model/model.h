@@ -130,6 +130,10 @@ const float *moe_model_logits(const moe_model *m);
 /* Per-position loss -log P(target) of the last forward with targets: (B, T),
  * this rank's sequences. */
 const float *moe_model_losses(const moe_model *m);
+/* The head's input h = ln_f(x) of the last forward, and dL/dh of the last
+ * backward: (B, T, d_model), this rank's sequences. */
+const float *moe_model_head_input(const moe_model *m);
+const float *moe_model_head_grad(const moe_model *m);
 
 /* ---- the vocabulary-expert head (head = vocab_experts; NULL / no-ops otherwise) ---- */
 /* The model's partition (its own copy). */

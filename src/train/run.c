@@ -311,7 +311,18 @@ moe_status moe_train_run_create(moe_train_run **out, const moe_train_config *cfg
         st = moe_data_open(&r->ds, c->data, c->val_data[0] ? c->val_data : NULL, c->val_frac, c->seq_len, c->seed);
     st = moe_comm_agree_detail(comm, MOE_SCOPE_WORLD, st);
     moe_vocab_part *vocab = NULL;
-    if (!st && c->head == MOE_HEAD_VOCAB_EXPERTS) st = moe_train_vocab_partition(&vocab, c, r->ds, comm);
+    if (!st && c->head == MOE_HEAD_VOCAB_EXPERTS) {
+        /* the frequency bands need the training tokens' counts (on rank 0) */
+        int64_t *counts = NULL;
+        if (r->rank == 0 && !c->resume[0] && c->vocab_partition == MOE_VOCAB_PART_FREQUENCY) {
+            counts = malloc((size_t)c->vocab_size * sizeof *counts);
+            st = counts ? moe_data_train_counts(r->ds, counts, c->vocab_size)
+                        : moe_errorf(MOE_ERR_NOMEM, "token counts of %d ids", c->vocab_size);
+        }
+        st = moe_comm_agree_detail(comm, MOE_SCOPE_WORLD, st);
+        if (!st) st = moe_train_vocab_partition(&vocab, c, counts, comm);
+        free(counts);
+    }
     if (!st) st = moe_trainer_create(&r->tr, c, vocab, comm);
     moe_vocab_part_destroy(vocab); /* the model keeps its own copy */
     if (!st) {

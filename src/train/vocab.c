@@ -41,7 +41,7 @@ static moe_status read_wte(float **emb, int *d, const char *path, int V)
 }
 
 /* Rank 0's part: the partition by the configured rule. */
-static moe_status build(moe_vocab_part **p, const moe_train_config *c, const moe_data *ds)
+static moe_status build(moe_vocab_part **p, const moe_train_config *c, const int64_t *counts)
 {
     const int V = c->vocab_size, M = c->vocab_experts;
     if (c->resume[0]) {
@@ -61,20 +61,18 @@ static moe_status build(moe_vocab_part **p, const moe_train_config *c, const moe
         if (!st) st = moe_vocab_partition_kmeans(assign, emb, V, d, M, &kc);
         free(emb);
     } else if (!st) {
-        int64_t *counts = malloc((size_t)V * sizeof *counts);
-        st = counts ? moe_data_train_counts(ds, counts, V) : moe_errorf(MOE_ERR_NOMEM, "token counts");
-        if (!st) st = moe_vocab_partition_frequency(assign, counts, V, M);
-        free(counts);
+        st = counts ? moe_vocab_partition_frequency(assign, counts, V, M)
+                    : moe_errorf(MOE_ERR_ARG, "vocab_partition = frequency: no token counts");
     }
     if (!st) st = moe_vocab_part_create(p, assign, V, M);
     free(assign);
     return st;
 }
 
-moe_status moe_train_vocab_partition(moe_vocab_part **out, const moe_train_config *c, const moe_data *ds,
+moe_status moe_train_vocab_partition(moe_vocab_part **out, const moe_train_config *c, const int64_t *counts,
                                      moe_comm *comm)
 {
     *out = NULL;
-    const moe_status st = moe_comm_rank(comm) == 0 ? build(out, c, ds) : MOE_OK;
+    const moe_status st = moe_comm_rank(comm) == 0 ? build(out, c, counts) : MOE_OK;
     return moe_vocab_part_share(out, st, comm);
 }

@@ -582,6 +582,24 @@ void moe_vocab_rank_hist(int64_t *hist, const float *q, const int32_t *expert, i
     for (int n = 0; n < N; n++) hist[rank_of(q + (size_t)n * M, expert[n], M)]++;
 }
 
+static int cmp_desc(const void *a, const void *b)
+{
+    const float x = *(const float *)a, y = *(const float *)b;
+    return x > y ? -1 : x < y;
+}
+
+void moe_vocab_rank_mass(double *mass, const float *q, int N, int M)
+{
+    float *s = malloc((size_t)M * sizeof *s);
+    if (!s) return; /* statistics only: nothing added */
+    for (int n = 0; n < N; n++) {
+        memcpy(s, q + (size_t)n * M, (size_t)M * sizeof *s);
+        qsort(s, (size_t)M, sizeof *s, cmp_desc);
+        for (int m = 0; m < M; m++) mass[m] += s[m];
+    }
+    free(s);
+}
+
 /* ---- the head, one process ---- */
 
 struct moe_vocab_head {

@@ -179,6 +179,9 @@ int64_t moe_vocab_coverage(const float *q, const int32_t *expert, int N, int M, 
 /* hist (M) += the positions whose expert has rank r in q (0: the largest;
  * ties to the lower index): the coverage at K is the sum of hist[0 .. K). */
 void moe_vocab_rank_hist(int64_t *hist, const float *q, const int32_t *expert, int N, int M);
+/* mass (M) += the r-th largest q of each of the N positions: the router
+ * mass the top-K experts keep is the sum of mass[0 .. K), over N. */
+void moe_vocab_rank_mass(double *mass, const float *q, int N, int M);
 
 /* ---- the head, one process ---- */
 typedef struct moe_vocab_head moe_vocab_head;

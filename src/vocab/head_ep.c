@@ -334,6 +334,15 @@ moe_status moe_vocab_ep_rank_hist(const moe_vocab_ep *v, int n, int64_t *hist)
     return MOE_OK;
 }
 
+moe_status moe_vocab_ep_rank_mass(const moe_vocab_ep *v, int n, double *mass)
+{
+    if (!v->fwd_ok || n < 0 || n > v->N)
+        return moe_errorf(MOE_ERR_ARG, "vocabulary head: router mass of %d positions, the last forward has %d", n,
+                          v->fwd_ok ? v->N : 0);
+    moe_vocab_rank_mass(mass, v->q, n, v->M);
+    return MOE_OK;
+}
+
 moe_status moe_vocab_ep_topk(moe_vocab_ep *v, int32_t *ids, float *logp, int32_t *count, int64_t stride,
                              const float *h, const moe_vocab_params *prm, int N, int K)
 {

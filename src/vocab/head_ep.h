@@ -86,6 +86,9 @@ moe_status moe_vocab_ep_coverage(const moe_vocab_ep *v, int K, int64_t *covered)
  * their target's expert in q (moe_vocab_rank_hist). MOE_ERR_ARG (n outside
  * [0, N], no forward). Not collective. */
 moe_status moe_vocab_ep_rank_hist(const moe_vocab_ep *v, int n, int64_t *hist);
+/* mass (M) += the first n positions' router probabilities in decreasing
+ * order (moe_vocab_rank_mass). Errors as moe_vocab_ep_rank_hist. */
+moe_status moe_vocab_ep_rank_mass(const moe_vocab_ep *v, int n, double *mass);
 
 /* Top-K distributions (generation) for N local positions, as
  * moe_vocab_head_topk: count[n] candidates in increasing token id at

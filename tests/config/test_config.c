@@ -151,7 +151,7 @@ static void test_bad_files(void **state)
         {"beta1 = 1\n", {"beta1", "[0, 1)", "'1'"}},
         {"lr = nan\n", {"lr", "'nan'"}},
         {"lr = inf\n", {"lr", "'inf'"}},
-        {"vocab_size = 512\n", {"vocab_size", "256", "'512'"}},
+        {"vocab_size = 100\n", {"vocab_size", "256", "'100'"}},
         {"d_model = 99999999999\n", {"d_model", "'99999999999'"}},
         {"seed = -1\n", {"seed", "'-1'"}},
         {"router = best\n", {"router", "token_choice or expert_choice", "'best'"}},
