@@ -156,10 +156,10 @@ typedef struct {
 int64_t moe_infer_decoder_dist_stride(const moe_infer_decoder *d);
 
 /* As moe_infer_decode, but the distribution of token i goes to row i of
- * out, for the tokens with want[i] != 0 (want NULL: all); the other rows
- * are left as they were. The full head computes every row (stride must be
- * vocab_size); the vocabulary head computes only the wanted ones (its K
- * experts each, on their owners). Collective over the ep group (every rank
+ * out, for the tokens with want[i] != 0 (want NULL: all); the other rows'
+ * contents are unspecified afterwards. The full head computes every row
+ * (stride must be vocab_size); the vocabulary head computes only the
+ * wanted ones (its K experts each, on their owners). Collective over the ep group (every rank
  * calls with the same n and want). Errors as moe_infer_decode, plus
  * MOE_ERR_ARG for a short stride; the head's failures reach every ep rank.
  * With the vocabulary head, moe_infer_decode itself refuses (MOE_ERR_ARG):
