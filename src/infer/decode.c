@@ -41,6 +41,7 @@ struct moe_infer_decoder {
     moe_vocab_ep *vhead;
     moe_vocab_params vp;                  /* its parameters in the model's block */
     float *hsel;                          /* (n_max, C) final hidden states of the tokens whose distribution is wanted */
+    int head_gemv;                        /* full head: one GEMV per token for calls of <= 4 tokens */
 };
 
 /* Tensor `kind` of block l (-1: global) by the table's lookup, or NULL
@@ -258,9 +259,17 @@ moe_status moe_infer_decode(moe_infer_decoder *d, float *logits, const int32_t *
         return moe_errorf(MOE_ERR_ARG, "decode: the vocabulary-expert head gives candidate lists "
                                        "(moe_infer_decode_dist), not logits over the vocabulary");
     moe_status st = run_blocks(d, tokens, seq, n);
-    if (!st) moe_model_matmul_forward(logits, d->ln, d->wte, NULL, n, d->C, d->V);
-    return st;
+    if (st) return st;
+    if (d->head_gemv && n <= 4) /* reads wte once per token, without packing it */
+        for (int i = 0; i < n; i++)
+            cblas_sgemv(CblasRowMajor, CblasNoTrans, d->V, d->C, 1.0f, d->wte, d->C, d->ln + (size_t)i * d->C, 1, 0.0f,
+                        logits + (size_t)i * d->V, 1);
+    else
+        moe_model_matmul_forward(logits, d->ln, d->wte, NULL, n, d->C, d->V);
+    return MOE_OK;
 }
+
+void moe_infer_decoder_set_head_gemv(moe_infer_decoder *d, int on) { d->head_gemv = on; }
 
 moe_status moe_infer_decode_dist(moe_infer_decoder *d, moe_infer_dist *out, const int32_t *tokens, const int *seq,
                                  int n, const uint8_t *want)

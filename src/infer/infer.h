@@ -150,6 +150,13 @@ typedef struct {
     int dense;        /* set by the decoder */
 } moe_infer_dist;
 
+/* The full head's logits for a call of at most 4 tokens by one GEMV per
+ * token instead of one GEMM (on = 1): faster at batch 1 (a GEMM packs all
+ * of wte first), but other bits, so it is off by default and `moe
+ * generate` keeps the GEMM; bench/vocab_model.c times both as the full
+ * head's baseline. Not collective. */
+void moe_infer_decoder_set_head_gemv(moe_infer_decoder *d, int on);
+
 /* Candidates per row the decoder's head needs: vocab_size for the full
  * head, the K largest sets together for vocabulary experts (K = the model's
  * vocab_top_k, moe_model_set_vocab_top_k). Not collective. */

@@ -23,8 +23,11 @@
  * router-gradient tile. */
 enum { ROW_TILE = 64, COL_TILE = 256, ROUTER_TILE = 16 };
 /* Expert tiles of at most this many rows multiply by GEMV (see tile_logits):
- * measured faster than sgemm up to 4 rows for sets of ~800 tokens, d = 256. */
-enum { GEMV_ROWS = 4 };
+ * measured faster than sgemm up to 4 rows for sets of ~800 tokens, d = 256,
+ * whose W_S (800 KB) stays in cache from one row to the next; a larger W_S
+ * is read from memory once per GEMV, so above GEMV_BYTES only a single row
+ * takes the GEMV. */
+enum { GEMV_ROWS = 4, GEMV_BYTES = 1 << 20 };
 /* Multiply-adds a thread should get before a region pays for its start
  * (thread creation, and reading the weights is memory-bound at decoding
  * sizes anyway): about 0.1 ms of work. */
@@ -339,7 +342,7 @@ static float *tile_logits(const expert_job *e, const tile *tl)
     float *z = e->scratch + tl->block + (int64_t)tl->r0 * tl->n;
     const float *x = e->x + (size_t)(tl->row0 + tl->r0) * d, *w = e->w + (size_t)tl->wrow * d;
     fill_rows(z, e->b + tl->wrow, rt, tl->n);
-    if (rt <= GEMV_ROWS)
+    if (rt == 1 || (rt <= GEMV_ROWS && (size_t)tl->n * d * sizeof(float) <= GEMV_BYTES))
         for (int r = 0; r < rt; r++)
             cblas_sgemv(CblasRowMajor, CblasNoTrans, tl->n, d, 1.0f, w, d, x + (size_t)r * d, 1, 1.0f,
                         z + (size_t)r * tl->n, 1);
