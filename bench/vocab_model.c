@@ -19,7 +19,7 @@
  *
  * Usage:
  *   vocab_model speed --data DIR [--M 64] [--K 2] [--rounds 5] [--steps 3] [--gen-batch 16]
- *                     [--gen-tokens 48] [--quick]
+ *                     [--gen-tokens 48] [--only train|gen] [--quick]
  *   vocab_model train --data DIR --head full|M --seed S [--steps 400] [--val-windows 200]
  * DIR holds train.tok, val.tok and gpt2.json (bench/vocab_corpus.sh). */
 #include <math.h>
@@ -165,6 +165,7 @@ static double gen_rate(moe_infer_decoder *d, const tokens *val, int n, int len, 
 typedef struct {
     const char *data;
     int M, K, rounds, steps, gen_batch, gen_tokens, quick, head_M, val_windows;
+    int only; /* 0: both, 1: training, 2: generation */
     uint32_t seed;
 } opts;
 
@@ -176,22 +177,22 @@ static void speed(const opts *o, const tokens *tr, const tokens *val)
     moe_trainer *tf = trainer(&cf, tr), *tv = trainer(&cv, tr);
     double *rf = calloc((size_t)o->rounds, sizeof(double)), *rv = calloc((size_t)o->rounds, sizeof(double));
     int64_t kf = 0, kv = 0;
-    printf("training, %d steps per round, %d rounds alternating (tokens/s):\n", o->steps, o->rounds);
-    for (int r = 0; r < o->rounds; r++) {
+    if (o->only != 2) printf("training, %d steps per round, %d rounds alternating (tokens/s):\n", o->steps, o->rounds);
+    for (int r = 0; o->only != 2 && r < o->rounds; r++) {
         rf[r] = train_rate(tf, tr, &kf, o->steps);
         rv[r] = train_rate(tv, tr, &kv, o->steps);
         printf("  round %d: full %.0f  vocab experts (M = %d) %.0f  ratio %.2f\n", r, rf[r], o->M, rv[r],
                rv[r] / rf[r]);
         fflush(stdout);
     }
-    const double mf = median(rf, o->rounds), mv = median(rv, o->rounds);
+    const double mf = o->only == 2 ? 0 : median(rf, o->rounds), mv = o->only == 2 ? 0 : median(rv, o->rounds);
     /* generation, batch 1 and gen_batch, K experts */
     moe_model *mfm = moe_trainer_model(tf), *mvm = moe_trainer_model(tv);
     moe_status st = moe_model_set_vocab_top_k(mvm, o->K);
     if (st) die("vocab_top_k", st);
     const int bs[2] = {1, o->gen_batch};
     double gf[2], gv[2];
-    for (int i = 0; i < 2; i++) {
+    for (int i = 0; o->only != 1 && i < 2; i++) {
         moe_infer_decoder *df = NULL, *dv = NULL;
         if ((st = moe_infer_decoder_create(&df, mfm, bs[i])) || (st = moe_infer_decoder_create(&dv, mvm, bs[i])))
             die("decoder", st);
@@ -214,11 +215,13 @@ static void speed(const opts *o, const tokens *tr, const tokens *val)
         moe_infer_decoder_destroy(df);
         moe_infer_decoder_destroy(dv);
     }
-    printf("PERF vocab_model.train_full %.0f tokens/s training tokens/s, full softmax head (V 50257, d 256, 4 layers, E 8)\n", mf);
-    printf("PERF vocab_model.train_vocab %.0f tokens/s training tokens/s, vocabulary experts (M %d)\n", mv, o->M);
-    printf("PERF_README vocab_model.train_speedup %.2f x training tokens/s, vocabulary experts (M %d) over the full head (V 50257)\n",
-           mv / mf, o->M);
-    for (int i = 0; i < 2; i++) {
+    if (o->only != 2) {
+        printf("PERF vocab_model.train_full %.0f tokens/s training tokens/s, full softmax head (V 50257, d 256, 4 layers, E 8)\n", mf);
+        printf("PERF vocab_model.train_vocab %.0f tokens/s training tokens/s, vocabulary experts (M %d)\n", mv, o->M);
+        printf("PERF_README vocab_model.train_speedup %.2f x training tokens/s, vocabulary experts (M %d) over the full head (V 50257)\n",
+               mv / mf, o->M);
+    }
+    for (int i = 0; o->only != 1 && i < 2; i++) {
         printf("PERF vocab_model.gen_b%d_full %.0f tokens/s generation tokens/s, full head, batch %d\n", bs[i], gf[i], bs[i]);
         printf("PERF vocab_model.gen_b%d_vocab %.0f tokens/s generation tokens/s, vocabulary experts top-%d, batch %d\n",
                bs[i], gv[i], o->K, bs[i]);
@@ -319,9 +322,10 @@ int main(int argc, char **argv)
         else if (!strcmp(a, "--head")) o.head_M = strcmp(v, "full") ? atoi(v) : 0;
         else if (!strcmp(a, "--seed")) o.seed = (uint32_t)strtoul(v, NULL, 10);
         else if (!strcmp(a, "--val-windows")) o.val_windows = atoi(v);
+        else if (!strcmp(a, "--only")) o.only = !strcmp(v, "train") ? 1 : !strcmp(v, "gen") ? 2 : -1;
         else goto usage;
     }
-    if (!o.data) goto usage;
+    if (!o.data || o.only < 0) goto usage;
     if (o.quick) o.rounds = 1, o.steps = 1, o.gen_tokens = 8;
     tokens tr = load_tokens(o.data, "train.tok"), val = load_tokens(o.data, "val.tok");
     if (!strcmp(mode, "speed")) {

@@ -299,12 +299,9 @@ static moe_status vocab_stats_read(const moe_ckpt_file *f, vocab_stats *v)
     v->wnorm = moe_calloc((size_t)v->M, sizeof(double));
     moe_status st = v->size && v->wnorm ? MOE_OK : moe_errorf(MOE_ERR_NOMEM, "vocabulary expert statistics");
     if (st == MOE_OK) st = read_named(f, "/model/vocab_head/assign", &assign, &n);
-    if (st == MOE_OK && !moe_ckpt_file_info(f)->gradients) {
-        st = read_named(f, "/stats/vocab_head/expert_tokens", &v->tokens, &n);
-        if (st == MOE_OK) st = read_named(f, "/optimizer/expert_step/vocab_head", &v->steps, &n);
-    }
-    if (st == MOE_OK) st = read_named(f, moe_ckpt_file_info(f)->gradients ? "/grad/vocab_head/weight"
-                                                                           : "/model/vocab_head/weight", &w, &n);
+    if (st == MOE_OK) st = read_named(f, "/stats/vocab_head/expert_tokens", &v->tokens, &n);
+    if (st == MOE_OK) st = read_named(f, "/optimizer/expert_step/vocab_head", &v->steps, &n);
+    if (st == MOE_OK) st = read_named(f, "/model/vocab_head/weight", &w, &n);
     for (int t = 0; st == MOE_OK && t < V; t++) {
         const int e = (int)assign[t];
         if (assign[t] != e || e < 0 || e >= v->M) {
@@ -324,16 +321,16 @@ static moe_status vocab_stats_read(const moe_ckpt_file *f, vocab_stats *v)
 
 static moe_status describe_vocab(const moe_ckpt_file *f, cJSON *j)
 {
-    if (moe_ckpt_file_info(f)->model.head != MOE_HEAD_VOCAB_EXPERTS) return MOE_OK;
+    /* (a gradient dump holds no partition: its activated mask is listed with the others) */
+    if (moe_ckpt_file_info(f)->model.head != MOE_HEAD_VOCAB_EXPERTS || moe_ckpt_file_info(f)->gradients) return MOE_OK;
     vocab_stats v;
     moe_status st = vocab_stats_read(f, &v);
     if (st != MOE_OK) return st;
-    const int grads = moe_ckpt_file_info(f)->gradients;
     double sum = 0, smin = INFINITY, smax = 0, lmax = 0;
     for (int e = 0; e < v.M; e++) {
-        sum += v.tokens ? v.tokens[e] : 0;
+        sum += v.tokens[e];
         smin = fmin(smin, v.size[e]), smax = fmax(smax, v.size[e]);
-        lmax = fmax(lmax, v.tokens ? v.tokens[e] : 0);
+        lmax = fmax(lmax, v.tokens[e]);
     }
     cJSON *arr = NULL;
     if (j) {
@@ -342,28 +339,22 @@ static moe_status describe_vocab(const moe_ckpt_file *f, cJSON *j)
         cJSON_AddNumberToObject(o, "targets", sum);
         arr = cJSON_AddArrayToObject(o, "experts_detail");
     } else {
-        printf("\nvocabulary experts: %d sets of %.0f..%.0f tokens (mean %.1f)", v.M, smin, smax,
-               (double)moe_ckpt_file_info(f)->model.vocab_size / v.M);
-        if (!grads)
-            printf("; %.0f targets since step 0, max/mean load %.2f", sum, sum > 0 ? lmax / (sum / v.M) : 0);
-        printf("\n  %6s %8s %12s %7s %10s %12s\n", "expert", "tokens", "targets", "share", "updates",
-               grads ? "|grad W_S|" : "|W_S|");
+        printf("\nvocabulary experts: %d sets of %.0f..%.0f tokens (mean %.1f); %.0f targets since step 0, max/mean "
+               "load %.2f\n", v.M, smin, smax, (double)moe_ckpt_file_info(f)->model.vocab_size / v.M, sum,
+               sum > 0 ? lmax / (sum / v.M) : 0);
+        printf("  %6s %8s %12s %7s %10s %12s\n", "expert", "tokens", "targets", "share", "updates", "|W_S|");
     }
     for (int e = 0; e < v.M; e++) {
-        const double t = v.tokens ? v.tokens[e] : 0, share = sum > 0 ? t / sum : 0;
+        const double t = v.tokens[e], share = sum > 0 ? t / sum : 0;
         if (j) {
             cJSON *x = cJSON_CreateObject();
             cJSON_AddNumberToObject(x, "expert", e);
             cJSON_AddNumberToObject(x, "size", v.size[e]);
-            if (!grads) {
-                cJSON_AddNumberToObject(x, "targets", t);
-                cJSON_AddNumberToObject(x, "share", share);
-                cJSON_AddNumberToObject(x, "updates", v.steps[e]);
-            }
-            cJSON_AddNumberToObject(x, grads ? "grad_norm" : "w_norm", v.wnorm[e]);
+            cJSON_AddNumberToObject(x, "targets", t);
+            cJSON_AddNumberToObject(x, "share", share);
+            cJSON_AddNumberToObject(x, "updates", v.steps[e]);
+            cJSON_AddNumberToObject(x, "w_norm", v.wnorm[e]);
             cJSON_AddItemToArray(arr, x);
-        } else if (grads) {
-            printf("  %6d %8.0f %12s %7s %10s %12.5g\n", e, v.size[e], "-", "-", "-", v.wnorm[e]);
         } else {
             printf("  %6d %8.0f %12.0f %6.1f%% %10.0f %12.5g\n", e, v.size[e], t, 100 * share, v.steps[e], v.wnorm[e]);
         }

@@ -16,6 +16,11 @@
    targets (summing to every training target); --plot draws both pictures.
 5. k-means over the checkpoint's wte (`moe vocab partition --method kmeans`)
    gives the partition a run with vocab_partition = kmeans trains with.
+6. A gradient dump of a step with 8 targets over 8 experts (so some are
+   idle): `moe inspect --verify` passes, no gradient for the partition, and
+   the rows of the experts its `activated` mask clears are exactly zero,
+   those of the others not (but for a one-token set, whose softmax is 1
+   whatever its logit: its gradient is 0 too).
 """
 import json
 import os
@@ -109,7 +114,25 @@ def body(cli):
     with h5py.File(km, "r") as f, h5py.File(os.path.join(run2, "ckpt-000002.h5"), "r") as g:
         check(np.array_equal(f["/model/vocab_head/assign"][()], g["/model/vocab_head/assign"][()]),
               "moe vocab partition --method kmeans and the run's kmeans partition differ")
-    print(f"eval loss {ev[1]['loss']:.6f} on 1/2/4 ranks, coverage {v['coverage_at_k']}; generate identical")
+    # 6. a gradient dump with idle vocabulary experts
+    run3 = cli.path("run_dump")
+    cli.train(2, run3, ["--steps=3", "--val_every=0", "--dump_grads_every=3", "--batch_size=2", "--seq_len=4"],
+              dict(VOCAB, vocab_partition="file", vocab_partition_from=part))
+    dump = os.path.join(run3, "grads-000003.h5")
+    rc, out, _ = cli.inspect(dump, "--verify", expect_rc=None)
+    check(rc == 0 and " 0 failed" in out, f"moe inspect --verify {dump}:\n{out[-1500:]}")
+    with h5py.File(dump, "r") as f:
+        check("vocab_head/assign" not in f["grad"], "a gradient for the partition")
+        act = f["grad/vocab_head/activated"][()]
+        gw, gb = f["grad/vocab_head/weight"][()], f["grad/vocab_head/bias"][()]
+    check(0 < act.sum() < 8, f"activated {act}: want some idle experts")
+    for e in range(8):
+        rows = assign == e
+        zero = not np.any(gw[rows]) and not np.any(gb[rows])
+        check(zero == (act[e] == 0 or rows.sum() == 1),
+              f"expert {e} ({rows.sum()} tokens): activated {act[e]}, gradient rows zero: {zero}")
+    print(f"eval loss {ev[1]['loss']:.6f} on 1/2/4 ranks, coverage {v['coverage_at_k']}; generate identical; "
+          f"dump activated {act.tolist()}")
 
 
 if __name__ == "__main__":

@@ -11,7 +11,9 @@
  *     for K = 1, 2, M, all within 1e-5 of the reference;
  *   - failures on one rank (a target outside the vocabulary, NaN in h, a bad
  *     K) stop every rank with the cause's status on the rank that found it.
- * Usage: test_vocab_ep (under mpiexec at any rank count dividing M = 8). */
+ * Usage: test_vocab_ep [shm] (under mpiexec at any rank count dividing M =
+ * 8; shm: the exchange through the on-node shared window, else p2p with 2
+ * chunks). */
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -24,6 +26,7 @@
 enum { V = 300, D = 24, M = 8, N = 96 };
 
 static int fails, rank;
+static moe_a2a_kind kind = MOE_A2A_P2P;
 
 #define CHECK(cond)                                                                               \
     do {                                                                                          \
@@ -210,7 +213,7 @@ static void test_ranks(const problem *P, moe_comm *c)
     CHECK(moe_vocab_head_backward(hd, ref_dh, &ref.v, P->h, &P->prm, dloss) == MOE_OK);
     /* this rank's share */
     moe_vocab_ep *ep = NULL;
-    CHECK(moe_vocab_ep_create(&ep, P->p, D, MOE_A2A_P2P, 2, c) == MOE_OK);
+    CHECK(moe_vocab_ep_create(&ep, P->p, D, kind, kind == MOE_A2A_P2P ? 2 : 1, c) == MOE_OK);
     if (!ep) return;
     const int Ml = moe_vocab_ep_n_local(ep), m0 = moe_vocab_ep_expert0(ep);
     CHECK(Ml == M / W && m0 == r * Ml && moe_vocab_ep_local_rows(ep) ==
@@ -280,6 +283,7 @@ int main(int argc, char **argv)
     moe_comm *c = NULL;
     if (moe_comm_create_world(&c, 0)) return 1;
     rank = moe_comm_rank(c);
+    if (argc > 1 && !strcmp(argv[1], "shm")) kind = MOE_A2A_SHM;
     problem P;
     problem_init(&P);
     if (moe_comm_size(c) == 1) {
