@@ -69,8 +69,10 @@ static moe_status expect_all(moe_ckpt_file *f)
     moe_status st = MOE_OK;
     for (int k = 0; k < n_pre; k++)
         for (int i = 0; st == MOE_OK && i < t->n; i++) {
-            snprintf(p, sizeof p, "%s%s", pre[k], t->t[i].name);
-            st = add_dset(f, p, MOE_CKPT_F32, t->t[i].ndim, t->t[i].shape, 1, i);
+            const moe_tensor *x = &t->t[i];
+            if (x->role == MOE_TENSOR_BUFFER && k + f->info.gradients > 0) continue; /* no moments, no gradient */
+            snprintf(p, sizeof p, "%s%s", pre[k], x->name);
+            st = add_dset(f, p, x->dtype == MOE_TENSOR_I32 ? MOE_CKPT_I32 : MOE_CKPT_F32, x->ndim, x->shape, 1, i);
         }
     int layers[MOE_CKPT_MAX_MOE_LAYERS];
     const int n_moe = moe_ckpt_moe_layers(t, layers);
@@ -107,6 +109,15 @@ static moe_status expect_all(moe_ckpt_file *f)
         if (st == MOE_OK && (there || tok_dsets[k].required))
             st = add_dset(f, tok_dsets[k].path, tok_dsets[k].dtype, 1, &dim, 1, -1);
     }
+    if (st == MOE_OK && f->info.model.head == MOE_HEAD_VOCAB_EXPERTS) {
+        const int64_t M = f->info.model.vocab_experts;
+        if (f->info.gradients) {
+            st = add_dset(f, "/grad/vocab_head/activated", MOE_CKPT_U8, 1, &M, 1, -1);
+        } else {
+            st = add_dset(f, "/optimizer/expert_step/vocab_head", MOE_CKPT_I64, 1, &M, 1, -1);
+            if (st == MOE_OK) st = add_dset(f, "/stats/vocab_head/expert_tokens", MOE_CKPT_I64, 1, &M, 1, -1);
+        }
+    }
     return st;
 }
 
@@ -132,9 +143,11 @@ static herr_t visit(hid_t obj, const char *name, const H5O_info_t *info, void *a
     hid_t t = ds < 0 ? H5I_INVALID_HID : H5Dget_type(ds), sp = ds < 0 ? H5I_INVALID_HID : H5Dget_space(ds);
     hsize_t dims[H5S_MAX_RANK];
     int nd = sp < 0 ? -1 : H5Sget_simple_extent_dims(sp, dims, NULL);
-    moe_ckpt_dtype dt = t >= 0 && H5Tget_class(t) == H5T_INTEGER ? (H5Tget_size(t) == 1 ? MOE_CKPT_U8 : MOE_CKPT_I64)
-                      : t >= 0 && H5Tget_class(t) == H5T_STRING  ? MOE_CKPT_STR
-                                                                 : MOE_CKPT_F32;
+    const size_t tsize = t >= 0 ? H5Tget_size(t) : 0;
+    moe_ckpt_dtype dt = t >= 0 && H5Tget_class(t) == H5T_INTEGER
+                            ? (tsize == 1 ? MOE_CKPT_U8 : tsize == 4 ? MOE_CKPT_I32 : MOE_CKPT_I64)
+                      : t >= 0 && H5Tget_class(t) == H5T_STRING ? MOE_CKPT_STR
+                                                                : MOE_CKPT_F32;
     if (t >= 0) H5Tclose(t);
     if (sp >= 0) H5Sclose(sp);
     if (ds >= 0) H5Dclose(ds);
@@ -147,6 +160,27 @@ static herr_t visit(hid_t obj, const char *name, const H5O_info_t *info, void *a
     v->st = add_dset(v->f, p, dt, nd, d64, 0, -1);
     if (v->st == MOE_OK) v->f->d[v->f->n - 1].present = 1;
     return v->st == MOE_OK ? 0 : -1;
+}
+
+/* The layout of the file's model on one rank. A tool reads whole datasets
+ * by global shape, which do not depend on how the vocabulary is split: a
+ * round-robin placeholder partition stands in for the file's (which may be
+ * the damaged dataset the tool is looking at). */
+static moe_status tool_layout(moe_ckpt_file *f)
+{
+    const moe_train_config *c = &f->info.model;
+    if (c->head != MOE_HEAD_VOCAB_EXPERTS) return moe_layout_create(&f->layout, c, NULL, 0, 1);
+    moe_status st = moe_train_config_check_model(c); /* sizes before allocating by them */
+    if (st != MOE_OK) return st;
+    int32_t *assign = malloc((size_t)c->vocab_size * sizeof *assign);
+    if (!assign) return moe_errorf(MOE_ERR_NOMEM, "placeholder partition of %d tokens", c->vocab_size);
+    for (int v = 0; v < c->vocab_size; v++) assign[v] = v % c->vocab_experts;
+    moe_vocab_part *part = NULL;
+    st = moe_vocab_part_create(&part, assign, c->vocab_size, c->vocab_experts);
+    free(assign);
+    if (st == MOE_OK) st = moe_layout_create(&f->layout, c, part, 0, 1);
+    moe_vocab_part_destroy(part);
+    return st;
 }
 
 static moe_status read_info(moe_ckpt_file *f)
@@ -167,10 +201,10 @@ static moe_status read_info(moe_ckpt_file *f)
     st = ckpt_model_get(g, &in->model, p);
     H5Gclose(g);
     if (st != MOE_OK) return st;
-    if (moe_layout_create(&f->layout, &in->model, 0, 1) != MOE_OK) {
+    if ((st = tool_layout(f)) != MOE_OK) {
         char why[512]; /* the detail buffer cannot be its own argument */
         snprintf(why, sizeof why, "%s", moe_error_detail());
-        return moe_errorf(MOE_ERR_FORMAT, "'%s': %s", p, why);
+        return moe_errorf(st == MOE_ERR_NOMEM ? st : MOE_ERR_FORMAT, "'%s': %s", p, why);
     }
     if (in->gradients) {
         st = moe_h5_attr_get_i64(f->file, "step", &in->step, p);

@@ -10,12 +10,12 @@
 #include "ckpt/ckpt.h"
 
 /* STR: fixed-length strings (the names of /tokenizer/special_names). */
-typedef enum { MOE_CKPT_F32 = 0, MOE_CKPT_I64 = 1, MOE_CKPT_U8 = 2, MOE_CKPT_STR = 3 } moe_ckpt_dtype;
+typedef enum { MOE_CKPT_F32 = 0, MOE_CKPT_I64 = 1, MOE_CKPT_U8 = 2, MOE_CKPT_STR = 3, MOE_CKPT_I32 = 4 } moe_ckpt_dtype;
 
 /* The root, /model (or /grad), /train and /optimizer attributes. */
 typedef struct {
     char format[32];           /* "moe-checkpoint" or "moe-gradients" */
-    int64_t format_version;    /* 1 or 2 */
+    int64_t format_version;    /* 1 or 2 (as the file says) */
     int has_tokenizer;         /* 1: a /tokenizer group (moe_ckpt_file_tokenizer) */
     int gradients;             /* 1 for a gradient dump */
     char created_by[128], created_at[64];

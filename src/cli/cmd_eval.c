@@ -7,7 +7,9 @@
  * n_experts); windows are spread over the ranks and the result is the same
  * on any N. With --domains (one domain id per data byte, `moe data synth
  * --domains`) it also reports, per MoE layer, which experts each domain's
- * tokens went to (a token belongs to the domain of its first byte). */
+ * tokens went to (a token belongs to the domain of its first byte).
+ * A model with vocabulary experts also reports the top-K coverage (K =
+ * vocab_top_k, or --vocab-top-k to try another without retraining). */
 #include <cjson/cJSON.h>
 #include <getopt.h>
 #include <math.h>
@@ -23,6 +25,7 @@
 typedef struct {
     const char *ckpt, *data, *domains;
     int json, batch, help;
+    int vocab_top_k; /* 0: the checkpoint's */
 } eval_opts;
 
 static void usage(FILE *f)
@@ -42,7 +45,10 @@ static void usage(FILE *f)
             "  --domains FILE      one domain id per data byte ('moe data synth --domains'): also print,\n"
             "                      per MoE layer, each domain's share of kept assignments per expert (a\n"
             "                      token counts for the domain of its first byte)\n"
-            "  --batch N           windows per rank per forward (default 8)\n");
+            "  --batch N           windows per rank per forward (default 8)\n"
+
+            "  --vocab-top-k K     vocabulary experts: the K of the coverage (default: the checkpoint's\n"
+            "                      vocab_top_k); the loss is exact whatever K\n");
 }
 
 #define perr(rank, ...) moe_cli_usage_error(rank, "eval", __VA_ARGS__)
@@ -52,7 +58,8 @@ static int parse(eval_opts *o, int argc, char **argv, int rank)
     static const struct option longs[] = {
         {"ckpt", required_argument, NULL, 'c'}, {"data", required_argument, NULL, 'd'},
         {"domains", required_argument, NULL, 'D'}, {"batch", required_argument, NULL, 'b'},
-        {"json", no_argument, NULL, 'j'}, {"help", no_argument, NULL, 'h'}, {NULL, 0, NULL, 0}};
+        {"json", no_argument, NULL, 'j'}, {"vocab-top-k", required_argument, NULL, 'k'},
+        {"help", no_argument, NULL, 'h'}, {NULL, 0, NULL, 0}};
     *o = (eval_opts){.batch = 8};
     opterr = 0;
     optind = 0;
@@ -70,6 +77,15 @@ static int parse(eval_opts *o, int argc, char **argv, int rank)
                 return -1;
             }
             o->batch = (int)v;
+            break;
+        }
+        case 'k': {
+            long v;
+            if (moe_cli_parse_long(optarg, 1, 1 << 16, &v)) {
+                perr(rank, "--vocab-top-k: expected an integer in 1..65536, got '%s'", optarg);
+                return -1;
+            }
+            o->vocab_top_k = (int)v;
             break;
         }
         default:
@@ -109,6 +125,18 @@ static void print_text(const eval_opts *o, moe_model *m, const moe_infer_eval_re
                (long long)r->bytes, (double)r->bytes / (double)r->tokens);
         printf("loss %.6f nats/token | %.6f bits/byte\n", r->loss, r->bpb);
     }
+    if (r->vocab_experts) {
+        /* coverage at every power of two up to M, and at the K asked for */
+        printf("vocabulary experts: M = %d, top-%d coverage %.4f (targets whose expert is among the K the router "
+               "ranks first)\ncoverage at K:", r->vocab_experts, r->vocab_top_k, r->vocab_coverage);
+        int64_t c = 0;
+        for (int k = 1; k <= r->vocab_experts; k++) {
+            c += r->vocab_rank_hist[k - 1];
+            if ((k & (k - 1)) == 0 || k == r->vocab_experts)
+                printf(" %d: %.4f", k, (double)c / (double)r->tokens);
+        }
+        printf("\n");
+    }
     if (!r->domain_kept) return;
     const int E = r->n_experts, L = moe_model_config(m)->n_layers;
     for (int l = 0; l < L; l++) {
@@ -139,6 +167,19 @@ static int print_json(moe_model *m, const moe_infer_eval_result *r, const int64_
     cJSON_AddNumberToObject(j, "tokens", (double)r->tokens);
     cJSON_AddNumberToObject(j, "bytes", (double)r->bytes);
     cJSON_AddNumberToObject(j, "windows", (double)r->windows);
+    if (r->vocab_experts) {
+        cJSON *v = cJSON_AddObjectToObject(j, "vocab_experts");
+        cJSON_AddNumberToObject(v, "experts", r->vocab_experts);
+        cJSON_AddNumberToObject(v, "top_k", r->vocab_top_k);
+        cJSON_AddNumberToObject(v, "coverage", r->vocab_coverage);
+        cJSON *cov = cJSON_AddArrayToObject(v, "coverage_at_k"), *load = cJSON_AddArrayToObject(v, "targets");
+        int64_t c = 0;
+        for (int k = 0; k < r->vocab_experts; k++) {
+            c += r->vocab_rank_hist[k];
+            cJSON_AddItemToArray(cov, cJSON_CreateNumber((double)c / (double)r->tokens));
+            cJSON_AddItemToArray(load, cJSON_CreateNumber((double)r->vocab_tokens[k]));
+        }
+    }
     if (r->domain_kept) {
         const int E = r->n_experts, L = moe_model_config(m)->n_layers;
         cJSON *dom = cJSON_AddObjectToObject(j, "domains");
@@ -223,6 +264,8 @@ static int run(const eval_opts *o, moe_comm *comm)
     moe_infer_eval_result res = {0};
     moe_status st = moe_infer_load(&m, NULL, o->ckpt, o->batch, 0, comm);
     if (!st) st = moe_ckpt_load_tokenizer(&tok, o->ckpt, comm);
+    /* the same option on every rank: no agreement needed */
+    if (!st && o->vocab_top_k) st = moe_model_set_vocab_top_k(m, o->vocab_top_k);
     if (!st) {
         const int vocab = moe_model_config(m)->vocab_size;
         st = read_inputs(o, tok, vocab, &ids, &n, &dom);

@@ -23,6 +23,7 @@ enum { MAX_PROMPTS = 256 };
 typedef struct {
     const char *ckpt, *prompt, *prompt_file;
     int tokens, json, help;
+    int vocab_top_k; /* 0: the checkpoint's */
     moe_infer_sampler s;
 } gen_opts;
 
@@ -47,6 +48,9 @@ static void usage(FILE *f)
             "  --top_p P           nucleus sampling, P in (0, 1]; 1 = off (default 1.0)\n"
             "  --seed S            0..4294967295 (default 1)\n"
             "  --json              print {\"samples\": [{\"prompt\", \"text\"}], ...} (invalid UTF-8 shown as U+FFFD)\n"
+            "  --vocab-top-k K     vocabulary experts: compute the K experts the head router ranks first\n"
+            "                      and sample from their tokens (default: the checkpoint's vocab_top_k;\n"
+            "                      K = vocab_experts is the exact model)\n"
             "\n"
             "Context: seq_len tokens. A longer prompt keeps its last seq_len tokens; a full context slides\n"
             "to its last seq_len/2 tokens (re-read in one pass). Routing: each prompt is one routing group;\n"
@@ -65,6 +69,7 @@ static int parse(gen_opts *o, int argc, char **argv, int rank)
         {"temperature", required_argument, NULL, 't'}, {"top_k", required_argument, NULL, 'k'},
         {"top_p", required_argument, NULL, 'P'},       {"seed", required_argument, NULL, 's'},
         {"json", no_argument, NULL, 'j'},              {"help", no_argument, NULL, 'h'},
+        {"vocab-top-k", required_argument, NULL, 'V'}, {"vocab_top_k", required_argument, NULL, 'V'},
         {NULL, 0, NULL, 0}};
     *o = (gen_opts){.tokens = 200, .s = {.temperature = 1.0, .top_k = 0, .top_p = 1.0, .seed = 1}};
     opterr = 0;
@@ -86,6 +91,11 @@ static int parse(gen_opts *o, int argc, char **argv, int rank)
             if (moe_cli_parse_long(optarg, -2147483647L, 2147483647L, &v))
                 return perr(rank, "--top_k: expected an integer, got '%s'", optarg), -1;
             o->s.top_k = (int)v;
+            break;
+        case 'V':
+            if (moe_cli_parse_long(optarg, 1, 1 << 16, &v))
+                return perr(rank, "--vocab-top-k: expected an integer in 1..65536, got '%s'", optarg), -1;
+            o->vocab_top_k = (int)v;
             break;
         case 's':
             if (moe_cli_parse_long(optarg, 0, 4294967295L, &v))
@@ -280,6 +290,8 @@ static int run(const gen_opts *o, moe_comm *comm)
     if (!st) st = moe_ckpt_load_tokenizer(&tok, o->ckpt, comm);
     size_t n_ids[MAX_PROMPTS] = {0};
     int32_t newline = '\n'; /* an empty prompt starts a new document: after "\n" */
+    /* the same option on every rank: no agreement needed */
+    if (!st && o->vocab_top_k) st = moe_model_set_vocab_top_k(m, o->vocab_top_k);
     if (!st) {
         for (int b = 0; !st && b < ps.n; b++) st = moe_infer_text_encode(&ids[b], &n_ids[b], tok, ps.p[b], ps.len[b]);
         if (!st && tok) newline = (int32_t)moe_tok_rank(tok, (const uint8_t *)"\n", 1); /* every byte has a rank */

@@ -30,6 +30,10 @@ typedef struct {
     unsigned char lo_open, hi_open;
     const char *const *names;  /* T_ENUM: value v is names[v], NULL-terminated */
     const char *help;
+    /* [model] keys of format_version 2: whether the key applies to a
+     * configuration (its /model attribute is then written and compared);
+     * NULL for the format 1 keys, which always apply. */
+    int (*present)(const moe_train_config *c);
 } key_desc;
 
 /* Enum keys store the index of the name, which must equal the C enum value. */
@@ -37,6 +41,8 @@ static const char *const router_names[] = {"token_choice", "expert_choice", NULL
 static const char *const act_names[] = {"gelu", "relu", "swiglu", NULL};
 static const char *const noise_names[] = {"none", "gaussian", NULL};
 static const char *const data_format_names[] = {"auto", "bytes", "tokens", NULL}; /* moe_data_format */
+static const char *const head_names[] = {"full", "vocab_experts", NULL};
+static const char *const vpart_names[] = {"frequency", "kmeans", "file", NULL};
 #define a2a_names moe_a2a_kind_names /* named where the kinds are defined */
 /* Old spellings still accepted (configs and checkpoint config texts written
  * before a rename): {key, old value, the value it means}. */
@@ -47,14 +53,24 @@ _Static_assert(MOE_ROUTER_TOKEN_CHOICE == 0 && MOE_ROUTER_EXPERT_CHOICE == 1, "r
 _Static_assert(MOE_ACT_GELU == 0 && MOE_ACT_RELU == 1 && MOE_ACT_SWIGLU == 2, "act_names order");
 _Static_assert(MOE_A2A_P2P == 0 && MOE_A2A_SHM == 1, "a2a_names order");
 _Static_assert(MOE_DATA_AUTO == 0 && MOE_DATA_BYTES == 1 && MOE_DATA_TOKENS == 2, "data_format_names order");
+_Static_assert(MOE_HEAD_FULL == 0 && MOE_HEAD_VOCAB_EXPERTS == 1, "head_names order");
+_Static_assert(MOE_VOCAB_PART_FREQUENCY == 0 && MOE_VOCAB_PART_KMEANS == 1 && MOE_VOCAB_PART_FILE == 2,
+               "vpart_names order");
+
+/* Where the format 2 [model] keys apply. */
+static int head_not_full(const moe_train_config *c) { return c->head != MOE_HEAD_FULL; }
+static int with_vocab_experts(const moe_train_config *c) { return c->head == MOE_HEAD_VOCAB_EXPERTS; }
 _Static_assert(sizeof(moe_router_kind) == sizeof(int) && sizeof(moe_activation) == sizeof(int),
                "enum keys are stored through int");
 
 #define OFF(f) offsetof(moe_train_config, f)
-#define KI(n, s, lo, hi, h) {#n, s, T_INT, OFF(n), lo, hi, 0, 0, NULL, h}
-#define KR(n, s, lo, hi, lo_open, hi_open, h) {#n, s, T_REAL, OFF(n), lo, hi, lo_open, hi_open, NULL, h}
-#define KS(n, s, h) {#n, s, T_STR, OFF(n), 0, 0, 0, 0, NULL, h}
-#define KE(n, s, names, h) {#n, s, T_ENUM, OFF(n), 0, 0, 0, 0, names, h}
+#define KI(n, s, lo, hi, h) {#n, s, T_INT, OFF(n), lo, hi, 0, 0, NULL, h, NULL}
+#define KR(n, s, lo, hi, lo_open, hi_open, h) {#n, s, T_REAL, OFF(n), lo, hi, lo_open, hi_open, NULL, h, NULL}
+#define KS(n, s, h) {#n, s, T_STR, OFF(n), 0, 0, 0, 0, NULL, h, NULL}
+#define KE(n, s, names, h) {#n, s, T_ENUM, OFF(n), 0, 0, 0, 0, names, h, NULL}
+/* format 2 [model] keys, with the predicate saying where they apply */
+#define KI2(n, lo, hi, h, when) {#n, "model", T_INT, OFF(n), lo, hi, 0, 0, NULL, h, when}
+#define KE2(n, names, h, when) {#n, "model", T_ENUM, OFF(n), 0, 0, 0, 0, names, h, when}
 #define NOMAX INT_MAX
 
 static const key_desc keys[] = {
@@ -80,6 +96,13 @@ static const key_desc keys[] = {
     KR(ln_eps, "model", 0, HUGE_VAL, 1, 0, "LayerNorm epsilon"),
     KE(router_noise, "model", noise_names, "none or gaussian (noisy top-k gating, training only)"),
     KI(group_seqs, "model", 1, 1 << 24, "consecutive sequences routed together as one group"),
+    KE2(head, head_names, "output head: full (softmax tied to wte) or vocab_experts (partitioned)", head_not_full),
+    KI2(vocab_experts, 2, 1 << 16, "vocabulary experts M (2 <= M <= vocab_size; the ep size divides M)",
+        with_vocab_experts),
+    KI2(vocab_top_k, 1, 1 << 16, "vocabulary experts a generation step computes (1 <= K <= M)",
+        with_vocab_experts),
+    KE2(vocab_partition, vpart_names, "frequency (training data), kmeans (over vocab_partition_from's wte) or file",
+        with_vocab_experts),
 
     KI(batch_size, "train", 1, NOMAX, "global sequences per step (divisible by the number of ranks)"),
     KI(steps, "train", 1, NOMAX, "optimizer steps"),
@@ -94,7 +117,7 @@ static const key_desc keys[] = {
     KR(aux_loss_coef, "train", 0, HUGE_VAL, 0, 0, "load-balance loss coefficient"),
     KR(z_loss_coef, "train", 0, HUGE_VAL, 0, 0, "router z-loss coefficient"),
     {"seed", "train", T_U32, OFF(seed), 0, 4294967295.0, 0, 0, NULL,
-     "seed of every random stream (init, data, router noise)"},
+     "seed of every random stream (init, data, router noise)", NULL},
     KI(ep_size, "train", 0, NOMAX, "expert-parallel group size in ranks (0: all ranks)"),
     KI(log_every, "train", 1, NOMAX, "steps between log lines"),
     KS(out_dir, "train", "output directory (log, checkpoints)"),
@@ -106,6 +129,10 @@ static const key_desc keys[] = {
     KR(val_frac, "data", 0, 1, 0, 1, "held-out tail fraction of data when val_data is empty"),
     KI(val_every, "data", 0, NOMAX, "steps between validations (0: never)"),
     KI(val_batches, "data", 1, NOMAX, "batches of batch_size sequences per validation"),
+
+    KS(vocab_partition_from, "vocab", "kmeans: checkpoint whose wte is clustered; file: partition file"),
+    KI(kmeans_iters, "vocab", 1, 1 << 20, "k-means (Lloyd) assignment steps"),
+    KR(vocab_balance, "vocab", 0, HUGE_VAL, 0, 0, "k-means set size cap ceil(V/M * balance) (0: none, else >= 1)"),
 
     KE(a2a, "exchange", a2a_names, "token exchange: p2p (point-to-point) or shm (on-node shared memory); alltoallv = p2p"),
     KI(a2a_chunks, "exchange", 1, NOMAX, "expert chunks overlapped with the exchange (p2p)"),
@@ -119,7 +146,8 @@ static const key_desc keys[] = {
 
 _Static_assert(sizeof(((moe_train_config *)0)->data) == 1024 && sizeof(((moe_train_config *)0)->val_data) == 1024 &&
                    sizeof(((moe_train_config *)0)->out_dir) == 1024 && sizeof(((moe_train_config *)0)->resume) == 1024 &&
-                   sizeof(((moe_train_config *)0)->tokenizer) == 1024,
+                   sizeof(((moe_train_config *)0)->tokenizer) == 1024 &&
+                   sizeof(((moe_train_config *)0)->vocab_partition_from) == 1024,
                "T_STR keys are char[1024]");
 #define STR_CAP 1024
 
@@ -145,6 +173,12 @@ void moe_train_config_default(moe_train_config *c)
     c->ln_eps = 1e-5;
     c->router_noise = 0;
     c->group_seqs = 1;
+    c->head = MOE_HEAD_FULL;
+    c->vocab_experts = 64;
+    c->vocab_top_k = 2;
+    c->vocab_partition = MOE_VOCAB_PART_FREQUENCY;
+    c->kmeans_iters = 25;
+    c->vocab_balance = 2.0;
 
     c->batch_size = 16;
     c->steps = 600;
@@ -517,6 +551,12 @@ moe_status moe_train_config_check_model(const moe_train_config *c)
                           c->capacity_factor);
     if (c->normalize_topk && c->top_k == 1)
         return moe_errorf(MOE_ERR_ARG, "normalize_topk=1 with top_k=1 (must be 0)");
+    if (c->head == MOE_HEAD_VOCAB_EXPERTS && c->vocab_experts > c->vocab_size)
+        return moe_errorf(MOE_ERR_ARG, "vocab_experts=%d exceeds vocab_size=%d (every expert needs a token)",
+                          c->vocab_experts, c->vocab_size);
+    if (c->head == MOE_HEAD_VOCAB_EXPERTS && c->vocab_top_k > c->vocab_experts)
+        return moe_errorf(MOE_ERR_ARG, "vocab_top_k=%d must be in [1, vocab_experts=%d]", c->vocab_top_k,
+                          c->vocab_experts);
     return MOE_OK;
 }
 
@@ -542,10 +582,19 @@ int moe_train_config_model_attrs(const moe_train_config *c, moe_model_attr *out,
                 a->type = MOE_ATTR_INT;
                 a->i = k->type == T_U32 ? (int64_t)*(const uint32_t *)field : (int64_t)*(const int *)field;
             }
+            a->version2 = k->present != NULL;
+            a->present = k->present ? k->present(c) : 1;
         }
         n++;
     }
     return n;
+}
+
+int moe_train_config_needs_v2(const moe_train_config *c)
+{
+    for (int i = 0; i < N_KEYS; i++)
+        if (is_model_key(&keys[i]) && keys[i].present && keys[i].present(c)) return 1;
+    return 0;
 }
 
 moe_status moe_train_config_set_model_attr(moe_train_config *c, const moe_model_attr *a)
@@ -609,6 +658,18 @@ moe_status moe_train_config_check(const moe_train_config *c, int world)
     if (c->n_experts % ep)
         return moe_errorf(MOE_ERR_ARG, "n_experts=%d is not divisible by ep_size=%d%s", c->n_experts, ep,
                           c->ep_size ? "" : " (ep_size = 0: all ranks)");
+    if (c->head == MOE_HEAD_VOCAB_EXPERTS && c->vocab_experts % ep)
+        return moe_errorf(MOE_ERR_ARG, "vocab_experts=%d is not divisible by ep_size=%d%s", c->vocab_experts, ep,
+                          c->ep_size ? "" : " (ep_size = 0: all ranks)");
+    if (c->head == MOE_HEAD_VOCAB_EXPERTS && c->vocab_partition != MOE_VOCAB_PART_FREQUENCY &&
+        !c->vocab_partition_from[0] && !c->resume[0])
+        return moe_errorf(MOE_ERR_ARG, "vocab_partition=%s needs vocab_partition_from (%s)",
+                          vpart_names[c->vocab_partition],
+                          c->vocab_partition == MOE_VOCAB_PART_KMEANS ? "a checkpoint whose wte is clustered"
+                                                                       : "a partition file");
+    if (c->vocab_balance > 0 && c->vocab_balance < 1)
+        return moe_errorf(MOE_ERR_ARG, "vocab_balance=%g must be 0 (no cap) or >= 1 (the capped sets must hold "
+                                       "the vocabulary)", c->vocab_balance);
     if (!c->data[0])
         return moe_errorf(MOE_ERR_ARG, "data: no training file set (e.g. 'moe data synth --out FILE', then data = FILE)");
     if (!c->out_dir[0]) return moe_errorf(MOE_ERR_ARG, "out_dir: empty");

@@ -9,6 +9,12 @@
 
 #include "core/moe.h"
 
+/* The output head: the tied full softmax, or vocabulary experts. */
+typedef enum { MOE_HEAD_FULL = 0, MOE_HEAD_VOCAB_EXPERTS = 1 } moe_head_kind;
+/* How the vocabulary is partitioned into experts: token-frequency bands of
+ * the training data, k-means over a checkpoint's wte, or a partition file. */
+typedef enum { MOE_VOCAB_PART_FREQUENCY = 0, MOE_VOCAB_PART_KMEANS = 1, MOE_VOCAB_PART_FILE = 2 } moe_vocab_partition_kind;
+
 typedef struct {
     /* model (checkpoint /model attributes) */
     int vocab_size;          /* token ids are < vocab_size (256 for bytes) */
@@ -24,6 +30,11 @@ typedef struct {
     double ln_eps;
     int router_noise;        /* 0 none, 1 gaussian */
     int group_seqs;          /* sequences per routing group */
+    /* the output head (docs/vocab-experts.md) */
+    int head;                /* moe_head_kind: MOE_HEAD_FULL (tied softmax) or MOE_HEAD_VOCAB_EXPERTS */
+    int vocab_experts;       /* M: vocabulary experts (head = vocab_experts) */
+    int vocab_top_k;         /* K: experts a generation step computes (1 <= K <= M) */
+    int vocab_partition;     /* moe_vocab_partition_kind: how the vocabulary is split */
     /* training */
     int batch_size;          /* global sequences per step */
     int steps, warmup_steps, val_every, val_batches;
@@ -36,6 +47,10 @@ typedef struct {
     int data_format;         /* moe_data_format: 0 auto (".tok": tokens), 1 bytes, 2 tokens */
     double val_frac;         /* held-out fraction when val_data is empty */
     int log_every;
+    /* building the vocabulary partition (not model attributes) */
+    char vocab_partition_from[1024]; /* kmeans: a checkpoint whose /model/wte is clustered; file: a partition file */
+    int kmeans_iters;        /* Lloyd assignment steps */
+    double vocab_balance;    /* kmeans size cap ceil(V/M * balance); 0: none */
     /* exchange */
     int a2a;                 /* moe_a2a_kind */
     int a2a_chunks;
@@ -81,11 +96,20 @@ typedef struct {
     int64_t i;
     double r;
     const char *text;  /* static storage */
+    /* Keys added by format_version 2 exist in a file only where they apply
+     * (e.g. vocab_experts only with head = vocab_experts): version2 = 1 for
+     * such a key, and present says whether it applies to this
+     * configuration. A file without the attribute means the key's default.
+     * Format 1 keys have version2 = 0 and present = 1. */
+    int version2, present;
 } moe_model_attr;
 enum { MOE_MODEL_ATTRS_MAX = 64 };
 /* Fills out[0 .. min(count, cap)) in key-table order; returns the count.
  * Never fails. */
 int moe_train_config_model_attrs(const moe_train_config *c, moe_model_attr *out, int cap);
+/* 1 if some format-2 attribute applies to c (a checkpoint of c is then
+ * written as format_version 2). Never fails. */
+int moe_train_config_needs_v2(const moe_train_config *c);
 /* Sets one [model] key from a typed value (a->type must be the key's;
  * names as moe_train_config_set reads them). No range check:
  * moe_train_config_check_model does that. MOE_ERR_ARG naming the key. */

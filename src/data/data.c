@@ -342,3 +342,16 @@ moe_status moe_data_write_file(const char *path, const void *buf, size_t n)
     if (w != n || err) return moe_errorf(MOE_ERR_IO, "cannot write '%s': %s", path, strerror(err ? err : EIO));
     return MOE_OK;
 }
+
+moe_status moe_data_train_counts(const moe_data *ds, int64_t *counts, int V)
+{
+    memset(counts, 0, (size_t)V * sizeof *counts);
+    for (int64_t i = 0; i < ds->n_train; i++) {
+        const int32_t id = id_at(ds, ds->train, i);
+        if (id < 0 || id >= V)
+            return moe_errorf(MOE_ERR_ARG, "training data: token %d at %lld is outside the vocabulary of %d", id,
+                              (long long)i, V);
+        counts[id]++;
+    }
+    return MOE_OK;
+}

@@ -142,6 +142,11 @@ moe_status moe_data_val_batch(const moe_data *ds, int32_t *inputs, int32_t *targ
  * stand for (0 without validation data). */
 int64_t moe_data_val_pass_bytes(const moe_data *ds, int64_t n_total);
 
+/* counts (V) = occurrences of every token id in the training part (the
+ * input of the frequency partition of the vocabulary experts). MOE_ERR_ARG
+ * when a token is not below V (naming its offset). */
+moe_status moe_data_train_counts(const moe_data *ds, int64_t *counts, int V);
+
 /* Unigram entropy of the training part: the loss of the best model that
  * ignores context, the baseline for what a model learned. In bits per
  * token, and in bits per byte (the token bits over the bytes they stand

@@ -27,6 +27,9 @@ struct moe_train_run {
     int n_moe, E, El, e0, B;
     int64_t *tokens_total, *dropped_total; /* (n_moe, E) since step 0, global */
     int64_t *expert_step_g;                /* (n_moe, E) global view for checkpoints */
+    int M, Ml, m0;                         /* vocabulary experts: all, local, first local (M = 0: head = full) */
+    int64_t *vocab_tokens_total;           /* (M) targets per vocabulary expert since step 0, global */
+    int64_t *vocab_step_g;                 /* (M) global view of the vocabulary experts' steps */
     int32_t *in, *tg;                      /* (B, seq_len) this rank's batch, token ids */
     char *config_text;                     /* the resolved INI text (owned) */
     FILE *metrics;                         /* rank 0 */
@@ -130,6 +133,19 @@ static void write_metrics(moe_train_run *r, const moe_train_progress *p)
     cJSON_AddNumberToObject(j, "dropped_frac", p->dropped_frac);
     cJSON_AddNumberToObject(j, "max_over_mean_load", p->max_over_mean_load);
     cJSON_AddNumberToObject(j, "active_experts", (double)ts->active_experts);
+    if (ts->model.vocab_experts) {
+        /* the vocabulary experts: share of positions whose target's expert is
+         * in the top vocab_top_k of the head router, and the worst load */
+        const moe_model_stats *ms = &ts->model;
+        double mx = 0, sum = 0;
+        for (int m = 0; m < ms->vocab_experts; m++) {
+            sum += (double)ms->vocab_tokens[m];
+            mx = (double)ms->vocab_tokens[m] > mx ? (double)ms->vocab_tokens[m] : mx;
+        }
+        cJSON_AddNumberToObject(j, "vocab_coverage", ms->tokens ? (double)ms->vocab_covered / (double)ms->tokens : 0);
+        cJSON_AddNumberToObject(j, "vocab_max_over_mean_load", sum > 0 ? mx / (sum / ms->vocab_experts) : 0);
+        cJSON_AddNumberToObject(j, "active_vocab_experts", (double)ts->active_vocab_experts);
+    }
     if (ckpt_s > 0) cJSON_AddNumberToObject(j, "checkpoint_s", ckpt_s);
     /* where rank 0's step time went (the reduction includes waiting for the
      * slowest rank) */
@@ -160,10 +176,11 @@ static void write_metrics(moe_train_run *r, const moe_train_progress *p)
  * from the owners' local rows: each rank fills its own columns). */
 static void ckpt_state(moe_train_run *r, moe_ckpt_state *s, int64_t step, int64_t tokens_seen)
 {
-    const int64_t *local = moe_trainer_expert_steps(r->tr);
+    const int64_t *local = moe_trainer_expert_steps(r->tr), *vlocal = moe_trainer_vocab_steps(r->tr);
     for (int l = 0; l < r->n_moe; l++)
         for (int j = 0; j < r->El; j++)
             r->expert_step_g[(size_t)l * r->E + r->e0 + j] = local[(size_t)l * r->El + j];
+    for (int j = 0; j < r->Ml; j++) r->vocab_step_g[r->m0 + j] = vlocal[j];
     memset(s, 0, sizeof *s);
     s->table = moe_model_tensors(r->model);
     s->params = moe_model_params(r->model);
@@ -173,6 +190,8 @@ static void ckpt_state(moe_train_run *r, moe_ckpt_state *s, int64_t step, int64_
     s->expert_step = r->expert_step_g;
     s->expert_tokens = r->tokens_total;
     s->expert_dropped = r->dropped_total;
+    s->vocab_expert_step = r->vocab_step_g;
+    s->vocab_expert_tokens = r->vocab_tokens_total;
     s->opt_step = moe_trainer_updates(r->tr);
     s->lr = moe_train_lr(&r->cfg, step > 0 ? step - 1 : 0);
     s->beta1 = r->cfg.beta1;
@@ -197,15 +216,17 @@ static moe_status dump_grads(moe_train_run *r, int64_t step, const moe_train_sta
     char path[1200];
     snprintf(path, sizeof path, "%s/grads-%06lld.h5", r->cfg.out_dir, (long long)step);
     size_t n = (size_t)r->n_moe * r->E;
-    uint8_t *activated = moe_calloc(n, 1);
+    uint8_t *activated = moe_calloc(n + (size_t)r->M, 1);
     moe_status ast = moe_comm_agree(r->comm, activated ? MOE_OK : moe_errorf(MOE_ERR_NOMEM, "gradient dump mask"));
     if (ast) {
         moe_free(activated);
         return ast;
     }
     for (size_t i = 0; i < n; i++) activated[i] = ts->model.kept[i] > 0;
+    for (int m = 0; m < r->M; m++) activated[n + m] = ts->model.vocab_tokens[m] > 0;
     moe_status st = moe_ckpt_save_grads(path, r->comm, moe_model_tensors(r->model), moe_model_grads(r->model),
-                                        activated, r->E, step, &r->cfg, r->config_text);
+                                        activated, r->M ? activated + n : NULL, r->E, step, &r->cfg,
+                                        r->config_text);
     moe_free(activated);
     return st;
 }
@@ -240,10 +261,11 @@ static moe_status resume(moe_train_run *r)
     const double t0 = moe_now();
     st = moe_ckpt_load(path, r->comm, &s, NULL);
     if (st) return st;
-    int64_t *local = moe_trainer_expert_steps(r->tr);
+    int64_t *local = moe_trainer_expert_steps(r->tr), *vlocal = moe_trainer_vocab_steps(r->tr);
     for (int l = 0; l < r->n_moe; l++)
         for (int j = 0; j < r->El; j++)
             local[(size_t)l * r->El + j] = r->expert_step_g[(size_t)l * r->E + r->e0 + j];
+    for (int j = 0; j < r->Ml; j++) vlocal[j] = r->vocab_step_g[r->m0 + j];
     moe_trainer_set_updates(r->tr, s.opt_step);
     r->step = s.step;
     r->tokens_seen = s.tokens_seen;
@@ -350,7 +372,21 @@ moe_status moe_train_run_create(moe_train_run **out, const moe_train_config *cfg
         if (!r->config_text) st = moe_errorf(MOE_ERR_NOMEM, "configuration text");
     }
     st = moe_comm_agree_detail(comm, MOE_SCOPE_WORLD, st);
-    if (!st) st = moe_trainer_create(&r->tr, c, comm);
+    moe_vocab_part *vocab = NULL;
+    if (!st && c->head == MOE_HEAD_VOCAB_EXPERTS) {
+        /* the frequency bands need the training tokens' counts (on rank 0) */
+        int64_t *counts = NULL;
+        if (r->rank == 0 && !c->resume[0] && c->vocab_partition == MOE_VOCAB_PART_FREQUENCY) {
+            counts = malloc((size_t)c->vocab_size * sizeof *counts);
+            st = counts ? moe_data_train_counts(r->ds, counts, c->vocab_size)
+                        : moe_errorf(MOE_ERR_NOMEM, "token counts of %d ids", c->vocab_size);
+        }
+        st = moe_comm_agree_detail(comm, MOE_SCOPE_WORLD, st);
+        if (!st) st = moe_train_vocab_partition(&vocab, c, counts, comm);
+        free(counts);
+    }
+    if (!st) st = moe_trainer_create(&r->tr, c, vocab, comm);
+    moe_vocab_part_destroy(vocab); /* the model keeps its own copy */
     if (!st) {
         r->model = moe_trainer_model(r->tr);
         r->n_moe = moe_model_n_moe_layers(r->model);
@@ -364,7 +400,14 @@ moe_status moe_train_run_create(moe_train_run **out, const moe_train_config *cfg
         r->expert_step_g = moe_calloc(nE, sizeof(int64_t));
         r->in = moe_calloc((size_t)r->B * c->seq_len, sizeof(int32_t));
         r->tg = moe_calloc((size_t)r->B * c->seq_len, sizeof(int32_t));
-        st = r->tokens_total && r->dropped_total && r->expert_step_g && r->in && r->tg
+        moe_vocab_ep *vh = moe_model_vocab_head(r->model);
+        r->M = vh ? c->vocab_experts : 0;
+        r->Ml = vh ? moe_vocab_ep_n_local(vh) : 0;
+        r->m0 = vh ? moe_vocab_ep_expert0(vh) : 0;
+        r->vocab_tokens_total = moe_calloc((size_t)r->M + 1, sizeof(int64_t));
+        r->vocab_step_g = moe_calloc((size_t)r->M + 1, sizeof(int64_t));
+        st = r->tokens_total && r->dropped_total && r->expert_step_g && r->in && r->tg && r->vocab_tokens_total &&
+                     r->vocab_step_g
                  ? MOE_OK : moe_errorf(MOE_ERR_NOMEM, "train buffers");
         st = moe_comm_agree_detail(comm, MOE_SCOPE_WORLD, st);
     }
@@ -390,6 +433,8 @@ void moe_train_run_destroy(moe_train_run *r)
     moe_free(r->tokens_total);
     moe_free(r->dropped_total);
     moe_free(r->expert_step_g);
+    moe_free(r->vocab_tokens_total);
+    moe_free(r->vocab_step_g);
     moe_free(r->in);
     moe_free(r->tg);
     free(r->config_text);
@@ -416,6 +461,7 @@ moe_status moe_train_run_step(moe_train_run *r)
         r->tokens_total[i] += ts->model.kept[i];
         r->dropped_total[i] += ts->model.dropped[i];
     }
+    for (int m = 0; m < r->M; m++) r->vocab_tokens_total[m] += ts->model.vocab_tokens[m];
     if (c->dump_grads_every > 0 && r->step % c->dump_grads_every == 0 && (st = dump_grads(r, r->step, ts)))
         return st;
     moe_train_progress p = {.step = r->step, .first_step = r->step0, .stats = ts, .val_loss = NAN, .val_bpb = NAN,

@@ -17,6 +17,7 @@
 #include "config/config.h"
 #include "data/data.h"
 #include "train/train.h"
+#include "vocab/partition.h"
 
 typedef struct moe_train_run moe_train_run;
 
@@ -74,6 +75,23 @@ void moe_train_run_destroy(moe_train_run *r);
 moe_status moe_train_run_step(moe_train_run *r);
 /* Steps until cfg->steps are done or should_stop asks to stop. */
 moe_status moe_train_run_run(moe_train_run *r);
+
+/* The vocabulary partition a run with head = vocab_experts trains with
+ * (docs/vocab-experts.md section 2): the resume checkpoint's when
+ * cfg->resume is set (a checkpoint is a partition file), else by
+ * cfg->vocab_partition: frequency bands of counts (vocab_size entries: the
+ * training tokens of each id, moe_data_train_counts; needed on world rank 0
+ * for frequency only, else may be NULL), k-means over the wte of the
+ * checkpoint vocab_partition_from (kmeans_iters, vocab_balance, seed), or
+ * the partition file vocab_partition_from. World rank 0 builds it and
+ * broadcasts it, so it is the same on every rank and does not depend on
+ * their number. Collective over world; every rank returns the cause's
+ * status and detail (MOE_ERR_IO / MOE_ERR_FORMAT / MOE_ERR_CHECKSUM naming
+ * a file, MOE_ERR_ARG for sizes that do not match, an empty set, all-zero
+ * counts). Used by the training run and `moe vocab partition`. Owner:
+ * caller. */
+moe_status moe_train_vocab_partition(moe_vocab_part **out, const moe_train_config *cfg, const int64_t *counts,
+                                     moe_comm *comm);
 
 /* Accessors: not collective. */
 int64_t moe_train_run_steps_done(const moe_train_run *r);

@@ -3,7 +3,10 @@
 root, /model, /optimizer, /train and /stats attributes, every dataset the
 attributes imply with its shape and dtype, the checksum filter, nothing
 else; and compares every value with the formula the C tests wrote
-(ckpt_testlib.c: tk_value and the counters).
+(ckpt_testlib.c: tk_value and the counters). A format_version 2 file with
+head = vocab_experts also holds the vocabulary head (section 1, "format 2"):
+the partition as int32, its rows by token id, no optimizer state for the
+partition, the vocabulary experts' step counters and loads.
 
 With `tok`, the file must hold the /tokenizer group of tokenizer.md section 4
 (format_version 2) with the tokenizer ckpt_testlib.c's tk_tokenizer builds;
@@ -65,7 +68,8 @@ def main():
     with h5py.File(path, "r") as f:
         a = f.attrs
         check(a["format"] == "moe-checkpoint", f"format {a['format']!r}")
-        check(int(a["format_version"]) == (2 if with_tok else 1), "format_version")
+        version = int(a["format_version"])
+        check(version in (1, 2), "format_version")
         check(isinstance(a["created_by"], str) and a["created_by"], "created_by")
         check(re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", a["created_at"]) is not None, "created_at ISO 8601 UTC")
         check("n_experts = 12" in a["config"], "config text")
@@ -83,11 +87,28 @@ def main():
         check(m["router_noise"] in ("none", "gaussian"), "router_noise")
         check(m["capacity_factor"] == 1.25 and m["ln_eps"] == 1e-5, "float model attributes")
         E = m["n_experts"]
+        # format 2 attributes: absent means the default (head = full)
+        head = ma.get("head", "full")
+        check(head in ("full", "vocab_experts"), "head")
+        check(version == (2 if head != "full" or with_tok else 1), f"format_version {version} with head = {head}")
+        if head == "vocab_experts":
+            M, K = int(ma["vocab_experts"]), int(ma["vocab_top_k"])
+            check(2 <= M <= m["vocab_size"] and 1 <= K <= M, "vocab_experts, vocab_top_k")
+            check(ma["vocab_partition"] in ("frequency", "kmeans", "file"), "vocab_partition")
 
         expected = {}
         for kind, prefix in enumerate(["model/", "optimizer/m/", "optimizer/v/"]):
             for name, shape in spec_layout(m):
                 expected[prefix + name] = (shape, np.float32, kind, name)
+        if head == "vocab_experts":
+            V, d = m["vocab_size"], m["d_model"]
+            expected["model/vocab_head/assign"] = ((V,), np.int32, None, ("assign",))
+            for kind, prefix in enumerate(["model/", "optimizer/m/", "optimizer/v/"]):
+                for name, shape in [("vocab_head/router/weight", (M, d)), ("vocab_head/router/bias", (M,)),
+                                    ("vocab_head/weight", (V, d)), ("vocab_head/bias", (V,))]:
+                    expected[prefix + name] = (shape, np.float32, kind, name)
+            expected["optimizer/expert_step/vocab_head"] = ((M,), np.int64, None, ("vstep",))
+            expected["stats/vocab_head/expert_tokens"] = ((M,), np.int64, None, ("vtokens",))
         moe_layers = [L for L in range(m["n_layers"]) if L % m["moe_every"] == 0]
         for li, L in enumerate(moe_layers):
             expected[f"optimizer/expert_step/h/{L}"] = ((E,), np.int64, None, (0, li))
@@ -135,6 +156,10 @@ def main():
             if kind is not None:
                 want = tk_values(kind, key, int(np.prod(shape))).reshape(shape)
                 check(np.array_equal(data.view(np.uint32), want.view(np.uint32)), f"{name} values")
+            elif len(key) == 1:  # the vocabulary head's integers (ckpt_testlib.c)
+                v, mm = np.arange(shape[0]), np.arange(shape[0])
+                want = {"assign": (v * 5 + v // 16) % 12, "vstep": 500 + mm, "vtokens": 20 * mm + 1}[key[0]]
+                check(np.array_equal(data, want), f"{name} values {data} != {want}")
             else:
                 which, li = key
                 want = [1000 * li + e + 7, 10 * e + li, e + 3 * li][which]

@@ -98,7 +98,7 @@ static void test_layout(void **state)
     moe_train_config c;
     tk_config(&c);
     moe_tensor_table *t;
-    assert_int_equal(moe_layout_create(&t, &c, 1, 3), MOE_OK);
+    assert_int_equal(moe_layout_create(&t, &c, NULL, 1, 3), MOE_OK);
     int layers[MOE_CKPT_MAX_MOE_LAYERS];
     assert_int_equal(moe_ckpt_moe_layers(t, layers), 2);
     assert_int_equal(layers[0], 0);
@@ -132,10 +132,10 @@ static void test_layout(void **state)
     assert_int_equal(total, t->total);
     moe_layout_destroy(t);
     /* An ep size that does not divide E, and absurd dims, are refused. */
-    assert_int_equal(moe_layout_create(&t, &c, 0, 5), MOE_ERR_ARG);
+    assert_int_equal(moe_layout_create(&t, &c, NULL, 0, 5), MOE_ERR_ARG);
     assert_non_null(strstr(moe_error_detail(), "divide n_experts = 12"));
     c.d_model = 1 << 30;
-    assert_int_equal(moe_layout_create(&t, &c, 0, 1), MOE_ERR_ARG);
+    assert_int_equal(moe_layout_create(&t, &c, NULL, 0, 1), MOE_ERR_ARG);
     assert_non_null(strstr(moe_error_detail(), "d_model"));
     assert_null(t);
 }
@@ -324,7 +324,7 @@ static void test_grads(void **state)
     char p[160];
     path_in(p, sizeof p, "grads.h5");
     /* grads: reuse the m block (any deterministic values) */
-    assert_int_equal(moe_ckpt_save_grads(p, moe_comm_self(), t.table, t.s.m, act, E, 42, &t.cfg, tk_config_text), MOE_OK);
+    assert_int_equal(moe_ckpt_save_grads(p, moe_comm_self(), t.table, t.s.m, act, NULL, E, 42, &t.cfg, tk_config_text), MOE_OK);
     moe_ckpt_file *f;
     assert_int_equal(moe_ckpt_file_open(&f, p), MOE_OK);
     const moe_ckpt_info *in = moe_ckpt_file_info(f);
