@@ -12,8 +12,10 @@
 #   - manual pages of sections 1, 5, 7 and 8 rendered to plain text: every
 #     6th of them (sorted by path), about 3000 pages;
 #   - the demo corpus (moe data synth, 2 MB).
-# Documents are separated by <|endoftext|>. The last 2% of the documents
-# (every 50th) are held out for validation.
+# Every line loses its leading whitespace and has runs of blanks squeezed to
+# one space (rendered manual pages are mostly indentation otherwise).
+# Documents are separated by <|endoftext|>. Every 50th document is held out
+# for validation.
 #
 #   bench/vocab_corpus.sh OUT_DIR [MOE_BINARY]
 # writes OUT_DIR/{gpt2.json, train.txt, val.txt, train.tok, val.tok, corpus.txt}
@@ -70,7 +72,7 @@ for f in "$docs"/[0-9]*.txt; do
   i=$((i + 1))
   dst=$out/train.txt
   [ $((i % 50)) -eq 0 ] && dst=$out/val.txt
-  cat "$f" >> "$dst"
+  sed -E 's/^[[:blank:]]+//; s/[[:blank:]]{2,}/ /g' "$f" >> "$dst"
   printf '\n<|endoftext|>\n' >> "$dst"
 done
 "$moe" tokenizer import --from "$enc" --out "$out/gpt2.json" > /dev/null
