@@ -62,11 +62,14 @@ void *moe_calloc(size_t n, size_t size);
 void moe_free(void *p);
 
 /* Elementwise loops that are compute-bound at SSE2 width (exp, sqrt,
- * division) get an AVX2+FMA clone as well, picked at load time (ifunc) on
- * x86-64 with GCC/Clang. Elementwise only: the clones differ by FMA rounding
- * (an ulp), never by summation order, so every rank of a machine agrees. */
+ * division) get AVX2+FMA and AVX-512 clones as well, picked at load time
+ * (ifunc) on x86-64 with GCC/Clang. Elementwise only: the clones differ by
+ * FMA rounding (an ulp; the AVX-512 clone contracts exactly as the AVX2 one,
+ * checked bitwise on the activations), never by summation order, so every
+ * rank of a machine agrees. The AVX-512 clone halves the gelu passes on
+ * cores with 512-bit units (2.9 vs 4.9 ms for 8M elements here). */
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-#define MOE_TARGET_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
+#define MOE_TARGET_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #else
 #define MOE_TARGET_CLONES
 #endif
