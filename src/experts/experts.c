@@ -36,8 +36,8 @@ static inline float moe_gelu_neg_exp(float x)
 
 /* Columns [j0, j1) of one row: a (F) from h (F1). The activation loops are
  * compute-bound at SSE2 width (about 3x slower than the memory traffic
- * allows): MOE_TARGET_CLONES adds AVX2+FMA and AVX-512 clones. */
-MOE_TARGET_CLONES static void act_forward_span(float *restrict a, const float *restrict h, int F, int j0, int j1,
+ * allows): MOE_TARGET_CLONES_EW adds AVX2+FMA and AVX-512 clones. */
+MOE_TARGET_CLONES_EW static void act_forward_span(float *restrict a, const float *restrict h, int F, int j0, int j1,
                                                moe_activation act)
 {
     switch (act) {
@@ -57,7 +57,7 @@ MOE_TARGET_CLONES static void act_forward_span(float *restrict a, const float *r
  * also db1 += dh over those columns (and F + j for swiglu).
  * dh may be h itself (in place): every iteration reads its h entries
  * before it writes the same entries of dh, so no restrict on those two. */
-MOE_TARGET_CLONES static void act_backward_span(float *dh, float *restrict db1, const float *restrict da,
+MOE_TARGET_CLONES_EW static void act_backward_span(float *dh, float *restrict db1, const float *restrict da,
                                                 const float *h, int F, int j0, int j1, moe_activation act)
 {
     switch (act) {
