@@ -102,9 +102,10 @@ static void add_rows(float *restrict db, const float *restrict dy, long n, int m
 
 /* ---- threaded activation passes (one expert over all threads, and the
  * dense feed-forward of the model) ----
- * Forward: rows split over the threads. Backward: columns split (in blocks
- * of 16 floats), so that each thread owns its slice of db1 and sums it over
- * every row in row order: the bits do not depend on the thread count. */
+ * Rows split over the threads, except for a backward that sums db1: then
+ * columns (in blocks of 16 floats), so that each thread owns its slice of
+ * db1 and sums it over every row in row order: the bits do not depend on
+ * the thread count. */
 enum { MOE_ACT_MIN_ELEMS = 1 << 17 };
 
 typedef struct {
@@ -131,7 +132,7 @@ static void act_region_run(void *ctx, int t, int nt)
 {
     const act_job *j = ctx;
     long i0, i1;
-    if (!j->backward) {
+    if (!j->db1) {
         moe_par_range(j->n, t, nt, &i0, &i1);
         act_rows(j, i0, i1, 0, j->F);
     } else {
@@ -145,7 +146,7 @@ static void act_parallel(act_job job)
 {
     const long elems = job.n * (long)moe_f1(job.F, job.act);
     int nt = elems < MOE_ACT_MIN_ELEMS ? 1 : moe_par_threads_for(elems, MOE_ACT_MIN_ELEMS / 2);
-    if (job.backward && nt > (job.F + 15) / 16) nt = (job.F + 15) / 16;
+    if (job.db1 && nt > (job.F + 15) / 16) nt = (job.F + 15) / 16;
     moe_par_run(nt, act_region_run, &job);
 }
 

@@ -240,6 +240,48 @@ static void assign_expert_choice(moe_route_impl *m, const moe_router_config *cfg
     r->load_balance[g] = 0.0f;
 }
 
+/* ---- the router's GEMMs ----
+ * They have E columns (or K = E): too few to split well over threads, and
+ * a GEMM threaded inside OpenBLAS may round differently at another thread
+ * count. So each runs on one OpenBLAS thread, and the backward's
+ * independent ones side by side in two lanes: the route and the router
+ * gradients do not depend on the thread count. */
+typedef struct {
+    CBLAS_TRANSPOSE ta, tb;
+    int m, n, k;
+    const float *a, *b;
+    float beta, *c;
+} router_gemm; /* row-major C (m x n) = op(A) op(B) + beta C, leading dims from the shapes */
+
+typedef struct {
+    router_gemm g[2][2]; /* lane, then order within the lane */
+    int n[2];
+} gemm_lanes;
+
+static void lanes_run(void *ctx, int t, int nt)
+{
+    const gemm_lanes *L = ctx;
+    for (int l = t; l < 2; l += nt)
+        for (int i = 0; i < L->n[l]; i++) {
+            const router_gemm *g = &L->g[l][i];
+            const int lda = g->ta == CblasNoTrans ? g->k : g->m, ldb = g->tb == CblasNoTrans ? g->n : g->k;
+            cblas_sgemm(CblasRowMajor, g->ta, g->tb, g->m, g->n, g->k, 1.0f, g->a, lda, g->b, ldb, g->beta, g->c,
+                        g->n);
+        }
+}
+
+static void run_lanes(gemm_lanes *L)
+{
+    if (L->n[1] > 0 && moe_par_threads() > 1) {
+        moe_par_run(2, lanes_run, L); /* one OpenBLAS thread inside a region */
+        return;
+    }
+    const int blas = openblas_get_num_threads();
+    openblas_set_num_threads(1);
+    lanes_run(L, 0, 1);
+    openblas_set_num_threads(blas);
+}
+
 /* Rows of (T, E) per thread below which a router pass stays on one thread. */
 enum { ROUTER_PAR_MIN = 1 << 14 };
 
@@ -289,12 +331,14 @@ moe_status moe_router_forward(moe_route *r, const float *x, const float *wg, con
     r->T = T;
     r->G = G;
 
-    /* l = x W_g^T for all T tokens at once. */
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, T, E, d, 1.0f, x, d, wg, d, 0.0f, r->logits, E);
+    /* l = x W_g^T for all T tokens at once (and W_n x beside it). */
     r->noise = noisy ? m->noise_buf : NULL;
     r->noise_pre = noisy ? m->noise_pre_buf : NULL;
+    gemm_lanes lanes = {.n = {1, noisy}};
+    lanes.g[0][0] = (router_gemm){CblasNoTrans, CblasTrans, T, E, d, x, wg, 0.0f, r->logits};
+    lanes.g[1][0] = (router_gemm){CblasNoTrans, CblasTrans, T, E, d, x, wn, 0.0f, r->noise_pre};
+    run_lanes(&lanes);
     if (noisy) {
-        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, T, E, d, 1.0f, x, d, wn, d, 0.0f, r->noise_pre, E);
         for (int t = 0; t < T; t++) {
             const uint32_t tok = (uint32_t)(key->token0 + t); /* global token: rank-count independent */
             for (int e = 0; e < E; e++) {
@@ -418,15 +462,18 @@ moe_status moe_router_backward(float *dx, float *dwg, float *dwn, const float *d
 
     const dlogits_job job = {m, dweight, normalize, lb_scale, zc};
     moe_par_run(moe_par_threads_for((long)T * E, ROUTER_PAR_MIN), dlogits_run, (void *)&job);
-    cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, E, d, T, 1.0f, dl, E, x, d, 1.0f, dwg, d);
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, T, d, E, 1.0f, dl, E, wg, d, 1.0f, dx, d);
     if (r->noise) {
         /* l += n softplus(pre): dL/dpre = dL/dl * n * sigmoid(pre). */
         const size_t TE = (size_t)T * E;
         for (size_t i = 0; i < TE; i++) m->dpre[i] = dl[i] * r->noise[i] * sigmoidf(r->noise_pre[i]);
-        cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, E, d, T, 1.0f, m->dpre, E, x, d, 1.0f, dwn, d);
-        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, T, d, E, 1.0f, m->dpre, E, wn, d, 1.0f, dx, d);
     }
+    /* Lane 0: the weight gradients; lane 1: dx, W_g's term before W_n's. */
+    gemm_lanes lanes = {.n = {r->noise ? 2 : 1, r->noise ? 2 : 1}};
+    lanes.g[0][0] = (router_gemm){CblasTrans, CblasNoTrans, E, d, T, dl, x, 1.0f, dwg};
+    lanes.g[0][1] = (router_gemm){CblasTrans, CblasNoTrans, E, d, T, m->dpre, x, 1.0f, dwn};
+    lanes.g[1][0] = (router_gemm){CblasNoTrans, CblasNoTrans, T, d, E, dl, wg, 1.0f, dx};
+    lanes.g[1][1] = (router_gemm){CblasNoTrans, CblasNoTrans, T, d, E, m->dpre, wn, 1.0f, dx};
+    run_lanes(&lanes);
     return MOE_OK;
 }
 
