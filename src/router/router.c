@@ -285,7 +285,8 @@ static void run_lanes(gemm_lanes *L)
 /* Rows of (T, E) per thread below which a router pass stays on one thread. */
 enum { ROUTER_PAR_MIN = 1 << 14 };
 
-/* Stable softmax and logsumexp of tokens [t0, t1). */
+/* Stable softmax and logsumexp of tokens [t0, t1), and for token choice
+ * their top k. */
 static void softmax_rows(moe_route *r, long t0, long t1)
 {
     const int E = r->E;
@@ -300,6 +301,8 @@ static void softmax_rows(moe_route *r, long t0, long t1)
         for (int e = 0; e < E; e++) p[e] *= inv;
         r->lse[t] = mx + logf(s);
     }
+    if (r->k > 0 && t1 > t0)
+        moe_topk_rows(r->topk + (size_t)t0 * r->k, r->probs + (size_t)t0 * E, (int)(t1 - t0), E, r->k);
 }
 
 static void softmax_run(void *ctx, int t, int nt)
@@ -358,7 +361,8 @@ moe_status moe_router_forward(moe_route *r, const float *x, const float *wg, con
         return moe_errorf(MOE_ERR_NONFINITE, "router: the gate logits hold NaN or Inf (weights too large?)");
     }
 
-    /* Stable softmax and logsumexp per token, tokens split over the threads. */
+    /* Stable softmax, logsumexp and (token choice) top k per token, tokens
+     * split over the threads. */
     moe_par_run(moe_par_threads_for(TE, ROUTER_PAR_MIN), softmax_run, r);
 
     memset(r->weight, 0, TE * sizeof(float));
@@ -367,7 +371,6 @@ moe_status moe_router_forward(moe_route *r, const float *x, const float *wg, con
     memset(r->n_selected, 0, (size_t)G * E * sizeof(int));
     memset(r->n_kept, 0, (size_t)G * E * sizeof(int));
     memset(r->n_dropped, 0, (size_t)G * E * sizeof(int));
-    if (m->kind == MOE_ROUTER_TOKEN_CHOICE) moe_topk_rows(r->topk, r->probs, T, E, r->k);
     for (int g = 0; g < G; g++) {
         if (m->kind == MOE_ROUTER_TOKEN_CHOICE)
             assign_token_choice(r, cfg, g * Tg, Tg, g);
