@@ -200,16 +200,8 @@ static moe_status write_dset(writer *w, const wdset *d, moe_status st)
     int n = 0, own = 0;
     st = moe_comm_h5_gather_rows(w->agg, d->buf, (int64_t)d->r0, (int64_t)d->nr, row_bytes, &w->buf, &w->cap,
                                  w->blocks, &n, &own);
-    if (w->file < 0) return st;
-    /* Test hook: a writer that fails mid-file (MOE_FAULT=ckpt_write, at the
-     * first dataset of /optimizer/v). */
-    if (st == MOE_OK && !strncmp(d->name, "/optimizer/v/", 13) && moe_fault("ckpt_write", moe_comm_rank(w->c)))
-        st = moe_errorf(MOE_ERR_IO, "cannot write dataset '%s' in '%s': injected failure (MOE_FAULT=ckpt_write)",
-                        d->name, w->path);
-    /* put_dset is collective over the writers: a writer whose rows did not
-     * arrive still takes part, writing none; the next agreement stops all. */
-    const moe_status pst = put_dset(w, d, w->blocks, st == MOE_OK ? n : 0, own ? d->buf : w->buf);
-    return st != MOE_OK ? st : pst;
+    if (st != MOE_OK || w->file < 0) return st;
+    return put_dset(w, d, w->blocks, n, own ? d->buf : w->buf);
 }
 
 /* A table tensor under `prefix` ("/model/", "/optimizer/m/", "/grad/"):

@@ -56,15 +56,7 @@ moe_status moe_comm_h5_writers_create(moe_comm_h5_writers **out, moe_comm *c)
     if (w) w->node = w->writers = MPI_COMM_NULL;
     /* Every rank takes part in both splits, even after a local failure. */
     MPI_Comm node = MPI_COMM_NULL, writers = MPI_COMM_NULL;
-    /* Test hook: MOE_H5_NODE_RANKS=k makes every k consecutive world ranks a
-     * "node", so that one machine exercises several writers (parallel HDF5
-     * between them). */
-    const char *k = getenv("MOE_H5_NODE_RANKS");
-    const int fake = k && atoi(k) > 0 ? atoi(k) : 0;
-    if (fake)
-        MOE_MPI_KEEP(st, MPI_Comm_split(c->world, c->rank / fake, c->rank, &node));
-    else
-        MOE_MPI_KEEP(st, MPI_Comm_split_type(c->world, MPI_COMM_TYPE_SHARED, c->rank, MPI_INFO_NULL, &node));
+    MOE_MPI_KEEP(st, MPI_Comm_split_type(c->world, MPI_COMM_TYPE_SHARED, c->rank, MPI_INFO_NULL, &node));
     int node_rank = 1, node_size = 1;
     if (node != MPI_COMM_NULL) {
         MOE_MPI_KEEP(st, MPI_Comm_rank(node, &node_rank));

@@ -27,9 +27,7 @@ hid_t moe_comm_h5_dxpl(const moe_comm *c);
  * world rank there; the other ranks of the node send it their rows, dataset
  * by dataset (memory on the writer: the node's rows of one dataset). With
  * one node the writer uses the POSIX driver; with several, the writers
- * write together through MPI-IO over a communicator of their own. Test
- * hook: MOE_H5_NODE_RANKS=k in the environment groups every k consecutive
- * world ranks as one node instead (several writers on one machine). */
+ * write together through MPI-IO over a communicator of their own. */
 typedef struct moe_comm_h5_writers moe_comm_h5_writers;
 
 /* Collective over c's world (c may be moe_comm_self: this process writes
