@@ -1,16 +1,13 @@
 /* Parallel checkpoint and gradient-dump writer and checkpoint loader
  * (docs/formats.md section 1).
  *
- * Writing: one writer per node (comm_h5.h: the lowest world rank there)
- * opens the temporary file, makes the metadata calls (groups, attributes,
- * dataset creation) and writes each dataset's rows of its node, which the
- * other ranks of the node send it dataset by dataset (expert rows from
- * replica 0, replicated tensors from world rank 0). On one node the writer
- * uses HDF5's POSIX driver; over several, the writers write together
- * through parallel HDF5 (collective H5Dwrite; HDF5 >= 1.10.2 supports
- * filters on that path). Datasets are chunked with the Fletcher32 filter;
- * chunks of [E, ...] datasets are single expert rows, so each chunk has
- * exactly one writer.
+ * Writing: every rank opens the temp file through parallel HDF5, makes the
+ * same metadata calls (groups, attributes, dataset creation) and takes part
+ * in one collective H5Dwrite per dataset, selecting its own rows (expert
+ * rows on replica 0, replicated tensors on world rank 0, nothing
+ * otherwise). Datasets are chunked with the Fletcher32 filter; HDF5 >= 1.10.2
+ * supports filters on the collective write path. Chunks of [E, ...]
+ * datasets are single expert rows, so each chunk has exactly one writer.
  *
  * Loading: metadata and data are read independently (no collective HDF5
  * calls besides open/close), so a checksum failure on one rank's rows
@@ -106,20 +103,13 @@ static moe_status check_common(moe_comm *c, const moe_tensor_table *t, int E, co
 
 /* ---- writing ---- */
 
-/* The state of one file write. Only node writers have a file (file >= 0);
- * every rank sends its rows of each dataset to its node's writer. */
 typedef struct {
     hid_t file, dxpl, lcpl;
-    const char *path;            /* for messages */
-    moe_comm *c;
-    moe_comm_h5_writers *agg;
-    void *buf;                   /* writer: the node's rows of one dataset */
-    size_t cap;
-    moe_comm_h5_block *blocks;   /* (world size) */
+    const char *path; /* for messages */
 } writer;
 
 /* One dataset: global shape dims, this rank's rows [r0, r0 + nr) from buf
- * (nr = 0: none), chunks of chunk_rows rows. */
+ * (nr = 0: select none), chunks of chunk_rows rows. Collective. */
 typedef struct {
     char name[DSET_NAME];
     moe_ckpt_dtype dtype;
@@ -141,23 +131,20 @@ static hid_t mem_type(moe_ckpt_dtype t)
 
 static size_t dtype_size(moe_ckpt_dtype t) { return t == MOE_CKPT_F32 ? 4 : t == MOE_CKPT_I64 ? 8 : 1; }
 
-/* The writer's part: creates the dataset and writes the node's rows, the
- * blocks[0..n) of data (ascending first row; n = 0: select none).
- * Collective over the writers. */
-static moe_status put_dset(const writer *w, const wdset *d, const moe_comm_h5_block *blocks, int n,
-                           const void *data)
+static moe_status write_dset(const writer *w, const wdset *d)
 {
     hsize_t row = 1, chunk[MOE_TENSOR_MAX_DIMS];
     for (int i = 1; i < d->ndim; i++) row *= d->dims[i];
     chunk[0] = d->chunk_rows;
     for (int i = 1; i < d->ndim; i++) chunk[i] = d->dims[i];
-    hsize_t rows = 0;
-    for (int i = 0; i < n; i++) rows += (hsize_t)blocks[i].rows;
+    if (row * d->chunk_rows * dtype_size(d->dtype) >= (hsize_t)1 << 32)
+        return moe_errorf(MOE_ERR_ARG, "checkpoint: a row of '%s' exceeds HDF5's 4 GiB chunk limit", d->name);
+    const hsize_t n = d->nr * row;
     /* The memory space has the shape of the file selection (rows x the
      * tensor's other dims): with a flat one HDF5 maps chunks element by
      * element, which made writes 4-8x slower (128 MB: 2.4-3.8 s -> 0.3-1.3 s). */
-    hsize_t mdims[MOE_TENSOR_MAX_DIMS] = {rows ? rows : 1};
-    for (int i = 1; i < d->ndim; i++) mdims[i] = rows ? d->dims[i] : 1;
+    hsize_t mdims[MOE_TENSOR_MAX_DIMS] = {n ? d->nr : 1};
+    for (int i = 1; i < d->ndim; i++) mdims[i] = n ? d->dims[i] : 1;
     hid_t fs = H5Screate_simple(d->ndim, d->dims, NULL), ms = H5Screate_simple(d->ndim, mdims, NULL);
     hid_t dcpl = H5Pcreate(H5P_DATASET_CREATE);
     herr_t rc = fs < 0 || ms < 0 || dcpl < 0 ? -1 : 0;
@@ -167,16 +154,15 @@ static moe_status put_dset(const writer *w, const wdset *d, const moe_comm_h5_bl
     hid_t ds = rc < 0 ? H5I_INVALID_HID
                       : H5Dcreate2(w->file, d->name, file_type(d->dtype), fs, w->lcpl, dcpl, H5P_DEFAULT);
     if (ds < 0) rc = -1;
-    if (rc == 0 && rows == 0) rc = H5Sselect_none(fs) < 0 || H5Sselect_none(ms) < 0 ? -1 : 0;
-    /* The blocks in ascending row order: the file selection's order, which
-     * is the order HDF5 takes the memory elements in. */
-    for (int i = 0; rc == 0 && i < n; i++) {
-        hsize_t start[MOE_TENSOR_MAX_DIMS] = {(hsize_t)blocks[i].first}, count[MOE_TENSOR_MAX_DIMS] = {(hsize_t)blocks[i].rows};
-        for (int k = 1; k < d->ndim; k++) count[k] = d->dims[k];
-        rc = H5Sselect_hyperslab(fs, i ? H5S_SELECT_OR : H5S_SELECT_SET, start, NULL, count, NULL);
+    if (rc == 0 && n == 0) {
+        rc = H5Sselect_none(fs) < 0 || H5Sselect_none(ms) < 0 ? -1 : 0;
+    } else if (rc == 0) {
+        hsize_t start[MOE_TENSOR_MAX_DIMS] = {d->r0}, count[MOE_TENSOR_MAX_DIMS] = {d->nr};
+        for (int i = 1; i < d->ndim; i++) count[i] = d->dims[i];
+        rc = H5Sselect_hyperslab(fs, H5S_SELECT_SET, start, NULL, count, NULL);
     }
-    static const int64_t nothing; /* a writer writing nothing still passes a valid pointer */
-    if (rc >= 0) rc = H5Dwrite(ds, mem_type(d->dtype), ms, fs, w->dxpl, rows ? data : (const void *)&nothing);
+    static const int64_t nothing; /* a rank writing nothing still passes a valid pointer */
+    if (rc >= 0) rc = H5Dwrite(ds, mem_type(d->dtype), ms, fs, w->dxpl, n ? d->buf : (const void *)&nothing);
     if (ds >= 0) H5Dclose(ds);
     if (dcpl >= 0) H5Pclose(dcpl);
     if (ms >= 0) H5Sclose(ms);
@@ -184,35 +170,14 @@ static moe_status put_dset(const writer *w, const wdset *d, const moe_comm_h5_bl
     return rc < 0 ? moe_h5_fail(MOE_ERR_IO, "cannot write dataset", d->name, w->path) : MOE_OK;
 }
 
-/* One dataset, collective over world: first every rank agrees on `st` (a
- * writer's failed metadata call included), so all stop at the same
- * dataset; then the rows go to the node writers, which write them. Every
- * rank calls this for every dataset whatever its status. */
-static moe_status write_dset(writer *w, const wdset *d, moe_status st)
-{
-    st = agree(w->c, st);
-    if (st != MOE_OK) return st;
-    hsize_t row = 1;
-    for (int i = 1; i < d->ndim; i++) row *= d->dims[i];
-    const size_t row_bytes = (size_t)row * dtype_size(d->dtype);
-    if ((hsize_t)row_bytes * d->chunk_rows >= (hsize_t)1 << 32)
-        return moe_errorf(MOE_ERR_ARG, "checkpoint: a row of '%s' exceeds HDF5's 4 GiB chunk limit", d->name);
-    int n = 0, own = 0;
-    st = moe_comm_h5_gather_rows(w->agg, d->buf, (int64_t)d->r0, (int64_t)d->nr, row_bytes, &w->buf, &w->cap,
-                                 w->blocks, &n, &own);
-    if (st != MOE_OK || w->file < 0) return st;
-    return put_dset(w, d, w->blocks, n, own ? d->buf : w->buf);
-}
-
 /* A table tensor under `prefix` ("/model/", "/optimizer/m/", "/grad/"):
  * expert rows from replica 0's owners, replicated tensors from world rank 0. */
-static moe_status write_tensor(writer *w, const char *prefix, const moe_tensor *x, const float *block,
-                               moe_status st)
+static moe_status write_tensor(const writer *w, moe_comm *c, const char *prefix, const moe_tensor *x,
+                               const float *block)
 {
-    moe_comm *c = w->c;
     wdset d = {.dtype = MOE_CKPT_F32, .ndim = x->ndim, .buf = block + x->offset};
-    if (snprintf(d.name, sizeof d.name, "%s%s", prefix, x->name) >= (int)sizeof d.name && st == MOE_OK)
-        st = moe_errorf(MOE_ERR_ARG, "checkpoint: dataset name %s%s too long", prefix, x->name);
+    if (snprintf(d.name, sizeof d.name, "%s%s", prefix, x->name) >= (int)sizeof d.name)
+        return moe_errorf(MOE_ERR_ARG, "checkpoint: dataset name %s%s too long", prefix, x->name);
     for (int i = 0; i < x->ndim; i++) d.dims[i] = (hsize_t)x->shape[i];
     const int writes = x->expert_sharded ? moe_comm_replica(c) == 0 : moe_comm_rank(c) == 0;
     d.r0 = (hsize_t)x->row0;
@@ -223,15 +188,14 @@ static moe_status write_tensor(writer *w, const char *prefix, const moe_tensor *
     else
         d.chunk_rows = row_bytes >= CHUNK_TARGET ? 1 : CHUNK_TARGET / row_bytes;
     if (d.chunk_rows > d.dims[0]) d.chunk_rows = d.dims[0];
-    return write_dset(w, &d, st);
+    return write_dset(w, &d);
 }
 
 /* A per-expert [E] array of a MoE layer: `owned` = written by each expert's
  * owner (replica 0), one chunk per expert; else whole by world rank 0. */
-static moe_status write_per_expert(writer *w, const char *name, moe_ckpt_dtype dtype, const void *row, int E,
-                                   int owned, moe_status st)
+static moe_status write_per_expert(const writer *w, moe_comm *c, const char *name, moe_ckpt_dtype dtype,
+                                   const void *row, int E, int owned)
 {
-    moe_comm *c = w->c;
     wdset d = {.dtype = dtype, .ndim = 1, .dims = {(hsize_t)E}};
     snprintf(d.name, sizeof d.name, "%s", name);
     if (owned) {
@@ -244,21 +208,17 @@ static moe_status write_per_expert(writer *w, const char *name, moe_ckpt_dtype d
         d.chunk_rows = (hsize_t)E;
     }
     d.buf = (const char *)row + d.r0 * dtype_size(dtype);
-    return write_dset(w, &d, st);
+    return write_dset(w, &d);
 }
 
-/* Metadata calls run on writers only; their status rides into the next
- * write_dset's agreement (or write_atomic's last one). */
 static moe_status make_group(const writer *w, const char *name, hid_t *g)
 {
-    *g = H5I_INVALID_HID;
-    if (w->file < 0) return MOE_OK;
     *g = H5Gcreate2(w->file, name, w->lcpl, H5P_DEFAULT, H5P_DEFAULT);
     return *g < 0 ? moe_h5_fail(MOE_ERR_IO, "cannot create group", name, w->path) : MOE_OK;
 }
 
 /* The root attributes every file carries. created_at comes from rank 0 so
- * that all writers write identical metadata. */
+ * that all ranks write identical metadata. */
 typedef struct {
     char created_at[32];
     int64_t world, ep;
@@ -278,7 +238,6 @@ static moe_status root_info_make(root_info *r, moe_comm *c)
 
 static moe_status write_root(const writer *w, const char *format, const root_info *r, const char *config)
 {
-    if (w->file < 0) return MOE_OK;
     moe_status st = moe_h5_attr_put_str(w->file, "format", format, w->path);
     if (st == MOE_OK) st = moe_h5_attr_put_i64(w->file, "format_version", MOE_CKPT_FORMAT_VERSION, w->path);
     if (st == MOE_OK) st = moe_h5_attr_put_str(w->file, "created_by", "moerun " MOE_VERSION, w->path);
@@ -301,18 +260,16 @@ typedef struct {
     const char *config;
 } body;
 
-/* The bodies below call write_tensor / write_per_expert for every dataset
- * on every rank, whatever the status so far (see write_dset). */
-static moe_status write_ckpt_body(writer *w, const moe_ckpt_state *s, moe_status st)
+static moe_status write_ckpt_body(const writer *w, moe_comm *c, const moe_ckpt_state *s)
 {
     hid_t g = H5I_INVALID_HID;
     const moe_tensor_table *t = s->table;
-    if (st == MOE_OK) st = make_group(w, "/model", &g);
-    if (st == MOE_OK && g >= 0) st = ckpt_model_put(g, s->cfg, w->path);
+    moe_status st = make_group(w, "/model", &g);
+    if (st == MOE_OK) st = ckpt_model_put(g, s->cfg, w->path);
     if (g >= 0) H5Gclose(g);
-    for (int i = 0; i < t->n; i++) st = write_tensor(w, "/model/", &t->t[i], s->params, st);
+    for (int i = 0; st == MOE_OK && i < t->n; i++) st = write_tensor(w, c, "/model/", &t->t[i], s->params);
 
-    if (st == MOE_OK && (st = make_group(w, "/optimizer", &g)) == MOE_OK && g >= 0) {
+    if (st == MOE_OK && (st = make_group(w, "/optimizer", &g)) == MOE_OK) {
         const struct {
             const char *name;
             double v;
@@ -324,23 +281,23 @@ static moe_status write_ckpt_body(writer *w, const moe_ckpt_state *s, moe_status
     }
     if (g >= 0) H5Gclose(g);
     g = H5I_INVALID_HID;
-    for (int i = 0; i < t->n; i++) st = write_tensor(w, "/optimizer/m/", &t->t[i], s->m, st);
-    for (int i = 0; i < t->n; i++) st = write_tensor(w, "/optimizer/v/", &t->t[i], s->v, st);
+    for (int i = 0; st == MOE_OK && i < t->n; i++) st = write_tensor(w, c, "/optimizer/m/", &t->t[i], s->m);
+    for (int i = 0; st == MOE_OK && i < t->n; i++) st = write_tensor(w, c, "/optimizer/v/", &t->t[i], s->v);
 
     int layers[MOE_CKPT_MAX_MOE_LAYERS];
     const int n_moe = moe_ckpt_moe_layers(t, layers), E = s->n_experts;
     char name[DSET_NAME];
-    for (int l = 0; l < n_moe; l++) {
+    for (int l = 0; st == MOE_OK && l < n_moe; l++) {
         const size_t o = (size_t)l * (size_t)E;
         snprintf(name, sizeof name, "/optimizer/expert_step/h/%d", layers[l]);
-        st = write_per_expert(w, name, MOE_CKPT_I64, s->expert_step + o, E, 1, st);
+        st = write_per_expert(w, c, name, MOE_CKPT_I64, s->expert_step + o, E, 1);
         snprintf(name, sizeof name, "/stats/h/%d/expert_tokens", layers[l]);
-        st = write_per_expert(w, name, MOE_CKPT_I64, s->expert_tokens + o, E, 0, st);
+        if (st == MOE_OK) st = write_per_expert(w, c, name, MOE_CKPT_I64, s->expert_tokens + o, E, 0);
         snprintf(name, sizeof name, "/stats/h/%d/expert_dropped", layers[l]);
-        st = write_per_expert(w, name, MOE_CKPT_I64, s->expert_dropped + o, E, 0, st);
+        if (st == MOE_OK) st = write_per_expert(w, c, name, MOE_CKPT_I64, s->expert_dropped + o, E, 0);
     }
 
-    if (st == MOE_OK && (st = make_group(w, "/train", &g)) == MOE_OK && g >= 0) {
+    if (st == MOE_OK && (st = make_group(w, "/train", &g)) == MOE_OK) {
         st = moe_h5_attr_put_i64(g, "step", s->step, w->path);
         if (st == MOE_OK) st = moe_h5_attr_put_i64(g, "tokens_seen", s->tokens_seen, w->path);
         /* The seed is stored unsigned so that no value wraps. */
@@ -352,23 +309,23 @@ static moe_status write_ckpt_body(writer *w, const moe_ckpt_state *s, moe_status
     return st;
 }
 
-static moe_status write_grads_body(writer *w, const body *b, moe_status st)
+static moe_status write_grads_body(const writer *w, moe_comm *c, const body *b)
 {
     hid_t g = H5I_INVALID_HID;
-    if (st == MOE_OK && w->file >= 0) st = moe_h5_attr_put_i64(w->file, "step", b->step, w->path);
+    moe_status st = moe_h5_attr_put_i64(w->file, "step", b->step, w->path);
     /* The model attributes sit on /grad so that readers can check shapes. */
     if (st == MOE_OK) st = make_group(w, "/grad", &g);
-    if (st == MOE_OK && g >= 0) st = ckpt_model_put(g, b->cfg, w->path);
+    if (st == MOE_OK) st = ckpt_model_put(g, b->cfg, w->path);
     if (g >= 0) H5Gclose(g);
     const moe_tensor_table *t = b->table;
-    for (int i = 0; i < t->n; i++) st = write_tensor(w, "/grad/", &t->t[i], b->grads, st);
+    for (int i = 0; st == MOE_OK && i < t->n; i++) st = write_tensor(w, c, "/grad/", &t->t[i], b->grads);
     int layers[MOE_CKPT_MAX_MOE_LAYERS];
     const int n_moe = moe_ckpt_moe_layers(t, layers);
     char name[DSET_NAME];
-    for (int l = 0; l < n_moe; l++) {
+    for (int l = 0; st == MOE_OK && l < n_moe; l++) {
         snprintf(name, sizeof name, "/grad/h/%d/moe/experts/activated", layers[l]);
-        st = write_per_expert(w, name, MOE_CKPT_U8, b->activated + (size_t)l * (size_t)b->n_experts,
-                              b->n_experts, 0, st);
+        st = write_per_expert(w, c, name, MOE_CKPT_U8, b->activated + (size_t)l * (size_t)b->n_experts,
+                              b->n_experts, 0);
     }
     return st;
 }
@@ -377,42 +334,31 @@ typedef struct {
     const body *b;
     const root_info *r;
     moe_comm *c;
-    moe_comm_h5_writers *agg;
 } fill_ctx;
 
-/* Fills the temporary file (moe_h5_write_atomic with node writers): runs on
- * every rank, which sends its rows to its node's writer dataset by dataset;
- * the writers make the metadata calls and write. Failures are agreed at
- * every dataset, so all ranks stop at the same one. */
+/* Fills the open temporary file (moe_h5_write_atomic). Every HDF5 failure
+ * on this path is symmetric (same call on every rank) or agreed after each
+ * dataset group. */
 static moe_status fill(void *vctx, hid_t file, hid_t dxpl, hid_t lcpl, const char *tmp)
 {
     const fill_ctx *x = vctx;
     const body *b = x->b;
-    writer w = {file, dxpl, lcpl, tmp, x->c, x->agg, NULL, 0, NULL};
-    w.blocks = moe_calloc((size_t)moe_comm_size(x->c), sizeof *w.blocks);
-    moe_status st = w.blocks ? MOE_OK : moe_errorf(MOE_ERR_NOMEM, "checkpoint: out of memory");
+    writer w = {file, dxpl, lcpl, tmp};
     const char *config = b->st ? b->st->config_text : b->config;
-    if (st == MOE_OK) st = write_root(&w, b->st ? CKPT_FORMAT : CKPT_FORMAT_GRADS, x->r, config);
-    st = b->st ? write_ckpt_body(&w, b->st, st) : write_grads_body(&w, b, st);
-    moe_free(w.buf);
-    moe_free(w.blocks);
+    moe_status st = write_root(&w, b->st ? CKPT_FORMAT : CKPT_FORMAT_GRADS, x->r, config);
+    if (st == MOE_OK) st = b->st ? write_ckpt_body(&w, x->c, b->st) : write_grads_body(&w, x->c, b);
     return st;
 }
 
-/* Writes path atomically (path.tmp, the one HDF5 writer of io/h5.h), through
- * one writer per node. Collective; the caller has already agreed on its
- * argument checks. */
+/* Writes path atomically (path.tmp, the one HDF5 writer of io/h5.h).
+ * Collective; the caller has already agreed on its argument checks. */
 static moe_status save_atomic(const char *path, moe_comm *c, const body *b)
 {
     root_info r;
     moe_status st = root_info_make(&r, c);
     if (st != MOE_OK) return st;
-    moe_comm_h5_writers *agg = NULL;
-    if ((st = moe_comm_h5_writers_create(&agg, c)) != MOE_OK) return st;
-    fill_ctx x = {b, &r, c, agg};
-    st = moe_h5_write_atomic(path, ".tmp", c, agg, fill, &x);
-    moe_comm_h5_writers_destroy(agg);
-    return st;
+    fill_ctx x = {b, &r, c};
+    return moe_h5_write_atomic(path, ".tmp", c, fill, &x);
 }
 
 moe_status moe_ckpt_save(const char *path, moe_comm *c, const moe_ckpt_state *s)

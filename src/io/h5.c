@@ -209,46 +209,31 @@ static void dir_of(char *buf, size_t cap, const char *path)
         snprintf(buf, cap, "%.*s", (int)(slash - path), path);
 }
 
-/* Creates tmp (on every rank, or on the writers of w), fills it, flushes
- * and closes. Collective. */
-static moe_status write_tmp(const char *tmp, moe_comm *c, moe_comm_h5_writers *w, moe_h5_write_fn fill, void *ctx)
+/* Creates tmp, fills it, flushes and closes. Collective. */
+static moe_status write_tmp(const char *tmp, moe_comm *c, moe_h5_write_fn fill, void *ctx)
 {
-    const int writes = !w || moe_comm_h5_is_writer(w);
-    hid_t fapl = H5I_INVALID_HID, file = H5I_INVALID_HID;
-    moe_status st = MOE_OK;
-    if (writes) {
-        fapl = w ? moe_comm_h5_writers_fapl(w) : moe_comm_h5_fapl(c);
-        if (fapl >= 0) file = H5Fcreate(tmp, H5F_ACC_TRUNC, H5P_DEFAULT, fapl);
-        if (file < 0) st = moe_h5_fail(MOE_ERR_IO, "cannot create", NULL, tmp);
-        if (fapl >= 0) H5Pclose(fapl);
-    }
+    hid_t fapl = moe_comm_h5_fapl(c), file = H5I_INVALID_HID;
+    if (fapl >= 0) file = H5Fcreate(tmp, H5F_ACC_TRUNC, H5P_DEFAULT, fapl);
+    moe_status st = file < 0 ? moe_h5_fail(MOE_ERR_IO, "cannot create", NULL, tmp) : MOE_OK;
+    if (fapl >= 0) H5Pclose(fapl);
     st = moe_comm_agree_detail(c, MOE_SCOPE_WORLD, st);
     if (st != MOE_OK) {
         if (file >= 0) H5Fclose(file);
         return st;
     }
-    hid_t dxpl = H5I_INVALID_HID, lcpl = H5I_INVALID_HID;
-    if (writes) {
-        dxpl = w ? moe_comm_h5_writers_dxpl(w) : moe_comm_h5_dxpl(c);
-        lcpl = H5Pcreate(H5P_LINK_CREATE);
-        if (dxpl < 0 || lcpl < 0 || H5Pset_create_intermediate_group(lcpl, 1) < 0)
-            st = moe_h5_fail(MOE_ERR_IO, "cannot make property lists for", NULL, tmp);
-    }
-    /* With writers, every rank enters fill or none does (it gathers rows). */
-    if (w) st = moe_comm_agree_detail(c, MOE_SCOPE_WORLD, st);
+    hid_t dxpl = moe_comm_h5_dxpl(c), lcpl = H5Pcreate(H5P_LINK_CREATE);
+    if (dxpl < 0 || lcpl < 0 || H5Pset_create_intermediate_group(lcpl, 1) < 0)
+        st = moe_h5_fail(MOE_ERR_IO, "cannot make property lists for", NULL, tmp);
     if (st == MOE_OK) st = fill(ctx, file, dxpl, lcpl, tmp);
-    if (writes) {
-        if (st == MOE_OK && H5Fflush(file, H5F_SCOPE_GLOBAL) < 0)
-            st = moe_h5_fail(MOE_ERR_IO, "cannot flush", NULL, tmp);
-        if (lcpl >= 0) H5Pclose(lcpl);
-        if (dxpl >= 0) H5Pclose(dxpl);
-        if (H5Fclose(file) < 0 && st == MOE_OK) st = moe_h5_fail(MOE_ERR_IO, "cannot close", NULL, tmp);
-    }
+    if (st == MOE_OK && H5Fflush(file, H5F_SCOPE_GLOBAL) < 0) st = moe_h5_fail(MOE_ERR_IO, "cannot flush", NULL, tmp);
+    if (lcpl >= 0) H5Pclose(lcpl);
+    if (dxpl >= 0) H5Pclose(dxpl);
+    if (H5Fclose(file) < 0 && st == MOE_OK) st = moe_h5_fail(MOE_ERR_IO, "cannot close", NULL, tmp);
     return st;
 }
 
-moe_status moe_h5_write_atomic(const char *path, const char *tmp_suffix, moe_comm *c, moe_comm_h5_writers *w,
-                               moe_h5_write_fn fill, void *ctx)
+moe_status moe_h5_write_atomic(const char *path, const char *tmp_suffix, moe_comm *c, moe_h5_write_fn fill,
+                               void *ctx)
 {
     char tmp[MOE_H5_PATH_MAX], dir[MOE_H5_PATH_MAX];
     moe_status st = MOE_OK;
@@ -262,7 +247,7 @@ moe_status moe_h5_write_atomic(const char *path, const char *tmp_suffix, moe_com
 
     moe_h5_quiet q;
     moe_h5_quiet_begin(&q);
-    st = write_tmp(tmp, c, w, fill, ctx);
+    st = write_tmp(tmp, c, fill, ctx);
     moe_h5_quiet_end(&q);
 
     /* Every rank has closed before rank 0 renames (agreement synchronises). */
