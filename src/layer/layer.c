@@ -17,6 +17,8 @@
 #include <stddef.h>
 #include <string.h>
 
+#include "core/par.h"
+
 /* A field added to moe_layer_timing without a line here fails to compile. */
 _Static_assert(sizeof(moe_layer_timing) == MOE_LAYER_TIMING_N * sizeof(double), "one table line per timing field");
 const moe_layer_timing_field moe_layer_timing_fields[MOE_LAYER_TIMING_N] = {
@@ -54,6 +56,8 @@ struct moe_layer {
     int *send_rows;          /* (E) rows per global expert = per destination (rank, local expert) */
     int *send_token;         /* (send_cap) token of each send row */
     float *send_w;           /* (send_cap) gate weight of each send row */
+    int *tok_off;            /* (T_max + 1) token t's rows are tok_row[tok_off[t] .. tok_off[t+1]) */
+    int *tok_row;            /* (send_cap) send rows of each token, in ascending expert order */
 
     /* receive layout (expert owner): the experts' activations */
     int n_recv;
@@ -86,6 +90,7 @@ static moe_status grow_send(moe_layer *L, int n)
     moe_status st;
     if ((st = grow((void **)&L->send_token, cap, sizeof(int)))) return st;
     if ((st = grow((void **)&L->send_w, cap, sizeof(float)))) return st;
+    if ((st = grow((void **)&L->tok_row, cap, sizeof(int)))) return st;
     L->send_cap = cap;
     return MOE_OK;
 }
@@ -138,7 +143,8 @@ moe_status moe_layer_create(moe_layer **out, const moe_layer_config *cfg, moe_co
         L->send_rows = moe_calloc((size_t)E, sizeof(int));
         L->expert_rows = moe_calloc((size_t)L->El, sizeof(int));
         L->dweight = moe_calloc((size_t)cfg->max_tokens * E, sizeof(float));
-        if (!L->send_rows || !L->expert_rows || !L->dweight)
+        L->tok_off = moe_calloc((size_t)cfg->max_tokens + 1, sizeof(int));
+        if (!L->send_rows || !L->expert_rows || !L->dweight || !L->tok_off)
             st = moe_errorf(MOE_ERR_NOMEM, "MoE layer: out of memory");
     }
     /* Collective: every ep rank creates its exchange even if a local step failed,
@@ -162,6 +168,8 @@ void moe_layer_destroy(moe_layer *L)
     moe_free(L->send_rows);
     moe_free(L->send_token);
     moe_free(L->send_w);
+    moe_free(L->tok_off);
+    moe_free(L->tok_row);
     moe_free(L->h);
     moe_free(L->a);
     moe_free(L->dweight);
@@ -205,12 +213,129 @@ static moe_status count_rows(moe_layer *L)
     return MOE_OK;
 }
 
-/* Pack: one send row per kept assignment into x_rows (send layout), grouped
- * by expert, tokens ascending; records each row's token and gate weight. */
+/* ---- the passes at home, split over tokens ----
+ * Each token's rows are known from the CSR (tok_off, tok_row), so every pass
+ * below runs over a contiguous token range per thread and writes only that
+ * range's outputs; each token combines its rows in ascending expert order
+ * whatever the split, so the bits do not depend on the thread count. */
+enum { LAYER_PAR_MIN_FLOATS = 1 << 15 }; /* row floats per thread below which a pass stays on one */
+
+typedef enum { PASS_PACK, PASS_COMBINE, PASS_GATE_GRAD, PASS_UNPACK } pass_kind;
+
+typedef struct {
+    const moe_layer *L;
+    pass_kind kind;
+    float *out;           /* pack: send rows; combine: y; gate grad: backward send rows; unpack: dx */
+    const float *in;      /* pack: x; combine: back rows; gate grad: dy; unpack: backward back rows */
+    const float *rows;    /* gate grad: the forward's result rows */
+} pass_job;
+
+/* dot[j] = dy . y_j and out_j = w_j dy for n <= 4 rows of one token: the rows'
+ * sums are independent chains, each summed in element order. out_j may be
+ * y_j (each element is read before it is written). */
+static void gate_grad_rows(float *dot, float *const *out, const float *const *y, const float *w,
+                           const float *restrict dy, int n, int d)
+{
+    float s[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    if (n == 4) {
+        for (int i = 0; i < d; i++) {
+            const float g = dy[i];
+            s[0] += g * y[0][i], out[0][i] = w[0] * g;
+            s[1] += g * y[1][i], out[1][i] = w[1] * g;
+            s[2] += g * y[2][i], out[2][i] = w[2] * g;
+            s[3] += g * y[3][i], out[3][i] = w[3] * g;
+        }
+    } else if (n == 2) {
+        for (int i = 0; i < d; i++) {
+            const float g = dy[i];
+            s[0] += g * y[0][i], out[0][i] = w[0] * g;
+            s[1] += g * y[1][i], out[1][i] = w[1] * g;
+        }
+    } else {
+        for (int j = 0; j < n; j++)
+            for (int i = 0; i < d; i++) s[j] += dy[i] * y[j][i], out[j][i] = w[j] * dy[i];
+    }
+    for (int j = 0; j < n; j++) dot[j] = s[j];
+}
+
+static void pass_tokens(const pass_job *j, long t0, long t1)
+{
+    const moe_layer *L = j->L;
+    const int d = L->d, E = L->E;
+    const int *off = L->tok_off, *tr = L->tok_row;
+    for (long t = t0; t < t1; t++) {
+        switch (j->kind) {
+        case PASS_PACK: /* each kept assignment's copy of x[t] */
+            for (int i = off[t]; i < off[t + 1]; i++)
+                memcpy(j->out + (size_t)tr[i] * d, j->in + (size_t)t * d, sizeof(float) * (size_t)d);
+            break;
+        case PASS_COMBINE: { /* y[t] = sum_e g_e row_e, from 0, ascending e */
+            float *restrict yt = j->out + (size_t)t * d;
+            memset(yt, 0, sizeof(float) * (size_t)d);
+            for (int i = off[t]; i < off[t + 1]; i++) {
+                const float w = L->send_w[tr[i]];
+                const float *restrict src = j->in + (size_t)tr[i] * d;
+                for (int c = 0; c < d; c++) yt[c] += w * src[c];
+            }
+            break;
+        }
+        case PASS_GATE_GRAD: { /* dL/dg_e = dy[t] . row_e; send row_e = g_e dy[t] */
+            const float *dyt = j->in + (size_t)t * d;
+            const uint8_t *kept = L->route->kept + (size_t)t * E;
+            float *dw = L->dweight + (size_t)t * E;
+            memset(dw, 0, sizeof(float) * (size_t)E);
+            int e = 0;
+            for (int i = off[t]; i < off[t + 1]; i += 4) {
+                const int n = off[t + 1] - i < 4 ? off[t + 1] - i : 4;
+                float *out[4], dot[4], w[4];
+                const float *y[4];
+                int es[4];
+                for (int q = 0; q < n; q++) {
+                    while (!kept[e]) e++;
+                    es[q] = e++;
+                    out[q] = j->out + (size_t)tr[i + q] * d;
+                    y[q] = j->rows + (size_t)tr[i + q] * d;
+                    w[q] = L->send_w[tr[i + q]];
+                }
+                gate_grad_rows(dot, out, y, w, dyt, n, d);
+                for (int q = 0; q < n; q++) dw[es[q]] = dot[q];
+            }
+            break;
+        }
+        case PASS_UNPACK: { /* dx[t] += rows of t, ascending e */
+            float *restrict dxt = j->out + (size_t)t * d;
+            for (int i = off[t]; i < off[t + 1]; i++) {
+                const float *restrict src = j->in + (size_t)tr[i] * d;
+                for (int c = 0; c < d; c++) dxt[c] += src[c];
+            }
+            break;
+        }
+        }
+    }
+}
+
+static void pass_run(void *ctx, int t, int nt)
+{
+    const pass_job *j = ctx;
+    long t0, t1;
+    moe_par_range(j->L->T, t, nt, &t0, &t1);
+    pass_tokens(j, t0, t1);
+}
+
+/* Runs a pass over the T tokens of the last forward. */
+static void pass(const moe_layer *L, pass_kind kind, float *out, const float *in, const float *rows)
+{
+    const pass_job j = {L, kind, out, in, rows};
+    moe_par_run(moe_par_threads_for((long)L->n_send * L->d, LAYER_PAR_MIN_FLOATS), pass_run, (void *)&j);
+}
+
+/* The send layout: one send row per kept assignment, grouped by expert,
+ * tokens ascending; each row's token and gate weight; and each token's rows
+ * in ascending expert order (tok_off, tok_row). Then the rows of x. */
 static void pack(moe_layer *L, float *x_rows, const float *x)
 {
     const moe_route *r = L->route;
-    const int T = L->T, E = L->E, d = L->d;
+    const int T = L->T, E = L->E;
     /* Cursor per expert, then one pass over the (T, E) mask: tokens land
      * in ascending order inside each expert. */
     int cursor[E];
@@ -219,17 +344,21 @@ static void pack(moe_layer *L, float *x_rows, const float *x)
         cursor[e] = acc;
         acc += L->send_rows[e];
     }
+    int n = 0;
     for (int t = 0; t < T; t++) {
         const uint8_t *kt = r->kept + (size_t)t * E;
         const float *wt = r->weight + (size_t)t * E;
+        L->tok_off[t] = n;
         for (int e = 0; e < E; e++) {
             if (!kt[e]) continue;
             int row = cursor[e]++;
             L->send_token[row] = t;
             L->send_w[row] = wt[e];
-            memcpy(x_rows + (size_t)row * d, x + (size_t)t * d, sizeof(float) * (size_t)d);
+            L->tok_row[n++] = row;
         }
     }
+    L->tok_off[T] = n;
+    pass(L, PASS_PACK, x_rows, x, NULL);
 }
 
 typedef struct {
@@ -317,15 +446,8 @@ moe_status moe_layer_forward(moe_layer *L, float *y, const float *x, const moe_l
     if (st) return st;
     const double t5 = moe_now();
 
-    /* Combine at home: expert order per token is fixed by the send layout. */
-    const int d = L->d;
-    memset(y, 0, sizeof(float) * (size_t)T * d);
-    for (int row = 0; row < L->n_send; row++) {
-        float w = L->send_w[row];
-        float *yt = y + (size_t)L->send_token[row] * d;
-        const float *src = b.back + (size_t)row * d;
-        for (int i = 0; i < d; i++) yt[i] += w * src[i];
-    }
+    /* Combine at home: each token sums its rows in ascending expert order. */
+    pass(L, PASS_COMBINE, y, b.back, NULL);
     const double t6 = moe_now();
     L->timing.route += t1 - t0;
     L->timing.pack += (t2 - t1) + (tp_end - tp);
@@ -342,37 +464,16 @@ moe_status moe_layer_backward(moe_layer *L, float *dx, moe_layer_params *grads, 
                               float z_scale)
 {
     if (!L->fwd_ok) return moe_errorf(MOE_ERR_ARG, "MoE layer: backward without a successful forward");
-    const int T = L->T, E = L->E, d = L->d;
+    const int d = L->d;
     const double t0 = moe_now();
     moe_a2a_buffers fb, bb;
     moe_status st = moe_a2a_buffers_get(L->a2a, MOE_A2A_FORWARD, &fb);
     if (!st) st = moe_a2a_buffers_get(L->a2a, MOE_A2A_BACKWARD, &bb);
     if (st) return st; /* no plan: the same on every rank */
-    /* dL/dg of each kept assignment, and the rows dy * g for the experts. */
-    memset(L->dweight, 0, sizeof(float) * (size_t)T * E);
-    int cursor[E];
-    int acc = 0;
-    for (int e = 0; e < E; e++) {
-        cursor[e] = acc;
-        acc += L->send_rows[e];
-    }
-    /* Walk the expert outputs in send order; bb.send receives each row's
-     * dy * g (in place when it holds the outputs: each row is read before
-     * it is written). */
-    for (int e = 0; e < E; e++) {
-        for (int row = cursor[e]; row < cursor[e] + L->send_rows[e]; row++) {
-            int t = L->send_token[row];
-            const float *dyt = dy + (size_t)t * d;
-            const float *yrow = fb.back + (size_t)row * d;
-            float *dyrow = bb.send + (size_t)row * d;
-            float dot = 0.0f, w = L->send_w[row];
-            for (int i = 0; i < d; i++) {
-                dot += dyt[i] * yrow[i];
-                dyrow[i] = w * dyt[i];
-            }
-            L->dweight[(size_t)t * E + e] = dot;
-        }
-    }
+    /* dL/dg of each kept assignment, and the rows g * dy for the experts
+     * into bb.send (in place when it holds the forward results: each row is
+     * read before it is written). */
+    pass(L, PASS_GATE_GRAD, bb.send, dy, fb.back);
     const double t1 = moe_now();
     st = moe_router_backward(dx, grads->router_w, grads->noise_w, L->dweight, L->route, x,
                              p->router_w, p->noise_w, &L->cfg.router, lb_scale, z_scale);
@@ -385,11 +486,7 @@ moe_status moe_layer_backward(moe_layer *L, float *dx, moe_layer_params *grads, 
     if (st) return st;
     const double t5 = moe_now();
     /* Unpack: dx[t] += rows of t, in expert order. */
-    for (int row = 0; row < L->n_send; row++) {
-        float *dxt = dx + (size_t)L->send_token[row] * d;
-        const float *src = bb.back + (size_t)row * d;
-        for (int i = 0; i < d; i++) dxt[i] += src[i];
-    }
+    pass(L, PASS_UNPACK, dx, bb.back, NULL);
     const double t6 = moe_now();
     L->timing.bwd_gate_grad += t1 - t0;
     L->timing.bwd_router += t2 - t1;

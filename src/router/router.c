@@ -8,6 +8,7 @@
 #include <math.h>
 #include <string.h>
 
+#include "core/par.h"
 #include "core/rng.h"
 
 /* The public record plus what only the router needs. pub comes first, so a
@@ -239,6 +240,79 @@ static void assign_expert_choice(moe_route_impl *m, const moe_router_config *cfg
     r->load_balance[g] = 0.0f;
 }
 
+/* ---- the router's GEMMs ----
+ * They have E columns (or K = E): too few to split well over threads, and
+ * a GEMM threaded inside OpenBLAS may round differently at another thread
+ * count. So each runs on one OpenBLAS thread, and the backward's
+ * independent ones side by side in two lanes: the route and the router
+ * gradients do not depend on the thread count. */
+typedef struct {
+    CBLAS_TRANSPOSE ta, tb;
+    int m, n, k;
+    const float *a, *b;
+    float beta, *c;
+} router_gemm; /* row-major C (m x n) = op(A) op(B) + beta C, leading dims from the shapes */
+
+typedef struct {
+    router_gemm g[2][2]; /* lane, then order within the lane */
+    int n[2];
+} gemm_lanes;
+
+static void lanes_run(void *ctx, int t, int nt)
+{
+    const gemm_lanes *L = ctx;
+    for (int l = t; l < 2; l += nt)
+        for (int i = 0; i < L->n[l]; i++) {
+            const router_gemm *g = &L->g[l][i];
+            const int lda = g->ta == CblasNoTrans ? g->k : g->m, ldb = g->tb == CblasNoTrans ? g->n : g->k;
+            cblas_sgemm(CblasRowMajor, g->ta, g->tb, g->m, g->n, g->k, 1.0f, g->a, lda, g->b, ldb, g->beta, g->c,
+                        g->n);
+        }
+}
+
+static void run_lanes(gemm_lanes *L)
+{
+    if (L->n[1] > 0 && moe_par_threads() > 1) {
+        moe_par_run(2, lanes_run, L); /* one OpenBLAS thread inside a region */
+        return;
+    }
+    const int blas = openblas_get_num_threads();
+    openblas_set_num_threads(1);
+    lanes_run(L, 0, 1);
+    openblas_set_num_threads(blas);
+}
+
+/* Rows of (T, E) per thread below which a router pass stays on one thread. */
+enum { ROUTER_PAR_MIN = 1 << 14 };
+
+/* Stable softmax and logsumexp of tokens [t0, t1), and for token choice
+ * their top k. */
+static void softmax_rows(moe_route *r, long t0, long t1)
+{
+    const int E = r->E;
+    for (long t = t0; t < t1; t++) {
+        const float *l = r->logits + (size_t)t * E;
+        float *p = r->probs + (size_t)t * E;
+        float mx = l[0];
+        for (int e = 1; e < E; e++) mx = l[e] > mx ? l[e] : mx;
+        float s = 0.0f;
+        for (int e = 0; e < E; e++) s += (p[e] = expf(l[e] - mx));
+        const float inv = 1.0f / s;
+        for (int e = 0; e < E; e++) p[e] *= inv;
+        r->lse[t] = mx + logf(s);
+    }
+    if (r->k > 0 && t1 > t0)
+        moe_topk_rows(r->topk + (size_t)t0 * r->k, r->probs + (size_t)t0 * E, (int)(t1 - t0), E, r->k);
+}
+
+static void softmax_run(void *ctx, int t, int nt)
+{
+    moe_route *r = ctx;
+    long t0, t1;
+    moe_par_range(r->T, t, nt, &t0, &t1);
+    softmax_rows(r, t0, t1);
+}
+
 moe_status moe_router_forward(moe_route *r, const float *x, const float *wg, const float *wn,
                               const moe_router_config *cfg, int T, int G, const moe_noise_key *key)
 {
@@ -260,12 +334,14 @@ moe_status moe_router_forward(moe_route *r, const float *x, const float *wg, con
     r->T = T;
     r->G = G;
 
-    /* l = x W_g^T for all T tokens at once. */
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, T, E, d, 1.0f, x, d, wg, d, 0.0f, r->logits, E);
+    /* l = x W_g^T for all T tokens at once (and W_n x beside it). */
     r->noise = noisy ? m->noise_buf : NULL;
     r->noise_pre = noisy ? m->noise_pre_buf : NULL;
+    gemm_lanes lanes = {.n = {1, noisy}};
+    lanes.g[0][0] = (router_gemm){CblasNoTrans, CblasTrans, T, E, d, x, wg, 0.0f, r->logits};
+    lanes.g[1][0] = (router_gemm){CblasNoTrans, CblasTrans, T, E, d, x, wn, 0.0f, r->noise_pre};
+    run_lanes(&lanes);
     if (noisy) {
-        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, T, E, d, 1.0f, x, d, wn, d, 0.0f, r->noise_pre, E);
         for (int t = 0; t < T; t++) {
             const uint32_t tok = (uint32_t)(key->token0 + t); /* global token: rank-count independent */
             for (int e = 0; e < E; e++) {
@@ -285,18 +361,9 @@ moe_status moe_router_forward(moe_route *r, const float *x, const float *wg, con
         return moe_errorf(MOE_ERR_NONFINITE, "router: the gate logits hold NaN or Inf (weights too large?)");
     }
 
-    /* Stable softmax and logsumexp per token. */
-    for (int t = 0; t < T; t++) {
-        const float *l = r->logits + (size_t)t * E;
-        float *p = r->probs + (size_t)t * E;
-        float mx = l[0];
-        for (int e = 1; e < E; e++) mx = l[e] > mx ? l[e] : mx;
-        float s = 0.0f;
-        for (int e = 0; e < E; e++) s += (p[e] = expf(l[e] - mx));
-        const float inv = 1.0f / s;
-        for (int e = 0; e < E; e++) p[e] *= inv;
-        r->lse[t] = mx + logf(s);
-    }
+    /* Stable softmax, logsumexp and (token choice) top k per token, tokens
+     * split over the threads. */
+    moe_par_run(moe_par_threads_for(TE, ROUTER_PAR_MIN), softmax_run, r);
 
     memset(r->weight, 0, TE * sizeof(float));
     memset(r->selected, 0, TE);
@@ -304,7 +371,6 @@ moe_status moe_router_forward(moe_route *r, const float *x, const float *wg, con
     memset(r->n_selected, 0, (size_t)G * E * sizeof(int));
     memset(r->n_kept, 0, (size_t)G * E * sizeof(int));
     memset(r->n_dropped, 0, (size_t)G * E * sizeof(int));
-    if (m->kind == MOE_ROUTER_TOKEN_CHOICE) moe_topk_rows(r->topk, r->probs, T, E, r->k);
     for (int g = 0; g < G; g++) {
         if (m->kind == MOE_ROUTER_TOKEN_CHOICE)
             assign_token_choice(r, cfg, g * Tg, Tg, g);
@@ -315,6 +381,69 @@ moe_status moe_router_forward(moe_route *r, const float *x, const float *wg, con
         r->z_loss[g] = (float)(z / Tg);
     }
     return MOE_OK;
+}
+
+/* dL/dlogits of tokens [t0, t1) into m->dl (backward). */
+typedef struct {
+    const moe_route_impl *m;
+    const float *dweight;
+    int normalize;
+    float lb_scale, zc;
+} dlogits_job;
+
+static void dlogits_rows(const dlogits_job *j, long t0, long t1)
+{
+    const moe_route_impl *m = j->m;
+    const moe_route *r = &m->pub;
+    const int E = r->E, k = r->k, Tg = r->T / r->G, normalize = j->normalize;
+    const float *dweight = j->dweight;
+    float *dl = m->dl;
+    for (long t = t0; t < t1; t++) {
+        const int g = (int)(t / Tg);
+        const int *ns = r->n_selected + (size_t)g * E;
+        /* d L_bal / d p[t,e] = E f_e / Tg with f_e = n_sel[e] / (Tg k) held fixed. */
+        const float lbc = m->kind == MOE_ROUTER_TOKEN_CHOICE ? j->lb_scale * (float)E / ((float)Tg * Tg * k) : 0.0f;
+        const size_t row = (size_t)t * E;
+        const float *p = r->probs + row, *dw = dweight + row;
+        const uint8_t *kept = r->kept + row;
+        float *dp = dl + row; /* holds dL/dp, then becomes dL/dl in place */
+        for (int e = 0; e < E; e++) dp[e] = lbc * (float)ns[e];
+        if (m->kind == MOE_ROUTER_EXPERT_CHOICE) {
+            for (int e = 0; e < E; e++) dp[e] += kept[e] ? dw[e] : 0.0f;
+        } else if (!normalize) {
+            for (int c = 0; c < k; c++) {
+                const int e = r->topk[(size_t)t * k + c];
+                dp[e] += kept[e] ? dw[e] : 0.0f;
+            }
+        } else {
+            /* g_e = p_e / S over the k chosen (dropped ones included in S):
+             * dL/dp_j = dg_j / S - sum_e dg_e p_e / S^2 for every chosen j. */
+            const float inv_s = 1.0f / r->topk_sum[t];
+            float a = 0.0f;
+            for (int c = 0; c < k; c++) {
+                const int e = r->topk[(size_t)t * k + c];
+                a += kept[e] ? dw[e] * p[e] : 0.0f;
+            }
+            a *= inv_s * inv_s;
+            for (int c = 0; c < k; c++) {
+                const int e = r->topk[(size_t)t * k + c];
+                dp[e] += (kept[e] ? dw[e] * inv_s : 0.0f) - a;
+            }
+        }
+        /* Softmax Jacobian, then the z-loss term d(lse^2)/dl = 2 lse p. */
+        float dot = 0.0f;
+        for (int e = 0; e < E; e++) dot += p[e] * dp[e];
+        const float zt = j->zc * r->lse[t];
+        for (int e = 0; e < E; e++) dp[e] = p[e] * (dp[e] - dot + zt);
+    }
+}
+
+static void dlogits_run(void *ctx, int t, int nt)
+{
+    const dlogits_job *j = ctx;
+    long t0, t1;
+    moe_par_range(j->m->pub.T, t, nt, &t0, &t1);
+    dlogits_rows(j, t0, t1);
 }
 
 moe_status moe_router_backward(float *dx, float *dwg, float *dwn, const float *dweight,
@@ -334,54 +463,20 @@ moe_status moe_router_backward(float *dx, float *dwg, float *dwn, const float *d
     const float zc = 2.0f * z_scale / (float)Tg;
     float *dl = m->dl;
 
-    for (int g = 0; g < G; g++) {
-        const int *ns = r->n_selected + (size_t)g * E;
-        /* d L_bal / d p[t,e] = E f_e / Tg with f_e = n_sel[e] / (Tg k) held fixed. */
-        const float lbc = m->kind == MOE_ROUTER_TOKEN_CHOICE ? lb_scale * (float)E / ((float)Tg * Tg * k) : 0.0f;
-        for (int t = g * Tg; t < (g + 1) * Tg; t++) {
-            const size_t row = (size_t)t * E;
-            const float *p = r->probs + row, *dw = dweight + row;
-            const uint8_t *kept = r->kept + row;
-            float *dp = dl + row; /* holds dL/dp, then becomes dL/dl in place */
-            for (int e = 0; e < E; e++) dp[e] = lbc * (float)ns[e];
-            if (m->kind == MOE_ROUTER_EXPERT_CHOICE) {
-                for (int e = 0; e < E; e++) dp[e] += kept[e] ? dw[e] : 0.0f;
-            } else if (!normalize) {
-                for (int c = 0; c < k; c++) {
-                    const int e = r->topk[(size_t)t * k + c];
-                    dp[e] += kept[e] ? dw[e] : 0.0f;
-                }
-            } else {
-                /* g_e = p_e / S over the k chosen (dropped ones included in S):
-                 * dL/dp_j = dg_j / S - sum_e dg_e p_e / S^2 for every chosen j. */
-                const float inv_s = 1.0f / r->topk_sum[t];
-                float a = 0.0f;
-                for (int c = 0; c < k; c++) {
-                    const int e = r->topk[(size_t)t * k + c];
-                    a += kept[e] ? dw[e] * p[e] : 0.0f;
-                }
-                a *= inv_s * inv_s;
-                for (int c = 0; c < k; c++) {
-                    const int e = r->topk[(size_t)t * k + c];
-                    dp[e] += (kept[e] ? dw[e] * inv_s : 0.0f) - a;
-                }
-            }
-            /* Softmax Jacobian, then the z-loss term d(lse^2)/dl = 2 lse p. */
-            float dot = 0.0f;
-            for (int e = 0; e < E; e++) dot += p[e] * dp[e];
-            const float zt = zc * r->lse[t];
-            for (int e = 0; e < E; e++) dp[e] = p[e] * (dp[e] - dot + zt);
-        }
-    }
-    cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, E, d, T, 1.0f, dl, E, x, d, 1.0f, dwg, d);
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, T, d, E, 1.0f, dl, E, wg, d, 1.0f, dx, d);
+    const dlogits_job job = {m, dweight, normalize, lb_scale, zc};
+    moe_par_run(moe_par_threads_for((long)T * E, ROUTER_PAR_MIN), dlogits_run, (void *)&job);
     if (r->noise) {
         /* l += n softplus(pre): dL/dpre = dL/dl * n * sigmoid(pre). */
         const size_t TE = (size_t)T * E;
         for (size_t i = 0; i < TE; i++) m->dpre[i] = dl[i] * r->noise[i] * sigmoidf(r->noise_pre[i]);
-        cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, E, d, T, 1.0f, m->dpre, E, x, d, 1.0f, dwn, d);
-        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, T, d, E, 1.0f, m->dpre, E, wn, d, 1.0f, dx, d);
     }
+    /* Lane 0: the weight gradients; lane 1: dx, W_g's term before W_n's. */
+    gemm_lanes lanes = {.n = {r->noise ? 2 : 1, r->noise ? 2 : 1}};
+    lanes.g[0][0] = (router_gemm){CblasTrans, CblasNoTrans, E, d, T, dl, x, 1.0f, dwg};
+    lanes.g[0][1] = (router_gemm){CblasTrans, CblasNoTrans, E, d, T, m->dpre, x, 1.0f, dwn};
+    lanes.g[1][0] = (router_gemm){CblasNoTrans, CblasNoTrans, T, d, E, dl, wg, 1.0f, dx};
+    lanes.g[1][1] = (router_gemm){CblasNoTrans, CblasNoTrans, T, d, E, m->dpre, wn, 1.0f, dx};
+    run_lanes(&lanes);
     return MOE_OK;
 }
 
