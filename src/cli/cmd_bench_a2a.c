@@ -173,6 +173,9 @@ typedef struct {
     double t, t_raw, t_pipe, t_seq; /* seconds, median of the slowest rank */
     double t_inplace;               /* shm: rows built in the window (moe_a2a_shm_buffer) */
     int verified;                   /* return(dispatch(x)) == x on every rank */
+    /* bytes sent to other ranks per dispatch+return (moe_a2a_bytes): mean
+     * over ranks, and the part that crossed nodes (mean and largest rank) */
+    double sent_mean, remote_mean, remote_max;
 } kind_result;
 
 /* Buffers of one run: send / back (S, d), recv / out (R, d). */
@@ -253,12 +256,21 @@ static moe_status time_kind(kind_result *res, moe_comm *c, const bench_opts *o, 
         if (k >= 0) tseq[k] = moe_now() - t0;
     }
     if (st == MOE_OK) {
-        /* What was timed must also be right: return(dispatch(x)) == x. */
+        /* What was timed must also be right: return(dispatch(x)) == x; and
+         * its traffic is the exchange's own count of one dispatch+return. */
+        moe_a2a_reset_bytes(a);
         st = moe_a2a_dispatch(a, b.recv, b.send, d);
         if (st == MOE_OK) st = moe_a2a_return(a, b.back, b.recv, d);
+        const moe_a2a_traffic tr = moe_a2a_bytes(a);
         int64_t bad = st == MOE_OK && memcmp(b.back, b.send, S * sizeof(float)) != 0;
         if (st == MOE_OK) st = moe_comm_allreduce_i64(c, MOE_SCOPE_WORLD, &bad, 1);
         res->verified = bad == 0;
+        double sum[2] = {(double)tr.sent, (double)tr.sent_remote}, mx = (double)tr.sent_remote;
+        if (st == MOE_OK) st = moe_comm_allreduce_f64(c, MOE_SCOPE_WORLD, sum, 2);
+        if (st == MOE_OK) st = moe_comm_allmax_f64(c, MOE_SCOPE_WORLD, &mx, 1);
+        res->sent_mean = sum[0] / P;
+        res->remote_mean = sum[1] / P;
+        res->remote_max = mx;
     }
     if (st == MOE_OK) st = median_of_slowest(c, tk, o->iters, &res->t);
     if (st == MOE_OK) st = median_of_slowest(c, traw, o->iters, &res->t_raw);
@@ -276,10 +288,11 @@ static moe_status time_kind(kind_result *res, moe_comm *c, const bench_opts *o, 
 
 static const char *kind_name(int k) { return k == MOE_A2A_SHM ? "shm" : "p2p"; }
 
-static void report_text(const bench_opts *o, int W, double bytes, const kind_result *res)
+static void report_text(const bench_opts *o, int W, int nodes, double bytes, const kind_result *res)
 {
-    printf("moe bench a2a: %d ranks, %d tokens/rank, d=%d, E=%d, top-k=%d, skew %.2f; median of %d iters "
-           "(slowest rank)\n", W, o->tokens, o->d, o->experts, o->top_k, o->skew, o->iters);
+    printf("moe bench a2a: %d ranks on %d node%s, %d tokens/rank, d=%d, E=%d, top-k=%d, skew %.2f; median of %d "
+           "iters (slowest rank)\n", W, nodes, nodes == 1 ? "" : "s", o->tokens, o->d, o->experts, o->top_k,
+           o->skew, o->iters);
     printf("bytes moved per rank per dispatch+return (mean over ranks, rows kept on the rank included): %.2f MB\n",
            bytes / 1e6);
     printf("%-10s %10s %8s %14s %10s %16s %s\n", "kind", "time ms", "GB/s", "raw a2av ms", "raw GB/s",
@@ -289,6 +302,8 @@ static void report_text(const bench_opts *o, int W, double bytes, const kind_res
         const kind_result *r = &res[k];
         printf("%-10s %10.3f %8.2f %14.3f %10.2f %16.3f %s\n", kind_name(k), 1e3 * r->t, bytes / r->t / 1e9,
                1e3 * r->t_raw, bytes / r->t_raw / 1e9, r->t_raw / r->t, r->verified ? "ok" : "WRONG");
+        printf("%-10s bytes sent to other ranks per dispatch+return: %.3f MB/rank; across nodes %.3f MB/rank "
+               "(largest rank %.3f MB)\n", "", r->sent_mean / 1e6, r->remote_mean / 1e6, r->remote_max / 1e6);
         if (k == MOE_A2A_SHM)
             printf("%-10s %10.3f %8.2f %14s %10s %16.3f (rows built in the window)\n", "shm-inplace",
                    1e3 * r->t_inplace, bytes / r->t_inplace / 1e9, "", "", r->t_raw / r->t_inplace);
@@ -299,10 +314,11 @@ static void report_text(const bench_opts *o, int W, double bytes, const kind_res
     }
 }
 
-static int report_json(const bench_opts *o, int W, double bytes, const kind_result *res)
+static int report_json(const bench_opts *o, int W, int nodes, double bytes, const kind_result *res)
 {
     cJSON *root = cJSON_CreateObject(), *arr = cJSON_CreateArray();
     cJSON_AddNumberToObject(root, "ranks", W);
+    cJSON_AddNumberToObject(root, "nodes", nodes);
     cJSON_AddNumberToObject(root, "tokens", o->tokens);
     cJSON_AddNumberToObject(root, "d_model", o->d);
     cJSON_AddNumberToObject(root, "experts", o->experts);
@@ -323,6 +339,9 @@ static int report_json(const bench_opts *o, int W, double bytes, const kind_resu
         cJSON_AddNumberToObject(j, "raw_alltoallv_gbps", bytes / r->t_raw / 1e9);
         cJSON_AddNumberToObject(j, "ratio_raw_over_kind", r->t_raw / r->t);
         cJSON_AddBoolToObject(j, "roundtrip_ok", r->verified);
+        cJSON_AddNumberToObject(j, "bytes_sent_per_rank", r->sent_mean);
+        cJSON_AddNumberToObject(j, "bytes_cross_node_per_rank", r->remote_mean);
+        cJSON_AddNumberToObject(j, "bytes_cross_node_max_rank", r->remote_max);
         if (k == MOE_A2A_SHM) cJSON_AddNumberToObject(j, "inplace_seconds", r->t_inplace);
         if (o->compute_us > 0) {
             cJSON_AddNumberToObject(j, "pipeline_seconds", r->t_pipe);
@@ -366,8 +385,8 @@ int moe_cmd_bench_a2a(int argc, char **argv)
     for (int k = 0; k < 2 && st == MOE_OK; k++)
         if (o.kinds & 1 << k) st = time_kind(&res[k], c, &o, (moe_a2a_kind)k, send_rows);
     if (st == MOE_OK && moe_comm_rank(c) == 0) {
-        if (o.json) rc = report_json(&o, W, bytes, res);
-        else report_text(&o, W, bytes, res);
+        if (o.json) rc = report_json(&o, W, moe_comm_n_nodes(c), bytes, res);
+        else report_text(&o, W, moe_comm_n_nodes(c), bytes, res);
     }
     if (st != MOE_OK) {
         moe_cli_error(rank, "bench a2a", st);

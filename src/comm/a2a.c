@@ -56,8 +56,10 @@ struct moe_a2a {
     float **seg;            /* (P) every rank's segment, mapped here */
     float *buf[N_BUF];      /* private trip buffers */
     size_t buf_cap[N_BUF];  /* floats allocated */
+    int *remote;            /* (P) 1: ep rank q is on another node than this rank */
     moe_a2a_times last;     /* of the last moe_a2a_exchange */
     double seconds;
+    moe_a2a_traffic traffic; /* payload bytes sent since creation or the last reset */
 };
 
 static int imin(int a, int b) { return a < b ? a : b; }
@@ -130,9 +132,14 @@ moe_status moe_a2a_create(moe_a2a **out, moe_comm *c, int n_local_experts, moe_a
         a->peer_send_off = moe_calloc(pe, sizeof(int));
         a->peer_recv_off = moe_calloc(pe, sizeof(int));
         a->seg = moe_calloc((size_t)P, sizeof(float *));
+        a->remote = moe_calloc((size_t)P, sizeof(int));
+        if (a->remote)
+            for (int q = 0; q < P; q++)
+                a->remote[q] = moe_comm_node_of(c, moe_comm_ep_world_rank(c, q)) !=
+                               moe_comm_node_of(c, moe_comm_rank(c));
         if (!a->send_rows || !a->send_off || !a->recv_counts || !a->recv_off || !a->recv_expert_off ||
             !a->xsend || !a->xrecv || !a->req || !a->vcount || !a->vdispl || !a->peer_send_off ||
-            !a->peer_recv_off || !a->seg)
+            !a->peer_recv_off || !a->seg || !a->remote)
             st = moe_errorf(MOE_ERR_NOMEM, "exchange plan for %d ranks x %d local experts", P, El);
     } else if (st == MOE_OK) {
         st = moe_errorf(MOE_ERR_NOMEM, "exchange object");
@@ -168,7 +175,7 @@ void moe_a2a_destroy(moe_a2a *a)
     if (a->comm != MPI_COMM_NULL) MPI_Comm_free(&a->comm);
     void *arrays[] = {a->send_rows, a->send_off, a->recv_counts, a->recv_off, a->recv_expert_off,
                       a->xsend, a->xrecv, a->req, a->vcount, a->vdispl, a->peer_send_off,
-                      a->peer_recv_off, a->seg};
+                      a->peer_recv_off, a->seg, a->remote};
     for (size_t i = 0; i < sizeof arrays / sizeof arrays[0]; i++) moe_free(arrays[i]);
     for (int i = 0; i < N_BUF; i++) moe_free(a->buf[i]);
     free(a);
@@ -359,6 +366,16 @@ const int *moe_a2a_recv_expert_offsets(const moe_a2a *a) { return a->recv_expert
 const int *moe_a2a_recv_counts(const moe_a2a *a) { return a->recv_counts; }
 double moe_a2a_seconds(const moe_a2a *a) { return a->seconds; }
 void moe_a2a_reset_seconds(moe_a2a *a) { a->seconds = 0; }
+moe_a2a_traffic moe_a2a_bytes(const moe_a2a *a) { return a->traffic; }
+void moe_a2a_reset_bytes(moe_a2a *a) { memset(&a->traffic, 0, sizeof a->traffic); }
+
+/* n rows of w floats sent to ep rank q (not this rank). */
+static void count_sent(moe_a2a *a, int q, int n, int w)
+{
+    const int64_t b = (int64_t)n * w * (int64_t)sizeof(float);
+    a->traffic.sent += b;
+    if (a->remote[q]) a->traffic.sent_remote += b;
+}
 
 static moe_status check_call(const moe_a2a *a, int width, const char *what)
 {
@@ -402,8 +419,10 @@ static moe_status post_range(moe_a2a *a, int dir, int j0, int j1, float *dst, co
             if (q == a->me) continue;
             if (b.dst_n)
                 MOE_MPI_TRY(MPI_Irecv(dst + (size_t)b.dst_off * w, b.dst_n * w, MPI_FLOAT, q, tag, a->comm, &r[0]));
-            if (b.src_n)
+            if (b.src_n) {
                 MOE_MPI_TRY(MPI_Isend(src + (size_t)b.src_off * w, b.src_n * w, MPI_FLOAT, q, tag, a->comm, &r[1]));
+                count_sent(a, q, b.src_n, w);
+            }
         }
     }
     /* After posting, so that peers can already pull the rows sent to them. */
@@ -432,8 +451,12 @@ static moe_status shm_exchange(moe_a2a *a, int dir, float *dst, const float *src
     for (int j = 0; j < El; j++)
         for (int q = 0; q < P; q++) {
             const block b = block_of(a, dir, j, q);
-            if (q == me) copy_rows(dst, b.dst_off, src, b.src_off, b.dst_n, w);
-            else if (src != mine) copy_rows(mine, b.src_off, src, b.src_off, b.src_n, w);
+            if (q == me) {
+                copy_rows(dst, b.dst_off, src, b.src_off, b.dst_n, w);
+                continue;
+            }
+            if (src != mine) copy_rows(mine, b.src_off, src, b.src_off, b.src_n, w);
+            count_sent(a, q, b.src_n, w); /* published for q, who copies them */
         }
     MOE_MPI_TRY(MPI_Win_sync(a->win));
     MOE_MPI_TRY(MPI_Barrier(a->comm));

@@ -117,6 +117,45 @@ moe_status moe_comm_agree_on(MPI_Comm comm, moe_status local, const char *scope,
     return moe_errorf((moe_status)msg.status, "%s", msg.detail);
 }
 
+/* Node index of every world rank: ranks that share memory
+ * (MPI_COMM_TYPE_SHARED) form a node, numbered in the order of their first
+ * world rank. MOE_NODE_RANKS=n (the same on every rank) cuts each node into
+ * groups of n consecutive ranks, so that one machine can stand for several
+ * nodes in tests and benchmarks of the node-aware exchange. Collective over
+ * world. */
+static moe_status find_nodes(moe_comm *c)
+{
+    MPI_Comm node = MPI_COMM_NULL;
+    moe_status st = MOE_OK;
+    MOE_MPI_KEEP(st, MPI_Comm_split_type(c->world, MPI_COMM_TYPE_SHARED, c->rank, MPI_INFO_NULL, &node));
+    int first = c->rank, nr = 0;
+    if (st == MOE_OK) MOE_MPI_KEEP(st, MPI_Comm_rank(node, &nr));
+    const char *knob = getenv("MOE_NODE_RANKS");
+    const long split = knob && *knob ? strtol(knob, NULL, 10) : 0;
+    /* The first world rank of my node (or of my group of `split` within it). */
+    int key[2] = {c->rank, split > 0 ? nr / (int)split : 0};
+    if (st == MOE_OK) {
+        MPI_Comm sub = MPI_COMM_NULL;
+        MOE_MPI_KEEP(st, MPI_Comm_split(node, key[1], key[0], &sub));
+        if (st == MOE_OK) MOE_MPI_KEEP(st, MPI_Allreduce(&c->rank, &first, 1, MPI_INT, MPI_MIN, sub));
+        if (sub != MPI_COMM_NULL) MPI_Comm_free(&sub);
+    }
+    if (node != MPI_COMM_NULL) MPI_Comm_free(&node);
+    c->node_of = st == MOE_OK ? calloc((size_t)c->size, sizeof(int)) : NULL;
+    st = moe_comm_agree_on(c->world, st ? st : c->node_of ? MOE_OK : moe_errorf(MOE_ERR_NOMEM, "node table"),
+                           "world", 0);
+    if (st == MOE_OK) MOE_MPI_KEEP(st, MPI_Allgather(&first, 1, MPI_INT, c->node_of, 1, MPI_INT, c->world));
+    if (st != MOE_OK) return st;
+    /* First world rank of a node -> dense index in order of appearance. */
+    int n = 0;
+    for (int w = 0; w < c->size; w++) {
+        const int f = c->node_of[w];
+        c->node_of[w] = f == w ? n++ : c->node_of[f];
+    }
+    c->n_nodes = n;
+    return MOE_OK;
+}
+
 moe_status moe_comm_create(moe_comm **out, MPI_Comm parent, int ep_size)
 {
     *out = NULL;
@@ -150,6 +189,7 @@ moe_status moe_comm_create(moe_comm **out, MPI_Comm parent, int ep_size)
     if (st == MOE_OK) st = set_errors_return(c->ep);
     if (st == MOE_OK) MOE_MPI_KEEP(st, MPI_Comm_split(c->world, c->ep_rank, rank, &c->replica));
     if (st == MOE_OK) st = set_errors_return(c->replica);
+    if (st == MOE_OK) st = find_nodes(c);
     if (st != MOE_OK) {
         moe_comm_destroy(c);
         return st;
@@ -160,7 +200,7 @@ moe_status moe_comm_create(moe_comm **out, MPI_Comm parent, int ep_size)
 
 /* Immutable after initialisation, so one instance serves every caller. */
 static moe_comm the_self = {.self = 1, .world = MPI_COMM_NULL, .ep = MPI_COMM_NULL, .replica = MPI_COMM_NULL,
-                            .size = 1, .ep_size = 1, .n_replicas = 1};
+                            .size = 1, .ep_size = 1, .n_replicas = 1, .n_nodes = 1};
 
 moe_comm *moe_comm_self(void) { return &the_self; }
 
@@ -171,7 +211,7 @@ moe_status moe_comm_create_self(moe_comm **out)
     if (!c) return moe_errorf(MOE_ERR_NOMEM, "moe_comm_create_self: no memory for the communicator");
     c->self = 1;
     c->world = c->ep = c->replica = MPI_COMM_NULL;
-    c->size = c->ep_size = c->n_replicas = 1;
+    c->size = c->ep_size = c->n_replicas = c->n_nodes = 1;
     return MOE_OK;
 }
 
@@ -190,6 +230,7 @@ void moe_comm_destroy(moe_comm *c)
     MPI_Comm *comms[3] = {&c->replica, &c->ep, &c->world};
     for (int i = 0; i < 3; i++)
         if (*comms[i] != MPI_COMM_NULL) MPI_Comm_free(comms[i]);
+    free(c->node_of);
     free(c);
 }
 
@@ -209,6 +250,12 @@ int moe_comm_ep_rank(const moe_comm *c) { return c->ep_rank; }
 int moe_comm_ep_size(const moe_comm *c) { return c->ep_size; }
 int moe_comm_replica(const moe_comm *c) { return c->replica_idx; }
 int moe_comm_n_replicas(const moe_comm *c) { return c->n_replicas; }
+int moe_comm_n_nodes(const moe_comm *c) { return c->n_nodes; }
+int moe_comm_node_of(const moe_comm *c, int world_rank)
+{
+    return c->node_of && world_rank >= 0 && world_rank < c->size ? c->node_of[world_rank] : 0;
+}
+int moe_comm_ep_world_rank(const moe_comm *c, int ep_rank) { return c->replica_idx * c->ep_size + ep_rank; }
 
 void moe_comm_abort(moe_comm *c, int code)
 {

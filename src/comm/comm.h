@@ -61,6 +61,15 @@ int moe_comm_ep_rank(const moe_comm *c);   /* rank in the ep group */
 int moe_comm_ep_size(const moe_comm *c);   /* P */
 int moe_comm_replica(const moe_comm *c);   /* which replica: world rank / P */
 int moe_comm_n_replicas(const moe_comm *c);/* W / P */
+/* Nodes: ranks that share memory (MPI_COMM_TYPE_SHARED), numbered 0 ..
+ * n_nodes-1 in the order of their first world rank. MOE_NODE_RANKS=n in
+ * the environment (the same on every rank) cuts each node into nodes of n
+ * consecutive ranks, so that one machine stands for several in tests and
+ * benchmarks of the node-aware exchange. Not collective. */
+int moe_comm_n_nodes(const moe_comm *c);
+int moe_comm_node_of(const moe_comm *c, int world_rank);
+/* World rank of ep rank p of this rank's ep group. Not collective. */
+int moe_comm_ep_world_rank(const moe_comm *c, int ep_rank);
 
 /* Ends every process of the job (MPI_Abort on world). Not collective:
  * the way out when one rank fails where others may be blocked. Returns
@@ -242,5 +251,19 @@ moe_status moe_a2a_bench_raw_alltoallv(moe_a2a *a, float *recv, const float *sen
 /* Seconds spent inside exchange calls (not compute) since the last reset (this rank). */
 double moe_a2a_seconds(const moe_a2a *a);
 void moe_a2a_reset_seconds(moe_a2a *a);
+
+/* Payload bytes this rank sent to OTHER ranks in the trips (dispatch,
+ * return, exchange; not the count exchange or the raw baseline) since
+ * creation or the last reset, and of those the bytes that crossed to
+ * another node (moe_comm_node_of). With the shared-memory kind a row
+ * published for another rank counts as sent by its publisher. The one
+ * counter every report of exchange traffic uses (bench a2a, bench layer).
+ * Not collective. */
+typedef struct {
+    int64_t sent;        /* to other ranks */
+    int64_t sent_remote; /* of which to ranks on other nodes */
+} moe_a2a_traffic;
+moe_a2a_traffic moe_a2a_bytes(const moe_a2a *a);
+void moe_a2a_reset_bytes(moe_a2a *a);
 
 #endif

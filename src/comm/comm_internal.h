@@ -15,6 +15,9 @@ struct moe_comm {
     int rank, size;   /* in world */
     int ep_rank, ep_size;
     int replica_idx, n_replicas;
+    int n_nodes;      /* distinct nodes (shared-memory domains) of world */
+    int *node_of;     /* (size) node index of every world rank, 0 .. n_nodes-1 in order of first rank;
+                       * NULL on a one-process communicator (node 0) */
 };
 
 /* Turns a failed MPI return code into MOE_ERR_MPI with a detail naming the

@@ -176,6 +176,7 @@ const int *moe_layer_expert_rows(const moe_layer *L) { return L->expert_rows; }
 const moe_layer_timing *moe_layer_get_timing(const moe_layer *L) { return &L->timing; }
 void moe_layer_reset_timing(moe_layer *L) { memset(&L->timing, 0, sizeof L->timing); }
 double moe_layer_expert_flops(const moe_layer *L) { return L->flops; }
+moe_a2a *moe_layer_exchange(moe_layer *L) { return L->a2a; }
 
 /* Parameters of local experts [j0, ...). */
 static moe_expert_params expert_view(const moe_expert_params *p, const moe_layer *L, int j0)

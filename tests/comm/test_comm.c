@@ -19,6 +19,7 @@
 #include "comm/comm_mpi.h"
 
 static int W, R; /* world size and rank */
+static moe_comm *comm_of_test; /* the communicator of the exchange run_step drives */
 
 /* ---- placement and small collectives ---- */
 
@@ -61,7 +62,18 @@ static void test_placement(void **state)
         assert_true(mx == g * P + P - 1);
         moe_comm_destroy(c);
     }
-    moe_comm *c = (moe_comm *)&W;
+    /* Nodes: this machine is one node, unless MOE_NODE_RANKS cuts it into
+     * nodes of that many consecutive ranks. */
+    moe_comm *c = NULL;
+    assert_int_equal(moe_comm_create(&c, MPI_COMM_WORLD, 0), MOE_OK);
+    const char *knob = getenv("MOE_NODE_RANKS");
+    const int nr = knob && *knob ? atoi(knob) : 0;
+    assert_int_equal(moe_comm_n_nodes(c), nr > 0 ? (W + nr - 1) / nr : 1);
+    for (int w = 0; w < W; w++) assert_int_equal(moe_comm_node_of(c, w), nr > 0 ? w / nr : 0);
+    moe_comm_destroy(c);
+    assert_int_equal(moe_comm_n_nodes(moe_comm_self()), 1);
+    assert_int_equal(moe_comm_node_of(moe_comm_self(), 0), 0);
+    c = (moe_comm *)&W;
     assert_int_equal(moe_comm_create(&c, MPI_COMM_WORLD, W + 1), MOE_ERR_ARG);
     assert_null(c);
     assert_non_null(strstr(moe_error_detail(), "ep_size"));
@@ -291,10 +303,27 @@ static float *run_step(moe_a2a *a, scenario sc, int P, int me)
                 for (int c = 0; c < WIDTH; c++) expect[(size_t)i * WIDTH + c] = value(s, me, j, r, c);
 
     moe_status st_plan = moe_a2a_set_counts(a, send_rows, MOE_OK, MAX_WIDTH);
+    moe_a2a_reset_bytes(a);
     moe_status st_disp = moe_a2a_dispatch(a, recv, send, WIDTH);
     expert_ctx e = {moe_a2a_recv_expert_offsets(a), 0, 1, WIDTH, OUT_WIDTH};
     moe_status st_comp = fake_experts(&e, 0, EL, recv, out);
     moe_status st_comb = moe_a2a_return(a, result, out, OUT_WIDTH);
+    /* The traffic counter: rows sent to other ranks (dispatch, WIDTH wide)
+     * and rows sent back to them (return, OUT_WIDTH wide); across nodes
+     * those whose peer is on another node (MOE_NODE_RANKS makes several). */
+    const moe_a2a_traffic tr = moe_a2a_bytes(a);
+    int64_t want_sent = 0, want_remote = 0;
+    for (int q = 0; q < P; q++) {
+        if (q == me) continue;
+        int64_t b = 0;
+        for (int j = 0; j < EL; j++)
+            b += (int64_t)rows_for(sc, me, q, j, P) * WIDTH + (int64_t)rows_for(sc, q, me, j, P) * OUT_WIDTH;
+        b *= (int64_t)sizeof(float);
+        want_sent += b;
+        if (moe_comm_node_of(comm_of_test, moe_comm_ep_world_rank(comm_of_test, q)) !=
+            moe_comm_node_of(comm_of_test, R))
+            want_remote += b;
+    }
     /* The round trip on the exchange's own buffers (chunked or not, shm or
      * not): the same bytes. Then the backward trip, in place on the forward
      * results, must leave the forward's receive rows intact. */
@@ -333,6 +362,8 @@ static float *run_step(moe_a2a *a, scenario sc, int P, int me)
     }
 
     assert_int_equal(st_plan, MOE_OK);
+    assert_int_equal(tr.sent, want_sent);
+    assert_int_equal(tr.sent_remote, want_remote);
     assert_int_equal(st_inpl, MOE_OK);
     assert_int_equal(st_disp, MOE_OK);
     assert_int_equal(st_comp, MOE_OK);
@@ -385,6 +416,7 @@ static void test_exchange_layouts(void **state)
         moe_comm *c = NULL;
         assert_int_equal(moe_comm_create(&c, MPI_COMM_WORLD, P), MOE_OK);
         const int me = moe_comm_ep_rank(c);
+        comm_of_test = c;
         for (int ci = 0; ci < 4; ci++) {
             moe_a2a *a[2] = {NULL, NULL};
             assert_int_equal(moe_a2a_create(&a[0], c, EL, MOE_A2A_P2P, chunk_counts[ci]), MOE_OK);
