@@ -290,7 +290,7 @@ static const char *kind_name(int k) { return k == MOE_A2A_SHM ? "shm" : "p2p"; }
 
 static void report_text(const bench_opts *o, int W, int nodes, double bytes, const kind_result *res)
 {
-    printf("moe bench a2a: %d ranks on %d node%s, %d tokens/rank, d=%d, E=%d, top-k=%d, skew %.2f; median of %d "
+    printf("moe bench a2a: %d ranks, %d node%s, %d tokens/rank, d=%d, E=%d, top-k=%d, skew %.2f; median of %d "
            "iters (slowest rank)\n", W, nodes, nodes == 1 ? "" : "s", o->tokens, o->d, o->experts, o->top_k,
            o->skew, o->iters);
     printf("bytes moved per rank per dispatch+return (mean over ranks, rows kept on the rank included): %.2f MB\n",

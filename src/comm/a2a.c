@@ -57,6 +57,10 @@ struct moe_a2a {
     float *buf[N_BUF];      /* private trip buffers */
     size_t buf_cap[N_BUF];  /* floats allocated */
     int *remote;            /* (P) 1: ep rank q is on another node than this rank */
+    /* watchdog: which peers a wait still needs (wait_range) */
+    int *owed;              /* (P) requests not yet complete per peer */
+    atomic_uchar *pending;  /* (P) owed[q] > 0, read by the watchdog thread */
+    int *done_idx;          /* (2 El P) MPI_Waitsome indices */
     moe_a2a_times last;     /* of the last moe_a2a_exchange */
     double seconds;
     moe_a2a_traffic traffic; /* payload bytes sent since creation or the last reset */
@@ -85,7 +89,8 @@ static moe_status shm_check_node(moe_a2a *a)
 {
     MPI_Comm node = MPI_COMM_NULL;
     int n = 0;
-    MOE_MPI_TRY(MPI_Comm_split_type(a->comm, MPI_COMM_TYPE_SHARED, 0, MPI_INFO_NULL, &node));
+    MOE_MPI_TRY_WD(a->c, MOE_SCOPE_EP, "exchange set-up (MPI_Comm_split_type)",
+                   MPI_Comm_split_type(a->comm, MPI_COMM_TYPE_SHARED, 0, MPI_INFO_NULL, &node));
     int rc = MPI_Comm_size(node, &n);
     MPI_Comm_free(&node);
     if (rc != MPI_SUCCESS) return moe_comm_mpi_error(rc, "MPI_Comm_size");
@@ -133,13 +138,16 @@ moe_status moe_a2a_create(moe_a2a **out, moe_comm *c, int n_local_experts, moe_a
         a->peer_recv_off = moe_calloc(pe, sizeof(int));
         a->seg = moe_calloc((size_t)P, sizeof(float *));
         a->remote = moe_calloc((size_t)P, sizeof(int));
+        a->owed = moe_calloc((size_t)P, sizeof(int));
+        a->pending = moe_calloc((size_t)P, sizeof(atomic_uchar));
+        a->done_idx = moe_calloc(2 * pe, sizeof(int));
         if (a->remote)
             for (int q = 0; q < P; q++)
                 a->remote[q] = moe_comm_node_of(c, moe_comm_ep_world_rank(c, q)) !=
                                moe_comm_node_of(c, moe_comm_rank(c));
         if (!a->send_rows || !a->send_off || !a->recv_counts || !a->recv_off || !a->recv_expert_off ||
             !a->xsend || !a->xrecv || !a->req || !a->vcount || !a->vdispl || !a->peer_send_off ||
-            !a->peer_recv_off || !a->seg || !a->remote)
+            !a->peer_recv_off || !a->seg || !a->remote || !a->owed || !a->pending || !a->done_idx)
             st = moe_errorf(MOE_ERR_NOMEM, "exchange plan for %d ranks x %d local experts", P, El);
     } else if (st == MOE_OK) {
         st = moe_errorf(MOE_ERR_NOMEM, "exchange object");
@@ -147,10 +155,10 @@ moe_status moe_a2a_create(moe_a2a **out, moe_comm *c, int n_local_experts, moe_a
     /* One rank: no MPI at all (the communicator may have none). */
     if (P > 1) {
         MPI_Comm ep = moe_comm_mpi(c, MOE_SCOPE_EP);
-        st = moe_comm_agree_on(ep, st, "ep", 0);
-        if (st == MOE_OK) MOE_MPI_KEEP(st, MPI_Comm_dup(ep, &a->comm));
+        st = moe_comm_agree_on(c, MOE_SCOPE_EP, ep, st, "ep", 0);
+        if (st == MOE_OK) MOE_MPI_KEEP_WD(st, c, MOE_SCOPE_EP, "exchange set-up (MPI_Comm_dup)", MPI_Comm_dup(ep, &a->comm));
         if (st == MOE_OK) MOE_MPI_KEEP(st, MPI_Comm_set_errhandler(a->comm, MPI_ERRORS_RETURN));
-        if (st == MOE_OK && kind == MOE_A2A_SHM) st = moe_comm_agree_on(a->comm, shm_check_node(a), "ep", 0);
+        if (st == MOE_OK && kind == MOE_A2A_SHM) st = moe_comm_agree_on(a->c, MOE_SCOPE_EP, a->comm, shm_check_node(a), "ep", 0);
     }
     if (st != MOE_OK) {
         moe_a2a_destroy(a);
@@ -175,7 +183,7 @@ void moe_a2a_destroy(moe_a2a *a)
     if (a->comm != MPI_COMM_NULL) MPI_Comm_free(&a->comm);
     void *arrays[] = {a->send_rows, a->send_off, a->recv_counts, a->recv_off, a->recv_expert_off,
                       a->xsend, a->xrecv, a->req, a->vcount, a->vdispl, a->peer_send_off,
-                      a->peer_recv_off, a->seg, a->remote};
+                      a->peer_recv_off, a->seg, a->remote, a->owed, (void *)a->pending, a->done_idx};
     for (size_t i = 0; i < sizeof arrays / sizeof arrays[0]; i++) moe_free(arrays[i]);
     for (int i = 0; i < N_BUF; i++) moe_free(a->buf[i]);
     free(a);
@@ -186,7 +194,8 @@ void moe_a2a_destroy(moe_a2a *a)
 static moe_status shm_reserve(moe_a2a *a, size_t need)
 {
     int grow = need > a->win_floats || a->win == MPI_WIN_NULL, any = 0;
-    MOE_MPI_TRY(MPI_Allreduce(&grow, &any, 1, MPI_INT, MPI_LOR, a->comm));
+    MOE_MPI_TRY_WD(a->c, MOE_SCOPE_EP, "shared window size (MPI_Allreduce)",
+                   MPI_Allreduce(&grow, &any, 1, MPI_INT, MPI_LOR, a->comm));
     if (!any) return MOE_OK;
     /* Grow geometrically so that slowly rising loads re-allocate rarely. */
     size_t cap = a->win_floats + a->win_floats / 2;
@@ -200,8 +209,9 @@ static moe_status shm_reserve(moe_a2a *a, size_t need)
     MOE_MPI_KEEP(st, MPI_Info_set(info, "alloc_shared_noncontig", "true"));
     float *base = NULL;
     if (st == MOE_OK)
-        MOE_MPI_KEEP(st, MPI_Win_allocate_shared((MPI_Aint)(cap * sizeof(float)), (int)sizeof(float), info,
-                                                 a->comm, &base, &a->win));
+        MOE_MPI_KEEP_WD(st, a->c, MOE_SCOPE_EP, "shared window set-up (MPI_Win_allocate_shared)",
+                        MPI_Win_allocate_shared((MPI_Aint)(cap * sizeof(float)), (int)sizeof(float), info, a->comm,
+                                                &base, &a->win));
     MPI_Info_free(&info);
     if (st) return st;
     MOE_MPI_TRY(MPI_Win_set_errhandler(a->win, MPI_ERRORS_RETURN));
@@ -327,20 +337,22 @@ moe_status moe_a2a_set_counts(moe_a2a *a, const int *send_rows, moe_status local
         if (st == MOE_OK) st = reserve_trip_buffers(a, max_width);
     } else {
         /* The status words travel with the counts: this is the agreement point. */
-        MOE_MPI_TRY(MPI_Alltoall(a->xsend, X, MPI_INT, a->xrecv, X, MPI_INT, a->comm));
+        MOE_MPI_TRY_WD(a->c, MOE_SCOPE_EP, "exchange counts (MPI_Alltoall)",
+                       MPI_Alltoall(a->xsend, X, MPI_INT, a->xrecv, X, MPI_INT, a->comm));
         if (st == MOE_OK) st = plan_recv(a, max_width);
         /* A receive-side overflow is known to its rank only: agree once more. */
-        st = moe_comm_agree_on(a->comm, st, "ep", 0);
+        st = moe_comm_agree_on(a->c, MOE_SCOPE_EP, a->comm, st, "ep", 0);
         if (st == MOE_OK && a->kind == MOE_A2A_SHM) {
             /* Senders learn where their rows sit in each receiver's layout. */
             for (int s = 0; s < P; s++)
                 for (int j = 0; j < El; j++) a->xsend[s * El + j] = a->recv_off[j * P + s];
-            MOE_MPI_TRY(MPI_Alltoall(a->xsend, El, MPI_INT, a->peer_recv_off, El, MPI_INT, a->comm));
+            MOE_MPI_TRY_WD(a->c, MOE_SCOPE_EP, "exchange counts (MPI_Alltoall)",
+                           MPI_Alltoall(a->xsend, El, MPI_INT, a->peer_recv_off, El, MPI_INT, a->comm));
             const int64_t rows = a->send_total > a->recv_total ? a->send_total : a->recv_total;
-            st = moe_comm_agree_on(a->comm, shm_reserve(a, (size_t)rows * (size_t)max_width), "ep", 0);
+            st = moe_comm_agree_on(a->c, MOE_SCOPE_EP, a->comm, shm_reserve(a, (size_t)rows * (size_t)max_width), "ep", 0);
         }
         /* Only now, with every count known to fit, may the buffers grow. */
-        if (st == MOE_OK) st = moe_comm_agree_on(a->comm, reserve_trip_buffers(a, max_width), "ep", 0);
+        if (st == MOE_OK) st = moe_comm_agree_on(a->c, MOE_SCOPE_EP, a->comm, reserve_trip_buffers(a, max_width), "ep", 0);
     }
     if (st == MOE_OK) {
         a->max_width = max_width;
@@ -433,10 +445,41 @@ static moe_status post_range(moe_a2a *a, int dir, int j0, int j1, float *dst, co
     return MOE_OK;
 }
 
+/* Completes the messages of local experts [j0, j1). Under the watchdog,
+ * MPI_Waitsome keeps the set of peers still owed a message current, so
+ * that an expired deadline names them. */
 static moe_status wait_range(moe_a2a *a, int dir, int j0, int j1)
 {
     MPI_Request *rq = a->req + (size_t)dir * 2 * a->El * a->P + 2 * (size_t)j0 * a->P;
-    MOE_MPI_TRY(MPI_Waitall(2 * (j1 - j0) * a->P, rq, MPI_STATUSES_IGNORE));
+    const int n = 2 * (j1 - j0) * a->P, P = a->P;
+    if (!moe_wd_on()) {
+        MOE_MPI_TRY(MPI_Waitall(n, rq, MPI_STATUSES_IGNORE));
+        return MOE_OK;
+    }
+    memset(a->owed, 0, sizeof(int) * (size_t)P);
+    int left = 0;
+    for (int i = 0; i < n; i++)
+        if (rq[i] != MPI_REQUEST_NULL) {
+            a->owed[(i / 2) % P]++;
+            left++;
+        }
+    for (int q = 0; q < P; q++) atomic_store_explicit(&a->pending[q], a->owed[q] > 0, memory_order_relaxed);
+    moe_wd_begin(a->c, MOE_SCOPE_EP, dir == DISPATCH ? "token exchange, dispatch" : "token exchange, return",
+                 a->pending);
+    int rc = MPI_SUCCESS;
+    while (left > 0 && rc == MPI_SUCCESS) {
+        int done = 0;
+        rc = MPI_Waitsome(n, rq, &done, a->done_idx, MPI_STATUSES_IGNORE);
+        if (rc != MPI_SUCCESS || done == MPI_UNDEFINED) break;
+        for (int k = 0; k < done; k++) {
+            const int q = (a->done_idx[k] / 2) % P;
+            if (--a->owed[q] == 0) atomic_store_explicit(&a->pending[q], 0, memory_order_relaxed);
+        }
+        left -= done;
+        moe_wd_progress();
+    }
+    moe_wd_end();
+    if (rc != MPI_SUCCESS) return moe_comm_mpi_error(rc, "MPI_Waitsome");
     return MOE_OK;
 }
 
@@ -459,7 +502,9 @@ static moe_status shm_exchange(moe_a2a *a, int dir, float *dst, const float *src
             count_sent(a, q, b.src_n, w); /* published for q, who copies them */
         }
     MOE_MPI_TRY(MPI_Win_sync(a->win));
-    MOE_MPI_TRY(MPI_Barrier(a->comm));
+    MOE_MPI_TRY_WD(a->c, MOE_SCOPE_EP, dir == DISPATCH ? "token exchange, dispatch (shared-memory barrier)"
+                                                       : "token exchange, return (shared-memory barrier)",
+                   MPI_Barrier(a->comm));
     MOE_MPI_TRY(MPI_Win_sync(a->win));
     /* Collect: my rows from every other rank's segment, straight into place. */
     for (int q = 0; q < P; q++) {
@@ -471,7 +516,7 @@ static moe_status shm_exchange(moe_a2a *a, int dir, float *dst, const float *src
         }
     }
     /* Nobody refills its segment before every reader is done with it. */
-    MOE_MPI_TRY(MPI_Barrier(a->comm));
+    MOE_MPI_TRY_WD(a->c, MOE_SCOPE_EP, "token exchange (shared-memory barrier)", MPI_Barrier(a->comm));
     return MOE_OK;
 }
 
@@ -597,7 +642,7 @@ moe_status moe_a2a_exchange(moe_a2a *a, moe_a2a_trip trip, int width, int out_wi
         st = cst ? cst : st;
         a->seconds += (t1 - t0) + (moe_now() - t2);
     }
-    st = moe_comm_agree_on(a->comm, st, "ep", 0);
+    st = moe_comm_agree_on(a->c, MOE_SCOPE_EP, a->comm, st, "ep", 0);
     const double t3 = moe_now();
     a->last = (moe_a2a_times){t1 - t0, t2 - t1, t3 - t2};
     return st;
@@ -628,7 +673,9 @@ moe_status moe_a2a_bench_raw_alltoallv(moe_a2a *a, float *recv, const float *sen
         rdispl[q] = roff * width;
         roff += m;
     }
-    MOE_MPI_TRY(MPI_Alltoallv(send, scount, sdispl, MPI_FLOAT, recv, rcount, rdispl, MPI_FLOAT, a->comm));
-    MOE_MPI_TRY(MPI_Alltoallv(recv, rcount, rdispl, MPI_FLOAT, back, scount, sdispl, MPI_FLOAT, a->comm));
+    MOE_MPI_TRY_WD(a->c, MOE_SCOPE_EP, "raw MPI_Alltoallv",
+                   MPI_Alltoallv(send, scount, sdispl, MPI_FLOAT, recv, rcount, rdispl, MPI_FLOAT, a->comm));
+    MOE_MPI_TRY_WD(a->c, MOE_SCOPE_EP, "raw MPI_Alltoallv",
+                   MPI_Alltoallv(recv, rcount, rdispl, MPI_FLOAT, back, scount, sdispl, MPI_FLOAT, a->comm));
     return MOE_OK;
 }

@@ -116,6 +116,47 @@ moe_status moe_comm_bcast(moe_comm *c, void *buf, size_t n, int root);
 /* Gather n bytes from every world rank into out (W * n bytes) on every rank. */
 moe_status moe_comm_allgather(moe_comm *c, void *out, const void *in, size_t n);
 
+/* ---- watchdog: every blocking phase has a deadline (comm_timeout) ----
+ *
+ * Every blocking MPI call of src/comm (collectives, exchange trips, window
+ * set-up, MPI_Finalize) and every phase a caller declares with
+ * moe_comm_phase_begin/_end (the collective HDF5 I/O of checkpoints) is a
+ * phase with a deadline. One thread per process watches it: when a phase
+ * has made no progress for comm_timeout seconds (the deadline is per phase
+ * and restarts with each call, each message that arrives and each inner
+ * phase that ends), the first rank of each node to notice writes what it
+ * waited for (operation, step, the peer ranks and their hosts) to stderr
+ * and to <dir>/watchdog-<host>.txt, signals the launcher daemon that is its
+ * parent so that every process of the job on every node ends (orted,
+ * prted: SIGTERM; mpirun, mpiexec: SIGTERM twice; srun: nothing), and
+ * exits with MOE_COMM_WATCHDOG_EXIT. It never calls MPI (docs/cluster.md
+ * section 4). A begin or end costs a few atomic stores. */
+enum { MOE_COMM_HOST_MAX = 64, MOE_COMM_WATCHDOG_EXIT = 124 };
+
+/* Collective over c's world (a node-shared flag elects each node's
+ * reporter): starts the watchdog thread, or only sets the timeout when it
+ * runs. timeout_s <= 0: no deadline (the thread idles). hosts: (W) host of
+ * every world rank (the start-up platform table), or NULL (ranks only).
+ * Fails with MOE_ERR_MPI / MOE_ERR_NOMEM on every rank. */
+moe_status moe_comm_watchdog_start(moe_comm *c, double timeout_s, const char (*hosts)[MOE_COMM_HOST_MAX]);
+/* Stops the thread (moe_comm_finalize does it). Not collective. */
+void moe_comm_watchdog_stop(void);
+int moe_comm_watchdog_running(void);
+/* Not collective: the deadline (seconds, <= 0: none), the directory of the
+ * report file ("" or NULL: the working directory), the step named in the
+ * report (moe_train_run sets it). */
+void moe_comm_watchdog_set_timeout(double seconds);
+double moe_comm_watchdog_timeout(void);
+void moe_comm_watchdog_set_dir(const char *dir);
+void moe_comm_set_step(int64_t step);
+/* A blocking phase outside src/comm that waits for the ranks of scope s
+ * of c (the collective HDF5 calls of a checkpoint save or load), or, with
+ * c NULL, for this process's own I/O: what is a string for the report,
+ * valid until the phase ends. Phases nest; the end of an inner one
+ * restarts the clock of the outer one. Not collective; main thread only. */
+void moe_comm_phase_begin(const moe_comm *c, moe_comm_scope s, const char *what);
+void moe_comm_phase_end(void);
+
 /* ---- token exchange (all-to-all over the ep group) ----
  *
  * Send layout (on the token's home rank): rows grouped by destination ep

@@ -103,6 +103,9 @@ static const key_desc keys[] = {
 
     KE(a2a, "exchange", a2a_names, "token exchange: p2p (point-to-point) or shm (on-node shared memory); alltoallv = p2p"),
     KI(a2a_chunks, "exchange", 1, NOMAX, "expert chunks overlapped with the exchange (p2p)"),
+    KR(comm_timeout, "exchange", 0, HUGE_VAL, 0, 0,
+       "seconds a blocking exchange, collective or checkpoint I/O phase may make no progress before "
+       "the job is ended on every node (0: never; docs/cluster.md)"),
 
     KI(ckpt_every, "checkpoint", 0, NOMAX, "steps between checkpoints (0: only at the end)"),
     KI(keep_last, "checkpoint", 0, NOMAX, "checkpoints kept in out_dir (0: all)"),
@@ -161,6 +164,7 @@ void moe_train_config_default(moe_train_config *c)
 
     c->a2a = MOE_A2A_P2P;
     c->a2a_chunks = 1;
+    c->comm_timeout = MOE_COMM_TIMEOUT_DEFAULT;
 
     c->ckpt_every = 0;
     c->keep_last = 2;

@@ -16,6 +16,7 @@
 #include <cblas.h>
 #include <stddef.h>
 #include <string.h>
+#include <unistd.h>
 
 /* A field added to moe_layer_timing without a line here fails to compile. */
 _Static_assert(sizeof(moe_layer_timing) == MOE_LAYER_TIMING_N * sizeof(double), "one table line per timing field");
@@ -302,6 +303,15 @@ moe_status moe_layer_forward(moe_layer *L, float *y, const float *x, const moe_l
     L->n_recv = moe_a2a_recv_total(L->a2a);
     /* A failure here rides into the exchange, which agrees over the ep group. */
     const moe_status local = grow_recv(L, L->n_recv);
+    /* Test hook: this rank stops answering between the count exchange and
+     * the payload (a hung process, or one whose node was cut off); its ep
+     * peers wait in the exchange until the comm_timeout watchdog ends the job. */
+    if (moe_fault("stall", moe_comm_rank(L->comm)))
+        for (;;) pause();
+    /* Test hook: a slow but live rank (its peers wait, each time less than
+     * comm_timeout). */
+    const int slow_ms = moe_fault_ms("slow", moe_comm_rank(L->comm));
+    if (slow_ms > 0) usleep((useconds_t)slow_ms * 1000u);
     moe_a2a_buffers b;
     st = moe_a2a_buffers_get(L->a2a, MOE_A2A_FORWARD, &b);
     if (st) return st;
