@@ -64,9 +64,19 @@ struct moe_a2a {
     moe_a2a_times last;     /* of the last moe_a2a_exchange */
     double seconds;
     moe_a2a_traffic traffic; /* payload bytes sent since creation or the last reset */
+    /* token-level plan (moe_a2a_plan); send rows = assignments in p2p and shm */
+    int tok_plan;           /* 1: the current plan came from moe_a2a_plan */
+    int T, A;               /* tokens and assignments of the plan */
+    int tok_cap, asg_cap;   /* allocated */
+    int *tok_off;           /* (T + 1) */
+    int *asg_row;           /* (A) send-layout row of each assignment */
+    float *asg_w;           /* (A) its combine weight */
+    int *row_tok;           /* (A) token of each send row */
+    int *plan_rows;         /* (P * El) rows per destination of the plan */
 };
 
 static int imin(int a, int b) { return a < b ? a : b; }
+static moe_status set_counts(moe_a2a *a, const int *send_rows, moe_status local_status, int max_width);
 
 const char *const moe_a2a_kind_names[] = {"p2p", "shm", NULL};
 
@@ -141,13 +151,14 @@ moe_status moe_a2a_create(moe_a2a **out, moe_comm *c, int n_local_experts, moe_a
         a->owed = moe_calloc((size_t)P, sizeof(int));
         a->pending = moe_calloc((size_t)P, sizeof(atomic_uchar));
         a->done_idx = moe_calloc(2 * pe, sizeof(int));
+        a->plan_rows = moe_calloc(pe, sizeof(int));
         if (a->remote)
             for (int q = 0; q < P; q++)
                 a->remote[q] = moe_comm_node_of(c, moe_comm_ep_world_rank(c, q)) !=
                                moe_comm_node_of(c, moe_comm_rank(c));
         if (!a->send_rows || !a->send_off || !a->recv_counts || !a->recv_off || !a->recv_expert_off ||
             !a->xsend || !a->xrecv || !a->req || !a->vcount || !a->vdispl || !a->peer_send_off ||
-            !a->peer_recv_off || !a->seg || !a->remote || !a->owed || !a->pending || !a->done_idx)
+            !a->peer_recv_off || !a->seg || !a->remote || !a->owed || !a->pending || !a->done_idx || !a->plan_rows)
             st = moe_errorf(MOE_ERR_NOMEM, "exchange plan for %d ranks x %d local experts", P, El);
     } else if (st == MOE_OK) {
         st = moe_errorf(MOE_ERR_NOMEM, "exchange object");
@@ -183,7 +194,8 @@ void moe_a2a_destroy(moe_a2a *a)
     if (a->comm != MPI_COMM_NULL) MPI_Comm_free(&a->comm);
     void *arrays[] = {a->send_rows, a->send_off, a->recv_counts, a->recv_off, a->recv_expert_off,
                       a->xsend, a->xrecv, a->req, a->vcount, a->vdispl, a->peer_send_off,
-                      a->peer_recv_off, a->seg, a->remote, a->owed, (void *)a->pending, a->done_idx};
+                      a->peer_recv_off, a->seg, a->remote, a->owed, (void *)a->pending, a->done_idx,
+                      a->tok_off, a->asg_row, a->asg_w, a->row_tok, a->plan_rows};
     for (size_t i = 0; i < sizeof arrays / sizeof arrays[0]; i++) moe_free(arrays[i]);
     for (int i = 0; i < N_BUF; i++) moe_free(a->buf[i]);
     free(a);
@@ -321,6 +333,12 @@ static moe_status reserve_trip_buffers(moe_a2a *a, int width)
 }
 
 moe_status moe_a2a_set_counts(moe_a2a *a, const int *send_rows, moe_status local_status, int max_width)
+{
+    a->tok_plan = 0;
+    return set_counts(a, send_rows, local_status, max_width);
+}
+
+static moe_status set_counts(moe_a2a *a, const int *send_rows, moe_status local_status, int max_width)
 {
     const double t0 = moe_now();
     const int P = a->P, El = a->El, X = El + 2;
@@ -623,7 +641,7 @@ moe_status moe_a2a_exchange(moe_a2a *a, moe_a2a_trip trip, int width, int out_wi
         /* back IS out: nothing to move either way. */
         st = local ? local : compute(ctx, 0, El, b.recv, b.out);
         t2 = moe_now();
-        a->last = (moe_a2a_times){0, t2 - t0, 0};
+        a->last = (moe_a2a_times){0, t2 - t0, 0, 0, 0};
         return st;
     }
     if (a->kind == MOE_A2A_P2P && nc > 1) {
@@ -644,7 +662,7 @@ moe_status moe_a2a_exchange(moe_a2a *a, moe_a2a_trip trip, int width, int out_wi
     }
     st = moe_comm_agree_on(a->c, MOE_SCOPE_EP, a->comm, st, "ep", 0);
     const double t3 = moe_now();
-    a->last = (moe_a2a_times){t1 - t0, t2 - t1, t3 - t2};
+    a->last = (moe_a2a_times){t1 - t0, t2 - t1, t3 - t2, 0, 0};
     return st;
 }
 
@@ -678,4 +696,166 @@ moe_status moe_a2a_bench_raw_alltoallv(moe_a2a *a, float *recv, const float *sen
     MOE_MPI_TRY_WD(a->c, MOE_SCOPE_EP, "raw MPI_Alltoallv",
                    MPI_Alltoallv(recv, rcount, rdispl, MPI_FLOAT, back, scount, sdispl, MPI_FLOAT, a->comm));
     return MOE_OK;
+}
+
+/* ---- token-level plan and trips ---- */
+
+/* Grows an int or float array to n elements (contents not kept). */
+static moe_status grow_array(void **p, int *cap, int n, size_t size)
+{
+    if (n <= *cap && *p) return MOE_OK;
+    const int c = n + n / 4 + 16;
+    void *q = moe_calloc((size_t)c, size);
+    if (!q) return moe_errorf(MOE_ERR_NOMEM, "token exchange plan: %d entries", c);
+    moe_free(*p);
+    *p = q;
+    *cap = c;
+    return MOE_OK;
+}
+
+/* The local part of a token-level plan: checks the routing and lays out
+ * the send rows (one per assignment, grouped by destination, tokens
+ * ascending inside a destination). */
+static moe_status plan_tokens(moe_a2a *a, const moe_a2a_routing *r)
+{
+    const int D = a->P * a->El;
+    if (!r || r->n_tokens < 0 || !r->tok_off || (r->tok_off[r->n_tokens] > 0 && (!r->dest || !r->weight)))
+        return moe_errorf(MOE_ERR_ARG, "token exchange: NULL or negative routing");
+    const int T = r->n_tokens, A = r->tok_off[T];
+    if (r->tok_off[0] != 0) return moe_errorf(MOE_ERR_ARG, "token exchange: tok_off[0] = %d, not 0", r->tok_off[0]);
+    for (int t = 0; t < T; t++)
+        if (r->tok_off[t + 1] < r->tok_off[t])
+            return moe_errorf(MOE_ERR_ARG, "token exchange: tok_off decreases at token %d", t);
+    for (int i = 0; i < A; i++)
+        if (r->dest[i] < 0 || r->dest[i] >= D)
+            return moe_errorf(MOE_ERR_ARG, "token exchange: assignment %d goes to %d, outside [0, %d)", i, r->dest[i], D);
+    int tcap = a->tok_cap;
+    moe_status st = grow_array((void **)&a->tok_off, &tcap, T + 1, sizeof(int));
+    a->tok_cap = tcap;
+    int acap = a->asg_cap;
+    if (!st) st = grow_array((void **)&a->asg_row, &acap, A, sizeof(int));
+    if (!st && acap != a->asg_cap) { /* the same capacity for the three per-assignment arrays */
+        moe_free(a->asg_w);
+        moe_free(a->row_tok);
+        a->asg_w = moe_calloc((size_t)acap, sizeof(float));
+        a->row_tok = moe_calloc((size_t)acap, sizeof(int));
+        a->asg_cap = acap;
+        if (!a->asg_w || !a->row_tok) {
+            a->asg_cap = 0;
+            st = moe_errorf(MOE_ERR_NOMEM, "token exchange plan: %d assignments", A);
+        }
+    }
+    if (st) return st;
+    memcpy(a->tok_off, r->tok_off, sizeof(int) * (size_t)(T + 1));
+    memset(a->plan_rows, 0, sizeof(int) * (size_t)D);
+    for (int i = 0; i < A; i++) a->plan_rows[r->dest[i]]++;
+    /* cursor per destination: tokens land in ascending order inside each */
+    int *cursor = a->done_idx; /* (2 El P) scratch, free between trips */
+    for (int d = 0, o = 0; d < D; o += a->plan_rows[d], d++) cursor[d] = o;
+    for (int t = 0; t < T; t++)
+        for (int i = r->tok_off[t]; i < r->tok_off[t + 1]; i++) {
+            const int row = cursor[r->dest[i]]++;
+            a->asg_row[i] = row;
+            a->asg_w[i] = r->weight[i];
+            a->row_tok[row] = t;
+        }
+    a->T = T;
+    a->A = A;
+    return MOE_OK;
+}
+
+moe_status moe_a2a_plan(moe_a2a *a, const moe_a2a_routing *r, moe_status local_status, int max_width)
+{
+    moe_status st = local_status != MOE_OK ? local_status : plan_tokens(a, r);
+    if (st) memset(a->plan_rows, 0, sizeof(int) * (size_t)a->P * a->El);
+    a->tok_plan = 0;
+    st = set_counts(a, a->plan_rows, st, max_width);
+    a->tok_plan = st == MOE_OK;
+    return st;
+}
+
+static moe_status check_tokens(const moe_a2a *a, int width, const char *what)
+{
+    if (!a->tok_plan)
+        return moe_errorf(MOE_ERR_ARG, "%s without a token-level plan (moe_a2a_plan failed or was not called)", what);
+    return check_call(a, width, what);
+}
+
+moe_status moe_a2a_forward(moe_a2a *a, float *y, const float *x, int width, moe_a2a_compute_fn compute, void *ctx,
+                           moe_status local)
+{
+    moe_a2a_buffers b;
+    moe_status st = check_tokens(a, width, "moe_a2a_forward");
+    if (st == MOE_OK) st = moe_a2a_buffers_get(a, MOE_A2A_FORWARD, &b);
+    if (st) return st; /* the same on every rank: no plan, or a bad width */
+    const int w = width;
+    const double t0 = moe_now();
+    for (int row = 0; row < a->A; row++)
+        memcpy(b.send + (size_t)row * w, x + (size_t)a->row_tok[row] * w, sizeof(float) * (size_t)w);
+    const double t1 = moe_now();
+    st = moe_a2a_exchange(a, MOE_A2A_FORWARD, width, width, compute, ctx, local);
+    const double t2 = moe_now();
+    if (st == MOE_OK) {
+        /* y[t] = sum in combine order of weight * result (the order is the
+         * bits: the same on any number of ranks, with any kind). */
+        memset(y, 0, sizeof(float) * (size_t)a->T * w);
+        for (int t = 0; t < a->T; t++) {
+            float *yt = y + (size_t)t * w;
+            for (int i = a->tok_off[t]; i < a->tok_off[t + 1]; i++) {
+                const float g = a->asg_w[i], *src = b.back + (size_t)a->asg_row[i] * w;
+                for (int k = 0; k < w; k++) yt[k] += g * src[k];
+            }
+        }
+    }
+    a->last.pack = t1 - t0;
+    a->last.combine = moe_now() - t2;
+    return st;
+}
+
+moe_status moe_a2a_backward(moe_a2a *a, float *dweight, const float *dy, int width, moe_a2a_compute_fn compute,
+                            void *ctx, moe_status local)
+{
+    moe_a2a_buffers fb, bb;
+    moe_status st = check_tokens(a, width, "moe_a2a_backward");
+    if (st == MOE_OK) st = moe_a2a_buffers_get(a, MOE_A2A_FORWARD, &fb);
+    if (st == MOE_OK) st = moe_a2a_buffers_get(a, MOE_A2A_BACKWARD, &bb);
+    if (st) return st;
+    const int w = width;
+    const double t0 = moe_now();
+    /* dL/dg of each assignment, and the rows g * dy for the experts: bb.send
+     * may be fb.back (in place: each row is read before it is written). */
+    for (int t = 0; t < a->T; t++) {
+        const float *dyt = dy + (size_t)t * w;
+        for (int i = a->tok_off[t]; i < a->tok_off[t + 1]; i++) {
+            const size_t row = (size_t)a->asg_row[i];
+            const float *yrow = fb.back + row * w;
+            float *dyrow = bb.send + row * w;
+            float dot = 0.0f;
+            const float g = a->asg_w[i];
+            for (int k = 0; k < w; k++) {
+                dot += dyt[k] * yrow[k];
+                dyrow[k] = g * dyt[k];
+            }
+            dweight[i] = dot;
+        }
+    }
+    const double t1 = moe_now();
+    st = moe_a2a_exchange(a, MOE_A2A_BACKWARD, width, width, compute, ctx, local);
+    a->last.pack = t1 - t0;
+    a->last.combine = 0;
+    return st;
+}
+
+void moe_a2a_backward_add(moe_a2a *a, float *dx, int width)
+{
+    moe_a2a_buffers bb;
+    if (!a->tok_plan || moe_a2a_buffers_get(a, MOE_A2A_BACKWARD, &bb)) return;
+    const int w = width;
+    for (int t = 0; t < a->T; t++) {
+        float *dxt = dx + (size_t)t * w;
+        for (int i = a->tok_off[t]; i < a->tok_off[t + 1]; i++) {
+            const float *src = bb.back + (size_t)a->asg_row[i] * w;
+            for (int k = 0; k < w; k++) dxt[k] += src[k];
+        }
+    }
 }

@@ -259,13 +259,59 @@ typedef moe_status (*moe_a2a_compute_fn)(void *ctx, int j0, int j1, const float 
 moe_status moe_a2a_exchange(moe_a2a *a, moe_a2a_trip trip, int width, int out_width,
                             moe_a2a_compute_fn compute, void *ctx, moe_status local);
 
-/* Seconds of the last moe_a2a_exchange on this rank: dispatch, compute and
- * return. When chunks overlap, the whole overlapped time counts as compute.
- * Not collective. */
+/* Seconds of the last moe_a2a_exchange (or token-level trip) on this rank:
+ * dispatch, compute and return; pack and combine are the home-side work of
+ * a token-level trip (0 otherwise). When chunks overlap, the whole
+ * overlapped time counts as compute. Not collective. */
 typedef struct {
     double dispatch, compute, ret;
+    double pack, combine;
 } moe_a2a_times;
 moe_a2a_times moe_a2a_last_times(const moe_a2a *a);
+
+/* ---- token-level use (the MoE layer) ----
+ *
+ * The caller states a routing decision instead of packing rows: T local
+ * tokens, each with its assignments in COMBINE order (the order in which
+ * the token's results are summed, ascending global expert), each naming
+ * its destination (ep rank p, local slot j: p * El + j) and its combine
+ * weight. The exchange lays out the rows (one per assignment in p2p and
+ * shm: the send layout above; one per (token, destination node) in the
+ * node-aware kind), moves them, and combines the results per token in
+ * combine order. The receive layout, and so the compute, is the same
+ * whatever the kind, and so are the results, bit for bit. */
+typedef struct {
+    int n_tokens;          /* T >= 0 */
+    const int *tok_off;    /* (T + 1) token t's assignments are [tok_off[t], tok_off[t + 1]), tok_off[0] = 0 */
+    const int *dest;       /* (A) p * El + j */
+    const float *weight;   /* (A) combine weight */
+} moe_a2a_routing;
+
+/* Collective over the ep group: the plan of a routing (as set_counts; a
+ * bad routing is MOE_ERR_ARG on this rank and MOE_ERR_REMOTE elsewhere).
+ * The arrays are copied. */
+moe_status moe_a2a_plan(moe_a2a *a, const moe_a2a_routing *r, moe_status local_status, int max_width);
+/* Rows each local expert receives: moe_a2a_recv_expert_offsets as for set_counts. */
+
+/* Forward trip of the plan, collective over the ep group: every token's
+ * row x[t] (width wide) reaches the experts of its assignments, compute
+ * runs (on the receive layout, width -> width), and y[t] = the sum, in
+ * combine order, of weight * result over the token's assignments (0 for a
+ * token with none). x and y are (T, width); y is overwritten. Failure as
+ * moe_a2a_exchange (y is then void). */
+moe_status moe_a2a_forward(moe_a2a *a, float *y, const float *x, int width, moe_a2a_compute_fn compute,
+                           void *ctx, moe_status local);
+/* Backward trip of the last forward, collective over the ep group:
+ * dweight[a] = dy[t] . (the forward's result row of assignment a), the
+ * rows weight * dy[t] reach the experts, compute runs (the expert
+ * backward, in place: its out may be its in; the forward's receive rows are
+ * intact), and the results come back; moe_a2a_backward_add then adds them
+ * to dx[t] in combine order. dy, dx (T, width); dweight (A). */
+moe_status moe_a2a_backward(moe_a2a *a, float *dweight, const float *dy, int width, moe_a2a_compute_fn compute,
+                            void *ctx, moe_status local);
+/* Not collective: dx[t] += the backward results of t's assignments, in
+ * combine order. Only after a successful moe_a2a_backward. */
+void moe_a2a_backward_add(moe_a2a *a, float *dx, int width);
 
 /* ---- primitives on caller buffers (benchmarks and tests of the transport) ---- */
 
