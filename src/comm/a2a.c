@@ -18,67 +18,15 @@
  *
  * With one rank in the ep group (local) nothing moves: the receive layout
  * IS the send layout and the trip buffers alias accordingly. */
-#include "comm/comm_mpi.h"
-#include "comm/comm_internal.h"
+#include "comm/a2a_internal.h"
 
 #include <limits.h>
 #include <stdlib.h>
 #include <string.h>
 
-enum { DISPATCH = 0, RETURN = 1 };
-
-/* The private trip buffers: x-like rows in the send and receive layouts,
- * and y-like rows (results) in both. Which of them (or the shm window)
- * plays which role in a trip is decided once, in moe_a2a_buffers_get. */
-enum { B_SEND_X, B_SEND_Y, B_RECV_X, B_RECV_Y, N_BUF };
-
-struct moe_a2a {
-    moe_comm *c;
-    MPI_Comm comm;          /* duplicate of the ep group: the exchange's tags are private */
-    moe_a2a_kind kind;
-    int local;              /* 1: one rank in the ep group, no MPI */
-    int P, me, El, chunks;
-    int max_width;          /* of the current plan; 0: no valid plan */
-    int send_total, recv_total;
-    int *send_rows;         /* (P * El) [p * El + j] rows to local expert j of rank p */
-    int *send_off;          /* (P * El) row offset of that block in the send layout */
-    int *recv_counts;       /* (El * P) [j * P + s] rows for local expert j from rank s */
-    int *recv_off;          /* (El * P) row offset of that block in the receive layout */
-    int *recv_expert_off;   /* (El + 1) */
-    int *xsend, *xrecv;     /* (P * (El + 2)) count exchange: El counts, send offset, status */
-    MPI_Request *req;       /* (2, El, P, 2): [dir][j][peer][recv, send] */
-    int *vcount, *vdispl;   /* (2 * P) MPI_Alltoallv arguments of the raw baseline */
-    /* MOE_A2A_SHM only */
-    int *peer_send_off;     /* (El * P) [j * P + s] offset in s's send layout of its rows for my j */
-    int *peer_recv_off;     /* (P * El) [p * El + j] offset in p's receive layout of my rows for its j */
-    MPI_Win win;
-    size_t win_floats;      /* capacity of my segment */
-    float **seg;            /* (P) every rank's segment, mapped here */
-    float *buf[N_BUF];      /* private trip buffers */
-    size_t buf_cap[N_BUF];  /* floats allocated */
-    int *remote;            /* (P) 1: ep rank q is on another node than this rank */
-    /* watchdog: which peers a wait still needs (wait_range) */
-    int *owed;              /* (P) requests not yet complete per peer */
-    atomic_uchar *pending;  /* (P) owed[q] > 0, read by the watchdog thread */
-    int *done_idx;          /* (2 El P) MPI_Waitsome indices */
-    moe_a2a_times last;     /* of the last moe_a2a_exchange */
-    double seconds;
-    moe_a2a_traffic traffic; /* payload bytes sent since creation or the last reset */
-    /* token-level plan (moe_a2a_plan); send rows = assignments in p2p and shm */
-    int tok_plan;           /* 1: the current plan came from moe_a2a_plan */
-    int T, A;               /* tokens and assignments of the plan */
-    int tok_cap, asg_cap;   /* allocated */
-    int *tok_off;           /* (T + 1) */
-    int *asg_row;           /* (A) send-layout row of each assignment */
-    float *asg_w;           /* (A) its combine weight */
-    int *row_tok;           /* (A) token of each send row */
-    int *plan_rows;         /* (P * El) rows per destination of the plan */
-};
-
 static int imin(int a, int b) { return a < b ? a : b; }
-static moe_status set_counts(moe_a2a *a, const int *send_rows, moe_status local_status, int max_width);
 
-const char *const moe_a2a_kind_names[] = {"p2p", "shm", NULL};
+const char *const moe_a2a_kind_names[] = {"p2p", "shm", "node", "auto", NULL};
 
 moe_status moe_a2a_kind_parse(moe_a2a_kind *out, const char *name)
 {
@@ -88,8 +36,8 @@ moe_status moe_a2a_kind_parse(moe_a2a_kind *out, const char *name)
             *out = (moe_a2a_kind)k;
             return MOE_OK;
         }
-    return moe_errorf(MOE_ERR_ARG, "unknown exchange kind '%s' (p2p or shm; %s = p2p)", name ? name : "(null)",
-                      MOE_A2A_P2P_OLD_NAME);
+    return moe_errorf(MOE_ERR_ARG, "unknown exchange kind '%s' (p2p, shm, node or auto; %s = p2p)",
+                      name ? name : "(null)", MOE_A2A_P2P_OLD_NAME);
 }
 
 /* MPI guarantees tags up to 32767; the exchange uses 2 * El of them. */
@@ -118,7 +66,7 @@ moe_status moe_a2a_create(moe_a2a **out, moe_comm *c, int n_local_experts, moe_a
     moe_status st = MOE_OK;
     if (El < 1 || El > MOE_A2A_MAX_LOCAL_EXPERTS)
         st = moe_errorf(MOE_ERR_ARG, "n_local_experts=%d outside [1, %d]", El, MOE_A2A_MAX_LOCAL_EXPERTS);
-    else if (kind != MOE_A2A_P2P && kind != MOE_A2A_SHM)
+    else if ((unsigned)kind > MOE_A2A_AUTO)
         st = moe_errorf(MOE_ERR_ARG, "unknown exchange kind %d", (int)kind);
     else if (chunks < 1)
         st = moe_errorf(MOE_ERR_ARG, "chunks=%d must be >= 1", chunks);
@@ -139,8 +87,8 @@ moe_status moe_a2a_create(moe_a2a **out, moe_comm *c, int n_local_experts, moe_a
         a->recv_counts = moe_calloc(pe, sizeof(int));
         a->recv_off = moe_calloc(pe, sizeof(int));
         a->recv_expert_off = moe_calloc((size_t)El + 1, sizeof(int));
-        a->xsend = moe_calloc((size_t)P * (El + 2), sizeof(int));
-        a->xrecv = moe_calloc((size_t)P * (El + 2), sizeof(int));
+        a->xsend = moe_calloc((size_t)P * (El + A2A_X_EXTRA), sizeof(int));
+        a->xrecv = moe_calloc((size_t)P * (El + A2A_X_EXTRA), sizeof(int));
         a->req = moe_calloc(4 * pe, sizeof(MPI_Request));
         a->vcount = moe_calloc(2 * (size_t)P, sizeof(int));
         a->vdispl = moe_calloc(2 * (size_t)P, sizeof(int));
@@ -169,7 +117,19 @@ moe_status moe_a2a_create(moe_a2a **out, moe_comm *c, int n_local_experts, moe_a
         st = moe_comm_agree_on(c, MOE_SCOPE_EP, ep, st, "ep", 0);
         if (st == MOE_OK) MOE_MPI_KEEP_WD(st, c, MOE_SCOPE_EP, "exchange set-up (MPI_Comm_dup)", MPI_Comm_dup(ep, &a->comm));
         if (st == MOE_OK) MOE_MPI_KEEP(st, MPI_Comm_set_errhandler(a->comm, MPI_ERRORS_RETURN));
-        if (st == MOE_OK && kind == MOE_A2A_SHM) st = moe_comm_agree_on(a->c, MOE_SCOPE_EP, a->comm, shm_check_node(a), "ep", 0);
+        /* An ep group spanning nodes takes the node-aware kind when asked
+         * for auto or for shared memory (which one window cannot span);
+         * every rank sees the same node table, so decides alike. */
+        int spans = 0;
+        for (int q = 0; a && q < P; q++) spans |= a->remote[q];
+        if (st == MOE_OK) MOE_MPI_KEEP_WD(st, c, MOE_SCOPE_EP, "exchange set-up (MPI_Allreduce)",
+                                          MPI_Allreduce(MPI_IN_PLACE, &spans, 1, MPI_INT, MPI_LOR, a->comm));
+        if (st == MOE_OK && (kind == MOE_A2A_AUTO || kind == MOE_A2A_SHM) && spans) a->kind = MOE_A2A_NODE;
+        else if (st == MOE_OK && kind == MOE_A2A_AUTO) a->kind = MOE_A2A_P2P;
+        if (st == MOE_OK && a->kind == MOE_A2A_SHM) st = moe_comm_agree_on(a->c, MOE_SCOPE_EP, a->comm, shm_check_node(a), "ep", 0);
+        if (st == MOE_OK && a->kind == MOE_A2A_NODE) st = moe_comm_agree_on(a->c, MOE_SCOPE_EP, a->comm, moe_a2a_node_create(a), "ep", 0);
+    } else if (a) {
+        a->kind = kind == MOE_A2A_AUTO ? MOE_A2A_P2P : kind;
     }
     if (st != MOE_OK) {
         moe_a2a_destroy(a);
@@ -190,6 +150,7 @@ static void free_window(moe_a2a *a)
 void moe_a2a_destroy(moe_a2a *a)
 {
     if (!a) return;
+    moe_a2a_node_destroy(a);
     free_window(a);
     if (a->comm != MPI_COMM_NULL) MPI_Comm_free(&a->comm);
     void *arrays[] = {a->send_rows, a->send_off, a->recv_counts, a->recv_off, a->recv_expert_off,
@@ -275,11 +236,11 @@ static moe_status plan_send(moe_a2a *a, const int *send_rows, int max_width)
 /* The remote half: counts received in xrecv -> receive layout. */
 static moe_status plan_recv(moe_a2a *a, int max_width)
 {
-    const int P = a->P, El = a->El, X = El + 2;
+    const int P = a->P, El = a->El, X = El + A2A_X_EXTRA;
     for (int s = 0; s < P; s++)
-        if (a->xrecv[s * X + El + 1] != MOE_OK)
+        if (a->xrecv[s * X + El + A2A_X_STATUS] != MOE_OK)
             return moe_errorf(MOE_ERR_REMOTE, "ep rank %d failed with '%s'", s,
-                              moe_status_str((moe_status)a->xrecv[s * X + El + 1]));
+                              moe_status_str((moe_status)a->xrecv[s * X + El + A2A_X_STATUS]));
     int64_t off = 0;
     for (int j = 0; j < El; j++)
         for (int s = 0; s < P; s++) off += a->xrecv[s * X + j];
@@ -298,7 +259,7 @@ static moe_status plan_recv(moe_a2a *a, int max_width)
     a->recv_expert_off[El] = a->recv_total = (int)off;
     /* Where each source keeps my rows: its block base plus the earlier experts' rows. */
     for (int s = 0; s < P; s++)
-        for (int j = 0, o = a->xrecv[s * X + El]; j < El; o += a->xrecv[s * X + j], j++)
+        for (int j = 0, o = a->xrecv[s * X + El + A2A_X_OFFSET]; j < El; o += a->xrecv[s * X + j], j++)
             a->peer_send_off[j * P + s] = o;
     return MOE_OK;
 }
@@ -306,7 +267,7 @@ static moe_status plan_recv(moe_a2a *a, int max_width)
 /* Makes trip buffer i hold rows x width floats; headroom so that
  * step-to-step fluctuation of the load does not reallocate (small for the
  * receive side, whose buffers are the largest). Contents are not kept. */
-static moe_status reserve_buf(moe_a2a *a, int i, int rows, int width)
+moe_status moe_a2a_reserve_buf(moe_a2a *a, int i, int rows, int width)
 {
     const size_t need = (size_t)rows * (size_t)width;
     if (need <= a->buf_cap[i] && a->buf[i]) return MOE_OK;
@@ -324,30 +285,35 @@ static moe_status reserve_buf(moe_a2a *a, int i, int rows, int width)
 static moe_status reserve_trip_buffers(moe_a2a *a, int width)
 {
     const int S = a->send_total, R = a->recv_total;
-    moe_status st = reserve_buf(a, B_SEND_X, S, width);
-    if (!st) st = reserve_buf(a, B_RECV_Y, R, width);
+    moe_status st = moe_a2a_reserve_buf(a, B_SEND_X, S, width);
+    if (!st) st = moe_a2a_reserve_buf(a, B_RECV_Y, R, width);
     if (a->local) return st;
-    if (!st) st = reserve_buf(a, B_SEND_Y, S, width);
-    if (!st) st = reserve_buf(a, B_RECV_X, R, width);
+    if (!st) st = moe_a2a_reserve_buf(a, B_SEND_Y, S, width);
+    if (!st) st = moe_a2a_reserve_buf(a, B_RECV_X, R, width);
     return st;
 }
 
 moe_status moe_a2a_set_counts(moe_a2a *a, const int *send_rows, moe_status local_status, int max_width)
 {
     a->tok_plan = 0;
-    return set_counts(a, send_rows, local_status, max_width);
+    if (a->kind == MOE_A2A_NODE && !a->local)
+        return moe_a2a_node_plan(a, 0, NULL, NULL, NULL, send_rows, local_status, max_width);
+    return moe_a2a_set_counts_x(a, send_rows, NULL, local_status, max_width);
 }
 
-static moe_status set_counts(moe_a2a *a, const int *send_rows, moe_status local_status, int max_width)
+moe_status moe_a2a_set_counts_x(moe_a2a *a, const int *send_rows, const int *extra, moe_status local_status,
+                                int max_width)
 {
     const double t0 = moe_now();
-    const int P = a->P, El = a->El, X = El + 2;
+    const int P = a->P, El = a->El, X = El + A2A_X_EXTRA;
     a->max_width = 0;
     moe_status st = local_status != MOE_OK ? local_status : plan_send(a, send_rows, max_width);
     for (int p = 0; p < P; p++) {
         for (int j = 0; j < El; j++) a->xsend[p * X + j] = st ? 0 : a->send_rows[p * El + j];
-        a->xsend[p * X + El] = st ? 0 : a->send_off[p * El];
-        a->xsend[p * X + El + 1] = (int)st;
+        a->xsend[p * X + El + A2A_X_OFFSET] = st ? 0 : a->send_off[p * El];
+        a->xsend[p * X + El + A2A_X_STATUS] = (int)st;
+        for (int k = 0; k < A2A_X_EXTRA - A2A_X_NODE; k++)
+            a->xsend[p * X + El + A2A_X_NODE + k] = st || !extra ? 0 : extra[p * (A2A_X_EXTRA - A2A_X_NODE) + k];
     }
     if (a->local) {
         memcpy(a->xrecv, a->xsend, sizeof(int) * (size_t)X);
@@ -391,6 +357,7 @@ float *moe_a2a_shm_buffer(moe_a2a *a)
 }
 
 int moe_a2a_send_total(const moe_a2a *a) { return a->send_total; }
+moe_a2a_kind moe_a2a_kind_of(const moe_a2a *a) { return a->kind; }
 int moe_a2a_recv_total(const moe_a2a *a) { return a->recv_total; }
 const int *moe_a2a_recv_expert_offsets(const moe_a2a *a) { return a->recv_expert_off; }
 const int *moe_a2a_recv_counts(const moe_a2a *a) { return a->recv_counts; }
@@ -400,7 +367,7 @@ moe_a2a_traffic moe_a2a_bytes(const moe_a2a *a) { return a->traffic; }
 void moe_a2a_reset_bytes(moe_a2a *a) { memset(&a->traffic, 0, sizeof a->traffic); }
 
 /* n rows of w floats sent to ep rank q (not this rank). */
-static void count_sent(moe_a2a *a, int q, int n, int w)
+void moe_a2a_count_sent(moe_a2a *a, int q, int64_t n, int w)
 {
     const int64_t b = (int64_t)n * w * (int64_t)sizeof(float);
     a->traffic.sent += b;
@@ -451,7 +418,7 @@ static moe_status post_range(moe_a2a *a, int dir, int j0, int j1, float *dst, co
                 MOE_MPI_TRY(MPI_Irecv(dst + (size_t)b.dst_off * w, b.dst_n * w, MPI_FLOAT, q, tag, a->comm, &r[0]));
             if (b.src_n) {
                 MOE_MPI_TRY(MPI_Isend(src + (size_t)b.src_off * w, b.src_n * w, MPI_FLOAT, q, tag, a->comm, &r[1]));
-                count_sent(a, q, b.src_n, w);
+                moe_a2a_count_sent(a, q, b.src_n, w);
             }
         }
     }
@@ -517,7 +484,7 @@ static moe_status shm_exchange(moe_a2a *a, int dir, float *dst, const float *src
                 continue;
             }
             if (src != mine) copy_rows(mine, b.src_off, src, b.src_off, b.src_n, w);
-            count_sent(a, q, b.src_n, w); /* published for q, who copies them */
+            moe_a2a_count_sent(a, q, b.src_n, w); /* published for q, who copies them */
         }
     MOE_MPI_TRY(MPI_Win_sync(a->win));
     MOE_MPI_TRY_WD(a->c, MOE_SCOPE_EP, dir == DISPATCH ? "token exchange, dispatch (shared-memory barrier)"
@@ -546,6 +513,8 @@ static moe_status transfer(moe_a2a *a, int dir, float *dst, const float *src, in
         return MOE_OK;
     }
     if (a->kind == MOE_A2A_SHM) return shm_exchange(a, dir, dst, src, w);
+    if (a->kind == MOE_A2A_NODE)
+        return dir == DISPATCH ? moe_a2a_node_dispatch(a, dst, src, w, 0) : moe_a2a_node_return(a, dst, src, w, 0, NULL);
     moe_status st = post_range(a, dir, 0, a->El, dst, src, w);
     if (st == MOE_OK) st = wait_range(a, dir, 0, a->El);
     return st;
@@ -767,9 +736,16 @@ static moe_status plan_tokens(moe_a2a *a, const moe_a2a_routing *r)
 moe_status moe_a2a_plan(moe_a2a *a, const moe_a2a_routing *r, moe_status local_status, int max_width)
 {
     moe_status st = local_status != MOE_OK ? local_status : plan_tokens(a, r);
-    if (st) memset(a->plan_rows, 0, sizeof(int) * (size_t)a->P * a->El);
+    if (st) {
+        memset(a->plan_rows, 0, sizeof(int) * (size_t)a->P * a->El);
+        a->T = a->A = 0;
+    }
     a->tok_plan = 0;
-    st = set_counts(a, a->plan_rows, st, max_width);
+    if (a->kind == MOE_A2A_NODE && !a->local)
+        st = moe_a2a_node_plan(a, a->T, st ? NULL : r->tok_off, st ? NULL : r->dest, st ? NULL : r->weight,
+                               a->plan_rows, st, max_width);
+    else
+        st = moe_a2a_set_counts_x(a, a->plan_rows, NULL, st, max_width);
     a->tok_plan = st == MOE_OK;
     return st;
 }
@@ -789,6 +765,20 @@ moe_status moe_a2a_forward(moe_a2a *a, float *y, const float *x, int width, moe_
     if (st == MOE_OK) st = moe_a2a_buffers_get(a, MOE_A2A_FORWARD, &b);
     if (st) return st; /* the same on every rank: no plan, or a bad width */
     const int w = width;
+    if (a->kind == MOE_A2A_NODE && !a->local) {
+        /* The node-aware kind moves token rows and combines on the way back. */
+        const double t0 = moe_now();
+        st = moe_a2a_node_dispatch(a, (float *)b.recv, x, w, 0);
+        const double t1 = moe_now();
+        moe_status cst = local ? local : st ? st : compute(ctx, 0, a->El, b.recv, b.out);
+        const double t2 = moe_now();
+        const moe_status rst = moe_a2a_node_return(a, y, b.out, w, 1, NULL);
+        st = moe_comm_agree_on(a->c, MOE_SCOPE_EP, a->comm, cst ? cst : st ? st : rst, "ep", 0);
+        const double t3 = moe_now();
+        a->last = (moe_a2a_times){t1 - t0, t2 - t1, t3 - t2, 0, 0};
+        a->seconds += (t1 - t0) + (t3 - t2);
+        return st;
+    }
     const double t0 = moe_now();
     for (int row = 0; row < a->A; row++)
         memcpy(b.send + (size_t)row * w, x + (size_t)a->row_tok[row] * w, sizeof(float) * (size_t)w);
@@ -801,10 +791,8 @@ moe_status moe_a2a_forward(moe_a2a *a, float *y, const float *x, int width, moe_
         memset(y, 0, sizeof(float) * (size_t)a->T * w);
         for (int t = 0; t < a->T; t++) {
             float *yt = y + (size_t)t * w;
-            for (int i = a->tok_off[t]; i < a->tok_off[t + 1]; i++) {
-                const float g = a->asg_w[i], *src = b.back + (size_t)a->asg_row[i] * w;
-                for (int k = 0; k < w; k++) yt[k] += g * src[k];
-            }
+            for (int i = a->tok_off[t]; i < a->tok_off[t + 1]; i++)
+                a2a_axpy(yt, a->asg_w[i], b.back + (size_t)a->asg_row[i] * w, w);
         }
     }
     a->last.pack = t1 - t0;
@@ -821,6 +809,21 @@ moe_status moe_a2a_backward(moe_a2a *a, float *dweight, const float *dy, int wid
     if (st == MOE_OK) st = moe_a2a_buffers_get(a, MOE_A2A_BACKWARD, &bb);
     if (st) return st;
     const int w = width;
+    if (a->kind == MOE_A2A_NODE && !a->local) {
+        /* dy rows travel once per node; the owner forms g * dy and dL/dg
+         * against the forward's results it kept (bb.recv, in place). */
+        const double t0 = moe_now();
+        st = moe_a2a_node_dispatch(a, (float *)bb.recv, dy, w, 1);
+        const double t1 = moe_now();
+        moe_status cst = local ? local : st ? st : compute(ctx, 0, a->El, bb.recv, bb.out);
+        const double t2 = moe_now();
+        const moe_status rst = moe_a2a_node_return(a, (float *)bb.back, bb.out, w, 0, dweight);
+        st = moe_comm_agree_on(a->c, MOE_SCOPE_EP, a->comm, cst ? cst : st ? st : rst, "ep", 0);
+        const double t3 = moe_now();
+        a->last = (moe_a2a_times){t1 - t0, t2 - t1, t3 - t2, 0, 0};
+        a->seconds += (t1 - t0) + (t3 - t2);
+        return st;
+    }
     const double t0 = moe_now();
     /* dL/dg of each assignment, and the rows g * dy for the experts: bb.send
      * may be fb.back (in place: each row is read before it is written). */
@@ -828,15 +831,10 @@ moe_status moe_a2a_backward(moe_a2a *a, float *dweight, const float *dy, int wid
         const float *dyt = dy + (size_t)t * w;
         for (int i = a->tok_off[t]; i < a->tok_off[t + 1]; i++) {
             const size_t row = (size_t)a->asg_row[i];
-            const float *yrow = fb.back + row * w;
-            float *dyrow = bb.send + row * w;
-            float dot = 0.0f;
             const float g = a->asg_w[i];
-            for (int k = 0; k < w; k++) {
-                dot += dyt[k] * yrow[k];
-                dyrow[k] = g * dyt[k];
-            }
-            dweight[i] = dot;
+            dweight[i] = a2a_dot(dyt, fb.back + row * w, w);
+            float *dyrow = bb.send + row * w;
+            for (int k = 0; k < w; k++) dyrow[k] = g * dyt[k];
         }
     }
     const double t1 = moe_now();

@@ -179,12 +179,18 @@ typedef enum {
                       * payload: one message per (peer, local expert) block,
                       * received straight into the receive layout (config
                       * value "p2p"; "alltoallv" is an old alias) */
-    MOE_A2A_SHM = 1, /* MPI-3 shared-memory window, on-node only */
+    MOE_A2A_SHM = 1, /* MPI-3 shared-memory window, on-node only (an ep group
+                      * spanning nodes gets MOE_A2A_NODE) */
+    MOE_A2A_NODE = 2, /* node-aware, two levels: shared memory inside a node,
+                       * one message per node pair across nodes, each token's
+                       * row crosses to a node once and its results come back
+                       * summed per node where the combine order allows */
+    MOE_A2A_AUTO = 3, /* NODE when the ep group spans nodes, else P2P */
 } moe_a2a_kind;
 
-/* The kinds' names, index = kind, NULL-terminated: "p2p", "shm". The old
- * name of p2p, "alltoallv", is still read everywhere a kind is named
- * (configs, checkpoint config texts, bench options). */
+/* The kinds' names, index = kind, NULL-terminated: "p2p", "shm", "node",
+ * "auto". The old name of p2p, "alltoallv", is still read everywhere a kind
+ * is named (configs, checkpoint config texts, bench options). */
 extern const char *const moe_a2a_kind_names[];
 #define MOE_A2A_P2P_OLD_NAME "alltoallv"
 /* A kind from its name (or the old name). MOE_ERR_ARG naming the choices. Not collective. */
@@ -213,12 +219,14 @@ typedef struct moe_a2a moe_a2a;
 
 /* Collective over the ep group. n_local_experts = E / P. chunks >= 1:
  * number of expert chunks moe_a2a_exchange overlaps with the point-to-point
- * payload. MOE_A2A_SHM fails with MOE_ERR_ARG if the ep group spans more
- * than one node. With one rank in the ep group no MPI is used whatever the
- * kind. */
+ * payload. MOE_A2A_AUTO and MOE_A2A_SHM become MOE_A2A_NODE when the ep
+ * group spans nodes (moe_comm_node_of); AUTO is P2P otherwise. With one
+ * rank in the ep group no MPI is used whatever the kind. */
 moe_status moe_a2a_create(moe_a2a **out, moe_comm *c, int n_local_experts, moe_a2a_kind kind,
                           int chunks);
 void moe_a2a_destroy(moe_a2a *a);
+/* The kind in use (never AUTO). Not collective. */
+moe_a2a_kind moe_a2a_kind_of(const moe_a2a *a);
 
 /* Collective over the ep group. send_rows (P * El): rows this rank sends to
  * local expert j of ep rank p at [p * El + j]. local_status carries this

@@ -43,7 +43,7 @@ static const struct {
 } enum_aliases[] = {{"a2a", MOE_A2A_P2P_OLD_NAME, "p2p"}};
 _Static_assert(MOE_ROUTER_TOKEN_CHOICE == 0 && MOE_ROUTER_EXPERT_CHOICE == 1, "router_names order");
 _Static_assert(MOE_ACT_GELU == 0 && MOE_ACT_RELU == 1 && MOE_ACT_SWIGLU == 2, "act_names order");
-_Static_assert(MOE_A2A_P2P == 0 && MOE_A2A_SHM == 1, "a2a_names order");
+_Static_assert(MOE_A2A_P2P == 0 && MOE_A2A_SHM == 1 && MOE_A2A_NODE == 2 && MOE_A2A_AUTO == 3, "a2a_names order");
 _Static_assert(sizeof(moe_router_kind) == sizeof(int) && sizeof(moe_activation) == sizeof(int),
                "enum keys are stored through int");
 
@@ -101,7 +101,10 @@ static const key_desc keys[] = {
     KI(val_every, "data", 0, NOMAX, "steps between validations (0: never)"),
     KI(val_batches, "data", 1, NOMAX, "batches of batch_size sequences per validation"),
 
-    KE(a2a, "exchange", a2a_names, "token exchange: p2p (point-to-point) or shm (on-node shared memory); alltoallv = p2p"),
+    KE(a2a, "exchange", a2a_names,
+       "token exchange: auto (node when the ep group spans nodes, else p2p), p2p (point-to-point), shm "
+       "(on-node shared memory) or node (two levels: shared memory in a node, one message per node pair); "
+       "alltoallv = p2p"),
     KI(a2a_chunks, "exchange", 1, NOMAX, "expert chunks overlapped with the exchange (p2p)"),
     KR(comm_timeout, "exchange", 0, HUGE_VAL, 0, 0,
        "seconds a blocking exchange, collective or checkpoint I/O phase may make no progress before "
@@ -162,7 +165,7 @@ void moe_train_config_default(moe_train_config *c)
     c->val_every = 100;
     c->val_batches = 8;
 
-    c->a2a = MOE_A2A_P2P;
+    c->a2a = MOE_A2A_AUTO;
     c->a2a_chunks = 1;
     c->comm_timeout = MOE_COMM_TIMEOUT_DEFAULT;
 
