@@ -127,6 +127,7 @@ static moe_status check_common(moe_comm *c, const moe_tensor_table *t, int E, co
 typedef struct {
     hid_t file, dxpl, lcpl;
     const char *path; /* for messages */
+    const moe_comm *comm; /* the watchdog's phases */
 } writer;
 
 /* One dataset: global shape dims, this rank's rows [r0, r0 + nr) from buf
@@ -186,6 +187,9 @@ static moe_status write_dset(const writer *w, const wdset *d)
     if (rc == 0)
         rc = H5Pset_chunk(dcpl, d->ndim, chunk) < 0 || H5Pset_fletcher32(dcpl) < 0 ||
              H5Pset_fill_time(dcpl, H5D_FILL_TIME_NEVER) < 0 ? -1 : 0;
+    /* One watchdog phase per dataset (comm_timeout): a huge model's
+     * checkpoint is many phases, each bounded by its largest tensor. */
+    moe_comm_phase_begin(w->comm, MOE_SCOPE_WORLD, "parallel HDF5 checkpoint write (one dataset)");
     hid_t ds = rc < 0 ? H5I_INVALID_HID : H5Dcreate2(w->file, d->name, ftype, fs, w->lcpl, dcpl, H5P_DEFAULT);
     if (ds < 0) rc = -1;
     if (rc == 0 && n == 0) {
@@ -200,6 +204,7 @@ static moe_status write_dset(const writer *w, const wdset *d)
     static const int64_t nothing; /* a rank writing nothing still passes a valid pointer */
     if (rc >= 0) rc = H5Dwrite(ds, mtype, ms, fs, w->dxpl, n ? d->buf : (const void *)&nothing);
     if (ds >= 0) H5Dclose(ds);
+    moe_comm_phase_end();
     if (dcpl >= 0) H5Pclose(dcpl);
     if (ms >= 0) H5Sclose(ms);
     if (fs >= 0) H5Sclose(fs);
@@ -543,7 +548,7 @@ static moe_status fill(void *vctx, hid_t file, hid_t dxpl, hid_t lcpl, const cha
 {
     const fill_ctx *x = vctx;
     const body *b = x->b;
-    writer w = {file, dxpl, lcpl, tmp};
+    writer w = {file, dxpl, lcpl, tmp, x->c};
     const char *config = b->st ? b->st->config_text : b->config;
     /* format 2 only when the file holds one of its additions: a /tokenizer
      * group, or a format 2 /model attribute */
@@ -615,6 +620,10 @@ moe_status moe_ckpt_save(const char *path, moe_comm *c, const moe_ckpt_state *s)
     if ((st = agree(c, moe_comm_check_same(c, "checkpoint attributes", &h, sizeof h))) != MOE_OK)
         return st;
     body b = {.st = s};
+    /* Test hook: this rank stops answering before the parallel write; the
+     * others wait in it until the comm_timeout watchdog ends the job. */
+    if (moe_fault("ckpt_stall", moe_comm_rank(c)))
+        for (;;) pause();
     return save_atomic(path, c, &b, s->table);
 }
 
@@ -710,7 +719,11 @@ static moe_status read_rows(hid_t f, const char *name, hid_t mtype, int ndim, co
     } else if (rc >= 0) {
         rc = H5Sselect_hyperslab(fs, H5S_SELECT_SET, start, NULL, count, NULL);
     }
+    /* An independent read, but a hung file system must not hold the job
+     * forever: one watchdog phase per dataset. */
+    moe_comm_phase_begin(NULL, MOE_SCOPE_WORLD, "HDF5 checkpoint read (one dataset)");
     if (rc >= 0) rc = H5Dread(ds, mtype, ms, fs, H5P_DEFAULT, buf);
+    moe_comm_phase_end();
     moe_status st = rc < 0 ? moe_h5_fail(MOE_ERR_IO, "cannot read dataset", name, path) : MOE_OK;
     if (ms >= 0) H5Sclose(ms);
     if (fs >= 0) H5Sclose(fs);
@@ -874,7 +887,9 @@ moe_status moe_ckpt_load(const char *path, moe_comm *c, moe_ckpt_state *s, char 
     st = agree(c, access(path, R_OK) == 0 && fapl >= 0 ? MOE_OK : open_fail(path));
     if (st == MOE_OK) st = agree(c, moe_comm_check_same(c, "checkpoint path", path, strlen(path)));
     if (st == MOE_OK) {
+        moe_comm_phase_begin(c, MOE_SCOPE_WORLD, "parallel HDF5 checkpoint open");
         f = H5Fopen(path, H5F_ACC_RDONLY, fapl);
+        moe_comm_phase_end();
         st = f < 0 ? open_fail(path) : MOE_OK;
     }
     if (fapl >= 0) H5Pclose(fapl);
@@ -890,7 +905,9 @@ moe_status moe_ckpt_load(const char *path, moe_comm *c, moe_ckpt_state *s, char 
         else
             free(cfg_text);
     }
+    moe_comm_phase_begin(c, MOE_SCOPE_WORLD, "parallel HDF5 checkpoint close");
     if (f >= 0 && H5Fclose(f) < 0 && st == MOE_OK) st = moe_h5_fail(MOE_ERR_IO, "cannot close", NULL, path);
+    moe_comm_phase_end();
     moe_h5_quiet_end(&q);
     st = agree(c, st);
     if (st != MOE_OK && config_text) {

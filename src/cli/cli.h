@@ -47,15 +47,24 @@ int moe_cli_start(const char *what, int ep_size, struct moe_comm **comm);
 
 /* Start-up (startup.c). moe_cli_take_global_options removes the options
  * every MPI command accepts from argv (before the command parses it):
- * --allow_mixed_kernels[=0|1]. Returns 0, or 2 after printing a usage error.
+ * --allow_mixed_kernels[=0|1], --comm_timeout S. Returns 0, or 2 after
+ * printing a usage error.
  * moe_cli_check_platform: collective over world; gathers every rank's
  * platform record (core/platform.h) and returns MOE_ERR_MISMATCH (detail:
  * values, ranks, hosts) on every rank if moerun versions or BLAS kernel
  * sets differ (kernels: unless --allow_mixed_kernels, then rank 0 warns);
- * on a job spanning hosts rank 0 prints one line of placement to stderr.
+ * on a job spanning hosts rank 0 prints one line of placement to stderr;
+ * then starts the comm_timeout watchdog with the table's hosts.
  * MOE_ERR_MPI/NOMEM if the gather fails. Same result on every rank. */
 int moe_cli_take_global_options(int *argc, char **argv);
 moe_status moe_cli_check_platform(struct moe_comm *comm, const char *what);
+/* --comm_timeout S (or =S), accepted by every command like
+ * --allow_mixed_kernels: seconds a blocking phase may make no progress
+ * before the watchdog ends the job (comm.h; default MOE_COMM_TIMEOUT_DEFAULT,
+ * 0: never). moe_cli_check_platform starts the watchdog with it. Returns
+ * the text given, NULL if the option was not given (`moe train` then
+ * applies it over its config, as the key comm_timeout). */
+const char *moe_cli_comm_timeout_arg(void);
 
 /* Prints "moe: <what>: <status>: <detail>" to stderr, prefixed by the rank
  * when running under MPI with more than one rank. */

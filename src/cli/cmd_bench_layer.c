@@ -354,7 +354,10 @@ static int run(moe_comm *comm, const bench_opts *o)
     double *iter_s = moe_calloc((size_t)(o->iters > 0 ? o->iters : 1), sizeof(double));
     st = moe_comm_agree(comm, iter_s ? MOE_OK : moe_errorf(MOE_ERR_NOMEM, "bench layer: timing buffer"));
     for (int it = 0; it < o->warmup + o->iters && !st; it++) {
-        if (it == o->warmup) moe_layer_reset_timing(L);
+        if (it == o->warmup) {
+            moe_layer_reset_timing(L);
+            moe_a2a_reset_bytes(moe_layer_exchange(L));
+        }
         double t_it = 0;
         if (it >= o->warmup) {
             st = moe_comm_barrier(comm);
@@ -376,16 +379,18 @@ static int run(moe_comm *comm, const bench_opts *o)
     const moe_layer_timing tm = *moe_layer_get_timing(L);
     double flops = moe_layer_expert_flops(L);
     double gemm_s = bare_gemm_seconds(o, moe_layer_expert_rows(L), El, o->iters > 0 ? 5 : 0);
-    /* Aggregates: slowest rank's time, summed drops and flops. */
-    double agg_max[2] = {elapsed, 0}, agg_sum[4] = {flops, 0, 0, 0};
+    /* Aggregates: slowest rank's time, summed drops and flops, exchange
+     * bytes sent per rank (the exchange's counter: mean and largest rank). */
+    const moe_a2a_traffic tr = moe_a2a_bytes(moe_layer_exchange(L));
+    double agg_max[3] = {elapsed, 0, (double)tr.sent}, agg_sum[6] = {flops, 0, 0, 0, (double)tr.sent, (double)tr.sent_remote};
     const moe_route *r = moe_layer_route(L);
     for (int i = 0; i < G_local * o->E; i++) {
         agg_sum[1] += r->n_dropped[i];
         agg_sum[2] += r->n_selected[i];
         agg_sum[3] += r->n_kept[i];
     }
-    st = moe_comm_allmax_f64(comm, MOE_SCOPE_WORLD, agg_max, 2);
-    if (!st) st = moe_comm_allreduce_f64(comm, MOE_SCOPE_WORLD, agg_sum, 4);
+    st = moe_comm_allmax_f64(comm, MOE_SCOPE_WORLD, agg_max, 3);
+    if (!st) st = moe_comm_allreduce_f64(comm, MOE_SCOPE_WORLD, agg_sum, 6);
     if (st) {
         moe_layer_destroy(L);
         moe_free(b.block);
@@ -396,6 +401,9 @@ static int run(moe_comm *comm, const bench_opts *o)
     double tokens_s = o->iters > 0 ? o->T / per_iter : 0;
     double expert_s = (tm.expert_fwd + tm.expert_bwd) / iters;
     double comm_s = (tm.dispatch + tm.ret + tm.bwd_dispatch + tm.bwd_return) / iters;
+    /* exchange bytes per rank and iteration (forward and backward trips) */
+    const double sent_mean = agg_sum[4] / W / iters, remote_mean = agg_sum[5] / W / iters,
+                 sent_max = agg_max[2] / iters;
 
     if (rank == 0 && o->iters > 0) {
         if (o->json) {
@@ -418,6 +426,10 @@ static int run(moe_comm *comm, const bench_opts *o)
             cJSON_AddNumberToObject(j, "bare_gemm_ms", 1e3 * gemm_s);
             cJSON_AddNumberToObject(j, "gemm_efficiency", gemm_s / per_iter);
             cJSON_AddNumberToObject(j, "exchange_ms", 1e3 * comm_s);
+            cJSON_AddNumberToObject(j, "nodes", moe_comm_n_nodes(comm));
+            cJSON_AddNumberToObject(j, "bytes_sent_per_rank", sent_mean);
+            cJSON_AddNumberToObject(j, "bytes_sent_max_rank", sent_max);
+            cJSON_AddNumberToObject(j, "bytes_cross_node_per_rank", remote_mean);
             cJSON_AddNumberToObject(j, "dropped_frac", agg_sum[2] > 0 ? agg_sum[1] / agg_sum[2] : 0);
             cJSON *split = cJSON_AddObjectToObject(j, "split_ms");
             for (int i = 0; i < MOE_LAYER_TIMING_N; i++)
@@ -438,7 +450,12 @@ static int run(moe_comm *comm, const bench_opts *o)
                    flops / expert_s / 1e9);
             printf("  same GEMMs alone:      %.3f ms/iter -> layer runs at %.1f%% of bare GEMM speed\n",
                    1e3 * gemm_s, 100 * gemm_s / per_iter);
-            if (W > 1) printf("  exchange (rank 0):     %.3f ms/iter\n", 1e3 * comm_s);
+            if (W > 1) {
+                printf("  exchange (rank 0):     %.3f ms/iter\n", 1e3 * comm_s);
+                printf("  exchange bytes sent to other ranks: %.3f MB/iter per rank (largest rank %.3f); "
+                       "across nodes %.3f MB/iter per rank (%d node%s)\n", sent_mean / 1e6, sent_max / 1e6,
+                       remote_mean / 1e6, moe_comm_n_nodes(comm), moe_comm_n_nodes(comm) == 1 ? "" : "s");
+            }
             printf("  time split (rank 0, ms/iter):\n");
             for (int i = 0; i < MOE_LAYER_TIMING_N; i++)
                 printf("    %-18s %8.3f\n", moe_layer_timing_fields[i].name, 1e3 * moe_layer_timing_get(&tm, i) / iters);

@@ -144,6 +144,9 @@ int moe_cmd_train(int argc, char **argv)
     moe_train_config_default(&r.cfg);
     int help = 0;
     moe_status st = moe_train_config_parse_args(&r.cfg, argc, argv, &help);
+    /* --comm_timeout (taken by every command) is the key comm_timeout here,
+     * over the config file. */
+    if (!st && moe_cli_comm_timeout_arg()) st = moe_train_config_set(&r.cfg, "comm_timeout", moe_cli_comm_timeout_arg());
     if (!st && help) {
         moe_train_config_help(stdout);
         return 0;
@@ -174,6 +177,9 @@ int moe_cmd_train(int argc, char **argv)
     if (st) {
         moe_cli_error(r.rank, "train", st);
     } else {
+        /* The run's deadline, and its report next to the checkpoints. */
+        moe_comm_watchdog_set_timeout(r.cfg.comm_timeout);
+        moe_comm_watchdog_set_dir(r.cfg.out_dir);
         /* Open MPI gives ranks a pseudo-terminal even when mpirun's own output
          * is a pipe, so under mpirun redraw only when the launcher says its
          * output is a terminal (launch/moe-local sets MOE_TTY=1). */

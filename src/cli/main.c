@@ -86,6 +86,9 @@ void moe_cli_usage(FILE *f)
             "Under MPI every rank reports its BLAS kernel set (OpenBLAS core), BLAS threads,\n"
             "moe version and host at start; a job whose ranks differ in kernels or version\n"
             "stops. --allow_mixed_kernels (any MPI command) accepts mixed kernels with a warning.\n"
+            "--comm_timeout S (any MPI command; default 300, 0: never): a rank that waits S seconds\n"
+            "without progress in a collective, exchange or checkpoint write says for what and whom,\n"
+            "and ends the job on every node (docs/cluster.md).\n"
             "moe --version prints this process's version (and the git commit it was built from)\n"
             "and BLAS kernels.\n");
 }

@@ -51,7 +51,7 @@ static const struct {
 } enum_aliases[] = {{"a2a", MOE_A2A_P2P_OLD_NAME, "p2p"}};
 _Static_assert(MOE_ROUTER_TOKEN_CHOICE == 0 && MOE_ROUTER_EXPERT_CHOICE == 1, "router_names order");
 _Static_assert(MOE_ACT_GELU == 0 && MOE_ACT_RELU == 1 && MOE_ACT_SWIGLU == 2, "act_names order");
-_Static_assert(MOE_A2A_P2P == 0 && MOE_A2A_SHM == 1, "a2a_names order");
+_Static_assert(MOE_A2A_P2P == 0 && MOE_A2A_SHM == 1 && MOE_A2A_NODE == 2 && MOE_A2A_AUTO == 3, "a2a_names order");
 _Static_assert(MOE_DATA_AUTO == 0 && MOE_DATA_BYTES == 1 && MOE_DATA_TOKENS == 2, "data_format_names order");
 _Static_assert(MOE_HEAD_FULL == 0 && MOE_HEAD_VOCAB_EXPERTS == 1, "head_names order");
 _Static_assert(MOE_VOCAB_PART_FREQUENCY == 0 && MOE_VOCAB_PART_KMEANS == 1 && MOE_VOCAB_PART_FILE == 2,
@@ -134,8 +134,14 @@ static const key_desc keys[] = {
     KI(kmeans_iters, "vocab", 1, 1 << 20, "k-means (Lloyd) assignment steps"),
     KR(vocab_balance, "vocab", 0, HUGE_VAL, 0, 0, "k-means set size cap ceil(V/M * balance) (0: none, else >= 1)"),
 
-    KE(a2a, "exchange", a2a_names, "token exchange: p2p (point-to-point) or shm (on-node shared memory); alltoallv = p2p"),
+    KE(a2a, "exchange", a2a_names,
+       "token exchange: auto (node when the ep group spans nodes, else p2p), p2p (point-to-point), shm "
+       "(on-node shared memory) or node (two levels: shared memory in a node, one message per node pair); "
+       "alltoallv = p2p"),
     KI(a2a_chunks, "exchange", 1, NOMAX, "expert chunks overlapped with the exchange (p2p)"),
+    KR(comm_timeout, "exchange", 0, HUGE_VAL, 0, 0,
+       "seconds a blocking exchange, collective or checkpoint I/O phase may make no progress before "
+       "the job is ended on every node (0: never; docs/cluster.md)"),
 
     KI(ckpt_every, "checkpoint", 0, NOMAX, "steps between checkpoints (0: only at the end)"),
     KI(keep_last, "checkpoint", 0, NOMAX, "checkpoints kept in out_dir (0: all)"),
@@ -201,8 +207,9 @@ void moe_train_config_default(moe_train_config *c)
     c->val_every = 100;
     c->val_batches = 8;
 
-    c->a2a = MOE_A2A_P2P;
+    c->a2a = MOE_A2A_AUTO;
     c->a2a_chunks = 1;
+    c->comm_timeout = MOE_COMM_TIMEOUT_DEFAULT;
 
     c->ckpt_every = 0;
     c->keep_last = 2;

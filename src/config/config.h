@@ -54,10 +54,14 @@ typedef struct {
     /* exchange */
     int a2a;                 /* moe_a2a_kind */
     int a2a_chunks;
+    double comm_timeout;     /* seconds without progress in a blocking phase before the job ends (0: never) */
     /* checkpoints (issue 5) */
     int ckpt_every, keep_last, dump_grads_every;
     char resume[1024];
 } moe_train_config;
+
+/* comm_timeout when nothing sets it (every command: --comm_timeout). */
+#define MOE_COMM_TIMEOUT_DEFAULT 300.0
 
 /* Defaults (a small model that trains in minutes on 2 cores). */
 void moe_train_config_default(moe_train_config *c);

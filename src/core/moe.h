@@ -87,8 +87,13 @@ void moe_free(void *p);
 
 /* A test hook for fault injection: when the environment variable
  * MOE_FAULT names `site` (e.g. "layer_alloc") and MOE_FAULT_RANK is unset or
- * equals `rank`, returns 1 once per process. Used by tests to prove that an
- * error on one rank ends the job cleanly. */
+ * equals `rank`, returns 1 once per process: at the first such call, or
+ * after MOE_FAULT_SKIP (n) of them. Used by tests to prove that an error on
+ * one rank ends the job cleanly. */
 int moe_fault(const char *site, int rank);
+/* The same site test, at EVERY call: MOE_FAULT_MS (milliseconds, 0 if
+ * unset) when MOE_FAULT names `site` and MOE_FAULT_RANK is unset or equals
+ * `rank`, else 0. For a rank that is slow but alive. */
+int moe_fault_ms(const char *site, int rank);
 
 #endif

@@ -446,6 +446,7 @@ moe_status moe_train_run_step(moe_train_run *r)
     const moe_train_config *c = &r->cfg;
     if (r->step >= c->steps) return moe_errorf(MOE_ERR_ARG, "training run: all %d steps are done", c->steps);
     const int S = c->seq_len;
+    moe_comm_set_step(r->step + 1); /* named by a watchdog report: the step being computed */
     double t_step = moe_now();
     moe_status st = moe_data_batch(r->ds, r->in, r->tg, r->step, r->rank * r->B, r->B);
     st = moe_comm_agree_detail(r->comm, MOE_SCOPE_WORLD, st);

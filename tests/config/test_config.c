@@ -160,7 +160,7 @@ static void test_bad_files(void **state)
         {"router = best\n", {"router", "token_choice or expert_choice", "'best'"}},
         {"activation = tanh\n", {"activation", "gelu, relu or swiglu"}},
         {"router_noise = yes\n", {"router_noise", "none or gaussian"}},
-        {"a2a = nccl\n", {"a2a", "p2p or shm"}},
+        {"a2a = nccl\n", {"a2a", "p2p, shm, node or auto"}},
         {"normalize_topk = 2\n", {"normalize_topk", "'2'"}},
         {"steps = 5\nlr = 0.1\nsteps = 6\n", {":3: ", "steps: set twice (first on line 1)"}},
         {"steps 10\n", {":1: ", "syntax error"}},
@@ -346,7 +346,7 @@ static void test_help_lists_every_key(void **state)
         if (!strstr(help, want)) fail_msg("help lacks key '%.*s'", (int)(eq - line), line);
         n_keys++;
     }
-    assert_int_equal(n_keys, 52); /* every key of the table */
+    assert_int_equal(n_keys, 53); /* every key of the table */
 }
 
 /* vocab_size follows the data unless set; a value set must hold the
