@@ -236,6 +236,22 @@ static void phase_members(unsigned char *member, const moe_comm *c, int scope, c
     }
 }
 
+/* Whether every suspect is a rank of this node that is blocked in a phase
+ * itself (in the node exchange a rank waits for its node's agent, which
+ * waits for the other node). */
+static int all_waiting_neighbours(const unsigned char *member)
+{
+    const wd_node *sh = wd.shared;
+    if (!sh) return 0;
+    int left = 0, out = 0;
+    for (int w = 0; w < wd.size; w++) left += member[w];
+    for (int i = 0; i < sh->n; i++) {
+        const int w = sh->proc[i].world_rank;
+        if (w >= 0 && w < wd.size && member[w] && atomic_load(&sh->proc[i].waiting) > 0) out++;
+    }
+    return left > 0 && out == left;
+}
+
 /* For a collective: the ranks of this node that are blocked in a phase
  * too cannot be what it waits for, so they leave the suspects (unless
  * nobody would be left). Returns how many were taken out. */
@@ -299,6 +315,12 @@ static void compose(text *t, const wd_phase *p, double waited)
     if (scope == WD_LOCAL) put(t, "this rank waits for its file system, not for another rank");
     if (member) {
         phase_members(member, c, scope, pending);
+        if (pending && all_waiting_neighbours(member)) {
+            /* the peers it waits for wait themselves: name what the group
+             * as a whole waits for instead */
+            pending = NULL;
+            phase_members(member, c, scope, NULL);
+        }
         const int waiting_here = pending ? 0 : drop_waiting_neighbours(member);
         int any = 0;
         for (int w = 0; w < wd.size; w++) any |= member[w];
