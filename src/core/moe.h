@@ -64,8 +64,10 @@ void moe_free(void *p);
 /* Elementwise loops that are compute-bound at SSE2 width (exp, sqrt,
  * division) get an AVX2+FMA clone as well, picked at load time (ifunc) on
  * x86-64 with GCC/Clang. Elementwise only: the clones differ by FMA rounding
- * (an ulp), never by summation order, so every rank of a machine agrees. */
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+ * (an ulp), never by summation order, so every rank of a machine agrees.
+ * Fuzzing builds (MOE_FUZZ) go without: AFL++'s compiler passes fail on
+ * target_clones functions. */
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && !defined(MOE_NO_TARGET_CLONES)
 #define MOE_TARGET_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
 #else
 #define MOE_TARGET_CLONES
