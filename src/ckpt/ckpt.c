@@ -106,6 +106,7 @@ static moe_status check_common(moe_comm *c, const moe_tensor_table *t, int E, co
 typedef struct {
     hid_t file, dxpl, lcpl;
     const char *path; /* for messages */
+    moe_comm *c;
 } writer;
 
 /* One dataset: global shape dims, this rank's rows [r0, r0 + nr) from buf
@@ -163,11 +164,17 @@ static moe_status write_dset(const writer *w, const wdset *d)
     }
     static const int64_t nothing; /* a rank writing nothing still passes a valid pointer */
     if (rc >= 0) rc = H5Dwrite(ds, mem_type(d->dtype), ms, fs, w->dxpl, n ? d->buf : (const void *)&nothing);
+    /* the message now: the closes below reset HDF5's error stack (and its
+     * system reason, e.g. "No space left on device") */
+    moe_status st = rc < 0 ? moe_h5_fail(MOE_ERR_IO, "cannot write dataset", d->name, w->path) : MOE_OK;
     if (ds >= 0) H5Dclose(ds);
     if (dcpl >= 0) H5Pclose(dcpl);
     if (ms >= 0) H5Sclose(ms);
     if (fs >= 0) H5Sclose(fs);
-    return rc < 0 ? moe_h5_fail(MOE_ERR_IO, "cannot write dataset", d->name, w->path) : MOE_OK;
+    /* A write can fail on some ranks only (a disk full under one of them):
+     * agree before the next collective HDF5 call, or the others would wait
+     * in it for ever. */
+    return agree(w->c, st);
 }
 
 /* A table tensor under `prefix` ("/model/", "/optimizer/m/", "/grad/"):
@@ -343,11 +350,24 @@ static moe_status fill(void *vctx, hid_t file, hid_t dxpl, hid_t lcpl, const cha
 {
     const fill_ctx *x = vctx;
     const body *b = x->b;
-    writer w = {file, dxpl, lcpl, tmp};
+    writer w = {file, dxpl, lcpl, tmp, x->c};
     const char *config = b->st ? b->st->config_text : b->config;
     moe_status st = write_root(&w, b->st ? CKPT_FORMAT : CKPT_FORMAT_GRADS, x->r, config);
     if (st == MOE_OK) st = b->st ? write_ckpt_body(&w, x->c, b->st) : write_grads_body(&w, x->c, b);
     return st;
+}
+
+/* Bytes of data a file holds: every tensor of the table under each
+ * prefix (global shapes), and the per-expert arrays. */
+static uint64_t data_bytes(const moe_tensor_table *t, int n_prefix, int E, int per_layer_arrays, size_t elem)
+{
+    uint64_t n = 0;
+    for (int i = 0; i < t->n; i++) {
+        uint64_t e = 1;
+        for (int k = 0; k < t->t[i].ndim; k++) e *= (uint64_t)t->t[i].shape[k];
+        n += e * 4 * (uint64_t)n_prefix;
+    }
+    return n + (uint64_t)moe_ckpt_moe_layers(t, NULL) * (uint64_t)E * (uint64_t)per_layer_arrays * elem;
 }
 
 /* Writes path atomically (path.tmp, the one HDF5 writer of io/h5.h).
@@ -358,7 +378,9 @@ static moe_status save_atomic(const char *path, moe_comm *c, const body *b)
     moe_status st = root_info_make(&r, c);
     if (st != MOE_OK) return st;
     fill_ctx x = {b, &r, c};
-    return moe_h5_write_atomic(path, ".tmp", c, fill, &x);
+    const uint64_t bytes = b->st ? data_bytes(b->st->table, 3, b->st->n_experts, 3, 8)
+                                 : data_bytes(b->table, 1, b->n_experts, 1, 1);
+    return moe_h5_write_atomic(path, ".tmp", c, bytes, fill, &x);
 }
 
 moe_status moe_ckpt_save(const char *path, moe_comm *c, const moe_ckpt_state *s)
