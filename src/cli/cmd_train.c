@@ -76,7 +76,7 @@ static void install_signals(void)
 
 static const char *signal_name(int sig)
 {
-    return sig == SIGTERM ? "SIGTERM" : sig == SIGINT ? "SIGINT" : sig == SIGUSR2 ? "SIGUSR2" : "a signal";
+    return sig == SIGTERM ? "SIGTERM" : sig == SIGINT ? "SIGINT" : sig == SIGUSR2 ? "SIGUSR2" : "a signal to another rank";
 }
 
 static int on_request(void *ctx, int64_t step)
@@ -171,8 +171,8 @@ static int run(train_cmd *t)
     const int64_t steps = moe_train_run_steps_done(r) - step0;
     if (t->rank == 0 && t->tty) printf("\n");
     if (!st && t->rank == 0 && moe_train_run_stopped(r))
-        printf("stopped by %s at step %lld of %d after its checkpoint; continue with --resume=%s\n",
-               signal_name(stop_signal), (long long)moe_train_run_steps_done(r), c->steps, c->out_dir);
+        printf("stopped at step %lld of %d on request (%s) after its checkpoint; continue with --resume=%s\n",
+               (long long)moe_train_run_steps_done(r), c->steps, signal_name(stop_signal), c->out_dir);
     if (!st && t->rank == 0) {
         const double wall = moe_now() - t_start, ckpt_total = moe_train_run_checkpoint_seconds(r);
         printf("done: %lld steps in %.1f s (%.0f tokens/s); checkpoints took %.2f s (%.1f%% of the run)\n",

@@ -177,13 +177,16 @@ static moe_status write_metrics(moe_train_run *r, const moe_train_progress *p)
     if (!s) return moe_errorf(MOE_ERR_NOMEM, "metrics line of step %lld", (long long)p->step);
     /* Every line reaches the file or the run stops: a full disk must not
      * let a run go on for hours writing nothing. */
+    const long before = ftell(r->metrics);
     errno = 0;
     int ok = fprintf(r->metrics, "%s\n", s) >= 0;
     ok = fflush(r->metrics) == 0 && ok;
     const int err = errno ? errno : EIO;
     free(s);
     if (!ok) {
+        /* no line cut in the middle: the file stays valid JSON lines */
         clearerr(r->metrics);
+        if (before >= 0 && ftruncate(fileno(r->metrics), before) != 0) {}
         return moe_errorf(MOE_ERR_IO, "cannot write %s/metrics.jsonl (step %lld): %s", r->cfg.out_dir,
                           (long long)p->step, strerror(err));
     }
