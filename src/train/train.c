@@ -289,7 +289,7 @@ static void update(moe_trainer *tr, const adam_hyper *h)
     tr->updates++;
 }
 
-moe_status moe_trainer_step(moe_trainer *tr, const uint8_t *inputs, const uint8_t *targets,
+moe_status moe_trainer_step(moe_trainer *tr, const int32_t *inputs, const int32_t *targets,
                             int64_t step, moe_train_stats *st)
 {
     moe_train_stats local;
