@@ -572,7 +572,8 @@ moe_status ckpt_read_scalars(hid_t f, const char *path, moe_ckpt_state *s, char 
 /* A clear message for a file HDF5 cannot open. */
 static moe_status open_fail(const char *path)
 {
-    if (access(path, R_OK) != 0) return moe_errorf(MOE_ERR_IO, "cannot read '%s': %s", path, strerror(errno));
+    moe_status st = ckpt_check_file(path);
+    if (st != MOE_OK) return st;
     htri_t h5 = H5Fis_hdf5(path);
     if (h5 == 0) return moe_errorf(MOE_ERR_FORMAT, "'%s' is not an HDF5 file", path);
     return moe_h5_fail(MOE_ERR_FORMAT, "cannot open (truncated or damaged?)", NULL, path);
@@ -598,7 +599,7 @@ moe_status moe_ckpt_load(const char *path, moe_comm *c, moe_ckpt_state *s, char 
     hid_t f = H5I_INVALID_HID;
     /* Opening is collective (MPI-IO): every rank must see the same readable
      * file before any rank enters H5Fopen. */
-    st = agree(c, access(path, R_OK) == 0 && fapl >= 0 ? MOE_OK : open_fail(path));
+    st = agree(c, ckpt_check_file(path) == MOE_OK && fapl >= 0 ? MOE_OK : open_fail(path));
     if (st == MOE_OK) st = agree(c, moe_comm_check_same(c, "checkpoint path", path, strlen(path)));
     if (st == MOE_OK) {
         f = H5Fopen(path, H5F_ACC_RDONLY, fapl);

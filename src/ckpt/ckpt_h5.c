@@ -3,10 +3,13 @@
  * and typed attributes come from io/h5.h. */
 #include "ckpt/ckpt_h5.h"
 
+#include <errno.h>
 #include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
 
 /* ---- /model attributes ---- */
 
@@ -165,6 +168,15 @@ moe_status ckpt_dset_open(hid_t file, const char *dset, moe_ckpt_dtype dtype, in
     else
         H5Dclose(ds);
     return st;
+}
+
+moe_status ckpt_check_file(const char *path)
+{
+    struct stat sb;
+    if (stat(path, &sb) != 0 || access(path, R_OK) != 0)
+        return moe_errorf(MOE_ERR_IO, "cannot read '%s': %s", path, strerror(errno));
+    if (!S_ISREG(sb.st_mode)) return moe_errorf(MOE_ERR_IO, "'%s' is not a regular file", path);
+    return MOE_OK;
 }
 
 uint64_t ckpt_fnv1a(uint64_t h, const void *p, size_t n)

@@ -34,6 +34,10 @@ moe_status ckpt_dset_open(hid_t file, const char *dset, moe_ckpt_dtype dtype, in
  * extras), and (if config != NULL) the root config text, malloc'd. */
 moe_status ckpt_read_scalars(hid_t file, const char *path, moe_ckpt_state *s, char **config);
 
+/* The file is there, readable and a regular file (HDF5 would wait for ever
+ * on a named pipe): MOE_ERR_IO naming it and the reason otherwise. */
+moe_status ckpt_check_file(const char *path);
+
 /* 64-bit FNV-1a, for comparing descriptions across ranks. */
 uint64_t ckpt_fnv1a(uint64_t h, const void *p, size_t n);
 

@@ -159,7 +159,7 @@ moe_status moe_ckpt_resolve(char *buf, size_t cap, const char *path)
     struct stat sb;
     if (stat(path, &sb) != 0) return moe_errorf(MOE_ERR_IO, "cannot find checkpoint '%s': %s", path, strerror(errno));
     if (!S_ISDIR(sb.st_mode) && !S_ISREG(sb.st_mode))
-        return moe_errorf(MOE_ERR_IO, "checkpoint '%s' is neither a file nor a run directory", path);
+        return moe_errorf(MOE_ERR_IO, "checkpoint '%s' is not a regular file (nor a run directory)", path);
     if (!S_ISDIR(sb.st_mode)) {
         if ((size_t)snprintf(buf, cap, "%s", path) >= cap)
             return moe_errorf(MOE_ERR_ARG, "checkpoint path too long: '%s'", path);

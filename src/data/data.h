@@ -1,6 +1,7 @@
 /* Byte-level training data: the built-in synthetic multi-domain corpus and
  * the batch loader. Nothing here is collective: every rank opens the file
- * itself (mmap, so ranks on one node share the page cache) and reads only
+ * itself (read with pread: ranks on one node share the page cache, and a
+ * file changed under a run is an error, not a SIGBUS) and reads only
  * its own sequences, and every batch is a pure function of (seed, step,
  * global sequence index), so it does not depend on the number of ranks.
  *
@@ -54,10 +55,14 @@ typedef struct moe_data moe_data;
  * then ignored), else the last floor(val_frac * size) bytes of path, which
  * are removed from the training part (val_frac = 0: no validation data).
  * To evaluate on a whole file, pass it as both path and val_path.
- * Errors (detail names the file): MOE_ERR_IO if a file is missing or
- * unreadable; MOE_ERR_ARG if it is empty, if the training part or the
+ * Errors (detail names the file and which one it is, "data file" or
+ * "validation file (val_data)"): MOE_ERR_IO if a file is missing,
+ * unreadable or not a regular file (a named pipe is refused at once, never
+ * waited on); MOE_ERR_ARG if it is empty, if the training part or the
  * validation part is shorter than seq_len+1 bytes, or for bad arguments
- * (seq_len < 1, val_frac outside [0, 1)). Owner: caller (moe_data_destroy). */
+ * (seq_len < 1, val_frac outside [0, 1)). The unigram baseline reads the
+ * whole training part up to 64 MB, and 64 MB spread evenly over a larger
+ * one. Owner: caller (moe_data_destroy). */
 moe_status moe_data_open(moe_data **out, const char *path, const char *val_path, double val_frac, int seq_len,
                          uint32_t seed);
 void moe_data_destroy(moe_data *ds);
@@ -77,8 +82,10 @@ int64_t moe_data_train_offset(const moe_data *ds, int64_t step, int64_t g);
  * inputs (nseq, seq_len) = window bytes 0..seq_len-1 as token ids, targets
  * (nseq, seq_len) = window bytes 1..seq_len. Rank r of W with a global batch of B sequences
  * passes seq0 = r*B/W, nseq = B/W, and gets exactly those rows of the batch
- * one process would build. MOE_ERR_ARG on negative step / seq0 / nseq. */
-moe_status moe_data_batch(const moe_data *ds, int32_t *inputs, int32_t *targets, int64_t step, int seq0,
+ * one process would build. MOE_ERR_ARG on negative step / seq0 / nseq;
+ * MOE_ERR_IO when the file changed since it was opened (size, modification
+ * time or inode) or a read comes back short, naming the file. */
+moe_status moe_data_batch(moe_data *ds, int32_t *inputs, int32_t *targets, int64_t step, int seq0,
                           int nseq);
 
 /* Validation rows for sequences [seq0, seq0 + nseq) of a validation pass of
@@ -87,8 +94,9 @@ moe_status moe_data_batch(const moe_data *ds, int32_t *inputs, int32_t *targets,
  * evenly spread over the validation part, all distinct when n_total <=
  * n_windows, and a pass with n_total = n_windows reads every window once.
  * Deterministic, independent of the seed. MOE_ERR_ARG without validation data
- * or when [seq0, seq0 + nseq) is not inside [0, n_total). */
-moe_status moe_data_val_batch(const moe_data *ds, int32_t *inputs, int32_t *targets, int64_t seq0,
+ * or when [seq0, seq0 + nseq) is not inside [0, n_total); MOE_ERR_IO as
+ * moe_data_batch. */
+moe_status moe_data_val_batch(moe_data *ds, int32_t *inputs, int32_t *targets, int64_t seq0,
                               int64_t n_total, int nseq);
 
 /* Unigram entropy of the training part in bits per byte: the loss of the

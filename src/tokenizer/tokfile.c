@@ -81,7 +81,8 @@ moe_status moe_tok_file_header_unpack(moe_tok_file_header *h, const uint8_t in[M
 moe_status moe_tok_file_open(moe_tok_file **out, const char *path, const moe_tok *t)
 {
     *out = NULL;
-    int fd = open(path, O_RDONLY);
+    /* non-blocking: a named pipe is refused below, never waited on */
+    int fd = open(path, O_RDONLY | O_NONBLOCK | O_CLOEXEC);
     if (fd < 0) return moe_errorf(MOE_ERR_IO, "cannot open token file %s: %s", path, strerror(errno));
     struct stat sb;
     if (fstat(fd, &sb) || !S_ISREG(sb.st_mode)) {

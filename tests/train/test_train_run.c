@@ -130,6 +130,9 @@ int main(int argc, char **argv)
     rank = moe_comm_rank(comm);
     world = moe_comm_size(comm);
     if (rank == 0) {
+        /* a fresh start: a run directory left by an earlier pass of this
+         * test would be refused as holding a run */
+        CHECK(system("rm -rf run_whole run_parts run_bad") == 0);
         const size_t n = 200000;
         uint8_t *text = malloc(n);
         CHECK(text && moe_data_synth(text, NULL, n, 5) == MOE_OK);
