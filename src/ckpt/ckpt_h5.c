@@ -95,7 +95,8 @@ moe_status ckpt_check_format(hid_t file, const char *want, int *grads, const cha
         return moe_errorf(MOE_ERR_FORMAT, "'%s' has format_version %lld; this build reads version %d", path,
                           (long long)ver, MOE_CKPT_FORMAT_VERSION);
     if (grads) *grads = is_grads;
-    return MOE_OK;
+    /* the strings (config, enum names) have a checksum of their own */
+    return moe_h5_check_strings(file, path);
 }
 
 /* ---- datasets ---- */

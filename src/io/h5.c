@@ -102,17 +102,9 @@ moe_status moe_h5_attr_put_f64(hid_t loc, const char *name, double v, const char
 
 moe_status moe_h5_attr_put_str(hid_t loc, const char *name, const char *s, const char *file)
 {
-    /* Fixed-length: the text sits in the attribute message of the object
-     * header, which the 1.10 format checksums (a variable-length string
-     * would sit in a global heap collection, which has no checksum). One
-     * byte more than the text, so readers see the terminating NUL. */
-    hid_t t = H5Tcopy(H5T_C_S1);
-    if (t < 0 || H5Tset_size(t, strlen(s) + 1) < 0 || H5Tset_cset(t, H5T_CSET_UTF8) < 0 ||
-        H5Tset_strpad(t, H5T_STR_NULLTERM) < 0) {
-        if (t >= 0) H5Tclose(t);
-        return moe_h5_fail(MOE_ERR_IO, "cannot make a string type for", name, file);
-    }
-    moe_status st = attr_put(loc, name, t, t, s, file);
+    hid_t t = str_type();
+    if (t < 0) return moe_h5_fail(MOE_ERR_IO, "cannot make a string type for", name, file);
+    moe_status st = attr_put(loc, name, t, t, &s, file);
     H5Tclose(t);
     return st;
 }
@@ -212,6 +204,85 @@ moe_status moe_h5_attr_get_strbuf(hid_t loc, const char *name, char *buf, size_t
 }
 
 
+/* ---- the checksum of the string attributes ---- */
+
+/* Variable-length strings live in global heap collections, the one part of
+ * an HDF5 1.10 file without a checksum. Their hash (FNV-1a 64 over object
+ * path, attribute name and value of every string attribute, objects and
+ * attributes by name) is stored in the root's integer attribute
+ * MOE_H5_STRING_CHECKSUM, inside the checksummed root object header. */
+typedef struct {
+    uint64_t h;
+    const char *obj, *file;
+    moe_status st;
+} strings_ctx;
+
+static uint64_t fnv1a(uint64_t h, const void *p, size_t n)
+{
+    const unsigned char *b = p;
+    for (size_t i = 0; i < n; i++) h = (h ^ b[i]) * 0x100000001b3ull;
+    return h;
+}
+
+static herr_t hash_attr(hid_t loc, const char *name, const H5A_info_t *ai, void *op)
+{
+    (void)ai;
+    strings_ctx *x = op;
+    hid_t at = H5Aopen(loc, name, H5P_DEFAULT), t = at < 0 ? H5I_INVALID_HID : H5Aget_type(at);
+    const int is_str = t >= 0 && H5Tget_class(t) == H5T_STRING;
+    if (t >= 0) H5Tclose(t);
+    if (at >= 0) H5Aclose(at);
+    if (at < 0) {
+        x->st = moe_h5_fail(MOE_ERR_FORMAT, "cannot open attribute", name, x->file);
+        return -1;
+    }
+    if (!is_str) return 0;
+    char *v = NULL;
+    if ((x->st = moe_h5_attr_get_str(loc, name, &v, x->file)) != MOE_OK) return -1;
+    x->h = fnv1a(x->h, x->obj, strlen(x->obj) + 1);
+    x->h = fnv1a(x->h, name, strlen(name) + 1);
+    x->h = fnv1a(x->h, v, strlen(v) + 1);
+    free(v);
+    return 0;
+}
+
+static herr_t hash_object(hid_t root, const char *name, const H5O_info_t *info, void *op)
+{
+    strings_ctx *x = op;
+    if (info->num_attrs == 0) return 0;
+    x->obj = name;
+    hid_t o = H5Oopen(root, name, H5P_DEFAULT);
+    if (o < 0) {
+        x->st = moe_h5_fail(MOE_ERR_FORMAT, "cannot open object", name, x->file);
+        return -1;
+    }
+    herr_t rc = H5Aiterate2(o, H5_INDEX_NAME, H5_ITER_INC, NULL, hash_attr, x);
+    H5Oclose(o);
+    if (rc < 0 && x->st == MOE_OK) x->st = moe_h5_fail(MOE_ERR_FORMAT, "cannot list the attributes of", name, x->file);
+    return rc < 0 ? -1 : 0;
+}
+
+static moe_status strings_hash(hid_t file, uint64_t *h, const char *path)
+{
+    strings_ctx x = {0xcbf29ce484222325ull, "", path, MOE_OK};
+    if (H5Ovisit2(file, H5_INDEX_NAME, H5_ITER_INC, hash_object, &x, H5O_INFO_NUM_ATTRS) < 0 && x.st == MOE_OK)
+        x.st = moe_h5_fail(MOE_ERR_FORMAT, "cannot list the objects of", NULL, path);
+    *h = x.h;
+    return x.st;
+}
+
+moe_status moe_h5_check_strings(hid_t file, const char *path)
+{
+    if (H5Aexists(file, MOE_H5_STRING_CHECKSUM) <= 0) return MOE_OK; /* written before there was one */
+    uint64_t want, got;
+    moe_status st = moe_h5_attr_get_u64(file, MOE_H5_STRING_CHECKSUM, &want, path);
+    if (st == MOE_OK) st = strings_hash(file, &got, path);
+    if (st == MOE_OK && got != want)
+        st = moe_errorf(MOE_ERR_CHECKSUM, "'%s' is damaged: its string attributes (format, config, ...) do not match "
+                                          "their checksum", path);
+    return st;
+}
+
 /* ---- the atomic writer ---- */
 
 /* fsync a file or directory so that a rename survives a crash. */
@@ -300,7 +371,12 @@ static moe_status write_tmp(const char *tmp, moe_comm *c, uint64_t bytes, moe_h5
         st = moe_h5_fail(MOE_ERR_IO, "cannot make property lists for", NULL, tmp);
     if (st == MOE_OK) st = fill(ctx, file, dxpl, lcpl, tmp);
     /* Flush and close are collective: every rank makes them, on the
-     * agreed status. */
+     * agreed status. So is the checksum attribute: every rank computes the
+     * same hash from the same metadata. */
+    st = moe_comm_agree_detail(c, MOE_SCOPE_WORLD, st);
+    uint64_t h;
+    if (st == MOE_OK) st = strings_hash(file, &h, tmp);
+    if (st == MOE_OK) st = moe_h5_attr_put_u64(file, MOE_H5_STRING_CHECKSUM, h, tmp);
     st = moe_comm_agree_detail(c, MOE_SCOPE_WORLD, st);
     if (st == MOE_OK && H5Fflush(file, H5F_SCOPE_GLOBAL) < 0) st = moe_h5_fail(MOE_ERR_IO, "cannot flush", NULL, tmp);
     st = moe_comm_agree_detail(c, MOE_SCOPE_WORLD, st);
