@@ -25,6 +25,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "ckpt/ckpt_file.h"
 #include "ckpt/ckpt_h5.h"
 #include "comm/comm_h5.h"
 
@@ -114,6 +115,7 @@ typedef struct {
 typedef struct {
     char name[DSET_NAME];
     moe_ckpt_dtype dtype;
+    hid_t str_type;            /* MOE_CKPT_STR: the fixed-length string type */
     int ndim;
     hsize_t dims[MOE_TENSOR_MAX_DIMS];
     hsize_t r0, nr, chunk_rows;
@@ -138,7 +140,10 @@ static moe_status write_dset(const writer *w, const wdset *d)
     for (int i = 1; i < d->ndim; i++) row *= d->dims[i];
     chunk[0] = d->chunk_rows;
     for (int i = 1; i < d->ndim; i++) chunk[i] = d->dims[i];
-    if (row * d->chunk_rows * dtype_size(d->dtype) >= (hsize_t)1 << 32)
+    const hid_t ftype = d->dtype == MOE_CKPT_STR ? d->str_type : file_type(d->dtype);
+    const hid_t mtype = d->dtype == MOE_CKPT_STR ? d->str_type : mem_type(d->dtype);
+    const size_t esize = d->dtype == MOE_CKPT_STR ? H5Tget_size(d->str_type) : dtype_size(d->dtype);
+    if (row * d->chunk_rows * esize >= (hsize_t)1 << 32)
         return moe_errorf(MOE_ERR_ARG, "checkpoint: a row of '%s' exceeds HDF5's 4 GiB chunk limit", d->name);
     const hsize_t n = d->nr * row;
     /* The memory space has the shape of the file selection (rows x the
@@ -152,8 +157,7 @@ static moe_status write_dset(const writer *w, const wdset *d)
     if (rc == 0)
         rc = H5Pset_chunk(dcpl, d->ndim, chunk) < 0 || H5Pset_fletcher32(dcpl) < 0 ||
              H5Pset_fill_time(dcpl, H5D_FILL_TIME_NEVER) < 0 ? -1 : 0;
-    hid_t ds = rc < 0 ? H5I_INVALID_HID
-                      : H5Dcreate2(w->file, d->name, file_type(d->dtype), fs, w->lcpl, dcpl, H5P_DEFAULT);
+    hid_t ds = rc < 0 ? H5I_INVALID_HID : H5Dcreate2(w->file, d->name, ftype, fs, w->lcpl, dcpl, H5P_DEFAULT);
     if (ds < 0) rc = -1;
     if (rc == 0 && n == 0) {
         rc = H5Sselect_none(fs) < 0 || H5Sselect_none(ms) < 0 ? -1 : 0;
@@ -163,7 +167,7 @@ static moe_status write_dset(const writer *w, const wdset *d)
         rc = H5Sselect_hyperslab(fs, H5S_SELECT_SET, start, NULL, count, NULL);
     }
     static const int64_t nothing; /* a rank writing nothing still passes a valid pointer */
-    if (rc >= 0) rc = H5Dwrite(ds, mem_type(d->dtype), ms, fs, w->dxpl, n ? d->buf : (const void *)&nothing);
+    if (rc >= 0) rc = H5Dwrite(ds, mtype, ms, fs, w->dxpl, n ? d->buf : (const void *)&nothing);
     /* the message now: the closes below reset HDF5's error stack (and its
      * system reason, e.g. "No space left on device") */
     moe_status st = rc < 0 ? moe_h5_fail(MOE_ERR_IO, "cannot write dataset", d->name, w->path) : MOE_OK;
@@ -243,10 +247,11 @@ static moe_status root_info_make(root_info *r, moe_comm *c)
     return moe_comm_bcast(c, r, sizeof *r, 0);
 }
 
-static moe_status write_root(const writer *w, const char *format, const root_info *r, const char *config)
+static moe_status write_root(const writer *w, const char *format, int64_t version, const root_info *r,
+                             const char *config)
 {
     moe_status st = moe_h5_attr_put_str(w->file, "format", format, w->path);
-    if (st == MOE_OK) st = moe_h5_attr_put_i64(w->file, "format_version", MOE_CKPT_FORMAT_VERSION, w->path);
+    if (st == MOE_OK) st = moe_h5_attr_put_i64(w->file, "format_version", version, w->path);
     if (st == MOE_OK) st = moe_h5_attr_put_str(w->file, "created_by", "moerun " MOE_VERSION, w->path);
     if (st == MOE_OK) st = moe_h5_attr_put_str(w->file, "created_at", r->created_at, w->path);
     if (st == MOE_OK) st = moe_h5_attr_put_str(w->file, "config", config ? config : "", w->path);
@@ -266,6 +271,60 @@ typedef struct {
     const moe_train_config *cfg;
     const char *config;
 } body;
+
+/* A whole 1-D dataset written by world rank 0, in chunks of about 1 MB. */
+static moe_status write_whole(const writer *w, moe_comm *c, const char *name, moe_ckpt_dtype dtype, hid_t str_type,
+                              const void *buf, hsize_t n)
+{
+    wdset d = {.dtype = dtype, .str_type = str_type, .ndim = 1, .dims = {n}, .buf = buf};
+    snprintf(d.name, sizeof d.name, "%s", name);
+    d.nr = moe_comm_rank(c) == 0 ? n : 0;
+    const size_t esize = dtype == MOE_CKPT_STR ? H5Tget_size(str_type) : dtype_size(dtype);
+    d.chunk_rows = CHUNK_TARGET / esize < n ? CHUNK_TARGET / esize : n;
+    if (d.chunk_rows < 1) d.chunk_rows = 1;
+    return write_dset(w, &d);
+}
+
+/* /tokenizer (docs/formats.md): the rank byte strings and offsets, the
+ * pattern and vocab_size, and the specials when there are any (names as
+ * fixed-length NUL-padded strings, so that the dataset can carry a
+ * checksum). Collective: rank 0 writes the data. */
+static moe_status write_tokenizer(const writer *w, moe_comm *c, const moe_tok *t)
+{
+    hid_t g = H5I_INVALID_HID;
+    moe_status st = make_group(w, "/tokenizer", &g);
+    if (st == MOE_OK) st = moe_h5_attr_put_str(g, "pattern", moe_tok_pattern(t), w->path);
+    if (st == MOE_OK) st = moe_h5_attr_put_i64(g, "vocab_size", moe_tok_vocab_size(t), w->path);
+    if (g >= 0) H5Gclose(g);
+    const int64_t n = moe_tok_n_ranks(t);
+    const int64_t *off = moe_tok_rank_offsets(t);
+    if (st == MOE_OK)
+        st = write_whole(w, c, "/tokenizer/ranks_bytes", MOE_CKPT_U8, 0, moe_tok_rank_bytes(t), (hsize_t)off[n]);
+    if (st == MOE_OK) st = write_whole(w, c, "/tokenizer/ranks_offsets", MOE_CKPT_I64, 0, off, (hsize_t)n + 1);
+    const int k = moe_tok_n_specials(t);
+    if (st != MOE_OK || k == 0) return st;
+    size_t width = 1;
+    for (int i = 0; i < k; i++) {
+        const size_t len = strlen(moe_tok_special_name(t, i)) + 1;
+        width = len > width ? len : width;
+    }
+    int64_t *ids = moe_calloc((size_t)k, sizeof *ids);
+    char *names = moe_calloc((size_t)k, width);
+    hid_t type = H5Tcopy(H5T_C_S1);
+    if (!ids || !names) st = moe_errorf(MOE_ERR_NOMEM, "checkpoint: %d special tokens", k);
+    else if (type < 0 || H5Tset_size(type, width) < 0 || H5Tset_strpad(type, H5T_STR_NULLPAD) < 0)
+        st = moe_h5_fail(MOE_ERR_IO, "cannot make a string type for", "/tokenizer/special_names", w->path);
+    for (int i = 0; st == MOE_OK && i < k; i++) {
+        ids[i] = moe_tok_special_id(t, i);
+        memcpy(names + (size_t)i * width, moe_tok_special_name(t, i), strlen(moe_tok_special_name(t, i)));
+    }
+    if (st == MOE_OK) st = write_whole(w, c, "/tokenizer/special_ids", MOE_CKPT_I64, 0, ids, (hsize_t)k);
+    if (st == MOE_OK) st = write_whole(w, c, "/tokenizer/special_names", MOE_CKPT_STR, type, names, (hsize_t)k);
+    if (type >= 0) H5Tclose(type);
+    moe_free(ids);
+    moe_free(names);
+    return st;
+}
 
 static moe_status write_ckpt_body(const writer *w, moe_comm *c, const moe_ckpt_state *s)
 {
@@ -313,6 +372,7 @@ static moe_status write_ckpt_body(const writer *w, moe_comm *c, const moe_ckpt_s
             st = moe_h5_attr_put_i64(g, s->extra[i].name, s->extra[i].value, w->path);
     }
     if (g >= 0) H5Gclose(g);
+    if (st == MOE_OK && s->tok) st = write_tokenizer(w, c, s->tok);
     return st;
 }
 
@@ -352,7 +412,9 @@ static moe_status fill(void *vctx, hid_t file, hid_t dxpl, hid_t lcpl, const cha
     const body *b = x->b;
     writer w = {file, dxpl, lcpl, tmp, x->c};
     const char *config = b->st ? b->st->config_text : b->config;
-    moe_status st = write_root(&w, b->st ? CKPT_FORMAT : CKPT_FORMAT_GRADS, x->r, config);
+    /* format 2 only when the file holds one of its additions */
+    const int64_t version = b->st && b->st->tok ? 2 : 1;
+    moe_status st = write_root(&w, b->st ? CKPT_FORMAT : CKPT_FORMAT_GRADS, version, x->r, config);
     if (st == MOE_OK) st = b->st ? write_ckpt_body(&w, x->c, b->st) : write_grads_body(&w, x->c, b);
     return st;
 }
@@ -378,8 +440,12 @@ static moe_status save_atomic(const char *path, moe_comm *c, const body *b)
     moe_status st = root_info_make(&r, c);
     if (st != MOE_OK) return st;
     fill_ctx x = {b, &r, c};
-    const uint64_t bytes = b->st ? data_bytes(b->st->table, 3, b->st->n_experts, 3, 8)
-                                 : data_bytes(b->table, 1, b->n_experts, 1, 1);
+    uint64_t bytes = b->st ? data_bytes(b->st->table, 3, b->st->n_experts, 3, 8)
+                           : data_bytes(b->table, 1, b->n_experts, 1, 1);
+    if (b->st && b->st->tok) { /* /tokenizer: rank bytes and offsets */
+        const int64_t n = moe_tok_n_ranks(b->st->tok);
+        bytes += (uint64_t)moe_tok_rank_offsets(b->st->tok)[n] + 8 * (uint64_t)(n + 1);
+    }
     return moe_h5_write_atomic(path, ".tmp", c, bytes, fill, &x);
 }
 
@@ -391,6 +457,9 @@ moe_status moe_ckpt_save(const char *path, moe_comm *c, const moe_ckpt_state *s)
         local = moe_errorf(MOE_ERR_ARG, "checkpoint save: NULL path, state, table, buffer or config");
     else if (s->n_extra < 0 || s->n_extra > MOE_CKPT_MAX_EXTRA)
         local = moe_errorf(MOE_ERR_ARG, "checkpoint save: n_extra = %d", s->n_extra);
+    if (local == MOE_OK && s->tok && moe_tok_vocab_size(s->tok) > s->cfg->vocab_size)
+        local = moe_errorf(MOE_ERR_ARG, "checkpoint save: the tokenizer has %lld ids, more than the model's vocab_size %d",
+                           (long long)moe_tok_vocab_size(s->tok), s->cfg->vocab_size);
     for (int i = 0; local == MOE_OK && i < s->n_extra; i++) {
         const char *n = s->extra[i].name;
         if (!memchr(n, 0, MOE_CKPT_EXTRA_NAME) || !n[0] || !strcmp(n, "step") || !strcmp(n, "tokens_seen") ||
@@ -409,6 +478,15 @@ moe_status moe_ckpt_save(const char *path, moe_comm *c, const moe_ckpt_state *s)
     h = ckpt_fnv1a(h, dbls, sizeof dbls);
     h = ckpt_fnv1a(h, s->extra, sizeof s->extra[0] * (size_t)s->n_extra);
     if (s->config_text) h = ckpt_fnv1a(h, s->config_text, strlen(s->config_text));
+    if (s->tok) {
+        const uint64_t th = moe_tok_hash(s->tok);
+        h = ckpt_fnv1a(h, &th, sizeof th);
+        for (int i = 0; i < moe_tok_n_specials(s->tok); i++) {
+            const int64_t id = moe_tok_special_id(s->tok, i);
+            h = ckpt_fnv1a(h, &id, sizeof id);
+            h = ckpt_fnv1a(h, moe_tok_special_name(s->tok, i), strlen(moe_tok_special_name(s->tok, i)) + 1);
+        }
+    }
     if ((st = agree(c, moe_comm_check_same(c, "checkpoint attributes", &h, sizeof h))) != MOE_OK)
         return st;
     body b = {.st = s};
@@ -439,7 +517,7 @@ moe_status moe_ckpt_save_grads(const char *path, moe_comm *c, const moe_tensor_t
  * dataset and its shape. No allocation depends on the file. */
 static moe_status validate(hid_t f, const char *path, const moe_ckpt_state *s, const int *layers, int n_moe)
 {
-    moe_status st = ckpt_check_format(f, CKPT_FORMAT, NULL, path);
+    moe_status st = ckpt_check_format(f, CKPT_FORMAT, NULL, NULL, path);
     if (st != MOE_OK) return st;
     hid_t g = H5Gopen2(f, "/model", H5P_DEFAULT);
     if (g < 0) return moe_errorf(MOE_ERR_FORMAT, "'%s': group /model is missing", path);
@@ -624,6 +702,47 @@ moe_status moe_ckpt_load(const char *path, moe_comm *c, moe_ckpt_state *s, char 
     if (st != MOE_OK && config_text) {
         free(*config_text);
         *config_text = NULL;
+    }
+    return st;
+}
+
+/* ---- the tokenizer ---- */
+
+moe_status moe_ckpt_load_tokenizer(moe_tok **out, const char *path, moe_comm *c)
+{
+    *out = NULL;
+    /* Rank 0 reads and checks it, then sends it in moerun's own file form
+     * (exact round trip: docs/tokenizer.md section 3). */
+    char *buf = NULL;
+    uint64_t len = 0; /* 0: no tokenizer */
+    moe_status st = MOE_OK;
+    if (moe_comm_rank(c) == 0) {
+        char file[MOE_H5_PATH_MAX];
+        moe_ckpt_file *f = NULL;
+        moe_tok *t = NULL;
+        st = moe_ckpt_resolve(file, sizeof file, path);
+        if (st == MOE_OK) st = moe_ckpt_file_open(&f, file);
+        if (st == MOE_OK) st = moe_ckpt_file_tokenizer(f, &t);
+        size_t n = 0;
+        if (st == MOE_OK && t) st = moe_tok_save_buffer(t, MOE_TOK_FORM_TIKTOKEN_JSON, &buf, &n);
+        len = n;
+        moe_tok_destroy(t);
+        moe_ckpt_file_close(f);
+    }
+    st = agree(c, st);
+    if (st == MOE_OK) st = moe_comm_bcast(c, &len, sizeof len, 0);
+    if (st == MOE_OK && len && moe_comm_rank(c) != 0)
+        st = (buf = malloc(len)) ? MOE_OK : moe_errorf(MOE_ERR_NOMEM, "tokenizer of '%s': %llu bytes", path,
+                                                       (unsigned long long)len);
+    st = agree(c, st);
+    if (st == MOE_OK && len) st = moe_comm_bcast(c, buf, len, 0);
+    if (st == MOE_OK && len) st = moe_tok_load_buffer(out, path, (const uint8_t *)buf, len, MOE_TOK_FORM_TIKTOKEN_JSON,
+                                                      NULL, 0, NULL, NULL);
+    free(buf);
+    st = agree(c, st);
+    if (st != MOE_OK) {
+        moe_tok_destroy(*out);
+        *out = NULL;
     }
     return st;
 }

@@ -1,4 +1,6 @@
-/* Checkpoints and gradient dumps (docs/formats.md, format_version 1).
+/* Checkpoints and gradient dumps (docs/formats.md, format_version 1 and 2:
+ * a file is written as 2 only when it holds one of format 2's additions, a
+ * /tokenizer group here; both are read).
  *
  * One checkpoint is one HDF5 file written by all ranks together through
  * parallel HDF5. Everything here is generic over a moe_tensor_table: each
@@ -23,9 +25,10 @@
 #include "config/config.h"
 #include "core/moe.h"
 #include "core/tensor.h"
+#include "tokenizer/tokenizer.h"
 
 enum {
-    MOE_CKPT_FORMAT_VERSION = 1,
+    MOE_CKPT_FORMAT_VERSION = 2, /* the newest version read and written; 1 is read too */
     MOE_CKPT_MAX_EXTRA = 8,      /* resume integers beyond step/tokens_seen/seed */
     MOE_CKPT_EXTRA_NAME = 32,
     MOE_CKPT_MAX_MOE_LAYERS = 4096,
@@ -63,6 +66,10 @@ typedef struct {
     const char *config_text;
     /* the model: written as /model attributes; on load the file must match it */
     const moe_train_config *cfg;
+    /* save: the tokenizer of the model's ids, written as /tokenizer (the
+     * file is then format_version 2); NULL for a byte-level model. Not read
+     * by moe_ckpt_load (moe_ckpt_load_tokenizer reads it). */
+    const moe_tok *tok;
 } moe_ckpt_state;
 
 /* ---- tables ---- */
@@ -97,6 +104,15 @@ moe_status moe_ckpt_save(const char *path, moe_comm *c, const moe_ckpt_state *st
  * (caller frees). On failure the buffers' contents are unspecified. Every
  * rank returns the same status and detail. */
 moe_status moe_ckpt_load(const char *path, moe_comm *c, moe_ckpt_state *st, char **config_text);
+
+/* The tokenizer stored in the checkpoint at path (a file or a run
+ * directory) into *out (caller destroys), or *out = NULL when the file has
+ * no /tokenizer (a byte-level model: format 1, or 2 without one). World
+ * rank 0 reads and checks it (moe_ckpt_file_tokenizer) and every rank gets
+ * the same tokenizer. Collective over c's world; every rank returns the
+ * same status and detail (MOE_ERR_IO / MOE_ERR_FORMAT / MOE_ERR_CHECKSUM
+ * naming the file and the dataset). */
+moe_status moe_ckpt_load_tokenizer(moe_tok **out, const char *path, moe_comm *c);
 
 /* ---- gradient dumps ("moe-gradients") ---- */
 

@@ -80,7 +80,7 @@ moe_status ckpt_model_compare(const moe_train_config *f, const moe_train_config 
     return MOE_OK;
 }
 
-moe_status ckpt_check_format(hid_t file, const char *want, int *grads, const char *path)
+moe_status ckpt_check_format(hid_t file, const char *want, int *grads, int64_t *version, const char *path)
 {
     char fmt[64];
     int64_t ver;
@@ -91,10 +91,11 @@ moe_status ckpt_check_format(hid_t file, const char *want, int *grads, const cha
         return moe_errorf(MOE_ERR_FORMAT, "'%s' has format '%s', expected '%s'", path, fmt,
                           want ? want : CKPT_FORMAT "' or '" CKPT_FORMAT_GRADS);
     if ((st = moe_h5_attr_get_i64(file, "format_version", &ver, path)) != MOE_OK) return st;
-    if (ver != MOE_CKPT_FORMAT_VERSION)
-        return moe_errorf(MOE_ERR_FORMAT, "'%s' has format_version %lld; this build reads version %d", path,
+    if (ver < 1 || ver > MOE_CKPT_FORMAT_VERSION)
+        return moe_errorf(MOE_ERR_FORMAT, "'%s' has format_version %lld; this build reads versions 1 to %d", path,
                           (long long)ver, MOE_CKPT_FORMAT_VERSION);
     if (grads) *grads = is_grads;
+    if (version) *version = ver;
     /* the strings (config, enum names) have a checksum of their own */
     return moe_h5_check_strings(file, path);
 }
@@ -111,7 +112,7 @@ static void shape_str(char *buf, size_t cap, int ndim, const int64_t *dims)
 
 static const char *dtype_str(moe_ckpt_dtype t)
 {
-    return t == MOE_CKPT_F32 ? "float32" : t == MOE_CKPT_I64 ? "int64" : "uint8";
+    return t == MOE_CKPT_F32 ? "float32" : t == MOE_CKPT_I64 ? "int64" : t == MOE_CKPT_U8 ? "uint8" : "a fixed-length string";
 }
 
 moe_status ckpt_dset_open(hid_t file, const char *dset, moe_ckpt_dtype dtype, int ndim, const int64_t *dims,
@@ -136,7 +137,8 @@ moe_status ckpt_dset_open(hid_t file, const char *dset, moe_ckpt_dtype dtype, in
         size_t size = H5Tget_size(t);
         int type_ok = dtype == MOE_CKPT_F32 ? (cls == H5T_FLOAT && size == 4)
                     : dtype == MOE_CKPT_I64 ? (cls == H5T_INTEGER && size == 8)
-                                            : (cls == H5T_INTEGER && size == 1);
+                    : dtype == MOE_CKPT_U8  ? (cls == H5T_INTEGER && size == 1)
+                                            : (cls == H5T_STRING && H5Tis_variable_str(t) == 0);
         int same = fnd == ndim;
         for (int i = 0; i < fnd; i++) {
             got64[i] = got[i] > (hsize_t)INT64_MAX ? INT64_MAX : (int64_t)got[i];

@@ -21,9 +21,10 @@ moe_status ckpt_model_get(hid_t loc, moe_train_config *cfg, const char *file);
 moe_status ckpt_model_compare(const moe_train_config *file_cfg, const moe_train_config *cfg, const char *file);
 
 /* Root format + format_version: MOE_ERR_FORMAT unless format == want
- * (want NULL: either kind; *grads set) and version == 1; then the string
+ * (want NULL: either kind; *grads set) and 1 <= version <=
+ * MOE_CKPT_FORMAT_VERSION (*version set, may be NULL); then the string
  * attributes against their checksum (MOE_ERR_CHECKSUM, io/h5.h). */
-moe_status ckpt_check_format(hid_t file, const char *want, int *grads, const char *path);
+moe_status ckpt_check_format(hid_t file, const char *want, int *grads, int64_t *version, const char *path);
 
 /* Opens the dataset `dset` and checks class/size (dtype) and shape.
  * MOE_ERR_FORMAT naming dataset, file, expected and found shapes. On

@@ -5,6 +5,8 @@
 #define MOE_CLI_H
 
 #include <stddef.h>
+#include <stdio.h>
+
 #include "core/moe.h"
 
 int moe_cmd_bench_layer(int argc, char **argv);
@@ -16,6 +18,23 @@ int moe_cmd_eval(int argc, char **argv);
 int moe_cmd_generate(int argc, char **argv);
 int moe_cmd_tokenizer(int argc, char **argv);
 int moe_cmd_selftest(int argc, char **argv);
+int moe_cmd_help(int argc, char **argv);
+
+/* The commands (main.c): the words that name one ("bench layer"), its
+ * arguments and a one-line summary for the usage; key_table: its options
+ * are the training key table (moe train). The usage, `moe help` and the man
+ * pages list exactly these. */
+typedef struct {
+    const char *words, *args, *summary;
+    int key_table;
+} moe_cli_command;
+extern const moe_cli_command moe_cli_commands[];
+extern const int moe_cli_n_commands;
+/* The general usage (moe --help). */
+void moe_cli_usage(FILE *f);
+/* Runs a command line as main does once the global options are taken:
+ * argv[0] is the program, argv[1] the command. Returns the exit status. */
+int moe_cli_dispatch(int argc, char **argv);
 
 struct moe_comm;
 /* MPI start-up shared by the subcommands: moe_comm_init, then a world
@@ -48,6 +67,10 @@ void moe_cli_usage_error(int rank, const char *cmd, const char *fmt, ...)
     __attribute__((format(printf, 3, 4)));
 int moe_cli_parse_long(const char *s, long lo, long hi, long *out);
 int moe_cli_parse_double(const char *s, double *out);
+/* 1 if argv[1..] asks for --help/-h (print it and exit 0 without starting
+ * MPI: help works without mpirun and at build time), -1 if it does but this
+ * is not rank 0 of a launch (exit 0 silently), 0 otherwise. */
+int moe_cli_wants_help(int argc, char **argv);
 /* Median of n values (sorts v in place). */
 double moe_cli_median(double *v, int n);
 

@@ -445,6 +445,11 @@ static int run(moe_comm *comm, const bench_opts *o)
 
 int moe_cmd_bench_layer(int argc, char **argv)
 {
+    const int help = moe_cli_wants_help(argc, argv);
+    if (help) {
+        if (help > 0) usage(stdout);
+        return 0;
+    }
     moe_status st = moe_comm_init(&argc, &argv);
     if (st) {
         moe_cli_error(-1, "bench layer: MPI initialisation", st);

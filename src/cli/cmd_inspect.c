@@ -152,6 +152,47 @@ static cJSON *info_json(const moe_ckpt_info *in, const param_counts *p)
     return o;
 }
 
+/* The checkpoint's tokenizer (/tokenizer), or "bytes" for a byte-level
+ * model: kind, vocabulary, pattern, specials, hash. */
+static moe_status describe_tokenizer(const moe_ckpt_file *f, cJSON *j)
+{
+    moe_tok *t = NULL;
+    moe_status st = moe_ckpt_file_tokenizer(f, &t);
+    if (st != MOE_OK) return st;
+    cJSON *o = j ? cJSON_AddObjectToObject(j, "tokenizer") : NULL;
+    if (!t) {
+        if (o) cJSON_AddStringToObject(o, "kind", "bytes");
+        else printf("tokenizer   bytes: one token per byte (the file has no /tokenizer)\n");
+        return MOE_OK;
+    }
+    char hash[24];
+    snprintf(hash, sizeof hash, "%016llx", (unsigned long long)moe_tok_hash(t));
+    const int k = moe_tok_n_specials(t);
+    if (o) {
+        cJSON_AddStringToObject(o, "kind", "bpe");
+        cJSON_AddNumberToObject(o, "vocab_size", (double)moe_tok_vocab_size(t));
+        cJSON_AddNumberToObject(o, "ranks", (double)moe_tok_n_ranks(t));
+        cJSON_AddNumberToObject(o, "holes", (double)moe_tok_n_holes(t));
+        cJSON_AddStringToObject(o, "pattern", moe_tok_pattern(t));
+        cJSON_AddStringToObject(o, "hash", hash);
+        cJSON *sp = cJSON_AddArrayToObject(o, "specials");
+        for (int i = 0; i < k; i++) {
+            cJSON *x = cJSON_CreateObject();
+            cJSON_AddStringToObject(x, "name", moe_tok_special_name(t, i));
+            cJSON_AddNumberToObject(x, "id", (double)moe_tok_special_id(t, i));
+            cJSON_AddItemToArray(sp, x);
+        }
+    } else {
+        printf("tokenizer   byte-level BPE, vocab %lld (%lld ranks, %lld holes, %d specials), hash %s\n",
+               (long long)moe_tok_vocab_size(t), (long long)moe_tok_n_ranks(t), (long long)moe_tok_n_holes(t), k, hash);
+        printf("            pattern %s\n", moe_tok_pattern(t));
+        for (int i = 0; i < k; i++)
+            printf("            special %lld = %s\n", (long long)moe_tok_special_id(t, i), moe_tok_special_name(t, i));
+    }
+    moe_tok_destroy(t);
+    return MOE_OK;
+}
+
 /* Per-expert load and weight norms of one MoE layer. */
 typedef struct {
     double *tokens, *dropped, *steps; /* (E) */
@@ -574,7 +615,8 @@ int moe_cmd_inspect(int argc, char **argv)
         else
             print_info(in, &p);
         cJSON *jd = j ? cJSON_GetObjectItem(j, "info") : NULL;
-        st = in->gradients ? describe_grads(f, jd) : describe_experts(f, jd);
+        if (!in->gradients) st = describe_tokenizer(f, jd);
+        if (st == MOE_OK) st = in->gradients ? describe_grads(f, jd) : describe_experts(f, jd);
     }
     if (st == MOE_OK && o.plot) st = plot(f, path, o.plot);
     if (st != MOE_OK) moe_cli_error(-1, "inspect", st);

@@ -17,6 +17,7 @@
 #include <unistd.h>
 
 #include "comm/comm.h"
+#include "data/data.h"
 
 typedef enum { T_INT, T_U32, T_REAL, T_STR, T_ENUM } key_type;
 
@@ -38,6 +39,7 @@ typedef struct {
 static const char *const router_names[] = {"token_choice", "expert_choice", NULL};
 static const char *const act_names[] = {"gelu", "relu", "swiglu", NULL};
 static const char *const noise_names[] = {"none", "gaussian", NULL};
+static const char *const data_format_names[] = {"auto", "bytes", "tokens", NULL}; /* moe_data_format */
 #define a2a_names moe_a2a_kind_names /* named where the kinds are defined */
 /* Old spellings still accepted (configs and checkpoint config texts written
  * before a rename): {key, old value, the value it means}. */
@@ -47,6 +49,7 @@ static const struct {
 _Static_assert(MOE_ROUTER_TOKEN_CHOICE == 0 && MOE_ROUTER_EXPERT_CHOICE == 1, "router_names order");
 _Static_assert(MOE_ACT_GELU == 0 && MOE_ACT_RELU == 1 && MOE_ACT_SWIGLU == 2, "act_names order");
 _Static_assert(MOE_A2A_P2P == 0 && MOE_A2A_SHM == 1, "a2a_names order");
+_Static_assert(MOE_DATA_AUTO == 0 && MOE_DATA_BYTES == 1 && MOE_DATA_TOKENS == 2, "data_format_names order");
 _Static_assert(sizeof(moe_router_kind) == sizeof(int) && sizeof(moe_activation) == sizeof(int),
                "enum keys are stored through int");
 
@@ -62,11 +65,12 @@ static const key_desc keys[] = {
      * upper bounds keep every tensor shape product far inside int64 (and
      * any realistic model inside them), so a file's absurd attributes are
      * refused before anything is allocated. */
-    KI(vocab_size, "model", 256, 256, "bytes: fixed at 256"),
+    KI(vocab_size, "model", 256, 1 << 24,
+       "token ids (default: the tokenizer's vocab_size, 256 for bytes; a value set must be >= it)"),
     KI(d_model, "model", 1, 1 << 16, "model width d"),
     KI(n_layers, "model", 1, 1 << 12, "transformer blocks"),
     KI(n_heads, "model", 1, 1 << 16, "attention heads (must divide d_model)"),
-    KI(seq_len, "model", 1, 1 << 20, "context length in bytes"),
+    KI(seq_len, "model", 1, 1 << 20, "context length in tokens (bytes for byte data)"),
     KI(n_experts, "model", 1, 1 << 16, "experts per MoE layer E"),
     KI(top_k, "model", 1, NOMAX, "experts per token for token choice (1 <= top_k <= E)"),
     KI(d_ff, "model", 1, 1 << 20, "hidden width F of each expert and of dense blocks"),
@@ -98,8 +102,10 @@ static const key_desc keys[] = {
     KI(log_every, "train", 1, NOMAX, "steps between log lines"),
     KS(out_dir, "train", "output directory (log, checkpoints)"),
 
-    KS(data, "data", "training text file, read as bytes"),
-    KS(val_data, "data", "validation file (empty: the last val_frac of data)"),
+    KS(data, "data", "training file: bytes, or a token file of 'moe data encode' (data_format)"),
+    KS(val_data, "data", "validation file of the same kind (empty: the last val_frac of data)"),
+    KE(data_format, "data", data_format_names, "auto (a name ending in .tok is a token file), bytes or tokens"),
+    KS(tokenizer, "data", "the tokenizer token data was encoded with (empty: the resumed checkpoint's)"),
     KR(val_frac, "data", 0, 1, 0, 1, "held-out tail fraction of data when val_data is empty"),
     KI(val_every, "data", 0, NOMAX, "steps between validations (0: never)"),
     KI(val_batches, "data", 1, NOMAX, "batches of batch_size sequences per validation"),
@@ -115,7 +121,8 @@ static const key_desc keys[] = {
 #define N_KEYS ((int)(sizeof keys / sizeof keys[0]))
 
 _Static_assert(sizeof(((moe_train_config *)0)->data) == 1024 && sizeof(((moe_train_config *)0)->val_data) == 1024 &&
-                   sizeof(((moe_train_config *)0)->out_dir) == 1024 && sizeof(((moe_train_config *)0)->resume) == 1024,
+                   sizeof(((moe_train_config *)0)->out_dir) == 1024 && sizeof(((moe_train_config *)0)->resume) == 1024 &&
+                   sizeof(((moe_train_config *)0)->tokenizer) == 1024,
                "T_STR keys are char[1024]");
 #define STR_CAP 1024
 
@@ -123,6 +130,7 @@ void moe_train_config_default(moe_train_config *c)
 {
     memset(c, 0, sizeof *c);
     c->vocab_size = 256;
+    c->vocab_size_user = -1;
     c->d_model = 128;
     c->n_layers = 4;
     c->n_heads = 4;
@@ -372,6 +380,7 @@ static moe_status check_key(const key_desc *k, const moe_train_config *c)
  * token for expert choice, as docs/routing.md says). */
 static void resolve_defaults(moe_train_config *c)
 {
+    if (c->vocab_size_user >= 0) c->vocab_size = c->vocab_size_user;
     c->normalize_topk = c->top_k == 1 ? 0 : c->normalize_topk_user < 0 ? 1 : c->normalize_topk_user;
     if (isnan(c->capacity_factor_user))
         c->capacity_factor = c->router == MOE_ROUTER_EXPERT_CHOICE ? 2.0 : 1.25;
@@ -386,6 +395,9 @@ moe_status moe_train_config_set(moe_train_config *c, const char *key, const char
     if (!k) return unknown_key(key);
     if (k->off == OFF(normalize_topk)) {
         moe_status st = parse_into(k, value, &c->normalize_topk_user);
+        if (st) return st;
+    } else if (k->off == OFF(vocab_size)) {
+        moe_status st = parse_into(k, value, &c->vocab_size_user);
         if (st) return st;
     } else if (k->off == OFF(capacity_factor)) {
         moe_status st = parse_into(k, value, &c->capacity_factor_user);
@@ -574,6 +586,22 @@ moe_status moe_train_config_set_model_attr(moe_train_config *c, const moe_model_
     return moe_errorf(MOE_ERR_ARG, "%s: wrong type of value", k->name);
 }
 
+moe_status moe_train_config_resolve_vocab(moe_train_config *c, int64_t data_vocab, const char *what)
+{
+    if (c->vocab_size_user < 0) {
+        if (data_vocab < 256 || data_vocab > (1 << 24))
+            return moe_errorf(MOE_ERR_ARG, "%s has %lld ids, outside vocab_size's range [256, %d]", what,
+                              (long long)data_vocab, 1 << 24);
+        c->vocab_size = (int)data_vocab;
+        return MOE_OK;
+    }
+    if (c->vocab_size < data_vocab)
+        return moe_errorf(MOE_ERR_ARG, "vocab_size=%d is smaller than the %lld ids of %s (leave vocab_size unset "
+                                       "to take it, or set at least %lld)",
+                          c->vocab_size, (long long)data_vocab, what, (long long)data_vocab);
+    return MOE_OK;
+}
+
 moe_status moe_train_config_check(const moe_train_config *c, int world)
 {
     if (!c) return moe_errorf(MOE_ERR_ARG, "moe_train_config_check: NULL config");
@@ -641,7 +669,8 @@ void moe_train_config_help(FILE *f)
             "usage: mpirun -np N moe train [--config FILE] [--key=value | --key value ...]\n"
             "\n"
             "Keys are read from the INI file (in any section or none), then overridden by\n"
-            "--key=value options in order. Key, default, meaning:\n");
+            "--key=value options in order.\n"
+            "Key, default, meaning:\n");
     const char *section = NULL;
     char v[STR_CAP + 16];
     for (int i = 0; i < N_KEYS; i++) {
@@ -652,6 +681,21 @@ void moe_train_config_help(FILE *f)
         value_text(v, sizeof v, &keys[i], &d);
         fprintf(f, "  %-17s %-13s %s\n", keys[i].name, v[0] ? v : "\"\"", keys[i].help);
     }
+}
+
+int moe_train_config_n_keys(void) { return N_KEYS; }
+
+moe_status moe_train_config_key_doc_get(int i, moe_train_config_key_doc *out)
+{
+    if (i < 0 || i >= N_KEYS) return moe_errorf(MOE_ERR_ARG, "key index %d outside [0, %d)", i, N_KEYS);
+    moe_train_config d;
+    moe_train_config_default(&d);
+    out->name = keys[i].name;
+    out->section = keys[i].section;
+    out->help = keys[i].help;
+    value_text(out->default_text, sizeof out->default_text, &keys[i], &d);
+    expectation(out->accepts, sizeof out->accepts, &keys[i]);
+    return MOE_OK;
 }
 
 /* ---- command line ---- */

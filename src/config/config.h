@@ -11,7 +11,8 @@
 
 typedef struct {
     /* model (checkpoint /model attributes) */
-    int vocab_size;          /* 256, bytes (fixed) */
+    int vocab_size;          /* token ids are < vocab_size (256 for bytes) */
+    int vocab_size_user;     /* -1: not set (the tokenizer's, 256 for bytes), else the value the user set */
     int d_model, n_layers, n_heads, seq_len;
     int n_experts, top_k, d_ff, moe_every;
     moe_router_kind router;
@@ -31,6 +32,8 @@ typedef struct {
     uint32_t seed;
     int ep_size;             /* 0: world size */
     char data[1024], val_data[1024], out_dir[1024];
+    char tokenizer[1024];    /* tokenizer file of token data ("" none) */
+    int data_format;         /* moe_data_format: 0 auto (".tok": tokens), 1 bytes, 2 tokens */
     double val_frac;         /* held-out fraction when val_data is empty */
     int log_every;
     /* exchange */
@@ -88,6 +91,12 @@ int moe_train_config_model_attrs(const moe_train_config *c, moe_model_attr *out,
  * moe_train_config_check_model does that. MOE_ERR_ARG naming the key. */
 moe_status moe_train_config_set_model_attr(moe_train_config *c, const moe_model_attr *a);
 
+/* The vocabulary of a run whose data has `data_vocab` ids (256 for bytes,
+ * the tokenizer's vocab_size for token files; `what` names where it comes
+ * from): c->vocab_size becomes data_vocab when the user did not set it; a
+ * value the user set must be >= data_vocab (MOE_ERR_ARG naming both). */
+moe_status moe_train_config_resolve_vocab(moe_train_config *c, int64_t data_vocab, const char *what);
+
 /* Validation of every key's range and of the cross-field rules (heads divide
  * d_model, top_k <= n_experts, ...) given the world size (batch divisible by
  * ranks, E by ep_size, ...). MOE_ERR_ARG with a detail naming the key(s). */
@@ -103,6 +112,17 @@ int moe_train_config_format(const moe_train_config *c, char *buf, int cap);
 /* Prints every key with its default and a one-line description
  * (`moe train --help`). */
 void moe_train_config_help(FILE *f);
+
+/* The key table for documentation (the man page of `moe train`): key i,
+ * 0 <= i < moe_train_config_n_keys(), in table order. Not collective;
+ * MOE_ERR_ARG for i out of range. */
+typedef struct {
+    const char *name, *section, *help; /* static storage */
+    char default_text[1024];           /* as --help prints it ("" for an empty path); fits any path key */
+    char accepts[256];                 /* "an integer >= 1", "gelu, relu or swiglu", ... */
+} moe_train_config_key_doc;
+int moe_train_config_n_keys(void);
+moe_status moe_train_config_key_doc_get(int i, moe_train_config_key_doc *out);
 
 /* Command line of `moe train` over c (call moe_train_config_default first):
  * argv[0] is the command name and is skipped; every `--config FILE` (or

@@ -23,6 +23,11 @@ typedef enum {
     MOE_STATUS_COUNT
 } moe_status;
 
+/* The version of the moerun library in use, e.g. "0.1.0" (an application
+ * may compare it with MOERUN_VERSION of <moerun/version.h>, the headers it
+ * was compiled with). */
+const char *moe_version(void);
+
 /* Short fixed name of a status ("invalid argument", ...). */
 const char *moe_status_str(moe_status s);
 

@@ -108,3 +108,5 @@ int moe_fault(const char *site, int rank)
     fired = 1;
     return 1;
 }
+
+const char *moe_version(void) { return MOE_VERSION; }

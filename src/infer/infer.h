@@ -27,6 +27,7 @@
 #include "comm/comm.h"
 #include "config/config.h"
 #include "model/model.h"
+#include "tokenizer/tokenizer.h"
 
 /* ---- loading (load.c) ---- */
 
@@ -50,6 +51,28 @@ moe_status moe_infer_load(moe_model **out, moe_train_config *cfg, const char *pa
  * never NULL on success, even for an empty file) of *n bytes. Not
  * collective. MOE_ERR_IO naming the file. */
 moe_status moe_infer_read_file(uint8_t **data, size_t *n, const char *path);
+
+/* ---- text and token ids (text.c) ---- */
+
+/* Nothing here is collective. A checkpoint's tokenizer comes from
+ * moe_ckpt_load_tokenizer; tok NULL means a byte-level model (one id per
+ * byte). */
+
+/* Token ids of n bytes of text (any bytes): tok's encode as one document
+ * (docs/tokenizer.md: exact to tiktoken on UTF-8, invalid UTF-8 by its own
+ * rule), or one id per byte. *ids (moe_free) has *n_ids ids. */
+moe_status moe_infer_text_encode(int32_t **ids, size_t *n_ids, const moe_tok *tok, const uint8_t *text, size_t n);
+/* The bytes of n ids into a new buffer (*out, moe_free) of *n_out bytes:
+ * tok's decode (a special gives its name), or one byte per id. MOE_ERR_ARG
+ * naming the position of an id that has no bytes (a hole, an id outside the
+ * tokenizer, or above 255 without one). */
+moe_status moe_infer_text_decode(uint8_t **out, size_t *n_out, const moe_tok *tok, const int32_t *ids, size_t n);
+/* The ids of the token file at path (tokfile.h), checked against tok: its
+ * header, size and ids (MOE_ERR_FORMAT), the tokenizer's hash and
+ * vocab_size (MOE_ERR_MISMATCH "encoded with another tokenizer"), each
+ * naming the file. MOE_ERR_ARG when tok is NULL (a byte-level model).
+ * *ids (moe_free) has *n ids. */
+moe_status moe_infer_read_tokens(int32_t **ids, size_t *n, const char *path, const moe_tok *tok);
 
 /* ---- evaluation (eval.c) ---- */
 

@@ -23,11 +23,13 @@
 #include "core/platform.h"
 
 struct moe_train_run {
-    moe_train_config cfg;
+    moe_train_config cfg;      /* vocab_size resolved from the data */
     moe_comm *comm;            /* not owned */
     moe_train_callbacks cb;
     int rank, W;
     moe_data *ds;
+    moe_tok *tok;              /* the tokenizer of token data (owned), NULL for bytes */
+    int64_t val_pass_bytes;    /* bytes the targets of one validation pass stand for */
     moe_trainer *tr;
     moe_model *model;
     int n_moe, E, El, e0, B;
@@ -37,7 +39,7 @@ struct moe_train_run {
     char *config_text;                     /* the resolved INI text (owned) */
     FILE *metrics;                         /* rank 0 */
     int64_t step, step0, tokens_seen;
-    double t_start, last_val, ckpt_total, last_ckpt;
+    double t_start, last_val, last_val_bpb, ckpt_total, last_ckpt;
     int stopped;
     int blas_noted;                        /* a metrics line has named the BLAS kernel set */
     int lock_fd;                           /* rank 0: out_dir/lock, held for the run's life */
@@ -77,14 +79,23 @@ static int mkdir_p(const char *path)
     return mkdir(tmp, 0775) && errno != EEXIST ? -1 : 0;
 }
 
-/* Validation loss (nats per byte) over val_batches fixed batches. Collective. */
-static moe_status validate(moe_train_run *r, int32_t *in, int32_t *tg, double *loss)
+/* Validation loss (nats per token) and bits per byte over val_batches
+ * fixed batches. Collective. */
+static moe_status validate(moe_train_run *r, int32_t *in, int32_t *tg, double *loss, double *bpb)
 {
     const moe_train_config *c = &r->cfg;
     const int B = r->B;
     int64_t n_total = (int64_t)c->val_batches * c->batch_size;
     if (n_total > moe_data_val_windows(r->ds)) n_total = moe_data_val_windows(r->ds) / c->batch_size * c->batch_size;
     if (n_total < c->batch_size) n_total = c->batch_size;
+    /* the same windows on every rank: their bytes need no communication,
+     * only agreement that every rank could read them */
+    if (!r->val_pass_bytes) {
+        const int64_t b = moe_data_val_pass_bytes(r->ds, n_total);
+        moe_status st = moe_comm_agree_detail(r->comm, MOE_SCOPE_WORLD, b < 0 ? MOE_ERR_IO : MOE_OK);
+        if (st) return st;
+        r->val_pass_bytes = b;
+    }
     double ce = 0;
     int64_t tokens = 0;
     for (int64_t v = 0; v * c->batch_size < n_total; v++) {
@@ -99,6 +110,7 @@ static moe_status validate(moe_train_run *r, int32_t *in, int32_t *tg, double *l
         tokens += s.tokens;
     }
     *loss = tokens ? ce / tokens : NAN;
+    *bpb = r->val_pass_bytes ? ce / (double)r->val_pass_bytes / M_LN2 : NAN;
     return MOE_OK;
 }
 
@@ -139,10 +151,10 @@ static moe_status write_metrics(moe_train_run *r, const moe_train_progress *p)
     }
     cJSON_AddNumberToObject(j, "loss", ts->model.loss);
     cJSON_AddNumberToObject(j, "ce", ts->model.ce);
-    cJSON_AddNumberToObject(j, "bpb", ts->model.ce / M_LN2);
+    cJSON_AddNumberToObject(j, "bpb", p->bpb);
     if (isfinite(val)) {
         cJSON_AddNumberToObject(j, "val_loss", val);
-        cJSON_AddNumberToObject(j, "val_bpb", val / M_LN2);
+        cJSON_AddNumberToObject(j, "val_bpb", p->val_bpb);
     }
     cJSON_AddNumberToObject(j, "load_balance_loss",
                             ts->model.aux_terms ? ts->model.lb_sum / ts->model.aux_terms : 0);
@@ -226,6 +238,7 @@ static void ckpt_state(moe_train_run *r, moe_ckpt_state *s, int64_t step, int64_
     s->n_extra = 1;
     s->config_text = r->config_text;
     s->cfg = &r->cfg;
+    s->tok = r->tok;
 }
 
 static moe_status dump_grads(moe_train_run *r, int64_t step, const moe_train_stats *ts)
@@ -470,6 +483,51 @@ static moe_status open_outputs(moe_train_run *r)
     return moe_data_write_file(path, r->config_text, strlen(r->config_text));
 }
 
+/* The tokenizer of the run: the `tokenizer` file, and the one stored in the
+ * checkpoint being resumed (from: resolved by resume_source, "" for a
+ * fresh run), which must be the same when both exist; NULL for byte data.
+ * Collective. */
+static moe_status load_tokenizer(moe_train_run *r, moe_data_format f, const char *from, char *what, size_t cap)
+{
+    const moe_train_config *c = &r->cfg;
+    moe_status st = MOE_OK;
+    if (c->tokenizer[0]) {
+        st = moe_tok_load(&r->tok, c->tokenizer, MOE_TOK_FORM_AUTO, NULL, 0, NULL, NULL);
+        snprintf(what, cap, "tokenizer '%s'", c->tokenizer);
+    }
+    if ((st = moe_comm_agree_detail(r->comm, MOE_SCOPE_WORLD, st))) return st;
+    if (from[0]) {
+        moe_tok *saved = NULL;
+        if ((st = moe_ckpt_load_tokenizer(&saved, from, r->comm))) return st;
+        if (saved && f == MOE_DATA_BYTES)
+            st = moe_errorf(MOE_ERR_MISMATCH,
+                            "checkpoint '%s' holds a model over a tokenizer's ids, but data '%s' is read as bytes "
+                            "(give its token file, from 'moe data encode')", from, c->data);
+        else if (saved && r->tok && !moe_tok_equal(saved, r->tok))
+            st = moe_errorf(MOE_ERR_MISMATCH, "tokenizer '%s' differs from the one stored in checkpoint '%s'",
+                            c->tokenizer, from);
+        if (!st && saved && !r->tok) {
+            r->tok = saved;
+            saved = NULL;
+            snprintf(what, cap, "the tokenizer of checkpoint '%s'", from);
+        }
+        moe_tok_destroy(saved);
+        if (st) return st;
+    }
+    if (f == MOE_DATA_TOKENS && !r->tok)
+        return moe_errorf(MOE_ERR_ARG,
+                          "data '%s' is a token file: set tokenizer = FILE (the tokenizer it was encoded with), or "
+                          "resume a checkpoint that stores it", c->data);
+    if (f == MOE_DATA_BYTES && r->tok)
+        return moe_errorf(MOE_ERR_ARG,
+                          "tokenizer '%s' is set but data '%s' is read as bytes (data_format = %s): encode it first "
+                          "('moe data encode --tokenizer %s --data %s --out FILE.tok')",
+                          c->tokenizer, c->data, c->data_format == MOE_DATA_BYTES ? "bytes" : "auto, not ending in .tok",
+                          c->tokenizer, c->data);
+    if (f == MOE_DATA_BYTES) snprintf(what, cap, "the byte data '%s'", c->data);
+    return MOE_OK;
+}
+
 moe_status moe_train_run_create(moe_train_run **out, const moe_train_config *cfg, const char *config_text,
                                 moe_comm *comm, const moe_train_callbacks *cb)
 {
@@ -483,28 +541,38 @@ moe_status moe_train_run_create(moe_train_run **out, const moe_train_config *cfg
         if (cb) r->cb = *cb;
         r->rank = moe_comm_rank(comm);
         r->W = moe_comm_size(comm);
-        r->last_val = NAN;
-        if (config_text) {
-            r->config_text = strdup(config_text);
-        } else {
-            const int n = moe_train_config_format(cfg, NULL, 0);
-            if ((r->config_text = malloc((size_t)n + 1))) moe_train_config_format(cfg, r->config_text, n + 1);
-        }
-        if (!r->config_text) st = moe_errorf(MOE_ERR_NOMEM, "configuration text");
+        r->last_val = r->last_val_bpb = NAN;
     }
-    const moe_train_config *c = cfg;
+    st = moe_comm_agree_detail(comm, MOE_SCOPE_WORLD, st);
+    const moe_train_config *c = st ? cfg : &r->cfg;
+    const moe_data_format fmt = moe_data_format_of((moe_data_format)c->data_format, c->data);
     if (!st && r->rank == 0 && mkdir_p(c->out_dir))
         st = moe_errorf(MOE_ERR_IO, "cannot create out_dir '%s': %s", c->out_dir, strerror(errno));
     if (!st && r->rank == 0) st = lock_out_dir(r);
     st = moe_comm_agree_detail(comm, MOE_SCOPE_WORLD, st);
-    char from[1200] = "";
+    char from[1200] = "", what[1200] = "";
     if (!st) st = resume_source(r, from, sizeof from);
+    if (!st) st = load_tokenizer(r, fmt, from, what, sizeof what);
     /* Validation data only when validation is on: otherwise nothing of it
      * is demanded, and no tail of the training file is held out. */
     const int val_on = c->val_every > 0;
-    if (!st)
-        st = moe_data_open(&r->ds, c->data, val_on && c->val_data[0] ? c->val_data : NULL, val_on ? c->val_frac : 0,
-                           c->seq_len, c->seed);
+    if (!st) {
+        const moe_data_config dc = {.path = c->data, .val_path = val_on ? c->val_data : NULL,
+                                    .val_frac = val_on ? c->val_frac : 0, .seq_len = c->seq_len, .seed = c->seed,
+                                    .format = fmt, .tok = r->tok};
+        st = moe_data_open_config(&r->ds, &dc);
+    }
+    /* the model's vocabulary: the data's unless set (then at least the data's) */
+    if (!st) st = moe_train_config_resolve_vocab(&r->cfg, moe_data_vocab_size(r->ds), what);
+    if (!st) {
+        if (config_text && r->cfg.vocab_size == cfg->vocab_size) {
+            r->config_text = strdup(config_text);
+        } else { /* the text checkpoints store holds the resolved vocab_size */
+            const int n = moe_train_config_format(&r->cfg, NULL, 0);
+            if ((r->config_text = malloc((size_t)n + 1))) moe_train_config_format(&r->cfg, r->config_text, n + 1);
+        }
+        if (!r->config_text) st = moe_errorf(MOE_ERR_NOMEM, "configuration text");
+    }
     st = moe_comm_agree_detail(comm, MOE_SCOPE_WORLD, st);
     if (!st) st = moe_trainer_create(&r->tr, c, comm);
     if (!st) {
@@ -543,6 +611,7 @@ void moe_train_run_destroy(moe_train_run *r)
     if (r->lock_fd >= 0) close(r->lock_fd); /* releases out_dir/lock */
     moe_trainer_destroy(r->tr);
     moe_data_destroy(r->ds);
+    moe_tok_destroy(r->tok);
     moe_free(r->tokens_total);
     moe_free(r->dropped_total);
     moe_free(r->expert_step_g);
@@ -559,6 +628,9 @@ moe_status moe_train_run_step(moe_train_run *r)
     const int S = c->seq_len;
     double t_step = moe_now();
     moe_status st = moe_data_batch(r->ds, r->in, r->tg, r->step, r->rank * r->B, r->B);
+    /* bits per byte of the global batch: its windows are known on every rank */
+    const int64_t batch_bytes = st ? 0 : moe_data_batch_bytes(r->ds, r->step, 0, c->batch_size);
+    if (batch_bytes < 0) st = MOE_ERR_IO; /* the read's detail is recorded */
     if (!st) st = take_pending(r); /* the previous step's failed write, if any */
     st = moe_comm_agree_detail(r->comm, MOE_SCOPE_WORLD, st);
     if (!st) st = moe_trainer_step(r->tr, r->in, r->tg, r->step, &r->ts);
@@ -573,10 +645,12 @@ moe_status moe_train_run_step(moe_train_run *r)
     }
     if (c->dump_grads_every > 0 && r->step % c->dump_grads_every == 0 && (st = dump_grads(r, r->step, ts)))
         return st;
-    moe_train_progress p = {.step = r->step, .first_step = r->step0, .stats = ts, .val_loss = NAN};
-    if (moe_data_val_bytes(r->ds) > 0 && c->val_every > 0 && (r->step % c->val_every == 0 || r->step == c->steps)) {
-        if ((st = validate(r, r->in, r->tg, &p.val_loss))) return st;
+    moe_train_progress p = {.step = r->step, .first_step = r->step0, .stats = ts, .val_loss = NAN, .val_bpb = NAN,
+                            .bpb = batch_bytes ? ts->model.ce_sum / (double)batch_bytes / M_LN2 : NAN};
+    if (moe_data_val_tokens(r->ds) > 0 && c->val_every > 0 && (r->step % c->val_every == 0 || r->step == c->steps)) {
+        if ((st = validate(r, r->in, r->tg, &p.val_loss, &p.val_bpb))) return st;
         r->last_val = p.val_loss;
+        r->last_val_bpb = p.val_bpb;
     }
     /* Requests (preemption, a checkpoint on demand): asked on every rank,
      * hook or not, so that ranks whose hooks differ still run the same
@@ -587,6 +661,7 @@ moe_status moe_train_run_step(moe_train_run *r)
     if ((c->ckpt_every > 0 && r->step % c->ckpt_every == 0) || r->step == c->steps || req >= MOE_TRAIN_CHECKPOINT)
         if ((st = save_checkpoint(r, &p.checkpoint_s))) return st;
     p.last_val_loss = r->last_val;
+    p.last_val_bpb = r->last_val_bpb;
     p.tokens_per_s = (double)c->batch_size * S / t_step; /* the step alone */
     load_figures(&ts->model, &p.max_over_mean_load, &p.dropped_frac);
     p.elapsed_s = moe_now() - r->t_start;
@@ -608,5 +683,9 @@ int64_t moe_train_run_steps_done(const moe_train_run *r) { return r->step; }
 int moe_train_run_stopped(const moe_train_run *r) { return r->stopped; }
 double moe_train_run_checkpoint_seconds(const moe_train_run *r) { return r->ckpt_total; }
 double moe_train_run_last_val_loss(const moe_train_run *r) { return r->last_val; }
+double moe_train_run_last_val_bpb(const moe_train_run *r) { return r->last_val_bpb; }
 moe_trainer *moe_train_run_trainer(moe_train_run *r) { return r->tr; }
+const moe_train_config *moe_train_run_config(const moe_train_run *r) { return &r->cfg; }
+const char *moe_train_run_config_text(const moe_train_run *r) { return r->config_text; }
+const moe_tok *moe_train_run_tokenizer(const moe_train_run *r) { return r->tok; }
 const moe_data *moe_train_run_data(const moe_train_run *r) { return r->ds; }

@@ -25,8 +25,11 @@ typedef struct {
     int64_t step;              /* steps done, including this one */
     int64_t first_step;        /* step the run started from (resume) */
     const moe_train_stats *stats;
-    double val_loss;           /* nats per byte, NAN when not validated at this step */
+    double bpb;                /* the batch's cross-entropy in bits per byte (per token for bytes) */
+    double val_loss;           /* nats per token, NAN when not validated at this step */
+    double val_bpb;            /* the same validation in bits per byte, NAN when not validated */
     double last_val_loss;      /* the latest validation, NAN if none yet */
+    double last_val_bpb;
     double tokens_per_s;       /* of the step alone (not validation or checkpoints) */
     double max_over_mean_load; /* worst max/mean expert load over the MoE layers */
     double dropped_frac;       /* dropped / (kept + dropped) assignments */
@@ -65,14 +68,20 @@ typedef struct {
  * `latest`, a checkpoint or metrics lines): MOE_ERR_ARG saying how to
  * continue it. cfg->resume is a checkpoint, a run directory (its `latest`),
  * or "auto": resume from out_dir when it holds a checkpoint, else start
- * fresh in it. Then opens the data (cfg->data; cfg->val_data or the val_frac
- * tail only when validation is on, val_every > 0), builds the trainer,
- * resumes (on_resume), opens metrics.jsonl (on a resume: its lines after
- * the checkpoint's step, and a line cut by a crash, are dropped first, so
- * every step appears once) and writes config.ini with config_text (the
- * resolved INI text, as stored in checkpoints; NULL: formatted from cfg).
- * cb may be NULL. Fails with the cause on every rank (MOE_ERR_IO naming a
- * file and the system's reason, MOE_ERR_ARG, ...). */
+ * fresh in it. Then loads the tokenizer of token data (cfg->tokenizer, and
+ * the one stored in the checkpoint resumed, which must be equal when both
+ * are there), opens the data (cfg->data; cfg->val_data or the val_frac
+ * tail only when validation is on, val_every > 0; bytes or token files by
+ * cfg->data_format, token files checked against the tokenizer), resolves
+ * vocab_size from the data (moe_train_config_resolve_vocab), builds the
+ * trainer, resumes (on_resume), opens metrics.jsonl (on a resume: its
+ * lines after the checkpoint's step, and a line cut by a crash, are
+ * dropped first, so every step appears once) and writes config.ini with
+ * config_text (the resolved INI text, as stored in checkpoints; NULL, or a
+ * vocab_size resolved here: formatted from the resolved configuration).
+ * Checkpoints hold the tokenizer (/tokenizer). cb may be NULL. Fails with
+ * the cause on every rank (MOE_ERR_IO naming a file and the system's
+ * reason, MOE_ERR_ARG / MOE_ERR_MISMATCH naming the key or file, ...). */
 moe_status moe_train_run_create(moe_train_run **out, const moe_train_config *cfg, const char *config_text,
                                 moe_comm *comm, const moe_train_callbacks *cb);
 void moe_train_run_destroy(moe_train_run *r);
@@ -92,8 +101,14 @@ moe_status moe_train_run_run(moe_train_run *r);
 int64_t moe_train_run_steps_done(const moe_train_run *r);
 int moe_train_run_stopped(const moe_train_run *r); /* 1 after a MOE_TRAIN_STOP request */
 double moe_train_run_checkpoint_seconds(const moe_train_run *r); /* total so far */
-double moe_train_run_last_val_loss(const moe_train_run *r);      /* NAN if none yet */
+double moe_train_run_last_val_loss(const moe_train_run *r);      /* nats per token, NAN if none yet */
+double moe_train_run_last_val_bpb(const moe_train_run *r);       /* bits per byte, NAN if none yet */
 moe_trainer *moe_train_run_trainer(moe_train_run *r);
 const moe_data *moe_train_run_data(const moe_train_run *r);
+/* The configuration with vocab_size resolved, and its INI text (what
+ * config.ini and the checkpoints hold). */
+const moe_train_config *moe_train_run_config(const moe_train_run *r);
+const char *moe_train_run_config_text(const moe_train_run *r);
+const moe_tok *moe_train_run_tokenizer(const moe_train_run *r); /* NULL for bytes */
 
 #endif

@@ -21,6 +21,29 @@ void tk_config(moe_train_config *c)
     c->activation = MOE_ACT_SWIGLU;
     c->router_noise = 1;
     c->capacity_factor = 1.25;
+    c->vocab_size = c->vocab_size_user = 300;
+}
+
+moe_tok *tk_tokenizer(void)
+{
+    static const char *const more[] = {"ab", "", " the", "\xff\xfe", "abc", "\n\n"};
+    uint8_t bytes[512];
+    int64_t off[263];
+    int64_t n = 0, len = 0;
+    for (; n < 256; n++) {
+        off[n] = len;
+        bytes[len++] = (uint8_t)n;
+    }
+    for (size_t i = 0; i < sizeof more / sizeof more[0]; i++, n++) {
+        off[n] = len;
+        memcpy(bytes + len, more[i], strlen(more[i]));
+        len += (int64_t)strlen(more[i]);
+    }
+    off[n] = len;
+    const char *names[2] = {"<|endoftext|>", "<|pad|>"};
+    const int64_t ids[2] = {257, 262};
+    moe_tok *t = NULL;
+    return moe_tok_create(&t, bytes, off, n, NULL, 2, names, ids) == MOE_OK ? t : NULL;
 }
 
 static uint32_t fnv32(const char *s)

@@ -11,8 +11,15 @@
 
 enum { TK_PARAM = 0, TK_M = 1, TK_V = 2, TK_GRAD = 3 };
 
-/* d=8, 3 blocks (MoE at 0 and 2: moe_every = 2), E = 12, swiglu, noisy router. */
+/* d=8, 3 blocks (MoE at 0 and 2: moe_every = 2), E = 12, swiglu, noisy
+ * router, vocab_size 300 (room for tk_tokenizer's 263 ids). */
 void tk_config(moe_train_config *cfg);
+
+/* A small tokenizer for /tokenizer round trips (read_spec.py knows it too):
+ * ids 0..255 the bytes; 256 "ab", 257 a hole, 258 " the", 259 "\xff\xfe",
+ * 260 "abc", 261 "\n\n"; specials <|endoftext|> = 257 (the hole) and
+ * <|pad|> = 262; GPT-2's pattern. vocab_size 263. NULL on failure. */
+moe_tok *tk_tokenizer(void);
 
 /* Value of element j (global, row-major) of tensor `name` of kind k. An
  * integer / 4096, exact in float32. */

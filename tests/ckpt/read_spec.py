@@ -5,7 +5,11 @@ attributes imply with its shape and dtype, the checksum filter, nothing
 else; and compares every value with the formula the C tests wrote
 (ckpt_testlib.c: tk_value and the counters).
 
-usage: read_spec.py FILE SAVED_WORLD SAVED_EP"""
+With `tok`, the file must hold the /tokenizer group of tokenizer.md section 4
+(format_version 2) with the tokenizer ckpt_testlib.c's tk_tokenizer builds;
+without, no /tokenizer and format_version 1.
+
+usage: read_spec.py FILE SAVED_WORLD SAVED_EP [tok]"""
 import re
 import sys
 
@@ -51,6 +55,7 @@ def spec_layout(m):
 
 def main():
     path, world, ep = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+    with_tok = len(sys.argv) > 4 and sys.argv[4] == "tok"
     errors = []
 
     def check(cond, what):
@@ -60,7 +65,7 @@ def main():
     with h5py.File(path, "r") as f:
         a = f.attrs
         check(a["format"] == "moe-checkpoint", f"format {a['format']!r}")
-        check(int(a["format_version"]) == 1, "format_version")
+        check(int(a["format_version"]) == (2 if with_tok else 1), "format_version")
         check(isinstance(a["created_by"], str) and a["created_by"], "created_by")
         check(re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", a["created_at"]) is not None, "created_at ISO 8601 UTC")
         check("n_experts = 12" in a["config"], "config text")
@@ -89,14 +94,37 @@ def main():
             expected[f"stats/h/{L}/expert_tokens"] = ((E,), np.int64, None, (1, li))
             expected[f"stats/h/{L}/expert_dropped"] = ((E,), np.int64, None, (2, li))
 
+        check(("tokenizer" in f) == with_tok, "/tokenizer present" if with_tok else "no /tokenizer")
+        if with_tok and "tokenizer" in f:
+            # tk_tokenizer: the 256 bytes, "ab", a hole, " the", b"\xff\xfe", "abc", "\n\n"; specials in the hole and after
+            tokens = [bytes([b]) for b in range(256)] + [b"ab", b"", b" the", b"\xff\xfe", b"abc", b"\n\n"]
+            t = f["tokenizer"]
+            rb, ro = t["ranks_bytes"], t["ranks_offsets"]
+            check(rb.dtype == np.uint8 and ro.dtype == np.dtype("<i8"), "ranks dtypes")
+            check(rb.fletcher32 and ro.fletcher32, "ranks checksums")
+            off = ro[...]
+            check(off.shape == (len(tokens) + 1,) and off[0] == 0 and off[-1] == rb.shape[0], "ranks_offsets")
+            data = rb[...].tobytes()
+            check([data[off[i]:off[i + 1]] for i in range(len(off) - 1)] == tokens, "ranks_bytes tokens")
+            pat = t.attrs["pattern"]
+            check("?\\p{L}+" in (pat.decode() if isinstance(pat, bytes) else pat), "pattern (GPT-2's)")
+            check(int(t.attrs["vocab_size"]) == 263, "tokenizer vocab_size")
+            names = [n.decode() if isinstance(n, bytes) else n for n in t["special_names"][...]]
+            check(names == ["<|endoftext|>", "<|pad|>"], f"special_names {names}")
+            check(t["special_ids"][...].tolist() == [257, 262] and t["special_ids"].fletcher32, "special_ids")
+            check(t["special_names"].fletcher32, "special_names checksum")
+            for n in ["ranks_bytes", "ranks_offsets", "special_names", "special_ids"]:
+                expected["tokenizer/" + n] = None
+
         found = []
         f.visititems(lambda n, o: found.append(n) if isinstance(o, h5py.Dataset) else None)
         check(sorted(found) == sorted(expected), f"dataset names differ: extra {set(found) - set(expected)}, "
                                                   f"missing {set(expected) - set(found)}")
         e = np.arange(E)
-        for name, (shape, dtype, kind, key) in expected.items():
-            if name not in f:
+        for name, spec in expected.items():
+            if name not in f or spec is None:
                 continue
+            shape, dtype, kind, key = spec
             ds = f[name]
             check(ds.shape == shape, f"{name} shape {ds.shape} != {shape}")
             check(ds.dtype == np.dtype(dtype).newbyteorder("<"), f"{name} dtype {ds.dtype}")

@@ -1,4 +1,5 @@
-/* Checkpoints under MPI. `save FILE EP`: every rank contributes its part
+/* Checkpoints under MPI. `save FILE EP [tok]`: every rank contributes its part
+ * (with tok, the file holds tk_tokenizer in /tokenizer)
  * (owners write expert rows, replica 0 only; rank 0 the replicated tensors;
  * the others hold garbage that must not reach the file), then the same
  * world loads it back. `load EP FILE...`: a world of any size loads files
@@ -43,6 +44,15 @@ static void load_check(moe_comm *c, const char *path)
     }
     free(cfg);
     tk_state_free(&t);
+    /* a file saved with the tokenizer gives every rank the same one back */
+    moe_tok *tok = NULL, *want = tk_tokenizer();
+    st = moe_ckpt_load_tokenizer(&tok, path, c);
+    CHECK(st == MOE_OK, "tokenizer of %s: %s", path, moe_status_str(st));
+    CHECK(!tok || moe_tok_equal(tok, want), "tokenizer of %s differs", path);
+    if (tok) printf("rank %d: %s: the tokenizer (%lld ids) read back equal\n", rank, path,
+                    (long long)moe_tok_vocab_size(tok));
+    moe_tok_destroy(tok);
+    moe_tok_destroy(want);
 }
 
 /* Rank 0 copies src to dst and flips a byte inside chunk `chunk` of dset. */
@@ -80,7 +90,7 @@ int main(int argc, char **argv)
     moe_comm *c = NULL;
     const int ep = argc >= 3 ? atoi(argv[strcmp(argv[1], "save") ? 2 : 3]) : 0;
     if (argc < 4 || moe_comm_create_world(&c, ep) != MOE_OK) {
-        fprintf(stderr, "usage: test_ckpt_mpi save FILE EP | load EP FILE... (%s)\n", moe_error_detail());
+        fprintf(stderr, "usage: test_ckpt_mpi save FILE EP [tok] | load EP FILE... (%s)\n", moe_error_detail());
         moe_comm_finalize();
         return 2;
     }
@@ -89,7 +99,10 @@ int main(int argc, char **argv)
     if (!strcmp(argv[1], "save")) {
         tk_state t;
         CHECK(tk_state_make(&t, moe_comm_ep_rank(c), P, rank, moe_comm_replica(c)) == 0, "alloc");
+        moe_tok *tok = argc > 4 && !strcmp(argv[4], "tok") ? tk_tokenizer() : NULL; /* format_version 2 */
+        t.s.tok = tok;
         moe_status st = moe_ckpt_save(argv[2], c, &t.s);
+        moe_tok_destroy(tok);
         CHECK(st == MOE_OK, "save %s: %s", argv[2], moe_status_str(st));
         /* A gradient dump beside it: the m block as gradients, expert e of
          * MoE layer l activated iff (e + l) % 3 != 0. */

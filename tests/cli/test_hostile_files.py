@@ -15,6 +15,8 @@ CASE:
                 read it (a mapped file would end in SIGBUS);
   rewrite_mid_run    the training data file is replaced by other bytes of
                 the same size while 2 ranks read it;
+  truncate_tok_mid_run   the same as truncate_mid_run with a token file
+                (`moe data encode`) as the training data;
   sparse_1tb    a 1 TB sparse data file: the run starts at once (no
                 terabyte read for statistics), trains, and its memory stays
                 small.
@@ -31,10 +33,11 @@ import time
 
 from moe_cli import TINY, check, main
 from test_crash import verify
+from test_tokens import encode, tokenizer
 
 TIMEOUT = 60
 CASES = ("fifo_data", "fifo_val", "fifo_config", "fifo_resume", "fifo_prompt", "fifo_eval", "fifo_tokenizer",
-         "truncate_mid_run", "rewrite_mid_run", "sparse_1tb")
+         "truncate_mid_run", "rewrite_mid_run", "truncate_tok_mid_run", "sparse_1tb")
 
 
 def every_rank(err, pattern, np_, what):
@@ -74,12 +77,19 @@ def body(cli):
         rc, _, err = cli.run(cmd, timeout=TIMEOUT, expect_rc="fail")
         every_rank(err, not_regular, 1, case)
 
-    elif case in ("truncate_mid_run", "rewrite_mid_run"):
-        data = cli.path("mine.txt")
-        with open(cli.data, "rb") as f, open(data, "wb") as g:
-            g.write(f.read())
+    elif case in ("truncate_mid_run", "rewrite_mid_run", "truncate_tok_mid_run"):
+        extra = []
+        if case == "truncate_tok_mid_run":
+            tok = tokenizer(cli)
+            data = encode(cli, tok, cli.path("mine.tok"))
+            extra = [f"--tokenizer={tok}"]
+        else:
+            data = cli.path("mine.txt")
+            with open(cli.data, "rb") as f, open(data, "wb") as g:
+                g.write(f.read())
         size = os.path.getsize(data)
-        args = tiny_args(cli, run, data) + ["--steps=100000", "--ckpt_every=20", "--val_every=0", "--log_every=1"]
+        args = tiny_args(cli, run, data) + extra + ["--steps=100000", "--ckpt_every=20", "--val_every=0",
+                                                    "--log_every=1"]
         job = subprocess.Popen(cli.mpi(2, *args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                cwd=cli.work, start_new_session=True)
         try:
@@ -87,7 +97,7 @@ def body(cli):
             while not os.path.exists(os.path.join(run, "ckpt-000040.h5")):
                 check(job.poll() is None and time.monotonic() - t0 < TIMEOUT, "no checkpoint 40 in time")
                 time.sleep(0.02)
-            if case == "truncate_mid_run":
+            if case != "rewrite_mid_run":
                 os.truncate(data, 1000)
             else:
                 tmp = data + ".new"
@@ -103,7 +113,7 @@ def body(cli):
                 os.killpg(job.pid, signal.SIGKILL)
                 job.wait()
         check(job.returncode != 0, f"{case}: exit 0")
-        every_rank(err, r"data file '.*mine\.txt' changed while the run reads it", 2, case)
+        every_rank(err, r"data file '.*mine\.(txt|tok)' changed while the run reads it", 2, case)
         verify(cli, os.path.join(run, "ckpt-000040.h5"))
 
     elif case == "sparse_1tb":

@@ -108,8 +108,11 @@ def body(cli):
                 os.kill(pids[NP - 1], signal.SIGTERM)
             else:
                 os.kill(pids[0], signal.SIGTERM)
-                time.sleep(0.3)
-                os.kill(pids[1], signal.SIGTERM)
+                time.sleep(0.05)
+                try:
+                    os.kill(pids[1], signal.SIGTERM)
+                except ProcessLookupError:
+                    pass  # the job already stopped at the step rank 0's request named
         t_sig = time.monotonic()
         rc, out, err = finish(job, case)
     finally:

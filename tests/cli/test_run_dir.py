@@ -9,8 +9,8 @@ CASE:
   auto         resume = auto starts fresh in an empty directory, and then
                continues from its latest checkpoint;
   concurrent   a second run in the directory of a running one is refused
-               at once (naming the holder), and the first run finishes
-               unharmed;
+               at once (naming the holder), and the first run goes on
+               unharmed (then stopped by SIGTERM, as a preempted run);
   other_dir    resuming run A's checkpoint into run B's directory is
                refused;
   older_ckpt   resuming from an older checkpoint of the same directory
@@ -32,6 +32,7 @@ import sys
 import time
 
 from moe_cli import STATE_FIELDS, check, main, read_metrics
+from test_crash import rank_pids
 
 CASES = ("overwrite", "auto", "concurrent", "other_dir", "older_ckpt", "latest_bad", "stale_tmp")
 
@@ -78,7 +79,7 @@ def body(cli):
         print("auto: fresh start, then resumed from step 3 to 5")
 
     elif case == "concurrent":
-        first = subprocess.Popen(cli.mpi(np_, "train", f"--data={cli.data}", f"--out_dir={run}", "--steps=400",
+        first = subprocess.Popen(cli.mpi(np_, "train", f"--data={cli.data}", f"--out_dir={run}", "--steps=1000000",
                                          *[f"--{k}={v}" for k, v in {"d_model": 32, "n_layers": 2, "n_heads": 2,
                                                                        "seq_len": 32, "n_experts": 4, "d_ff": 64,
                                                                        "batch_size": 4, "val_every": 0}.items()]),
@@ -93,14 +94,26 @@ def body(cli):
             rc, _, err = cli.train(np_, run, ["--resume=auto"], expect_rc=None, timeout=40)
             refused(cli, np_, err, rc, rf"out_dir '.*run' is in use by another run \(pid \d+ on ", case)
             check(first.poll() is None, "the first run ended while the second one was refused")
+            # A step count no machine finishes in time: the first run is
+            # stopped by preemption (SIGTERM to its ranks), which it must
+            # survive as it would without the second run.
+            pids = rank_pids(cli, run)
+            check(len(pids) == np_, f"cannot find the first run's {np_} ranks: {pids}")
+            for pid in pids.values():
+                os.kill(pid, signal.SIGTERM)
             out, err = first.communicate(timeout=120)
             check(first.returncode == 0, f"the first run failed after the second was refused:\n{err[-2000:]}")
+            stop = re.search(r"stopped at step (\d+) of 1000000 on request", out)
+            check(stop, f"the first run did not stop on SIGTERM as a preempted run:\n{out[-1500:]}")
         finally:
             if first.poll() is None:
                 os.killpg(first.pid, signal.SIGKILL)
                 first.wait()
+        last = int(stop.group(1))
         got = sorted(read_metrics(os.path.join(run, "metrics.jsonl")))
-        check(got == list(range(1, 401)), "concurrent: the first run's metrics are not 1..400")
+        check(got == list(range(1, last + 1)), f"concurrent: the first run's metrics are not 1..{last}")
+        check(os.path.exists(os.path.join(run, f"ckpt-{last:06d}.h5")), f"concurrent: no checkpoint of step {last}")
+        print(f"concurrent: the first run went on, stopped at step {last} with its checkpoint")
 
     elif case == "other_dir":
         a, b = cli.path("a"), cli.path("b")

@@ -5,7 +5,11 @@
  * configuration as /model attributes, the batch, and the C results (logits,
  * loss, every gradient under /grad, the 5 step losses, expert step counts).
  *
- * Usage: model_export OUT.h5 tc|ec|k1 */
+ * Variant gpt2 is tc at GPT-2's vocabulary (50257 ids): its batch is a text
+ * encoded with the gpt2 tokenizer (given as a file), with <|endoftext|>
+ * (50256, the last row of wte) at two places.
+ *
+ * Usage: model_export OUT.h5 tc|ec|k1 | model_export OUT.h5 gpt2 GPT2_TOKENIZER */
 #include <hdf5.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -14,6 +18,7 @@
 #include "comm/comm.h"
 #include "core/rng.h"
 #include "model/model.h"
+#include "tokenizer/tokenizer.h"
 #include "train/train.h"
 
 enum { N_STEPS = 5 };
@@ -93,11 +98,35 @@ static void config_for(moe_train_config *c, const char *variant)
         c->capacity_factor = 0.0; /* dropless */
         c->activation = MOE_ACT_RELU;
         c->group_seqs = 4;
-    } else { /* tc: capacity 1.0 so that assignments are dropped */
+    } else { /* tc (and gpt2): capacity 1.0 so that assignments are dropped */
         c->capacity_factor = 1.0;
         c->normalize_topk = 1;
         c->activation = MOE_ACT_GELU;
+        if (!strcmp(variant, "gpt2")) c->vocab_size = c->vocab_size_user = 50257;
     }
+}
+
+/* B*T + 1 ids of a text encoded with the tokenizer at path (gpt2 variant). */
+static int text_ids(int32_t *ids, int n, const char *path)
+{
+    static const char text[] =
+        "The mixture of experts routes every token to a few of its feed-forward networks. Each expert "
+        "sees only the tokens the router sends it, so the model grows without a matching growth of the "
+        "compute per token: 17 + 25 = 42, and the quick brown fox jumps over the lazy dog near the river. "
+        "Tokenizers such as GPT-2's byte-level BPE turn any bytes into ids, even \xff or caf\xc3\xa9.";
+    moe_tok *t = NULL;
+    moe_tok_encoder *e = NULL;
+    uint32_t buf[sizeof text];
+    size_t k = 0;
+    moe_status s = moe_tok_load(&t, path, MOE_TOK_FORM_AUTO, NULL, 0, NULL, NULL);
+    if (!s && moe_tok_vocab_size(t) != 50257) s = moe_errorf(MOE_ERR_ARG, "%s is not GPT-2's tokenizer", path);
+    if (!s) s = moe_tok_encoder_create(&e, t);
+    if (!s) s = moe_tok_encode(e, buf, &k, (const uint8_t *)text, sizeof text - 1);
+    if (!s && (int)k < n) s = moe_errorf(MOE_ERR_ARG, "the text has %zu tokens, fewer than %d", k, n);
+    for (int i = 0; !s && i < n; i++) ids[i] = (int32_t)buf[i];
+    moe_tok_encoder_destroy(e);
+    moe_tok_destroy(t);
+    return s ? fail("gpt2 tokenizer", s) : 0;
 }
 
 static float *find(moe_model *m, const char *name)
@@ -110,8 +139,9 @@ static float *find(moe_model *m, const char *name)
 
 int main(int argc, char **argv)
 {
-    if (argc != 3) {
-        fprintf(stderr, "usage: model_export OUT.h5 tc|ec|k1\n");
+    const int gpt2 = argc >= 3 && !strcmp(argv[2], "gpt2");
+    if (argc != 3 + gpt2) {
+        fprintf(stderr, "usage: model_export OUT.h5 tc|ec|k1 | model_export OUT.h5 gpt2 GPT2_TOKENIZER\n");
         return 2;
     }
     moe_train_config cfg;
@@ -122,7 +152,7 @@ int main(int argc, char **argv)
     moe_model *m = moe_trainer_model(tr);
     const moe_tensor_table *tab = moe_model_tensors(m);
     const int B = cfg.batch_size, T = cfg.seq_len, C = cfg.d_model;
-    if (!strcmp(argv[2], "tc")) {
+    if (!strcmp(argv[2], "tc") || gpt2) {
         /* Idle expert 3 of block 0: ln_2 bias 1 makes sum(x) = C for every
          * token, so a constant router row of -100 gives it logit -100 C. */
         float *lb = find(m, "h/0/ln_2/bias"), *rw = find(m, "h/0/moe/router/weight");
@@ -132,12 +162,16 @@ int main(int argc, char **argv)
         }
     }
     int32_t *in = malloc((size_t)B * T * sizeof(int32_t)), *tg = malloc((size_t)B * T * sizeof(int32_t));
+    int32_t text[4 * 16 + 1];
+    if (gpt2 && (B * T + 1 > (int)(sizeof text / sizeof text[0]) || text_ids(text, B * T + 1, argv[3]))) return 1;
     for (int b = 0; b < B; b++)
         for (int t = 0; t <= T; t++) {
-            const int32_t v = (int32_t)(256.0 * moe_rng_uniform(5, MOE_RNG_DATA, (uint32_t)t, (uint32_t)b, 0, 0));
+            const int32_t v = gpt2 ? text[b * T + t]
+                                   : (int32_t)(256.0 * moe_rng_uniform(5, MOE_RNG_DATA, (uint32_t)t, (uint32_t)b, 0, 0));
             if (t < T) in[b * T + t] = v;
             if (t > 0) tg[b * T + t - 1] = v;
         }
+    if (gpt2) in[5] = tg[20] = 50256; /* <|endoftext|>: the last row of wte */
 
     hid_t f = H5Fcreate(argv[1], H5F_ACC_TRUNC, H5P_DEFAULT, H5P_DEFAULT);
     if (f < 0) return fail("create file", MOE_ERR_IO);

@@ -9,7 +9,12 @@ specification and checks: logits, loss, every gradient (1e-4 relative to the
 tensor's largest entry), the losses of the first 5 AdamW steps (1e-4
 relative) and the per-expert update counts.
 
+Variant gpt2 is tc at GPT-2's vocabulary (50257 ids, a batch of text encoded with
+the gpt2 tokenizer given by --tokenizer): the same checks, the logits over 50257
+columns and the gradient of every row of the [50257, d] embedding included.
+
 Usage: model_ref.py --exe PATH/model_export --variant tc|ec|k1 [--out FILE]
+       model_ref.py --exe PATH/model_export --variant gpt2 --tokenizer gpt2.json [--out FILE]
 """
 import argparse
 import math
@@ -210,9 +215,13 @@ def main():
     ap.add_argument("--exe", required=True)
     ap.add_argument("--variant", required=True)
     ap.add_argument("--out")
+    ap.add_argument("--tokenizer", help="the gpt2 tokenizer file (variant gpt2)")
     a = ap.parse_args()
     out = a.out or os.path.join(tempfile.mkdtemp(prefix="moe_model_ref_"), f"{a.variant}.h5")
-    subprocess.run([a.exe, out, a.variant], check=True)
+    if a.variant == "gpt2" and not (a.tokenizer and os.path.isfile(a.tokenizer)):
+        print(f"FAIL the gpt2 tokenizer file {a.tokenizer!r} is missing (launch/install-deps installs the npm tiktoken)")
+        return 1
+    subprocess.run([a.exe, out, a.variant] + ([a.tokenizer] if a.variant == "gpt2" else []), check=True)
     failures = []
     worst = {}
 
@@ -230,6 +239,10 @@ def main():
         P = {n: torch.tensor(f["model"][n][()], dtype=torch.float64, requires_grad=True) for n in names}
         inp = torch.tensor(f["batch/inputs"][()], dtype=torch.int64)
         tgt = torch.tensor(f["batch/targets"][()], dtype=torch.int64)
+        if a.variant == "gpt2":
+            V = cfg["vocab_size"]
+            if V != 50257 or int(inp.max()) != V - 1 or int(tgt.max()) != V - 1 or len(set(inp.flatten().tolist())) < 30:
+                failures.append(f"gpt2 batch: vocab {V}, ids up to {int(inp.max())}: not GPT-2 text with <|endoftext|>")
         logits, ce, loss, stats = forward(P, inp, tgt, cfg)
         loss.backward()
         check("logits", rel(f["out/logits"][()], logits.detach().numpy()))
