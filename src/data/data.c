@@ -126,21 +126,33 @@ static void get_ids(int32_t *ids, const uint8_t *p, int bpt, int64_t n)
                                (uint32_t)p[4 * i + 3] << 24);
 }
 
-/* Ids [start, start + n) of part p as int32 into ids, through buf (n * bpt
- * bytes); an id >= V (a token file damaged after encoding) is an error
- * naming its position. */
-static moe_status read_ids(const moe_data *ds, const part *p, int32_t *ids, uint8_t *buf, int64_t start, int64_t n)
+/* n ids from id `start` of part p as stored (n * bpt bytes) into buf. */
+static moe_status read_words(const moe_data *ds, const part *p, uint8_t *buf, int64_t start, int64_t n)
 {
-    const data_file *f = p->f;
-    moe_status st = pread_all(f, buf, f->data_off + (p->off + start) * ds->bpt, (size_t)(n * ds->bpt));
-    if (st) return st;
-    get_ids(ids, buf, ds->bpt, n);
+    return pread_all(p->f, buf, p->f->data_off + (p->off + start) * ds->bpt, (size_t)(n * ds->bpt));
+}
+
+/* ids, read from id `start` of part p, are below V: an id >= V (a token
+ * file damaged after encoding) is an error naming its position. */
+static moe_status check_ids(const moe_data *ds, const part *p, const int32_t *ids, int64_t start, int64_t n)
+{
     if (ds->bpt > 1)
         for (int64_t i = 0; i < n; i++)
             if ((uint32_t)ids[i] >= (uint64_t)ds->V)
-                return moe_errorf(MOE_ERR_FORMAT, "%s %s: token %lld has id %u, not below vocab_size %lld", f->role,
-                                  f->path, (long long)(p->off + start + i), (unsigned)ids[i], (long long)ds->V);
+                return moe_errorf(MOE_ERR_FORMAT, "%s %s: token %lld has id %u, not below vocab_size %lld",
+                                  p->f->role, p->f->path, (long long)(p->off + start + i), (unsigned)ids[i],
+                                  (long long)ds->V);
     return MOE_OK;
+}
+
+/* Ids [start, start + n) of part p as int32 into ids, through buf (n * bpt
+ * bytes), checked. */
+static moe_status read_ids(const moe_data *ds, const part *p, int32_t *ids, uint8_t *buf, int64_t start, int64_t n)
+{
+    moe_status st = read_words(ds, p, buf, start, n);
+    if (st) return st;
+    get_ids(ids, buf, ds->bpt, n);
+    return check_ids(ds, p, ids, start, n);
 }
 
 /* Bytes the ids [start, start + n) of part p stand for, into *out. */
@@ -378,14 +390,16 @@ int64_t moe_data_train_offset(const moe_data *ds, int64_t step, int64_t g)
     return (int64_t)(((unsigned __int128)r * n_windows) >> 64);
 }
 
-/* The window of T + 1 ids from id `start` of part p: ids [0, T) to inputs
- * and [1, T] to targets. */
+/* The window of T + 1 ids from id `start` of part p (one read): ids
+ * [0, T) to inputs and [1, T] to targets. */
 static moe_status put_window(const moe_data *ds, int32_t *inputs, int32_t *targets, const part *p, int64_t start)
 {
     const int T = ds->seq_len;
-    moe_status st = read_ids(ds, p, inputs, ds->window, start, T);
-    if (!st) st = read_ids(ds, p, targets + T - 1, ds->window + (size_t)T * ds->bpt, start + T, 1);
+    moe_status st = read_words(ds, p, ds->window, start, (int64_t)T + 1);
     if (st) return st;
+    get_ids(inputs, ds->window, ds->bpt, T);
+    get_ids(targets + T - 1, ds->window + (size_t)T * ds->bpt, ds->bpt, 1);
+    if ((st = check_ids(ds, p, inputs, start, T)) || (st = check_ids(ds, p, targets + T - 1, start + T, 1))) return st;
     memcpy(targets, inputs + 1, (size_t)(T - 1) * sizeof(int32_t));
     return MOE_OK;
 }
