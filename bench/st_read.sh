@@ -64,5 +64,5 @@ for dt in F32 BF16; do
   done
   echo "$dt: moerun $best_c MB/s, numpy $best_np MB/s (float32 out, best of $ROUNDS)"
   perf "st_read.${dt,,}.mb_s" "$best_c" MB/s "safetensors $dt load to float32, 64 tensors of $ROWS x 1024, warm cache (numpy from an mmap: $best_np MB/s)"
-  perf "st_read.${dt,,}.vs_numpy" "$(awk -v a="$best_c" -v b="$best_np" 'BEGIN { printf "%.2f", b > 0 ? a / b : 0 }')" x "moerun / numpy, safetensors $dt load to float32"
+  perf "st_read.${dt,,}.vs_numpy" "$(awk -v a="$best_c" -v b="$best_np" 'BEGIN { printf "%.2f", (b > 0 ? a / b : 0) }')" x "moerun / numpy, safetensors $dt load to float32"
 done

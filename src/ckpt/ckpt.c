@@ -127,7 +127,7 @@ static moe_status check_common(moe_comm *c, const moe_tensor_table *t, int E, co
 typedef struct {
     hid_t file, dxpl, lcpl;
     const char *path; /* for messages */
-    const moe_comm *comm; /* the watchdog's phases */
+    moe_comm *c;          /* agreements; the watchdog's phases */
 } writer;
 
 /* One dataset: global shape dims, this rank's rows [r0, r0 + nr) from buf
@@ -189,7 +189,7 @@ static moe_status write_dset(const writer *w, const wdset *d)
              H5Pset_fill_time(dcpl, H5D_FILL_TIME_NEVER) < 0 ? -1 : 0;
     /* One watchdog phase per dataset (comm_timeout): a huge model's
      * checkpoint is many phases, each bounded by its largest tensor. */
-    moe_comm_phase_begin(w->comm, MOE_SCOPE_WORLD, "parallel HDF5 checkpoint write (one dataset)");
+    moe_comm_phase_begin(w->c, MOE_SCOPE_WORLD, "parallel HDF5 checkpoint write (one dataset)");
     hid_t ds = rc < 0 ? H5I_INVALID_HID : H5Dcreate2(w->file, d->name, ftype, fs, w->lcpl, dcpl, H5P_DEFAULT);
     if (ds < 0) rc = -1;
     if (rc == 0 && n == 0) {
@@ -203,12 +203,18 @@ static moe_status write_dset(const writer *w, const wdset *d)
     }
     static const int64_t nothing; /* a rank writing nothing still passes a valid pointer */
     if (rc >= 0) rc = H5Dwrite(ds, mtype, ms, fs, w->dxpl, n ? d->buf : (const void *)&nothing);
+    /* the message now: the closes below reset HDF5's error stack (and its
+     * system reason, e.g. "No space left on device") */
+    moe_status st = rc < 0 ? moe_h5_fail(MOE_ERR_IO, "cannot write dataset", d->name, w->path) : MOE_OK;
     if (ds >= 0) H5Dclose(ds);
     moe_comm_phase_end();
     if (dcpl >= 0) H5Pclose(dcpl);
     if (ms >= 0) H5Sclose(ms);
     if (fs >= 0) H5Sclose(fs);
-    return rc < 0 ? moe_h5_fail(MOE_ERR_IO, "cannot write dataset", d->name, w->path) : MOE_OK;
+    /* A write can fail on some ranks only (a disk full under one of them):
+     * agree before the next collective HDF5 call, or the others would wait
+     * in it for ever. */
+    return agree(w->c, st);
 }
 
 /* Scratch for the tensors with a row map: their local rows sorted by global
@@ -558,6 +564,19 @@ static moe_status fill(void *vctx, hid_t file, hid_t dxpl, hid_t lcpl, const cha
     return st;
 }
 
+/* Bytes of data a file holds: every tensor of the table under each
+ * prefix (global shapes), and the per-expert arrays. */
+static uint64_t data_bytes(const moe_tensor_table *t, int n_prefix, int E, int per_layer_arrays, size_t elem)
+{
+    uint64_t n = 0;
+    for (int i = 0; i < t->n; i++) {
+        uint64_t e = 1;
+        for (int k = 0; k < t->t[i].ndim; k++) e *= (uint64_t)t->t[i].shape[k];
+        n += e * 4 * (uint64_t)n_prefix;
+    }
+    return n + (uint64_t)moe_ckpt_moe_layers(t, NULL) * (uint64_t)E * (uint64_t)per_layer_arrays * elem;
+}
+
 /* Writes path atomically (path.tmp, the one HDF5 writer of io/h5.h).
  * Collective; the caller has already agreed on its argument checks. */
 static moe_status save_atomic(const char *path, moe_comm *c, body *b, const moe_tensor_table *t)
@@ -572,7 +591,13 @@ static moe_status save_atomic(const char *path, moe_comm *c, body *b, const moe_
     if (st == MOE_OK) st = root_info_make(&r, c);
     if (st == MOE_OK) {
         fill_ctx x = {b, &r, c};
-        st = moe_h5_write_atomic(path, ".tmp", c, fill, &x);
+        uint64_t bytes = b->st ? data_bytes(b->st->table, 3, b->st->n_experts, 3, 8)
+                               : data_bytes(b->table, 1, b->n_experts, 1, 1);
+        if (b->st && b->st->tok) { /* /tokenizer: rank bytes and offsets */
+            const int64_t n = moe_tok_n_ranks(b->st->tok);
+            bytes += (uint64_t)moe_tok_rank_offsets(b->st->tok)[n] + 8 * (uint64_t)(n + 1);
+        }
+        st = moe_h5_write_atomic(path, ".tmp", c, bytes, fill, &x);
     }
     row_map_free(&b->rm);
     return st;
@@ -858,7 +883,8 @@ moe_status ckpt_read_scalars(hid_t f, const char *path, moe_ckpt_state *s, char 
 /* A clear message for a file HDF5 cannot open. */
 static moe_status open_fail(const char *path)
 {
-    if (access(path, R_OK) != 0) return moe_errorf(MOE_ERR_IO, "cannot read '%s': %s", path, strerror(errno));
+    moe_status st = ckpt_check_file(path);
+    if (st != MOE_OK) return st;
     htri_t h5 = H5Fis_hdf5(path);
     if (h5 == 0) return moe_errorf(MOE_ERR_FORMAT, "'%s' is not an HDF5 file", path);
     return moe_h5_fail(MOE_ERR_FORMAT, "cannot open (truncated or damaged?)", NULL, path);
@@ -884,7 +910,7 @@ moe_status moe_ckpt_load(const char *path, moe_comm *c, moe_ckpt_state *s, char 
     hid_t f = H5I_INVALID_HID;
     /* Opening is collective (MPI-IO): every rank must see the same readable
      * file before any rank enters H5Fopen. */
-    st = agree(c, access(path, R_OK) == 0 && fapl >= 0 ? MOE_OK : open_fail(path));
+    st = agree(c, ckpt_check_file(path) == MOE_OK && fapl >= 0 ? MOE_OK : open_fail(path));
     if (st == MOE_OK) st = agree(c, moe_comm_check_same(c, "checkpoint path", path, strlen(path)));
     if (st == MOE_OK) {
         moe_comm_phase_begin(c, MOE_SCOPE_WORLD, "parallel HDF5 checkpoint open");

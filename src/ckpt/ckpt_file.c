@@ -232,7 +232,8 @@ moe_status moe_ckpt_file_open(moe_ckpt_file **out, const char *path)
 {
     *out = NULL;
     if (!path || !*path) return moe_errorf(MOE_ERR_ARG, "no file name");
-    if (access(path, R_OK) != 0) return moe_errorf(MOE_ERR_IO, "cannot read '%s'", path);
+    moe_status cst = ckpt_check_file(path);
+    if (cst != MOE_OK) return cst;
     moe_ckpt_file *f = calloc(1, sizeof *f);
     if (!f || !(f->path = strdup(path))) {
         free(f);

@@ -3,10 +3,13 @@
  * and typed attributes come from io/h5.h. */
 #include "ckpt/ckpt_h5.h"
 
+#include <errno.h>
 #include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
 
 /* ---- /model attributes ---- */
 
@@ -124,7 +127,8 @@ moe_status ckpt_check_format(hid_t file, const char *want, int *grads, int64_t *
                           (long long)ver, MOE_CKPT_FORMAT_VERSION_MIN, MOE_CKPT_FORMAT_VERSION);
     if (grads) *grads = is_grads;
     if (version) *version = ver;
-    return MOE_OK;
+    /* the strings (config, enum names) have a checksum of their own */
+    return moe_h5_check_strings(file, path);
 }
 
 /* ---- datasets ---- */
@@ -199,6 +203,15 @@ moe_status ckpt_dset_open(hid_t file, const char *dset, moe_ckpt_dtype dtype, in
     else
         H5Dclose(ds);
     return st;
+}
+
+moe_status ckpt_check_file(const char *path)
+{
+    struct stat sb;
+    if (stat(path, &sb) != 0 || access(path, R_OK) != 0)
+        return moe_errorf(MOE_ERR_IO, "cannot read '%s': %s", path, strerror(errno));
+    if (!S_ISREG(sb.st_mode)) return moe_errorf(MOE_ERR_IO, "'%s' is not a regular file", path);
+    return MOE_OK;
 }
 
 uint64_t ckpt_fnv1a(uint64_t h, const void *p, size_t n)

@@ -23,7 +23,8 @@ moe_status ckpt_model_compare(const moe_train_config *file_cfg, const moe_train_
 /* Root format + format_version: MOE_ERR_FORMAT unless format == want
  * (want NULL: either kind; *grads set) and the version is one this build
  * reads (MOE_CKPT_FORMAT_VERSION_MIN .. MOE_CKPT_FORMAT_VERSION; *version
- * set when not NULL). */
+ * set when not NULL); then the string attributes against their checksum
+ * (MOE_ERR_CHECKSUM, io/h5.h). */
 moe_status ckpt_check_format(hid_t file, const char *want, int *grads, int64_t *version, const char *path);
 
 /* The format_version a file of cfg's model is written with: 2 when it uses
@@ -46,6 +47,10 @@ moe_status ckpt_dset_open(hid_t file, const char *dset, moe_ckpt_dtype dtype, in
 /* The /train and /optimizer attributes of a checkpoint into s (scalars and
  * extras), and (if config != NULL) the root config text, malloc'd. */
 moe_status ckpt_read_scalars(hid_t file, const char *path, moe_ckpt_state *s, char **config);
+
+/* The file is there, readable and a regular file (HDF5 would wait for ever
+ * on a named pipe): MOE_ERR_IO naming it and the reason otherwise. */
+moe_status ckpt_check_file(const char *path);
 
 /* 64-bit FNV-1a, for comparing descriptions across ranks. */
 uint64_t ckpt_fnv1a(uint64_t h, const void *p, size_t n);

@@ -59,19 +59,35 @@ static moe_status write_latest(const char *out_dir, const char *name)
     return MOE_OK;
 }
 
-/* Reads the file name held by out_dir/latest into name (cap bytes). */
+/* Reads the file name held by out_dir/latest into name (cap bytes): one
+ * line "ckpt-<digits>.h5" as moe_ckpt_commit writes it. Anything else is
+ * refused without echoing it (a damaged file may hold any bytes), and a
+ * `latest` that is not a regular file (a pipe would block) is refused
+ * before it is opened. */
 static moe_status read_latest(const char *out_dir, char *name, size_t cap)
 {
     char p[PATH_MAX_];
     if ((size_t)snprintf(p, sizeof p, "%s/latest", out_dir) >= sizeof p)
         return moe_errorf(MOE_ERR_ARG, "run directory path too long: '%s'", out_dir);
-    FILE *f = fopen(p, "r");
-    if (!f) return moe_errorf(MOE_ERR_IO, "'%s' has no readable 'latest' file: %s", out_dir, strerror(errno));
-    char *got = fgets(name, (int)cap, f);
-    fclose(f);
-    if (got) name[strcspn(name, "\r\n")] = '\0';
-    if (!got || !name[0] || strchr(name, '/'))
-        return moe_errorf(MOE_ERR_FORMAT, "'%s' does not name a checkpoint file", p);
+    struct stat sb;
+    if (stat(p, &sb) != 0) return moe_errorf(MOE_ERR_IO, "'%s' has no readable 'latest' file: %s", out_dir, strerror(errno));
+    if (!S_ISREG(sb.st_mode)) return moe_errorf(MOE_ERR_FORMAT, "'%s' is not a regular file", p);
+    int fd = open(p, O_RDONLY | O_CLOEXEC | O_NONBLOCK);
+    if (fd < 0) return moe_errorf(MOE_ERR_IO, "cannot read '%s': %s", p, strerror(errno));
+    char buf[NAME_MAX_ + 2];
+    ssize_t n = read(fd, buf, sizeof buf - 1);
+    close(fd);
+    if (n < 0) return moe_errorf(MOE_ERR_IO, "cannot read '%s': %s", p, strerror(errno));
+    buf[n] = '\0';
+    size_t len = strcspn(buf, "\n");
+    const int one_line = len + 1 >= (size_t)n; /* nothing after the first newline */
+    buf[len] = '\0';
+    if (!one_line || ckpt_step_of(buf) < 0 || len >= cap)
+        return moe_errorf(MOE_ERR_FORMAT,
+                          "'%s' is damaged: it should hold one line naming a checkpoint (ckpt-NNNNNN.h5), it holds "
+                          "%lld bytes that do not; resume from a checkpoint file instead (--resume=%s/ckpt-...h5)",
+                          p, (long long)sb.st_size, out_dir);
+    memcpy(name, buf, len + 1);
     return MOE_OK;
 }
 
@@ -142,6 +158,8 @@ moe_status moe_ckpt_resolve(char *buf, size_t cap, const char *path)
     if (!buf || !path || !*path) return moe_errorf(MOE_ERR_ARG, "checkpoint resolve: empty path");
     struct stat sb;
     if (stat(path, &sb) != 0) return moe_errorf(MOE_ERR_IO, "cannot find checkpoint '%s': %s", path, strerror(errno));
+    if (!S_ISDIR(sb.st_mode) && !S_ISREG(sb.st_mode))
+        return moe_errorf(MOE_ERR_IO, "checkpoint '%s' is not a regular file (nor a run directory)", path);
     if (!S_ISDIR(sb.st_mode)) {
         if ((size_t)snprintf(buf, cap, "%s", path) >= cap)
             return moe_errorf(MOE_ERR_ARG, "checkpoint path too long: '%s'", path);

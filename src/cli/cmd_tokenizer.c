@@ -33,7 +33,8 @@ int moe_cli_input_read(moe_cli_input *in, const char *path)
 {
     memset(in, 0, sizeof *in);
     if (path && strcmp(path, "-")) {
-        int fd = open(path, O_RDONLY);
+        /* non-blocking: a named pipe is refused below, never waited on */
+        int fd = open(path, O_RDONLY | O_NONBLOCK | O_CLOEXEC);
         if (fd < 0) return moe_errorf(MOE_ERR_IO, "cannot open %s: %s", path, strerror(errno));
         struct stat sb;
         if (fstat(fd, &sb) || !S_ISREG(sb.st_mode)) {

@@ -1,11 +1,16 @@
 /* moe train: trains the MoE language model expert-parallel.
  *   mpirun -np N moe train --config FILE [--key=value ...]
  * The loop itself (validation, checkpoints, resume, metrics.jsonl) is the
- * training run of src/train (run.h); this command parses the options and
+ * training run of src/train (run.h); this command parses the options,
+ * turns signals into requests at the next step boundary (SIGTERM, SIGINT,
+ * SIGUSR2: checkpoint and stop, exit 0; SIGUSR1: checkpoint and go on) and
  * prints: rank 0 reports progress (redrawn in place on a terminal), the
  * summary and the loss / expert-load plot. Every failure ends every rank
- * with a message and a non-zero exit. */
+ * with a message and a non-zero exit; so does output that cannot be
+ * written. */
+#include <errno.h>
 #include <math.h>
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -34,30 +39,95 @@ static void fmt_duration(char *buf, size_t n, double s)
     else snprintf(buf, n, "%ds", sec);
 }
 
-static void on_resume(void *ctx, const char *path, int64_t step, double seconds)
+/* ---- signals: requests at the next step boundary ---- */
+
+/* Set by the handlers, read by the request hook: the last stop signal (0:
+ * none) and a pending checkpoint on demand. */
+static volatile sig_atomic_t stop_signal, checkpoint_signal;
+
+static void on_signal(int sig)
 {
-    const train_cmd *t = ctx;
-    if (t->rank == 0) printf("resumed from %s at step %lld in %.3f s\n", path, (long long)step, seconds);
+    if (sig == SIGUSR1) {
+        checkpoint_signal = 1;
+        return;
+    }
+    /* A second Ctrl-C does not wait for the step boundary. */
+    if (sig == SIGINT && stop_signal == SIGINT) {
+        signal(SIGINT, SIG_DFL);
+        raise(SIGINT);
+    }
+    stop_signal = sig;
 }
 
-static void on_checkpoint(void *ctx, int64_t step, const char *path, double seconds, double interval)
+/* SIGTERM and SIGINT (a scheduler's or a user's stop), SIGUSR2 (the stop
+ * launch/moe-local and the Slurm script send through mpirun, which
+ * forwards USR1 and USR2 but not TERM or INT) and SIGUSR1 (a checkpoint on
+ * demand). SA_RESTART: MPI's and the file system's calls go on. */
+static void install_signals(void)
+{
+    struct sigaction sa;
+    memset(&sa, 0, sizeof sa);
+    sa.sa_handler = on_signal;
+    sa.sa_flags = SA_RESTART;
+    sigemptyset(&sa.sa_mask);
+    const int sigs[] = {SIGTERM, SIGINT, SIGUSR1, SIGUSR2};
+    for (size_t i = 0; i < sizeof sigs / sizeof sigs[0]; i++) sigaction(sigs[i], &sa, NULL);
+}
+
+static const char *signal_name(int sig)
+{
+    return sig == SIGTERM ? "SIGTERM" : sig == SIGINT ? "SIGINT" : sig == SIGUSR2 ? "SIGUSR2" : "a signal to another rank";
+}
+
+static int on_request(void *ctx, int64_t step)
+{
+    (void)ctx, (void)step;
+    if (stop_signal) return MOE_TRAIN_STOP;
+    if (checkpoint_signal) {
+        checkpoint_signal = 0;
+        return MOE_TRAIN_CHECKPOINT;
+    }
+    return MOE_TRAIN_GO_ON;
+}
+
+/* Standard output is where the run reports: output that cannot be written
+ * (a full disk under a redirected log, ...) ends the run. Rank 0. */
+static moe_status stdout_status(void)
+{
+    errno = 0;
+    if (fflush(stdout) == 0 && !ferror(stdout)) return MOE_OK;
+    const int err = errno ? errno : EIO;
+    clearerr(stdout);
+    return moe_errorf(MOE_ERR_IO, "cannot write to standard output: %s", strerror(err));
+}
+
+static moe_status on_resume(void *ctx, const char *path, int64_t step, double seconds)
+{
+    const train_cmd *t = ctx;
+    if (t->rank != 0) return MOE_OK;
+    printf("resumed from %s at step %lld in %.3f s\n", path, (long long)step, seconds);
+    return stdout_status();
+}
+
+static moe_status on_checkpoint(void *ctx, int64_t step, const char *path, double seconds, double interval)
 {
     const train_cmd *t = ctx;
     (void)path;
+    if (t->rank != 0) return MOE_OK;
     /* The pause as a share of the checkpoint interval (training + pause). */
-    if (t->rank == 0)
-        printf("%scheckpoint step %lld written in %.3f s (training paused %.1f%% of the %.2f s interval)\n",
-               t->tty ? "\n" : "", (long long)step, seconds, 100 * seconds / (interval + seconds), interval + seconds);
+    printf("%scheckpoint step %lld written in %.3f s (training paused %.1f%% of the %.2f s interval)\n",
+           t->tty ? "\n" : "", (long long)step, seconds, 100 * seconds / (interval + seconds), interval + seconds);
+    return stdout_status();
 }
 
-static void on_step(void *ctx, const moe_train_progress *p)
+static moe_status on_step(void *ctx, const moe_train_progress *p)
 {
     const train_cmd *t = ctx;
     const moe_train_config *c = &t->cfg;
-    if (t->rank != 0) return;
+    if (t->rank != 0) return MOE_OK;
     if (!(t->tty || p->step % c->log_every == 0 || p->step == c->steps || p->step == p->first_step + 1 ||
           isfinite(p->val_loss)))
-        return;
+        return MOE_OK;
     const double rate = p->elapsed_s / (double)(p->step - p->first_step);
     char eta[32], vbuf[48] = "";
     fmt_duration(eta, sizeof eta, rate * (double)(c->steps - p->step));
@@ -67,7 +137,7 @@ static void on_step(void *ctx, const moe_train_progress *p)
            t->tty ? "\r\033[K" : "", (int)snprintf(NULL, 0, "%d", c->steps), (long long)p->step, c->steps,
            p->stats->model.loss, vbuf, p->tokens_per_s, eta, 100 * p->dropped_frac, p->max_over_mean_load,
            t->tty ? "" : "\n");
-    fflush(stdout);
+    return stdout_status();
 }
 
 static int run(train_cmd *t)
@@ -76,7 +146,8 @@ static int run(train_cmd *t)
     /* what the libraries (MPI, BLAS, HDF5) hold before the run exists: the
      * memory report separates it from the model's */
     const double base_mb = moe_cli_mem_mb("VmRSS");
-    const moe_train_callbacks cb = {.ctx = t, .on_resume = on_resume, .on_step = on_step, .on_checkpoint = on_checkpoint};
+    const moe_train_callbacks cb = {.ctx = t, .on_resume = on_resume, .on_step = on_step, .on_checkpoint = on_checkpoint,
+                                    .request = on_request};
     moe_train_run *r = NULL;
     moe_status st = moe_train_run_create(&r, c, t->config_text, t->comm, &cb);
     if (st) return moe_cli_error(t->rank, "train", st), 1;
@@ -108,6 +179,9 @@ static int run(train_cmd *t)
     st = moe_train_run_run(r);
     const int64_t steps = moe_train_run_steps_done(r) - step0;
     if (t->rank == 0 && t->tty) printf("\n");
+    if (!st && t->rank == 0 && moe_train_run_stopped(r))
+        printf("stopped at step %lld of %d on request (%s) after its checkpoint; continue with --resume=%s\n",
+               (long long)moe_train_run_steps_done(r), c->steps, signal_name(stop_signal), c->out_dir);
     if (!st && t->rank == 0) {
         const double wall = moe_now() - t_start, ckpt_total = moe_train_run_checkpoint_seconds(r);
         printf("done: %lld steps in %.1f s (%.0f tokens/s); checkpoints took %.2f s (%.1f%% of the run)\n",
@@ -129,6 +203,7 @@ static int run(train_cmd *t)
         snprintf(out, sizeof out, "%s/metrics.jsonl", c->out_dir);
         if (moe_plot_training(out, c->out_dir) == 0) printf("plot: %s/training.png\n", c->out_dir);
         else printf("plot: not written (is gnuplot installed?)\n");
+        st = stdout_status(); /* the summary was lost: say so */
     }
     if (st) {
         moe_cli_error(t->rank, st == MOE_ERR_NONFINITE ? "train: stopped (non-finite loss or gradient)" : "train", st);
@@ -186,6 +261,7 @@ int moe_cmd_train(int argc, char **argv)
         const char *tty_env = getenv("MOE_TTY");
         int under_mpirun = getenv("OMPI_COMM_WORLD_SIZE") != NULL;
         r.tty = r.rank == 0 && isatty(STDOUT_FILENO) && (tty_env ? atoi(tty_env) == 1 : !under_mpirun);
+        install_signals();
         rc = run(&r);
     }
     moe_comm_destroy(r.comm);

@@ -5,6 +5,7 @@
 #include "config/config.h"
 
 #include <errno.h>
+#include <fcntl.h>
 #include <ini.h>
 #include <limits.h>
 #include <math.h>
@@ -12,6 +13,8 @@
 #include <stddef.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
 
 #include "comm/comm.h"
 #include "data/data.h"
@@ -523,8 +526,20 @@ moe_status moe_train_config_load(moe_train_config *c, const char *path)
 {
     if (!c || !path) return moe_errorf(MOE_ERR_ARG, "moe_train_config_load: NULL argument");
     load_ctx x = {.c = c, .path = path};
-    x.f = fopen(path, "r");
-    if (!x.f) return moe_errorf(MOE_ERR_IO, "cannot open config '%s': %s", path, strerror(errno));
+    /* non-blocking open, then fstat: a named pipe or a directory is refused
+     * at once instead of waited on */
+    const int fd = open(path, O_RDONLY | O_NONBLOCK | O_CLOEXEC);
+    if (fd < 0) return moe_errorf(MOE_ERR_IO, "cannot open config '%s': %s", path, strerror(errno));
+    struct stat sb;
+    if (fstat(fd, &sb) != 0 || !S_ISREG(sb.st_mode)) {
+        close(fd);
+        return moe_errorf(MOE_ERR_IO, "config '%s' is not a regular file", path);
+    }
+    x.f = fdopen(fd, "r");
+    if (!x.f) {
+        close(fd);
+        return moe_errorf(MOE_ERR_IO, "cannot open config '%s': %s", path, strerror(errno));
+    }
     return load_stream(&x);
 }
 

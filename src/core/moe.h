@@ -76,8 +76,10 @@ void moe_free(void *p);
  * (checked bitwise through the experts' results), and it halves the gelu
  * passes on cores with 512-bit units (2.9 vs 4.9 ms for 8M elements here).
  * Loops with lane-wise reductions must not get it: GCC 12 widens an 8-lane
- * accumulation into 16 lanes and adds the halves, which changes the sums. */
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+ * accumulation into 16 lanes and adds the halves, which changes the sums.
+ * Fuzzing builds (MOE_FUZZ) go without: AFL++'s compiler passes fail on
+ * target_clones functions. */
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && !defined(MOE_NO_TARGET_CLONES)
 #define MOE_TARGET_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
 #define MOE_TARGET_CLONES_EW __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #else

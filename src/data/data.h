@@ -1,11 +1,13 @@
 /* Training data: the built-in synthetic multi-domain corpus and the batch
  * loader over a corpus of token ids, read either as bytes (one id per byte,
  * vocabulary 256) or from a token file of `moe data encode` (src/tokenizer/
- * tokfile.h). Nothing here is collective: every rank maps the file itself
- * (so ranks on one node share the page cache) and reads only its own
- * sequences, and every batch is a pure function of (seed, step, global
- * sequence index), so it does not depend on the number of ranks. Reading a
- * window is a copy of seq_len + 1 ids widened to int32.
+ * tokfile.h). Nothing here is collective: every rank opens the file itself
+ * and reads only its own sequences, and every batch is a pure function of
+ * (seed, step, global sequence index), so it does not depend on the number
+ * of ranks. Files are read with pread, window by window, never mapped
+ * (ranks on one node still share the page cache, and a file changed under
+ * a run is an error, not a SIGBUS); reading a window is one read of
+ * seq_len + 1 ids, widened to int32. A handle is used by one thread.
  *
  * Random counters (Philox, key {seed, MOE_RNG_DATA}; the fourth counter word
  * names the use so the streams never overlap):
@@ -78,13 +80,19 @@ typedef struct moe_data moe_data;
  * removed from the training part; val_frac = 0: no validation data). To
  * evaluate on a whole file, pass it as both path and val_path. Both files
  * must be read the same way (bytes, or token files of one tokenizer).
- * Errors (detail names the file): MOE_ERR_IO if a file is missing or
- * unreadable; MOE_ERR_FORMAT for a damaged token file (tokfile.h: header,
- * size, an id >= its vocab_size); MOE_ERR_MISMATCH for a token file encoded
+ * Errors (detail names the file and which one it is, "data file" or
+ * "validation file (val_data)"): MOE_ERR_IO if a file is missing,
+ * unreadable or not a regular file (a named pipe is refused at once, never
+ * waited on); MOE_ERR_FORMAT for a damaged token file (tokfile.h: header,
+ * size, an id >= its vocab_size, checked for every id read); MOE_ERR_MISMATCH for a token file encoded
  * with another tokenizer; MOE_ERR_ARG if a file is empty, if the training or
  * validation part is shorter than seq_len+1 tokens, if the files are of two
  * kinds, for a token file without a tokenizer, a tokenizer with byte data,
- * or bad arguments (seq_len < 1, val_frac outside [0, 1)). Owner: caller
+ * or bad arguments (seq_len < 1, val_frac outside [0, 1)).
+ * The unigram baseline and the bytes of each part read every id of a part
+ * up to 64 MB of ids, and 64 MB spread evenly over a larger one (a 1 TB
+ * file opens at once; the bytes of a larger token-file part are then the
+ * sample's bytes per token times its tokens). Owner: caller
  * (moe_data_destroy). */
 moe_status moe_data_open_config(moe_data **out, const moe_data_config *c);
 /* The same for a file read as bytes (format BYTES, no tokenizer). */
@@ -100,7 +108,8 @@ int64_t moe_data_train_tokens(const moe_data *ds);
 int64_t moe_data_val_tokens(const moe_data *ds);   /* 0: no validation data */
 /* The bytes the training / validation tokens stand for (= tokens for byte
  * data): the sum of the lengths of their ids' byte strings (moe_tok_token;
- * a special counts the length of its name, which is what decoding gives). */
+ * a special counts the length of its name, which is what decoding gives);
+ * estimated from a sample for a token-file part over 64 MB (see above). */
 int64_t moe_data_train_bytes(const moe_data *ds);
 int64_t moe_data_val_bytes(const moe_data *ds);
 /* (vocab_size) bytes each id stands for, as above; all 1 for bytes. */
@@ -122,11 +131,15 @@ int64_t moe_data_train_offset(const moe_data *ds, int64_t step, int64_t g);
  * seq_len) = window tokens 1..seq_len, as ids. Rank r of W with a global
  * batch of B sequences passes seq0 = r*B/W, nseq = B/W, and gets exactly
  * those rows of the batch one process would build. MOE_ERR_ARG on negative
- * step / seq0 / nseq. */
+ * step / seq0 / nseq; MOE_ERR_IO when the file changed since it was opened
+ * (size, modification time or inode) or a read comes back short, naming
+ * the file; MOE_ERR_FORMAT for an id >= vocab_size in a token file. */
 moe_status moe_data_batch(const moe_data *ds, int32_t *inputs, int32_t *targets, int64_t step, int seq0,
                           int nseq);
-/* The bytes the targets of those rows stand for (no copy: a pure function
- * of the same windows), e.g. of a whole global batch for bits per byte. */
+/* The bytes the targets of those rows stand for (a pure function of the
+ * same windows, read again for a token file), e.g. of a whole global batch
+ * for bits per byte. -1 when a read fails (moe_errorf detail as
+ * moe_data_batch). */
 int64_t moe_data_batch_bytes(const moe_data *ds, int64_t step, int seq0, int nseq);
 
 /* Validation rows for sequences [seq0, seq0 + nseq) of a validation pass of
@@ -135,11 +148,13 @@ int64_t moe_data_batch_bytes(const moe_data *ds, int64_t step, int seq0, int nse
  * evenly spread over the validation part, all distinct when n_total <=
  * n_windows, and a pass with n_total = n_windows reads every window once.
  * Deterministic, independent of the seed. MOE_ERR_ARG without validation data
- * or when [seq0, seq0 + nseq) is not inside [0, n_total). */
+ * or when [seq0, seq0 + nseq) is not inside [0, n_total); MOE_ERR_IO and
+ * MOE_ERR_FORMAT as moe_data_batch. */
 moe_status moe_data_val_batch(const moe_data *ds, int32_t *inputs, int32_t *targets, int64_t seq0,
                               int64_t n_total, int nseq);
 /* The bytes the targets of a whole validation pass of n_total sequences
- * stand for (0 without validation data). */
+ * stand for (0 without validation data; -1 when a read fails, as
+ * moe_data_batch_bytes). */
 int64_t moe_data_val_pass_bytes(const moe_data *ds, int64_t n_total);
 
 /* counts (V) = occurrences of every token id in the training part (the

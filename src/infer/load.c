@@ -6,9 +6,12 @@
 #include "infer/infer.h"
 
 #include <errno.h>
+#include <fcntl.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
 
 #include "ckpt/ckpt.h"
 #include "ckpt/ckpt_file.h"
@@ -17,14 +20,22 @@ moe_status moe_infer_read_file(uint8_t **data, size_t *n, const char *path)
 {
     *data = NULL;
     *n = 0;
-    FILE *f = fopen(path, "rb");
-    if (!f) return moe_errorf(MOE_ERR_IO, "cannot open '%s': %s", path, strerror(errno));
-    long size = -1;
-    if (fseek(f, 0, SEEK_END) == 0) size = ftell(f);
-    if (size < 0 || fseek(f, 0, SEEK_SET) != 0) {
-        fclose(f);
-        return moe_errorf(MOE_ERR_IO, "cannot determine the size of '%s' (not a regular file?)", path);
+    /* non-blocking open, then fstat: a named pipe is refused at once
+     * instead of waited on */
+    const int fd = open(path, O_RDONLY | O_NONBLOCK | O_CLOEXEC);
+    if (fd < 0) return moe_errorf(MOE_ERR_IO, "cannot open '%s': %s", path, strerror(errno));
+    struct stat sb;
+    if (fstat(fd, &sb) != 0 || !S_ISREG(sb.st_mode)) {
+        close(fd);
+        return moe_errorf(MOE_ERR_IO, "'%s' is not a regular file (a named pipe or a device cannot be read here)",
+                          path);
     }
+    FILE *f = fdopen(fd, "rb");
+    if (!f) {
+        close(fd);
+        return moe_errorf(MOE_ERR_IO, "cannot open '%s': %s", path, strerror(errno));
+    }
+    const long size = (long)sb.st_size;
     uint8_t *buf = moe_calloc((size_t)size, 1);
     if (!buf) {
         fclose(f);

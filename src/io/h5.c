@@ -1,4 +1,6 @@
-/* HDF5 error silencing, error messages and scalar attributes (h5.h). */
+/* HDF5 error silencing, error messages and scalar attributes, and the one
+ * atomic file writer (h5.h). */
+#define _GNU_SOURCE /* fallocate */
 #include "io/h5.h"
 
 #include <errno.h>
@@ -6,6 +8,8 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
+#include <sys/statvfs.h>
 #include <unistd.h>
 
 #include "comm/comm_h5.h"
@@ -28,7 +32,21 @@ typedef struct {
 static herr_t walk_error(unsigned n, const H5E_error2_t *e, void *arg)
 {
     h5_err *r = arg;
-    if (n == 0) snprintf(r->msg, sizeof r->msg, "%s", e->desc ? e->desc : "");
+    if (n == 0 && e->desc) {
+        /* A file driver's message carries the system's reason among
+         * details ("file write failed: time = ..., errno = 28, error
+         * message = 'No space left on device', buf = ..."): keep the
+         * what and the reason. */
+        const char *why = strstr(e->desc, "error message = '"), *cut = strstr(e->desc, ": time =");
+        if (why) {
+            why += strlen("error message = '");
+            const char *q = strchr(why, '\'');
+            snprintf(r->msg, sizeof r->msg, "%.*s: %.*s", cut ? (int)(cut - e->desc) : 64, e->desc,
+                     q ? (int)(q - why) : 128, why);
+        } else {
+            snprintf(r->msg, sizeof r->msg, "%s", e->desc);
+        }
+    }
     /* A Fletcher32 mismatch surfaces as "data error detected by fletcher32
      * checksum" (filter pipeline) somewhere on the stack. */
     if (e->desc && (strstr(e->desc, "checksum") || strstr(e->desc, "Fletcher"))) r->checksum = 1;
@@ -186,6 +204,85 @@ moe_status moe_h5_attr_get_strbuf(hid_t loc, const char *name, char *buf, size_t
 }
 
 
+/* ---- the checksum of the string attributes ---- */
+
+/* Variable-length strings live in global heap collections, the one part of
+ * an HDF5 1.10 file without a checksum. Their hash (FNV-1a 64 over object
+ * path, attribute name and value of every string attribute, objects and
+ * attributes by name) is stored in the root's integer attribute
+ * MOE_H5_STRING_CHECKSUM, inside the checksummed root object header. */
+typedef struct {
+    uint64_t h;
+    const char *obj, *file;
+    moe_status st;
+} strings_ctx;
+
+static uint64_t fnv1a(uint64_t h, const void *p, size_t n)
+{
+    const unsigned char *b = p;
+    for (size_t i = 0; i < n; i++) h = (h ^ b[i]) * 0x100000001b3ull;
+    return h;
+}
+
+static herr_t hash_attr(hid_t loc, const char *name, const H5A_info_t *ai, void *op)
+{
+    (void)ai;
+    strings_ctx *x = op;
+    hid_t at = H5Aopen(loc, name, H5P_DEFAULT), t = at < 0 ? H5I_INVALID_HID : H5Aget_type(at);
+    const int is_str = t >= 0 && H5Tget_class(t) == H5T_STRING;
+    if (t >= 0) H5Tclose(t);
+    if (at >= 0) H5Aclose(at);
+    if (at < 0) {
+        x->st = moe_h5_fail(MOE_ERR_FORMAT, "cannot open attribute", name, x->file);
+        return -1;
+    }
+    if (!is_str) return 0;
+    char *v = NULL;
+    if ((x->st = moe_h5_attr_get_str(loc, name, &v, x->file)) != MOE_OK) return -1;
+    x->h = fnv1a(x->h, x->obj, strlen(x->obj) + 1);
+    x->h = fnv1a(x->h, name, strlen(name) + 1);
+    x->h = fnv1a(x->h, v, strlen(v) + 1);
+    free(v);
+    return 0;
+}
+
+static herr_t hash_object(hid_t root, const char *name, const H5O_info_t *info, void *op)
+{
+    strings_ctx *x = op;
+    if (info->num_attrs == 0) return 0;
+    x->obj = name;
+    hid_t o = H5Oopen(root, name, H5P_DEFAULT);
+    if (o < 0) {
+        x->st = moe_h5_fail(MOE_ERR_FORMAT, "cannot open object", name, x->file);
+        return -1;
+    }
+    herr_t rc = H5Aiterate2(o, H5_INDEX_NAME, H5_ITER_INC, NULL, hash_attr, x);
+    H5Oclose(o);
+    if (rc < 0 && x->st == MOE_OK) x->st = moe_h5_fail(MOE_ERR_FORMAT, "cannot list the attributes of", name, x->file);
+    return rc < 0 ? -1 : 0;
+}
+
+static moe_status strings_hash(hid_t file, uint64_t *h, const char *path)
+{
+    strings_ctx x = {0xcbf29ce484222325ull, "", path, MOE_OK};
+    if (H5Ovisit2(file, H5_INDEX_NAME, H5_ITER_INC, hash_object, &x, H5O_INFO_NUM_ATTRS) < 0 && x.st == MOE_OK)
+        x.st = moe_h5_fail(MOE_ERR_FORMAT, "cannot list the objects of", NULL, path);
+    *h = x.h;
+    return x.st;
+}
+
+moe_status moe_h5_check_strings(hid_t file, const char *path)
+{
+    if (H5Aexists(file, MOE_H5_STRING_CHECKSUM) <= 0) return MOE_OK; /* written before there was one */
+    uint64_t want, got;
+    moe_status st = moe_h5_attr_get_u64(file, MOE_H5_STRING_CHECKSUM, &want, path);
+    if (st == MOE_OK) st = strings_hash(file, &got, path);
+    if (st == MOE_OK && got != want)
+        st = moe_errorf(MOE_ERR_CHECKSUM, "'%s' is damaged: its string attributes (format, config, ...) do not match "
+                                          "their checksum", path);
+    return st;
+}
+
 /* ---- the atomic writer ---- */
 
 /* fsync a file or directory so that a rename survives a crash. */
@@ -209,14 +306,62 @@ static void dir_of(char *buf, size_t cap, const char *path)
         snprintf(buf, cap, "%.*s", (int)(slash - path), path);
 }
 
-/* Creates tmp, fills it, flushes and closes. Collective. */
-static moe_status write_tmp_phase(const char *tmp, moe_comm *c, moe_h5_write_fn fill, void *ctx)
+/* Room for a file of about `bytes` in dir (this rank's view: node-local
+ * scratch differs between ranks). HDF5's own structures and the chunk
+ * checksums add a little: 2% and 1 MB of margin. Not collective. */
+static moe_status check_space(const char *dir, const char *path, uint64_t bytes)
+{
+    struct statvfs sv;
+    if (bytes == 0 || statvfs(dir, &sv) != 0) return MOE_OK; /* unknown: the write itself will tell */
+    const uint64_t avail = (uint64_t)sv.f_bavail * (uint64_t)sv.f_frsize;
+    const uint64_t need = bytes + bytes / 50 + (1u << 20);
+    if (avail >= need) return MOE_OK;
+    return moe_errorf(MOE_ERR_IO, "not enough space for '%s': it needs about %.1f MB, '%s' has %.1f MB free", path,
+                      (double)need / (1 << 20), dir, (double)avail / (1 << 20));
+}
+
+/* Reserves room for the file being written (this rank's view of it):
+ * blocks past its end (FALLOC_FL_KEEP_SIZE), so that a disk filling up
+ * while the file is written cannot fail a write half way, where ranks of
+ * a parallel write would fail in different places inside HDF5's
+ * collective calls and wait for each other for ever. A file system
+ * without fallocate gets no reservation (then only the free-space check
+ * protects the write). Not collective. */
+static moe_status reserve(const char *tmp, uint64_t bytes)
+{
+    if (bytes == 0) return MOE_OK;
+    const uint64_t want = bytes + bytes / 50 + (1u << 20);
+    int fd = open(tmp, O_WRONLY | O_CLOEXEC);
+    if (fd < 0) return moe_errorf(MOE_ERR_IO, "cannot open '%s' to reserve its space: %s", tmp, strerror(errno));
+    int rc = fallocate(fd, FALLOC_FL_KEEP_SIZE, 0, (off_t)want);
+    const int err = errno;
+    close(fd);
+    if (rc == 0 || err == EOPNOTSUPP || err == ENOSYS || err == EINTR) return MOE_OK;
+    return moe_errorf(MOE_ERR_IO, "cannot reserve %.1f MB for '%s': %s", (double)want / (1 << 20), tmp, strerror(err));
+}
+
+/* Gives back the reserved blocks the file did not use (those past its end). */
+static void trim(const char *tmp)
+{
+    struct stat sb;
+    if (stat(tmp, &sb) == 0 && truncate(tmp, sb.st_size) != 0) {}
+}
+
+/* Creates tmp, reserves its space, fills it, flushes and closes. Collective. */
+static moe_status write_tmp_phase(const char *tmp, moe_comm *c, uint64_t bytes, moe_h5_write_fn fill, void *ctx)
 {
     hid_t fapl = moe_comm_h5_fapl(c), file = H5I_INVALID_HID;
+    /* The 1.10 format: checksums on all metadata (see h5.h). Readers of
+     * HDF5 1.10 and later (h5py, h5dump, PyTorch's h5py) read it. */
+    if (fapl >= 0 && H5Pset_libver_bounds(fapl, H5F_LIBVER_V110, H5F_LIBVER_V110) < 0) {
+        H5Pclose(fapl);
+        fapl = H5I_INVALID_HID;
+    }
     if (fapl >= 0) file = H5Fcreate(tmp, H5F_ACC_TRUNC, H5P_DEFAULT, fapl);
     moe_status st = file < 0 ? moe_h5_fail(MOE_ERR_IO, "cannot create", NULL, tmp) : MOE_OK;
     if (fapl >= 0) H5Pclose(fapl);
     st = moe_comm_agree_detail(c, MOE_SCOPE_WORLD, st);
+    if (st == MOE_OK) st = moe_comm_agree_detail(c, MOE_SCOPE_WORLD, reserve(tmp, bytes));
     if (st != MOE_OK) {
         if (file >= 0) H5Fclose(file);
         return st;
@@ -225,28 +370,43 @@ static moe_status write_tmp_phase(const char *tmp, moe_comm *c, moe_h5_write_fn 
     if (dxpl < 0 || lcpl < 0 || H5Pset_create_intermediate_group(lcpl, 1) < 0)
         st = moe_h5_fail(MOE_ERR_IO, "cannot make property lists for", NULL, tmp);
     if (st == MOE_OK) st = fill(ctx, file, dxpl, lcpl, tmp);
+    /* Flush and close are collective: every rank makes them, on the
+     * agreed status. So is the checksum attribute: every rank computes the
+     * same hash from the same metadata. */
+    st = moe_comm_agree_detail(c, MOE_SCOPE_WORLD, st);
+    uint64_t h;
+    if (st == MOE_OK) st = strings_hash(file, &h, tmp);
+    if (st == MOE_OK) st = moe_h5_attr_put_u64(file, MOE_H5_STRING_CHECKSUM, h, tmp);
+    st = moe_comm_agree_detail(c, MOE_SCOPE_WORLD, st);
     if (st == MOE_OK && H5Fflush(file, H5F_SCOPE_GLOBAL) < 0) st = moe_h5_fail(MOE_ERR_IO, "cannot flush", NULL, tmp);
+    st = moe_comm_agree_detail(c, MOE_SCOPE_WORLD, st);
     if (lcpl >= 0) H5Pclose(lcpl);
     if (dxpl >= 0) H5Pclose(dxpl);
+    /* A file whose metadata cannot be flushed (a full disk) cannot be
+     * closed either, and HDF5 then crashes when it tries again at exit.
+     * The temporary file is lost anyway: emptying it frees its space, so
+     * that the close can write what it must. */
+    if (st != MOE_OK && truncate(tmp, 0) != 0) {}
     if (H5Fclose(file) < 0 && st == MOE_OK) st = moe_h5_fail(MOE_ERR_IO, "cannot close", NULL, tmp);
+    if (st == MOE_OK) trim(tmp);
     return st;
 }
 
 /* write_tmp_phase as one watchdog phase (comm_timeout), whose clock
  * restarts with every dataset the fill writes (their own phases) and every
  * agreement. */
-static moe_status write_tmp(const char *tmp, moe_comm *c, moe_h5_write_fn fill, void *ctx)
+static moe_status write_tmp(const char *tmp, moe_comm *c, uint64_t bytes, moe_h5_write_fn fill, void *ctx)
 {
     static char what[MOE_H5_PATH_MAX + 64]; /* read by the watchdog while the phase is open */
     snprintf(what, sizeof what, "parallel HDF5 write of '%s'", tmp);
     moe_comm_phase_begin(c, MOE_SCOPE_WORLD, what);
-    const moe_status st = write_tmp_phase(tmp, c, fill, ctx);
+    const moe_status st = write_tmp_phase(tmp, c, bytes, fill, ctx);
     moe_comm_phase_end();
     return st;
 }
 
-moe_status moe_h5_write_atomic(const char *path, const char *tmp_suffix, moe_comm *c, moe_h5_write_fn fill,
-                               void *ctx)
+moe_status moe_h5_write_atomic(const char *path, const char *tmp_suffix, moe_comm *c, uint64_t bytes,
+                               moe_h5_write_fn fill, void *ctx)
 {
     char tmp[MOE_H5_PATH_MAX], dir[MOE_H5_PATH_MAX];
     moe_status st = MOE_OK;
@@ -255,12 +415,19 @@ moe_status moe_h5_write_atomic(const char *path, const char *tmp_suffix, moe_com
     else if (snprintf(tmp, sizeof tmp, "%s%s", path, tmp_suffix) >= (int)sizeof tmp)
         st = moe_errorf(MOE_ERR_ARG, "path too long (with its temporary suffix '%s', over %d bytes): '%.64s...'",
                         tmp_suffix, MOE_H5_PATH_MAX - 1, path);
+    /* A test hook (MOE_FAULT=h5_space): neither check nor reserve the
+     * space, so that a full disk fails the write half way. */
+    if (moe_fault("h5_space", moe_comm_rank(c))) bytes = 0;
+    if (st == MOE_OK) {
+        dir_of(dir, sizeof dir, path);
+        st = check_space(dir, path, bytes);
+    }
     st = moe_comm_agree_detail(c, MOE_SCOPE_WORLD, st);
     if (st != MOE_OK) return st;
 
     moe_h5_quiet q;
     moe_h5_quiet_begin(&q);
-    st = write_tmp(tmp, c, fill, ctx);
+    st = write_tmp(tmp, c, bytes, fill, ctx);
     moe_h5_quiet_end(&q);
 
     /* Every rank has closed before rank 0 renames (agreement synchronises). */

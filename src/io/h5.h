@@ -20,15 +20,24 @@ enum { MOE_H5_PATH_MAX = 4096 };
 typedef moe_status (*moe_h5_write_fn)(void *ctx, hid_t file, hid_t dxpl, hid_t lcpl, const char *tmp);
 
 /* The atomic write of every HDF5 file moerun produces, collective over c's
- * world: every rank creates path + tmp_suffix through (parallel) HDF5, fill
- * writes it, HDF5 flushes and closes it; then world rank 0 fsyncs the file,
- * renames it to path and fsyncs the directory, so a crash leaves either the
- * old file or the new one, never a partial one under path. A failure
- * removes the temporary file. MOE_ERR_ARG when path + tmp_suffix does not
- * fit MOE_H5_PATH_MAX (before anything is created); MOE_ERR_IO naming the
- * file. Every rank returns the same status and detail (the cause's). */
-moe_status moe_h5_write_atomic(const char *path, const char *tmp_suffix, moe_comm *c, moe_h5_write_fn fill,
-                               void *ctx);
+ * world: every rank checks that the directory it sees has room for about
+ * `bytes` (the data; 0: unknown, no check), then every rank creates
+ * path + tmp_suffix through (parallel) HDF5, fill writes it, HDF5 flushes
+ * and closes it; then world rank 0 fsyncs the file, renames it to path and
+ * fsyncs the directory, so a crash leaves either the old file or the new
+ * one, never a partial one under path. A failure removes the temporary
+ * file. Files are written in the HDF5 1.10 format (superblock version 3,
+ * version 2 object headers, checksummed B-trees and chunk indices: every
+ * piece of metadata carries a checksum HDF5 verifies on read), and the
+ * variable-length strings of the attributes, which HDF5 keeps in
+ * unchecksummed global heaps, get a checksum of their own (the root
+ * attribute MOE_H5_STRING_CHECKSUM; moe_h5_check_strings). MOE_ERR_ARG when path + tmp_suffix does not fit
+ * MOE_H5_PATH_MAX (before anything is created); MOE_ERR_IO naming the file
+ * and the system's reason (a full disk: the space needed and free, before
+ * anything is written). Every rank returns the same status and detail (the
+ * cause's). */
+moe_status moe_h5_write_atomic(const char *path, const char *tmp_suffix, moe_comm *c, uint64_t bytes,
+                               moe_h5_write_fn fill, void *ctx);
 
 /* HDF5 prints its error stack by default; library code must not print. */
 typedef struct {
@@ -43,7 +52,17 @@ void moe_h5_quiet_end(const moe_h5_quiet *q);
  * checksum failure, else s. */
 moe_status moe_h5_fail(moe_status s, const char *what, const char *name, const char *file);
 
-/* Scalar attributes on loc. Strings are variable-length UTF-8. */
+/* The root attribute holding the hash of every string attribute of a file
+ * moe_h5_write_atomic wrote (uint64, FNV-1a 64 over object path, attribute
+ * name and value, objects and attributes in name order). */
+#define MOE_H5_STRING_CHECKSUM "string_checksum"
+/* Recomputes the hash of an open file's string attributes and compares it
+ * with MOE_H5_STRING_CHECKSUM: MOE_ERR_CHECKSUM naming the file when they
+ * differ; MOE_OK for a file without one (written before it existed). */
+moe_status moe_h5_check_strings(hid_t file, const char *path);
+
+/* Scalar attributes on loc. Strings are variable-length UTF-8 (readers take
+ * fixed-length ones as well, as other writers make them). */
 moe_status moe_h5_attr_put_i64(hid_t loc, const char *name, int64_t v, const char *file);
 moe_status moe_h5_attr_put_u64(hid_t loc, const char *name, uint64_t v, const char *file);
 moe_status moe_h5_attr_put_f64(hid_t loc, const char *name, double v, const char *file);

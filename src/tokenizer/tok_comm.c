@@ -46,7 +46,8 @@ static moe_status map_input(mapped *m, const char *path)
 {
     m->data = NULL;
     m->n = 0;
-    int fd = open(path, O_RDONLY);
+    /* non-blocking: a named pipe is refused below, never waited on */
+    int fd = open(path, O_RDONLY | O_NONBLOCK | O_CLOEXEC);
     if (fd < 0) return moe_errorf(MOE_ERR_IO, "cannot open %s: %s", path, strerror(errno));
     struct stat sb;
     if (fstat(fd, &sb) || !S_ISREG(sb.st_mode)) {

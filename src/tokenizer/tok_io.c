@@ -4,6 +4,7 @@
  * Every error names the file and the place (line, token, merge). */
 #include <cjson/cJSON.h>
 #include <errno.h>
+#include <fcntl.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -808,8 +809,14 @@ moe_status moe_tok_load(moe_tok **out, const char *path, moe_tok_form form, cons
                         const char *const *names, const int64_t *ids)
 {
     *out = NULL;
-    FILE *f = fopen(path, "rb");
-    if (!f) return moe_errorf(MOE_ERR_IO, "cannot open tokenizer %s: %s", path, strerror(errno));
+    /* non-blocking open: a named pipe is refused below, never waited on */
+    const int fd = open(path, O_RDONLY | O_NONBLOCK | O_CLOEXEC);
+    FILE *f = fd < 0 ? NULL : fdopen(fd, "rb");
+    if (!f) {
+        const int err = errno;
+        if (fd >= 0) close(fd);
+        return moe_errorf(MOE_ERR_IO, "cannot open tokenizer %s: %s", path, strerror(err));
+    }
     struct stat sb;
     if (fstat(fileno(f), &sb) || !S_ISREG(sb.st_mode)) {
         fclose(f);

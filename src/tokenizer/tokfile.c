@@ -78,10 +78,34 @@ moe_status moe_tok_file_header_unpack(moe_tok_file_header *h, const uint8_t in[M
     return MOE_OK;
 }
 
+moe_status moe_tok_file_header_check(const moe_tok_file_header *h, uint64_t file_size, const moe_tok *t,
+                                     const char *path)
+{
+    if (file_size < MOE_TOK_FILE_HEADER)
+        return moe_errorf(MOE_ERR_FORMAT, "%s: truncated: %llu bytes, less than the 64-byte header", path,
+                          (unsigned long long)file_size);
+    const uint64_t bpt = h->bytes_per_token, body = file_size - MOE_TOK_FILE_HEADER;
+    if (h->n_tokens > body / bpt)
+        return moe_errorf(MOE_ERR_FORMAT, "%s: truncated: the header says %llu tokens (%llu bytes), the file has %llu",
+                          path, (unsigned long long)h->n_tokens,
+                          (unsigned long long)(h->n_tokens * bpt + MOE_TOK_FILE_HEADER), (unsigned long long)file_size);
+    if (h->n_tokens * bpt != body)
+        return moe_errorf(MOE_ERR_FORMAT, "%s: %llu trailing bytes after %llu tokens", path,
+                          (unsigned long long)(body - h->n_tokens * bpt), (unsigned long long)h->n_tokens);
+    if (t && (int64_t)h->vocab_size != moe_tok_vocab_size(t))
+        return moe_errorf(MOE_ERR_MISMATCH, "%s was encoded with another tokenizer (vocab_size %u, this tokenizer %lld)",
+                          path, h->vocab_size, (long long)moe_tok_vocab_size(t));
+    if (t && h->tokenizer_hash != moe_tok_hash(t))
+        return moe_errorf(MOE_ERR_MISMATCH, "%s was encoded with another tokenizer (hash %016llx, this tokenizer %016llx)",
+                          path, (unsigned long long)h->tokenizer_hash, (unsigned long long)moe_tok_hash(t));
+    return MOE_OK;
+}
+
 moe_status moe_tok_file_open(moe_tok_file **out, const char *path, const moe_tok *t)
 {
     *out = NULL;
-    int fd = open(path, O_RDONLY);
+    /* non-blocking: a named pipe is refused below, never waited on */
+    int fd = open(path, O_RDONLY | O_NONBLOCK | O_CLOEXEC);
     if (fd < 0) return moe_errorf(MOE_ERR_IO, "cannot open token file %s: %s", path, strerror(errno));
     struct stat sb;
     if (fstat(fd, &sb) || !S_ISREG(sb.st_mode)) {
@@ -107,25 +131,7 @@ moe_status moe_tok_file_open(moe_tok_file **out, const char *path, const moe_tok
     if (!st) {
         f->bpt = (int)f->h.bytes_per_token;
         f->ids = f->map + MOE_TOK_FILE_HEADER;
-        const uint64_t body = (uint64_t)(size - MOE_TOK_FILE_HEADER);
-        if (f->h.n_tokens > body / (uint64_t)f->bpt)
-            st = moe_errorf(MOE_ERR_FORMAT, "%s: truncated: the header says %llu tokens (%llu bytes), the file has %llu",
-                            path, (unsigned long long)f->h.n_tokens,
-                            (unsigned long long)(f->h.n_tokens * (uint64_t)f->bpt + MOE_TOK_FILE_HEADER),
-                            (unsigned long long)size);
-        else if (f->h.n_tokens * (uint64_t)f->bpt != body)
-            st = moe_errorf(MOE_ERR_FORMAT, "%s: %llu trailing bytes after %llu tokens", path,
-                            (unsigned long long)(body - f->h.n_tokens * (uint64_t)f->bpt),
-                            (unsigned long long)f->h.n_tokens);
-    }
-    if (!st && t) {
-        if ((int64_t)f->h.vocab_size != moe_tok_vocab_size(t))
-            st = moe_errorf(MOE_ERR_MISMATCH, "%s was encoded with another tokenizer (vocab_size %u, this tokenizer %lld)",
-                            path, f->h.vocab_size, (long long)moe_tok_vocab_size(t));
-        else if (f->h.tokenizer_hash != moe_tok_hash(t))
-            st = moe_errorf(MOE_ERR_MISMATCH,
-                            "%s was encoded with another tokenizer (hash %016llx, this tokenizer %016llx)", path,
-                            (unsigned long long)f->h.tokenizer_hash, (unsigned long long)moe_tok_hash(t));
+        st = moe_tok_file_header_check(&f->h, (uint64_t)size, t, path);
     }
     if (!st && f->h.vocab_size < (f->bpt == 2 ? 65536u : UINT32_MAX)) {
         const uint32_t v = f->h.vocab_size;

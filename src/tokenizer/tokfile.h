@@ -37,6 +37,14 @@ void moe_tok_file_header_pack(uint8_t out[MOE_TOK_FILE_HEADER], const moe_tok_fi
 moe_status moe_tok_file_header_unpack(moe_tok_file_header *h, const uint8_t in[MOE_TOK_FILE_HEADER],
                                       const char *path);
 
+/* A header read from a file of file_size bytes: the size is exactly
+ * 64 + n_tokens * bytes_per_token (MOE_ERR_FORMAT "truncated" or "trailing
+ * bytes"), and when t is not NULL, vocab_size and the tokenizer hash match
+ * t (MOE_ERR_MISMATCH). Ids are not looked at. For readers that do not map
+ * the file (src/data reads windows with pread). */
+moe_status moe_tok_file_header_check(const moe_tok_file_header *h, uint64_t file_size, const moe_tok *t,
+                                     const char *path);
+
 typedef struct moe_tok_file moe_tok_file;
 
 /* Opens and validates a token file (mmap, read-only): header, file size

@@ -1,15 +1,23 @@
 /* The training run (run.h): data, trainer, the step loop with validation,
- * gradient dumps, checkpoints, resume and the metrics file. Moved here from
- * the `moe train` command so that a C test drives the same loop. */
+ * gradient dumps, checkpoints, resume and the metrics file, and the run
+ * directory's rules (one run at a time, no silent overwrite, every step
+ * once in metrics.jsonl). Moved here from the `moe train` command so that a
+ * C test drives the same loop. */
+#define _GNU_SOURCE /* F_OFD_SETLK */
 #include "train/run.h"
 
 #include <cjson/cJSON.h>
+#include <dirent.h>
 #include <errno.h>
+#include <fcntl.h>
+#include <limits.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
+#include <time.h>
+#include <unistd.h>
 
 #include "ckpt/ckpt.h"
 #include "core/platform.h"
@@ -37,8 +45,29 @@ struct moe_train_run {
     double t_start, last_val, last_val_bpb, ckpt_total, last_ckpt;
     int stopped;
     int blas_noted;                        /* a metrics line has named the BLAS kernel set */
+    int lock_fd;                           /* rank 0: out_dir/lock, held for the run's life */
+    moe_status pending;                    /* a failed write or hook, reported at the next agreement */
+    char pending_msg[768];
     moe_train_stats ts;
 };
+
+/* A failure that needs no agreement where it happens (rank 0's metrics
+ * line, a printing hook) is kept and joins the next agreement: the next
+ * step's first one, or the one after the last step. The first one wins. */
+static void defer(moe_train_run *r, moe_status st)
+{
+    if (st == MOE_OK || r->pending != MOE_OK) return;
+    r->pending = st;
+    snprintf(r->pending_msg, sizeof r->pending_msg, "%s", moe_error_detail());
+}
+
+static moe_status take_pending(moe_train_run *r)
+{
+    if (r->pending == MOE_OK) return MOE_OK;
+    moe_status st = r->pending;
+    r->pending = MOE_OK;
+    return moe_errorf(st, "%s", r->pending_msg);
+}
 
 static int mkdir_p(const char *path)
 {
@@ -62,6 +91,14 @@ static moe_status validate(moe_train_run *r, int32_t *in, int32_t *tg, double *l
     int64_t n_total = (int64_t)c->val_batches * c->batch_size;
     if (n_total > moe_data_val_windows(r->ds)) n_total = moe_data_val_windows(r->ds) / c->batch_size * c->batch_size;
     if (n_total < c->batch_size) n_total = c->batch_size;
+    /* the same windows on every rank: their bytes need no communication,
+     * only agreement that every rank could read them */
+    if (!r->val_pass_bytes) {
+        const int64_t b = moe_data_val_pass_bytes(r->ds, n_total);
+        moe_status st = moe_comm_agree_detail(r->comm, MOE_SCOPE_WORLD, b < 0 ? MOE_ERR_IO : MOE_OK);
+        if (st) return st;
+        r->val_pass_bytes = b;
+    }
     double ce = 0;
     int64_t tokens = 0;
     for (int64_t v = 0; v * c->batch_size < n_total; v++) {
@@ -76,8 +113,6 @@ static moe_status validate(moe_train_run *r, int32_t *in, int32_t *tg, double *l
         tokens += s.tokens;
     }
     *loss = tokens ? ce / tokens : NAN;
-    /* the same windows on every rank: their bytes need no communication */
-    if (!r->val_pass_bytes) r->val_pass_bytes = moe_data_val_pass_bytes(r->ds, n_total);
     *bpb = r->val_pass_bytes ? ce / (double)r->val_pass_bytes / M_LN2 : NAN;
     return MOE_OK;
 }
@@ -104,7 +139,7 @@ static void load_figures(const moe_model_stats *s, double *balance, double *drop
     *drop_frac = kept + dropped > 0 ? dropped / (kept + dropped) : 0;
 }
 
-static void write_metrics(moe_train_run *r, const moe_train_progress *p)
+static moe_status write_metrics(moe_train_run *r, const moe_train_progress *p)
 {
     const moe_train_stats *ts = p->stats;
     const double val = p->val_loss, ckpt_s = p->checkpoint_s;
@@ -166,10 +201,24 @@ static void write_metrics(moe_train_run *r, const moe_train_progress *p)
         cJSON_AddItemToArray(layers, o);
     }
     char *s = cJSON_PrintUnformatted(j);
-    fprintf(r->metrics, "%s\n", s);
-    fflush(r->metrics);
-    free(s);
     cJSON_Delete(j);
+    if (!s) return moe_errorf(MOE_ERR_NOMEM, "metrics line of step %lld", (long long)p->step);
+    /* Every line reaches the file or the run stops: a full disk must not
+     * let a run go on for hours writing nothing. */
+    const long before = ftell(r->metrics);
+    errno = 0;
+    int ok = fprintf(r->metrics, "%s\n", s) >= 0;
+    ok = fflush(r->metrics) == 0 && ok;
+    const int err = errno ? errno : EIO;
+    free(s);
+    if (!ok) {
+        /* no line cut in the middle: the file stays valid JSON lines */
+        clearerr(r->metrics);
+        if (before >= 0 && ftruncate(fileno(r->metrics), before) != 0) {}
+        return moe_errorf(MOE_ERR_IO, "cannot write %s/metrics.jsonl (step %lld): %s", r->cfg.out_dir,
+                          (long long)p->step, strerror(err));
+    }
+    return MOE_OK;
 }
 
 /* Fills the checkpoint state from the trainer (global expert steps gathered
@@ -246,16 +295,13 @@ static moe_status save_checkpoint(moe_train_run *r, double *seconds)
     if (st) return st;
     r->ckpt_total += *seconds;
     r->last_ckpt = moe_now();
-    if (r->cb.on_checkpoint) r->cb.on_checkpoint(r->cb.ctx, r->step, path, *seconds, interval);
+    if (r->cb.on_checkpoint) defer(r, r->cb.on_checkpoint(r->cb.ctx, r->step, path, *seconds, interval));
     return MOE_OK;
 }
 
-static moe_status resume(moe_train_run *r)
+static moe_status resume(moe_train_run *r, const char *path)
 {
-    char path[1200];
-    moe_status st = moe_ckpt_resolve(path, sizeof path, r->cfg.resume);
-    st = moe_comm_agree_detail(r->comm, MOE_SCOPE_WORLD, st);
-    if (st) return st;
+    moe_status st;
     moe_ckpt_state s;
     ckpt_state(r, &s, 0, 0);
     const double t0 = moe_now();
@@ -269,31 +315,201 @@ static moe_status resume(moe_train_run *r)
     moe_trainer_set_updates(r->tr, s.opt_step);
     r->step = s.step;
     r->tokens_seen = s.tokens_seen;
-    if (r->cb.on_resume) r->cb.on_resume(r->cb.ctx, path, s.step, moe_now() - t0);
+    if (r->cb.on_resume) defer(r, r->cb.on_resume(r->cb.ctx, path, s.step, moe_now() - t0));
     return MOE_OK;
 }
 
-/* Rank 0's files of the run: metrics.jsonl (appended to on resume) and config.ini. */
+/* ---- the run directory ---- */
+
+/* Rank 0 takes out_dir/lock: an open-file-description lock, which the
+ * kernel drops when the process ends however it ends (a crashed run never
+ * leaves the directory locked; nothing is deleted). The file holds the
+ * holder's pid, host and start time for the message of the run that finds
+ * it taken. */
+static moe_status lock_out_dir(moe_train_run *r)
+{
+    char path[1200], text[512];
+    snprintf(path, sizeof path, "%s/lock", r->cfg.out_dir);
+    int fd = open(path, O_RDWR | O_CREAT | O_CLOEXEC, 0644);
+    if (fd < 0) return moe_errorf(MOE_ERR_IO, "cannot create the lock file '%s': %s", path, strerror(errno));
+    struct flock fl = {.l_type = F_WRLCK, .l_whence = SEEK_SET};
+    if (fcntl(fd, F_OFD_SETLK, &fl) != 0) {
+        const int err = errno;
+        ssize_t n = pread(fd, text, sizeof text - 1, 0);
+        close(fd);
+        text[n > 0 ? n : 0] = '\0';
+        for (char *c = text; *c; c++) /* the holder's own line; nothing unprintable is echoed */
+            if (*c == '\n' || (unsigned char)*c < 0x20 || (unsigned char)*c >= 0x7f) *c = *c == '\n' ? '\0' : '?';
+        if (err == EAGAIN || err == EACCES)
+            return moe_errorf(MOE_ERR_ARG,
+                              "out_dir '%s' is in use by another run (%s, lock file '%s'); two runs in one "
+                              "directory would overwrite each other's checkpoints and metrics",
+                              r->cfg.out_dir, text[0] ? text : "holder unknown", path);
+        return moe_errorf(MOE_ERR_IO, "cannot lock '%s': %s", path, strerror(err));
+    }
+    char host[256] = "?", when[32] = "";
+    gethostname(host, sizeof host - 1);
+    const time_t now = time(NULL);
+    struct tm tm;
+    strftime(when, sizeof when, "%Y-%m-%dT%H:%M:%SZ", gmtime_r(&now, &tm));
+    const int len = snprintf(text, sizeof text, "pid %ld on %s since %s\n", (long)getpid(), host, when);
+    if (ftruncate(fd, 0) != 0 || pwrite(fd, text, (size_t)len, 0) != len) {
+        const int err = errno ? errno : EIO;
+        close(fd);
+        return moe_errorf(MOE_ERR_IO, "cannot write the lock file '%s': %s", path, strerror(err));
+    }
+    r->lock_fd = fd;
+    /* Under the lock no other run writes here: temporary files are the
+     * leftovers of a run that died while writing (ckpt-*.h5.tmp,
+     * grads-*.h5.tmp, latest.tmp, metrics.jsonl.tmp), and they go. */
+    DIR *d = opendir(r->cfg.out_dir);
+    for (struct dirent *e; d && (e = readdir(d));) {
+        const char *n = e->d_name, *dot = strrchr(n, '.');
+        if (!dot || strcmp(dot, ".tmp")) continue;
+        if (strncmp(n, "ckpt-", 5) && strncmp(n, "grads-", 6) && strcmp(n, "latest.tmp") && strcmp(n, "metrics.jsonl.tmp"))
+            continue;
+        if ((size_t)snprintf(path, sizeof path, "%s/%s", r->cfg.out_dir, n) >= sizeof path) continue;
+        if (remove(path) != 0 && errno != ENOENT) {
+            const int err = errno;
+            closedir(d);
+            return moe_errorf(MOE_ERR_IO, "cannot remove the leftover '%s': %s", path, strerror(err));
+        }
+    }
+    if (d) closedir(d);
+    return MOE_OK;
+}
+
+/* Step of a checkpoint file name "ckpt-<digits>.h5", -1 otherwise. */
+static int64_t ckpt_name_step(const char *name)
+{
+    if (strncmp(name, "ckpt-", 5)) return -1;
+    char *end;
+    errno = 0;
+    long long v = strtoll(name + 5, &end, 10);
+    return end != name + 5 && name[5] >= '0' && name[5] <= '9' && !strcmp(end, ".h5") && !errno ? v : -1;
+}
+
+/* What of a run `dir` holds (`latest`, checkpoint files, metrics lines),
+ * described into what; 0 if nothing. */
+static int holds_run(const char *dir, char *what, size_t cap)
+{
+    char p[1200];
+    struct stat sb;
+    int n_ckpt = 0, latest, metrics;
+    snprintf(p, sizeof p, "%s/latest", dir);
+    latest = stat(p, &sb) == 0;
+    snprintf(p, sizeof p, "%s/metrics.jsonl", dir);
+    metrics = stat(p, &sb) == 0 && sb.st_size > 0;
+    DIR *d = opendir(dir);
+    for (struct dirent *e; d && (e = readdir(d));) n_ckpt += ckpt_name_step(e->d_name) >= 0;
+    if (d) closedir(d);
+    snprintf(what, cap, "%s%s%d checkpoint file%s%s", latest ? "a 'latest' file, " : "", "", n_ckpt,
+             n_ckpt == 1 ? "" : "s", metrics ? ", metrics.jsonl" : "");
+    return latest || n_ckpt > 0 || metrics;
+}
+
+/* The checkpoint to resume from (into path, "" for a fresh start), after
+ * the run directory's rules; rank 0 decides, every rank gets the answer.
+ * Collective. */
+static moe_status resume_source(moe_train_run *r, char *path, size_t cap)
+{
+    const moe_train_config *c = &r->cfg;
+    moe_status st = MOE_OK;
+    path[0] = '\0';
+    if (r->rank == 0) {
+        char what[256], latest[1200];
+        struct stat sb;
+        snprintf(latest, sizeof latest, "%s/latest", c->out_dir);
+        const char *arg = !strcmp(c->resume, "auto") ? (stat(latest, &sb) == 0 ? c->out_dir : "") : c->resume;
+        if (arg[0]) st = moe_ckpt_resolve(path, cap, arg);
+        if (!st && holds_run(c->out_dir, what, sizeof what)) {
+            /* Resuming this directory's own run is the one way to write over it. */
+            char a[PATH_MAX], b[PATH_MAX], dir[1200];
+            const char *slash = strrchr(path, '/');
+            snprintf(dir, sizeof dir, "%.*s", slash ? (int)(slash - path) : 1, slash ? path : ".");
+            const int same = path[0] && realpath(dir, a) && realpath(c->out_dir, b) && !strcmp(a, b);
+            if (!path[0] && strcmp(c->resume, "auto"))
+                st = moe_errorf(MOE_ERR_ARG,
+                                "out_dir '%s' already holds a run (%s): continue it with --resume=%s (or "
+                                "resume = auto), or give another out_dir, or delete that one",
+                                c->out_dir, what, c->out_dir);
+            else if (path[0] && !same)
+                st = moe_errorf(MOE_ERR_ARG,
+                                "out_dir '%s' already holds another run (%s); resuming '%s' into it would "
+                                "overwrite that run: give another out_dir",
+                                c->out_dir, what, path);
+        }
+    }
+    st = moe_comm_agree_detail(r->comm, MOE_SCOPE_WORLD, st);
+    if (!st) st = moe_comm_bcast(r->comm, path, cap, 0);
+    return st;
+}
+
+/* metrics.jsonl on a resume at `step`: its lines up to that step stay,
+ * later ones (the interrupted run's work since its last checkpoint, which
+ * the resumed run does again) and a line cut by a crash go, so every step
+ * appears once. Rewritten through a temporary file only when a line goes. */
+static int metrics_line_kept(const char *line, ssize_t n, int64_t step)
+{
+    char *end;
+    long long s = -1;
+    if (n > 8 && !strncmp(line, "{\"step\":", 8)) s = strtoll(line + 8, &end, 10);
+    return line[n - 1] == '\n' && s >= 1 && s <= step;
+}
+
+static moe_status trim_metrics(const char *path, int64_t step)
+{
+    FILE *f = fopen(path, "r");
+    if (!f) return errno == ENOENT ? MOE_OK : moe_errorf(MOE_ERR_IO, "cannot read '%s': %s", path, strerror(errno));
+    char *line = NULL, tmp[1300];
+    size_t cap = 0;
+    ssize_t n;
+    int drop = 0;
+    while (!drop && (n = getline(&line, &cap, f)) > 0) drop = !metrics_line_kept(line, n, step);
+    moe_status st = ferror(f) ? moe_errorf(MOE_ERR_IO, "cannot read '%s': %s", path, strerror(errno)) : MOE_OK;
+    FILE *g = NULL;
+    if (!st && drop) {
+        snprintf(tmp, sizeof tmp, "%s.tmp", path);
+        if (!(g = fopen(tmp, "w"))) st = moe_errorf(MOE_ERR_IO, "cannot create '%s': %s", tmp, strerror(errno));
+    }
+    if (g) {
+        rewind(f);
+        errno = 0;
+        while ((n = getline(&line, &cap, f)) > 0)
+            if (metrics_line_kept(line, n, step)) fputs(line, g);
+        int ok = !ferror(f) && fflush(g) == 0 && !ferror(g) && fsync(fileno(g)) == 0;
+        const int err = errno ? errno : EIO;
+        ok = fclose(g) == 0 && ok;
+        if (!ok || rename(tmp, path) != 0) {
+            st = moe_errorf(MOE_ERR_IO, "cannot rewrite '%s': %s", path, strerror(ok ? errno : err));
+            remove(tmp);
+        }
+    }
+    free(line);
+    fclose(f);
+    return st;
+}
+
+/* Rank 0's files of the run: metrics.jsonl (trimmed and appended to on a
+ * resume) and config.ini. */
 static moe_status open_outputs(moe_train_run *r)
 {
     if (r->rank != 0) return MOE_OK;
     char path[1200];
     snprintf(path, sizeof path, "%s/metrics.jsonl", r->cfg.out_dir);
+    moe_status st = r->step > 0 ? trim_metrics(path, r->step) : MOE_OK;
+    if (st) return st;
     r->metrics = fopen(path, r->step > 0 ? "a" : "w");
     if (!r->metrics) return moe_errorf(MOE_ERR_IO, "cannot write %s: %s", path, strerror(errno));
     snprintf(path, sizeof path, "%s/config.ini", r->cfg.out_dir);
-    FILE *f = fopen(path, "w");
-    if (f) {
-        fputs(r->config_text, f);
-        fclose(f);
-    }
-    return MOE_OK;
+    return moe_data_write_file(path, r->config_text, strlen(r->config_text));
 }
 
 /* The tokenizer of the run: the `tokenizer` file, and the one stored in the
- * checkpoint being resumed, which must be the same when both exist; NULL
- * for byte data. Collective. */
-static moe_status load_tokenizer(moe_train_run *r, moe_data_format f, char *what, size_t cap)
+ * checkpoint being resumed (from: resolved by resume_source, "" for a
+ * fresh run), which must be the same when both exist; NULL for byte data.
+ * Collective. */
+static moe_status load_tokenizer(moe_train_run *r, moe_data_format f, const char *from, char *what, size_t cap)
 {
     const moe_train_config *c = &r->cfg;
     moe_status st = MOE_OK;
@@ -302,20 +518,20 @@ static moe_status load_tokenizer(moe_train_run *r, moe_data_format f, char *what
         snprintf(what, cap, "tokenizer '%s'", c->tokenizer);
     }
     if ((st = moe_comm_agree_detail(r->comm, MOE_SCOPE_WORLD, st))) return st;
-    if (c->resume[0]) {
+    if (from[0]) {
         moe_tok *saved = NULL;
-        if ((st = moe_ckpt_load_tokenizer(&saved, c->resume, r->comm))) return st;
+        if ((st = moe_ckpt_load_tokenizer(&saved, from, r->comm))) return st;
         if (saved && f == MOE_DATA_BYTES)
             st = moe_errorf(MOE_ERR_MISMATCH,
                             "checkpoint '%s' holds a model over a tokenizer's ids, but data '%s' is read as bytes "
-                            "(give its token file, from 'moe data encode')", c->resume, c->data);
+                            "(give its token file, from 'moe data encode')", from, c->data);
         else if (saved && r->tok && !moe_tok_equal(saved, r->tok))
             st = moe_errorf(MOE_ERR_MISMATCH, "tokenizer '%s' differs from the one stored in checkpoint '%s'",
-                            c->tokenizer, c->resume);
+                            c->tokenizer, from);
         if (!st && saved && !r->tok) {
             r->tok = saved;
             saved = NULL;
-            snprintf(what, cap, "the tokenizer of checkpoint '%s'", c->resume);
+            snprintf(what, cap, "the tokenizer of checkpoint '%s'", from);
         }
         moe_tok_destroy(saved);
         if (st) return st;
@@ -341,6 +557,7 @@ moe_status moe_train_run_create(moe_train_run **out, const moe_train_config *cfg
     moe_train_run *r = calloc(1, sizeof *r);
     moe_status st = r ? MOE_OK : moe_errorf(MOE_ERR_NOMEM, "training run");
     if (r) {
+        r->lock_fd = -1;
         r->cfg = *cfg;
         r->comm = comm;
         if (cb) r->cb = *cb;
@@ -351,13 +568,20 @@ moe_status moe_train_run_create(moe_train_run **out, const moe_train_config *cfg
     st = moe_comm_agree_detail(comm, MOE_SCOPE_WORLD, st);
     const moe_train_config *c = st ? cfg : &r->cfg;
     const moe_data_format fmt = moe_data_format_of((moe_data_format)c->data_format, c->data);
-    char what[1200] = "";
-    if (!st) st = load_tokenizer(r, fmt, what, sizeof what);
     if (!st && r->rank == 0 && mkdir_p(c->out_dir))
         st = moe_errorf(MOE_ERR_IO, "cannot create out_dir '%s': %s", c->out_dir, strerror(errno));
+    if (!st && r->rank == 0) st = lock_out_dir(r);
+    st = moe_comm_agree_detail(comm, MOE_SCOPE_WORLD, st);
+    char from[1200] = "", what[1200] = "";
+    if (!st) st = resume_source(r, from, sizeof from);
+    if (!st) st = load_tokenizer(r, fmt, from, what, sizeof what);
+    /* Validation data only when validation is on: otherwise nothing of it
+     * is demanded, and no tail of the training file is held out. */
+    const int val_on = c->val_every > 0;
     if (!st) {
-        const moe_data_config dc = {.path = c->data, .val_path = c->val_data, .val_frac = c->val_frac,
-                                    .seq_len = c->seq_len, .seed = c->seed, .format = fmt, .tok = r->tok};
+        const moe_data_config dc = {.path = c->data, .val_path = val_on ? c->val_data : NULL,
+                                    .val_frac = val_on ? c->val_frac : 0, .seq_len = c->seq_len, .seed = c->seed,
+                                    .format = fmt, .tok = r->tok};
         st = moe_data_open_config(&r->ds, &dc);
     }
     /* the model's vocabulary: the data's unless set (then at least the data's) */
@@ -411,7 +635,7 @@ moe_status moe_train_run_create(moe_train_run **out, const moe_train_config *cfg
                  ? MOE_OK : moe_errorf(MOE_ERR_NOMEM, "train buffers");
         st = moe_comm_agree_detail(comm, MOE_SCOPE_WORLD, st);
     }
-    if (!st && c->resume[0]) st = resume(r);
+    if (!st && from[0]) st = resume(r, from);
     if (!st) st = moe_comm_agree_detail(comm, MOE_SCOPE_WORLD, open_outputs(r));
     if (st) {
         moe_train_run_destroy(r);
@@ -427,6 +651,7 @@ void moe_train_run_destroy(moe_train_run *r)
 {
     if (!r) return;
     if (r->metrics) fclose(r->metrics);
+    if (r->lock_fd >= 0) close(r->lock_fd); /* releases out_dir/lock */
     moe_trainer_destroy(r->tr);
     moe_data_destroy(r->ds);
     moe_tok_destroy(r->tok);
@@ -449,12 +674,14 @@ moe_status moe_train_run_step(moe_train_run *r)
     moe_comm_set_step(r->step + 1); /* named by a watchdog report: the step being computed */
     double t_step = moe_now();
     moe_status st = moe_data_batch(r->ds, r->in, r->tg, r->step, r->rank * r->B, r->B);
+    /* bits per byte of the global batch: its windows are known on every rank */
+    const int64_t batch_bytes = st ? 0 : moe_data_batch_bytes(r->ds, r->step, 0, c->batch_size);
+    if (batch_bytes < 0) st = MOE_ERR_IO; /* the read's detail is recorded */
+    if (!st) st = take_pending(r); /* the previous step's failed write, if any */
     st = moe_comm_agree_detail(r->comm, MOE_SCOPE_WORLD, st);
     if (!st) st = moe_trainer_step(r->tr, r->in, r->tg, r->step, &r->ts);
     if (st) return st;
     t_step = moe_now() - t_step;
-    /* bits per byte of the global batch: its windows are known on every rank */
-    const int64_t batch_bytes = moe_data_batch_bytes(r->ds, r->step, 0, c->batch_size);
     r->step++;
     r->tokens_seen += (int64_t)c->batch_size * S;
     const moe_train_stats *ts = &r->ts;
@@ -472,21 +699,23 @@ moe_status moe_train_run_step(moe_train_run *r)
         r->last_val = p.val_loss;
         r->last_val_bpb = p.val_bpb;
     }
-    /* Preemption: any rank may ask; all stop after a checkpoint of this step. */
-    /* Asked on every rank, hook or not, so that ranks whose hooks differ
-     * still run the same collectives. */
-    double stop = r->cb.should_stop && r->cb.should_stop(r->cb.ctx, r->step) ? 1.0 : 0.0;
-    if ((st = moe_comm_allmax_f64(r->comm, MOE_SCOPE_WORLD, &stop, 1))) return st;
-    r->stopped = stop > 0;
-    if ((c->ckpt_every > 0 && r->step % c->ckpt_every == 0) || r->step == c->steps || r->stopped)
+    /* Requests (preemption, a checkpoint on demand): asked on every rank,
+     * hook or not, so that ranks whose hooks differ still run the same
+     * collectives; the largest answer applies everywhere, at this step. */
+    double req = r->cb.request ? (double)r->cb.request(r->cb.ctx, r->step) : 0.0;
+    if ((st = moe_comm_allmax_f64(r->comm, MOE_SCOPE_WORLD, &req, 1))) return st;
+    r->stopped = req >= MOE_TRAIN_STOP;
+    if ((c->ckpt_every > 0 && r->step % c->ckpt_every == 0) || r->step == c->steps || req >= MOE_TRAIN_CHECKPOINT)
         if ((st = save_checkpoint(r, &p.checkpoint_s))) return st;
     p.last_val_loss = r->last_val;
     p.last_val_bpb = r->last_val_bpb;
     p.tokens_per_s = (double)c->batch_size * S / t_step; /* the step alone */
     load_figures(&ts->model, &p.max_over_mean_load, &p.dropped_frac);
     p.elapsed_s = moe_now() - r->t_start;
-    if (r->metrics) write_metrics(r, &p);
-    if (r->cb.on_step) r->cb.on_step(r->cb.ctx, &p);
+    if (r->metrics) defer(r, write_metrics(r, &p));
+    if (r->cb.on_step) defer(r, r->cb.on_step(r->cb.ctx, &p));
+    /* No next step to carry a failure: agree now. */
+    if (r->step == c->steps || r->stopped) return moe_comm_agree_detail(r->comm, MOE_SCOPE_WORLD, take_pending(r));
     return MOE_OK;
 }
 

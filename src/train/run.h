@@ -38,32 +38,51 @@ typedef struct {
     double elapsed_s;          /* since moe_train_run_create returned */
 } moe_train_progress;
 
-/* Hooks, each optional (NULL). Called on every rank, in step order. */
+/* What a rank asks for at a step boundary (the request hook): the ranks'
+ * answers are combined (the largest wins), so every rank acts at the same
+ * step even when a signal reached them at different moments. */
+typedef enum {
+    MOE_TRAIN_GO_ON = 0,     /* nothing */
+    MOE_TRAIN_CHECKPOINT = 1,/* write a checkpoint of this step, then go on (on demand) */
+    MOE_TRAIN_STOP = 2,      /* write a checkpoint of this step, then stop (preemption) */
+} moe_train_request;
+
+/* Hooks, each optional (NULL). Called on every rank, in step order. The
+ * printing hooks return MOE_OK, or a failure (e.g. standard output cannot
+ * be written) that ends the run on every rank with that cause, at the next
+ * step boundary at the latest. */
 typedef struct {
     void *ctx;
-    void (*on_resume)(void *ctx, const char *path, int64_t step, double seconds);
-    void (*on_step)(void *ctx, const moe_train_progress *p);
+    moe_status (*on_resume)(void *ctx, const char *path, int64_t step, double seconds);
+    moe_status (*on_step)(void *ctx, const moe_train_progress *p);
     /* interval_s: training time since the previous checkpoint (or start) */
-    void (*on_checkpoint)(void *ctx, int64_t step, const char *path, double seconds, double interval_s);
-    /* Preemption, asked after step `step` (steps done) before its
-     * checkpoint: nonzero on ANY rank makes every rank write a checkpoint of
-     * that step and stop (moe_train_run_stopped). */
-    int (*should_stop)(void *ctx, int64_t step);
+    moe_status (*on_checkpoint)(void *ctx, int64_t step, const char *path, double seconds, double interval_s);
+    /* Asked after step `step` (steps done), before its checkpoint: a
+     * moe_train_request. The largest answer over the ranks applies. */
+    int (*request)(void *ctx, int64_t step);
 } moe_train_callbacks;
 
 /* Checks nothing the config checker has not (call moe_train_config_check
- * first); loads the tokenizer of token data (cfg->tokenizer, and the one
- * stored in the checkpoint cfg->resume, which must be equal when both are
- * there), opens the data (cfg->data, cfg->val_data or the val_frac tail;
- * bytes or token files by cfg->data_format, token files checked against the
- * tokenizer), resolves vocab_size from the data (moe_train_config_resolve_vocab),
- * creates out_dir on rank 0, builds the trainer, resumes from cfg->resume
- * if set (on_resume), opens metrics.jsonl (append when resuming) and
- * writes config.ini with config_text (the resolved INI text, as stored in
- * checkpoints; NULL, or a vocab_size resolved here: formatted from the
- * resolved configuration). Checkpoints hold the tokenizer (/tokenizer).
- * cb may be NULL. Fails with the cause on every rank (MOE_ERR_IO naming a
- * file, MOE_ERR_ARG / MOE_ERR_MISMATCH naming the key or file, ...). */
+ * first). Rank 0 creates out_dir and takes its lock (out_dir/lock: one run
+ * per directory at a time; the lock dies with the process). A fresh run
+ * (cfg->resume empty) refuses an out_dir that already holds a run (a
+ * `latest`, a checkpoint or metrics lines): MOE_ERR_ARG saying how to
+ * continue it. cfg->resume is a checkpoint, a run directory (its `latest`),
+ * or "auto": resume from out_dir when it holds a checkpoint, else start
+ * fresh in it. Then loads the tokenizer of token data (cfg->tokenizer, and
+ * the one stored in the checkpoint resumed, which must be equal when both
+ * are there), opens the data (cfg->data; cfg->val_data or the val_frac
+ * tail only when validation is on, val_every > 0; bytes or token files by
+ * cfg->data_format, token files checked against the tokenizer), resolves
+ * vocab_size from the data (moe_train_config_resolve_vocab), builds the
+ * trainer, resumes (on_resume), opens metrics.jsonl (on a resume: its
+ * lines after the checkpoint's step, and a line cut by a crash, are
+ * dropped first, so every step appears once) and writes config.ini with
+ * config_text (the resolved INI text, as stored in checkpoints; NULL, or a
+ * vocab_size resolved here: formatted from the resolved configuration).
+ * Checkpoints hold the tokenizer (/tokenizer). cb may be NULL. Fails with
+ * the cause on every rank (MOE_ERR_IO naming a file and the system's
+ * reason, MOE_ERR_ARG / MOE_ERR_MISMATCH naming the key or file, ...). */
 moe_status moe_train_run_create(moe_train_run **out, const moe_train_config *cfg, const char *config_text,
                                 moe_comm *comm, const moe_train_callbacks *cb);
 void moe_train_run_destroy(moe_train_run *r);
@@ -71,9 +90,12 @@ void moe_train_run_destroy(moe_train_run *r);
 /* One optimizer step, then (as the config says) the gradient dump, the
  * validation, the checkpoint and the metrics line; on_step last. MOE_ERR_ARG
  * once cfg->steps are done. A NaN loss or gradient returns
- * MOE_ERR_NONFINITE on every rank with nothing applied. */
+ * MOE_ERR_NONFINITE on every rank with nothing applied. A line of
+ * metrics.jsonl that cannot be written (full disk, ...), or a failing hook,
+ * fails the run on every rank: at the next step's start, and at once after
+ * the last step or a stop. */
 moe_status moe_train_run_step(moe_train_run *r);
-/* Steps until cfg->steps are done or should_stop asks to stop. */
+/* Steps until cfg->steps are done or a request stops the run. */
 moe_status moe_train_run_run(moe_train_run *r);
 
 /* The vocabulary partition a run with head = vocab_experts trains with
@@ -95,7 +117,7 @@ moe_status moe_train_vocab_partition(moe_vocab_part **out, const moe_train_confi
 
 /* Accessors: not collective. */
 int64_t moe_train_run_steps_done(const moe_train_run *r);
-int moe_train_run_stopped(const moe_train_run *r); /* 1 after a should_stop */
+int moe_train_run_stopped(const moe_train_run *r); /* 1 after a MOE_TRAIN_STOP request */
 double moe_train_run_checkpoint_seconds(const moe_train_run *r); /* total so far */
 double moe_train_run_last_val_loss(const moe_train_run *r);      /* nats per token, NAN if none yet */
 double moe_train_run_last_val_bpb(const moe_train_run *r);       /* bits per byte, NAN if none yet */

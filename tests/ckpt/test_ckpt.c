@@ -19,6 +19,7 @@
 
 #include "comm/comm.h"
 #include "ckpt/ckpt_file.h"
+#include "io/h5.h"
 #include "layout/layout.h"
 #include "ckpt_testlib.h"
 
@@ -476,11 +477,19 @@ static void edit_tok_duplicate(hid_t f)
     assert_true(H5Dwrite(ds, H5T_NATIVE_UINT8, H5S_ALL, H5S_ALL, H5P_DEFAULT, b) >= 0);
     H5Dclose(ds);
 }
-static void edit_tok_no_pattern(hid_t f)
+/* The string checksum covers the attribute, so it refuses the file first
+ * (MOE_ERR_CHECKSUM); without a checksum (a file written before there was
+ * one) the reader names the missing attribute. */
+static void edit_tok_no_pattern_sealed(hid_t f)
 {
     hid_t g = H5Gopen2(f, "/tokenizer", H5P_DEFAULT);
     assert_true(H5Adelete(g, "pattern") >= 0);
     H5Gclose(g);
+}
+static void edit_tok_no_pattern(hid_t f)
+{
+    edit_tok_no_pattern_sealed(f);
+    assert_true(H5Adelete(f, MOE_H5_STRING_CHECKSUM) >= 0);
 }
 static void edit_model_vocab(hid_t f)
 {
@@ -506,6 +515,7 @@ static void test_tokenizer_damaged(void **state)
         {edit_tok_offsets, MOE_ERR_FORMAT, "runs from 0 to 274, not 0 to 269"},
         {edit_tok_duplicate, MOE_ERR_FORMAT, "/tokenizer: "},
         {edit_tok_no_pattern, MOE_ERR_FORMAT, "'pattern' is missing"},
+        {edit_tok_no_pattern_sealed, MOE_ERR_CHECKSUM, "do not match their checksum"},
         {edit_model_vocab, MOE_ERR_FORMAT, "263 ids, more than the model's vocab_size 260"},
     };
     for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {

@@ -110,8 +110,9 @@ def body(cli):
               f"trial {trial}: latest names step {good}, complete checkpoints are {finals}")
         for s in finals:
             verify(cli, os.path.join(run, f"ckpt-{s:06d}.h5"))
-        extra = [f"--resume={run}"] if good else []
-        cli.run(train_cmd(cli, np_, run, extra), timeout=120)
+        # resume = auto: from the directory's latest checkpoint, or from
+        # scratch in the same directory when the kill came before the first
+        cli.run(train_cmd(cli, np_, run, ["--resume=auto"]), timeout=120)
         got = read_metrics(os.path.join(run, "metrics.jsonl"))
         check(sorted(got) == list(range(1, last + 1)),
               f"trial {trial}: metrics.jsonl holds steps {sorted(got)}, want 1..{last} once each")

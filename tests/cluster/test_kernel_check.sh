@@ -36,6 +36,7 @@ tiny=(--d_model=16 --n_layers=1 --n_heads=2 --seq_len=16 --n_experts=4 --top_k=2
 mixed() {
     local a=$1 b=$2 out=$3
     shift 3
+    rm -rf "$tmp/run" # train refuses an out_dir that holds an earlier run
     timeout -k 5 60 "${mpi[@]}" -np 1 -x OPENBLAS_CORETYPE="$a" "$moe" "$@" : \
         -np 1 -x OPENBLAS_CORETYPE="$b" "$moe" "$@" > "$out" 2>&1
 }

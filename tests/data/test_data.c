@@ -13,6 +13,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <cmocka.h>
@@ -593,6 +594,23 @@ static void test_token_errors(void **state)
     assert_int_equal(truncate(path, 64 + 2 * (off_t)n - 1), 0);
     assert_int_equal(moe_data_open_config(&ds, &dc), MOE_ERR_FORMAT);
     assert_detail_has("truncated");
+    unlink(path);
+    /* changed under an open loader (read with pread, not mapped: no SIGBUS):
+     * the next batch is an error naming the file */
+    tok_path(path, tok, ids, n);
+    assert_int_equal(moe_data_open_config(&ds, &dc), MOE_OK);
+    int32_t in[16], tg[16];
+    assert_int_equal(moe_data_batch(ds, in, tg, 0, 0, 1), MOE_OK);
+    assert_int_equal(truncate(path, 1000), 0);
+    assert_int_equal(moe_data_batch(ds, in, tg, 1, 0, 1), MOE_ERR_IO);
+    assert_detail_has(path);
+    assert_detail_has("changed while the run reads it");
+    moe_data_destroy(ds);
+    unlink(path);
+    /* a named pipe is refused at once, not waited on */
+    assert_int_equal(mkfifo(path, 0600), 0);
+    assert_int_equal(moe_data_open_config(&ds, &dc), MOE_ERR_IO);
+    assert_detail_has("not a regular file");
     unlink(path);
     unlink(txt);
     free(ids);

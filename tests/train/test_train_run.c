@@ -33,35 +33,38 @@ static int fails, rank, world;
 typedef struct {
     double loss[STEPS + 1]; /* by step */
     int steps_seen, checkpoints, resumed_at;
-    int stop_after;         /* should_stop says yes once this many steps are done (0: never) */
+    int stop_after;         /* request says stop once this many steps are done (0: never) */
     int64_t done;
 } record;
 
-static void on_step(void *ctx, const moe_train_progress *p)
+static moe_status on_step(void *ctx, const moe_train_progress *p)
 {
     record *r = ctx;
     if (p->step >= 1 && p->step <= STEPS) r->loss[p->step] = p->stats->model.loss;
     r->steps_seen++;
     r->done = p->step;
+    return MOE_OK;
 }
 
-static void on_checkpoint(void *ctx, int64_t step, const char *path, double s, double interval)
+static moe_status on_checkpoint(void *ctx, int64_t step, const char *path, double s, double interval)
 {
     (void)step, (void)path, (void)s, (void)interval;
     ((record *)ctx)->checkpoints++;
+    return MOE_OK;
 }
 
-static void on_resume(void *ctx, const char *path, int64_t step, double seconds)
+static moe_status on_resume(void *ctx, const char *path, int64_t step, double seconds)
 {
     (void)path, (void)seconds;
     ((record *)ctx)->resumed_at = (int)step;
+    return MOE_OK;
 }
 
 /* Asked on every rank; only the last rank says stop: all must stop. */
-static int should_stop(void *ctx, int64_t step)
+static int request(void *ctx, int64_t step)
 {
     record *r = ctx;
-    return r->stop_after > 0 && step >= r->stop_after && rank == world - 1;
+    return r->stop_after > 0 && step >= r->stop_after && rank == world - 1 ? MOE_TRAIN_STOP : MOE_TRAIN_GO_ON;
 }
 
 static void config(moe_train_config *c, const char *out_dir)
@@ -90,7 +93,7 @@ static void config(moe_train_config *c, const char *out_dir)
 static moe_status train(const moe_train_config *cfg, moe_comm *comm, record *rec, float **params, float **m,
                         float **v, size_t *n)
 {
-    const moe_train_callbacks cb = {rec, on_resume, on_step, on_checkpoint, should_stop};
+    const moe_train_callbacks cb = {rec, on_resume, on_step, on_checkpoint, request};
     moe_train_run *r = NULL;
     moe_status st = moe_train_run_create(&r, cfg, NULL, comm, &cb);
     if (st) return st;
@@ -127,6 +130,9 @@ int main(int argc, char **argv)
     rank = moe_comm_rank(comm);
     world = moe_comm_size(comm);
     if (rank == 0) {
+        /* a fresh start: a run directory left by an earlier pass of this
+         * test would be refused as holding a run */
+        CHECK(system("rm -rf run_whole run_parts run_bad") == 0);
         const size_t n = 200000;
         uint8_t *text = malloc(n);
         CHECK(text && moe_data_synth(text, NULL, n, 5) == MOE_OK);
