@@ -6,7 +6,8 @@
 # every 50 steps and a validation every 100, runs `moe generate` from the
 # latest checkpoint every 200 steps, and samples every rank's resident set
 # (VmRSS) and open file descriptors every SAMPLE_S seconds (10; 2 for runs
-# under 5 minutes). SOAK_CADENCE=a,b,c replaces 50,100,200 (the 1-minute CI
+# under 5 minutes), between checkpoint writes (a write holds two descriptors
+# for a moment; sample() below). SOAK_CADENCE=a,b,c replaces 50,100,200 (the 1-minute CI
 # variant uses 10,20,40 so that every path runs several times). After a
 # warm-up (the first fifth of the run, and at least until the first
 # checkpoint, validation and generation have all run), it requires:
@@ -57,6 +58,24 @@ rank_pid() { # world rank -> pid of the training process
     done
 }
 
+# sample PID -> "rss_kb fds", read between checkpoint writes. A checkpoint
+# in flight holds two descriptors for up to ~0.5 s on a loaded machine (the
+# file being written, run/ckpt-*.h5.tmp, and the POSIX semaphore of MPI-IO,
+# /dev/shm/sem.*): a sample that sees either is read again 0.1 s later, up
+# to 5 s. A leaked one keeps showing, so it is then counted as it is.
+sample() {
+    local p=$1 i rss fds targets
+    for i in $(seq 50); do
+        targets=$(find "/proc/$p/fd" -mindepth 1 -maxdepth 1 -printf '%l\n' 2> /dev/null) || return 1
+        rss=$(awk '/^VmRSS:/ { print $2 }' "/proc/$p/status" 2> /dev/null) || return 1
+        [[ -n $rss ]] || return 1
+        fds=$(grep -c '' <<< "$targets")
+        grep -qE '\.h5\.tmp$|^/dev/shm/sem\.' <<< "$targets" || break
+        sleep 0.1
+    done
+    echo "$rss $fds"
+}
+
 printf 'time_s\trank\trss_kb\tfds\tstep\tgenerations\n' > "$out/soak.tsv"
 t0=$(date +%s)
 next_gen=$gen_every
@@ -70,9 +89,8 @@ while :; do
     for r in 0 1; do
         p=$(rank_pid "$r")
         [[ -n $p ]] || continue
-        rss=$(awk '/^VmRSS:/ { print $2 }' "/proc/$p/status" 2> /dev/null || echo "")
-        fds=$(ls "/proc/$p/fd" 2> /dev/null | wc -l)
-        [[ -n $rss ]] && printf '%d\t%d\t%d\t%d\t%d\t%d\n' "$now" "$r" "$rss" "$fds" "$step" "$generations" >> "$out/soak.tsv"
+        read -r rss fds < <(sample "$p") || continue
+        printf '%d\t%d\t%d\t%d\t%d\t%d\n' "$now" "$r" "$rss" "$fds" "$step" "$generations" >> "$out/soak.tsv"
     done
     if (( step >= next_gen )) && [[ -e $out/run/latest ]]; then
         # From the newest checkpoint, while training goes on.
