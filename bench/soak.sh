@@ -115,10 +115,13 @@ if command -v gnuplot > /dev/null; then
 set terminal pngcairo size 1000,600
 set output '$out/soak.png'
 set multiplot layout 2,1 title 'moe train soak, 2 ranks: resident set and open descriptors'
-set xlabel 'seconds'; set ylabel 'RSS (MB)'; set key left top
-plot for [r=0:1] '$out/soak.tsv' using (\$2==r ? \$1 : 1/0):(\$3/1024) with lines title sprintf('rank %d', r)
-set ylabel 'open fds'
-plot for [r=0:1] '$out/soak.tsv' using (\$2==r ? \$1 : 1/0):4 with lines title sprintf('rank %d', r)
+set xlabel 'seconds'; set ylabel 'RSS (MB)'; set key right bottom; set offsets 0, 0, 1, 1
+# One stream per rank (rows alternate between the ranks: a 1/0 filter
+# would leave every line segment undefined).
+rank(r) = sprintf("< awk -F'\\t' 'NR > 1 && \$2 == %d' '$out/soak.tsv'", r)
+plot for [r=0:1] rank(r) using 1:(\$3/1024) with lines lw 2 title sprintf('rank %d', r)
+set ylabel 'open fds'; set yrange [0:*]
+plot for [r=0:1] rank(r) using 1:4 with lines lw 2 title sprintf('rank %d', r)
 unset multiplot
 EOF
 fi
