@@ -236,10 +236,11 @@ static moe_status root_info_make(root_info *r, moe_comm *c)
     return moe_comm_bcast(c, r, sizeof *r, 0);
 }
 
-static moe_status write_root(const writer *w, const char *format, const root_info *r, const char *config)
+static moe_status write_root(const writer *w, const char *format, const root_info *r, const char *config,
+                             int version)
 {
     moe_status st = moe_h5_attr_put_str(w->file, "format", format, w->path);
-    if (st == MOE_OK) st = moe_h5_attr_put_i64(w->file, "format_version", MOE_CKPT_FORMAT_VERSION, w->path);
+    if (st == MOE_OK) st = moe_h5_attr_put_i64(w->file, "format_version", version, w->path);
     if (st == MOE_OK) st = moe_h5_attr_put_str(w->file, "created_by", "moerun " MOE_VERSION, w->path);
     if (st == MOE_OK) st = moe_h5_attr_put_str(w->file, "created_at", r->created_at, w->path);
     if (st == MOE_OK) st = moe_h5_attr_put_str(w->file, "config", config ? config : "", w->path);
@@ -345,7 +346,8 @@ static moe_status fill(void *vctx, hid_t file, hid_t dxpl, hid_t lcpl, const cha
     const body *b = x->b;
     writer w = {file, dxpl, lcpl, tmp};
     const char *config = b->st ? b->st->config_text : b->config;
-    moe_status st = write_root(&w, b->st ? CKPT_FORMAT : CKPT_FORMAT_GRADS, x->r, config);
+    moe_status st = write_root(&w, b->st ? CKPT_FORMAT : CKPT_FORMAT_GRADS, x->r, config,
+                               ckpt_version(b->st ? b->st->cfg : b->cfg));
     if (st == MOE_OK) st = b->st ? write_ckpt_body(&w, x->c, b->st) : write_grads_body(&w, x->c, b);
     return st;
 }
@@ -417,7 +419,7 @@ moe_status moe_ckpt_save_grads(const char *path, moe_comm *c, const moe_tensor_t
  * dataset and its shape. No allocation depends on the file. */
 static moe_status validate(hid_t f, const char *path, const moe_ckpt_state *s, const int *layers, int n_moe)
 {
-    moe_status st = ckpt_check_format(f, CKPT_FORMAT, NULL, path);
+    moe_status st = ckpt_check_format(f, CKPT_FORMAT, NULL, NULL, path);
     if (st != MOE_OK) return st;
     hid_t g = H5Gopen2(f, "/model", H5P_DEFAULT);
     if (g < 0) return moe_errorf(MOE_ERR_FORMAT, "'%s': group /model is missing", path);

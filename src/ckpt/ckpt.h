@@ -1,4 +1,7 @@
-/* Checkpoints and gradient dumps (docs/formats.md, format_version 1).
+/* Checkpoints and gradient dumps (docs/formats.md, format_version 1 and 2:
+ * a file is written as version 2 only when it uses a version 2 addition, a
+ * non-default architecture or router option; version 1 files load as the
+ * defaults of every later key).
  *
  * One checkpoint is one HDF5 file written by all ranks together through
  * parallel HDF5. Everything here is generic over a moe_tensor_table: each
@@ -25,7 +28,7 @@
 #include "core/tensor.h"
 
 enum {
-    MOE_CKPT_FORMAT_VERSION = 1,
+    MOE_CKPT_FORMAT_VERSION = 2, /* the newest version written and read; 1 is read too */
     MOE_CKPT_MAX_EXTRA = 8,      /* resume integers beyond step/tokens_seen/seed */
     MOE_CKPT_EXTRA_NAME = 32,
     MOE_CKPT_MAX_MOE_LAYERS = 4096,

@@ -122,9 +122,8 @@ static moe_status read_info(moe_ckpt_file *f)
 {
     moe_ckpt_info *in = &f->info;
     const char *p = f->path;
-    moe_status st = ckpt_check_format(f->file, NULL, &in->gradients, p);
+    moe_status st = ckpt_check_format(f->file, NULL, &in->gradients, &in->format_version, p);
     if (st == MOE_OK) snprintf(in->format, sizeof in->format, "%s", in->gradients ? CKPT_FORMAT_GRADS : CKPT_FORMAT);
-    in->format_version = MOE_CKPT_FORMAT_VERSION;
     if (st == MOE_OK) st = moe_h5_attr_get_strbuf(f->file, "created_by", in->created_by, sizeof in->created_by, p);
     if (st == MOE_OK) st = moe_h5_attr_get_strbuf(f->file, "created_at", in->created_at, sizeof in->created_at, p);
     if (st == MOE_OK) st = moe_h5_attr_get_i64(f->file, "saved_world_size", &in->saved_world_size, p);

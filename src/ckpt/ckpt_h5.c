@@ -13,12 +13,15 @@
 /* The attributes are the configuration's [model] keys, in the key table's
  * order and types (config.h, moe_train_config_model_attrs): no list here. */
 
+int ckpt_version(const moe_train_config *cfg) { return moe_train_config_model_version(cfg); }
+
 moe_status ckpt_model_put(hid_t loc, const moe_train_config *cfg, const char *file)
 {
     moe_model_attr a[MOE_MODEL_ATTRS_MAX];
-    const int n = moe_train_config_model_attrs(cfg, a, MOE_MODEL_ATTRS_MAX);
+    const int n = moe_train_config_model_attrs(cfg, a, MOE_MODEL_ATTRS_MAX), version = ckpt_version(cfg);
     moe_status st = MOE_OK;
     for (int i = 0; st == MOE_OK && i < n; i++) {
+        if (a[i].since > version) continue; /* a version 1 file means the defaults */
         if (a[i].type == MOE_ATTR_INT) st = moe_h5_attr_put_i64(loc, a[i].name, a[i].i, file);
         else if (a[i].type == MOE_ATTR_REAL) st = moe_h5_attr_put_f64(loc, a[i].name, a[i].r, file);
         else st = moe_h5_attr_put_str(loc, a[i].name, a[i].text, file);
@@ -28,12 +31,14 @@ moe_status ckpt_model_put(hid_t loc, const moe_train_config *cfg, const char *fi
 
 moe_status ckpt_model_get(hid_t loc, moe_train_config *cfg, const char *file)
 {
-    memset(cfg, 0, sizeof *cfg);
+    moe_train_config_default(cfg);
     moe_model_attr a[MOE_MODEL_ATTRS_MAX];
     const int n = moe_train_config_model_attrs(cfg, a, MOE_MODEL_ATTRS_MAX); /* names and types */
     moe_status st = MOE_OK;
     char s[64];
     for (int i = 0; st == MOE_OK && i < n; i++) {
+        /* a key later than format 1 may be absent: it keeps its default */
+        if (a[i].since > 1 && H5Aexists(loc, a[i].name) <= 0) continue;
         if (a[i].type == MOE_ATTR_INT) {
             st = moe_h5_attr_get_i64(loc, a[i].name, &a[i].i, file);
             if (st == MOE_OK && (a[i].i < 0 || a[i].i > INT32_MAX))
@@ -77,7 +82,7 @@ moe_status ckpt_model_compare(const moe_train_config *f, const moe_train_config 
     return MOE_OK;
 }
 
-moe_status ckpt_check_format(hid_t file, const char *want, int *grads, const char *path)
+moe_status ckpt_check_format(hid_t file, const char *want, int *grads, int64_t *version, const char *path)
 {
     char fmt[64];
     int64_t ver;
@@ -88,10 +93,11 @@ moe_status ckpt_check_format(hid_t file, const char *want, int *grads, const cha
         return moe_errorf(MOE_ERR_FORMAT, "'%s' has format '%s', expected '%s'", path, fmt,
                           want ? want : CKPT_FORMAT "' or '" CKPT_FORMAT_GRADS);
     if ((st = moe_h5_attr_get_i64(file, "format_version", &ver, path)) != MOE_OK) return st;
-    if (ver != MOE_CKPT_FORMAT_VERSION)
-        return moe_errorf(MOE_ERR_FORMAT, "'%s' has format_version %lld; this build reads version %d", path,
+    if (ver < 1 || ver > MOE_CKPT_FORMAT_VERSION)
+        return moe_errorf(MOE_ERR_FORMAT, "'%s' has format_version %lld; this build reads versions 1 to %d", path,
                           (long long)ver, MOE_CKPT_FORMAT_VERSION);
     if (grads) *grads = is_grads;
+    if (version) *version = ver;
     return MOE_OK;
 }
 

@@ -13,16 +13,22 @@
 #define CKPT_FORMAT "moe-checkpoint"
 #define CKPT_FORMAT_GRADS "moe-gradients"
 
-/* The /model attributes (docs/formats.md) of cfg on loc, and back (model fields of
- * *cfg only; the others are zeroed). */
+/* The /model attributes (docs/formats.md) of cfg on loc, and back (model
+ * fields of *cfg only; the others are the defaults). A file version 1 has
+ * only the version 1 keys: put writes the later keys only when
+ * ckpt_version(cfg) > 1, get leaves a key it does not find at its default. */
 moe_status ckpt_model_put(hid_t loc, const moe_train_config *cfg, const char *file);
 moe_status ckpt_model_get(hid_t loc, moe_train_config *cfg, const char *file);
 /* MOE_ERR_MISMATCH naming the first differing attribute and both values. */
 moe_status ckpt_model_compare(const moe_train_config *file_cfg, const moe_train_config *cfg, const char *file);
 
+/* The format_version a file of this model is written with. */
+int ckpt_version(const moe_train_config *cfg);
+
 /* Root format + format_version: MOE_ERR_FORMAT unless format == want
- * (want NULL: either kind; *grads set) and version == 1. */
-moe_status ckpt_check_format(hid_t file, const char *want, int *grads, const char *path);
+ * (want NULL: either kind; *grads set) and 1 <= version <=
+ * MOE_CKPT_FORMAT_VERSION (*version set, may be NULL). */
+moe_status ckpt_check_format(hid_t file, const char *want, int *grads, int64_t *version, const char *path);
 
 /* Opens the dataset `dset` and checks class/size (dtype) and shape.
  * MOE_ERR_FORMAT naming dataset, file, expected and found shapes. On

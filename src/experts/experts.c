@@ -166,11 +166,12 @@ void moe_expert_forward(float *y, float *h, float *a, const float *x, const int 
         const float *xe = x + (size_t)r0 * d;
         float *he = h + (size_t)r0 * F1, *ae = a + (size_t)r0 * F, *ye = y + (size_t)r0 * d;
         const float *w1 = p->w1 + (size_t)e * F1 * d, *w2 = p->w2 + (size_t)e * d * F;
-        fill_rows(he, p->b1 + (size_t)e * F1, n, F1); /* h = x W1^T + b1 */
-        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, n, F1, d, 1.0f, xe, d, w1, d, 1.0f, he, F1);
+        /* h = x W1^T + b1 (beta = 0 without biases) */
+        if (p->b1) fill_rows(he, p->b1 + (size_t)e * F1, n, F1);
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, n, F1, d, 1.0f, xe, d, w1, d, p->b1 ? 1.0f : 0.0f, he, F1);
         moe_act_forward(ae, he, n, F, act);
-        fill_rows(ye, p->b2 + (size_t)e * d, n, d); /* y = a W2^T + b2 */
-        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, n, d, F, 1.0f, ae, F, w2, F, 1.0f, ye, d);
+        if (p->b2) fill_rows(ye, p->b2 + (size_t)e * d, n, d); /* y = a W2^T + b2 */
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, n, d, F, 1.0f, ae, F, w2, F, p->b2 ? 1.0f : 0.0f, ye, d);
     }
 }
 
@@ -187,10 +188,10 @@ void moe_expert_backward(float *dx, moe_expert_params *g, float *dh, float *da, 
         float *dhe = dh + (size_t)r0 * F1, *dae = da + (size_t)r0 * F, *dxe = dx + (size_t)r0 * d;
         const float *w1 = p->w1 + (size_t)e * F1 * d, *w2 = p->w2 + (size_t)e * d * F;
         float *gw1 = g->w1 + (size_t)e * F1 * d, *gw2 = g->w2 + (size_t)e * d * F;
-        float *gb1 = g->b1 + (size_t)e * F1, *gb2 = g->b2 + (size_t)e * d;
+        float *gb1 = g->b1 ? g->b1 + (size_t)e * F1 : NULL, *gb2 = g->b2 ? g->b2 + (size_t)e * d : NULL;
 
         cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, d, F, n, 1.0f, dye, d, ae, F, 1.0f, gw2, F);
-        for (int r = 0; r < n; r++) {
+        for (int r = 0; gb2 && r < n; r++) {
             const float *restrict row = dye + (size_t)r * d;
             for (int j = 0; j < d; j++) gb2[j] += row[j];
         }

@@ -13,12 +13,16 @@
  * the format. Offsets: every replicated tensor first (in table order), then
  * every expert-sharded one, so the dense gradients are one range.
  *
- * Anticipated (not built yet), each a descriptor line plus a predicate:
- * no biases when linear_bias = 0, no wpe with RoPE, norms without bias for
- * RMSNorm, q_norm/k_norm, lm_head when untied, shared experts (dense even
- * with an expert-like leading dim: sharded = 0), router expert_bias as a
- * MOE_TENSOR_BUFFER; vocabulary experts shard dim 0 of the head into
- * segments of non-contiguous rows (moe_tensor seg_off and row_ids). */
+ * Architecture options (docs/training.md) are predicates on lines: no
+ * biases when linear_bias = 0 (attn_bias for q, k, v), no wpe with RoPE,
+ * norms without bias for RMSNorm, q_norm/k_norm with qk_norm, lm_head when
+ * untied, shared experts (dense even with an expert-like leading dim:
+ * sharded = 0), the router's expert_bias as a MOE_TENSOR_BUFFER. A tensor
+ * absent under the defaults does not move the others, so the defaults keep
+ * every table index (and initial weight) of format 1.
+ *
+ * Anticipated (not built yet): vocabulary experts shard dim 0 of the head
+ * into segments of non-contiguous rows (moe_tensor seg_off and row_ids). */
 #ifndef MOE_LAYOUT_H
 #define MOE_LAYOUT_H
 
@@ -33,6 +37,10 @@ typedef enum {
     MOE_T_FC_W, MOE_T_FC_B, MOE_T_FCPROJ_W, MOE_T_FCPROJ_B,
     /* an MoE block */
     MOE_T_ROUTER_W, MOE_T_NOISE_W, MOE_T_EXP_W1, MOE_T_EXP_B1, MOE_T_EXP_W2, MOE_T_EXP_B2,
+    /* architecture options: q/k norms (every block), untied head (global),
+     * router bias and shared experts (MoE blocks) */
+    MOE_T_QNORM_W, MOE_T_KNORM_W, MOE_T_LM_HEAD, MOE_T_EXP_BIAS,
+    MOE_T_SH_W1, MOE_T_SH_B1, MOE_T_SH_W2, MOE_T_SH_B2, MOE_T_SH_GATE,
     MOE_T_COUNT
 } moe_tensor_kind;
 

@@ -343,7 +343,7 @@ static void test_help_lists_every_key(void **state)
         if (!strstr(help, want)) fail_msg("help lacks key '%.*s'", (int)(eq - line), line);
         n_keys++;
     }
-    assert_int_equal(n_keys, 43); /* every field of moe_train_config but normalize_topk_user */
+    assert_int_equal(n_keys, 62); /* every field of moe_train_config but normalize_topk_user */
 }
 
 int main(void)

@@ -94,7 +94,7 @@ static void check_against_ref(fixture *f)
     uint8_t *sel = calloc((size_t)Tg * s.E, 1), *kept = calloc((size_t)Tg * s.E, 1);
     int cnt[3][64];
     for (int g = 0; g < s.G; g++) {
-        moe_router_assign_ref(w, sel, kept, cnt[0], cnt[1], cnt[2], r->probs + (size_t)g * Tg * s.E, &rc, Tg);
+        moe_router_assign_ref(w, sel, kept, cnt[0], cnt[1], cnt[2], r->probs + (size_t)g * Tg * s.E, NULL, &rc, Tg);
         for (int i = 0; i < Tg * s.E; i++) {
             assert_int_equal(kept[i], r->kept[(size_t)g * Tg * s.E + i]);
             assert_int_equal(sel[i], r->selected[(size_t)g * Tg * s.E + i]);

@@ -197,8 +197,8 @@ static double att_loss(void *vctx)
 {
     att_ctx *c = vctx;
     float out[AB * AT * AC], att[AB * ANH * AT * AT];
-    if (c->ref) moe_model_attention_forward_ref(out, att, c->qkv, AB, AT, AC, ANH);
-    else moe_model_attention_forward(out, att, c->qkv, AB, AT, AC, ANH);
+    if (c->ref) moe_model_attention_forward_ref(out, att, c->qkv, AB, AT, ANH, ANH, AC / ANH);
+    else moe_model_attention_forward(out, att, c->qkv, AB, AT, ANH, ANH, AC / ANH);
     return dot(out, c->r, AB * AT * AC);
 }
 
@@ -209,8 +209,8 @@ static void test_attention(void **state)
     fill(c.qkv, AB * AT * 3 * AC, 20, 1.0f);
     fill(c.r, AB * AT * AC, 21, 1.0f);
     float o1[AB * AT * AC], o2[AB * AT * AC], a1[AB * ANH * AT * AT], a2[AB * ANH * AT * AT];
-    moe_model_attention_forward(o1, a1, c.qkv, AB, AT, AC, ANH);
-    moe_model_attention_forward_ref(o2, a2, c.qkv, AB, AT, AC, ANH);
+    moe_model_attention_forward(o1, a1, c.qkv, AB, AT, ANH, ANH, AC / ANH);
+    moe_model_attention_forward_ref(o2, a2, c.qkv, AB, AT, ANH, ANH, AC / ANH);
     assert_true(rel_err(o1, o2, AB * AT * AC) < 1e-5);
     assert_true(rel_err(a1, a2, AB * ANH * AT * AT) < 1e-5);
     /* causal: probabilities above the diagonal are exactly 0, rows sum to 1 */
@@ -224,8 +224,8 @@ static void test_attention(void **state)
         assert_true(fabs(s - 1.0) < 1e-5);
     }
     float d1[AB * AT * 3 * AC] = {0}, d2[AB * AT * 3 * AC] = {0}, scratch[MOE_PAR_MAX_THREADS * AT * AT];
-    moe_model_attention_backward(d1, scratch, MOE_PAR_MAX_THREADS, c.r, c.qkv, a1, AB, AT, AC, ANH);
-    moe_model_attention_backward_ref(d2, scratch, c.r, c.qkv, a2, AB, AT, AC, ANH);
+    moe_model_attention_backward(d1, scratch, MOE_PAR_MAX_THREADS, c.r, c.qkv, a1, AB, AT, ANH, ANH, AC / ANH);
+    moe_model_attention_backward_ref(d2, scratch, c.r, c.qkv, a2, AB, AT, ANH, ANH, AC / ANH);
     assert_true(rel_err(d1, d2, AB * AT * 3 * AC) < 1e-5);
     float fd[AB * AT * 3 * AC];
     finite_diff(fd, c.qkv, AB * AT * 3 * AC, 1e-2f, att_loss, &c);
@@ -236,7 +236,7 @@ static void test_attention(void **state)
     /* the future does not leak: out at t = 0 ignores k, v of t >= 1 */
     float d0[AB * AT * 3 * AC] = {0}, r0[AB * AT * AC] = {0};
     for (int i = 0; i < AC; i++) r0[i] = 1.0f; /* only (b = 0, t = 0) */
-    moe_model_attention_backward(d0, scratch, MOE_PAR_MAX_THREADS, r0, c.qkv, a1, AB, AT, AC, ANH);
+    moe_model_attention_backward(d0, scratch, MOE_PAR_MAX_THREADS, r0, c.qkv, a1, AB, AT, ANH, ANH, AC / ANH);
     for (int t = 1; t < AT; t++)
         for (int i = 0; i < 3 * AC; i++) assert_true(d0[t * 3 * AC + i] == 0.0f);
 }
@@ -258,24 +258,24 @@ static void test_attention_long(void **state)
         fill(r, (size_t)B * T * C, 50 + li, 1.0f);
         /* stale values where the kernel must write zeros */
         for (size_t i = 0; i < sizeof a1 / sizeof a1[0]; i++) a1[i] = 7.0f;
-        moe_model_attention_forward(o1, a1, qkv, B, T, C, NH);
-        moe_model_attention_forward_ref(o2, a2, qkv, B, T, C, NH);
+        moe_model_attention_forward(o1, a1, qkv, B, T, NH, NH, C / NH);
+        moe_model_attention_forward_ref(o2, a2, qkv, B, T, NH, NH, C / NH);
         assert_true(rel_err(o1, o2, (size_t)B * T * C) < 1e-5);
         assert_true(rel_err(a1, a2, (size_t)B * NH * T * T) < 1e-5);
         for (int row = 0; row < B * NH * T; row++)
             for (int j = row % T + 1; j < T; j++) assert_true(a1[(size_t)row * T + j] == 0.0f);
         memset(d1, 0, sizeof d1);
         memset(d2, 0, sizeof d2);
-        moe_model_attention_backward(d1, scratch, MOE_PAR_MAX_THREADS, r, qkv, a1, B, T, C, NH);
-        moe_model_attention_backward_ref(d2, scratch, r, qkv, a2, B, T, C, NH);
+        moe_model_attention_backward(d1, scratch, MOE_PAR_MAX_THREADS, r, qkv, a1, B, T, NH, NH, C / NH);
+        moe_model_attention_backward_ref(d2, scratch, r, qkv, a2, B, T, NH, NH, C / NH);
         assert_true(rel_err(d1, d2, (size_t)B * T * 3 * C) < 1e-5);
         /* the (sequence, head) pairs split over 1, 2 and 3 threads: bitwise the same */
         const int threads0 = openblas_get_num_threads();
         for (int nt = 1; nt <= 3; nt++) {
             openblas_set_num_threads(nt);
             memset(d2, 0, sizeof d2);
-            moe_model_attention_forward(o2, a2, qkv, B, T, C, NH);
-            moe_model_attention_backward(d2, scratch, MOE_PAR_MAX_THREADS, r, qkv, a2, B, T, C, NH);
+            moe_model_attention_forward(o2, a2, qkv, B, T, NH, NH, C / NH);
+            moe_model_attention_backward(d2, scratch, MOE_PAR_MAX_THREADS, r, qkv, a2, B, T, NH, NH, C / NH);
             assert_memory_equal(o1, o2, (size_t)B * T * C * sizeof(float));
             assert_memory_equal(d1, d2, (size_t)B * T * 3 * C * sizeof(float));
         }
