@@ -94,7 +94,7 @@ typedef struct {
     int V, d, N, chunk;
     const float *h, *w;
     float *dh, *dw, *logits, *probs, *losses;
-    uint8_t *tg;
+    const int32_t *tg;
 } full_head;
 
 /* Rows [0, N) in chunks of c rows: logits, probs, losses, dlogits (over the
@@ -202,8 +202,7 @@ int main(int argc, char **argv)
     const int rows_max = N > o.chunk ? N : o.chunk;
     f.logits = alloc((size_t)rows_max * V * sizeof(float));
     f.probs = alloc((size_t)rows_max * V * sizeof(float));
-    f.tg = alloc((size_t)N);
-    for (int n = 0; n < N; n++) f.tg[n] = (uint8_t)(tg[n] & 255);
+    f.tg = tg;
 
     printf("vocabulary-expert head vs full softmax head: V %d, d %d, M %d, N %d, K %d, partition %s, "
            "OpenBLAS threads %d, %d rounds (medians)\n",
@@ -305,7 +304,7 @@ int main(int argc, char **argv)
     moe_vocab_part_destroy(p);
     moe_free(cdf), moe_free(tg), moe_free(assign), moe_free(sample), moe_free(counts), moe_free(pb), moe_free(gb);
     moe_free(h), moe_free(dh), moe_free(loss), moe_free(ids), moe_free(cnt), moe_free(lp);
-    moe_free(f.logits), moe_free(f.probs), moe_free(f.tg);
+    moe_free(f.logits), moe_free(f.probs);
     return 0;
 usage:
     fprintf(stderr, "usage: vocab_head [--V n] [--d n] [--M n] [--N n >= 16] [--K n] [--rounds n] "

@@ -174,12 +174,17 @@ static int run(const eval_opts *o, moe_comm *comm)
 {
     const int rank = moe_comm_rank(comm), W = moe_comm_size(comm);
     uint8_t *data = NULL, *dom = NULL;
+    int32_t *ids = NULL;
     size_t n = 0;
     moe_model *m = NULL;
     moe_infer_eval_result res = {0};
-    moe_status st = moe_comm_agree(comm, read_inputs(o, &data, &n, &dom));
+    moe_status st = read_inputs(o, &data, &n, &dom);
+    /* a byte-level model: every byte is its own token */
+    if (!st && !(ids = moe_calloc(n, sizeof(int32_t)))) st = moe_errorf(MOE_ERR_NOMEM, "token ids of '%s'", o->data);
+    for (size_t i = 0; !st && i < n; i++) ids[i] = data[i];
+    st = moe_comm_agree(comm, st);
     if (!st) st = moe_infer_load(&m, NULL, o->ckpt, o->batch, 0, comm);
-    if (!st) st = moe_infer_eval(&res, m, comm, data, dom, n, moe_data_n_domains(), o->batch);
+    if (!st) st = moe_infer_eval(&res, m, comm, ids, NULL, dom, n, moe_data_n_domains(), o->batch);
     int rc = 0;
     if (st) {
         const int who = moe_comm_cause_rank(comm, MOE_SCOPE_WORLD, st);
@@ -195,6 +200,7 @@ static int run(const eval_opts *o, moe_comm *comm)
     }
     moe_infer_eval_result_free(&res);
     moe_model_destroy(m);
+    moe_free(ids);
     moe_free(data);
     moe_free(dom);
     return rc;

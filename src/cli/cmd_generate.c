@@ -231,30 +231,46 @@ static int run(const gen_opts *o, moe_comm *comm)
     prompt_set ps = {0};
     moe_model *m = NULL;
     moe_infer_decoder *d = NULL;
-    uint8_t *out = NULL;
+    int32_t *ids = NULL, *out = NULL;
+    const int32_t *pid[MAX_PROMPTS];
+    uint8_t *text = NULL;
     moe_infer_gen_stats gs = {0};
-    moe_status st = moe_comm_agree(comm, load_prompts(&ps, o));
+    moe_status st = load_prompts(&ps, o);
+    /* a byte-level model: every byte is its own token */
+    size_t total = 0;
+    for (int b = 0; b < ps.n; b++) total += ps.len[b];
+    if (!st && !(ids = moe_calloc(total, sizeof(int32_t)))) st = moe_errorf(MOE_ERR_NOMEM, "prompt ids");
+    for (int b = 0, k = 0; !st && b < ps.n; b++) {
+        pid[b] = ids + k;
+        for (size_t i = 0; i < ps.len[b]; i++) ids[k++] = ps.p[b][i];
+    }
+    st = moe_comm_agree(comm, st);
     if (!st) st = moe_infer_load(&m, NULL, o->ckpt, 1, ps.n, comm);
     if (!st) {
         st = moe_infer_decoder_create(&d, m, ps.n);
-        if (!st && !(out = moe_calloc((size_t)ps.n * o->tokens, 1))) st = moe_errorf(MOE_ERR_NOMEM, "output");
+        if (!st && !(out = moe_calloc((size_t)ps.n * o->tokens, sizeof(int32_t))))
+            st = moe_errorf(MOE_ERR_NOMEM, "output");
+        if (!st && !(text = moe_calloc((size_t)ps.n * o->tokens, 1))) st = moe_errorf(MOE_ERR_NOMEM, "output");
         st = moe_comm_agree(comm, st);
     }
-    if (!st) st = moe_infer_generate(out, &gs, d, comm, ps.p, ps.len, ps.n, o->tokens, &o->s);
+    if (!st) st = moe_infer_generate(out, &gs, d, comm, pid, ps.len, ps.n, o->tokens, &o->s, NULL);
+    for (size_t i = 0; !st && i < (size_t)ps.n * o->tokens; i++) text[i] = (uint8_t)out[i];
     int rc = 0;
     if (st) {
         const int who = moe_comm_cause_rank(comm, MOE_SCOPE_WORLD, st);
         if (who < 0 || who == rank) moe_cli_error(W > 1 ? rank : -1, "generate", st);
         rc = 1;
     } else if (rank == 0) {
-        rc = o->json ? print_json(&ps, out, o->tokens, &gs) : (print_text(&ps, out, o->tokens), 0);
+        rc = o->json ? print_json(&ps, text, o->tokens, &gs) : (print_text(&ps, text, o->tokens), 0);
         fflush(stdout); /* the text, then the figures */
         fprintf(stderr, "moe generate: %d ranks, %d prompts: prefill %lld tokens in %.3f s; decode %lld tokens in %.3f s "
                         "(%.1f tokens/s, %lld context slides)\n",
                 W, ps.n, (long long)gs.prefill_tokens, gs.prefill_s, (long long)gs.decode_tokens, gs.decode_s,
                 gs.decode_s > 0 ? (double)gs.decode_tokens / gs.decode_s : 0.0, (long long)gs.slides);
     }
+    moe_free(text);
     moe_free(out);
+    moe_free(ids);
     moe_infer_decoder_destroy(d);
     moe_model_destroy(m);
     moe_free(ps.buf);

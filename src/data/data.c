@@ -132,14 +132,16 @@ int64_t moe_data_train_offset(const moe_data *ds, int64_t step, int64_t g)
     return (int64_t)(((unsigned __int128)r * n_windows) >> 64);
 }
 
-/* Copies window bytes [0, T) to inputs and [1, T] to targets. */
-static void put_window(uint8_t *inputs, uint8_t *targets, const uint8_t *w, int T)
+/* Window bytes [0, T) as ids to inputs and [1, T] to targets. */
+static void put_window(int32_t *inputs, int32_t *targets, const uint8_t *w, int T)
 {
-    memcpy(inputs, w, (size_t)T);
-    memcpy(targets, w + 1, (size_t)T);
+    for (int i = 0; i < T; i++) {
+        inputs[i] = w[i];
+        targets[i] = w[i + 1];
+    }
 }
 
-moe_status moe_data_batch(const moe_data *ds, uint8_t *inputs, uint8_t *targets, int64_t step, int seq0,
+moe_status moe_data_batch(const moe_data *ds, int32_t *inputs, int32_t *targets, int64_t step, int seq0,
                           int nseq)
 {
     if (!ds || step < 0 || seq0 < 0 || nseq < 0 || (nseq > 0 && (!inputs || !targets)))
@@ -153,7 +155,7 @@ moe_status moe_data_batch(const moe_data *ds, uint8_t *inputs, uint8_t *targets,
     return MOE_OK;
 }
 
-moe_status moe_data_val_batch(const moe_data *ds, uint8_t *inputs, uint8_t *targets, int64_t seq0,
+moe_status moe_data_val_batch(const moe_data *ds, int32_t *inputs, int32_t *targets, int64_t seq0,
                               int64_t n_total, int nseq)
 {
     if (!ds) return moe_errorf(MOE_ERR_ARG, "moe_data_val_batch: NULL data set");

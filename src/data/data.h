@@ -74,11 +74,11 @@ int64_t moe_data_val_windows(const moe_data *ds);
 int64_t moe_data_train_offset(const moe_data *ds, int64_t step, int64_t g);
 
 /* Training batch rows for global sequences [seq0, seq0 + nseq) of `step`:
- * inputs (nseq, seq_len) = window bytes 0..seq_len-1, targets (nseq, seq_len)
- * = window bytes 1..seq_len. Rank r of W with a global batch of B sequences
+ * inputs (nseq, seq_len) = window bytes 0..seq_len-1 as token ids, targets
+ * (nseq, seq_len) = window bytes 1..seq_len. Rank r of W with a global batch of B sequences
  * passes seq0 = r*B/W, nseq = B/W, and gets exactly those rows of the batch
  * one process would build. MOE_ERR_ARG on negative step / seq0 / nseq. */
-moe_status moe_data_batch(const moe_data *ds, uint8_t *inputs, uint8_t *targets, int64_t step, int seq0,
+moe_status moe_data_batch(const moe_data *ds, int32_t *inputs, int32_t *targets, int64_t step, int seq0,
                           int nseq);
 
 /* Validation rows for sequences [seq0, seq0 + nseq) of a validation pass of
@@ -88,7 +88,7 @@ moe_status moe_data_batch(const moe_data *ds, uint8_t *inputs, uint8_t *targets,
  * n_windows, and a pass with n_total = n_windows reads every window once.
  * Deterministic, independent of the seed. MOE_ERR_ARG without validation data
  * or when [seq0, seq0 + nseq) is not inside [0, n_total). */
-moe_status moe_data_val_batch(const moe_data *ds, uint8_t *inputs, uint8_t *targets, int64_t seq0,
+moe_status moe_data_val_batch(const moe_data *ds, int32_t *inputs, int32_t *targets, int64_t seq0,
                               int64_t n_total, int nseq);
 
 /* Unigram entropy of the training part in bits per byte: the loss of the

@@ -155,6 +155,7 @@ void moe_infer_decoder_reset(moe_infer_decoder *d, int s)
 
 int moe_infer_decoder_max_seqs(const moe_infer_decoder *d) { return d->S; }
 int moe_infer_decoder_seq_len(const moe_infer_decoder *d) { return d->T; }
+int moe_infer_decoder_vocab_size(const moe_infer_decoder *d) { return d->V; }
 int moe_infer_decoder_max_tokens(const moe_infer_decoder *d) { return d->n_max; }
 int moe_infer_decoder_length(const moe_infer_decoder *d, int s) { return s >= 0 && s < d->S ? d->len[s] : 0; }
 
@@ -191,13 +192,17 @@ static void attend(moe_infer_decoder *d, int l, const int *seq, int n)
     }
 }
 
-moe_status moe_infer_decode(moe_infer_decoder *d, float *logits, const uint8_t *tokens, const int *seq, int n)
+moe_status moe_infer_decode(moe_infer_decoder *d, float *logits, const int32_t *tokens, const int *seq, int n)
 {
     if (n < 1 || n > d->n_max)
         return moe_errorf(MOE_ERR_ARG, "decode: %d tokens outside 1..%d", n, d->n_max);
-    for (int i = 0; i < n; i++)
+    for (int i = 0; i < n; i++) {
         if (seq[i] < 0 || seq[i] >= d->S)
             return moe_errorf(MOE_ERR_ARG, "decode: token %d names sequence %d outside 0..%d", i, seq[i], d->S - 1);
+        if (tokens[i] < 0 || tokens[i] >= d->V)
+            return moe_errorf(MOE_ERR_ARG, "decode: token %d has id %ld, outside the vocabulary [0, %d)", i,
+                              (long)tokens[i], d->V);
+    }
     memset(d->add, 0, (size_t)d->S * sizeof(int));
     for (int i = 0; i < n; i++) {
         d->pos[i] = d->len[seq[i]] + d->add[seq[i]]++;

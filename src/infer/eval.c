@@ -1,17 +1,19 @@
-/* Next-byte evaluation of a model over a byte buffer (moe_infer_eval):
+/* Next-token evaluation of a model over token ids (moe_infer_eval):
  * consecutive windows spread over the ranks in padded batches, per-window
- * loss sums added in window order, and the domain x expert routing counts. */
+ * loss sums added in window order, the bytes the targets stand for (bits
+ * per byte), and the domain x expert routing counts. */
 #include "infer/infer.h"
 
+#include <math.h>
 #include <string.h>
 
 #include "model/ops.h"
 
 typedef struct {
     int B, S, V, W, rank, n_moe, E;
-    uint8_t *in, *tg;  /* (B, S) this rank's windows of the current forward */
+    int32_t *in, *tg;  /* (B, S) this rank's windows of the current forward */
     float *losses;     /* (B*S) */
-    float *probs;      /* (B*S, V) */
+    float *probs;      /* (S, V): one window at a time */
     double *wsum;      /* (B) loss sum of each local window, 0 for padding */
     double *all;       /* (W*B) every rank's wsum, in window order */
 } eval_ws;
@@ -29,19 +31,19 @@ static void eval_ws_free(eval_ws *w)
 static moe_status eval_ws_alloc(eval_ws *w)
 {
     const size_t N = (size_t)w->B * w->S;
-    w->in = moe_calloc(N, 1);
-    w->tg = moe_calloc(N, 1);
+    w->in = moe_calloc(N, sizeof(int32_t));
+    w->tg = moe_calloc(N, sizeof(int32_t));
     w->losses = moe_calloc(N, sizeof(float));
-    w->probs = moe_calloc(N * w->V, sizeof(float));
+    w->probs = moe_calloc((size_t)w->S * w->V, sizeof(float));
     w->wsum = moe_calloc((size_t)w->B, sizeof(double));
     w->all = moe_calloc((size_t)w->W * w->B, sizeof(double));
     if (!w->in || !w->tg || !w->losses || !w->probs || !w->wsum || !w->all)
-        return moe_errorf(MOE_ERR_NOMEM, "eval buffers for %d windows of %d bytes", w->B, w->S);
+        return moe_errorf(MOE_ERR_NOMEM, "eval buffers for %d windows of %d tokens", w->B, w->S);
     return MOE_OK;
 }
 
 /* Adds the kept assignments of this rank's nv valid windows, by the domain of
- * each input byte (window g0 + b starts at byte (g0 + b) * S). */
+ * each input token (window g0 + b starts at token (g0 + b) * S). */
 static void count_domains(int64_t *kept, moe_model *m, const eval_ws *w, const uint8_t *domains, int64_t g0,
                           int nv, int n_domains)
 {
@@ -62,8 +64,8 @@ static void count_domains(int64_t *kept, moe_model *m, const eval_ws *w, const u
     }
 }
 
-moe_status moe_infer_eval(moe_infer_eval_result *res, moe_model *m, moe_comm *comm, const uint8_t *data,
-                          const uint8_t *domains, size_t n, int n_domains, int batch)
+moe_status moe_infer_eval(moe_infer_eval_result *res, moe_model *m, moe_comm *comm, const int32_t *ids,
+                          const int32_t *id_bytes, const uint8_t *domains, size_t n, int n_domains, int batch)
 {
     memset(res, 0, sizeof *res);
     const moe_train_config *cfg = moe_model_config(m);
@@ -73,13 +75,18 @@ moe_status moe_infer_eval(moe_infer_eval_result *res, moe_model *m, moe_comm *co
     /* argument checks see the same data on every rank: no agreement needed */
     if (batch < 1) return moe_errorf(MOE_ERR_ARG, "eval: batch=%d must be >= 1", batch);
     if (n < (size_t)w.S + 1)
-        return moe_errorf(MOE_ERR_ARG, "the data has %zu bytes; evaluation needs at least seq_len+1 = %d", n, w.S + 1);
+        return moe_errorf(MOE_ERR_ARG, "the data has %zu tokens; evaluation needs at least seq_len+1 = %d", n,
+                          w.S + 1);
+    for (size_t i = 0; i < n; i++)
+        if (ids[i] < 0 || ids[i] >= w.V)
+            return moe_errorf(MOE_ERR_ARG, "token %zu has id %ld, outside the model's vocabulary [0, %d)", i,
+                              (long)ids[i], w.V);
     if (domains) {
         if (n_domains < 1 || n_domains > 256)
             return moe_errorf(MOE_ERR_ARG, "eval: n_domains=%d outside 1..256", n_domains);
         for (size_t i = 0; i < n; i++)
             if (domains[i] >= n_domains)
-                return moe_errorf(MOE_ERR_ARG, "domain id %d at byte %zu (expected 0..%d)", domains[i], i,
+                return moe_errorf(MOE_ERR_ARG, "domain id %d at token %zu (expected 0..%d)", domains[i], i,
                                   n_domains - 1);
     }
     const int64_t windows = (int64_t)((n - 1) / (size_t)w.S);
@@ -87,6 +94,7 @@ moe_status moe_infer_eval(moe_infer_eval_result *res, moe_model *m, moe_comm *co
     const int64_t n_fwd = (windows + per_fwd - 1) / per_fwd;
     res->windows = windows;
     res->tokens = windows * w.S;
+    for (int64_t i = 1; i <= res->tokens; i++) res->bytes += id_bytes ? id_bytes[ids[i]] : 1;
     res->n_moe = w.n_moe;
     res->n_experts = w.E;
     res->n_domains = domains ? n_domains : 0;
@@ -100,16 +108,18 @@ moe_status moe_infer_eval(moe_infer_eval_result *res, moe_model *m, moe_comm *co
     for (int64_t j = 0; !st && j < n_fwd; j++) {
         const int64_t g0 = j * per_fwd + (int64_t)w.rank * w.B; /* first window of this rank */
         int nv = (int)(windows - g0 < 0 ? 0 : windows - g0 < w.B ? windows - g0 : w.B);
-        memset(w.in, 0, (size_t)w.B * w.S);
-        memset(w.tg, 0, (size_t)w.B * w.S);
+        memset(w.in, 0, (size_t)w.B * w.S * sizeof(int32_t));
+        memset(w.tg, 0, (size_t)w.B * w.S * sizeof(int32_t));
         for (int b = 0; b < nv; b++) {
-            memcpy(w.in + (size_t)b * w.S, data + (size_t)(g0 + b) * w.S, (size_t)w.S);
-            memcpy(w.tg + (size_t)b * w.S, data + (size_t)(g0 + b) * w.S + 1, (size_t)w.S);
+            memcpy(w.in + (size_t)b * w.S, ids + (size_t)(g0 + b) * w.S, (size_t)w.S * sizeof(int32_t));
+            memcpy(w.tg + (size_t)b * w.S, ids + (size_t)(g0 + b) * w.S + 1, (size_t)w.S * sizeof(int32_t));
         }
         /* the model's own loss would include the padding: compute it here */
         if ((st = moe_model_forward(m, w.in, NULL, w.B, w.S, 0, 0))) break;
-        if (nv > 0)
-            moe_model_crossentropy_forward(w.losses, w.probs, moe_model_logits(m), w.tg, nv * w.S, w.V);
+        const float *logits = moe_model_logits(m);
+        for (int b = 0; b < nv; b++) /* one window at a time: probs hold S rows of V */
+            moe_model_crossentropy_forward(w.losses + (size_t)b * w.S, w.probs, logits + (size_t)b * w.S * w.V,
+                                           w.tg + (size_t)b * w.S, w.S, w.V);
         for (int b = 0; b < w.B; b++) {
             double s = 0.0;
             for (int t = 0; b < nv && t < w.S; t++) s += w.losses[(size_t)b * w.S + t];
@@ -130,6 +140,7 @@ moe_status moe_infer_eval(moe_infer_eval_result *res, moe_model *m, moe_comm *co
     }
     res->loss_sum = sum;
     res->loss = sum / (double)res->tokens;
+    res->bpb = res->bytes ? sum / (double)res->bytes / M_LN2 : 0.0;
     return MOE_OK;
 }
 

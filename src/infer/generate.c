@@ -1,26 +1,27 @@
 /* Autoregressive generation for a batch of prompts (moe_infer_generate):
- * one prefill pass per prompt, then one decoding step per byte for all
+ * one prefill pass per prompt, then one decoding step per token for all
  * sequences together, sliding the context of a sequence whose cache is full.
- * Rank 0 samples; the bytes are broadcast so every rank decodes the same. */
+ * Rank 0 samples; the ids are broadcast so every rank decodes the same. */
 #include "infer/infer.h"
 
 #include <string.h>
 
-enum { V = 256 };
+enum { MAX_SEQS = 256 };
 
 typedef struct {
     moe_infer_decoder *d;
-    int n, S, cap;      /* sequences, seq_len, context capacity per sequence */
-    uint8_t *ctx;       /* (n, cap) context bytes of each sequence (the model's view) */
+    int n, S, V, cap;   /* sequences, seq_len, vocabulary, context capacity per sequence */
+    int32_t *ctx;       /* (n, cap) context ids of each sequence (the model's view) */
     int *ctx_len;       /* (n) */
     float *logits;      /* (max_tokens, V) of the last decode call */
-    float *cur;         /* (n, V) logits of each sequence's newest byte */
+    float *cur;         /* (n, V) logits of each sequence's newest token */
     int *seq;           /* (max_tokens) sequence of each token of a decode call */
-    uint8_t *tok;       /* (max_tokens) tokens of a decode call */
+    int32_t *tok;       /* (max_tokens) tokens of a decode call */
+    void *scratch;      /* the sampler's (rank 0) */
     int64_t prefilled;  /* tokens through prefill passes */
 } gen_state;
 
-/* Resets sequence b and runs its last k context bytes through the decoder
+/* Resets sequence b and runs its last k context tokens through the decoder
  * in one call; the logits of the last one become cur[b]. Collective. */
 static moe_status prefill(gen_state *g, int b, int k)
 {
@@ -28,31 +29,29 @@ static moe_status prefill(gen_state *g, int b, int k)
     for (int i = 0; i < k; i++) g->seq[i] = b;
     moe_status st = moe_infer_decode(g->d, g->logits, g->ctx + (size_t)b * g->cap + g->ctx_len[b] - k, g->seq, k);
     if (st) return st;
-    memcpy(g->cur + (size_t)b * V, g->logits + (size_t)(k - 1) * V, V * sizeof(float));
+    memcpy(g->cur + (size_t)b * g->V, g->logits + (size_t)(k - 1) * g->V, (size_t)g->V * sizeof(float));
     g->prefilled += k;
     return MOE_OK;
 }
 
-/* Rank 0 draws the next byte of every sequence; every rank receives them
+/* Rank 0 draws the next token of every sequence; every rank receives them
  * (and rank 0's status, so a sampling failure ends every rank together). */
-static moe_status sample_step(gen_state *g, uint8_t *next, moe_comm *comm, const moe_infer_sampler *s,
+static moe_status sample_step(gen_state *g, int32_t *next, moe_comm *comm, const moe_infer_sampler *s,
                               const uint32_t *position)
 {
     const int rank = moe_comm_rank(comm);
-    int32_t msg[1 + 256];
+    int32_t msg[1 + MAX_SEQS];
     int32_t *ids = msg + 1;
     msg[0] = MOE_OK;
-    for (int b = 0; rank == 0 && b < g->n && msg[0] == MOE_OK; b++) {
-        int id = 0;
-        msg[0] = (int32_t)moe_infer_sample(&id, s, g->cur + (size_t)b * V, position[b], (uint32_t)b);
-        ids[b] = id;
-    }
-    /* (the batch fits the message: n <= 256 is checked by the caller) */
+    for (int b = 0; rank == 0 && b < g->n && msg[0] == MOE_OK; b++)
+        msg[0] = (int32_t)moe_infer_sample(&ids[b], s, g->cur + (size_t)b * g->V, g->V, position[b], (uint32_t)b,
+                                           g->scratch);
+    /* (the batch fits the message: n <= MAX_SEQS is checked by the caller) */
     moe_status st = moe_comm_bcast(comm, msg, (size_t)(1 + g->n) * sizeof(int32_t), 0);
     if (st) return st;
     if (msg[0] != MOE_OK)
         return rank == 0 ? (moe_status)msg[0] : moe_errorf(MOE_ERR_REMOTE, "rank 0: sampling failed");
-    for (int b = 0; b < g->n; b++) next[b] = (uint8_t)ids[b];
+    memcpy(next, ids, (size_t)g->n * sizeof(int32_t));
     return MOE_OK;
 }
 
@@ -64,24 +63,26 @@ static void gen_free(gen_state *g)
     moe_free(g->cur);
     moe_free(g->seq);
     moe_free(g->tok);
+    moe_free(g->scratch);
 }
 
 /* The loop; g is allocated. */
-static moe_status run(gen_state *g, uint8_t *out, moe_infer_gen_stats *stats, moe_comm *comm,
-                      const uint8_t *const *prompts, const size_t *len, int tokens, const moe_infer_sampler *s)
+static moe_status run(gen_state *g, int32_t *out, moe_infer_gen_stats *stats, moe_comm *comm,
+                      const int32_t *const *prompts, const size_t *len, int tokens, const moe_infer_sampler *s,
+                      const moe_infer_gen_hooks *hooks)
 {
     const int n = g->n, S = g->S, keep = S / 2 > 1 ? S / 2 : 1;
-    uint32_t position[256];
-    uint8_t next[256];
+    uint32_t position[MAX_SEQS];
+    int32_t next[MAX_SEQS];
     double t0 = moe_now();
     for (int b = 0; b < n; b++) {
-        uint8_t *c = g->ctx + (size_t)b * g->cap;
+        int32_t *c = g->ctx + (size_t)b * g->cap;
         if (len[b] == 0) {
-            c[0] = '\n';
+            c[0] = hooks ? hooks->empty_prompt : '\n';
             g->ctx_len[b] = 1;
         } else {
             const size_t k = len[b] < (size_t)S ? len[b] : (size_t)S;
-            memcpy(c, prompts[b] + len[b] - k, k);
+            memcpy(c, prompts[b] + len[b] - k, k * sizeof(int32_t));
             g->ctx_len[b] = (int)k;
         }
         position[b] = (uint32_t)(len[b] > 0 ? len[b] : 1);
@@ -98,8 +99,9 @@ static moe_status run(gen_state *g, uint8_t *out, moe_infer_gen_stats *stats, mo
             g->ctx[(size_t)b * g->cap + g->ctx_len[b]++] = next[b];
             position[b]++;
         }
-        if (t == tokens - 1) break; /* the last byte needs no logits */
-        /* sequences with room take their new byte in one decoding step ... */
+        if (hooks && hooks->on_step) hooks->on_step(hooks->ctx, t, next, n);
+        if (t == tokens - 1) break; /* the last token needs no logits */
+        /* sequences with room take their new token in one decoding step ... */
         int m = 0;
         for (int b = 0; b < n; b++)
             if (moe_infer_decoder_length(g->d, b) < S) {
@@ -109,14 +111,14 @@ static moe_status run(gen_state *g, uint8_t *out, moe_infer_gen_stats *stats, mo
         if (m > 0) {
             if ((st = moe_infer_decode(g->d, g->logits, g->tok, g->seq, m))) return st;
             for (int i = 0; i < m; i++)
-                memcpy(g->cur + (size_t)g->seq[i] * V, g->logits + (size_t)i * V, V * sizeof(float));
+                memcpy(g->cur + (size_t)g->seq[i] * g->V, g->logits + (size_t)i * g->V, (size_t)g->V * sizeof(float));
             decoded += m;
         }
         /* ... the others slide: the same decision on every rank (lengths only) */
         for (int b = 0; b < n; b++) {
             if (moe_infer_decoder_length(g->d, b) < S) continue;
-            uint8_t *c = g->ctx + (size_t)b * g->cap;
-            memmove(c, c + g->ctx_len[b] - keep, (size_t)keep);
+            int32_t *c = g->ctx + (size_t)b * g->cap;
+            memmove(c, c + g->ctx_len[b] - keep, (size_t)keep * sizeof(int32_t));
             g->ctx_len[b] = keep;
             if ((st = prefill(g, b, keep))) return st;
             slides++;
@@ -132,31 +134,42 @@ static moe_status run(gen_state *g, uint8_t *out, moe_infer_gen_stats *stats, mo
     return MOE_OK;
 }
 
-moe_status moe_infer_generate(uint8_t *out, moe_infer_gen_stats *stats, moe_infer_decoder *d, moe_comm *comm,
-                              const uint8_t *const *prompts, const size_t *len, int n, int tokens,
-                              const moe_infer_sampler *s)
+moe_status moe_infer_generate(int32_t *out, moe_infer_gen_stats *stats, moe_infer_decoder *d, moe_comm *comm,
+                              const int32_t *const *prompts, const size_t *len, int n, int tokens,
+                              const moe_infer_sampler *s, const moe_infer_gen_hooks *hooks)
 {
     if (stats) memset(stats, 0, sizeof *stats);
-    const int max_seqs = moe_infer_decoder_max_seqs(d);
-    if (n < 1 || n > max_seqs || n > 256)
-        return moe_errorf(MOE_ERR_ARG, "generate: %d prompts outside 1..%d", n, max_seqs < 256 ? max_seqs : 256);
+    const int max_seqs = moe_infer_decoder_max_seqs(d), V = moe_infer_decoder_vocab_size(d);
+    if (n < 1 || n > max_seqs || n > MAX_SEQS)
+        return moe_errorf(MOE_ERR_ARG, "generate: %d prompts outside 1..%d", n,
+                          max_seqs < MAX_SEQS ? max_seqs : MAX_SEQS);
     if (tokens < 0) return moe_errorf(MOE_ERR_ARG, "generate: tokens=%d must be >= 0", tokens);
+    for (int b = 0; b < n; b++)
+        for (size_t i = 0; i < len[b]; i++)
+            if (prompts[b][i] < 0 || prompts[b][i] >= V)
+                return moe_errorf(MOE_ERR_ARG, "generate: prompt %d has id %ld at token %zu, outside the vocabulary "
+                                               "[0, %d)", b, (long)prompts[b][i], i, V);
+    if (hooks && (hooks->empty_prompt < 0 || hooks->empty_prompt >= V))
+        return moe_errorf(MOE_ERR_ARG, "generate: the empty-prompt id %ld is outside the vocabulary [0, %d)",
+                          (long)hooks->empty_prompt, V);
     moe_status st = moe_infer_sampler_check(s);
     if (st || tokens == 0) return st;
     const int S = moe_infer_decoder_seq_len(d), nt = moe_infer_decoder_max_tokens(d);
-    /* a context never exceeds S bytes before it slides, plus the byte that triggers it */
-    gen_state g = {.d = d, .n = n, .S = S, .cap = S + 1};
-    g.ctx = moe_calloc((size_t)n * g.cap, 1);
+    /* a context never exceeds S tokens before it slides, plus the token that triggers it */
+    gen_state g = {.d = d, .n = n, .S = S, .V = V, .cap = S + 1};
+    g.ctx = moe_calloc((size_t)n * g.cap, sizeof(int32_t));
     g.ctx_len = moe_calloc((size_t)n, sizeof(int));
     g.logits = moe_calloc((size_t)nt * V, sizeof(float));
     g.cur = moe_calloc((size_t)n * V, sizeof(float));
     g.seq = moe_calloc((size_t)nt, sizeof(int));
-    g.tok = moe_calloc((size_t)nt, 1);
-    st = g.ctx && g.ctx_len && g.logits && g.cur && g.seq && g.tok ? MOE_OK
-                                                                   : moe_errorf(MOE_ERR_NOMEM, "generate buffers");
+    g.tok = moe_calloc((size_t)nt, sizeof(int32_t));
+    if (moe_comm_rank(comm) == 0) g.scratch = moe_calloc(moe_infer_sample_scratch_bytes(V), 1);
+    st = g.ctx && g.ctx_len && g.logits && g.cur && g.seq && g.tok && (g.scratch || moe_comm_rank(comm) != 0)
+             ? MOE_OK
+             : moe_errorf(MOE_ERR_NOMEM, "generate buffers");
     /* allocation is local: agree before the first collective decode */
     st = moe_comm_agree(comm, st);
-    if (!st) st = run(&g, out, stats, comm, prompts, len, tokens, s);
+    if (!st) st = run(&g, out, stats, comm, prompts, len, tokens, s, hooks);
     gen_free(&g);
     return st;
 }

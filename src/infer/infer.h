@@ -1,5 +1,5 @@
 /* Inference from a checkpoint, shared by `moe eval` and `moe generate`:
- * loading a model on any number of ranks, next-byte evaluation over a file,
+ * loading a model on any number of ranks, next-token evaluation over ids,
  * an incremental decoder with a key/value cache, and sampling.
  *
  * Parallelism: the expert-parallel group is the whole world (ep size = W,
@@ -10,7 +10,7 @@
  *
  * Routing at inference (docs/routing.md, "autoregressive decoding"):
  *   - no router noise, ever;
- *   - evaluation: every window of seq_len bytes is its own routing group;
+ *   - evaluation: every window of seq_len tokens is its own routing group;
  *   - decoding: the tokens passed to ONE moe_infer_decode call form one
  *     routing group at every MoE layer: a prompt (or a re-prefilled context)
  *     is one group, a decoding step is the group of the B newest tokens, one
@@ -54,32 +54,39 @@ moe_status moe_infer_read_file(uint8_t **data, size_t *n, const char *path);
 /* ---- evaluation (eval.c) ---- */
 
 typedef struct {
-    double loss;         /* mean next-byte cross-entropy, nats */
-    double loss_sum;     /* sum over every target byte */
-    int64_t tokens;      /* target bytes: windows * seq_len */
+    double loss;         /* mean next-token cross-entropy, nats per token */
+    double loss_sum;     /* sum over every target token */
+    int64_t tokens;      /* target tokens: windows * seq_len */
+    int64_t bytes;       /* bytes the target tokens stand for */
+    double bpb;          /* bits per byte: loss_sum / bytes / ln 2 */
     int64_t windows;
     int n_moe, n_domains, n_experts;
     int64_t *domain_kept; /* (n_moe, n_domains, E) kept assignments of the tokens of each domain,
                            * global, MoE layers in block order; NULL without domains */
 } moe_infer_eval_result;
 
-/* Next-byte cross-entropy of m over data (n bytes, the same on every rank):
- * window i has inputs data[i*S .. i*S+S) and targets shifted by one, for
- * i = 0 .. floor((n-1)/S)-1 (S = seq_len; every full window). Each window is
- * its own routing group, no noise. Window g goes to forward j = g / (W*batch),
- * rank (g % (W*batch)) / batch; the last forward is padded with empty
- * windows that contribute nothing, so every rank runs the same number of
- * forwards. Per-window loss sums are gathered and added in window order in
- * double on every rank, so the result does not depend on W beyond the
- * floating-point identity of the forward itself.
- * domains (n bytes, each < n_domains) or NULL: counts, per MoE layer, the
- * kept expert assignments of every input token by the domain of its byte.
+/* Next-token cross-entropy of m over ids (n tokens, the same on every
+ * rank): window i has inputs ids[i*S .. i*S+S) and targets shifted by one,
+ * for i = 0 .. floor((n-1)/S)-1 (S = seq_len; every full window). Each
+ * window is its own routing group, no noise. Window g goes to forward
+ * j = g / (W*batch), rank (g % (W*batch)) / batch; the last forward is
+ * padded with empty windows that contribute nothing, so every rank runs the
+ * same number of forwards. Per-window loss sums are gathered and added in
+ * window order in double on every rank, so the result does not depend on W
+ * beyond the floating-point identity of the forward itself.
+ * id_bytes (vocab_size entries: the bytes each id stands for) or NULL (one
+ * byte per token) gives res->bytes, the sum over the target tokens, and
+ * res->bpb = loss_sum / bytes / ln 2: the same scale for byte-level and
+ * BPE models.
+ * domains (n, one per token, each < n_domains) or NULL: counts, per MoE
+ * layer, the kept expert assignments of every input token by its domain.
  * batch <= the model's max_local_seqs. Collective over comm's world.
- * MOE_ERR_ARG for fewer than S+1 bytes, a bad domain id
- * (naming its offset) or batch < 1; forward failures reach every rank.
- * res->domain_kept is owned by the caller (moe_infer_eval_result_free). */
-moe_status moe_infer_eval(moe_infer_eval_result *res, moe_model *m, moe_comm *comm, const uint8_t *data,
-                          const uint8_t *domains, size_t n, int n_domains, int batch);
+ * MOE_ERR_ARG for fewer than S+1 tokens, an id outside the vocabulary or a
+ * bad domain id (naming its position) or batch < 1; forward failures reach
+ * every rank. res->domain_kept is owned by the caller
+ * (moe_infer_eval_result_free). */
+moe_status moe_infer_eval(moe_infer_eval_result *res, moe_model *m, moe_comm *comm, const int32_t *ids,
+                          const int32_t *id_bytes, const uint8_t *domains, size_t n, int n_domains, int batch);
 void moe_infer_eval_result_free(moe_infer_eval_result *res);
 
 /* ---- incremental decoding with a key/value cache (decode.c) ---- */
@@ -95,6 +102,7 @@ void moe_infer_decoder_destroy(moe_infer_decoder *d);
 
 int moe_infer_decoder_max_seqs(const moe_infer_decoder *d);
 int moe_infer_decoder_seq_len(const moe_infer_decoder *d);
+int moe_infer_decoder_vocab_size(const moe_infer_decoder *d);
 /* The largest n one moe_infer_decode call takes: max(max_seqs, seq_len). */
 int moe_infer_decoder_max_tokens(const moe_infer_decoder *d);
 
@@ -103,23 +111,25 @@ void moe_infer_decoder_reset(moe_infer_decoder *d, int s);
 /* Positions sequence s holds in its cache. */
 int moe_infer_decoder_length(const moe_infer_decoder *d, int s);
 
-/* Appends n tokens: token i goes to sequence seq[i] at that sequence's next
- * position (tokens of one sequence in call order), and writes the logits
- * of every new token: logits (n, 256). Each token attends to its
+/* Appends n tokens (ids in [0, vocab_size)): token i goes to sequence seq[i]
+ * at that sequence's next position (tokens of one sequence in call order),
+ * and writes the logits of every new token: logits (n, vocab_size). Each token attends to its
  * sequence's cache up to and including itself; only the new tokens run
  * through the blocks, and the n tokens form ONE routing group at every MoE
  * layer (see the header comment). 1 <= n <= max(max_seqs, seq_len).
  * Collective over the ep group: every rank must make calls with the same n
- * (the tokens themselves may differ). MOE_ERR_ARG (bad n or sequence, a
- * sequence would pass seq_len positions; nothing is changed), and the MoE
- * layer's failures, which reach every rank of the ep group. */
-moe_status moe_infer_decode(moe_infer_decoder *d, float *logits, const uint8_t *tokens, const int *seq, int n);
+ * (the tokens themselves may differ). MOE_ERR_ARG (bad n, sequence or
+ * id, a sequence would pass seq_len positions; nothing is changed) is
+ * returned before any collective call: a caller whose ranks pass different
+ * ids checks them itself. The MoE layer's failures reach every rank of the
+ * ep group. */
+moe_status moe_infer_decode(moe_infer_decoder *d, float *logits, const int32_t *tokens, const int *seq, int n);
 
 /* ---- sampling (sample.c) ---- */
 
 typedef struct {
-    double temperature; /* 0: greedy (argmax, lowest index on ties); > 0 divides the logits */
-    int top_k;          /* keep the top_k most likely bytes; 0: all */
+    double temperature; /* 0: greedy (argmax, lowest id on ties); > 0 divides the logits */
+    int top_k;          /* keep the top_k most likely tokens; 0: all */
     double top_p;       /* keep the smallest most-likely set with probability >= top_p; 1: all */
     uint32_t seed;
 } moe_infer_sampler;
@@ -128,16 +138,26 @@ typedef struct {
  * top_p outside (0, 1]. */
 moe_status moe_infer_sampler_check(const moe_infer_sampler *s);
 
-/* Next byte from logits (256). Candidates are ordered by decreasing logit
- * (lower byte first on ties). temperature 0: the first one. Otherwise, in
- * double: keep the first top_k; p = softmax(logit / temperature) over them;
- * keep the shortest prefix whose p sums to >= top_p; the draw
- * u = moe_rng_uniform(seed, MOE_RNG_SAMPLE, position, sequence, 0, 0) times
- * the kept sum picks the first candidate whose cumulative p exceeds it. A pure
- * function of its arguments (same seed, same text on any number of ranks).
- * Non-finite logits: MOE_ERR_NONFINITE. */
-moe_status moe_infer_sample(int *out, const moe_infer_sampler *s, const float *logits, uint32_t position,
-                            uint32_t sequence);
+/* Next token from logits (V ids). Candidates are ordered by decreasing logit
+ * (lower id first on ties). temperature 0: the first one. Otherwise keep
+ * the first top_k; weight each w = floor(2^64 exp((logit - max) /
+ * temperature)) (exp in double; the sums of these integers are exact, so
+ * they do not depend on the order they are taken in); keep the shortest
+ * prefix whose weight sum, as a double, is >= top_p times the total's;
+ * then with u = moe_rng_uniform(seed, MOE_RNG_SAMPLE, position, sequence,
+ * 0, 0) pick the first candidate whose cumulative weight exceeds u times
+ * the kept total. A pure function of its arguments (same seed, same text
+ * on any number of ranks). The cost is O(V) plus the sort of the
+ * candidates actually reached (top_k of them, or the prefix the cut or the
+ * draw needs), never a sort of all V. scratch: moe_infer_sample_scratch_bytes(V)
+ * bytes, 16-byte aligned (NULL: allocated per call). Not collective.
+ * Non-finite logits: MOE_ERR_NONFINITE; V < 1: MOE_ERR_ARG. */
+moe_status moe_infer_sample(int32_t *out, const moe_infer_sampler *s, const float *logits, int V,
+                            uint32_t position, uint32_t sequence, void *scratch);
+size_t moe_infer_sample_scratch_bytes(int V);
+/* The plain reference: sorts all V candidates. Same result as moe_infer_sample. */
+moe_status moe_infer_sample_ref(int32_t *out, const moe_infer_sampler *s, const float *logits, int V,
+                                uint32_t position, uint32_t sequence);
 
 /* ---- generation (generate.c) ---- */
 
@@ -147,27 +167,39 @@ typedef struct {
     double prefill_s, decode_s;            /* wall time of the prompt pass and of the decoding loop */
 } moe_infer_gen_stats;
 
-/* Samples `tokens` bytes after each of the n prompts (prompt i: len[i]
- * bytes) into out (n, tokens), decoding all n sequences together in d
- * (max_seqs >= n; its sequences are reset first).
+/* Optional inputs of moe_infer_generate. */
+typedef struct {
+    int32_t empty_prompt;   /* the id an empty prompt stands for: the document
+                             * separator '\n' (10 for bytes; a tokenizer's id of "\n") */
+    /* Called on every rank after each sampled step t (0-based) with the
+     * step's ids, one per sequence (n), before the next decoding step: for
+     * streaming output. NULL: none. */
+    void (*on_step)(void *ctx, int t, const int32_t *ids, int n);
+    void *ctx;
+} moe_infer_gen_hooks;
+
+/* Samples `tokens` token ids after each of the n prompts (prompt i: len[i]
+ * ids, each < vocab_size) into out (n, tokens), decoding all n sequences
+ * together in d (max_seqs >= n; its sequences are reset first).
  * Rules (S = seq_len):
- *   - an empty prompt stands for "\n" (the corpus' document separator);
- *     a prompt longer than S keeps its last S bytes as context;
+ *   - an empty prompt stands for the one token hooks->empty_prompt (10,
+ *     the byte '\n', when hooks is NULL); a prompt longer than S keeps its
+ *     last S tokens as context;
  *   - each prompt is prefilled in one pass (one routing group per prompt);
- *     then every step feeds the n newest bytes as ONE routing group;
+ *     then every step feeds the n newest tokens as ONE routing group;
  *   - a sequence whose cache is full (S positions) slides: its cache is
- *     reset and the last max(1, S/2) bytes of its context (the new byte
+ *     reset and the last max(1, S/2) tokens of its context (the new token
  *     included) are prefilled again in one pass (their own group);
- *   - byte j (0-based) after prompt i is drawn with position = (prompt
- *     length, at least 1) + j and sequence = i (moe_infer_sample).
- * World rank 0 samples and broadcasts each step's bytes, so every rank
+ *   - token j (0-based) after prompt i is drawn with position = (prompt
+ *     length in tokens, at least 1) + j and sequence = i (moe_infer_sample).
+ * World rank 0 samples and broadcasts each step's ids, so every rank
  * holds the same sequences and out is the same everywhere. Collective over
  * comm's world; every rank runs all n sequences and
  * only the experts are distributed. Errors (MOE_ERR_ARG for n outside
- * 1..max_seqs or tokens < 0, the sampler's and the layers') reach every
- * rank. stats may be NULL. */
-moe_status moe_infer_generate(uint8_t *out, moe_infer_gen_stats *stats, moe_infer_decoder *d, moe_comm *comm,
-                              const uint8_t *const *prompts, const size_t *len, int n, int tokens,
-                              const moe_infer_sampler *s);
+ * 1..max_seqs, tokens < 0 or a prompt id outside the vocabulary, the
+ * sampler's and the layers') reach every rank. stats and hooks may be NULL. */
+moe_status moe_infer_generate(int32_t *out, moe_infer_gen_stats *stats, moe_infer_decoder *d, moe_comm *comm,
+                              const int32_t *const *prompts, const size_t *len, int n, int tokens,
+                              const moe_infer_sampler *s, const moe_infer_gen_hooks *hooks);
 
 #endif

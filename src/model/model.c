@@ -66,7 +66,7 @@ struct moe_model {
     float *act_mem;
     model_acts a;
     int att_blocks;              /* attention backward scratch blocks: the thread count at creation */
-    uint8_t *inputs, *targets;   /* (B_max, T_max) of the last forward */
+    int32_t *inputs, *targets;   /* (B_max, T_max) token ids of the last forward */
     int B, T, train, have_targets, have_forward;
     double part_d[3];            /* this rank's ce_sum, lb_sum, z_sum */
     int64_t *part_i;             /* (2 + 2 n_moe E): tokens, aux_terms, kept, dropped */
@@ -251,8 +251,8 @@ static moe_status setup(moe_model *m, const moe_train_config *cfg, int max_local
     m->moe_blocks = moe_calloc((size_t)m->n_moe, sizeof(int));
     m->part_i = moe_calloc(2 + 2 * (size_t)m->n_moe * m->E, sizeof(int64_t));
     m->red_i = moe_calloc(2 + 2 * (size_t)m->n_moe * m->E, sizeof(int64_t));
-    m->inputs = moe_calloc((size_t)m->B_max * m->T_max, 1);
-    m->targets = moe_calloc((size_t)m->B_max * m->T_max, 1);
+    m->inputs = moe_calloc((size_t)m->B_max * m->T_max, sizeof(int32_t));
+    m->targets = moe_calloc((size_t)m->B_max * m->T_max, sizeof(int32_t));
     if (!m->moe_blocks || !m->part_i || !m->red_i || !m->inputs || !m->targets)
         return moe_errorf(MOE_ERR_NOMEM, "model buffers");
     for (int l = 0; l < m->L; l++)
@@ -458,7 +458,17 @@ static void attn_backward(moe_model *m, const block_acts *b, int l, int B, int T
 #undef GW
 }
 
-moe_status moe_model_forward(moe_model *m, const uint8_t *inputs, const uint8_t *targets, int B,
+/* Every id of ids (n) is in [0, V); else MOE_ERR_ARG naming the first that is not. */
+static moe_status check_ids(const int32_t *ids, int n, int V, const char *what)
+{
+    for (int i = 0; i < n; i++)
+        if (ids[i] < 0 || ids[i] >= V)
+            return moe_errorf(MOE_ERR_ARG, "forward: %s id %ld at position %d is outside the vocabulary [0, %d)",
+                              what, (long)ids[i], i, V);
+    return MOE_OK;
+}
+
+moe_status moe_model_forward(moe_model *m, const int32_t *inputs, const int32_t *targets, int B,
                              int T, int train, uint32_t step)
 {
     m->have_forward = 0;
@@ -469,8 +479,14 @@ moe_status moe_model_forward(moe_model *m, const uint8_t *inputs, const uint8_t 
                           m->cfg.group_seqs);
     const int N = B * T, C = m->C, G = B / m->cfg.group_seqs;
     model_acts *a = &m->a;
-    memcpy(m->inputs, inputs, (size_t)N);
-    if (targets) memcpy(m->targets, targets, (size_t)N);
+    moe_status cs = check_ids(inputs, N, m->V, "input");
+    if (!cs && targets) cs = check_ids(targets, N, m->V, "target");
+    /* ids differ between ranks: a bad one must stop the whole ep group
+     * before its first exchange */
+    if (m->n_moe) cs = moe_comm_agree_detail(m->comm, MOE_SCOPE_EP, cs);
+    if (cs) return cs;
+    memcpy(m->inputs, inputs, (size_t)N * sizeof(int32_t));
+    if (targets) memcpy(m->targets, targets, (size_t)N * sizeof(int32_t));
     memset(m->part_d, 0, sizeof m->part_d);
     memset(m->part_i, 0, (2 + 2 * (size_t)m->n_moe * m->E) * sizeof(int64_t));
 

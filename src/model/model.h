@@ -1,4 +1,5 @@
-/* The byte-level GPT-2 style decoder with MoE feed-forward blocks
+/* The GPT-2 style decoder with MoE feed-forward blocks over token ids
+ * (vocab_size: 256 for bytes, a tokenizer's for BPE)
  * (docs/formats.md section 1): wte + wpe, n_layers pre-norm blocks
  * x += attn(ln_1(x)); x += ffn(ln_2(x)), where every moe_every-th block
  * (from block 0) has an MoE FFN (src/layer, expert-parallel over comm's ep
@@ -32,7 +33,7 @@ typedef struct moe_model moe_model;
 typedef struct {
     double ce_sum;          /* sum of the cross-entropy over all global tokens */
     int64_t tokens;         /* global tokens with a target */
-    double ce;              /* ce_sum / tokens (nats per byte) */
+    double ce;              /* ce_sum / tokens (nats per token) */
     double lb_sum, z_sum;   /* sums of L_bal and L_z over global groups x MoE layers */
     int64_t aux_terms;      /* global groups x MoE layers: divisor of the aux means */
     double loss;            /* ce + aux_loss_coef * mean L_bal + z_loss_coef * mean L_z */
@@ -79,8 +80,9 @@ const moe_train_config *moe_model_config(const moe_model *m);
 /* Sets every gradient to 0. Not collective. */
 void moe_model_zero_grad(moe_model *m);
 
-/* Forward over B local sequences of T <= seq_len tokens. inputs (B, T) bytes;
- * targets (B, T) or NULL (no loss: generation). train = 1 keeps what the
+/* Forward over B local sequences of T <= seq_len tokens. inputs (B, T) token
+ * ids; targets (B, T) ids or NULL (no loss: generation); every id must be in
+ * [0, vocab_size) (MOE_ERR_ARG naming the first that is not). train = 1 keeps what the
  * backward needs and draws router noise (if configured) keyed by step;
  * train = 0 is pure evaluation (no noise, no backward allowed).
  * B % group_seqs == 0, B <= max_local_seqs. Computes this rank's partial
@@ -88,7 +90,7 @@ void moe_model_zero_grad(moe_model *m);
  * layers). Fails with MOE_ERR_ARG on bad sizes; MoE layer failures
  * (MOE_ERR_NONFINITE, MOE_ERR_NOMEM, MOE_ERR_REMOTE) reach every rank of
  * the ep group. */
-moe_status moe_model_forward(moe_model *m, const uint8_t *inputs, const uint8_t *targets, int B,
+moe_status moe_model_forward(moe_model *m, const int32_t *inputs, const int32_t *targets, int B,
                              int T, int train, uint32_t step);
 
 /* Backward of the last (train, with targets) forward; ACCUMULATES into the

@@ -10,7 +10,7 @@
 #include "core/moe.h"
 #include "core/par.h"
 
-void moe_model_encoder_forward(float *out, const uint8_t *inp, const float *wte, const float *wpe,
+void moe_model_encoder_forward(float *out, const int32_t *inp, const float *wte, const float *wpe,
                                int B, int T, int C)
 {
     for (int b = 0; b < B; b++)
@@ -26,7 +26,7 @@ void moe_model_encoder_forward(float *out, const uint8_t *inp, const float *wte,
         }
 }
 
-void moe_model_encoder_backward(float *dwte, float *dwpe, const float *dout, const uint8_t *inp,
+void moe_model_encoder_backward(float *dwte, float *dwpe, const float *dout, const int32_t *inp,
                                 int B, int T, int C)
 {
     for (int b = 0; b < B; b++)
@@ -37,6 +37,29 @@ void moe_model_encoder_backward(float *dwte, float *dwpe, const float *dout, con
             if (dwpe)
                 for (int i = 0; i < C; i++) dwpe[(size_t)t * C + i] += d[i];
         }
+}
+
+void moe_model_encoder_forward_ref(float *out, const int32_t *inp, const float *wte, const float *wpe,
+                                   int B, int T, int C, int V)
+{
+    for (int n = 0; n < B * T; n++)
+        for (int i = 0; i < C; i++) {
+            float s = 0.0f; /* one-hot row times wte: exactly wte[inp][i] */
+            for (int v = 0; v < V; v++) s += (v == inp[n] ? 1.0f : 0.0f) * wte[(size_t)v * C + i];
+            out[(size_t)n * C + i] = wpe ? s + wpe[(size_t)(n % T) * C + i] : s;
+        }
+}
+
+void moe_model_encoder_backward_ref(float *dwte, float *dwpe, const float *dout, const int32_t *inp,
+                                    int B, int T, int C, int V)
+{
+    for (int v = 0; v < V; v++)
+        for (int n = 0; n < B * T; n++)
+            if (inp[n] == v)
+                for (int i = 0; i < C; i++) dwte[(size_t)v * C + i] += dout[(size_t)n * C + i];
+    for (int t = 0; dwpe && t < T; t++)
+        for (int b = 0; b < B; b++)
+            for (int i = 0; i < C; i++) dwpe[(size_t)t * C + i] += dout[((size_t)b * T + t) * C + i];
 }
 
 /* Elements per thread below which a region does not pay for its start-up. */
@@ -688,7 +711,7 @@ void moe_model_attention_backward_ref(float *dinp, float *scratch, const float *
 typedef struct {
     float *out, *probs, *losses;
     const float *a, *b, *logits, *probs_in;
-    const uint8_t *targets;
+    const int32_t *targets;
     long n;
     int V;
     float dloss;
@@ -742,15 +765,36 @@ void moe_model_residual_forward(float *out, const float *a, const float *b, long
 }
 
 void moe_model_crossentropy_forward(float *losses, float *probs, const float *logits,
-                                    const uint8_t *targets, int N, int V)
+                                    const int32_t *targets, int N, int V)
 {
     rows_job j = {.losses = losses, .probs = probs, .logits = logits, .targets = targets, .n = N, .V = V};
     moe_par_run(moe_par_threads_for((long)N * V, PAR_MIN_ELEMS), ce_forward_run, &j);
 }
 
-void moe_model_crossentropy_backward(float *dlogits, const float *probs, const uint8_t *targets,
+void moe_model_crossentropy_backward(float *dlogits, const float *probs, const int32_t *targets,
                                      float dloss, int N, int V)
 {
     rows_job j = {.out = dlogits, .probs_in = probs, .targets = targets, .n = N, .V = V, .dloss = dloss};
     moe_par_run(moe_par_threads_for((long)N * V, PAR_MIN_ELEMS), ce_backward_run, &j);
+}
+
+void moe_model_crossentropy_forward_ref(float *losses, float *probs, const float *logits,
+                                        const int32_t *targets, int N, int V)
+{
+    for (int n = 0; n < N; n++) {
+        const float *l = logits + (size_t)n * V;
+        double mx = l[0], sum = 0.0;
+        for (int i = 1; i < V; i++) mx = l[i] > mx ? l[i] : mx;
+        for (int i = 0; i < V; i++) sum += exp((double)l[i] - mx);
+        for (int i = 0; i < V; i++) probs[(size_t)n * V + i] = (float)(exp((double)l[i] - mx) / sum);
+        losses[n] = (float)(mx + log(sum) - l[targets[n]]);
+    }
+}
+
+void moe_model_crossentropy_backward_ref(float *dlogits, const float *probs, const int32_t *targets,
+                                         float dloss, int N, int V)
+{
+    for (int n = 0; n < N; n++)
+        for (int i = 0; i < V; i++)
+            dlogits[(size_t)n * V + i] += (probs[(size_t)n * V + i] - (i == targets[n] ? 1.0f : 0.0f)) * dloss;
 }

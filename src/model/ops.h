@@ -2,23 +2,32 @@
  * style): token+position encoder, layernorm, matmul (cblas_sgemm), causal
  * multi-head attention, residual add, fused softmax cross-entropy. Each is a
  * `_forward` / `_backward` pair; a backward ACCUMULATES into every gradient
- * it is given (inputs and parameters alike). The optimised matmul and
- * attention have a naive `_ref` beside them that tests hold them to.
+ * it is given (inputs and parameters alike). The matmul, attention, token
+ * encoder and cross-entropy have a naive `_ref` beside them that tests hold
+ * them to.
  *
  * Layout: N = B*T rows, row-major; linear weights are [out, in] (nn.Linear).
+ * Token ids are int32_t (vocabularies up to 2^24).
  * None of these fail: sizes are the caller's contract. */
 #ifndef MOE_MODEL_OPS_H
 #define MOE_MODEL_OPS_H
 
 #include <stdint.h>
 
-/* out (B, T, C) = wte[inp] + wpe[t]. inp (B, T) bytes, wte (V, C), wpe (>= T, C)
+/* out (B, T, C) = wte[inp] + wpe[t]. inp (B, T) token ids, each in [0, V) (the
+ * caller's contract: moe_model_forward checks them), wte (V, C), wpe (>= T, C)
  * or NULL (rotary positions: out = wte[inp]). */
-void moe_model_encoder_forward(float *out, const uint8_t *inp, const float *wte, const float *wpe,
+void moe_model_encoder_forward(float *out, const int32_t *inp, const float *wte, const float *wpe,
                                int B, int T, int C);
 /* dwte (V, C), dwpe (T, C) += scattered dout (B, T, C); dwpe may be NULL. */
-void moe_model_encoder_backward(float *dwte, float *dwpe, const float *dout, const uint8_t *inp,
+void moe_model_encoder_backward(float *dwte, float *dwpe, const float *dout, const int32_t *inp,
                                 int B, int T, int C);
+/* The plain references: wte[inp] as a one-hot (V) row times wte, and dwte
+ * row by row over the vocabulary (V rows x N positions). */
+void moe_model_encoder_forward_ref(float *out, const int32_t *inp, const float *wte, const float *wpe,
+                                   int B, int T, int C, int V);
+void moe_model_encoder_backward_ref(float *dwte, float *dwpe, const float *dout, const int32_t *inp,
+                                    int B, int T, int C, int V);
 
 /* out (N, C) = (inp - mean) * rstd * weight + bias; saves mean, rstd (N). */
 void moe_model_layernorm_forward(float *out, float *mean, float *rstd, const float *inp,
@@ -99,12 +108,17 @@ void moe_model_attention_backward_ref(float *dinp, float *scratch, const float *
 void moe_model_residual_forward(float *out, const float *a, const float *b, long n);
 
 /* Fused softmax cross-entropy over V classes: probs (N, V) = softmax(logits),
- * losses (N) = logsumexp(logits) - logits[target]. targets (N). */
+ * losses (N) = logsumexp(logits) - logits[target]. targets (N) ids in [0, V). */
 void moe_model_crossentropy_forward(float *losses, float *probs, const float *logits,
-                                    const uint8_t *targets, int N, int V);
+                                    const int32_t *targets, int N, int V);
 /* dlogits (N, V) += (probs - onehot(target)) * dloss, the same dL/dloss for
  * every row (the mean over tokens: 1 / tokens). */
-void moe_model_crossentropy_backward(float *dlogits, const float *probs, const uint8_t *targets,
+void moe_model_crossentropy_backward(float *dlogits, const float *probs, const int32_t *targets,
                                      float dloss, int N, int V);
+/* The plain references, in double with libm's exp and log. */
+void moe_model_crossentropy_forward_ref(float *losses, float *probs, const float *logits,
+                                        const int32_t *targets, int N, int V);
+void moe_model_crossentropy_backward_ref(float *dlogits, const float *probs, const int32_t *targets,
+                                         float dloss, int N, int V);
 
 #endif

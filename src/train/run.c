@@ -25,7 +25,7 @@ struct moe_train_run {
     int n_moe, E, El, e0, B;
     int64_t *tokens_total, *dropped_total; /* (n_moe, E) since step 0, global */
     int64_t *expert_step_g;                /* (n_moe, E) global view for checkpoints */
-    uint8_t *in, *tg;                      /* (B, seq_len) this rank's batch */
+    int32_t *in, *tg;                      /* (B, seq_len) this rank's batch, token ids */
     char *config_text;                     /* the resolved INI text (owned) */
     FILE *metrics;                         /* rank 0 */
     int64_t step, step0, tokens_seen;
@@ -49,7 +49,7 @@ static int mkdir_p(const char *path)
 }
 
 /* Validation loss (nats per byte) over val_batches fixed batches. Collective. */
-static moe_status validate(moe_train_run *r, uint8_t *in, uint8_t *tg, double *loss)
+static moe_status validate(moe_train_run *r, int32_t *in, int32_t *tg, double *loss)
 {
     const moe_train_config *c = &r->cfg;
     const int B = r->B;
@@ -300,8 +300,8 @@ moe_status moe_train_run_create(moe_train_run **out, const moe_train_config *cfg
         r->tokens_total = moe_calloc(nE, sizeof(int64_t));
         r->dropped_total = moe_calloc(nE, sizeof(int64_t));
         r->expert_step_g = moe_calloc(nE, sizeof(int64_t));
-        r->in = moe_calloc((size_t)r->B * c->seq_len, 1);
-        r->tg = moe_calloc((size_t)r->B * c->seq_len, 1);
+        r->in = moe_calloc((size_t)r->B * c->seq_len, sizeof(int32_t));
+        r->tg = moe_calloc((size_t)r->B * c->seq_len, sizeof(int32_t));
         st = r->tokens_total && r->dropped_total && r->expert_step_g && r->in && r->tg
                  ? MOE_OK : moe_errorf(MOE_ERR_NOMEM, "train buffers");
         st = moe_comm_agree_detail(comm, MOE_SCOPE_WORLD, st);

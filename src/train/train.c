@@ -304,7 +304,7 @@ static void update_expert_bias(moe_trainer *tr, const moe_model_stats *ms)
     }
 }
 
-moe_status moe_trainer_step(moe_trainer *tr, const uint8_t *inputs, const uint8_t *targets,
+moe_status moe_trainer_step(moe_trainer *tr, const int32_t *inputs, const int32_t *targets,
                             int64_t step, moe_train_stats *st)
 {
     moe_train_stats local;

@@ -57,13 +57,13 @@ void moe_trainer_set_updates(moe_trainer *tr, int64_t n); /* for resume */
 double moe_train_lr(const moe_train_config *cfg, int64_t step);
 
 /* One optimizer step on this rank's batch: inputs, targets (local_seqs,
- * seq_len) bytes, rank r holding global sequences [r*B, (r+1)*B). step names
+ * seq_len) token ids in [0, vocab_size), rank r holding global sequences [r*B, (r+1)*B). step names
  * the step for the lr schedule and the router noise. Fills *st (may be NULL).
  * Collective over world. A NaN/Inf loss or gradient returns
  * MOE_ERR_NONFINITE on EVERY rank with no parameter, moment or counter
  * changed; any other failure on one rank returns non-OK on every rank
  * (the failing rank's status, MOE_ERR_REMOTE elsewhere). */
-moe_status moe_trainer_step(moe_trainer *tr, const uint8_t *inputs, const uint8_t *targets,
+moe_status moe_trainer_step(moe_trainer *tr, const int32_t *inputs, const int32_t *targets,
                             int64_t step, moe_train_stats *st);
 
 #endif

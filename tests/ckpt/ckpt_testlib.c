@@ -21,7 +21,23 @@ void tk_config(moe_train_config *c)
     c->activation = MOE_ACT_SWIGLU;
     c->router_noise = 1;
     c->capacity_factor = 1.25;
+    if (!tk_arch) return;
+    c->norm = MOE_NORM_RMSNORM;
+    c->pos = MOE_POS_ROPE;
+    c->n_kv_heads = 1;
+    c->head_dim = 6;
+    c->qk_norm = MOE_QK_NORM_HEAD;
+    c->linear_bias = 0;
+    c->attn_bias = 1;
+    c->tie_embeddings = 0;
+    c->score = MOE_SCORE_SIGMOID;
+    c->expert_bias = 1;
+    c->n_shared = 2;
+    c->d_ff_shared = 4;
+    c->shared_gate = 1;
 }
+
+int tk_arch = 0;
 
 static uint32_t fnv32(const char *s)
 {

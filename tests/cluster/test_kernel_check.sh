@@ -44,7 +44,7 @@ commands=(
     "eval:eval --ckpt $tmp/ckpt --data $tmp/corpus.txt"
     "generate:generate --ckpt $tmp/ckpt --prompt ab --tokens 4"
     "bench layer:bench layer --tokens 64 --d-model 16 --d-ff 32 --experts 4 --iters 1 --warmup 0"
-    "bench a2a:bench a2a --tokens 64 --d-model 16 --experts 4 --iters 1 --warmup 0 --kind alltoallv"
+    "bench a2a:bench a2a --tokens 64 --d-model 16 --experts 4 --iters 1 --warmup 0 --kind p2p"
 )
 for c in "${commands[@]}"; do
     name=${c%%:*}
@@ -59,7 +59,7 @@ for c in "${commands[@]}"; do
     grep -q "warning: $want" "$tmp/allowed.log" || { cat "$tmp/allowed.log"; fail "$name --allow_mixed_kernels: no warning"; }
     mixed "$k0" "$k0" "$tmp/same.log" "${args[@]}" || { cat "$tmp/same.log"; fail "$name with the same kernels failed"; }
     grep -q "BLAS kernels\|ranks on" "$tmp/same.log" && { cat "$tmp/same.log"; fail "$name: a one-host job with one kernel set said something"; }
-    grep -q "^step\|^alltoallv\|^moe bench layer: .* ms" "$tmp/mixed.log" && fail "$name: did work before stopping"
+    grep -q "^step\|^p2p\|^moe bench layer: .* ms" "$tmp/mixed.log" && fail "$name: did work before stopping"
     log "$name: stops on mixed kernels, runs with --allow_mixed_kernels (warning) and with one kernel set"
 done
 # The option takes 0 or 1 only.

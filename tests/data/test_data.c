@@ -177,6 +177,12 @@ static void test_synth_domains(void **state)
     free(dom);
 }
 
+/* ids (n) are the bytes p (n), one id per byte. */
+static void assert_ids_bytes(const int32_t *ids, const uint8_t *p, size_t n)
+{
+    for (size_t i = 0; i < n; i++) assert_int_equal(ids[i], p[i]);
+}
+
 static void test_open_errors(void **state)
 {
     (void)state;
@@ -216,7 +222,7 @@ static void test_open_errors(void **state)
     /* Without validation data, asking for it is an error. */
     assert_int_equal(moe_data_open(&ds, path, NULL, 0, 16, 1), MOE_OK);
     assert_int_equal(moe_data_val_bytes(ds), 0);
-    uint8_t in[16], tg[16];
+    int32_t in[16], tg[16];
     assert_int_equal(moe_data_val_batch(ds, in, tg, 0, 1, 1), MOE_ERR_ARG);
     assert_int_equal(moe_data_batch(ds, in, tg, -1, 0, 1), MOE_ERR_ARG);
     moe_data_destroy(ds);
@@ -241,15 +247,15 @@ static void test_batches_rank_independent(void **state)
     assert_int_equal(moe_data_open(&ds, path, NULL, 0.1, T, 99), MOE_OK);
     assert_int_equal(moe_data_train_bytes(ds), 45000);
     assert_int_equal(moe_data_val_bytes(ds), 5000);
-    uint8_t in[12 * 32], tg[12 * 32], in_r[12 * 32], tg_r[12 * 32], in_prev[12 * 32];
+    int32_t in[12 * 32], tg[12 * 32], in_r[12 * 32], tg_r[12 * 32], in_prev[12 * 32];
     for (int64_t step = 0; step < 5; step++) {
         assert_int_equal(moe_data_batch(ds, in, tg, step, 0, B), MOE_OK);
         for (int i = 0; i < B; i++) {
             int64_t off = moe_data_train_offset(ds, step, i);
             assert_true(off >= 0 && off + T + 1 <= moe_data_train_bytes(ds));
-            assert_memory_equal(in + i * T, t + off, T);
-            assert_memory_equal(tg + i * T, t + off + 1, T);
-            assert_memory_equal(tg + i * T, in + i * T + 1, T - 1);
+            assert_ids_bytes(in + i * T, t + off, T);
+            assert_ids_bytes(tg + i * T, t + off + 1, T);
+            assert_memory_equal(tg + i * T, in + i * T + 1, (T - 1) * sizeof(int32_t));
         }
         const int worlds[] = {1, 2, 3, 4, 6, 12};
         for (size_t w = 0; w < sizeof worlds / sizeof worlds[0]; w++) {
@@ -257,8 +263,8 @@ static void test_batches_rank_independent(void **state)
             for (int r = 0; r < W; r++) {
                 int seq0 = r * B / W, nseq = B / W;
                 assert_int_equal(moe_data_batch(ds, in_r, tg_r, step, seq0, nseq), MOE_OK);
-                assert_memory_equal(in_r, in + seq0 * T, (size_t)nseq * T);
-                assert_memory_equal(tg_r, tg + seq0 * T, (size_t)nseq * T);
+                assert_memory_equal(in_r, in + seq0 * T, (size_t)nseq * T * sizeof(int32_t));
+                assert_memory_equal(tg_r, tg + seq0 * T, (size_t)nseq * T * sizeof(int32_t));
             }
         }
         if (step) assert_memory_not_equal(in, in_prev, sizeof in);
@@ -293,7 +299,7 @@ static void test_train_val_disjoint(void **state)
     moe_data *ds;
     assert_int_equal(moe_data_open(&ds, path, NULL, 0.05, T, 5), MOE_OK);
     assert_int_equal(moe_data_val_bytes(ds), NVAL);
-    uint8_t in[64 * T], tg[64 * T];
+    int32_t in[64 * T], tg[64 * T];
     int64_t lo = N, hi = -1;
     double mean = 0;
     const int steps = 400;
@@ -318,15 +324,15 @@ static void test_train_val_disjoint(void **state)
         for (int64_t g = 0; g < total; g++) {
             assert_int_equal(moe_data_val_batch(ds, in, tg, g, total, 1), MOE_OK);
             int64_t w = g * 31 / total;
-            assert_memory_equal(in, buf + (N - NVAL) + w * T, T);
-            assert_memory_equal(tg, buf + (N - NVAL) + w * T + 1, T);
+            assert_ids_bytes(in, buf + (N - NVAL) + w * T, T);
+            assert_ids_bytes(tg, buf + (N - NVAL) + w * T + 1, T);
         }
     }
     /* A pass split over ranks equals the pass in one piece. */
-    uint8_t in1[31 * T], tg1[31 * T];
-    assert_int_equal(moe_data_val_batch(ds, in, tg, 0, 31, 31), MOE_OK);
+    int32_t in1[31 * T], tg1[31 * T], in31[31 * T], tg31[31 * T];
+    assert_int_equal(moe_data_val_batch(ds, in31, tg31, 0, 31, 31), MOE_OK);
     assert_int_equal(moe_data_val_batch(ds, in1, tg1, 10, 31, 21), MOE_OK);
-    assert_memory_equal(in1, in + 10 * T, 21 * T);
+    assert_memory_equal(in1, in31 + 10 * T, 21 * T * sizeof(int32_t));
     assert_int_equal(moe_data_val_batch(ds, in1, tg1, 30, 31, 2), MOE_ERR_ARG);
     moe_data_destroy(ds);
 
@@ -336,7 +342,7 @@ static void test_train_val_disjoint(void **state)
     assert_int_equal(moe_data_open(&ds, path, vpath, 0.05, T, 5), MOE_OK);
     assert_int_equal(moe_data_train_bytes(ds), N);
     assert_int_equal(moe_data_val_batch(ds, in, tg, 0, 1, 1), MOE_OK);
-    assert_memory_equal(in, buf + N - NVAL, T);
+    assert_ids_bytes(in, buf + N - NVAL, T);
     moe_data_destroy(ds);
     unlink(vpath);
     unlink(path);

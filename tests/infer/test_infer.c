@@ -7,6 +7,7 @@
 #include <stdarg.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include <cmocka.h>
@@ -51,9 +52,10 @@ static moe_model *make_model(const char *router, const char *cf, const char *act
     return make_model_opts(router, cf, act, max_seqs, NULL);
 }
 
-static void random_bytes(uint8_t *x, int n, uint32_t salt)
+/* n random ids in [0, V) */
+static void random_ids(int32_t *x, int n, uint32_t salt)
 {
-    for (int i = 0; i < n; i++) x[i] = (uint8_t)(256.0 * moe_rng_uniform(3, MOE_RNG_DATA, (uint32_t)i, salt, 0, 0));
+    for (int i = 0; i < n; i++) x[i] = (int32_t)(V * moe_rng_uniform(3, MOE_RNG_DATA, (uint32_t)i, salt, 0, 0));
 }
 
 /* max |a - b| / max(1, |b|) over n entries */
@@ -68,7 +70,7 @@ static double rel_err(const float *a, const float *b, int n)
 }
 
 /* Logits of the last position of the full forward (train = 0) on x (T). */
-static const float *full_last(moe_model *m, const uint8_t *x, int T)
+static const float *full_last(moe_model *m, const int32_t *x, int T)
 {
     assert_int_equal(moe_model_forward(m, x, NULL, 1, T, 0, 0), MOE_OK);
     return moe_model_logits(m) + (size_t)(T - 1) * V;
@@ -101,8 +103,8 @@ static void test_decode_matches_forward(void **state)
         assert_true((moe_model_param(m, MOE_T_WPE, -1) == NULL) == (a >= 2));
         moe_infer_decoder *d = NULL;
         assert_int_equal(moe_infer_decoder_create(&d, m, 3), MOE_OK);
-        uint8_t text[3][S];
-        for (int b = 0; b < 3; b++) random_bytes(text[b], S, (uint32_t)b);
+        int32_t text[3][S];
+        for (int b = 0; b < 3; b++) random_ids(text[b], S, (uint32_t)b);
         float logits[S * V], expect[V];
         const int pre[3] = {5, 1, 9};
         int seq[S];
@@ -116,7 +118,7 @@ static void test_decode_matches_forward(void **state)
             }
         }
         for (int step = 0;; step++) {
-            uint8_t tok[3];
+            int32_t tok[3];
             int n = 0;
             for (int b = 0; b < 3; b++)
                 if (moe_infer_decoder_length(d, b) < S) {
@@ -149,8 +151,8 @@ static void test_decode_expert_choice(void **state)
     moe_model *m = make_model("expert_choice", NULL, "gelu", 1);
     moe_infer_decoder *d = NULL;
     assert_int_equal(moe_infer_decoder_create(&d, m, 5), MOE_OK);
-    uint8_t tok[5];
-    random_bytes(tok, 5, 11);
+    int32_t tok[5];
+    random_ids(tok, 5, 11);
     int seq[5] = {0, 1, 2, 3, 4};
     float first[5 * V], again[5 * V];
     for (int B = 1; B <= 5; B++) {
@@ -180,7 +182,7 @@ static void test_decode_errors(void **state)
     moe_model *m = make_model("token_choice", "0", "gelu", 1);
     moe_infer_decoder *d = NULL;
     assert_int_equal(moe_infer_decoder_create(&d, m, 2), MOE_OK);
-    uint8_t tok[S + 1] = {0};
+    int32_t tok[S + 1] = {0};
     int seq[S + 1] = {0};
     float logits[(S + 1) * V];
     assert_int_equal(moe_infer_decode(d, logits, tok, seq, 0), MOE_ERR_ARG);
@@ -194,6 +196,13 @@ static void test_decode_errors(void **state)
     assert_non_null(strstr(moe_error_detail(), "seq_len"));
     assert_int_equal(moe_infer_decoder_length(d, 0), S - 1);                 /* unchanged */
     assert_int_equal(moe_infer_decode(d, logits, tok, seq, 1), MOE_OK);
+    moe_infer_decoder_reset(d, 0);
+    tok[1] = V; /* ids outside the vocabulary: refused, nothing changed */
+    assert_int_equal(moe_infer_decode(d, logits, tok, seq, 2), MOE_ERR_ARG);
+    assert_non_null(strstr(moe_error_detail(), "token 1 has id 256"));
+    tok[1] = -3;
+    assert_int_equal(moe_infer_decode(d, logits, tok, seq, 2), MOE_ERR_ARG);
+    assert_int_equal(moe_infer_decoder_length(d, 0), 0);
     assert_int_equal(moe_infer_decoder_create(&(moe_infer_decoder *){NULL}, m, 0), MOE_ERR_ARG);
     moe_infer_decoder_destroy(d);
     moe_model_destroy(m);
@@ -216,45 +225,45 @@ static void test_generate_greedy_slides(void **state)
     moe_model *m = make_model("token_choice", "0", "gelu", 2);
     moe_infer_decoder *d = NULL;
     assert_int_equal(moe_infer_decoder_create(&d, m, 2), MOE_OK);
-    uint8_t p0[20], p1[3];
-    random_bytes(p0, 20, 21);
-    random_bytes(p1, 3, 22);
-    const uint8_t *prompts[2] = {p0, p1};
+    int32_t p0[20], p1[3];
+    random_ids(p0, 20, 21);
+    random_ids(p1, 3, 22);
+    const int32_t *prompts[2] = {p0, p1};
     const size_t len[2] = {20, 3};
     enum { N = 40 };
-    uint8_t out[2 * N];
+    int32_t out[2 * N];
     moe_infer_sampler greedy = {.temperature = 0, .top_p = 1, .seed = 5};
     moe_infer_gen_stats gs;
-    assert_int_equal(moe_infer_generate(out, &gs, d, moe_comm_self(), prompts, len, 2, N, &greedy), MOE_OK);
+    assert_int_equal(moe_infer_generate(out, &gs, d, moe_comm_self(), prompts, len, 2, N, &greedy, NULL), MOE_OK);
     assert_true(gs.slides >= 4);
     assert_int_equal(gs.prefill_tokens, S + 3);
     for (int b = 0; b < 2; b++) {
-        uint8_t ctx[S + 1];
+        int32_t ctx[S + 1];
         int n = len[b] < S ? (int)len[b] : S;
-        memcpy(ctx, prompts[b] + len[b] - n, (size_t)n);
+        memcpy(ctx, prompts[b] + len[b] - n, (size_t)n * sizeof(int32_t));
         for (int j = 0; j < N; j++) {
             assert_int_equal(out[b * N + j], argmax(full_last(m, ctx, n)));
             ctx[n++] = out[b * N + j];
             if (n > S) {
-                memmove(ctx, ctx + n - S / 2, S / 2);
+                memmove(ctx, ctx + n - S / 2, S / 2 * sizeof(int32_t));
                 n = S / 2;
             }
         }
     }
     /* sampling is deterministic in the seed */
     moe_infer_sampler s = {.temperature = 1, .top_k = 40, .top_p = 0.95, .seed = 9};
-    uint8_t a[2 * N], b2[2 * N];
-    assert_int_equal(moe_infer_generate(a, NULL, d, moe_comm_self(), prompts, len, 2, N, &s), MOE_OK);
-    assert_int_equal(moe_infer_generate(b2, NULL, d, moe_comm_self(), prompts, len, 2, N, &s), MOE_OK);
+    int32_t a[2 * N], b2[2 * N];
+    assert_int_equal(moe_infer_generate(a, NULL, d, moe_comm_self(), prompts, len, 2, N, &s, NULL), MOE_OK);
+    assert_int_equal(moe_infer_generate(b2, NULL, d, moe_comm_self(), prompts, len, 2, N, &s, NULL), MOE_OK);
     assert_memory_equal(a, b2, sizeof a);
     s.seed = 10;
-    assert_int_equal(moe_infer_generate(b2, NULL, d, moe_comm_self(), prompts, len, 2, N, &s), MOE_OK);
+    assert_int_equal(moe_infer_generate(b2, NULL, d, moe_comm_self(), prompts, len, 2, N, &s, NULL), MOE_OK);
     assert_memory_not_equal(a, b2, sizeof a);
     /* argument errors */
-    assert_int_equal(moe_infer_generate(a, NULL, d, moe_comm_self(), prompts, len, 3, N, &s), MOE_ERR_ARG);
-    assert_int_equal(moe_infer_generate(a, NULL, d, moe_comm_self(), prompts, len, 2, -1, &s), MOE_ERR_ARG);
+    assert_int_equal(moe_infer_generate(a, NULL, d, moe_comm_self(), prompts, len, 3, N, &s, NULL), MOE_ERR_ARG);
+    assert_int_equal(moe_infer_generate(a, NULL, d, moe_comm_self(), prompts, len, 2, -1, &s, NULL), MOE_ERR_ARG);
     s.top_p = 0;
-    assert_int_equal(moe_infer_generate(a, NULL, d, moe_comm_self(), prompts, len, 2, N, &s), MOE_ERR_ARG);
+    assert_int_equal(moe_infer_generate(a, NULL, d, moe_comm_self(), prompts, len, 2, N, &s, NULL), MOE_ERR_ARG);
     moe_infer_decoder_destroy(d);
     moe_model_destroy(m);
 }
@@ -266,22 +275,25 @@ static void test_eval_matches_model(void **state)
     (void)state;
     enum { W = 7, NB = W * S + 5 }; /* 7 full windows and a few spare bytes */
     moe_model *m = make_model("token_choice", "0", "gelu", W);
-    uint8_t data[NB], dom[NB], in[W * S], tg[W * S];
-    random_bytes(data, NB, 31);
+    int32_t data[NB], in[W * S], tg[W * S], nbytes[V];
+    uint8_t dom[NB];
+    random_ids(data, NB, 31);
     for (int i = 0; i < NB; i++) dom[i] = (uint8_t)(i / 20 % 3);
     for (int w = 0; w < W; w++) {
-        memcpy(in + w * S, data + w * S, S);
-        memcpy(tg + w * S, data + w * S + 1, S);
+        memcpy(in + w * S, data + w * S, S * sizeof(int32_t));
+        memcpy(tg + w * S, data + w * S + 1, S * sizeof(int32_t));
     }
     assert_int_equal(moe_model_forward(m, in, tg, W, S, 0, 0), MOE_OK);
     moe_model_stats st;
     assert_int_equal(moe_model_reduce_stats(m, &st), MOE_OK);
     moe_infer_eval_result r;
-    assert_int_equal(moe_infer_eval(&r, m, moe_comm_self(), data, dom, NB, 3, 3), MOE_OK);
+    assert_int_equal(moe_infer_eval(&r, m, moe_comm_self(), data, NULL, dom, NB, 3, 3), MOE_OK);
     assert_int_equal(r.windows, W);
     assert_int_equal(r.tokens, W * S);
+    assert_int_equal(r.bytes, W * S); /* one byte per token */
     print_message("eval %.9f model %.9f\n", r.loss, st.ce);
     assert_true(fabs(r.loss - st.ce) < 1e-6 * st.ce);
+    assert_true(r.bpb == r.loss_sum / (double)r.tokens / M_LN2);
     /* dropless top-2: every token has 2 kept assignments in each MoE layer */
     for (int l = 0; l < r.n_moe; l++) {
         int64_t total = 0;
@@ -289,12 +301,24 @@ static void test_eval_matches_model(void **state)
         assert_int_equal(total, 2 * W * S);
     }
     moe_infer_eval_result_free(&r);
+    /* bytes per id: the targets' bytes, and the same loss */
+    int64_t bytes = 0;
+    for (int i = 0; i < V; i++) nbytes[i] = 1 + i % 5;
+    for (int i = 1; i <= W * S; i++) bytes += nbytes[data[i]];
+    const double loss = r.loss;
+    assert_int_equal(moe_infer_eval(&r, m, moe_comm_self(), data, nbytes, NULL, NB, 3, 3), MOE_OK);
+    assert_int_equal(r.bytes, bytes);
+    assert_true(r.loss == loss);
+    assert_true(fabs(r.bpb - r.loss_sum / (double)bytes / M_LN2) < 1e-12 * r.bpb);
     /* bad inputs */
-    assert_int_equal(moe_infer_eval(&r, m, moe_comm_self(), data, NULL, S, 3, 3), MOE_ERR_ARG);
+    assert_int_equal(moe_infer_eval(&r, m, moe_comm_self(), data, NULL, NULL, S, 3, 3), MOE_ERR_ARG);
     dom[50] = 3;
-    assert_int_equal(moe_infer_eval(&r, m, moe_comm_self(), data, dom, NB, 3, 3), MOE_ERR_ARG);
-    assert_non_null(strstr(moe_error_detail(), "byte 50"));
-    assert_int_equal(moe_infer_eval(&r, m, moe_comm_self(), data, NULL, NB, 3, 0), MOE_ERR_ARG);
+    assert_int_equal(moe_infer_eval(&r, m, moe_comm_self(), data, NULL, dom, NB, 3, 3), MOE_ERR_ARG);
+    assert_non_null(strstr(moe_error_detail(), "token 50"));
+    assert_int_equal(moe_infer_eval(&r, m, moe_comm_self(), data, NULL, NULL, NB, 3, 0), MOE_ERR_ARG);
+    data[70] = V;
+    assert_int_equal(moe_infer_eval(&r, m, moe_comm_self(), data, NULL, NULL, NB, 3, 3), MOE_ERR_ARG);
+    assert_non_null(strstr(moe_error_detail(), "token 70 has id 256"));
     moe_model_destroy(m);
 }
 
@@ -307,9 +331,9 @@ static void test_sampler(void **state)
     const int ids[4] = {7, 3, 200, 9};
     const double p[4] = {0.4, 0.3, 0.2, 0.1};
     for (int i = 0; i < 4; i++) logits[ids[i]] = (float)log(p[i]);
-    int id = -1;
+    int32_t id = -1;
     moe_infer_sampler s = {.temperature = 0, .top_p = 1, .seed = 1};
-    assert_int_equal(moe_infer_sample(&id, &s, logits, 0, 0), MOE_OK);
+    assert_int_equal(moe_infer_sample(&id, &s, logits, V, 0, 0, NULL), MOE_OK);
     assert_int_equal(id, 7);
     /* frequencies over positions follow the (cut) distribution */
     struct { int top_k; double top_p; double want[4]; } cases[] = {
@@ -324,7 +348,7 @@ static void test_sampler(void **state)
         s = (moe_infer_sampler){.temperature = 1, .top_k = cases[c].top_k, .top_p = cases[c].top_p, .seed = 42};
         int count[4] = {0}, other = 0;
         for (int j = 0; j < DRAWS; j++) {
-            assert_int_equal(moe_infer_sample(&id, &s, logits, (uint32_t)j, 3), MOE_OK);
+            assert_int_equal(moe_infer_sample(&id, &s, logits, V, (uint32_t)j, 3, NULL), MOE_OK);
             int k = 0;
             while (k < 4 && ids[k] != id) k++;
             if (k == 4) other++;
@@ -339,15 +363,15 @@ static void test_sampler(void **state)
     for (int k = 0; k < 4; k++) z += sqrt(p[k]);
     int first = 0;
     for (int j = 0; j < DRAWS; j++) {
-        assert_int_equal(moe_infer_sample(&id, &s, logits, (uint32_t)j, 0), MOE_OK);
+        assert_int_equal(moe_infer_sample(&id, &s, logits, V, (uint32_t)j, 0, NULL), MOE_OK);
         first += id == 7;
     }
     assert_true(fabs((double)first / DRAWS - sqrt(0.4) / z) < 0.015);
-    /* ties: lower byte first, for greedy */
+    /* ties: lower id first, for greedy */
     for (int i = 0; i < V; i++) logits[i] = 0;
     logits[100] = logits[50] = 1;
     s = (moe_infer_sampler){.temperature = 0, .top_p = 1};
-    assert_int_equal(moe_infer_sample(&id, &s, logits, 0, 0), MOE_OK);
+    assert_int_equal(moe_infer_sample(&id, &s, logits, V, 0, 0, NULL), MOE_OK);
     assert_int_equal(id, 50);
     /* errors */
     const moe_infer_sampler bad[] = {{.temperature = -1, .top_p = 1}, {.temperature = NAN, .top_p = 1},
@@ -355,7 +379,53 @@ static void test_sampler(void **state)
                                      {.temperature = 1, .top_k = -1, .top_p = 1}};
     for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) assert_int_equal(moe_infer_sampler_check(&bad[i]), MOE_ERR_ARG);
     logits[3] = NAN;
-    assert_int_equal(moe_infer_sample(&id, &s, logits, 0, 0), MOE_ERR_NONFINITE);
+    assert_int_equal(moe_infer_sample(&id, &s, logits, V, 0, 0, NULL), MOE_ERR_NONFINITE);
+}
+
+/* The fast sampler (partial selection, a sorted prefix grown in chunks)
+ * picks exactly what the full sort of moe_infer_sample_ref picks: peaked,
+ * flat and tied logits, vocabularies from 1 to 200k, every kind of cut. */
+static void test_sampler_matches_ref(void **state)
+{
+    (void)state;
+    const int sizes[] = {1, 2, 7, 256, 1000, 4096, 50257, 200019};
+    enum { MAXV = 200019 };
+    float *logits = malloc(sizeof(float) * MAXV);
+    void *scratch = malloc(moe_infer_sample_scratch_bytes(MAXV));
+    const struct { double temp; int top_k; double top_p; } cuts[] = {
+        {0, 0, 1},    {1, 0, 1},     {1, 40, 1},  {0.7, 0, 0.9}, {1, 0, 0.999}, {1.3, 100, 0.5},
+        {1, 1, 1},    {2, 5000, 1},  {1, 0, 1e-9}, {0.5, 3, 0.95},
+    };
+    int checked = 0;
+    for (size_t a = 0; a < sizeof sizes / sizeof sizes[0]; a++) {
+        const int n = sizes[a];
+        for (int shape = 0; shape < 3; shape++) {
+            for (int i = 0; i < n; i++) {
+                const double u = moe_rng_uniform(17, MOE_RNG_BENCH, (uint32_t)i, (uint32_t)shape, (uint32_t)n, 0);
+                /* 0: peaked (a few large logits), 1: flat, 2: only 8 distinct values (ties) */
+                logits[i] = shape == 0 ? (float)(12.0 * pow(u, 30.0) + 0.1 * u)
+                          : shape == 1 ? (float)(0.01 * u)
+                                       : (float)(int)(8.0 * u);
+            }
+            for (size_t c = 0; c < sizeof cuts / sizeof cuts[0]; c++)
+                for (uint32_t pos = 0; pos < (n > 5000 ? 3u : 12u); pos++) {
+                    const moe_infer_sampler s = {.temperature = cuts[c].temp, .top_k = cuts[c].top_k,
+                                                 .top_p = cuts[c].top_p, .seed = 11};
+                    int32_t fast = -1, ref = -2;
+                    assert_int_equal(moe_infer_sample(&fast, &s, logits, n, pos, 1, scratch), MOE_OK);
+                    assert_int_equal(moe_infer_sample_ref(&ref, &s, logits, n, pos, 1), MOE_OK);
+                    assert_int_equal(fast, ref);
+                    assert_true(fast >= 0 && fast < n);
+                    checked++;
+                }
+        }
+    }
+    print_message("%d draws equal to the reference\n", checked);
+    int32_t id;
+    const moe_infer_sampler s = {.temperature = 1, .top_p = 1};
+    assert_int_equal(moe_infer_sample(&id, &s, logits, 0, 0, 0, scratch), MOE_ERR_ARG);
+    free(logits);
+    free(scratch);
 }
 
 static void test_config_text(void **state)
@@ -385,7 +455,7 @@ int main(void)
         cmocka_unit_test(test_decode_matches_forward), cmocka_unit_test(test_decode_expert_choice),
         cmocka_unit_test(test_decode_errors),          cmocka_unit_test(test_generate_greedy_slides),
         cmocka_unit_test(test_eval_matches_model),     cmocka_unit_test(test_sampler),
-        cmocka_unit_test(test_config_text),
+        cmocka_unit_test(test_sampler_matches_ref),    cmocka_unit_test(test_config_text),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -1,6 +1,6 @@
 /* Test-only exporter for tests/model/model_ref.py: builds the small model of
  * a named variant (single process), runs one forward/backward on a random
- * byte batch and 5 AdamW steps on it, and writes to an HDF5 file (serial
+ * batch of token ids and 5 AdamW steps on it, and writes to an HDF5 file (serial
  * driver): the initial weights in the checkpoint /model layout with the
  * configuration as /model attributes, the batch, and the C results (logits,
  * loss, every gradient under /grad, the 5 step losses, expert step counts,
@@ -208,10 +208,10 @@ int main(int argc, char **argv)
             rw[3 * C + i] = -100.0f;
         }
     }
-    uint8_t *in = malloc((size_t)B * T), *tg = malloc((size_t)B * T);
+    int32_t *in = malloc((size_t)B * T * sizeof(int32_t)), *tg = malloc((size_t)B * T * sizeof(int32_t));
     for (int b = 0; b < B; b++)
         for (int t = 0; t <= T; t++) {
-            const uint8_t v = (uint8_t)(256.0 * moe_rng_uniform(5, MOE_RNG_DATA, (uint32_t)t, (uint32_t)b, 0, 0));
+            const int32_t v = (int32_t)(256.0 * moe_rng_uniform(5, MOE_RNG_DATA, (uint32_t)t, (uint32_t)b, 0, 0));
             if (t < T) in[b * T + t] = v;
             if (t > 0) tg[b * T + t - 1] = v;
         }
@@ -242,8 +242,8 @@ int main(int argc, char **argv)
     };
     for (size_t i = 0; i < sizeof attrs / sizeof attrs[0]; i++) attr_d(g, attrs[i].k, attrs[i].v);
     H5Gclose(g);
-    bad |= write_ds(f, "/batch/inputs", H5T_NATIVE_UINT8, in, 2, (int64_t[]){B, T});
-    bad |= write_ds(f, "/batch/targets", H5T_NATIVE_UINT8, tg, 2, (int64_t[]){B, T});
+    bad |= write_ds(f, "/batch/inputs", H5T_NATIVE_INT32, in, 2, (int64_t[]){B, T});
+    bad |= write_ds(f, "/batch/targets", H5T_NATIVE_INT32, tg, 2, (int64_t[]){B, T});
 
     moe_model_stats ms;
     moe_model_zero_grad(m);

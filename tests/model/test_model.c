@@ -36,10 +36,10 @@ static const moe_tensor *find(const moe_tensor_table *tab, const char *name)
     return NULL;
 }
 
-static void random_batch(uint8_t *x, int n, uint32_t salt)
+static void random_batch(int32_t *x, int n, uint32_t salt)
 {
     for (int i = 0; i < n; i++)
-        x[i] = (uint8_t)(256.0 * moe_rng_uniform(3, MOE_RNG_DATA, (uint32_t)i, salt, 0, 0));
+        x[i] = (int32_t)(256.0 * moe_rng_uniform(3, MOE_RNG_DATA, (uint32_t)i, salt, 0, 0));
 }
 
 static void test_table(void **state)
@@ -147,7 +147,7 @@ static void test_batch_split(void **state)
     moe_model *m = NULL;
     assert_int_equal(moe_model_create(&m, &c, 4, moe_comm_self()), MOE_OK);
     enum { B = 4, T = 16, V = 256 };
-    uint8_t in[B * T], tg[B * T];
+    int32_t in[B * T], tg[B * T];
     random_batch(in, B * T, 1);
     random_batch(tg, B * T, 2);
     static float all[B * T * V];
@@ -200,7 +200,7 @@ static void test_errors(void **state)
     small_config(&c);
     c.group_seqs = 2;
     assert_int_equal(moe_model_create(&m, &c, 4, moe_comm_self()), MOE_OK);
-    uint8_t in[4 * 16] = {0};
+    int32_t in[4 * 16] = {0};
     assert_int_equal(moe_model_forward(m, in, in, 3, 16, 1, 0), MOE_ERR_ARG); /* B % group_seqs */
     assert_int_equal(moe_model_forward(m, in, in, 6, 16, 1, 0), MOE_ERR_ARG); /* B > max */
     assert_int_equal(moe_model_forward(m, in, in, 2, 17, 1, 0), MOE_ERR_ARG); /* T > seq_len */
@@ -211,6 +211,16 @@ static void test_errors(void **state)
     assert_int_equal(moe_model_backward(m), MOE_ERR_ARG);                      /* no targets */
     assert_int_equal(moe_model_forward(m, in, in, 2, 16, 1, 0), MOE_OK);
     assert_int_equal(moe_model_backward(m), MOE_OK);
+    /* ids outside [0, vocab_size), input or target, are refused by position */
+    in[17] = 256;
+    assert_int_equal(moe_model_forward(m, in, NULL, 2, 16, 0, 0), MOE_ERR_ARG);
+    assert_non_null(strstr(moe_error_detail(), "input id 256 at position 17"));
+    in[17] = 0;
+    int32_t tg[4 * 16] = {0};
+    tg[31] = -1;
+    assert_int_equal(moe_model_forward(m, in, tg, 2, 16, 1, 0), MOE_ERR_ARG);
+    assert_non_null(strstr(moe_error_detail(), "target id -1 at position 31"));
+    assert_int_equal(moe_model_backward(m), MOE_ERR_ARG); /* the failed forward left nothing */
     moe_model_destroy(m);
 }
 

@@ -9,6 +9,7 @@
 #include <stdarg.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include <cblas.h>
@@ -138,7 +139,7 @@ static void test_threads_bitwise(void **state)
     static float dx[2][N * C], dw[2][C], db[2][C], res[2][N * C];
     static float logits[N * V], probs[2][N * V], losses[2][N], dl[2][N * V];
     static float inp[N * C], wt[V * C], dinp[2][N * C], dwt[2][V * C], dbias[2][V];
-    uint8_t tg[N];
+    int32_t tg[N];
     fill(x, N * C, 60, 1.0f);
     fill(w, C, 61, 1.0f);
     fill(b, C, 62, 1.0f);
@@ -146,7 +147,7 @@ static void test_threads_bitwise(void **state)
     fill(logits, N * V, 64, 3.0f);
     fill(inp, N * C, 65, 1.0f);
     fill(wt, V * C, 66, 0.1f);
-    for (int i = 0; i < N; i++) tg[i] = (uint8_t)(i * 37);
+    for (int i = 0; i < N; i++) tg[i] = i * 37 % V;
     const int threads0 = openblas_get_num_threads();
     for (int nt = 1; nt <= 3; nt++) {
         const int k = nt > 1;
@@ -469,7 +470,7 @@ static void test_attention_gqa(void **state)
 enum { CN = 4, CV = 11 };
 typedef struct {
     float logits[CN * CV];
-    uint8_t targets[CN];
+    int32_t targets[CN];
 } ce_ctx;
 
 static double ce_loss(void *vctx)
@@ -513,7 +514,7 @@ static void test_encoder(void **state)
     static float wte[V * C], wpe[T * C], dwte[V * C], dwpe[T * C];
     fill(wte, V * C, 40, 1.0f);
     fill(wpe, T * C, 41, 1.0f);
-    const uint8_t inp[B * T] = {5, 255, 5, 0, 1, 2};
+    const int32_t inp[B * T] = {5, 255, 5, 0, 1, 2};
     float out[B * T * C], dout[B * T * C];
     moe_model_encoder_forward(out, inp, wte, wpe, B, T, C);
     for (int i = 0; i < B * T; i++)
@@ -523,6 +524,48 @@ static void test_encoder(void **state)
     moe_model_encoder_backward(dwte, dwpe, dout, inp, B, T, C);
     assert_true(dwte[5 * C] == 2.0f && dwte[255 * C] == 1.0f && dwte[7 * C] == 0.0f);
     assert_true(dwpe[0] == 2.0f && dwpe[2 * C + 3] == 2.0f);
+}
+
+/* The token encoder and the cross-entropy against their _refs at a GPT-2
+ * sized vocabulary, with ids at both ends of it and repeated ids (the
+ * scatter-add of the backward). */
+static void test_vocab_kernels_match_ref(void **state)
+{
+    (void)state;
+    enum { B = 3, T = 5, C = 6, V = 50257, N = B * T };
+    float *wte = malloc(sizeof(float) * V * C), *wpe = malloc(sizeof(float) * T * C);
+    float *dwte[2] = {calloc((size_t)V * C, sizeof(float)), calloc((size_t)V * C, sizeof(float))};
+    float *logits = malloc(sizeof(float) * N * V), *probs[2] = {malloc(sizeof(float) * N * V), malloc(sizeof(float) * N * V)};
+    float *dl[2] = {calloc((size_t)N * V, sizeof(float)), calloc((size_t)N * V, sizeof(float))};
+    float out[2][N * C], dout[N * C], dwpe[2][T * C] = {{0}}, losses[2][N];
+    int32_t ids[N] = {0, V - 1, 17, 50256, 0, 3, 17, 40000, 65 % V, 1, 2, V - 1, 12345, 7, 17};
+    fill(wte, V * C, 70, 1.0f);
+    fill(wpe, T * C, 71, 1.0f);
+    fill(dout, N * C, 72, 1.0f);
+    fill(logits, N * V, 73, 4.0f);
+    moe_model_encoder_forward(out[0], ids, wte, wpe, B, T, C);
+    moe_model_encoder_forward_ref(out[1], ids, wte, wpe, B, T, C, V);
+    assert_memory_equal(out[0], out[1], sizeof out[0]); /* the same additions */
+    moe_model_encoder_backward(dwte[0], dwpe[0], dout, ids, B, T, C);
+    moe_model_encoder_backward_ref(dwte[1], dwpe[1], dout, ids, B, T, C, V);
+    assert_memory_equal(dwte[0], dwte[1], sizeof(float) * V * C); /* same order per element */
+    assert_memory_equal(dwpe[0], dwpe[1], sizeof dwpe[0]);
+    assert_true(dwte[0][17 * C] == dout[2 * C] + dout[6 * C] + dout[14 * C]);
+    moe_model_crossentropy_forward(losses[0], probs[0], logits, ids, N, V);
+    moe_model_crossentropy_forward_ref(losses[1], probs[1], logits, ids, N, V);
+    for (int n = 0; n < N; n++) assert_true(fabsf(losses[0][n] - losses[1][n]) <= 1e-5f * fabsf(losses[1][n]));
+    assert_true(rel_err(probs[0], probs[1], N * V) < 1e-5);
+    moe_model_crossentropy_backward(dl[0], probs[0], ids, 0.25f, N, V);
+    moe_model_crossentropy_backward_ref(dl[1], probs[0], ids, 0.25f, N, V);
+    assert_true(rel_err(dl[0], dl[1], N * V) < 1e-6);
+    for (int k = 0; k < 2; k++) {
+        free(dwte[k]);
+        free(probs[k]);
+        free(dl[k]);
+    }
+    free(wte);
+    free(wpe);
+    free(logits);
 }
 
 int main(void)
@@ -538,6 +581,7 @@ int main(void)
         cmocka_unit_test(test_attention_gqa),
         cmocka_unit_test(test_crossentropy),
         cmocka_unit_test(test_encoder),
+        cmocka_unit_test(test_vocab_kernels_match_ref),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

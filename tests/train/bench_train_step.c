@@ -26,12 +26,12 @@ int main(int argc, char **argv)
         return 1;
     }
     const int B = cfg.batch_size, T = cfg.seq_len, warm = 3;
-    uint8_t *in = malloc((size_t)B * T), *tg = malloc((size_t)B * T);
+    int32_t *in = malloc((size_t)B * T * sizeof(int32_t)), *tg = malloc((size_t)B * T * sizeof(int32_t));
     double t0 = 0, fwd = 0, bwd = 0, opt = 0, loss = 0;
     for (int k = 0; k < warm + steps; k++) {
         for (int i = 0; i < B * T; i++) {
-            in[i] = (uint8_t)(256.0 * moe_rng_uniform(1, MOE_RNG_DATA, (uint32_t)i, (uint32_t)k, 0, 0));
-            tg[i] = (uint8_t)(256.0 * moe_rng_uniform(1, MOE_RNG_DATA, (uint32_t)i, (uint32_t)k, 1, 0));
+            in[i] = (int32_t)(256.0 * moe_rng_uniform(1, MOE_RNG_DATA, (uint32_t)i, (uint32_t)k, 0, 0));
+            tg[i] = (int32_t)(256.0 * moe_rng_uniform(1, MOE_RNG_DATA, (uint32_t)i, (uint32_t)k, 1, 0));
         }
         if (k == warm) t0 = moe_now();
         moe_train_stats st;

@@ -36,11 +36,11 @@ static void small_config(moe_train_config *c)
     c->steps = 10;
 }
 
-static void batch(uint8_t *in, uint8_t *tg, uint32_t step)
+static void batch(int32_t *in, int32_t *tg, uint32_t step)
 {
     for (int i = 0; i < B * T; i++) {
-        in[i] = (uint8_t)(256.0 * moe_rng_uniform(5, MOE_RNG_DATA, (uint32_t)i, step, 0, 0));
-        tg[i] = (uint8_t)(256.0 * moe_rng_uniform(5, MOE_RNG_DATA, (uint32_t)i, step, 1, 0));
+        in[i] = (int32_t)(256.0 * moe_rng_uniform(5, MOE_RNG_DATA, (uint32_t)i, step, 0, 0));
+        tg[i] = (int32_t)(256.0 * moe_rng_uniform(5, MOE_RNG_DATA, (uint32_t)i, step, 1, 0));
     }
 }
 
@@ -99,7 +99,7 @@ static void test_idle_expert_untouched(void **state)
         lb[i] = 1.0f;
         rw[3 * c.d_model + i] = -100.0f;
     }
-    uint8_t in[B * T], tg[B * T];
+    int32_t in[B * T], tg[B * T];
     batch(in, tg, 0);
     moe_train_stats st;
     assert_int_equal(moe_trainer_step(tr, in, tg, 0, &st), MOE_OK); /* give every moment a value */
@@ -146,7 +146,7 @@ static void run(const moe_train_config *c, int steps, double *losses, snapshot *
 {
     moe_trainer *tr = NULL;
     assert_int_equal(moe_trainer_create(&tr, c, moe_comm_self()), MOE_OK);
-    uint8_t in[B * T], tg[B * T];
+    int32_t in[B * T], tg[B * T];
     for (int k = 0; k < steps; k++) {
         moe_train_stats st;
         batch(in, tg, (uint32_t)k);
@@ -184,7 +184,7 @@ static void test_deterministic(void **state)
 
 static void expect_nonfinite(moe_trainer *tr, const char *name, size_t index, float value)
 {
-    uint8_t in[B * T], tg[B * T];
+    int32_t in[B * T], tg[B * T];
     batch(in, tg, 1);
     for (int i = 0; i < B * T; i++) in[i] = 7; /* byte 7 everywhere, so a poisoned wte row is used */
     float *x = param(tr, name);
@@ -213,7 +213,7 @@ static void test_nonfinite(void **state)
     small_config(&c);
     moe_trainer *tr = NULL;
     assert_int_equal(moe_trainer_create(&tr, &c, moe_comm_self()), MOE_OK);
-    uint8_t in[B * T], tg[B * T];
+    int32_t in[B * T], tg[B * T];
     batch(in, tg, 0);
     assert_int_equal(moe_trainer_step(tr, in, tg, 0, NULL), MOE_OK);
     expect_nonfinite(tr, "wte", 7 * 32, NAN);         /* row of byte 7: caught at the MoE layer's input */
@@ -229,7 +229,7 @@ static void test_norm_and_clip(void **state)
     c.grad_clip = 1e-3;
     moe_trainer *tr = NULL;
     assert_int_equal(moe_trainer_create(&tr, &c, moe_comm_self()), MOE_OK);
-    uint8_t in[B * T], tg[B * T];
+    int32_t in[B * T], tg[B * T];
     batch(in, tg, 0);
     moe_train_stats st;
     assert_int_equal(moe_trainer_step(tr, in, tg, 0, &st), MOE_OK);

@@ -77,11 +77,11 @@ static void config_arch(moe_train_config *c)
 }
 
 /* Sequence s of step k (T + 1 bytes: inputs then shifted targets). */
-static void global_batch(uint8_t *in, uint8_t *tg, int k)
+static void global_batch(int32_t *in, int32_t *tg, int k)
 {
     for (int s = 0; s < GB; s++)
         for (int t = 0; t <= T; t++) {
-            const uint8_t v = (uint8_t)(256.0 * moe_rng_uniform(9, MOE_RNG_DATA, (uint32_t)t, (uint32_t)s, (uint32_t)k, 0));
+            const int32_t v = (int32_t)(256.0 * moe_rng_uniform(9, MOE_RNG_DATA, (uint32_t)t, (uint32_t)s, (uint32_t)k, 0));
             if (t < T) in[s * T + t] = v;
             if (t > 0) tg[s * T + t - 1] = v;
         }
@@ -137,7 +137,7 @@ int main(int argc, char **argv)
                       t->numel * sizeof(float)));
     }
 
-    uint8_t in[GB * T], tg[GB * T];
+    int32_t in[GB * T], tg[GB * T];
     float bias_moved = 0; /* largest |b_e| seen after any step */
     for (int k = 0; k < STEPS; k++) {
         global_batch(in, tg, k);
