@@ -16,6 +16,7 @@ int moe_cmd_eval(int argc, char **argv);
 int moe_cmd_generate(int argc, char **argv);
 int moe_cmd_tokenizer(int argc, char **argv);
 int moe_cmd_selftest(int argc, char **argv);
+int moe_cmd_convert(int argc, char **argv);
 
 struct moe_comm;
 /* MPI start-up shared by the subcommands: moe_comm_init, then a world

@@ -63,6 +63,7 @@ static void usage(FILE *f)
             "  data synth --out FILE   write the built-in multi-domain corpus\n"
             "  data encode ...         encode a corpus into a token file (ranks and threads)\n"
             "  tokenizer <sub> ...     train, import, export, encode, decode, info (BPE tokenizers)\n"
+            "  convert import|export   Hugging Face MoE checkpoints (mixtral, qwen2/3_moe, olmoe) <-> moerun\n"
             "  bench layer             time one MoE layer forward+backward (--save writes a dump)\n"
             "  bench a2a               time the token all-to-all against raw MPI_Alltoallv\n"
             "  selftest blas           check and time OpenBLAS's kernel sets; pick the fastest correct one\n"
@@ -106,6 +107,7 @@ int main(int argc, char **argv)
     if (!strcmp(cmd, "eval")) return moe_cmd_eval(argc - 1, argv + 1);
     if (!strcmp(cmd, "generate")) return moe_cmd_generate(argc - 1, argv + 1);
     if (!strcmp(cmd, "tokenizer")) return moe_cmd_tokenizer(argc - 1, argv + 1);
+    if (!strcmp(cmd, "convert")) return moe_cmd_convert(argc - 1, argv + 1);
     if (!strcmp(cmd, "selftest")) return moe_cmd_selftest(argc - 1, argv + 1);
     fprintf(stderr, "moe: unknown command '%s'\n", cmd);
     usage(stderr);
