@@ -7,7 +7,9 @@
 # against each other first), alternating which side goes first. Figures:
 # median over rounds of each side's median iteration; "strongest" is the
 # formulation with the best median in this run. Also: the layer's expert
-# GEMM rate against the same GEMMs alone (moe bench layer) and against the
+# GEMM rate against the same GEMMs alone (moe bench layer: the faster of
+# OpenBLAS threading each GEMM and the experts shared out over the threads,
+# one OpenBLAS thread each) and against the
 # peak sgemm rate of `moe selftest blas` at the same thread count.
 #   bench/layer_vs_torch.sh [ROUNDS]    (default 3; build first: launch/build)
 #   env: THREADS (2), bench/env.sh (kernels, thread settings of both sides)

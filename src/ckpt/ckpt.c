@@ -8,6 +8,10 @@
  * otherwise). Datasets are chunked with the Fletcher32 filter; HDF5 >= 1.10.2
  * supports filters on the collective write path. Chunks of [E, ...]
  * datasets are single expert rows, so each chunk has exactly one writer.
+ * Rows with a row map (the vocabulary experts') go to their token ids: the
+ * rank's rows, sorted by id, against a file selection of those ids; a chunk
+ * may then hold rows of several ranks, which the collective filtered write
+ * path assembles on one of them.
  *
  * Loading: metadata and data are read independently (no collective HDF5
  * calls besides open/close), so a checksum failure on one rank's rows
@@ -25,6 +29,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "ckpt/ckpt_file.h"
 #include "ckpt/ckpt_h5.h"
 #include "comm/comm_h5.h"
 
@@ -40,11 +45,12 @@ static moe_status agree(moe_comm *c, moe_status s) { return moe_comm_agree_detai
 /* The local rows of every tensor are consistent with the table and with c's
  * expert ownership (docs/routing.md section 8: ep rank r holds [r E/P, (r+1) E/P)), and
  * offsets stay inside the block. Local check. */
-static moe_status check_table(const moe_tensor_table *t, int E, const moe_comm *c)
+static moe_status check_table(const moe_tensor_table *t, int E, int M, const moe_comm *c)
 {
     if (!t || t->n <= 0 || !t->t) return moe_errorf(MOE_ERR_ARG, "checkpoint: empty tensor table");
     const int P = moe_comm_ep_size(c), p = moe_comm_ep_rank(c);
     if (E <= 0 || E % P) return moe_errorf(MOE_ERR_ARG, "checkpoint: n_experts = %d with ep size %d", E, P);
+    if (M % P) return moe_errorf(MOE_ERR_ARG, "checkpoint: vocab_experts = %d with ep size %d", M, P);
     const int64_t r0 = (int64_t)p * (E / P), rows = E / P;
     for (int i = 0; i < t->n; i++) {
         const moe_tensor *x = &t->t[i];
@@ -54,12 +60,23 @@ static moe_status check_table(const moe_tensor_table *t, int E, const moe_comm *
             if (x->shape[k] <= 0)
                 return moe_errorf(MOE_ERR_ARG, "checkpoint: tensor '%s' has dim %d = %lld", x->name, k,
                                   (long long)x->shape[k]);
-        if (x->expert_sharded && (x->shape[0] != E || x->row0 != r0 || x->rows != rows || x->layer < 0))
+        if (x->expert_sharded && x->experts == MOE_EXPERTS_VOCAB) {
+            /* the rows of experts [p M/P, (p+1) M/P): segments over them, ids inside dim 0 */
+            const int Ml = M / P;
+            int ok = M > 0 && x->seg_off && x->row_ids && x->seg_off[0] == 0 && x->seg_off[Ml] == x->rows;
+            for (int j = 0; ok && j < Ml; j++) ok = x->seg_off[j] < x->seg_off[j + 1];
+            for (int64_t r = 0; ok && r < x->rows; r++) ok = x->row_ids[r] >= 0 && x->row_ids[r] < x->shape[0];
+            if (!ok)
+                return moe_errorf(MOE_ERR_ARG, "checkpoint: vocabulary tensor '%s' has bad segments or row ids for "
+                                               "%d experts on ep rank %d of %d", x->name, M, p, P);
+        } else if (x->expert_sharded && (x->shape[0] != E || x->row0 != r0 || x->rows != rows || x->layer < 0))
             return moe_errorf(MOE_ERR_ARG,
                               "checkpoint: expert tensor '%s' (dim 0 = %lld, rows [%lld, +%lld), layer %d) "
                               "does not match n_experts = %d and ep rank %d of %d",
                               x->name, (long long)x->shape[0], (long long)x->row0, (long long)x->rows,
                               x->layer, E, p, P);
+        if (x->dtype == MOE_TENSOR_I32 && (x->role != MOE_TENSOR_BUFFER || x->expert_sharded))
+            return moe_errorf(MOE_ERR_ARG, "checkpoint: integer tensor '%s' must be a replicated buffer", x->name);
         if (!x->expert_sharded && (x->row0 != 0 || x->rows != x->shape[0]))
             return moe_errorf(MOE_ERR_ARG, "checkpoint: replicated tensor '%s' holds rows [%lld, +%lld)",
                               x->name, (long long)x->row0, (long long)x->rows);
@@ -82,7 +99,10 @@ static uint64_t table_hash(const moe_tensor_table *t)
         h = ckpt_fnv1a(h, &x->ndim, sizeof x->ndim);
         h = ckpt_fnv1a(h, x->shape, sizeof x->shape);
         h = ckpt_fnv1a(h, &x->expert_sharded, sizeof x->expert_sharded);
+        h = ckpt_fnv1a(h, &x->experts, sizeof x->experts);
         h = ckpt_fnv1a(h, &x->layer, sizeof x->layer);
+        h = ckpt_fnv1a(h, &x->role, sizeof x->role);
+        h = ckpt_fnv1a(h, &x->dtype, sizeof x->dtype);
     }
     return h;
 }
@@ -92,7 +112,8 @@ static uint64_t table_hash(const moe_tensor_table *t)
 static moe_status check_common(moe_comm *c, const moe_tensor_table *t, int E, const moe_train_config *cfg,
                                moe_status local)
 {
-    if (local == MOE_OK) local = check_table(t, E, c);
+    const int M = cfg && cfg->head == MOE_HEAD_VOCAB_EXPERTS ? cfg->vocab_experts : 0;
+    if (local == MOE_OK) local = check_table(t, E, M, c);
     if (local == MOE_OK && cfg && cfg->n_experts != E)
         local = moe_errorf(MOE_ERR_ARG, "checkpoint: n_experts = %d but the config says %d", E, cfg->n_experts);
     moe_status st = agree(c, local);
@@ -106,30 +127,42 @@ static moe_status check_common(moe_comm *c, const moe_tensor_table *t, int E, co
 typedef struct {
     hid_t file, dxpl, lcpl;
     const char *path; /* for messages */
+    const moe_comm *comm; /* the watchdog's phases */
 } writer;
 
 /* One dataset: global shape dims, this rank's rows [r0, r0 + nr) from buf
- * (nr = 0: select none), chunks of chunk_rows rows. Collective. */
+ * (nr = 0: select none), or, with ids, the rows ids[0 .. nr) (ascending)
+ * in that order; chunks of chunk_rows rows. The buffer holds mtype values
+ * (floats for an integer dataset: HDF5 converts). Collective. */
 typedef struct {
     char name[DSET_NAME];
     moe_ckpt_dtype dtype;
+    hid_t str_type;            /* MOE_CKPT_STR: the fixed-length string type */
+    hid_t mtype;               /* the memory type when not the dtype's own (0) */
     int ndim;
     hsize_t dims[MOE_TENSOR_MAX_DIMS];
     hsize_t r0, nr, chunk_rows;
+    const int64_t *ids;
     const void *buf;
 } wdset;
 
-static hid_t file_type(moe_ckpt_dtype t)
+/* fs selects the rows ids[0 .. n) (ascending) of its [dims] space: one
+ * hyperslab per run of consecutive ids. */
+static herr_t select_rows(hid_t fs, int ndim, const hsize_t *dims, const int64_t *ids, hsize_t n)
 {
-    return t == MOE_CKPT_F32 ? H5T_IEEE_F32LE : t == MOE_CKPT_I64 ? H5T_STD_I64LE : H5T_STD_U8LE;
+    hsize_t start[MOE_TENSOR_MAX_DIMS] = {0}, count[MOE_TENSOR_MAX_DIMS];
+    for (int i = 1; i < ndim; i++) count[i] = dims[i];
+    herr_t rc = H5Sselect_none(fs);
+    for (hsize_t a = 0; rc >= 0 && a < n;) {
+        hsize_t b = a + 1;
+        while (b < n && ids[b] == ids[b - 1] + 1) b++;
+        start[0] = (hsize_t)ids[a];
+        count[0] = b - a;
+        rc = H5Sselect_hyperslab(fs, H5S_SELECT_OR, start, NULL, count, NULL);
+        a = b;
+    }
+    return rc;
 }
-
-static hid_t mem_type(moe_ckpt_dtype t)
-{
-    return t == MOE_CKPT_F32 ? H5T_NATIVE_FLOAT : t == MOE_CKPT_I64 ? H5T_NATIVE_INT64 : H5T_NATIVE_UINT8;
-}
-
-static size_t dtype_size(moe_ckpt_dtype t) { return t == MOE_CKPT_F32 ? 4 : t == MOE_CKPT_I64 ? 8 : 1; }
 
 static moe_status write_dset(const writer *w, const wdset *d)
 {
@@ -137,7 +170,10 @@ static moe_status write_dset(const writer *w, const wdset *d)
     for (int i = 1; i < d->ndim; i++) row *= d->dims[i];
     chunk[0] = d->chunk_rows;
     for (int i = 1; i < d->ndim; i++) chunk[i] = d->dims[i];
-    if (row * d->chunk_rows * dtype_size(d->dtype) >= (hsize_t)1 << 32)
+    const hid_t ftype = d->dtype == MOE_CKPT_STR ? d->str_type : ckpt_file_type(d->dtype);
+    const hid_t mtype = d->dtype == MOE_CKPT_STR ? d->str_type : d->mtype > 0 ? d->mtype : ckpt_mem_type(d->dtype);
+    const size_t esize = d->dtype == MOE_CKPT_STR ? H5Tget_size(d->str_type) : ckpt_dtype_size(d->dtype);
+    if (row * d->chunk_rows * esize >= (hsize_t)1 << 32)
         return moe_errorf(MOE_ERR_ARG, "checkpoint: a row of '%s' exceeds HDF5's 4 GiB chunk limit", d->name);
     const hsize_t n = d->nr * row;
     /* The memory space has the shape of the file selection (rows x the
@@ -151,31 +187,118 @@ static moe_status write_dset(const writer *w, const wdset *d)
     if (rc == 0)
         rc = H5Pset_chunk(dcpl, d->ndim, chunk) < 0 || H5Pset_fletcher32(dcpl) < 0 ||
              H5Pset_fill_time(dcpl, H5D_FILL_TIME_NEVER) < 0 ? -1 : 0;
-    hid_t ds = rc < 0 ? H5I_INVALID_HID
-                      : H5Dcreate2(w->file, d->name, file_type(d->dtype), fs, w->lcpl, dcpl, H5P_DEFAULT);
+    /* One watchdog phase per dataset (comm_timeout): a huge model's
+     * checkpoint is many phases, each bounded by its largest tensor. */
+    moe_comm_phase_begin(w->comm, MOE_SCOPE_WORLD, "parallel HDF5 checkpoint write (one dataset)");
+    hid_t ds = rc < 0 ? H5I_INVALID_HID : H5Dcreate2(w->file, d->name, ftype, fs, w->lcpl, dcpl, H5P_DEFAULT);
     if (ds < 0) rc = -1;
     if (rc == 0 && n == 0) {
         rc = H5Sselect_none(fs) < 0 || H5Sselect_none(ms) < 0 ? -1 : 0;
+    } else if (rc == 0 && d->ids) {
+        rc = select_rows(fs, d->ndim, d->dims, d->ids, d->nr);
     } else if (rc == 0) {
         hsize_t start[MOE_TENSOR_MAX_DIMS] = {d->r0}, count[MOE_TENSOR_MAX_DIMS] = {d->nr};
         for (int i = 1; i < d->ndim; i++) count[i] = d->dims[i];
         rc = H5Sselect_hyperslab(fs, H5S_SELECT_SET, start, NULL, count, NULL);
     }
     static const int64_t nothing; /* a rank writing nothing still passes a valid pointer */
-    if (rc >= 0) rc = H5Dwrite(ds, mem_type(d->dtype), ms, fs, w->dxpl, n ? d->buf : (const void *)&nothing);
+    if (rc >= 0) rc = H5Dwrite(ds, mtype, ms, fs, w->dxpl, n ? d->buf : (const void *)&nothing);
     if (ds >= 0) H5Dclose(ds);
+    moe_comm_phase_end();
     if (dcpl >= 0) H5Pclose(dcpl);
     if (ms >= 0) H5Sclose(ms);
     if (fs >= 0) H5Sclose(fs);
     return rc < 0 ? moe_h5_fail(MOE_ERR_IO, "cannot write dataset", d->name, w->path) : MOE_OK;
 }
 
+/* Scratch for the tensors with a row map: their local rows sorted by global
+ * row id (ids, perm: local row of each) and room for one tensor's rows in
+ * that order; and for integer tensors, their values as int32 (parallel HDF5
+ * writes filtered datasets collectively, which excludes type conversion).
+ * Built before a file is touched, so an allocation failure is agreed on
+ * instead of leaving a rank out of a collective write. */
+typedef struct {
+    int64_t n, cap_floats;
+    int64_t *ids, *perm;
+    float *rows;
+    int32_t *ints;  /* (largest integer tensor) */
+} row_map;
+
+static void row_map_free(row_map *r)
+{
+    free(r->ids);
+    free(r->perm);
+    moe_free(r->rows);
+    free(r->ints);
+    memset(r, 0, sizeof *r);
+}
+
+static int cmp_pair(const void *a, const void *b)
+{
+    const int64_t *x = a, *y = b;
+    return x[0] < y[0] ? -1 : x[0] > y[0];
+}
+
+/* The row map of table t (its tensors with row_ids share one: the vocabulary
+ * experts' weight and bias). Local: MOE_ERR_NOMEM. */
+static moe_status row_map_make(row_map *r, const moe_tensor_table *t)
+{
+    memset(r, 0, sizeof *r);
+    const moe_tensor *first = NULL;
+    size_t ints = 0;
+    for (int i = 0; i < t->n; i++) {
+        const moe_tensor *x = &t->t[i];
+        if (x->dtype == MOE_TENSOR_I32 && x->numel > ints) ints = x->numel;
+        if (!x->row_ids) continue;
+        if (!first) first = x;
+        const int64_t f = (int64_t)x->numel;
+        if (f > r->cap_floats) r->cap_floats = f;
+    }
+    if (ints && !(r->ints = malloc(ints * sizeof *r->ints)))
+        return moe_errorf(MOE_ERR_NOMEM, "checkpoint: %zu integers", ints);
+    if (!first) return MOE_OK;
+    const int64_t n = first->rows;
+    int64_t *pairs = malloc((size_t)(n ? n : 1) * 2 * sizeof *pairs);
+    r->ids = malloc((size_t)(n ? n : 1) * sizeof *r->ids);
+    r->perm = malloc((size_t)(n ? n : 1) * sizeof *r->perm);
+    r->rows = moe_calloc((size_t)r->cap_floats, sizeof *r->rows);
+    if (!pairs || !r->ids || !r->perm || !r->rows) {
+        free(pairs);
+        row_map_free(r);
+        return moe_errorf(MOE_ERR_NOMEM, "checkpoint: %lld rows of the vocabulary experts", (long long)n);
+    }
+    for (int64_t i = 0; i < n; i++) pairs[2 * i] = first->row_ids[i], pairs[2 * i + 1] = i;
+    qsort(pairs, (size_t)n, 2 * sizeof *pairs, cmp_pair);
+    for (int64_t i = 0; i < n; i++) r->ids[i] = pairs[2 * i], r->perm[i] = pairs[2 * i + 1];
+    free(pairs);
+    r->n = n;
+    return MOE_OK;
+}
+
+/* Same ids as the map's (all row-mapped tensors of a table share them). */
+static int row_map_fits(const row_map *r, const moe_tensor *x)
+{
+    if (x->rows != r->n || (int64_t)x->numel > r->cap_floats) return 0;
+    for (int64_t i = 0; i < r->n; i++)
+        if (x->row_ids[r->perm[i]] != r->ids[i]) return 0;
+    return 1;
+}
+
+/* Does a tensor have a dataset under this prefix? Buffers have no optimizer
+ * state and no gradient. */
+static int has_dataset(const moe_tensor *x, const char *prefix)
+{
+    return x->role != MOE_TENSOR_BUFFER || !strcmp(prefix, "/model/");
+}
+
 /* A table tensor under `prefix` ("/model/", "/optimizer/m/", "/grad/"):
  * expert rows from replica 0's owners, replicated tensors from world rank 0. */
 static moe_status write_tensor(const writer *w, moe_comm *c, const char *prefix, const moe_tensor *x,
-                               const float *block)
+                               const float *block, const row_map *rm)
 {
-    wdset d = {.dtype = MOE_CKPT_F32, .ndim = x->ndim, .buf = block + x->offset};
+    if (!has_dataset(x, prefix)) return MOE_OK;
+    wdset d = {.dtype = x->dtype == MOE_TENSOR_I32 ? MOE_CKPT_I32 : MOE_CKPT_F32, .mtype = H5T_NATIVE_FLOAT,
+               .ndim = x->ndim, .buf = block + x->offset};
     if (snprintf(d.name, sizeof d.name, "%s%s", prefix, x->name) >= (int)sizeof d.name)
         return moe_errorf(MOE_ERR_ARG, "checkpoint: dataset name %s%s too long", prefix, x->name);
     for (int i = 0; i < x->ndim; i++) d.dims[i] = (hsize_t)x->shape[i];
@@ -183,11 +306,25 @@ static moe_status write_tensor(const writer *w, moe_comm *c, const char *prefix,
     d.r0 = (hsize_t)x->row0;
     d.nr = writes ? (hsize_t)x->rows : 0;
     const hsize_t row_bytes = (hsize_t)moe_tensor_row_numel(x) * 4;
-    if (x->expert_sharded)
+    if (x->expert_sharded && !x->row_ids)
         d.chunk_rows = 1;
     else
         d.chunk_rows = row_bytes >= CHUNK_TARGET ? 1 : CHUNK_TARGET / row_bytes;
     if (d.chunk_rows > d.dims[0]) d.chunk_rows = d.dims[0];
+    if (x->row_ids) {
+        /* the local rows in id order (checked equal on every rank by the
+         * table hash and row_map_fits at save time) */
+        const size_t row = (size_t)moe_tensor_row_numel(x);
+        for (int64_t i = 0; i < rm->n; i++)
+            memcpy(rm->rows + (size_t)i * row, block + x->offset + (size_t)rm->perm[i] * row, row * sizeof(float));
+        d.ids = rm->ids;
+        d.buf = rm->rows;
+    }
+    if (x->dtype == MOE_TENSOR_I32) {
+        for (size_t i = 0; i < x->numel; i++) rm->ints[i] = (int32_t)block[x->offset + i];
+        d.mtype = H5T_NATIVE_INT32;
+        d.buf = rm->ints;
+    }
     return write_dset(w, &d);
 }
 
@@ -207,7 +344,8 @@ static moe_status write_per_expert(const writer *w, moe_comm *c, const char *nam
         d.nr = moe_comm_rank(c) == 0 ? (hsize_t)E : 0;
         d.chunk_rows = (hsize_t)E;
     }
-    d.buf = (const char *)row + d.r0 * dtype_size(dtype);
+    d.mtype = ckpt_mem_type(dtype);
+    d.buf = (const char *)row + d.r0 * ckpt_dtype_size(dtype);
     return write_dset(w, &d);
 }
 
@@ -236,8 +374,8 @@ static moe_status root_info_make(root_info *r, moe_comm *c)
     return moe_comm_bcast(c, r, sizeof *r, 0);
 }
 
-static moe_status write_root(const writer *w, const char *format, const root_info *r, const char *config,
-                             int version)
+static moe_status write_root(const writer *w, const char *format, int64_t version, const root_info *r,
+                             const char *config)
 {
     moe_status st = moe_h5_attr_put_str(w->file, "format", format, w->path);
     if (st == MOE_OK) st = moe_h5_attr_put_i64(w->file, "format_version", version, w->path);
@@ -255,20 +393,76 @@ typedef struct {
     const moe_tensor_table *table;                    /* gradient dump: */
     const float *grads;
     const uint8_t *activated;                         /* (n_moe, E) */
+    const uint8_t *vocab_activated;                   /* (M) or NULL */
     int n_experts;
+    row_map rm;                                       /* both */
     int64_t step;
     const moe_train_config *cfg;
     const char *config;
 } body;
 
-static moe_status write_ckpt_body(const writer *w, moe_comm *c, const moe_ckpt_state *s)
+/* A whole 1-D dataset written by world rank 0, in chunks of about 1 MB. */
+static moe_status write_whole(const writer *w, moe_comm *c, const char *name, moe_ckpt_dtype dtype, hid_t str_type,
+                              const void *buf, hsize_t n)
+{
+    wdset d = {.dtype = dtype, .str_type = str_type, .ndim = 1, .dims = {n}, .buf = buf};
+    snprintf(d.name, sizeof d.name, "%s", name);
+    d.nr = moe_comm_rank(c) == 0 ? n : 0;
+    const size_t esize = dtype == MOE_CKPT_STR ? H5Tget_size(str_type) : ckpt_dtype_size(dtype);
+    d.chunk_rows = CHUNK_TARGET / esize < n ? CHUNK_TARGET / esize : n;
+    if (d.chunk_rows < 1) d.chunk_rows = 1;
+    return write_dset(w, &d);
+}
+
+/* /tokenizer (docs/formats.md): the rank byte strings and offsets, the
+ * pattern and vocab_size, and the specials when there are any (names as
+ * fixed-length NUL-padded strings, so that the dataset can carry a
+ * checksum). Collective: rank 0 writes the data. */
+static moe_status write_tokenizer(const writer *w, moe_comm *c, const moe_tok *t)
+{
+    hid_t g = H5I_INVALID_HID;
+    moe_status st = make_group(w, "/tokenizer", &g);
+    if (st == MOE_OK) st = moe_h5_attr_put_str(g, "pattern", moe_tok_pattern(t), w->path);
+    if (st == MOE_OK) st = moe_h5_attr_put_i64(g, "vocab_size", moe_tok_vocab_size(t), w->path);
+    if (g >= 0) H5Gclose(g);
+    const int64_t n = moe_tok_n_ranks(t);
+    const int64_t *off = moe_tok_rank_offsets(t);
+    if (st == MOE_OK)
+        st = write_whole(w, c, "/tokenizer/ranks_bytes", MOE_CKPT_U8, 0, moe_tok_rank_bytes(t), (hsize_t)off[n]);
+    if (st == MOE_OK) st = write_whole(w, c, "/tokenizer/ranks_offsets", MOE_CKPT_I64, 0, off, (hsize_t)n + 1);
+    const int k = moe_tok_n_specials(t);
+    if (st != MOE_OK || k == 0) return st;
+    size_t width = 1;
+    for (int i = 0; i < k; i++) {
+        const size_t len = strlen(moe_tok_special_name(t, i)) + 1;
+        width = len > width ? len : width;
+    }
+    int64_t *ids = moe_calloc((size_t)k, sizeof *ids);
+    char *names = moe_calloc((size_t)k, width);
+    hid_t type = H5Tcopy(H5T_C_S1);
+    if (!ids || !names) st = moe_errorf(MOE_ERR_NOMEM, "checkpoint: %d special tokens", k);
+    else if (type < 0 || H5Tset_size(type, width) < 0 || H5Tset_strpad(type, H5T_STR_NULLPAD) < 0)
+        st = moe_h5_fail(MOE_ERR_IO, "cannot make a string type for", "/tokenizer/special_names", w->path);
+    for (int i = 0; st == MOE_OK && i < k; i++) {
+        ids[i] = moe_tok_special_id(t, i);
+        memcpy(names + (size_t)i * width, moe_tok_special_name(t, i), strlen(moe_tok_special_name(t, i)));
+    }
+    if (st == MOE_OK) st = write_whole(w, c, "/tokenizer/special_ids", MOE_CKPT_I64, 0, ids, (hsize_t)k);
+    if (st == MOE_OK) st = write_whole(w, c, "/tokenizer/special_names", MOE_CKPT_STR, type, names, (hsize_t)k);
+    if (type >= 0) H5Tclose(type);
+    moe_free(ids);
+    moe_free(names);
+    return st;
+}
+
+static moe_status write_ckpt_body(const writer *w, moe_comm *c, const moe_ckpt_state *s, const row_map *rm)
 {
     hid_t g = H5I_INVALID_HID;
     const moe_tensor_table *t = s->table;
     moe_status st = make_group(w, "/model", &g);
     if (st == MOE_OK) st = ckpt_model_put(g, s->cfg, w->path);
     if (g >= 0) H5Gclose(g);
-    for (int i = 0; st == MOE_OK && i < t->n; i++) st = write_tensor(w, c, "/model/", &t->t[i], s->params);
+    for (int i = 0; st == MOE_OK && i < t->n; i++) st = write_tensor(w, c, "/model/", &t->t[i], s->params, rm);
 
     if (st == MOE_OK && (st = make_group(w, "/optimizer", &g)) == MOE_OK) {
         const struct {
@@ -282,8 +476,8 @@ static moe_status write_ckpt_body(const writer *w, moe_comm *c, const moe_ckpt_s
     }
     if (g >= 0) H5Gclose(g);
     g = H5I_INVALID_HID;
-    for (int i = 0; st == MOE_OK && i < t->n; i++) st = write_tensor(w, c, "/optimizer/m/", &t->t[i], s->m);
-    for (int i = 0; st == MOE_OK && i < t->n; i++) st = write_tensor(w, c, "/optimizer/v/", &t->t[i], s->v);
+    for (int i = 0; st == MOE_OK && i < t->n; i++) st = write_tensor(w, c, "/optimizer/m/", &t->t[i], s->m, rm);
+    for (int i = 0; st == MOE_OK && i < t->n; i++) st = write_tensor(w, c, "/optimizer/v/", &t->t[i], s->v, rm);
 
     int layers[MOE_CKPT_MAX_MOE_LAYERS];
     const int n_moe = moe_ckpt_moe_layers(t, layers), E = s->n_experts;
@@ -297,6 +491,12 @@ static moe_status write_ckpt_body(const writer *w, moe_comm *c, const moe_ckpt_s
         snprintf(name, sizeof name, "/stats/h/%d/expert_dropped", layers[l]);
         if (st == MOE_OK) st = write_per_expert(w, c, name, MOE_CKPT_I64, s->expert_dropped + o, E, 0);
     }
+    if (st == MOE_OK && s->cfg->head == MOE_HEAD_VOCAB_EXPERTS) {
+        const int M = s->cfg->vocab_experts;
+        st = write_per_expert(w, c, "/optimizer/expert_step/vocab_head", MOE_CKPT_I64, s->vocab_expert_step, M, 1);
+        if (st == MOE_OK)
+            st = write_per_expert(w, c, "/stats/vocab_head/expert_tokens", MOE_CKPT_I64, s->vocab_expert_tokens, M, 0);
+    }
 
     if (st == MOE_OK && (st = make_group(w, "/train", &g)) == MOE_OK) {
         st = moe_h5_attr_put_i64(g, "step", s->step, w->path);
@@ -307,6 +507,7 @@ static moe_status write_ckpt_body(const writer *w, moe_comm *c, const moe_ckpt_s
             st = moe_h5_attr_put_i64(g, s->extra[i].name, s->extra[i].value, w->path);
     }
     if (g >= 0) H5Gclose(g);
+    if (st == MOE_OK && s->tok) st = write_tokenizer(w, c, s->tok);
     return st;
 }
 
@@ -319,7 +520,7 @@ static moe_status write_grads_body(const writer *w, moe_comm *c, const body *b)
     if (st == MOE_OK) st = ckpt_model_put(g, b->cfg, w->path);
     if (g >= 0) H5Gclose(g);
     const moe_tensor_table *t = b->table;
-    for (int i = 0; st == MOE_OK && i < t->n; i++) st = write_tensor(w, c, "/grad/", &t->t[i], b->grads);
+    for (int i = 0; st == MOE_OK && i < t->n; i++) st = write_tensor(w, c, "/grad/", &t->t[i], b->grads, &b->rm);
     int layers[MOE_CKPT_MAX_MOE_LAYERS];
     const int n_moe = moe_ckpt_moe_layers(t, layers);
     char name[DSET_NAME];
@@ -328,6 +529,9 @@ static moe_status write_grads_body(const writer *w, moe_comm *c, const body *b)
         st = write_per_expert(w, c, name, MOE_CKPT_U8, b->activated + (size_t)l * (size_t)b->n_experts,
                               b->n_experts, 0);
     }
+    if (st == MOE_OK && b->vocab_activated)
+        st = write_per_expert(w, c, "/grad/vocab_head/activated", MOE_CKPT_U8, b->vocab_activated,
+                              b->cfg->vocab_experts, 0);
     return st;
 }
 
@@ -344,33 +548,48 @@ static moe_status fill(void *vctx, hid_t file, hid_t dxpl, hid_t lcpl, const cha
 {
     const fill_ctx *x = vctx;
     const body *b = x->b;
-    writer w = {file, dxpl, lcpl, tmp};
+    writer w = {file, dxpl, lcpl, tmp, x->c};
     const char *config = b->st ? b->st->config_text : b->config;
-    moe_status st = write_root(&w, b->st ? CKPT_FORMAT : CKPT_FORMAT_GRADS, x->r, config,
-                               ckpt_version(b->st ? b->st->cfg : b->cfg));
-    if (st == MOE_OK) st = b->st ? write_ckpt_body(&w, x->c, b->st) : write_grads_body(&w, x->c, b);
+    /* format 2 only when the file holds one of its additions: a /tokenizer
+     * group, or a format 2 /model attribute */
+    const int64_t version = b->st && b->st->tok ? 2 : ckpt_format_version(b->st ? b->st->cfg : b->cfg);
+    moe_status st = write_root(&w, b->st ? CKPT_FORMAT : CKPT_FORMAT_GRADS, version, x->r, config);
+    if (st == MOE_OK) st = b->st ? write_ckpt_body(&w, x->c, b->st, &b->rm) : write_grads_body(&w, x->c, b);
     return st;
 }
 
 /* Writes path atomically (path.tmp, the one HDF5 writer of io/h5.h).
  * Collective; the caller has already agreed on its argument checks. */
-static moe_status save_atomic(const char *path, moe_comm *c, const body *b)
+static moe_status save_atomic(const char *path, moe_comm *c, body *b, const moe_tensor_table *t)
 {
     root_info r;
-    moe_status st = root_info_make(&r, c);
-    if (st != MOE_OK) return st;
-    fill_ctx x = {b, &r, c};
-    return moe_h5_write_atomic(path, ".tmp", c, fill, &x);
+    moe_status st = row_map_make(&b->rm, t);
+    for (int i = 0; st == MOE_OK && i < t->n; i++)
+        if (t->t[i].row_ids && !row_map_fits(&b->rm, &t->t[i]))
+            st = moe_errorf(MOE_ERR_ARG, "checkpoint: tensor '%s' has other row ids than its table's first "
+                                         "row-mapped tensor", t->t[i].name);
+    st = agree(c, st);
+    if (st == MOE_OK) st = root_info_make(&r, c);
+    if (st == MOE_OK) {
+        fill_ctx x = {b, &r, c};
+        st = moe_h5_write_atomic(path, ".tmp", c, fill, &x);
+    }
+    row_map_free(&b->rm);
+    return st;
 }
 
 moe_status moe_ckpt_save(const char *path, moe_comm *c, const moe_ckpt_state *s)
 {
     moe_status local = MOE_OK;
     if (!path || !*path || !s || !s->table || !s->params || !s->m || !s->v || !s->cfg || !s->expert_step ||
-        !s->expert_tokens || !s->expert_dropped)
+        !s->expert_tokens || !s->expert_dropped ||
+        (s->cfg->head == MOE_HEAD_VOCAB_EXPERTS && (!s->vocab_expert_step || !s->vocab_expert_tokens)))
         local = moe_errorf(MOE_ERR_ARG, "checkpoint save: NULL path, state, table, buffer or config");
     else if (s->n_extra < 0 || s->n_extra > MOE_CKPT_MAX_EXTRA)
         local = moe_errorf(MOE_ERR_ARG, "checkpoint save: n_extra = %d", s->n_extra);
+    if (local == MOE_OK && s->tok && moe_tok_vocab_size(s->tok) > s->cfg->vocab_size)
+        local = moe_errorf(MOE_ERR_ARG, "checkpoint save: the tokenizer has %lld ids, more than the model's vocab_size %d",
+                           (long long)moe_tok_vocab_size(s->tok), s->cfg->vocab_size);
     for (int i = 0; local == MOE_OK && i < s->n_extra; i++) {
         const char *n = s->extra[i].name;
         if (!memchr(n, 0, MOE_CKPT_EXTRA_NAME) || !n[0] || !strcmp(n, "step") || !strcmp(n, "tokens_seen") ||
@@ -389,18 +608,32 @@ moe_status moe_ckpt_save(const char *path, moe_comm *c, const moe_ckpt_state *s)
     h = ckpt_fnv1a(h, dbls, sizeof dbls);
     h = ckpt_fnv1a(h, s->extra, sizeof s->extra[0] * (size_t)s->n_extra);
     if (s->config_text) h = ckpt_fnv1a(h, s->config_text, strlen(s->config_text));
+    if (s->tok) {
+        const uint64_t th = moe_tok_hash(s->tok);
+        h = ckpt_fnv1a(h, &th, sizeof th);
+        for (int i = 0; i < moe_tok_n_specials(s->tok); i++) {
+            const int64_t id = moe_tok_special_id(s->tok, i);
+            h = ckpt_fnv1a(h, &id, sizeof id);
+            h = ckpt_fnv1a(h, moe_tok_special_name(s->tok, i), strlen(moe_tok_special_name(s->tok, i)) + 1);
+        }
+    }
     if ((st = agree(c, moe_comm_check_same(c, "checkpoint attributes", &h, sizeof h))) != MOE_OK)
         return st;
     body b = {.st = s};
-    return save_atomic(path, c, &b);
+    /* Test hook: this rank stops answering before the parallel write; the
+     * others wait in it until the comm_timeout watchdog ends the job. */
+    if (moe_fault("ckpt_stall", moe_comm_rank(c)))
+        for (;;) pause();
+    return save_atomic(path, c, &b, s->table);
 }
 
 moe_status moe_ckpt_save_grads(const char *path, moe_comm *c, const moe_tensor_table *table, const float *grads,
-                               const uint8_t *activated, int n_experts, int64_t step,
-                               const moe_train_config *cfg, const char *config_text)
+                               const uint8_t *activated, const uint8_t *vocab_activated, int n_experts,
+                               int64_t step, const moe_train_config *cfg, const char *config_text)
 {
     moe_status local = MOE_OK;
-    if (!path || !*path || !table || !grads || !activated || !cfg)
+    if (!path || !*path || !table || !grads || !activated || !cfg ||
+        (cfg->head == MOE_HEAD_VOCAB_EXPERTS && !vocab_activated))
         local = moe_errorf(MOE_ERR_ARG, "gradient dump: NULL path, table, gradients, mask or config");
     moe_status st = check_common(c, local == MOE_OK ? table : NULL, n_experts, cfg, local);
     if (st != MOE_OK) return st;
@@ -409,8 +642,9 @@ moe_status moe_ckpt_save_grads(const char *path, moe_comm *c, const moe_tensor_t
     if ((st = agree(c, moe_comm_check_same(c, "gradient dump attributes", &h, sizeof h))) != MOE_OK)
         return st;
     body b = {.table = table, .grads = grads, .activated = activated, .n_experts = n_experts,
+              .vocab_activated = cfg->head == MOE_HEAD_VOCAB_EXPERTS ? vocab_activated : NULL,
               .step = step, .cfg = cfg, .config = config_text};
-    return save_atomic(path, c, &b);
+    return save_atomic(path, c, &b, table);
 }
 
 /* ---- loading ---- */
@@ -434,8 +668,11 @@ static moe_status validate(hid_t f, const char *path, const moe_ckpt_state *s, c
     for (int p = 0; p < n_prefix; p++)
         for (int i = 0; st == MOE_OK && i < t->n; i++) {
             hid_t ds;
-            snprintf(name, sizeof name, "%s%s", prefixes[p], t->t[i].name);
-            st = ckpt_dset_open(f, name, MOE_CKPT_F32, t->t[i].ndim, t->t[i].shape, &ds, path);
+            const moe_tensor *x = &t->t[i];
+            if (!has_dataset(x, prefixes[p])) continue;
+            snprintf(name, sizeof name, "%s%s", prefixes[p], x->name);
+            st = ckpt_dset_open(f, name, x->dtype == MOE_TENSOR_I32 ? MOE_CKPT_I32 : MOE_CKPT_F32, x->ndim, x->shape,
+                                &ds, path);
             if (st == MOE_OK) H5Dclose(ds);
         }
     const int64_t E = s->n_experts;
@@ -451,12 +688,22 @@ static moe_status validate(hid_t f, const char *path, const moe_ckpt_state *s, c
             if (st == MOE_OK) H5Dclose(ds);
         }
     }
+    const int64_t M = s->cfg->vocab_experts;
+    const char *vnames[] = {"/optimizer/expert_step/vocab_head", "/stats/vocab_head/expert_tokens"};
+    const void *vbufs[] = {s->vocab_expert_step, s->vocab_expert_tokens};
+    for (int k = 0; st == MOE_OK && s->cfg->head == MOE_HEAD_VOCAB_EXPERTS && k < 2; k++) {
+        if (!vbufs[k]) continue;
+        hid_t ds;
+        st = ckpt_dset_open(f, vnames[k], MOE_CKPT_I64, 1, &M, &ds, path);
+        if (st == MOE_OK) H5Dclose(ds);
+    }
     return st;
 }
 
-/* Rows [r0, r0 + nr) of dataset `name` into buf (independent read). */
+/* Rows [r0, r0 + nr) of dataset `name` into buf, or with ids the rows
+ * ids[0 .. nr) (ascending) in that order (independent read). */
 static moe_status read_rows(hid_t f, const char *name, hid_t mtype, int ndim, const int64_t *shape, int64_t r0,
-                            int64_t nr, void *buf, const char *path)
+                            int64_t nr, const int64_t *ids, void *buf, const char *path)
 {
     hid_t ds = H5Dopen2(f, name, H5P_DEFAULT);
     hid_t fs = ds < 0 ? H5I_INVALID_HID : H5Dget_space(ds);
@@ -464,13 +711,62 @@ static moe_status read_rows(hid_t f, const char *name, hid_t mtype, int ndim, co
     for (int i = 1; i < ndim; i++) n *= (count[i] = (hsize_t)shape[i]);
     /* Same shape as the file selection: HDF5's fast path (see write_dset). */
     hid_t ms = H5Screate_simple(ndim, count, NULL);
-    herr_t rc = ds < 0 || fs < 0 || ms < 0 ? -1 : H5Sselect_hyperslab(fs, H5S_SELECT_SET, start, NULL, count, NULL);
+    herr_t rc = ds < 0 || fs < 0 || ms < 0 ? -1 : 0;
+    if (rc >= 0 && ids) {
+        hsize_t dims[MOE_TENSOR_MAX_DIMS];
+        for (int i = 0; i < ndim; i++) dims[i] = (hsize_t)shape[i];
+        rc = nr ? select_rows(fs, ndim, dims, ids, (hsize_t)nr) : -1;
+    } else if (rc >= 0) {
+        rc = H5Sselect_hyperslab(fs, H5S_SELECT_SET, start, NULL, count, NULL);
+    }
+    /* An independent read, but a hung file system must not hold the job
+     * forever: one watchdog phase per dataset. */
+    moe_comm_phase_begin(NULL, MOE_SCOPE_WORLD, "HDF5 checkpoint read (one dataset)");
     if (rc >= 0) rc = H5Dread(ds, mtype, ms, fs, H5P_DEFAULT, buf);
+    moe_comm_phase_end();
     moe_status st = rc < 0 ? moe_h5_fail(MOE_ERR_IO, "cannot read dataset", name, path) : MOE_OK;
     if (ms >= 0) H5Sclose(ms);
     if (fs >= 0) H5Sclose(fs);
     if (ds >= 0) H5Dclose(ds);
     return st;
+}
+
+/* An integer buffer holds the model's structure (the vocabulary
+ * partition): the model was built from it, so the file's must be the same. */
+static moe_status check_same_ints(const float *file, const float *model, const moe_tensor *x, const char *path)
+{
+    for (size_t i = 0; i < x->numel; i++)
+        if (file[i] != model[i])
+            return moe_errorf(MOE_ERR_MISMATCH, "'%s': /model/%s differs from the model's at element %zu (file %.0f, "
+                                                "model %.0f): the model was built from another vocabulary partition",
+                              path, x->name, i, file[i], model[i]);
+    return MOE_OK;
+}
+
+static moe_status read_tensor(hid_t f, const char *path, const char *prefix, const moe_tensor *x, float *block,
+                              row_map *rm)
+{
+    char name[DSET_NAME];
+    snprintf(name, sizeof name, "%s%s", prefix, x->name);
+    float *dst = block + x->offset;
+    if (x->row_ids) {
+        if (rm->n == 0) return MOE_OK;
+        /* rows in id order, then each to its local (expert-major) place */
+        moe_status st = read_rows(f, name, H5T_NATIVE_FLOAT, x->ndim, x->shape, 0, rm->n, rm->ids, rm->rows, path);
+        const size_t row = (size_t)moe_tensor_row_numel(x);
+        for (int64_t i = 0; st == MOE_OK && i < rm->n; i++)
+            memcpy(dst + (size_t)rm->perm[i] * row, rm->rows + (size_t)i * row, row * sizeof(float));
+        return st;
+    }
+    if (x->dtype == MOE_TENSOR_I32) {
+        float *tmp = moe_calloc(x->numel, sizeof *tmp);
+        if (!tmp) return moe_errorf(MOE_ERR_NOMEM, "checkpoint: reading %s", name);
+        moe_status st = read_rows(f, name, H5T_NATIVE_FLOAT, x->ndim, x->shape, x->row0, x->rows, NULL, tmp, path);
+        if (st == MOE_OK) st = check_same_ints(tmp, dst, x, path);
+        moe_free(tmp);
+        return st;
+    }
+    return read_rows(f, name, H5T_NATIVE_FLOAT, x->ndim, x->shape, x->row0, x->rows, NULL, dst, path);
 }
 
 static moe_status read_all(hid_t f, const char *path, moe_ckpt_state *s, const int *layers, int n_moe)
@@ -480,14 +776,19 @@ static moe_status read_all(hid_t f, const char *path, moe_ckpt_state *s, const i
     float *blocks[] = {s->params, s->m, s->v};
     const int n_prefix = s->m && s->v ? 3 : 1;
     char name[DSET_NAME];
-    moe_status st = MOE_OK;
+    row_map rm;
+    moe_status st = row_map_make(&rm, t);
     for (int p = 0; p < n_prefix; p++)
         for (int i = 0; st == MOE_OK && i < t->n; i++) {
             const moe_tensor *x = &t->t[i];
-            snprintf(name, sizeof name, "%s%s", prefixes[p], x->name);
-            st = read_rows(f, name, H5T_NATIVE_FLOAT, x->ndim, x->shape, x->row0, x->rows, blocks[p] + x->offset,
-                           path);
+            if (!has_dataset(x, prefixes[p])) continue;
+            if (x->row_ids && !row_map_fits(&rm, x))
+                st = moe_errorf(MOE_ERR_ARG, "checkpoint: tensor '%s' has other row ids than its table's first "
+                                             "row-mapped tensor", x->name);
+            else
+                st = read_tensor(f, path, prefixes[p], x, blocks[p], &rm);
         }
+    row_map_free(&rm);
     const int64_t E = s->n_experts;
     for (int l = 0; st == MOE_OK && l < n_moe; l++) {
         const char *fmts[] = {"/optimizer/expert_step/h/%d", "/stats/h/%d/expert_tokens",
@@ -496,9 +797,14 @@ static moe_status read_all(hid_t f, const char *path, moe_ckpt_state *s, const i
         for (int k = 0; st == MOE_OK && k < 3; k++) {
             if (!bufs[k]) continue;
             snprintf(name, sizeof name, fmts[k], layers[l]);
-            st = read_rows(f, name, H5T_NATIVE_INT64, 1, &E, 0, E, bufs[k] + (size_t)l * (size_t)E, path);
+            st = read_rows(f, name, H5T_NATIVE_INT64, 1, &E, 0, E, NULL, bufs[k] + (size_t)l * (size_t)E, path);
         }
     }
+    const int64_t M = s->cfg->vocab_experts;
+    const char *vnames[] = {"/optimizer/expert_step/vocab_head", "/stats/vocab_head/expert_tokens"};
+    int64_t *vbufs[] = {s->vocab_expert_step, s->vocab_expert_tokens};
+    for (int k = 0; st == MOE_OK && s->cfg->head == MOE_HEAD_VOCAB_EXPERTS && k < 2; k++)
+        if (vbufs[k]) st = read_rows(f, vnames[k], H5T_NATIVE_INT64, 1, &M, 0, M, NULL, vbufs[k], path);
     return st;
 }
 
@@ -581,7 +887,9 @@ moe_status moe_ckpt_load(const char *path, moe_comm *c, moe_ckpt_state *s, char 
     st = agree(c, access(path, R_OK) == 0 && fapl >= 0 ? MOE_OK : open_fail(path));
     if (st == MOE_OK) st = agree(c, moe_comm_check_same(c, "checkpoint path", path, strlen(path)));
     if (st == MOE_OK) {
+        moe_comm_phase_begin(c, MOE_SCOPE_WORLD, "parallel HDF5 checkpoint open");
         f = H5Fopen(path, H5F_ACC_RDONLY, fapl);
+        moe_comm_phase_end();
         st = f < 0 ? open_fail(path) : MOE_OK;
     }
     if (fapl >= 0) H5Pclose(fapl);
@@ -597,12 +905,55 @@ moe_status moe_ckpt_load(const char *path, moe_comm *c, moe_ckpt_state *s, char 
         else
             free(cfg_text);
     }
+    moe_comm_phase_begin(c, MOE_SCOPE_WORLD, "parallel HDF5 checkpoint close");
     if (f >= 0 && H5Fclose(f) < 0 && st == MOE_OK) st = moe_h5_fail(MOE_ERR_IO, "cannot close", NULL, path);
+    moe_comm_phase_end();
     moe_h5_quiet_end(&q);
     st = agree(c, st);
     if (st != MOE_OK && config_text) {
         free(*config_text);
         *config_text = NULL;
+    }
+    return st;
+}
+
+/* ---- the tokenizer ---- */
+
+moe_status moe_ckpt_load_tokenizer(moe_tok **out, const char *path, moe_comm *c)
+{
+    *out = NULL;
+    /* Rank 0 reads and checks it, then sends it in moerun's own file form
+     * (exact round trip: docs/tokenizer.md section 3). */
+    char *buf = NULL;
+    uint64_t len = 0; /* 0: no tokenizer */
+    moe_status st = MOE_OK;
+    if (moe_comm_rank(c) == 0) {
+        char file[MOE_H5_PATH_MAX];
+        moe_ckpt_file *f = NULL;
+        moe_tok *t = NULL;
+        st = moe_ckpt_resolve(file, sizeof file, path);
+        if (st == MOE_OK) st = moe_ckpt_file_open(&f, file);
+        if (st == MOE_OK) st = moe_ckpt_file_tokenizer(f, &t);
+        size_t n = 0;
+        if (st == MOE_OK && t) st = moe_tok_save_buffer(t, MOE_TOK_FORM_TIKTOKEN_JSON, &buf, &n);
+        len = n;
+        moe_tok_destroy(t);
+        moe_ckpt_file_close(f);
+    }
+    st = agree(c, st);
+    if (st == MOE_OK) st = moe_comm_bcast(c, &len, sizeof len, 0);
+    if (st == MOE_OK && len && moe_comm_rank(c) != 0)
+        st = (buf = malloc(len)) ? MOE_OK : moe_errorf(MOE_ERR_NOMEM, "tokenizer of '%s': %llu bytes", path,
+                                                       (unsigned long long)len);
+    st = agree(c, st);
+    if (st == MOE_OK && len) st = moe_comm_bcast(c, buf, len, 0);
+    if (st == MOE_OK && len) st = moe_tok_load_buffer(out, path, (const uint8_t *)buf, len, MOE_TOK_FORM_TIKTOKEN_JSON,
+                                                      NULL, 0, NULL, NULL);
+    free(buf);
+    st = agree(c, st);
+    if (st != MOE_OK) {
+        moe_tok_destroy(*out);
+        *out = NULL;
     }
     return st;
 }

@@ -1,19 +1,25 @@
 /* Checkpoints and gradient dumps (docs/formats.md, format_version 1 and 2:
- * a file is written as version 2 only when it uses a version 2 addition, a
- * non-default architecture or router option; version 1 files load as the
- * defaults of every later key).
+ * a file is written as 2 only when it holds one of format 2's additions: a
+ * /tokenizer group or a format 2 /model attribute (a non-default
+ * architecture or router option, or the vocabulary-expert head). Both are
+ * read; a format 1 file means the defaults of every later key).
  *
  * One checkpoint is one HDF5 file written by all ranks together through
  * parallel HDF5. Everything here is generic over a moe_tensor_table: each
- * table entry `name` becomes /model/<name>, /optimizer/m/<name> and
- * /optimizer/v/<name> with the tensor's GLOBAL shape; expert-sharded
- * tensors are written by their owners (replica 0 only), replicated ones by
- * world rank 0. Every dataset is chunked (one chunk per expert row for
- * [E, ...] datasets) and carries HDF5's Fletcher32 checksum, which HDF5
- * verifies on every read.
+ * table entry `name` becomes /model/<name>, and for parameters (not
+ * buffers) /optimizer/m/<name> and /optimizer/v/<name>, with the tensor's
+ * GLOBAL shape; expert-sharded tensors are written by their owners
+ * (replica 0 only), replicated ones by world rank 0. Rows of a tensor with
+ * a row map (the vocabulary experts' rows, table row_ids) are scattered to
+ * their global row ids in one collective write, and read back the same
+ * way, so a file loads on any ep size. An integer tensor (dtype
+ * MOE_TENSOR_I32) is stored as int32. Every dataset is chunked (one chunk
+ * per expert row for [E, ...] datasets) and carries HDF5's Fletcher32
+ * checksum, which HDF5 verifies on every read. A file is format_version 2
+ * when its model uses a format 2 addition (ckpt_format_version), else 1.
  *
  * The MoE layers of a table are the distinct `layer` values of its
- * expert-sharded tensors, in increasing order; per-layer arrays below are
+ * FFN expert tensors, in increasing order; per-layer arrays below are
  * indexed by that ordinal (0 .. n_moe-1), not by block index.
  *
  * Every call takes a moe_comm (moe_comm_create_self for one process). */
@@ -26,9 +32,11 @@
 #include "config/config.h"
 #include "core/moe.h"
 #include "core/tensor.h"
+#include "tokenizer/tokenizer.h"
 
 enum {
-    MOE_CKPT_FORMAT_VERSION = 2, /* the newest version written and read; 1 is read too */
+    MOE_CKPT_FORMAT_VERSION = 2,     /* the newest version written and read */
+    MOE_CKPT_FORMAT_VERSION_MIN = 1, /* the oldest read (a format 1 file means the format 2 defaults) */
     MOE_CKPT_MAX_EXTRA = 8,      /* resume integers beyond step/tokens_seen/seed */
     MOE_CKPT_EXTRA_NAME = 32,
     MOE_CKPT_MAX_MOE_LAYERS = 4096,
@@ -54,6 +62,11 @@ typedef struct {
     int64_t *expert_step;      /* (n_moe, E) */
     int64_t *expert_tokens;    /* (n_moe, E) kept assignments since step 0 */
     int64_t *expert_dropped;   /* (n_moe, E) dropped assignments since step 0 */
+    /* The vocabulary experts (cfg->head = vocab_experts; M = cfg->vocab_experts),
+     * global expert index, as above: vocab_expert_step authoritative for the
+     * owned experts. NULL on load: skip. */
+    int64_t *vocab_expert_step;   /* (M) /optimizer/expert_step/vocab_head */
+    int64_t *vocab_expert_tokens; /* (M) /stats/vocab_head/expert_tokens: targets per expert since step 0 */
     /* /optimizer attributes */
     int64_t opt_step;
     double lr, beta1, beta2, eps, weight_decay;
@@ -66,6 +79,10 @@ typedef struct {
     const char *config_text;
     /* the model: written as /model attributes; on load the file must match it */
     const moe_train_config *cfg;
+    /* save: the tokenizer of the model's ids, written as /tokenizer (the
+     * file is then format_version 2); NULL for a byte-level model. Not read
+     * by moe_ckpt_load (moe_ckpt_load_tokenizer reads it). */
+    const moe_tok *tok;
 } moe_ckpt_state;
 
 /* ---- tables ---- */
@@ -101,15 +118,26 @@ moe_status moe_ckpt_save(const char *path, moe_comm *c, const moe_ckpt_state *st
  * rank returns the same status and detail. */
 moe_status moe_ckpt_load(const char *path, moe_comm *c, moe_ckpt_state *st, char **config_text);
 
+/* The tokenizer stored in the checkpoint at path (a file or a run
+ * directory) into *out (caller destroys), or *out = NULL when the file has
+ * no /tokenizer (a byte-level model: format 1, or 2 without one). World
+ * rank 0 reads and checks it (moe_ckpt_file_tokenizer) and every rank gets
+ * the same tokenizer. Collective over c's world; every rank returns the
+ * same status and detail (MOE_ERR_IO / MOE_ERR_FORMAT / MOE_ERR_CHECKSUM
+ * naming the file and the dataset). */
+moe_status moe_ckpt_load_tokenizer(moe_tok **out, const char *path, moe_comm *c);
+
 /* ---- gradient dumps ("moe-gradients") ---- */
 
 /* Collective over c's world, atomic like moe_ckpt_save. grads (table->total)
  * are this rank's reduced gradients (expert rows of inactive experts must be
  * zero, as the backward pass leaves them); activated (n_moe, E) the global
- * mask, identical on all ranks. */
+ * mask, identical on all ranks; vocab_activated (M) the same for the
+ * vocabulary experts (/grad/vocab_head/activated; NULL without them).
+ * Buffers have no gradient and are not written. */
 moe_status moe_ckpt_save_grads(const char *path, moe_comm *c, const moe_tensor_table *table,
-                               const float *grads, const uint8_t *activated, int n_experts, int64_t step,
-                               const moe_train_config *cfg, const char *config_text);
+                               const float *grads, const uint8_t *activated, const uint8_t *vocab_activated,
+                               int n_experts, int64_t step, const moe_train_config *cfg, const char *config_text);
 
 /* ---- run directories ---- */
 

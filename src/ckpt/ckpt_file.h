@@ -9,12 +9,14 @@
 
 #include "ckpt/ckpt.h"
 
-typedef enum { MOE_CKPT_F32 = 0, MOE_CKPT_I64 = 1, MOE_CKPT_U8 = 2 } moe_ckpt_dtype;
+/* STR: fixed-length strings (the names of /tokenizer/special_names). */
+typedef enum { MOE_CKPT_F32 = 0, MOE_CKPT_I64 = 1, MOE_CKPT_U8 = 2, MOE_CKPT_STR = 3, MOE_CKPT_I32 = 4 } moe_ckpt_dtype;
 
 /* The root, /model (or /grad), /train and /optimizer attributes. */
 typedef struct {
     char format[32];           /* "moe-checkpoint" or "moe-gradients" */
-    int64_t format_version;
+    int64_t format_version;    /* 1 or 2 (as the file says) */
+    int has_tokenizer;         /* 1: a /tokenizer group (moe_ckpt_file_tokenizer) */
     int gradients;             /* 1 for a gradient dump */
     char created_by[128], created_at[64];
     int64_t saved_world_size, saved_ep_size;
@@ -58,10 +60,21 @@ const moe_ckpt_dset *moe_ckpt_file_dset(const moe_ckpt_file *f, int i);
 int moe_ckpt_file_find(const moe_ckpt_file *f, const char *path);
 
 /* Reads dataset i whole, converted to double, into a new buffer (*out,
- * caller frees with moe_free) of *numel elements. Checks type and shape
+ * caller frees with moe_free) of *numel elements (a string dataset: its
+ * bytes, string size x count). Checks type and shape
  * against the expectation before it allocates (MOE_ERR_FORMAT), and
  * reports a Fletcher32 failure as MOE_ERR_CHECKSUM naming dataset and
  * file; a missing dataset is MOE_ERR_FORMAT. */
 moe_status moe_ckpt_file_read(const moe_ckpt_file *f, int i, double **out, int64_t *numel);
+
+/* The checkpoint's /tokenizer (docs/formats.md): ranks_bytes (uint8),
+ * ranks_offsets (int64 [n+1]), attributes pattern and vocab_size,
+ * special_names / special_ids when there are specials; shapes are checked
+ * before anything is allocated, then the tokenizer is built
+ * (moe_tok_create) and its vocab_size compared with the attribute and with
+ * /model vocab_size (which may be larger, never smaller). *out = NULL when
+ * the file has no /tokenizer. MOE_ERR_FORMAT / MOE_ERR_CHECKSUM naming
+ * the file and the dataset. Not collective. */
+moe_status moe_ckpt_file_tokenizer(const moe_ckpt_file *f, moe_tok **out);
 
 #endif

@@ -11,17 +11,18 @@
 /* ---- /model attributes ---- */
 
 /* The attributes are the configuration's [model] keys, in the key table's
- * order and types (config.h, moe_train_config_model_attrs): no list here. */
-
-int ckpt_version(const moe_train_config *cfg) { return moe_train_config_model_version(cfg); }
+ * order and types (config.h, moe_train_config_model_attrs): no list here.
+ * A format 2 key is written only where it applies; its absence means its
+ * default (so format 1 files, and files of models that use none of the
+ * additions, read as before). */
 
 moe_status ckpt_model_put(hid_t loc, const moe_train_config *cfg, const char *file)
 {
     moe_model_attr a[MOE_MODEL_ATTRS_MAX];
-    const int n = moe_train_config_model_attrs(cfg, a, MOE_MODEL_ATTRS_MAX), version = ckpt_version(cfg);
+    const int n = moe_train_config_model_attrs(cfg, a, MOE_MODEL_ATTRS_MAX);
     moe_status st = MOE_OK;
     for (int i = 0; st == MOE_OK && i < n; i++) {
-        if (a[i].since > version) continue; /* a version 1 file means the defaults */
+        if (!a[i].present) continue;
         if (a[i].type == MOE_ATTR_INT) st = moe_h5_attr_put_i64(loc, a[i].name, a[i].i, file);
         else if (a[i].type == MOE_ATTR_REAL) st = moe_h5_attr_put_f64(loc, a[i].name, a[i].r, file);
         else st = moe_h5_attr_put_str(loc, a[i].name, a[i].text, file);
@@ -31,14 +32,16 @@ moe_status ckpt_model_put(hid_t loc, const moe_train_config *cfg, const char *fi
 
 moe_status ckpt_model_get(hid_t loc, moe_train_config *cfg, const char *file)
 {
+    /* every key starts at its default (a derived default as its sentinel) */
     moe_train_config_default(cfg);
     moe_model_attr a[MOE_MODEL_ATTRS_MAX];
     const int n = moe_train_config_model_attrs(cfg, a, MOE_MODEL_ATTRS_MAX); /* names and types */
     moe_status st = MOE_OK;
     char s[64];
     for (int i = 0; st == MOE_OK && i < n; i++) {
-        /* a key later than format 1 may be absent: it keeps its default */
-        if (a[i].since > 1 && H5Aexists(loc, a[i].name) <= 0) continue;
+        /* a format 2 key may be absent (a format 1 file, or a key that does
+         * not apply): it keeps its default */
+        if (a[i].version2 && H5Aexists(loc, a[i].name) <= 0) continue;
         if (a[i].type == MOE_ATTR_INT) {
             st = moe_h5_attr_get_i64(loc, a[i].name, &a[i].i, file);
             if (st == MOE_OK && (a[i].i < 0 || a[i].i > INT32_MAX))
@@ -64,6 +67,7 @@ moe_status ckpt_model_compare(const moe_train_config *f, const moe_train_config 
     moe_train_config_model_attrs(c, y, MOE_MODEL_ATTRS_MAX);
     char a[64], b[64];
     for (int i = 0; i < n; i++) {
+        if (!x[i].present && !y[i].present) continue; /* applies to neither model */
         if (x[i].type == MOE_ATTR_INT) {
             if (x[i].i == y[i].i) continue;
             snprintf(a, sizeof a, "%lld", (long long)x[i].i);
@@ -82,6 +86,25 @@ moe_status ckpt_model_compare(const moe_train_config *f, const moe_train_config 
     return MOE_OK;
 }
 
+int ckpt_format_version(const moe_train_config *cfg) { return moe_train_config_needs_v2(cfg) ? 2 : 1; }
+
+hid_t ckpt_file_type(moe_ckpt_dtype t)
+{
+    return t == MOE_CKPT_F32 ? H5T_IEEE_F32LE : t == MOE_CKPT_I64 ? H5T_STD_I64LE
+         : t == MOE_CKPT_I32 ? H5T_STD_I32LE : H5T_STD_U8LE;
+}
+
+hid_t ckpt_mem_type(moe_ckpt_dtype t)
+{
+    return t == MOE_CKPT_F32 ? H5T_NATIVE_FLOAT : t == MOE_CKPT_I64 ? H5T_NATIVE_INT64
+         : t == MOE_CKPT_I32 ? H5T_NATIVE_INT32 : H5T_NATIVE_UINT8;
+}
+
+size_t ckpt_dtype_size(moe_ckpt_dtype t)
+{
+    return t == MOE_CKPT_F32 || t == MOE_CKPT_I32 ? 4 : t == MOE_CKPT_I64 ? 8 : 1;
+}
+
 moe_status ckpt_check_format(hid_t file, const char *want, int *grads, int64_t *version, const char *path)
 {
     char fmt[64];
@@ -93,9 +116,9 @@ moe_status ckpt_check_format(hid_t file, const char *want, int *grads, int64_t *
         return moe_errorf(MOE_ERR_FORMAT, "'%s' has format '%s', expected '%s'", path, fmt,
                           want ? want : CKPT_FORMAT "' or '" CKPT_FORMAT_GRADS);
     if ((st = moe_h5_attr_get_i64(file, "format_version", &ver, path)) != MOE_OK) return st;
-    if (ver < 1 || ver > MOE_CKPT_FORMAT_VERSION)
-        return moe_errorf(MOE_ERR_FORMAT, "'%s' has format_version %lld; this build reads versions 1 to %d", path,
-                          (long long)ver, MOE_CKPT_FORMAT_VERSION);
+    if (ver < MOE_CKPT_FORMAT_VERSION_MIN || ver > MOE_CKPT_FORMAT_VERSION)
+        return moe_errorf(MOE_ERR_FORMAT, "'%s' has format_version %lld; this build reads versions %d to %d", path,
+                          (long long)ver, MOE_CKPT_FORMAT_VERSION_MIN, MOE_CKPT_FORMAT_VERSION);
     if (grads) *grads = is_grads;
     if (version) *version = ver;
     return MOE_OK;
@@ -113,7 +136,7 @@ static void shape_str(char *buf, size_t cap, int ndim, const int64_t *dims)
 
 static const char *dtype_str(moe_ckpt_dtype t)
 {
-    return t == MOE_CKPT_F32 ? "float32" : t == MOE_CKPT_I64 ? "int64" : "uint8";
+    return t == MOE_CKPT_F32 ? "float32" : t == MOE_CKPT_I64 ? "int64" : t == MOE_CKPT_I32 ? "int32" : t == MOE_CKPT_U8 ? "uint8" : "a fixed-length string";
 }
 
 moe_status ckpt_dset_open(hid_t file, const char *dset, moe_ckpt_dtype dtype, int ndim, const int64_t *dims,
@@ -138,7 +161,9 @@ moe_status ckpt_dset_open(hid_t file, const char *dset, moe_ckpt_dtype dtype, in
         size_t size = H5Tget_size(t);
         int type_ok = dtype == MOE_CKPT_F32 ? (cls == H5T_FLOAT && size == 4)
                     : dtype == MOE_CKPT_I64 ? (cls == H5T_INTEGER && size == 8)
-                                            : (cls == H5T_INTEGER && size == 1);
+                    : dtype == MOE_CKPT_U8  ? (cls == H5T_INTEGER && size == 1)
+                    : dtype == MOE_CKPT_I32 ? (cls == H5T_INTEGER && size == 4)
+                                            : (cls == H5T_STRING && H5Tis_variable_str(t) == 0);
         int same = fnd == ndim;
         for (int i = 0; i < fnd; i++) {
             got64[i] = got[i] > (hsize_t)INT64_MAX ? INT64_MAX : (int64_t)got[i];

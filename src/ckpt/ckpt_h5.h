@@ -14,21 +14,30 @@
 #define CKPT_FORMAT_GRADS "moe-gradients"
 
 /* The /model attributes (docs/formats.md) of cfg on loc, and back (model
- * fields of *cfg only; the others are the defaults). A file version 1 has
- * only the version 1 keys: put writes the later keys only when
- * ckpt_version(cfg) > 1, get leaves a key it does not find at its default. */
+ * fields of *cfg only; the others are the defaults). put writes a format 2
+ * key only where it applies (moe_model_attr.present); get leaves a format 2
+ * key it does not find at its default (a format 1 file: all of them). */
 moe_status ckpt_model_put(hid_t loc, const moe_train_config *cfg, const char *file);
 moe_status ckpt_model_get(hid_t loc, moe_train_config *cfg, const char *file);
 /* MOE_ERR_MISMATCH naming the first differing attribute and both values. */
 moe_status ckpt_model_compare(const moe_train_config *file_cfg, const moe_train_config *cfg, const char *file);
 
-/* The format_version a file of this model is written with. */
-int ckpt_version(const moe_train_config *cfg);
-
 /* Root format + format_version: MOE_ERR_FORMAT unless format == want
- * (want NULL: either kind; *grads set) and 1 <= version <=
- * MOE_CKPT_FORMAT_VERSION (*version set, may be NULL). */
+ * (want NULL: either kind; *grads set) and the version is one this build
+ * reads (MOE_CKPT_FORMAT_VERSION_MIN .. MOE_CKPT_FORMAT_VERSION; *version
+ * set when not NULL). */
 moe_status ckpt_check_format(hid_t file, const char *want, int *grads, int64_t *version, const char *path);
+
+/* The format_version a file of cfg's model is written with: 2 when it uses
+ * an addition of format 2 (a format 2 /model attribute applies), else 1.
+ * (A /tokenizer group makes a checkpoint format 2 as well: ckpt.c.) */
+int ckpt_format_version(const moe_train_config *cfg);
+
+/* HDF5 file and memory types of a dataset type; its size in bytes (not for
+ * MOE_CKPT_STR, whose type is the file's or the writer's own). */
+hid_t ckpt_file_type(moe_ckpt_dtype t);
+hid_t ckpt_mem_type(moe_ckpt_dtype t);
+size_t ckpt_dtype_size(moe_ckpt_dtype t);
 
 /* Opens the dataset `dset` and checks class/size (dtype) and shape.
  * MOE_ERR_FORMAT naming dataset, file, expected and found shapes. On

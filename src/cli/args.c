@@ -6,6 +6,7 @@
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <string.h>
 
 #include "cli/cli.h"
 
@@ -49,4 +50,16 @@ double moe_cli_median(double *v, int n)
 {
     qsort(v, (size_t)n, sizeof *v, cmp_double);
     return n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
+}
+
+int moe_cli_wants_help(int argc, char **argv)
+{
+    for (int i = 1; i < argc; i++)
+        if (!strcmp(argv[i], "--help") || !strcmp(argv[i], "-h")) {
+            /* before MPI exists, the launcher's variables tell the rank */
+            const char *r = getenv("OMPI_COMM_WORLD_RANK");
+            if (!r) r = getenv("PMI_RANK");
+            return r && strcmp(r, "0") ? -1 : 1;
+        }
+    return 0;
 }

@@ -12,6 +12,7 @@
 
 #include "cli/cli.h"
 #include "comm/comm.h"
+#include "core/par.h"
 #include "core/rng.h"
 #include "io/dump.h"
 #include "layer/layer.h"
@@ -198,46 +199,83 @@ static void zero_grads(bench_data *b, size_t n_params)
     memset(b->g.router_w, 0, n_params * sizeof(float));
 }
 
+/* The bare expert GEMMs: the bound the layer is measured against. */
+typedef struct {
+    const bench_opts *o;
+    const int *rows;      /* (El) */
+    const size_t *r0;     /* (El) first row of each expert */
+    int El;
+    float *x, *h, *a, *y, *w, *gw;
+    int next;             /* shared: the next expert to take (atomic) */
+} bare_job;
+
+/* The six GEMMs of expert j's forward+backward (beta as in the layer's
+ * weight-gradient accumulation), on the calling thread's OpenBLAS threads. */
+static void bare_expert(const bare_job *b, int j)
+{
+    const int d = b->o->d, F = b->o->F, F1 = moe_f1(b->o->F, b->o->act), n = b->rows[j];
+    if (n == 0) return;
+    const size_t per = (size_t)F1 * d + (size_t)d * F, r0 = b->r0[j];
+    float *w1 = b->w + j * per, *w2 = w1 + (size_t)F1 * d, *gw1 = b->gw + j * per, *gw2 = gw1 + (size_t)F1 * d;
+    float *xe = b->x + r0 * d, *he = b->h + r0 * F1, *ae = b->a + r0 * F1, *ye = b->y + r0 * d;
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, n, F1, d, 1.0f, xe, d, w1, d, 0.0f, he, F1);
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, n, d, F, 1.0f, ae, F, w2, F, 0.0f, ye, d);
+    cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, d, F, n, 1.0f, ye, d, ae, F, 1.0f, gw2, F);
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, n, F, d, 1.0f, ye, d, w2, F, 0.0f, ae, F);
+    cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, F1, d, n, 1.0f, he, F1, xe, d, 1.0f, gw1, d);
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, n, d, F1, 1.0f, he, F1, w1, d, 0.0f, xe, d);
+}
+
+/* Experts shared out over the threads, each on one OpenBLAS thread. */
+static void bare_shared_run(void *ctx, int t, int nt)
+{
+    (void)t, (void)nt;
+    bare_job *b = ctx;
+    for (int j; (j = __atomic_fetch_add(&b->next, 1, __ATOMIC_RELAXED)) < b->El;) bare_expert(b, j);
+}
+
 /* The same expert GEMMs as one forward+backward, alone (no routing,
  * packing, activation, bias or exchange), on the same row counts, with
- * distinct weights per expert as in the layer: the bound the layer is
- * measured against. Returns the median seconds of `iters` runs. */
+ * distinct weights per expert as in the layer, in the two ways of
+ * threading them: every expert over all OpenBLAS threads in turn, and the
+ * experts shared out over the threads, one OpenBLAS thread each. The
+ * faster is the bound the layer is measured against. Returns the median
+ * seconds of `iters` runs of the faster way (each run times both,
+ * alternating which goes first). */
 static double bare_gemm_seconds(const bench_opts *o, const int *rows, int El, int iters)
 {
     const int d = o->d, F = o->F, F1 = moe_f1(o->F, o->act);
     size_t N = 0;
-    for (int j = 0; j < El; j++) N += (size_t)rows[j];
+    size_t *r0 = moe_calloc((size_t)El, sizeof *r0);
+    for (int j = 0; r0 && j < El; j++) r0[j] = N, N += (size_t)rows[j];
     const size_t wn = (size_t)El * ((size_t)F1 * d + (size_t)d * F);
     float *buf = moe_calloc((N ? N : 1) * (2 * (size_t)d + 2 * (size_t)F1) + 2 * wn, sizeof(float));
-    if (!buf || iters < 1) {
+    if (!buf || !r0 || iters < 1) {
         moe_free(buf);
+        moe_free(r0);
         return NAN;
     }
-    float *x = buf, *h = x + N * d, *a = h + N * F1, *y = a + N * F1;
-    float *w = y + N * d, *gw = w + wn;
-    double t[64];
+    bare_job b = {o, rows, r0, El, buf, NULL, NULL, NULL, NULL, NULL, 0};
+    b.h = b.x + N * d, b.a = b.h + N * F1, b.y = b.a + N * F1, b.w = b.y + N * d, b.gw = b.w + wn;
+    double t[2][64];
     if (iters > 64) iters = 64;
     for (int it = 0; it < iters + 1; it++) {
-        double t0 = moe_now();
-        size_t r0 = 0;
-        for (int j = 0; j < El; j++) {
-            const int n = rows[j];
-            float *w1 = w + (size_t)j * ((size_t)F1 * d + (size_t)d * F), *w2 = w1 + (size_t)F1 * d;
-            float *gw1 = gw + (size_t)j * ((size_t)F1 * d + (size_t)d * F), *gw2 = gw1 + (size_t)F1 * d;
-            float *xe = x + r0 * d, *he = h + r0 * F1, *ae = a + r0 * F1, *ye = y + r0 * d;
-            r0 += (size_t)n;
-            if (n == 0) continue;
-            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, n, F1, d, 1.0f, xe, d, w1, d, 0.0f, he, F1);
-            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, n, d, F, 1.0f, ae, F, w2, F, 0.0f, ye, d);
-            cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, d, F, n, 1.0f, ye, d, ae, F, 1.0f, gw2, F);
-            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, n, F, d, 1.0f, ye, d, w2, F, 0.0f, ae, F);
-            cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, F1, d, n, 1.0f, he, F1, xe, d, 1.0f, gw1, d);
-            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, n, d, F1, 1.0f, he, F1, w1, d, 0.0f, xe, d);
+        for (int q = 0; q < 2; q++) {
+            const int shared = (it + q) % 2;
+            double t0 = moe_now();
+            if (shared) {
+                b.next = 0;
+                moe_par_run(moe_par_threads() < El ? moe_par_threads() : El, bare_shared_run, &b);
+            } else {
+                for (int j = 0; j < El; j++) bare_expert(&b, j);
+            }
+            if (it > 0) t[shared][it - 1] = moe_now() - t0; /* the first run warms up */
         }
-        if (it > 0) t[it - 1] = moe_now() - t0; /* the first run warms up */
     }
     moe_free(buf);
-    return moe_cli_median(t, iters);
+    moe_free(r0);
+    const double inside = moe_cli_median(t[0], iters), shared = moe_cli_median(t[1], iters);
+    return inside < shared ? inside : shared;
 }
 
 static int fail(int rank, const char *what, moe_status st)
@@ -316,7 +354,10 @@ static int run(moe_comm *comm, const bench_opts *o)
     double *iter_s = moe_calloc((size_t)(o->iters > 0 ? o->iters : 1), sizeof(double));
     st = moe_comm_agree(comm, iter_s ? MOE_OK : moe_errorf(MOE_ERR_NOMEM, "bench layer: timing buffer"));
     for (int it = 0; it < o->warmup + o->iters && !st; it++) {
-        if (it == o->warmup) moe_layer_reset_timing(L);
+        if (it == o->warmup) {
+            moe_layer_reset_timing(L);
+            moe_a2a_reset_bytes(moe_layer_exchange(L));
+        }
         double t_it = 0;
         if (it >= o->warmup) {
             st = moe_comm_barrier(comm);
@@ -338,16 +379,18 @@ static int run(moe_comm *comm, const bench_opts *o)
     const moe_layer_timing tm = *moe_layer_get_timing(L);
     double flops = moe_layer_expert_flops(L);
     double gemm_s = bare_gemm_seconds(o, moe_layer_expert_rows(L), El, o->iters > 0 ? 5 : 0);
-    /* Aggregates: slowest rank's time, summed drops and flops. */
-    double agg_max[2] = {elapsed, 0}, agg_sum[4] = {flops, 0, 0, 0};
+    /* Aggregates: slowest rank's time, summed drops and flops, exchange
+     * bytes sent per rank (the exchange's counter: mean and largest rank). */
+    const moe_a2a_traffic tr = moe_a2a_bytes(moe_layer_exchange(L));
+    double agg_max[3] = {elapsed, 0, (double)tr.sent}, agg_sum[6] = {flops, 0, 0, 0, (double)tr.sent, (double)tr.sent_remote};
     const moe_route *r = moe_layer_route(L);
     for (int i = 0; i < G_local * o->E; i++) {
         agg_sum[1] += r->n_dropped[i];
         agg_sum[2] += r->n_selected[i];
         agg_sum[3] += r->n_kept[i];
     }
-    st = moe_comm_allmax_f64(comm, MOE_SCOPE_WORLD, agg_max, 2);
-    if (!st) st = moe_comm_allreduce_f64(comm, MOE_SCOPE_WORLD, agg_sum, 4);
+    st = moe_comm_allmax_f64(comm, MOE_SCOPE_WORLD, agg_max, 3);
+    if (!st) st = moe_comm_allreduce_f64(comm, MOE_SCOPE_WORLD, agg_sum, 6);
     if (st) {
         moe_layer_destroy(L);
         moe_free(b.block);
@@ -358,6 +401,9 @@ static int run(moe_comm *comm, const bench_opts *o)
     double tokens_s = o->iters > 0 ? o->T / per_iter : 0;
     double expert_s = (tm.expert_fwd + tm.expert_bwd) / iters;
     double comm_s = (tm.dispatch + tm.ret + tm.bwd_dispatch + tm.bwd_return) / iters;
+    /* exchange bytes per rank and iteration (forward and backward trips) */
+    const double sent_mean = agg_sum[4] / W / iters, remote_mean = agg_sum[5] / W / iters,
+                 sent_max = agg_max[2] / iters;
 
     if (rank == 0 && o->iters > 0) {
         if (o->json) {
@@ -380,6 +426,10 @@ static int run(moe_comm *comm, const bench_opts *o)
             cJSON_AddNumberToObject(j, "bare_gemm_ms", 1e3 * gemm_s);
             cJSON_AddNumberToObject(j, "gemm_efficiency", gemm_s / per_iter);
             cJSON_AddNumberToObject(j, "exchange_ms", 1e3 * comm_s);
+            cJSON_AddNumberToObject(j, "nodes", moe_comm_n_nodes(comm));
+            cJSON_AddNumberToObject(j, "bytes_sent_per_rank", sent_mean);
+            cJSON_AddNumberToObject(j, "bytes_sent_max_rank", sent_max);
+            cJSON_AddNumberToObject(j, "bytes_cross_node_per_rank", remote_mean);
             cJSON_AddNumberToObject(j, "dropped_frac", agg_sum[2] > 0 ? agg_sum[1] / agg_sum[2] : 0);
             cJSON *split = cJSON_AddObjectToObject(j, "split_ms");
             for (int i = 0; i < MOE_LAYER_TIMING_N; i++)
@@ -400,7 +450,12 @@ static int run(moe_comm *comm, const bench_opts *o)
                    flops / expert_s / 1e9);
             printf("  same GEMMs alone:      %.3f ms/iter -> layer runs at %.1f%% of bare GEMM speed\n",
                    1e3 * gemm_s, 100 * gemm_s / per_iter);
-            if (W > 1) printf("  exchange (rank 0):     %.3f ms/iter\n", 1e3 * comm_s);
+            if (W > 1) {
+                printf("  exchange (rank 0):     %.3f ms/iter\n", 1e3 * comm_s);
+                printf("  exchange bytes sent to other ranks: %.3f MB/iter per rank (largest rank %.3f); "
+                       "across nodes %.3f MB/iter per rank (%d node%s)\n", sent_mean / 1e6, sent_max / 1e6,
+                       remote_mean / 1e6, moe_comm_n_nodes(comm), moe_comm_n_nodes(comm) == 1 ? "" : "s");
+            }
             printf("  time split (rank 0, ms/iter):\n");
             for (int i = 0; i < MOE_LAYER_TIMING_N; i++)
                 printf("    %-18s %8.3f\n", moe_layer_timing_fields[i].name, 1e3 * moe_layer_timing_get(&tm, i) / iters);
@@ -445,6 +500,11 @@ static int run(moe_comm *comm, const bench_opts *o)
 
 int moe_cmd_bench_layer(int argc, char **argv)
 {
+    const int help = moe_cli_wants_help(argc, argv);
+    if (help) {
+        if (help > 0) usage(stdout);
+        return 0;
+    }
     moe_status st = moe_comm_init(&argc, &argv);
     if (st) {
         moe_cli_error(-1, "bench layer: MPI initialisation", st);

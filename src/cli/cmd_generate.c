@@ -1,9 +1,12 @@
 /* moe generate: sample text from a checkpoint with a key/value cache.
  *   [mpirun -np N] moe generate --ckpt FILE|RUNDIR (--prompt TEXT | --prompt_file FILE) [--tokens N]
  *                  [--temperature T] [--top_k K] [--top_p P] [--seed S] [--json]
- * All prompts are decoded together as one batch; every rank runs every
- * sequence and the N ranks share the experts (N must divide n_experts).
- * The same seed gives the same text on any N. Rules: src/infer/infer.h. */
+ * Prompts are encoded with the checkpoint's tokenizer (one token per byte
+ * for a byte-level model) and the tokens decoded back to bytes; one prompt
+ * streams its bytes as they come. All prompts are decoded together as one
+ * batch; every rank runs every sequence and the N ranks share the experts
+ * (N must divide n_experts). The same seed gives the same text on any N.
+ * Rules: src/infer/infer.h. */
 #include <cjson/cJSON.h>
 #include <getopt.h>
 #include <math.h>
@@ -11,6 +14,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "ckpt/ckpt.h"
 #include "cli/cli.h"
 #include "infer/infer.h"
 
@@ -19,6 +23,7 @@ enum { MAX_PROMPTS = 256 };
 typedef struct {
     const char *ckpt, *prompt, *prompt_file;
     int tokens, json, help;
+    int vocab_top_k; /* 0: the checkpoint's */
     moe_infer_sampler s;
 } gen_opts;
 
@@ -29,24 +34,28 @@ static void usage(FILE *f)
             "                                   [--tokens N] [--temperature T] [--top_k K] [--top_p P]\n"
             "                                   [--seed S] [--json]\n"
             "\n"
-            "Samples bytes after each prompt with a key/value cache. N ranks share the experts (N must\n"
-            "divide n_experts); every rank decodes every prompt, and the same seed gives the same text\n"
-            "on any N.\n"
+            "Samples tokens after each prompt with a key/value cache and prints their bytes. Prompts\n"
+            "are encoded with the checkpoint's tokenizer (one token per byte for a byte-level model).\n"
+            "N ranks share the experts (N must divide n_experts); every rank decodes every prompt, and\n"
+            "the same seed gives the same text on any N. One prompt's text is written as it comes.\n"
             "  --ckpt FILE|RUNDIR  checkpoint file, or a run directory (its 'latest')\n"
             "  --prompt TEXT       one prompt (UTF-8; empty: start a new document, i.e. after \"\\n\")\n"
             "  --prompt_file FILE  one prompt per line (UTF-8; a trailing \\r is dropped), decoded as ONE\n"
             "                      batch of at most %d sequences\n"
-            "  --tokens N          bytes to generate per prompt (default 200)\n"
+            "  --tokens N          tokens to generate per prompt (bytes for a byte-level model; default 200)\n"
             "  --temperature T     >= 0; 0 = greedy (default 1.0)\n"
-            "  --top_k K           keep the K most likely bytes; 0 = off (default 0)\n"
+            "  --top_k K           keep the K most likely tokens; 0 = off (default 0)\n"
             "  --top_p P           nucleus sampling, P in (0, 1]; 1 = off (default 1.0)\n"
             "  --seed S            0..4294967295 (default 1)\n"
             "  --json              print {\"samples\": [{\"prompt\", \"text\"}], ...} (invalid UTF-8 shown as U+FFFD)\n"
+            "  --vocab-top-k K     vocabulary experts: compute the K experts the head router ranks first\n"
+            "                      and sample from their tokens (default: the checkpoint's vocab_top_k;\n"
+            "                      K = vocab_experts is the exact model)\n"
             "\n"
-            "Context: seq_len bytes. A longer prompt keeps its last seq_len bytes; a full context slides\n"
-            "to its last seq_len/2 bytes (re-read in one pass). Routing: each prompt is one routing group;\n"
-            "each decoding step routes the newest byte of every prompt together as one group (for expert\n"
-            "choice, C = min(B, ceil(B c / E)) with B prompts; at B = 1 every expert takes the byte).\n",
+            "Context: seq_len tokens. A longer prompt keeps its last seq_len tokens; a full context slides\n"
+            "to its last seq_len/2 tokens (re-read in one pass). Routing: each prompt is one routing group;\n"
+            "each decoding step routes the newest token of every prompt together as one group (for expert\n"
+            "choice, C = min(B, ceil(B c / E)) with B prompts; at B = 1 every expert takes the token).\n",
             MAX_PROMPTS);
 }
 
@@ -60,6 +69,7 @@ static int parse(gen_opts *o, int argc, char **argv, int rank)
         {"temperature", required_argument, NULL, 't'}, {"top_k", required_argument, NULL, 'k'},
         {"top_p", required_argument, NULL, 'P'},       {"seed", required_argument, NULL, 's'},
         {"json", no_argument, NULL, 'j'},              {"help", no_argument, NULL, 'h'},
+        {"vocab-top-k", required_argument, NULL, 'V'}, {"vocab_top_k", required_argument, NULL, 'V'},
         {NULL, 0, NULL, 0}};
     *o = (gen_opts){.tokens = 200, .s = {.temperature = 1.0, .top_k = 0, .top_p = 1.0, .seed = 1}};
     opterr = 0;
@@ -81,6 +91,11 @@ static int parse(gen_opts *o, int argc, char **argv, int rank)
             if (moe_cli_parse_long(optarg, -2147483647L, 2147483647L, &v))
                 return perr(rank, "--top_k: expected an integer, got '%s'", optarg), -1;
             o->s.top_k = (int)v;
+            break;
+        case 'V':
+            if (moe_cli_parse_long(optarg, 1, 1 << 16, &v))
+                return perr(rank, "--vocab-top-k: expected an integer in 1..65536, got '%s'", optarg), -1;
+            o->vocab_top_k = (int)v;
             break;
         case 's':
             if (moe_cli_parse_long(optarg, 0, 4294967295L, &v))
@@ -195,13 +210,24 @@ static cJSON *json_bytes(const uint8_t *p, size_t n)
     return j;
 }
 
-static int print_json(const prompt_set *ps, const uint8_t *out, int tokens, const moe_infer_gen_stats *gs)
+/* Each prompt's generated text: out (n, tokens) ids decoded. */
+typedef struct {
+    uint8_t *text[MAX_PROMPTS];
+    size_t len[MAX_PROMPTS];
+} gen_text;
+
+static void gen_text_free(gen_text *g)
+{
+    for (int b = 0; b < MAX_PROMPTS; b++) moe_free(g->text[b]);
+}
+
+static int print_json(const prompt_set *ps, const gen_text *gt, const moe_infer_gen_stats *gs)
 {
     cJSON *j = cJSON_CreateObject(), *arr = cJSON_AddArrayToObject(j, "samples");
     for (int b = 0; b < ps->n; b++) {
         cJSON *o = cJSON_CreateObject();
         cJSON_AddItemToObject(o, "prompt", json_bytes(ps->p[b], ps->len[b]));
-        cJSON_AddItemToObject(o, "text", json_bytes(out + (size_t)b * tokens, (size_t)tokens));
+        cJSON_AddItemToObject(o, "text", json_bytes(gt->text[b], gt->len[b]));
         cJSON_AddItemToArray(arr, o);
     }
     cJSON_AddNumberToObject(j, "prefill_tokens", (double)gs->prefill_tokens);
@@ -216,13 +242,37 @@ static int print_json(const prompt_set *ps, const uint8_t *out, int tokens, cons
     return 0;
 }
 
-static void print_text(const prompt_set *ps, const uint8_t *out, int tokens)
+static void print_text(const prompt_set *ps, const gen_text *gt)
 {
     for (int b = 0; b < ps->n; b++) {
         if (ps->n > 1) printf("%s=== [%d/%d] %.*s\n", b ? "\n" : "", b + 1, ps->n, (int)ps->len[b], (const char *)ps->p[b]);
-        fwrite(out + (size_t)b * tokens, 1, (size_t)tokens, stdout);
+        fwrite(gt->text[b], 1, gt->len[b], stdout);
         printf("\n");
     }
+}
+
+/* Streaming (one prompt, text output): rank 0 writes each token's bytes as
+ * it is sampled; a character split over two tokens arrives in two writes,
+ * which is fine for a byte stream. */
+typedef struct {
+    const moe_tok *tok;
+    int rank, failed;
+} stream_ctx;
+
+static void stream_step(void *vctx, int t, const int32_t *ids, int n)
+{
+    stream_ctx *x = vctx;
+    (void)t;
+    if (x->rank != 0 || x->failed || n != 1) return;
+    uint8_t *bytes = NULL;
+    size_t len = 0;
+    if (moe_infer_text_decode(&bytes, &len, x->tok, ids, 1)) {
+        x->failed = 1; /* the whole text is decoded again at the end: that reports it */
+        return;
+    }
+    fwrite(bytes, 1, len, stdout);
+    fflush(stdout);
+    moe_free(bytes);
 }
 
 static int run(const gen_opts *o, moe_comm *comm)
@@ -230,55 +280,66 @@ static int run(const gen_opts *o, moe_comm *comm)
     const int rank = moe_comm_rank(comm), W = moe_comm_size(comm);
     prompt_set ps = {0};
     moe_model *m = NULL;
+    moe_tok *tok = NULL;
     moe_infer_decoder *d = NULL;
-    int32_t *ids = NULL, *out = NULL;
-    const int32_t *pid[MAX_PROMPTS];
-    uint8_t *text = NULL;
+    int32_t *ids[MAX_PROMPTS] = {NULL}, *out = NULL;
+    gen_text gt = {{NULL}, {0}};
     moe_infer_gen_stats gs = {0};
-    moe_status st = load_prompts(&ps, o);
-    /* a byte-level model: every byte is its own token */
-    size_t total = 0;
-    for (int b = 0; b < ps.n; b++) total += ps.len[b];
-    if (!st && !(ids = moe_calloc(total, sizeof(int32_t)))) st = moe_errorf(MOE_ERR_NOMEM, "prompt ids");
-    for (int b = 0, k = 0; !st && b < ps.n; b++) {
-        pid[b] = ids + k;
-        for (size_t i = 0; i < ps.len[b]; i++) ids[k++] = ps.p[b][i];
-    }
-    st = moe_comm_agree(comm, st);
+    moe_status st = moe_comm_agree(comm, load_prompts(&ps, o));
     if (!st) st = moe_infer_load(&m, NULL, o->ckpt, 1, ps.n, comm);
+    if (!st) st = moe_ckpt_load_tokenizer(&tok, o->ckpt, comm);
+    size_t n_ids[MAX_PROMPTS] = {0};
+    int32_t newline = '\n'; /* an empty prompt starts a new document: after "\n" */
+    /* the same option on every rank: no agreement needed */
+    if (!st && o->vocab_top_k) st = moe_model_set_vocab_top_k(m, o->vocab_top_k);
     if (!st) {
-        st = moe_infer_decoder_create(&d, m, ps.n);
+        for (int b = 0; !st && b < ps.n; b++) st = moe_infer_text_encode(&ids[b], &n_ids[b], tok, ps.p[b], ps.len[b]);
+        if (!st && tok) newline = (int32_t)moe_tok_rank(tok, (const uint8_t *)"\n", 1); /* every byte has a rank */
+        if (!st) st = moe_infer_decoder_create(&d, m, ps.n);
         if (!st && !(out = moe_calloc((size_t)ps.n * o->tokens, sizeof(int32_t))))
             st = moe_errorf(MOE_ERR_NOMEM, "output");
-        if (!st && !(text = moe_calloc((size_t)ps.n * o->tokens, 1))) st = moe_errorf(MOE_ERR_NOMEM, "output");
         st = moe_comm_agree(comm, st);
     }
-    if (!st) st = moe_infer_generate(out, &gs, d, comm, pid, ps.len, ps.n, o->tokens, &o->s, NULL);
-    for (size_t i = 0; !st && i < (size_t)ps.n * o->tokens; i++) text[i] = (uint8_t)out[i];
+    const int stream = !o->json && ps.n == 1;
+    stream_ctx sx = {.tok = tok, .rank = rank};
+    const moe_infer_gen_hooks hooks = {.empty_prompt = newline, .on_step = stream ? stream_step : NULL, .ctx = &sx};
+    if (!st) st = moe_infer_generate(out, &gs, d, comm, (const int32_t *const *)ids, n_ids, ps.n, o->tokens, &o->s,
+                                     &hooks);
+    for (int b = 0; !st && b < ps.n; b++)
+        st = moe_infer_text_decode(&gt.text[b], &gt.len[b], tok, out + (size_t)b * o->tokens, (size_t)o->tokens);
     int rc = 0;
     if (st) {
+        if (stream && rank == 0) printf("\n");
         const int who = moe_comm_cause_rank(comm, MOE_SCOPE_WORLD, st);
         if (who < 0 || who == rank) moe_cli_error(W > 1 ? rank : -1, "generate", st);
         rc = 1;
     } else if (rank == 0) {
-        rc = o->json ? print_json(&ps, text, o->tokens, &gs) : (print_text(&ps, text, o->tokens), 0);
+        if (o->json) rc = print_json(&ps, &gt, &gs);
+        else if (stream) printf("\n");
+        else print_text(&ps, &gt);
         fflush(stdout); /* the text, then the figures */
         fprintf(stderr, "moe generate: %d ranks, %d prompts: prefill %lld tokens in %.3f s; decode %lld tokens in %.3f s "
                         "(%.1f tokens/s, %lld context slides)\n",
                 W, ps.n, (long long)gs.prefill_tokens, gs.prefill_s, (long long)gs.decode_tokens, gs.decode_s,
                 gs.decode_s > 0 ? (double)gs.decode_tokens / gs.decode_s : 0.0, (long long)gs.slides);
     }
-    moe_free(text);
+    gen_text_free(&gt);
     moe_free(out);
-    moe_free(ids);
+    for (int b = 0; b < MAX_PROMPTS; b++) moe_free(ids[b]);
     moe_infer_decoder_destroy(d);
     moe_model_destroy(m);
+    moe_tok_destroy(tok);
     moe_free(ps.buf);
     return rc;
 }
 
 int moe_cmd_generate(int argc, char **argv)
 {
+    const int help = moe_cli_wants_help(argc, argv);
+    if (help) {
+        if (help > 0) usage(stdout);
+        return 0;
+    }
     moe_comm *comm = NULL;
     const int start_rc = moe_cli_start("generate", 0, &comm);
     if (start_rc) return start_rc;

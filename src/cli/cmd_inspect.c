@@ -1,5 +1,6 @@
 /* `moe inspect`: describe, verify or diff checkpoints and gradient dumps,
- * and plot expert load. One process, no MPI: files are read through the
+ * and plot expert load (and, for vocabulary experts, each expert's set
+ * size and load). One process, no MPI: files are read through the
  * single-process reader of src/ckpt (ckpt_file.h). Text on stdout, or one
  * JSON object with --json. */
 #include <getopt.h>
@@ -29,7 +30,9 @@ static void usage(FILE *f)
                "  --verify       read every dataset (checksums) and check its shape; exit 0 only if all good\n"
                "  --diff OTHER   per dataset max abs and max rel difference to OTHER\n"
                "  --json         machine-readable output\n"
-               "  --plot OUT     heat map of expert load per MoE layer (.svg, or .png through gnuplot)\n"
+               "  --plot OUT     heat map of expert load per MoE layer (.svg, or .png through gnuplot); with\n"
+               "                 vocabulary experts also OUT's name with .vocab before the extension: each\n"
+               "                 vocabulary expert's set size and share of the targets\n"
                "A run directory means the checkpoint its 'latest' file names.\n");
 }
 
@@ -63,17 +66,22 @@ static param_counts count_params(const moe_ckpt_file *f)
     const moe_tensor_table *t = moe_ckpt_file_layout(f);
     const moe_train_config *m = &moe_ckpt_file_info(f)->model;
     param_counts p = {0, 0, 0, 0};
+    int64_t vocab = 0;
     for (int i = 0; i < t->n; i++) {
+        if (t->t[i].role == MOE_TENSOR_BUFFER) continue; /* the partition: not a parameter */
         p.total += (int64_t)t->t[i].numel;
         if (t->t[i].expert_sharded) p.expert += (int64_t)t->t[i].numel;
+        if (t->t[i].experts == MOE_EXPERTS_VOCAB && t->t[i].expert_sharded) vocab += (int64_t)t->t[i].numel;
     }
     p.dense = p.total - p.expert;
     /* Token choice: each token visits top_k of E experts; expert choice:
-     * capacity_factor experts per token on average. */
+     * capacity_factor experts per token on average; the vocabulary head's
+     * rows: one expert's set per position in training, V/M on average. */
     double share = m->router == MOE_ROUTER_TOKEN_CHOICE ? (double)m->top_k / m->n_experts
                                                         : m->capacity_factor / m->n_experts;
     if (share > 1) share = 1;
-    p.active = (double)p.dense + share * (double)p.expert;
+    p.active = (double)p.dense + share * (double)(p.expert - vocab) +
+               (m->head == MOE_HEAD_VOCAB_EXPERTS ? (double)vocab / m->vocab_experts : 0);
     return p;
 }
 
@@ -113,6 +121,16 @@ static void print_info(const moe_ckpt_info *in, const param_counts *p)
            m->top_k);
     printf("            capacity_factor %g, normalize_topk %d, router_noise %s, group_seqs %d\n", m->capacity_factor,
            m->normalize_topk, m->router_noise ? "gaussian" : "none", m->group_seqs);
+    if (m->head == MOE_HEAD_VOCAB_EXPERTS) {
+        moe_model_attr a[MOE_MODEL_ATTRS_MAX];
+        const char *part = "?";
+        for (int i = 0, n = moe_train_config_model_attrs(m, a, MOE_MODEL_ATTRS_MAX); i < n; i++)
+            if (!strcmp(a[i].name, "vocab_partition")) part = a[i].text;
+        printf("head        vocabulary experts: %d sets (partition: %s), generation top-%d; untied from wte\n",
+               m->vocab_experts, part, m->vocab_top_k);
+    } else {
+        printf("head        full softmax, tied to wte\n");
+    }
     printf("parameters  %lld total (%lld dense, %lld in experts); %.0f active per token\n", (long long)p->total,
            (long long)p->dense, (long long)p->expert, p->active);
 }
@@ -150,6 +168,47 @@ static cJSON *info_json(const moe_ckpt_info *in, const param_counts *p)
     cJSON_AddNumberToObject(pc, "active_per_token", p->active);
     cJSON_AddStringToObject(o, "config", in->config ? in->config : "");
     return o;
+}
+
+/* The checkpoint's tokenizer (/tokenizer), or "bytes" for a byte-level
+ * model: kind, vocabulary, pattern, specials, hash. */
+static moe_status describe_tokenizer(const moe_ckpt_file *f, cJSON *j)
+{
+    moe_tok *t = NULL;
+    moe_status st = moe_ckpt_file_tokenizer(f, &t);
+    if (st != MOE_OK) return st;
+    cJSON *o = j ? cJSON_AddObjectToObject(j, "tokenizer") : NULL;
+    if (!t) {
+        if (o) cJSON_AddStringToObject(o, "kind", "bytes");
+        else printf("tokenizer   bytes: one token per byte (the file has no /tokenizer)\n");
+        return MOE_OK;
+    }
+    char hash[24];
+    snprintf(hash, sizeof hash, "%016llx", (unsigned long long)moe_tok_hash(t));
+    const int k = moe_tok_n_specials(t);
+    if (o) {
+        cJSON_AddStringToObject(o, "kind", "bpe");
+        cJSON_AddNumberToObject(o, "vocab_size", (double)moe_tok_vocab_size(t));
+        cJSON_AddNumberToObject(o, "ranks", (double)moe_tok_n_ranks(t));
+        cJSON_AddNumberToObject(o, "holes", (double)moe_tok_n_holes(t));
+        cJSON_AddStringToObject(o, "pattern", moe_tok_pattern(t));
+        cJSON_AddStringToObject(o, "hash", hash);
+        cJSON *sp = cJSON_AddArrayToObject(o, "specials");
+        for (int i = 0; i < k; i++) {
+            cJSON *x = cJSON_CreateObject();
+            cJSON_AddStringToObject(x, "name", moe_tok_special_name(t, i));
+            cJSON_AddNumberToObject(x, "id", (double)moe_tok_special_id(t, i));
+            cJSON_AddItemToArray(sp, x);
+        }
+    } else {
+        printf("tokenizer   byte-level BPE, vocab %lld (%lld ranks, %lld holes, %d specials), hash %s\n",
+               (long long)moe_tok_vocab_size(t), (long long)moe_tok_n_ranks(t), (long long)moe_tok_n_holes(t), k, hash);
+        printf("            pattern %s\n", moe_tok_pattern(t));
+        for (int i = 0; i < k; i++)
+            printf("            special %lld = %s\n", (long long)moe_tok_special_id(t, i), moe_tok_special_name(t, i));
+    }
+    moe_tok_destroy(t);
+    return MOE_OK;
 }
 
 /* Per-expert load and weight norms of one MoE layer. */
@@ -254,6 +313,95 @@ static moe_status describe_experts(const moe_ckpt_file *f, cJSON *j)
         layer_stats_free(&s);
     }
     return st;
+}
+
+/* The vocabulary experts: the partition's sets, each expert's targets,
+ * updates and row norms. */
+typedef struct {
+    int M;
+    double *size, *tokens, *steps, *wnorm; /* (M) */
+} vocab_stats;
+
+static void vocab_stats_free(vocab_stats *v)
+{
+    moe_free(v->size), moe_free(v->tokens), moe_free(v->steps), moe_free(v->wnorm);
+    memset(v, 0, sizeof *v);
+}
+
+static moe_status vocab_stats_read(const moe_ckpt_file *f, vocab_stats *v)
+{
+    const moe_train_config *m = &moe_ckpt_file_info(f)->model;
+    memset(v, 0, sizeof *v);
+    v->M = m->vocab_experts;
+    const int V = m->vocab_size, d = m->d_model;
+    double *assign = NULL, *w = NULL;
+    int64_t n;
+    v->size = moe_calloc((size_t)v->M, sizeof(double));
+    v->wnorm = moe_calloc((size_t)v->M, sizeof(double));
+    moe_status st = v->size && v->wnorm ? MOE_OK : moe_errorf(MOE_ERR_NOMEM, "vocabulary expert statistics");
+    if (st == MOE_OK) st = read_named(f, "/model/vocab_head/assign", &assign, &n);
+    if (st == MOE_OK) st = read_named(f, "/stats/vocab_head/expert_tokens", &v->tokens, &n);
+    if (st == MOE_OK) st = read_named(f, "/optimizer/expert_step/vocab_head", &v->steps, &n);
+    if (st == MOE_OK) st = read_named(f, "/model/vocab_head/weight", &w, &n);
+    for (int t = 0; st == MOE_OK && t < V; t++) {
+        const int e = (int)assign[t];
+        if (assign[t] != e || e < 0 || e >= v->M) {
+            st = moe_errorf(MOE_ERR_FORMAT, "/model/vocab_head/assign: token %d has expert %g, outside [0, %d)", t,
+                            assign[t], v->M);
+            break;
+        }
+        v->size[e]++;
+        for (int k = 0; k < d; k++) v->wnorm[e] += w[(size_t)t * d + k] * w[(size_t)t * d + k];
+    }
+    for (int e = 0; st == MOE_OK && e < v->M; e++) v->wnorm[e] = sqrt(v->wnorm[e]);
+    moe_free(assign);
+    moe_free(w);
+    if (st != MOE_OK) vocab_stats_free(v);
+    return st;
+}
+
+static moe_status describe_vocab(const moe_ckpt_file *f, cJSON *j)
+{
+    /* (a gradient dump holds no partition: its activated mask is listed with the others) */
+    if (moe_ckpt_file_info(f)->model.head != MOE_HEAD_VOCAB_EXPERTS || moe_ckpt_file_info(f)->gradients) return MOE_OK;
+    vocab_stats v;
+    moe_status st = vocab_stats_read(f, &v);
+    if (st != MOE_OK) return st;
+    double sum = 0, smin = INFINITY, smax = 0, lmax = 0;
+    for (int e = 0; e < v.M; e++) {
+        sum += v.tokens[e];
+        smin = fmin(smin, v.size[e]), smax = fmax(smax, v.size[e]);
+        lmax = fmax(lmax, v.tokens[e]);
+    }
+    cJSON *arr = NULL;
+    if (j) {
+        cJSON *o = cJSON_AddObjectToObject(j, "vocab_experts");
+        cJSON_AddNumberToObject(o, "experts", v.M);
+        cJSON_AddNumberToObject(o, "targets", sum);
+        arr = cJSON_AddArrayToObject(o, "experts_detail");
+    } else {
+        printf("\nvocabulary experts: %d sets of %.0f..%.0f tokens (mean %.1f); %.0f targets since step 0, max/mean "
+               "load %.2f\n", v.M, smin, smax, (double)moe_ckpt_file_info(f)->model.vocab_size / v.M, sum,
+               sum > 0 ? lmax / (sum / v.M) : 0);
+        printf("  %6s %8s %12s %7s %10s %12s\n", "expert", "tokens", "targets", "share", "updates", "|W_S|");
+    }
+    for (int e = 0; e < v.M; e++) {
+        const double t = v.tokens[e], share = sum > 0 ? t / sum : 0;
+        if (j) {
+            cJSON *x = cJSON_CreateObject();
+            cJSON_AddNumberToObject(x, "expert", e);
+            cJSON_AddNumberToObject(x, "size", v.size[e]);
+            cJSON_AddNumberToObject(x, "targets", t);
+            cJSON_AddNumberToObject(x, "share", share);
+            cJSON_AddNumberToObject(x, "updates", v.steps[e]);
+            cJSON_AddNumberToObject(x, "w_norm", v.wnorm[e]);
+            cJSON_AddItemToArray(arr, x);
+        } else {
+            printf("  %6d %8.0f %12.0f %6.1f%% %10.0f %12.5g\n", e, v.size[e], t, 100 * share, v.steps[e], v.wnorm[e]);
+        }
+    }
+    vocab_stats_free(&v);
+    return MOE_OK;
 }
 
 static moe_status describe_grads(const moe_ckpt_file *f, cJSON *j)
@@ -505,6 +653,75 @@ static moe_status plot(const moe_ckpt_file *f, const char *path, const char *out
     return st;
 }
 
+/* The vocabulary experts' picture: set size (bars, left axis) and share of
+ * the targets (points, right axis) of each expert. */
+static moe_status plot_vocab_png(const char *out, const vocab_stats *v, const char *title)
+{
+    FILE *g = popen("gnuplot 2>/dev/null", "w");
+    if (!g) return moe_errorf(MOE_ERR_IO, "cannot run gnuplot (write .svg instead)");
+    double sum = 0;
+    for (int e = 0; e < v->M; e++) sum += v->tokens[e];
+    fprintf(g, "set terminal png size %d,420\nset output '%s'\n", v->M > 64 ? 1200 : 900, out);
+    fprintf(g, "set title 'vocabulary experts: set size and share of the targets: %s' noenhanced\n", title);
+    fprintf(g, "set xlabel 'vocabulary expert'\nset ylabel 'tokens in the set'\nset y2label 'share of targets (%%)'\n"
+               "set ytics nomirror\nset y2tics\nset logscale y\nset yrange [0.5:*]\nset y2range [0:*]\nset xrange [-0.5:%d.5]\nset key top center\n"
+               "set style fill solid 0.5\nset boxwidth 0.8\n$d << EOD\n", v->M - 1);
+    for (int e = 0; e < v->M; e++) fprintf(g, "%d %g %g\n", e, v->size[e], sum > 0 ? 100 * v->tokens[e] / sum : 0);
+    fprintf(g, "EOD\nplot $d using 1:2 with boxes lc rgb '#2060c0' title 'set size', "
+               "$d using 1:3 axes x1y2 with points pt 7 lc rgb '#c03020' title 'share of targets'\n");
+    int rc = pclose(g);
+    return rc == 0 ? MOE_OK : moe_errorf(MOE_ERR_IO, "gnuplot failed writing '%s' (status %d)", out, rc);
+}
+
+static moe_status plot_vocab_svg(const char *out, const vocab_stats *v, const char *title)
+{
+    FILE *f = fopen(out, "w");
+    if (!f) return moe_errorf(MOE_ERR_IO, "cannot write '%s'", out);
+    const int bw = v->M <= 32 ? 20 : v->M <= 128 ? 6 : 3, x0 = 70, y0 = 40, h = 200;
+    const int W = x0 + v->M * bw + 60, H = y0 + 2 * h + 80;
+    double smax = 1, sum = 0, lmax = 0;
+    for (int e = 0; e < v->M; e++) smax = fmax(smax, v->size[e]), sum += v->tokens[e];
+    for (int e = 0; e < v->M; e++) lmax = fmax(lmax, sum > 0 ? v->tokens[e] / sum : 0);
+    fprintf(f, "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"%d\" height=\"%d\" font-family=\"sans-serif\" "
+               "font-size=\"11\">\n<rect width=\"100%%\" height=\"100%%\" fill=\"white\"/>\n", W, H);
+    fprintf(f, "<text x=\"%d\" y=\"20\" font-size=\"14\">vocabulary experts: ", x0);
+    svg_text(f, title);
+    fprintf(f, "</text>\n<text x=\"%d\" y=\"%d\">set size (tokens, log scale; largest %.0f)</text>\n", x0, y0 + 12,
+            smax);
+    fprintf(f, "<text x=\"%d\" y=\"%d\">share of the targets (largest %.2f%%)</text>\n", x0, y0 + h + 40,
+            100 * lmax);
+    for (int e = 0; e < v->M; e++) {
+        const double a = log1p(v->size[e]) / log1p(smax), b = lmax > 0 ? v->tokens[e] / sum / lmax : 0;
+        fprintf(f, "<rect x=\"%d\" y=\"%.1f\" width=\"%d\" height=\"%.1f\" fill=\"#2060c0\"><title>expert %d: %.0f "
+                   "tokens</title></rect>\n", x0 + e * bw, y0 + 20 + (h - 20) * (1 - a), bw - 1, (h - 20) * a, e, v->size[e]);
+        fprintf(f, "<rect x=\"%d\" y=\"%.1f\" width=\"%d\" height=\"%.1f\" fill=\"#c03020\"><title>expert %d: %.2f%% "
+                   "of the targets</title></rect>\n", x0 + e * bw, y0 + h + 50 + (h - 20) * (1 - b), bw - 1, (h - 20) * b,
+                e, sum > 0 ? 100 * v->tokens[e] / sum : 0);
+    }
+    fprintf(f, "<text x=\"%d\" y=\"%d\">vocabulary expert 0 .. %d</text>\n</svg>\n", x0, H - 10, v->M - 1);
+    return fclose(f) == 0 ? MOE_OK : moe_errorf(MOE_ERR_IO, "cannot write '%s'", out);
+}
+
+/* OUT with ".vocab" before its extension. */
+static moe_status plot_vocab(const moe_ckpt_file *f, const char *path, const char *out, int say)
+{
+    if (moe_ckpt_file_info(f)->gradients) return MOE_OK;
+    char name[4096];
+    const char *dot = strrchr(out, '.'), *slash = strrchr(out, '/');
+    if (!dot || (slash && dot < slash)) dot = out + strlen(out);
+    if (snprintf(name, sizeof name, "%.*s.vocab%s", (int)(dot - out), out, dot) >= (int)sizeof name)
+        return moe_errorf(MOE_ERR_ARG, "--plot: name too long");
+    vocab_stats v;
+    moe_status st = vocab_stats_read(f, &v);
+    if (st != MOE_OK) return st;
+    const char *ps = strrchr(path, '/'), *title = ps ? ps + 1 : path;
+    const size_t len = strlen(name);
+    st = len > 4 && !strcmp(name + len - 4, ".png") ? plot_vocab_png(name, &v, title) : plot_vocab_svg(name, &v, title);
+    vocab_stats_free(&v);
+    if (st == MOE_OK && say) printf("plot: %s and %s\n", out, name);
+    return st;
+}
+
 /* ---- command ---- */
 
 static int parse(int argc, char **argv, inspect_opts *o)
@@ -574,9 +791,13 @@ int moe_cmd_inspect(int argc, char **argv)
         else
             print_info(in, &p);
         cJSON *jd = j ? cJSON_GetObjectItem(j, "info") : NULL;
-        st = in->gradients ? describe_grads(f, jd) : describe_experts(f, jd);
+        if (!in->gradients) st = describe_tokenizer(f, jd);
+        if (st == MOE_OK) st = in->gradients ? describe_grads(f, jd) : describe_experts(f, jd);
+        if (st == MOE_OK) st = describe_vocab(f, jd);
     }
     if (st == MOE_OK && o.plot) st = plot(f, path, o.plot);
+    if (st == MOE_OK && o.plot && moe_ckpt_file_info(f)->model.head == MOE_HEAD_VOCAB_EXPERTS)
+        st = plot_vocab(f, path, o.plot, !j);
     if (st != MOE_OK) moe_cli_error(-1, "inspect", st);
     if (j) {
         cJSON_AddBoolToObject(j, "ok", st == MOE_OK && !failed);

@@ -62,7 +62,7 @@ static void on_step(void *ctx, const moe_train_progress *p)
     char eta[32], vbuf[48] = "";
     fmt_duration(eta, sizeof eta, rate * (double)(c->steps - p->step));
     if (isfinite(p->last_val_loss))
-        snprintf(vbuf, sizeof vbuf, " | val %.4f (%.3f bpb)", p->last_val_loss, p->last_val_loss / M_LN2);
+        snprintf(vbuf, sizeof vbuf, " | val %.4f (%.3f bpb)", p->last_val_loss, p->last_val_bpb);
     printf("%sstep %*lld/%d | loss %.4f%s | %.0f tok/s | ETA %s | drop %.1f%% | load max/mean %.2f%s",
            t->tty ? "\r\033[K" : "", (int)snprintf(NULL, 0, "%d", c->steps), (long long)p->step, c->steps,
            p->stats->model.loss, vbuf, p->tokens_per_s, eta, 100 * p->dropped_frac, p->max_over_mean_load,
@@ -80,19 +80,28 @@ static int run(train_cmd *t)
     moe_train_run *r = NULL;
     moe_status st = moe_train_run_create(&r, c, t->config_text, t->comm, &cb);
     if (st) return moe_cli_error(t->rank, "train", st), 1;
+    c = moe_train_run_config(r); /* vocab_size resolved from the data */
     moe_model *model = moe_trainer_model(moe_train_run_trainer(r));
     const moe_data *ds = moe_train_run_data(r);
     const int S = c->seq_len;
     const int64_t step0 = moe_train_run_steps_done(r);
     if (t->rank == 0) {
         const moe_tensor_table *tt = moe_model_tensors(model);
-        printf("moe train: %d ranks (ep %d), %d layers (%d MoE, E=%d, %s k=%d), d_model %d, "
-               "%zu local parameter floats, batch %d x %d bytes, %d steps\n",
+        printf("moe train: %d ranks (ep %d), %d layers (%d MoE, E=%d, %s k=%d), d_model %d, vocab %d, "
+               "%zu local parameter floats, batch %d x %d tokens, %d steps\n",
                t->W, moe_comm_ep_size(t->comm), c->n_layers, moe_model_n_moe_layers(model), c->n_experts,
-               moe_router_kind_str(c->router), c->top_k, c->d_model, tt->total, c->batch_size, S, c->steps);
-        printf("data: %s (%lld training bytes, %lld validation bytes; unigram baseline %.3f bits/byte)\n",
-               c->data, (long long)moe_data_train_bytes(ds), (long long)moe_data_val_bytes(ds),
-               moe_data_unigram_bpb(ds));
+               moe_router_kind_str(c->router), c->top_k, c->d_model, c->vocab_size, tt->total, c->batch_size, S,
+               c->steps);
+        if (moe_data_is_tokens(ds))
+            printf("data: %s (%lld training tokens = %lld bytes, %lld validation tokens = %lld bytes; "
+                   "unigram baseline %.3f bits/token = %.3f bits/byte)\n",
+                   c->data, (long long)moe_data_train_tokens(ds), (long long)moe_data_train_bytes(ds),
+                   (long long)moe_data_val_tokens(ds), (long long)moe_data_val_bytes(ds), moe_data_unigram_bpt(ds),
+                   moe_data_unigram_bpb(ds));
+        else
+            printf("data: %s (%lld training bytes, %lld validation bytes; unigram baseline %.3f bits/byte)\n",
+                   c->data, (long long)moe_data_train_bytes(ds), (long long)moe_data_val_bytes(ds),
+                   moe_data_unigram_bpb(ds));
         fflush(stdout);
     }
     const double t_start = moe_now();
@@ -110,10 +119,11 @@ static int run(train_cmd *t)
                    peak_mb, base_mb, peak_mb - base_mb, 4.0 * sizeof(float) * moe_model_tensors(model)->total / (1 << 20));
         const double val = moe_train_run_last_val_loss(r);
         if (isfinite(val))
-            printf("validation: %.4f nats/byte = %.3f bits/byte (unigram baseline %.3f bits/byte)\n", val,
-                   val / M_LN2, moe_data_unigram_bpb(ds));
+            printf("validation: %.4f nats/%s = %.3f bits/byte (unigram baseline %.3f bits/byte)\n", val,
+                   moe_data_is_tokens(ds) ? "token" : "byte", moe_train_run_last_val_bpb(r), moe_data_unigram_bpb(ds));
     }
     moe_train_run_destroy(r); /* closes metrics.jsonl before the plot reads it */
+    c = &t->cfg;              /* (the run's copy is gone) */
     if (!st && t->rank == 0) {
         char out[1200];
         snprintf(out, sizeof out, "%s/metrics.jsonl", c->out_dir);
@@ -134,6 +144,9 @@ int moe_cmd_train(int argc, char **argv)
     moe_train_config_default(&r.cfg);
     int help = 0;
     moe_status st = moe_train_config_parse_args(&r.cfg, argc, argv, &help);
+    /* --comm_timeout (taken by every command) is the key comm_timeout here,
+     * over the config file. */
+    if (!st && moe_cli_comm_timeout_arg()) st = moe_train_config_set(&r.cfg, "comm_timeout", moe_cli_comm_timeout_arg());
     if (!st && help) {
         moe_train_config_help(stdout);
         return 0;
@@ -164,6 +177,9 @@ int moe_cmd_train(int argc, char **argv)
     if (st) {
         moe_cli_error(r.rank, "train", st);
     } else {
+        /* The run's deadline, and its report next to the checkpoints. */
+        moe_comm_watchdog_set_timeout(r.cfg.comm_timeout);
+        moe_comm_watchdog_set_dir(r.cfg.out_dir);
         /* Open MPI gives ranks a pseudo-terminal even when mpirun's own output
          * is a pipe, so under mpirun redraw only when the launcher says its
          * output is a terminal (launch/moe-local sets MOE_TTY=1). */

@@ -7,6 +7,7 @@
 #include "comm/comm.h"
 #include "core/moe.h"
 #include "core/platform.h"
+#include "moe_git.h" /* MOE_GIT_DESCRIBE, written at build time (cmake/moeGitDescribe.cmake) */
 
 void moe_cli_error(int rank, const char *what, int status)
 {
@@ -50,43 +51,60 @@ int moe_cli_start(const char *what, int ep_size, moe_comm **comm)
     return st == MOE_ERR_MISMATCH ? 2 : 1;
 }
 
-static void usage(FILE *f)
+/* Every command: the words that name it, its arguments and a summary. The
+ * general usage and the man pages (moe help, cmd_help.c) are made from this
+ * table; main() below dispatches the same words. */
+const moe_cli_command moe_cli_commands[] = {
+    {"train", "--config FILE", "train an MoE language model (run under mpirun for expert parallelism)", 1},
+    {"eval", "--ckpt F --data F", "next-byte loss of a checkpoint on a file", 0},
+    {"generate", "--ckpt F ...", "sample text from a checkpoint", 0},
+    {"inspect", "FILE", "describe, verify or diff checkpoints and dumps", 0},
+    {"data synth", "--out FILE", "write the built-in multi-domain corpus", 0},
+    {"data encode", "...", "encode a corpus into a token file (ranks and threads)", 0},
+    {"tokenizer", "<sub> ...", "train, import, export, encode, decode, info (BPE tokenizers)", 0},
+    {"convert", "import|export ...", "Hugging Face MoE checkpoints (mixtral, qwen2/3_moe, olmoe) <-> moerun", 0},
+    {"vocab partition", "...", "split the vocabulary into vocabulary experts (head = vocab_experts)", 0},
+    {"bench layer", "", "time one MoE layer forward+backward (--save writes a dump)", 0},
+    {"bench a2a", "", "time the token all-to-all against raw MPI_Alltoallv", 0},
+    {"selftest blas", "", "check and time OpenBLAS's kernel sets; pick the fastest correct one", 0},
+    {"help", "[--man] [COMMAND]", "this text, a command's help, or man pages (roff)", 0},
+};
+const int moe_cli_n_commands = (int)(sizeof moe_cli_commands / sizeof moe_cli_commands[0]);
+
+void moe_cli_usage(FILE *f)
 {
+    fprintf(f, "usage: moe <command> [options]\n\ncommands:\n");
+    for (int i = 0; i < moe_cli_n_commands; i++) {
+        char head[64];
+        const moe_cli_command *c = &moe_cli_commands[i];
+        snprintf(head, sizeof head, "%s%s%s", c->words, *c->args ? " " : "", c->args);
+        fprintf(f, "  %-22s  %s\n", head, c->summary);
+    }
     fprintf(f,
-            "usage: moe <command> [options]\n"
-            "\n"
-            "commands:\n"
-            "  train --config FILE     train an MoE language model (run under mpirun for expert parallelism)\n"
-            "  eval --ckpt F --data F  next-byte loss of a checkpoint on a file\n"
-            "  generate --ckpt F ...   sample text from a checkpoint\n"
-            "  inspect FILE            describe, verify or diff checkpoints and dumps\n"
-            "  data synth --out FILE   write the built-in multi-domain corpus\n"
-            "  data encode ...         encode a corpus into a token file (ranks and threads)\n"
-            "  tokenizer <sub> ...     train, import, export, encode, decode, info (BPE tokenizers)\n"
-            "  convert import|export   Hugging Face MoE checkpoints (mixtral, qwen2/3_moe, olmoe) <-> moerun\n"
-            "  bench layer             time one MoE layer forward+backward (--save writes a dump)\n"
-            "  bench a2a               time the token all-to-all against raw MPI_Alltoallv\n"
-            "  selftest blas           check and time OpenBLAS's kernel sets; pick the fastest correct one\n"
             "\n"
             "Run 'moe <command> --help' for the options of a command.\n"
             "\n"
             "Under MPI every rank reports its BLAS kernel set (OpenBLAS core), BLAS threads,\n"
             "moe version and host at start; a job whose ranks differ in kernels or version\n"
             "stops. --allow_mixed_kernels (any MPI command) accepts mixed kernels with a warning.\n"
-            "moe --version prints this process's version and BLAS kernels.\n");
+            "--comm_timeout S (any MPI command; default 300, 0: never): a rank that waits S seconds\n"
+            "without progress in a collective, exchange or checkpoint write says for what and whom,\n"
+            "and ends the job on every node (docs/cluster.md).\n"
+            "moe --version prints this process's version (and the git commit it was built from)\n"
+            "and BLAS kernels.\n");
 }
 
-int main(int argc, char **argv)
+int moe_cli_dispatch(int argc, char **argv)
 {
-    if (moe_cli_take_global_options(&argc, argv)) return 2;
     if (argc < 2 || !strcmp(argv[1], "--help") || !strcmp(argv[1], "-h")) {
-        usage(argc < 2 ? stderr : stdout);
+        moe_cli_usage(argc < 2 ? stderr : stdout);
         return argc < 2 ? 2 : 0;
     }
     if (!strcmp(argv[1], "--version")) {
         moe_platform p;
         moe_platform_get(&p);
-        printf("moe %s (%s, %d BLAS thread%s)\n", p.version, p.blas_config, p.blas_threads,
+        printf("moe %s%s%s%s (%s, %d BLAS thread%s)\n", p.version, *MOE_GIT_DESCRIBE ? " (git " : "",
+               MOE_GIT_DESCRIBE, *MOE_GIT_DESCRIBE ? ")" : "", p.blas_config, p.blas_threads,
                p.blas_threads == 1 ? "" : "s");
         return 0;
     }
@@ -109,7 +127,15 @@ int main(int argc, char **argv)
     if (!strcmp(cmd, "tokenizer")) return moe_cmd_tokenizer(argc - 1, argv + 1);
     if (!strcmp(cmd, "convert")) return moe_cmd_convert(argc - 1, argv + 1);
     if (!strcmp(cmd, "selftest")) return moe_cmd_selftest(argc - 1, argv + 1);
+    if (!strcmp(cmd, "help")) return moe_cmd_help(argc - 1, argv + 1);
+    if (!strcmp(cmd, "vocab")) return moe_cmd_vocab(argc - 1, argv + 1);
     fprintf(stderr, "moe: unknown command '%s'\n", cmd);
-    usage(stderr);
+    moe_cli_usage(stderr);
     return 2;
+}
+
+int main(int argc, char **argv)
+{
+    if (moe_cli_take_global_options(&argc, argv)) return 2;
+    return moe_cli_dispatch(argc, argv);
 }

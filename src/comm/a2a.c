@@ -18,51 +18,15 @@
  *
  * With one rank in the ep group (local) nothing moves: the receive layout
  * IS the send layout and the trip buffers alias accordingly. */
-#include "comm/comm_mpi.h"
-#include "comm/comm_internal.h"
+#include "comm/a2a_internal.h"
 
 #include <limits.h>
 #include <stdlib.h>
 #include <string.h>
 
-enum { DISPATCH = 0, RETURN = 1 };
-
-/* The private trip buffers: x-like rows in the send and receive layouts,
- * and y-like rows (results) in both. Which of them (or the shm window)
- * plays which role in a trip is decided once, in moe_a2a_buffers_get. */
-enum { B_SEND_X, B_SEND_Y, B_RECV_X, B_RECV_Y, N_BUF };
-
-struct moe_a2a {
-    moe_comm *c;
-    MPI_Comm comm;          /* duplicate of the ep group: the exchange's tags are private */
-    moe_a2a_kind kind;
-    int local;              /* 1: one rank in the ep group, no MPI */
-    int P, me, El, chunks;
-    int max_width;          /* of the current plan; 0: no valid plan */
-    int send_total, recv_total;
-    int *send_rows;         /* (P * El) [p * El + j] rows to local expert j of rank p */
-    int *send_off;          /* (P * El) row offset of that block in the send layout */
-    int *recv_counts;       /* (El * P) [j * P + s] rows for local expert j from rank s */
-    int *recv_off;          /* (El * P) row offset of that block in the receive layout */
-    int *recv_expert_off;   /* (El + 1) */
-    int *xsend, *xrecv;     /* (P * (El + 2)) count exchange: El counts, send offset, status */
-    MPI_Request *req;       /* (2, El, P, 2): [dir][j][peer][recv, send] */
-    int *vcount, *vdispl;   /* (2 * P) MPI_Alltoallv arguments of the raw baseline */
-    /* MOE_A2A_SHM only */
-    int *peer_send_off;     /* (El * P) [j * P + s] offset in s's send layout of its rows for my j */
-    int *peer_recv_off;     /* (P * El) [p * El + j] offset in p's receive layout of my rows for its j */
-    MPI_Win win;
-    size_t win_floats;      /* capacity of my segment */
-    float **seg;            /* (P) every rank's segment, mapped here */
-    float *buf[N_BUF];      /* private trip buffers */
-    size_t buf_cap[N_BUF];  /* floats allocated */
-    moe_a2a_times last;     /* of the last moe_a2a_exchange */
-    double seconds;
-};
-
 static int imin(int a, int b) { return a < b ? a : b; }
 
-const char *const moe_a2a_kind_names[] = {"p2p", "shm", NULL};
+const char *const moe_a2a_kind_names[] = {"p2p", "shm", "node", "auto", NULL};
 
 moe_status moe_a2a_kind_parse(moe_a2a_kind *out, const char *name)
 {
@@ -72,8 +36,8 @@ moe_status moe_a2a_kind_parse(moe_a2a_kind *out, const char *name)
             *out = (moe_a2a_kind)k;
             return MOE_OK;
         }
-    return moe_errorf(MOE_ERR_ARG, "unknown exchange kind '%s' (p2p or shm; %s = p2p)", name ? name : "(null)",
-                      MOE_A2A_P2P_OLD_NAME);
+    return moe_errorf(MOE_ERR_ARG, "unknown exchange kind '%s' (p2p, shm, node or auto; %s = p2p)",
+                      name ? name : "(null)", MOE_A2A_P2P_OLD_NAME);
 }
 
 /* MPI guarantees tags up to 32767; the exchange uses 2 * El of them. */
@@ -83,7 +47,8 @@ static moe_status shm_check_node(moe_a2a *a)
 {
     MPI_Comm node = MPI_COMM_NULL;
     int n = 0;
-    MOE_MPI_TRY(MPI_Comm_split_type(a->comm, MPI_COMM_TYPE_SHARED, 0, MPI_INFO_NULL, &node));
+    MOE_MPI_TRY_WD(a->c, MOE_SCOPE_EP, "exchange set-up (MPI_Comm_split_type)",
+                   MPI_Comm_split_type(a->comm, MPI_COMM_TYPE_SHARED, 0, MPI_INFO_NULL, &node));
     int rc = MPI_Comm_size(node, &n);
     MPI_Comm_free(&node);
     if (rc != MPI_SUCCESS) return moe_comm_mpi_error(rc, "MPI_Comm_size");
@@ -101,7 +66,7 @@ moe_status moe_a2a_create(moe_a2a **out, moe_comm *c, int n_local_experts, moe_a
     moe_status st = MOE_OK;
     if (El < 1 || El > MOE_A2A_MAX_LOCAL_EXPERTS)
         st = moe_errorf(MOE_ERR_ARG, "n_local_experts=%d outside [1, %d]", El, MOE_A2A_MAX_LOCAL_EXPERTS);
-    else if (kind != MOE_A2A_P2P && kind != MOE_A2A_SHM)
+    else if ((unsigned)kind > MOE_A2A_AUTO)
         st = moe_errorf(MOE_ERR_ARG, "unknown exchange kind %d", (int)kind);
     else if (chunks < 1)
         st = moe_errorf(MOE_ERR_ARG, "chunks=%d must be >= 1", chunks);
@@ -122,17 +87,26 @@ moe_status moe_a2a_create(moe_a2a **out, moe_comm *c, int n_local_experts, moe_a
         a->recv_counts = moe_calloc(pe, sizeof(int));
         a->recv_off = moe_calloc(pe, sizeof(int));
         a->recv_expert_off = moe_calloc((size_t)El + 1, sizeof(int));
-        a->xsend = moe_calloc((size_t)P * (El + 2), sizeof(int));
-        a->xrecv = moe_calloc((size_t)P * (El + 2), sizeof(int));
+        a->xsend = moe_calloc((size_t)P * (El + A2A_X_EXTRA), sizeof(int));
+        a->xrecv = moe_calloc((size_t)P * (El + A2A_X_EXTRA), sizeof(int));
         a->req = moe_calloc(4 * pe, sizeof(MPI_Request));
         a->vcount = moe_calloc(2 * (size_t)P, sizeof(int));
         a->vdispl = moe_calloc(2 * (size_t)P, sizeof(int));
         a->peer_send_off = moe_calloc(pe, sizeof(int));
         a->peer_recv_off = moe_calloc(pe, sizeof(int));
         a->seg = moe_calloc((size_t)P, sizeof(float *));
+        a->remote = moe_calloc((size_t)P, sizeof(int));
+        a->owed = moe_calloc((size_t)P, sizeof(int));
+        a->pending = moe_calloc((size_t)P, sizeof(atomic_uchar));
+        a->done_idx = moe_calloc(2 * pe, sizeof(int));
+        a->plan_rows = moe_calloc(pe, sizeof(int));
+        if (a->remote)
+            for (int q = 0; q < P; q++)
+                a->remote[q] = moe_comm_node_of(c, moe_comm_ep_world_rank(c, q)) !=
+                               moe_comm_node_of(c, moe_comm_rank(c));
         if (!a->send_rows || !a->send_off || !a->recv_counts || !a->recv_off || !a->recv_expert_off ||
             !a->xsend || !a->xrecv || !a->req || !a->vcount || !a->vdispl || !a->peer_send_off ||
-            !a->peer_recv_off || !a->seg)
+            !a->peer_recv_off || !a->seg || !a->remote || !a->owed || !a->pending || !a->done_idx || !a->plan_rows)
             st = moe_errorf(MOE_ERR_NOMEM, "exchange plan for %d ranks x %d local experts", P, El);
     } else if (st == MOE_OK) {
         st = moe_errorf(MOE_ERR_NOMEM, "exchange object");
@@ -140,10 +114,22 @@ moe_status moe_a2a_create(moe_a2a **out, moe_comm *c, int n_local_experts, moe_a
     /* One rank: no MPI at all (the communicator may have none). */
     if (P > 1) {
         MPI_Comm ep = moe_comm_mpi(c, MOE_SCOPE_EP);
-        st = moe_comm_agree_on(ep, st, "ep", 0);
-        if (st == MOE_OK) MOE_MPI_KEEP(st, MPI_Comm_dup(ep, &a->comm));
+        st = moe_comm_agree_on(c, MOE_SCOPE_EP, ep, st, "ep", 0);
+        if (st == MOE_OK) MOE_MPI_KEEP_WD(st, c, MOE_SCOPE_EP, "exchange set-up (MPI_Comm_dup)", MPI_Comm_dup(ep, &a->comm));
         if (st == MOE_OK) MOE_MPI_KEEP(st, MPI_Comm_set_errhandler(a->comm, MPI_ERRORS_RETURN));
-        if (st == MOE_OK && kind == MOE_A2A_SHM) st = moe_comm_agree_on(a->comm, shm_check_node(a), "ep", 0);
+        /* An ep group spanning nodes takes the node-aware kind when asked
+         * for auto or for shared memory (which one window cannot span);
+         * every rank sees the same node table, so decides alike. */
+        int spans = 0;
+        for (int q = 0; a && q < P; q++) spans |= a->remote[q];
+        if (st == MOE_OK) MOE_MPI_KEEP_WD(st, c, MOE_SCOPE_EP, "exchange set-up (MPI_Allreduce)",
+                                          MPI_Allreduce(MPI_IN_PLACE, &spans, 1, MPI_INT, MPI_LOR, a->comm));
+        if (st == MOE_OK && (kind == MOE_A2A_AUTO || kind == MOE_A2A_SHM) && spans) a->kind = MOE_A2A_NODE;
+        else if (st == MOE_OK && kind == MOE_A2A_AUTO) a->kind = MOE_A2A_P2P;
+        if (st == MOE_OK && a->kind == MOE_A2A_SHM) st = moe_comm_agree_on(a->c, MOE_SCOPE_EP, a->comm, shm_check_node(a), "ep", 0);
+        if (st == MOE_OK && a->kind == MOE_A2A_NODE) st = moe_comm_agree_on(a->c, MOE_SCOPE_EP, a->comm, moe_a2a_node_create(a), "ep", 0);
+    } else if (a) {
+        a->kind = kind == MOE_A2A_AUTO ? MOE_A2A_P2P : kind;
     }
     if (st != MOE_OK) {
         moe_a2a_destroy(a);
@@ -164,11 +150,13 @@ static void free_window(moe_a2a *a)
 void moe_a2a_destroy(moe_a2a *a)
 {
     if (!a) return;
+    moe_a2a_node_destroy(a);
     free_window(a);
     if (a->comm != MPI_COMM_NULL) MPI_Comm_free(&a->comm);
     void *arrays[] = {a->send_rows, a->send_off, a->recv_counts, a->recv_off, a->recv_expert_off,
                       a->xsend, a->xrecv, a->req, a->vcount, a->vdispl, a->peer_send_off,
-                      a->peer_recv_off, a->seg};
+                      a->peer_recv_off, a->seg, a->remote, a->owed, (void *)a->pending, a->done_idx,
+                      a->tok_off, a->asg_row, a->asg_w, a->row_tok, a->plan_rows};
     for (size_t i = 0; i < sizeof arrays / sizeof arrays[0]; i++) moe_free(arrays[i]);
     for (int i = 0; i < N_BUF; i++) moe_free(a->buf[i]);
     free(a);
@@ -179,7 +167,8 @@ void moe_a2a_destroy(moe_a2a *a)
 static moe_status shm_reserve(moe_a2a *a, size_t need)
 {
     int grow = need > a->win_floats || a->win == MPI_WIN_NULL, any = 0;
-    MOE_MPI_TRY(MPI_Allreduce(&grow, &any, 1, MPI_INT, MPI_LOR, a->comm));
+    MOE_MPI_TRY_WD(a->c, MOE_SCOPE_EP, "shared window size (MPI_Allreduce)",
+                   MPI_Allreduce(&grow, &any, 1, MPI_INT, MPI_LOR, a->comm));
     if (!any) return MOE_OK;
     /* Grow geometrically so that slowly rising loads re-allocate rarely. */
     size_t cap = a->win_floats + a->win_floats / 2;
@@ -193,8 +182,9 @@ static moe_status shm_reserve(moe_a2a *a, size_t need)
     MOE_MPI_KEEP(st, MPI_Info_set(info, "alloc_shared_noncontig", "true"));
     float *base = NULL;
     if (st == MOE_OK)
-        MOE_MPI_KEEP(st, MPI_Win_allocate_shared((MPI_Aint)(cap * sizeof(float)), (int)sizeof(float), info,
-                                                 a->comm, &base, &a->win));
+        MOE_MPI_KEEP_WD(st, a->c, MOE_SCOPE_EP, "shared window set-up (MPI_Win_allocate_shared)",
+                        MPI_Win_allocate_shared((MPI_Aint)(cap * sizeof(float)), (int)sizeof(float), info, a->comm,
+                                                &base, &a->win));
     MPI_Info_free(&info);
     if (st) return st;
     MOE_MPI_TRY(MPI_Win_set_errhandler(a->win, MPI_ERRORS_RETURN));
@@ -246,11 +236,11 @@ static moe_status plan_send(moe_a2a *a, const int *send_rows, int max_width)
 /* The remote half: counts received in xrecv -> receive layout. */
 static moe_status plan_recv(moe_a2a *a, int max_width)
 {
-    const int P = a->P, El = a->El, X = El + 2;
+    const int P = a->P, El = a->El, X = El + A2A_X_EXTRA;
     for (int s = 0; s < P; s++)
-        if (a->xrecv[s * X + El + 1] != MOE_OK)
+        if (a->xrecv[s * X + El + A2A_X_STATUS] != MOE_OK)
             return moe_errorf(MOE_ERR_REMOTE, "ep rank %d failed with '%s'", s,
-                              moe_status_str((moe_status)a->xrecv[s * X + El + 1]));
+                              moe_status_str((moe_status)a->xrecv[s * X + El + A2A_X_STATUS]));
     int64_t off = 0;
     for (int j = 0; j < El; j++)
         for (int s = 0; s < P; s++) off += a->xrecv[s * X + j];
@@ -269,7 +259,7 @@ static moe_status plan_recv(moe_a2a *a, int max_width)
     a->recv_expert_off[El] = a->recv_total = (int)off;
     /* Where each source keeps my rows: its block base plus the earlier experts' rows. */
     for (int s = 0; s < P; s++)
-        for (int j = 0, o = a->xrecv[s * X + El]; j < El; o += a->xrecv[s * X + j], j++)
+        for (int j = 0, o = a->xrecv[s * X + El + A2A_X_OFFSET]; j < El; o += a->xrecv[s * X + j], j++)
             a->peer_send_off[j * P + s] = o;
     return MOE_OK;
 }
@@ -277,7 +267,7 @@ static moe_status plan_recv(moe_a2a *a, int max_width)
 /* Makes trip buffer i hold rows x width floats; headroom so that
  * step-to-step fluctuation of the load does not reallocate (small for the
  * receive side, whose buffers are the largest). Contents are not kept. */
-static moe_status reserve_buf(moe_a2a *a, int i, int rows, int width)
+moe_status moe_a2a_reserve_buf(moe_a2a *a, int i, int rows, int width)
 {
     const size_t need = (size_t)rows * (size_t)width;
     if (need <= a->buf_cap[i] && a->buf[i]) return MOE_OK;
@@ -295,24 +285,35 @@ static moe_status reserve_buf(moe_a2a *a, int i, int rows, int width)
 static moe_status reserve_trip_buffers(moe_a2a *a, int width)
 {
     const int S = a->send_total, R = a->recv_total;
-    moe_status st = reserve_buf(a, B_SEND_X, S, width);
-    if (!st) st = reserve_buf(a, B_RECV_Y, R, width);
+    moe_status st = moe_a2a_reserve_buf(a, B_SEND_X, S, width);
+    if (!st) st = moe_a2a_reserve_buf(a, B_RECV_Y, R, width);
     if (a->local) return st;
-    if (!st) st = reserve_buf(a, B_SEND_Y, S, width);
-    if (!st) st = reserve_buf(a, B_RECV_X, R, width);
+    if (!st) st = moe_a2a_reserve_buf(a, B_SEND_Y, S, width);
+    if (!st) st = moe_a2a_reserve_buf(a, B_RECV_X, R, width);
     return st;
 }
 
 moe_status moe_a2a_set_counts(moe_a2a *a, const int *send_rows, moe_status local_status, int max_width)
 {
+    a->tok_plan = 0;
+    if (a->kind == MOE_A2A_NODE && !a->local)
+        return moe_a2a_node_plan(a, 0, NULL, NULL, NULL, send_rows, local_status, max_width);
+    return moe_a2a_set_counts_x(a, send_rows, NULL, local_status, max_width);
+}
+
+moe_status moe_a2a_set_counts_x(moe_a2a *a, const int *send_rows, const int *extra, moe_status local_status,
+                                int max_width)
+{
     const double t0 = moe_now();
-    const int P = a->P, El = a->El, X = El + 2;
+    const int P = a->P, El = a->El, X = El + A2A_X_EXTRA;
     a->max_width = 0;
     moe_status st = local_status != MOE_OK ? local_status : plan_send(a, send_rows, max_width);
     for (int p = 0; p < P; p++) {
         for (int j = 0; j < El; j++) a->xsend[p * X + j] = st ? 0 : a->send_rows[p * El + j];
-        a->xsend[p * X + El] = st ? 0 : a->send_off[p * El];
-        a->xsend[p * X + El + 1] = (int)st;
+        a->xsend[p * X + El + A2A_X_OFFSET] = st ? 0 : a->send_off[p * El];
+        a->xsend[p * X + El + A2A_X_STATUS] = (int)st;
+        for (int k = 0; k < A2A_X_EXTRA - A2A_X_NODE; k++)
+            a->xsend[p * X + El + A2A_X_NODE + k] = st || !extra ? 0 : extra[p * (A2A_X_EXTRA - A2A_X_NODE) + k];
     }
     if (a->local) {
         memcpy(a->xrecv, a->xsend, sizeof(int) * (size_t)X);
@@ -320,20 +321,22 @@ moe_status moe_a2a_set_counts(moe_a2a *a, const int *send_rows, moe_status local
         if (st == MOE_OK) st = reserve_trip_buffers(a, max_width);
     } else {
         /* The status words travel with the counts: this is the agreement point. */
-        MOE_MPI_TRY(MPI_Alltoall(a->xsend, X, MPI_INT, a->xrecv, X, MPI_INT, a->comm));
+        MOE_MPI_TRY_WD(a->c, MOE_SCOPE_EP, "exchange counts (MPI_Alltoall)",
+                       MPI_Alltoall(a->xsend, X, MPI_INT, a->xrecv, X, MPI_INT, a->comm));
         if (st == MOE_OK) st = plan_recv(a, max_width);
         /* A receive-side overflow is known to its rank only: agree once more. */
-        st = moe_comm_agree_on(a->comm, st, "ep", 0);
+        st = moe_comm_agree_on(a->c, MOE_SCOPE_EP, a->comm, st, "ep", 0);
         if (st == MOE_OK && a->kind == MOE_A2A_SHM) {
             /* Senders learn where their rows sit in each receiver's layout. */
             for (int s = 0; s < P; s++)
                 for (int j = 0; j < El; j++) a->xsend[s * El + j] = a->recv_off[j * P + s];
-            MOE_MPI_TRY(MPI_Alltoall(a->xsend, El, MPI_INT, a->peer_recv_off, El, MPI_INT, a->comm));
+            MOE_MPI_TRY_WD(a->c, MOE_SCOPE_EP, "exchange counts (MPI_Alltoall)",
+                           MPI_Alltoall(a->xsend, El, MPI_INT, a->peer_recv_off, El, MPI_INT, a->comm));
             const int64_t rows = a->send_total > a->recv_total ? a->send_total : a->recv_total;
-            st = moe_comm_agree_on(a->comm, shm_reserve(a, (size_t)rows * (size_t)max_width), "ep", 0);
+            st = moe_comm_agree_on(a->c, MOE_SCOPE_EP, a->comm, shm_reserve(a, (size_t)rows * (size_t)max_width), "ep", 0);
         }
         /* Only now, with every count known to fit, may the buffers grow. */
-        if (st == MOE_OK) st = moe_comm_agree_on(a->comm, reserve_trip_buffers(a, max_width), "ep", 0);
+        if (st == MOE_OK) st = moe_comm_agree_on(a->c, MOE_SCOPE_EP, a->comm, reserve_trip_buffers(a, max_width), "ep", 0);
     }
     if (st == MOE_OK) {
         a->max_width = max_width;
@@ -354,11 +357,22 @@ float *moe_a2a_shm_buffer(moe_a2a *a)
 }
 
 int moe_a2a_send_total(const moe_a2a *a) { return a->send_total; }
+moe_a2a_kind moe_a2a_kind_of(const moe_a2a *a) { return a->kind; }
 int moe_a2a_recv_total(const moe_a2a *a) { return a->recv_total; }
 const int *moe_a2a_recv_expert_offsets(const moe_a2a *a) { return a->recv_expert_off; }
 const int *moe_a2a_recv_counts(const moe_a2a *a) { return a->recv_counts; }
 double moe_a2a_seconds(const moe_a2a *a) { return a->seconds; }
 void moe_a2a_reset_seconds(moe_a2a *a) { a->seconds = 0; }
+moe_a2a_traffic moe_a2a_bytes(const moe_a2a *a) { return a->traffic; }
+void moe_a2a_reset_bytes(moe_a2a *a) { memset(&a->traffic, 0, sizeof a->traffic); }
+
+/* n rows of w floats sent to ep rank q (not this rank). */
+void moe_a2a_count_sent(moe_a2a *a, int q, int64_t n, int w)
+{
+    const int64_t b = (int64_t)n * w * (int64_t)sizeof(float);
+    a->traffic.sent += b;
+    if (a->remote[q]) a->traffic.sent_remote += b;
+}
 
 static moe_status check_call(const moe_a2a *a, int width, const char *what)
 {
@@ -402,8 +416,10 @@ static moe_status post_range(moe_a2a *a, int dir, int j0, int j1, float *dst, co
             if (q == a->me) continue;
             if (b.dst_n)
                 MOE_MPI_TRY(MPI_Irecv(dst + (size_t)b.dst_off * w, b.dst_n * w, MPI_FLOAT, q, tag, a->comm, &r[0]));
-            if (b.src_n)
+            if (b.src_n) {
                 MOE_MPI_TRY(MPI_Isend(src + (size_t)b.src_off * w, b.src_n * w, MPI_FLOAT, q, tag, a->comm, &r[1]));
+                moe_a2a_count_sent(a, q, b.src_n, w);
+            }
         }
     }
     /* After posting, so that peers can already pull the rows sent to them. */
@@ -414,10 +430,41 @@ static moe_status post_range(moe_a2a *a, int dir, int j0, int j1, float *dst, co
     return MOE_OK;
 }
 
+/* Completes the messages of local experts [j0, j1). Under the watchdog,
+ * MPI_Waitsome keeps the set of peers still owed a message current, so
+ * that an expired deadline names them. */
 static moe_status wait_range(moe_a2a *a, int dir, int j0, int j1)
 {
     MPI_Request *rq = a->req + (size_t)dir * 2 * a->El * a->P + 2 * (size_t)j0 * a->P;
-    MOE_MPI_TRY(MPI_Waitall(2 * (j1 - j0) * a->P, rq, MPI_STATUSES_IGNORE));
+    const int n = 2 * (j1 - j0) * a->P, P = a->P;
+    if (!moe_wd_on()) {
+        MOE_MPI_TRY(MPI_Waitall(n, rq, MPI_STATUSES_IGNORE));
+        return MOE_OK;
+    }
+    memset(a->owed, 0, sizeof(int) * (size_t)P);
+    int left = 0;
+    for (int i = 0; i < n; i++)
+        if (rq[i] != MPI_REQUEST_NULL) {
+            a->owed[(i / 2) % P]++;
+            left++;
+        }
+    for (int q = 0; q < P; q++) atomic_store_explicit(&a->pending[q], a->owed[q] > 0, memory_order_relaxed);
+    moe_wd_begin(a->c, MOE_SCOPE_EP, dir == DISPATCH ? "token exchange, dispatch" : "token exchange, return",
+                 a->pending);
+    int rc = MPI_SUCCESS;
+    while (left > 0 && rc == MPI_SUCCESS) {
+        int done = 0;
+        rc = MPI_Waitsome(n, rq, &done, a->done_idx, MPI_STATUSES_IGNORE);
+        if (rc != MPI_SUCCESS || done == MPI_UNDEFINED) break;
+        for (int k = 0; k < done; k++) {
+            const int q = (a->done_idx[k] / 2) % P;
+            if (--a->owed[q] == 0) atomic_store_explicit(&a->pending[q], 0, memory_order_relaxed);
+        }
+        left -= done;
+        moe_wd_progress();
+    }
+    moe_wd_end();
+    if (rc != MPI_SUCCESS) return moe_comm_mpi_error(rc, "MPI_Waitsome");
     return MOE_OK;
 }
 
@@ -432,11 +479,17 @@ static moe_status shm_exchange(moe_a2a *a, int dir, float *dst, const float *src
     for (int j = 0; j < El; j++)
         for (int q = 0; q < P; q++) {
             const block b = block_of(a, dir, j, q);
-            if (q == me) copy_rows(dst, b.dst_off, src, b.src_off, b.dst_n, w);
-            else if (src != mine) copy_rows(mine, b.src_off, src, b.src_off, b.src_n, w);
+            if (q == me) {
+                copy_rows(dst, b.dst_off, src, b.src_off, b.dst_n, w);
+                continue;
+            }
+            if (src != mine) copy_rows(mine, b.src_off, src, b.src_off, b.src_n, w);
+            moe_a2a_count_sent(a, q, b.src_n, w); /* published for q, who copies them */
         }
     MOE_MPI_TRY(MPI_Win_sync(a->win));
-    MOE_MPI_TRY(MPI_Barrier(a->comm));
+    MOE_MPI_TRY_WD(a->c, MOE_SCOPE_EP, dir == DISPATCH ? "token exchange, dispatch (shared-memory barrier)"
+                                                       : "token exchange, return (shared-memory barrier)",
+                   MPI_Barrier(a->comm));
     MOE_MPI_TRY(MPI_Win_sync(a->win));
     /* Collect: my rows from every other rank's segment, straight into place. */
     for (int q = 0; q < P; q++) {
@@ -448,7 +501,7 @@ static moe_status shm_exchange(moe_a2a *a, int dir, float *dst, const float *src
         }
     }
     /* Nobody refills its segment before every reader is done with it. */
-    MOE_MPI_TRY(MPI_Barrier(a->comm));
+    MOE_MPI_TRY_WD(a->c, MOE_SCOPE_EP, "token exchange (shared-memory barrier)", MPI_Barrier(a->comm));
     return MOE_OK;
 }
 
@@ -460,6 +513,8 @@ static moe_status transfer(moe_a2a *a, int dir, float *dst, const float *src, in
         return MOE_OK;
     }
     if (a->kind == MOE_A2A_SHM) return shm_exchange(a, dir, dst, src, w);
+    if (a->kind == MOE_A2A_NODE)
+        return dir == DISPATCH ? moe_a2a_node_dispatch(a, dst, src, w, 0) : moe_a2a_node_return(a, dst, src, w, 0, NULL);
     moe_status st = post_range(a, dir, 0, a->El, dst, src, w);
     if (st == MOE_OK) st = wait_range(a, dir, 0, a->El);
     return st;
@@ -555,7 +610,7 @@ moe_status moe_a2a_exchange(moe_a2a *a, moe_a2a_trip trip, int width, int out_wi
         /* back IS out: nothing to move either way. */
         st = local ? local : compute(ctx, 0, El, b.recv, b.out);
         t2 = moe_now();
-        a->last = (moe_a2a_times){0, t2 - t0, 0};
+        a->last = (moe_a2a_times){0, t2 - t0, 0, 0, 0};
         return st;
     }
     if (a->kind == MOE_A2A_P2P && nc > 1) {
@@ -574,9 +629,9 @@ moe_status moe_a2a_exchange(moe_a2a *a, moe_a2a_trip trip, int width, int out_wi
         st = cst ? cst : st;
         a->seconds += (t1 - t0) + (moe_now() - t2);
     }
-    st = moe_comm_agree_on(a->comm, st, "ep", 0);
+    st = moe_comm_agree_on(a->c, MOE_SCOPE_EP, a->comm, st, "ep", 0);
     const double t3 = moe_now();
-    a->last = (moe_a2a_times){t1 - t0, t2 - t1, t3 - t2};
+    a->last = (moe_a2a_times){t1 - t0, t2 - t1, t3 - t2, 0, 0};
     return st;
 }
 
@@ -605,7 +660,200 @@ moe_status moe_a2a_bench_raw_alltoallv(moe_a2a *a, float *recv, const float *sen
         rdispl[q] = roff * width;
         roff += m;
     }
-    MOE_MPI_TRY(MPI_Alltoallv(send, scount, sdispl, MPI_FLOAT, recv, rcount, rdispl, MPI_FLOAT, a->comm));
-    MOE_MPI_TRY(MPI_Alltoallv(recv, rcount, rdispl, MPI_FLOAT, back, scount, sdispl, MPI_FLOAT, a->comm));
+    MOE_MPI_TRY_WD(a->c, MOE_SCOPE_EP, "raw MPI_Alltoallv",
+                   MPI_Alltoallv(send, scount, sdispl, MPI_FLOAT, recv, rcount, rdispl, MPI_FLOAT, a->comm));
+    MOE_MPI_TRY_WD(a->c, MOE_SCOPE_EP, "raw MPI_Alltoallv",
+                   MPI_Alltoallv(recv, rcount, rdispl, MPI_FLOAT, back, scount, sdispl, MPI_FLOAT, a->comm));
     return MOE_OK;
+}
+
+/* ---- token-level plan and trips ---- */
+
+/* Grows an int or float array to n elements (contents not kept). */
+static moe_status grow_array(void **p, int *cap, int n, size_t size)
+{
+    if (n <= *cap && *p) return MOE_OK;
+    const int c = n + n / 4 + 16;
+    void *q = moe_calloc((size_t)c, size);
+    if (!q) return moe_errorf(MOE_ERR_NOMEM, "token exchange plan: %d entries", c);
+    moe_free(*p);
+    *p = q;
+    *cap = c;
+    return MOE_OK;
+}
+
+/* The local part of a token-level plan: checks the routing and lays out
+ * the send rows (one per assignment, grouped by destination, tokens
+ * ascending inside a destination). */
+static moe_status plan_tokens(moe_a2a *a, const moe_a2a_routing *r)
+{
+    const int D = a->P * a->El;
+    if (!r || r->n_tokens < 0 || !r->tok_off || (r->tok_off[r->n_tokens] > 0 && (!r->dest || !r->weight)))
+        return moe_errorf(MOE_ERR_ARG, "token exchange: NULL or negative routing");
+    const int T = r->n_tokens, A = r->tok_off[T];
+    if (r->tok_off[0] != 0) return moe_errorf(MOE_ERR_ARG, "token exchange: tok_off[0] = %d, not 0", r->tok_off[0]);
+    for (int t = 0; t < T; t++)
+        if (r->tok_off[t + 1] < r->tok_off[t])
+            return moe_errorf(MOE_ERR_ARG, "token exchange: tok_off decreases at token %d", t);
+    for (int i = 0; i < A; i++)
+        if (r->dest[i] < 0 || r->dest[i] >= D)
+            return moe_errorf(MOE_ERR_ARG, "token exchange: assignment %d goes to %d, outside [0, %d)", i, r->dest[i], D);
+    int tcap = a->tok_cap;
+    moe_status st = grow_array((void **)&a->tok_off, &tcap, T + 1, sizeof(int));
+    a->tok_cap = tcap;
+    int acap = a->asg_cap;
+    if (!st) st = grow_array((void **)&a->asg_row, &acap, A, sizeof(int));
+    if (!st && acap != a->asg_cap) { /* the same capacity for the three per-assignment arrays */
+        moe_free(a->asg_w);
+        moe_free(a->row_tok);
+        a->asg_w = moe_calloc((size_t)acap, sizeof(float));
+        a->row_tok = moe_calloc((size_t)acap, sizeof(int));
+        a->asg_cap = acap;
+        if (!a->asg_w || !a->row_tok) {
+            a->asg_cap = 0;
+            st = moe_errorf(MOE_ERR_NOMEM, "token exchange plan: %d assignments", A);
+        }
+    }
+    if (st) return st;
+    memcpy(a->tok_off, r->tok_off, sizeof(int) * (size_t)(T + 1));
+    memset(a->plan_rows, 0, sizeof(int) * (size_t)D);
+    for (int i = 0; i < A; i++) a->plan_rows[r->dest[i]]++;
+    /* cursor per destination: tokens land in ascending order inside each */
+    int *cursor = a->done_idx; /* (2 El P) scratch, free between trips */
+    for (int d = 0, o = 0; d < D; o += a->plan_rows[d], d++) cursor[d] = o;
+    for (int t = 0; t < T; t++)
+        for (int i = r->tok_off[t]; i < r->tok_off[t + 1]; i++) {
+            const int row = cursor[r->dest[i]]++;
+            a->asg_row[i] = row;
+            a->asg_w[i] = r->weight[i];
+            a->row_tok[row] = t;
+        }
+    a->T = T;
+    a->A = A;
+    return MOE_OK;
+}
+
+moe_status moe_a2a_plan(moe_a2a *a, const moe_a2a_routing *r, moe_status local_status, int max_width)
+{
+    moe_status st = local_status != MOE_OK ? local_status : plan_tokens(a, r);
+    if (st) {
+        memset(a->plan_rows, 0, sizeof(int) * (size_t)a->P * a->El);
+        a->T = a->A = 0;
+    }
+    a->tok_plan = 0;
+    if (a->kind == MOE_A2A_NODE && !a->local)
+        st = moe_a2a_node_plan(a, a->T, st ? NULL : r->tok_off, st ? NULL : r->dest, st ? NULL : r->weight,
+                               a->plan_rows, st, max_width);
+    else
+        st = moe_a2a_set_counts_x(a, a->plan_rows, NULL, st, max_width);
+    a->tok_plan = st == MOE_OK;
+    return st;
+}
+
+static moe_status check_tokens(const moe_a2a *a, int width, const char *what)
+{
+    if (!a->tok_plan)
+        return moe_errorf(MOE_ERR_ARG, "%s without a token-level plan (moe_a2a_plan failed or was not called)", what);
+    return check_call(a, width, what);
+}
+
+moe_status moe_a2a_forward(moe_a2a *a, float *y, const float *x, int width, moe_a2a_compute_fn compute, void *ctx,
+                           moe_status local)
+{
+    moe_a2a_buffers b;
+    moe_status st = check_tokens(a, width, "moe_a2a_forward");
+    if (st == MOE_OK) st = moe_a2a_buffers_get(a, MOE_A2A_FORWARD, &b);
+    if (st) return st; /* the same on every rank: no plan, or a bad width */
+    const int w = width;
+    if (a->kind == MOE_A2A_NODE && !a->local) {
+        /* The node-aware kind moves token rows and combines on the way back. */
+        const double t0 = moe_now();
+        st = moe_a2a_node_dispatch(a, (float *)b.recv, x, w, 0);
+        const double t1 = moe_now();
+        moe_status cst = local ? local : st ? st : compute(ctx, 0, a->El, b.recv, b.out);
+        const double t2 = moe_now();
+        const moe_status rst = moe_a2a_node_return(a, y, b.out, w, 1, NULL);
+        st = moe_comm_agree_on(a->c, MOE_SCOPE_EP, a->comm, cst ? cst : st ? st : rst, "ep", 0);
+        const double t3 = moe_now();
+        a->last = (moe_a2a_times){t1 - t0, t2 - t1, t3 - t2, 0, 0};
+        a->seconds += (t1 - t0) + (t3 - t2);
+        return st;
+    }
+    const double t0 = moe_now();
+    for (int row = 0; row < a->A; row++)
+        memcpy(b.send + (size_t)row * w, x + (size_t)a->row_tok[row] * w, sizeof(float) * (size_t)w);
+    const double t1 = moe_now();
+    st = moe_a2a_exchange(a, MOE_A2A_FORWARD, width, width, compute, ctx, local);
+    const double t2 = moe_now();
+    if (st == MOE_OK) {
+        /* y[t] = sum in combine order of weight * result (the order is the
+         * bits: the same on any number of ranks, with any kind). */
+        memset(y, 0, sizeof(float) * (size_t)a->T * w);
+        for (int t = 0; t < a->T; t++) {
+            float *yt = y + (size_t)t * w;
+            for (int i = a->tok_off[t]; i < a->tok_off[t + 1]; i++)
+                a2a_axpy(yt, a->asg_w[i], b.back + (size_t)a->asg_row[i] * w, w);
+        }
+    }
+    a->last.pack = t1 - t0;
+    a->last.combine = moe_now() - t2;
+    return st;
+}
+
+moe_status moe_a2a_backward(moe_a2a *a, float *dweight, const float *dy, int width, moe_a2a_compute_fn compute,
+                            void *ctx, moe_status local)
+{
+    moe_a2a_buffers fb, bb;
+    moe_status st = check_tokens(a, width, "moe_a2a_backward");
+    if (st == MOE_OK) st = moe_a2a_buffers_get(a, MOE_A2A_FORWARD, &fb);
+    if (st == MOE_OK) st = moe_a2a_buffers_get(a, MOE_A2A_BACKWARD, &bb);
+    if (st) return st;
+    const int w = width;
+    if (a->kind == MOE_A2A_NODE && !a->local) {
+        /* dy rows travel once per node; the owner forms g * dy and dL/dg
+         * against the forward's results it kept (bb.recv, in place). */
+        const double t0 = moe_now();
+        st = moe_a2a_node_dispatch(a, (float *)bb.recv, dy, w, 1);
+        const double t1 = moe_now();
+        moe_status cst = local ? local : st ? st : compute(ctx, 0, a->El, bb.recv, bb.out);
+        const double t2 = moe_now();
+        const moe_status rst = moe_a2a_node_return(a, (float *)bb.back, bb.out, w, 0, dweight);
+        st = moe_comm_agree_on(a->c, MOE_SCOPE_EP, a->comm, cst ? cst : st ? st : rst, "ep", 0);
+        const double t3 = moe_now();
+        a->last = (moe_a2a_times){t1 - t0, t2 - t1, t3 - t2, 0, 0};
+        a->seconds += (t1 - t0) + (t3 - t2);
+        return st;
+    }
+    const double t0 = moe_now();
+    /* dL/dg of each assignment, and the rows g * dy for the experts: bb.send
+     * may be fb.back (in place: each row is read before it is written). */
+    for (int t = 0; t < a->T; t++) {
+        const float *dyt = dy + (size_t)t * w;
+        for (int i = a->tok_off[t]; i < a->tok_off[t + 1]; i++) {
+            const size_t row = (size_t)a->asg_row[i];
+            const float g = a->asg_w[i];
+            dweight[i] = a2a_dot(dyt, fb.back + row * w, w);
+            float *dyrow = bb.send + row * w;
+            for (int k = 0; k < w; k++) dyrow[k] = g * dyt[k];
+        }
+    }
+    const double t1 = moe_now();
+    st = moe_a2a_exchange(a, MOE_A2A_BACKWARD, width, width, compute, ctx, local);
+    a->last.pack = t1 - t0;
+    a->last.combine = 0;
+    return st;
+}
+
+void moe_a2a_backward_add(moe_a2a *a, float *dx, int width)
+{
+    moe_a2a_buffers bb;
+    if (!a->tok_plan || moe_a2a_buffers_get(a, MOE_A2A_BACKWARD, &bb)) return;
+    const int w = width;
+    for (int t = 0; t < a->T; t++) {
+        float *dxt = dx + (size_t)t * w;
+        for (int i = a->tok_off[t]; i < a->tok_off[t + 1]; i++) {
+            const float *src = bb.back + (size_t)a->asg_row[i] * w;
+            for (int k = 0; k < w; k++) dxt[k] += src[k];
+        }
+    }
 }

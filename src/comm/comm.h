@@ -61,6 +61,15 @@ int moe_comm_ep_rank(const moe_comm *c);   /* rank in the ep group */
 int moe_comm_ep_size(const moe_comm *c);   /* P */
 int moe_comm_replica(const moe_comm *c);   /* which replica: world rank / P */
 int moe_comm_n_replicas(const moe_comm *c);/* W / P */
+/* Nodes: ranks that share memory (MPI_COMM_TYPE_SHARED), numbered 0 ..
+ * n_nodes-1 in the order of their first world rank. MOE_NODE_RANKS=n in
+ * the environment (the same on every rank) cuts each node into nodes of n
+ * consecutive ranks, so that one machine stands for several in tests and
+ * benchmarks of the node-aware exchange. Not collective. */
+int moe_comm_n_nodes(const moe_comm *c);
+int moe_comm_node_of(const moe_comm *c, int world_rank);
+/* World rank of ep rank p of this rank's ep group. Not collective. */
+int moe_comm_ep_world_rank(const moe_comm *c, int ep_rank);
 
 /* Ends every process of the job (MPI_Abort on world). Not collective:
  * the way out when one rank fails where others may be blocked. Returns
@@ -107,6 +116,47 @@ moe_status moe_comm_bcast(moe_comm *c, void *buf, size_t n, int root);
 /* Gather n bytes from every world rank into out (W * n bytes) on every rank. */
 moe_status moe_comm_allgather(moe_comm *c, void *out, const void *in, size_t n);
 
+/* ---- watchdog: every blocking phase has a deadline (comm_timeout) ----
+ *
+ * Every blocking MPI call of src/comm (collectives, exchange trips, window
+ * set-up, MPI_Finalize) and every phase a caller declares with
+ * moe_comm_phase_begin/_end (the collective HDF5 I/O of checkpoints) is a
+ * phase with a deadline. One thread per process watches it: when a phase
+ * has made no progress for comm_timeout seconds (the deadline is per phase
+ * and restarts with each call, each message that arrives and each inner
+ * phase that ends), the first rank of each node to notice writes what it
+ * waited for (operation, step, the peer ranks and their hosts) to stderr
+ * and to <dir>/watchdog-<host>.txt, signals the launcher daemon that is its
+ * parent so that every process of the job on every node ends (orted,
+ * prted: SIGTERM; mpirun, mpiexec: SIGTERM twice; srun: nothing), and
+ * exits with MOE_COMM_WATCHDOG_EXIT. It never calls MPI (docs/cluster.md
+ * section 4). A begin or end costs a few atomic stores. */
+enum { MOE_COMM_HOST_MAX = 64, MOE_COMM_WATCHDOG_EXIT = 124 };
+
+/* Collective over c's world (a node-shared flag elects each node's
+ * reporter): starts the watchdog thread, or only sets the timeout when it
+ * runs. timeout_s <= 0: no deadline (the thread idles). hosts: (W) host of
+ * every world rank (the start-up platform table), or NULL (ranks only).
+ * Fails with MOE_ERR_MPI / MOE_ERR_NOMEM on every rank. */
+moe_status moe_comm_watchdog_start(moe_comm *c, double timeout_s, const char (*hosts)[MOE_COMM_HOST_MAX]);
+/* Stops the thread (moe_comm_finalize does it). Not collective. */
+void moe_comm_watchdog_stop(void);
+int moe_comm_watchdog_running(void);
+/* Not collective: the deadline (seconds, <= 0: none), the directory of the
+ * report file ("" or NULL: the working directory), the step named in the
+ * report (moe_train_run sets it). */
+void moe_comm_watchdog_set_timeout(double seconds);
+double moe_comm_watchdog_timeout(void);
+void moe_comm_watchdog_set_dir(const char *dir);
+void moe_comm_set_step(int64_t step);
+/* A blocking phase outside src/comm that waits for the ranks of scope s
+ * of c (the collective HDF5 calls of a checkpoint save or load), or, with
+ * c NULL, for this process's own I/O: what is a string for the report,
+ * valid until the phase ends. Phases nest; the end of an inner one
+ * restarts the clock of the outer one. Not collective; main thread only. */
+void moe_comm_phase_begin(const moe_comm *c, moe_comm_scope s, const char *what);
+void moe_comm_phase_end(void);
+
 /* ---- token exchange (all-to-all over the ep group) ----
  *
  * Send layout (on the token's home rank): rows grouped by destination ep
@@ -129,12 +179,18 @@ typedef enum {
                       * payload: one message per (peer, local expert) block,
                       * received straight into the receive layout (config
                       * value "p2p"; "alltoallv" is an old alias) */
-    MOE_A2A_SHM = 1, /* MPI-3 shared-memory window, on-node only */
+    MOE_A2A_SHM = 1, /* MPI-3 shared-memory window, on-node only (an ep group
+                      * spanning nodes gets MOE_A2A_NODE) */
+    MOE_A2A_NODE = 2, /* node-aware, two levels: shared memory inside a node,
+                       * one message per node pair across nodes, each token's
+                       * row crosses to a node once and its results come back
+                       * summed per node where the combine order allows */
+    MOE_A2A_AUTO = 3, /* NODE when the ep group spans nodes, else P2P */
 } moe_a2a_kind;
 
-/* The kinds' names, index = kind, NULL-terminated: "p2p", "shm". The old
- * name of p2p, "alltoallv", is still read everywhere a kind is named
- * (configs, checkpoint config texts, bench options). */
+/* The kinds' names, index = kind, NULL-terminated: "p2p", "shm", "node",
+ * "auto". The old name of p2p, "alltoallv", is still read everywhere a kind
+ * is named (configs, checkpoint config texts, bench options). */
 extern const char *const moe_a2a_kind_names[];
 #define MOE_A2A_P2P_OLD_NAME "alltoallv"
 /* A kind from its name (or the old name). MOE_ERR_ARG naming the choices. Not collective. */
@@ -163,12 +219,14 @@ typedef struct moe_a2a moe_a2a;
 
 /* Collective over the ep group. n_local_experts = E / P. chunks >= 1:
  * number of expert chunks moe_a2a_exchange overlaps with the point-to-point
- * payload. MOE_A2A_SHM fails with MOE_ERR_ARG if the ep group spans more
- * than one node. With one rank in the ep group no MPI is used whatever the
- * kind. */
+ * payload. MOE_A2A_AUTO and MOE_A2A_SHM become MOE_A2A_NODE when the ep
+ * group spans nodes (moe_comm_node_of); AUTO is P2P otherwise. With one
+ * rank in the ep group no MPI is used whatever the kind. */
 moe_status moe_a2a_create(moe_a2a **out, moe_comm *c, int n_local_experts, moe_a2a_kind kind,
                           int chunks);
 void moe_a2a_destroy(moe_a2a *a);
+/* The kind in use (never AUTO). Not collective. */
+moe_a2a_kind moe_a2a_kind_of(const moe_a2a *a);
 
 /* Collective over the ep group. send_rows (P * El): rows this rank sends to
  * local expert j of ep rank p at [p * El + j]. local_status carries this
@@ -209,13 +267,59 @@ typedef moe_status (*moe_a2a_compute_fn)(void *ctx, int j0, int j1, const float 
 moe_status moe_a2a_exchange(moe_a2a *a, moe_a2a_trip trip, int width, int out_width,
                             moe_a2a_compute_fn compute, void *ctx, moe_status local);
 
-/* Seconds of the last moe_a2a_exchange on this rank: dispatch, compute and
- * return. When chunks overlap, the whole overlapped time counts as compute.
- * Not collective. */
+/* Seconds of the last moe_a2a_exchange (or token-level trip) on this rank:
+ * dispatch, compute and return; pack and combine are the home-side work of
+ * a token-level trip (0 otherwise). When chunks overlap, the whole
+ * overlapped time counts as compute. Not collective. */
 typedef struct {
     double dispatch, compute, ret;
+    double pack, combine;
 } moe_a2a_times;
 moe_a2a_times moe_a2a_last_times(const moe_a2a *a);
+
+/* ---- token-level use (the MoE layer) ----
+ *
+ * The caller states a routing decision instead of packing rows: T local
+ * tokens, each with its assignments in COMBINE order (the order in which
+ * the token's results are summed, ascending global expert), each naming
+ * its destination (ep rank p, local slot j: p * El + j) and its combine
+ * weight. The exchange lays out the rows (one per assignment in p2p and
+ * shm: the send layout above; one per (token, destination node) in the
+ * node-aware kind), moves them, and combines the results per token in
+ * combine order. The receive layout, and so the compute, is the same
+ * whatever the kind, and so are the results, bit for bit. */
+typedef struct {
+    int n_tokens;          /* T >= 0 */
+    const int *tok_off;    /* (T + 1) token t's assignments are [tok_off[t], tok_off[t + 1]), tok_off[0] = 0 */
+    const int *dest;       /* (A) p * El + j */
+    const float *weight;   /* (A) combine weight */
+} moe_a2a_routing;
+
+/* Collective over the ep group: the plan of a routing (as set_counts; a
+ * bad routing is MOE_ERR_ARG on this rank and MOE_ERR_REMOTE elsewhere).
+ * The arrays are copied. */
+moe_status moe_a2a_plan(moe_a2a *a, const moe_a2a_routing *r, moe_status local_status, int max_width);
+/* Rows each local expert receives: moe_a2a_recv_expert_offsets as for set_counts. */
+
+/* Forward trip of the plan, collective over the ep group: every token's
+ * row x[t] (width wide) reaches the experts of its assignments, compute
+ * runs (on the receive layout, width -> width), and y[t] = the sum, in
+ * combine order, of weight * result over the token's assignments (0 for a
+ * token with none). x and y are (T, width); y is overwritten. Failure as
+ * moe_a2a_exchange (y is then void). */
+moe_status moe_a2a_forward(moe_a2a *a, float *y, const float *x, int width, moe_a2a_compute_fn compute,
+                           void *ctx, moe_status local);
+/* Backward trip of the last forward, collective over the ep group:
+ * dweight[a] = dy[t] . (the forward's result row of assignment a), the
+ * rows weight * dy[t] reach the experts, compute runs (the expert
+ * backward, in place: its out may be its in; the forward's receive rows are
+ * intact), and the results come back; moe_a2a_backward_add then adds them
+ * to dx[t] in combine order. dy, dx (T, width); dweight (A). */
+moe_status moe_a2a_backward(moe_a2a *a, float *dweight, const float *dy, int width, moe_a2a_compute_fn compute,
+                            void *ctx, moe_status local);
+/* Not collective: dx[t] += the backward results of t's assignments, in
+ * combine order. Only after a successful moe_a2a_backward. */
+void moe_a2a_backward_add(moe_a2a *a, float *dx, int width);
 
 /* ---- primitives on caller buffers (benchmarks and tests of the transport) ---- */
 
@@ -242,5 +346,19 @@ moe_status moe_a2a_bench_raw_alltoallv(moe_a2a *a, float *recv, const float *sen
 /* Seconds spent inside exchange calls (not compute) since the last reset (this rank). */
 double moe_a2a_seconds(const moe_a2a *a);
 void moe_a2a_reset_seconds(moe_a2a *a);
+
+/* Payload bytes this rank sent to OTHER ranks in the trips (dispatch,
+ * return, exchange; not the count exchange or the raw baseline) since
+ * creation or the last reset, and of those the bytes that crossed to
+ * another node (moe_comm_node_of). With the shared-memory kind a row
+ * published for another rank counts as sent by its publisher. The one
+ * counter every report of exchange traffic uses (bench a2a, bench layer).
+ * Not collective. */
+typedef struct {
+    int64_t sent;        /* to other ranks */
+    int64_t sent_remote; /* of which to ranks on other nodes */
+} moe_a2a_traffic;
+moe_a2a_traffic moe_a2a_bytes(const moe_a2a *a);
+void moe_a2a_reset_bytes(moe_a2a *a);
 
 #endif

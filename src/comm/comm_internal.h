@@ -4,6 +4,7 @@
 #define MOE_COMM_INTERNAL_H
 
 #include <mpi.h>
+#include <stdatomic.h>
 
 #include "comm/comm.h"
 
@@ -15,6 +16,9 @@ struct moe_comm {
     int rank, size;   /* in world */
     int ep_rank, ep_size;
     int replica_idx, n_replicas;
+    int n_nodes;      /* distinct nodes (shared-memory domains) of world */
+    int *node_of;     /* (size) node index of every world rank, 0 .. n_nodes-1 in order of first rank;
+                       * NULL on a one-process communicator (node 0) */
 };
 
 /* Turns a failed MPI return code into MOE_ERR_MPI with a detail naming the
@@ -44,7 +48,43 @@ moe_status moe_comm_mpi_error(int rc, const char *call);
  * status; ties go to the lowest rank). Returns `local` if it is not OK;
  * else, if any rank failed, MOE_ERR_REMOTE naming the root cause
  * (detail == 0) or the root cause's own status and detail message
- * (detail == 1); else MOE_OK. */
-moe_status moe_comm_agree_on(MPI_Comm comm, moe_status local, const char *scope, int detail);
+ * (detail == 1); else MOE_OK. c and wscope say to the watchdog whom it
+ * waits for (comm is c's communicator of scope wscope, or a duplicate of
+ * it; c NULL: world). */
+moe_status moe_comm_agree_on(const moe_comm *c, int wscope, MPI_Comm comm, moe_status local, const char *scope,
+                             int detail);
+
+/* ---- watchdog phases (watchdog.c) ----
+ * moe_wd_begin opens a blocking phase (what: a static string; scope: a
+ * moe_comm_scope of c, or -1 for the whole world; pending: (ep size) flags
+ * of the ep ranks still owed a message, kept current by the caller, or
+ * NULL); moe_wd_end closes the innermost one; moe_wd_progress says that the
+ * open phase moved (a message arrived). A few atomic stores each, nothing
+ * when the watchdog is off. Main thread only. */
+void moe_wd_begin(const moe_comm *c, int scope, const char *what, const atomic_uchar *pending);
+void moe_wd_end(void);
+void moe_wd_progress(void);
+/* 1 when the watchdog runs (the exchange then tracks which peers it waits for). */
+int moe_wd_on(void);
+/* Frees the node-shared report flag (collective over the node; before MPI_Finalize). */
+void moe_wd_release_node(void);
+
+/* A blocking MPI call under the watchdog: phase `what` over scope s of c.
+ * Returns MOE_ERR_MPI from the enclosing function if it failed. */
+#define MOE_MPI_TRY_WD(c, s, what, call)                                     \
+    do {                                                                     \
+        moe_wd_begin((c), (s), (what), NULL);                                \
+        int moe_rc_ = (call);                                                \
+        moe_wd_end();                                                        \
+        if (moe_rc_ != MPI_SUCCESS) return moe_comm_mpi_error(moe_rc_, #call); \
+    } while (0)
+/* The same recording the failure in st (first one wins). */
+#define MOE_MPI_KEEP_WD(st, c, s, what, call)                                \
+    do {                                                                     \
+        moe_wd_begin((c), (s), (what), NULL);                                \
+        int moe_rc_ = (call);                                                \
+        moe_wd_end();                                                        \
+        if (moe_rc_ != MPI_SUCCESS && (st) == MOE_OK) (st) = moe_comm_mpi_error(moe_rc_, #call); \
+    } while (0)
 
 #endif

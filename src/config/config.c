@@ -14,6 +14,7 @@
 #include <string.h>
 
 #include "comm/comm.h"
+#include "data/data.h"
 
 typedef enum { T_INT, T_U32, T_REAL, T_STR, T_ENUM } key_type;
 
@@ -29,7 +30,10 @@ typedef struct {
     unsigned char lo_open, hi_open;
     const char *const *names;  /* T_ENUM: value v is names[v], NULL-terminated */
     const char *help;
-    int since;                 /* checkpoint format_version of a [model] key: 0 (= 1) or 2 */
+    /* [model] keys of format_version 2: whether the key applies to a
+     * configuration (its /model attribute is then written and compared);
+     * NULL for the format 1 keys, which always apply. */
+    int (*present)(const moe_train_config *c);
     /* A default that follows other keys: while the field holds `sentinel`
      * its value is follows(c) (config.h's moe_cfg_* accessors). */
     int (*follows)(const moe_train_config *c);
@@ -40,6 +44,9 @@ typedef struct {
 static const char *const router_names[] = {"token_choice", "expert_choice", NULL};
 static const char *const act_names[] = {"gelu", "relu", "swiglu", NULL};
 static const char *const noise_names[] = {"none", "gaussian", NULL};
+static const char *const data_format_names[] = {"auto", "bytes", "tokens", NULL}; /* moe_data_format */
+static const char *const head_names[] = {"full", "vocab_experts", NULL};
+static const char *const vpart_names[] = {"frequency", "kmeans", "file", NULL};
 static const char *const norm_names[] = {"layernorm", "rmsnorm", NULL};
 static const char *const pos_names[] = {"learned", "rope", NULL};
 static const char *const qk_norm_names[] = {"none", "full", "head", NULL};
@@ -53,25 +60,40 @@ static const struct {
 } enum_aliases[] = {{"a2a", MOE_A2A_P2P_OLD_NAME, "p2p"}, {"qk_norm", "0", "none"}, {"qk_norm", "1", "full"}};
 _Static_assert(MOE_ROUTER_TOKEN_CHOICE == 0 && MOE_ROUTER_EXPERT_CHOICE == 1, "router_names order");
 _Static_assert(MOE_ACT_GELU == 0 && MOE_ACT_RELU == 1 && MOE_ACT_SWIGLU == 2, "act_names order");
-_Static_assert(MOE_A2A_P2P == 0 && MOE_A2A_SHM == 1, "a2a_names order");
+_Static_assert(MOE_A2A_P2P == 0 && MOE_A2A_SHM == 1 && MOE_A2A_NODE == 2 && MOE_A2A_AUTO == 3, "a2a_names order");
+_Static_assert(MOE_DATA_AUTO == 0 && MOE_DATA_BYTES == 1 && MOE_DATA_TOKENS == 2, "data_format_names order");
+_Static_assert(MOE_HEAD_FULL == 0 && MOE_HEAD_VOCAB_EXPERTS == 1, "head_names order");
+_Static_assert(MOE_VOCAB_PART_FREQUENCY == 0 && MOE_VOCAB_PART_KMEANS == 1 && MOE_VOCAB_PART_FILE == 2,
+               "vpart_names order");
 _Static_assert(MOE_NORM_RMSNORM == 1 && MOE_POS_ROPE == 1 && MOE_QK_NORM_FULL == 1 && MOE_QK_NORM_HEAD == 2 &&
                    MOE_SCORE_SIGMOID == 1 && MOE_AUX_SEQ == 1 && MOE_AUX_NONE == 2,
                "architecture enum names order");
+
+/* Where the format 2 [model] keys apply. The architecture and router
+ * options apply (all of them) as soon as one differs from its default; a
+ * file without them means their defaults. */
+static int head_not_full(const moe_train_config *c) { return c->head != MOE_HEAD_FULL; }
+static int with_vocab_experts(const moe_train_config *c) { return c->head == MOE_HEAD_VOCAB_EXPERTS; }
+static int arch_options_used(const moe_train_config *c); /* after the key table */
 _Static_assert(sizeof(moe_router_kind) == sizeof(int) && sizeof(moe_activation) == sizeof(int),
                "enum keys are stored through int");
 
 #define OFF(f) offsetof(moe_train_config, f)
-#define KI(n, s, lo, hi, h) {#n, s, T_INT, OFF(n), lo, hi, 0, 0, NULL, h, 0, NULL, 0}
-#define KR(n, s, lo, hi, lo_open, hi_open, h) {#n, s, T_REAL, OFF(n), lo, hi, lo_open, hi_open, NULL, h, 0, NULL, 0}
-#define KS(n, s, h) {#n, s, T_STR, OFF(n), 0, 0, 0, 0, NULL, h, 0, NULL, 0}
-#define KE(n, s, names, h) {#n, s, T_ENUM, OFF(n), 0, 0, 0, 0, names, h, 0, NULL, 0}
+#define KI(n, s, lo, hi, h) {#n, s, T_INT, OFF(n), lo, hi, 0, 0, NULL, h, NULL, NULL, 0}
+#define KR(n, s, lo, hi, lo_open, hi_open, h) {#n, s, T_REAL, OFF(n), lo, hi, lo_open, hi_open, NULL, h, NULL, NULL, 0}
+#define KS(n, s, h) {#n, s, T_STR, OFF(n), 0, 0, 0, 0, NULL, h, NULL, NULL, 0}
+#define KE(n, s, names, h) {#n, s, T_ENUM, OFF(n), 0, 0, 0, 0, names, h, NULL, NULL, 0}
+/* format 2 [model] keys, with the predicate saying where they apply */
+#define KI2W(n, lo, hi, h, when) {#n, "model", T_INT, OFF(n), lo, hi, 0, 0, NULL, h, when, NULL, 0}
+#define KE2W(n, names, h, when) {#n, "model", T_ENUM, OFF(n), 0, 0, 0, 0, names, h, when, NULL, 0}
 #define NOMAX INT_MAX
-/* [model] keys added by checkpoint format_version 2 (models.md, routing.md
- * section 8): written to a checkpoint only when one of them is not default. */
-#define KI2(n, lo, hi, h) {#n, "model", T_INT, OFF(n), lo, hi, 0, 0, NULL, h, 2, NULL, 0}
-#define KR2(n, lo, hi, lo_open, h) {#n, "model", T_REAL, OFF(n), lo, hi, lo_open, 0, NULL, h, 2, NULL, 0}
-#define KE2(n, names, h) {#n, "model", T_ENUM, OFF(n), 0, 0, 0, 0, names, h, 2, NULL, 0}
-#define KF2(n, lo, hi, fn, sent, h) {#n, "model", T_INT, OFF(n), lo, hi, 0, 0, NULL, h, 2, fn, sent}
+/* The architecture and router [model] keys (format_version 2; models.md,
+ * routing.md section 8): written to a checkpoint, all of them, only when
+ * one of them is not default (arch_options_used). */
+#define KI2(n, lo, hi, h) {#n, "model", T_INT, OFF(n), lo, hi, 0, 0, NULL, h, arch_options_used, NULL, 0}
+#define KR2(n, lo, hi, lo_open, h) {#n, "model", T_REAL, OFF(n), lo, hi, lo_open, 0, NULL, h, arch_options_used, NULL, 0}
+#define KE2(n, names, h) {#n, "model", T_ENUM, OFF(n), 0, 0, 0, 0, names, h, arch_options_used, NULL, 0}
+#define KF2(n, lo, hi, fn, sent, h) {#n, "model", T_INT, OFF(n), lo, hi, 0, 0, NULL, h, arch_options_used, fn, sent}
 
 /* Derived defaults (what the moe_cfg_* accessors of config.h return while
  * the field holds its sentinel). */
@@ -85,11 +107,12 @@ static const key_desc keys[] = {
      * upper bounds keep every tensor shape product far inside int64 (and
      * any realistic model inside them), so a file's absurd attributes are
      * refused before anything is allocated. */
-    KI(vocab_size, "model", 256, 256, "bytes: fixed at 256"),
+    KI(vocab_size, "model", 256, 1 << 24,
+       "token ids (default: the tokenizer's vocab_size, 256 for bytes; a value set must be >= it)"),
     KI(d_model, "model", 1, 1 << 16, "model width d"),
     KI(n_layers, "model", 1, 1 << 12, "transformer blocks"),
     KI(n_heads, "model", 1, 1 << 16, "attention heads (must divide d_model)"),
-    KI(seq_len, "model", 1, 1 << 20, "context length in bytes"),
+    KI(seq_len, "model", 1, 1 << 20, "context length in tokens (bytes for byte data)"),
     KI(n_experts, "model", 1, 1 << 16, "experts per MoE layer E"),
     KI(top_k, "model", 1, NOMAX, "experts per token for token choice (1 <= top_k <= E)"),
     KI(d_ff, "model", 1, 1 << 20, "hidden width F of each expert and of dense blocks"),
@@ -120,6 +143,13 @@ static const key_desc keys[] = {
     KI2(n_shared, 0, 1 << 10, "shared experts every token passes through (dense)"),
     KF2(d_ff_shared, 0, 1 << 20, follow_d_ff_shared, 0, "hidden width of each shared expert (0: d_ff)"),
     KI2(shared_gate, 0, 1, "1: shared experts' output times sigmoid(w_sg . x)"),
+    KE2W(head, head_names, "output head: full (softmax tied to wte) or vocab_experts (partitioned)", head_not_full),
+    KI2W(vocab_experts, 2, 1 << 16, "vocabulary experts M (2 <= M <= vocab_size; the ep size divides M)",
+         with_vocab_experts),
+    KI2W(vocab_top_k, 1, 1 << 16, "vocabulary experts a generation step computes (1 <= K <= M)",
+         with_vocab_experts),
+    KE2W(vocab_partition, vpart_names, "frequency (training data), kmeans (over vocab_partition_from's wte) or file",
+         with_vocab_experts),
 
     KI(batch_size, "train", 1, NOMAX, "global sequences per step (divisible by the number of ranks)"),
     KI(steps, "train", 1, NOMAX, "optimizer steps"),
@@ -135,19 +165,31 @@ static const key_desc keys[] = {
     KR(z_loss_coef, "train", 0, HUGE_VAL, 0, 0, "router z-loss coefficient"),
     KR(bias_update_rate, "train", 0, HUGE_VAL, 0, 0, "expert_bias: b_e += rate * sign(mean load - load_e) per step"),
     {"seed", "train", T_U32, OFF(seed), 0, 4294967295.0, 0, 0, NULL,
-     "seed of every random stream (init, data, router noise)", 0, NULL, 0},
+     "seed of every random stream (init, data, router noise)", NULL, NULL, 0},
     KI(ep_size, "train", 0, NOMAX, "expert-parallel group size in ranks (0: all ranks)"),
     KI(log_every, "train", 1, NOMAX, "steps between log lines"),
     KS(out_dir, "train", "output directory (log, checkpoints)"),
 
-    KS(data, "data", "training text file, read as bytes"),
-    KS(val_data, "data", "validation file (empty: the last val_frac of data)"),
+    KS(data, "data", "training file: bytes, or a token file of 'moe data encode' (data_format)"),
+    KS(val_data, "data", "validation file of the same kind (empty: the last val_frac of data)"),
+    KE(data_format, "data", data_format_names, "auto (a name ending in .tok is a token file), bytes or tokens"),
+    KS(tokenizer, "data", "the tokenizer token data was encoded with (empty: the resumed checkpoint's)"),
     KR(val_frac, "data", 0, 1, 0, 1, "held-out tail fraction of data when val_data is empty"),
     KI(val_every, "data", 0, NOMAX, "steps between validations (0: never)"),
     KI(val_batches, "data", 1, NOMAX, "batches of batch_size sequences per validation"),
 
-    KE(a2a, "exchange", a2a_names, "token exchange: p2p (point-to-point) or shm (on-node shared memory); alltoallv = p2p"),
+    KS(vocab_partition_from, "vocab", "kmeans: checkpoint whose wte is clustered; file: partition file"),
+    KI(kmeans_iters, "vocab", 1, 1 << 20, "k-means (Lloyd) assignment steps"),
+    KR(vocab_balance, "vocab", 0, HUGE_VAL, 0, 0, "k-means set size cap ceil(V/M * balance) (0: none, else >= 1)"),
+
+    KE(a2a, "exchange", a2a_names,
+       "token exchange: auto (node when the ep group spans nodes, else p2p), p2p (point-to-point), shm "
+       "(on-node shared memory) or node (two levels: shared memory in a node, one message per node pair); "
+       "alltoallv = p2p"),
     KI(a2a_chunks, "exchange", 1, NOMAX, "expert chunks overlapped with the exchange (p2p)"),
+    KR(comm_timeout, "exchange", 0, HUGE_VAL, 0, 0,
+       "seconds a blocking exchange, collective or checkpoint I/O phase may make no progress before "
+       "the job is ended on every node (0: never; docs/cluster.md)"),
 
     KI(ckpt_every, "checkpoint", 0, NOMAX, "steps between checkpoints (0: only at the end)"),
     KI(keep_last, "checkpoint", 0, NOMAX, "checkpoints kept in out_dir (0: all)"),
@@ -157,7 +199,9 @@ static const key_desc keys[] = {
 #define N_KEYS ((int)(sizeof keys / sizeof keys[0]))
 
 _Static_assert(sizeof(((moe_train_config *)0)->data) == 1024 && sizeof(((moe_train_config *)0)->val_data) == 1024 &&
-                   sizeof(((moe_train_config *)0)->out_dir) == 1024 && sizeof(((moe_train_config *)0)->resume) == 1024,
+                   sizeof(((moe_train_config *)0)->out_dir) == 1024 && sizeof(((moe_train_config *)0)->resume) == 1024 &&
+                   sizeof(((moe_train_config *)0)->tokenizer) == 1024 &&
+                   sizeof(((moe_train_config *)0)->vocab_partition_from) == 1024,
                "T_STR keys are char[1024]");
 #define STR_CAP 1024
 
@@ -165,6 +209,7 @@ void moe_train_config_default(moe_train_config *c)
 {
     memset(c, 0, sizeof *c);
     c->vocab_size = 256;
+    c->vocab_size_user = -1;
     c->d_model = 128;
     c->n_layers = 4;
     c->n_heads = 4;
@@ -200,6 +245,12 @@ void moe_train_config_default(moe_train_config *c)
     c->n_shared = 0;
     c->d_ff_shared = 0;
     c->shared_gate = 0;
+    c->head = MOE_HEAD_FULL;
+    c->vocab_experts = 64;
+    c->vocab_top_k = 2;
+    c->vocab_partition = MOE_VOCAB_PART_FREQUENCY;
+    c->kmeans_iters = 25;
+    c->vocab_balance = 2.0;
 
     c->batch_size = 16;
     c->steps = 600;
@@ -223,8 +274,9 @@ void moe_train_config_default(moe_train_config *c)
     c->val_every = 100;
     c->val_batches = 8;
 
-    c->a2a = MOE_A2A_P2P;
+    c->a2a = MOE_A2A_AUTO;
     c->a2a_chunks = 1;
+    c->comm_timeout = MOE_COMM_TIMEOUT_DEFAULT;
 
     c->ckpt_every = 0;
     c->keep_last = 2;
@@ -414,6 +466,14 @@ static void value_text(char *buf, size_t cap, const key_desc *k, const moe_train
     }
 }
 
+/* The default of key k as --help and the man page show it (d: the default
+ * configuration): a default that follows another key as its sentinel. */
+static void default_text(char *buf, size_t cap, const key_desc *k, const moe_train_config *d)
+{
+    if (k->follows) snprintf(buf, cap, "%d", k->sentinel);
+    else value_text(buf, cap, k, d);
+}
+
 /* Range check of a key as stored (for configurations built in code). */
 static moe_status check_key(const key_desc *k, const moe_train_config *c)
 {
@@ -440,6 +500,7 @@ static moe_status check_key(const key_desc *k, const moe_train_config *c)
  * token for expert choice, as docs/routing.md says). */
 static void resolve_defaults(moe_train_config *c)
 {
+    if (c->vocab_size_user >= 0) c->vocab_size = c->vocab_size_user;
     c->normalize_topk = c->top_k == 1 ? 0 : c->normalize_topk_user < 0 ? 1 : c->normalize_topk_user;
     if (isnan(c->capacity_factor_user))
         c->capacity_factor = c->router == MOE_ROUTER_EXPERT_CHOICE ? 2.0 : 1.25;
@@ -454,6 +515,9 @@ moe_status moe_train_config_set(moe_train_config *c, const char *key, const char
     if (!k) return unknown_key(key);
     if (k->off == OFF(normalize_topk)) {
         moe_status st = parse_into(k, value, &c->normalize_topk_user);
+        if (st) return st;
+    } else if (k->off == OFF(vocab_size)) {
+        moe_status st = parse_into(k, value, &c->vocab_size_user);
         if (st) return st;
     } else if (k->off == OFF(capacity_factor)) {
         moe_status st = parse_into(k, value, &c->capacity_factor_user);
@@ -615,6 +679,15 @@ moe_status moe_train_config_check_model(const moe_train_config *c)
                           c->capacity_factor);
     if (c->normalize_topk && c->top_k == 1)
         return moe_errorf(MOE_ERR_ARG, "normalize_topk=1 with top_k=1 (must be 0)");
+    if (c->head == MOE_HEAD_VOCAB_EXPERTS && c->vocab_experts > c->vocab_size)
+        return moe_errorf(MOE_ERR_ARG, "vocab_experts=%d exceeds vocab_size=%d (every expert needs a token)",
+                          c->vocab_experts, c->vocab_size);
+    if (c->head == MOE_HEAD_VOCAB_EXPERTS && !c->tie_embeddings)
+        return moe_errorf(MOE_ERR_ARG, "tie_embeddings=0 (an lm_head) does not go with head=vocab_experts, whose "
+                          "vocabulary experts are the output head");
+    if (c->head == MOE_HEAD_VOCAB_EXPERTS && c->vocab_top_k > c->vocab_experts)
+        return moe_errorf(MOE_ERR_ARG, "vocab_top_k=%d must be in [1, vocab_experts=%d]", c->vocab_top_k,
+                          c->vocab_experts);
     return MOE_OK;
 }
 
@@ -640,19 +713,26 @@ int moe_train_config_model_attrs(const moe_train_config *c, moe_model_attr *out,
                 a->type = MOE_ATTR_INT;
                 a->i = k->type == T_U32 ? (int64_t)*(const uint32_t *)field : (int64_t)int_value(k, c);
             }
-            a->since = k->since ? k->since : 1;
-            a->is_default = is_default(k, c);
+            a->version2 = k->present != NULL;
+            a->present = k->present ? k->present(c) : 1;
         }
         n++;
     }
     return n;
 }
 
-int moe_train_config_model_version(const moe_train_config *c)
+static int arch_options_used(const moe_train_config *c)
 {
     for (int i = 0; i < N_KEYS; i++)
-        if (is_model_key(&keys[i]) && keys[i].since >= 2 && !is_default(&keys[i], c)) return 2;
-    return 1;
+        if (keys[i].present == arch_options_used && !is_default(&keys[i], c)) return 1;
+    return 0;
+}
+
+int moe_train_config_needs_v2(const moe_train_config *c)
+{
+    for (int i = 0; i < N_KEYS; i++)
+        if (is_model_key(&keys[i]) && keys[i].present && keys[i].present(c)) return 1;
+    return 0;
 }
 
 moe_status moe_train_config_set_model_attr(moe_train_config *c, const moe_model_attr *a)
@@ -678,6 +758,22 @@ moe_status moe_train_config_set_model_attr(moe_train_config *c, const moe_model_
     return moe_errorf(MOE_ERR_ARG, "%s: wrong type of value", k->name);
 }
 
+moe_status moe_train_config_resolve_vocab(moe_train_config *c, int64_t data_vocab, const char *what)
+{
+    if (c->vocab_size_user < 0) {
+        if (data_vocab < 256 || data_vocab > (1 << 24))
+            return moe_errorf(MOE_ERR_ARG, "%s has %lld ids, outside vocab_size's range [256, %d]", what,
+                              (long long)data_vocab, 1 << 24);
+        c->vocab_size = (int)data_vocab;
+        return MOE_OK;
+    }
+    if (c->vocab_size < data_vocab)
+        return moe_errorf(MOE_ERR_ARG, "vocab_size=%d is smaller than the %lld ids of %s (leave vocab_size unset "
+                                       "to take it, or set at least %lld)",
+                          c->vocab_size, (long long)data_vocab, what, (long long)data_vocab);
+    return MOE_OK;
+}
+
 moe_status moe_train_config_check(const moe_train_config *c, int world)
 {
     if (!c) return moe_errorf(MOE_ERR_ARG, "moe_train_config_check: NULL config");
@@ -700,6 +796,18 @@ moe_status moe_train_config_check(const moe_train_config *c, int world)
     if (c->n_experts % ep)
         return moe_errorf(MOE_ERR_ARG, "n_experts=%d is not divisible by ep_size=%d%s", c->n_experts, ep,
                           c->ep_size ? "" : " (ep_size = 0: all ranks)");
+    if (c->head == MOE_HEAD_VOCAB_EXPERTS && c->vocab_experts % ep)
+        return moe_errorf(MOE_ERR_ARG, "vocab_experts=%d is not divisible by ep_size=%d%s", c->vocab_experts, ep,
+                          c->ep_size ? "" : " (ep_size = 0: all ranks)");
+    if (c->head == MOE_HEAD_VOCAB_EXPERTS && c->vocab_partition != MOE_VOCAB_PART_FREQUENCY &&
+        !c->vocab_partition_from[0] && !c->resume[0])
+        return moe_errorf(MOE_ERR_ARG, "vocab_partition=%s needs vocab_partition_from (%s)",
+                          vpart_names[c->vocab_partition],
+                          c->vocab_partition == MOE_VOCAB_PART_KMEANS ? "a checkpoint whose wte is clustered"
+                                                                       : "a partition file");
+    if (c->vocab_balance > 0 && c->vocab_balance < 1)
+        return moe_errorf(MOE_ERR_ARG, "vocab_balance=%g must be 0 (no cap) or >= 1 (the capped sets must hold "
+                                       "the vocabulary)", c->vocab_balance);
     if (!c->data[0])
         return moe_errorf(MOE_ERR_ARG, "data: no training file set (e.g. 'moe data synth --out FILE', then data = FILE)");
     if (!c->out_dir[0]) return moe_errorf(MOE_ERR_ARG, "out_dir: empty");
@@ -745,7 +853,8 @@ void moe_train_config_help(FILE *f)
             "usage: mpirun -np N moe train [--config FILE] [--key=value | --key value ...]\n"
             "\n"
             "Keys are read from the INI file (in any section or none), then overridden by\n"
-            "--key=value options in order. Key, default, meaning:\n");
+            "--key=value options in order.\n"
+            "Key, default, meaning:\n");
     const char *section = NULL;
     char v[STR_CAP + 16];
     for (int i = 0; i < N_KEYS; i++) {
@@ -753,12 +862,24 @@ void moe_train_config_help(FILE *f)
             section = keys[i].section;
             fprintf(f, "\n[%s]\n", section);
         }
-        if (keys[i].follows) /* the default follows another key: say so, not its current value */
-            snprintf(v, sizeof v, "%d", keys[i].sentinel);
-        else
-            value_text(v, sizeof v, &keys[i], &d);
+        default_text(v, sizeof v, &keys[i], &d);
         fprintf(f, "  %-17s %-13s %s\n", keys[i].name, v[0] ? v : "\"\"", keys[i].help);
     }
+}
+
+int moe_train_config_n_keys(void) { return N_KEYS; }
+
+moe_status moe_train_config_key_doc_get(int i, moe_train_config_key_doc *out)
+{
+    if (i < 0 || i >= N_KEYS) return moe_errorf(MOE_ERR_ARG, "key index %d outside [0, %d)", i, N_KEYS);
+    moe_train_config d;
+    moe_train_config_default(&d);
+    out->name = keys[i].name;
+    out->section = keys[i].section;
+    out->help = keys[i].help;
+    default_text(out->default_text, sizeof out->default_text, &keys[i], &d);
+    expectation(out->accepts, sizeof out->accepts, &keys[i]);
+    return MOE_OK;
 }
 
 /* ---- command line ---- */

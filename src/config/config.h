@@ -9,9 +9,16 @@
 
 #include "core/moe.h"
 
+/* The output head: the tied full softmax, or vocabulary experts. */
+typedef enum { MOE_HEAD_FULL = 0, MOE_HEAD_VOCAB_EXPERTS = 1 } moe_head_kind;
+/* How the vocabulary is partitioned into experts: token-frequency bands of
+ * the training data, k-means over a checkpoint's wte, or a partition file. */
+typedef enum { MOE_VOCAB_PART_FREQUENCY = 0, MOE_VOCAB_PART_KMEANS = 1, MOE_VOCAB_PART_FILE = 2 } moe_vocab_partition_kind;
+
 typedef struct {
     /* model (checkpoint /model attributes) */
-    int vocab_size;          /* 256, bytes (fixed) */
+    int vocab_size;          /* token ids are < vocab_size (256 for bytes) */
+    int vocab_size_user;     /* -1: not set (the tokenizer's, 256 for bytes), else the value the user set */
     int d_model, n_layers, n_heads, seq_len;
     int n_experts, top_k, d_ff, moe_every;
     moe_router_kind router;
@@ -44,6 +51,11 @@ typedef struct {
     int n_shared;            /* shared experts S */
     int d_ff_shared;         /* 0: d_ff */
     int shared_gate;         /* sigmoid gate on the shared experts' output */
+    /* the output head (docs/vocab-experts.md) */
+    int head;                /* moe_head_kind: MOE_HEAD_FULL (tied softmax) or MOE_HEAD_VOCAB_EXPERTS */
+    int vocab_experts;       /* M: vocabulary experts (head = vocab_experts) */
+    int vocab_top_k;         /* K: experts a generation step computes (1 <= K <= M) */
+    int vocab_partition;     /* moe_vocab_partition_kind: how the vocabulary is split */
     /* training */
     int batch_size;          /* global sequences per step */
     int steps, warmup_steps, val_every, val_batches;
@@ -53,11 +65,18 @@ typedef struct {
     uint32_t seed;
     int ep_size;             /* 0: world size */
     char data[1024], val_data[1024], out_dir[1024];
+    char tokenizer[1024];    /* tokenizer file of token data ("" none) */
+    int data_format;         /* moe_data_format: 0 auto (".tok": tokens), 1 bytes, 2 tokens */
     double val_frac;         /* held-out fraction when val_data is empty */
     int log_every;
+    /* building the vocabulary partition (not model attributes) */
+    char vocab_partition_from[1024]; /* kmeans: a checkpoint whose /model/wte is clustered; file: a partition file */
+    int kmeans_iters;        /* Lloyd assignment steps */
+    double vocab_balance;    /* kmeans size cap ceil(V/M * balance); 0: none */
     /* exchange */
     int a2a;                 /* moe_a2a_kind */
     int a2a_chunks;
+    double comm_timeout;     /* seconds without progress in a blocking phase before the job ends (0: never) */
     /* checkpoints (issue 5) */
     int ckpt_every, keep_last, dump_grads_every;
     char resume[1024];
@@ -83,6 +102,8 @@ static inline int moe_cfg_qkv_width(const moe_train_config *c)
 {
     return (c->n_heads + 2 * moe_cfg_kv_heads(c)) * moe_cfg_head_dim(c);
 }
+/* comm_timeout when nothing sets it (every command: --comm_timeout). */
+#define MOE_COMM_TIMEOUT_DEFAULT 300.0
 
 /* Defaults (a small model that trains in minutes on 2 cores). */
 void moe_train_config_default(moe_train_config *c);
@@ -121,21 +142,32 @@ typedef struct {
     int64_t i;         /* resolved (a derived default is written as its value) */
     double r;
     const char *text;  /* static storage */
-    int since;         /* checkpoint format_version that introduced the key (1, 2) */
-    int is_default;    /* 1 when the value is the key's default for this configuration */
+    /* Keys added by format_version 2 exist in a file only where they apply
+     * (e.g. vocab_experts only with head = vocab_experts): version2 = 1 for
+     * such a key, and present says whether it applies to this
+     * configuration. A file without the attribute means the key's default.
+     * Format 1 keys have version2 = 0 and present = 1. */
+    int version2, present;
 } moe_model_attr;
 enum { MOE_MODEL_ATTRS_MAX = 64 };
 /* Fills out[0 .. min(count, cap)) in key-table order; returns the count.
  * Never fails. */
 int moe_train_config_model_attrs(const moe_train_config *c, moe_model_attr *out, int cap);
-/* The checkpoint format_version a model needs: 2 when any key introduced
- * by format 2 differs from its default, else 1 (a format 1 file means the
- * defaults of every later key). Never fails. */
-int moe_train_config_model_version(const moe_train_config *c);
+/* 1 if some format-2 attribute applies to c (a checkpoint of c is then
+ * written as format_version 2): an architecture or router option differs
+ * from its default (a format 1 file means the defaults of them all), or
+ * the head is vocab_experts. Never fails. */
+int moe_train_config_needs_v2(const moe_train_config *c);
 /* Sets one [model] key from a typed value (a->type must be the key's;
  * names as moe_train_config_set reads them). No range check:
  * moe_train_config_check_model does that. MOE_ERR_ARG naming the key. */
 moe_status moe_train_config_set_model_attr(moe_train_config *c, const moe_model_attr *a);
+
+/* The vocabulary of a run whose data has `data_vocab` ids (256 for bytes,
+ * the tokenizer's vocab_size for token files; `what` names where it comes
+ * from): c->vocab_size becomes data_vocab when the user did not set it; a
+ * value the user set must be >= data_vocab (MOE_ERR_ARG naming both). */
+moe_status moe_train_config_resolve_vocab(moe_train_config *c, int64_t data_vocab, const char *what);
 
 /* Validation of every key's range and of the cross-field rules (heads divide
  * d_model, top_k <= n_experts, ...) given the world size (batch divisible by
@@ -152,6 +184,17 @@ int moe_train_config_format(const moe_train_config *c, char *buf, int cap);
 /* Prints every key with its default and a one-line description
  * (`moe train --help`). */
 void moe_train_config_help(FILE *f);
+
+/* The key table for documentation (the man page of `moe train`): key i,
+ * 0 <= i < moe_train_config_n_keys(), in table order. Not collective;
+ * MOE_ERR_ARG for i out of range. */
+typedef struct {
+    const char *name, *section, *help; /* static storage */
+    char default_text[1024];           /* as --help prints it ("" for an empty path); fits any path key */
+    char accepts[256];                 /* "an integer >= 1", "gelu, relu or swiglu", ... */
+} moe_train_config_key_doc;
+int moe_train_config_n_keys(void);
+moe_status moe_train_config_key_doc_get(int i, moe_train_config_key_doc *out);
 
 /* Command line of `moe train` over c (call moe_train_config_default first):
  * argv[0] is the command name and is skipped; every `--config FILE` (or

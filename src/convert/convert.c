@@ -43,7 +43,7 @@ moe_status moe_convert_import(const char *hf_dir, const char *ckpt, const moe_co
     moe_status st = cfg_path ? moe_st_read_text(cfg_path, &text, 1u << 24) : moe_errorf(MOE_ERR_NOMEM, "import");
     if (!st) st = moe_hf_config_parse(&r.cfg, &r.type, text, strlen(text), cfg_path, cap);
     if (!st) st = moe_st_dir_create(&dir, hf_dir);
-    if (!st) st = moe_layout_create(&tab, &r.cfg, 0, 1);
+    if (!st) st = moe_layout_create(&tab, &r.cfg, NULL, 0, 1);
     if (!st) {
         params = moe_calloc(tab->total, sizeof(float));
         zeros = moe_calloc(tab->total, sizeof(float)); /* AdamW m and v of a model that has not trained */
@@ -124,7 +124,7 @@ moe_status moe_convert_export(const char *ckpt, const char *out_dir, int type, u
     moe_st_tensor *ts = NULL;
     char *names = NULL, *json = NULL, *path = NULL;
     size_t nt = 0, nj = 0;
-    if ((st = moe_layout_create(&tab, &r.cfg, 0, 1))) return st;
+    if ((st = moe_layout_create(&tab, &r.cfg, NULL, 0, 1))) return st;
     params = moe_calloc(tab->total, sizeof(float));
     if (!params) st = moe_errorf(MOE_ERR_NOMEM, "export: %zu floats", tab->total);
     if (!st) {

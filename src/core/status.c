@@ -105,6 +105,18 @@ int moe_fault(const char *site, int rank)
     if (fired || !want || strcmp(want, site) != 0) return 0;
     const char *r = getenv("MOE_FAULT_RANK");
     if (r && *r && atoi(r) != rank) return 0;
+    static long seen = 0;
+    const char *skip = getenv("MOE_FAULT_SKIP");
+    if (skip && *skip && seen++ < atol(skip)) return 0;
     fired = 1;
     return 1;
+}
+
+const char *moe_version(void) { return MOE_VERSION; }
+
+int moe_fault_ms(const char *site, int rank)
+{
+    const char *want = getenv("MOE_FAULT"), *r = getenv("MOE_FAULT_RANK"), *ms = getenv("MOE_FAULT_MS");
+    if (!want || strcmp(want, site) != 0 || (r && *r && atoi(r) != rank) || !ms) return 0;
+    return atoi(ms);
 }

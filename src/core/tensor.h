@@ -28,23 +28,30 @@ typedef struct {
      * updated" rule and the checkpoint work per segment through these. */
     const int64_t *seg_off;  /* (local experts + 1) or NULL; owned by the table's builder */
     const int64_t *row_ids;  /* (rows) or NULL */
-    int layer;            /* block index of an expert tensor (per-expert step counters), else -1 */
+    int experts;          /* expert_sharded: whose experts dim 0 holds: MOE_EXPERTS_FFN (MoE layer `layer`)
+                             or MOE_EXPERTS_VOCAB (the vocabulary head) */
+    int layer;            /* block index of an FFN expert tensor (per-expert step counters), else -1 */
     int block;            /* block index of any block tensor, -1 outside the blocks */
     int kind;             /* which tensor (moe_tensor_kind, layout.h) */
     int role;             /* MOE_TENSOR_PARAM, or MOE_TENSOR_BUFFER: checkpointed, no gradient/optimizer state */
     int init;             /* moe_init_kind (layout.h) */
     int decay;            /* 1: AdamW weight decay applies (matrices), 0: biases, norms */
+    int dtype;            /* how the file stores it: MOE_TENSOR_F32, or MOE_TENSOR_I32 (integers held in
+                             the float block as exact values, |x| < 2^24: the vocabulary partition) */
     size_t offset;        /* offset in floats of the local data within the block */
     size_t numel;         /* local element count */
 } moe_tensor;
 
 enum { MOE_TENSOR_PARAM = 0, MOE_TENSOR_BUFFER = 1 };
+enum { MOE_TENSOR_F32 = 0, MOE_TENSOR_I32 = 1 };
+enum { MOE_EXPERTS_FFN = 0, MOE_EXPERTS_VOCAB = 1 };
 
 typedef struct {
     moe_tensor *t;        /* (n) */
     int n;
     size_t dense;         /* floats of the leading replicated range: expert tensors occupy [dense, total) */
     size_t total;         /* floats in the local block */
+    void *owned;          /* the builder's storage behind seg_off / row_ids */
 } moe_tensor_table;
 
 /* Elements per row of dim 0 (product of shape[1..]). */

@@ -38,6 +38,11 @@ struct moe_infer_decoder {
     float *tmp;                           /* (n_max, C) */
     float *fch, *fch_act;                 /* (n_max, F1), (n_max, F) */
     float *scores;                        /* (T) attention probabilities of one head */
+    /* the vocabulary-expert head (NULL with head = full) */
+    moe_vocab_ep *vhead;
+    moe_vocab_params vp;                  /* its parameters in the model's block */
+    float *hsel;                          /* (n_max, C) final hidden states of the tokens whose distribution is wanted */
+    int head_gemv;                        /* full head: one GEMV per token for calls of <= 4 tokens */
 };
 
 /* Tensor `kind` of block l (-1: global) by the table's lookup, or NULL
@@ -126,9 +131,13 @@ moe_status moe_infer_decoder_create(moe_infer_decoder **out, moe_model *m, int m
     d->fch = moe_calloc(N * d->F1, sizeof(float));
     d->fch_act = moe_calloc(N * d->F, sizeof(float));
     d->scores = moe_calloc((size_t)d->T, sizeof(float));
+    d->vhead = moe_model_vocab_head(m);
+    d->vp = moe_model_vocab_view(m, moe_model_params(m));
+    if (d->vhead) d->hsel = moe_calloc(N * C, sizeof(float));
     moe_status st = MOE_OK;
     if (!d->blk || !d->len || !d->add || !d->pos || !d->kc || !d->vc || !d->x || !d->ln || !d->mean ||
-        !d->rstd || !d->qkv || !d->atty || !d->tmp || !d->fch || !d->fch_act || !d->scores)
+        !d->rstd || !d->qkv || !d->atty || !d->tmp || !d->fch || !d->fch_act || !d->scores ||
+        (d->vhead && !d->hsel))
         st = moe_errorf(MOE_ERR_NOMEM, "decoder: key/value cache of %zu floats x 2 and buffers", cache);
     if (!st) st = bind_params(d);
     if (st) {
@@ -143,7 +152,7 @@ void moe_infer_decoder_destroy(moe_infer_decoder *d)
 {
     if (!d) return;
     void *p[] = {d->blk, d->len, d->add, d->pos, d->kc, d->vc, d->x, d->ln, d->mean, d->rstd,
-                 d->qkv, d->atty, d->tmp, d->fch, d->fch_act, d->scores};
+                 d->qkv, d->atty, d->tmp, d->fch, d->fch_act, d->scores, d->hsel};
     for (size_t i = 0; i < sizeof p / sizeof p[0]; i++) moe_free(p[i]);
     moe_free(d);
 }
@@ -156,7 +165,14 @@ void moe_infer_decoder_reset(moe_infer_decoder *d, int s)
 int moe_infer_decoder_max_seqs(const moe_infer_decoder *d) { return d->S; }
 int moe_infer_decoder_seq_len(const moe_infer_decoder *d) { return d->T; }
 int moe_infer_decoder_vocab_size(const moe_infer_decoder *d) { return d->V; }
+moe_model *moe_infer_decoder_model(moe_infer_decoder *d) { return d->m; }
 int moe_infer_decoder_max_tokens(const moe_infer_decoder *d) { return d->n_max; }
+
+int64_t moe_infer_decoder_dist_stride(const moe_infer_decoder *d)
+{
+    if (!d->vhead) return d->V;
+    return moe_vocab_part_topk_size(moe_model_vocab(d->m), moe_model_vocab_top_k(d->m));
+}
 int moe_infer_decoder_length(const moe_infer_decoder *d, int s) { return s >= 0 && s < d->S ? d->len[s] : 0; }
 
 /* Cache row of (layer l, sequence s, position t): NKV HD floats. */
@@ -192,7 +208,9 @@ static void attend(moe_infer_decoder *d, int l, const int *seq, int n)
     }
 }
 
-moe_status moe_infer_decode(moe_infer_decoder *d, float *logits, const int32_t *tokens, const int *seq, int n)
+/* The blocks and ln_f over n new tokens: d->ln holds their final hidden
+ * states, their keys and values are cached (the sequences' lengths grow). */
+static moe_status run_blocks(moe_infer_decoder *d, const int32_t *tokens, const int *seq, int n)
 {
     if (n < 1 || n > d->n_max)
         return moe_errorf(MOE_ERR_ARG, "decode: %d tokens outside 1..%d", n, d->n_max);
@@ -241,7 +259,65 @@ moe_status moe_infer_decode(moe_infer_decoder *d, float *logits, const int32_t *
         moe_model_residual_forward(d->x, d->x, d->tmp, NC);
     }
     moe_model_norm_rows(d->m, d->ln, d->mean, d->rstd, d->x, d->lnfw, d->lnfb, n);
-    moe_model_matmul_forward(logits, d->ln, d->head, NULL, n, C, d->V);
     for (int i = 0; i < n; i++) d->len[seq[i]]++;
+    return MOE_OK;
+}
+
+moe_status moe_infer_decode(moe_infer_decoder *d, float *logits, const int32_t *tokens, const int *seq, int n)
+{
+    if (d->vhead)
+        return moe_errorf(MOE_ERR_ARG, "decode: the vocabulary-expert head gives candidate lists "
+                                       "(moe_infer_decode_dist), not logits over the vocabulary");
+    moe_status st = run_blocks(d, tokens, seq, n);
+    if (st) return st;
+    /* the full head: wte (tied) or lm_head */
+    if (d->head_gemv && n <= 4) /* reads the head once per token, without packing it */
+        for (int i = 0; i < n; i++)
+            cblas_sgemv(CblasRowMajor, CblasNoTrans, d->V, d->C, 1.0f, d->head, d->C, d->ln + (size_t)i * d->C, 1,
+                        0.0f, logits + (size_t)i * d->V, 1);
+    else
+        moe_model_matmul_forward(logits, d->ln, d->head, NULL, n, d->C, d->V);
+    return MOE_OK;
+}
+
+void moe_infer_decoder_set_head_gemv(moe_infer_decoder *d, int on) { d->head_gemv = on; }
+
+moe_status moe_infer_decode_dist(moe_infer_decoder *d, moe_infer_dist *out, const int32_t *tokens, const int *seq,
+                                 int n, const uint8_t *want)
+{
+    const int64_t need = moe_infer_decoder_dist_stride(d);
+    if (d->vhead ? out->stride < need : out->stride != need)
+        return moe_errorf(MOE_ERR_ARG, "decode: distribution rows of %lld candidates, the head needs %s%lld",
+                          (long long)out->stride, d->vhead ? "at least " : "", (long long)need);
+    if (!d->vhead) {
+        /* the full head: every row, as moe_infer_decode */
+        moe_status st = moe_infer_decode(d, out->logp, tokens, seq, n);
+        if (st) return st;
+        out->dense = 1;
+        for (int i = 0; i < n; i++) out->count[i] = d->V;
+        return MOE_OK;
+    }
+    moe_status st = run_blocks(d, tokens, seq, n);
+    if (st) return st;
+    /* only the wanted rows go through the head (a prompt needs its last) */
+    const int C = d->C;
+    int k = 0;
+    for (int i = 0; i < n; i++)
+        if (!want || want[i]) memcpy(d->hsel + (size_t)k++ * C, d->ln + (size_t)i * C, (size_t)C * sizeof(float));
+    out->dense = 0;
+    st = moe_vocab_ep_topk(d->vhead, out->ids, out->logp, out->count, out->stride, d->hsel, &d->vp, k,
+                           moe_model_vocab_top_k(d->m));
+    if (st) return st;
+    /* wanted row j of k sits at row j; move it to its token's row (from the
+     * last: a row only moves down) */
+    for (int i = n - 1; i >= 0 && k > 0; i--) {
+        if (want && !want[i]) continue;
+        if (--k == i) break;
+        memcpy(out->logp + (size_t)i * out->stride, out->logp + (size_t)k * out->stride,
+               (size_t)out->count[k] * sizeof(float));
+        memcpy(out->ids + (size_t)i * out->stride, out->ids + (size_t)k * out->stride,
+               (size_t)out->count[k] * sizeof(int32_t));
+        out->count[i] = out->count[k];
+    }
     return MOE_OK;
 }

@@ -99,10 +99,20 @@ moe_status moe_infer_eval(moe_infer_eval_result *res, moe_model *m, moe_comm *co
     res->n_experts = w.E;
     res->n_domains = domains ? n_domains : 0;
 
+    moe_vocab_ep *vh = moe_model_vocab_head(m);
+    if (vh) {
+        w.V = 0; /* no logits to hold */
+        res->vocab_experts = cfg->vocab_experts;
+        res->vocab_top_k = moe_model_vocab_top_k(m);
+    }
     moe_status st = eval_ws_alloc(&w);
     const size_t nk = (size_t)w.n_moe * n_domains * w.E;
     if (!st && domains && !(res->domain_kept = moe_calloc(nk, sizeof(int64_t))))
         st = moe_errorf(MOE_ERR_NOMEM, "eval: domain counts");
+    if (!st && vh && (!(res->vocab_rank_hist = moe_calloc((size_t)res->vocab_experts, sizeof(int64_t))) ||
+                      !(res->vocab_tokens = moe_calloc((size_t)res->vocab_experts, sizeof(int64_t))) ||
+                      !(res->vocab_rank_mass = moe_calloc((size_t)res->vocab_experts, sizeof(double)))))
+        st = moe_errorf(MOE_ERR_NOMEM, "eval: vocabulary expert counts");
     st = moe_comm_agree(comm, st);
     double sum = 0.0;
     for (int64_t j = 0; !st && j < n_fwd; j++) {
@@ -114,12 +124,22 @@ moe_status moe_infer_eval(moe_infer_eval_result *res, moe_model *m, moe_comm *co
             memcpy(w.in + (size_t)b * w.S, ids + (size_t)(g0 + b) * w.S, (size_t)w.S * sizeof(int32_t));
             memcpy(w.tg + (size_t)b * w.S, ids + (size_t)(g0 + b) * w.S + 1, (size_t)w.S * sizeof(int32_t));
         }
-        /* the model's own loss would include the padding: compute it here */
-        if ((st = moe_model_forward(m, w.in, NULL, w.B, w.S, 0, 0))) break;
-        const float *logits = moe_model_logits(m);
-        for (int b = 0; b < nv; b++) /* one window at a time: probs hold S rows of V */
-            moe_model_crossentropy_forward(w.losses + (size_t)b * w.S, w.probs, logits + (size_t)b * w.S * w.V,
-                                           w.tg + (size_t)b * w.S, w.S, w.V);
+        if (vh) {
+            /* the vocabulary head forms no logits: its per-position losses
+             * (exact, whatever K), of which the padding's are left out below */
+            if ((st = moe_model_forward(m, w.in, w.tg, w.B, w.S, 0, 0))) break;
+            memcpy(w.losses, moe_model_losses(m), (size_t)nv * w.S * sizeof(float));
+            for (int i = 0; i < nv * w.S; i++) res->vocab_tokens[moe_vocab_part_assign(moe_model_vocab(m))[w.tg[i]]]++;
+            if ((st = moe_vocab_ep_rank_hist(vh, nv * w.S, res->vocab_rank_hist))) break;
+            if ((st = moe_vocab_ep_rank_mass(vh, nv * w.S, res->vocab_rank_mass))) break;
+        } else {
+            /* the model's own loss would include the padding: compute it here */
+            if ((st = moe_model_forward(m, w.in, NULL, w.B, w.S, 0, 0))) break;
+            const float *logits = moe_model_logits(m);
+            for (int b = 0; b < nv; b++) /* one window at a time: probs hold S rows of V */
+                moe_model_crossentropy_forward(w.losses + (size_t)b * w.S, w.probs, logits + (size_t)b * w.S * w.V,
+                                               w.tg + (size_t)b * w.S, w.S, w.V);
+        }
         for (int b = 0; b < w.B; b++) {
             double s = 0.0;
             for (int t = 0; b < nv && t < w.S; t++) s += w.losses[(size_t)b * w.S + t];
@@ -133,6 +153,12 @@ moe_status moe_infer_eval(moe_infer_eval_result *res, moe_model *m, moe_comm *co
     /* a forward failure is already known to the whole ep group (= world) */
     if (!st && domains)
         st = moe_comm_allreduce_i64(comm, MOE_SCOPE_WORLD, res->domain_kept, nk);
+    if (!st && vh) st = moe_comm_allreduce_i64(comm, MOE_SCOPE_WORLD, res->vocab_rank_hist, (size_t)res->vocab_experts);
+    if (!st && vh) st = moe_comm_allreduce_i64(comm, MOE_SCOPE_WORLD, res->vocab_tokens, (size_t)res->vocab_experts);
+    if (!st && vh) st = moe_comm_allreduce_f64(comm, MOE_SCOPE_WORLD, res->vocab_rank_mass, (size_t)res->vocab_experts);
+    /* the sum is the same on every rank: so is this decision */
+    if (!st && !isfinite(sum))
+        st = moe_errorf(MOE_ERR_NONFINITE, "eval: the loss is not finite (%g): NaN or Inf in the model's weights?", sum);
     eval_ws_free(&w);
     if (st) {
         moe_infer_eval_result_free(res);
@@ -141,11 +167,22 @@ moe_status moe_infer_eval(moe_infer_eval_result *res, moe_model *m, moe_comm *co
     res->loss_sum = sum;
     res->loss = sum / (double)res->tokens;
     res->bpb = res->bytes ? sum / (double)res->bytes / M_LN2 : 0.0;
+    if (vh) {
+        int64_t covered = 0;
+        for (int k = 0; k < res->vocab_top_k; k++) covered += res->vocab_rank_hist[k];
+        res->vocab_coverage = (double)covered / (double)res->tokens;
+        for (int k = 0; k < res->vocab_experts; k++) res->vocab_rank_mass[k] /= (double)res->tokens;
+        for (int k = 0; k < res->vocab_top_k; k++) res->vocab_kept_mass += res->vocab_rank_mass[k];
+    }
     return MOE_OK;
 }
 
 void moe_infer_eval_result_free(moe_infer_eval_result *res)
 {
     moe_free(res->domain_kept);
-    res->domain_kept = NULL;
+    moe_free(res->vocab_rank_hist);
+    moe_free(res->vocab_tokens);
+    moe_free(res->vocab_rank_mass);
+    res->domain_kept = res->vocab_rank_hist = res->vocab_tokens = NULL;
+    res->vocab_rank_mass = NULL;
 }

@@ -1,7 +1,10 @@
 /* Autoregressive generation for a batch of prompts (moe_infer_generate):
  * one prefill pass per prompt, then one decoding step per token for all
  * sequences together, sliding the context of a sequence whose cache is full.
- * Rank 0 samples; the ids are broadcast so every rank decodes the same. */
+ * The decoder gives each step's distributions as candidate lists (all ids
+ * for the full head, the top-K lists of the vocabulary experts); the sampler
+ * walks a row's candidates as it would the dense vector. Rank 0 samples; the
+ * ids are broadcast so every rank decodes the same. */
 #include "infer/infer.h"
 
 #include <string.h>
@@ -13,23 +16,36 @@ typedef struct {
     int n, S, V, cap;   /* sequences, seq_len, vocabulary, context capacity per sequence */
     int32_t *ctx;       /* (n, cap) context ids of each sequence (the model's view) */
     int *ctx_len;       /* (n) */
-    float *logits;      /* (max_tokens, V) of the last decode call */
-    float *cur;         /* (n, V) logits of each sequence's newest token */
+    moe_infer_dist dist; /* (max_tokens rows) of the last decode call */
+    moe_infer_dist cur;  /* (n rows) of each sequence's newest token */
+    uint8_t *want;      /* (max_tokens) the rows a decode call needs */
     int *seq;           /* (max_tokens) sequence of each token of a decode call */
     int32_t *tok;       /* (max_tokens) tokens of a decode call */
     void *scratch;      /* the sampler's (rank 0) */
     int64_t prefilled;  /* tokens through prefill passes */
 } gen_state;
 
+/* cur row b = dist row i. */
+static void keep_row(gen_state *g, int b, int i)
+{
+    const int64_t st = g->dist.stride;
+    const int32_t c = g->dist.count[i];
+    memcpy(g->cur.logp + (size_t)b * st, g->dist.logp + (size_t)i * st, (size_t)c * sizeof(float));
+    if (!g->dist.dense) memcpy(g->cur.ids + (size_t)b * st, g->dist.ids + (size_t)i * st, (size_t)c * sizeof(int32_t));
+    g->cur.count[b] = c;
+    g->cur.dense = g->dist.dense;
+}
+
 /* Resets sequence b and runs its last k context tokens through the decoder
- * in one call; the logits of the last one become cur[b]. Collective. */
+ * in one call; the distribution of the last one becomes cur[b]. Collective. */
 static moe_status prefill(gen_state *g, int b, int k)
 {
     moe_infer_decoder_reset(g->d, b);
-    for (int i = 0; i < k; i++) g->seq[i] = b;
-    moe_status st = moe_infer_decode(g->d, g->logits, g->ctx + (size_t)b * g->cap + g->ctx_len[b] - k, g->seq, k);
+    for (int i = 0; i < k; i++) g->seq[i] = b, g->want[i] = i == k - 1;
+    moe_status st = moe_infer_decode_dist(g->d, &g->dist, g->ctx + (size_t)b * g->cap + g->ctx_len[b] - k, g->seq,
+                                          k, g->want);
     if (st) return st;
-    memcpy(g->cur + (size_t)b * g->V, g->logits + (size_t)(k - 1) * g->V, (size_t)g->V * sizeof(float));
+    keep_row(g, b, k - 1);
     g->prefilled += k;
     return MOE_OK;
 }
@@ -43,9 +59,12 @@ static moe_status sample_step(gen_state *g, int32_t *next, moe_comm *comm, const
     int32_t msg[1 + MAX_SEQS];
     int32_t *ids = msg + 1;
     msg[0] = MOE_OK;
-    for (int b = 0; rank == 0 && b < g->n && msg[0] == MOE_OK; b++)
-        msg[0] = (int32_t)moe_infer_sample(&ids[b], s, g->cur + (size_t)b * g->V, g->V, position[b], (uint32_t)b,
-                                           g->scratch);
+    const int64_t stride = g->cur.stride;
+    for (int b = 0; rank == 0 && b < g->n && msg[0] == MOE_OK; b++) {
+        msg[0] = (int32_t)moe_infer_sample(&ids[b], s, g->cur.logp + (size_t)b * stride, g->cur.count[b],
+                                           position[b], (uint32_t)b, g->scratch);
+        if (!g->cur.dense) ids[b] = g->cur.ids[(size_t)b * stride + ids[b]]; /* candidate -> token id */
+    }
     /* (the batch fits the message: n <= MAX_SEQS is checked by the caller) */
     moe_status st = moe_comm_bcast(comm, msg, (size_t)(1 + g->n) * sizeof(int32_t), 0);
     if (st) return st;
@@ -59,8 +78,9 @@ static void gen_free(gen_state *g)
 {
     moe_free(g->ctx);
     moe_free(g->ctx_len);
-    moe_free(g->logits);
-    moe_free(g->cur);
+    moe_free(g->dist.logp), moe_free(g->dist.ids), moe_free(g->dist.count);
+    moe_free(g->cur.logp), moe_free(g->cur.ids), moe_free(g->cur.count);
+    moe_free(g->want);
     moe_free(g->seq);
     moe_free(g->tok);
     moe_free(g->scratch);
@@ -109,9 +129,8 @@ static moe_status run(gen_state *g, int32_t *out, moe_infer_gen_stats *stats, mo
                 g->tok[m++] = next[b];
             }
         if (m > 0) {
-            if ((st = moe_infer_decode(g->d, g->logits, g->tok, g->seq, m))) return st;
-            for (int i = 0; i < m; i++)
-                memcpy(g->cur + (size_t)g->seq[i] * g->V, g->logits + (size_t)i * g->V, (size_t)g->V * sizeof(float));
+            if ((st = moe_infer_decode_dist(g->d, &g->dist, g->tok, g->seq, m, NULL))) return st;
+            for (int i = 0; i < m; i++) keep_row(g, g->seq[i], i);
             decoded += m;
         }
         /* ... the others slide: the same decision on every rank (lengths only) */
@@ -157,14 +176,23 @@ moe_status moe_infer_generate(int32_t *out, moe_infer_gen_stats *stats, moe_infe
     const int S = moe_infer_decoder_seq_len(d), nt = moe_infer_decoder_max_tokens(d);
     /* a context never exceeds S tokens before it slides, plus the token that triggers it */
     gen_state g = {.d = d, .n = n, .S = S, .V = V, .cap = S + 1};
+    const int64_t stride = moe_infer_decoder_dist_stride(d);
+    const int dense = stride == V && !moe_model_vocab(moe_infer_decoder_model(d));
     g.ctx = moe_calloc((size_t)n * g.cap, sizeof(int32_t));
     g.ctx_len = moe_calloc((size_t)n, sizeof(int));
-    g.logits = moe_calloc((size_t)nt * V, sizeof(float));
-    g.cur = moe_calloc((size_t)n * V, sizeof(float));
+    g.dist = (moe_infer_dist){moe_calloc((size_t)nt * stride, sizeof(float)),
+                              dense ? NULL : moe_calloc((size_t)nt * stride, sizeof(int32_t)),
+                              moe_calloc((size_t)nt, sizeof(int32_t)), stride, dense};
+    g.cur = (moe_infer_dist){moe_calloc((size_t)n * stride, sizeof(float)),
+                             dense ? NULL : moe_calloc((size_t)n * stride, sizeof(int32_t)),
+                             moe_calloc((size_t)n, sizeof(int32_t)), stride, dense};
+    g.want = moe_calloc((size_t)nt, 1);
     g.seq = moe_calloc((size_t)nt, sizeof(int));
     g.tok = moe_calloc((size_t)nt, sizeof(int32_t));
-    if (moe_comm_rank(comm) == 0) g.scratch = moe_calloc(moe_infer_sample_scratch_bytes(V), 1);
-    st = g.ctx && g.ctx_len && g.logits && g.cur && g.seq && g.tok && (g.scratch || moe_comm_rank(comm) != 0)
+    if (moe_comm_rank(comm) == 0) g.scratch = moe_calloc(moe_infer_sample_scratch_bytes((int)stride), 1);
+    st = g.ctx && g.ctx_len && g.dist.logp && (dense || g.dist.ids) && g.dist.count && g.cur.logp &&
+                 (dense || g.cur.ids) && g.cur.count && g.want && g.seq && g.tok &&
+                 (g.scratch || moe_comm_rank(comm) != 0)
              ? MOE_OK
              : moe_errorf(MOE_ERR_NOMEM, "generate buffers");
     /* allocation is local: agree before the first collective decode */

@@ -27,6 +27,7 @@
 #include "comm/comm.h"
 #include "config/config.h"
 #include "model/model.h"
+#include "tokenizer/tokenizer.h"
 
 /* ---- loading (load.c) ---- */
 
@@ -51,6 +52,28 @@ moe_status moe_infer_load(moe_model **out, moe_train_config *cfg, const char *pa
  * collective. MOE_ERR_IO naming the file. */
 moe_status moe_infer_read_file(uint8_t **data, size_t *n, const char *path);
 
+/* ---- text and token ids (text.c) ---- */
+
+/* Nothing here is collective. A checkpoint's tokenizer comes from
+ * moe_ckpt_load_tokenizer; tok NULL means a byte-level model (one id per
+ * byte). */
+
+/* Token ids of n bytes of text (any bytes): tok's encode as one document
+ * (docs/tokenizer.md: exact to tiktoken on UTF-8, invalid UTF-8 by its own
+ * rule), or one id per byte. *ids (moe_free) has *n_ids ids. */
+moe_status moe_infer_text_encode(int32_t **ids, size_t *n_ids, const moe_tok *tok, const uint8_t *text, size_t n);
+/* The bytes of n ids into a new buffer (*out, moe_free) of *n_out bytes:
+ * tok's decode (a special gives its name), or one byte per id. MOE_ERR_ARG
+ * naming the position of an id that has no bytes (a hole, an id outside the
+ * tokenizer, or above 255 without one). */
+moe_status moe_infer_text_decode(uint8_t **out, size_t *n_out, const moe_tok *tok, const int32_t *ids, size_t n);
+/* The ids of the token file at path (tokfile.h), checked against tok: its
+ * header, size and ids (MOE_ERR_FORMAT), the tokenizer's hash and
+ * vocab_size (MOE_ERR_MISMATCH "encoded with another tokenizer"), each
+ * naming the file. MOE_ERR_ARG when tok is NULL (a byte-level model).
+ * *ids (moe_free) has *n ids. */
+moe_status moe_infer_read_tokens(int32_t **ids, size_t *n, const char *path, const moe_tok *tok);
+
 /* ---- evaluation (eval.c) ---- */
 
 typedef struct {
@@ -63,6 +86,15 @@ typedef struct {
     int n_moe, n_domains, n_experts;
     int64_t *domain_kept; /* (n_moe, n_domains, E) kept assignments of the tokens of each domain,
                            * global, MoE layers in block order; NULL without domains */
+    /* vocabulary experts (else 0 / NULL): the loss above is the exact loss
+     * (the target's expert always computes); coverage is for K = the
+     * model's vocab_top_k (moe_model_set_vocab_top_k) */
+    int vocab_experts, vocab_top_k;
+    double vocab_coverage;    /* share of target tokens whose expert is in the top K of the head router */
+    int64_t *vocab_rank_hist; /* (M) target tokens by the rank of their expert in q: coverage at any K */
+    int64_t *vocab_tokens;    /* (M) target tokens per expert (each expert's load) */
+    double vocab_kept_mass;   /* mean over target tokens of the router mass of the top K experts */
+    double *vocab_rank_mass;  /* (M) mean r-th largest router probability: kept mass at any K */
 } moe_infer_eval_result;
 
 /* Next-token cross-entropy of m over ids (n tokens, the same on every
@@ -83,8 +115,8 @@ typedef struct {
  * batch <= the model's max_local_seqs. Collective over comm's world.
  * MOE_ERR_ARG for fewer than S+1 tokens, an id outside the vocabulary or a
  * bad domain id (naming its position) or batch < 1; forward failures reach
- * every rank. res->domain_kept is owned by the caller
- * (moe_infer_eval_result_free). */
+ * every rank; MOE_ERR_NONFINITE, on every rank, when the loss is not
+ * finite. res's arrays are owned by the caller (moe_infer_eval_result_free). */
 moe_status moe_infer_eval(moe_infer_eval_result *res, moe_model *m, moe_comm *comm, const int32_t *ids,
                           const int32_t *id_bytes, const uint8_t *domains, size_t n, int n_domains, int batch);
 void moe_infer_eval_result_free(moe_infer_eval_result *res);
@@ -103,6 +135,7 @@ void moe_infer_decoder_destroy(moe_infer_decoder *d);
 int moe_infer_decoder_max_seqs(const moe_infer_decoder *d);
 int moe_infer_decoder_seq_len(const moe_infer_decoder *d);
 int moe_infer_decoder_vocab_size(const moe_infer_decoder *d);
+moe_model *moe_infer_decoder_model(moe_infer_decoder *d);
 /* The largest n one moe_infer_decode call takes: max(max_seqs, seq_len). */
 int moe_infer_decoder_max_tokens(const moe_infer_decoder *d);
 
@@ -124,6 +157,45 @@ int moe_infer_decoder_length(const moe_infer_decoder *d, int s);
  * ids checks them itself. The MoE layer's failures reach every rank of the
  * ep group. */
 moe_status moe_infer_decode(moe_infer_decoder *d, float *logits, const int32_t *tokens, const int *seq, int n);
+
+/* The next-token distributions of a decoding step as candidate lists,
+ * which a sampler walks as it would a dense vector without its zeros:
+ * row i holds count[i] candidates; the full head gives all V ids in order
+ * (dense = 1: candidate j is id j, logp its logit), the vocabulary-expert
+ * head the top-K lists (dense = 0: ids in increasing order, logp = log P_K,
+ * docs/vocab-experts.md). Buffers are the caller's: logp and ids (rows,
+ * stride), count (rows), stride from moe_infer_decoder_dist_stride. */
+typedef struct {
+    float *logp;
+    int32_t *ids;
+    int32_t *count;
+    int64_t stride;
+    int dense;        /* set by the decoder */
+} moe_infer_dist;
+
+/* The full head's logits for a call of at most 4 tokens by one GEMV per
+ * token instead of one GEMM (on = 1): faster at batch 1 (a GEMM packs all
+ * of wte first), but other bits, so it is off by default and `moe
+ * generate` keeps the GEMM; bench/vocab_model.c times both as the full
+ * head's baseline. Not collective. */
+void moe_infer_decoder_set_head_gemv(moe_infer_decoder *d, int on);
+
+/* Candidates per row the decoder's head needs: vocab_size for the full
+ * head, the K largest sets together for vocabulary experts (K = the model's
+ * vocab_top_k, moe_model_set_vocab_top_k). Not collective. */
+int64_t moe_infer_decoder_dist_stride(const moe_infer_decoder *d);
+
+/* As moe_infer_decode, but the distribution of token i goes to row i of
+ * out, for the tokens with want[i] != 0 (want NULL: all); the other rows'
+ * contents are unspecified afterwards. The full head computes every row
+ * (stride must be vocab_size); the vocabulary head computes only the
+ * wanted ones (its K experts each, on their owners). Collective over the ep group (every rank
+ * calls with the same n and want). Errors as moe_infer_decode, plus
+ * MOE_ERR_ARG for a short stride; the head's failures reach every ep rank.
+ * With the vocabulary head, moe_infer_decode itself refuses (MOE_ERR_ARG):
+ * that head forms no logits over the vocabulary. */
+moe_status moe_infer_decode_dist(moe_infer_decoder *d, moe_infer_dist *out, const int32_t *tokens, const int *seq,
+                                 int n, const uint8_t *want);
 
 /* ---- sampling (sample.c) ---- */
 

@@ -1,7 +1,8 @@
 /* Loading a checkpoint for inference on any number of ranks: world rank 0
- * reads the root `config` text (the configuration the run used), every rank
- * parses it, builds the model with one sequence per routing group, and the
- * parameters are read collectively (each rank its own expert rows). */
+ * reads the root `config` text (the configuration the run used) and, for
+ * vocabulary experts, the partition; every rank parses the text, builds the
+ * model with one sequence per routing group, and the parameters are read
+ * collectively (each rank its own expert rows). */
 #include "infer/infer.h"
 
 #include <errno.h>
@@ -119,8 +120,16 @@ moe_status moe_infer_load(moe_model **out, moe_train_config *cfg_out, const char
     /* the MoE layers are sized for max_local_seqs * seq_len tokens per call */
     const int64_t need = ((int64_t)min_tokens + cfg.seq_len - 1) / cfg.seq_len;
     const int seqs = need > max_local_seqs ? (int)need : max_local_seqs;
+    /* the vocabulary experts' partition is in the checkpoint (it is a partition file) */
+    moe_vocab_part *vocab = NULL;
+    if (cfg.head == MOE_HEAD_VOCAB_EXPERTS) {
+        st = moe_comm_rank(comm) == 0 ? moe_vocab_part_read(&vocab, file, cfg.vocab_size, cfg.vocab_experts) : MOE_OK;
+        if ((st = moe_vocab_part_share(&vocab, st, comm))) return st;
+    }
     moe_model *m = NULL;
-    if ((st = moe_model_create(&m, &cfg, seqs, comm))) return st;
+    st = moe_model_create(&m, &cfg, vocab, seqs, comm);
+    moe_vocab_part_destroy(vocab); /* the model keeps its own copy */
+    if (st) return st;
     /* the file's /model attributes must equal the saved config (group_seqs included) */
     moe_ckpt_state s = {.table = moe_model_tensors(m), .params = moe_model_params(m),
                         .n_experts = cfg.n_experts, .cfg = &saved};

@@ -210,7 +210,7 @@ static void dir_of(char *buf, size_t cap, const char *path)
 }
 
 /* Creates tmp, fills it, flushes and closes. Collective. */
-static moe_status write_tmp(const char *tmp, moe_comm *c, moe_h5_write_fn fill, void *ctx)
+static moe_status write_tmp_phase(const char *tmp, moe_comm *c, moe_h5_write_fn fill, void *ctx)
 {
     hid_t fapl = moe_comm_h5_fapl(c), file = H5I_INVALID_HID;
     if (fapl >= 0) file = H5Fcreate(tmp, H5F_ACC_TRUNC, H5P_DEFAULT, fapl);
@@ -229,6 +229,19 @@ static moe_status write_tmp(const char *tmp, moe_comm *c, moe_h5_write_fn fill, 
     if (lcpl >= 0) H5Pclose(lcpl);
     if (dxpl >= 0) H5Pclose(dxpl);
     if (H5Fclose(file) < 0 && st == MOE_OK) st = moe_h5_fail(MOE_ERR_IO, "cannot close", NULL, tmp);
+    return st;
+}
+
+/* write_tmp_phase as one watchdog phase (comm_timeout), whose clock
+ * restarts with every dataset the fill writes (their own phases) and every
+ * agreement. */
+static moe_status write_tmp(const char *tmp, moe_comm *c, moe_h5_write_fn fill, void *ctx)
+{
+    static char what[MOE_H5_PATH_MAX + 64]; /* read by the watchdog while the phase is open */
+    snprintf(what, sizeof what, "parallel HDF5 write of '%s'", tmp);
+    moe_comm_phase_begin(c, MOE_SCOPE_WORLD, what);
+    const moe_status st = write_tmp_phase(tmp, c, fill, ctx);
+    moe_comm_phase_end();
     return st;
 }
 

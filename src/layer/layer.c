@@ -17,6 +17,7 @@
 #include <math.h>
 #include <stddef.h>
 #include <string.h>
+#include <unistd.h>
 
 /* A field added to moe_layer_timing without a line here fails to compile. */
 _Static_assert(sizeof(moe_layer_timing) == MOE_LAYER_TIMING_N * sizeof(double), "one table line per timing field");
@@ -51,12 +52,20 @@ struct moe_layer {
     int T, G;                /* sizes of the last forward */
     int fwd_ok;              /* 1 when the last forward completed */
 
-    /* send layout (home rank) */
-    int n_send;
-    int send_cap;            /* rows allocated */
-    int *send_rows;          /* (E) rows per global expert = per destination (rank, local expert) */
-    int *send_token;         /* (send_cap) token of each send row */
-    float *send_w;           /* (send_cap) gate weight of each send row */
+    /* where each global expert is: holders[holder_off[e] .. holder_off[e+1])
+     * are the exchange destinations (ep rank * El + local slot) of its copies */
+    int *holder_off;         /* (E + 1) */
+    int *holders;            /* (P * El) */
+
+    /* the routing handed to the exchange: per token, its kept assignments in
+     * ascending expert order (the combine order) */
+    int n_asg;
+    int asg_cap;             /* assignments allocated */
+    int *tok_off;            /* (T_max + 1) */
+    int *asg_dest;           /* (asg_cap) exchange destination */
+    int *asg_expert;         /* (asg_cap) global expert */
+    float *asg_w;            /* (asg_cap) gate weight */
+    float *asg_dw;           /* (asg_cap) dL/dg (backward) */
 
     /* receive layout (expert owner): the experts' activations */
     int n_recv;
@@ -89,15 +98,17 @@ static moe_status grow(void **p, size_t n, size_t size)
     return MOE_OK;
 }
 
-/* Grows the per-send-row records to n rows. */
-static moe_status grow_send(moe_layer *L, int n)
+/* Grows the per-assignment records to n. */
+static moe_status grow_asg(moe_layer *L, int n)
 {
-    if (n <= L->send_cap) return MOE_OK;
+    if (n <= L->asg_cap) return MOE_OK;
     int cap = n + n / 4 + 16;
     moe_status st;
-    if ((st = grow((void **)&L->send_token, cap, sizeof(int)))) return st;
-    if ((st = grow((void **)&L->send_w, cap, sizeof(float)))) return st;
-    L->send_cap = cap;
+    if ((st = grow((void **)&L->asg_dest, cap, sizeof(int)))) return st;
+    if ((st = grow((void **)&L->asg_expert, cap, sizeof(int)))) return st;
+    if ((st = grow((void **)&L->asg_w, cap, sizeof(float)))) return st;
+    if ((st = grow((void **)&L->asg_dw, cap, sizeof(float)))) return st;
+    L->asg_cap = cap;
     return MOE_OK;
 }
 
@@ -153,10 +164,12 @@ moe_status moe_layer_create(moe_layer **out, const moe_layer_config *cfg, moe_co
     if (!st) st = moe_route_create(&L->route, &cfg->router, cfg->max_tokens, cfg->max_groups);
     if (!st) {
         const size_t T = (size_t)cfg->max_tokens, S = (size_t)(L->S > 0 ? L->S : 0), d = (size_t)L->d;
-        L->send_rows = moe_calloc((size_t)E, sizeof(int));
         L->expert_rows = moe_calloc((size_t)L->El, sizeof(int));
         L->dweight = moe_calloc(T * E, sizeof(float));
-        if (!L->send_rows || !L->expert_rows || !L->dweight)
+        L->tok_off = moe_calloc(T + 1, sizeof(int));
+        L->holder_off = moe_calloc((size_t)E + 1, sizeof(int));
+        L->holders = moe_calloc((size_t)P * L->El, sizeof(int));
+        if (!L->expert_rows || !L->dweight || !L->tok_off || !L->holder_off || !L->holders)
             st = moe_errorf(MOE_ERR_NOMEM, "MoE layer: out of memory");
         if (!st && S) {
             L->sh_h = moe_calloc(S * T * L->F1s, sizeof(float));
@@ -169,6 +182,12 @@ moe_status moe_layer_create(moe_layer **out, const moe_layer_config *cfg, moe_co
                 st = moe_errorf(MOE_ERR_NOMEM, "MoE layer: shared experts' activations (%zu floats)",
                                 S * T * (size_t)(L->F1s + L->Fs));
         }
+    }
+    if (!st) {
+        /* contiguous blocks: expert e is slot e % El of ep rank e / El,
+         * i.e. destination e (docs/routing.md section 8) */
+        for (int e = 0; e <= E; e++) L->holder_off[e] = e;
+        for (int e = 0; e < E; e++) L->holders[e] = e;
     }
     /* Collective: every ep rank creates its exchange even if a local step failed,
      * then all agree, so no rank is left inside a2a_create. */
@@ -188,9 +207,13 @@ void moe_layer_destroy(moe_layer *L)
     if (!L) return;
     moe_a2a_destroy(L->a2a);
     moe_route_destroy(L->route);
-    moe_free(L->send_rows);
-    moe_free(L->send_token);
-    moe_free(L->send_w);
+    moe_free(L->holder_off);
+    moe_free(L->holders);
+    moe_free(L->tok_off);
+    moe_free(L->asg_dest);
+    moe_free(L->asg_expert);
+    moe_free(L->asg_w);
+    moe_free(L->asg_dw);
     moe_free(L->h);
     moe_free(L->a);
     moe_free(L->dweight);
@@ -211,6 +234,7 @@ const int *moe_layer_expert_rows(const moe_layer *L) { return L->expert_rows; }
 const moe_layer_timing *moe_layer_get_timing(const moe_layer *L) { return &L->timing; }
 void moe_layer_reset_timing(moe_layer *L) { memset(&L->timing, 0, sizeof L->timing); }
 double moe_layer_expert_flops(const moe_layer *L) { return L->flops; }
+moe_a2a *moe_layer_exchange(moe_layer *L) { return L->a2a; }
 
 /* Parameters of local experts [j0, ...). */
 static moe_expert_params expert_view(const moe_expert_params *p, const moe_layer *L, int j0)
@@ -305,47 +329,36 @@ static void shared_backward(moe_layer *L, float *dx, moe_layer_params *g, const 
     }
 }
 
-/* Rows per destination (= per global expert) and room for their records. */
-static moe_status count_rows(moe_layer *L)
+/* The routing of the last route: per token, its kept assignments in
+ * ascending expert order, each with the exchange destination of the copy
+ * of its expert that serves this token (the copy is chosen by the token's
+ * index: deterministic, and spreading a replicated expert's tokens evenly). */
+static moe_status build_routing(moe_layer *L)
 {
     const moe_route *r = L->route;
-    const int E = L->E;
-    memset(L->send_rows, 0, sizeof(int) * (size_t)E);
-    for (int g = 0; g < L->G; g++)
-        for (int e = 0; e < E; e++) L->send_rows[e] += r->n_kept[(size_t)g * E + e];
+    const int T = L->T, E = L->E;
     int n = 0;
-    for (int e = 0; e < E; e++) n += L->send_rows[e];
-    moe_status st = grow_send(L, n);
+    for (int g = 0; g < L->G; g++)
+        for (int e = 0; e < E; e++) n += r->n_kept[(size_t)g * E + e];
+    moe_status st = grow_asg(L, n);
     if (st) return st;
-    L->n_send = n;
-    return MOE_OK;
-}
-
-/* Pack: one send row per kept assignment into x_rows (send layout), grouped
- * by expert, tokens ascending; records each row's token and gate weight. */
-static void pack(moe_layer *L, float *x_rows, const float *x)
-{
-    const moe_route *r = L->route;
-    const int T = L->T, E = L->E, d = L->d;
-    /* Cursor per expert, then one pass over the (T, E) mask: tokens land
-     * in ascending order inside each expert. */
-    int cursor[E];
-    int acc = 0;
-    for (int e = 0; e < E; e++) {
-        cursor[e] = acc;
-        acc += L->send_rows[e];
-    }
+    int i = 0;
     for (int t = 0; t < T; t++) {
+        L->tok_off[t] = i;
         const uint8_t *kt = r->kept + (size_t)t * E;
         const float *wt = r->weight + (size_t)t * E;
-        for (int e = 0; e < E; e++) {
+        for (int e = 0; e < E && i < n; e++) {
             if (!kt[e]) continue;
-            int row = cursor[e]++;
-            L->send_token[row] = t;
-            L->send_w[row] = wt[e];
-            memcpy(x_rows + (size_t)row * d, x + (size_t)t * d, sizeof(float) * (size_t)d);
+            const int c = L->holder_off[e + 1] - L->holder_off[e];
+            L->asg_dest[i] = L->holders[L->holder_off[e] + t % c];
+            L->asg_expert[i] = e;
+            L->asg_w[i] = wt[e];
+            i++;
         }
     }
+    L->tok_off[T] = i;
+    L->n_asg = i;
+    return MOE_OK;
 }
 
 typedef struct {
@@ -401,56 +414,50 @@ moe_status moe_layer_forward(moe_layer *L, float *y, const float *x, const moe_l
         st = moe_router_forward(L->route, x, p->router_w, p->noise_w, p->expert_bias, &L->cfg.router, T, G, noise);
     }
     const double t1 = moe_now();
-    if (!st) st = count_rows(L);
+    if (!st) st = build_routing(L);
     if (!st && moe_fault("layer_alloc", moe_comm_rank(L->comm)))
         st = moe_errorf(MOE_ERR_NOMEM, "MoE layer: injected allocation failure (MOE_FAULT=layer_alloc)");
-    if (st) {
-        L->n_send = 0;
-        memset(L->send_rows, 0, sizeof(int) * (size_t)L->E);
-    }
     const double t2 = moe_now();
 
-    /* Exchange counts: the status rides along, so a failure anywhere stops
-     * every rank here instead of in a later payload exchange. */
-    st = moe_a2a_set_counts(L->a2a, L->send_rows, st, L->d);
+    /* The plan's count exchange carries the status: a failure anywhere
+     * stops every rank here instead of in a later payload exchange. */
+    const moe_a2a_routing routing = {.n_tokens = st ? 0 : T, .tok_off = L->tok_off, .dest = L->asg_dest,
+                                     .weight = L->asg_w};
+    st = moe_a2a_plan(L->a2a, &routing, st, L->d);
     if (st) return st;
+    const double t3 = moe_now();
     L->n_recv = moe_a2a_recv_total(L->a2a);
     /* A failure here rides into the exchange, which agrees over the ep group. */
     const moe_status local = grow_recv(L, L->n_recv);
-    moe_a2a_buffers b;
-    st = moe_a2a_buffers_get(L->a2a, MOE_A2A_FORWARD, &b);
-    if (st) return st;
-    const double tp = moe_now();
-    pack(L, b.send, x);
-    const double tp_end = moe_now();
+    /* Test hook: this rank stops answering between the count exchange and
+     * the payload (a hung process, or one whose node was cut off); its ep
+     * peers wait in the exchange until the comm_timeout watchdog ends the job. */
+    if (moe_fault("stall", moe_comm_rank(L->comm)))
+        for (;;) pause();
+    /* Test hook: a slow but live rank (its peers wait, each time less than
+     * comm_timeout). */
+    const int slow_ms = moe_fault_ms("slow", moe_comm_rank(L->comm));
+    if (slow_ms > 0) usleep((useconds_t)slow_ms * 1000u);
     const int *off = moe_a2a_recv_expert_offsets(L->a2a);
     for (int j = 0; j < L->El; j++) L->expert_rows[j] = off[j + 1] - off[j];
     L->flops = 3.0 * gemm_flops(L, L->n_recv);
 
+    /* Pack, exchange, experts, return and the combine in ascending expert
+     * order per token (the exchange's job, whatever its kind). */
     compute_ctx ctx = {L, p, NULL, NULL};
-    st = moe_a2a_exchange(L->a2a, MOE_A2A_FORWARD, L->d, L->d, fwd_compute, &ctx, local);
+    st = moe_a2a_forward(L->a2a, y, x, L->d, fwd_compute, &ctx, local);
     const moe_a2a_times xt = moe_a2a_last_times(L->a2a);
     if (st) return st;
+    /* The shared experts: dense, at home, on every token (not through the exchange). */
     const double t5 = moe_now();
-
-    /* Combine at home: expert order per token is fixed by the send layout. */
-    const int d = L->d;
-    memset(y, 0, sizeof(float) * (size_t)T * d);
-    for (int row = 0; row < L->n_send; row++) {
-        float w = L->send_w[row];
-        float *yt = y + (size_t)L->send_token[row] * d;
-        const float *src = b.back + (size_t)row * d;
-        for (int i = 0; i < d; i++) yt[i] += w * src[i];
-    }
-    const double t6 = moe_now();
     if (L->S > 0) shared_forward(L, y, x, p);
-    L->timing.shared += moe_now() - t6;
+    L->timing.shared += moe_now() - t5;
     L->timing.route += t1 - t0;
-    L->timing.pack += (t2 - t1) + (tp_end - tp);
-    L->timing.dispatch += (tp - t2) + xt.dispatch;
+    L->timing.pack += (t2 - t1) + xt.pack;
+    L->timing.dispatch += (t3 - t2) + xt.dispatch;
     L->timing.expert_fwd += xt.compute;
     L->timing.ret += xt.ret;
-    L->timing.combine += t6 - t5;
+    L->timing.combine += xt.combine;
     L->fwd_ok = 1;
     return MOE_OK;
 }
@@ -461,62 +468,35 @@ moe_status moe_layer_backward(moe_layer *L, float *dx, moe_layer_params *grads, 
 {
     if (!L->fwd_ok) return moe_errorf(MOE_ERR_ARG, "MoE layer: backward without a successful forward");
     const int T = L->T, E = L->E, d = L->d;
-    const double t0 = moe_now();
-    moe_a2a_buffers fb, bb;
+    moe_a2a_buffers fb;
     moe_status st = moe_a2a_buffers_get(L->a2a, MOE_A2A_FORWARD, &fb);
-    if (!st) st = moe_a2a_buffers_get(L->a2a, MOE_A2A_BACKWARD, &bb);
     if (st) return st; /* no plan: the same on every rank */
-    /* dL/dg of each kept assignment, and the rows dy * g for the experts. */
-    memset(L->dweight, 0, sizeof(float) * (size_t)T * E);
-    int cursor[E];
-    int acc = 0;
-    for (int e = 0; e < E; e++) {
-        cursor[e] = acc;
-        acc += L->send_rows[e];
-    }
-    /* Walk the expert outputs in send order; bb.send receives each row's
-     * dy * g (in place when it holds the outputs: each row is read before
-     * it is written). */
-    for (int e = 0; e < E; e++) {
-        for (int row = cursor[e]; row < cursor[e] + L->send_rows[e]; row++) {
-            int t = L->send_token[row];
-            const float *dyt = dy + (size_t)t * d;
-            const float *yrow = fb.back + (size_t)row * d;
-            float *dyrow = bb.send + (size_t)row * d;
-            float dot = 0.0f, w = L->send_w[row];
-            for (int i = 0; i < d; i++) {
-                dot += dyt[i] * yrow[i];
-                dyrow[i] = w * dyt[i];
-            }
-            L->dweight[(size_t)t * E + e] = dot;
-        }
-    }
-    const double t1 = moe_now();
-    st = moe_router_backward(dx, grads->router_w, grads->noise_w, L->dweight, L->route, x,
-                             p->router_w, p->noise_w, &L->cfg.router, lb_scale, z_scale);
-    const double t2 = moe_now();
-    if (st) return st; /* purely local: a failure here is an argument error on every rank alike */
-
+    /* The exchange forms dL/dg of every assignment and the rows g * dy, runs
+     * the expert backward on them (which reads the forward's receive rows)
+     * and brings the dx rows home. */
     compute_ctx ctx = {L, p, grads, fb.recv};
-    st = moe_a2a_exchange(L->a2a, MOE_A2A_BACKWARD, d, d, bwd_compute, &ctx, MOE_OK);
+    st = moe_a2a_backward(L->a2a, L->asg_dw, dy, d, bwd_compute, &ctx, MOE_OK);
     const moe_a2a_times xt = moe_a2a_last_times(L->a2a);
     if (st) return st;
-    const double t5 = moe_now();
-    /* Unpack: dx[t] += rows of t, in expert order. */
-    for (int row = 0; row < L->n_send; row++) {
-        float *dxt = dx + (size_t)L->send_token[row] * d;
-        const float *src = bb.back + (size_t)row * d;
-        for (int i = 0; i < d; i++) dxt[i] += src[i];
-    }
-    const double t6 = moe_now();
-    if (L->S > 0) shared_backward(L, dx, grads, dy, x, p);
-    L->timing.bwd_shared += moe_now() - t6;
-    L->timing.bwd_gate_grad += t1 - t0;
-    L->timing.bwd_router += t2 - t1;
+    const double t0 = moe_now();
+    memset(L->dweight, 0, sizeof(float) * (size_t)T * E);
+    for (int t = 0; t < T; t++)
+        for (int i = L->tok_off[t]; i < L->tok_off[t + 1]; i++) L->dweight[(size_t)t * E + L->asg_expert[i]] = L->asg_dw[i];
+    st = moe_router_backward(dx, grads->router_w, grads->noise_w, L->dweight, L->route, x,
+                             p->router_w, p->noise_w, &L->cfg.router, lb_scale, z_scale);
+    const double t1 = moe_now();
+    if (st) return st; /* purely local: a failure here is an argument error on every rank alike */
+    /* dx[t] += its experts' rows, in expert order, after the router's part. */
+    moe_a2a_backward_add(L->a2a, dx, d);
+    const double t2 = moe_now();
+    if (L->S > 0) shared_backward(L, dx, grads, dy, x, p); /* dense, at home */
+    L->timing.bwd_shared += moe_now() - t2;
+    L->timing.bwd_gate_grad += xt.pack;
+    L->timing.bwd_router += t1 - t0;
     L->timing.bwd_dispatch += xt.dispatch;
     L->timing.expert_bwd += xt.compute;
     L->timing.bwd_return += xt.ret;
-    L->timing.bwd_unpack += t6 - t5;
+    L->timing.bwd_unpack += t2 - t1;
     L->fwd_ok = 0;
     return MOE_OK;
 }

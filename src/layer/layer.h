@@ -98,5 +98,8 @@ const moe_layer_timing *moe_layer_get_timing(const moe_layer *L);
 void moe_layer_reset_timing(moe_layer *L);
 /* Expert GEMM floating-point operations of the last forward+backward on this rank. */
 double moe_layer_expert_flops(const moe_layer *L);
+/* The layer's token exchange, for its counters (moe_a2a_bytes,
+ * moe_a2a_seconds). Owned by the layer. */
+moe_a2a *moe_layer_exchange(moe_layer *L);
 
 #endif

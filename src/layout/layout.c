@@ -11,7 +11,8 @@ typedef enum {
     D_QKV,    /* c_attn rows: (n_heads + 2 n_kv_heads) head_dim (3 d_model by default) */
     D_A,      /* attention width n_heads head_dim (c_proj's input) */
     D_QN, D_KN, /* q_norm, k_norm widths: n_heads D and n_kv_heads D (full), D (head) */
-    D_SH, D_FS, D_FS1, D_1 /* shared experts S, F_s, F1_s; 1 */
+    D_SH, D_FS, D_FS1, D_1, /* shared experts S, F_s, F1_s; 1 */
+    D_M       /* vocabulary experts */
 } dim_code;
 
 /* Where a tensor sits: before the blocks, in every block, in MoE or dense
@@ -24,7 +25,7 @@ typedef struct {
     place at;
     int ndim;
     dim_code dims[MOE_TENSOR_MAX_DIMS];
-    int sharded;              /* dim 0 split into expert segments over the ep group */
+    int sharded;              /* dim 0 split into expert segments over the ep group: 0, or 1 + MOE_EXPERTS_* */
     int decay;
     moe_init_kind init;
     int role;                 /* MOE_TENSOR_PARAM or MOE_TENSOR_BUFFER */
@@ -42,9 +43,12 @@ static int with_expert_bias(const moe_train_config *c) { return c->expert_bias; 
 static int with_shared(const moe_train_config *c) { return c->n_shared > 0; }
 static int with_shared_bias(const moe_train_config *c) { return c->n_shared > 0 && c->linear_bias; }
 static int with_shared_gate(const moe_train_config *c) { return c->n_shared > 0 && c->shared_gate; }
+static int with_vocab_head(const moe_train_config *c) { return c->head == MOE_HEAD_VOCAB_EXPERTS; }
 
 #define P MOE_TENSOR_PARAM
 #define B MOE_TENSOR_BUFFER
+#define FFN (1 + MOE_EXPERTS_FFN)
+#define VOC (1 + MOE_EXPERTS_VOCAB)
 /* In table order (part of the format: see layout.h). */
 static const tensor_desc descs[] = {
     {MOE_T_WTE, "wte", AT_HEAD, 2, {D_V, D_C}, 0, 1, MOE_INIT_NORMAL, P, NULL},
@@ -62,10 +66,10 @@ static const tensor_desc descs[] = {
     {MOE_T_ROUTER_W, "moe/router/weight", AT_MOE, 2, {D_E, D_C}, 0, 1, MOE_INIT_NORMAL, P, NULL},
     {MOE_T_NOISE_W, "moe/router/noise_weight", AT_MOE, 2, {D_E, D_C}, 0, 1, MOE_INIT_NORMAL, P, with_router_noise},
     {MOE_T_EXP_BIAS, "moe/router/expert_bias", AT_MOE, 1, {D_E}, 0, 0, MOE_INIT_ZERO, B, with_expert_bias},
-    {MOE_T_EXP_W1, "moe/experts/w1", AT_MOE, 3, {D_E, D_F1, D_C}, 1, 1, MOE_INIT_NORMAL, P, NULL},
-    {MOE_T_EXP_B1, "moe/experts/b1", AT_MOE, 2, {D_E, D_F1}, 1, 0, MOE_INIT_ZERO, P, with_bias},
-    {MOE_T_EXP_W2, "moe/experts/w2", AT_MOE, 3, {D_E, D_C, D_F}, 1, 1, MOE_INIT_RESID, P, NULL},
-    {MOE_T_EXP_B2, "moe/experts/b2", AT_MOE, 2, {D_E, D_C}, 1, 0, MOE_INIT_ZERO, P, with_bias},
+    {MOE_T_EXP_W1, "moe/experts/w1", AT_MOE, 3, {D_E, D_F1, D_C}, FFN, 1, MOE_INIT_NORMAL, P, NULL},
+    {MOE_T_EXP_B1, "moe/experts/b1", AT_MOE, 2, {D_E, D_F1}, FFN, 0, MOE_INIT_ZERO, P, with_bias},
+    {MOE_T_EXP_W2, "moe/experts/w2", AT_MOE, 3, {D_E, D_C, D_F}, FFN, 1, MOE_INIT_RESID, P, NULL},
+    {MOE_T_EXP_B2, "moe/experts/b2", AT_MOE, 2, {D_E, D_C}, FFN, 0, MOE_INIT_ZERO, P, with_bias},
     /* shared experts: dense (replicated, data-parallel) despite the leading S */
     {MOE_T_SH_W1, "moe/shared/w1", AT_MOE, 3, {D_SH, D_FS1, D_C}, 0, 1, MOE_INIT_NORMAL, P, with_shared},
     {MOE_T_SH_B1, "moe/shared/b1", AT_MOE, 2, {D_SH, D_FS1}, 0, 0, MOE_INIT_ZERO, P, with_shared_bias},
@@ -79,9 +83,18 @@ static const tensor_desc descs[] = {
     {MOE_T_LNF_W, "ln_f/weight", AT_TAIL, 1, {D_C}, 0, 0, MOE_INIT_ONE, P, NULL},
     {MOE_T_LNF_B, "ln_f/bias", AT_TAIL, 1, {D_C}, 0, 0, MOE_INIT_ZERO, P, with_ln_bias},
     {MOE_T_LM_HEAD, "lm_head/weight", AT_TAIL, 2, {D_V, D_C}, 0, 1, MOE_INIT_NORMAL, P, with_lm_head},
+    /* vocabulary experts: rows of W_out / c by token id, sharded by expert */
+    {MOE_T_VOCAB_ASSIGN, "vocab_head/assign", AT_TAIL, 1, {D_V}, 0, 0, MOE_INIT_ASSIGN, B, with_vocab_head},
+    {MOE_T_VOCAB_ROUTER_W, "vocab_head/router/weight", AT_TAIL, 2, {D_M, D_C}, 0, 1, MOE_INIT_NORMAL, P,
+     with_vocab_head},
+    {MOE_T_VOCAB_ROUTER_B, "vocab_head/router/bias", AT_TAIL, 1, {D_M}, 0, 0, MOE_INIT_ZERO, P, with_vocab_head},
+    {MOE_T_VOCAB_W, "vocab_head/weight", AT_TAIL, 2, {D_V, D_C}, VOC, 1, MOE_INIT_NORMAL, P, with_vocab_head},
+    {MOE_T_VOCAB_B, "vocab_head/bias", AT_TAIL, 1, {D_V}, VOC, 0, MOE_INIT_ZERO, P, with_vocab_head},
 };
 #undef B
 #undef P
+#undef FFN
+#undef VOC
 #define N_DESCS ((int)(sizeof descs / sizeof descs[0]))
 
 int moe_layout_block_is_moe(const moe_train_config *cfg, int l) { return l % cfg->moe_every == 0; }
@@ -104,13 +117,22 @@ static int64_t dim_value(dim_code d, const moe_train_config *c)
     case D_FS: return moe_cfg_d_ff_shared(c);
     case D_FS1: return moe_f1(moe_cfg_d_ff_shared(c), c->activation);
     case D_1: return 1;
+    case D_M: return c->vocab_experts;
     }
     return 0;
 }
 
+/* This rank's share of the experts: FFN experts [r0, r0 + rows) (one row
+ * each), and the vocabulary experts' rows (seg_off, row_ids). */
+typedef struct {
+    int64_t r0, rows;
+    int64_t vrows;           /* local rows of the vocabulary head */
+    const int64_t *vseg;     /* (Ml + 1) */
+    const int64_t *vids;     /* (vrows) */
+} shard;
+
 /* Appends the tensors of one place (and block l) to t; counts only when t->t is NULL. */
-static moe_status add_place(moe_tensor_table *t, const moe_train_config *c, place at, int l, int64_t r0,
-                            int64_t rows)
+static moe_status add_place(moe_tensor_table *t, const moe_train_config *c, place at, int l, const shard *sh)
 {
     for (int i = 0; i < N_DESCS; i++) {
         const tensor_desc *d = &descs[i];
@@ -123,15 +145,23 @@ static moe_status add_place(moe_tensor_table *t, const moe_train_config *c, plac
             if (len >= (int)sizeof x->name) return moe_errorf(MOE_ERR_ARG, "layout: tensor name '%s' too long", x->name);
             x->ndim = d->ndim;
             for (int k = 0; k < d->ndim; k++) x->shape[k] = dim_value(d->dims[k], c);
-            x->expert_sharded = d->sharded;
-            x->row0 = d->sharded ? r0 : 0;
-            x->rows = d->sharded ? rows : x->shape[0];
+            x->expert_sharded = d->sharded != 0;
+            x->experts = d->sharded ? d->sharded - 1 : 0;
+            x->row0 = d->sharded == 1 + MOE_EXPERTS_FFN ? sh->r0 : 0;
+            x->rows = d->sharded == 1 + MOE_EXPERTS_FFN ? sh->rows
+                    : d->sharded == 1 + MOE_EXPERTS_VOCAB ? sh->vrows : x->shape[0];
+            if (d->sharded == 1 + MOE_EXPERTS_VOCAB) {
+                x->seg_off = sh->vseg;
+                x->row_ids = sh->vids;
+            }
             x->block = l;
-            x->layer = d->sharded ? l : -1;
+            x->layer = d->sharded == 1 + MOE_EXPERTS_FFN ? l : -1;
             x->kind = d->kind;
             x->role = d->role;
             x->init = d->init;
             x->decay = d->decay;
+            /* the partition is the one integer tensor (int32 in files) */
+            x->dtype = d->init == MOE_INIT_ASSIGN ? MOE_TENSOR_I32 : MOE_TENSOR_F32;
             x->numel = (size_t)(x->rows * moe_tensor_row_numel(x));
         }
         t->n++;
@@ -140,18 +170,47 @@ static moe_status add_place(moe_tensor_table *t, const moe_train_config *c, plac
 }
 
 /* Every tensor of the model in table order (counting pass when t->t is NULL). */
-static moe_status add_all(moe_tensor_table *t, const moe_train_config *c, int64_t r0, int64_t rows)
+static moe_status add_all(moe_tensor_table *t, const moe_train_config *c, const shard *sh)
 {
-    moe_status st = add_place(t, c, AT_HEAD, -1, r0, rows);
+    moe_status st = add_place(t, c, AT_HEAD, -1, sh);
     for (int l = 0; st == MOE_OK && l < c->n_layers; l++) {
-        st = add_place(t, c, AT_BLOCK, l, r0, rows);
-        if (st == MOE_OK) st = add_place(t, c, moe_layout_block_is_moe(c, l) ? AT_MOE : AT_DENSE, l, r0, rows);
+        st = add_place(t, c, AT_BLOCK, l, sh);
+        if (st == MOE_OK) st = add_place(t, c, moe_layout_block_is_moe(c, l) ? AT_MOE : AT_DENSE, l, sh);
     }
-    if (st == MOE_OK) st = add_place(t, c, AT_TAIL, -1, r0, rows);
+    if (st == MOE_OK) st = add_place(t, c, AT_TAIL, -1, sh);
     return st;
 }
 
-moe_status moe_layout_create(moe_tensor_table **out, const moe_train_config *c, int ep_rank, int ep_size)
+/* The vocabulary experts of ep rank p: their segments and token ids, in
+ * storage the table owns. */
+static moe_status vocab_shard(moe_tensor_table *t, shard *sh, const moe_train_config *c, const moe_vocab_part *v,
+                              int p, int P)
+{
+    if (!v)
+        return moe_errorf(MOE_ERR_ARG, "layout: head = vocab_experts needs the vocabulary partition");
+    if (moe_vocab_part_vocab(v) != c->vocab_size || moe_vocab_part_experts(v) != c->vocab_experts)
+        return moe_errorf(MOE_ERR_ARG, "layout: the vocabulary partition has %d tokens in %d experts, the model "
+                                       "vocab_size = %d and vocab_experts = %d",
+                          moe_vocab_part_vocab(v), moe_vocab_part_experts(v), c->vocab_size, c->vocab_experts);
+    if (c->vocab_experts % P)
+        return moe_errorf(MOE_ERR_ARG, "vocab_experts=%d is not divisible by the expert-parallel size %d",
+                          c->vocab_experts, P);
+    const int Ml = c->vocab_experts / P, m0 = p * Ml;
+    const int32_t *off = moe_vocab_part_offsets(v), *ids = moe_vocab_part_ids(v);
+    const int64_t first = off[m0], n = off[m0 + Ml] - first;
+    int64_t *mem = malloc(((size_t)Ml + 1 + (size_t)n) * sizeof *mem);
+    if (!mem) return moe_errorf(MOE_ERR_NOMEM, "layout: vocabulary rows");
+    for (int j = 0; j <= Ml; j++) mem[j] = off[m0 + j] - first;
+    for (int64_t i = 0; i < n; i++) mem[Ml + 1 + i] = ids[first + i];
+    t->owned = mem;
+    sh->vrows = n;
+    sh->vseg = mem;
+    sh->vids = mem + Ml + 1;
+    return MOE_OK;
+}
+
+moe_status moe_layout_create(moe_tensor_table **out, const moe_train_config *c, const moe_vocab_part *vocab,
+                             int ep_rank, int ep_size)
 {
     *out = NULL;
     moe_status st = moe_train_config_check_model(c);
@@ -159,14 +218,19 @@ moe_status moe_layout_create(moe_tensor_table **out, const moe_train_config *c, 
     if (ep_size < 1 || c->n_experts % ep_size != 0 || ep_rank < 0 || ep_rank >= ep_size)
         return moe_errorf(MOE_ERR_ARG, "expert-parallel size %d (rank %d) must divide n_experts = %d", ep_size,
                           ep_rank, c->n_experts);
-    const int64_t rows = c->n_experts / ep_size, r0 = ep_rank * rows;
+    shard sh = {.rows = c->n_experts / ep_size};
+    sh.r0 = ep_rank * sh.rows;
     moe_tensor_table *t = calloc(1, sizeof *t);
     if (!t) return moe_errorf(MOE_ERR_NOMEM, "layout table");
-    add_all(t, c, r0, rows); /* count */
+    if (c->head == MOE_HEAD_VOCAB_EXPERTS && (st = vocab_shard(t, &sh, c, vocab, ep_rank, ep_size))) {
+        moe_layout_destroy(t);
+        return st;
+    }
+    add_all(t, c, &sh); /* count */
     const int n = t->n;
     t->n = 0;
     t->t = calloc((size_t)n, sizeof *t->t);
-    st = t->t ? add_all(t, c, r0, rows) : moe_errorf(MOE_ERR_NOMEM, "layout: %d tensors", n);
+    st = t->t ? add_all(t, c, &sh) : moe_errorf(MOE_ERR_NOMEM, "layout: %d tensors", n);
     if (st != MOE_OK) {
         moe_layout_destroy(t);
         return st;
@@ -191,6 +255,7 @@ void moe_layout_destroy(moe_tensor_table *t)
 {
     if (!t) return;
     free(t->t);
+    free(t->owned);
     free(t);
 }
 

@@ -21,13 +21,19 @@
  * absent under the defaults does not move the others, so the defaults keep
  * every table index (and initial weight) of format 1.
  *
- * Anticipated (not built yet): vocabulary experts shard dim 0 of the head
- * into segments of non-contiguous rows (moe_tensor seg_off and row_ids). */
+ * The vocabulary-expert head (head = vocab_experts, after ln_f) is the
+ * first user of the general pieces: its partition vocab_head/assign is a
+ * checkpointed int32 buffer (no gradient, no optimizer state), and its
+ * output rows vocab_head/weight [V, d] and bias [V] are sharded by
+ * vocabulary expert: rank r of the ep group holds the rows of experts
+ * [r M/P, (r+1) M/P) in expert-major order, one segment per expert
+ * (seg_off), each local row's token id in row_ids. */
 #ifndef MOE_LAYOUT_H
 #define MOE_LAYOUT_H
 
 #include "config/config.h"
 #include "core/tensor.h"
+#include "vocab/partition.h"
 
 typedef enum {
     MOE_T_WTE, MOE_T_WPE, MOE_T_LNF_W, MOE_T_LNF_B,
@@ -41,22 +47,30 @@ typedef enum {
      * router bias and shared experts (MoE blocks) */
     MOE_T_QNORM_W, MOE_T_KNORM_W, MOE_T_LM_HEAD, MOE_T_EXP_BIAS,
     MOE_T_SH_W1, MOE_T_SH_B1, MOE_T_SH_W2, MOE_T_SH_B2, MOE_T_SH_GATE,
+    /* the vocabulary-expert head (global, after ln_f) */
+    MOE_T_VOCAB_ASSIGN, MOE_T_VOCAB_ROUTER_W, MOE_T_VOCAB_ROUTER_B, MOE_T_VOCAB_W, MOE_T_VOCAB_B,
     MOE_T_COUNT
 } moe_tensor_kind;
 
 /* How a parameter starts (GPT-2): normal(0, 0.02), the same scaled by
- * 1/sqrt(2 n_layers) for residual projections, zeros, ones. */
-typedef enum { MOE_INIT_NORMAL, MOE_INIT_RESID, MOE_INIT_ZERO, MOE_INIT_ONE } moe_init_kind;
+ * 1/sqrt(2 n_layers) for residual projections, zeros, ones; the partition's
+ * assign (vocab_head/assign). */
+typedef enum { MOE_INIT_NORMAL, MOE_INIT_RESID, MOE_INIT_ZERO, MOE_INIT_ONE, MOE_INIT_ASSIGN } moe_init_kind;
 
 /* 1 if block l has an MoE feed-forward (every moe_every-th from block 0). */
 int moe_layout_block_is_moe(const moe_train_config *cfg, int l);
 
 /* The table of cfg's model for ep rank ep_rank of ep_size (which must
- * divide n_experts): names, global shapes, local rows, kinds, offsets.
- * Checks the model keys first (moe_train_config_check_model), so that a
- * file's absurd attributes never reach an allocation. MOE_ERR_ARG naming
- * the key, MOE_ERR_NOMEM. Not collective. */
-moe_status moe_layout_create(moe_tensor_table **out, const moe_train_config *cfg, int ep_rank, int ep_size);
+ * divide n_experts, and vocab_experts with head = vocab_experts): names,
+ * global shapes, local rows, kinds, offsets. vocab: the vocabulary
+ * partition (head = vocab_experts: required, with cfg's vocab_size and
+ * vocab_experts; its layout is copied, so it need not outlive the table;
+ * head = full: ignored, may be NULL). Checks the model keys first
+ * (moe_train_config_check_model), so that a file's absurd attributes never
+ * reach an allocation. MOE_ERR_ARG naming the key, MOE_ERR_NOMEM. Not
+ * collective. */
+moe_status moe_layout_create(moe_tensor_table **out, const moe_train_config *cfg, const moe_vocab_part *vocab,
+                             int ep_rank, int ep_size);
 void moe_layout_destroy(moe_tensor_table *t);
 
 /* Table index of tensor `kind` of block `layer` (-1 for global tensors),

@@ -15,9 +15,11 @@
 /* The tensors a forward and backward use: each block's by kind
  * (layout.h), looked up once from the table (-1 when an option leaves a
  * tensor out: its pointer is then NULL). */
-enum { G_COUNT = 5 };
-static const moe_tensor_kind global_kinds[G_COUNT] = {MOE_T_WTE, MOE_T_WPE, MOE_T_LNF_W, MOE_T_LNF_B, MOE_T_LM_HEAD};
-enum { G_WTE, G_WPE, G_LNFW, G_LNFB, G_HEAD };
+enum { G_COUNT = 10 };
+static const moe_tensor_kind global_kinds[G_COUNT] = {
+    MOE_T_WTE,          MOE_T_WPE,           MOE_T_LNF_W,          MOE_T_LNF_B, MOE_T_VOCAB_ASSIGN,
+    MOE_T_VOCAB_ROUTER_W, MOE_T_VOCAB_ROUTER_B, MOE_T_VOCAB_W, MOE_T_VOCAB_B, MOE_T_LM_HEAD};
+enum { G_WTE, G_WPE, G_LNFW, G_LNFB, G_VASSIGN, G_VRW, G_VRB, G_VW, G_VB, G_HEAD };
 
 /* Activations of B_max sequences of T_max tokens (N = B_max * T_max rows).
  * Per-block arrays are indexed [l][N][.] with stride N_max rows. */
@@ -34,16 +36,17 @@ typedef struct {
     float *fch, *fch_act;               /* (L_dense, N, F1), (L_dense, N, F) */
     float *res3;                        /* (L, N, C) residual stream after the FFN */
     float *lnf, *lnf_mean, *lnf_rstd;   /* (N, C), (N), (N) */
-    float *logits, *probs;              /* (N, V) */
+    float *logits, *probs;              /* (N, V); empty with the vocabulary head */
     float *losses;                      /* (N) */
     /* backward scratch */
     float *dres;                        /* (N, C) gradient of the residual stream */
     float *dln;                         /* (N, C) */
     float *datty;                       /* (N, A) */
+    float *dhead;                       /* (N, C) the head's dL/d ln_f(x) */
     float *dqkv, *dqkv_raw;             /* (N, QKV); the second with qk_norm only */
     float *datt;                        /* (att_blocks, T, T) per-thread scratch */
     float *dfch, *dfch_act;             /* (N, F1), (N, F) */
-    float *dlogits;                     /* (N, V) */
+    float *dlogits;                     /* (N, V); empty with the vocabulary head */
 } model_acts;
 
 struct moe_model {
@@ -63,13 +66,17 @@ struct moe_model {
     int *dense_index;            /* (L) index among dense blocks, -1 for MoE */
     int *moe_blocks;             /* (n_moe) block index of each MoE layer */
     moe_layer **layers;          /* (L) NULL for dense blocks */
+    moe_vocab_part *vocab;       /* head = vocab_experts: the partition (own copy), else NULL */
+    moe_vocab_ep *vhead;         /* the vocabulary head over the ep group, else NULL */
+    int M, vtopk;                /* vocabulary experts; K of the coverage statistic */
     float *act_mem;
     model_acts a;
     int att_blocks;              /* attention backward scratch blocks: the thread count at creation */
     int32_t *inputs, *targets;   /* (B_max, T_max) token ids of the last forward */
     int B, T, train, have_targets, have_forward;
     double part_d[3];            /* this rank's ce_sum, lb_sum, z_sum */
-    int64_t *part_i;             /* (2 + 2 n_moe E): tokens, aux_terms, kept, dropped */
+    int64_t *part_i;             /* (2 + 2 n_moe E [+ M + 1]): tokens, aux_terms, kept, dropped
+                                    [, vocabulary expert targets, covered positions] */
     int64_t *red_i;              /* the same, reduced */
 };
 
@@ -129,7 +136,7 @@ static void norm_backward(const moe_model *m, float *dinp, float *dw, float *db,
  * forward and backward use. */
 static moe_status build_table(moe_model *m, int ep_rank, int ep_size)
 {
-    moe_status st = moe_layout_create(&m->table, &m->cfg, ep_rank, ep_size);
+    moe_status st = moe_layout_create(&m->table, &m->cfg, m->vocab, ep_rank, ep_size);
     if (st) return st;
     for (int g = 0; g < G_COUNT; g++) m->gid[g] = moe_layout_find(m->table, global_kinds[g], -1);
     for (int l = 0; l < m->L; l++)
@@ -143,12 +150,15 @@ static void init_params(moe_model *m)
     for (int i = 0; i < m->table->n; i++) {
         const moe_tensor *t = &m->table->t[i];
         float *p = m->params + t->offset;
-        const int64_t g0 = t->row0 * moe_tensor_row_numel(t); /* global index of local element 0 */
+        const int64_t row = moe_tensor_row_numel(t), g0 = t->row0 * row; /* global index of local element 0 */
         for (size_t j = 0; j < t->numel; j++) {
-            const uint64_t g = (uint64_t)g0 + j;
+            /* rows with a row map (the vocabulary head) are keyed by their token id */
+            const uint64_t g = t->row_ids ? (uint64_t)(t->row_ids[(int64_t)j / row] * row + (int64_t)j % row)
+                                          : (uint64_t)g0 + j;
             switch (t->init) {
             case MOE_INIT_ZERO: p[j] = 0.0f; break;
             case MOE_INIT_ONE: p[j] = 1.0f; break;
+            case MOE_INIT_ASSIGN: p[j] = (float)moe_vocab_part_assign(m->vocab)[j]; break;
             default:
                 p[j] = (float)((t->init == MOE_INIT_RESID ? resid_std : std) *
                                moe_rng_normal(m->cfg.seed, MOE_RNG_INIT, (uint32_t)g,
@@ -162,7 +172,8 @@ static moe_status alloc_acts(moe_model *m)
 {
     m->att_blocks = moe_par_threads();
     model_acts *a = &m->a;
-    const size_t N = (size_t)m->B_max * m->T_max, C = m->C, L = m->L, V = m->V;
+    /* the vocabulary head forms no (N, V) logits */
+    const size_t N = (size_t)m->B_max * m->T_max, C = m->C, L = m->L, V = m->vocab ? 0 : (size_t)m->V;
     const size_t Ld = (size_t)(m->L - m->n_moe), T = m->T_max, A = m->A, QKV = m->QKV;
     const size_t att = (size_t)m->B_max * m->NH * T * T;
     const size_t qk = m->cfg.qk_norm != MOE_QK_NORM_NONE; /* the q/k norm's buffers, or none */
@@ -176,7 +187,8 @@ static moe_status alloc_acts(moe_model *m)
         {&a->fch, Ld * N * m->F1}, {&a->fch_act, Ld * N * m->F}, {&a->res3, L * N * C},
         {&a->lnf, N * C}, {&a->lnf_mean, N}, {&a->lnf_rstd, N},
         {&a->logits, N * V}, {&a->probs, N * V}, {&a->losses, N},
-        {&a->dres, N * C}, {&a->dln, N * C}, {&a->datty, N * A}, {&a->dqkv, N * QKV}, {&a->dqkv_raw, qk * N * QKV},
+        {&a->dres, N * C}, {&a->dln, N * C}, {&a->dhead, N * C}, {&a->datty, N * A}, {&a->dqkv, N * QKV},
+        {&a->dqkv_raw, qk * N * QKV},
         {&a->datt, (size_t)m->att_blocks * T * T}, {&a->dfch, N * m->F1}, {&a->dfch_act, N * m->F}, {&a->dlogits, N * V},
         {&m->rope_cos, rope}, {&m->rope_sin, rope},
     };
@@ -206,8 +218,8 @@ static moe_status check_config(const moe_train_config *c, int max_local_seqs)
 
 /* Everything of the model but its MoE layers: sizes, tables, parameter,
  * gradient and activation blocks, initial weights. Purely local. */
-static moe_status setup(moe_model *m, const moe_train_config *cfg, int max_local_seqs,
-                        moe_comm *comm)
+static moe_status setup(moe_model *m, const moe_train_config *cfg, const moe_vocab_part *vocab,
+                        int max_local_seqs, moe_comm *comm)
 {
     const int P = moe_comm_ep_size(comm);
     m->cfg = *cfg;
@@ -255,6 +267,20 @@ static moe_status setup(moe_model *m, const moe_train_config *cfg, int max_local
     m->targets = moe_calloc((size_t)m->B_max * m->T_max, sizeof(int32_t));
     if (!m->moe_blocks || !m->part_i || !m->red_i || !m->inputs || !m->targets)
         return moe_errorf(MOE_ERR_NOMEM, "model buffers");
+    if (cfg->head == MOE_HEAD_VOCAB_EXPERTS) {
+        if (!vocab) return moe_errorf(MOE_ERR_ARG, "model: head = vocab_experts needs the vocabulary partition");
+        moe_status st = moe_vocab_part_create(&m->vocab, moe_vocab_part_assign(vocab), moe_vocab_part_vocab(vocab),
+                                              moe_vocab_part_experts(vocab));
+        if (st) return st;
+        m->M = cfg->vocab_experts;
+        m->vtopk = cfg->vocab_top_k;
+        moe_free(m->part_i);
+        moe_free(m->red_i);
+        const size_t ni = 2 + 2 * (size_t)m->n_moe * m->E + (size_t)m->M + 1;
+        m->part_i = moe_calloc(ni, sizeof(int64_t));
+        m->red_i = moe_calloc(ni, sizeof(int64_t));
+        if (!m->part_i || !m->red_i) return moe_errorf(MOE_ERR_NOMEM, "model buffers");
+    }
     for (int l = 0; l < m->L; l++)
         if (m->moe_index[l] >= 0) m->moe_blocks[m->moe_index[l]] = l;
 
@@ -268,8 +294,8 @@ static moe_status setup(moe_model *m, const moe_train_config *cfg, int max_local
     return alloc_acts(m);
 }
 
-moe_status moe_model_create(moe_model **out, const moe_train_config *cfg, int max_local_seqs,
-                            moe_comm *comm)
+moe_status moe_model_create(moe_model **out, const moe_train_config *cfg, const moe_vocab_part *vocab,
+                            int max_local_seqs, moe_comm *comm)
 {
     *out = NULL;
     /* argument errors are the same on every rank: no agreement needed */
@@ -280,8 +306,11 @@ moe_status moe_model_create(moe_model **out, const moe_train_config *cfg, int ma
     if (cfg->n_experts % P)
         return moe_errorf(MOE_ERR_ARG, "n_experts=%d not divisible by the expert-parallel size %d",
                           cfg->n_experts, P);
+    if (cfg->head == MOE_HEAD_VOCAB_EXPERTS && cfg->vocab_experts % P)
+        return moe_errorf(MOE_ERR_ARG, "vocab_experts=%d not divisible by the expert-parallel size %d",
+                          cfg->vocab_experts, P);
     moe_model *m = moe_calloc(1, sizeof *m);
-    st = m ? setup(m, cfg, max_local_seqs, comm) : moe_errorf(MOE_ERR_NOMEM, "model");
+    st = m ? setup(m, cfg, vocab, max_local_seqs, comm) : moe_errorf(MOE_ERR_NOMEM, "model");
     /* local failures must reach every rank before the collective layer creation */
     st = moe_comm_agree(comm, st);
     if (st) goto fail;
@@ -307,6 +336,7 @@ moe_status moe_model_create(moe_model **out, const moe_train_config *cfg, int ma
      * a failure on one rank is reported by the layer on all of them */
     for (int i = 0; i < m->n_moe; i++)
         if ((st = moe_layer_create(&m->layers[m->moe_blocks[i]], &lc, comm))) goto fail;
+    if (m->vocab && (st = moe_vocab_ep_create(&m->vhead, m->vocab, m->C, lc.a2a, lc.chunks, comm))) goto fail;
     *out = m;
     return MOE_OK;
 fail:
@@ -320,6 +350,8 @@ void moe_model_destroy(moe_model *m)
     if (m->layers)
         for (int l = 0; l < m->L; l++) moe_layer_destroy(m->layers[l]);
     moe_free(m->layers);
+    moe_vocab_ep_destroy(m->vhead);
+    moe_vocab_part_destroy(m->vocab);
     moe_free(m->moe_index);
     moe_free(m->dense_index);
     moe_free(m->moe_blocks);
@@ -354,7 +386,33 @@ moe_layer *moe_model_layer(moe_model *m, int l) { return l >= 0 && l < m->L ? m-
 int moe_model_moe_index(const moe_model *m, int l) { return l >= 0 && l < m->L ? m->moe_index[l] : -1; }
 int moe_model_n_moe_layers(const moe_model *m) { return m->n_moe; }
 const moe_train_config *moe_model_config(const moe_model *m) { return &m->cfg; }
-const float *moe_model_logits(const moe_model *m) { return m->a.logits; }
+const float *moe_model_logits(const moe_model *m) { return m->vocab ? NULL : m->a.logits; }
+const float *moe_model_losses(const moe_model *m) { return m->a.losses; }
+const float *moe_model_head_input(const moe_model *m) { return m->a.lnf; }
+const float *moe_model_head_grad(const moe_model *m) { return m->a.dhead; }
+const moe_vocab_part *moe_model_vocab(const moe_model *m) { return m->vocab; }
+moe_vocab_ep *moe_model_vocab_head(moe_model *m) { return m->vhead; }
+int moe_model_vocab_top_k(const moe_model *m) { return m->vtopk; }
+
+moe_status moe_model_set_vocab_top_k(moe_model *m, int K)
+{
+    if (!m->vocab) return moe_errorf(MOE_ERR_ARG, "vocab_top_k: the model has no vocabulary experts (head = full)");
+    if (K < 1 || K > m->M)
+        return moe_errorf(MOE_ERR_ARG, "vocab_top_k=%d must be in [1, vocab_experts=%d]", K, m->M);
+    m->vtopk = K;
+    return MOE_OK;
+}
+
+moe_vocab_params moe_model_vocab_view(const moe_model *m, float *block)
+{
+    moe_vocab_params v = {NULL, NULL, NULL, NULL};
+    if (!m->vocab) return v;
+    v.router_w = tensor_ptr(m, block, m->gid[G_VRW]);
+    v.router_b = tensor_ptr(m, block, m->gid[G_VRB]);
+    v.w = tensor_ptr(m, block, m->gid[G_VW]);
+    v.b = tensor_ptr(m, block, m->gid[G_VB]);
+    return v;
+}
 
 void moe_model_zero_grad(moe_model *m) { memset(m->grads, 0, m->table->total * sizeof(float)); }
 
@@ -458,6 +516,30 @@ static void attn_backward(moe_model *m, const block_acts *b, int l, int B, int T
 #undef GW
 }
 
+/* Integers of the partial statistics (part_i). */
+static size_t stats_ints(const moe_model *m)
+{
+    return 2 + 2 * (size_t)m->n_moe * m->E + (m->vocab ? (size_t)m->M + 1 : 0);
+}
+
+/* The vocabulary head over ln_f(x): per-position losses, this rank's
+ * expert target counts and coverage. In training the objective is the mean
+ * over all global tokens, so each position's loss has weight 1 / (W N). */
+static moe_status head_forward(moe_model *m, const int32_t *targets, int N, int train)
+{
+    model_acts *a = &m->a;
+    const moe_vocab_params vp = moe_model_vocab_view(m, m->params);
+    const float dloss = train ? (float)(1.0 / ((double)m->W * N)) : 0.0f;
+    moe_status st = moe_vocab_ep_forward(m->vhead, a->losses, a->lnf, targets, &vp, N, dloss);
+    if (st) return st;
+    int64_t *vc = m->part_i + 2 + 2 * (size_t)m->n_moe * m->E, covered = 0;
+    const int32_t *counts = moe_vocab_ep_counts(m->vhead);
+    for (int e = 0; e < m->M; e++) vc[e] = counts[e];
+    if ((st = moe_vocab_ep_coverage(m->vhead, m->vtopk, &covered))) return st;
+    vc[m->M] = covered;
+    return MOE_OK;
+}
+
 /* Every id of ids (n) is in [0, V); else MOE_ERR_ARG naming the first that is not. */
 static moe_status check_ids(const int32_t *ids, int n, int V, const char *what)
 {
@@ -488,7 +570,7 @@ moe_status moe_model_forward(moe_model *m, const int32_t *inputs, const int32_t 
     memcpy(m->inputs, inputs, (size_t)N * sizeof(int32_t));
     if (targets) memcpy(m->targets, targets, (size_t)N * sizeof(int32_t));
     memset(m->part_d, 0, sizeof m->part_d);
-    memset(m->part_i, 0, (2 + 2 * (size_t)m->n_moe * m->E) * sizeof(int64_t));
+    memset(m->part_i, 0, stats_ints(m) * sizeof(int64_t));
 
     moe_model_encoder_forward(a->encoded, inputs, tensor_ptr(m, m->params, m->gid[G_WTE]),
                               tensor_ptr(m, m->params, m->gid[G_WPE]), B, T, C);
@@ -519,9 +601,16 @@ moe_status moe_model_forward(moe_model *m, const int32_t *inputs, const int32_t 
     const float *x = block_view(m, m->L - 1).res3;
     norm_forward(m, a->lnf, a->lnf_mean, a->lnf_rstd, x, tensor_ptr(m, m->params, m->gid[G_LNFW]),
                  tensor_ptr(m, m->params, m->gid[G_LNFB]), N);
-    moe_model_matmul_forward(a->logits, a->lnf, head_ptr(m, m->params), NULL, N, C, m->V);
+    if (m->vocab) {
+        if (targets) {
+            moe_status st = head_forward(m, targets, N, train);
+            if (st) return st;
+        }
+    } else {
+        moe_model_matmul_forward(a->logits, a->lnf, head_ptr(m, m->params), NULL, N, C, m->V);
+        if (targets) moe_model_crossentropy_forward(a->losses, a->probs, a->logits, targets, N, m->V);
+    }
     if (targets) {
-        moe_model_crossentropy_forward(a->losses, a->probs, a->logits, targets, N, m->V);
         double s = 0.0;
         for (int i = 0; i < N; i++) s += a->losses[i];
         m->part_d[0] = s;
@@ -549,14 +638,22 @@ moe_status moe_model_backward(moe_model *m)
     const float lb_scale = (float)(m->cfg.aux_loss_coef / aux_terms);
     const float z_scale = (float)(m->cfg.z_loss_coef / aux_terms);
 
-    memset(a->dlogits, 0, (size_t)N * V * sizeof(float));
-    moe_model_crossentropy_backward(a->dlogits, a->probs, m->targets, (float)(1.0 / global_tokens), N, V);
-    memset(a->dln, 0, (size_t)N * C * sizeof(float));
-    moe_model_matmul_backward(a->dln, head_ptr(m, m->grads), NULL, a->dlogits, a->lnf, head_ptr(m, m->params), N,
-                              C, V);
+    memset(a->dhead, 0, (size_t)N * C * sizeof(float));
+    if (m->vocab) {
+        /* the owners' share ran in the forward's exchange: this is local */
+        const moe_vocab_params vp = moe_model_vocab_view(m, m->params);
+        moe_vocab_params vg = moe_model_vocab_view(m, m->grads);
+        moe_status st = moe_vocab_ep_backward(m->vhead, a->dhead, &vg, a->lnf, &vp);
+        if (st) return st;
+    } else {
+        memset(a->dlogits, 0, (size_t)N * V * sizeof(float));
+        moe_model_crossentropy_backward(a->dlogits, a->probs, m->targets, (float)(1.0 / global_tokens), N, V);
+        moe_model_matmul_backward(a->dhead, head_ptr(m, m->grads), NULL, a->dlogits, a->lnf, head_ptr(m, m->params),
+                                  N, C, V);
+    }
     memset(a->dres, 0, (size_t)N * C * sizeof(float));
     norm_backward(m, a->dres, tensor_ptr(m, m->grads, m->gid[G_LNFW]), tensor_ptr(m, m->grads, m->gid[G_LNFB]),
-                  a->dln, block_view(m, m->L - 1).res3, tensor_ptr(m, m->params, m->gid[G_LNFW]), a->lnf_mean,
+                  a->dhead, block_view(m, m->L - 1).res3, tensor_ptr(m, m->params, m->gid[G_LNFW]), a->lnf_mean,
                   a->lnf_rstd, N);
     /* a->dres now holds dL/d(residual stream) after block l; the residual
      * branches accumulate into it in place */
@@ -617,7 +714,7 @@ void moe_model_qk_rows(moe_model *m, int l, float *qkv, float *rstd, const int *
 
 moe_status moe_model_reduce_stats(moe_model *m, moe_model_stats *st)
 {
-    const size_t ni = 2 + 2 * (size_t)m->n_moe * m->E;
+    const size_t ni = stats_ints(m);
     moe_status s = m->have_forward ? MOE_OK : moe_errorf(MOE_ERR_ARG, "reduce_stats: the last forward failed or none ran");
     /* a forward may have failed in another ep group only: agree first */
     s = moe_comm_agree(m->comm, s);
@@ -644,5 +741,10 @@ moe_status moe_model_reduce_stats(moe_model *m, moe_model_stats *st)
     st->moe_blocks = m->moe_blocks;
     st->kept = m->red_i + 2;
     st->dropped = m->red_i + 2 + (size_t)m->n_moe * m->E;
+    if (m->vocab) {
+        st->vocab_experts = m->M;
+        st->vocab_tokens = m->red_i + 2 + 2 * (size_t)m->n_moe * m->E;
+        st->vocab_covered = st->vocab_tokens[m->M];
+    }
     return MOE_OK;
 }

@@ -3,7 +3,10 @@
  * (docs/formats.md section 1): wte + wpe, n_layers pre-norm blocks
  * x += attn(ln_1(x)); x += ffn(ln_2(x)), where every moe_every-th block
  * (from block 0) has an MoE FFN (src/layer, expert-parallel over comm's ep
- * group) and the others a dense FFN, then ln_f and logits = ln_f(x) wte^T.
+ * group) and the others a dense FFN, then ln_f and the head: logits =
+ * ln_f(x) wte^T (head = full), or the vocabulary experts (head =
+ * vocab_experts, src/vocab/head_ep.h: expert-parallel like the MoE FFNs,
+ * untied from wte; no logits over the whole vocabulary are formed).
  *
  * Parameters and gradients each live in ONE contiguous block described by a
  * moe_tensor_table whose names are the checkpoint's /model paths. All
@@ -24,6 +27,7 @@
 #include "core/tensor.h"
 #include "layer/layer.h"
 #include "layout/layout.h"
+#include "vocab/head_ep.h"
 
 typedef struct moe_model moe_model;
 
@@ -41,6 +45,10 @@ typedef struct {
     const int *moe_blocks;  /* (n_moe_layers) block index of each MoE layer */
     const int64_t *kept;    /* (n_moe_layers, E) kept assignments per expert, global */
     const int64_t *dropped; /* (n_moe_layers, E) dropped assignments per expert, global */
+    /* head = vocab_experts (else 0 / NULL) */
+    int vocab_experts;      /* M */
+    const int64_t *vocab_tokens; /* (M) positions whose target is each expert's, global */
+    int64_t vocab_covered;  /* positions whose target's expert is among the top vocab_top_k of q, global */
 } moe_model_stats;
 
 /* Builds the model for at most max_local_seqs sequences of cfg->seq_len per
@@ -48,15 +56,19 @@ typedef struct {
  * residual projections (attn/c_proj, mlp/c_proj, experts/w2) scaled by
  * 1/sqrt(2 n_layers), biases 0, LN weights 1), each element drawn with
  * moe_rng_normal(seed, MOE_RNG_INIT, g lo, g hi, tensor id, 0) where g is its
- * GLOBAL element index in the tensor and the tensor id its table index, so
- * the weights do not depend on the number of ranks. Gradients start at 0.
+ * GLOBAL element index in the tensor (rows of the vocabulary head by token
+ * id) and the tensor id its table index, so the weights do not depend on
+ * the number of ranks. Gradients start at 0.
+ * vocab: the vocabulary partition when cfg->head = vocab_experts (copied:
+ * it need not outlive the call; the same on every rank), else NULL.
  * comm: moe_comm_create_self for one process. Collective over world
- * (agrees on local failures, creates the MoE layers); every rank returns
- * non-OK if any fails. Fails with MOE_ERR_ARG naming the
- * field (bad sizes, E % ep_size, max_local_seqs % group_seqs),
+ * (agrees on local failures, creates the MoE layers and the vocabulary
+ * head's exchange); every rank returns non-OK if any fails. Fails with
+ * MOE_ERR_ARG naming the field (bad sizes, E % ep_size, vocab_experts %
+ * ep_size, no or a mismatched partition, max_local_seqs % group_seqs),
  * MOE_ERR_NOMEM. Owner: caller (moe_model_destroy). */
-moe_status moe_model_create(moe_model **out, const moe_train_config *cfg, int max_local_seqs,
-                            moe_comm *comm);
+moe_status moe_model_create(moe_model **out, const moe_train_config *cfg, const moe_vocab_part *vocab,
+                            int max_local_seqs, moe_comm *comm);
 void moe_model_destroy(moe_model *m);
 
 /* The parameter table (names, shapes, local offsets) and the two blocks
@@ -81,10 +93,13 @@ const moe_train_config *moe_model_config(const moe_model *m);
 void moe_model_zero_grad(moe_model *m);
 
 /* Forward over B local sequences of T <= seq_len tokens. inputs (B, T) token
- * ids; targets (B, T) ids or NULL (no loss: generation); every id must be in
- * [0, vocab_size) (MOE_ERR_ARG naming the first that is not). train = 1 keeps what the
- * backward needs and draws router noise (if configured) keyed by step;
- * train = 0 is pure evaluation (no noise, no backward allowed).
+ * ids; targets (B, T) ids or NULL (no loss: generation; the vocabulary head
+ * then computes nothing); every id must be in [0, vocab_size) (MOE_ERR_ARG
+ * naming the first that is not). train = 1 keeps what the backward needs
+ * and draws router noise (if configured) keyed by step; train = 0 is pure
+ * evaluation (no noise, no backward allowed). With the vocabulary head, a
+ * training forward also runs the head's backward share at the experts'
+ * owners (head_ep.h: one exchange round trip).
  * B % group_seqs == 0, B <= max_local_seqs. Computes this rank's partial
  * stats (see moe_model_reduce_stats). Collective over the ep group (MoE
  * layers). Fails with MOE_ERR_ARG on bad sizes; MoE layer failures
@@ -109,8 +124,31 @@ moe_status moe_model_backward(moe_model *m);
  * MOE_ERR_REMOTE elsewhere), so evaluation loops cannot hang. */
 moe_status moe_model_reduce_stats(moe_model *m, moe_model_stats *st);
 
-/* Logits of the last forward: (B, T, vocab_size), this rank's sequences. */
+/* Logits of the last forward: (B, T, vocab_size), this rank's sequences;
+ * NULL with the vocabulary head (it forms none). */
 const float *moe_model_logits(const moe_model *m);
+/* Per-position loss -log P(target) of the last forward with targets: (B, T),
+ * this rank's sequences. */
+const float *moe_model_losses(const moe_model *m);
+/* The head's input h = ln_f(x) of the last forward, and dL/dh of the last
+ * backward: (B, T, d_model), this rank's sequences. */
+const float *moe_model_head_input(const moe_model *m);
+const float *moe_model_head_grad(const moe_model *m);
+
+/* ---- the vocabulary-expert head (head = vocab_experts; NULL / no-ops otherwise) ---- */
+/* The model's partition (its own copy). */
+const moe_vocab_part *moe_model_vocab(const moe_model *m);
+/* The head over the ep group (for decoders: moe_vocab_ep_topk). */
+moe_vocab_ep *moe_model_vocab_head(moe_model *m);
+/* The head's tensors in a block laid out like the parameters (params,
+ * grads, moments): router weight and bias, and this rank's rows of W_out
+ * and c (expert-major). All NULL with head = full. */
+moe_vocab_params moe_model_vocab_view(const moe_model *m, float *block);
+/* The K the statistics' coverage (and a decoder) use, normally
+ * vocab_top_k: for trying another K without retraining. MOE_ERR_ARG
+ * outside [1, M] or with head = full. Not collective. */
+moe_status moe_model_set_vocab_top_k(moe_model *m, int K);
+int moe_model_vocab_top_k(const moe_model *m);
 
 /* ---- pieces of a block for the KV-cache decoder (src/infer/decode.c),
  * so that it computes exactly what the forward does. Not collective. ---- */

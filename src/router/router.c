@@ -8,6 +8,7 @@
 #include <math.h>
 #include <string.h>
 
+#include "core/par.h"
 #include "core/rng.h"
 
 /* The public record plus what only the router needs. pub comes first, so a
@@ -373,6 +374,94 @@ static void selection_scores(moe_route *r, const float *bias, const moe_router_c
     }
 }
 
+/* ---- the router's GEMMs ----
+ * They have E columns (or K = E): too few to split well over threads, and
+ * a GEMM threaded inside OpenBLAS may round differently at another thread
+ * count. So each runs on one OpenBLAS thread, and the backward's
+ * independent ones side by side in two lanes: the route and the router
+ * gradients do not depend on the thread count. */
+typedef struct {
+    CBLAS_TRANSPOSE ta, tb;
+    int m, n, k;
+    const float *a, *b;
+    float beta, *c;
+} router_gemm; /* row-major C (m x n) = op(A) op(B) + beta C, leading dims from the shapes */
+
+typedef struct {
+    router_gemm g[2][2]; /* lane, then order within the lane */
+    int n[2];
+} gemm_lanes;
+
+static void lanes_run(void *ctx, int t, int nt)
+{
+    const gemm_lanes *L = ctx;
+    for (int l = t; l < 2; l += nt)
+        for (int i = 0; i < L->n[l]; i++) {
+            const router_gemm *g = &L->g[l][i];
+            const int lda = g->ta == CblasNoTrans ? g->k : g->m, ldb = g->tb == CblasNoTrans ? g->n : g->k;
+            cblas_sgemm(CblasRowMajor, g->ta, g->tb, g->m, g->n, g->k, 1.0f, g->a, lda, g->b, ldb, g->beta, g->c,
+                        g->n);
+        }
+}
+
+static void run_lanes(gemm_lanes *L)
+{
+    if (L->n[1] > 0 && moe_par_threads() > 1) {
+        moe_par_run(2, lanes_run, L); /* one OpenBLAS thread inside a region */
+        return;
+    }
+    const int blas = openblas_get_num_threads();
+    openblas_set_num_threads(1);
+    lanes_run(L, 0, 1);
+    openblas_set_num_threads(blas);
+}
+
+/* Rows of (T, E) per thread below which a router pass stays on one thread. */
+enum { ROUTER_PAR_MIN = 1 << 14 };
+
+/* The scores pass of one forward. */
+typedef struct {
+    moe_route *r;
+    int sigmoid; /* sigmoid scores instead of softmax */
+    int topk;    /* token choice ranking the scores themselves: top k here */
+} scores_job;
+
+/* Stable softmax (or sigmoid scores) and logsumexp of tokens [t0, t1) (the
+ * z-loss is on the logits whatever the score), and their top k when the
+ * ranking is the scores' own. With an expert bias or group limits the
+ * ranking is s + b with groups masked: the forward ranks it after this
+ * pass (selection_scores). */
+static void softmax_rows(const scores_job *j, long t0, long t1)
+{
+    moe_route *r = j->r;
+    const int E = r->E;
+    for (long t = t0; t < t1; t++) {
+        const float *l = r->logits + (size_t)t * E;
+        float *p = r->probs + (size_t)t * E;
+        float mx = l[0];
+        for (int e = 1; e < E; e++) mx = l[e] > mx ? l[e] : mx;
+        float s = 0.0f;
+        for (int e = 0; e < E; e++) s += (p[e] = expf(l[e] - mx));
+        if (j->sigmoid) {
+            for (int e = 0; e < E; e++) p[e] = sigmoidf(l[e]);
+        } else {
+            const float inv = 1.0f / s;
+            for (int e = 0; e < E; e++) p[e] *= inv;
+        }
+        r->lse[t] = mx + logf(s);
+    }
+    if (j->topk && t1 > t0)
+        moe_topk_rows(r->topk + (size_t)t0 * r->k, r->probs + (size_t)t0 * E, (int)(t1 - t0), E, r->k);
+}
+
+static void softmax_run(void *ctx, int t, int nt)
+{
+    const scores_job *j = ctx;
+    long t0, t1;
+    moe_par_range(j->r->T, t, nt, &t0, &t1);
+    softmax_rows(j, t0, t1);
+}
+
 moe_status moe_router_forward(moe_route *r, const float *x, const float *wg, const float *wn, const float *bias,
                               const moe_router_config *cfg, int T, int G, const moe_noise_key *key)
 {
@@ -398,12 +487,14 @@ moe_status moe_router_forward(moe_route *r, const float *x, const float *wg, con
     r->T = T;
     r->G = G;
 
-    /* l = x W_g^T for all T tokens at once. */
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, T, E, d, 1.0f, x, d, wg, d, 0.0f, r->logits, E);
+    /* l = x W_g^T for all T tokens at once (and W_n x beside it). */
     r->noise = noisy ? m->noise_buf : NULL;
     r->noise_pre = noisy ? m->noise_pre_buf : NULL;
+    gemm_lanes lanes = {.n = {1, noisy}};
+    lanes.g[0][0] = (router_gemm){CblasNoTrans, CblasTrans, T, E, d, x, wg, 0.0f, r->logits};
+    lanes.g[1][0] = (router_gemm){CblasNoTrans, CblasTrans, T, E, d, x, wn, 0.0f, r->noise_pre};
+    run_lanes(&lanes);
     if (noisy) {
-        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, T, E, d, 1.0f, x, d, wn, d, 0.0f, r->noise_pre, E);
         for (int t = 0; t < T; t++) {
             const uint32_t tok = (uint32_t)(key->token0 + t); /* global token: rank-count independent */
             for (int e = 0; e < E; e++) {
@@ -423,23 +514,10 @@ moe_status moe_router_forward(moe_route *r, const float *x, const float *wg, con
         return moe_errorf(MOE_ERR_NONFINITE, "router: the gate logits hold NaN or Inf (weights too large?)");
     }
 
-    /* Stable softmax (or sigmoid scores) and logsumexp per token; the z-loss
-     * is on the logits whatever the score. */
-    for (int t = 0; t < T; t++) {
-        const float *l = r->logits + (size_t)t * E;
-        float *p = r->probs + (size_t)t * E;
-        float mx = l[0];
-        for (int e = 1; e < E; e++) mx = l[e] > mx ? l[e] : mx;
-        float s = 0.0f;
-        for (int e = 0; e < E; e++) s += (p[e] = expf(l[e] - mx));
-        if (cfg->score == MOE_SCORE_SIGMOID) {
-            for (int e = 0; e < E; e++) p[e] = sigmoidf(l[e]);
-        } else {
-            const float inv = 1.0f / s;
-            for (int e = 0; e < E; e++) p[e] *= inv;
-        }
-        r->lse[t] = mx + logf(s);
-    }
+    /* Scores, logsumexp and (token choice ranking the scores) top k per
+     * token, tokens split over the threads. */
+    const scores_job sj = {r, cfg->score == MOE_SCORE_SIGMOID, m->kind == MOE_ROUTER_TOKEN_CHOICE && r->sel == r->probs};
+    moe_par_run(moe_par_threads_for(TE, ROUTER_PAR_MIN), softmax_run, (void *)&sj);
 
     memset(r->weight, 0, TE * sizeof(float));
     memset(r->selected, 0, TE);
@@ -447,8 +525,9 @@ moe_status moe_router_forward(moe_route *r, const float *x, const float *wg, con
     memset(r->n_selected, 0, (size_t)G * E * sizeof(int));
     memset(r->n_kept, 0, (size_t)G * E * sizeof(int));
     memset(r->n_dropped, 0, (size_t)G * E * sizeof(int));
-    if (m->kind == MOE_ROUTER_TOKEN_CHOICE) {
-        if (r->sel != r->probs) selection_scores(r, bias, cfg, T);
+    if (m->kind == MOE_ROUTER_TOKEN_CHOICE && r->sel != r->probs) {
+        /* the plain path: rank s + b with groups masked (one thread) */
+        selection_scores(r, bias, cfg, T);
         moe_topk_rows(r->topk, r->sel, T, E, r->k);
     }
     for (int g = 0; g < G; g++) {
@@ -461,6 +540,98 @@ moe_status moe_router_forward(moe_route *r, const float *x, const float *wg, con
         r->z_loss[g] = (float)(z / Tg);
     }
     return MOE_OK;
+}
+
+/* dL/dlogits of tokens [t0, t1) into m->dl (backward). */
+typedef struct {
+    const moe_route_impl *m;
+    const moe_router_config *cfg;
+    const float *dweight;
+    int normalize;
+    float lb_scale, zc;
+} dlogits_job;
+
+static void dlogits_rows(const dlogits_job *j, long t0, long t1)
+{
+    const moe_route_impl *m = j->m;
+    moe_route_impl *scratch = (moe_route_impl *)m; /* seq_sel only: aux = seq runs on one thread */
+    const moe_router_config *cfg = j->cfg;
+    const moe_route *r = &m->pub;
+    const int E = r->E, k = r->k, Tg = r->T / r->G, normalize = j->normalize;
+    const int tc = m->kind == MOE_ROUTER_TOKEN_CHOICE, sigmoid = cfg->score == MOE_SCORE_SIGMOID;
+    const int seq = tc && cfg->aux == MOE_AUX_SEQ, Q = seq ? group_seqs(cfg) : 1, Ts = Tg / Q;
+    const float sc = (float)route_scale(cfg);
+    const float *dweight = j->dweight;
+    float *dl = m->dl;
+    for (long t = t0; t < t1; t++) {
+        const int g = (int)(t / Tg);
+        /* d L_bal / d p[t,e] = E f_e / Tg with f_e = n_sel[e] / (Tg k) held fixed
+         * (aux = seq: per sequence of Ts tokens, L averaged over the Q sequences). */
+        const int *ns = NULL;
+        float lbc = 0.0f;
+        if (tc && cfg->aux == MOE_AUX_SWITCH) {
+            ns = r->n_selected + (size_t)g * E;
+            lbc = j->lb_scale * (float)E / ((float)Tg * Tg * k);
+        } else if (seq) {
+            const long in_seq = (t - (long)g * Tg) % Ts;
+            if (t == t0 || in_seq == 0) count_selected(scratch, (int)(t - in_seq), Ts);
+            ns = scratch->seq_sel;
+            lbc = j->lb_scale * (float)E / ((float)Q * Ts * Ts * k);
+        }
+        const size_t row = (size_t)t * E;
+        const float *p = r->probs + row, *dw = dweight + row;
+        const uint8_t *kept = r->kept + row;
+        float *dp = dl + row; /* holds dL/ds, then becomes dL/dl in place */
+        for (int e = 0; e < E; e++) dp[e] = ns ? lbc * (float)ns[e] : 0.0f;
+        if (seq && sigmoid) {
+            /* aux = seq takes s / sum(s): dL/ds_j = (g_j - sum_e g_e s_e / S) / S */
+            const float inv = score_inv_sum(r, (int)t);
+            float a = 0.0f;
+            for (int e = 0; e < E; e++) a += dp[e] * p[e] * inv;
+            for (int e = 0; e < E; e++) dp[e] = (dp[e] - a) * inv;
+        }
+        if (m->kind == MOE_ROUTER_EXPERT_CHOICE) {
+            for (int e = 0; e < E; e++) dp[e] += kept[e] ? dw[e] * sc : 0.0f;
+        } else if (!normalize) {
+            for (int c = 0; c < k; c++) {
+                const int e = r->topk[(size_t)t * k + c];
+                dp[e] += kept[e] ? dw[e] * sc : 0.0f;
+            }
+        } else {
+            /* g_e = p_e / S over the k chosen (dropped ones included in S):
+             * dL/dp_j = dg_j / S - sum_e dg_e p_e / S^2 for every chosen j. */
+            const float inv_s = 1.0f / r->topk_sum[t];
+            float a = 0.0f;
+            for (int c = 0; c < k; c++) {
+                const int e = r->topk[(size_t)t * k + c];
+                a += kept[e] ? dw[e] * sc * p[e] : 0.0f;
+            }
+            a *= inv_s * inv_s;
+            for (int c = 0; c < k; c++) {
+                const int e = r->topk[(size_t)t * k + c];
+                dp[e] += (kept[e] ? dw[e] * sc * inv_s : 0.0f) - a;
+            }
+        }
+        const float zt = j->zc * r->lse[t];
+        if (sigmoid) {
+            /* ds/dl = s (1 - s); the z-loss term 2 lse softmax(l) */
+            const float *l = r->logits + row;
+            for (int e = 0; e < E; e++) dp[e] = dp[e] * p[e] * (1.0f - p[e]) + zt * expf(l[e] - r->lse[t]);
+            continue;
+        }
+        /* Softmax Jacobian, then the z-loss term d(lse^2)/dl = 2 lse p. */
+        float dot = 0.0f;
+        for (int e = 0; e < E; e++) dot += p[e] * dp[e];
+        for (int e = 0; e < E; e++) dp[e] = p[e] * (dp[e] - dot + zt);
+    }
+}
+
+static void dlogits_run(void *ctx, int t, int nt)
+{
+    const dlogits_job *j = ctx;
+    long t0, t1;
+    moe_par_range(j->m->pub.T, t, nt, &t0, &t1);
+    dlogits_rows(j, t0, t1);
 }
 
 moe_status moe_router_backward(float *dx, float *dwg, float *dwn, const float *dweight,
@@ -480,83 +651,22 @@ moe_status moe_router_backward(float *dx, float *dwg, float *dwn, const float *d
     const float zc = 2.0f * z_scale / (float)Tg;
     float *dl = m->dl;
 
-    moe_route_impl *scratch = (moe_route_impl *)r; /* seq_sel only */
-    const int tc = m->kind == MOE_ROUTER_TOKEN_CHOICE, sigmoid = cfg->score == MOE_SCORE_SIGMOID;
-    const int Q = tc && cfg->aux == MOE_AUX_SEQ ? group_seqs(cfg) : 1, Ts = Tg / Q;
-    const float sc = (float)route_scale(cfg);
-
-    for (int g = 0; g < G; g++)
-        for (int q = 0; q < Q; q++) {
-            const int s0 = g * Tg + q * Ts;
-            /* d L_bal / d p[t,e] = E f_e / Tg with f_e = n_sel[e] / (Tg k) held fixed
-             * (aux = seq: per sequence of Ts tokens, L averaged over the Q sequences). */
-            const int *ns = NULL;
-            float lbc = 0.0f;
-            if (tc && cfg->aux == MOE_AUX_SWITCH) {
-                ns = r->n_selected + (size_t)g * E;
-                lbc = lb_scale * (float)E / ((float)Tg * Tg * k);
-            } else if (tc && cfg->aux == MOE_AUX_SEQ) {
-                count_selected(scratch, s0, Ts);
-                ns = scratch->seq_sel;
-                lbc = lb_scale * (float)E / ((float)Q * Ts * Ts * k);
-            }
-            for (int t = s0; t < s0 + Ts; t++) {
-                const size_t row = (size_t)t * E;
-                const float *p = r->probs + row, *dw = dweight + row;
-                const uint8_t *kept = r->kept + row;
-                float *dp = dl + row; /* holds dL/ds, then becomes dL/dl in place */
-                for (int e = 0; e < E; e++) dp[e] = ns ? lbc * (float)ns[e] : 0.0f;
-                if (ns && Q > 1 && sigmoid) {
-                    /* aux = seq takes s / sum(s): dL/ds_j = (g_j - sum_e g_e s_e / S) / S */
-                    const float inv = score_inv_sum(r, t);
-                    float a = 0.0f;
-                    for (int e = 0; e < E; e++) a += dp[e] * p[e] * inv;
-                    for (int e = 0; e < E; e++) dp[e] = (dp[e] - a) * inv;
-                }
-                if (m->kind == MOE_ROUTER_EXPERT_CHOICE) {
-                    for (int e = 0; e < E; e++) dp[e] += kept[e] ? dw[e] * sc : 0.0f;
-                } else if (!normalize) {
-                    for (int c = 0; c < k; c++) {
-                        const int e = r->topk[(size_t)t * k + c];
-                        dp[e] += kept[e] ? dw[e] * sc : 0.0f;
-                    }
-                } else {
-                    /* g_e = p_e / S over the k chosen (dropped ones included in S):
-                     * dL/dp_j = dg_j / S - sum_e dg_e p_e / S^2 for every chosen j. */
-                    const float inv_s = 1.0f / r->topk_sum[t];
-                    float a = 0.0f;
-                    for (int c = 0; c < k; c++) {
-                        const int e = r->topk[(size_t)t * k + c];
-                        a += kept[e] ? dw[e] * sc * p[e] : 0.0f;
-                    }
-                    a *= inv_s * inv_s;
-                    for (int c = 0; c < k; c++) {
-                        const int e = r->topk[(size_t)t * k + c];
-                        dp[e] += (kept[e] ? dw[e] * sc * inv_s : 0.0f) - a;
-                    }
-                }
-                const float zt = zc * r->lse[t];
-                if (sigmoid) {
-                    /* ds/dl = s (1 - s); the z-loss term 2 lse softmax(l) */
-                    const float *l = r->logits + row;
-                    for (int e = 0; e < E; e++) dp[e] = dp[e] * p[e] * (1.0f - p[e]) + zt * expf(l[e] - r->lse[t]);
-                    continue;
-                }
-                /* Softmax Jacobian, then the z-loss term d(lse^2)/dl = 2 lse p. */
-                float dot = 0.0f;
-                for (int e = 0; e < E; e++) dot += p[e] * dp[e];
-                for (int e = 0; e < E; e++) dp[e] = p[e] * (dp[e] - dot + zt);
-            }
-        }
-    cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, E, d, T, 1.0f, dl, E, x, d, 1.0f, dwg, d);
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, T, d, E, 1.0f, dl, E, wg, d, 1.0f, dx, d);
+    /* aux = seq counts per sequence in one scratch: one thread */
+    const dlogits_job job = {m, cfg, dweight, normalize, lb_scale, zc};
+    const int nt = cfg->aux == MOE_AUX_SEQ ? 1 : moe_par_threads_for((long)T * E, ROUTER_PAR_MIN);
+    moe_par_run(nt, dlogits_run, (void *)&job);
     if (r->noise) {
         /* l += n softplus(pre): dL/dpre = dL/dl * n * sigmoid(pre). */
         const size_t TE = (size_t)T * E;
         for (size_t i = 0; i < TE; i++) m->dpre[i] = dl[i] * r->noise[i] * sigmoidf(r->noise_pre[i]);
-        cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, E, d, T, 1.0f, m->dpre, E, x, d, 1.0f, dwn, d);
-        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, T, d, E, 1.0f, m->dpre, E, wn, d, 1.0f, dx, d);
     }
+    /* Lane 0: the weight gradients; lane 1: dx, W_g's term before W_n's. */
+    gemm_lanes lanes = {.n = {r->noise ? 2 : 1, r->noise ? 2 : 1}};
+    lanes.g[0][0] = (router_gemm){CblasTrans, CblasNoTrans, E, d, T, dl, x, 1.0f, dwg};
+    lanes.g[0][1] = (router_gemm){CblasTrans, CblasNoTrans, E, d, T, m->dpre, x, 1.0f, dwn};
+    lanes.g[1][0] = (router_gemm){CblasNoTrans, CblasNoTrans, T, d, E, dl, wg, 1.0f, dx};
+    lanes.g[1][1] = (router_gemm){CblasNoTrans, CblasNoTrans, T, d, E, m->dpre, wn, 1.0f, dx};
+    run_lanes(&lanes);
     return MOE_OK;
 }
 

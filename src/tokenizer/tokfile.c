@@ -120,8 +120,8 @@ moe_status moe_tok_file_open(moe_tok_file **out, const char *path, const moe_tok
     }
     if (!st && t) {
         if ((int64_t)f->h.vocab_size != moe_tok_vocab_size(t))
-            st = moe_errorf(MOE_ERR_MISMATCH, "%s: vocab_size %u, but the tokenizer has %lld", path, f->h.vocab_size,
-                            (long long)moe_tok_vocab_size(t));
+            st = moe_errorf(MOE_ERR_MISMATCH, "%s was encoded with another tokenizer (vocab_size %u, this tokenizer %lld)",
+                            path, f->h.vocab_size, (long long)moe_tok_vocab_size(t));
         else if (f->h.tokenizer_hash != moe_tok_hash(t))
             st = moe_errorf(MOE_ERR_MISMATCH,
                             "%s was encoded with another tokenizer (hash %016llx, this tokenizer %016llx)", path,

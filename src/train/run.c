@@ -15,21 +15,26 @@
 #include "core/platform.h"
 
 struct moe_train_run {
-    moe_train_config cfg;
+    moe_train_config cfg;      /* vocab_size resolved from the data */
     moe_comm *comm;            /* not owned */
     moe_train_callbacks cb;
     int rank, W;
     moe_data *ds;
+    moe_tok *tok;              /* the tokenizer of token data (owned), NULL for bytes */
+    int64_t val_pass_bytes;    /* bytes the targets of one validation pass stand for */
     moe_trainer *tr;
     moe_model *model;
     int n_moe, E, El, e0, B;
     int64_t *tokens_total, *dropped_total; /* (n_moe, E) since step 0, global */
     int64_t *expert_step_g;                /* (n_moe, E) global view for checkpoints */
+    int M, Ml, m0;                         /* vocabulary experts: all, local, first local (M = 0: head = full) */
+    int64_t *vocab_tokens_total;           /* (M) targets per vocabulary expert since step 0, global */
+    int64_t *vocab_step_g;                 /* (M) global view of the vocabulary experts' steps */
     int32_t *in, *tg;                      /* (B, seq_len) this rank's batch, token ids */
     char *config_text;                     /* the resolved INI text (owned) */
     FILE *metrics;                         /* rank 0 */
     int64_t step, step0, tokens_seen;
-    double t_start, last_val, ckpt_total, last_ckpt;
+    double t_start, last_val, last_val_bpb, ckpt_total, last_ckpt;
     int stopped;
     int blas_noted;                        /* a metrics line has named the BLAS kernel set */
     moe_train_stats ts;
@@ -48,8 +53,9 @@ static int mkdir_p(const char *path)
     return mkdir(tmp, 0775) && errno != EEXIST ? -1 : 0;
 }
 
-/* Validation loss (nats per byte) over val_batches fixed batches. Collective. */
-static moe_status validate(moe_train_run *r, int32_t *in, int32_t *tg, double *loss)
+/* Validation loss (nats per token) and bits per byte over val_batches
+ * fixed batches. Collective. */
+static moe_status validate(moe_train_run *r, int32_t *in, int32_t *tg, double *loss, double *bpb)
 {
     const moe_train_config *c = &r->cfg;
     const int B = r->B;
@@ -70,6 +76,9 @@ static moe_status validate(moe_train_run *r, int32_t *in, int32_t *tg, double *l
         tokens += s.tokens;
     }
     *loss = tokens ? ce / tokens : NAN;
+    /* the same windows on every rank: their bytes need no communication */
+    if (!r->val_pass_bytes) r->val_pass_bytes = moe_data_val_pass_bytes(r->ds, n_total);
+    *bpb = r->val_pass_bytes ? ce / (double)r->val_pass_bytes / M_LN2 : NAN;
     return MOE_OK;
 }
 
@@ -110,10 +119,10 @@ static void write_metrics(moe_train_run *r, const moe_train_progress *p)
     }
     cJSON_AddNumberToObject(j, "loss", ts->model.loss);
     cJSON_AddNumberToObject(j, "ce", ts->model.ce);
-    cJSON_AddNumberToObject(j, "bpb", ts->model.ce / M_LN2);
+    cJSON_AddNumberToObject(j, "bpb", p->bpb);
     if (isfinite(val)) {
         cJSON_AddNumberToObject(j, "val_loss", val);
-        cJSON_AddNumberToObject(j, "val_bpb", val / M_LN2);
+        cJSON_AddNumberToObject(j, "val_bpb", p->val_bpb);
     }
     cJSON_AddNumberToObject(j, "load_balance_loss",
                             ts->model.aux_terms ? ts->model.lb_sum / ts->model.aux_terms : 0);
@@ -124,6 +133,19 @@ static void write_metrics(moe_train_run *r, const moe_train_progress *p)
     cJSON_AddNumberToObject(j, "dropped_frac", p->dropped_frac);
     cJSON_AddNumberToObject(j, "max_over_mean_load", p->max_over_mean_load);
     cJSON_AddNumberToObject(j, "active_experts", (double)ts->active_experts);
+    if (ts->model.vocab_experts) {
+        /* the vocabulary experts: share of positions whose target's expert is
+         * in the top vocab_top_k of the head router, and the worst load */
+        const moe_model_stats *ms = &ts->model;
+        double mx = 0, sum = 0;
+        for (int m = 0; m < ms->vocab_experts; m++) {
+            sum += (double)ms->vocab_tokens[m];
+            mx = (double)ms->vocab_tokens[m] > mx ? (double)ms->vocab_tokens[m] : mx;
+        }
+        cJSON_AddNumberToObject(j, "vocab_coverage", ms->tokens ? (double)ms->vocab_covered / (double)ms->tokens : 0);
+        cJSON_AddNumberToObject(j, "vocab_max_over_mean_load", sum > 0 ? mx / (sum / ms->vocab_experts) : 0);
+        cJSON_AddNumberToObject(j, "active_vocab_experts", (double)ts->active_vocab_experts);
+    }
     if (ckpt_s > 0) cJSON_AddNumberToObject(j, "checkpoint_s", ckpt_s);
     /* where rank 0's step time went (the reduction includes waiting for the
      * slowest rank) */
@@ -154,10 +176,11 @@ static void write_metrics(moe_train_run *r, const moe_train_progress *p)
  * from the owners' local rows: each rank fills its own columns). */
 static void ckpt_state(moe_train_run *r, moe_ckpt_state *s, int64_t step, int64_t tokens_seen)
 {
-    const int64_t *local = moe_trainer_expert_steps(r->tr);
+    const int64_t *local = moe_trainer_expert_steps(r->tr), *vlocal = moe_trainer_vocab_steps(r->tr);
     for (int l = 0; l < r->n_moe; l++)
         for (int j = 0; j < r->El; j++)
             r->expert_step_g[(size_t)l * r->E + r->e0 + j] = local[(size_t)l * r->El + j];
+    for (int j = 0; j < r->Ml; j++) r->vocab_step_g[r->m0 + j] = vlocal[j];
     memset(s, 0, sizeof *s);
     s->table = moe_model_tensors(r->model);
     s->params = moe_model_params(r->model);
@@ -167,6 +190,8 @@ static void ckpt_state(moe_train_run *r, moe_ckpt_state *s, int64_t step, int64_
     s->expert_step = r->expert_step_g;
     s->expert_tokens = r->tokens_total;
     s->expert_dropped = r->dropped_total;
+    s->vocab_expert_step = r->vocab_step_g;
+    s->vocab_expert_tokens = r->vocab_tokens_total;
     s->opt_step = moe_trainer_updates(r->tr);
     s->lr = moe_train_lr(&r->cfg, step > 0 ? step - 1 : 0);
     s->beta1 = r->cfg.beta1;
@@ -183,6 +208,7 @@ static void ckpt_state(moe_train_run *r, moe_ckpt_state *s, int64_t step, int64_
     s->n_extra = 1;
     s->config_text = r->config_text;
     s->cfg = &r->cfg;
+    s->tok = r->tok;
 }
 
 static moe_status dump_grads(moe_train_run *r, int64_t step, const moe_train_stats *ts)
@@ -190,15 +216,17 @@ static moe_status dump_grads(moe_train_run *r, int64_t step, const moe_train_sta
     char path[1200];
     snprintf(path, sizeof path, "%s/grads-%06lld.h5", r->cfg.out_dir, (long long)step);
     size_t n = (size_t)r->n_moe * r->E;
-    uint8_t *activated = moe_calloc(n, 1);
+    uint8_t *activated = moe_calloc(n + (size_t)r->M, 1);
     moe_status ast = moe_comm_agree(r->comm, activated ? MOE_OK : moe_errorf(MOE_ERR_NOMEM, "gradient dump mask"));
     if (ast) {
         moe_free(activated);
         return ast;
     }
     for (size_t i = 0; i < n; i++) activated[i] = ts->model.kept[i] > 0;
+    for (int m = 0; m < r->M; m++) activated[n + m] = ts->model.vocab_tokens[m] > 0;
     moe_status st = moe_ckpt_save_grads(path, r->comm, moe_model_tensors(r->model), moe_model_grads(r->model),
-                                        activated, r->E, step, &r->cfg, r->config_text);
+                                        activated, r->M ? activated + n : NULL, r->E, step, &r->cfg,
+                                        r->config_text);
     moe_free(activated);
     return st;
 }
@@ -233,10 +261,11 @@ static moe_status resume(moe_train_run *r)
     const double t0 = moe_now();
     st = moe_ckpt_load(path, r->comm, &s, NULL);
     if (st) return st;
-    int64_t *local = moe_trainer_expert_steps(r->tr);
+    int64_t *local = moe_trainer_expert_steps(r->tr), *vlocal = moe_trainer_vocab_steps(r->tr);
     for (int l = 0; l < r->n_moe; l++)
         for (int j = 0; j < r->El; j++)
             local[(size_t)l * r->El + j] = r->expert_step_g[(size_t)l * r->E + r->e0 + j];
+    for (int j = 0; j < r->Ml; j++) vlocal[j] = r->vocab_step_g[r->m0 + j];
     moe_trainer_set_updates(r->tr, s.opt_step);
     r->step = s.step;
     r->tokens_seen = s.tokens_seen;
@@ -261,6 +290,50 @@ static moe_status open_outputs(moe_train_run *r)
     return MOE_OK;
 }
 
+/* The tokenizer of the run: the `tokenizer` file, and the one stored in the
+ * checkpoint being resumed, which must be the same when both exist; NULL
+ * for byte data. Collective. */
+static moe_status load_tokenizer(moe_train_run *r, moe_data_format f, char *what, size_t cap)
+{
+    const moe_train_config *c = &r->cfg;
+    moe_status st = MOE_OK;
+    if (c->tokenizer[0]) {
+        st = moe_tok_load(&r->tok, c->tokenizer, MOE_TOK_FORM_AUTO, NULL, 0, NULL, NULL);
+        snprintf(what, cap, "tokenizer '%s'", c->tokenizer);
+    }
+    if ((st = moe_comm_agree_detail(r->comm, MOE_SCOPE_WORLD, st))) return st;
+    if (c->resume[0]) {
+        moe_tok *saved = NULL;
+        if ((st = moe_ckpt_load_tokenizer(&saved, c->resume, r->comm))) return st;
+        if (saved && f == MOE_DATA_BYTES)
+            st = moe_errorf(MOE_ERR_MISMATCH,
+                            "checkpoint '%s' holds a model over a tokenizer's ids, but data '%s' is read as bytes "
+                            "(give its token file, from 'moe data encode')", c->resume, c->data);
+        else if (saved && r->tok && !moe_tok_equal(saved, r->tok))
+            st = moe_errorf(MOE_ERR_MISMATCH, "tokenizer '%s' differs from the one stored in checkpoint '%s'",
+                            c->tokenizer, c->resume);
+        if (!st && saved && !r->tok) {
+            r->tok = saved;
+            saved = NULL;
+            snprintf(what, cap, "the tokenizer of checkpoint '%s'", c->resume);
+        }
+        moe_tok_destroy(saved);
+        if (st) return st;
+    }
+    if (f == MOE_DATA_TOKENS && !r->tok)
+        return moe_errorf(MOE_ERR_ARG,
+                          "data '%s' is a token file: set tokenizer = FILE (the tokenizer it was encoded with), or "
+                          "resume a checkpoint that stores it", c->data);
+    if (f == MOE_DATA_BYTES && r->tok)
+        return moe_errorf(MOE_ERR_ARG,
+                          "tokenizer '%s' is set but data '%s' is read as bytes (data_format = %s): encode it first "
+                          "('moe data encode --tokenizer %s --data %s --out FILE.tok')",
+                          c->tokenizer, c->data, c->data_format == MOE_DATA_BYTES ? "bytes" : "auto, not ending in .tok",
+                          c->tokenizer, c->data);
+    if (f == MOE_DATA_BYTES) snprintf(what, cap, "the byte data '%s'", c->data);
+    return MOE_OK;
+}
+
 moe_status moe_train_run_create(moe_train_run **out, const moe_train_config *cfg, const char *config_text,
                                 moe_comm *comm, const moe_train_callbacks *cb)
 {
@@ -273,22 +346,47 @@ moe_status moe_train_run_create(moe_train_run **out, const moe_train_config *cfg
         if (cb) r->cb = *cb;
         r->rank = moe_comm_rank(comm);
         r->W = moe_comm_size(comm);
-        r->last_val = NAN;
-        if (config_text) {
+        r->last_val = r->last_val_bpb = NAN;
+    }
+    st = moe_comm_agree_detail(comm, MOE_SCOPE_WORLD, st);
+    const moe_train_config *c = st ? cfg : &r->cfg;
+    const moe_data_format fmt = moe_data_format_of((moe_data_format)c->data_format, c->data);
+    char what[1200] = "";
+    if (!st) st = load_tokenizer(r, fmt, what, sizeof what);
+    if (!st && r->rank == 0 && mkdir_p(c->out_dir))
+        st = moe_errorf(MOE_ERR_IO, "cannot create out_dir '%s': %s", c->out_dir, strerror(errno));
+    if (!st) {
+        const moe_data_config dc = {.path = c->data, .val_path = c->val_data, .val_frac = c->val_frac,
+                                    .seq_len = c->seq_len, .seed = c->seed, .format = fmt, .tok = r->tok};
+        st = moe_data_open_config(&r->ds, &dc);
+    }
+    /* the model's vocabulary: the data's unless set (then at least the data's) */
+    if (!st) st = moe_train_config_resolve_vocab(&r->cfg, moe_data_vocab_size(r->ds), what);
+    if (!st) {
+        if (config_text && r->cfg.vocab_size == cfg->vocab_size) {
             r->config_text = strdup(config_text);
-        } else {
-            const int n = moe_train_config_format(cfg, NULL, 0);
-            if ((r->config_text = malloc((size_t)n + 1))) moe_train_config_format(cfg, r->config_text, n + 1);
+        } else { /* the text checkpoints store holds the resolved vocab_size */
+            const int n = moe_train_config_format(&r->cfg, NULL, 0);
+            if ((r->config_text = malloc((size_t)n + 1))) moe_train_config_format(&r->cfg, r->config_text, n + 1);
         }
         if (!r->config_text) st = moe_errorf(MOE_ERR_NOMEM, "configuration text");
     }
-    const moe_train_config *c = cfg;
-    if (!st && r->rank == 0 && mkdir_p(c->out_dir))
-        st = moe_errorf(MOE_ERR_IO, "cannot create out_dir '%s': %s", c->out_dir, strerror(errno));
-    if (!st)
-        st = moe_data_open(&r->ds, c->data, c->val_data[0] ? c->val_data : NULL, c->val_frac, c->seq_len, c->seed);
     st = moe_comm_agree_detail(comm, MOE_SCOPE_WORLD, st);
-    if (!st) st = moe_trainer_create(&r->tr, c, comm);
+    moe_vocab_part *vocab = NULL;
+    if (!st && c->head == MOE_HEAD_VOCAB_EXPERTS) {
+        /* the frequency bands need the training tokens' counts (on rank 0) */
+        int64_t *counts = NULL;
+        if (r->rank == 0 && !c->resume[0] && c->vocab_partition == MOE_VOCAB_PART_FREQUENCY) {
+            counts = malloc((size_t)c->vocab_size * sizeof *counts);
+            st = counts ? moe_data_train_counts(r->ds, counts, c->vocab_size)
+                        : moe_errorf(MOE_ERR_NOMEM, "token counts of %d ids", c->vocab_size);
+        }
+        st = moe_comm_agree_detail(comm, MOE_SCOPE_WORLD, st);
+        if (!st) st = moe_train_vocab_partition(&vocab, c, counts, comm);
+        free(counts);
+    }
+    if (!st) st = moe_trainer_create(&r->tr, c, vocab, comm);
+    moe_vocab_part_destroy(vocab); /* the model keeps its own copy */
     if (!st) {
         r->model = moe_trainer_model(r->tr);
         r->n_moe = moe_model_n_moe_layers(r->model);
@@ -302,7 +400,14 @@ moe_status moe_train_run_create(moe_train_run **out, const moe_train_config *cfg
         r->expert_step_g = moe_calloc(nE, sizeof(int64_t));
         r->in = moe_calloc((size_t)r->B * c->seq_len, sizeof(int32_t));
         r->tg = moe_calloc((size_t)r->B * c->seq_len, sizeof(int32_t));
-        st = r->tokens_total && r->dropped_total && r->expert_step_g && r->in && r->tg
+        moe_vocab_ep *vh = moe_model_vocab_head(r->model);
+        r->M = vh ? c->vocab_experts : 0;
+        r->Ml = vh ? moe_vocab_ep_n_local(vh) : 0;
+        r->m0 = vh ? moe_vocab_ep_expert0(vh) : 0;
+        r->vocab_tokens_total = moe_calloc((size_t)r->M + 1, sizeof(int64_t));
+        r->vocab_step_g = moe_calloc((size_t)r->M + 1, sizeof(int64_t));
+        st = r->tokens_total && r->dropped_total && r->expert_step_g && r->in && r->tg && r->vocab_tokens_total &&
+                     r->vocab_step_g
                  ? MOE_OK : moe_errorf(MOE_ERR_NOMEM, "train buffers");
         st = moe_comm_agree_detail(comm, MOE_SCOPE_WORLD, st);
     }
@@ -324,9 +429,12 @@ void moe_train_run_destroy(moe_train_run *r)
     if (r->metrics) fclose(r->metrics);
     moe_trainer_destroy(r->tr);
     moe_data_destroy(r->ds);
+    moe_tok_destroy(r->tok);
     moe_free(r->tokens_total);
     moe_free(r->dropped_total);
     moe_free(r->expert_step_g);
+    moe_free(r->vocab_tokens_total);
+    moe_free(r->vocab_step_g);
     moe_free(r->in);
     moe_free(r->tg);
     free(r->config_text);
@@ -338,12 +446,15 @@ moe_status moe_train_run_step(moe_train_run *r)
     const moe_train_config *c = &r->cfg;
     if (r->step >= c->steps) return moe_errorf(MOE_ERR_ARG, "training run: all %d steps are done", c->steps);
     const int S = c->seq_len;
+    moe_comm_set_step(r->step + 1); /* named by a watchdog report: the step being computed */
     double t_step = moe_now();
     moe_status st = moe_data_batch(r->ds, r->in, r->tg, r->step, r->rank * r->B, r->B);
     st = moe_comm_agree_detail(r->comm, MOE_SCOPE_WORLD, st);
     if (!st) st = moe_trainer_step(r->tr, r->in, r->tg, r->step, &r->ts);
     if (st) return st;
     t_step = moe_now() - t_step;
+    /* bits per byte of the global batch: its windows are known on every rank */
+    const int64_t batch_bytes = moe_data_batch_bytes(r->ds, r->step, 0, c->batch_size);
     r->step++;
     r->tokens_seen += (int64_t)c->batch_size * S;
     const moe_train_stats *ts = &r->ts;
@@ -351,12 +462,15 @@ moe_status moe_train_run_step(moe_train_run *r)
         r->tokens_total[i] += ts->model.kept[i];
         r->dropped_total[i] += ts->model.dropped[i];
     }
+    for (int m = 0; m < r->M; m++) r->vocab_tokens_total[m] += ts->model.vocab_tokens[m];
     if (c->dump_grads_every > 0 && r->step % c->dump_grads_every == 0 && (st = dump_grads(r, r->step, ts)))
         return st;
-    moe_train_progress p = {.step = r->step, .first_step = r->step0, .stats = ts, .val_loss = NAN};
-    if (moe_data_val_bytes(r->ds) > 0 && c->val_every > 0 && (r->step % c->val_every == 0 || r->step == c->steps)) {
-        if ((st = validate(r, r->in, r->tg, &p.val_loss))) return st;
+    moe_train_progress p = {.step = r->step, .first_step = r->step0, .stats = ts, .val_loss = NAN, .val_bpb = NAN,
+                            .bpb = batch_bytes ? ts->model.ce_sum / (double)batch_bytes / M_LN2 : NAN};
+    if (moe_data_val_tokens(r->ds) > 0 && c->val_every > 0 && (r->step % c->val_every == 0 || r->step == c->steps)) {
+        if ((st = validate(r, r->in, r->tg, &p.val_loss, &p.val_bpb))) return st;
         r->last_val = p.val_loss;
+        r->last_val_bpb = p.val_bpb;
     }
     /* Preemption: any rank may ask; all stop after a checkpoint of this step. */
     /* Asked on every rank, hook or not, so that ranks whose hooks differ
@@ -367,6 +481,7 @@ moe_status moe_train_run_step(moe_train_run *r)
     if ((c->ckpt_every > 0 && r->step % c->ckpt_every == 0) || r->step == c->steps || r->stopped)
         if ((st = save_checkpoint(r, &p.checkpoint_s))) return st;
     p.last_val_loss = r->last_val;
+    p.last_val_bpb = r->last_val_bpb;
     p.tokens_per_s = (double)c->batch_size * S / t_step; /* the step alone */
     load_figures(&ts->model, &p.max_over_mean_load, &p.dropped_frac);
     p.elapsed_s = moe_now() - r->t_start;
@@ -386,5 +501,9 @@ int64_t moe_train_run_steps_done(const moe_train_run *r) { return r->step; }
 int moe_train_run_stopped(const moe_train_run *r) { return r->stopped; }
 double moe_train_run_checkpoint_seconds(const moe_train_run *r) { return r->ckpt_total; }
 double moe_train_run_last_val_loss(const moe_train_run *r) { return r->last_val; }
+double moe_train_run_last_val_bpb(const moe_train_run *r) { return r->last_val_bpb; }
 moe_trainer *moe_train_run_trainer(moe_train_run *r) { return r->tr; }
+const moe_train_config *moe_train_run_config(const moe_train_run *r) { return &r->cfg; }
+const char *moe_train_run_config_text(const moe_train_run *r) { return r->config_text; }
+const moe_tok *moe_train_run_tokenizer(const moe_train_run *r) { return r->tok; }
 const moe_data *moe_train_run_data(const moe_train_run *r) { return r->ds; }

@@ -26,12 +26,16 @@ struct moe_trainer {
     int n_moe, El;
     int64_t *expert_steps;     /* (n_moe, El) */
     uint8_t *active;           /* (n_moe, El) activated in the current step */
+    int Ml, m0;                /* local vocabulary experts (0 with head = full), the first one's index */
+    int64_t *vocab_steps;      /* (Ml) */
+    uint8_t *vocab_active;     /* (Ml) some position's target in the current step */
     int64_t updates;
     double *sumsq_part;        /* (ceil(total / SUMSQ_CHUNK)) partial sums of squares */
     adam_seg *segs;            /* (table.n * max(El, 1)) AdamW work list of a step: at most one per tensor or expert row block */
 };
 
-moe_status moe_trainer_create(moe_trainer **out, const moe_train_config *cfg, moe_comm *comm)
+moe_status moe_trainer_create(moe_trainer **out, const moe_train_config *cfg, const moe_vocab_part *vocab,
+                              moe_comm *comm)
 {
     *out = NULL;
     if (!comm) return moe_errorf(MOE_ERR_ARG, "trainer: no communicator (one process: moe_comm_create_self)");
@@ -51,7 +55,7 @@ moe_status moe_trainer_create(moe_trainer **out, const moe_train_config *cfg, mo
     tr->B = B;
     tr->n_replicas = moe_comm_n_replicas(comm);
     tr->replica = moe_comm_replica(comm);
-    moe_status st = moe_model_create(&tr->model, cfg, B, comm);
+    moe_status st = moe_model_create(&tr->model, cfg, vocab, B, comm);
     if (!st) {
         const size_t total = moe_model_tensors(tr->model)->total;
         tr->n_moe = moe_model_n_moe_layers(tr->model);
@@ -62,8 +66,15 @@ moe_status moe_trainer_create(moe_trainer **out, const moe_train_config *cfg, mo
         tr->active = moe_calloc((size_t)tr->n_moe * tr->El, 1);
         tr->sumsq_part = moe_calloc(total / SUMSQ_CHUNK + 1, sizeof(double));
         const int ntab = moe_model_tensors(tr->model)->n;
-        tr->segs = moe_calloc((size_t)ntab * (tr->El > 0 ? tr->El : 1), sizeof(adam_seg));
-        if (!tr->m || !tr->v || !tr->expert_steps || !tr->active || !tr->sumsq_part || !tr->segs)
+        moe_vocab_ep *vh = moe_model_vocab_head(tr->model);
+        tr->Ml = vh ? moe_vocab_ep_n_local(vh) : 0;
+        tr->m0 = vh ? moe_vocab_ep_expert0(vh) : 0;
+        const int segs = tr->El > tr->Ml ? tr->El : tr->Ml;
+        tr->segs = moe_calloc((size_t)ntab * (segs > 0 ? segs : 1), sizeof(adam_seg));
+        tr->vocab_steps = moe_calloc((size_t)tr->Ml + 1, sizeof(int64_t));
+        tr->vocab_active = moe_calloc((size_t)tr->Ml + 1, 1);
+        if (!tr->m || !tr->v || !tr->expert_steps || !tr->active || !tr->sumsq_part || !tr->segs ||
+            !tr->vocab_steps || !tr->vocab_active)
             st = moe_errorf(MOE_ERR_NOMEM, "optimizer state: 2 x %zu floats", total);
     }
     /* model creation agrees inside the MoE layers; the allocations above are local */
@@ -86,6 +97,8 @@ void moe_trainer_destroy(moe_trainer *tr)
     moe_free(tr->active);
     moe_free(tr->sumsq_part);
     moe_free(tr->segs);
+    moe_free(tr->vocab_steps);
+    moe_free(tr->vocab_active);
     moe_free(tr);
 }
 
@@ -94,6 +107,7 @@ int moe_trainer_local_seqs(const moe_trainer *tr) { return tr->B; }
 float *moe_trainer_adam_m(moe_trainer *tr) { return tr->m; }
 float *moe_trainer_adam_v(moe_trainer *tr) { return tr->v; }
 int64_t *moe_trainer_expert_steps(moe_trainer *tr) { return tr->expert_steps; }
+int64_t *moe_trainer_vocab_steps(moe_trainer *tr) { return tr->Ml ? tr->vocab_steps : NULL; }
 int64_t moe_trainer_updates(const moe_trainer *tr) { return tr->updates; }
 void moe_trainer_set_updates(moe_trainer *tr, int64_t n) { tr->updates = n; }
 
@@ -232,6 +246,15 @@ static int64_t mark_active(moe_trainer *tr, const moe_model_stats *ms)
     return n;
 }
 
+/* The same for the vocabulary experts: targeted by some position anywhere. */
+static int64_t mark_vocab_active(moe_trainer *tr, const moe_model_stats *ms)
+{
+    int64_t n = 0;
+    for (int m = 0; m < ms->vocab_experts; m++) n += ms->vocab_tokens[m] > 0;
+    for (int j = 0; j < tr->Ml; j++) tr->vocab_active[j] = ms->vocab_tokens[tr->m0 + j] > 0;
+    return n;
+}
+
 typedef struct {
     moe_trainer *tr;
     const adam_hyper *h;
@@ -272,20 +295,23 @@ static void update(moe_trainer *tr, const adam_hyper *h)
             work += t->numel;
             continue;
         }
-        const int li = moe_model_moe_index(m, t->layer);
+        /* the experts of an MoE layer, or the vocabulary experts */
+        const int vocab = t->experts == MOE_EXPERTS_VOCAB, nl = vocab ? tr->Ml : tr->El;
+        const uint8_t *active = vocab ? tr->vocab_active : tr->active + (size_t)moe_model_moe_index(m, t->layer) * tr->El;
+        const int64_t *steps = vocab ? tr->vocab_steps : tr->expert_steps + (size_t)moe_model_moe_index(m, t->layer) * tr->El;
         const size_t row = (size_t)moe_tensor_row_numel(t);
-        for (int j = 0; j < tr->El; j++) {
-            const size_t k = (size_t)li * tr->El + j;
-            if (!tr->active[k]) continue; /* an idle expert keeps weights and moments bit for bit */
+        for (int j = 0; j < nl; j++) {
+            if (!active[j]) continue; /* an idle expert keeps weights and moments bit for bit */
             int64_t r0, nr; /* the expert's segment of dim 0 */
             moe_tensor_segment(t, j, &r0, &nr);
-            tr->segs[n++] = (adam_seg){o + (size_t)r0 * row, (size_t)nr * row, t->decay ? wd : 0.0f, tr->expert_steps[k] + 1};
+            tr->segs[n++] = (adam_seg){o + (size_t)r0 * row, (size_t)nr * row, t->decay ? wd : 0.0f, steps[j] + 1};
             work += (size_t)nr * row;
         }
     }
     adam_job job = {tr, h, n};
     moe_par_run(moe_par_threads_for((long)work, 1 << 16), adam_run, &job);
     for (size_t k = 0; k < (size_t)tr->n_moe * tr->El; k++) tr->expert_steps[k] += tr->active[k];
+    for (int j = 0; j < tr->Ml; j++) tr->vocab_steps[j] += tr->vocab_active[j];
     tr->updates++;
 }
 
@@ -346,6 +372,7 @@ moe_status moe_trainer_step(moe_trainer *tr, const int32_t *inputs, const int32_
     const adam_hyper h = {(float)st->lr, (float)tr->cfg.beta1, (float)tr->cfg.beta2,
                           (float)tr->cfg.adam_eps, (float)st->clip_scale};
     st->active_experts = tr->n_moe ? mark_active(tr, &st->model) : 0;
+    st->active_vocab_experts = tr->Ml ? mark_vocab_active(tr, &st->model) : 0;
     update(tr, &h);
     if (tr->cfg.expert_bias && tr->n_moe) update_expert_bias(tr, &st->model);
     st->t_update = moe_now() - t0;

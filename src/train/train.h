@@ -27,17 +27,20 @@ typedef struct {
     double clip_scale;       /* factor applied to the gradient (1 when not clipped) */
     double lr;               /* learning rate used */
     int64_t active_experts;  /* (MoE layer, expert) pairs updated in this step */
+    int64_t active_vocab_experts; /* vocabulary experts updated in this step (some position's target) */
     double t_forward, t_backward, t_reduce, t_update; /* seconds on this rank */
 } moe_train_stats;
 
 typedef struct moe_trainer moe_trainer;
 
-/* Creates the model (batch_size / W local sequences per step) and the
- * optimizer state (zero moments, zero step counters). comm == NULL: single
- * process. Collective over world. Fails with MOE_ERR_ARG naming the field
+/* Creates the model (batch_size / W local sequences per step; vocab: the
+ * vocabulary partition with head = vocab_experts, else NULL, as
+ * moe_model_create) and the optimizer state (zero moments, zero step
+ * counters). Collective over world. Fails with MOE_ERR_ARG naming the field
  * (batch_size not divisible by the world size, local sequences not a
  * multiple of group_seqs, any model error), MOE_ERR_NOMEM. Owner: caller. */
-moe_status moe_trainer_create(moe_trainer **out, const moe_train_config *cfg, moe_comm *comm);
+moe_status moe_trainer_create(moe_trainer **out, const moe_train_config *cfg, const moe_vocab_part *vocab,
+                              moe_comm *comm);
 void moe_trainer_destroy(moe_trainer *tr);
 
 moe_model *moe_trainer_model(moe_trainer *tr);
@@ -48,6 +51,10 @@ float *moe_trainer_adam_v(moe_trainer *tr);
 /* (n_moe_layers, E_local) updates each LOCAL expert has received (global
  * expert = row0 of the expert tensors + column). Writable for resume. */
 int64_t *moe_trainer_expert_steps(moe_trainer *tr);
+/* (M / ep size) updates each LOCAL vocabulary expert has received (global
+ * expert = moe_vocab_ep_expert0 + index); NULL with head = full. Writable
+ * for resume. */
+int64_t *moe_trainer_vocab_steps(moe_trainer *tr);
 /* Updates applied to the replicated tensors (their bias-correction step). */
 int64_t moe_trainer_updates(const moe_trainer *tr);
 void moe_trainer_set_updates(moe_trainer *tr, int64_t n); /* for resume */

@@ -23,8 +23,11 @@
  * router-gradient tile. */
 enum { ROW_TILE = 64, COL_TILE = 256, ROUTER_TILE = 16 };
 /* Expert tiles of at most this many rows multiply by GEMV (see tile_logits):
- * measured faster than sgemm up to 4 rows for sets of ~800 tokens, d = 256. */
-enum { GEMV_ROWS = 4 };
+ * measured faster than sgemm up to 4 rows for sets of ~800 tokens, d = 256,
+ * whose W_S (800 KB) stays in cache from one row to the next; a larger W_S
+ * is read from memory once per GEMV, so above GEMV_BYTES only a single row
+ * takes the GEMV. */
+enum { GEMV_ROWS = 4, GEMV_BYTES = 1 << 20 };
 /* Multiply-adds a thread should get before a region pays for its start
  * (thread creation, and reading the weights is memory-bound at decoding
  * sizes anyway): about 0.1 ms of work. */
@@ -339,7 +342,7 @@ static float *tile_logits(const expert_job *e, const tile *tl)
     float *z = e->scratch + tl->block + (int64_t)tl->r0 * tl->n;
     const float *x = e->x + (size_t)(tl->row0 + tl->r0) * d, *w = e->w + (size_t)tl->wrow * d;
     fill_rows(z, e->b + tl->wrow, rt, tl->n);
-    if (rt <= GEMV_ROWS)
+    if (rt == 1 || (rt <= GEMV_ROWS && (size_t)tl->n * d * sizeof(float) <= GEMV_BYTES))
         for (int r = 0; r < rt; r++)
             cblas_sgemv(CblasRowMajor, CblasNoTrans, tl->n, d, 1.0f, w, d, x + (size_t)r * d, 1, 1.0f,
                         z + (size_t)r * tl->n, 1);
@@ -445,6 +448,26 @@ void moe_vocab_expert_backward(float *dx, float *dw, float *db, float *probs, co
     expert_run(&e);
 }
 
+void moe_vocab_expert_backward_data(float *dx, float *probs, const int32_t *y, const int32_t *offsets,
+                                    const float *w, const moe_vocab_part *p, int m0, int m1, int d, float dloss)
+{
+    expert_job e = expert_job_for(offsets, p, m0, m1, d);
+    e.scratch = probs, e.y = y, e.w = w, e.dx = dx, e.dloss = dloss;
+    e.fn = dz_tile;
+    expert_run(&e);
+    e.fn = dx_tile;
+    expert_run(&e);
+}
+
+void moe_vocab_expert_backward_weights(float *dw, float *db, const float *dlogits, const float *x,
+                                       const int32_t *offsets, const moe_vocab_part *p, int m0, int m1, int d)
+{
+    expert_job e = expert_job_for(offsets, p, m0, m1, d);
+    e.scratch = (float *)dlogits, e.x = x, e.dw = dw, e.db = db; /* dw_tile only reads the scratch */
+    e.fn = dw_tile, e.by_cols = 1;
+    expert_run(&e);
+}
+
 void moe_vocab_expert_logprobs(float *logp, const float *x, const int32_t *offsets, const float *w,
                                const float *b, const moe_vocab_part *p, int m0, int m1, int d)
 {
@@ -464,11 +487,11 @@ void moe_vocab_combine_loss(float *loss, const float *logits, const float *lse, 
     }
 }
 
-void moe_vocab_combine_dh(float *dh, const float *dx, const int32_t *order, int n, int K, int d)
+void moe_vocab_combine_dh(float *dh, const float *dx, int64_t ldx, const int32_t *order, int n, int K, int d)
 {
     for (int i = 0; i < n; i++) {
         float *o = dh + (size_t)(order[i] / K) * d;
-        const float *r = dx + (size_t)i * d;
+        const float *r = dx + (size_t)i * ldx;
         for (int k = 0; k < d; k++) o[k] += r[k];
     }
 }
@@ -482,18 +505,11 @@ typedef struct {
     int32_t *ids, *count;
     float *logp;
     int64_t stride;
-    const float *logits, *lse, *rows;
-    const int32_t *sel, *slot, *goff, *poff, *pids;
+    const float *logits, *lse;
+    const float *const *rows;
+    const int32_t *sel, *poff, *pids;
     int N, K, M;
 } topk_job;
-
-/* Float offset of expert m's block in the grouped scratch. */
-static int64_t block_of(const topk_job *j, int m)
-{
-    int64_t b = 0;
-    for (int i = 0; i < m; i++) b += (int64_t)(j->goff[i + 1] - j->goff[i]) * (j->poff[i + 1] - j->poff[i]);
-    return b;
-}
 
 static void topk_run(void *ctx, int t, int nt)
 {
@@ -513,7 +529,7 @@ static void topk_run(void *ctx, int t, int nt)
         for (int k = 0; k < j->K; k++) {
             const int m = sel[k], len = j->poff[m + 1] - j->poff[m];
             const int32_t *lid = j->pids + j->poff[m];
-            const float *row = j->rows + block_of(j, m) + (int64_t)(j->slot[n * j->K + k] - j->goff[m]) * len;
+            const float *row = j->rows[n * j->K + k];
             const double add = ((double)lg[m] - j->lse[n]) - norm; /* log q_m - log sum_{T_K} q */
             int32_t a = total - 1, b = len - 1, o = total + len - 1;
             for (; b >= 0; o--) {
@@ -532,10 +548,10 @@ static void topk_run(void *ctx, int t, int nt)
 }
 
 void moe_vocab_topk_combine(int32_t *ids, float *logp, int32_t *count, int64_t stride, const float *logits,
-                            const float *lse, const int32_t *sel, const int32_t *slot, const int32_t *goffsets,
-                            const float *logp_rows, const moe_vocab_part *p, int N, int K)
+                            const float *lse, const int32_t *sel, const float *const *rows,
+                            const moe_vocab_part *p, int N, int K)
 {
-    topk_job j = {ids, count, logp, stride, logits, lse, logp_rows, sel, slot, goffsets, moe_vocab_part_offsets(p),
+    topk_job j = {ids, count, logp, stride, logits, lse, rows, sel, moe_vocab_part_offsets(p),
                   moe_vocab_part_ids(p), N, K, moe_vocab_part_experts(p)};
     const int64_t per = moe_vocab_part_topk_size(p, K);
     moe_par_run(moe_par_threads_for((long)N * per, 1 << 15), topk_run, &j);
@@ -549,17 +565,42 @@ void moe_vocab_topk_dense(float *P, const int32_t *ids, const float *logp, const
         for (int i = 0; i < count[n]; i++) P[(size_t)n * V + ids[n * stride + i]] = expf(logp[n * stride + i]);
 }
 
+/* Experts ranked before e in q: larger q, or equal q and a lower index. */
+static int rank_of(const float *qn, int e, int M)
+{
+    int rank = 0;
+    for (int m = 0; m < M; m++) rank += qn[m] > qn[e] || (qn[m] == qn[e] && m < e);
+    return rank;
+}
+
 int64_t moe_vocab_coverage(const float *q, const int32_t *expert, int N, int M, int K)
 {
     int64_t covered = 0;
-    for (int n = 0; n < N; n++) {
-        const float *qn = q + (size_t)n * M;
-        const int e = expert[n];
-        int rank = 0; /* experts ranked before e: larger q, or equal q and a lower index */
-        for (int m = 0; m < M; m++) rank += qn[m] > qn[e] || (qn[m] == qn[e] && m < e);
-        covered += rank < K;
-    }
+    for (int n = 0; n < N; n++) covered += rank_of(q + (size_t)n * M, expert[n], M) < K;
     return covered;
+}
+
+void moe_vocab_rank_hist(int64_t *hist, const float *q, const int32_t *expert, int N, int M)
+{
+    for (int n = 0; n < N; n++) hist[rank_of(q + (size_t)n * M, expert[n], M)]++;
+}
+
+static int cmp_desc(const void *a, const void *b)
+{
+    const float x = *(const float *)a, y = *(const float *)b;
+    return x > y ? -1 : x < y;
+}
+
+void moe_vocab_rank_mass(double *mass, const float *q, int N, int M)
+{
+    float *s = malloc((size_t)M * sizeof *s);
+    if (!s) return; /* statistics only: nothing added */
+    for (int n = 0; n < N; n++) {
+        memcpy(s, q + (size_t)n * M, (size_t)M * sizeof *s);
+        qsort(s, (size_t)M, sizeof *s, cmp_desc);
+        for (int m = 0; m < M; m++) mass[m] += s[m];
+    }
+    free(s);
 }
 
 /* ---- the head, one process ---- */
@@ -576,7 +617,7 @@ struct moe_vocab_head {
     float *lse;       /* (items) router logsumexp */
     int32_t *expert;  /* (items) target expert, or the top-K selection */
     int32_t *order;   /* (items) grouped order */
-    int32_t *slot;    /* (items) grouped row of each item */
+    const float **rowp; /* (items) log-probability row of each item (top-K) */
     int32_t *y;       /* (items) grouped targets */
     float *row_loss;  /* (items) */
     float *x;         /* (items, d) grouped rows; dx in the backward */
@@ -605,9 +646,10 @@ moe_status moe_vocab_head_create(moe_vocab_head **out, const moe_vocab_part *p, 
 static void free_items(moe_vocab_head *hd)
 {
     moe_free(hd->logits), moe_free(hd->q), moe_free(hd->lse), moe_free(hd->expert), moe_free(hd->order);
-    moe_free(hd->slot), moe_free(hd->y), moe_free(hd->row_loss), moe_free(hd->x);
+    moe_free(hd->y), moe_free(hd->row_loss), moe_free(hd->x), moe_free(hd->rowp);
+    hd->rowp = NULL;
     hd->logits = hd->q = hd->lse = hd->row_loss = hd->x = NULL;
-    hd->expert = hd->order = hd->slot = hd->y = NULL;
+    hd->expert = hd->order = hd->y = NULL;
     hd->cap_items = 0;
 }
 
@@ -635,10 +677,10 @@ static moe_status grow_items(moe_vocab_head *hd, int64_t n)
     hd->x = moe_calloc(k * d, sizeof(float));
     hd->expert = moe_calloc(k, sizeof(int32_t));
     hd->order = moe_calloc(k, sizeof(int32_t));
-    hd->slot = moe_calloc(k, sizeof(int32_t));
     hd->y = moe_calloc(k, sizeof(int32_t));
-    if (!hd->logits || !hd->q || !hd->lse || !hd->row_loss || !hd->x || !hd->expert || !hd->order || !hd->slot ||
-        !hd->y) {
+    hd->rowp = moe_calloc(k, sizeof(float *));
+    if (!hd->logits || !hd->q || !hd->lse || !hd->row_loss || !hd->x || !hd->expert || !hd->order ||
+        !hd->y || !hd->rowp) {
         free_items(hd);
         return moe_errorf(MOE_ERR_NOMEM, "vocabulary head buffers for %lld rows", (long long)n);
     }
@@ -707,7 +749,7 @@ moe_status moe_vocab_head_backward(moe_vocab_head *hd, float *dh, moe_vocab_para
                               dloss);
     moe_vocab_router_backward(dh, grad->router_w, grad->router_b, hd->logits, hd->q, hd->expert, h, prm->router_w,
                               dloss, N, d, M);
-    moe_vocab_combine_dh(dh, hd->x, hd->order, N, 1, d);
+    moe_vocab_combine_dh(dh, hd->x, d, hd->order, N, 1, d);
     return MOE_OK;
 }
 
@@ -743,12 +785,19 @@ moe_status moe_vocab_head_topk(moe_vocab_head *hd, int32_t *ids, float *logp, in
     if ((st = check_router(hd, N))) return st;
     moe_vocab_topk_select(hd->expert, hd->q, N, M, K);
     moe_vocab_group(hd->order, hd->goff, hd->expert, (int)items, M);
-    for (int i = 0; i < items; i++) hd->slot[hd->order[i]] = i;
     moe_vocab_pack(hd->x, NULL, h, NULL, hd->order, (int)items, K, d);
     if ((st = grow_scratch(hd, moe_vocab_expert_scratch(hd->goff, hd->p, 0, M)))) return st;
     moe_vocab_expert_logprobs(hd->scratch, hd->x, hd->goff, prm->w, prm->b, hd->p, 0, M, d);
-    moe_vocab_topk_combine(ids, logp, count, stride, hd->logits, hd->lse, hd->expert, hd->slot, hd->goff,
-                           hd->scratch, hd->p, N, K);
+    /* item i's row: expert m's block of the scratch, then its place among the expert's rows */
+    const int32_t *poff = moe_vocab_part_offsets(hd->p);
+    int64_t block = 0;
+    for (int m = 0; m < M; m++) {
+        const int len = poff[m + 1] - poff[m];
+        for (int r = hd->goff[m]; r < hd->goff[m + 1]; r++)
+            hd->rowp[hd->order[r]] = hd->scratch + block + (int64_t)(r - hd->goff[m]) * len;
+        block += (int64_t)(hd->goff[m + 1] - hd->goff[m]) * len;
+    }
+    moe_vocab_topk_combine(ids, logp, count, stride, hd->logits, hd->lse, hd->expert, hd->rowp, hd->p, N, K);
     for (int n = 0; n < N; n++)
         if (!moe_all_finite(logp + (size_t)n * stride, (size_t)count[n]))
             return moe_errorf(MOE_ERR_NONFINITE, "vocabulary head: top-%d log-probabilities of position %d are not "

@@ -125,6 +125,18 @@ void moe_vocab_expert_backward_ref(float *dx, float *dw, float *db, float *probs
                                    const int32_t *y, const int32_t *offsets, const float *w,
                                    const moe_vocab_part *p, int m0, int m1, int d, float dloss);
 
+/* The same backward in two halves, for the expert-parallel head, where the
+ * data half runs in the forward's exchange (its dx rows travel back with
+ * the loss) and the weight half later, on the owner alone:
+ * _data: probs becomes dlogits (as above), dx (R, d) written (must not be
+ * x, which the weight half still needs); _weights: dw, db += from the
+ * dlogits _data left and x. Together they give the bits of
+ * moe_vocab_expert_backward. Never fail. */
+void moe_vocab_expert_backward_data(float *dx, float *probs, const int32_t *y, const int32_t *offsets,
+                                    const float *w, const moe_vocab_part *p, int m0, int m1, int d, float dloss);
+void moe_vocab_expert_backward_weights(float *dw, float *db, const float *dlogits, const float *x,
+                                       const int32_t *offsets, const moe_vocab_part *p, int m0, int m1, int d);
+
 /* Generation: logp (scratch) = log p_m = z_m - logsumexp(z_m) for every
  * row of every local expert. Never fails. */
 void moe_vocab_expert_logprobs(float *logp, const float *x, const int32_t *offsets, const float *w,
@@ -139,8 +151,9 @@ moe_status moe_vocab_expert_logprobs_ref(float *logp, const float *x, const int3
 void moe_vocab_combine_loss(float *loss, const float *logits, const float *lse, const int32_t *expert,
                             const float *row_loss, const int32_t *order, int N, int M);
 
-/* dh[order[i] / K] += dx[i] for the n grouped rows (in i order). */
-void moe_vocab_combine_dh(float *dh, const float *dx, const int32_t *order, int n, int K, int d);
+/* dh[order[i] / K] += dx[i] for the n grouped rows (in i order); row i of
+ * dx starts at dx + i * ldx (ldx >= d: the exchange returns wider rows). */
+void moe_vocab_combine_dh(float *dh, const float *dx, int64_t ldx, const int32_t *order, int n, int K, int d);
 
 /* Top-K selection: sel (N, K) = the K largest q per row, decreasing, ties to
  * the lower index (routing's top-k rule). */
@@ -149,13 +162,13 @@ void moe_vocab_topk_select(int32_t *sel, const float *q, int N, int M, int K);
 /* Top-K distribution lists: for position n, count[n] candidates at
  * ids[n * stride ...] in increasing token id, logp = log P_K(v) =
  * log q_m - log(sum_{T_K} q) + log p_m(v). logits, lse from the router;
- * sel (N, K); slot (N*K): the grouped row of item n*K+k (the inverse of
- * order); goffsets (M+1) and logp_rows as moe_vocab_group and
- * moe_vocab_expert_logprobs (all M experts local) left them. stride >=
+ * sel (N, K); rows (N*K): item n*K+k's log p_m over S_m, m = sel[n*K+k]
+ * (as moe_vocab_expert_logprobs computed it, wherever it sits: a block of
+ * the grouped scratch, a row the exchange brought back). stride >=
  * moe_vocab_part_topk_size(p, K). Never fails. */
 void moe_vocab_topk_combine(int32_t *ids, float *logp, int32_t *count, int64_t stride, const float *logits,
-                            const float *lse, const int32_t *sel, const int32_t *slot, const int32_t *goffsets,
-                            const float *logp_rows, const moe_vocab_part *p, int N, int K);
+                            const float *lse, const int32_t *sel, const float *const *rows,
+                            const moe_vocab_part *p, int N, int K);
 
 /* Dense form of the lists, (N, V): exp(logp) at the candidates, 0 elsewhere. */
 void moe_vocab_topk_dense(float *P, const int32_t *ids, const float *logp, const int32_t *count, int64_t stride,
@@ -163,6 +176,12 @@ void moe_vocab_topk_dense(float *P, const int32_t *ids, const float *logp, const
 
 /* Positions whose expert lies in the top-K of q (ties to the lower index). */
 int64_t moe_vocab_coverage(const float *q, const int32_t *expert, int N, int M, int K);
+/* hist (M) += the positions whose expert has rank r in q (0: the largest;
+ * ties to the lower index): the coverage at K is the sum of hist[0 .. K). */
+void moe_vocab_rank_hist(int64_t *hist, const float *q, const int32_t *expert, int N, int M);
+/* mass (M) += the r-th largest q of each of the N positions: the router
+ * mass the top-K experts keep is the sum of mass[0 .. K), over N. */
+void moe_vocab_rank_mass(double *mass, const float *q, int N, int M);
 
 /* ---- the head, one process ---- */
 typedef struct moe_vocab_head moe_vocab_head;

@@ -13,7 +13,8 @@
  * c in that order so that each expert's rows are one contiguous block
  * (one GEMM); a rank owning experts [m0, m1) holds rows
  * [offsets[m0], offsets[m1]). Checkpoints and references store rows by token
- * id; moe_vocab_rows_gather / _scatter convert. Purely local, no MPI. */
+ * id; moe_vocab_rows_gather / _scatter convert. Purely local, no MPI, but
+ * for moe_vocab_part_share. */
 #ifndef MOE_VOCAB_PARTITION_H
 #define MOE_VOCAB_PARTITION_H
 
@@ -105,5 +106,14 @@ moe_status moe_vocab_part_write(const moe_vocab_part *p, const char *path, const
  * MOE_ERR_ARG (content: an expert out of range or an empty set, as
  * moe_vocab_part_create, with the file named). Owner: caller. */
 moe_status moe_vocab_part_read(moe_vocab_part **out, const char *path, int V, int M);
+
+/* ---- over the ranks (partition_comm.c) ---- */
+struct moe_comm;
+/* World rank 0's partition on every rank: on rank 0, *p is the partition
+ * (built by the caller with status st; untouched), on the others it becomes
+ * a copy. st (each rank's status so far) is agreed first. Collective over
+ * comm's world; every rank returns the cause's status and detail, and then
+ * *p is NULL everywhere (rank 0's is destroyed). */
+moe_status moe_vocab_part_share(moe_vocab_part **p, moe_status st, struct moe_comm *comm);
 
 #endif

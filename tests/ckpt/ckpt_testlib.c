@@ -6,6 +6,9 @@
 #include <string.h>
 
 const char *tk_config_text = "[model]\nd_model = 8\nn_experts = 12\n# a test config\n";
+int tk_vocab;
+
+int tk_assign(int v) { return (v * 5 + v / 16) % 12; }
 
 void tk_config(moe_train_config *c)
 {
@@ -21,6 +24,11 @@ void tk_config(moe_train_config *c)
     c->activation = MOE_ACT_SWIGLU;
     c->router_noise = 1;
     c->capacity_factor = 1.25;
+    c->vocab_size = c->vocab_size_user = 300;
+    if (tk_vocab) {
+        c->head = MOE_HEAD_VOCAB_EXPERTS;
+        c->vocab_experts = 12;
+    }
     if (!tk_arch) return;
     c->norm = MOE_NORM_RMSNORM;
     c->pos = MOE_POS_ROPE;
@@ -38,6 +46,38 @@ void tk_config(moe_train_config *c)
 }
 
 int tk_arch = 0;
+
+moe_tok *tk_tokenizer(void)
+{
+    static const char *const more[] = {"ab", "", " the", "\xff\xfe", "abc", "\n\n"};
+    uint8_t bytes[512];
+    int64_t off[263];
+    int64_t n = 0, len = 0;
+    for (; n < 256; n++) {
+        off[n] = len;
+        bytes[len++] = (uint8_t)n;
+    }
+    for (size_t i = 0; i < sizeof more / sizeof more[0]; i++, n++) {
+        off[n] = len;
+        memcpy(bytes + len, more[i], strlen(more[i]));
+        len += (int64_t)strlen(more[i]);
+    }
+    off[n] = len;
+    const char *names[2] = {"<|endoftext|>", "<|pad|>"};
+    const int64_t ids[2] = {257, 262};
+    moe_tok *t = NULL;
+    return moe_tok_create(&t, bytes, off, n, NULL, 2, names, ids) == MOE_OK ? t : NULL;
+}
+
+/* Global index of local element e of x (by row id for the vocabulary rows). */
+static int64_t global_index(const moe_tensor *x, size_t e)
+{
+    const int64_t row = moe_tensor_row_numel(x), r = (int64_t)e / row;
+    return (x->row_ids ? x->row_ids[r] : x->row0 + r) * row + (int64_t)e % row;
+}
+
+/* The vocabulary experts' counters: step 500 + m, targets 20 m + 1. */
+static int64_t tk_vcounter(int which, int m) { return which == 0 ? 500 + m : 20 * m + 1; }
 
 static uint32_t fnv32(const char *s)
 {
@@ -63,7 +103,12 @@ static int alloc_state(tk_state *t, int ep_rank, int ep_size)
 {
     memset(t, 0, sizeof *t);
     tk_config(&t->cfg);
-    if (moe_layout_create(&t->table, &t->cfg, ep_rank, ep_size) != MOE_OK) return -1;
+    if (tk_vocab) {
+        int32_t assign[300]; /* the model's vocab_size (tk_config) */
+        for (int v = 0; v < 300; v++) assign[v] = tk_assign(v);
+        if (moe_vocab_part_create(&t->part, assign, 300, 12) != MOE_OK) return -1;
+    }
+    if (moe_layout_create(&t->table, &t->cfg, t->part, ep_rank, ep_size) != MOE_OK) return -1;
     t->n_moe = moe_ckpt_moe_layers(t->table, NULL);
     const size_t n = t->table->total, ne = (size_t)t->n_moe * (size_t)t->cfg.n_experts;
     moe_ckpt_state *s = &t->s;
@@ -76,7 +121,16 @@ static int alloc_state(tk_state *t, int ep_rank, int ep_size)
     s->expert_step = moe_calloc(ne, sizeof(int64_t));
     s->expert_tokens = moe_calloc(ne, sizeof(int64_t));
     s->expert_dropped = moe_calloc(ne, sizeof(int64_t));
-    return s->params && s->m && s->v && s->expert_step && s->expert_tokens && s->expert_dropped ? 0 : -1;
+    s->vocab_expert_step = moe_calloc(12, sizeof(int64_t));
+    s->vocab_expert_tokens = moe_calloc(12, sizeof(int64_t));
+    if (!s->params || !s->m || !s->v || !s->expert_step || !s->expert_tokens || !s->expert_dropped ||
+        !s->vocab_expert_step || !s->vocab_expert_tokens)
+        return -1;
+    /* a model holds its partition from the start (the loader checks the file's against it) */
+    for (int i = 0; i < t->table->n; i++)
+        if (t->table->t[i].dtype == MOE_TENSOR_I32)
+            for (size_t e = 0; e < t->table->t[i].numel; e++) s->params[t->table->t[i].offset + e] = (float)tk_assign((int)e);
+    return 0;
 }
 
 int tk_state_blank(tk_state *t, int ep_rank, int ep_size) { return alloc_state(t, ep_rank, ep_size); }
@@ -89,10 +143,10 @@ int tk_state_make(tk_state *t, int ep_rank, int ep_size, int world_rank, int rep
     for (int k = 0; k < 3; k++)
         for (int i = 0; i < t->table->n; i++) {
             const moe_tensor *x = &t->table->t[i];
-            const int64_t j0 = x->row0 * moe_tensor_row_numel(x);
+            if (x->dtype == MOE_TENSOR_I32) continue; /* the partition */
             const int garbage = x->expert_sharded ? replica > 0 : world_rank != 0;
             for (size_t e = 0; e < x->numel; e++)
-                blocks[k][x->offset + e] = garbage ? -777.0f : tk_value(k, x->name, j0 + (int64_t)e);
+                blocks[k][x->offset + e] = garbage ? -777.0f : tk_value(k, x->name, global_index(x, e));
         }
     const int E = t->cfg.n_experts, El = E / ep_size;
     for (int l = 0; l < t->n_moe; l++)
@@ -103,6 +157,11 @@ int tk_state_make(tk_state *t, int ep_rank, int ep_size, int world_rank, int rep
             s->expert_tokens[o] = tk_counter(1, l, e);
             s->expert_dropped[o] = tk_counter(2, l, e);
         }
+    for (int m = 0; m < 12; m++) {
+        const int owned = m / (12 / ep_size) == ep_rank && replica == 0;
+        s->vocab_expert_step[m] = owned ? tk_vcounter(0, m) : -1;
+        s->vocab_expert_tokens[m] = tk_vcounter(1, m);
+    }
     s->opt_step = 41;
     s->lr = 3e-3;
     s->beta1 = 0.9;
@@ -130,7 +189,10 @@ void tk_state_free(tk_state *t)
     moe_free(s->expert_step);
     moe_free(s->expert_tokens);
     moe_free(s->expert_dropped);
+    moe_free(s->vocab_expert_step);
+    moe_free(s->vocab_expert_tokens);
     moe_layout_destroy(t->table);
+    moe_vocab_part_destroy(t->part);
     memset(t, 0, sizeof *t);
 }
 
@@ -143,9 +205,13 @@ int64_t tk_state_check(const tk_state *t)
         if (!blocks[k]) continue;
         for (int i = 0; i < t->table->n; i++) {
             const moe_tensor *x = &t->table->t[i];
-            const int64_t j0 = x->row0 * moe_tensor_row_numel(x);
+            if (x->dtype == MOE_TENSOR_I32) {
+                for (size_t e = 0; k == 0 && e < x->numel; e++) bad += blocks[k][x->offset + e] != tk_assign((int)e);
+                continue;
+            }
+            if (k > 0 && x->role == MOE_TENSOR_BUFFER) continue; /* buffers have no optimizer state */
             for (size_t e = 0; e < x->numel; e++) {
-                float want = tk_value(k, x->name, j0 + (int64_t)e), got = blocks[k][x->offset + e];
+                float want = tk_value(k, x->name, global_index(x, e)), got = blocks[k][x->offset + e];
                 bad += memcmp(&want, &got, sizeof want) != 0;
             }
         }
@@ -158,6 +224,10 @@ int64_t tk_state_check(const tk_state *t)
             if (s->expert_tokens) bad += s->expert_tokens[o] != tk_counter(1, l, e);
             if (s->expert_dropped) bad += s->expert_dropped[o] != tk_counter(2, l, e);
         }
+    for (int m = 0; tk_vocab && m < 12; m++) {
+        if (s->vocab_expert_step) bad += s->vocab_expert_step[m] != tk_vcounter(0, m);
+        if (s->vocab_expert_tokens) bad += s->vocab_expert_tokens[m] != tk_vcounter(1, m);
+    }
     bad += s->opt_step != 41 || s->lr != 3e-3 || s->beta1 != 0.9 || s->beta2 != 0.95 || s->eps != 1e-8 ||
            s->weight_decay != 0.1;
     bad += s->step != 42 || s->tokens_seen != 42 * 16 * 8 || s->seed != 0xfedcba9876543210ull;

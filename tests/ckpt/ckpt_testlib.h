@@ -8,16 +8,31 @@
 #include <stdint.h>
 
 #include "ckpt/ckpt.h"
+#include "vocab/partition.h"
 
 enum { TK_PARAM = 0, TK_M = 1, TK_V = 2, TK_GRAD = 3 };
 
-/* d=8, 3 blocks (MoE at 0 and 2: moe_every = 2), E = 12, swiglu, noisy router.
- * With tk_arch = 1 also architecture and router options whose tensors
- * change the layout (format_version 2): RMSNorm, RoPE, 2 heads of 6 over
- * 1 kv head, q/k norms, no biases but q, k, v, an untied head, the expert
- * bias, 2 gated shared experts. */
+/* d=8, 3 blocks (MoE at 0 and 2: moe_every = 2), E = 12, swiglu, noisy
+ * router, vocab_size 300 (room for tk_tokenizer's 263 ids). With tk_arch =
+ * 1 also architecture and router options whose tensors change the layout
+ * (format_version 2): RMSNorm, RoPE, 2 heads of 6 over 1 kv head, q/k
+ * norms, no biases but q, k, v, an untied head, the expert bias, 2 gated
+ * shared experts. */
 void tk_config(moe_train_config *cfg);
 extern int tk_arch;
+
+/* A small tokenizer for /tokenizer round trips (read_spec.py knows it too):
+ * ids 0..255 the bytes; 256 "ab", 257 a hole, 258 " the", 259 "\xff\xfe",
+ * 260 "abc", 261 "\n\n"; specials <|endoftext|> = 257 (the hole) and
+ * <|pad|> = 262; GPT-2's pattern. vocab_size 263. NULL on failure. */
+moe_tok *tk_tokenizer(void);
+/* Nonzero: the model also has the vocabulary-expert head (head =
+ * vocab_experts, M = 12 experts over V = 300 tokens, token v in expert
+ * tk_assign(v): every expert's ids are scattered), so files are format 2
+ * and the head's rows are scattered to their token ids. Set before the
+ * other calls. */
+extern int tk_vocab;
+int tk_assign(int v);
 
 /* Value of element j (global, row-major) of tensor `name` of kind k. An
  * integer / 4096, exact in float32. */
@@ -32,6 +47,7 @@ typedef struct {
     moe_tensor_table *table;
     moe_train_config cfg;
     int n_moe;
+    moe_vocab_part *part; /* tk_vocab: the partition */
 } tk_state;
 
 int tk_state_make(tk_state *t, int ep_rank, int ep_size, int world_rank, int replica);

@@ -3,9 +3,16 @@
 root, /model, /optimizer, /train and /stats attributes, every dataset the
 attributes imply with its shape and dtype, the checksum filter, nothing
 else; and compares every value with the formula the C tests wrote
-(ckpt_testlib.c: tk_value and the counters).
+(ckpt_testlib.c: tk_value and the counters). A format_version 2 file with
+head = vocab_experts also holds the vocabulary head (section 1, "format 2"):
+the partition as int32, its rows by token id, no optimizer state for the
+partition, the vocabulary experts' step counters and loads.
 
-usage: read_spec.py FILE SAVED_WORLD SAVED_EP"""
+With `tok`, the file must hold the /tokenizer group of tokenizer.md section 4
+(format_version 2) with the tokenizer ckpt_testlib.c's tk_tokenizer builds;
+without, no /tokenizer and format_version 1.
+
+usage: read_spec.py FILE SAVED_WORLD SAVED_EP [tok]"""
 import re
 import sys
 
@@ -51,6 +58,7 @@ def spec_layout(m):
 
 def main():
     path, world, ep = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+    with_tok = len(sys.argv) > 4 and sys.argv[4] == "tok"
     errors = []
 
     def check(cond, what):
@@ -60,7 +68,8 @@ def main():
     with h5py.File(path, "r") as f:
         a = f.attrs
         check(a["format"] == "moe-checkpoint", f"format {a['format']!r}")
-        check(int(a["format_version"]) == 1, "format_version")
+        version = int(a["format_version"])
+        check(version in (1, 2), "format_version")
         check(isinstance(a["created_by"], str) and a["created_by"], "created_by")
         check(re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", a["created_at"]) is not None, "created_at ISO 8601 UTC")
         check("n_experts = 12" in a["config"], "config text")
@@ -78,25 +87,65 @@ def main():
         check(m["router_noise"] in ("none", "gaussian"), "router_noise")
         check(m["capacity_factor"] == 1.25 and m["ln_eps"] == 1e-5, "float model attributes")
         E = m["n_experts"]
+        # format 2 attributes: absent means the default (head = full)
+        head = ma.get("head", "full")
+        check(head in ("full", "vocab_experts"), "head")
+        check(version == (2 if head != "full" or with_tok else 1), f"format_version {version} with head = {head}")
+        if head == "vocab_experts":
+            M, K = int(ma["vocab_experts"]), int(ma["vocab_top_k"])
+            check(2 <= M <= m["vocab_size"] and 1 <= K <= M, "vocab_experts, vocab_top_k")
+            check(ma["vocab_partition"] in ("frequency", "kmeans", "file"), "vocab_partition")
 
         expected = {}
         for kind, prefix in enumerate(["model/", "optimizer/m/", "optimizer/v/"]):
             for name, shape in spec_layout(m):
                 expected[prefix + name] = (shape, np.float32, kind, name)
+        if head == "vocab_experts":
+            V, d = m["vocab_size"], m["d_model"]
+            expected["model/vocab_head/assign"] = ((V,), np.int32, None, ("assign",))
+            for kind, prefix in enumerate(["model/", "optimizer/m/", "optimizer/v/"]):
+                for name, shape in [("vocab_head/router/weight", (M, d)), ("vocab_head/router/bias", (M,)),
+                                    ("vocab_head/weight", (V, d)), ("vocab_head/bias", (V,))]:
+                    expected[prefix + name] = (shape, np.float32, kind, name)
+            expected["optimizer/expert_step/vocab_head"] = ((M,), np.int64, None, ("vstep",))
+            expected["stats/vocab_head/expert_tokens"] = ((M,), np.int64, None, ("vtokens",))
         moe_layers = [L for L in range(m["n_layers"]) if L % m["moe_every"] == 0]
         for li, L in enumerate(moe_layers):
             expected[f"optimizer/expert_step/h/{L}"] = ((E,), np.int64, None, (0, li))
             expected[f"stats/h/{L}/expert_tokens"] = ((E,), np.int64, None, (1, li))
             expected[f"stats/h/{L}/expert_dropped"] = ((E,), np.int64, None, (2, li))
 
+        check(("tokenizer" in f) == with_tok, "/tokenizer present" if with_tok else "no /tokenizer")
+        if with_tok and "tokenizer" in f:
+            # tk_tokenizer: the 256 bytes, "ab", a hole, " the", b"\xff\xfe", "abc", "\n\n"; specials in the hole and after
+            tokens = [bytes([b]) for b in range(256)] + [b"ab", b"", b" the", b"\xff\xfe", b"abc", b"\n\n"]
+            t = f["tokenizer"]
+            rb, ro = t["ranks_bytes"], t["ranks_offsets"]
+            check(rb.dtype == np.uint8 and ro.dtype == np.dtype("<i8"), "ranks dtypes")
+            check(rb.fletcher32 and ro.fletcher32, "ranks checksums")
+            off = ro[...]
+            check(off.shape == (len(tokens) + 1,) and off[0] == 0 and off[-1] == rb.shape[0], "ranks_offsets")
+            data = rb[...].tobytes()
+            check([data[off[i]:off[i + 1]] for i in range(len(off) - 1)] == tokens, "ranks_bytes tokens")
+            pat = t.attrs["pattern"]
+            check("?\\p{L}+" in (pat.decode() if isinstance(pat, bytes) else pat), "pattern (GPT-2's)")
+            check(int(t.attrs["vocab_size"]) == 263, "tokenizer vocab_size")
+            names = [n.decode() if isinstance(n, bytes) else n for n in t["special_names"][...]]
+            check(names == ["<|endoftext|>", "<|pad|>"], f"special_names {names}")
+            check(t["special_ids"][...].tolist() == [257, 262] and t["special_ids"].fletcher32, "special_ids")
+            check(t["special_names"].fletcher32, "special_names checksum")
+            for n in ["ranks_bytes", "ranks_offsets", "special_names", "special_ids"]:
+                expected["tokenizer/" + n] = None
+
         found = []
         f.visititems(lambda n, o: found.append(n) if isinstance(o, h5py.Dataset) else None)
         check(sorted(found) == sorted(expected), f"dataset names differ: extra {set(found) - set(expected)}, "
                                                   f"missing {set(expected) - set(found)}")
         e = np.arange(E)
-        for name, (shape, dtype, kind, key) in expected.items():
-            if name not in f:
+        for name, spec in expected.items():
+            if name not in f or spec is None:
                 continue
+            shape, dtype, kind, key = spec
             ds = f[name]
             check(ds.shape == shape, f"{name} shape {ds.shape} != {shape}")
             check(ds.dtype == np.dtype(dtype).newbyteorder("<"), f"{name} dtype {ds.dtype}")
@@ -107,6 +156,10 @@ def main():
             if kind is not None:
                 want = tk_values(kind, key, int(np.prod(shape))).reshape(shape)
                 check(np.array_equal(data.view(np.uint32), want.view(np.uint32)), f"{name} values")
+            elif len(key) == 1:  # the vocabulary head's integers (ckpt_testlib.c)
+                v, mm = np.arange(shape[0]), np.arange(shape[0])
+                want = {"assign": (v * 5 + v // 16) % 12, "vstep": 500 + mm, "vtokens": 20 * mm + 1}[key[0]]
+                check(np.array_equal(data, want), f"{name} values {data} != {want}")
             else:
                 which, li = key
                 want = [1000 * li + e + 7, 10 * e + li, e + 3 * li][which]

@@ -2,7 +2,8 @@
  * run directory (latest, keep_last, resolve), the tensor layout, and the
  * loader's rejection of damaged files (truncated, flipped data bytes,
  * unknown format_version, missing dataset, absurd dims, model mismatch),
- * each with a clear status and no crash or leak. */
+ * each with a clear status and no crash or leak; the /tokenizer group
+ * (format_version 2) round trip and its damaged forms. */
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
@@ -97,7 +98,7 @@ static void test_layout(void **state)
     moe_train_config c;
     tk_config(&c);
     moe_tensor_table *t;
-    assert_int_equal(moe_layout_create(&t, &c, 1, 3), MOE_OK);
+    assert_int_equal(moe_layout_create(&t, &c, NULL, 1, 3), MOE_OK);
     int layers[MOE_CKPT_MAX_MOE_LAYERS];
     assert_int_equal(moe_ckpt_moe_layers(t, layers), 2);
     assert_int_equal(layers[0], 0);
@@ -131,10 +132,10 @@ static void test_layout(void **state)
     assert_int_equal(total, t->total);
     moe_layout_destroy(t);
     /* An ep size that does not divide E, and absurd dims, are refused. */
-    assert_int_equal(moe_layout_create(&t, &c, 0, 5), MOE_ERR_ARG);
+    assert_int_equal(moe_layout_create(&t, &c, NULL, 0, 5), MOE_ERR_ARG);
     assert_non_null(strstr(moe_error_detail(), "divide n_experts = 12"));
     c.d_model = 1 << 30;
-    assert_int_equal(moe_layout_create(&t, &c, 0, 1), MOE_ERR_ARG);
+    assert_int_equal(moe_layout_create(&t, &c, NULL, 0, 1), MOE_ERR_ARG);
     assert_non_null(strstr(moe_error_detail(), "d_model"));
     assert_null(t);
 }
@@ -372,7 +373,7 @@ static void test_format_versions(void **state)
     c.n_kv_heads = c.n_heads;
     c.head_dim = c.d_model / c.n_heads;
     c.attn_bias = 1;
-    assert_int_equal(moe_train_config_model_version(&c), 1);
+    assert_int_equal(moe_train_config_needs_v2(&c), 0);
     assert_int_equal(load(good, &c), MOE_OK);
 }
 
@@ -401,7 +402,7 @@ static void test_grads(void **state)
     char p[160];
     path_in(p, sizeof p, "grads.h5");
     /* grads: reuse the m block (any deterministic values) */
-    assert_int_equal(moe_ckpt_save_grads(p, moe_comm_self(), t.table, t.s.m, act, E, 42, &t.cfg, tk_config_text), MOE_OK);
+    assert_int_equal(moe_ckpt_save_grads(p, moe_comm_self(), t.table, t.s.m, act, NULL, E, 42, &t.cfg, tk_config_text), MOE_OK);
     moe_ckpt_file *f;
     assert_int_equal(moe_ckpt_file_open(&f, p), MOE_OK);
     const moe_ckpt_info *in = moe_ckpt_file_info(f);
@@ -429,6 +430,195 @@ static void test_grads(void **state)
     assert_int_equal(load(p, NULL), MOE_ERR_FORMAT);
     assert_non_null(strstr(moe_error_detail(), "moe-gradients"));
     tk_state_free(&t);
+}
+
+static int exists(const char *p);
+
+/* /tokenizer: written only with a tokenizer (then format_version 2), read
+ * back equal by the tool reader and by the collective loader; a file
+ * without one (format 1) reads as a byte-level model. */
+static void save_with_tokenizer(char *p, size_t cap)
+{
+    path_in(p, cap, "tok.h5");
+    tk_state t;
+    assert_int_equal(tk_state_make(&t, 0, 1, 0, 0), 0);
+    moe_tok *tok = tk_tokenizer();
+    assert_non_null(tok);
+    t.s.tok = tok;
+    assert_int_equal(moe_ckpt_save(p, moe_comm_self(), &t.s), MOE_OK);
+    moe_tok_destroy(tok);
+    tk_state_free(&t);
+}
+
+static void test_tokenizer_round_trip(void **state)
+{
+    (void)state;
+    char p[160];
+    save_with_tokenizer(p, sizeof p);
+    moe_tok *want = tk_tokenizer(), *got = NULL;
+    moe_ckpt_file *f;
+    assert_int_equal(moe_ckpt_file_open(&f, p), MOE_OK);
+    assert_int_equal(moe_ckpt_file_info(f)->format_version, 2);
+    assert_true(moe_ckpt_file_info(f)->has_tokenizer);
+    assert_int_equal(moe_ckpt_file_tokenizer(f, &got), MOE_OK);
+    assert_non_null(got);
+    assert_true(moe_tok_equal(got, want));
+    assert_int_equal(moe_tok_hash(got), moe_tok_hash(want));
+    moe_tok_destroy(got);
+    /* every dataset (the string one too) is expected and reads back */
+    for (int k = 0; k < moe_ckpt_file_n_dsets(f); k++) {
+        const moe_ckpt_dset *d = moe_ckpt_file_dset(f, k);
+        assert_true(d->expected && d->present);
+        double *buf;
+        int64_t n;
+        assert_int_equal(moe_ckpt_file_read(f, k, &buf, &n), MOE_OK);
+        if (!strcmp(d->path, "/tokenizer/special_names"))
+            assert_true(n == 2 * 14 && buf[0] == '<' && buf[13] == 0 && buf[14] == '<'); /* fixed width 14 */
+        moe_free(buf);
+    }
+    moe_ckpt_file_close(f);
+    assert_int_equal(moe_ckpt_load_tokenizer(&got, p, moe_comm_self()), MOE_OK);
+    assert_non_null(got);
+    assert_true(moe_tok_equal(got, want));
+    moe_tok_destroy(got);
+    assert_int_equal(load(p, NULL), MOE_OK); /* the model part is unchanged */
+    /* the file without one */
+    assert_int_equal(moe_ckpt_file_open(&f, good), MOE_OK);
+    assert_int_equal(moe_ckpt_file_info(f)->format_version, 1);
+    assert_false(moe_ckpt_file_info(f)->has_tokenizer);
+    got = want;
+    assert_int_equal(moe_ckpt_file_tokenizer(f, &got), MOE_OK);
+    assert_null(got);
+    moe_ckpt_file_close(f);
+    got = want;
+    assert_int_equal(moe_ckpt_load_tokenizer(&got, good, moe_comm_self()), MOE_OK);
+    assert_null(got);
+    moe_tok_destroy(want);
+}
+
+/* Edits of the file with a tokenizer: each is refused with a message
+ * naming the file and the problem, before anything large is allocated. */
+static void tok_edited(char *p, size_t cap, edit_fn fn)
+{
+    char src[160];
+    save_with_tokenizer(src, sizeof src);
+    path_in(p, cap, "tokedit.h5");
+    copy_file(p, src);
+    hid_t f = H5Fopen(p, H5F_ACC_RDWR, H5P_DEFAULT);
+    assert_true(f >= 0);
+    fn(f);
+    assert_true(H5Fclose(f) >= 0);
+}
+
+static void edit_tok_vocab(hid_t f)
+{
+    hid_t g = H5Gopen2(f, "/tokenizer", H5P_DEFAULT);
+    set_i64(g, "vocab_size", 300);
+    H5Gclose(g);
+}
+static void edit_tok_drop_offsets(hid_t f) { assert_true(H5Ldelete(f, "/tokenizer/ranks_offsets", H5P_DEFAULT) >= 0); }
+static void edit_tok_drop_names(hid_t f) { assert_true(H5Ldelete(f, "/tokenizer/special_names", H5P_DEFAULT) >= 0); }
+static void edit_tok_huge(hid_t f)
+{
+    assert_true(H5Ldelete(f, "/tokenizer/ranks_offsets", H5P_DEFAULT) >= 0);
+    hsize_t dims[1] = {(hsize_t)1 << 40}, chunk[1] = {1024};
+    hid_t sp = H5Screate_simple(1, dims, NULL), dcpl = H5Pcreate(H5P_DATASET_CREATE);
+    H5Pset_chunk(dcpl, 1, chunk);
+    H5Pset_fletcher32(dcpl);
+    hid_t ds = H5Dcreate2(f, "/tokenizer/ranks_offsets", H5T_STD_I64LE, sp, H5P_DEFAULT, dcpl, H5P_DEFAULT);
+    assert_true(ds >= 0);
+    H5Dclose(ds);
+    H5Pclose(dcpl);
+    H5Sclose(sp);
+}
+/* offsets that no longer end at the size of ranks_bytes (rewritten through
+ * HDF5, so the checksum is right) */
+static void edit_tok_offsets(hid_t f)
+{
+    hid_t ds = H5Dopen2(f, "/tokenizer/ranks_offsets", H5P_DEFAULT);
+    int64_t off[263];
+    assert_true(H5Dread(ds, H5T_NATIVE_INT64, H5S_ALL, H5S_ALL, H5P_DEFAULT, off) >= 0);
+    off[262] += 5;
+    assert_true(H5Dwrite(ds, H5T_NATIVE_INT64, H5S_ALL, H5S_ALL, H5P_DEFAULT, off) >= 0);
+    H5Dclose(ds);
+}
+/* token 261 ("\n\n", bytes 267..268) becomes a second "ab" (rewritten
+ * through HDF5, so the checksum is right) */
+static void edit_tok_duplicate(hid_t f)
+{
+    hid_t ds = H5Dopen2(f, "/tokenizer/ranks_bytes", H5P_DEFAULT);
+    uint8_t b[269];
+    assert_true(H5Dread(ds, H5T_NATIVE_UINT8, H5S_ALL, H5S_ALL, H5P_DEFAULT, b) >= 0);
+    assert_true(b[267] == '\n' && b[268] == '\n');
+    memcpy(b + 267, "ab", 2);
+    assert_true(H5Dwrite(ds, H5T_NATIVE_UINT8, H5S_ALL, H5S_ALL, H5P_DEFAULT, b) >= 0);
+    H5Dclose(ds);
+}
+static void edit_tok_no_pattern(hid_t f)
+{
+    hid_t g = H5Gopen2(f, "/tokenizer", H5P_DEFAULT);
+    assert_true(H5Adelete(g, "pattern") >= 0);
+    H5Gclose(g);
+}
+static void edit_model_vocab(hid_t f)
+{
+    hid_t g = H5Gopen2(f, "/model", H5P_DEFAULT);
+    set_i64(g, "vocab_size", 260);
+    H5Gclose(g);
+}
+
+static void test_tokenizer_damaged(void **state)
+{
+    (void)state;
+    char p[160];
+    moe_tok *t = NULL;
+    const struct {
+        edit_fn fn;
+        moe_status st;
+        const char *detail;
+    } cases[] = {
+        {edit_tok_vocab, MOE_ERR_FORMAT, "vocab_size says 300"},
+        {edit_tok_drop_offsets, MOE_ERR_FORMAT, "dataset '/tokenizer/ranks_offsets' is missing"},
+        {edit_tok_drop_names, MOE_ERR_FORMAT, "special_names and special_ids must come together"},
+        {edit_tok_huge, MOE_ERR_FORMAT, "ranks_offsets has 1099511627776 entries"},
+        {edit_tok_offsets, MOE_ERR_FORMAT, "runs from 0 to 274, not 0 to 269"},
+        {edit_tok_duplicate, MOE_ERR_FORMAT, "/tokenizer: "},
+        {edit_tok_no_pattern, MOE_ERR_FORMAT, "'pattern' is missing"},
+        {edit_model_vocab, MOE_ERR_FORMAT, "263 ids, more than the model's vocab_size 260"},
+    };
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+        tok_edited(p, sizeof p, cases[i].fn);
+        moe_error_clear();
+        moe_status st = moe_ckpt_load_tokenizer(&t, p, moe_comm_self());
+        if (st != cases[i].st || !strstr(moe_error_detail(), cases[i].detail) || !strstr(moe_error_detail(), "tokedit.h5"))
+            fail_msg("case %zu: %s: %s", i, moe_status_str(st), moe_error_detail());
+        print_message("%s\n", moe_error_detail());
+        assert_null(t);
+    }
+    /* a flipped byte in the rank bytes or the names: a checksum error naming the dataset */
+    const char *dsets[] = {"/tokenizer/ranks_bytes", "/tokenizer/special_names", "/tokenizer/ranks_offsets"};
+    for (int i = 0; i < 3; i++) {
+        char src[160];
+        save_with_tokenizer(src, sizeof src);
+        path_in(p, sizeof p, "tokflip.h5");
+        copy_file(p, src);
+        flip_chunk(p, dsets[i], 0);
+        assert_int_equal(moe_ckpt_load_tokenizer(&t, p, moe_comm_self()), MOE_ERR_CHECKSUM);
+        assert_non_null(strstr(moe_error_detail(), dsets[i]));
+        assert_null(t);
+    }
+    /* a model smaller than its tokenizer is not written */
+    tk_state s;
+    assert_int_equal(tk_state_make(&s, 0, 1, 0, 0), 0);
+    moe_tok *tok = tk_tokenizer();
+    s.s.tok = tok;
+    s.cfg.vocab_size = 262;
+    path_in(p, sizeof p, "small.h5");
+    assert_int_equal(moe_ckpt_save(p, moe_comm_self(), &s.s), MOE_ERR_ARG);
+    assert_non_null(strstr(moe_error_detail(), "263 ids, more than the model's vocab_size 262"));
+    assert_false(exists(p));
+    tk_state_free(&s);
+    moe_tok_destroy(tok);
 }
 
 static int exists(const char *p)
@@ -505,6 +695,7 @@ int main(void)
         cmocka_unit_test(test_model_mismatch), cmocka_unit_test(test_grads),
         cmocka_unit_test(test_run_dir),     cmocka_unit_test(test_bad_state),
         cmocka_unit_test(test_format_versions),
+        cmocka_unit_test(test_tokenizer_round_trip), cmocka_unit_test(test_tokenizer_damaged),
     };
     return cmocka_run_group_tests(tests, setup, teardown);
 }

@@ -1,11 +1,15 @@
-/* Checkpoints under MPI. `save FILE EP`: every rank contributes its part
+/* Checkpoints under MPI. `save FILE EP [tok]`: every rank contributes its part
+ * (with tok, the file holds tk_tokenizer in /tokenizer)
  * (owners write expert rows, replica 0 only; rank 0 the replicated tensors;
  * the others hold garbage that must not reach the file), then the same
  * world loads it back. `load EP FILE...`: a world of any size loads files
  * saved by another and every rank compares its slice bitwise with the
  * values the saver meant; then a copy with one flipped byte in the last
  * expert's chunk must fail with a checksum error on every rank. Exit status
- * 0 only if every rank agrees that all is well. */
+ * 0 only if every rank agrees that all is well. `vocab-save` / `vocab-load`:
+ * the same with the vocabulary-expert head (tk_vocab): its rows go to and
+ * come from their token ids, whatever the saving and loading ep sizes; the
+ * damaged copy is then hit in the head's weight. */
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -43,6 +47,15 @@ static void load_check(moe_comm *c, const char *path)
     }
     free(cfg);
     tk_state_free(&t);
+    /* a file saved with the tokenizer gives every rank the same one back */
+    moe_tok *tok = NULL, *want = tk_tokenizer();
+    st = moe_ckpt_load_tokenizer(&tok, path, c);
+    CHECK(st == MOE_OK, "tokenizer of %s: %s", path, moe_status_str(st));
+    CHECK(!tok || moe_tok_equal(tok, want), "tokenizer of %s differs", path);
+    if (tok) printf("rank %d: %s: the tokenizer (%lld ids) read back equal\n", rank, path,
+                    (long long)moe_tok_vocab_size(tok));
+    moe_tok_destroy(tok);
+    moe_tok_destroy(want);
 }
 
 /* Rank 0 copies src to dst and flips a byte inside chunk `chunk` of dset. */
@@ -77,10 +90,14 @@ static void corrupt_copy(moe_comm *c, const char *dst, const char *src, const ch
 int main(int argc, char **argv)
 {
     if (moe_comm_init(&argc, &argv) != MOE_OK) return 1;
+    if (argc > 1 && !strncmp(argv[1], "vocab-", 6)) {
+        tk_vocab = 1;
+        argv[1] += 6;
+    }
     moe_comm *c = NULL;
     const int ep = argc >= 3 ? atoi(argv[strcmp(argv[1], "save") ? 2 : 3]) : 0;
     if (argc < 4 || moe_comm_create_world(&c, ep) != MOE_OK) {
-        fprintf(stderr, "usage: test_ckpt_mpi save FILE EP | load EP FILE... (%s)\n", moe_error_detail());
+        fprintf(stderr, "usage: test_ckpt_mpi save FILE EP [tok] | load EP FILE... (%s)\n", moe_error_detail());
         moe_comm_finalize();
         return 2;
     }
@@ -89,15 +106,19 @@ int main(int argc, char **argv)
     if (!strcmp(argv[1], "save")) {
         tk_state t;
         CHECK(tk_state_make(&t, moe_comm_ep_rank(c), P, rank, moe_comm_replica(c)) == 0, "alloc");
+        moe_tok *tok = argc > 4 && !strcmp(argv[4], "tok") ? tk_tokenizer() : NULL; /* format_version 2 */
+        t.s.tok = tok;
         moe_status st = moe_ckpt_save(argv[2], c, &t.s);
+        moe_tok_destroy(tok);
         CHECK(st == MOE_OK, "save %s: %s", argv[2], moe_status_str(st));
         /* A gradient dump beside it: the m block as gradients, expert e of
          * MoE layer l activated iff (e + l) % 3 != 0. */
-        uint8_t act[2 * 12];
-        for (int i = 0; i < 2 * 12; i++) act[i] = (uint8_t)((i % 12 + i / 12) % 3 != 0);
+        uint8_t act[3 * 12];
+        for (int i = 0; i < 3 * 12; i++) act[i] = (uint8_t)((i % 12 + i / 12) % 3 != 0);
         char gp[4096];
         snprintf(gp, sizeof gp, "%s.grads.h5", argv[2]);
-        st = moe_ckpt_save_grads(gp, c, t.table, t.s.m, act, 12, 42, &t.cfg, tk_config_text);
+        st = moe_ckpt_save_grads(gp, c, t.table, t.s.m, act, tk_vocab ? act + 2 * 12 : NULL, 12, 42, &t.cfg,
+                                 tk_config_text);
         CHECK(st == MOE_OK, "save %s: %s", gp, moe_status_str(st));
         tk_state_free(&t);
         load_check(c, argv[2]);
@@ -108,13 +129,15 @@ int main(int argc, char **argv)
              * the damage, yet every rank must report the same failure. */
             char bad[4096];
             snprintf(bad, sizeof bad, "%s.flip%d.h5", argv[i], W);
-            corrupt_copy(c, bad, argv[i], "/model/h/2/moe/experts/w1", 11);
+            const char *dset = tk_vocab ? "/model/vocab_head/weight" : "/model/h/2/moe/experts/w1";
+            corrupt_copy(c, bad, argv[i], dset, tk_vocab ? 0 : 11);
             tk_state t;
             CHECK(tk_state_blank(&t, moe_comm_ep_rank(c), P) == 0, "alloc");
             moe_status st = moe_ckpt_load(bad, c, &t.s, NULL);
             CHECK(st == MOE_ERR_CHECKSUM, "corrupted load gave %s", moe_status_str(st));
-            CHECK(strstr(moe_error_detail(), "/model/h/2/moe/experts/w1") != NULL, "detail names the dataset");
-            if (P > 1) CHECK(strstr(moe_error_detail(), "rank") != NULL, "detail names the failing rank");
+            CHECK(strstr(moe_error_detail(), dset) != NULL, "detail names the dataset");
+            /* (the head's weight is one chunk, which every rank reads) */
+            if (P > 1 && !tk_vocab) CHECK(strstr(moe_error_detail(), "rank") != NULL, "detail names the failing rank");
             tk_state_free(&t);
             if (rank == 0) remove(bad);
         }

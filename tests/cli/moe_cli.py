@@ -111,7 +111,8 @@ def read_metrics(path, exact=True):
 # Fields of a metrics record that are functions of the model state only
 # (throughput and checkpoint time are not).
 STATE_FIELDS = ("loss", "ce", "bpb", "val_loss", "load_balance_loss", "z_loss", "lr", "grad_norm",
-                "dropped_frac", "max_over_mean_load", "active_experts", "layers")
+                "dropped_frac", "max_over_mean_load", "active_experts", "layers", "vocab_coverage",
+                "vocab_max_over_mean_load", "active_vocab_experts")
 
 
 def h5_items(path):

@@ -52,6 +52,19 @@ def flipped_ckpt(cli):
     return path
 
 
+def empty_set_partition(cli):
+    """A partition file (the checkpoint's paths) in which expert 7 of 8 has no token."""
+    path = cli.path("empty_set.h5")
+    with h5py.File(path, "w") as f:
+        f.create_dataset("/model/vocab_head/assign", data=[v % 7 for v in range(256)], dtype="<i4",
+                         chunks=(256,), fletcher32=True)
+        f["model"].attrs.update(dict(vocab_size=256, vocab_experts=8, vocab_partition="file"))
+    return path
+
+
+VOCAB = ["--head=vocab_experts", "--vocab_experts=8"]
+
+
 def data_file(cli, name, nbytes):
     path = cli.path(name)
     with open(cli.data, "rb") as f, open(path, "wb") as g:
@@ -78,6 +91,21 @@ CASES = {
                        r"checksum.*'/model/wte' in '.*flipped\.h5'"),
     "resume_other_model": (lambda cli: ([f"--resume={good_checkpoint(cli)}", "--d_model=64"], {}),
                            r"'.*ckpt-000002\.h5' was saved with d_model = 32, the configuration has 64"),
+    # The vocabulary-expert head (docs/vocab-experts.md): sizes and partitions.
+    "vocab_more_than_V": (lambda cli: (["--head=vocab_experts", "--vocab_experts=300"], {}),
+                          r"vocab_experts=300 exceeds vocab_size=256"),
+    "vocab_indivisible": (lambda cli: (["--head=vocab_experts", "--vocab_experts=5"], {}),
+                          r"vocab_experts=5 is not divisible by ep_size=\d+"),
+    "vocab_top_k": (lambda cli: (VOCAB + ["--vocab_top_k=9"], {}), r"vocab_top_k=9 must be in \[1, vocab_experts=8\]"),
+    "vocab_empty_set": (lambda cli: (VOCAB + ["--vocab_partition=file",
+                                              f"--vocab_partition_from={empty_set_partition(cli)}"], {}),
+                        r"'.*empty_set\.h5': vocabulary partition: expert 7 has no token"),
+    "vocab_file_missing": (lambda cli: (VOCAB + ["--vocab_partition=file", f"--vocab_partition_from={cli.path('no.h5')}"],
+                                        {}), r"cannot read '.*no\.h5'"),
+    "vocab_no_source": (lambda cli: (VOCAB + ["--vocab_partition=kmeans"], {}),
+                        r"vocab_partition=kmeans needs vocab_partition_from"),
+    "vocab_resume_full": (lambda cli: (VOCAB + [f"--resume={good_checkpoint(cli)}"], {}),
+                          r"ckpt-000002\.h5' has no dataset /model/vocab_head/assign"),
     # Divergence: the first update with lr 1e30 overflows the weights.
     "diverged": (lambda cli: (["--lr=1e30", "--warmup_steps=0"], {}), r"non-finite"),
     # A NaN gradient on the last rank only (test hook in src/train/train.c).

@@ -19,6 +19,7 @@
 #include "comm/comm_mpi.h"
 
 static int W, R; /* world size and rank */
+static moe_comm *comm_of_test; /* the communicator of the exchange run_step drives */
 
 /* ---- placement and small collectives ---- */
 
@@ -61,7 +62,18 @@ static void test_placement(void **state)
         assert_true(mx == g * P + P - 1);
         moe_comm_destroy(c);
     }
-    moe_comm *c = (moe_comm *)&W;
+    /* Nodes: this machine is one node, unless MOE_NODE_RANKS cuts it into
+     * nodes of that many consecutive ranks. */
+    moe_comm *c = NULL;
+    assert_int_equal(moe_comm_create(&c, MPI_COMM_WORLD, 0), MOE_OK);
+    const char *knob = getenv("MOE_NODE_RANKS");
+    const int nr = knob && *knob ? atoi(knob) : 0;
+    assert_int_equal(moe_comm_n_nodes(c), nr > 0 ? (W + nr - 1) / nr : 1);
+    for (int w = 0; w < W; w++) assert_int_equal(moe_comm_node_of(c, w), nr > 0 ? w / nr : 0);
+    moe_comm_destroy(c);
+    assert_int_equal(moe_comm_n_nodes(moe_comm_self()), 1);
+    assert_int_equal(moe_comm_node_of(moe_comm_self(), 0), 0);
+    c = (moe_comm *)&W;
     assert_int_equal(moe_comm_create(&c, MPI_COMM_WORLD, W + 1), MOE_ERR_ARG);
     assert_null(c);
     assert_non_null(strstr(moe_error_detail(), "ep_size"));
@@ -291,10 +303,27 @@ static float *run_step(moe_a2a *a, scenario sc, int P, int me)
                 for (int c = 0; c < WIDTH; c++) expect[(size_t)i * WIDTH + c] = value(s, me, j, r, c);
 
     moe_status st_plan = moe_a2a_set_counts(a, send_rows, MOE_OK, MAX_WIDTH);
+    moe_a2a_reset_bytes(a);
     moe_status st_disp = moe_a2a_dispatch(a, recv, send, WIDTH);
     expert_ctx e = {moe_a2a_recv_expert_offsets(a), 0, 1, WIDTH, OUT_WIDTH};
     moe_status st_comp = fake_experts(&e, 0, EL, recv, out);
     moe_status st_comb = moe_a2a_return(a, result, out, OUT_WIDTH);
+    /* The traffic counter: rows sent to other ranks (dispatch, WIDTH wide)
+     * and rows sent back to them (return, OUT_WIDTH wide); across nodes
+     * those whose peer is on another node (MOE_NODE_RANKS makes several). */
+    const moe_a2a_traffic tr = moe_a2a_bytes(a);
+    int64_t want_sent = 0, want_remote = 0;
+    for (int q = 0; q < P; q++) {
+        if (q == me) continue;
+        int64_t b = 0;
+        for (int j = 0; j < EL; j++)
+            b += (int64_t)rows_for(sc, me, q, j, P) * WIDTH + (int64_t)rows_for(sc, q, me, j, P) * OUT_WIDTH;
+        b *= (int64_t)sizeof(float);
+        want_sent += b;
+        if (moe_comm_node_of(comm_of_test, moe_comm_ep_world_rank(comm_of_test, q)) !=
+            moe_comm_node_of(comm_of_test, R))
+            want_remote += b;
+    }
     /* The round trip on the exchange's own buffers (chunked or not, shm or
      * not): the same bytes. Then the backward trip, in place on the forward
      * results, must leave the forward's receive rows intact. */
@@ -332,7 +361,19 @@ static float *run_step(moe_a2a *a, scenario sc, int P, int me)
         if (st_inpl == MOE_OK) st_inpl = moe_a2a_return(a, result3, stage, OUT_WIDTH);
     }
 
+    /* The node-aware kind moves the same rows across nodes (a row-level plan
+     * has nothing to merge), in one message per node pair sent by one rank
+     * of the node: the totals over the ep group agree, not each rank's. */
+    int64_t sums[2] = {tr.sent_remote, want_remote};
+    MPI_Allreduce(MPI_IN_PLACE, sums, 2, MPI_INT64_T, MPI_SUM, moe_comm_mpi(comm_of_test, MOE_SCOPE_EP));
     assert_int_equal(st_plan, MOE_OK);
+    if (moe_a2a_kind_of(a) == MOE_A2A_NODE) {
+        assert_int_equal(sums[0], sums[1]);
+        assert_true(tr.sent >= tr.sent_remote);
+    } else {
+        assert_int_equal(tr.sent, want_sent);
+        assert_int_equal(tr.sent_remote, want_remote);
+    }
     assert_int_equal(st_inpl, MOE_OK);
     assert_int_equal(st_disp, MOE_OK);
     assert_int_equal(st_comp, MOE_OK);
@@ -385,29 +426,138 @@ static void test_exchange_layouts(void **state)
         moe_comm *c = NULL;
         assert_int_equal(moe_comm_create(&c, MPI_COMM_WORLD, P), MOE_OK);
         const int me = moe_comm_ep_rank(c);
+        comm_of_test = c;
         for (int ci = 0; ci < 4; ci++) {
-            moe_a2a *a[2] = {NULL, NULL};
+            moe_a2a *a[3] = {NULL, NULL, NULL};
             assert_int_equal(moe_a2a_create(&a[0], c, EL, MOE_A2A_P2P, chunk_counts[ci]), MOE_OK);
             assert_int_equal(moe_a2a_create(&a[1], c, EL, MOE_A2A_SHM, chunk_counts[ci]), MOE_OK);
+            assert_int_equal(moe_a2a_create(&a[2], c, EL, MOE_A2A_NODE, chunk_counts[ci]), MOE_OK);
             assert_null(moe_a2a_shm_buffer(a[1])); /* no plan yet */
             const scenario order[] = {GENERAL, LARGE, SILENT_RANK0, ALL_REMOTE, EMPTY_EXPERT, GENERAL};
             for (size_t k = 0; k < sizeof order / sizeof order[0]; k++) {
                 float *r0 = run_step(a[0], order[k], P, me);
                 assert_null(moe_a2a_shm_buffer(a[0]));
-                float *r1 = run_step(a[1], order[k], P, me);
-                /* The shared-memory path is bitwise the default one. */
-                assert_memory_equal(r0, r1, sizeof(float) * (size_t)moe_a2a_recv_total(a[0]) * WIDTH + 1);
+                for (int x = 1; x < 3; x++) {
+                    /* The shared-memory and node-aware paths are bitwise the default one. */
+                    float *r1 = run_step(a[x], order[k], P, me);
+                    assert_memory_equal(r0, r1, sizeof(float) * (size_t)moe_a2a_recv_total(a[0]) * WIDTH + 1);
+                    free(r1);
+                }
                 free(r0);
-                free(r1);
             }
             assert_true(moe_a2a_seconds(a[0]) > 0);
             moe_a2a_reset_seconds(a[0]);
             assert_true(moe_a2a_seconds(a[0]) == 0);
-            moe_a2a_destroy(a[0]);
-            moe_a2a_destroy(a[1]);
+            for (int x = 0; x < 3; x++) moe_a2a_destroy(a[x]);
         }
         moe_comm_destroy(c);
     }
+}
+
+/* ---- the token-level trips (the layer's use) ---- */
+
+enum { TT = 37, TW = 6, TK = 3 };
+
+/* Forward "experts": out = 2 in + 1; backward: out = 3 in - 1 (in place). */
+static moe_status expert_fwd(void *ctx, int j0, int j1, const float *in, float *out)
+{
+    const int *off = ctx;
+    for (int i = off[j0] * TW; i < off[j1] * TW; i++) out[i] = 2 * in[i] + 1;
+    return MOE_OK;
+}
+static moe_status expert_bwd(void *ctx, int j0, int j1, const float *in, float *out)
+{
+    const int *off = ctx;
+    for (int i = off[j0] * TW; i < off[j1] * TW; i++) out[i] = 3 * in[i] - 1;
+    return MOE_OK;
+}
+
+/* Token t of rank r (seed sd): 0..TK assignments to distinct destinations,
+ * in ascending destination order; weights and rows from a hash. */
+static uint32_t mix(uint32_t h)
+{
+    h ^= h >> 16;
+    h *= 0x7feb352du;
+    h ^= h >> 15;
+    h *= 0x846ca68bu;
+    return h ^ (h >> 16);
+}
+
+/* Every kind, with tokens bound for several experts of one node: the
+ * forward's y, the backward's dL/dg and dx equal a reference computed here
+ * with the same operations in combine order, bit for bit; the node-aware
+ * kind moves fewer bytes across nodes than p2p. */
+static void test_token_trips(void **state)
+{
+    (void)state;
+    moe_comm *c = NULL;
+    assert_int_equal(moe_comm_create(&c, MPI_COMM_WORLD, 0), MOE_OK);
+    const int D = W * EL;
+    int tok_off[TT + 1], dest[TT * TK];
+    float weight[TT * TK], x[TT * TW], dy[TT * TW];
+    for (int sd = 0; sd < 3; sd++) {
+        int n = 0;
+        for (int t = 0; t < TT; t++) {
+            tok_off[t] = n;
+            const int k = (int)(mix(0x1234u + (uint32_t)(R * 1000 + t) * 7u + (uint32_t)sd) % (TK + 1));
+            int taken[64 * EL] = {0};
+            for (int i = 0; i < k && i < D; i++) {
+                int d = (int)(mix((uint32_t)(R * 7919 + t * 31 + i * 5 + sd)) % (uint32_t)D);
+                while (taken[d]) d = (d + 1) % D;
+                taken[d] = 1;
+            }
+            for (int d = 0; d < D; d++)
+                if (taken[d]) {
+                    dest[n] = d;
+                    weight[n++] = (float)(mix((uint32_t)(d * 13 + t + R * 101 + sd)) % 1000) / 997.0f;
+                }
+        }
+        tok_off[TT] = n;
+        for (int i = 0; i < TT * TW; i++) {
+            x[i] = (float)((int)(mix((uint32_t)(i + 17 * R + sd)) % 2001) - 1000) / 128.0f;
+            dy[i] = (float)((int)(mix((uint32_t)(3 * i + 5 * R + sd)) % 2001) - 1000) / 256.0f;
+        }
+        /* reference: the same operations in combine order */
+        float yref[TT * TW] = {0}, dxref[TT * TW] = {0}, dwref[TT * TK], res[TW];
+        for (int t = 0; t < TT; t++)
+            for (int i = tok_off[t]; i < tok_off[t + 1]; i++) {
+                for (int q = 0; q < TW; q++) res[q] = 2 * x[t * TW + q] + 1;
+                float dot = 0.0f;
+                for (int q = 0; q < TW; q++) {
+                    yref[t * TW + q] += weight[i] * res[q];
+                    dot += dy[t * TW + q] * res[q];
+                }
+                dwref[i] = dot;
+                for (int q = 0; q < TW; q++) dxref[t * TW + q] += 3 * (weight[i] * dy[t * TW + q]) - 1;
+            }
+        int64_t remote[2] = {0, 0};
+        for (int kind = 0; kind < 4; kind++) {
+            moe_a2a *a = NULL;
+            assert_int_equal(moe_a2a_create(&a, c, EL, (moe_a2a_kind)kind, 2), MOE_OK);
+            const moe_a2a_routing r = {TT, tok_off, dest, weight};
+            float y[TT * TW], dx[TT * TW] = {0}, dw[TT * TK];
+            moe_a2a_reset_bytes(a);
+            assert_int_equal(moe_a2a_plan(a, &r, MOE_OK, 2 * TW), MOE_OK);
+            const int *off = moe_a2a_recv_expert_offsets(a);
+            moe_status fs = moe_a2a_forward(a, y, x, TW, expert_fwd, (void *)off, MOE_OK);
+            moe_status bs = moe_a2a_backward(a, dw, dy, TW, expert_bwd, (void *)off, MOE_OK);
+            if (bs == MOE_OK) moe_a2a_backward_add(a, dx, TW);
+            const moe_a2a_traffic tr = moe_a2a_bytes(a);
+            const moe_a2a_kind used = moe_a2a_kind_of(a);
+            moe_a2a_destroy(a);
+            assert_int_equal(fs, MOE_OK);
+            assert_int_equal(bs, MOE_OK);
+            if (memcmp(y, yref, sizeof y)) fail_msg("rank %d, kind %d, seed %d: forward y differs", R, kind, sd);
+            if (memcmp(dw, dwref, sizeof(float) * (size_t)n)) fail_msg("rank %d, kind %d: dL/dg differs", R, kind);
+            if (memcmp(dx, dxref, sizeof dx)) fail_msg("rank %d, kind %d: dx differs", R, kind);
+            if (kind == MOE_A2A_P2P || kind == MOE_A2A_NODE) remote[kind == MOE_A2A_NODE] += tr.sent_remote;
+            assert_true(used != MOE_A2A_AUTO);
+        }
+        MPI_Allreduce(MPI_IN_PLACE, remote, 2, MPI_INT64_T, MPI_SUM, MPI_COMM_WORLD);
+        assert_true(remote[1] <= remote[0]);
+        if (moe_comm_n_nodes(c) > 1) assert_true(remote[1] < remote[0]);
+    }
+    moe_comm_destroy(c);
 }
 
 static moe_status failing_experts(void *ctx, int j0, int j1, const float *in, float *out)
@@ -436,7 +586,7 @@ static void test_exchange_errors(void **state)
     assert_int_equal(moe_comm_create(&c, MPI_COMM_WORLD, 0), MOE_OK);
     char want[32];
     snprintf(want, sizeof want, "rank %d", W - 1);
-    for (int kind = 0; kind < 2; kind++) {
+    for (int kind = 0; kind < 3; kind++) {
         moe_a2a *a = NULL;
         assert_int_equal(moe_a2a_create(&a, c, EL, (moe_a2a_kind)kind, 2), MOE_OK);
         int rows[64 * EL];
@@ -489,7 +639,7 @@ static void test_exchange_overflow(void **state)
     moe_comm *c = NULL;
     assert_int_equal(moe_comm_create(&c, MPI_COMM_WORLD, 0), MOE_OK);
     const int width = 1 << 12, limit = 0x7fffffff / width; /* rows that still fit */
-    for (int kind = 0; kind < 2; kind++) {
+    for (int kind = 0; kind < 3; kind++) {
         moe_a2a *a = NULL;
         assert_int_equal(moe_a2a_create(&a, c, EL, (moe_a2a_kind)kind, 1), MOE_OK);
         int rows[64 * EL] = {0};
@@ -532,6 +682,7 @@ int main(int argc, char **argv)
         cmocka_unit_test(test_check_same_and_agree),
         cmocka_unit_test(test_h5_properties),
         cmocka_unit_test(test_exchange_layouts),
+        cmocka_unit_test(test_token_trips),
         cmocka_unit_test(test_exchange_errors),
         cmocka_unit_test(test_exchange_overflow),
     };

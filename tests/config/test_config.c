@@ -151,13 +151,16 @@ static void test_bad_files(void **state)
         {"beta1 = 1\n", {"beta1", "[0, 1)", "'1'"}},
         {"lr = nan\n", {"lr", "'nan'"}},
         {"lr = inf\n", {"lr", "'inf'"}},
-        {"vocab_size = 512\n", {"vocab_size", "256", "'512'"}},
+        {"vocab_size = 255\n", {"vocab_size", "[256, 16777216]", "'255'"}},
+        {"vocab_size = 16777217\n", {"vocab_size", "16777216", "'16777217'"}},
+        {"data_format = text\n", {"data_format", "auto, bytes or tokens", "'text'"}},
+        {"tokenizer = a;b\n", {"tokenizer", "without ';'"}},
         {"d_model = 99999999999\n", {"d_model", "'99999999999'"}},
         {"seed = -1\n", {"seed", "'-1'"}},
         {"router = best\n", {"router", "token_choice or expert_choice", "'best'"}},
         {"activation = tanh\n", {"activation", "gelu, relu or swiglu"}},
         {"router_noise = yes\n", {"router_noise", "none or gaussian"}},
-        {"a2a = nccl\n", {"a2a", "p2p or shm"}},
+        {"a2a = nccl\n", {"a2a", "p2p, shm, node or auto"}},
         {"normalize_topk = 2\n", {"normalize_topk", "'2'"}},
         {"steps = 5\nlr = 0.1\nsteps = 6\n", {":3: ", "steps: set twice (first on line 1)"}},
         {"steps 10\n", {":1: ", "syntax error"}},
@@ -343,7 +346,41 @@ static void test_help_lists_every_key(void **state)
         if (!strstr(help, want)) fail_msg("help lacks key '%.*s'", (int)(eq - line), line);
         n_keys++;
     }
-    assert_int_equal(n_keys, 62); /* every field of moe_train_config but normalize_topk_user */
+    assert_int_equal(n_keys, 72); /* every key of the table */
+}
+
+/* vocab_size follows the data unless set; a value set must hold the
+ * data's ids; the resolved value survives the INI text (checkpoints). */
+static void test_vocab_resolution(void **state)
+{
+    (void)state;
+    moe_train_config c, back;
+    moe_train_config_default(&c);
+    assert_int_equal(c.vocab_size, 256);
+    assert_int_equal(moe_train_config_resolve_vocab(&c, 50257, "tokenizer 'gpt2.json'"), MOE_OK);
+    assert_int_equal(c.vocab_size, 50257);
+    char text[16384];
+    moe_train_config_format(&c, text, sizeof text);
+    moe_train_config_default(&back);
+    assert_int_equal(moe_train_config_load_text(&back, text, "ckpt:config"), MOE_OK);
+    assert_int_equal(back.vocab_size, 50257);
+    assert_int_equal(moe_train_config_resolve_vocab(&back, 50257, "x"), MOE_OK); /* as saved */
+    assert_int_equal(moe_train_config_resolve_vocab(&back, 50000, "x"), MOE_OK); /* larger than the data is fine */
+    assert_int_equal(back.vocab_size, 50257);
+    moe_train_config_default(&c);
+    assert_int_equal(moe_train_config_set(&c, "vocab_size", "4096"), MOE_OK);
+    assert_int_equal(moe_train_config_resolve_vocab(&c, 256, "the byte data 'x.txt'"), MOE_OK);
+    assert_int_equal(c.vocab_size, 4096);
+    assert_int_equal(moe_train_config_resolve_vocab(&c, 5000, "tokenizer 't.json'"), MOE_ERR_ARG);
+    assert_detail_has("vocab_size=4096");
+    assert_detail_has("5000 ids of tokenizer 't.json'");
+    assert_int_equal(c.vocab_size, 4096);
+    moe_train_config_default(&c); /* not set, and the data is outside the key's range */
+    assert_int_equal(moe_train_config_resolve_vocab(&c, (1 << 24) + 1, "t"), MOE_ERR_ARG);
+    assert_int_equal(moe_train_config_set(&c, "data_format", "tokens"), MOE_OK);
+    assert_int_equal(c.data_format, 2);
+    assert_int_equal(moe_train_config_set(&c, "tokenizer", "runs/tok.json"), MOE_OK);
+    assert_string_equal(c.tokenizer, "runs/tok.json");
 }
 
 int main(void)
@@ -360,6 +397,7 @@ int main(void)
         cmocka_unit_test(test_check_rules),
         cmocka_unit_test(test_format_round_trip),
         cmocka_unit_test(test_help_lists_every_key),
+        cmocka_unit_test(test_vocab_resolution),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -1,7 +1,10 @@
 /* Data: the synthetic corpus is a pure function of its seed and every line
  * is a correct instance of its domain (checked by independent parsers);
  * the loader refuses bad files, builds the same batch whatever the split
- * into ranks, shifts targets by one, and keeps validation disjoint. */
+ * into ranks, shifts targets by one, and keeps validation disjoint; token
+ * files (2 and 4 bytes per id) give token windows drawn by the same
+ * function of (seed, step), the bytes they stand for and the unigram
+ * baseline, and are refused when they do not match their tokenizer. */
 #include <math.h>
 #include <setjmp.h>
 #include <stdarg.h>
@@ -14,7 +17,9 @@
 
 #include <cmocka.h>
 
+#include "core/rng.h"
 #include "data/data.h"
+#include "tokenizer/tokfile.h"
 
 #define assert_detail_has(s) assert_non_null(strstr(moe_error_detail(), (s)))
 
@@ -35,6 +40,9 @@ static uint8_t *synth(size_t n, uint32_t seed, uint8_t **domain)
     assert_int_equal(moe_data_synth(t, domain ? *domain : NULL, n, seed), MOE_OK);
     return t;
 }
+
+/* A uniform draw in [0, 1) for test data (Philox, bench stream). */
+static double moe_rng_uniform_test(int i) { return moe_rng_uniform(77, MOE_RNG_BENCH, (uint32_t)i, 0, 0, 0); }
 
 static void test_synth_deterministic(void **state)
 {
@@ -367,6 +375,232 @@ static void test_unigram(void **state)
     assert_true(moe_data_bytes_entropy((const uint8_t *)"zzzz", 4) == 0.0);
 }
 
+/* A tokenizer trained on text, its ids of text, and a token file of them. */
+static moe_tok *train_tok(const uint8_t *text, size_t n, int64_t vocab)
+{
+    moe_tok *t = NULL;
+    assert_int_equal(moe_tok_train(&t, text, n, vocab, NULL, 0, NULL, 1), MOE_OK);
+    return t;
+}
+
+static uint32_t *encode(const moe_tok *t, const uint8_t *text, size_t n, size_t *n_ids)
+{
+    moe_tok_encoder *e = NULL;
+    uint32_t *ids = malloc(n * sizeof *ids);
+    assert_int_equal(moe_tok_encoder_create(&e, t), MOE_OK);
+    assert_int_equal(moe_tok_encode(e, ids, n_ids, text, n), MOE_OK);
+    moe_tok_encoder_destroy(e);
+    return ids;
+}
+
+static void tok_path(char path[64], const moe_tok *t, const uint32_t *ids, size_t n)
+{
+    strcpy(path, "/tmp/moe_test_data_XXXXXX");
+    int fd = mkstemp(path);
+    assert_true(fd >= 0);
+    close(fd);
+    unlink(path);
+    strcat(path, ".tok");
+    assert_int_equal(moe_tok_file_write(path, t, ids, n), MOE_OK);
+}
+
+/* Windows of a token file are windows of its ids; the draw is the byte
+ * loader's function of (seed, step, g) over the token count; batches do not
+ * depend on the rank split; bytes and the unigram baseline are the ids'. */
+static void test_token_windows(void **state)
+{
+    (void)state;
+    const size_t nb = 120000;
+    const int T = 24, B = 8;
+    uint8_t *text = synth(nb, 11, NULL);
+    moe_tok *tok = train_tok(text, nb, 700);
+    size_t n = 0;
+    uint32_t *ids = encode(tok, text, nb, &n);
+    assert_true(n > 30000 && n < nb);
+    char path[64];
+    tok_path(path, tok, ids, n);
+    moe_data *ds = NULL;
+    const moe_data_config dc = {.path = path, .val_frac = 0.1, .seq_len = T, .seed = 5, .tok = tok};
+    assert_int_equal(moe_data_open_config(&ds, &dc), MOE_OK); /* AUTO: the name ends in .tok */
+    assert_true(moe_data_is_tokens(ds));
+    assert_int_equal(moe_data_vocab_size(ds), 700);
+    const int64_t nv = (int64_t)(0.1 * (double)n), ntr = (int64_t)n - nv;
+    assert_int_equal(moe_data_train_tokens(ds), ntr);
+    assert_int_equal(moe_data_val_tokens(ds), nv);
+    /* bytes: the lengths of the ids' byte strings, which decode to the text */
+    int64_t bytes_tr = 0;
+    for (int64_t i = 0; i < ntr; i++) {
+        size_t len;
+        assert_non_null(moe_tok_token(tok, ids[i], &len));
+        bytes_tr += (int64_t)len;
+        assert_int_equal(moe_data_id_bytes(ds)[ids[i]], (int32_t)len);
+    }
+    assert_int_equal(moe_data_train_bytes(ds), bytes_tr);
+    assert_int_equal(moe_data_train_bytes(ds) + moe_data_val_bytes(ds), (int64_t)nb);
+    /* the unigram baseline, recomputed here */
+    double *cnt = calloc(700, sizeof *cnt), h = 0;
+    for (int64_t i = 0; i < ntr; i++) cnt[ids[i]] += 1;
+    for (int v = 0; v < 700; v++)
+        if (cnt[v] > 0) h -= cnt[v] / (double)ntr * log2(cnt[v] / (double)ntr);
+    assert_true(fabs(moe_data_unigram_bpt(ds) - h) < 1e-9);
+    assert_true(fabs(moe_data_unigram_bpb(ds) - h * (double)ntr / (double)bytes_tr) < 1e-9);
+    free(cnt);
+    /* the draw of a byte file with the same count of training units */
+    uint8_t *same = calloc((size_t)ntr + (size_t)nv, 1);
+    char bpath[64];
+    write_tmp(bpath, same, (size_t)ntr + (size_t)nv);
+    moe_data *bd = NULL;
+    assert_int_equal(moe_data_open(&bd, bpath, NULL, 0.1, T, 5), MOE_OK);
+    assert_int_equal(moe_data_train_tokens(bd), ntr);
+    int32_t in[8 * 24], tg[8 * 24], in_r[8 * 24], tg_r[8 * 24];
+    for (int64_t step = 0; step < 4; step++) {
+        assert_int_equal(moe_data_batch(ds, in, tg, step, 0, B), MOE_OK);
+        int64_t want_bytes = 0;
+        for (int i = 0; i < B; i++) {
+            const int64_t off = moe_data_train_offset(ds, step, i);
+            assert_int_equal(off, moe_data_train_offset(bd, step, i));
+            for (int t = 0; t < T; t++) {
+                assert_int_equal(in[i * T + t], (int32_t)ids[off + t]);
+                assert_int_equal(tg[i * T + t], (int32_t)ids[off + t + 1]);
+                want_bytes += moe_data_id_bytes(ds)[ids[off + t + 1]];
+            }
+        }
+        assert_int_equal(moe_data_batch_bytes(ds, step, 0, B), want_bytes);
+        for (int W = 1; W <= 8; W *= 2)
+            for (int r = 0; r < W; r++) {
+                assert_int_equal(moe_data_batch(ds, in_r, tg_r, step, r * B / W, B / W), MOE_OK);
+                assert_memory_equal(in_r, in + r * B / W * T, (size_t)(B / W) * T * sizeof(int32_t));
+                assert_memory_equal(tg_r, tg + r * B / W * T, (size_t)(B / W) * T * sizeof(int32_t));
+            }
+    }
+    /* validation windows of the tail and the bytes of a pass */
+    const int64_t nw = moe_data_val_windows(ds), total = 5;
+    assert_int_equal(nw, (nv - 1) / T);
+    int64_t pass_bytes = 0;
+    for (int64_t g = 0; g < total; g++) {
+        assert_int_equal(moe_data_val_batch(ds, in, tg, g, total, 1), MOE_OK);
+        const int64_t w = g * nw / total;
+        for (int t = 0; t < T; t++) {
+            assert_int_equal(in[t], (int32_t)ids[ntr + w * T + t]);
+            assert_int_equal(tg[t], (int32_t)ids[ntr + w * T + t + 1]);
+            pass_bytes += moe_data_id_bytes(ds)[tg[t]];
+        }
+    }
+    assert_int_equal(moe_data_val_pass_bytes(ds, total), pass_bytes);
+    moe_data_destroy(bd);
+    moe_data_destroy(ds);
+    unlink(bpath);
+    unlink(path);
+    free(same);
+    free(ids);
+    moe_tok_destroy(tok);
+    free(text);
+}
+
+/* A vocabulary above 65536: 4 bytes per id in the file. */
+static void test_token_windows_wide(void **state)
+{
+    (void)state;
+    enum { NR = 70000, N = 5000, T = 16 };
+    uint8_t *bytes = malloc(256 + 3 * (NR - 256));
+    int64_t *off = malloc((NR + 1) * sizeof *off), len = 0;
+    for (int64_t i = 0; i < NR; i++) {
+        off[i] = len;
+        if (i < 256) bytes[len++] = (uint8_t)i;
+        else { /* distinct 3-byte strings */
+            const int64_t k = i - 256;
+            bytes[len++] = (uint8_t)(k & 255), bytes[len++] = (uint8_t)((k >> 8) & 255), bytes[len++] = (uint8_t)(k >> 16);
+        }
+    }
+    off[NR] = len;
+    moe_tok *tok = NULL;
+    assert_int_equal(moe_tok_create(&tok, bytes, off, NR, NULL, 0, NULL, NULL), MOE_OK);
+    uint32_t *ids = malloc(N * sizeof *ids);
+    for (int i = 0; i < N; i++) ids[i] = (uint32_t)(NR * moe_rng_uniform_test(i));
+    char path[64];
+    tok_path(path, tok, ids, N);
+    moe_data *ds = NULL;
+    const moe_data_config dc = {.path = path, .val_path = path, .seq_len = T, .seed = 1, .tok = tok};
+    assert_int_equal(moe_data_open_config(&ds, &dc), MOE_OK);
+    assert_int_equal(moe_data_vocab_size(ds), NR);
+    int32_t in[4 * T], tg[4 * T];
+    assert_int_equal(moe_data_batch(ds, in, tg, 3, 0, 4), MOE_OK);
+    for (int i = 0; i < 4; i++) {
+        const int64_t o = moe_data_train_offset(ds, 3, i);
+        for (int t = 0; t < T; t++) assert_int_equal(in[i * T + t], (int32_t)ids[o + t]);
+    }
+    assert_int_equal(moe_data_val_batch(ds, in, tg, 0, 1, 1), MOE_OK); /* the whole file as validation */
+    for (int t = 0; t < T; t++) assert_int_equal(tg[t], (int32_t)ids[t + 1]);
+    moe_data_destroy(ds);
+    unlink(path);
+    free(ids);
+    free(off);
+    free(bytes);
+    moe_tok_destroy(tok);
+}
+
+/* Token data that does not fit: each refused naming the file. */
+static void test_token_errors(void **state)
+{
+    (void)state;
+    const size_t nb = 30000;
+    uint8_t *text = synth(nb, 12, NULL);
+    moe_tok *tok = train_tok(text, nb, 400), *other = train_tok(text, nb, 420);
+    size_t n = 0;
+    uint32_t *ids = encode(tok, text, nb, &n);
+    char path[64], txt[64];
+    tok_path(path, tok, ids, n);
+    write_tmp(txt, text, nb);
+    moe_data *ds = (moe_data *)(uintptr_t)1;
+    moe_data_config dc = {.path = path, .val_frac = 0.05, .seq_len = 16, .seed = 1};
+    assert_int_equal(moe_data_open_config(&ds, &dc), MOE_ERR_ARG); /* no tokenizer */
+    assert_null(ds);
+    assert_detail_has(path);
+    assert_detail_has("tokenizer");
+    dc.tok = other; /* encoded with another tokenizer */
+    assert_int_equal(moe_data_open_config(&ds, &dc), MOE_ERR_MISMATCH);
+    assert_detail_has(path);
+    dc.tok = tok;
+    dc.path = txt; /* bytes with a tokenizer */
+    assert_int_equal(moe_data_open_config(&ds, &dc), MOE_ERR_ARG);
+    assert_detail_has("moe data encode");
+    dc.format = MOE_DATA_TOKENS; /* a text file read as tokens */
+    assert_int_equal(moe_data_open_config(&ds, &dc), MOE_ERR_FORMAT);
+    assert_detail_has(txt);
+    dc.format = MOE_DATA_AUTO;
+    dc.path = path;
+    dc.val_path = txt; /* two kinds */
+    assert_int_equal(moe_data_open_config(&ds, &dc), MOE_ERR_ARG);
+    assert_detail_has("val_data");
+    dc.val_path = NULL;
+    dc.seq_len = (int)n; /* too short for a window */
+    assert_int_equal(moe_data_open_config(&ds, &dc), MOE_ERR_ARG);
+    assert_detail_has("held-out tail (val_frac=0.05 of");
+    dc.val_frac = 0;
+    assert_int_equal(moe_data_open_config(&ds, &dc), MOE_ERR_ARG);
+    assert_detail_has("training tokens");
+    dc.seq_len = 16;
+    /* an id out of range: the reader names its position */
+    FILE *f = fopen(path, "r+b");
+    assert_non_null(f);
+    fseek(f, 64 + 2 * 100, SEEK_SET);
+    const uint8_t big[2] = {0xff, 0xff};
+    fwrite(big, 1, 2, f);
+    fclose(f);
+    assert_int_equal(moe_data_open_config(&ds, &dc), MOE_ERR_FORMAT);
+    assert_detail_has("token 100");
+    /* truncated */
+    assert_int_equal(truncate(path, 64 + 2 * (off_t)n - 1), 0);
+    assert_int_equal(moe_data_open_config(&ds, &dc), MOE_ERR_FORMAT);
+    assert_detail_has("truncated");
+    unlink(path);
+    unlink(txt);
+    free(ids);
+    moe_tok_destroy(tok);
+    moe_tok_destroy(other);
+    free(text);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -376,6 +610,9 @@ int main(void)
         cmocka_unit_test(test_batches_rank_independent),
         cmocka_unit_test(test_train_val_disjoint),
         cmocka_unit_test(test_unigram),
+        cmocka_unit_test(test_token_windows),
+        cmocka_unit_test(test_token_windows_wide),
+        cmocka_unit_test(test_token_errors),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

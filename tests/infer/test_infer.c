@@ -38,7 +38,7 @@ static moe_model *make_model_opts(const char *router, const char *cf, const char
     if (cf) assert_int_equal(moe_train_config_set(&c, "capacity_factor", cf), MOE_OK);
     for (int i = 0; opts && opts[i]; i += 2) assert_int_equal(moe_train_config_set(&c, opts[i], opts[i + 1]), MOE_OK);
     moe_model *m = NULL;
-    assert_int_equal(moe_model_create(&m, &c, max_seqs, moe_comm_self()), MOE_OK);
+    assert_int_equal(moe_model_create(&m, &c, NULL, max_seqs, moe_comm_self()), MOE_OK);
     /* weights far from the 0.02 init, so the logits are O(1) and every layer
      * matters (LayerNorm gains included) */
     const moe_tensor_table *t = moe_model_tensors(m);

@@ -33,7 +33,7 @@ static void test_descriptor(void **state)
     moe_train_config c;
     config(&c);
     moe_tensor_table *t = NULL;
-    assert_int_equal(moe_layout_create(&t, &c, 1, 3), MOE_OK);
+    assert_int_equal(moe_layout_create(&t, &c, NULL, 1, 3), MOE_OK);
     /* Lookups by kind: the decoder, inspect and the model use these, not names. */
     const int w1 = moe_layout_find(t, MOE_T_EXP_W1, 2);
     assert_true(w1 >= 0);
@@ -53,14 +53,14 @@ static void test_descriptor(void **state)
     moe_layout_destroy(t);
     /* A tensor present only under an option: the router noise weight. */
     c.router_noise = !c.router_noise;
-    assert_int_equal(moe_layout_create(&t, &c, 1, 3), MOE_OK);
+    assert_int_equal(moe_layout_create(&t, &c, NULL, 1, 3), MOE_OK);
     assert_int_equal(moe_layout_find(t, MOE_T_NOISE_W, 0) >= 0, !had_noise);
     moe_layout_destroy(t);
     c.router_noise = !c.router_noise;
     /* The /model attributes are the [model] keys, typed, and set back. */
     moe_model_attr at[MOE_MODEL_ATTRS_MAX];
     const int na = moe_train_config_model_attrs(&c, at, MOE_MODEL_ATTRS_MAX);
-    assert_int_equal(na, 34);
+    assert_int_equal(na, 38);
     moe_train_config back;
     memset(&back, 0, sizeof back);
     for (int i = 0; i < na; i++) assert_int_equal(moe_train_config_set_model_attr(&back, &at[i]), MOE_OK);
@@ -84,14 +84,14 @@ static void test_refused(void **state)
     config(&c);
     moe_tensor_table *t = NULL;
     c.n_layers = 1 << 13;
-    assert_int_equal(moe_layout_create(&t, &c, 0, 1), MOE_ERR_ARG);
+    assert_int_equal(moe_layout_create(&t, &c, NULL, 0, 1), MOE_ERR_ARG);
     assert_non_null(strstr(moe_error_detail(), "n_layers"));
     config(&c);
     c.n_heads = 3;
-    assert_int_equal(moe_layout_create(&t, &c, 0, 1), MOE_ERR_ARG);
+    assert_int_equal(moe_layout_create(&t, &c, NULL, 0, 1), MOE_ERR_ARG);
     assert_non_null(strstr(moe_error_detail(), "n_heads"));
     config(&c);
-    assert_int_equal(moe_layout_create(&t, &c, 3, 3), MOE_ERR_ARG);
+    assert_int_equal(moe_layout_create(&t, &c, NULL, 3, 3), MOE_ERR_ARG);
     assert_null(t);
 }
 

@@ -17,7 +17,21 @@ scores, route_scale, the expert bias (selection only; updated after each
 step from the loads), group-limited routing, the per-sequence and no
 balance loss, and gated shared experts.
 
-Usage: model_ref.py --exe PATH/model_export --variant tc|ec|k1|arch1|arch2|arch3 [--out FILE]
+Variant vx has the vocabulary-expert head (docs/vocab-experts.md: router
+q = softmax(W_r h + b_r), expert m's softmax over its own tokens, the exact
+loss -log q_{m*} - log p_{m*}(y), untied from wte), computed here from the
+whole W_out with the partition applied as a gather: it also checks the
+per-position losses, the head's input h and dL/dh, the top-K distributions
+P_K for K = 1, 2, M, the vocabulary experts' update counts, and that the
+expert no position targets keeps its weights bit for bit and its moments at
+zero through the 5 steps.
+
+Variant gpt2 is tc at GPT-2's vocabulary (50257 ids, a batch of text encoded with
+the gpt2 tokenizer given by --tokenizer): the same checks, the logits over 50257
+columns and the gradient of every row of the [50257, d] embedding included.
+
+Usage: model_ref.py --exe PATH/model_export --variant tc|ec|k1|arch1|arch2|arch3|vx [--out FILE]
+       model_ref.py --exe PATH/model_export --variant gpt2 --tokenizer gpt2.json [--out FILE]
 """
 import argparse
 import math
@@ -218,6 +232,25 @@ def attention(h, P, l, cfg, B, T):
     return lin(y, P, p + "c_proj")
 
 
+def vocab_logp(h, P, assign, M):
+    """log P(v | h) for every token v (N, V), and log q (N, M)."""
+    lq = torch.log_softmax(h @ P["vocab_head/router/weight"].T + P["vocab_head/router/bias"], -1)
+    z = h @ P["vocab_head/weight"].T + P["vocab_head/bias"]
+    lse = torch.stack([torch.logsumexp(z[:, assign == m], -1) for m in range(M)], -1)
+    return lq[:, assign] + z - lse[:, assign], lq
+
+
+def topk_dist(h, P, assign, M, K):
+    """P_K (N, V): P renormalised over the K experts with the largest q (ties to the lower index)."""
+    logp, lq = vocab_logp(h, P, assign, M)
+    q = lq.exp()
+    sel = torch.sort(q, dim=1, descending=True, stable=True).indices[:, :K]
+    keep = torch.zeros_like(q, dtype=torch.bool)
+    keep[torch.arange(q.shape[0])[:, None], sel] = True
+    denom = (q * keep).sum(-1, keepdim=True)
+    return torch.where(keep[:, assign], logp.exp() / denom, torch.zeros_like(logp))
+
+
 def forward(P, inp, tgt, cfg):
     B, T = inp.shape
     d = cfg["d_model"]
@@ -234,8 +267,17 @@ def forward(P, inp, tgt, cfg):
                     p("mlp/c_proj/bias"), cfg)
         x = x + y
     x = norm(x, P, "ln_f", cfg)
-    logits = x @ (P["wte"] if cfg["tie_embeddings"] else P["lm_head/weight"]).T
-    ce = F.cross_entropy(logits.view(-1, logits.shape[-1]), tgt.reshape(-1))
+    stats["h"] = x
+    if cfg.get("vocab_experts", 0):
+        logp, _ = vocab_logp(x.view(B * T, d), P, cfg["assign"], cfg["vocab_experts"])
+        stats["losses"] = -logp.gather(1, tgt.reshape(-1, 1)).view(B, T)
+        stats["vocab_targets"] = torch.bincount(cfg["assign"][tgt.reshape(-1)], minlength=cfg["vocab_experts"])
+        logits, ce = None, stats["losses"].mean()
+    else:
+        logits = x @ (P["wte"] if cfg["tie_embeddings"] else P["lm_head/weight"]).T
+        stats["losses"] = F.cross_entropy(logits.view(-1, logits.shape[-1]), tgt.reshape(-1),
+                                          reduction="none").view(B, T)
+        ce = stats["losses"].mean()
     loss = ce
     if stats["lb"]:
         loss = loss + cfg["aux_loss_coef"] * torch.stack(stats["lb"]).mean() \
@@ -270,8 +312,9 @@ def train(P, inp, tgt, cfg, n_steps):
     m = {n: torch.zeros_like(t) for n, t in P.items()}
     v = {n: torch.zeros_like(t) for n, t in P.items()}
     moe_blocks = [l for l in range(cfg["n_layers"]) if l % cfg["moe_every"] == 0]
-    E = cfg["n_experts"]
+    E, M = cfg["n_experts"], cfg.get("vocab_experts", 0)
     esteps = {l: torch.zeros(E, dtype=torch.int64) for l in moe_blocks}
+    vsteps = torch.zeros(M, dtype=torch.int64)
     b1, b2, eps, wd = cfg["beta1"], cfg["beta2"], cfg["adam_eps"], cfg["weight_decay"]
     losses = []
     for step in range(n_steps):
@@ -284,6 +327,7 @@ def train(P, inp, tgt, cfg, n_steps):
         scale = cfg["grad_clip"] / gnorm if cfg["grad_clip"] > 0 and gnorm > cfg["grad_clip"] else 1.0
         lr = lr_at(cfg, step)
         active = {l: stats["kept"][i] > 0 for i, l in enumerate(moe_blocks)}
+        vactive = stats["vocab_targets"] > 0 if M else None
         with torch.no_grad():
             for n, p in P.items():
                 if is_buffer(n):
@@ -299,6 +343,10 @@ def train(P, inp, tgt, cfg, n_steps):
                     l = int(n.split("/")[1])
                     upd = active[l]
                     t = (esteps[l] + 1).to(torch.float64)
+                elif n in ("vocab_head/weight", "vocab_head/bias"):
+                    # rows by token id: each row is its expert's
+                    upd = vactive[cfg["assign"]]
+                    t = (vsteps + 1).to(torch.float64)[cfg["assign"]]
                 shape = (-1,) + (1,) * (p.dim() - 1)
                 upd, t = upd.view(shape), t.view(shape)
                 mn = b1 * m[n] + (1 - b1) * g
@@ -310,7 +358,9 @@ def train(P, inp, tgt, cfg, n_steps):
                 v[n].copy_(torch.where(upd, vn, v[n]))
             for l in moe_blocks:
                 esteps[l] += active[l].to(torch.int64)
-    return losses, torch.stack([esteps[l] for l in moe_blocks]), P
+            if M:
+                vsteps += vactive.to(torch.int64)
+    return losses, torch.stack([esteps[l] for l in moe_blocks]), vsteps, P
 
 
 def rel(a, b):
@@ -323,9 +373,13 @@ def main():
     ap.add_argument("--exe", required=True)
     ap.add_argument("--variant", required=True)
     ap.add_argument("--out")
+    ap.add_argument("--tokenizer", help="the gpt2 tokenizer file (variant gpt2)")
     a = ap.parse_args()
     out = a.out or os.path.join(tempfile.mkdtemp(prefix="moe_model_ref_"), f"{a.variant}.h5")
-    subprocess.run([a.exe, out, a.variant], check=True)
+    if a.variant == "gpt2" and not (a.tokenizer and os.path.isfile(a.tokenizer)):
+        print(f"FAIL the gpt2 tokenizer file {a.tokenizer!r} is missing (launch/install-deps installs the npm tiktoken)")
+        return 1
+    subprocess.run([a.exe, out, a.variant] + ([a.tokenizer] if a.variant == "gpt2" else []), check=True)
     failures = []
     worst = {}
 
@@ -340,12 +394,31 @@ def main():
         cfg["T"] = cfg["seq_len"]
         names = []
         f["model"].visititems(lambda n, o: names.append(n) if isinstance(o, h5py.Dataset) else None)
+        M = cfg.get("vocab_experts", 0)
+        if M:  # the partition is an integer buffer, not a parameter
+            names.remove("vocab_head/assign")
+            cfg["assign"] = torch.tensor(f["model/vocab_head/assign"][()], dtype=torch.int64)
         P = {n: torch.tensor(f["model"][n][()], dtype=torch.float64, requires_grad=not is_buffer(n)) for n in names}
         inp = torch.tensor(f["batch/inputs"][()], dtype=torch.int64)
         tgt = torch.tensor(f["batch/targets"][()], dtype=torch.int64)
+        if a.variant == "gpt2":
+            V = cfg["vocab_size"]
+            if V != 50257 or int(inp.max()) != V - 1 or int(tgt.max()) != V - 1 or len(set(inp.flatten().tolist())) < 30:
+                failures.append(f"gpt2 batch: vocab {V}, ids up to {int(inp.max())}: not GPT-2 text with <|endoftext|>")
         logits, ce, loss, stats = forward(P, inp, tgt, cfg)
+        stats["h"].retain_grad()
         loss.backward()
-        check("logits", rel(f["out/logits"][()], logits.detach().numpy()))
+        if logits is not None:
+            check("logits", rel(f["out/logits"][()], logits.detach().numpy()))
+        check("losses", rel(f["out/losses"][()], stats["losses"].detach().numpy()))
+        check("h", rel(f["out/h"][()], stats["h"].detach().numpy()))
+        check("dh", rel(f["out/dh"][()], stats["h"].grad.numpy()))
+        if M:
+            B, T = inp.shape
+            h = stats["h"].detach().view(B * T, -1)
+            for K in (1, 2, M):
+                ref = topk_dist(h, P, cfg["assign"], M, K).view(B, T, -1).detach().numpy()
+                check(f"top-{K} distribution", rel(f[f"out/topk/{K}"][()], ref))
         check("ce", rel(f["out/ce"][()], [ce.item()]))
         check("loss", rel(f["out/loss"][()], [loss.item()]))
         grads = []
@@ -363,16 +436,30 @@ def main():
                     failures.append(f"grad {n}: reference is zero, C is not")
                 continue
             check(f"grad {n}", rel(f["grad"][n][()], ref))
-        losses, esteps, Pn = train({n: t.detach() for n, t in P.items()}, inp, tgt, cfg,
-                                   len(f["out/step_losses"]))
+        losses, esteps, vsteps, Pn = train({n: t.detach() for n, t in P.items()}, inp, tgt, cfg,
+                                           len(f["out/step_losses"]))
         check("step losses", rel(f["out/step_losses"][()], losses))
         if "out/expert_bias" in f:
             for l, ds in f["out/expert_bias"].items():
                 check(f"expert_bias {l}", rel(ds[()], Pn[f"h/{l}/moe/router/expert_bias"].detach().numpy()), 1e-6)
         if not np.array_equal(f["out/expert_steps"][()], esteps.numpy()):
             failures.append(f"expert steps C {f['out/expert_steps'][()].tolist()} != ref {esteps.tolist()}")
+        if M:
+            if not np.array_equal(f["out/vocab_steps"][()], vsteps.numpy()):
+                failures.append(f"vocabulary expert steps C {f['out/vocab_steps'][()].tolist()} != "
+                                f"ref {vsteps.tolist()}")
+            # the expert no position targets: weights bit for bit, moments zero
+            idle = (cfg["assign"] == M - 1).numpy()
+            if vsteps[M - 1] != 0:
+                failures.append(f"vocabulary expert {M - 1} should be idle, took {int(vsteps[M - 1])} steps")
+            for n in ("vocab_head/weight", "vocab_head/bias"):
+                if not np.array_equal(f["after"][n][()][idle], f["model"][n][()][idle]):
+                    failures.append(f"{n}: rows of the idle vocabulary expert changed")
+                if np.any(f["after_m"][n][()][idle] != 0):
+                    failures.append(f"{n}: moments of the idle vocabulary expert are not zero")
         print(f"variant {a.variant}: loss C {f['out/loss'][0]:.6f} ref {loss.item():.6f}; "
-              f"step losses C {np.round(f['out/step_losses'][()], 6).tolist()}; expert steps {esteps.tolist()}")
+              f"step losses C {np.round(f['out/step_losses'][()], 6).tolist()}; expert steps {esteps.tolist()}"
+              + (f"; vocabulary expert steps {vsteps.tolist()}" if M else ""))
         print("largest relative errors:", {k: f"{v:.2g}" for k, v in worst.items()})
     for msg in failures:
         print("FAIL", msg)

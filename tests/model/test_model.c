@@ -48,7 +48,7 @@ static void test_table(void **state)
     moe_train_config c;
     small_config(&c);
     moe_model *m = NULL;
-    assert_int_equal(moe_model_create(&m, &c, 4, moe_comm_self()), MOE_OK);
+    assert_int_equal(moe_model_create(&m, &c, NULL, 4, moe_comm_self()), MOE_OK);
     const moe_tensor_table *tab = moe_model_tensors(m);
     const int C = 32, F = 48, F1 = 96, E = 4;
     struct { const char *name; int ndim; int64_t s0, s1, s2; int sharded, decay; } want[] = {
@@ -106,7 +106,7 @@ static void test_init(void **state)
     moe_train_config c;
     small_config(&c);
     moe_model *m = NULL;
-    assert_int_equal(moe_model_create(&m, &c, 2, moe_comm_self()), MOE_OK);
+    assert_int_equal(moe_model_create(&m, &c, NULL, 2, moe_comm_self()), MOE_OK);
     const moe_tensor_table *tab = moe_model_tensors(m);
     const float *p = moe_model_params(m);
     for (int id = 0; id < tab->n; id++) {
@@ -145,7 +145,7 @@ static void test_batch_split(void **state)
     c.capacity_factor = 2.0;
     c.group_seqs = 2;
     moe_model *m = NULL;
-    assert_int_equal(moe_model_create(&m, &c, 4, moe_comm_self()), MOE_OK);
+    assert_int_equal(moe_model_create(&m, &c, NULL, 4, moe_comm_self()), MOE_OK);
     enum { B = 4, T = 16, V = 256 };
     int32_t in[B * T], tg[B * T];
     random_batch(in, B * T, 1);
@@ -187,19 +187,19 @@ static void test_errors(void **state)
     small_config(&c);
     moe_model *m = NULL;
     c.n_heads = 5;
-    assert_int_equal(moe_model_create(&m, &c, 2, moe_comm_self()), MOE_ERR_ARG);
+    assert_int_equal(moe_model_create(&m, &c, NULL, 2, moe_comm_self()), MOE_ERR_ARG);
     assert_non_null(strstr(moe_error_detail(), "n_heads"));
     assert_null(m);
     small_config(&c);
     c.top_k = 9;
-    assert_int_equal(moe_model_create(&m, &c, 2, moe_comm_self()), MOE_ERR_ARG);
+    assert_int_equal(moe_model_create(&m, &c, NULL, 2, moe_comm_self()), MOE_ERR_ARG);
     small_config(&c);
     c.group_seqs = 3;
-    assert_int_equal(moe_model_create(&m, &c, 2, moe_comm_self()), MOE_ERR_ARG);
+    assert_int_equal(moe_model_create(&m, &c, NULL, 2, moe_comm_self()), MOE_ERR_ARG);
     assert_non_null(strstr(moe_error_detail(), "group_seqs"));
     small_config(&c);
     c.group_seqs = 2;
-    assert_int_equal(moe_model_create(&m, &c, 4, moe_comm_self()), MOE_OK);
+    assert_int_equal(moe_model_create(&m, &c, NULL, 4, moe_comm_self()), MOE_OK);
     int32_t in[4 * 16] = {0};
     assert_int_equal(moe_model_forward(m, in, in, 3, 16, 1, 0), MOE_ERR_ARG); /* B % group_seqs */
     assert_int_equal(moe_model_forward(m, in, in, 6, 16, 1, 0), MOE_ERR_ARG); /* B > max */

@@ -21,7 +21,7 @@ int main(int argc, char **argv)
     }
     moe_status s = moe_train_config_parse_args(&cfg, argc - 1, argv + 1, &help);
     moe_trainer *tr = NULL;
-    if (s || (s = moe_trainer_create(&tr, &cfg, moe_comm_self()))) {
+    if (s || (s = moe_trainer_create(&tr, &cfg, NULL, moe_comm_self()))) {
         fprintf(stderr, "bench_train_step: %s: %s\n", moe_status_str(s), moe_error_detail());
         return 1;
     }

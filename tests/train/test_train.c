@@ -91,7 +91,7 @@ static void test_idle_expert_untouched(void **state)
     moe_train_config c;
     small_config(&c);
     moe_trainer *tr = NULL;
-    assert_int_equal(moe_trainer_create(&tr, &c, moe_comm_self()), MOE_OK);
+    assert_int_equal(moe_trainer_create(&tr, &c, NULL, moe_comm_self()), MOE_OK);
     /* Expert 3 never selected: ln_2 bias 1 makes sum(x) = d for every token,
      * so a constant router row -100 gives logit -100 d. */
     float *lb = param(tr, "h/0/ln_2/bias"), *rw = param(tr, "h/0/moe/router/weight");
@@ -145,7 +145,7 @@ static void test_idle_expert_untouched(void **state)
 static void run(const moe_train_config *c, int steps, double *losses, snapshot *end)
 {
     moe_trainer *tr = NULL;
-    assert_int_equal(moe_trainer_create(&tr, c, moe_comm_self()), MOE_OK);
+    assert_int_equal(moe_trainer_create(&tr, c, NULL, moe_comm_self()), MOE_OK);
     int32_t in[B * T], tg[B * T];
     for (int k = 0; k < steps; k++) {
         moe_train_stats st;
@@ -212,7 +212,7 @@ static void test_nonfinite(void **state)
     moe_train_config c;
     small_config(&c);
     moe_trainer *tr = NULL;
-    assert_int_equal(moe_trainer_create(&tr, &c, moe_comm_self()), MOE_OK);
+    assert_int_equal(moe_trainer_create(&tr, &c, NULL, moe_comm_self()), MOE_OK);
     int32_t in[B * T], tg[B * T];
     batch(in, tg, 0);
     assert_int_equal(moe_trainer_step(tr, in, tg, 0, NULL), MOE_OK);
@@ -228,7 +228,7 @@ static void test_norm_and_clip(void **state)
     small_config(&c);
     c.grad_clip = 1e-3;
     moe_trainer *tr = NULL;
-    assert_int_equal(moe_trainer_create(&tr, &c, moe_comm_self()), MOE_OK);
+    assert_int_equal(moe_trainer_create(&tr, &c, NULL, moe_comm_self()), MOE_OK);
     int32_t in[B * T], tg[B * T];
     batch(in, tg, 0);
     moe_train_stats st;
@@ -271,12 +271,12 @@ static void test_create_errors(void **state)
     small_config(&c);
     c.group_seqs = 3; /* 4 local sequences */
     moe_trainer *tr = NULL;
-    assert_int_equal(moe_trainer_create(&tr, &c, moe_comm_self()), MOE_ERR_ARG);
+    assert_int_equal(moe_trainer_create(&tr, &c, NULL, moe_comm_self()), MOE_ERR_ARG);
     assert_non_null(strstr(moe_error_detail(), "group_seqs"));
     assert_null(tr);
     small_config(&c);
     c.batch_size = 0;
-    assert_int_equal(moe_trainer_create(&tr, &c, moe_comm_self()), MOE_ERR_ARG);
+    assert_int_equal(moe_trainer_create(&tr, &c, NULL, moe_comm_self()), MOE_ERR_ARG);
     assert_non_null(strstr(moe_error_detail(), "batch_size"));
 }
 

@@ -184,7 +184,7 @@ static void test_group(void **state)
     }
     /* combine_dh adds the rows back in item order */
     float dh[5 * 2] = {0};
-    moe_vocab_combine_dh(dh, x, order, 9, 2, 2);
+    moe_vocab_combine_dh(dh, x, 2, order, 9, 2, 2);
     for (int n = 0; n < 5; n++) {
         int c = 0; /* items n*2, n*2+1 present among the 9 */
         for (int i = 0; i < 9; i++) c += order[i] / 2 == n;
