@@ -51,7 +51,8 @@ moe_status ckpt_dset_open(hid_t file, const char *dset, moe_ckpt_dtype dtype, in
 moe_status ckpt_read_scalars(hid_t file, const char *path, moe_ckpt_state *s, char **config);
 
 /* The file is there, readable and a regular file (HDF5 would wait for ever
- * on a named pipe): MOE_ERR_IO naming it and the reason otherwise. */
+ * on a named pipe): MOE_ERR_IO naming it and the reason otherwise; and its
+ * global heaps are whole (moe_h5_check_global_heaps: MOE_ERR_CHECKSUM). */
 moe_status ckpt_check_file(const char *path);
 
 /* 64-bit FNV-1a, for comparing descriptions across ranks. */
