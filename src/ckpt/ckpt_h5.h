@@ -13,8 +13,10 @@
 #define CKPT_FORMAT "moe-checkpoint"
 #define CKPT_FORMAT_GRADS "moe-gradients"
 
-/* The /model attributes (docs/formats.md) of cfg on loc, and back (model fields of
- * *cfg only; the others are zeroed). */
+/* The /model attributes (docs/formats.md) of cfg on loc, and back (model
+ * fields of *cfg only; the others are the defaults). put writes a format 2
+ * key only where it applies (moe_model_attr.present); get leaves a format 2
+ * key it does not find at its default (a format 1 file: all of them). */
 moe_status ckpt_model_put(hid_t loc, const moe_train_config *cfg, const char *file);
 moe_status ckpt_model_get(hid_t loc, moe_train_config *cfg, const char *file);
 /* MOE_ERR_MISMATCH naming the first differing attribute and both values. */
@@ -49,7 +51,8 @@ moe_status ckpt_dset_open(hid_t file, const char *dset, moe_ckpt_dtype dtype, in
 moe_status ckpt_read_scalars(hid_t file, const char *path, moe_ckpt_state *s, char **config);
 
 /* The file is there, readable and a regular file (HDF5 would wait for ever
- * on a named pipe): MOE_ERR_IO naming it and the reason otherwise. */
+ * on a named pipe): MOE_ERR_IO naming it and the reason otherwise; and its
+ * global heaps are whole (moe_h5_check_global_heaps: MOE_ERR_CHECKSUM). */
 moe_status ckpt_check_file(const char *path);
 
 /* 64-bit FNV-1a, for comparing descriptions across ranks. */
