@@ -10,7 +10,11 @@ checksums, so only the value rules of docs/formats.md can tell):
   - neg_expert_step: /optimizer/expert_step/h/{L}[1] = -4;
   - expert_step_above: /optimizer/expert_step/h/{L}[2] = /optimizer step + 5;
   - neg_train_step: the /train attribute step = -3.
-Each copy must be refused, within a timeout, with a non-zero exit and a
+  - overflow (eval only): /model/ln_f/weight = 3e38, finite, so every
+    reader accepts the file, but the logits overflow: `moe eval` must exit
+    non-zero on every rank saying the loss is not finite (not print
+    "loss nan" and exit 0), while `moe inspect --verify` accepts it.
+Each of the first four copies must be refused, within a timeout, with a non-zero exit and a
 message naming the dataset or attribute and the bad value, by
 `moe inspect --verify` (one process) and by `moe train --resume`,
 `moe eval` and `moe generate` on NP ranks, where every rank exits non-zero (each rank's
@@ -49,6 +53,9 @@ def edit(path, case):
         if case == "neg_train_step":
             f["train"].attrs["step"] = np.int64(-3)
             return r"/train step = -3 is outside"
+        if case == "overflow":
+            f["model/ln_f/weight"][...] = np.float32(3e38)
+            return r"eval: the loss over \d+ tokens is not finite"
     raise AssertionError(case)
 
 
@@ -109,6 +116,19 @@ def body(cli):
                       f"{what}: exit status by rank {codes} (want every one of {ranks} non-zero):\n{err[-2000:]}")
             line = next(l for l in text.splitlines() if re.search(pattern, l))
             print(f"{what}: exit {codes if ranks > 1 else rc}: {line.strip()}")
+
+    # finite weights whose forward overflows: eval fails, verify accepts
+    path = cli.path("overflow.h5")
+    shutil.copyfile(good, path)
+    pattern = edit(path, "overflow")
+    cmds = commands(cli, np_, path, "overflow")
+    cli.run(cmds["inspect --verify"][0], timeout=TIMEOUT)
+    _, out, err = cli.run(cmds["eval"][0], timeout=TIMEOUT, env=ENV, expect_rc=None)
+    codes = {int(r): int(c) for r, c in re.findall(r"^exit\[(\d+)\]=(\d+)$", err, re.M)}
+    check(sorted(codes) == list(range(np_)) and all(codes.values()) and re.search(pattern, err)
+          and not re.search(r"^loss ", out, re.M),
+          f"overflow: moe eval: exit status by rank {codes}, want all non-zero and /{pattern}/:\n{out[-500:]}{err[-2000:]}")
+    print(f"overflow: moe eval: exit {codes}: {next(l for l in err.splitlines() if re.search(pattern, l))}")
 
 
 if __name__ == "__main__":
