@@ -12,6 +12,12 @@ last byte is sampled without being fed back. Decode tokens/s counts the fed
 bytes (B x (tokens - 1)) over the decoding loop, sampling included, prefill
 excluded, as moe generate's decode_tokens_per_s does.
 
+Architecture options (as bench/torch_model.py, for bench/mixtral_vs_torch.sh):
+--norm rmsnorm, --pos rope (the new positions' rows of cos/sin tables built
+once), --kv-heads (the cache holds the kv heads only; the query heads of a
+kv head read it as one batched matmul), --activation swiglu, --bias 0,
+--tie 0.
+
 Formulation: torch.inference_mode (no autograd), fused QKV linear, the
 cache as one [layers, B, heads, seq, head size] tensor per K and V written
 in place, attention of the one new query as two batched matmuls over the
@@ -33,7 +39,8 @@ import torch
 import torch.nn.functional as Fn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from torch_layer import Experts, blas_info, route  # noqa: E402
+from torch_layer import Experts, blas_info, route, swiglu  # noqa: E402
+from torch_model import rms_norm, rope, rope_tables  # noqa: E402
 
 
 VARIANTS = ("loop", "split", "unbind", "bmm", "jit")
@@ -43,28 +50,42 @@ class Decoder:
     def __init__(self, a):
         g = torch.Generator().manual_seed(a.seed)
         d, F, E, V, S = a.d_model, a.d_ff, a.experts, 256, a.seq
+        F1 = 2 * F if a.activation == "swiglu" else F
+        hs = d // a.heads
+        kv = a.kv_heads or a.heads
         rn = lambda *shape: torch.randn(*shape, generator=g) * 0.02
+        zb = lambda *shape: torch.zeros(*shape) if a.bias else None
+        lnb = lambda *shape: torch.zeros(*shape) if a.norm == "layernorm" else None
         self.a = a
-        self.wte, self.wpe = rn(V, d), rn(S, d)
+        self.wte = rn(V, d)
+        self.wpe = rn(S, d) if a.pos == "learned" else None
+        self.head = rn(V, d) if not a.tie else self.wte
         self.blocks = []
         for l in range(a.layers):
-            b = {"ln1w": torch.ones(d), "ln1b": torch.zeros(d), "qkvw": rn(3 * d, d), "qkvb": torch.zeros(3 * d),
-                 "projw": rn(d, d), "projb": torch.zeros(d), "ln2w": torch.ones(d), "ln2b": torch.zeros(d)}
+            b = {"ln1w": torch.ones(d), "ln1b": lnb(d), "qkvw": rn((a.heads + 2 * kv) * hs, d),
+                 "qkvb": zb((a.heads + 2 * kv) * hs), "projw": rn(d, d), "projb": zb(d), "ln2w": torch.ones(d),
+                 "ln2b": lnb(d)}
             if l % a.moe_every == 0:
                 b["rw"] = rn(E, d)
-                b["experts"] = Experts(a.moe, rn(E, F, d), torch.zeros(E, F), rn(E, d, F), torch.zeros(E, d))
+                b["experts"] = Experts(a.moe, rn(E, F1, d), zb(E, F1), rn(E, d, F), zb(E, d), a.activation)
             else:
-                b.update({"fcw": rn(F, d), "fcb": torch.zeros(F), "fcpw": rn(d, F), "fcpb": torch.zeros(d)})
+                b.update({"fcw": rn(F1, d), "fcb": zb(F1), "fcpw": rn(d, F), "fcpb": zb(d)})
             self.blocks.append(b)
-        self.lnfw, self.lnfb = torch.ones(d), torch.zeros(d)
-        hs = d // a.heads
-        self.K = torch.zeros(a.layers, a.batch, a.heads, S, hs)
-        self.V = torch.zeros(a.layers, a.batch, a.heads, S, hs)
+        self.lnfw, self.lnfb = torch.ones(d), lnb(d)
+        self.K = torch.zeros(a.layers, a.batch, kv, S, hs)
+        self.V = torch.zeros(a.layers, a.batch, kv, S, hs)
+        self.cos, self.sin = rope_tables(S, hs, a.rope_theta) if a.pos == "rope" else (None, None)
+
+    def norm(self, x, w, b):
+        if self.a.norm == "rmsnorm":
+            return rms_norm(x, w, self.a.ln_eps)
+        return Fn.layer_norm(x, (x.shape[-1],), w, b, self.a.ln_eps)
 
     def ffn(self, h, b):
         a = self.a
+        act = swiglu if a.activation == "swiglu" else (lambda t: Fn.gelu(t, approximate="tanh"))
         if "rw" not in b:
-            return Fn.linear(Fn.gelu(Fn.linear(h, b["fcw"], b["fcb"]), approximate="tanh"), b["fcpw"], b["fcpb"])
+            return Fn.linear(act(Fn.linear(h, b["fcw"], b["fcb"])), b["fcpw"], b["fcpb"])
         probs = torch.softmax(h @ b["rw"].t(), dim=1)
         e_idx, t_idx, gate, counts, _ = route(probs, a.top_k, a.capacity_factor, "token_choice", 1, a.normalize_topk)
         return b["experts"].forward(h, e_idx, t_idx, gate, counts)
@@ -76,22 +97,30 @@ class Decoder:
         a = self.a
         n, t = tok.shape
         d, nh = a.d_model, a.heads
-        hs = d // nh
-        x = (self.wte[tok] + self.wpe[p0:p0 + t]).view(n * t, d)
+        kv = a.kv_heads or nh
+        hs, grp = d // nh, nh // kv
+        x = (self.wte[tok] + self.wpe[p0:p0 + t] if self.wpe is not None else self.wte[tok]).view(n * t, d)
         for l, b in enumerate(self.blocks):
-            h = Fn.layer_norm(x, (d,), b["ln1w"], b["ln1b"], a.ln_eps)
-            qkv = Fn.linear(h, b["qkvw"], b["qkvb"]).view(n, t, 3, nh, hs).permute(2, 0, 3, 1, 4)  # (3, n, nh, t, hs)
-            self.K[l, seqs, :, p0:p0 + t] = qkv[1]
-            self.V[l, seqs, :, p0:p0 + t] = qkv[2]
-            K, V = self.K[l, seqs, :, :p0 + t], self.V[l, seqs, :, :p0 + t]
-            s = (qkv[0] @ K.transpose(-2, -1)) * (1.0 / math.sqrt(hs))  # (n, nh, t, p0 + t)
+            h = self.norm(x, b["ln1w"], b["ln1b"])
+            qkv = Fn.linear(h, b["qkvw"], b["qkvb"])
+            q = qkv[:, :nh * hs].view(n, t, nh, hs).transpose(1, 2)  # (n, nh, t, hs)
+            k = qkv[:, nh * hs:(nh + kv) * hs].view(n, t, kv, hs).transpose(1, 2)
+            v = qkv[:, (nh + kv) * hs:].view(n, t, kv, hs).transpose(1, 2)
+            if self.cos is not None:
+                c, s_ = self.cos[p0:p0 + t], self.sin[p0:p0 + t]
+                q, k = rope(q, c, s_), rope(k, c, s_)
+            self.K[l, seqs, :, p0:p0 + t] = k
+            self.V[l, seqs, :, p0:p0 + t] = v
+            K, V = self.K[l, seqs, :, :p0 + t], self.V[l, seqs, :, :p0 + t]  # (n, kv, p0 + t, hs)
+            # the grp query heads of a kv head as rows of one matmul: (n, kv, grp t, hs)
+            s = (q.reshape(n, kv, grp * t, hs) @ K.transpose(-2, -1)) * (1.0 / math.sqrt(hs))
             if t > 1:
-                s = s.masked_fill(torch.ones(t, p0 + t, dtype=torch.bool).triu(p0 + 1), float("-inf"))
-            y = (torch.softmax(s, dim=-1) @ V).transpose(1, 2).reshape(n * t, d)
+                s = s.masked_fill(torch.ones(t, p0 + t, dtype=torch.bool).triu(p0 + 1).repeat(grp, 1), float("-inf"))
+            y = (torch.softmax(s, dim=-1) @ V).view(n, nh, t, hs).transpose(1, 2).reshape(n * t, d)
             x = x + Fn.linear(y, b["projw"], b["projb"])
-            x = x + self.ffn(Fn.layer_norm(x, (d,), b["ln2w"], b["ln2b"], a.ln_eps), b)
-        x = Fn.layer_norm(x.view(n, t, d)[:, -1], (d,), self.lnfw, self.lnfb, a.ln_eps)
-        return x @ self.wte.t()
+            x = x + self.ffn(self.norm(x, b["ln2w"], b["ln2b"]), b)
+        x = self.norm(x.view(n, t, d)[:, -1], self.lnfw, self.lnfb)
+        return x @ self.head.t()
 
 
 def main():
@@ -113,6 +142,13 @@ def main():
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--moe", default="loop", choices=VARIANTS)
+    ap.add_argument("--norm", default="layernorm", choices=("layernorm", "rmsnorm"))
+    ap.add_argument("--pos", default="learned", choices=("learned", "rope"))
+    ap.add_argument("--rope-theta", type=float, default=10000.0)
+    ap.add_argument("--kv-heads", type=int, default=0, help="grouped-query attention (0: --heads)")
+    ap.add_argument("--activation", default="gelu", choices=("gelu", "swiglu"))
+    ap.add_argument("--bias", type=int, default=1, choices=(0, 1))
+    ap.add_argument("--tie", type=int, default=1, choices=(0, 1))
     ap.add_argument("--study", action="store_true", help="every --moe formulation, alternating rounds")
     ap.add_argument("--rounds", type=int, default=1, help="--study: rounds")
     a = ap.parse_args()

@@ -102,6 +102,17 @@ def gelu(h):
     return Fn.gelu(h, approximate="tanh")
 
 
+def swiglu(h):
+    """silu(gate) * up over the rows [gate | up] of w1 (moerun's swiglu layout)."""
+    F = h.shape[-1] // 2
+    return Fn.silu(h[..., :F]) * h[..., F:]
+
+
+def lin(x, w, b):
+    """x @ w (+ b when the experts have biases)."""
+    return torch.addmm(b, x, w) if b is not None else torch.mm(x, w)
+
+
 @torch.jit.script
 def experts_jit(xs: torch.Tensor, counts: list[int], w1: list[torch.Tensor], b1: list[torch.Tensor],
                 w2: list[torch.Tensor], b2: list[torch.Tensor]) -> torch.Tensor:
@@ -114,14 +125,32 @@ def experts_jit(xs: torch.Tensor, counts: list[int], w1: list[torch.Tensor], b1:
     return torch.cat(outs)
 
 
+@torch.jit.script
+def experts_jit_swiglu(xs: torch.Tensor, counts: list[int], w1: list[torch.Tensor],
+                       w2: list[torch.Tensor]) -> torch.Tensor:
+    outs = []
+    chunks = torch.split(xs, counts)
+    for e in range(len(counts)):
+        if counts[e] > 0:
+            h = torch.mm(chunks[e], w1[e])
+            F = h.shape[1] // 2
+            outs.append(torch.mm(torch.nn.functional.silu(h[:, :F]) * h[:, F:], w2[e]))
+    return torch.cat(outs)
+
+
 class Experts:
     """E expert FFNs in a formulation's layout (see the module docstring)."""
 
-    def __init__(self, variant, w1, b1, w2, b2):
-        """From moerun-layout tensors w1 [E, F, d], b1 [E, F], w2 [E, d, F], b2 [E, d]."""
+    def __init__(self, variant, w1, b1, w2, b2, act="gelu"):
+        """From moerun-layout tensors w1 [E, F1, d], b1 [E, F1], w2 [E, d, F], b2 [E, d]
+        (act "swiglu": F1 = 2F, gate rows then up rows; b1, b2 None: no biases)."""
         self.variant = variant
+        self.act = swiglu if act == "swiglu" else gelu
+        self.swiglu = act == "swiglu"
         E = w1.shape[0]
-        leaf = lambda t: t.detach().clone().contiguous().requires_grad_()
+        if b1 is None:
+            b1 = b2 = None
+        leaf = lambda t: None if t is None else t.detach().clone().contiguous().requires_grad_()
         if variant == "loop":
             self.w1, self.b1, self.w2, self.b2 = leaf(w1), leaf(b1), leaf(w2), leaf(b2)
         elif variant in ("split", "bmm"):
@@ -130,14 +159,14 @@ class Experts:
         elif variant in ("unbind", "jit"):
             self.w1 = [leaf(w1[e].t()) for e in range(E)]  # (d, F) each
             self.w2 = [leaf(w2[e].t()) for e in range(E)]  # (F, d) each
-            self.b1 = [leaf(b1[e]) for e in range(E)]
-            self.b2 = [leaf(b2[e]) for e in range(E)]
+            self.b1 = [leaf(b1[e]) for e in range(E)] if b1 is not None else [None] * E
+            self.b2 = [leaf(b2[e]) for e in range(E)] if b2 is not None else [None] * E
         else:
             raise ValueError(f"unknown expert formulation {variant}")
 
     @staticmethod
     def _flat(*ps):
-        return [q for p in ps for q in (p if isinstance(p, list) else [p])]
+        return [q for p in ps for q in (p if isinstance(p, list) else [p]) if q is not None]
 
     def weights(self):
         return self._flat(self.w1, self.w2)
@@ -147,11 +176,17 @@ class Experts:
 
     def grads(self):
         """Gradients in moerun's layout: w1 [E, F, d], b1, w2 [E, d, F], b2."""
-        st = lambda p: torch.stack([q.grad for q in p]) if isinstance(p, list) else p.grad
+        def st(p):
+            if isinstance(p, list):
+                return torch.stack([q.grad for q in p]) if p[0] is not None else None
+            return p.grad if p is not None else None
         w1, w2 = st(self.w1), st(self.w2)
         if self.variant != "loop":
             w1, w2 = w1.transpose(1, 2), w2.transpose(1, 2)
-        return {"w1": w1, "b1": st(self.b1), "w2": w2, "b2": st(self.b2)}
+        out = {"w1": w1, "w2": w2}
+        if st(self.b1) is not None:
+            out.update(b1=st(self.b1), b2=st(self.b2))
+        return out
 
     def forward(self, x, e_idx, t_idx, gate, counts):
         """y (T, d) = sum over kept assignments of gate * expert(x[token])."""
@@ -166,27 +201,33 @@ class Experts:
             pos = torch.arange(len(e_idx)) - torch.tensor(starts)[e_idx]  # row within its expert
             slot = e_idx * C + pos
             xe = torch.zeros(E * C, d).index_copy(0, slot, x.index_select(0, t_idx)).view(E, C, d)
-            h = gelu(torch.baddbmm(self.b1.unsqueeze(1), xe, self.w1))
-            ys = torch.baddbmm(self.b2.unsqueeze(1), h, self.w2).view(E * C, d).index_select(0, slot)
+            bmm = lambda b, a, w: torch.baddbmm(b.unsqueeze(1), a, w) if b is not None else torch.bmm(a, w)
+            h = self.act(bmm(self.b1, xe, self.w1))
+            ys = bmm(self.b2, h, self.w2).view(E * C, d).index_select(0, slot)
         else:
             xs = x.index_select(0, t_idx)
             if v == "jit":
-                ys = experts_jit(xs, counts, self.w1, self.b1, self.w2, self.b2)
+                ys = (experts_jit_swiglu(xs, counts, self.w1, self.w2) if self.swiglu and self.b1[0] is None
+                      else experts_jit(xs, counts, self.w1, self.b1, self.w2, self.b2))
             elif v == "loop":
                 outs, s0 = [], 0
+                b1 = self.b1 if self.b1 is not None else [None] * E
+                b2 = self.b2 if self.b2 is not None else [None] * E
                 for e in range(E):
                     n = counts[e]
                     if n:
-                        h = gelu(torch.addmm(self.b1[e], xs[s0:s0 + n], self.w1[e].t()))
-                        outs.append(torch.addmm(self.b2[e], h, self.w2[e].t()))
+                        h = self.act(lin(xs[s0:s0 + n], self.w1[e].t(), b1[e]))
+                        outs.append(lin(h, self.w2[e].t(), b2[e]))
                     s0 += n
                 ys = torch.cat(outs)
             else:  # split, unbind
                 outs = []
+                b1 = self.b1 if self.b1 is not None else [None] * E
+                b2 = self.b2 if self.b2 is not None else [None] * E
                 for e, xc in enumerate(xs.split(counts)):
                     if counts[e]:
-                        h = gelu(torch.addmm(self.b1[e], xc, self.w1[e]))
-                        outs.append(torch.addmm(self.b2[e], h, self.w2[e]))
+                        h = self.act(lin(xc, self.w1[e], b1[e]))
+                        outs.append(lin(h, self.w2[e], b2[e]))
                 ys = torch.cat(outs)
         return torch.zeros(T, d).index_add_(0, t_idx, ys * gate.unsqueeze(1))
 

@@ -24,6 +24,14 @@ Formulation (each choice measured with --study, figures in bench/README.md):
     CUDA-only in this PyTorch);
   - no .contiguous() beyond the one reshape attention needs.
 
+Architecture options (docs/training.md "Architecture"), for the
+Mixtral-shaped comparison of bench/mixtral_vs_torch.sh: --norm rmsnorm
+(x * rsqrt(mean(x^2) + eps) * w), --pos rope (rotate_half, cos/sin tables
+built once), --kv-heads (grouped-query attention: with baddbmm the query
+heads of a kv head are folded into the row dimension, so k and v are never
+repeated; manual and sdpa repeat them), --activation swiglu, --bias 0 (no
+biases anywhere but the norms), --tie 0 (a separate lm_head).
+
 Batches are random windows of --data FILE (use the corpus `moe train` reads,
 so that routing, hence dropped assignments, is alike), else random bytes.
 Prints one JSON line after warmup: {"tokens_per_s", "ms_per_step" (median
@@ -45,7 +53,7 @@ import torch
 import torch.nn.functional as Fn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from torch_layer import Experts, blas_info, route  # noqa: E402
+from torch_layer import Experts, blas_info, route, swiglu  # noqa: E402
 
 ATTENTION = ("manual", "baddbmm", "sdpa")
 MOE_VARIANTS = ("loop", "split", "unbind", "bmm", "jit")
@@ -61,63 +69,110 @@ def sdpa_fn():
     return lambda q, k, v: Fn._scaled_dot_product_attention(q, k, v, None, 0.0, False, True)[0]
 
 
+def rms_norm(x, w, eps):
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * w
+
+
+def rope_tables(T, hs, theta):
+    """cos, sin (T, hs/2) of the angles pos * theta^(-2i/hs)."""
+    inv = theta ** (-torch.arange(0, hs, 2, dtype=torch.float64) / hs)
+    ang = torch.arange(T, dtype=torch.float64)[:, None] * inv
+    return torch.cos(ang).float(), torch.sin(ang).float()
+
+
+def rope(x, c, s):
+    """rotate_half on the last dim of x (..., T, hs) with tables c, s (T, hs/2)."""
+    h = x.shape[-1] // 2
+    x1, x2 = x[..., :h], x[..., h:]
+    return torch.cat([x1 * c - x2 * s, x2 * c + x1 * s], dim=-1)
+
+
 class Model:
     """Parameters in the checkpoint layout (experts in the --moe layout)."""
 
     def __init__(self, a, seed):
         g = torch.Generator().manual_seed(seed)
         d, F, E, V = a.d_model, a.d_ff, a.experts, 256
+        F1 = 2 * F if a.activation == "swiglu" else F
+        hs = d // a.heads
+        kv = a.kv_heads or a.heads
         std, rstd = 0.02, 0.02 / math.sqrt(2 * a.layers)
         normal = lambda shape, s: (torch.randn(*shape, generator=g) * s).requires_grad_()
-        zeros = lambda *shape: torch.zeros(*shape, requires_grad=True)
+        zeros = lambda *shape: torch.zeros(*shape, requires_grad=True) if a.bias else None
         ones = lambda *shape: torch.ones(*shape, requires_grad=True)
+        lnb = lambda *shape: torch.zeros(*shape, requires_grad=True) if a.norm == "layernorm" else None
         self.a = a
         self.wte = normal((V, d), std)
-        self.wpe = normal((a.seq, d), std)
+        self.wpe = normal((a.seq, d), std) if a.pos == "learned" else None
+        self.head = normal((V, d), std) if not a.tie else None
         self.blocks = []
-        decay, no_decay = [self.wte, self.wpe], []
+        decay, no_decay = [p for p in (self.wte, self.wpe, self.head) if p is not None], []
         for l in range(a.layers):
-            b = {"ln1w": ones(d), "ln1b": zeros(d), "qkvw": normal((3 * d, d), std), "qkvb": zeros(3 * d),
-                 "projw": normal((d, d), rstd), "projb": zeros(d), "ln2w": ones(d), "ln2b": zeros(d)}
+            b = {"ln1w": ones(d), "ln1b": lnb(d), "qkvw": normal(((a.heads + 2 * kv) * hs, d), std),
+                 "qkvb": zeros((a.heads + 2 * kv) * hs), "projw": normal((d, d), rstd), "projb": zeros(d),
+                 "ln2w": ones(d), "ln2b": lnb(d)}
             decay += [b["qkvw"], b["projw"]]
             no_decay += [b[n] for n in ("ln1w", "ln1b", "qkvb", "projb", "ln2w", "ln2b")]
             if l % a.moe_every == 0:
                 b["rw"] = normal((E, d), std)
-                b["experts"] = Experts(a.moe, normal((E, F, d), std), torch.zeros(E, F), normal((E, d, F), rstd),
-                                       torch.zeros(E, d))
+                b1, b2 = (torch.zeros(E, F1), torch.zeros(E, d)) if a.bias else (None, None)
+                b["experts"] = Experts(a.moe, normal((E, F1, d), std), b1, normal((E, d, F), rstd), b2, a.activation)
                 decay += [b["rw"]] + b["experts"].weights()
                 no_decay += b["experts"].biases()
             else:
-                b.update({"fcw": normal((F, d), std), "fcb": zeros(F), "fcpw": normal((d, F), rstd), "fcpb": zeros(d)})
+                b.update({"fcw": normal((F1, d), std), "fcb": zeros(F1), "fcpw": normal((d, F), rstd), "fcpb": zeros(d)})
                 decay += [b["fcw"], b["fcpw"]]
                 no_decay += [b["fcb"], b["fcpb"]]
             self.blocks.append(b)
-        self.lnfw, self.lnfb = ones(d), zeros(d)
+        self.lnfw, self.lnfb = ones(d), lnb(d)
         no_decay += [self.lnfw, self.lnfb]
-        self.decay, self.no_decay = decay, no_decay
+        self.decay, self.no_decay = decay, [p for p in no_decay if p is not None]
         self.n_moe = sum(1 for l in range(a.layers) if l % a.moe_every == 0)
         self.kept = self.assigned = 0  # kept / total top-k assignments (dropped fraction)
         T = a.seq
         self.mask = torch.triu(torch.ones(T, T, dtype=torch.bool), diagonal=1)
         self.mask_add = torch.zeros(T, T).masked_fill(self.mask, float("-inf"))
         self.sdpa = sdpa_fn()
+        self.cos, self.sin = rope_tables(T, hs, a.rope_theta) if a.pos == "rope" else (None, None)
+        grp = a.heads // kv
+        # grouped-query attention under baddbmm: the grp query heads of a kv head are stacked as rows
+        self.mask_grp = self.mask_add.repeat(grp, 1) if grp > 1 else self.mask_add
+
+    def norm(self, x, w, b):
+        d = x.shape[-1]
+        if self.a.norm == "rmsnorm":
+            return rms_norm(x, w, self.a.ln_eps)
+        return Fn.layer_norm(x, (d,), w, b, self.a.ln_eps)
+
+    def act(self, h):
+        return swiglu(h) if self.a.activation == "swiglu" else Fn.gelu(h, approximate="tanh")
 
     def attention(self, x, b):
         B, T, d = x.shape
         nh = self.a.heads
+        kv = self.a.kv_heads or nh
         hs = d // nh
-        qkv = Fn.linear(x, b["qkvw"], b["qkvb"]).view(B, T, 3, nh, hs).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv[0], qkv[1], qkv[2]  # (B, nh, T, hs) views of the fused projection
-        if self.a.attention == "sdpa":
-            y = self.sdpa(q, k, v)
-        elif self.a.attention == "baddbmm":
-            s = torch.baddbmm(self.mask_add[:T, :T], q.reshape(B * nh, T, hs),
-                              k.reshape(B * nh, T, hs).transpose(1, 2), alpha=1.0 / math.sqrt(hs))
-            y = (torch.softmax(s, dim=-1) @ v.reshape(B * nh, T, hs)).view(B, nh, T, hs)
+        grp = nh // kv
+        qkv = Fn.linear(x, b["qkvw"], b["qkvb"])
+        q = qkv[..., :nh * hs].view(B, T, nh, hs).transpose(1, 2)  # (B, nh, T, hs)
+        k = qkv[..., nh * hs:(nh + kv) * hs].view(B, T, kv, hs).transpose(1, 2)
+        v = qkv[..., (nh + kv) * hs:].view(B, T, kv, hs).transpose(1, 2)
+        if self.cos is not None:
+            q, k = rope(q, self.cos[:T], self.sin[:T]), rope(k, self.cos[:T], self.sin[:T])
+        if self.a.attention == "baddbmm":
+            mask = self.mask_grp if T == self.a.seq else self.mask_add[:T, :T].repeat(grp, 1)
+            s = torch.baddbmm(mask, q.reshape(B * kv, grp * T, hs), k.reshape(B * kv, T, hs).transpose(1, 2),
+                              alpha=1.0 / math.sqrt(hs))
+            y = (torch.softmax(s, dim=-1) @ v.reshape(B * kv, T, hs)).view(B, nh, T, hs)
         else:
-            s = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(hs))
-            s = s.masked_fill(self.mask[:T, :T], float("-inf"))
-            y = torch.softmax(s, dim=-1) @ v
+            if grp > 1:
+                k, v = k.repeat_interleave(grp, dim=1), v.repeat_interleave(grp, dim=1)
+            if self.a.attention == "sdpa":
+                y = self.sdpa(q, k, v)
+            else:
+                s = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(hs))
+                s = s.masked_fill(self.mask[:T, :T], float("-inf"))
+                y = torch.softmax(s, dim=-1) @ v
         return Fn.linear(y.transpose(1, 2).reshape(B, T, d), b["projw"], b["projb"])
 
     def moe(self, x, b, G):
@@ -142,19 +197,19 @@ class Model:
         B, T = inp.shape
         d = a.d_model
         G = B // a.group_seqs
-        x = self.wte[inp] + self.wpe[:T]
+        x = self.wte[inp] + self.wpe[:T] if self.wpe is not None else self.wte[inp]
         lb_sum, z_sum = 0.0, 0.0
         for b in self.blocks:
-            x = x + self.attention(Fn.layer_norm(x, (d,), b["ln1w"], b["ln1b"], a.ln_eps), b)
-            h = Fn.layer_norm(x, (d,), b["ln2w"], b["ln2b"], a.ln_eps).view(B * T, d)
+            x = x + self.attention(self.norm(x, b["ln1w"], b["ln1b"]), b)
+            h = self.norm(x, b["ln2w"], b["ln2b"]).view(B * T, d)
             if "rw" in b:
                 y, lb, z = self.moe(h, b, G)
                 lb_sum, z_sum = lb_sum + lb.sum(), z_sum + z.sum()
             else:
-                y = Fn.linear(Fn.gelu(Fn.linear(h, b["fcw"], b["fcb"]), approximate="tanh"), b["fcpw"], b["fcpb"])
+                y = Fn.linear(self.act(Fn.linear(h, b["fcw"], b["fcb"])), b["fcpw"], b["fcpb"])
             x = x + y.view(B, T, d)
-        x = Fn.layer_norm(x, (d,), self.lnfw, self.lnfb, a.ln_eps)
-        logits = x.view(B * T, d) @ self.wte.t()
+        x = self.norm(x, self.lnfw, self.lnfb)
+        logits = x.view(B * T, d) @ (self.wte if self.head is None else self.head).t()
         loss = Fn.cross_entropy(logits, tgt.reshape(-1))
         if self.n_moe:
             terms = G * self.n_moe
@@ -164,13 +219,14 @@ class Model:
     def grads(self):
         """Every gradient in a formulation-independent order and layout."""
         out = []
-        for p in [self.wte, self.wpe, self.lnfw, self.lnfb]:
-            out.append(p.grad)
+        for p in [self.wte, self.wpe, self.head, self.lnfw, self.lnfb]:
+            if p is not None:
+                out.append(p.grad)
         for b in self.blocks:
             for n, p in b.items():
                 if n == "experts":
                     out += list(p.grads().values())
-                else:
+                elif p is not None:
                     out.append(p.grad)
         return out
 
@@ -265,11 +321,20 @@ def main():
     ap.add_argument("--attention", default=BEST["attention"], choices=ATTENTION)
     ap.add_argument("--moe", default=BEST["moe"], choices=MOE_VARIANTS)
     ap.add_argument("--foreach", type=int, default=BEST["foreach"], choices=(0, 1))
+    ap.add_argument("--norm", default="layernorm", choices=("layernorm", "rmsnorm"))
+    ap.add_argument("--pos", default="learned", choices=("learned", "rope"))
+    ap.add_argument("--rope-theta", type=float, default=10000.0)
+    ap.add_argument("--kv-heads", type=int, default=0, help="grouped-query attention (0: --heads)")
+    ap.add_argument("--activation", default="gelu", choices=("gelu", "swiglu"))
+    ap.add_argument("--bias", type=int, default=1, choices=(0, 1), help="0: no biases but the norms'")
+    ap.add_argument("--tie", type=int, default=1, choices=(0, 1), help="0: a separate lm_head")
     ap.add_argument("--study", action="store_true", help="check and time the formulations, alternating")
     ap.add_argument("--rounds", type=int, default=3, help="--study: rounds")
     a = ap.parse_args()
     if a.batch % a.group_seqs or a.d_model % a.heads or not 1 <= a.top_k <= a.experts:
         ap.error("need batch % group_seqs == 0, d_model % heads == 0, 1 <= top_k <= experts")
+    if a.heads % (a.kv_heads or a.heads):
+        ap.error("--kv-heads must divide --heads")
     torch.set_num_threads(a.threads)
     core, blas_threads = blas_info()
     info = {"threads": a.threads, "blas_coretype": core, "blas_threads": blas_threads, "torch": torch.__version__}

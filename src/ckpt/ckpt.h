@@ -1,6 +1,8 @@
 /* Checkpoints and gradient dumps (docs/formats.md, format_version 1 and 2:
- * a file is written as 2 only when it holds one of format 2's additions, a
- * /tokenizer group or a format 2 /model attribute; both are read).
+ * a file is written as 2 only when it holds one of format 2's additions: a
+ * /tokenizer group or a format 2 /model attribute (a non-default
+ * architecture or router option, or the vocabulary-expert head). Both are
+ * read; a format 1 file means the defaults of every later key).
  *
  * One checkpoint is one HDF5 file written by all ranks together through
  * parallel HDF5. Everything here is generic over a moe_tensor_table: each

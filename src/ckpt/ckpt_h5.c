@@ -37,19 +37,16 @@ moe_status ckpt_model_put(hid_t loc, const moe_train_config *cfg, const char *fi
 
 moe_status ckpt_model_get(hid_t loc, moe_train_config *cfg, const char *file)
 {
-    memset(cfg, 0, sizeof *cfg);
-    moe_train_config defaults;
-    moe_train_config_default(&defaults);
-    moe_model_attr a[MOE_MODEL_ATTRS_MAX], def[MOE_MODEL_ATTRS_MAX];
+    /* every key starts at its default (a derived default as its sentinel) */
+    moe_train_config_default(cfg);
+    moe_model_attr a[MOE_MODEL_ATTRS_MAX];
     const int n = moe_train_config_model_attrs(cfg, a, MOE_MODEL_ATTRS_MAX); /* names and types */
-    moe_train_config_model_attrs(&defaults, def, MOE_MODEL_ATTRS_MAX);
     moe_status st = MOE_OK;
     char s[64];
     for (int i = 0; st == MOE_OK && i < n; i++) {
-        if (a[i].version2 && H5Aexists(loc, a[i].name) <= 0) {
-            st = moe_train_config_set_model_attr(cfg, &def[i]); /* not in the file: the default */
-            continue;
-        }
+        /* a format 2 key may be absent (a format 1 file, or a key that does
+         * not apply): it keeps its default */
+        if (a[i].version2 && H5Aexists(loc, a[i].name) <= 0) continue;
         if (a[i].type == MOE_ATTR_INT) {
             st = moe_h5_attr_get_i64(loc, a[i].name, &a[i].i, file);
             if (st == MOE_OK && (a[i].i < 0 || a[i].i > INT32_MAX))

@@ -13,8 +13,10 @@
 #define CKPT_FORMAT "moe-checkpoint"
 #define CKPT_FORMAT_GRADS "moe-gradients"
 
-/* The /model attributes (docs/formats.md) of cfg on loc, and back (model fields of
- * *cfg only; the others are zeroed). */
+/* The /model attributes (docs/formats.md) of cfg on loc, and back (model
+ * fields of *cfg only; the others are the defaults). put writes a format 2
+ * key only where it applies (moe_model_attr.present); get leaves a format 2
+ * key it does not find at its default (a format 1 file: all of them). */
 moe_status ckpt_model_put(hid_t loc, const moe_train_config *cfg, const char *file);
 moe_status ckpt_model_get(hid_t loc, moe_train_config *cfg, const char *file);
 /* MOE_ERR_MISMATCH naming the first differing attribute and both values. */

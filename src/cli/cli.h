@@ -18,6 +18,7 @@ int moe_cmd_eval(int argc, char **argv);
 int moe_cmd_generate(int argc, char **argv);
 int moe_cmd_tokenizer(int argc, char **argv);
 int moe_cmd_selftest(int argc, char **argv);
+int moe_cmd_convert(int argc, char **argv);
 int moe_cmd_help(int argc, char **argv);
 
 /* The commands (main.c): the words that name one ("bench layer"), its

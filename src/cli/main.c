@@ -62,6 +62,7 @@ const moe_cli_command moe_cli_commands[] = {
     {"data synth", "--out FILE", "write the built-in multi-domain corpus", 0},
     {"data encode", "...", "encode a corpus into a token file (ranks and threads)", 0},
     {"tokenizer", "<sub> ...", "train, import, export, encode, decode, info (BPE tokenizers)", 0},
+    {"convert", "import|export ...", "Hugging Face MoE checkpoints (mixtral, qwen2/3_moe, olmoe) <-> moerun", 0},
     {"vocab partition", "...", "split the vocabulary into vocabulary experts (head = vocab_experts)", 0},
     {"bench layer", "", "time one MoE layer forward+backward (--save writes a dump)", 0},
     {"bench a2a", "", "time the token all-to-all against raw MPI_Alltoallv", 0},
@@ -124,6 +125,7 @@ int moe_cli_dispatch(int argc, char **argv)
     if (!strcmp(cmd, "eval")) return moe_cmd_eval(argc - 1, argv + 1);
     if (!strcmp(cmd, "generate")) return moe_cmd_generate(argc - 1, argv + 1);
     if (!strcmp(cmd, "tokenizer")) return moe_cmd_tokenizer(argc - 1, argv + 1);
+    if (!strcmp(cmd, "convert")) return moe_cmd_convert(argc - 1, argv + 1);
     if (!strcmp(cmd, "selftest")) return moe_cmd_selftest(argc - 1, argv + 1);
     if (!strcmp(cmd, "help")) return moe_cmd_help(argc - 1, argv + 1);
     if (!strcmp(cmd, "vocab")) return moe_cmd_vocab(argc - 1, argv + 1);

@@ -37,6 +37,10 @@ typedef struct {
      * configuration (its /model attribute is then written and compared);
      * NULL for the format 1 keys, which always apply. */
     int (*present)(const moe_train_config *c);
+    /* A default that follows other keys: while the field holds `sentinel`
+     * its value is follows(c) (config.h's moe_cfg_* accessors). */
+    int (*follows)(const moe_train_config *c);
+    int sentinel;
 } key_desc;
 
 /* Enum keys store the index of the name, which must equal the C enum value. */
@@ -46,12 +50,17 @@ static const char *const noise_names[] = {"none", "gaussian", NULL};
 static const char *const data_format_names[] = {"auto", "bytes", "tokens", NULL}; /* moe_data_format */
 static const char *const head_names[] = {"full", "vocab_experts", NULL};
 static const char *const vpart_names[] = {"frequency", "kmeans", "file", NULL};
+static const char *const norm_names[] = {"layernorm", "rmsnorm", NULL};
+static const char *const pos_names[] = {"learned", "rope", NULL};
+static const char *const qk_norm_names[] = {"none", "full", "head", NULL};
+static const char *const score_names[] = {"softmax", "sigmoid", NULL};
+static const char *const aux_names[] = {"switch", "seq", "none", NULL};
 #define a2a_names moe_a2a_kind_names /* named where the kinds are defined */
 /* Old spellings still accepted (configs and checkpoint config texts written
  * before a rename): {key, old value, the value it means}. */
 static const struct {
     const char *key, *old, *now;
-} enum_aliases[] = {{"a2a", MOE_A2A_P2P_OLD_NAME, "p2p"}};
+} enum_aliases[] = {{"a2a", MOE_A2A_P2P_OLD_NAME, "p2p"}, {"qk_norm", "0", "none"}, {"qk_norm", "1", "full"}};
 _Static_assert(MOE_ROUTER_TOKEN_CHOICE == 0 && MOE_ROUTER_EXPERT_CHOICE == 1, "router_names order");
 _Static_assert(MOE_ACT_GELU == 0 && MOE_ACT_RELU == 1 && MOE_ACT_SWIGLU == 2, "act_names order");
 _Static_assert(MOE_A2A_P2P == 0 && MOE_A2A_SHM == 1 && MOE_A2A_NODE == 2 && MOE_A2A_AUTO == 3, "a2a_names order");
@@ -59,22 +68,42 @@ _Static_assert(MOE_DATA_AUTO == 0 && MOE_DATA_BYTES == 1 && MOE_DATA_TOKENS == 2
 _Static_assert(MOE_HEAD_FULL == 0 && MOE_HEAD_VOCAB_EXPERTS == 1, "head_names order");
 _Static_assert(MOE_VOCAB_PART_FREQUENCY == 0 && MOE_VOCAB_PART_KMEANS == 1 && MOE_VOCAB_PART_FILE == 2,
                "vpart_names order");
+_Static_assert(MOE_NORM_RMSNORM == 1 && MOE_POS_ROPE == 1 && MOE_QK_NORM_FULL == 1 && MOE_QK_NORM_HEAD == 2 &&
+                   MOE_SCORE_SIGMOID == 1 && MOE_AUX_SEQ == 1 && MOE_AUX_NONE == 2,
+               "architecture enum names order");
 
-/* Where the format 2 [model] keys apply. */
+/* Where the format 2 [model] keys apply. The architecture and router
+ * options apply (all of them) as soon as one differs from its default; a
+ * file without them means their defaults. */
 static int head_not_full(const moe_train_config *c) { return c->head != MOE_HEAD_FULL; }
 static int with_vocab_experts(const moe_train_config *c) { return c->head == MOE_HEAD_VOCAB_EXPERTS; }
+static int arch_options_used(const moe_train_config *c); /* after the key table */
 _Static_assert(sizeof(moe_router_kind) == sizeof(int) && sizeof(moe_activation) == sizeof(int),
                "enum keys are stored through int");
 
 #define OFF(f) offsetof(moe_train_config, f)
-#define KI(n, s, lo, hi, h) {#n, s, T_INT, OFF(n), lo, hi, 0, 0, NULL, h, NULL}
-#define KR(n, s, lo, hi, lo_open, hi_open, h) {#n, s, T_REAL, OFF(n), lo, hi, lo_open, hi_open, NULL, h, NULL}
-#define KS(n, s, h) {#n, s, T_STR, OFF(n), 0, 0, 0, 0, NULL, h, NULL}
-#define KE(n, s, names, h) {#n, s, T_ENUM, OFF(n), 0, 0, 0, 0, names, h, NULL}
+#define KI(n, s, lo, hi, h) {#n, s, T_INT, OFF(n), lo, hi, 0, 0, NULL, h, NULL, NULL, 0}
+#define KR(n, s, lo, hi, lo_open, hi_open, h) {#n, s, T_REAL, OFF(n), lo, hi, lo_open, hi_open, NULL, h, NULL, NULL, 0}
+#define KS(n, s, h) {#n, s, T_STR, OFF(n), 0, 0, 0, 0, NULL, h, NULL, NULL, 0}
+#define KE(n, s, names, h) {#n, s, T_ENUM, OFF(n), 0, 0, 0, 0, names, h, NULL, NULL, 0}
 /* format 2 [model] keys, with the predicate saying where they apply */
-#define KI2(n, lo, hi, h, when) {#n, "model", T_INT, OFF(n), lo, hi, 0, 0, NULL, h, when}
-#define KE2(n, names, h, when) {#n, "model", T_ENUM, OFF(n), 0, 0, 0, 0, names, h, when}
+#define KI2W(n, lo, hi, h, when) {#n, "model", T_INT, OFF(n), lo, hi, 0, 0, NULL, h, when, NULL, 0}
+#define KE2W(n, names, h, when) {#n, "model", T_ENUM, OFF(n), 0, 0, 0, 0, names, h, when, NULL, 0}
 #define NOMAX INT_MAX
+/* The architecture and router [model] keys (format_version 2; models.md,
+ * routing.md section 8): written to a checkpoint, all of them, only when
+ * one of them is not default (arch_options_used). */
+#define KI2(n, lo, hi, h) {#n, "model", T_INT, OFF(n), lo, hi, 0, 0, NULL, h, arch_options_used, NULL, 0}
+#define KR2(n, lo, hi, lo_open, h) {#n, "model", T_REAL, OFF(n), lo, hi, lo_open, 0, NULL, h, arch_options_used, NULL, 0}
+#define KE2(n, names, h) {#n, "model", T_ENUM, OFF(n), 0, 0, 0, 0, names, h, arch_options_used, NULL, 0}
+#define KF2(n, lo, hi, fn, sent, h) {#n, "model", T_INT, OFF(n), lo, hi, 0, 0, NULL, h, arch_options_used, fn, sent}
+
+/* Derived defaults (what the moe_cfg_* accessors of config.h return while
+ * the field holds its sentinel). */
+static int follow_kv_heads(const moe_train_config *c) { return c->n_heads; }
+static int follow_head_dim(const moe_train_config *c) { return c->n_heads > 0 ? c->d_model / c->n_heads : 0; }
+static int follow_attn_bias(const moe_train_config *c) { return c->linear_bias; }
+static int follow_d_ff_shared(const moe_train_config *c) { return c->d_ff; }
 
 static const key_desc keys[] = {
     /* The [model] keys are also the checkpoint's /model attributes. Their
@@ -99,13 +128,31 @@ static const key_desc keys[] = {
     KR(ln_eps, "model", 0, HUGE_VAL, 1, 0, "LayerNorm epsilon"),
     KE(router_noise, "model", noise_names, "none or gaussian (noisy top-k gating, training only)"),
     KI(group_seqs, "model", 1, 1 << 24, "consecutive sequences routed together as one group"),
-    KE2(head, head_names, "output head: full (softmax tied to wte) or vocab_experts (partitioned)", head_not_full),
-    KI2(vocab_experts, 2, 1 << 16, "vocabulary experts M (2 <= M <= vocab_size; the ep size divides M)",
-        with_vocab_experts),
-    KI2(vocab_top_k, 1, 1 << 16, "vocabulary experts a generation step computes (1 <= K <= M)",
-        with_vocab_experts),
-    KE2(vocab_partition, vpart_names, "frequency (training data), kmeans (over vocab_partition_from's wte) or file",
-        with_vocab_experts),
+    KE2(norm, norm_names, "layernorm or rmsnorm (x / rms(x) * weight, no bias; ln_eps is its eps)"),
+    KE2(pos, pos_names, "positions: learned (wpe) or rope (rotary on q and k, rotate_half layout)"),
+    KR2(rope_theta, 0, HUGE_VAL, 1, "RoPE base theta"),
+    KF2(n_kv_heads, 0, 1 << 16, follow_kv_heads, 0, "key/value heads, dividing n_heads (grouped-query attention; 0: n_heads)"),
+    KF2(head_dim, 0, 1 << 16, follow_head_dim, 0, "size of one attention head (0: d_model / n_heads)"),
+    KE2(qk_norm, qk_norm_names, "RMSNorm of q and k before RoPE: none, full (whole projection, OLMoE), head (per head, Qwen3)"),
+    KI2(linear_bias, 0, 1, "biases on every linear layer, experts included"),
+    KF2(attn_bias, -1, 1, follow_attn_bias, -1, "biases on q, k, v (-1: linear_bias)"),
+    KI2(tie_embeddings, 0, 1, "1: the output head is wte; 0: a separate lm_head"),
+    KE2(score, score_names, "router score: softmax or sigmoid"),
+    KR2(route_scale, 0, HUGE_VAL, 1, "factor on every combine weight"),
+    KI2(expert_bias, 0, 1, "aux-loss-free balancing: a per-expert selection bias updated from the loads"),
+    KI2(n_groups, 1, 1 << 16, "expert groups for group-limited routing (1: off)"),
+    KI2(topk_groups, 0, 1 << 16, "groups each token may use (0: all n_groups)"),
+    KE2(aux_loss, aux_names, "load-balance loss: switch (per group), seq (per sequence) or none"),
+    KI2(n_shared, 0, 1 << 10, "shared experts every token passes through (dense)"),
+    KF2(d_ff_shared, 0, 1 << 20, follow_d_ff_shared, 0, "hidden width of each shared expert (0: d_ff)"),
+    KI2(shared_gate, 0, 1, "1: shared experts' output times sigmoid(w_sg . x)"),
+    KE2W(head, head_names, "output head: full (softmax tied to wte) or vocab_experts (partitioned)", head_not_full),
+    KI2W(vocab_experts, 2, 1 << 16, "vocabulary experts M (2 <= M <= vocab_size; the ep size divides M)",
+         with_vocab_experts),
+    KI2W(vocab_top_k, 1, 1 << 16, "vocabulary experts a generation step computes (1 <= K <= M)",
+         with_vocab_experts),
+    KE2W(vocab_partition, vpart_names, "frequency (training data), kmeans (over vocab_partition_from's wte) or file",
+         with_vocab_experts),
 
     KI(batch_size, "train", 1, NOMAX, "global sequences per step (divisible by the number of ranks)"),
     KI(steps, "train", 1, NOMAX, "optimizer steps"),
@@ -119,8 +166,9 @@ static const key_desc keys[] = {
     KR(adam_eps, "train", 0, HUGE_VAL, 1, 0, "AdamW epsilon"),
     KR(aux_loss_coef, "train", 0, HUGE_VAL, 0, 0, "load-balance loss coefficient"),
     KR(z_loss_coef, "train", 0, HUGE_VAL, 0, 0, "router z-loss coefficient"),
+    KR(bias_update_rate, "train", 0, HUGE_VAL, 0, 0, "expert_bias: b_e += rate * sign(mean load - load_e) per step"),
     {"seed", "train", T_U32, OFF(seed), 0, 4294967295.0, 0, 0, NULL,
-     "seed of every random stream (init, data, router noise)", NULL},
+     "seed of every random stream (init, data, router noise)", NULL, NULL, 0},
     KI(ep_size, "train", 0, NOMAX, "expert-parallel group size in ranks (0: all ranks)"),
     KI(log_every, "train", 1, NOMAX, "steps between log lines"),
     KS(out_dir, "train", "output directory (log, checkpoints)"),
@@ -182,6 +230,24 @@ void moe_train_config_default(moe_train_config *c)
     c->ln_eps = 1e-5;
     c->router_noise = 0;
     c->group_seqs = 1;
+    c->norm = MOE_NORM_LAYERNORM;
+    c->pos = MOE_POS_LEARNED;
+    c->rope_theta = 10000.0;
+    c->n_kv_heads = 0;
+    c->head_dim = 0;
+    c->qk_norm = MOE_QK_NORM_NONE;
+    c->linear_bias = 1;
+    c->attn_bias = -1;
+    c->tie_embeddings = 1;
+    c->score = MOE_SCORE_SOFTMAX;
+    c->route_scale = 1.0;
+    c->expert_bias = 0;
+    c->n_groups = 1;
+    c->topk_groups = 0;
+    c->aux_loss = MOE_AUX_SWITCH;
+    c->n_shared = 0;
+    c->d_ff_shared = 0;
+    c->shared_gate = 0;
     c->head = MOE_HEAD_FULL;
     c->vocab_experts = 64;
     c->vocab_top_k = 2;
@@ -201,6 +267,7 @@ void moe_train_config_default(moe_train_config *c)
     c->adam_eps = 1e-8;
     c->aux_loss_coef = 0.01;
     c->z_loss_coef = 0.001;
+    c->bias_update_rate = 1e-3;
     c->seed = 1234;
     c->ep_size = 0;
     c->log_every = 10;
@@ -375,12 +442,19 @@ static moe_status parse_into(const key_desc *k, const char *v, void *field)
     return bad_value(k, v);
 }
 
+/* An integer key's value, a derived default resolved. */
+static int int_value(const key_desc *k, const moe_train_config *c)
+{
+    const int v = *(const int *)((const char *)c + k->off);
+    return k->follows && v == k->sentinel ? k->follows(c) : v;
+}
+
 /* The value of key k in c as text (how format writes it). */
 static void value_text(char *buf, size_t cap, const key_desc *k, const moe_train_config *c)
 {
     const void *field = (const char *)c + k->off;
     switch (k->type) {
-    case T_INT: snprintf(buf, cap, "%d", *(const int *)field); break;
+    case T_INT: snprintf(buf, cap, "%d", int_value(k, c)); break;
     case T_U32: snprintf(buf, cap, "%u", (unsigned)*(const uint32_t *)field); break;
     case T_REAL: real_text(buf, cap, *(const double *)field); break;
     case T_STR: snprintf(buf, cap, "%.*s", STR_CAP - 1, (const char *)field); break;
@@ -393,6 +467,14 @@ static void value_text(char *buf, size_t cap, const key_desc *k, const moe_train
         break;
     }
     }
+}
+
+/* The default of key k as --help and the man page show it (d: the default
+ * configuration): a default that follows another key as its sentinel. */
+static void default_text(char *buf, size_t cap, const key_desc *k, const moe_train_config *d)
+{
+    if (k->follows) snprintf(buf, cap, "%d", k->sentinel);
+    else value_text(buf, cap, k, d);
 }
 
 /* Range check of a key as stored (for configurations built in code). */
@@ -558,14 +640,53 @@ moe_status moe_train_config_load_text(moe_train_config *c, const char *text, con
 
 static int is_model_key(const key_desc *k) { return !strcmp(k->section, "model"); }
 
+/* 1 when key k of c holds its default: the default configuration's value,
+ * or for a derived default the value it follows in c. */
+static int is_default(const key_desc *k, const moe_train_config *c)
+{
+    moe_train_config d;
+    moe_train_config_default(&d);
+    const void *f = (const char *)c + k->off, *g = (const char *)&d + k->off;
+    switch (k->type) {
+    case T_INT: return k->follows ? int_value(k, c) == k->follows(c) : *(const int *)f == *(const int *)g;
+    case T_U32: return *(const uint32_t *)f == *(const uint32_t *)g;
+    case T_REAL: return *(const double *)f == *(const double *)g;
+    case T_STR: return !strcmp(f, g);
+    case T_ENUM: return *(const int *)f == *(const int *)g;
+    }
+    return 0;
+}
+
 moe_status moe_train_config_check_model(const moe_train_config *c)
 {
     for (int i = 0; i < N_KEYS; i++) {
         moe_status st = is_model_key(&keys[i]) ? check_key(&keys[i], c) : MOE_OK;
         if (st) return st;
     }
-    if (c->d_model % c->n_heads)
-        return moe_errorf(MOE_ERR_ARG, "n_heads=%d does not divide d_model=%d", c->n_heads, c->d_model);
+    if (c->head_dim <= 0 && c->d_model % c->n_heads)
+        return moe_errorf(MOE_ERR_ARG, "n_heads=%d does not divide d_model=%d (or set head_dim)", c->n_heads, c->d_model);
+    const int kv = moe_cfg_kv_heads(c), hd = moe_cfg_head_dim(c);
+    if (c->n_heads % kv)
+        return moe_errorf(MOE_ERR_ARG, "n_kv_heads=%d does not divide n_heads=%d", kv, c->n_heads);
+    if ((int64_t)(c->n_heads + 2 * kv) * hd > (1 << 20))
+        return moe_errorf(MOE_ERR_ARG, "attention too wide: (n_heads + 2 n_kv_heads) * head_dim = %lld > %d",
+                          (long long)(c->n_heads + 2 * kv) * hd, 1 << 20);
+    if (c->pos == MOE_POS_ROPE && hd % 2)
+        return moe_errorf(MOE_ERR_ARG, "head_dim=%d must be even with pos = rope", hd);
+    if (c->router == MOE_ROUTER_EXPERT_CHOICE && c->expert_bias)
+        return moe_errorf(MOE_ERR_ARG, "expert_bias=1 needs router = token_choice (an expert's pick ignores a per-expert bias)");
+    if (c->n_experts % c->n_groups)
+        return moe_errorf(MOE_ERR_ARG, "n_groups=%d does not divide n_experts=%d", c->n_groups, c->n_experts);
+    if (c->topk_groups > c->n_groups)
+        return moe_errorf(MOE_ERR_ARG, "topk_groups=%d exceeds n_groups=%d", c->topk_groups, c->n_groups);
+    if (c->n_groups > 1 && c->router == MOE_ROUTER_EXPERT_CHOICE)
+        return moe_errorf(MOE_ERR_ARG, "n_groups=%d (group-limited routing) needs router = token_choice", c->n_groups);
+    if (c->n_groups > 1 && c->router == MOE_ROUTER_TOKEN_CHOICE && c->top_k > moe_cfg_topk_groups(c) * (c->n_experts / c->n_groups))
+        return moe_errorf(MOE_ERR_ARG, "top_k=%d exceeds the %d experts of topk_groups=%d groups of %d",
+                          c->top_k, moe_cfg_topk_groups(c) * (c->n_experts / c->n_groups), moe_cfg_topk_groups(c),
+                          c->n_experts / c->n_groups);
+    if (c->shared_gate && c->n_shared == 0)
+        return moe_errorf(MOE_ERR_ARG, "shared_gate=1 needs n_shared > 0");
     if (c->router == MOE_ROUTER_TOKEN_CHOICE && c->top_k > c->n_experts)
         return moe_errorf(MOE_ERR_ARG, "top_k=%d exceeds n_experts=%d", c->top_k, c->n_experts);
     if (c->router == MOE_ROUTER_EXPERT_CHOICE && !(c->capacity_factor > 0))
@@ -576,6 +697,9 @@ moe_status moe_train_config_check_model(const moe_train_config *c)
     if (c->head == MOE_HEAD_VOCAB_EXPERTS && c->vocab_experts > c->vocab_size)
         return moe_errorf(MOE_ERR_ARG, "vocab_experts=%d exceeds vocab_size=%d (every expert needs a token)",
                           c->vocab_experts, c->vocab_size);
+    if (c->head == MOE_HEAD_VOCAB_EXPERTS && !c->tie_embeddings)
+        return moe_errorf(MOE_ERR_ARG, "tie_embeddings=0 (an lm_head) does not go with head=vocab_experts, whose "
+                          "vocabulary experts are the output head");
     if (c->head == MOE_HEAD_VOCAB_EXPERTS && c->vocab_top_k > c->vocab_experts)
         return moe_errorf(MOE_ERR_ARG, "vocab_top_k=%d must be in [1, vocab_experts=%d]", c->vocab_top_k,
                           c->vocab_experts);
@@ -602,7 +726,7 @@ int moe_train_config_model_attrs(const moe_train_config *c, moe_model_attr *out,
                 a->text = v >= 0 && v < enum_count(k) ? k->names[v] : "?";
             } else {
                 a->type = MOE_ATTR_INT;
-                a->i = k->type == T_U32 ? (int64_t)*(const uint32_t *)field : (int64_t)*(const int *)field;
+                a->i = k->type == T_U32 ? (int64_t)*(const uint32_t *)field : (int64_t)int_value(k, c);
             }
             a->version2 = k->present != NULL;
             a->present = k->present ? k->present(c) : 1;
@@ -610,6 +734,13 @@ int moe_train_config_model_attrs(const moe_train_config *c, moe_model_attr *out,
         n++;
     }
     return n;
+}
+
+static int arch_options_used(const moe_train_config *c)
+{
+    for (int i = 0; i < N_KEYS; i++)
+        if (keys[i].present == arch_options_used && !is_default(&keys[i], c)) return 1;
+    return 0;
 }
 
 int moe_train_config_needs_v2(const moe_train_config *c)
@@ -746,7 +877,7 @@ void moe_train_config_help(FILE *f)
             section = keys[i].section;
             fprintf(f, "\n[%s]\n", section);
         }
-        value_text(v, sizeof v, &keys[i], &d);
+        default_text(v, sizeof v, &keys[i], &d);
         fprintf(f, "  %-17s %-13s %s\n", keys[i].name, v[0] ? v : "\"\"", keys[i].help);
     }
 }
@@ -761,7 +892,7 @@ moe_status moe_train_config_key_doc_get(int i, moe_train_config_key_doc *out)
     out->name = keys[i].name;
     out->section = keys[i].section;
     out->help = keys[i].help;
-    value_text(out->default_text, sizeof out->default_text, &keys[i], &d);
+    default_text(out->default_text, sizeof out->default_text, &keys[i], &d);
     expectation(out->accepts, sizeof out->accepts, &keys[i]);
     return MOE_OK;
 }

@@ -30,6 +30,27 @@ typedef struct {
     double ln_eps;
     int router_noise;        /* 0 none, 1 gaussian */
     int group_seqs;          /* sequences per routing group */
+    /* architecture options (docs/training.md "Architecture"; checkpoint
+     * format_version 2). A derived default is stored as its sentinel
+     * (0, or -1 for attn_bias) and read through the moe_cfg_* accessors. */
+    int norm;                /* moe_norm_kind: 0 layernorm, 1 rmsnorm */
+    int pos;                 /* moe_pos_kind: 0 learned, 1 rope */
+    double rope_theta;
+    int n_kv_heads;          /* 0: n_heads */
+    int head_dim;            /* 0: d_model / n_heads */
+    int qk_norm;             /* moe_qk_norm_kind: 0 none, 1 full, 2 head */
+    int linear_bias;         /* biases on every linear layer */
+    int attn_bias;           /* -1: linear_bias */
+    int tie_embeddings;      /* 0: a separate lm_head */
+    /* router options (docs/routing.md section 8) */
+    int score;               /* moe_score_kind: 0 softmax, 1 sigmoid */
+    double route_scale;
+    int expert_bias;         /* aux-loss-free balancing bias (a buffer) */
+    int n_groups, topk_groups; /* group-limited routing; topk_groups 0: all */
+    int aux_loss;            /* moe_aux_kind: 0 switch, 1 seq, 2 none */
+    int n_shared;            /* shared experts S */
+    int d_ff_shared;         /* 0: d_ff */
+    int shared_gate;         /* sigmoid gate on the shared experts' output */
     /* the output head (docs/vocab-experts.md) */
     int head;                /* moe_head_kind: MOE_HEAD_FULL (tied softmax) or MOE_HEAD_VOCAB_EXPERTS */
     int vocab_experts;       /* M: vocabulary experts (head = vocab_experts) */
@@ -40,6 +61,7 @@ typedef struct {
     int steps, warmup_steps, val_every, val_batches;
     double lr, min_lr_frac, weight_decay, grad_clip, beta1, beta2, adam_eps;
     double aux_loss_coef, z_loss_coef;
+    double bias_update_rate; /* expert_bias: step of the bias update */
     uint32_t seed;
     int ep_size;             /* 0: world size */
     char data[1024], val_data[1024], out_dir[1024];
@@ -60,6 +82,26 @@ typedef struct {
     char resume[1024];
 } moe_train_config;
 
+typedef enum { MOE_NORM_LAYERNORM = 0, MOE_NORM_RMSNORM = 1 } moe_norm_kind;
+typedef enum { MOE_POS_LEARNED = 0, MOE_POS_ROPE = 1 } moe_pos_kind;
+typedef enum { MOE_QK_NORM_NONE = 0, MOE_QK_NORM_FULL = 1, MOE_QK_NORM_HEAD = 2 } moe_qk_norm_kind;
+
+/* The resolved values of the keys whose default follows another key. */
+static inline int moe_cfg_kv_heads(const moe_train_config *c) { return c->n_kv_heads > 0 ? c->n_kv_heads : c->n_heads; }
+static inline int moe_cfg_head_dim(const moe_train_config *c)
+{
+    return c->head_dim > 0 ? c->head_dim : c->n_heads > 0 ? c->d_model / c->n_heads : 0;
+}
+static inline int moe_cfg_attn_bias(const moe_train_config *c) { return c->attn_bias >= 0 ? c->attn_bias : c->linear_bias; }
+static inline int moe_cfg_d_ff_shared(const moe_train_config *c) { return c->d_ff_shared > 0 ? c->d_ff_shared : c->d_ff; }
+static inline int moe_cfg_topk_groups(const moe_train_config *c) { return c->topk_groups > 0 ? c->topk_groups : c->n_groups; }
+/* Widths of the attention: query heads n_heads*head_dim (c_proj's input),
+ * and c_attn's rows, q then k then v: (n_heads + 2 n_kv_heads) head_dim. */
+static inline int moe_cfg_att_width(const moe_train_config *c) { return c->n_heads * moe_cfg_head_dim(c); }
+static inline int moe_cfg_qkv_width(const moe_train_config *c)
+{
+    return (c->n_heads + 2 * moe_cfg_kv_heads(c)) * moe_cfg_head_dim(c);
+}
 /* comm_timeout when nothing sets it (every command: --comm_timeout). */
 #define MOE_COMM_TIMEOUT_DEFAULT 300.0
 
@@ -97,7 +139,7 @@ moe_status moe_train_config_check_model(const moe_train_config *c);
 typedef struct {
     const char *name;  /* the key */
     enum { MOE_ATTR_INT, MOE_ATTR_REAL, MOE_ATTR_TEXT } type;
-    int64_t i;
+    int64_t i;         /* resolved (a derived default is written as its value) */
     double r;
     const char *text;  /* static storage */
     /* Keys added by format_version 2 exist in a file only where they apply
@@ -112,7 +154,9 @@ enum { MOE_MODEL_ATTRS_MAX = 64 };
  * Never fails. */
 int moe_train_config_model_attrs(const moe_train_config *c, moe_model_attr *out, int cap);
 /* 1 if some format-2 attribute applies to c (a checkpoint of c is then
- * written as format_version 2). Never fails. */
+ * written as format_version 2): an architecture or router option differs
+ * from its default (a format 1 file means the defaults of them all), or
+ * the head is vocab_experts. Never fails. */
 int moe_train_config_needs_v2(const moe_train_config *c);
 /* Sets one [model] key from a typed value (a->type must be the key's;
  * names as moe_train_config_set reads them). No range check:

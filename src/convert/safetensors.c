@@ -1055,6 +1055,19 @@ static moe_status atomic_write(const char *path, const segment *seg, size_t nseg
     return st;
 }
 
+moe_status moe_st_read_text(const char *path, char **text, size_t limit)
+{
+    if (!path || !text) return moe_errorf(MOE_ERR_ARG, "moe_st_read_text: NULL argument");
+    return read_text(path, text, limit);
+}
+
+moe_status moe_st_write_bytes(const char *path, const void *data, size_t n)
+{
+    if (!path || (!data && n)) return moe_errorf(MOE_ERR_ARG, "moe_st_write_bytes: NULL argument");
+    segment seg = {data, n};
+    return atomic_write(path, &seg, 1);
+}
+
 static int cmp_tensor_ptr(const void *a, const void *b)
 {
     return strcmp((*(const moe_st_tensor *const *)a)->name, (*(const moe_st_tensor *const *)b)->name);

@@ -120,6 +120,16 @@ moe_status moe_st_dir_read_f32(moe_st_dir *d, const char *name, float *out, size
  * tensor present in two shards) is reported before any data is used. */
 moe_status moe_st_dir_check(moe_st_dir *d);
 
+/* ---- small text files of a checkpoint directory (config.json, ...) ---- */
+
+/* Reads the file at `path` (at most `limit` bytes, UTF-8, no NUL) into a
+ * malloc'd NUL-terminated *text (caller frees). MOE_ERR_IO (missing,
+ * unreadable), MOE_ERR_FORMAT (too large, not UTF-8 text). */
+moe_status moe_st_read_text(const char *path, char **text, size_t limit);
+/* Writes n bytes to `path` atomically (path.tmp.<pid>, fsync, rename,
+ * fsync of the directory), as the safetensors writer does. MOE_ERR_IO. */
+moe_status moe_st_write_bytes(const char *path, const void *data, size_t n);
+
 /* ---- writing (float32) ---- */
 
 /* A tensor to write: name, shape and row-major float32 data (NULL allowed

@@ -40,6 +40,9 @@ const char *moe_error_detail(void);
 void moe_error_clear(void);
 
 typedef enum { MOE_ROUTER_TOKEN_CHOICE = 0, MOE_ROUTER_EXPERT_CHOICE = 1 } moe_router_kind;
+/* Router score (docs/routing.md section 8) and load-balance loss form. */
+typedef enum { MOE_SCORE_SOFTMAX = 0, MOE_SCORE_SIGMOID = 1 } moe_score_kind;
+typedef enum { MOE_AUX_SWITCH = 0, MOE_AUX_SEQ = 1, MOE_AUX_NONE = 2 } moe_aux_kind;
 typedef enum { MOE_ACT_GELU = 0, MOE_ACT_RELU = 1, MOE_ACT_SWIGLU = 2 } moe_activation;
 
 const char *moe_router_kind_str(moe_router_kind k);   /* "token_choice" ... */

@@ -192,13 +192,15 @@ static void expert_forward_one(const expert_args *s, int e, int threaded)
     const float *xe = s->x + (size_t)r0 * d;
     float *he = s->h + (size_t)r0 * F1, *ae = s->a + (size_t)r0 * F, *ye = s->y + (size_t)r0 * d;
     const float *w1 = s->p->w1 + (size_t)e * F1 * d, *w2 = s->p->w2 + (size_t)e * d * F;
-    fill_rows(he, s->p->b1 + (size_t)e * F1, n, F1); /* h = x W1^T + b1 */
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, n, F1, d, 1.0f, xe, d, w1, d, 1.0f, he, F1);
+    /* h = x W1^T + b1 (beta = 0 without biases) */
+    if (s->p->b1) fill_rows(he, s->p->b1 + (size_t)e * F1, n, F1);
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, n, F1, d, 1.0f, xe, d, w1, d, s->p->b1 ? 1.0f : 0.0f, he,
+                F1);
     const act_job aj = {.out = ae, .h = he, .n = n, .F = F, .act = s->act};
     if (threaded) act_parallel(aj);
     else act_rows(&aj, 0, n, 0, F);
-    fill_rows(ye, s->p->b2 + (size_t)e * d, n, d); /* y = a W2^T + b2 */
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, n, d, F, 1.0f, ae, F, w2, F, 1.0f, ye, d);
+    if (s->p->b2) fill_rows(ye, s->p->b2 + (size_t)e * d, n, d); /* y = a W2^T + b2 */
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, n, d, F, 1.0f, ae, F, w2, F, s->p->b2 ? 1.0f : 0.0f, ye, d);
 }
 
 static void expert_backward_one(const expert_args *s, int e, int threaded)
@@ -212,12 +214,12 @@ static void expert_backward_one(const expert_args *s, int e, int threaded)
     const float *w1 = s->p->w1 + (size_t)e * F1 * d, *w2 = s->p->w2 + (size_t)e * d * F;
     moe_expert_params *g = s->g;
     float *gw1 = g->w1 + (size_t)e * F1 * d, *gw2 = g->w2 + (size_t)e * d * F;
-    float *gb1 = g->b1 + (size_t)e * F1, *gb2 = g->b2 + (size_t)e * d;
+    float *gb1 = g->b1 ? g->b1 + (size_t)e * F1 : NULL, *gb2 = g->b2 ? g->b2 + (size_t)e * d : NULL;
 
     /* In place (dx = dy, da = a, dh = h): every buffer is read before the
      * GEMM or pass that overwrites it. */
     cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, d, F, n, 1.0f, dye, d, ae, F, 1.0f, gw2, F);
-    add_rows(gb2, dye, n, d);
+    if (gb2) add_rows(gb2, dye, n, d);
     cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, n, F, d, 1.0f, dye, d, w2, F, 0.0f, dae, F);
     /* dh = act'(h) * da, with the b1 gradient summed while rows are hot */
     const act_job aj = {.out = dhe, .db1 = gb1, .in = dae, .h = he, .n = n, .F = F, .act = s->act, .backward = 1};

@@ -6,12 +6,13 @@
 
 #include "core/moe.h"
 
-/* Parameters (or gradients) of E experts, each pointer one contiguous block. */
+/* Parameters (or gradients) of E experts, each pointer one contiguous block.
+ * b1 and b2 are both NULL for experts without biases (linear_bias = 0). */
 typedef struct {
     float *w1; /* (E, F1, d)  F1 = 2F for swiglu (gate rows then value rows), else F */
-    float *b1; /* (E, F1) */
+    float *b1; /* (E, F1) or NULL */
     float *w2; /* (E, d, F) */
-    float *b2; /* (E, d) */
+    float *b2; /* (E, d) or NULL */
 } moe_expert_params;
 
 /* Rows of expert e are [offsets[e], offsets[e+1]) of every packed (N, .) array;

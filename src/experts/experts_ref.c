@@ -66,17 +66,17 @@ void moe_expert_forward_ref(float *y, float *h, float *a, const float *x, const 
 {
     const int F1 = moe_f1(F, act);
     for (int e = 0; e < E; e++) {
-        const float *w1 = p->w1 + (size_t)e * F1 * d, *b1 = p->b1 + (size_t)e * F1;
-        const float *w2 = p->w2 + (size_t)e * d * F, *b2 = p->b2 + (size_t)e * d;
+        const float *w1 = p->w1 + (size_t)e * F1 * d, *b1 = p->b1 ? p->b1 + (size_t)e * F1 : NULL;
+        const float *w2 = p->w2 + (size_t)e * d * F, *b2 = p->b2 ? p->b2 + (size_t)e * d : NULL;
         for (int r = offsets[e]; r < offsets[e + 1]; r++) {
             for (int f = 0; f < F1; f++) {
-                double s = b1[f];
+                double s = b1 ? b1[f] : 0.0;
                 for (int k = 0; k < d; k++) s += (double)x[(size_t)r * d + k] * w1[(size_t)f * d + k];
                 h[(size_t)r * F1 + f] = (float)s;
             }
             moe_act_forward_ref(a + (size_t)r * F, h + (size_t)r * F1, 1, F, act);
             for (int j = 0; j < d; j++) {
-                double s = b2[j];
+                double s = b2 ? b2[j] : 0.0;
                 for (int f = 0; f < F; f++) s += (double)a[(size_t)r * F + f] * w2[(size_t)j * F + f];
                 y[(size_t)r * d + j] = (float)s;
             }
@@ -93,8 +93,8 @@ void moe_expert_backward_ref(float *dx, moe_expert_params *g, float *dh, float *
         const int r0 = offsets[e], r1 = offsets[e + 1];
         if (r1 <= r0) continue;
         const float *w1 = p->w1 + (size_t)e * F1 * d, *w2 = p->w2 + (size_t)e * d * F;
-        float *gw1 = g->w1 + (size_t)e * F1 * d, *gb1 = g->b1 + (size_t)e * F1;
-        float *gw2 = g->w2 + (size_t)e * d * F, *gb2 = g->b2 + (size_t)e * d;
+        float *gw1 = g->w1 + (size_t)e * F1 * d, *gb1 = g->b1 ? g->b1 + (size_t)e * F1 : NULL;
+        float *gw2 = g->w2 + (size_t)e * d * F, *gb2 = g->b2 ? g->b2 + (size_t)e * d : NULL;
         /* da = dy W2, dh = act'(h) * da */
         for (int r = r0; r < r1; r++) {
             for (int f = 0; f < F; f++) {
@@ -108,7 +108,7 @@ void moe_expert_backward_ref(float *dx, moe_expert_params *g, float *dh, float *
         for (int j = 0; j < d; j++) {
             double sb = 0.0;
             for (int r = r0; r < r1; r++) sb += dy[(size_t)r * d + j];
-            gb2[j] += (float)sb;
+            if (gb2) gb2[j] += (float)sb;
             for (int f = 0; f < F; f++) {
                 double s = 0.0;
                 for (int r = r0; r < r1; r++) s += (double)dy[(size_t)r * d + j] * a[(size_t)r * F + f];
@@ -119,7 +119,7 @@ void moe_expert_backward_ref(float *dx, moe_expert_params *g, float *dh, float *
         for (int f = 0; f < F1; f++) {
             double sb = 0.0;
             for (int r = r0; r < r1; r++) sb += dh[(size_t)r * F1 + f];
-            gb1[f] += (float)sb;
+            if (gb1) gb1[f] += (float)sb;
             for (int k = 0; k < d; k++) {
                 double s = 0.0;
                 for (int r = r0; r < r1; r++) s += (double)dh[(size_t)r * F1 + f] * x[(size_t)r * d + k];

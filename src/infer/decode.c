@@ -14,7 +14,8 @@
 #include "model/ops.h"
 
 typedef struct {
-    const float *ln1w, *ln1b, *qkvw, *qkvb, *projw, *projb, *ln2w, *ln2b; /* (C), (3C, C), (C, C) ... */
+    const float *ln1w, *ln1b, *qkvw, *qkvb, *projw, *projb, *ln2w, *ln2b; /* (C), (QKV, C), (C, A) ...;
+                                                                            * a bias is NULL when an option leaves it out */
     const float *fcw, *fcb, *fcpw, *fcpb; /* dense FFN: (F1, C), (F1), (C, F), (C); NULL in MoE blocks */
     moe_layer *moe;                       /* the model's MoE layer, NULL in dense blocks */
     moe_layer_params mp;                  /* its parameter views */
@@ -22,19 +23,19 @@ typedef struct {
 
 struct moe_infer_decoder {
     moe_model *m;
-    int V, C, L, NH, T, F, F1, S, n_max;
+    int V, C, L, NH, NKV, HD, A, QKV, T, F, F1, S, n_max;
     moe_activation act;
-    float eps;
-    const float *wte, *wpe, *lnfw, *lnfb; /* (V, C), (T, C), (C), (C) */
+    const float *wte, *wpe, *lnfw, *lnfb, *head; /* (V, C), (T, C) or NULL (RoPE), (C), (C) or NULL, (V, C) */
     dec_block *blk;                       /* (L) */
     int *len;                             /* (S) positions each sequence holds */
     int *add;                             /* (S) scratch: tokens of the current call per sequence */
     int *pos;                             /* (n_max) position of each token of the current call */
-    float *kc, *vc;                       /* (L, S, T, C) cached keys and values */
+    float *kc, *vc;                       /* (L, S, T, KV) cached keys and values, KV = NKV HD */
     float *x;                             /* (n_max, C) residual stream of the new tokens */
-    float *ln, *mean, *rstd;              /* (n_max, C), (n_max), (n_max) */
-    float *qkv;                           /* (n_max, 3C) */
-    float *atty, *tmp;                    /* (n_max, C) */
+    float *ln, *mean, *rstd;              /* (n_max, C), (n_max), (n_max (NH + NKV)) */
+    float *qkv;                           /* (n_max, QKV) */
+    float *atty;                          /* (n_max, A) */
+    float *tmp;                           /* (n_max, C) */
     float *fch, *fch_act;                 /* (n_max, F1), (n_max, F) */
     float *scores;                        /* (T) attention probabilities of one head */
     /* the vocabulary-expert head (NULL with head = full) */
@@ -57,33 +58,34 @@ static moe_status bind_params(moe_infer_decoder *d)
 {
     moe_model *m = d->m;
     d->wte = param(m, MOE_T_WTE, -1);
-    d->wpe = param(m, MOE_T_WPE, -1);
     d->lnfw = param(m, MOE_T_LNF_W, -1);
-    d->lnfb = param(m, MOE_T_LNF_B, -1);
-    if (!d->wte || !d->wpe || !d->lnfw || !d->lnfb) return MOE_ERR_ARG;
+    /* present or not by the model's options */
+    d->wpe = moe_model_param(m, MOE_T_WPE, -1);
+    d->lnfb = moe_model_param(m, MOE_T_LNF_B, -1);
+    d->head = moe_model_head(m);
+    if (!d->wte || !d->lnfw || !d->head) return MOE_ERR_ARG;
     for (int l = 0; l < d->L; l++) {
         dec_block *b = &d->blk[l];
-        const float **dense[] = {&b->ln1w, &b->ln1b, &b->qkvw, &b->qkvb, &b->projw, &b->projb, &b->ln2w, &b->ln2b};
-        const moe_tensor_kind kinds[] = {MOE_T_LN1_W, MOE_T_LN1_B, MOE_T_QKV_W, MOE_T_QKV_B,
-                                         MOE_T_PROJ_W, MOE_T_PROJ_B, MOE_T_LN2_W, MOE_T_LN2_B};
-        for (int i = 0; i < 8; i++)
-            if (!(*dense[i] = param(m, kinds[i], l))) return MOE_ERR_ARG;
+        const float **req[] = {&b->ln1w, &b->qkvw, &b->projw, &b->ln2w};
+        const moe_tensor_kind req_kinds[] = {MOE_T_LN1_W, MOE_T_QKV_W, MOE_T_PROJ_W, MOE_T_LN2_W};
+        for (int i = 0; i < 4; i++)
+            if (!(*req[i] = param(m, req_kinds[i], l))) return MOE_ERR_ARG;
+        b->ln1b = moe_model_param(m, MOE_T_LN1_B, l);
+        b->qkvb = moe_model_param(m, MOE_T_QKV_B, l);
+        b->projb = moe_model_param(m, MOE_T_PROJ_B, l);
+        b->ln2b = moe_model_param(m, MOE_T_LN2_B, l);
         b->moe = moe_model_layer(m, l);
         if (b->moe) {
-            b->mp.router_w = param(m, MOE_T_ROUTER_W, l);
+            b->mp = moe_model_layer_params(m, l);
             b->mp.noise_w = NULL; /* no noise at inference */
-            b->mp.experts.w1 = param(m, MOE_T_EXP_W1, l);
-            b->mp.experts.b1 = param(m, MOE_T_EXP_B1, l);
-            b->mp.experts.w2 = param(m, MOE_T_EXP_W2, l);
-            b->mp.experts.b2 = param(m, MOE_T_EXP_B2, l);
-            if (!b->mp.router_w || !b->mp.experts.w1 || !b->mp.experts.b1 || !b->mp.experts.w2 || !b->mp.experts.b2)
-                return MOE_ERR_ARG;
+            if (!b->mp.router_w || !b->mp.experts.w1 || !b->mp.experts.w2)
+                return moe_errorf(MOE_ERR_ARG, "decoder: block %d lacks its MoE parameters", l);
         } else {
             b->fcw = param(m, MOE_T_FC_W, l);
-            b->fcb = param(m, MOE_T_FC_B, l);
+            b->fcb = moe_model_param(m, MOE_T_FC_B, l);
             b->fcpw = param(m, MOE_T_FCPROJ_W, l);
-            b->fcpb = param(m, MOE_T_FCPROJ_B, l);
-            if (!b->fcw || !b->fcb || !b->fcpw || !b->fcpb) return MOE_ERR_ARG;
+            b->fcpb = moe_model_param(m, MOE_T_FCPROJ_B, l);
+            if (!b->fcw || !b->fcpw) return MOE_ERR_ARG;
         }
     }
     return MOE_OK;
@@ -101,14 +103,18 @@ moe_status moe_infer_decoder_create(moe_infer_decoder **out, moe_model *m, int m
     d->C = c->d_model;
     d->L = c->n_layers;
     d->NH = c->n_heads;
+    d->NKV = moe_cfg_kv_heads(c);
+    d->HD = moe_cfg_head_dim(c);
+    d->A = moe_cfg_att_width(c);
+    d->QKV = moe_cfg_qkv_width(c);
     d->T = c->seq_len;
     d->F = c->d_ff;
     d->F1 = moe_f1(c->d_ff, c->activation);
     d->S = max_seqs;
     d->n_max = max_seqs > d->T ? max_seqs : d->T;
     d->act = c->activation;
-    d->eps = (float)c->ln_eps;
-    const size_t N = (size_t)d->n_max, C = (size_t)d->C, cache = (size_t)d->L * d->S * d->T * C;
+    const size_t N = (size_t)d->n_max, C = (size_t)d->C, KV = (size_t)d->NKV * d->HD;
+    const size_t cache = (size_t)d->L * d->S * d->T * KV;
     d->blk = moe_calloc((size_t)d->L, sizeof *d->blk);
     d->len = moe_calloc((size_t)d->S, sizeof(int));
     d->add = moe_calloc((size_t)d->S, sizeof(int));
@@ -118,9 +124,9 @@ moe_status moe_infer_decoder_create(moe_infer_decoder **out, moe_model *m, int m
     d->x = moe_calloc(N * C, sizeof(float));
     d->ln = moe_calloc(N * C, sizeof(float));
     d->mean = moe_calloc(N, sizeof(float));
-    d->rstd = moe_calloc(N, sizeof(float));
-    d->qkv = moe_calloc(N * 3 * C, sizeof(float));
-    d->atty = moe_calloc(N * C, sizeof(float));
+    d->rstd = moe_calloc(N * (size_t)(d->NH + d->NKV), sizeof(float));
+    d->qkv = moe_calloc(N * d->QKV, sizeof(float));
+    d->atty = moe_calloc(N * d->A, sizeof(float));
     d->tmp = moe_calloc(N * C, sizeof(float));
     d->fch = moe_calloc(N * d->F1, sizeof(float));
     d->fch_act = moe_calloc(N * d->F, sizeof(float));
@@ -169,33 +175,35 @@ int64_t moe_infer_decoder_dist_stride(const moe_infer_decoder *d)
 }
 int moe_infer_decoder_length(const moe_infer_decoder *d, int s) { return s >= 0 && s < d->S ? d->len[s] : 0; }
 
-/* Cache row of (layer l, sequence s, position t). */
+/* Cache row of (layer l, sequence s, position t): NKV HD floats. */
 static size_t cache_row(const moe_infer_decoder *d, int l, int s, int t)
 {
-    return (((size_t)l * d->S + s) * d->T + t) * (size_t)d->C;
+    return (((size_t)l * d->S + s) * d->T + t) * (size_t)d->NKV * d->HD;
 }
 
-/* atty (n, C): causal attention of each new token over its sequence's cache
- * positions 0 .. pos (the new keys and values are already stored). */
+/* atty (n, A): causal attention of each new token over its sequence's cache
+ * positions 0 .. pos (the new keys and values are already stored); query
+ * head h reads kv head h / (NH / NKV). */
 static void attend(moe_infer_decoder *d, int l, const int *seq, int n)
 {
-    const int C = d->C, hs = C / d->NH;
+    const int hs = d->HD, KV = d->NKV * hs, grp = d->NH / d->NKV;
     const float scale = 1.0f / sqrtf((float)hs);
     for (int i = 0; i < n; i++) {
         const int p = d->pos[i], len = p + 1;
         const float *K = d->kc + cache_row(d, l, seq[i], 0), *Vc = d->vc + cache_row(d, l, seq[i], 0);
         for (int h = 0; h < d->NH; h++) {
-            const float *q = d->qkv + (size_t)i * 3 * C + h * hs;
+            const float *q = d->qkv + (size_t)i * d->QKV + h * hs;
+            const int kvh = h / grp;
             float *a = d->scores;
-            cblas_sgemv(CblasRowMajor, CblasNoTrans, len, hs, scale, K + h * hs, C, q, 1, 0.0f, a, 1);
+            cblas_sgemv(CblasRowMajor, CblasNoTrans, len, hs, scale, K + kvh * hs, KV, q, 1, 0.0f, a, 1);
             float mx = a[0];
             for (int j = 1; j < len; j++) mx = a[j] > mx ? a[j] : mx;
             float sum = 0.0f;
             for (int j = 0; j < len; j++) sum += (a[j] = expf(a[j] - mx));
             const float inv = 1.0f / sum;
             for (int j = 0; j < len; j++) a[j] *= inv;
-            cblas_sgemv(CblasRowMajor, CblasTrans, len, hs, 1.0f, Vc + h * hs, C, a, 1, 0.0f,
-                        d->atty + (size_t)i * C + h * hs, 1);
+            cblas_sgemv(CblasRowMajor, CblasTrans, len, hs, 1.0f, Vc + kvh * hs, KV, a, 1, 0.0f,
+                        d->atty + (size_t)i * d->A + h * hs, 1);
         }
     }
 }
@@ -220,23 +228,25 @@ static moe_status run_blocks(moe_infer_decoder *d, const int32_t *tokens, const 
             return moe_errorf(MOE_ERR_ARG, "decode: sequence %d would pass seq_len=%d positions (reset it first)",
                               seq[i], d->T);
     }
-    const int C = d->C;
+    const int C = d->C, KV = d->NKV * d->HD, k0 = d->NH * d->HD;
     const long NC = (long)n * C;
     for (int i = 0; i < n; i++)
-        moe_model_encoder_forward(d->x + (size_t)i * C, &tokens[i], d->wte, d->wpe + (size_t)d->pos[i] * C, 1, 1, C);
+        moe_model_encoder_forward(d->x + (size_t)i * C, &tokens[i], d->wte,
+                                  d->wpe ? d->wpe + (size_t)d->pos[i] * C : NULL, 1, 1, C);
     for (int l = 0; l < d->L; l++) {
         const dec_block *b = &d->blk[l];
-        moe_model_layernorm_forward(d->ln, d->mean, d->rstd, d->x, b->ln1w, b->ln1b, n, C, d->eps);
-        moe_model_matmul_forward(d->qkv, d->ln, b->qkvw, b->qkvb, n, C, 3 * C);
+        moe_model_norm_rows(d->m, d->ln, d->mean, d->rstd, d->x, b->ln1w, b->ln1b, n);
+        moe_model_matmul_forward(d->qkv, d->ln, b->qkvw, b->qkvb, n, C, d->QKV);
+        moe_model_qk_rows(d->m, l, d->qkv, d->rstd, d->pos, n);
         for (int i = 0; i < n; i++) {
             const size_t r = cache_row(d, l, seq[i], d->pos[i]);
-            memcpy(d->kc + r, d->qkv + (size_t)i * 3 * C + C, (size_t)C * sizeof(float));
-            memcpy(d->vc + r, d->qkv + (size_t)i * 3 * C + 2 * C, (size_t)C * sizeof(float));
+            memcpy(d->kc + r, d->qkv + (size_t)i * d->QKV + k0, (size_t)KV * sizeof(float));
+            memcpy(d->vc + r, d->qkv + (size_t)i * d->QKV + k0 + KV, (size_t)KV * sizeof(float));
         }
         attend(d, l, seq, n);
-        moe_model_matmul_forward(d->tmp, d->atty, b->projw, b->projb, n, C, C);
+        moe_model_matmul_forward(d->tmp, d->atty, b->projw, b->projb, n, d->A, C);
         moe_model_residual_forward(d->x, d->x, d->tmp, NC);
-        moe_model_layernorm_forward(d->ln, d->mean, d->rstd, d->x, b->ln2w, b->ln2b, n, C, d->eps);
+        moe_model_norm_rows(d->m, d->ln, d->mean, d->rstd, d->x, b->ln2w, b->ln2b, n);
         if (b->moe) {
             /* the n new tokens are one routing group; no noise */
             const moe_status st = moe_layer_forward(b->moe, d->tmp, d->ln, &b->mp, n, 1, NULL);
@@ -248,7 +258,7 @@ static moe_status run_blocks(moe_infer_decoder *d, const int32_t *tokens, const 
         }
         moe_model_residual_forward(d->x, d->x, d->tmp, NC);
     }
-    moe_model_layernorm_forward(d->ln, d->mean, d->rstd, d->x, d->lnfw, d->lnfb, n, C, d->eps);
+    moe_model_norm_rows(d->m, d->ln, d->mean, d->rstd, d->x, d->lnfw, d->lnfb, n);
     for (int i = 0; i < n; i++) d->len[seq[i]]++;
     return MOE_OK;
 }
@@ -260,12 +270,13 @@ moe_status moe_infer_decode(moe_infer_decoder *d, float *logits, const int32_t *
                                        "(moe_infer_decode_dist), not logits over the vocabulary");
     moe_status st = run_blocks(d, tokens, seq, n);
     if (st) return st;
-    if (d->head_gemv && n <= 4) /* reads wte once per token, without packing it */
+    /* the full head: wte (tied) or lm_head */
+    if (d->head_gemv && n <= 4) /* reads the head once per token, without packing it */
         for (int i = 0; i < n; i++)
-            cblas_sgemv(CblasRowMajor, CblasNoTrans, d->V, d->C, 1.0f, d->wte, d->C, d->ln + (size_t)i * d->C, 1, 0.0f,
-                        logits + (size_t)i * d->V, 1);
+            cblas_sgemv(CblasRowMajor, CblasNoTrans, d->V, d->C, 1.0f, d->head, d->C, d->ln + (size_t)i * d->C, 1,
+                        0.0f, logits + (size_t)i * d->V, 1);
     else
-        moe_model_matmul_forward(logits, d->ln, d->wte, NULL, n, d->C, d->V);
+        moe_model_matmul_forward(logits, d->ln, d->head, NULL, n, d->C, d->V);
     return MOE_OK;
 }
 
@@ -279,7 +290,7 @@ moe_status moe_infer_decode_dist(moe_infer_decoder *d, moe_infer_dist *out, cons
         return moe_errorf(MOE_ERR_ARG, "decode: distribution rows of %lld candidates, the head needs %s%lld",
                           (long long)out->stride, d->vhead ? "at least " : "", (long long)need);
     if (!d->vhead) {
-        /* the tied full head: every row, as moe_infer_decode */
+        /* the full head: every row, as moe_infer_decode */
         moe_status st = moe_infer_decode(d, out->logp, tokens, seq, n);
         if (st) return st;
         out->dense = 1;

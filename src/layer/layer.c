@@ -14,6 +14,7 @@
 #include "layer/layer.h"
 
 #include <cblas.h>
+#include <math.h>
 #include <stddef.h>
 #include <string.h>
 #include <unistd.h>
@@ -27,12 +28,14 @@ const moe_layer_timing_field moe_layer_timing_fields[MOE_LAYER_TIMING_N] = {
     {"expert_fwd", offsetof(moe_layer_timing, expert_fwd)},
     {"return", offsetof(moe_layer_timing, ret)},
     {"combine", offsetof(moe_layer_timing, combine)},
+    {"shared", offsetof(moe_layer_timing, shared)},
     {"bwd_gate_grad", offsetof(moe_layer_timing, bwd_gate_grad)},
     {"bwd_router", offsetof(moe_layer_timing, bwd_router)},
     {"bwd_dispatch", offsetof(moe_layer_timing, bwd_dispatch)},
     {"expert_bwd", offsetof(moe_layer_timing, expert_bwd)},
     {"bwd_return", offsetof(moe_layer_timing, bwd_return)},
     {"bwd_unpack", offsetof(moe_layer_timing, bwd_unpack)},
+    {"bwd_shared", offsetof(moe_layer_timing, bwd_shared)},
 };
 
 double moe_layer_timing_get(const moe_layer_timing *t, int i)
@@ -72,6 +75,14 @@ struct moe_layer {
 
     float *dweight;          /* (T_max, E) dL/dg */
     int *expert_rows;        /* (El) */
+
+    /* shared experts (n_shared > 0): every token, replicated */
+    int S, Fs, F1s;
+    float *sh_h, *sh_a;      /* (S, T_max, F1s), (S, T_max, Fs) their activations */
+    float *sh_out;           /* (T_max, d) sum of the S outputs before the gate */
+    float *sh_tmp;           /* (T_max, d) one expert's output; backward: dx rows */
+    float *sh_dy;            /* (T_max, d) backward: gate * dy */
+    float *sh_gate;          /* (T_max) sigmoid(w_sg . x), or unused without the gate */
     moe_layer_timing timing;
     double flops;
 };
@@ -144,15 +155,33 @@ moe_status moe_layer_create(moe_layer **out, const moe_layer_config *cfg, moe_co
     L->d = cfg->router.d_model;
     L->F = cfg->d_ff;
     L->F1 = moe_f1(cfg->d_ff, cfg->act);
-    st = moe_route_create(&L->route, &cfg->router, cfg->max_tokens, cfg->max_groups);
+    L->S = cfg->n_shared;
+    L->Fs = cfg->d_ff_shared;
+    L->F1s = moe_f1(cfg->d_ff_shared, cfg->act);
+    if (cfg->n_shared < 0 || (cfg->n_shared > 0 && cfg->d_ff_shared < 1))
+        st = moe_errorf(MOE_ERR_ARG, "MoE layer: n_shared=%d needs d_ff_shared >= 1 (got %d)", cfg->n_shared,
+                        cfg->d_ff_shared);
+    if (!st) st = moe_route_create(&L->route, &cfg->router, cfg->max_tokens, cfg->max_groups);
     if (!st) {
+        const size_t T = (size_t)cfg->max_tokens, S = (size_t)(L->S > 0 ? L->S : 0), d = (size_t)L->d;
         L->expert_rows = moe_calloc((size_t)L->El, sizeof(int));
-        L->dweight = moe_calloc((size_t)cfg->max_tokens * E, sizeof(float));
-        L->tok_off = moe_calloc((size_t)cfg->max_tokens + 1, sizeof(int));
+        L->dweight = moe_calloc(T * E, sizeof(float));
+        L->tok_off = moe_calloc(T + 1, sizeof(int));
         L->holder_off = moe_calloc((size_t)E + 1, sizeof(int));
         L->holders = moe_calloc((size_t)P * L->El, sizeof(int));
         if (!L->expert_rows || !L->dweight || !L->tok_off || !L->holder_off || !L->holders)
             st = moe_errorf(MOE_ERR_NOMEM, "MoE layer: out of memory");
+        if (!st && S) {
+            L->sh_h = moe_calloc(S * T * L->F1s, sizeof(float));
+            L->sh_a = moe_calloc(S * T * L->Fs, sizeof(float));
+            L->sh_out = moe_calloc(T * d, sizeof(float));
+            L->sh_tmp = moe_calloc(T * d, sizeof(float));
+            L->sh_dy = moe_calloc(T * d, sizeof(float));
+            L->sh_gate = moe_calloc(T, sizeof(float));
+            if (!L->sh_h || !L->sh_a || !L->sh_out || !L->sh_tmp || !L->sh_dy || !L->sh_gate)
+                st = moe_errorf(MOE_ERR_NOMEM, "MoE layer: shared experts' activations (%zu floats)",
+                                S * T * (size_t)(L->F1s + L->Fs));
+        }
     }
     if (!st) {
         /* contiguous blocks: expert e is slot e % El of ep rank e / El,
@@ -189,6 +218,12 @@ void moe_layer_destroy(moe_layer *L)
     moe_free(L->a);
     moe_free(L->dweight);
     moe_free(L->expert_rows);
+    moe_free(L->sh_h);
+    moe_free(L->sh_a);
+    moe_free(L->sh_out);
+    moe_free(L->sh_tmp);
+    moe_free(L->sh_dy);
+    moe_free(L->sh_gate);
     moe_free(L);
 }
 
@@ -206,11 +241,92 @@ static moe_expert_params expert_view(const moe_expert_params *p, const moe_layer
 {
     moe_expert_params v = {
         .w1 = p->w1 + (size_t)j0 * L->F1 * L->d,
-        .b1 = p->b1 + (size_t)j0 * L->F1,
+        .b1 = p->b1 ? p->b1 + (size_t)j0 * L->F1 : NULL,
         .w2 = p->w2 + (size_t)j0 * L->d * L->F,
-        .b2 = p->b2 + (size_t)j0 * L->d,
+        .b2 = p->b2 ? p->b2 + (size_t)j0 * L->d : NULL,
     };
     return v;
+}
+
+/* Parameters of shared expert j. */
+static moe_expert_params shared_view(const moe_expert_params *p, const moe_layer *L, int j)
+{
+    moe_expert_params v = {
+        .w1 = p->w1 + (size_t)j * L->F1s * L->d,
+        .b1 = p->b1 ? p->b1 + (size_t)j * L->F1s : NULL,
+        .w2 = p->w2 + (size_t)j * L->d * L->Fs,
+        .b2 = p->b2 ? p->b2 + (size_t)j * L->d : NULL,
+    };
+    return v;
+}
+
+/* y += gate * sum_j FFN^shared_j(x) over the T tokens (routing.md section
+ * 8): each shared expert runs as one expert whose rows are all tokens. */
+static void shared_forward(moe_layer *L, float *y, const float *x, const moe_layer_params *p)
+{
+    const int T = L->T, d = L->d;
+    const int rows[2] = {0, T};
+    for (int j = 0; j < L->S; j++) {
+        const moe_expert_params v = shared_view(&p->shared, L, j);
+        float *o = j == 0 ? L->sh_out : L->sh_tmp;
+        moe_expert_forward(o, L->sh_h + (size_t)j * L->cfg.max_tokens * L->F1s,
+                           L->sh_a + (size_t)j * L->cfg.max_tokens * L->Fs, x, rows, &v, 1, d, L->Fs, L->cfg.act);
+        if (j > 0)
+            for (size_t i = 0; i < (size_t)T * d; i++) L->sh_out[i] += o[i];
+    }
+    for (int t = 0; t < T; t++) {
+        const float *o = L->sh_out + (size_t)t * d;
+        float *yt = y + (size_t)t * d;
+        if (!L->cfg.shared_gate) {
+            for (int i = 0; i < d; i++) yt[i] += o[i];
+            continue;
+        }
+        const float *xt = x + (size_t)t * d;
+        float z = 0.0f;
+        for (int i = 0; i < d; i++) z += p->shared_gate[i] * xt[i];
+        const float gt = 1.0f / (1.0f + expf(-z));
+        L->sh_gate[t] = gt;
+        for (int i = 0; i < d; i++) yt[i] += gt * o[i];
+    }
+}
+
+/* The shared experts' backward: dx += their input gradient; their weights'
+ * and the gate's gradients accumulate into g. */
+static void shared_backward(moe_layer *L, float *dx, moe_layer_params *g, const float *dy, const float *x,
+                            const moe_layer_params *p)
+{
+    const int T = L->T, d = L->d;
+    const int rows[2] = {0, T};
+    /* gate: y += g_t o_t, g_t = sigmoid(z_t), z_t = w_sg . x_t */
+    for (int t = 0; t < T; t++) {
+        const float *dyt = dy + (size_t)t * d, *o = L->sh_out + (size_t)t * d;
+        float *dst = L->sh_dy + (size_t)t * d;
+        if (!L->cfg.shared_gate) {
+            memcpy(dst, dyt, (size_t)d * sizeof(float));
+            continue;
+        }
+        const float gt = L->sh_gate[t];
+        float dg = 0.0f;
+        for (int i = 0; i < d; i++) {
+            dg += dyt[i] * o[i];
+            dst[i] = gt * dyt[i];
+        }
+        const float dz = dg * gt * (1.0f - gt);
+        const float *xt = x + (size_t)t * d;
+        float *dxt = dx + (size_t)t * d;
+        for (int i = 0; i < d; i++) {
+            g->shared_gate[i] += dz * xt[i];
+            dxt[i] += dz * p->shared_gate[i];
+        }
+    }
+    for (int j = 0; j < L->S; j++) {
+        const moe_expert_params v = shared_view(&p->shared, L, j);
+        moe_expert_params gv = shared_view(&g->shared, L, j);
+        float *h = L->sh_h + (size_t)j * L->cfg.max_tokens * L->F1s, *a = L->sh_a + (size_t)j * L->cfg.max_tokens * L->Fs;
+        /* in place over the activations (dead after this) */
+        moe_expert_backward(L->sh_tmp, &gv, h, a, L->sh_dy, x, h, a, rows, &v, 1, d, L->Fs, L->cfg.act);
+        for (size_t i = 0; i < (size_t)T * d; i++) dx[i] += L->sh_tmp[i];
+    }
 }
 
 /* The routing of the last route: per token, its kept assignments in
@@ -295,7 +411,7 @@ moe_status moe_layer_forward(moe_layer *L, float *y, const float *x, const moe_l
     if (!st) {
         L->T = T;
         L->G = G;
-        st = moe_router_forward(L->route, x, p->router_w, p->noise_w, &L->cfg.router, T, G, noise);
+        st = moe_router_forward(L->route, x, p->router_w, p->noise_w, p->expert_bias, &L->cfg.router, T, G, noise);
     }
     const double t1 = moe_now();
     if (!st) st = build_routing(L);
@@ -332,6 +448,10 @@ moe_status moe_layer_forward(moe_layer *L, float *y, const float *x, const moe_l
     st = moe_a2a_forward(L->a2a, y, x, L->d, fwd_compute, &ctx, local);
     const moe_a2a_times xt = moe_a2a_last_times(L->a2a);
     if (st) return st;
+    /* The shared experts: dense, at home, on every token (not through the exchange). */
+    const double t5 = moe_now();
+    if (L->S > 0) shared_forward(L, y, x, p);
+    L->timing.shared += moe_now() - t5;
     L->timing.route += t1 - t0;
     L->timing.pack += (t2 - t1) + xt.pack;
     L->timing.dispatch += (t3 - t2) + xt.dispatch;
@@ -369,6 +489,8 @@ moe_status moe_layer_backward(moe_layer *L, float *dx, moe_layer_params *grads, 
     /* dx[t] += its experts' rows, in expert order, after the router's part. */
     moe_a2a_backward_add(L->a2a, dx, d);
     const double t2 = moe_now();
+    if (L->S > 0) shared_backward(L, dx, grads, dy, x, p); /* dense, at home */
+    L->timing.bwd_shared += moe_now() - t2;
     L->timing.bwd_gate_grad += xt.pack;
     L->timing.bwd_router += t1 - t0;
     L->timing.bwd_dispatch += xt.dispatch;
@@ -384,11 +506,19 @@ moe_status moe_layer_reduce_grads(moe_layer *L, moe_layer_params *grads)
     size_t Ed = (size_t)L->E * L->d;
     moe_status st = moe_comm_allreduce_f32(L->comm, MOE_SCOPE_WORLD, grads->router_w, Ed);
     if (!st && grads->noise_w) st = moe_comm_allreduce_f32(L->comm, MOE_SCOPE_WORLD, grads->noise_w, Ed);
+    if (L->S > 0) { /* shared experts are dense: every rank's tokens */
+        const size_t S = (size_t)L->S, d = (size_t)L->d;
+        if (!st) st = moe_comm_allreduce_f32(L->comm, MOE_SCOPE_WORLD, grads->shared.w1, S * L->F1s * d);
+        if (!st && grads->shared.b1) st = moe_comm_allreduce_f32(L->comm, MOE_SCOPE_WORLD, grads->shared.b1, S * L->F1s);
+        if (!st) st = moe_comm_allreduce_f32(L->comm, MOE_SCOPE_WORLD, grads->shared.w2, S * d * L->Fs);
+        if (!st && grads->shared.b2) st = moe_comm_allreduce_f32(L->comm, MOE_SCOPE_WORLD, grads->shared.b2, S * d);
+        if (!st && grads->shared_gate) st = moe_comm_allreduce_f32(L->comm, MOE_SCOPE_WORLD, grads->shared_gate, d);
+    }
     if (st || moe_comm_n_replicas(L->comm) == 1) return st;
     size_t El = (size_t)L->El;
     if (!st) st = moe_comm_allreduce_f32(L->comm, MOE_SCOPE_REPLICA, grads->experts.w1, El * L->F1 * L->d);
-    if (!st) st = moe_comm_allreduce_f32(L->comm, MOE_SCOPE_REPLICA, grads->experts.b1, El * L->F1);
+    if (!st && grads->experts.b1) st = moe_comm_allreduce_f32(L->comm, MOE_SCOPE_REPLICA, grads->experts.b1, El * L->F1);
     if (!st) st = moe_comm_allreduce_f32(L->comm, MOE_SCOPE_REPLICA, grads->experts.w2, El * L->d * L->F);
-    if (!st) st = moe_comm_allreduce_f32(L->comm, MOE_SCOPE_REPLICA, grads->experts.b2, El * L->d);
+    if (!st && grads->experts.b2) st = moe_comm_allreduce_f32(L->comm, MOE_SCOPE_REPLICA, grads->experts.b2, El * L->d);
     return st;
 }

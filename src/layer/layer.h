@@ -15,9 +15,12 @@
 #include "router/router.h"
 
 typedef struct {
-    moe_router_config router;  /* n_experts, top_k, d_model, kind, capacity, normalize, noise */
+    moe_router_config router;  /* n_experts, top_k, d_model, kind, capacity, normalize, noise, section 8 options */
     int d_ff;                  /* F */
     moe_activation act;
+    int n_shared;              /* S shared experts every token passes through (0: none) */
+    int d_ff_shared;           /* their hidden width F_s */
+    int shared_gate;           /* 1: their output times sigmoid(w_sg . x) */
     int max_tokens;            /* largest local T forward will be called with */
     int max_groups;            /* largest local G */
     moe_a2a_kind a2a;          /* exchange transport over more than one rank */
@@ -27,7 +30,10 @@ typedef struct {
 typedef struct {
     float *router_w;           /* (E, d) */
     float *noise_w;            /* (E, d), or NULL without router noise */
+    float *expert_bias;        /* (E) the router's selection bias (a buffer: no gradient), or NULL */
     moe_expert_params experts; /* local experts only: (E_local, F1, d) ... */
+    moe_expert_params shared;  /* the S shared experts (S, F1_s, d) ..., replicated */
+    float *shared_gate;        /* (1, d) w_sg, or NULL without the gate */
 } moe_layer_params;
 
 /* Time split of forward+backward since the last reset (seconds, this
@@ -35,13 +41,13 @@ typedef struct {
  * weighted sum at home. With chunks > 1 the overlapped exchange counts as
  * expert time. */
 typedef struct {
-    double route, pack, dispatch, expert_fwd, ret, combine;
-    double bwd_gate_grad, bwd_router, bwd_dispatch, expert_bwd, bwd_return, bwd_unpack;
+    double route, pack, dispatch, expert_fwd, ret, combine, shared;
+    double bwd_gate_grad, bwd_router, bwd_dispatch, expert_bwd, bwd_return, bwd_unpack, bwd_shared;
 } moe_layer_timing;
 
 /* Every phase of moe_layer_timing by name, in order: printers and JSON
  * writers walk this table instead of the struct's memory. */
-enum { MOE_LAYER_TIMING_N = 12 };
+enum { MOE_LAYER_TIMING_N = 14 };
 typedef struct {
     const char *name;
     size_t offset;
@@ -60,6 +66,7 @@ int moe_layer_expert0(const moe_layer *L);         /* first global expert held h
 int moe_layer_n_local_experts(const moe_layer *L); /* E / P */
 
 /* Forward for T local tokens in G local groups: y (T, d) overwritten, x (T, d).
+ * y is the routed combine plus the shared experts' output (times their gate). 
  * Collective over the ep group. Fails on bad sizes (MOE_ERR_ARG), NaN/Inf in
  * x (MOE_ERR_NONFINITE), allocation (MOE_ERR_NOMEM); with a comm every rank
  * of the ep group then returns non-OK too (MOE_ERR_REMOTE), nobody hangs. */
@@ -67,7 +74,8 @@ moe_status moe_layer_forward(moe_layer *L, float *y, const float *x, const moe_l
                              int T, int G, const moe_noise_key *noise);
 
 /* Backward of the last forward. dy (T, d). Accumulates into dx (T, d) and
- * into grads (router_w, noise_w, local experts). lb_scale / z_scale: dL/d of
+ * into grads (router_w, noise_w, local experts, shared experts and their
+ * gate; grads->expert_bias is not used). lb_scale / z_scale: dL/d of
  * each group's load-balance / z loss. Expert gradients are summed over the ep
  * group (they arrive at the owner) but NOT over replicas, and router
  * gradients are this rank's contribution only: reducing them is the
@@ -77,8 +85,8 @@ moe_status moe_layer_backward(moe_layer *L, float *dx, moe_layer_params *grads, 
                               const float *x, const moe_layer_params *p, float lb_scale,
                               float z_scale);
 
-/* Convenience for benchmarks and tests: sums router grads over world and
- * expert grads over replicas. Collective over world. */
+/* Convenience for benchmarks and tests: sums router and shared-expert
+ * grads over world and expert grads over replicas. Collective over world. */
 moe_status moe_layer_reduce_grads(moe_layer *L, moe_layer_params *grads);
 
 /* The routing record of the last forward (local tokens). */

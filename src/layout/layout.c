@@ -6,7 +6,14 @@
 #include <string.h>
 
 /* Dimensions, resolved against a configuration. */
-typedef enum { D_V, D_S, D_C, D_3C, D_E, D_F, D_F1, D_M } dim_code;
+typedef enum {
+    D_V, D_S, D_C, D_E, D_F, D_F1,
+    D_QKV,    /* c_attn rows: (n_heads + 2 n_kv_heads) head_dim (3 d_model by default) */
+    D_A,      /* attention width n_heads head_dim (c_proj's input) */
+    D_QN, D_KN, /* q_norm, k_norm widths: n_heads D and n_kv_heads D (full), D (head) */
+    D_SH, D_FS, D_FS1, D_1, /* shared experts S, F_s, F1_s; 1 */
+    D_M       /* vocabulary experts */
+} dim_code;
 
 /* Where a tensor sits: before the blocks, in every block, in MoE or dense
  * blocks only, after the blocks. */
@@ -26,6 +33,16 @@ typedef struct {
 } tensor_desc;
 
 static int with_router_noise(const moe_train_config *c) { return c->router_noise != 0; }
+static int with_wpe(const moe_train_config *c) { return c->pos == MOE_POS_LEARNED; }
+static int with_ln_bias(const moe_train_config *c) { return c->norm == MOE_NORM_LAYERNORM; }
+static int with_bias(const moe_train_config *c) { return c->linear_bias; }
+static int with_attn_bias(const moe_train_config *c) { return moe_cfg_attn_bias(c); }
+static int with_qk_norm(const moe_train_config *c) { return c->qk_norm != MOE_QK_NORM_NONE; }
+static int with_lm_head(const moe_train_config *c) { return !c->tie_embeddings; }
+static int with_expert_bias(const moe_train_config *c) { return c->expert_bias; }
+static int with_shared(const moe_train_config *c) { return c->n_shared > 0; }
+static int with_shared_bias(const moe_train_config *c) { return c->n_shared > 0 && c->linear_bias; }
+static int with_shared_gate(const moe_train_config *c) { return c->n_shared > 0 && c->shared_gate; }
 static int with_vocab_head(const moe_train_config *c) { return c->head == MOE_HEAD_VOCAB_EXPERTS; }
 
 #define P MOE_TENSOR_PARAM
@@ -35,27 +52,37 @@ static int with_vocab_head(const moe_train_config *c) { return c->head == MOE_HE
 /* In table order (part of the format: see layout.h). */
 static const tensor_desc descs[] = {
     {MOE_T_WTE, "wte", AT_HEAD, 2, {D_V, D_C}, 0, 1, MOE_INIT_NORMAL, P, NULL},
-    {MOE_T_WPE, "wpe", AT_HEAD, 2, {D_S, D_C}, 0, 1, MOE_INIT_NORMAL, P, NULL},
+    {MOE_T_WPE, "wpe", AT_HEAD, 2, {D_S, D_C}, 0, 1, MOE_INIT_NORMAL, P, with_wpe},
     {MOE_T_LN1_W, "ln_1/weight", AT_BLOCK, 1, {D_C}, 0, 0, MOE_INIT_ONE, P, NULL},
-    {MOE_T_LN1_B, "ln_1/bias", AT_BLOCK, 1, {D_C}, 0, 0, MOE_INIT_ZERO, P, NULL},
-    {MOE_T_QKV_W, "attn/c_attn/weight", AT_BLOCK, 2, {D_3C, D_C}, 0, 1, MOE_INIT_NORMAL, P, NULL},
-    {MOE_T_QKV_B, "attn/c_attn/bias", AT_BLOCK, 1, {D_3C}, 0, 0, MOE_INIT_ZERO, P, NULL},
-    {MOE_T_PROJ_W, "attn/c_proj/weight", AT_BLOCK, 2, {D_C, D_C}, 0, 1, MOE_INIT_RESID, P, NULL},
-    {MOE_T_PROJ_B, "attn/c_proj/bias", AT_BLOCK, 1, {D_C}, 0, 0, MOE_INIT_ZERO, P, NULL},
+    {MOE_T_LN1_B, "ln_1/bias", AT_BLOCK, 1, {D_C}, 0, 0, MOE_INIT_ZERO, P, with_ln_bias},
+    {MOE_T_QKV_W, "attn/c_attn/weight", AT_BLOCK, 2, {D_QKV, D_C}, 0, 1, MOE_INIT_NORMAL, P, NULL},
+    {MOE_T_QKV_B, "attn/c_attn/bias", AT_BLOCK, 1, {D_QKV}, 0, 0, MOE_INIT_ZERO, P, with_attn_bias},
+    {MOE_T_QNORM_W, "attn/q_norm/weight", AT_BLOCK, 1, {D_QN}, 0, 0, MOE_INIT_ONE, P, with_qk_norm},
+    {MOE_T_KNORM_W, "attn/k_norm/weight", AT_BLOCK, 1, {D_KN}, 0, 0, MOE_INIT_ONE, P, with_qk_norm},
+    {MOE_T_PROJ_W, "attn/c_proj/weight", AT_BLOCK, 2, {D_C, D_A}, 0, 1, MOE_INIT_RESID, P, NULL},
+    {MOE_T_PROJ_B, "attn/c_proj/bias", AT_BLOCK, 1, {D_C}, 0, 0, MOE_INIT_ZERO, P, with_bias},
     {MOE_T_LN2_W, "ln_2/weight", AT_BLOCK, 1, {D_C}, 0, 0, MOE_INIT_ONE, P, NULL},
-    {MOE_T_LN2_B, "ln_2/bias", AT_BLOCK, 1, {D_C}, 0, 0, MOE_INIT_ZERO, P, NULL},
+    {MOE_T_LN2_B, "ln_2/bias", AT_BLOCK, 1, {D_C}, 0, 0, MOE_INIT_ZERO, P, with_ln_bias},
     {MOE_T_ROUTER_W, "moe/router/weight", AT_MOE, 2, {D_E, D_C}, 0, 1, MOE_INIT_NORMAL, P, NULL},
     {MOE_T_NOISE_W, "moe/router/noise_weight", AT_MOE, 2, {D_E, D_C}, 0, 1, MOE_INIT_NORMAL, P, with_router_noise},
+    {MOE_T_EXP_BIAS, "moe/router/expert_bias", AT_MOE, 1, {D_E}, 0, 0, MOE_INIT_ZERO, B, with_expert_bias},
     {MOE_T_EXP_W1, "moe/experts/w1", AT_MOE, 3, {D_E, D_F1, D_C}, FFN, 1, MOE_INIT_NORMAL, P, NULL},
-    {MOE_T_EXP_B1, "moe/experts/b1", AT_MOE, 2, {D_E, D_F1}, FFN, 0, MOE_INIT_ZERO, P, NULL},
+    {MOE_T_EXP_B1, "moe/experts/b1", AT_MOE, 2, {D_E, D_F1}, FFN, 0, MOE_INIT_ZERO, P, with_bias},
     {MOE_T_EXP_W2, "moe/experts/w2", AT_MOE, 3, {D_E, D_C, D_F}, FFN, 1, MOE_INIT_RESID, P, NULL},
-    {MOE_T_EXP_B2, "moe/experts/b2", AT_MOE, 2, {D_E, D_C}, FFN, 0, MOE_INIT_ZERO, P, NULL},
+    {MOE_T_EXP_B2, "moe/experts/b2", AT_MOE, 2, {D_E, D_C}, FFN, 0, MOE_INIT_ZERO, P, with_bias},
+    /* shared experts: dense (replicated, data-parallel) despite the leading S */
+    {MOE_T_SH_W1, "moe/shared/w1", AT_MOE, 3, {D_SH, D_FS1, D_C}, 0, 1, MOE_INIT_NORMAL, P, with_shared},
+    {MOE_T_SH_B1, "moe/shared/b1", AT_MOE, 2, {D_SH, D_FS1}, 0, 0, MOE_INIT_ZERO, P, with_shared_bias},
+    {MOE_T_SH_W2, "moe/shared/w2", AT_MOE, 3, {D_SH, D_C, D_FS}, 0, 1, MOE_INIT_RESID, P, with_shared},
+    {MOE_T_SH_B2, "moe/shared/b2", AT_MOE, 2, {D_SH, D_C}, 0, 0, MOE_INIT_ZERO, P, with_shared_bias},
+    {MOE_T_SH_GATE, "moe/shared/gate", AT_MOE, 2, {D_1, D_C}, 0, 1, MOE_INIT_NORMAL, P, with_shared_gate},
     {MOE_T_FC_W, "mlp/c_fc/weight", AT_DENSE, 2, {D_F1, D_C}, 0, 1, MOE_INIT_NORMAL, P, NULL},
-    {MOE_T_FC_B, "mlp/c_fc/bias", AT_DENSE, 1, {D_F1}, 0, 0, MOE_INIT_ZERO, P, NULL},
+    {MOE_T_FC_B, "mlp/c_fc/bias", AT_DENSE, 1, {D_F1}, 0, 0, MOE_INIT_ZERO, P, with_bias},
     {MOE_T_FCPROJ_W, "mlp/c_proj/weight", AT_DENSE, 2, {D_C, D_F}, 0, 1, MOE_INIT_RESID, P, NULL},
-    {MOE_T_FCPROJ_B, "mlp/c_proj/bias", AT_DENSE, 1, {D_C}, 0, 0, MOE_INIT_ZERO, P, NULL},
+    {MOE_T_FCPROJ_B, "mlp/c_proj/bias", AT_DENSE, 1, {D_C}, 0, 0, MOE_INIT_ZERO, P, with_bias},
     {MOE_T_LNF_W, "ln_f/weight", AT_TAIL, 1, {D_C}, 0, 0, MOE_INIT_ONE, P, NULL},
-    {MOE_T_LNF_B, "ln_f/bias", AT_TAIL, 1, {D_C}, 0, 0, MOE_INIT_ZERO, P, NULL},
+    {MOE_T_LNF_B, "ln_f/bias", AT_TAIL, 1, {D_C}, 0, 0, MOE_INIT_ZERO, P, with_ln_bias},
+    {MOE_T_LM_HEAD, "lm_head/weight", AT_TAIL, 2, {D_V, D_C}, 0, 1, MOE_INIT_NORMAL, P, with_lm_head},
     /* vocabulary experts: rows of W_out / c by token id, sharded by expert */
     {MOE_T_VOCAB_ASSIGN, "vocab_head/assign", AT_TAIL, 1, {D_V}, 0, 0, MOE_INIT_ASSIGN, B, with_vocab_head},
     {MOE_T_VOCAB_ROUTER_W, "vocab_head/router/weight", AT_TAIL, 2, {D_M, D_C}, 0, 1, MOE_INIT_NORMAL, P,
@@ -64,8 +91,8 @@ static const tensor_desc descs[] = {
     {MOE_T_VOCAB_W, "vocab_head/weight", AT_TAIL, 2, {D_V, D_C}, VOC, 1, MOE_INIT_NORMAL, P, with_vocab_head},
     {MOE_T_VOCAB_B, "vocab_head/bias", AT_TAIL, 1, {D_V}, VOC, 0, MOE_INIT_ZERO, P, with_vocab_head},
 };
-#undef P
 #undef B
+#undef P
 #undef FFN
 #undef VOC
 #define N_DESCS ((int)(sizeof descs / sizeof descs[0]))
@@ -78,10 +105,18 @@ static int64_t dim_value(dim_code d, const moe_train_config *c)
     case D_V: return c->vocab_size;
     case D_S: return c->seq_len;
     case D_C: return c->d_model;
-    case D_3C: return 3 * (int64_t)c->d_model;
     case D_E: return c->n_experts;
     case D_F: return c->d_ff;
     case D_F1: return moe_f1(c->d_ff, c->activation);
+    case D_QKV: return moe_cfg_qkv_width(c);
+    case D_A: return moe_cfg_att_width(c);
+    case D_QN: return c->qk_norm == MOE_QK_NORM_HEAD ? moe_cfg_head_dim(c) : moe_cfg_att_width(c);
+    case D_KN:
+        return c->qk_norm == MOE_QK_NORM_HEAD ? moe_cfg_head_dim(c) : (int64_t)moe_cfg_kv_heads(c) * moe_cfg_head_dim(c);
+    case D_SH: return c->n_shared;
+    case D_FS: return moe_cfg_d_ff_shared(c);
+    case D_FS1: return moe_f1(moe_cfg_d_ff_shared(c), c->activation);
+    case D_1: return 1;
     case D_M: return c->vocab_experts;
     }
     return 0;

@@ -13,19 +13,21 @@
  * the format. Offsets: every replicated tensor first (in table order), then
  * every expert-sharded one, so the dense gradients are one range.
  *
+ * Architecture options (docs/training.md) are predicates on lines: no
+ * biases when linear_bias = 0 (attn_bias for q, k, v), no wpe with RoPE,
+ * norms without bias for RMSNorm, q_norm/k_norm with qk_norm, lm_head when
+ * untied, shared experts (dense even with an expert-like leading dim:
+ * sharded = 0), the router's expert_bias as a MOE_TENSOR_BUFFER. A tensor
+ * absent under the defaults does not move the others, so the defaults keep
+ * every table index (and initial weight) of format 1.
+ *
  * The vocabulary-expert head (head = vocab_experts, after ln_f) is the
  * first user of the general pieces: its partition vocab_head/assign is a
  * checkpointed int32 buffer (no gradient, no optimizer state), and its
  * output rows vocab_head/weight [V, d] and bias [V] are sharded by
  * vocabulary expert: rank r of the ep group holds the rows of experts
  * [r M/P, (r+1) M/P) in expert-major order, one segment per expert
- * (seg_off), each local row's token id in row_ids.
- *
- * Anticipated (not built yet), each a descriptor line plus a predicate:
- * no biases when linear_bias = 0, no wpe with RoPE, norms without bias for
- * RMSNorm, q_norm/k_norm, lm_head when untied, shared experts (dense even
- * with an expert-like leading dim: sharded = 0), router expert_bias as a
- * MOE_TENSOR_BUFFER. */
+ * (seg_off), each local row's token id in row_ids. */
 #ifndef MOE_LAYOUT_H
 #define MOE_LAYOUT_H
 
@@ -41,6 +43,10 @@ typedef enum {
     MOE_T_FC_W, MOE_T_FC_B, MOE_T_FCPROJ_W, MOE_T_FCPROJ_B,
     /* an MoE block */
     MOE_T_ROUTER_W, MOE_T_NOISE_W, MOE_T_EXP_W1, MOE_T_EXP_B1, MOE_T_EXP_W2, MOE_T_EXP_B2,
+    /* architecture options: q/k norms (every block), untied head (global),
+     * router bias and shared experts (MoE blocks) */
+    MOE_T_QNORM_W, MOE_T_KNORM_W, MOE_T_LM_HEAD, MOE_T_EXP_BIAS,
+    MOE_T_SH_W1, MOE_T_SH_B1, MOE_T_SH_W2, MOE_T_SH_B2, MOE_T_SH_GATE,
     /* the vocabulary-expert head (global, after ln_f) */
     MOE_T_VOCAB_ASSIGN, MOE_T_VOCAB_ROUTER_W, MOE_T_VOCAB_ROUTER_B, MOE_T_VOCAB_W, MOE_T_VOCAB_B,
     MOE_T_COUNT

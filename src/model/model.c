@@ -13,21 +13,24 @@
 #include "model/ops.h"
 
 /* The tensors a forward and backward use: each block's by kind
- * (layout.h), looked up once from the table. */
-enum { G_COUNT = 9 };
-static const moe_tensor_kind global_kinds[G_COUNT] = {MOE_T_WTE,           MOE_T_WPE,          MOE_T_LNF_W,
-                                                      MOE_T_LNF_B,         MOE_T_VOCAB_ASSIGN, MOE_T_VOCAB_ROUTER_W,
-                                                      MOE_T_VOCAB_ROUTER_B, MOE_T_VOCAB_W,     MOE_T_VOCAB_B};
-enum { G_WTE, G_WPE, G_LNFW, G_LNFB, G_VASSIGN, G_VRW, G_VRB, G_VW, G_VB };
+ * (layout.h), looked up once from the table (-1 when an option leaves a
+ * tensor out: its pointer is then NULL). */
+enum { G_COUNT = 10 };
+static const moe_tensor_kind global_kinds[G_COUNT] = {
+    MOE_T_WTE,          MOE_T_WPE,           MOE_T_LNF_W,          MOE_T_LNF_B, MOE_T_VOCAB_ASSIGN,
+    MOE_T_VOCAB_ROUTER_W, MOE_T_VOCAB_ROUTER_B, MOE_T_VOCAB_W, MOE_T_VOCAB_B, MOE_T_LM_HEAD};
+enum { G_WTE, G_WPE, G_LNFW, G_LNFB, G_VASSIGN, G_VRW, G_VRB, G_VW, G_VB, G_HEAD };
 
 /* Activations of B_max sequences of T_max tokens (N = B_max * T_max rows).
  * Per-block arrays are indexed [l][N][.] with stride N_max rows. */
 typedef struct {
     float *encoded;                     /* (N, C) block 0 input */
-    float *ln1, *ln1_mean, *ln1_rstd;   /* (L, N, C), (L, N), (L, N) */
-    float *qkv;                         /* (L, N, 3C) */
+    float *ln1, *ln1_mean, *ln1_rstd;   /* (L, N, C), (L, N), (L, N); RMSNorm uses rstd only */
+    float *qkv;                         /* (L, N, QKV) q, k, v as attention reads them (after q/k norm, RoPE) */
+    float *qkv_raw;                     /* (L, N, QKV) c_attn's output before the q/k norm (qk_norm only) */
+    float *qk_rstd;                     /* (L, N, QG + KG) the q and k norms' rstd (qk_norm only) */
     float *att;                         /* (L, B, NH, T, T) */
-    float *atty;                        /* (L, N, C) attention output before c_proj */
+    float *atty;                        /* (L, N, A) attention output before c_proj */
     float *res2;                        /* (L, N, C) residual stream after attention */
     float *ln2, *ln2_mean, *ln2_rstd;   /* (L, N, C), (L, N), (L, N) */
     float *fch, *fch_act;               /* (L_dense, N, F1), (L_dense, N, F) */
@@ -37,9 +40,10 @@ typedef struct {
     float *losses;                      /* (N) */
     /* backward scratch */
     float *dres;                        /* (N, C) gradient of the residual stream */
-    float *dln, *datty;                 /* (N, C) */
+    float *dln;                         /* (N, C) */
+    float *datty;                       /* (N, A) */
     float *dhead;                       /* (N, C) the head's dL/d ln_f(x) */
-    float *dqkv;                        /* (N, 3C) */
+    float *dqkv, *dqkv_raw;             /* (N, QKV); the second with qk_norm only */
     float *datt;                        /* (att_blocks, T, T) per-thread scratch */
     float *dfch, *dfch_act;             /* (N, F1), (N, F) */
     float *dlogits;                     /* (N, V); empty with the vocabulary head */
@@ -50,6 +54,9 @@ struct moe_model {
     moe_comm *comm;
     int W, rank;                 /* world size and rank */
     int V, C, L, NH, T_max, B_max, F, F1, E, El, e0;
+    int NKV, HD, A, QKV;         /* kv heads, head size, attention width NH HD, c_attn rows */
+    int QG, KG, QW, KW;          /* q/k norm: groups per row and width of each (qk_norm only) */
+    float *rope_cos, *rope_sin;  /* (T_max, HD/2) with pos = rope, else NULL */
     moe_tensor_table *table;     /* from the one descriptor (src/layout) */
     int gid[G_COUNT];            /* table index of the global tensors */
     int *bid;                    /* (L, MOE_T_COUNT) table index of each block tensor, -1 if absent */
@@ -83,15 +90,46 @@ static float *block_ptr(const moe_model *m, float *base, int l, int slot)
     return tensor_ptr(m, base, m->bid[l * MOE_T_COUNT + slot]);
 }
 
+/* The MoE layer's views: parameters (base = params) or gradients (base =
+ * grads: the expert bias is a buffer with no gradient). */
 static moe_layer_params moe_view(const moe_model *m, float *base, int l)
 {
     moe_layer_params p = {
         .router_w = block_ptr(m, base, l, MOE_T_ROUTER_W),
         .noise_w = block_ptr(m, base, l, MOE_T_NOISE_W),
+        .expert_bias = base == m->params ? block_ptr(m, base, l, MOE_T_EXP_BIAS) : NULL,
         .experts = {block_ptr(m, base, l, MOE_T_EXP_W1), block_ptr(m, base, l, MOE_T_EXP_B1),
                     block_ptr(m, base, l, MOE_T_EXP_W2), block_ptr(m, base, l, MOE_T_EXP_B2)},
+        .shared = {block_ptr(m, base, l, MOE_T_SH_W1), block_ptr(m, base, l, MOE_T_SH_B1),
+                   block_ptr(m, base, l, MOE_T_SH_W2), block_ptr(m, base, l, MOE_T_SH_B2)},
+        .shared_gate = block_ptr(m, base, l, MOE_T_SH_GATE),
     };
     return p;
+}
+
+/* The output head: wte (tied) or lm_head. */
+static float *head_ptr(const moe_model *m, float *base)
+{
+    return tensor_ptr(m, base, m->cfg.tie_embeddings ? m->gid[G_WTE] : m->gid[G_HEAD]);
+}
+
+/* ln_1, ln_2, ln_f: LayerNorm or RMSNorm (cfg.norm). */
+static void norm_forward(const moe_model *m, float *out, float *mean, float *rstd, const float *inp,
+                         const float *w, const float *b, int N)
+{
+    if (m->cfg.norm == MOE_NORM_RMSNORM)
+        moe_model_rmsnorm_forward(out, rstd, inp, w, N, 1, m->C, m->C, (float)m->cfg.ln_eps);
+    else
+        moe_model_layernorm_forward(out, mean, rstd, inp, w, b, N, m->C, (float)m->cfg.ln_eps);
+}
+
+static void norm_backward(const moe_model *m, float *dinp, float *dw, float *db, const float *dout,
+                          const float *inp, const float *w, const float *mean, const float *rstd, int N)
+{
+    if (m->cfg.norm == MOE_NORM_RMSNORM)
+        moe_model_rmsnorm_backward(dinp, dw, dout, inp, w, rstd, N, 1, m->C, m->C);
+    else
+        moe_model_layernorm_backward(dinp, dw, db, dout, inp, w, mean, rstd, N, m->C);
 }
 
 /* The table from the descriptor, and the lookups of the tensors the
@@ -136,18 +174,23 @@ static moe_status alloc_acts(moe_model *m)
     model_acts *a = &m->a;
     /* the vocabulary head forms no (N, V) logits */
     const size_t N = (size_t)m->B_max * m->T_max, C = m->C, L = m->L, V = m->vocab ? 0 : (size_t)m->V;
-    const size_t Ld = (size_t)(m->L - m->n_moe), T = m->T_max;
+    const size_t Ld = (size_t)(m->L - m->n_moe), T = m->T_max, A = m->A, QKV = m->QKV;
     const size_t att = (size_t)m->B_max * m->NH * T * T;
+    const size_t qk = m->cfg.qk_norm != MOE_QK_NORM_NONE; /* the q/k norm's buffers, or none */
+    const size_t rope = m->cfg.pos == MOE_POS_ROPE ? T * (size_t)(m->HD / 2) : 0;
     struct { float **p; size_t n; } lay[] = {
         {&a->encoded, N * C},
         {&a->ln1, L * N * C}, {&a->ln1_mean, L * N}, {&a->ln1_rstd, L * N},
-        {&a->qkv, L * N * 3 * C}, {&a->att, L * att}, {&a->atty, L * N * C}, {&a->res2, L * N * C},
+        {&a->qkv, L * N * QKV}, {&a->qkv_raw, qk * L * N * QKV}, {&a->qk_rstd, qk * L * N * (m->QG + m->KG)},
+        {&a->att, L * att}, {&a->atty, L * N * A}, {&a->res2, L * N * C},
         {&a->ln2, L * N * C}, {&a->ln2_mean, L * N}, {&a->ln2_rstd, L * N},
         {&a->fch, Ld * N * m->F1}, {&a->fch_act, Ld * N * m->F}, {&a->res3, L * N * C},
         {&a->lnf, N * C}, {&a->lnf_mean, N}, {&a->lnf_rstd, N},
         {&a->logits, N * V}, {&a->probs, N * V}, {&a->losses, N},
-        {&a->dres, N * C}, {&a->dln, N * C}, {&a->dhead, N * C}, {&a->datty, N * C}, {&a->dqkv, N * 3 * C},
+        {&a->dres, N * C}, {&a->dln, N * C}, {&a->dhead, N * C}, {&a->datty, N * A}, {&a->dqkv, N * QKV},
+        {&a->dqkv_raw, qk * N * QKV},
         {&a->datt, (size_t)m->att_blocks * T * T}, {&a->dfch, N * m->F1}, {&a->dfch_act, N * m->F}, {&a->dlogits, N * V},
+        {&m->rope_cos, rope}, {&m->rope_sin, rope},
     };
     const int n = (int)(sizeof lay / sizeof lay[0]);
     size_t total = 0;
@@ -156,9 +199,10 @@ static moe_status alloc_acts(moe_model *m)
     if (!m->act_mem) return moe_errorf(MOE_ERR_NOMEM, "model activations: %zu floats", total);
     float *p = m->act_mem;
     for (int i = 0; i < n; i++) {
-        *lay[i].p = p;
+        *lay[i].p = lay[i].n ? p : NULL;
         p += lay[i].n;
     }
+    if (rope) moe_model_rope_table(m->rope_cos, m->rope_sin, m->T_max, m->HD, m->cfg.rope_theta);
     return MOE_OK;
 }
 
@@ -193,6 +237,16 @@ static moe_status setup(moe_model *m, const moe_train_config *cfg, const moe_voc
     m->E = cfg->n_experts;
     m->El = m->E / P;
     m->e0 = moe_comm_ep_rank(comm) * m->El;
+    m->NKV = moe_cfg_kv_heads(cfg);
+    m->HD = moe_cfg_head_dim(cfg);
+    m->A = moe_cfg_att_width(cfg);
+    m->QKV = moe_cfg_qkv_width(cfg);
+    /* q/k norm: one group over a whole projection (full) or one per head (head) */
+    const int per_head = cfg->qk_norm == MOE_QK_NORM_HEAD;
+    m->QG = per_head ? m->NH : 1;
+    m->KG = per_head ? m->NKV : 1;
+    m->QW = per_head ? m->HD : m->NH * m->HD;
+    m->KW = per_head ? m->HD : m->NKV * m->HD;
 
     m->moe_index = moe_calloc((size_t)m->L, sizeof(int));
     m->dense_index = moe_calloc((size_t)m->L, sizeof(int));
@@ -264,9 +318,15 @@ moe_status moe_model_create(moe_model **out, const moe_train_config *cfg, const 
     moe_layer_config lc = {
         .router = {.n_experts = m->E, .top_k = cfg->top_k, .d_model = m->C, .kind = cfg->router,
                    .capacity_factor = cfg->capacity_factor, .normalize_topk = cfg->normalize_topk,
-                   .noise = cfg->router_noise},
+                   .noise = cfg->router_noise, .score = (moe_score_kind)cfg->score,
+                   .route_scale = cfg->route_scale, .expert_bias = cfg->expert_bias,
+                   .n_groups = cfg->n_groups, .topk_groups = cfg->topk_groups,
+                   .aux = (moe_aux_kind)cfg->aux_loss, .group_seqs = cfg->group_seqs},
         .d_ff = m->F,
         .act = cfg->activation,
+        .n_shared = cfg->n_shared,
+        .d_ff_shared = moe_cfg_d_ff_shared(cfg),
+        .shared_gate = cfg->shared_gate,
         .max_tokens = m->B_max * m->T_max,
         .max_groups = m->B_max / cfg->group_seqs,
         .a2a = (moe_a2a_kind)cfg->a2a,
@@ -359,20 +419,23 @@ void moe_model_zero_grad(moe_model *m) { memset(m->grads, 0, m->table->total * s
 /* Per-block activation pointers for the current B, T (stride: N_max rows). */
 typedef struct {
     float *in;                        /* (N, C) block input */
-    float *ln1, *ln1_mean, *ln1_rstd, *qkv, *att, *atty, *res2;
+    float *ln1, *ln1_mean, *ln1_rstd, *qkv, *qkv_raw, *qk_rstd, *att, *atty, *res2;
     float *ln2, *ln2_mean, *ln2_rstd, *fch, *fch_act, *res3;
 } block_acts;
 
 static block_acts block_view(const moe_model *m, int l)
 {
     const model_acts *a = &m->a;
-    const size_t Nm = (size_t)m->B_max * m->T_max, C = m->C;
+    const size_t Nm = (size_t)m->B_max * m->T_max, C = m->C, A = m->A, QKV = m->QKV;
     const size_t att = (size_t)m->B_max * m->NH * m->T_max * m->T_max;
     const int di = m->dense_index[l];
     block_acts b = {
         .in = l == 0 ? a->encoded : a->res3 + (size_t)(l - 1) * Nm * C,
         .ln1 = a->ln1 + l * Nm * C, .ln1_mean = a->ln1_mean + l * Nm, .ln1_rstd = a->ln1_rstd + l * Nm,
-        .qkv = a->qkv + l * Nm * 3 * C, .att = a->att + l * att, .atty = a->atty + l * Nm * C,
+        .qkv = a->qkv + l * Nm * QKV,
+        .qkv_raw = a->qkv_raw ? a->qkv_raw + l * Nm * QKV : NULL,
+        .qk_rstd = a->qk_rstd ? a->qk_rstd + l * Nm * (size_t)(m->QG + m->KG) : NULL,
+        .att = a->att + l * att, .atty = a->atty + l * Nm * A,
         .res2 = a->res2 + l * Nm * C,
         .ln2 = a->ln2 + l * Nm * C, .ln2_mean = a->ln2_mean + l * Nm, .ln2_rstd = a->ln2_rstd + l * Nm,
         .fch = di < 0 ? NULL : a->fch + di * Nm * m->F1,
@@ -396,6 +459,61 @@ static void add_route_stats(moe_model *m, int i, int G)
             dropped[e] += r->n_dropped[(size_t)g * E + e];
         }
     }
+}
+
+/* q, k, v of block l from ln_1's output (c_attn, then the q/k norm and
+ * RoPE when configured), and the attention output atty. */
+static void attn_forward(moe_model *m, const block_acts *b, int l, int B, int T)
+{
+    const int N = B * T, C = m->C, QKV = m->QKV, qk0 = m->NH * m->HD, v0 = (m->NH + m->NKV) * m->HD;
+    const size_t Nm = (size_t)m->B_max * m->T_max;
+    const float eps = (float)m->cfg.ln_eps;
+#define PW(slot) block_ptr(m, m->params, l, slot)
+    float *raw = b->qkv_raw ? b->qkv_raw : b->qkv;
+    moe_model_matmul_forward(raw, b->ln1, PW(MOE_T_QKV_W), PW(MOE_T_QKV_B), N, C, QKV);
+    if (b->qkv_raw) {
+        moe_model_rmsnorm_forward(b->qkv, b->qk_rstd, raw, PW(MOE_T_QNORM_W), N, m->QG, m->QW, QKV, eps);
+        moe_model_rmsnorm_forward(b->qkv + qk0, b->qk_rstd + Nm * m->QG, raw + qk0, PW(MOE_T_KNORM_W), N, m->KG,
+                                  m->KW, QKV, eps);
+        for (int n = 0; n < N; n++)
+            memcpy(b->qkv + (size_t)n * QKV + v0, raw + (size_t)n * QKV + v0, (size_t)(QKV - v0) * sizeof(float));
+    }
+    if (m->rope_cos)
+        moe_model_rope_forward(b->qkv, m->rope_cos, m->rope_sin, NULL, N, T, m->NH + m->NKV, m->HD, QKV);
+    moe_model_attention_forward(b->atty, b->att, b->qkv, B, T, m->NH, m->NKV, m->HD);
+#undef PW
+}
+
+/* Backward of attn_forward from datty: accumulates c_attn's (and the q/k
+ * norms') gradients and leaves dL/d(ln_1 output) in a->dln. */
+static void attn_backward(moe_model *m, const block_acts *b, int l, int B, int T)
+{
+    model_acts *a = &m->a;
+    const int N = B * T, C = m->C, QKV = m->QKV, qk0 = m->NH * m->HD, v0 = (m->NH + m->NKV) * m->HD;
+    const size_t Nm = (size_t)m->B_max * m->T_max;
+#define PW(slot) block_ptr(m, m->params, l, slot)
+#define GW(slot) block_ptr(m, m->grads, l, slot)
+    memset(a->dqkv, 0, (size_t)N * QKV * sizeof(float));
+    moe_model_attention_backward(a->dqkv, a->datt, m->att_blocks, a->datty, b->qkv, b->att, B, T, m->NH, m->NKV,
+                                 m->HD);
+    if (m->rope_cos)
+        moe_model_rope_backward(a->dqkv, m->rope_cos, m->rope_sin, NULL, N, T, m->NH + m->NKV, m->HD, QKV);
+    const float *dsrc = a->dqkv;
+    if (b->qkv_raw) {
+        float *draw = a->dqkv_raw;
+        memset(draw, 0, (size_t)N * QKV * sizeof(float));
+        moe_model_rmsnorm_backward(draw, GW(MOE_T_QNORM_W), a->dqkv, b->qkv_raw, PW(MOE_T_QNORM_W), b->qk_rstd, N,
+                                   m->QG, m->QW, QKV);
+        moe_model_rmsnorm_backward(draw + qk0, GW(MOE_T_KNORM_W), a->dqkv + qk0, b->qkv_raw + qk0,
+                                   PW(MOE_T_KNORM_W), b->qk_rstd + Nm * m->QG, N, m->KG, m->KW, QKV);
+        for (int n = 0; n < N; n++)
+            memcpy(draw + (size_t)n * QKV + v0, a->dqkv + (size_t)n * QKV + v0, (size_t)(QKV - v0) * sizeof(float));
+        dsrc = draw;
+    }
+    memset(a->dln, 0, (size_t)N * C * sizeof(float));
+    moe_model_matmul_backward(a->dln, GW(MOE_T_QKV_W), GW(MOE_T_QKV_B), dsrc, b->ln1, PW(MOE_T_QKV_W), N, C, QKV);
+#undef PW
+#undef GW
 }
 
 /* Integers of the partial statistics (part_i). */
@@ -442,7 +560,6 @@ moe_status moe_model_forward(moe_model *m, const int32_t *inputs, const int32_t 
         return moe_errorf(MOE_ERR_ARG, "forward: B=%d not a multiple of group_seqs=%d", B,
                           m->cfg.group_seqs);
     const int N = B * T, C = m->C, G = B / m->cfg.group_seqs;
-    const float eps = (float)m->cfg.ln_eps;
     model_acts *a = &m->a;
     moe_status cs = check_ids(inputs, N, m->V, "input");
     if (!cs && targets) cs = check_ids(targets, N, m->V, "target");
@@ -460,12 +577,11 @@ moe_status moe_model_forward(moe_model *m, const int32_t *inputs, const int32_t 
     for (int l = 0; l < m->L; l++) {
         const block_acts b = block_view(m, l);
 #define PW(slot) block_ptr(m, m->params, l, slot)
-        moe_model_layernorm_forward(b.ln1, b.ln1_mean, b.ln1_rstd, b.in, PW(MOE_T_LN1_W), PW(MOE_T_LN1_B), N, C, eps);
-        moe_model_matmul_forward(b.qkv, b.ln1, PW(MOE_T_QKV_W), PW(MOE_T_QKV_B), N, C, 3 * C);
-        moe_model_attention_forward(b.atty, b.att, b.qkv, B, T, C, m->NH);
-        moe_model_matmul_forward(b.res2, b.atty, PW(MOE_T_PROJ_W), PW(MOE_T_PROJ_B), N, C, C);
+        norm_forward(m, b.ln1, b.ln1_mean, b.ln1_rstd, b.in, PW(MOE_T_LN1_W), PW(MOE_T_LN1_B), N);
+        attn_forward(m, &b, l, B, T);
+        moe_model_matmul_forward(b.res2, b.atty, PW(MOE_T_PROJ_W), PW(MOE_T_PROJ_B), N, m->A, C);
         moe_model_residual_forward(b.res2, b.res2, b.in, (long)N * C);
-        moe_model_layernorm_forward(b.ln2, b.ln2_mean, b.ln2_rstd, b.res2, PW(MOE_T_LN2_W), PW(MOE_T_LN2_B), N, C, eps);
+        norm_forward(m, b.ln2, b.ln2_mean, b.ln2_rstd, b.res2, PW(MOE_T_LN2_W), PW(MOE_T_LN2_B), N);
         if (m->layers[l]) {
             const moe_layer_params p = moe_view(m, m->params, l);
             const moe_noise_key key = {.seed = m->cfg.seed, .step = step, .layer = (uint32_t)l,
@@ -483,16 +599,15 @@ moe_status moe_model_forward(moe_model *m, const int32_t *inputs, const int32_t 
 #undef PW
     }
     const float *x = block_view(m, m->L - 1).res3;
-    moe_model_layernorm_forward(a->lnf, a->lnf_mean, a->lnf_rstd, x,
-                                tensor_ptr(m, m->params, m->gid[G_LNFW]),
-                                tensor_ptr(m, m->params, m->gid[G_LNFB]), N, C, eps);
+    norm_forward(m, a->lnf, a->lnf_mean, a->lnf_rstd, x, tensor_ptr(m, m->params, m->gid[G_LNFW]),
+                 tensor_ptr(m, m->params, m->gid[G_LNFB]), N);
     if (m->vocab) {
         if (targets) {
             moe_status st = head_forward(m, targets, N, train);
             if (st) return st;
         }
     } else {
-        moe_model_matmul_forward(a->logits, a->lnf, tensor_ptr(m, m->params, m->gid[G_WTE]), NULL, N, C, m->V);
+        moe_model_matmul_forward(a->logits, a->lnf, head_ptr(m, m->params), NULL, N, C, m->V);
         if (targets) moe_model_crossentropy_forward(a->losses, a->probs, a->logits, targets, N, m->V);
     }
     if (targets) {
@@ -522,7 +637,6 @@ moe_status moe_model_backward(moe_model *m)
     const double aux_terms = (double)m->W * (B / m->cfg.group_seqs) * (m->n_moe ? m->n_moe : 1);
     const float lb_scale = (float)(m->cfg.aux_loss_coef / aux_terms);
     const float z_scale = (float)(m->cfg.z_loss_coef / aux_terms);
-    float *wte = tensor_ptr(m, m->params, m->gid[G_WTE]);
 
     memset(a->dhead, 0, (size_t)N * C * sizeof(float));
     if (m->vocab) {
@@ -534,14 +648,13 @@ moe_status moe_model_backward(moe_model *m)
     } else {
         memset(a->dlogits, 0, (size_t)N * V * sizeof(float));
         moe_model_crossentropy_backward(a->dlogits, a->probs, m->targets, (float)(1.0 / global_tokens), N, V);
-        moe_model_matmul_backward(a->dhead, tensor_ptr(m, m->grads, m->gid[G_WTE]), NULL, a->dlogits, a->lnf, wte,
+        moe_model_matmul_backward(a->dhead, head_ptr(m, m->grads), NULL, a->dlogits, a->lnf, head_ptr(m, m->params),
                                   N, C, V);
     }
     memset(a->dres, 0, (size_t)N * C * sizeof(float));
-    moe_model_layernorm_backward(a->dres, tensor_ptr(m, m->grads, m->gid[G_LNFW]),
-                                 tensor_ptr(m, m->grads, m->gid[G_LNFB]), a->dhead,
-                                 block_view(m, m->L - 1).res3, tensor_ptr(m, m->params, m->gid[G_LNFW]),
-                                 a->lnf_mean, a->lnf_rstd, N, C);
+    norm_backward(m, a->dres, tensor_ptr(m, m->grads, m->gid[G_LNFW]), tensor_ptr(m, m->grads, m->gid[G_LNFB]),
+                  a->dhead, block_view(m, m->L - 1).res3, tensor_ptr(m, m->params, m->gid[G_LNFW]), a->lnf_mean,
+                  a->lnf_rstd, N);
     /* a->dres now holds dL/d(residual stream) after block l; the residual
      * branches accumulate into it in place */
     for (int l = m->L - 1; l >= 0; l--) {
@@ -562,22 +675,41 @@ moe_status moe_model_backward(moe_model *m)
             moe_act_backward(a->dfch, a->dfch_act, b.fch, N, F, m->cfg.activation);
             moe_model_matmul_backward(a->dln, GW(MOE_T_FC_W), GW(MOE_T_FC_B), a->dfch, b.ln2, PW(MOE_T_FC_W), N, C, F1);
         }
-        moe_model_layernorm_backward(a->dres, GW(MOE_T_LN2_W), GW(MOE_T_LN2_B), a->dln, b.res2, PW(MOE_T_LN2_W),
-                                     b.ln2_mean, b.ln2_rstd, N, C);
-        memset(a->datty, 0, (size_t)N * C * sizeof(float));
-        moe_model_matmul_backward(a->datty, GW(MOE_T_PROJ_W), GW(MOE_T_PROJ_B), a->dres, b.atty, PW(MOE_T_PROJ_W), N, C, C);
-        memset(a->dqkv, 0, (size_t)N * 3 * C * sizeof(float));
-        moe_model_attention_backward(a->dqkv, a->datt, m->att_blocks, a->datty, b.qkv, b.att, B, T, C, m->NH);
-        memset(a->dln, 0, (size_t)N * C * sizeof(float));
-        moe_model_matmul_backward(a->dln, GW(MOE_T_QKV_W), GW(MOE_T_QKV_B), a->dqkv, b.ln1, PW(MOE_T_QKV_W), N, C, 3 * C);
-        moe_model_layernorm_backward(a->dres, GW(MOE_T_LN1_W), GW(MOE_T_LN1_B), a->dln, b.in, PW(MOE_T_LN1_W),
-                                     b.ln1_mean, b.ln1_rstd, N, C);
+        norm_backward(m, a->dres, GW(MOE_T_LN2_W), GW(MOE_T_LN2_B), a->dln, b.res2, PW(MOE_T_LN2_W), b.ln2_mean,
+                      b.ln2_rstd, N);
+        memset(a->datty, 0, (size_t)N * m->A * sizeof(float));
+        moe_model_matmul_backward(a->datty, GW(MOE_T_PROJ_W), GW(MOE_T_PROJ_B), a->dres, b.atty, PW(MOE_T_PROJ_W), N,
+                                  m->A, C);
+        attn_backward(m, &b, l, B, T);
+        norm_backward(m, a->dres, GW(MOE_T_LN1_W), GW(MOE_T_LN1_B), a->dln, b.in, PW(MOE_T_LN1_W), b.ln1_mean,
+                      b.ln1_rstd, N);
 #undef PW
 #undef GW
     }
     moe_model_encoder_backward(tensor_ptr(m, m->grads, m->gid[G_WTE]),
                                tensor_ptr(m, m->grads, m->gid[G_WPE]), a->dres, m->inputs, B, T, C);
     return MOE_OK;
+}
+
+moe_layer_params moe_model_layer_params(moe_model *m, int l) { return moe_view(m, m->params, l); }
+const float *moe_model_head(moe_model *m) { return head_ptr(m, m->params); }
+
+void moe_model_norm_rows(const moe_model *m, float *out, float *mean, float *rstd, const float *inp,
+                         const float *w, const float *b, int n)
+{
+    norm_forward(m, out, mean, rstd, inp, w, b, n);
+}
+
+void moe_model_qk_rows(moe_model *m, int l, float *qkv, float *rstd, const int *pos, int n)
+{
+    const int QKV = m->QKV, qk0 = m->NH * m->HD;
+    if (m->cfg.qk_norm != MOE_QK_NORM_NONE) { /* in place: each group is read whole before it is written */
+        const float eps = (float)m->cfg.ln_eps;
+        moe_model_rmsnorm_forward(qkv, rstd, qkv, block_ptr(m, m->params, l, MOE_T_QNORM_W), n, m->QG, m->QW, QKV, eps);
+        moe_model_rmsnorm_forward(qkv + qk0, rstd + (size_t)n * m->QG, qkv + qk0,
+                                  block_ptr(m, m->params, l, MOE_T_KNORM_W), n, m->KG, m->KW, QKV, eps);
+    }
+    if (m->rope_cos) moe_model_rope_forward(qkv, m->rope_cos, m->rope_sin, pos, n, m->T_max, m->NH + m->NKV, m->HD, QKV);
 }
 
 moe_status moe_model_reduce_stats(moe_model *m, moe_model_stats *st)

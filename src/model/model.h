@@ -150,4 +150,21 @@ moe_vocab_params moe_model_vocab_view(const moe_model *m, float *block);
 moe_status moe_model_set_vocab_top_k(moe_model *m, int K);
 int moe_model_vocab_top_k(const moe_model *m);
 
+/* ---- pieces of a block for the KV-cache decoder (src/infer/decode.c),
+ * so that it computes exactly what the forward does. Not collective. ---- */
+
+/* The MoE layer parameter views of block l (NULL pointers where an option
+ * leaves a tensor out). */
+moe_layer_params moe_model_layer_params(moe_model *m, int l);
+/* The output head (V, d): wte when tied, else lm_head. */
+const float *moe_model_head(moe_model *m);
+/* ln_1 / ln_2 / ln_f as configured (LayerNorm or RMSNorm) over n rows of
+ * d: out (n, d); mean, rstd (n) scratch; b may be NULL for RMSNorm. */
+void moe_model_norm_rows(const moe_model *m, float *out, float *mean, float *rstd, const float *inp,
+                         const float *w, const float *b, int n);
+/* In place on n rows of c_attn's output (n, qkv width) of block l: the
+ * q/k norm (qk_norm), then RoPE at positions pos[i] (< seq_len) when
+ * pos = rope. rstd: scratch of n (n_heads + n_kv_heads) floats. */
+void moe_model_qk_rows(moe_model *m, int l, float *qkv, float *rstd, const int *pos, int n);
+
 #endif

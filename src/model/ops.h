@@ -15,10 +15,11 @@
 #include <stdint.h>
 
 /* out (B, T, C) = wte[inp] + wpe[t]. inp (B, T) token ids, each in [0, V) (the
- * caller's contract: moe_model_forward checks them), wte (V, C), wpe (>= T, C). */
+ * caller's contract: moe_model_forward checks them), wte (V, C), wpe (>= T, C)
+ * or NULL (rotary positions: out = wte[inp]). */
 void moe_model_encoder_forward(float *out, const int32_t *inp, const float *wte, const float *wpe,
                                int B, int T, int C);
-/* dwte (V, C), dwpe (T, C) += scattered dout (B, T, C). */
+/* dwte (V, C), dwpe (T, C) += scattered dout (B, T, C); dwpe may be NULL. */
 void moe_model_encoder_backward(float *dwte, float *dwpe, const float *dout, const int32_t *inp,
                                 int B, int T, int C);
 /* The plain references: wte[inp] as a one-hot (V) row times wte, and dwte
@@ -36,6 +37,39 @@ void moe_model_layernorm_backward(float *dinp, float *dweight, float *dbias, con
                                   const float *inp, const float *weight, const float *mean,
                                   const float *rstd, int N, int C);
 
+/* RMSNorm over groups of C values: row n holds G groups of C at
+ * inp + n*stride + g*C (the model's norms: G = 1, stride = C; q/k norms act
+ * inside the c_attn rows: stride = their width, G = 1 over a whole
+ * projection or G = heads of C = head_dim). out (same layout) =
+ * x * rstd * weight with rstd = 1/sqrt(mean(x^2) + eps) saved (N, G);
+ * weight (C) is shared by the groups. */
+void moe_model_rmsnorm_forward(float *out, float *rstd, const float *inp, const float *weight, int N, int G,
+                               int C, long stride, float eps);
+void moe_model_rmsnorm_forward_ref(float *out, float *rstd, const float *inp, const float *weight, int N,
+                                   int G, int C, long stride, float eps);
+/* dinp (same layout) += and dweight (C) += from dout (same layout). */
+void moe_model_rmsnorm_backward(float *dinp, float *dweight, const float *dout, const float *inp,
+                                const float *weight, const float *rstd, int N, int G, int C, long stride);
+void moe_model_rmsnorm_backward_ref(float *dinp, float *dweight, const float *dout, const float *inp,
+                                    const float *weight, const float *rstd, int N, int G, int C, long stride);
+
+/* Rotary positions (Llama's rotate_half layout): in a head of D values,
+ * element i < D/2 pairs with i + D/2 and both turn by the angle
+ * pos * theta^(-2i/D). cos_t, sin_t (T, D/2) from moe_model_rope_table
+ * (angles in double). */
+void moe_model_rope_table(float *cos_t, float *sin_t, int T, int D, double theta);
+/* In place on nh heads of D at x + n*stride (q and k are adjacent in a
+ * c_attn row, so one call turns both): row n is at position pos[n], or
+ * n % T when pos is NULL. The backward turns a gradient back (the
+ * transposed rotation). */
+void moe_model_rope_forward(float *x, const float *cos_t, const float *sin_t, const int *pos, int N, int T,
+                            int nh, int D, long stride);
+void moe_model_rope_backward(float *dx, const float *cos_t, const float *sin_t, const int *pos, int N, int T,
+                             int nh, int D, long stride);
+/* The forward with the angle computed from theta for each element. */
+void moe_model_rope_forward_ref(float *x, const int *pos, int N, int T, int nh, int D, long stride,
+                                double theta);
+
 /* out (N, OC) = inp (N, C) weight^T + bias; weight (OC, C), bias (OC) or NULL. */
 void moe_model_matmul_forward(float *out, const float *inp, const float *weight, const float *bias,
                               int N, int C, int OC);
@@ -48,21 +82,25 @@ void moe_model_matmul_backward(float *dinp, float *dweight, float *dbias, const 
 void moe_model_matmul_backward_ref(float *dinp, float *dweight, float *dbias, const float *dout,
                                    const float *inp, const float *weight, int N, int C, int OC);
 
-/* Causal self-attention, NH heads of size C/NH, scale 1/sqrt(C/NH).
- * out (B, T, C); att (B, NH, T, T) the softmax probabilities, saved for the
- * backward (0 above the diagonal); inp (B, T, 3C) = q, k, v stacked. */
-void moe_model_attention_forward(float *out, float *att, const float *inp, int B, int T, int C,
-                                 int NH);
-void moe_model_attention_forward_ref(float *out, float *att, const float *inp, int B, int T, int C,
-                                     int NH);
-/* dinp (B, T, 3C) += from dout (B, T, C). scratch (scratch_blocks, T, T) is
- * overwritten: one (T, T) block per thread, so at most scratch_blocks threads
- * run (the _ref uses one block). */
+/* Causal self-attention with grouped-query heads: NH query heads and NKV
+ * key/value heads (NKV divides NH; query head h reads kv head
+ * h / (NH/NKV)) of HD values, scale 1/sqrt(HD). inp (B, T, QKV) holds q
+ * (NH HD), k (NKV HD), v (NKV HD) per row, QKV = (NH + 2 NKV) HD;
+ * out (B, T, NH HD); att (B, NH, T, T) the softmax probabilities, saved for
+ * the backward (0 above the diagonal). GPT-2: NKV = NH, HD = C/NH. */
+void moe_model_attention_forward(float *out, float *att, const float *inp, int B, int T, int NH, int NKV,
+                                 int HD);
+void moe_model_attention_forward_ref(float *out, float *att, const float *inp, int B, int T, int NH, int NKV,
+                                     int HD);
+/* dinp (B, T, QKV) += from dout (B, T, NH HD). scratch (scratch_blocks, T, T)
+ * is overwritten: one (T, T) block per thread, so at most scratch_blocks
+ * threads run (the _ref uses one block). Threads take (sequence, kv head)
+ * pairs and walk that kv head's query heads in order, so dk and dv do not
+ * depend on the thread count. */
 void moe_model_attention_backward(float *dinp, float *scratch, int scratch_blocks, const float *dout,
-                                  const float *inp, const float *att, int B, int T, int C, int NH);
-void moe_model_attention_backward_ref(float *dinp, float *scratch, const float *dout,
-                                      const float *inp, const float *att, int B, int T, int C,
-                                      int NH);
+                                  const float *inp, const float *att, int B, int T, int NH, int NKV, int HD);
+void moe_model_attention_backward_ref(float *dinp, float *scratch, const float *dout, const float *inp,
+                                      const float *att, int B, int T, int NH, int NKV, int HD);
 
 /* out (n) = a + b (out may alias a or b). Its backward is the identity into
  * both inputs: the model keeps one residual-stream gradient buffer that

@@ -23,7 +23,23 @@ typedef struct {
     uint64_t *ec_work;    /* (2 T_max) expert choice: moe_topk_cols_ws workspace */
     float *dl;            /* (T_max, E) backward scratch: dL/dlogits */
     float *dpre;          /* (T_max, E) backward scratch: dL/d(W_n x), with noise */
+    float *sel_buf;       /* (T_max, E) s + b with groups masked; pub.sel points here when used */
+    int *seq_sel;         /* (E) aux = seq: selections of one sequence */
 } moe_route_impl;
+
+/* Option fields as used (a zeroed field means the default). */
+static double route_scale(const moe_router_config *c) { return c->route_scale > 0 ? c->route_scale : 1.0; }
+static int n_groups(const moe_router_config *c) { return c->n_groups > 1 ? c->n_groups : 1; }
+static int topk_groups(const moe_router_config *c)
+{
+    return c->topk_groups > 0 && c->topk_groups < n_groups(c) ? c->topk_groups : n_groups(c);
+}
+static int group_seqs(const moe_router_config *c) { return c->group_seqs > 1 ? c->group_seqs : 1; }
+/* Token choice ranks s + b or a group-limited score: a buffer of its own. */
+static int own_sel(const moe_router_config *c)
+{
+    return c->kind == MOE_ROUTER_TOKEN_CHOICE && (c->expert_bias || topk_groups(c) < n_groups(c));
+}
 
 moe_status moe_router_config_check(const moe_router_config *cfg)
 {
@@ -36,11 +52,29 @@ moe_status moe_router_config_check(const moe_router_config *cfg)
         return moe_errorf(MOE_ERR_ARG, "router: normalize_topk=%d must be 0 or 1", cfg->normalize_topk);
     if (cfg->noise != 0 && cfg->noise != 1)
         return moe_errorf(MOE_ERR_ARG, "router: noise=%d must be 0 (none) or 1 (gaussian)", cfg->noise);
+    if (cfg->score != MOE_SCORE_SOFTMAX && cfg->score != MOE_SCORE_SIGMOID)
+        return moe_errorf(MOE_ERR_ARG, "router: unknown score %d", (int)cfg->score);
+    if (cfg->aux != MOE_AUX_SWITCH && cfg->aux != MOE_AUX_SEQ && cfg->aux != MOE_AUX_NONE)
+        return moe_errorf(MOE_ERR_ARG, "router: unknown aux loss %d", (int)cfg->aux);
+    if (!(cfg->route_scale >= 0) || !isfinite(cfg->route_scale))
+        return moe_errorf(MOE_ERR_ARG, "router: route_scale=%g must be finite and > 0", cfg->route_scale);
+    if (cfg->n_groups < 0 || cfg->topk_groups < 0 || cfg->group_seqs < 0)
+        return moe_errorf(MOE_ERR_ARG, "router: n_groups=%d, topk_groups=%d, group_seqs=%d must be >= 0",
+                          cfg->n_groups, cfg->topk_groups, cfg->group_seqs);
+    if (cfg->n_experts % n_groups(cfg))
+        return moe_errorf(MOE_ERR_ARG, "router: n_groups=%d does not divide n_experts=%d", cfg->n_groups,
+                          cfg->n_experts);
+    if (cfg->kind == MOE_ROUTER_EXPERT_CHOICE && (cfg->expert_bias || n_groups(cfg) > 1))
+        return moe_errorf(MOE_ERR_ARG, "router: expert_bias and n_groups need token choice");
+
     switch (cfg->kind) {
     case MOE_ROUTER_TOKEN_CHOICE:
         if (cfg->top_k < 1) return moe_errorf(MOE_ERR_ARG, "router: top_k=%d must be >= 1", cfg->top_k);
         if (cfg->top_k > cfg->n_experts)
             return moe_errorf(MOE_ERR_ARG, "router: top_k=%d exceeds n_experts=%d", cfg->top_k, cfg->n_experts);
+        if (cfg->top_k > topk_groups(cfg) * (cfg->n_experts / n_groups(cfg)))
+            return moe_errorf(MOE_ERR_ARG, "router: top_k=%d exceeds the %d experts of topk_groups=%d groups",
+                              cfg->top_k, topk_groups(cfg) * (cfg->n_experts / n_groups(cfg)), topk_groups(cfg));
         return MOE_OK;
     case MOE_ROUTER_EXPERT_CHOICE:
         if (!(cfg->capacity_factor > 0))
@@ -93,6 +127,8 @@ void moe_route_destroy(moe_route *r)
     moe_free(m->ec_work);
     moe_free(m->dl);
     moe_free(m->dpre);
+    moe_free(m->sel_buf);
+    moe_free(m->seq_sel);
     moe_free(m);
 }
 
@@ -132,9 +168,12 @@ moe_status moe_route_create(moe_route **out, const moe_router_config *cfg, int T
     m->ec_idx = moe_calloc(ec ? E * T : 0, sizeof(int));
     m->ec_work = moe_calloc(ec ? 2 * T : 0, sizeof(uint64_t));
     m->dl = moe_calloc(T * E, sizeof(float));
+    m->sel_buf = moe_calloc(own_sel(cfg) ? T * E : 0, sizeof(float));
+    m->seq_sel = moe_calloc(E, sizeof(int));
+    r->sel = own_sel(cfg) ? m->sel_buf : r->probs;
     int ok = r->logits && r->probs && r->weight && r->selected && r->kept && r->topk && r->topk_sum &&
              r->lse && r->n_selected && r->n_kept && r->n_dropped && r->load_balance && r->z_loss &&
-             m->ec_idx && m->ec_work && m->dl;
+             m->ec_idx && m->ec_work && m->dl && m->sel_buf && m->seq_sel;
     if (cfg->noise) {
         m->noise_buf = moe_calloc(T * E, sizeof(float));
         m->noise_pre_buf = moe_calloc(T * E, sizeof(float));
@@ -162,6 +201,8 @@ static moe_status route_matches(const moe_route_impl *m, const moe_router_config
                           cfg->n_experts, cfg->d_model, m->pub.E, m->d);
     if (cfg->kind == MOE_ROUTER_TOKEN_CHOICE && cfg->top_k != m->pub.k)
         return moe_errorf(MOE_ERR_ARG, "router: top_k=%d differs from the route's %d", cfg->top_k, m->pub.k);
+    if (own_sel(cfg) != (m->pub.sel != m->pub.probs))
+        return moe_errorf(MOE_ERR_ARG, "router: expert_bias / group limits differ from the route's");
     return MOE_OK;
 }
 
@@ -182,13 +223,59 @@ static int router_all_finite(const float *a, size_t n)
 static inline float softplusf(float z) { return z > 0 ? z + log1pf(expf(-z)) : log1pf(expf(z)); }
 static inline float sigmoidf(float z) { return 1.0f / (1.0f + expf(-z)); }
 
+/* Selections of each expert by the tokens [t0, t0 + n) into m->seq_sel. */
+static void count_selected(moe_route_impl *m, int t0, int n)
+{
+    const moe_route *r = &m->pub;
+    memset(m->seq_sel, 0, (size_t)r->E * sizeof(int));
+    for (int t = t0; t < t0 + n; t++)
+        for (int e = 0; e < r->E; e++) m->seq_sel[e] += r->selected[(size_t)t * r->E + e];
+}
+
+/* s of token t normalised to sum 1 (softmax scores already do). */
+static inline float seq_share(const moe_route *r, const moe_router_config *cfg, int t, int e, float inv_sum)
+{
+    return cfg->score == MOE_SCORE_SOFTMAX ? r->probs[(size_t)t * r->E + e] : r->probs[(size_t)t * r->E + e] * inv_sum;
+}
+
+static inline float score_inv_sum(const moe_route *r, int t)
+{
+    float s = 0.0f;
+    for (int e = 0; e < r->E; e++) s += r->probs[(size_t)t * r->E + e];
+    return 1.0f / s;
+}
+
+/* aux = seq (routing.md section 8): the switch formula per sequence of the
+ * group, P_e from s normalised to sum 1 per token, averaged over sequences. */
+static float seq_balance(moe_route_impl *m, const moe_router_config *cfg, int t0, int Tg)
+{
+    const moe_route *r = &m->pub;
+    const int E = r->E, k = r->k, Q = group_seqs(cfg), Ts = Tg / Q;
+    double total = 0.0;
+    for (int q = 0; q < Q; q++) {
+        const int s0 = t0 + q * Ts;
+        count_selected(m, s0, Ts);
+        double acc = 0.0;
+        for (int t = s0; t < s0 + Ts; t++) {
+            const float inv = cfg->score == MOE_SCORE_SOFTMAX ? 1.0f : score_inv_sum(r, t);
+            float row = 0.0f;
+            for (int e = 0; e < E; e++) row += (float)m->seq_sel[e] * seq_share(r, cfg, t, e, inv);
+            acc += row;
+        }
+        total += acc * E / ((double)Ts * Ts * k);
+    }
+    return (float)(total / Q);
+}
+
 /* Token choice for one group of Tg tokens starting at t0 (docs/routing.md section 3):
  * choice rank outer, token inner, so all first choices are served first. */
-static void assign_token_choice(moe_route *r, const moe_router_config *cfg, int t0, int Tg, int g)
+static void assign_token_choice(moe_route_impl *m, const moe_router_config *cfg, int t0, int Tg, int g)
 {
+    moe_route *r = &m->pub;
     const int E = r->E, k = r->k;
     const int64_t C = moe_router_capacity(cfg, Tg);
     const int normalize = cfg->normalize_topk && k > 1;
+    const float scale = (float)route_scale(cfg);
     int *ns = r->n_selected + (size_t)g * E, *nk = r->n_kept + (size_t)g * E, *nd = r->n_dropped + (size_t)g * E;
     for (int t = t0; t < t0 + Tg; t++) {
         float s = 0.0f;
@@ -204,11 +291,20 @@ static void assign_token_choice(moe_route *r, const moe_router_config *cfg, int 
             if (C < 0 || nk[e] < C) {
                 r->kept[te] = 1;
                 r->weight[te] = normalize ? r->probs[te] / r->topk_sum[t] : r->probs[te];
+                if (scale != 1.0f) r->weight[te] *= scale;
                 nk[e]++;
             } else {
                 nd[e]++;
             }
         }
+    }
+    if (cfg->aux == MOE_AUX_NONE) {
+        r->load_balance[g] = 0.0f;
+        return;
+    }
+    if (cfg->aux == MOE_AUX_SEQ) {
+        r->load_balance[g] = seq_balance(m, cfg, t0, Tg);
+        return;
     }
     /* L_bal = E sum_e f_e P_e = E / (Tg^2 k) * sum_t sum_e n_sel[e] p[t,e]. */
     double acc = 0.0;
@@ -225,6 +321,7 @@ static void assign_token_choice(moe_route *r, const moe_router_config *cfg, int 
 static void assign_expert_choice(moe_route_impl *m, const moe_router_config *cfg, int t0, int Tg, int g)
 {
     moe_route *r = &m->pub;
+    const float scale = (float)route_scale(cfg);
     const int E = r->E;
     const int C = (int)moe_router_capacity(cfg, Tg);
     int *ns = r->n_selected + (size_t)g * E, *nk = r->n_kept + (size_t)g * E;
@@ -234,10 +331,47 @@ static void assign_expert_choice(moe_route_impl *m, const moe_router_config *cfg
             const size_t te = (size_t)(t0 + m->ec_idx[(size_t)e * C + c]) * E + e;
             r->selected[te] = r->kept[te] = 1;
             r->weight[te] = r->probs[te];
+            if (scale != 1.0f) r->weight[te] *= scale;
         }
         ns[e] = nk[e] = C;
     }
     r->load_balance[g] = 0.0f;
+}
+
+/* The ranking of token choice with an expert bias or group limits, into
+ * r->sel: s + b, and -inf for the experts of groups a token does not keep
+ * (a group's score: the sum of its two largest s + b, its largest when it
+ * has one expert; the topk_groups best groups kept, ties to the lower
+ * index). */
+static void selection_scores(moe_route *r, const float *bias, const moe_router_config *cfg, int T)
+{
+    const int E = r->E, NG = n_groups(cfg), M = topk_groups(cfg), gs = E / NG;
+    float gscore[NG];
+    uint8_t keep[NG];
+    for (int t = 0; t < T; t++) {
+        float *v = r->sel + (size_t)t * E;
+        const float *p = r->probs + (size_t)t * E;
+        for (int e = 0; e < E; e++) v[e] = cfg->expert_bias ? p[e] + bias[e] : p[e];
+        if (M >= NG) continue;
+        for (int q = 0; q < NG; q++) {
+            float a = -INFINITY, b = -INFINITY; /* the two largest of the group */
+            for (int e = q * gs; e < (q + 1) * gs; e++) {
+                if (v[e] > a) b = a, a = v[e];
+                else if (v[e] > b) b = v[e];
+            }
+            gscore[q] = gs > 1 ? a + b : a;
+            keep[q] = 0;
+        }
+        for (int c = 0; c < M; c++) {
+            int best = -1;
+            for (int q = 0; q < NG; q++)
+                if (!keep[q] && (best < 0 || gscore[q] > gscore[best])) best = q;
+            keep[best] = 1;
+        }
+        for (int q = 0; q < NG; q++)
+            if (!keep[q])
+                for (int e = q * gs; e < (q + 1) * gs; e++) v[e] = -INFINITY;
+    }
 }
 
 /* ---- the router's GEMMs ----
@@ -285,10 +419,21 @@ static void run_lanes(gemm_lanes *L)
 /* Rows of (T, E) per thread below which a router pass stays on one thread. */
 enum { ROUTER_PAR_MIN = 1 << 14 };
 
-/* Stable softmax and logsumexp of tokens [t0, t1), and for token choice
- * their top k. */
-static void softmax_rows(moe_route *r, long t0, long t1)
+/* The scores pass of one forward. */
+typedef struct {
+    moe_route *r;
+    int sigmoid; /* sigmoid scores instead of softmax */
+    int topk;    /* token choice ranking the scores themselves: top k here */
+} scores_job;
+
+/* Stable softmax (or sigmoid scores) and logsumexp of tokens [t0, t1) (the
+ * z-loss is on the logits whatever the score), and their top k when the
+ * ranking is the scores' own. With an expert bias or group limits the
+ * ranking is s + b with groups masked: the forward ranks it after this
+ * pass (selection_scores). */
+static void softmax_rows(const scores_job *j, long t0, long t1)
 {
+    moe_route *r = j->r;
     const int E = r->E;
     for (long t = t0; t < t1; t++) {
         const float *l = r->logits + (size_t)t * E;
@@ -297,23 +442,27 @@ static void softmax_rows(moe_route *r, long t0, long t1)
         for (int e = 1; e < E; e++) mx = l[e] > mx ? l[e] : mx;
         float s = 0.0f;
         for (int e = 0; e < E; e++) s += (p[e] = expf(l[e] - mx));
-        const float inv = 1.0f / s;
-        for (int e = 0; e < E; e++) p[e] *= inv;
+        if (j->sigmoid) {
+            for (int e = 0; e < E; e++) p[e] = sigmoidf(l[e]);
+        } else {
+            const float inv = 1.0f / s;
+            for (int e = 0; e < E; e++) p[e] *= inv;
+        }
         r->lse[t] = mx + logf(s);
     }
-    if (r->k > 0 && t1 > t0)
+    if (j->topk && t1 > t0)
         moe_topk_rows(r->topk + (size_t)t0 * r->k, r->probs + (size_t)t0 * E, (int)(t1 - t0), E, r->k);
 }
 
 static void softmax_run(void *ctx, int t, int nt)
 {
-    moe_route *r = ctx;
+    const scores_job *j = ctx;
     long t0, t1;
-    moe_par_range(r->T, t, nt, &t0, &t1);
-    softmax_rows(r, t0, t1);
+    moe_par_range(j->r->T, t, nt, &t0, &t1);
+    softmax_rows(j, t0, t1);
 }
 
-moe_status moe_router_forward(moe_route *r, const float *x, const float *wg, const float *wn,
+moe_status moe_router_forward(moe_route *r, const float *x, const float *wg, const float *wn, const float *bias,
                               const moe_router_config *cfg, int T, int G, const moe_noise_key *key)
 {
     if (!r || !x || !wg) return moe_errorf(MOE_ERR_ARG, "router: forward needs a route, x and W_g");
@@ -329,6 +478,10 @@ moe_status moe_router_forward(moe_route *r, const float *x, const float *wg, con
     if (noisy && !m->noise_buf)
         return moe_errorf(MOE_ERR_ARG, "router: noise requested but the route was created without noise");
     if (noisy && !wn) return moe_errorf(MOE_ERR_ARG, "router: noise requested but W_n is NULL");
+    if (cfg->expert_bias && !bias) return moe_errorf(MOE_ERR_ARG, "router: expert_bias set but no bias given");
+    if (cfg->aux == MOE_AUX_SEQ && (T / G) % group_seqs(cfg))
+        return moe_errorf(MOE_ERR_ARG, "router: a group of %d tokens does not split into group_seqs=%d sequences",
+                          T / G, group_seqs(cfg));
     const int E = r->E, d = m->d, Tg = T / G;
     const size_t TE = (size_t)T * E;
     r->T = T;
@@ -361,9 +514,10 @@ moe_status moe_router_forward(moe_route *r, const float *x, const float *wg, con
         return moe_errorf(MOE_ERR_NONFINITE, "router: the gate logits hold NaN or Inf (weights too large?)");
     }
 
-    /* Stable softmax, logsumexp and (token choice) top k per token, tokens
-     * split over the threads. */
-    moe_par_run(moe_par_threads_for(TE, ROUTER_PAR_MIN), softmax_run, r);
+    /* Scores, logsumexp and (token choice ranking the scores) top k per
+     * token, tokens split over the threads. */
+    const scores_job sj = {r, cfg->score == MOE_SCORE_SIGMOID, m->kind == MOE_ROUTER_TOKEN_CHOICE && r->sel == r->probs};
+    moe_par_run(moe_par_threads_for(TE, ROUTER_PAR_MIN), softmax_run, (void *)&sj);
 
     memset(r->weight, 0, TE * sizeof(float));
     memset(r->selected, 0, TE);
@@ -371,9 +525,14 @@ moe_status moe_router_forward(moe_route *r, const float *x, const float *wg, con
     memset(r->n_selected, 0, (size_t)G * E * sizeof(int));
     memset(r->n_kept, 0, (size_t)G * E * sizeof(int));
     memset(r->n_dropped, 0, (size_t)G * E * sizeof(int));
+    if (m->kind == MOE_ROUTER_TOKEN_CHOICE && r->sel != r->probs) {
+        /* the plain path: rank s + b with groups masked (one thread) */
+        selection_scores(r, bias, cfg, T);
+        moe_topk_rows(r->topk, r->sel, T, E, r->k);
+    }
     for (int g = 0; g < G; g++) {
         if (m->kind == MOE_ROUTER_TOKEN_CHOICE)
-            assign_token_choice(r, cfg, g * Tg, Tg, g);
+            assign_token_choice(m, cfg, g * Tg, Tg, g);
         else
             assign_expert_choice(m, cfg, g * Tg, Tg, g);
         double z = 0.0;
@@ -386,6 +545,7 @@ moe_status moe_router_forward(moe_route *r, const float *x, const float *wg, con
 /* dL/dlogits of tokens [t0, t1) into m->dl (backward). */
 typedef struct {
     const moe_route_impl *m;
+    const moe_router_config *cfg;
     const float *dweight;
     int normalize;
     float lb_scale, zc;
@@ -394,26 +554,48 @@ typedef struct {
 static void dlogits_rows(const dlogits_job *j, long t0, long t1)
 {
     const moe_route_impl *m = j->m;
+    moe_route_impl *scratch = (moe_route_impl *)m; /* seq_sel only: aux = seq runs on one thread */
+    const moe_router_config *cfg = j->cfg;
     const moe_route *r = &m->pub;
     const int E = r->E, k = r->k, Tg = r->T / r->G, normalize = j->normalize;
+    const int tc = m->kind == MOE_ROUTER_TOKEN_CHOICE, sigmoid = cfg->score == MOE_SCORE_SIGMOID;
+    const int seq = tc && cfg->aux == MOE_AUX_SEQ, Q = seq ? group_seqs(cfg) : 1, Ts = Tg / Q;
+    const float sc = (float)route_scale(cfg);
     const float *dweight = j->dweight;
     float *dl = m->dl;
     for (long t = t0; t < t1; t++) {
         const int g = (int)(t / Tg);
-        const int *ns = r->n_selected + (size_t)g * E;
-        /* d L_bal / d p[t,e] = E f_e / Tg with f_e = n_sel[e] / (Tg k) held fixed. */
-        const float lbc = m->kind == MOE_ROUTER_TOKEN_CHOICE ? j->lb_scale * (float)E / ((float)Tg * Tg * k) : 0.0f;
+        /* d L_bal / d p[t,e] = E f_e / Tg with f_e = n_sel[e] / (Tg k) held fixed
+         * (aux = seq: per sequence of Ts tokens, L averaged over the Q sequences). */
+        const int *ns = NULL;
+        float lbc = 0.0f;
+        if (tc && cfg->aux == MOE_AUX_SWITCH) {
+            ns = r->n_selected + (size_t)g * E;
+            lbc = j->lb_scale * (float)E / ((float)Tg * Tg * k);
+        } else if (seq) {
+            const long in_seq = (t - (long)g * Tg) % Ts;
+            if (t == t0 || in_seq == 0) count_selected(scratch, (int)(t - in_seq), Ts);
+            ns = scratch->seq_sel;
+            lbc = j->lb_scale * (float)E / ((float)Q * Ts * Ts * k);
+        }
         const size_t row = (size_t)t * E;
         const float *p = r->probs + row, *dw = dweight + row;
         const uint8_t *kept = r->kept + row;
-        float *dp = dl + row; /* holds dL/dp, then becomes dL/dl in place */
-        for (int e = 0; e < E; e++) dp[e] = lbc * (float)ns[e];
+        float *dp = dl + row; /* holds dL/ds, then becomes dL/dl in place */
+        for (int e = 0; e < E; e++) dp[e] = ns ? lbc * (float)ns[e] : 0.0f;
+        if (seq && sigmoid) {
+            /* aux = seq takes s / sum(s): dL/ds_j = (g_j - sum_e g_e s_e / S) / S */
+            const float inv = score_inv_sum(r, (int)t);
+            float a = 0.0f;
+            for (int e = 0; e < E; e++) a += dp[e] * p[e] * inv;
+            for (int e = 0; e < E; e++) dp[e] = (dp[e] - a) * inv;
+        }
         if (m->kind == MOE_ROUTER_EXPERT_CHOICE) {
-            for (int e = 0; e < E; e++) dp[e] += kept[e] ? dw[e] : 0.0f;
+            for (int e = 0; e < E; e++) dp[e] += kept[e] ? dw[e] * sc : 0.0f;
         } else if (!normalize) {
             for (int c = 0; c < k; c++) {
                 const int e = r->topk[(size_t)t * k + c];
-                dp[e] += kept[e] ? dw[e] : 0.0f;
+                dp[e] += kept[e] ? dw[e] * sc : 0.0f;
             }
         } else {
             /* g_e = p_e / S over the k chosen (dropped ones included in S):
@@ -422,18 +604,24 @@ static void dlogits_rows(const dlogits_job *j, long t0, long t1)
             float a = 0.0f;
             for (int c = 0; c < k; c++) {
                 const int e = r->topk[(size_t)t * k + c];
-                a += kept[e] ? dw[e] * p[e] : 0.0f;
+                a += kept[e] ? dw[e] * sc * p[e] : 0.0f;
             }
             a *= inv_s * inv_s;
             for (int c = 0; c < k; c++) {
                 const int e = r->topk[(size_t)t * k + c];
-                dp[e] += (kept[e] ? dw[e] * inv_s : 0.0f) - a;
+                dp[e] += (kept[e] ? dw[e] * sc * inv_s : 0.0f) - a;
             }
+        }
+        const float zt = j->zc * r->lse[t];
+        if (sigmoid) {
+            /* ds/dl = s (1 - s); the z-loss term 2 lse softmax(l) */
+            const float *l = r->logits + row;
+            for (int e = 0; e < E; e++) dp[e] = dp[e] * p[e] * (1.0f - p[e]) + zt * expf(l[e] - r->lse[t]);
+            continue;
         }
         /* Softmax Jacobian, then the z-loss term d(lse^2)/dl = 2 lse p. */
         float dot = 0.0f;
         for (int e = 0; e < E; e++) dot += p[e] * dp[e];
-        const float zt = j->zc * r->lse[t];
         for (int e = 0; e < E; e++) dp[e] = p[e] * (dp[e] - dot + zt);
     }
 }
@@ -463,8 +651,10 @@ moe_status moe_router_backward(float *dx, float *dwg, float *dwn, const float *d
     const float zc = 2.0f * z_scale / (float)Tg;
     float *dl = m->dl;
 
-    const dlogits_job job = {m, dweight, normalize, lb_scale, zc};
-    moe_par_run(moe_par_threads_for((long)T * E, ROUTER_PAR_MIN), dlogits_run, (void *)&job);
+    /* aux = seq counts per sequence in one scratch: one thread */
+    const dlogits_job job = {m, cfg, dweight, normalize, lb_scale, zc};
+    const int nt = cfg->aux == MOE_AUX_SEQ ? 1 : moe_par_threads_for((long)T * E, ROUTER_PAR_MIN);
+    moe_par_run(nt, dlogits_run, (void *)&job);
     if (r->noise) {
         /* l += n softplus(pre): dL/dpre = dL/dl * n * sigmoid(pre). */
         const size_t TE = (size_t)T * E;
@@ -491,14 +681,15 @@ static int rank_of(const float *a, ptrdiff_t stride, int n, int i)
     return rank;
 }
 
-/* Reference (one group): a literal transcription of docs/routing.md sections 3 and 4,
+/* Reference (one group): a literal transcription of docs/routing.md sections 3, 4 and 8,
  * ranks recomputed from scratch for every assignment. */
 void moe_router_assign_ref(float *weight, uint8_t *selected, uint8_t *kept, int *n_selected,
-                           int *n_kept, int *n_dropped, const float *probs,
+                           int *n_kept, int *n_dropped, const float *probs, const float *bias,
                            const moe_router_config *cfg, int T)
 {
     const int E = cfg->n_experts;
     const int64_t C = moe_router_capacity(cfg, T);
+    const double scale = cfg->route_scale > 0 ? cfg->route_scale : 1.0;
     for (size_t i = 0; i < (size_t)T * E; i++) weight[i] = 0.0f, selected[i] = kept[i] = 0;
     for (int e = 0; e < E; e++) n_selected[e] = n_kept[e] = n_dropped[e] = 0;
     if (cfg->kind == MOE_ROUTER_EXPERT_CHOICE) {
@@ -506,30 +697,58 @@ void moe_router_assign_ref(float *weight, uint8_t *selected, uint8_t *kept, int 
             for (int t = 0; t < T; t++)
                 if (rank_of(probs + e, E, T, t) < C) {
                     selected[t * E + e] = kept[t * E + e] = 1;
-                    weight[t * E + e] = probs[t * E + e];
+                    weight[t * E + e] = (float)(probs[t * E + e] * scale);
                     n_selected[e]++;
                     n_kept[e]++;
                 }
         return;
     }
-    const int k = cfg->top_k;
+    const int k = cfg->top_k, NG = cfg->n_groups > 1 ? cfg->n_groups : 1, gs = E / NG;
+    const int M = cfg->topk_groups > 0 && cfg->topk_groups < NG ? cfg->topk_groups : NG;
+    /* sel (T, E): s + b, -inf outside the kept groups */
+    float sel[(size_t)T * E], gscore[NG], two[2];
+    for (int t = 0; t < T; t++) {
+        float *v = sel + (size_t)t * E;
+        for (int e = 0; e < E; e++) v[e] = probs[(size_t)t * E + e] + (cfg->expert_bias && bias ? bias[e] : 0.0f);
+        for (int q = 0; q < NG; q++) {
+            /* a group's score: the sum of its two largest entries (its largest with one expert) */
+            int n = 0;
+            for (int e = 0; e < gs; e++)
+                if (rank_of(v + q * gs, 1, gs, e) < 2) two[n++] = v[q * gs + e];
+            gscore[q] = n == 2 ? two[0] + two[1] : two[0];
+        }
+        for (int q = 0; q < NG; q++)
+            if (rank_of(gscore, 1, NG, q) >= M)
+                for (int e = q * gs; e < (q + 1) * gs; e++) v[e] = -INFINITY;
+    }
     for (int r = 0; r < k; r++) {
         for (int t = 0; t < T; t++) {
-            const float *p = probs + (size_t)t * E;
+            const float *p = probs + (size_t)t * E, *v = sel + (size_t)t * E;
             for (int e = 0; e < E; e++) {
-                if (rank_of(p, 1, E, e) != r) continue;
+                if (rank_of(v, 1, E, e) != r) continue;
                 double s = 0.0;
-                for (int j = 0; j < E; j++) s += rank_of(p, 1, E, j) < k ? p[j] : 0.0;
+                for (int j = 0; j < E; j++) s += rank_of(v, 1, E, j) < k ? p[j] : 0.0;
                 selected[t * E + e] = 1;
                 n_selected[e]++;
                 if (C < 0 || n_kept[e] < C) {
                     kept[t * E + e] = 1;
-                    weight[t * E + e] = (float)(cfg->normalize_topk && k > 1 ? p[e] / s : p[e]);
+                    weight[t * E + e] = (float)((cfg->normalize_topk && k > 1 ? p[e] / s : p[e]) * scale);
                     n_kept[e]++;
                 } else {
                     n_dropped[e]++;
                 }
             }
         }
+    }
+}
+
+void moe_router_bias_update(float *bias, const int64_t *n, int E, float rate)
+{
+    int64_t total = 0;
+    for (int e = 0; e < E; e++) total += n[e];
+    /* sign(n_mean - n_e) = sign(total - E n_e), in integers */
+    for (int e = 0; e < E; e++) {
+        const int64_t diff = total - (int64_t)E * n[e];
+        bias[e] += diff > 0 ? rate : diff < 0 ? -rate : 0.0f;
     }
 }

@@ -21,6 +21,15 @@ typedef struct {
     double capacity_factor;   /* token choice: <= 0 means dropless; expert choice: c > 0 */
     int normalize_topk;       /* 0/1; forced to 0 when k == 1 */
     int noise;                /* 0: none, 1: gaussian (Shazeer 2017) */
+    /* Section 8 options. A zeroed field means the default, so a config
+     * that sets none of them routes exactly as sections 1-5. */
+    moe_score_kind score;     /* softmax, or sigmoid: s = sigmoid(l) replaces p */
+    double route_scale;       /* every combine weight times this; 0 means 1 */
+    int expert_bias;          /* 1: token choice selects by s + b (b passed to forward) */
+    int n_groups;             /* group-limited routing over n_groups consecutive expert groups; 0, 1: off */
+    int topk_groups;          /* groups a token may use; 0: all */
+    moe_aux_kind aux;         /* load-balance loss: switch (per group), seq (per sequence), none */
+    int group_seqs;           /* sequences per routing group (aux = seq splits a group); 0 means 1 */
 } moe_router_config;
 
 /* Validate a config; returns MOE_ERR_ARG with a detail naming the field. */
@@ -44,7 +53,9 @@ typedef struct {
     int T, G, E, k;           /* current sizes (T, G set by the last forward; k = 0 for expert choice) */
     int T_max, G_max;
     float *logits;            /* (T, E) gate logits, after noise */
-    float *probs;             /* (T, E) softmax(logits) */
+    float *probs;             /* (T, E) the scores s: softmax(logits), or sigmoid(logits) */
+    float *sel;               /* (T, E) what token choice ranks: s + b, groups not kept at -inf;
+                               * = probs without expert bias and groups */
     float *weight;            /* (T, E) combine weight g of each KEPT assignment, 0 elsewhere */
     uint8_t *selected;        /* (T, E) 1 where selected before capacity drops */
     uint8_t *kept;            /* (T, E) 1 where the assignment was kept */
@@ -53,7 +64,7 @@ typedef struct {
     float *lse;               /* (T) logsumexp of the logits (z-loss) */
     float *noise;             /* (T, E) the N(0,1) draws, or NULL when the last forward had no noise */
     float *noise_pre;         /* (T, E) W_n x before softplus, or NULL without noise */
-    int *n_selected;          /* (G, E) selections before drops (f_e numerator) */
+    int *n_selected;          /* (G, E) selections before drops (f_e numerator; the expert-bias update's load) */
     int *n_kept;              /* (G, E) kept assignments */
     int *n_dropped;           /* (G, E) dropped assignments */
     float *load_balance;      /* (G) L_bal of each group (0 for expert choice) */
@@ -65,12 +76,14 @@ typedef struct {
 moe_status moe_route_create(moe_route **out, const moe_router_config *cfg, int T_max, int G_max);
 void moe_route_destroy(moe_route *r);
 
-/* Forward for T tokens in G equal groups (T % G == 0, T <= T_max).
+/* Forward for T tokens in G equal groups (T % G == 0, T <= T_max; with
+ * aux = seq a group splits into group_seqs equal sequences).
  * x (T, d), wg (E, d), wn (E, d) (noise weight, only read when cfg->noise and
- * key != NULL; key == NULL means no noise, as at evaluation).
+ * key != NULL; key == NULL means no noise, as at evaluation), bias (E) the
+ * expert bias b (read when cfg->expert_bias; not trained by gradient).
  * Fails with MOE_ERR_ARG on bad sizes and MOE_ERR_NONFINITE if x or the
  * logits hold NaN/Inf; route contents are then unspecified. */
-moe_status moe_router_forward(moe_route *r, const float *x, const float *wg, const float *wn,
+moe_status moe_router_forward(moe_route *r, const float *x, const float *wg, const float *wn, const float *bias,
                               const moe_router_config *cfg, int T, int G, const moe_noise_key *key);
 
 /* Backward. dweight (T, E): dL/dg for each kept assignment (0 elsewhere).
@@ -96,10 +109,18 @@ void moe_topk_cols_ref(int *idx, const float *a, int n, int m, int k);
 void moe_topk_cols_ws(int *idx, const float *a, int n, int m, int k, uint64_t *work);
 
 /* Plain reference of the whole routing decision for one group of T tokens,
- * from probabilities: fills weight, selected, kept (T, E) and the (E)
- * counts. Used by tests to hold the fast path to. */
+ * from the scores s (softmax or sigmoid) and the expert bias (E, or NULL):
+ * fills weight, selected, kept (T, E) and the (E) counts, applying the
+ * bias, group limits, route_scale and normalisation of section 8. Used by
+ * tests to hold the fast path to. */
 void moe_router_assign_ref(float *weight, uint8_t *selected, uint8_t *kept, int *n_selected,
-                           int *n_kept, int *n_dropped, const float *probs,
+                           int *n_kept, int *n_dropped, const float *probs, const float *bias,
                            const moe_router_config *cfg, int T);
+
+/* After an optimizer step (routing.md section 8): b_e += rate *
+ * sign(n_mean - n_e) for the E counts n (selections before drops summed
+ * over every group of the step on all ranks: the same integers on every
+ * rank, so b stays identical everywhere). Never fails. */
+void moe_router_bias_update(float *bias, const int64_t *n, int E, float rate);
 
 #endif

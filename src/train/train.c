@@ -315,6 +315,21 @@ static void update(moe_trainer *tr, const adam_hyper *h)
     tr->updates++;
 }
 
+/* expert_bias (routing.md section 8): after the optimizer step, each MoE
+ * layer's bias moves by the step's selections before drops, counted over
+ * every group on every rank (the reduced kept + dropped counts: the same
+ * integers on every rank, so the bias is the same on any rank count). */
+static void update_expert_bias(moe_trainer *tr, const moe_model_stats *ms)
+{
+    const int E = ms->n_experts;
+    int64_t n[E];
+    for (int i = 0; i < ms->n_moe_layers; i++) {
+        float *b = moe_model_param(tr->model, MOE_T_EXP_BIAS, ms->moe_blocks[i]);
+        for (int e = 0; e < E; e++) n[e] = ms->kept[(size_t)i * E + e] + ms->dropped[(size_t)i * E + e];
+        moe_router_bias_update(b, n, E, (float)tr->cfg.bias_update_rate);
+    }
+}
+
 moe_status moe_trainer_step(moe_trainer *tr, const int32_t *inputs, const int32_t *targets,
                             int64_t step, moe_train_stats *st)
 {
@@ -359,6 +374,7 @@ moe_status moe_trainer_step(moe_trainer *tr, const int32_t *inputs, const int32_
     st->active_experts = tr->n_moe ? mark_active(tr, &st->model) : 0;
     st->active_vocab_experts = tr->Ml ? mark_vocab_active(tr, &st->model) : 0;
     update(tr, &h);
+    if (tr->cfg.expert_bias && tr->n_moe) update_expert_bias(tr, &st->model);
     st->t_update = moe_now() - t0;
     return MOE_OK;
 }

@@ -30,7 +30,23 @@ void tk_config(moe_train_config *c)
         c->head = MOE_HEAD_VOCAB_EXPERTS;
         c->vocab_experts = 12;
     }
+    if (!tk_arch) return;
+    c->norm = MOE_NORM_RMSNORM;
+    c->pos = MOE_POS_ROPE;
+    c->n_kv_heads = 1;
+    c->head_dim = 6;
+    c->qk_norm = MOE_QK_NORM_HEAD;
+    c->linear_bias = 0;
+    c->attn_bias = 1;
+    c->tie_embeddings = 0;
+    c->score = MOE_SCORE_SIGMOID;
+    c->expert_bias = 1;
+    c->n_shared = 2;
+    c->d_ff_shared = 4;
+    c->shared_gate = 1;
 }
+
+int tk_arch = 0;
 
 moe_tok *tk_tokenizer(void)
 {
@@ -197,6 +213,7 @@ int64_t tk_state_check(const tk_state *t)
                 for (size_t e = 0; k == 0 && e < x->numel; e++) bad += blocks[k][x->offset + e] != tk_assign((int)e);
                 continue;
             }
+            if (k > 0 && x->role == MOE_TENSOR_BUFFER) continue; /* buffers have no optimizer state */
             for (size_t e = 0; e < x->numel; e++) {
                 float want = tk_value(k, x->name, global_index(x, e)), got = blocks[k][x->offset + e];
                 bad += memcmp(&want, &got, sizeof want) != 0;

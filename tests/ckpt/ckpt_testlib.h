@@ -13,8 +13,13 @@
 enum { TK_PARAM = 0, TK_M = 1, TK_V = 2, TK_GRAD = 3 };
 
 /* d=8, 3 blocks (MoE at 0 and 2: moe_every = 2), E = 12, swiglu, noisy
- * router, vocab_size 300 (room for tk_tokenizer's 263 ids). */
+ * router, vocab_size 300 (room for tk_tokenizer's 263 ids). With tk_arch =
+ * 1 also architecture and router options whose tensors change the layout
+ * (format_version 2): RMSNorm, RoPE, 2 heads of 6 over 1 kv head, q/k
+ * norms, no biases but q, k, v, an untied head, the expert bias, 2 gated
+ * shared experts. */
 void tk_config(moe_train_config *cfg);
+extern int tk_arch;
 
 /* A small tokenizer for /tokenizer round trips (read_spec.py knows it too):
  * ids 0..255 the bytes; 256 "ab", 257 a hole, 258 " the", 259 "\xff\xfe",

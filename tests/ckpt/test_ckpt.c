@@ -300,6 +300,84 @@ static void test_bad_files(void **state)
     assert_non_null(strstr(moe_error_detail(), "d_model"));
 }
 
+/* 1 if attribute `name` of object `obj` of file `path` exists. */
+static int has_attr(const char *path, const char *obj, const char *name)
+{
+    hid_t f = H5Fopen(path, H5F_ACC_RDONLY, H5P_DEFAULT);
+    assert_true(f >= 0);
+    const int r = H5Aexists_by_name(f, obj, name, H5P_DEFAULT) > 0;
+    H5Fclose(f);
+    return r;
+}
+
+static int64_t get_version(const char *path)
+{
+    hid_t f = H5Fopen(path, H5F_ACC_RDONLY, H5P_DEFAULT);
+    assert_true(f >= 0);
+    int64_t v = -1;
+    hid_t a = H5Aopen(f, "format_version", H5P_DEFAULT);
+    assert_true(a >= 0 && H5Aread(a, H5T_NATIVE_INT64, &v) >= 0);
+    H5Aclose(a);
+    H5Fclose(f);
+    return v;
+}
+
+static void drop_norm_attr(hid_t f) { assert_true(H5Adelete_by_name(f, "/model", "norm", H5P_DEFAULT) >= 0); }
+
+/* format_version: the defaults write version 1 without the later
+ * attributes (so today's files are unchanged); options write version 2
+ * with every attribute and their tensors; a missing later attribute means
+ * its default (a version 1 file is the defaults). */
+static void test_format_versions(void **state)
+{
+    (void)state;
+    assert_int_equal(get_version(good), 1);
+    assert_false(has_attr(good, "/model", "norm"));
+    assert_false(has_attr(good, "/model", "n_kv_heads"));
+    assert_true(has_attr(good, "/model", "d_model"));
+    char p[160];
+    path_in(p, sizeof p, "arch.h5");
+    tk_arch = 1;
+    tk_state t;
+    assert_int_equal(tk_state_make(&t, 0, 1, 0, 0), 0);
+    assert_int_equal(moe_ckpt_save(p, moe_comm_self(), &t.s), MOE_OK);
+    tk_state_free(&t);
+    assert_int_equal(get_version(p), 2);
+    assert_true(has_attr(p, "/model", "norm") && has_attr(p, "/model", "shared_gate"));
+    assert_int_equal(load(p, NULL), MOE_OK); /* bitwise round trip, lm_head, shared experts, the bias */
+    moe_ckpt_file *f;
+    assert_int_equal(moe_ckpt_file_open(&f, p), MOE_OK);
+    assert_int_equal(moe_ckpt_file_info(f)->format_version, 2);
+    assert_int_equal(moe_ckpt_file_info(f)->model.n_kv_heads, 1);
+    assert_true(moe_ckpt_file_find(f, "/model/lm_head/weight") >= 0);
+    assert_true(moe_ckpt_file_find(f, "/model/h/2/moe/router/expert_bias") >= 0);
+    assert_true(moe_ckpt_file_find(f, "/model/h/0/moe/shared/gate") >= 0);
+    assert_true(moe_ckpt_file_find(f, "/model/wpe") < 0);
+    moe_ckpt_file_close(f);
+    /* a run without the options refuses it, naming the first option */
+    tk_arch = 0;
+    assert_int_equal(load(p, NULL), MOE_ERR_MISMATCH);
+    assert_non_null(strstr(moe_error_detail(), "norm = rmsnorm"));
+    /* a version 2 file without one attribute: that key is its default */
+    tk_arch = 1;
+    hid_t h = H5Fopen(p, H5F_ACC_RDWR, H5P_DEFAULT);
+    assert_true(h >= 0);
+    drop_norm_attr(h);
+    assert_true(H5Fclose(h) >= 0);
+    assert_int_equal(load(p, NULL), MOE_ERR_MISMATCH);
+    assert_non_null(strstr(moe_error_detail(), "norm = layernorm"));
+    tk_arch = 0;
+    /* the defaults spelt out (n_kv_heads = n_heads, head_dim = d / n_heads)
+     * are the defaults: the version 1 file loads */
+    moe_train_config c;
+    tk_config(&c);
+    c.n_kv_heads = c.n_heads;
+    c.head_dim = c.d_model / c.n_heads;
+    c.attn_bias = 1;
+    assert_int_equal(moe_train_config_needs_v2(&c), 0);
+    assert_int_equal(load(good, &c), MOE_OK);
+}
+
 static void test_model_mismatch(void **state)
 {
     (void)state;
@@ -626,6 +704,7 @@ int main(void)
         cmocka_unit_test(test_flipped_bytes), cmocka_unit_test(test_bad_files),
         cmocka_unit_test(test_model_mismatch), cmocka_unit_test(test_grads),
         cmocka_unit_test(test_run_dir),     cmocka_unit_test(test_bad_state),
+        cmocka_unit_test(test_format_versions),
         cmocka_unit_test(test_tokenizer_round_trip), cmocka_unit_test(test_tokenizer_damaged),
     };
     return cmocka_run_group_tests(tests, setup, teardown);

@@ -13,7 +13,7 @@ int main(int argc, char **argv)
     for (int i = 1; i < argc; i++) {
         FILE *f = fopen(argv[i], "rb");
         if (!f) {
-            fprintf(stderr, "fuzz_st_replay: cannot open '%s'\n", argv[i]);
+            fprintf(stderr, "fuzz replay: cannot open '%s'\n", argv[i]);
             return 1;
         }
         uint8_t *buf = NULL;
@@ -32,6 +32,6 @@ int main(int argc, char **argv)
         LLVMFuzzerTestOneInput(buf, n);
         free(buf);
     }
-    printf("fuzz_st_replay: %d inputs passed\n", argc - 1);
+    printf("fuzz replay: %d inputs passed\n", argc - 1);
     return 0;
 }

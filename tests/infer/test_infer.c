@@ -19,8 +19,10 @@
 enum { S = 16, V = 256 };
 
 /* A small model with blocks 0 and 2 MoE, block 1 dense. cf: "0" dropless
- * token choice; router "expert_choice" uses its default c = 2. */
-static moe_model *make_model(const char *router, const char *cf, const char *act, int max_seqs)
+ * token choice; router "expert_choice" uses its default c = 2. opts: more
+ * "key", "value" pairs, NULL-terminated (or NULL). */
+static moe_model *make_model_opts(const char *router, const char *cf, const char *act, int max_seqs,
+                                  const char *const *opts)
 {
     moe_train_config c;
     moe_train_config_default(&c);
@@ -34,6 +36,7 @@ static moe_model *make_model(const char *router, const char *cf, const char *act
     assert_int_equal(moe_train_config_set(&c, "router", router), MOE_OK);
     assert_int_equal(moe_train_config_set(&c, "activation", act), MOE_OK);
     if (cf) assert_int_equal(moe_train_config_set(&c, "capacity_factor", cf), MOE_OK);
+    for (int i = 0; opts && opts[i]; i += 2) assert_int_equal(moe_train_config_set(&c, opts[i], opts[i + 1]), MOE_OK);
     moe_model *m = NULL;
     assert_int_equal(moe_model_create(&m, &c, NULL, max_seqs, moe_comm_self()), MOE_OK);
     /* weights far from the 0.02 init, so the logits are O(1) and every layer
@@ -42,6 +45,11 @@ static moe_model *make_model(const char *router, const char *cf, const char *act
     float *p = moe_model_params(m);
     for (size_t i = 0; i < t->total; i++) p[i] = (float)(0.3 * moe_rng_normal(7, MOE_RNG_BENCH, (uint32_t)i, 0, 0, 0));
     return m;
+}
+
+static moe_model *make_model(const char *router, const char *cf, const char *act, int max_seqs)
+{
+    return make_model_opts(router, cf, act, max_seqs, NULL);
 }
 
 /* n random ids in [0, V) */
@@ -71,12 +79,28 @@ static const float *full_last(moe_model *m, const int32_t *x, int T)
 /* Dropless token choice: routing does not depend on the group, so every
  * decoded position must equal the full forward of its prefix. Three
  * sequences: uneven prefills, then steps of one token per sequence. */
+static const char *const llama_opts[] = {
+    "norm", "rmsnorm", "pos", "rope", "rope_theta", "300", "n_heads", "4", "n_kv_heads", "1", "head_dim", "12",
+    "qk_norm", "full", "linear_bias", "0", "attn_bias", "1", "tie_embeddings", "0", NULL};
+static const char *const deepseek_opts[] = {
+    "pos", "rope", "n_heads", "4", "n_kv_heads", "2", "qk_norm", "head", "score", "sigmoid", "route_scale", "2",
+    "expert_bias", "1", "n_groups", "2", "topk_groups", "1", "n_shared", "2", "d_ff_shared", "20",
+    "shared_gate", "1", NULL};
+
 static void test_decode_matches_forward(void **state)
 {
     (void)state;
-    const char *acts[] = {"gelu", "swiglu"};
-    for (int a = 0; a < 2; a++) {
-        moe_model *m = make_model("token_choice", "0", acts[a], 3);
+    /* GPT-2 blocks with two activations, then the architecture options:
+     * RoPE positions, the grouped kv cache and the q/k norms must give the
+     * full forward's logits at every position */
+    const char *acts[] = {"gelu", "swiglu", "swiglu", "relu"};
+    const char *const *opts[] = {NULL, NULL, llama_opts, deepseek_opts};
+    for (int a = 0; a < 4; a++) {
+        moe_model *m = make_model_opts("token_choice", "0", acts[a], 3, opts[a]);
+        /* the options are in force: their tensors exist, wpe does not */
+        assert_true((moe_model_param(m, MOE_T_LM_HEAD, -1) != NULL) == (a == 2));
+        assert_true((moe_model_param(m, MOE_T_SH_GATE, 0) != NULL) == (a == 3));
+        assert_true((moe_model_param(m, MOE_T_WPE, -1) == NULL) == (a >= 2));
         moe_infer_decoder *d = NULL;
         assert_int_equal(moe_infer_decoder_create(&d, m, 3), MOE_OK);
         int32_t text[3][S];

@@ -1,7 +1,9 @@
 /* The single-process MoE layer: against a naive per-token reference built
  * from the _ref kernels, finite differences of the whole layer (incl. both
  * aux losses), exact zero gradients for an idle expert, bad input, and the
- * same bits at 1, 2 and 4 threads. */
+ * same bits at 1, 2 and 4 threads; each also with the section 8 options
+ * (sigmoid scores, route_scale, the expert bias, group limits, shared
+ * experts with and without their gate, experts without biases). */
 #include <math.h>
 #include <setjmp.h>
 #include <stdarg.h>
@@ -25,9 +27,19 @@ typedef struct {
     moe_activation act;
 } shape;
 
+/* Section 8 options (zeroed: the defaults). */
+typedef struct {
+    moe_score_kind score;
+    double scale;
+    int bias, groups, topk_groups;
+    int S, Fs, gate; /* shared experts */
+    int nobias;      /* experts without b1, b2 */
+} opts;
+
 typedef struct {
     shape s;
-    int F1;
+    opts o;
+    int F1, F1s;
     moe_layer *L;
     float *mem;
     moe_layer_params p, g;
@@ -35,45 +47,76 @@ typedef struct {
     size_t n_params;
 } fixture;
 
+static moe_router_config router_of(const shape *s, const opts *o)
+{
+    moe_router_config rc = {.n_experts = s->E, .top_k = s->k, .d_model = s->d, .kind = s->kind,
+                            .capacity_factor = s->cf, .normalize_topk = s->k > 1, .score = o->score,
+                            .route_scale = o->scale, .expert_bias = o->bias, .n_groups = o->groups,
+                            .topk_groups = o->topk_groups};
+    return rc;
+}
+
 static void fill(float *a, size_t n, uint32_t id, float scale)
 {
     for (size_t i = 0; i < n; i++) a[i] = scale * (float)moe_rng_normal(99, MOE_RNG_BENCH, (uint32_t)i, 0, id, 0);
 }
 
-static void setup(fixture *f, shape s)
+static void setup_opts(fixture *f, shape s, opts o)
 {
     memset(f, 0, sizeof *f);
     f->s = s;
+    f->o = o;
     f->F1 = moe_f1(s.F, s.act);
+    f->F1s = moe_f1(o.Fs, s.act);
     moe_layer_config lc = {
-        .router = {.n_experts = s.E, .top_k = s.k, .d_model = s.d, .kind = s.kind,
-                   .capacity_factor = s.cf, .normalize_topk = s.k > 1, .noise = 0},
-        .d_ff = s.F, .act = s.act, .max_tokens = s.T, .max_groups = s.G, .chunks = 1};
+        .router = router_of(&s, &o), .d_ff = s.F, .act = s.act, .max_tokens = s.T, .max_groups = s.G, .chunks = 1,
+        .n_shared = o.S, .d_ff_shared = o.Fs, .shared_gate = o.gate};
     assert_int_equal(moe_layer_create(&f->L, &lc, moe_comm_self()), MOE_OK);
-    size_t nr = (size_t)s.E * s.d, n1 = (size_t)s.E * f->F1 * s.d, nb1 = (size_t)s.E * f->F1;
-    size_t n2 = (size_t)s.E * s.d * s.F, nb2 = (size_t)s.E * s.d, na = (size_t)s.T * s.d;
-    f->n_params = nr + n1 + nb1 + n2 + nb2;
-    f->mem = calloc(2 * f->n_params + 4 * na, sizeof(float));
+    const size_t nb = o.nobias ? 0 : 1;
+    size_t nr = (size_t)s.E * s.d, n1 = (size_t)s.E * f->F1 * s.d, nb1 = nb * s.E * f->F1;
+    size_t n2 = (size_t)s.E * s.d * s.F, nb2 = nb * s.E * s.d, na = (size_t)s.T * s.d;
+    size_t s1 = (size_t)o.S * f->F1s * s.d, sb1 = (size_t)o.S * f->F1s, s2 = (size_t)o.S * s.d * o.Fs;
+    size_t sb2 = (size_t)o.S * s.d, sg = o.gate ? (size_t)s.d : 0;
+    f->n_params = nr + n1 + nb1 + n2 + nb2 + s1 + sb1 + s2 + sb2 + sg;
+    f->mem = calloc(2 * f->n_params + 4 * na + (size_t)s.E, sizeof(float));
     float *q = f->mem;
     moe_layer_params *ps[2] = {&f->p, &f->g};
     for (int i = 0; i < 2; i++) {
         ps[i]->router_w = q; q += nr;
         ps[i]->experts.w1 = q; q += n1;
-        ps[i]->experts.b1 = q; q += nb1;
+        ps[i]->experts.b1 = nb ? q : NULL; q += nb1;
         ps[i]->experts.w2 = q; q += n2;
-        ps[i]->experts.b2 = q; q += nb2;
+        ps[i]->experts.b2 = nb ? q : NULL; q += nb2;
+        ps[i]->shared.w1 = q; q += s1;
+        ps[i]->shared.b1 = q; q += sb1;
+        ps[i]->shared.w2 = q; q += s2;
+        ps[i]->shared.b2 = q; q += sb2;
+        ps[i]->shared_gate = o.gate ? q : NULL; q += sg;
     }
     f->x = q; q += na;
     f->y = q; q += na;
     f->dy = q; q += na;
-    f->dx = q;
+    f->dx = q; q += na;
+    f->p.expert_bias = o.bias ? q : NULL;
     fill(f->p.router_w, nr, 1, 1.0f / sqrtf((float)s.d));
     fill(f->p.experts.w1, n1, 2, 1.0f / sqrtf((float)s.d));
-    fill(f->p.experts.b1, nb1, 3, 0.1f);
+    if (nb) fill(f->p.experts.b1, nb1, 3, 0.1f);
     fill(f->p.experts.w2, n2, 4, 1.0f / sqrtf((float)s.F));
-    fill(f->p.experts.b2, nb2, 5, 0.1f);
+    if (nb) fill(f->p.experts.b2, nb2, 5, 0.1f);
     fill(f->x, na, 6, 1.0f);
     fill(f->dy, na, 7, 1.0f);
+    fill(f->p.shared.w1, s1, 8, 1.0f / sqrtf((float)s.d));
+    fill(f->p.shared.b1, sb1, 9, 0.1f);
+    fill(f->p.shared.w2, s2, 10, 1.0f / sqrtf((float)(o.Fs > 0 ? o.Fs : 1)));
+    fill(f->p.shared.b2, sb2, 11, 0.1f);
+    if (o.gate) fill(f->p.shared_gate, sg, 12, 1.0f / sqrtf((float)s.d));
+    if (o.bias) fill(f->p.expert_bias, (size_t)s.E, 13, 0.2f);
+}
+
+static void setup(fixture *f, shape s)
+{
+    const opts none = {0};
+    setup_opts(f, s, none);
 }
 
 static void teardown(fixture *f)
@@ -90,33 +133,51 @@ static void check_against_ref(fixture *f)
     const shape s = f->s;
     assert_int_equal(moe_layer_forward(f->L, f->y, f->x, &f->p, s.T, s.G, NULL), MOE_OK);
     const moe_route *r = moe_layer_route(f->L);
-    moe_router_config rc = {.n_experts = s.E, .top_k = s.k, .d_model = s.d, .kind = s.kind,
-                            .capacity_factor = s.cf, .normalize_topk = s.k > 1};
+    const moe_router_config rc = router_of(&s, &f->o);
+    const opts o = f->o;
     int Tg = s.T / s.G;
     float *w = calloc((size_t)Tg * s.E, sizeof(float));
     uint8_t *sel = calloc((size_t)Tg * s.E, 1), *kept = calloc((size_t)Tg * s.E, 1);
     int cnt[3][64];
     for (int g = 0; g < s.G; g++) {
-        moe_router_assign_ref(w, sel, kept, cnt[0], cnt[1], cnt[2], r->probs + (size_t)g * Tg * s.E, &rc, Tg);
+        moe_router_assign_ref(w, sel, kept, cnt[0], cnt[1], cnt[2], r->probs + (size_t)g * Tg * s.E, f->p.expert_bias,
+                              &rc, Tg);
         for (int i = 0; i < Tg * s.E; i++) {
             assert_int_equal(kept[i], r->kept[(size_t)g * Tg * s.E + i]);
             assert_int_equal(sel[i], r->selected[(size_t)g * Tg * s.E + i]);
             assert_float_equal(w[i], r->weight[(size_t)g * Tg * s.E + i], 1e-6);
         }
     }
-    float *yo = calloc((size_t)s.d, sizeof(float)), *h = calloc((size_t)f->F1, sizeof(float));
-    float *a = calloc((size_t)s.F, sizeof(float));
+    const int hw = f->F1 > f->F1s ? f->F1 : f->F1s;
+    float *yo = calloc((size_t)s.d, sizeof(float)), *h = calloc((size_t)hw, sizeof(float));
+    float *a = calloc((size_t)hw, sizeof(float));
     int off[2] = {0, 1};
     double maxerr = 0, maxabs = 0;
     for (int t = 0; t < s.T; t++) {
         double acc[512] = {0};
         for (int e = 0; e < s.E; e++) {
             if (!r->kept[(size_t)t * s.E + e]) continue;
-            moe_expert_params pe = {f->p.experts.w1 + (size_t)e * f->F1 * s.d, f->p.experts.b1 + (size_t)e * f->F1,
-                                    f->p.experts.w2 + (size_t)e * s.d * s.F, f->p.experts.b2 + (size_t)e * s.d};
+            moe_expert_params pe = {f->p.experts.w1 + (size_t)e * f->F1 * s.d,
+                                    o.nobias ? NULL : f->p.experts.b1 + (size_t)e * f->F1,
+                                    f->p.experts.w2 + (size_t)e * s.d * s.F,
+                                    o.nobias ? NULL : f->p.experts.b2 + (size_t)e * s.d};
             moe_expert_forward_ref(yo, h, a, f->x + (size_t)t * s.d, off, &pe, 1, s.d, s.F, s.act);
             for (int i = 0; i < s.d; i++) acc[i] += r->weight[(size_t)t * s.E + e] * yo[i];
         }
+        /* shared experts: gate_t * sum_j FFN_j(x_t), gate_t = sigmoid(w_sg . x_t) or 1 */
+        double gate = 1.0, sh[512] = {0};
+        if (o.gate) {
+            double z = 0;
+            for (int i = 0; i < s.d; i++) z += (double)f->p.shared_gate[i] * f->x[(size_t)t * s.d + i];
+            gate = 1.0 / (1.0 + exp(-z));
+        }
+        for (int j = 0; j < o.S; j++) {
+            moe_expert_params pe = {f->p.shared.w1 + (size_t)j * f->F1s * s.d, f->p.shared.b1 + (size_t)j * f->F1s,
+                                    f->p.shared.w2 + (size_t)j * s.d * o.Fs, f->p.shared.b2 + (size_t)j * s.d};
+            moe_expert_forward_ref(yo, h, a, f->x + (size_t)t * s.d, off, &pe, 1, s.d, o.Fs, s.act);
+            for (int i = 0; i < s.d; i++) sh[i] += yo[i];
+        }
+        for (int i = 0; i < s.d; i++) acc[i] += gate * sh[i];
         for (int i = 0; i < s.d; i++) {
             double err = fabs(acc[i] - f->y[(size_t)t * s.d + i]);
             maxerr = err > maxerr ? err : maxerr;
@@ -141,6 +202,23 @@ static void test_forward_matches_reference(void **state)
     for (size_t i = 0; i < sizeof shapes / sizeof shapes[0]; i++) {
         fixture f;
         setup(&f, shapes[i]);
+        check_against_ref(&f);
+        teardown(&f);
+    }
+    const struct {
+        shape s;
+        opts o;
+    } with_opts[] = {
+        /* sigmoid, scale, bias, 2 of 4 groups, 2 gated shared experts, no expert biases */
+        {{64, 2, 16, 24, 8, 2, MOE_ROUTER_TOKEN_CHOICE, 1.0, MOE_ACT_SWIGLU}, {MOE_SCORE_SIGMOID, 2.5, 1, 4, 2, 2, 20, 1, 1}},
+        /* softmax, one ungated shared expert, expert bias alone */
+        {{64, 4, 16, 24, 4, 2, MOE_ROUTER_TOKEN_CHOICE, 0.0, MOE_ACT_GELU}, {MOE_SCORE_SOFTMAX, 0.5, 1, 0, 0, 1, 24, 0, 0}},
+        /* expert choice with sigmoid scores and a gated shared expert */
+        {{64, 2, 16, 24, 8, 2, MOE_ROUTER_EXPERT_CHOICE, 2.0, MOE_ACT_RELU}, {MOE_SCORE_SIGMOID, 0.0, 0, 0, 0, 1, 16, 1, 0}},
+    };
+    for (size_t i = 0; i < sizeof with_opts / sizeof with_opts[0]; i++) {
+        fixture f;
+        setup_opts(&f, with_opts[i].s, with_opts[i].o);
         check_against_ref(&f);
         teardown(&f);
     }
@@ -191,10 +269,10 @@ static void fd_tensor(fixture *f, float *param, const float *grad, size_t n, dou
     free(masks);
 }
 
-static void fd_case(shape s, double a, double b, int with_y)
+static void fd_case_opts(shape s, opts o, double a, double b, int with_y)
 {
     fixture f;
-    setup(&f, s);
+    setup_opts(&f, s, o);
     if (!with_y) memset(f.dy, 0, sizeof(float) * (size_t)s.T * s.d);
     assert_int_equal(moe_layer_forward(f.L, f.y, f.x, &f.p, s.T, s.G, NULL), MOE_OK);
     assert_int_equal(moe_layer_backward(f.L, f.dx, &f.g, f.dy, f.x, &f.p, (float)a, (float)b), MOE_OK);
@@ -204,12 +282,25 @@ static void fd_case(shape s, double a, double b, int with_y)
     fd_tensor(&f, f.p.router_w, f.g.router_w, (size_t)s.E * s.d, a, b, "router_w");
     if (with_y) {
         fd_tensor(&f, f.p.experts.w1, f.g.experts.w1, (size_t)s.E * f.F1 * s.d, a, b, "w1");
-        fd_tensor(&f, f.p.experts.b1, f.g.experts.b1, (size_t)s.E * f.F1, a, b, "b1");
+        if (!o.nobias) fd_tensor(&f, f.p.experts.b1, f.g.experts.b1, (size_t)s.E * f.F1, a, b, "b1");
         fd_tensor(&f, f.p.experts.w2, f.g.experts.w2, (size_t)s.E * s.d * s.F, a, b, "w2");
-        fd_tensor(&f, f.p.experts.b2, f.g.experts.b2, (size_t)s.E * s.d, a, b, "b2");
+        if (!o.nobias) fd_tensor(&f, f.p.experts.b2, f.g.experts.b2, (size_t)s.E * s.d, a, b, "b2");
+    }
+    if (with_y && o.S) {
+        fd_tensor(&f, f.p.shared.w1, f.g.shared.w1, (size_t)o.S * f.F1s * s.d, a, b, "shared w1");
+        fd_tensor(&f, f.p.shared.b1, f.g.shared.b1, (size_t)o.S * f.F1s, a, b, "shared b1");
+        fd_tensor(&f, f.p.shared.w2, f.g.shared.w2, (size_t)o.S * s.d * o.Fs, a, b, "shared w2");
+        fd_tensor(&f, f.p.shared.b2, f.g.shared.b2, (size_t)o.S * s.d, a, b, "shared b2");
+        if (o.gate) fd_tensor(&f, f.p.shared_gate, f.g.shared_gate, (size_t)s.d, a, b, "shared gate");
     }
     free(gx);
     teardown(&f);
+}
+
+static void fd_case(shape s, double a, double b, int with_y)
+{
+    const opts none = {0};
+    fd_case_opts(s, none, a, b, with_y);
 }
 
 static void test_finite_differences(void **state)
@@ -223,6 +314,15 @@ static void test_finite_differences(void **state)
     fd_case(tc, 0.5, 0.5, 1);
     fd_case(ec, 0.0, 5.0, 0);
     fd_case(ec, 0.5, 0.5, 1);
+    /* section 8 options: sigmoid, scale, bias, groups, gated shared experts, no expert biases */
+    shape s8 = {32, 2, 8, 12, 8, 2, MOE_ROUTER_TOKEN_CHOICE, 0.0, MOE_ACT_SWIGLU};
+    const opts o8 = {MOE_SCORE_SIGMOID, 2.0, 1, 4, 2, 2, 10, 1, 1};
+    fd_case_opts(s8, o8, 0.0, 0.0, 1);
+    fd_case_opts(s8, o8, 5.0, 0.0, 0);
+    fd_case_opts(s8, o8, 0.5, 0.5, 1);
+    shape s1 = {32, 2, 8, 12, 4, 2, MOE_ROUTER_TOKEN_CHOICE, 1.0, MOE_ACT_GELU};
+    const opts ungated = {MOE_SCORE_SOFTMAX, 0.0, 0, 0, 0, 1, 12, 0, 0};
+    fd_case_opts(s1, ungated, 0.5, 0.5, 1);
 }
 
 static void test_idle_expert_has_zero_gradient(void **state)

@@ -60,7 +60,7 @@ static void test_descriptor(void **state)
     /* The /model attributes are the [model] keys, typed, and set back. */
     moe_model_attr at[MOE_MODEL_ATTRS_MAX];
     const int na = moe_train_config_model_attrs(&c, at, MOE_MODEL_ATTRS_MAX);
-    assert_int_equal(na, 20);
+    assert_int_equal(na, 38);
     moe_train_config back;
     memset(&back, 0, sizeof back);
     for (int i = 0; i < na; i++) assert_int_equal(moe_train_config_set_model_attr(&back, &at[i]), MOE_OK);

@@ -3,7 +3,13 @@
  * batch of token ids and 5 AdamW steps on it, and writes to an HDF5 file (serial
  * driver): the initial weights in the checkpoint /model layout with the
  * configuration as /model attributes, the batch, and the C results (logits,
- * loss, every gradient under /grad, the 5 step losses, expert step counts).
+ * loss, every gradient under /grad, the 5 step losses, expert step counts,
+ * and the expert bias after the steps).
+ *
+ * Variants: tc, ec, k1 (GPT-2 blocks, the three routers); arch1..arch3
+ * (every architecture and router option of docs/training.md between them:
+ * see config_for).
+ *
  * Variant vx has the vocabulary-expert head (M = 8, one expert no target
  * falls in, so it must stay idle); its rows are written by token id, and
  * it adds the head's input h and dL/dh, the per-position losses, the top-K
@@ -14,7 +20,7 @@
  * encoded with the gpt2 tokenizer (given as a file), with <|endoftext|>
  * (50256, the last row of wte) at two places.
  *
- * Usage: model_export OUT.h5 tc|ec|k1|vx | model_export OUT.h5 gpt2 GPT2_TOKENIZER */
+ * Usage: model_export OUT.h5 tc|ec|k1|arch1|arch2|arch3|vx | model_export OUT.h5 gpt2 GPT2_TOKENIZER */
 #include <hdf5.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -124,6 +130,63 @@ static void config_for(moe_train_config *c, const char *variant)
         c->capacity_factor = 0.0; /* dropless */
         c->activation = MOE_ACT_RELU;
         c->group_seqs = 4;
+    } else if (!strcmp(variant, "arch1")) {
+        /* Llama-style blocks: RMSNorm, RoPE, GQA with a head size that is
+         * not d/H, OLMoE's full-width q/k norm, no biases but on q, k, v,
+         * an untied head; a dense block without biases */
+        c->norm = MOE_NORM_RMSNORM;
+        c->pos = MOE_POS_ROPE;
+        c->rope_theta = 500.0;
+        c->n_heads = 4;
+        c->n_kv_heads = 2;
+        c->head_dim = 6;
+        c->qk_norm = MOE_QK_NORM_FULL;
+        c->linear_bias = 0;
+        c->attn_bias = 1;
+        c->tie_embeddings = 0;
+        c->activation = MOE_ACT_SWIGLU;
+        c->capacity_factor = 0.0; /* dropless */
+        c->normalize_topk = 0;
+    } else if (!strcmp(variant, "arch2")) {
+        /* DeepSeek-style routing: sigmoid scores normalised over the top-k,
+         * route_scale, an expert bias (updated after every step), experts in
+         * 2 groups of which each token keeps 1, the per-sequence balance
+         * loss over 2-sequence groups, 2 gated shared experts; Qwen3's
+         * per-head q/k norm; capacity 1 drops assignments */
+        c->norm = MOE_NORM_RMSNORM;
+        c->pos = MOE_POS_ROPE;
+        c->n_heads = 4;
+        c->n_kv_heads = 1;
+        c->qk_norm = MOE_QK_NORM_HEAD;
+        c->linear_bias = 0;
+        c->activation = MOE_ACT_SWIGLU;
+        c->score = MOE_SCORE_SIGMOID;
+        c->route_scale = 2.5;
+        c->expert_bias = 1;
+        c->bias_update_rate = 0.01;
+        c->n_groups = 2;
+        c->topk_groups = 1;
+        c->aux_loss = MOE_AUX_SEQ;
+        c->group_seqs = 2;
+        c->n_shared = 2;
+        c->d_ff_shared = 24;
+        c->shared_gate = 1;
+        c->capacity_factor = 1.0;
+        c->normalize_topk = 1;
+        c->moe_every = 1;
+    } else if (!strcmp(variant, "arch3")) {
+        /* LayerNorm with RoPE and multi-query attention, biases everywhere
+         * (experts and the shared expert too), an ungated shared expert,
+         * softmax with route_scale and no balance loss, gelu */
+        c->pos = MOE_POS_ROPE;
+        c->n_heads = 4;
+        c->n_kv_heads = 1;
+        c->route_scale = 0.5;
+        c->aux_loss = MOE_AUX_NONE;
+        c->n_shared = 1;
+        c->activation = MOE_ACT_GELU;
+        c->capacity_factor = 1.5;
+        c->normalize_topk = 1;
     } else if (!strcmp(variant, "vx")) {
         c->capacity_factor = 1.0;
         c->head = MOE_HEAD_VOCAB_EXPERTS;
@@ -172,7 +235,7 @@ int main(int argc, char **argv)
 {
     const int gpt2 = argc >= 3 && !strcmp(argv[2], "gpt2");
     if (argc != 3 + gpt2) {
-        fprintf(stderr, "usage: model_export OUT.h5 tc|ec|k1|vx | model_export OUT.h5 gpt2 GPT2_TOKENIZER\n");
+        fprintf(stderr, "usage: model_export OUT.h5 tc|ec|k1|arch1|arch2|arch3|vx | model_export OUT.h5 gpt2 GPT2_TOKENIZER\n");
         return 2;
     }
     moe_train_config cfg;
@@ -210,6 +273,21 @@ int main(int argc, char **argv)
     if (s) return fail("trainer", s);
     moe_model *m = moe_trainer_model(tr);
     const moe_tensor_table *tab = moe_model_tensors(m);
+    /* The options' tensors start at values that matter: biases and norm
+     * weights off their 0 / 1 init, a bias that changes the selection. */
+    for (int i = 0; i < tab->n; i++) {
+        const moe_tensor *t = &tab->t[i];
+        const int k = t->kind;
+        if (k == MOE_T_QNORM_W || k == MOE_T_KNORM_W || k == MOE_T_EXP_BIAS || k == MOE_T_SH_B1 || k == MOE_T_SH_B2 ||
+            (cfg.norm == MOE_NORM_RMSNORM && (k == MOE_T_LN1_W || k == MOE_T_LN2_W || k == MOE_T_LNF_W)) ||
+            (cfg.linear_bias == 0 && k == MOE_T_QKV_B)) {
+            float *p = moe_model_params(m) + t->offset;
+            const float base = k == MOE_T_EXP_BIAS || k == MOE_T_SH_B1 || k == MOE_T_SH_B2 || k == MOE_T_QKV_B ? 0.0f : 1.0f;
+            const float scale = k == MOE_T_EXP_BIAS ? 0.3f : 0.2f;
+            for (size_t j = 0; j < t->numel; j++)
+                p[j] = base + scale * (float)moe_rng_normal(11, MOE_RNG_BENCH, (uint32_t)j, (uint32_t)i, 0, 0);
+        }
+    }
     if (!strcmp(argv[2], "tc") || gpt2) {
         /* Idle expert 3 of block 0: ln_2 bias 1 makes sum(x) = C for every
          * token, so a constant router row of -100 gives it logit -100 C. */
@@ -235,6 +313,14 @@ int main(int argc, char **argv)
         {"lr", cfg.lr}, {"min_lr_frac", cfg.min_lr_frac}, {"warmup_steps", cfg.warmup_steps},
         {"steps", cfg.steps}, {"weight_decay", cfg.weight_decay}, {"grad_clip", cfg.grad_clip},
         {"beta1", cfg.beta1}, {"beta2", cfg.beta2}, {"adam_eps", cfg.adam_eps},
+        /* architecture and router options (enums as their index; derived defaults resolved) */
+        {"norm", cfg.norm}, {"pos", cfg.pos}, {"rope_theta", cfg.rope_theta},
+        {"n_kv_heads", moe_cfg_kv_heads(&cfg)}, {"head_dim", moe_cfg_head_dim(&cfg)}, {"qk_norm", cfg.qk_norm},
+        {"linear_bias", cfg.linear_bias}, {"attn_bias", moe_cfg_attn_bias(&cfg)},
+        {"tie_embeddings", cfg.tie_embeddings}, {"score", cfg.score}, {"route_scale", cfg.route_scale},
+        {"expert_bias", cfg.expert_bias}, {"bias_update_rate", cfg.bias_update_rate},
+        {"n_groups", cfg.n_groups}, {"topk_groups", moe_cfg_topk_groups(&cfg)}, {"aux_loss", cfg.aux_loss},
+        {"n_shared", cfg.n_shared}, {"d_ff_shared", moe_cfg_d_ff_shared(&cfg)}, {"shared_gate", cfg.shared_gate},
         {"vocab_experts", cfg.head == MOE_HEAD_VOCAB_EXPERTS ? cfg.vocab_experts : 0},
     };
     for (size_t i = 0; i < sizeof attrs / sizeof attrs[0]; i++) attr_d(g, attrs[i].k, attrs[i].v);
@@ -284,6 +370,13 @@ int main(int argc, char **argv)
     bad |= write_ds(f, "/out/step_losses", H5T_NATIVE_DOUBLE, losses, 1, (int64_t[]){N_STEPS});
     bad |= write_ds(f, "/out/expert_steps", H5T_NATIVE_INT64, moe_trainer_expert_steps(tr), 2,
                     (int64_t[]){moe_model_n_moe_layers(m), cfg.n_experts});
+    /* the expert bias after the steps (its updates follow the loads) */
+    for (int l = 0; cfg.expert_bias && l < cfg.n_layers; l++) {
+        const float *b = moe_model_param(m, MOE_T_EXP_BIAS, l);
+        char path[64];
+        snprintf(path, sizeof path, "/out/expert_bias/%d", l);
+        if (b) bad |= write_ds(f, path, H5T_NATIVE_FLOAT, b, 1, (int64_t[]){cfg.n_experts});
+    }
     if (cfg.head == MOE_HEAD_VOCAB_EXPERTS) {
         bad |= write_ds(f, "/out/vocab_steps", H5T_NATIVE_INT64, moe_trainer_vocab_steps(tr), 1,
                         (int64_t[]){cfg.vocab_experts});

@@ -9,6 +9,14 @@ specification and checks: logits, loss, every gradient (1e-4 relative to the
 tensor's largest entry), the losses of the first 5 AdamW steps (1e-4
 relative) and the per-expert update counts.
 
+The architecture options (docs/training.md; models.md and routing.md
+section 8) are written here from their definitions: RMSNorm, RoPE
+(rotate_half), grouped-query attention with any head size, q/k norms over a
+whole projection or per head, optional biases, an untied head, sigmoid
+scores, route_scale, the expert bias (selection only; updated after each
+step from the loads), group-limited routing, the per-sequence and no
+balance loss, and gated shared experts.
+
 Variant vx has the vocabulary-expert head (docs/vocab-experts.md: router
 q = softmax(W_r h + b_r), expert m's softmax over its own tokens, the exact
 loss -log q_{m*} - log p_{m*}(y), untied from wte), computed here from the
@@ -22,7 +30,7 @@ Variant gpt2 is tc at GPT-2's vocabulary (50257 ids, a batch of text encoded wit
 the gpt2 tokenizer given by --tokenizer): the same checks, the logits over 50257
 columns and the gradient of every row of the [50257, d] embedding included.
 
-Usage: model_ref.py --exe PATH/model_export --variant tc|ec|k1|vx [--out FILE]
+Usage: model_ref.py --exe PATH/model_export --variant tc|ec|k1|arch1|arch2|arch3|vx [--out FILE]
        model_ref.py --exe PATH/model_export --variant gpt2 --tokenizer gpt2.json [--out FILE]
 """
 import argparse
@@ -40,7 +48,9 @@ import torch.nn.functional as F
 torch.set_default_dtype(torch.float64)
 GELU, RELU, SWIGLU = 0, 1, 2
 FLOAT_KEYS = {"capacity_factor", "ln_eps", "aux_loss_coef", "z_loss_coef", "lr", "min_lr_frac",
-              "weight_decay", "grad_clip", "beta1", "beta2", "adam_eps"}
+              "weight_decay", "grad_clip", "beta1", "beta2", "adam_eps", "rope_theta", "route_scale",
+              "bias_update_rate"}
+RMSNORM, ROPE, QK_FULL, QK_HEAD, SIGMOID, AUX_SEQ, AUX_NONE = 1, 1, 1, 2, 1, 1, 2
 
 
 def ceil_tol(x):
@@ -54,6 +64,32 @@ def layernorm(x, w, b, eps):
     return (x - mu) / torch.sqrt(var + eps) * w + b
 
 
+def rmsnorm(x, w, eps):
+    return x / torch.sqrt((x * x).mean(-1, keepdim=True) + eps) * w
+
+
+def norm(x, P, name, cfg):
+    if cfg["norm"] == RMSNORM:
+        return rmsnorm(x, P[name + "/weight"], cfg["ln_eps"])
+    return layernorm(x, P[name + "/weight"], P[name + "/bias"], cfg["ln_eps"])
+
+
+def rope(x, theta):
+    """x (B, heads, T, D): Llama's rotate_half, element i with i + D/2 at
+    angle pos * theta^(-2i/D)."""
+    T, D = x.shape[-2], x.shape[-1]
+    ang = torch.arange(T, dtype=torch.float64)[:, None] * theta ** (-2.0 * torch.arange(D // 2) / D)
+    c, s = torch.cos(ang), torch.sin(ang)
+    a, b = x[..., :D // 2], x[..., D // 2:]
+    return torch.cat([a * c - b * s, b * c + a * s], -1)
+
+
+def lin(x, P, name):
+    """x W^T (+ b when the model has that bias)."""
+    y = x @ P[name + "/weight"].T
+    return y + P[name + "/bias"] if name + "/bias" in P else y
+
+
 def act(h, kind, d_ff):
     if kind == GELU:
         return F.gelu(h, approximate="tanh")
@@ -62,8 +98,41 @@ def act(h, kind, d_ff):
     return F.silu(h[..., :d_ff]) * h[..., d_ff:]
 
 
-def ffn(x, w1, b1, w2, b2, cfg):
-    return act(x @ w1.T + b1, cfg["activation"], cfg["d_ff"]) @ w2.T + b2
+def ffn(x, w1, b1, w2, b2, cfg, F=None):
+    h = x @ w1.T + (b1 if b1 is not None else 0)
+    return act(h, cfg["activation"], F or cfg["d_ff"]) @ w2.T + (b2 if b2 is not None else 0)
+
+
+def balance(sel, s, E, k, cfg):
+    """Load balance of one routing group: switch (section 5, s in place of p)
+    or seq (per sequence, s normalised per token, averaged), or none."""
+    if cfg["aux_loss"] == AUX_NONE:
+        return torch.zeros(())
+    if cfg["aux_loss"] != AUX_SEQ:
+        return E * (sel.sum(0) / (sel.shape[0] * k) * s.mean(0)).sum()
+    Q = cfg["group_seqs"]
+    Ts = sel.shape[0] // Q
+    sn = s / s.sum(-1, keepdim=True)
+    return torch.stack([E * (sel[q * Ts:(q + 1) * Ts].sum(0) / (Ts * k) * sn[q * Ts:(q + 1) * Ts].mean(0)).sum()
+                        for q in range(Q)]).mean()
+
+
+def ranking(sd, b, cfg):
+    """What token choice ranks: s + b, -inf outside each token's kept groups
+    (a group's score is the sum of its two largest s + b; the topk_groups
+    best kept, ties to the lower index)."""
+    v = sd + (b if b is not None else 0)
+    G, M = cfg["n_groups"], cfg["topk_groups"]
+    if M >= G:
+        return v
+    gs = v.shape[1] // G
+    grouped = v.view(-1, G, gs)
+    top = torch.sort(grouped, dim=-1, descending=True).values
+    gscore = top[..., 0] + (top[..., 1] if gs > 1 else 0)
+    keep = torch.zeros_like(gscore, dtype=torch.bool)
+    order = torch.sort(gscore, dim=-1, descending=True, stable=True).indices[:, :M]
+    keep[torch.arange(v.shape[0])[:, None], order] = True
+    return torch.where(keep[..., None], grouped, torch.tensor(float("-inf"))).view_as(v)
 
 
 def moe(x, P, l, cfg, stats):
@@ -72,12 +141,17 @@ def moe(x, P, l, cfg, stats):
     Tg = cfg["group_seqs"] * cfg["T"]
     pre = f"h/{l}/moe/"
     wg = P[pre + "router/weight"]
+    bias = P.get(pre + "router/expert_bias")
+    bias = bias.detach() if bias is not None else None
+    scale = cfg["route_scale"]
+    get = lambda n, e: P[pre + n][e] if pre + n in P else None
     out, lbs, zs = [], [], []
     kept_count = torch.zeros(E, dtype=torch.int64)
+    sel_count = torch.zeros(E, dtype=torch.int64)
     for g0 in range(0, x.shape[0], Tg):
         xg = x[g0:g0 + Tg]
         logits = xg @ wg.T
-        prob = torch.softmax(logits, -1)
+        prob = torch.sigmoid(logits) if cfg["score"] == SIGMOID else torch.softmax(logits, -1)
         zs.append((torch.logsumexp(logits, -1) ** 2).mean())
         pd = prob.detach()
         kept = torch.zeros(Tg, E)
@@ -86,10 +160,11 @@ def moe(x, P, l, cfg, stats):
             for e in range(E):
                 idx = torch.sort(pd[:, e], descending=True, stable=True).indices[:C]
                 kept[idx, e] = 1
-            w = prob * kept
+            w = prob * kept * scale
             lbs.append(torch.zeros(()))
+            sel = kept
         else:
-            order = torch.sort(pd, dim=1, descending=True, stable=True).indices[:, :k]
+            order = torch.sort(ranking(pd, bias, cfg), dim=1, descending=True, stable=True).indices[:, :k]
             sel = torch.zeros(Tg, E)
             sel[torch.arange(Tg)[:, None], order] = 1
             cf = cfg["capacity_factor"]
@@ -104,23 +179,57 @@ def moe(x, P, l, cfg, stats):
             w = prob * sel
             if cfg["normalize_topk"] and k > 1:
                 w = w / w.sum(-1, keepdim=True)
-            w = w * kept
-            f = sel.sum(0) / (Tg * k)
-            lbs.append(E * (f * prob.mean(0)).sum())
+            w = w * kept * scale
+            lbs.append(balance(sel, prob, E, k, cfg))
         kept_count += kept.sum(0).to(torch.int64)
+        sel_count += sel.sum(0).to(torch.int64)
         y = torch.zeros_like(xg)
         for e in range(E):
             rows = kept[:, e].nonzero().flatten()
             if len(rows) == 0:
                 continue
-            fe = ffn(xg[rows], P[pre + "experts/w1"][e], P[pre + "experts/b1"][e],
-                     P[pre + "experts/w2"][e], P[pre + "experts/b2"][e], cfg)
+            fe = ffn(xg[rows], P[pre + "experts/w1"][e], get("experts/b1", e),
+                     P[pre + "experts/w2"][e], get("experts/b2", e), cfg)
             y = y.index_add(0, rows, w[rows, e:e + 1] * fe)
+        if cfg["n_shared"]:
+            sh = sum(ffn(xg, P[pre + "shared/w1"][j], get("shared/b1", j), P[pre + "shared/w2"][j],
+                         get("shared/b2", j), cfg, cfg["d_ff_shared"]) for j in range(cfg["n_shared"]))
+            if cfg["shared_gate"]:
+                sh = sh * torch.sigmoid(xg @ P[pre + "shared/gate"].T)
+            y = y + sh
         out.append(y)
     stats["lb"] += lbs
     stats["z"] += zs
     stats["kept"].append(kept_count)
+    stats["selected"].append(sel_count)
     return torch.cat(out)
+
+
+def attention(h, P, l, cfg, B, T):
+    """Causal attention with NKV kv heads of head_dim D (q head i reads kv
+    head i // (H/NKV)), q/k norms before RoPE."""
+    H, NKV, D = cfg["n_heads"], cfg["n_kv_heads"], cfg["head_dim"]
+    p = f"h/{l}/attn/"
+    qkv = lin(h, P, p + "c_attn")
+    q, k, v = qkv.split([H * D, NKV * D, NKV * D], -1)
+    if cfg["qk_norm"] == QK_FULL:
+        q = rmsnorm(q, P[p + "q_norm/weight"], cfg["ln_eps"])
+        k = rmsnorm(k, P[p + "k_norm/weight"], cfg["ln_eps"])
+    q = q.view(B, T, H, D).transpose(1, 2)
+    k = k.view(B, T, NKV, D).transpose(1, 2)
+    v = v.view(B, T, NKV, D).transpose(1, 2)
+    if cfg["qk_norm"] == QK_HEAD:
+        q = rmsnorm(q, P[p + "q_norm/weight"], cfg["ln_eps"])
+        k = rmsnorm(k, P[p + "k_norm/weight"], cfg["ln_eps"])
+    if cfg["pos"] == ROPE:
+        q, k = rope(q, cfg["rope_theta"]), rope(k, cfg["rope_theta"])
+    k = torch.repeat_interleave(k, H // NKV, dim=1)
+    v = torch.repeat_interleave(v, H // NKV, dim=1)
+    mask = torch.tril(torch.ones(T, T, dtype=torch.bool))
+    att = (q @ k.transpose(-1, -2)) / math.sqrt(D)
+    att = torch.softmax(att.masked_fill(~mask, float("-inf")), -1)
+    y = (att @ v).transpose(1, 2).reshape(B, T, H * D)
+    return lin(y, P, p + "c_proj")
 
 
 def vocab_logp(h, P, assign, M):
@@ -144,29 +253,20 @@ def topk_dist(h, P, assign, M, K):
 
 def forward(P, inp, tgt, cfg):
     B, T = inp.shape
-    d, NH = cfg["d_model"], cfg["n_heads"]
-    hs = d // NH
-    eps = cfg["ln_eps"]
-    x = P["wte"][inp] + P["wpe"][:T]
-    stats = {"lb": [], "z": [], "kept": []}
-    mask = torch.tril(torch.ones(T, T, dtype=torch.bool))
+    d = cfg["d_model"]
+    x = P["wte"][inp] + (P["wpe"][:T] if cfg["pos"] != ROPE else 0)
+    stats = {"lb": [], "z": [], "kept": [], "selected": []}
     for l in range(cfg["n_layers"]):
-        p = lambda n: P[f"h/{l}/{n}"]
-        h = layernorm(x, p("ln_1/weight"), p("ln_1/bias"), eps)
-        q, k, v = (h @ p("attn/c_attn/weight").T + p("attn/c_attn/bias")).split(d, -1)
-        q, k, v = (t.view(B, T, NH, hs).transpose(1, 2) for t in (q, k, v))
-        att = (q @ k.transpose(-1, -2)) / math.sqrt(hs)
-        att = torch.softmax(att.masked_fill(~mask, float("-inf")), -1)
-        y = (att @ v).transpose(1, 2).reshape(B, T, d)
-        x = x + y @ p("attn/c_proj/weight").T + p("attn/c_proj/bias")
-        h = layernorm(x, p("ln_2/weight"), p("ln_2/bias"), eps)
+        p = lambda n: P.get(f"h/{l}/{n}")
+        x = x + attention(norm(x, P, f"h/{l}/ln_1", cfg), P, l, cfg, B, T)
+        h = norm(x, P, f"h/{l}/ln_2", cfg)
         if l % cfg["moe_every"] == 0:
             y = moe(h.reshape(B * T, d), P, l, cfg, stats).view(B, T, d)
         else:
             y = ffn(h, p("mlp/c_fc/weight"), p("mlp/c_fc/bias"), p("mlp/c_proj/weight"),
                     p("mlp/c_proj/bias"), cfg)
         x = x + y
-    x = layernorm(x, P["ln_f/weight"], P["ln_f/bias"], eps)
+    x = norm(x, P, "ln_f", cfg)
     stats["h"] = x
     if cfg.get("vocab_experts", 0):
         logp, _ = vocab_logp(x.view(B * T, d), P, cfg["assign"], cfg["vocab_experts"])
@@ -174,7 +274,7 @@ def forward(P, inp, tgt, cfg):
         stats["vocab_targets"] = torch.bincount(cfg["assign"][tgt.reshape(-1)], minlength=cfg["vocab_experts"])
         logits, ce = None, stats["losses"].mean()
     else:
-        logits = x @ P["wte"].T
+        logits = x @ (P["wte"] if cfg["tie_embeddings"] else P["lm_head/weight"]).T
         stats["losses"] = F.cross_entropy(logits.view(-1, logits.shape[-1]), tgt.reshape(-1),
                                           reduction="none").view(B, T)
         ce = stats["losses"].mean()
@@ -186,7 +286,14 @@ def forward(P, inp, tgt, cfg):
 
 
 def decays(name, t):
-    return t.dim() >= 2 and not name.endswith(("experts/b1", "experts/b2"))
+    return t.dim() >= 2 and not name.endswith(("/b1", "/b2"))
+
+
+BUFFERS = ("router/expert_bias",)  # checkpointed, not trained by gradient
+
+
+def is_buffer(name):
+    return name.endswith(BUFFERS)
 
 
 def lr_at(cfg, step):
@@ -201,7 +308,7 @@ def lr_at(cfg, step):
 def train(P, inp, tgt, cfg, n_steps):
     """AdamW with global-norm clipping; an expert with no kept assignment is
     not touched and its own step counter does not advance."""
-    P = {n: t.detach().clone().requires_grad_(True) for n, t in P.items()}
+    P = {n: t.detach().clone().requires_grad_(not is_buffer(n)) for n, t in P.items()}
     m = {n: torch.zeros_like(t) for n, t in P.items()}
     v = {n: torch.zeros_like(t) for n, t in P.items()}
     moe_blocks = [l for l in range(cfg["n_layers"]) if l % cfg["moe_every"] == 0]
@@ -216,13 +323,19 @@ def train(P, inp, tgt, cfg, n_steps):
         _, _, loss, stats = forward(P, inp, tgt, cfg)
         loss.backward()
         losses.append(loss.item())
-        norm = math.sqrt(sum(float((t.grad ** 2).sum()) for t in P.values()))
-        scale = cfg["grad_clip"] / norm if cfg["grad_clip"] > 0 and norm > cfg["grad_clip"] else 1.0
+        gnorm = math.sqrt(sum(float((t.grad ** 2).sum()) for n, t in P.items() if not is_buffer(n)))
+        scale = cfg["grad_clip"] / gnorm if cfg["grad_clip"] > 0 and gnorm > cfg["grad_clip"] else 1.0
         lr = lr_at(cfg, step)
         active = {l: stats["kept"][i] > 0 for i, l in enumerate(moe_blocks)}
         vactive = stats["vocab_targets"] > 0 if M else None
         with torch.no_grad():
             for n, p in P.items():
+                if is_buffer(n):
+                    # expert bias: b_e += rate * sign(mean load - load_e), loads = selections before drops
+                    li = moe_blocks.index(int(n.split("/")[1]))
+                    cnt = stats["selected"][li].to(torch.float64)
+                    p += cfg["bias_update_rate"] * torch.sign(cnt.mean() - cnt)
+                    continue
                 g = p.grad * scale
                 upd = torch.ones(p.shape[0], dtype=torch.bool)
                 t = torch.full((p.shape[0],), step + 1, dtype=torch.float64)
@@ -247,7 +360,7 @@ def train(P, inp, tgt, cfg, n_steps):
                 esteps[l] += active[l].to(torch.int64)
             if M:
                 vsteps += vactive.to(torch.int64)
-    return losses, torch.stack([esteps[l] for l in moe_blocks]), vsteps
+    return losses, torch.stack([esteps[l] for l in moe_blocks]), vsteps, P
 
 
 def rel(a, b):
@@ -285,7 +398,7 @@ def main():
         if M:  # the partition is an integer buffer, not a parameter
             names.remove("vocab_head/assign")
             cfg["assign"] = torch.tensor(f["model/vocab_head/assign"][()], dtype=torch.int64)
-        P = {n: torch.tensor(f["model"][n][()], dtype=torch.float64, requires_grad=True) for n in names}
+        P = {n: torch.tensor(f["model"][n][()], dtype=torch.float64, requires_grad=not is_buffer(n)) for n in names}
         inp = torch.tensor(f["batch/inputs"][()], dtype=torch.int64)
         tgt = torch.tensor(f["batch/targets"][()], dtype=torch.int64)
         if a.variant == "gpt2":
@@ -313,15 +426,22 @@ def main():
         if sorted(grads) != sorted(names):
             failures.append(f"gradient names {sorted(set(grads) ^ set(names))} differ from the weights")
         for n in names:
+            if is_buffer(n):  # no gradient: C's must be exactly zero
+                if np.any(f["grad"][n][()] != 0):
+                    failures.append(f"grad {n}: a buffer has a non-zero gradient")
+                continue
             ref = P[n].grad.numpy()
             if not np.any(ref):  # an idle expert's gradient must be exactly zero in C too
                 if np.any(f["grad"][n][()] != 0):
                     failures.append(f"grad {n}: reference is zero, C is not")
                 continue
             check(f"grad {n}", rel(f["grad"][n][()], ref))
-        losses, esteps, vsteps = train({n: t.detach() for n, t in P.items()}, inp, tgt, cfg,
-                                       len(f["out/step_losses"]))
+        losses, esteps, vsteps, Pn = train({n: t.detach() for n, t in P.items()}, inp, tgt, cfg,
+                                           len(f["out/step_losses"]))
         check("step losses", rel(f["out/step_losses"][()], losses))
+        if "out/expert_bias" in f:
+            for l, ds in f["out/expert_bias"].items():
+                check(f"expert_bias {l}", rel(ds[()], Pn[f"h/{l}/moe/router/expert_bias"].detach().numpy()), 1e-6)
         if not np.array_equal(f["out/expert_steps"][()], esteps.numpy()):
             failures.append(f"expert steps C {f['out/expert_steps'][()].tolist()} != ref {esteps.tolist()}")
         if M:

@@ -1,5 +1,6 @@
-/* Dense model layers: the GEMM kernels against their naive references, and
- * layernorm, attention and cross-entropy backward against central finite
+/* Dense model layers: the GEMM, RMSNorm, RoPE and (grouped-query) attention
+ * kernels against their naive references, and
+ * layernorm, RMSNorm, attention and cross-entropy backward against central finite
  * differences of L = sum(out * R) with double accumulation. A dropped term
  * in any backward gives a relative error of order 0.1..1, far above the
  * 2e-3 tolerance; float round-off of the differences stays below ~1e-4. */
@@ -160,6 +161,17 @@ static void test_threads_bitwise(void **state)
         memset(dbias[k], 0, sizeof dbias[k]);
         moe_model_layernorm_forward(out[k], mean[k], rstd[k], x, w, b, N, C, 1e-5f);
         moe_model_layernorm_backward(dx[k], dw[k], db[k], dy, x, w, mean[k], rstd[k], N, C);
+        /* RMSNorm into the (otherwise unused here) res/db buffers' twins: rows and columns split alike */
+        static float rout[2][N * C], rr[2][N], rdx[2][N * C], rdw[2][C];
+        memset(rdx[k], 0, sizeof rdx[k]);
+        memset(rdw[k], 0, sizeof rdw[k]);
+        moe_model_rmsnorm_forward(rout[k], rr[k], x, w, N, 1, C, C, 1e-5f);
+        moe_model_rmsnorm_backward(rdx[k], rdw[k], dy, x, w, rr[k], N, 1, C, C);
+        if (k) {
+            assert_memory_equal(rout[0], rout[1], sizeof rout[0]);
+            assert_memory_equal(rdx[0], rdx[1], sizeof rdx[0]);
+            assert_memory_equal(rdw[0], rdw[1], sizeof rdw[0]);
+        }
         moe_model_residual_forward(res[k], x, dy, (long)N * C);
         moe_model_crossentropy_forward(losses[k], probs[k], logits, tg, N, V);
         moe_model_crossentropy_backward(dl[k], probs[k], tg, 0.5f, N, V);
@@ -198,8 +210,8 @@ static double att_loss(void *vctx)
 {
     att_ctx *c = vctx;
     float out[AB * AT * AC], att[AB * ANH * AT * AT];
-    if (c->ref) moe_model_attention_forward_ref(out, att, c->qkv, AB, AT, AC, ANH);
-    else moe_model_attention_forward(out, att, c->qkv, AB, AT, AC, ANH);
+    if (c->ref) moe_model_attention_forward_ref(out, att, c->qkv, AB, AT, ANH, ANH, AC / ANH);
+    else moe_model_attention_forward(out, att, c->qkv, AB, AT, ANH, ANH, AC / ANH);
     return dot(out, c->r, AB * AT * AC);
 }
 
@@ -210,8 +222,8 @@ static void test_attention(void **state)
     fill(c.qkv, AB * AT * 3 * AC, 20, 1.0f);
     fill(c.r, AB * AT * AC, 21, 1.0f);
     float o1[AB * AT * AC], o2[AB * AT * AC], a1[AB * ANH * AT * AT], a2[AB * ANH * AT * AT];
-    moe_model_attention_forward(o1, a1, c.qkv, AB, AT, AC, ANH);
-    moe_model_attention_forward_ref(o2, a2, c.qkv, AB, AT, AC, ANH);
+    moe_model_attention_forward(o1, a1, c.qkv, AB, AT, ANH, ANH, AC / ANH);
+    moe_model_attention_forward_ref(o2, a2, c.qkv, AB, AT, ANH, ANH, AC / ANH);
     assert_true(rel_err(o1, o2, AB * AT * AC) < 1e-5);
     assert_true(rel_err(a1, a2, AB * ANH * AT * AT) < 1e-5);
     /* causal: probabilities above the diagonal are exactly 0, rows sum to 1 */
@@ -225,8 +237,8 @@ static void test_attention(void **state)
         assert_true(fabs(s - 1.0) < 1e-5);
     }
     float d1[AB * AT * 3 * AC] = {0}, d2[AB * AT * 3 * AC] = {0}, scratch[MOE_PAR_MAX_THREADS * AT * AT];
-    moe_model_attention_backward(d1, scratch, MOE_PAR_MAX_THREADS, c.r, c.qkv, a1, AB, AT, AC, ANH);
-    moe_model_attention_backward_ref(d2, scratch, c.r, c.qkv, a2, AB, AT, AC, ANH);
+    moe_model_attention_backward(d1, scratch, MOE_PAR_MAX_THREADS, c.r, c.qkv, a1, AB, AT, ANH, ANH, AC / ANH);
+    moe_model_attention_backward_ref(d2, scratch, c.r, c.qkv, a2, AB, AT, ANH, ANH, AC / ANH);
     assert_true(rel_err(d1, d2, AB * AT * 3 * AC) < 1e-5);
     float fd[AB * AT * 3 * AC];
     finite_diff(fd, c.qkv, AB * AT * 3 * AC, 1e-2f, att_loss, &c);
@@ -237,7 +249,7 @@ static void test_attention(void **state)
     /* the future does not leak: out at t = 0 ignores k, v of t >= 1 */
     float d0[AB * AT * 3 * AC] = {0}, r0[AB * AT * AC] = {0};
     for (int i = 0; i < AC; i++) r0[i] = 1.0f; /* only (b = 0, t = 0) */
-    moe_model_attention_backward(d0, scratch, MOE_PAR_MAX_THREADS, r0, c.qkv, a1, AB, AT, AC, ANH);
+    moe_model_attention_backward(d0, scratch, MOE_PAR_MAX_THREADS, r0, c.qkv, a1, AB, AT, ANH, ANH, AC / ANH);
     for (int t = 1; t < AT; t++)
         for (int i = 0; i < 3 * AC; i++) assert_true(d0[t * 3 * AC + i] == 0.0f);
 }
@@ -259,26 +271,196 @@ static void test_attention_long(void **state)
         fill(r, (size_t)B * T * C, 50 + li, 1.0f);
         /* stale values where the kernel must write zeros */
         for (size_t i = 0; i < sizeof a1 / sizeof a1[0]; i++) a1[i] = 7.0f;
-        moe_model_attention_forward(o1, a1, qkv, B, T, C, NH);
-        moe_model_attention_forward_ref(o2, a2, qkv, B, T, C, NH);
+        moe_model_attention_forward(o1, a1, qkv, B, T, NH, NH, C / NH);
+        moe_model_attention_forward_ref(o2, a2, qkv, B, T, NH, NH, C / NH);
         assert_true(rel_err(o1, o2, (size_t)B * T * C) < 1e-5);
         assert_true(rel_err(a1, a2, (size_t)B * NH * T * T) < 1e-5);
         for (int row = 0; row < B * NH * T; row++)
             for (int j = row % T + 1; j < T; j++) assert_true(a1[(size_t)row * T + j] == 0.0f);
         memset(d1, 0, sizeof d1);
         memset(d2, 0, sizeof d2);
-        moe_model_attention_backward(d1, scratch, MOE_PAR_MAX_THREADS, r, qkv, a1, B, T, C, NH);
-        moe_model_attention_backward_ref(d2, scratch, r, qkv, a2, B, T, C, NH);
+        moe_model_attention_backward(d1, scratch, MOE_PAR_MAX_THREADS, r, qkv, a1, B, T, NH, NH, C / NH);
+        moe_model_attention_backward_ref(d2, scratch, r, qkv, a2, B, T, NH, NH, C / NH);
         assert_true(rel_err(d1, d2, (size_t)B * T * 3 * C) < 1e-5);
         /* the (sequence, head) pairs split over 1, 2 and 3 threads: bitwise the same */
         const int threads0 = openblas_get_num_threads();
         for (int nt = 1; nt <= 3; nt++) {
             openblas_set_num_threads(nt);
             memset(d2, 0, sizeof d2);
-            moe_model_attention_forward(o2, a2, qkv, B, T, C, NH);
-            moe_model_attention_backward(d2, scratch, MOE_PAR_MAX_THREADS, r, qkv, a2, B, T, C, NH);
+            moe_model_attention_forward(o2, a2, qkv, B, T, NH, NH, C / NH);
+            moe_model_attention_backward(d2, scratch, MOE_PAR_MAX_THREADS, r, qkv, a2, B, T, NH, NH, C / NH);
             assert_memory_equal(o1, o2, (size_t)B * T * C * sizeof(float));
             assert_memory_equal(d1, d2, (size_t)B * T * 3 * C * sizeof(float));
+        }
+        openblas_set_num_threads(threads0);
+    }
+}
+
+/* ---- RMSNorm (the model's norms, and the q/k norms inside c_attn rows) ---- */
+enum { RN = 5, RG = 3, RC = 12, RSTRIDE = 2 * RG * RC + 7 };
+typedef struct {
+    float x[RN * RSTRIDE], w[RC], r[RN * RSTRIDE];
+    int G, ref;
+} rms_ctx;
+
+/* L = sum(out * r) over the groups only (the rest of each row is not the norm's) */
+static double rms_loss(void *vctx)
+{
+    rms_ctx *c = vctx;
+    float out[RN * RSTRIDE] = {0}, rstd[RN * RG];
+    if (c->ref) moe_model_rmsnorm_forward_ref(out, rstd, c->x, c->w, RN, c->G, RC, RSTRIDE, 1e-5f);
+    else moe_model_rmsnorm_forward(out, rstd, c->x, c->w, RN, c->G, RC, RSTRIDE, 1e-5f);
+    return dot(out, c->r, RN * RSTRIDE);
+}
+
+static void test_rmsnorm(void **state)
+{
+    (void)state;
+    for (int G = 1; G <= RG; G += RG - 1) { /* one group per row, and RG heads of RC */
+        rms_ctx c = {.G = G};
+        fill(c.x, RN * RSTRIDE, 70, 1.0f);
+        for (int i = 0; i < RN * RSTRIDE; i++) c.x[i] += 2.0f; /* RMSNorm does not subtract a mean */
+        fill(c.w, RC, 71, 1.0f);
+        fill(c.r, RN * RSTRIDE, 72, 1.0f);
+        float o1[RN * RSTRIDE] = {0}, o2[RN * RSTRIDE] = {0}, r1[RN * RG], r2[RN * RG];
+        moe_model_rmsnorm_forward(o1, r1, c.x, c.w, RN, G, RC, RSTRIDE, 1e-5f);
+        moe_model_rmsnorm_forward_ref(o2, r2, c.x, c.w, RN, G, RC, RSTRIDE, 1e-5f);
+        assert_true(rel_err(o1, o2, RN * RSTRIDE) < 1e-6);
+        assert_true(rel_err(r1, r2, (size_t)RN * G) < 1e-6);
+        /* the definition: row 2, group G-1 = x / rms(x) * w */
+        const float *x = c.x + 2 * RSTRIDE + (G - 1) * RC;
+        double ss = 0;
+        for (int i = 0; i < RC; i++) ss += (double)x[i] * x[i];
+        for (int i = 0; i < RC; i++)
+            assert_true(fabs(o1[2 * RSTRIDE + (G - 1) * RC + i] - x[i] / sqrt(ss / RC + 1e-5) * c.w[i]) < 1e-5);
+        /* outside the groups nothing is written */
+        for (int n = 0; n < RN; n++)
+            for (int i = G * RC; i < RSTRIDE; i++) assert_true(o1[n * RSTRIDE + i] == 0.0f);
+        float dx1[RN * RSTRIDE] = {0}, dx2[RN * RSTRIDE] = {0}, dw1[RC] = {0}, dw2[RC] = {0};
+        moe_model_rmsnorm_backward(dx1, dw1, c.r, c.x, c.w, r1, RN, G, RC, RSTRIDE);
+        moe_model_rmsnorm_backward_ref(dx2, dw2, c.r, c.x, c.w, r2, RN, G, RC, RSTRIDE);
+        assert_true(rel_err(dx1, dx2, RN * RSTRIDE) < 1e-5);
+        assert_true(rel_err(dw1, dw2, RC) < 1e-5);
+        float fx[RN * RSTRIDE], fw[RC];
+        for (int ref = 0; ref < 2; ref++) {
+            c.ref = ref;
+            finite_diff(fx, c.x, RN * RSTRIDE, 1e-2f, rms_loss, &c);
+            finite_diff(fw, c.w, RC, 1e-2f, rms_loss, &c);
+            assert_true(rel_err(ref ? dx2 : dx1, fx, RN * RSTRIDE) < 2e-3);
+            assert_true(rel_err(ref ? dw2 : dw1, fw, RC) < 2e-3);
+        }
+    }
+}
+
+/* ---- rotary positions ---- */
+static void test_rope(void **state)
+{
+    (void)state;
+    enum { N = 10, T = 5, NH = 3, D = 8, STRIDE = NH * D + 4, HALF = D / 2 };
+    const double theta = 500.0;
+    float cs[T * HALF], sn[T * HALF], x[N * STRIDE], y1[N * STRIDE], y2[N * STRIDE];
+    moe_model_rope_table(cs, sn, T, D, theta);
+    fill(x, N * STRIDE, 80, 1.0f);
+    memcpy(y1, x, sizeof x);
+    memcpy(y2, x, sizeof x);
+    moe_model_rope_forward(y1, cs, sn, NULL, N, T, NH, D, STRIDE);
+    moe_model_rope_forward_ref(y2, NULL, N, T, NH, D, STRIDE, theta);
+    assert_true(rel_err(y1, y2, N * STRIDE) < 1e-6);
+    /* definition: row 7 (position 2), head 1, element 3 pairs with 3 + D/2 */
+    const double ang = 2 * pow(theta, -2.0 * 3 / D);
+    const float *a = x + 7 * STRIDE + D;
+    assert_true(fabs(y1[7 * STRIDE + D + 3] - (a[3] * cos(ang) - a[3 + HALF] * sin(ang))) < 1e-5);
+    assert_true(fabs(y1[7 * STRIDE + D + 3 + HALF] - (a[3 + HALF] * cos(ang) + a[3] * sin(ang))) < 1e-5);
+    /* position 0 is the identity; the tail of each row is untouched */
+    assert_memory_equal(y1, x, sizeof(float) * NH * D);
+    for (int n = 0; n < N; n++) assert_memory_equal(y1 + n * STRIDE + NH * D, x + n * STRIDE + NH * D, 4 * sizeof(float));
+    /* explicit positions equal the implicit n % T ones */
+    int pos[N];
+    for (int n = 0; n < N; n++) pos[n] = n % T;
+    memcpy(y2, x, sizeof x);
+    moe_model_rope_forward(y2, cs, sn, pos, N, T, NH, D, STRIDE);
+    assert_memory_equal(y1, y2, sizeof y1);
+    /* a rotation: q.k depends on the relative position only */
+    float q[2 * D], k[2 * D];
+    fill(q, D, 81, 1.0f);
+    fill(k, D, 82, 1.0f);
+    double dots[3];
+    const int pq[3][2] = {{3, 1}, {4, 2}, {2, 0}};
+    for (int i = 0; i < 3; i++) {
+        float qq[D], kk[D];
+        memcpy(qq, q, sizeof qq);
+        memcpy(kk, k, sizeof kk);
+        moe_model_rope_forward(qq, cs, sn, &pq[i][0], 1, T, 1, D, D);
+        moe_model_rope_forward(kk, cs, sn, &pq[i][1], 1, T, 1, D, D);
+        dots[i] = dot(qq, kk, D);
+    }
+    assert_true(fabs(dots[0] - dots[1]) < 1e-5 && fabs(dots[0] - dots[2]) < 1e-5);
+    /* the backward is the transpose: <R x, g> = <x, R^T g> */
+    float g[N * STRIDE], gb[N * STRIDE];
+    fill(g, N * STRIDE, 83, 1.0f);
+    memcpy(gb, g, sizeof g);
+    moe_model_rope_backward(gb, cs, sn, NULL, N, T, NH, D, STRIDE);
+    assert_true(fabs(dot(y1, g, N * STRIDE) - dot(x, gb, N * STRIDE)) < 1e-4);
+}
+
+/* ---- grouped-query attention ---- */
+enum { GB = 2, GT = 6, GNH = 4, GNKV = 2, GHD = 3, GQKV = (GNH + 2 * GNKV) * GHD, GA = GNH * GHD };
+typedef struct {
+    float qkv[GB * GT * GQKV], r[GB * GT * GA];
+    int nkv, ref;
+} gqa_ctx;
+
+static double gqa_loss(void *vctx)
+{
+    gqa_ctx *c = vctx;
+    float out[GB * GT * GA], att[GB * GNH * GT * GT];
+    if (c->ref) moe_model_attention_forward_ref(out, att, c->qkv, GB, GT, GNH, c->nkv, GHD);
+    else moe_model_attention_forward(out, att, c->qkv, GB, GT, GNH, c->nkv, GHD);
+    return dot(out, c->r, GB * GT * GA);
+}
+
+static void test_attention_gqa(void **state)
+{
+    (void)state;
+    for (int nkv = 1; nkv <= GNKV; nkv++) { /* multi-query, and 2 query heads per kv head */
+        const int qkv = (GNH + 2 * nkv) * GHD;
+        gqa_ctx c = {.nkv = nkv};
+        fill(c.qkv, GB * GT * qkv, 90 + nkv, 1.0f);
+        fill(c.r, GB * GT * GA, 92, 1.0f);
+        float o1[GB * GT * GA], o2[GB * GT * GA], a1[GB * GNH * GT * GT], a2[GB * GNH * GT * GT];
+        moe_model_attention_forward(o1, a1, c.qkv, GB, GT, GNH, nkv, GHD);
+        moe_model_attention_forward_ref(o2, a2, c.qkv, GB, GT, GNH, nkv, GHD);
+        assert_true(rel_err(o1, o2, GB * GT * GA) < 1e-5);
+        /* the same as multi-head attention over k, v repeated for each query head */
+        static float full[GB * GT * 3 * GA], o3[GB * GT * GA], a3[GB * GNH * GT * GT];
+        for (int n = 0; n < GB * GT; n++)
+            for (int h = 0; h < GNH; h++)
+                for (int i = 0; i < GHD; i++) {
+                    const float *row = c.qkv + (size_t)n * qkv;
+                    const int kvh = h / (GNH / nkv);
+                    full[(size_t)n * 3 * GA + h * GHD + i] = row[h * GHD + i];
+                    full[(size_t)n * 3 * GA + GA + h * GHD + i] = row[GA + kvh * GHD + i];
+                    full[(size_t)n * 3 * GA + 2 * GA + h * GHD + i] = row[GA + nkv * GHD + kvh * GHD + i];
+                }
+        moe_model_attention_forward(o3, a3, full, GB, GT, GNH, GNH, GHD);
+        assert_true(rel_err(o1, o3, GB * GT * GA) < 1e-6);
+        float d1[GB * GT * GQKV] = {0}, d2[GB * GT * GQKV] = {0}, scratch[MOE_PAR_MAX_THREADS * GT * GT];
+        moe_model_attention_backward(d1, scratch, MOE_PAR_MAX_THREADS, c.r, c.qkv, a1, GB, GT, GNH, nkv, GHD);
+        moe_model_attention_backward_ref(d2, scratch, c.r, c.qkv, a2, GB, GT, GNH, nkv, GHD);
+        assert_true(rel_err(d1, d2, GB * GT * qkv) < 1e-5);
+        float fd[GB * GT * GQKV];
+        for (int ref = 0; ref < 2; ref++) {
+            c.ref = ref;
+            finite_diff(fd, c.qkv, GB * GT * qkv, 1e-2f, gqa_loss, &c);
+            assert_true(rel_err(ref ? d2 : d1, fd, GB * GT * qkv) < 2e-3);
+        }
+        /* kv-head pairs over 1, 2 and 3 threads: the same bits */
+        const int threads0 = openblas_get_num_threads();
+        for (int nt = 1; nt <= 3; nt++) {
+            openblas_set_num_threads(nt);
+            float d3[GB * GT * GQKV] = {0};
+            moe_model_attention_backward(d3, scratch, MOE_PAR_MAX_THREADS, c.r, c.qkv, a1, GB, GT, GNH, nkv, GHD);
+            assert_memory_equal(d1, d3, sizeof(float) * GB * GT * qkv);
         }
         openblas_set_num_threads(threads0);
     }
@@ -394,6 +576,9 @@ int main(void)
         cmocka_unit_test(test_threads_bitwise),
         cmocka_unit_test(test_attention),
         cmocka_unit_test(test_attention_long),
+        cmocka_unit_test(test_rmsnorm),
+        cmocka_unit_test(test_rope),
+        cmocka_unit_test(test_attention_gqa),
         cmocka_unit_test(test_crossentropy),
         cmocka_unit_test(test_encoder),
         cmocka_unit_test(test_vocab_kernels_match_ref),

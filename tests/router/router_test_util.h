@@ -43,7 +43,7 @@ static inline moe_route *tu_route_probs(const moe_router_config *cfg, const floa
     for (int t = 0; t < T; t++)
         for (int e = 0; e < E; e++) x[t * E + e] = logf(probs[t * E + e]) + (shift ? shift[t] : 0.0f);
     if (moe_route_create(&r, cfg, T, G) != MOE_OK ||
-        moe_router_forward(r, x, wg, NULL, cfg, T, G, NULL) != MOE_OK) {
+        moe_router_forward(r, x, wg, NULL, NULL, cfg, T, G, NULL) != MOE_OK) {
         moe_route_destroy(r);
         r = NULL;
     }

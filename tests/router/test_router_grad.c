@@ -119,7 +119,7 @@ static void run_case(const grad_case *c, double r_scale, double a, double b, uin
     moe_route *r = NULL;
     assert_int_equal(moe_route_create(&r, &cfg, T, G), MOE_OK);
     const moe_noise_key key = {.seed = 9, .step = 1, .layer = 2, .token0 = 77};
-    assert_int_equal(moe_router_forward(r, xf, wgf, wnf, &cfg, T, G, c->noisy ? &key : NULL), MOE_OK);
+    assert_int_equal(moe_router_forward(r, xf, wgf, wnf, NULL, &cfg, T, G, c->noisy ? &key : NULL), MOE_OK);
     assert_true((r->noise != NULL) == (c->noisy != 0));
     int drops = 0;
     for (int i = 0; i < G * E; i++) drops += r->n_dropped[i];
@@ -204,7 +204,7 @@ static void test_grad_accumulates(void **state)
     for (int i = 0; i < E * D; i++) wg[i] = tu_sym(&s), dwg2[i] = -2.0f;
     moe_route *r = NULL;
     assert_int_equal(moe_route_create(&r, &cfg, T, G), MOE_OK);
-    assert_int_equal(moe_router_forward(r, x, wg, NULL, &cfg, T, G, NULL), MOE_OK);
+    assert_int_equal(moe_router_forward(r, x, wg, NULL, NULL, &cfg, T, G, NULL), MOE_OK);
     for (int i = 0; i < T * E; i++) dweight[i] = r->kept[i] ? tu_sym(&s) : 0.0f;
     assert_int_equal(moe_router_backward(dx1, dwg1, NULL, dweight, r, x, wg, NULL, &cfg, 0.1f, 0.1f), MOE_OK);
     assert_int_equal(moe_router_backward(dx2, dwg2, NULL, dweight, r, x, wg, NULL, &cfg, 0.1f, 0.1f), MOE_OK);

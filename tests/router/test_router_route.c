@@ -65,7 +65,7 @@ static moe_route *check_plan(const moe_router_config *cfg, const float *probs, c
     float w[64];
     uint8_t sel[64], kept[64];
     int ns[8], nk[8], nd[8];
-    moe_router_assign_ref(w, sel, kept, ns, nk, nd, probs, cfg, T);
+    moe_router_assign_ref(w, sel, kept, ns, nk, nd, probs, NULL, cfg, T);
     check_group(want, w, sel, kept, ns, nk, nd, T, E);
 
     float *p = malloc((size_t)G * T * E * sizeof(float)), *sh = malloc((size_t)G * T * sizeof(float));
@@ -256,14 +256,14 @@ static void test_fast_vs_ref(void **state)
                             moe_route *r = NULL;
                             assert_int_equal(moe_route_create(&r, &cfg, T, G), MOE_OK);
                             random_inputs(x, wg, T, E, d, ties, &s);
-                            assert_int_equal(moe_router_forward(r, x, wg, NULL, &cfg, T, G, NULL), MOE_OK);
+                            assert_int_equal(moe_router_forward(r, x, wg, NULL, NULL, &cfg, T, G, NULL), MOE_OK);
                             if (kind == TC) {
                                 moe_topk_rows_ref(topk_ref, r->probs, T, E, k);
                                 assert_memory_equal(r->topk, topk_ref, (size_t)T * k * sizeof(int));
                             }
                             for (int g = 0; g < G; g++) {
                                 const size_t o = (size_t)g * Tg * E;
-                                moe_router_assign_ref(w, sel, kept, ns, nk, nd, r->probs + o, &cfg, Tg);
+                                moe_router_assign_ref(w, sel, kept, ns, nk, nd, r->probs + o, NULL, &cfg, Tg);
                                 const plan want = {sel, kept, w, ns, nk, nd};
                                 check_group(&want, r->weight + o, r->selected + o, r->kept + o,
                                             r->n_selected + g * E, r->n_kept + g * E, r->n_dropped + g * E, Tg, E);
@@ -308,14 +308,14 @@ static void test_noise_keyed_by_global_token(void **state)
     assert_int_equal(moe_route_create(&half, &cfg, T / 2, 1), MOE_OK);
     assert_int_equal(moe_route_create(&clean, &cfg, T, 1), MOE_OK);
     const moe_noise_key key = {.seed = 42, .step = 7, .layer = 3, .token0 = 1000};
-    assert_int_equal(moe_router_forward(whole, x, wg, wn, &cfg, T, 1, &key), MOE_OK);
+    assert_int_equal(moe_router_forward(whole, x, wg, wn, NULL, &cfg, T, 1, &key), MOE_OK);
     assert_non_null(whole->noise);
-    assert_int_equal(moe_router_forward(clean, x, wg, wn, &cfg, T, 1, NULL), MOE_OK);
+    assert_int_equal(moe_router_forward(clean, x, wg, wn, NULL, &cfg, T, 1, NULL), MOE_OK);
     assert_null(clean->noise); /* key == NULL: evaluation, no noise */
     for (int h = 0; h < 2; h++) {
         moe_noise_key kh = key;
         kh.token0 = key.token0 + h * T / 2;
-        assert_int_equal(moe_router_forward(half, x + (size_t)h * T / 2 * d, wg, wn, &cfg, T / 2, 1, &kh), MOE_OK);
+        assert_int_equal(moe_router_forward(half, x + (size_t)h * T / 2 * d, wg, wn, NULL, &cfg, T / 2, 1, &kh), MOE_OK);
         const size_t o = (size_t)h * T / 2 * E, n = (size_t)T / 2 * E * sizeof(float);
         /* The draws are Philox values keyed by the global token: the same
          * bits. The logits come from cblas_sgemm, whose bits for a row may
@@ -407,40 +407,40 @@ static void test_bad_forward_backward(void **state)
     moe_route *r = NULL;
     assert_int_equal(moe_route_create(&r, &cfg, T, 2), MOE_OK);
     assert_fails(moe_router_backward(dx, dwg, NULL, dweight, r, x, wg, wn, &cfg, 0, 0), MOE_ERR_ARG, "before");
-    assert_fails(moe_router_forward(r, x, wg, wn, &cfg, 0, 1, NULL), MOE_ERR_ARG, "T=0");
-    assert_fails(moe_router_forward(r, x, wg, wn, &cfg, -4, 1, NULL), MOE_ERR_ARG, "T=-4");
-    assert_fails(moe_router_forward(r, x, wg, wn, &cfg, T, 0, NULL), MOE_ERR_ARG, "G=0");
-    assert_fails(moe_router_forward(r, x, wg, wn, &cfg, 6, 4, NULL), MOE_ERR_ARG, "G=4");
-    assert_fails(moe_router_forward(r, x, wg, wn, &cfg, 16, 1, NULL), MOE_ERR_ARG, "T_max");
-    assert_fails(moe_router_forward(r, x, wg, wn, &cfg, 6, 3, NULL), MOE_ERR_ARG, "G_max");
+    assert_fails(moe_router_forward(r, x, wg, wn, NULL, &cfg, 0, 1, NULL), MOE_ERR_ARG, "T=0");
+    assert_fails(moe_router_forward(r, x, wg, wn, NULL, &cfg, -4, 1, NULL), MOE_ERR_ARG, "T=-4");
+    assert_fails(moe_router_forward(r, x, wg, wn, NULL, &cfg, T, 0, NULL), MOE_ERR_ARG, "G=0");
+    assert_fails(moe_router_forward(r, x, wg, wn, NULL, &cfg, 6, 4, NULL), MOE_ERR_ARG, "G=4");
+    assert_fails(moe_router_forward(r, x, wg, wn, NULL, &cfg, 16, 1, NULL), MOE_ERR_ARG, "T_max");
+    assert_fails(moe_router_forward(r, x, wg, wn, NULL, &cfg, 6, 3, NULL), MOE_ERR_ARG, "G_max");
     moe_router_config other = cfg;
     other.n_experts = 8;
-    assert_fails(moe_router_forward(r, x, wg, wn, &other, T, 1, NULL), MOE_ERR_ARG, "n_experts");
+    assert_fails(moe_router_forward(r, x, wg, wn, NULL, &other, T, 1, NULL), MOE_ERR_ARG, "n_experts");
     other = cfg, other.top_k = 3;
-    assert_fails(moe_router_forward(r, x, wg, wn, &other, T, 1, NULL), MOE_ERR_ARG, "top_k");
+    assert_fails(moe_router_forward(r, x, wg, wn, NULL, &other, T, 1, NULL), MOE_ERR_ARG, "top_k");
     const moe_noise_key key = {1, 2, 3, 0};
-    assert_fails(moe_router_forward(r, x, wg, NULL, &cfg, T, 1, &key), MOE_ERR_ARG, "W_n");
-    assert_fails(moe_router_forward(r, NULL, wg, wn, &cfg, T, 1, NULL), MOE_ERR_ARG, "x");
+    assert_fails(moe_router_forward(r, x, wg, NULL, NULL, &cfg, T, 1, &key), MOE_ERR_ARG, "W_n");
+    assert_fails(moe_router_forward(r, NULL, wg, wn, NULL, &cfg, T, 1, NULL), MOE_ERR_ARG, "x");
 
     x[13] = NAN;
-    assert_fails(moe_router_forward(r, x, wg, wn, &cfg, T, 1, NULL), MOE_ERR_NONFINITE, "x");
+    assert_fails(moe_router_forward(r, x, wg, wn, NULL, &cfg, T, 1, NULL), MOE_ERR_NONFINITE, "x");
     x[13] = -INFINITY;
-    assert_fails(moe_router_forward(r, x, wg, wn, &cfg, T, 1, NULL), MOE_ERR_NONFINITE, "x");
+    assert_fails(moe_router_forward(r, x, wg, wn, NULL, &cfg, T, 1, NULL), MOE_ERR_NONFINITE, "x");
     x[13] = 1e30f; /* finite x whose logits overflow */
     wg[13 % d] = 1e30f;
-    assert_fails(moe_router_forward(r, x, wg, wn, &cfg, T, 1, NULL), MOE_ERR_NONFINITE, "logits");
+    assert_fails(moe_router_forward(r, x, wg, wn, NULL, &cfg, T, 1, NULL), MOE_ERR_NONFINITE, "logits");
     x[13] = 0.5f;
     wg[13 % d] = 0.5f;
 
     /* A noisy forward needs W_n and dwn in the backward. */
-    assert_int_equal(moe_router_forward(r, x, wg, wn, &cfg, T, 2, &key), MOE_OK);
+    assert_int_equal(moe_router_forward(r, x, wg, wn, NULL, &cfg, T, 2, &key), MOE_OK);
     assert_fails(moe_router_backward(dx, dwg, NULL, dweight, r, x, wg, wn, &cfg, 0, 0), MOE_ERR_ARG, "dwn");
     /* A route created without noise cannot run a noisy forward. */
     moe_router_config quiet = cfg;
     quiet.noise = 0;
     moe_route *q = NULL;
     assert_int_equal(moe_route_create(&q, &quiet, T, 1), MOE_OK);
-    assert_fails(moe_router_forward(q, x, wg, wn, &cfg, T, 1, &key), MOE_ERR_ARG, "noise");
+    assert_fails(moe_router_forward(q, x, wg, wn, NULL, &cfg, T, 1, &key), MOE_ERR_ARG, "noise");
     moe_route_destroy(q);
     moe_route_destroy(r);
     moe_route_destroy(NULL);

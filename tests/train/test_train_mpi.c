@@ -6,11 +6,16 @@
  * every rank and expert replicas bitwise equal to each other. Router noise
  * is on (keyed by global token), capacity drops happen. A non-finite value
  * on one rank gives MOE_ERR_NONFINITE on all of them with nothing applied.
+ * With `arch` every architecture and router option is on (RMSNorm, RoPE,
+ * GQA, per-head q/k norm, no biases, untied head, sigmoid scores, expert
+ * bias, group-limited routing, the per-sequence balance loss over 2
+ * sequences, gated shared experts): the same checks, and the expert bias
+ * after the steps is bitwise the single-process one (integer loads).
  * With `vocab` the model has the vocabulary-expert head (M = 8 experts
  * sharded over the ep group, one of them idle): losses within 1e-5, the
  * same expert loads and per-expert update counts, the idle expert's rows
  * bitwise unchanged.
- * Usage: test_train_mpi [EP_SIZE [layer-nan | vocab]] (EP_SIZE 0 or absent: world size). */
+ * Usage: test_train_mpi [EP_SIZE [layer-nan | arch | vocab]] (EP_SIZE 0 or absent: world size). */
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -69,6 +74,28 @@ static moe_vocab_part *partition(void)
     moe_vocab_part *p = NULL;
     CHECK(moe_vocab_part_create(&p, assign, 256, 8) == MOE_OK);
     return p;
+}
+
+static void config_arch(moe_train_config *c)
+{
+    c->norm = MOE_NORM_RMSNORM;
+    c->pos = MOE_POS_ROPE;
+    c->n_heads = 4;
+    c->n_kv_heads = 2;
+    c->qk_norm = MOE_QK_NORM_HEAD;
+    c->linear_bias = 0;
+    c->tie_embeddings = 0;
+    c->activation = MOE_ACT_SWIGLU;
+    c->score = MOE_SCORE_SIGMOID;
+    c->route_scale = 2.0;
+    c->expert_bias = 1;
+    c->bias_update_rate = 0.01;
+    c->n_groups = 2;
+    c->topk_groups = 1;
+    c->aux_loss = MOE_AUX_SEQ;
+    c->group_seqs = 2;
+    c->n_shared = 1;
+    c->shared_gate = 1;
 }
 
 /* Sequence s of step k (T + 1 bytes: inputs then shifted targets). */
@@ -132,6 +159,8 @@ int main(int argc, char **argv)
     const int W = moe_comm_size(c), Bl = GB / W;
     moe_train_config cfg;
     config(&cfg, argc > 1 ? atoi(argv[1]) : 0);
+    const int arch = argc > 2 && !strcmp(argv[2], "arch");
+    if (arch) config_arch(&cfg);
     moe_vocab_part *part = vocab ? partition() : NULL;
 
     moe_trainer *tr = NULL, *ref = NULL;
@@ -147,6 +176,7 @@ int main(int argc, char **argv)
     for (int i = 0; i < tab->n; i++) CHECK(same_as_ref(rtab, &tab->t[i], moe_model_params(m), moe_model_params(mr)));
 
     int32_t in[GB * T], tg[GB * T];
+    float bias_moved = 0; /* largest |b_e| seen after any step */
     for (int k = 0; k < STEPS; k++) {
         global_batch(in, tg, k);
         moe_train_stats s, sr;
@@ -162,6 +192,10 @@ int main(int argc, char **argv)
         if (rank == 0)
             printf("step %d: loss %.6f (1 process %.6f) norm %.5f dropped %lld\n", k, s.model.loss,
                    sr.model.loss, s.grad_norm, (long long)s.model.dropped[0]);
+        for (int l = 0; arch && l < cfg.n_layers; l++) {
+            const float *b = moe_model_param(m, MOE_T_EXP_BIAS, l);
+            for (int e = 0; e < cfg.n_experts; e++) bias_moved = fmaxf(bias_moved, fabsf(b[e]));
+        }
     }
 
     /* a NaN reaching the MoE layer on the last rank only, then an Inf loss
@@ -229,6 +263,13 @@ int main(int argc, char **argv)
         for (int j = 0; j < El; j++)
             CHECK(moe_trainer_expert_steps(tr)[i * El + j] == moe_trainer_expert_steps(ref)[i * cfg.n_experts + e0 + j]);
     CHECK(moe_trainer_updates(tr) == STEPS);
+    for (int l = 0; arch && l < cfg.n_layers; l++) {
+        /* the bias moved, by the same integer loads as one process: bitwise equal */
+        const float *b = moe_model_param(m, MOE_T_EXP_BIAS, l), *br = moe_model_param(mr, MOE_T_EXP_BIAS, l);
+        CHECK(b && br && !memcmp(b, br, (size_t)cfg.n_experts * sizeof(float)));
+        if (rank == 0) printf("expert_bias h/%d: %g %g %g %g\n", l, b[0], b[1], b[2], b[3]);
+    }
+    CHECK(!arch || bias_moved > 0);
 
     free(init);
     moe_vocab_part_destroy(part);
