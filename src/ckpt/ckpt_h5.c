@@ -286,7 +286,7 @@ moe_status ckpt_check_file(const char *path)
     if (stat(path, &sb) != 0 || access(path, R_OK) != 0)
         return moe_errorf(MOE_ERR_IO, "cannot read '%s': %s", path, strerror(errno));
     if (!S_ISREG(sb.st_mode)) return moe_errorf(MOE_ERR_IO, "'%s' is not a regular file", path);
-    return MOE_OK;
+    return moe_h5_check_global_heaps(path);
 }
 
 uint64_t ckpt_fnv1a(uint64_t h, const void *p, size_t n)

@@ -75,7 +75,8 @@ moe_status ckpt_check_values(const char *path, const char *dset, int64_t opt_ste
                              const int64_t *i, const double *d, size_t n, int64_t first);
 
 /* The file is there, readable and a regular file (HDF5 would wait for ever
- * on a named pipe): MOE_ERR_IO naming it and the reason otherwise. */
+ * on a named pipe): MOE_ERR_IO naming it and the reason otherwise; and its
+ * global heaps are whole (moe_h5_check_global_heaps: MOE_ERR_CHECKSUM). */
 moe_status ckpt_check_file(const char *path);
 
 /* 64-bit FNV-1a, for comparing descriptions across ranks. */

@@ -283,6 +283,84 @@ moe_status moe_h5_check_strings(hid_t file, const char *path)
     return st;
 }
 
+/* ---- global heap collections ---- */
+
+static uint64_t le64(const unsigned char *p)
+{
+    uint64_t v = 0;
+    for (int i = 7; i >= 0; i--) v = v << 8 | p[i];
+    return v;
+}
+
+/* The collection at offset g (its signature there) of the file fd of
+ * `size` bytes: objects of index != 0 (16-byte header, data rounded up to
+ * 8) end inside it, and the free-space object (index 0) ends it. */
+static moe_status check_collection(int fd, const char *path, uint64_t g, uint64_t size)
+{
+    unsigned char h[16];
+    if (pread(fd, h, 16, (off_t)g) != 16) return moe_errorf(MOE_ERR_IO, "cannot read '%s': %s", path, strerror(errno));
+    const uint64_t n = le64(h + 8);
+    if (n < 16 || n > size - g || n > (1ull << 30))
+        return moe_errorf(MOE_ERR_CHECKSUM, "'%s' is damaged: the global heap (string attributes) at offset %llu "
+                                            "declares %llu bytes", path, (unsigned long long)g, (unsigned long long)n);
+    unsigned char *c = malloc(n);
+    if (!c) return moe_errorf(MOE_ERR_NOMEM, "global heap of '%s' (%llu bytes)", path, (unsigned long long)n);
+    moe_status st = pread(fd, c, n, (off_t)g) == (ssize_t)n ? MOE_OK
+                    : moe_errorf(MOE_ERR_IO, "cannot read '%s': %s", path, strerror(errno));
+    uint64_t pos = 16;
+    while (st == MOE_OK && pos + 16 <= n) {
+        const unsigned idx = (unsigned)c[pos] | (unsigned)c[pos + 1] << 8;
+        const uint64_t len = le64(c + pos + 8);
+        if (idx == 0) { /* free space: its size counts its header */
+            if (len > n - pos) st = MOE_ERR_CHECKSUM;
+            break;
+        }
+        if (len > n - pos - 16 || ((len + 7) & ~7ull) > n - pos - 16) {
+            st = MOE_ERR_CHECKSUM;
+            break;
+        }
+        pos += 16 + ((len + 7) & ~7ull);
+    }
+    free(c);
+    if (st == MOE_ERR_CHECKSUM)
+        return moe_errorf(MOE_ERR_CHECKSUM, "'%s' is damaged: an object of the global heap (string attributes) at "
+                                            "offset %llu runs past its end", path, (unsigned long long)(g + pos));
+    return st;
+}
+
+moe_status moe_h5_check_global_heaps(const char *path)
+{
+    static const unsigned char sig[8] = {'G', 'C', 'O', 'L', 1, 0, 0, 0};
+    enum { BLOCK = 4 << 20 };
+    int fd = open(path, O_RDONLY | O_NONBLOCK | O_CLOEXEC);
+    if (fd < 0) return moe_errorf(MOE_ERR_IO, "cannot open '%s': %s", path, strerror(errno));
+    struct stat sb;
+    unsigned char *buf = malloc(BLOCK + sizeof sig);
+    moe_status st = fstat(fd, &sb) != 0 ? moe_errorf(MOE_ERR_IO, "cannot stat '%s': %s", path, strerror(errno))
+                    : !buf             ? moe_errorf(MOE_ERR_NOMEM, "reading '%s'", path)
+                                       : MOE_OK;
+    const uint64_t size = st == MOE_OK ? (uint64_t)sb.st_size : 0;
+    /* blocks overlap by the signature's length less one, so that no
+     * signature is split */
+    for (uint64_t off = 0; st == MOE_OK && off < size; off += BLOCK) {
+        const size_t want = (size_t)(size - off < BLOCK + sizeof sig - 1 ? size - off : BLOCK + sizeof sig - 1);
+        ssize_t got = pread(fd, buf, want, (off_t)off);
+        if (got != (ssize_t)want) {
+            st = moe_errorf(MOE_ERR_IO, "cannot read '%s': %s", path, got < 0 ? strerror(errno) : "short read");
+            break;
+        }
+        for (size_t i = 0; st == MOE_OK && i + sizeof sig <= want; i++) {
+            const unsigned char *p = memchr(buf + i, 'G', want - i - sizeof sig + 1);
+            if (!p) break;
+            i = (size_t)(p - buf);
+            if (!memcmp(p, sig, sizeof sig) && i < BLOCK) st = check_collection(fd, path, off + i, size);
+        }
+    }
+    free(buf);
+    close(fd);
+    return st;
+}
+
 /* ---- the atomic writer ---- */
 
 /* fsync a file or directory so that a rename survives a crash. */

@@ -61,6 +61,15 @@ moe_status moe_h5_fail(moe_status s, const char *what, const char *name, const c
  * differ; MOE_OK for a file without one (written before it existed). */
 moe_status moe_h5_check_strings(hid_t file, const char *path);
 
+/* The global heap collections of the file at path (where HDF5 keeps the
+ * variable-length strings of attributes; the 1.10 format gives them no
+ * checksum, and HDF5 copies a damaged object's length without checking it,
+ * which crashes the reader): every collection's objects must lie inside
+ * it. Reads the whole file once (in 4 MB blocks) before HDF5 opens it.
+ * MOE_ERR_CHECKSUM naming the file and offset, MOE_ERR_IO. Not collective;
+ * the string checksum then covers the strings' contents. */
+moe_status moe_h5_check_global_heaps(const char *path);
+
 /* Scalar attributes on loc. Strings are variable-length UTF-8 (readers take
  * fixed-length ones as well, as other writers make them). */
 moe_status moe_h5_attr_put_i64(hid_t loc, const char *name, int64_t v, const char *file);

@@ -322,7 +322,13 @@ static int64_t get_version(const char *path)
     return v;
 }
 
-static void drop_norm_attr(hid_t f) { assert_true(H5Adelete_by_name(f, "/model", "norm", H5P_DEFAULT) >= 0); }
+/* Removes /model norm, and the string checksum it was part of (a file
+ * another tool wrote without one). */
+static void drop_norm_attr(hid_t f)
+{
+    assert_true(H5Adelete_by_name(f, "/model", "norm", H5P_DEFAULT) >= 0);
+    assert_true(H5Adelete(f, MOE_H5_STRING_CHECKSUM) >= 0);
+}
 
 /* format_version: the defaults write version 1 without the later
  * attributes (so today's files are unchanged); options write version 2
