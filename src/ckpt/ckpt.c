@@ -768,22 +768,29 @@ static moe_status check_same_ints(const float *file, const float *model, const m
     return MOE_OK;
 }
 
+/* One table tensor under `prefix` into its place in block, its values
+ * checked against the format's rules (ckpt_check_values) with the element
+ * numbers of the whole dataset. */
 static moe_status read_tensor(hid_t f, const char *path, const char *prefix, const moe_tensor *x, float *block,
-                              row_map *rm)
+                              row_map *rm, int64_t opt_step)
 {
     char name[DSET_NAME];
     snprintf(name, sizeof name, "%s%s", prefix, x->name);
     float *dst = block + x->offset;
+    const size_t row = (size_t)moe_tensor_row_numel(x);
     if (x->row_ids) {
         if (rm->n == 0) return MOE_OK;
         /* rows in id order, then each to its local (expert-major) place */
         moe_status st = read_rows(f, name, H5T_NATIVE_FLOAT, x->ndim, x->shape, 0, rm->n, rm->ids, rm->rows, path);
-        const size_t row = (size_t)moe_tensor_row_numel(x);
-        for (int64_t i = 0; st == MOE_OK && i < rm->n; i++)
-            memcpy(dst + (size_t)rm->perm[i] * row, rm->rows + (size_t)i * row, row * sizeof(float));
+        for (int64_t i = 0; st == MOE_OK && i < rm->n; i++) {
+            st = ckpt_check_values(path, name, opt_step, rm->rows + (size_t)i * row, NULL, NULL, row,
+                                   rm->ids[i] * (int64_t)row);
+            if (st == MOE_OK) memcpy(dst + (size_t)rm->perm[i] * row, rm->rows + (size_t)i * row, row * sizeof(float));
+        }
         return st;
     }
     if (x->dtype == MOE_TENSOR_I32) {
+        /* the model's structure: compared with the model's, not ranged */
         float *tmp = moe_calloc(x->numel, sizeof *tmp);
         if (!tmp) return moe_errorf(MOE_ERR_NOMEM, "checkpoint: reading %s", name);
         moe_status st = read_rows(f, name, H5T_NATIVE_FLOAT, x->ndim, x->shape, x->row0, x->rows, NULL, tmp, path);
@@ -791,7 +798,28 @@ static moe_status read_tensor(hid_t f, const char *path, const char *prefix, con
         moe_free(tmp);
         return st;
     }
-    return read_rows(f, name, H5T_NATIVE_FLOAT, x->ndim, x->shape, x->row0, x->rows, NULL, dst, path);
+    moe_status st = read_rows(f, name, H5T_NATIVE_FLOAT, x->ndim, x->shape, x->row0, x->rows, NULL, dst, path);
+    if (st == MOE_OK) st = ckpt_check_values(path, name, opt_step, dst, NULL, NULL, x->numel, x->row0 * (int64_t)row);
+    return st;
+}
+
+/* The n counters of dataset `name` into buf, checked (ckpt_check_values).
+ * A caller that does not want them (evaluation: buf NULL) still has them
+ * checked when the file holds them: a file no run writes is refused by
+ * every command alike, not by --resume only. */
+static moe_status read_counters(hid_t f, const char *path, const char *name, int64_t n, int64_t *buf,
+                                int64_t opt_step)
+{
+    int64_t *tmp = NULL;
+    if (!buf) {
+        if (H5Lexists(f, name, H5P_DEFAULT) <= 0) return MOE_OK;
+        if (!(buf = tmp = moe_calloc((size_t)n, sizeof *tmp)))
+            return moe_errorf(MOE_ERR_NOMEM, "checkpoint: reading %s", name);
+    }
+    moe_status st = read_rows(f, name, H5T_NATIVE_INT64, 1, &n, 0, n, NULL, buf, path);
+    if (st == MOE_OK) st = ckpt_check_values(path, name, opt_step, NULL, buf, NULL, (size_t)n, 0);
+    moe_free(tmp);
+    return st;
 }
 
 static moe_status read_all(hid_t f, const char *path, moe_ckpt_state *s, const int *layers, int n_moe)
@@ -811,7 +839,7 @@ static moe_status read_all(hid_t f, const char *path, moe_ckpt_state *s, const i
                 st = moe_errorf(MOE_ERR_ARG, "checkpoint: tensor '%s' has other row ids than its table's first "
                                              "row-mapped tensor", x->name);
             else
-                st = read_tensor(f, path, prefixes[p], x, blocks[p], &rm);
+                st = read_tensor(f, path, prefixes[p], x, blocks[p], &rm, s->opt_step);
         }
     row_map_free(&rm);
     const int64_t E = s->n_experts;
@@ -820,16 +848,15 @@ static moe_status read_all(hid_t f, const char *path, moe_ckpt_state *s, const i
                               "/stats/h/%d/expert_dropped"};
         int64_t *bufs[] = {s->expert_step, s->expert_tokens, s->expert_dropped};
         for (int k = 0; st == MOE_OK && k < 3; k++) {
-            if (!bufs[k]) continue;
             snprintf(name, sizeof name, fmts[k], layers[l]);
-            st = read_rows(f, name, H5T_NATIVE_INT64, 1, &E, 0, E, NULL, bufs[k] + (size_t)l * (size_t)E, path);
+            st = read_counters(f, path, name, E, bufs[k] ? bufs[k] + (size_t)l * (size_t)E : NULL, s->opt_step);
         }
     }
     const int64_t M = s->cfg->vocab_experts;
     const char *vnames[] = {"/optimizer/expert_step/vocab_head", "/stats/vocab_head/expert_tokens"};
     int64_t *vbufs[] = {s->vocab_expert_step, s->vocab_expert_tokens};
     for (int k = 0; st == MOE_OK && s->cfg->head == MOE_HEAD_VOCAB_EXPERTS && k < 2; k++)
-        if (vbufs[k]) st = read_rows(f, vnames[k], H5T_NATIVE_INT64, 1, &M, 0, M, NULL, vbufs[k], path);
+        st = read_counters(f, path, vnames[k], M, vbufs[k], s->opt_step);
     return st;
 }
 
@@ -924,6 +951,7 @@ moe_status moe_ckpt_load(const char *path, moe_comm *c, moe_ckpt_state *s, char 
         st = agree(c, validate(f, path, s, layers, n_moe));
         char *cfg_text = NULL;
         if (st == MOE_OK) st = ckpt_read_scalars(f, path, s, config_text ? &cfg_text : NULL);
+        if (st == MOE_OK) st = ckpt_check_scalars(s, path);
         if (st == MOE_OK) st = read_all(f, path, s, layers, n_moe);
         st = agree(c, st);
         if (st == MOE_OK && config_text)

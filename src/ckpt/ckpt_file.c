@@ -214,6 +214,7 @@ static moe_status read_info(moe_ckpt_file *f)
     moe_ckpt_state s;
     memset(&s, 0, sizeof s);
     st = ckpt_read_scalars(f->file, p, &s, &in->config);
+    if (st == MOE_OK) st = ckpt_check_scalars(&s, p);
     in->step = s.step;
     in->tokens_seen = s.tokens_seen;
     in->seed = s.seed;
@@ -334,6 +335,8 @@ static moe_status read_whole(const moe_ckpt_file *f, const moe_ckpt_dset *d, hid
         H5Dclose(ds);
     }
     moe_h5_quiet_end(&q);
+    /* the values the format allows (NaN weights, negative counts, ...) */
+    if (st == MOE_OK) st = ckpt_check_values(f->path, d->path, f->info.opt_step, NULL, NULL, buf, (size_t)n, 0);
     if (st != MOE_OK) {
         moe_free(buf);
         return st;

@@ -44,9 +44,10 @@ typedef struct {
 typedef struct moe_ckpt_file moe_ckpt_file;
 
 /* Opens path read-only and reads its attributes. Fails with MOE_ERR_IO
- * (missing, unreadable, truncated), MOE_ERR_FORMAT (not HDF5, unknown format
- * or format_version, a missing or out-of-range attribute), each naming the
- * file; no dataset is read or allocated for. */
+ * (missing, unreadable, truncated, not a regular file), MOE_ERR_FORMAT (not
+ * HDF5, unknown format or format_version, a missing or out-of-range
+ * attribute: steps, optimizer settings), MOE_ERR_CHECKSUM (damaged string
+ * attributes), each naming the file; no dataset is read or allocated for. */
 moe_status moe_ckpt_file_open(moe_ckpt_file **out, const char *path);
 void moe_ckpt_file_close(moe_ckpt_file *f);
 
@@ -64,7 +65,10 @@ int moe_ckpt_file_find(const moe_ckpt_file *f, const char *path);
  * bytes, string size x count). Checks type and shape
  * against the expectation before it allocates (MOE_ERR_FORMAT), and
  * reports a Fletcher32 failure as MOE_ERR_CHECKSUM naming dataset and
- * file; a missing dataset is MOE_ERR_FORMAT. */
+ * file; a missing dataset is MOE_ERR_FORMAT. Then the values against the
+ * format's rules (weights and moments finite, second moments and counts
+ * >= 0, expert steps at most the optimizer step): MOE_ERR_NONFINITE or
+ * MOE_ERR_FORMAT naming the element. */
 moe_status moe_ckpt_file_read(const moe_ckpt_file *f, int i, double **out, int64_t *numel);
 
 /* The checkpoint's /tokenizer (docs/formats.md): ranks_bytes (uint8),

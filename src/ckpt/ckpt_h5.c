@@ -4,6 +4,8 @@
 #include "ckpt/ckpt_h5.h"
 
 #include <errno.h>
+#include <limits.h>
+#include <math.h>
 #include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -200,6 +202,82 @@ moe_status ckpt_dset_open(hid_t file, const char *dset, moe_ckpt_dtype dtype, in
     else
         H5Dclose(ds);
     return st;
+}
+
+/* ---- values ---- */
+
+moe_status ckpt_check_scalars(const moe_ckpt_state *s, const char *path)
+{
+    const struct {
+        const char *name;
+        int64_t v, lo, hi;
+    } ints[] = {{"/train step", s->step, 0, INT_MAX},
+                {"/train tokens_seen", s->tokens_seen, 0, INT64_MAX},
+                {"/optimizer step", s->opt_step, 0, s->step}};
+    for (size_t k = 0; k < sizeof ints / sizeof ints[0]; k++)
+        if (ints[k].v < ints[k].lo || ints[k].v > ints[k].hi)
+            return moe_errorf(MOE_ERR_FORMAT, "'%s': %s = %lld is outside [%lld, %lld]%s", path, ints[k].name,
+                              (long long)ints[k].v, (long long)ints[k].lo, (long long)ints[k].hi,
+                              k == 2 ? " (no more updates than steps)" : "");
+    for (int k = 0; k < s->n_extra; k++)
+        if (s->extra[k].value < 0)
+            return moe_errorf(MOE_ERR_FORMAT, "'%s': /train %s = %lld is negative", path, s->extra[k].name,
+                              (long long)s->extra[k].value);
+    const struct {
+        const char *name;
+        double v, lo, hi;
+        int hi_open, lo_open;
+    } reals[] = {{"lr", s->lr, 0, HUGE_VAL, 0, 0},     {"weight_decay", s->weight_decay, 0, HUGE_VAL, 0, 0},
+                 {"beta1", s->beta1, 0, 1, 1, 0},       {"beta2", s->beta2, 0, 1, 1, 0},
+                 {"eps", s->eps, 0, HUGE_VAL, 0, 1}};
+    for (size_t k = 0; k < sizeof reals / sizeof reals[0]; k++) {
+        const double v = reals[k].v;
+        const int ok = isfinite(v) && (reals[k].lo_open ? v > reals[k].lo : v >= reals[k].lo) &&
+                       (reals[k].hi_open ? v < reals[k].hi : v <= reals[k].hi);
+        if (!ok)
+            return moe_errorf(MOE_ERR_FORMAT, "'%s': /optimizer %s = %g is outside %c%g, %g%c", path, reals[k].name, v,
+                              reals[k].lo_open ? '(' : '[', reals[k].lo, reals[k].hi, reals[k].hi_open ? ')' : ']');
+    }
+    return MOE_OK;
+}
+
+int ckpt_value_rule(const char *dset, int64_t opt_step, double *lo, double *hi, int *integer)
+{
+    *integer = 0;
+    *lo = -HUGE_VAL;
+    *hi = HUGE_VAL;
+    if (!strncmp(dset, "/optimizer/expert_step/", 23)) {
+        *integer = 1, *lo = 0, *hi = (double)opt_step;
+    } else if (!strncmp(dset, "/stats/", 7)) {
+        *integer = 1, *lo = 0;
+    } else if (!strncmp(dset, "/grad/", 6) && strstr(dset, "/activated")) {
+        *integer = 1, *lo = 0, *hi = 1;
+    } else if (!strncmp(dset, "/optimizer/v/", 13)) {
+        *lo = 0; /* a second moment */
+    } else if (strncmp(dset, "/model/", 7) && strncmp(dset, "/optimizer/m/", 13) && strncmp(dset, "/grad/", 6)) {
+        return 0;
+    }
+    return 1;
+}
+
+moe_status ckpt_check_values(const char *path, const char *dset, int64_t opt_step, const float *f,
+                             const int64_t *i, const double *d, size_t n, int64_t first)
+{
+    double lo, hi;
+    int integer;
+    if (!ckpt_value_rule(dset, opt_step, &lo, &hi, &integer)) return MOE_OK;
+    for (size_t k = 0; k < n; k++) {
+        const double v = f ? (double)f[k] : i ? (double)i[k] : d[k];
+        if (!isfinite(v))
+            return moe_errorf(MOE_ERR_NONFINITE, "'%s': dataset '%s' holds %g at element %lld (a checkpoint holds "
+                                                 "finite values only)", path, dset, v, (long long)(first + (int64_t)k));
+        if (v < lo || v > hi || (integer && v != floor(v)))
+            return moe_errorf(MOE_ERR_FORMAT, "'%s': dataset '%s' holds %.17g at element %lld, outside [%.17g, %.17g]%s",
+                              path, dset, v, (long long)(first + (int64_t)k), lo, hi,
+                              !strncmp(dset, "/optimizer/expert_step/", 23) ? " (an expert's updates, at most the "
+                                                                             "optimizer's step)" : "");
+    }
+    return MOE_OK;
 }
 
 moe_status ckpt_check_file(const char *path)

@@ -50,6 +50,30 @@ moe_status ckpt_dset_open(hid_t file, const char *dset, moe_ckpt_dtype dtype, in
  * extras), and (if config != NULL) the root config text, malloc'd. */
 moe_status ckpt_read_scalars(hid_t file, const char *path, moe_ckpt_state *s, char **config);
 
+/* ---- the values a file may hold (docs/formats.md, "Integrity checks") ----
+ * A file whose checksums pass can still hold what no run writes (another
+ * tool wrote it, or a run diverged before the NaN check existed): each
+ * rule below refuses it at load, with the dataset or attribute and the
+ * first bad value named, instead of a failure later whose message misleads. */
+
+/* The scalars of a checkpoint: /train step in [0, INT_MAX], tokens_seen and
+ * the extra /train integers >= 0, /optimizer step in [0, /train step], lr and
+ * weight_decay finite and >= 0, beta1 and beta2 in [0, 1), eps finite > 0.
+ * MOE_ERR_FORMAT naming the attribute, its value and the range. */
+moe_status ckpt_check_scalars(const moe_ckpt_state *s, const char *path);
+
+/* The range of dataset `dset` (an absolute path: /model/..., /optimizer/m/...,
+ * /optimizer/v/..., /optimizer/expert_step/..., /stats/..., /grad/...):
+ * [*lo, *hi], finite; *integer when it holds counts. opt_step bounds the
+ * per-expert steps. 0 for a dataset without a rule. */
+int ckpt_value_rule(const char *dset, int64_t opt_step, double *lo, double *hi, int *integer);
+/* Checks n values (float, int64 or double: exactly one non-NULL) of dataset
+ * dset against its rule: MOE_ERR_NONFINITE for NaN or Inf, MOE_ERR_FORMAT
+ * for a value out of range, naming the file, the dataset, the element and
+ * the value. first: the index of element 0 in the whole dataset. */
+moe_status ckpt_check_values(const char *path, const char *dset, int64_t opt_step, const float *f,
+                             const int64_t *i, const double *d, size_t n, int64_t first);
+
 /* The file is there, readable and a regular file (HDF5 would wait for ever
  * on a named pipe): MOE_ERR_IO naming it and the reason otherwise; and its
  * global heaps are whole (moe_h5_check_global_heaps: MOE_ERR_CHECKSUM). */

@@ -46,7 +46,7 @@ static void usage(FILE *f)
             "  --a2a KIND            p2p | shm  (exchange transport under MPI; alltoallv = p2p)\n"
             "  --chunks N            overlap the exchange with expert compute in N chunks (1)\n"
             "  --aux-loss-coef A     (0.01)   --z-loss-coef Z  (0.001)\n"
-            "  --iters N             timed iterations (10); --warmup N (2)\n"
+            "  --iters N             timed iterations, >= 1 (10); --warmup N (2)\n"
             "  --seed S              (1234)\n"
             "  --threads N           OpenBLAS threads per rank (default: OPENBLAS_NUM_THREADS)\n"
             "  --json                print one JSON object instead of text\n"
@@ -85,7 +85,8 @@ static int parse_opts(bench_opts *o, int argc, char **argv, int rank)
     optind = 1;
     opterr = 0;
     int c, seed = 0;
-    while ((c = getopt_long(argc, argv, "", longopts, NULL)) != -1) {
+    int li = 0; /* the long option's index: argv[optind - 1] is its value when given apart */
+    while ((c = getopt_long(argc, argv, "", longopts, &li)) != -1) {
         int ok = 1;
         switch (c) {
         case 'T': ok = parse_int(optarg, &o->T); break;
@@ -94,7 +95,16 @@ static int parse_opts(bench_opts *o, int argc, char **argv, int rank)
         case 'E': ok = parse_int(optarg, &o->E); break;
         case 'k': ok = parse_int(optarg, &o->k); break;
         case 'G': ok = parse_int(optarg, &o->G); break;
-        case 'i': ok = parse_int(optarg, &o->iters) && o->iters >= 0; break;
+        case 'i':
+            /* every figure is a median over the timed iterations: none is no figure */
+            ok = parse_int(optarg, &o->iters);
+            if (ok && o->iters < 1) {
+                if (rank == 0)
+                    fprintf(stderr, "moe bench layer: --iters %s: at least 1 timed iteration is needed (the "
+                                    "figures are medians over them)\n", optarg);
+                return 2;
+            }
+            break;
         case 'w': ok = parse_int(optarg, &o->warmup) && o->warmup >= 0; break;
         case 't': ok = parse_int(optarg, &o->threads) && o->threads >= 1; break;
         case 'P': ok = parse_int(optarg, &o->ep_size) && o->ep_size >= 1; break;
@@ -132,7 +142,7 @@ static int parse_opts(bench_opts *o, int argc, char **argv, int rank)
             return 2;
         }
         if (!ok) {
-            if (rank == 0) fprintf(stderr, "moe bench layer: bad value '%s' for %s\n", optarg, argv[optind - 1]);
+            if (rank == 0) fprintf(stderr, "moe bench layer: bad value '%s' for --%s\n", optarg, longopts[li].name);
             return 2;
         }
     }

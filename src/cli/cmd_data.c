@@ -4,9 +4,12 @@
  * and threads (src/tokenizer). */
 #include <errno.h>
 #include <getopt.h>
+#include <libgen.h>
+#include <limits.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 
 #include "cli/cli.h"
 #include "comm/comm.h"
@@ -42,6 +45,28 @@ static size_t parse_bytes(const char *s)
     if (*end == 'B' || *end == 'b') end++;
     if (*end || errno == ERANGE || v == 0 || v > (SIZE_MAX >> shift)) return 0;
     return (size_t)v << shift;
+}
+
+/* path with its directory made absolute (symbolic links resolved), into
+ * buf; 0 when the directory does not resolve. */
+static int canonical(char *buf, size_t cap, const char *path)
+{
+    char d[PATH_MAX], b[PATH_MAX], dir[PATH_MAX];
+    snprintf(d, sizeof d, "%s", path);
+    snprintf(b, sizeof b, "%s", path);
+    if (!realpath(dirname(d), dir)) return 0;
+    return snprintf(buf, cap, "%s/%s", dir, basename(b)) < (int)cap;
+}
+
+/* a and b name one file: the same file on disk (hard links too), or the same
+ * place once the directory is resolved (neither exists yet). */
+static int same_file(const char *a, const char *b)
+{
+    struct stat sa, sb;
+    if (!strcmp(a, b)) return 1;
+    if (!stat(a, &sa) && !stat(b, &sb)) return sa.st_dev == sb.st_dev && sa.st_ino == sb.st_ino;
+    char ca[PATH_MAX], cb[PATH_MAX];
+    return canonical(ca, sizeof ca, a) && canonical(cb, sizeof cb, b) && !strcmp(ca, cb);
 }
 
 static int cmd_synth(int argc, char **argv)
@@ -87,6 +112,11 @@ static int cmd_synth(int argc, char **argv)
     if (!out) {
         fprintf(stderr, "moe data synth: --out FILE is required\n");
         synth_usage(stderr);
+        return 2;
+    }
+    /* the domain ids would overwrite the corpus just written */
+    if (dom_path && same_file(out, dom_path)) {
+        fprintf(stderr, "moe data synth: --out '%s' and --domains '%s' are the same file\n", out, dom_path);
         return 2;
     }
 

@@ -770,9 +770,16 @@ int moe_cmd_inspect(int argc, char **argv)
     moe_ckpt_file *f = NULL, *g = NULL;
     moe_status st = open_resolved(&f, o.file, path, sizeof path);
     if (st == MOE_OK && o.diff) st = open_resolved(&g, o.diff, other, sizeof other);
+    /* their datasets have different meanings (/model vs /grad): no pair to compare */
+    if (st == MOE_OK && g && moe_ckpt_file_info(f)->gradients != moe_ckpt_file_info(g)->gradients) {
+        const int fg = moe_ckpt_file_info(f)->gradients;
+        st = moe_errorf(MOE_ERR_ARG, "--diff: cannot compare a checkpoint with a gradient dump ('%s' is a %s, '%s' a %s)",
+                        path, fg ? "gradient dump" : "checkpoint", other, fg ? "checkpoint" : "gradient dump");
+    }
     if (st != MOE_OK) {
         moe_cli_error(-1, "inspect", st);
         moe_ckpt_file_close(f);
+        moe_ckpt_file_close(g);
         return 1;
     }
     cJSON *j = o.json ? cJSON_CreateObject() : NULL;

@@ -158,7 +158,9 @@ moe_status moe_infer_eval(moe_infer_eval_result *res, moe_model *m, moe_comm *co
     if (!st && vh) st = moe_comm_allreduce_f64(comm, MOE_SCOPE_WORLD, res->vocab_rank_mass, (size_t)res->vocab_experts);
     /* the sum is the same on every rank: so is this decision */
     if (!st && !isfinite(sum))
-        st = moe_errorf(MOE_ERR_NONFINITE, "eval: the loss is not finite (%g): NaN or Inf in the model's weights?", sum);
+        st = moe_errorf(MOE_ERR_NONFINITE, "eval: the loss over %lld tokens is not finite (%g): the forward "
+                                           "overflows with these weights (the loader refuses NaN and Inf)",
+                        (long long)res->tokens, sum);
     eval_ws_free(&w);
     if (st) {
         moe_infer_eval_result_free(res);

@@ -2,6 +2,7 @@
 #include "ckpt_testlib.h"
 #include "layout/layout.h"
 
+#include <math.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -76,8 +77,9 @@ static int64_t global_index(const moe_tensor *x, size_t e)
     return (x->row_ids ? x->row_ids[r] : x->row0 + r) * row + (int64_t)e % row;
 }
 
-/* The vocabulary experts' counters: step 500 + m, targets 20 m + 1. */
-static int64_t tk_vcounter(int which, int m) { return which == 0 ? 500 + m : 20 * m + 1; }
+/* The vocabulary experts' counters: step 29 + m, targets 20 m + 1 (a step is
+ * at most the optimizer's 41, as in any file a run writes: the loader checks). */
+static int64_t tk_vcounter(int which, int m) { return which == 0 ? 29 + m : 20 * m + 1; }
 
 static uint32_t fnv32(const char *s)
 {
@@ -89,14 +91,16 @@ static uint32_t fnv32(const char *s)
 float tk_value(int kind, const char *name, int64_t j)
 {
     uint32_t h = (fnv32(name) ^ ((uint32_t)kind * 0x9e3779b9u)) + (uint32_t)j * 40503u;
-    return (float)((int32_t)(h % 65536u) - 32768) / 4096.0f;
+    const float x = (float)((int32_t)(h % 65536u) - 32768) / 4096.0f;
+    return kind == TK_V ? fabsf(x) : x; /* a second moment is >= 0 (the loader checks) */
 }
 
-/* Per-layer counters: expert_step = 1000 l + e + 7, tokens 10 e + l,
+/* Per-layer counters: expert_step = 12 l + e + 7 (distinct, and at most the
+ * optimizer step 41 with two MoE layers of 12 experts), tokens 10 e + l,
  * dropped e + 3 l. */
 static int64_t tk_counter(int which, int l, int e)
 {
-    return which == 0 ? 1000 * l + e + 7 : which == 1 ? 10 * e + l : e + 3 * l;
+    return which == 0 ? 12 * l + e + 7 : which == 1 ? 10 * e + l : e + 3 * l;
 }
 
 static int alloc_state(tk_state *t, int ep_rank, int ep_size)

@@ -35,7 +35,8 @@ extern int tk_vocab;
 int tk_assign(int v);
 
 /* Value of element j (global, row-major) of tensor `name` of kind k. An
- * integer / 4096, exact in float32. */
+ * integer / 4096, exact in float32; its absolute value for TK_V (a second
+ * moment is >= 0, as the loader checks). */
 float tk_value(int kind, const char *name, int64_t j);
 
 /* A state over table for this rank (ep rank p of P; replica index r): owned

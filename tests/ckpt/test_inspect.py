@@ -129,6 +129,11 @@ check(acts["/grad/h/2/moe/experts/activated"] == mask.tolist()
       and mask.tolist() == [int((e + 1) % 3 != 0) for e in range(E)], "activated mask")
 check(run(grads, "--verify")[0] == 0, "verify grads")
 check(run(grads, "--plot", svg)[0] == 1, "no load plot for a gradient dump")
+# a checkpoint against a gradient dump, either way round: refused, naming both
+for a, b in ((ckpt, grads), (grads, ckpt)):
+    rc, out, err = run(a, "--diff", b)
+    check(rc == 1 and "cannot compare a checkpoint with a gradient dump" in err and a in err and b in err
+          and not out, f"diff {a} against {b}: rc {rc}, stdout {out[:300]!r}, stderr {err[-500:]!r}")
 
 # --- run directory, usage ---
 run_dir = os.path.join(work, "run")

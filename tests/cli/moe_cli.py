@@ -68,7 +68,8 @@ class Cli:
         succeed), "fail" (must fail) or None (any)."""
         full_env = dict(os.environ)
         full_env.update(env or {})
-        p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        # errors="replace": generated text need not be UTF-8
+        p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, errors="replace",
                              cwd=self.work, env=full_env, start_new_session=True)
         try:
             out, err = p.communicate(timeout=timeout)
