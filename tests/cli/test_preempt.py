@@ -33,7 +33,9 @@ from moe_cli import STATE_FIELDS, Failure, check, check_h5_bitwise, main, read_m
 from test_crash import latest_step, rank_pids, verify
 
 NP = 2
-STEPS = 300
+# Long enough that the signal lands mid-run on a fast, idle machine (300
+# steps took 1.6 s and finished before it once).
+STEPS = 2000
 MODEL = {"d_model": 32, "n_layers": 2, "n_heads": 2, "seq_len": 32, "n_experts": 4, "top_k": 2, "d_ff": 64,
          "batch_size": 4, "steps": STEPS, "warmup_steps": 5, "val_every": 100, "val_batches": 1, "log_every": 1}
 AFTER_LINES = 10  # metrics lines before the signal
