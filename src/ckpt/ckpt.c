@@ -910,7 +910,7 @@ moe_status ckpt_read_scalars(hid_t f, const char *path, moe_ckpt_state *s, char 
 /* A clear message for a file HDF5 cannot open. */
 static moe_status open_fail(const char *path)
 {
-    moe_status st = ckpt_check_file(path);
+    moe_status st = ckpt_check_path(path);
     if (st != MOE_OK) return st;
     htri_t h5 = H5Fis_hdf5(path);
     if (h5 == 0) return moe_errorf(MOE_ERR_FORMAT, "'%s' is not an HDF5 file", path);
@@ -937,7 +937,12 @@ moe_status moe_ckpt_load(const char *path, moe_comm *c, moe_ckpt_state *s, char 
     hid_t f = H5I_INVALID_HID;
     /* Opening is collective (MPI-IO): every rank must see the same readable
      * file before any rank enters H5Fopen. */
-    st = agree(c, ckpt_check_file(path) == MOE_OK && fapl >= 0 ? MOE_OK : open_fail(path));
+    /* Every rank can read the path; one rank reads the whole file for the
+     * global heap check (the same file for all, agreed just below). */
+    moe_status pre = ckpt_check_path(path);
+    if (pre == MOE_OK && moe_comm_rank(c) == 0) pre = moe_h5_check_global_heaps(path);
+    if (pre == MOE_OK && fapl < 0) pre = open_fail(path);
+    st = agree(c, pre);
     if (st == MOE_OK) st = agree(c, moe_comm_check_same(c, "checkpoint path", path, strlen(path)));
     if (st == MOE_OK) {
         moe_comm_phase_begin(c, MOE_SCOPE_WORLD, "parallel HDF5 checkpoint open");

@@ -280,13 +280,19 @@ moe_status ckpt_check_values(const char *path, const char *dset, int64_t opt_ste
     return MOE_OK;
 }
 
-moe_status ckpt_check_file(const char *path)
+moe_status ckpt_check_path(const char *path)
 {
     struct stat sb;
     if (stat(path, &sb) != 0 || access(path, R_OK) != 0)
         return moe_errorf(MOE_ERR_IO, "cannot read '%s': %s", path, strerror(errno));
     if (!S_ISREG(sb.st_mode)) return moe_errorf(MOE_ERR_IO, "'%s' is not a regular file", path);
-    return moe_h5_check_global_heaps(path);
+    return MOE_OK;
+}
+
+moe_status ckpt_check_file(const char *path)
+{
+    const moe_status st = ckpt_check_path(path);
+    return st != MOE_OK ? st : moe_h5_check_global_heaps(path);
 }
 
 uint64_t ckpt_fnv1a(uint64_t h, const void *p, size_t n)

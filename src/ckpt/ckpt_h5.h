@@ -78,6 +78,8 @@ moe_status ckpt_check_values(const char *path, const char *dset, int64_t opt_ste
  * on a named pipe): MOE_ERR_IO naming it and the reason otherwise; and its
  * global heaps are whole (moe_h5_check_global_heaps: MOE_ERR_CHECKSUM). */
 moe_status ckpt_check_file(const char *path);
+/* The first part of ckpt_check_file alone (no read of the file). */
+moe_status ckpt_check_path(const char *path);
 
 /* 64-bit FNV-1a, for comparing descriptions across ranks. */
 uint64_t ckpt_fnv1a(uint64_t h, const void *p, size_t n);
