@@ -17,8 +17,9 @@
 #include "ckpt/ckpt.h"
 #include "cli/cli.h"
 #include "infer/infer.h"
+#include "tokenizer/tokenizer.h"
 
-enum { MAX_PROMPTS = 256 };
+enum { MAX_PROMPTS = MOE_INFER_MAX_PROMPTS };
 
 typedef struct {
     const char *ckpt, *prompt, *prompt_file;
@@ -122,83 +123,25 @@ static int parse(gen_opts *o, int argc, char **argv, int rank)
     return 0;
 }
 
-/* Length of the valid UTF-8 sequence at p (n bytes left), 0 if invalid
- * (overlong forms, surrogates and code points above U+10FFFF included). */
-static int utf8_len(const uint8_t *p, size_t n)
-{
-    if (p[0] < 0x80) return 1;
-    int k = p[0] >= 0xc2 && p[0] <= 0xdf ? 2 : p[0] >= 0xe0 && p[0] <= 0xef ? 3 : p[0] >= 0xf0 && p[0] <= 0xf4 ? 4 : 0;
-    if (!k || (size_t)k > n) return 0;
-    for (int i = 1; i < k; i++)
-        if ((p[i] & 0xc0) != 0x80) return 0;
-    if ((p[0] == 0xe0 && p[1] < 0xa0) || (p[0] == 0xed && p[1] > 0x9f) || (p[0] == 0xf0 && p[1] < 0x90) ||
-        (p[0] == 0xf4 && p[1] > 0x8f))
-        return 0;
-    return k;
-}
-
-/* Offset of the first byte that is not valid UTF-8, or n. */
-static size_t utf8_check(const uint8_t *p, size_t n)
-{
-    size_t i = 0;
-    for (int k; i < n && (k = utf8_len(p + i, n - i)); i += (size_t)k) {}
-    return i;
-}
-
-typedef struct {
-    uint8_t *buf;              /* the file (or NULL for --prompt) */
-    const uint8_t *p[MAX_PROMPTS];
-    size_t len[MAX_PROMPTS];
-    int n;
-} prompt_set;
-
-/* Splits the prompts (every rank reads the file itself). */
-static moe_status load_prompts(prompt_set *ps, const gen_opts *o)
-{
-    if (o->prompt) {
-        ps->p[0] = (const uint8_t *)o->prompt;
-        ps->len[0] = strlen(o->prompt);
-        ps->n = 1;
-        size_t bad = utf8_check(ps->p[0], ps->len[0]);
-        if (bad < ps->len[0])
-            return moe_errorf(MOE_ERR_ARG, "--prompt: invalid UTF-8 at byte %zu (prompts must be UTF-8 text)", bad);
-        return MOE_OK;
-    }
-    size_t n = 0;
-    moe_status st = moe_infer_read_file(&ps->buf, &n, o->prompt_file);
-    if (st) return st;
-    size_t i = 0;
-    for (int line = 1; i < n; line++) {
-        const uint8_t *s = ps->buf + i, *nl = memchr(s, '\n', n - i);
-        size_t len = nl ? (size_t)(nl - s) : n - i;
-        i += len + (nl != NULL);
-        if (len && s[len - 1] == '\r') len--;
-        size_t bad = utf8_check(s, len);
-        if (bad < len)
-            return moe_errorf(MOE_ERR_ARG, "'%s' line %d: invalid UTF-8 at byte %zu (prompts must be UTF-8 text)",
-                              o->prompt_file, line, bad + 1);
-        if (ps->n == MAX_PROMPTS)
-            return moe_errorf(MOE_ERR_ARG, "'%s': more than %d prompts (lines)", o->prompt_file, MAX_PROMPTS);
-        ps->p[ps->n] = s;
-        ps->len[ps->n++] = len;
-    }
-    if (ps->n == 0) return moe_errorf(MOE_ERR_ARG, "'%s' holds no prompt (empty file)", o->prompt_file);
-    return MOE_OK;
-}
-
-/* A JSON string of n bytes: invalid UTF-8 bytes become U+FFFD. */
+/* A JSON string of n bytes: invalid UTF-8 bytes (and NUL, which would end
+ * the C string) become U+FFFD. */
 static cJSON *json_bytes(const uint8_t *p, size_t n)
 {
     char *s = malloc(3 * n + 1);
     if (!s) return NULL;
     size_t o = 0;
     for (size_t i = 0; i < n;) {
-        int k = p[i] ? utf8_len(p + i, n - i) : 0; /* NUL would end the C string */
-        if (k) {
-            memcpy(s + o, p + i, (size_t)k);
-            o += (size_t)k;
-            i += (size_t)k;
-        } else {
+        const size_t v = moe_tok_utf8_valid_prefix(p + i, n - i);
+        for (size_t k = 0; k < v; k++) {
+            if (p[i + k]) {
+                s[o++] = (char)p[i + k];
+            } else {
+                memcpy(s + o, "\xef\xbf\xbd", 3);
+                o += 3;
+            }
+        }
+        i += v;
+        if (i < n) { /* one invalid byte */
             memcpy(s + o, "\xef\xbf\xbd", 3);
             o += 3;
             i++;
@@ -221,12 +164,14 @@ static void gen_text_free(gen_text *g)
     for (int b = 0; b < MAX_PROMPTS; b++) moe_free(g->text[b]);
 }
 
-static int print_json(const prompt_set *ps, const gen_text *gt, const moe_infer_gen_stats *gs)
+static int print_json(const moe_infer_prompts *ps, const gen_text *gt, const moe_infer_gen_stats *gs)
 {
     cJSON *j = cJSON_CreateObject(), *arr = cJSON_AddArrayToObject(j, "samples");
-    for (int b = 0; b < ps->n; b++) {
+    for (int b = 0; b < moe_infer_prompts_count(ps); b++) {
         cJSON *o = cJSON_CreateObject();
-        cJSON_AddItemToObject(o, "prompt", json_bytes(ps->p[b], ps->len[b]));
+        size_t len;
+        const uint8_t *p = moe_infer_prompts_get(ps, b, &len);
+        cJSON_AddItemToObject(o, "prompt", json_bytes(p, len));
         cJSON_AddItemToObject(o, "text", json_bytes(gt->text[b], gt->len[b]));
         cJSON_AddItemToArray(arr, o);
     }
@@ -242,10 +187,13 @@ static int print_json(const prompt_set *ps, const gen_text *gt, const moe_infer_
     return 0;
 }
 
-static void print_text(const prompt_set *ps, const gen_text *gt)
+static void print_text(const moe_infer_prompts *ps, const gen_text *gt)
 {
-    for (int b = 0; b < ps->n; b++) {
-        if (ps->n > 1) printf("%s=== [%d/%d] %.*s\n", b ? "\n" : "", b + 1, ps->n, (int)ps->len[b], (const char *)ps->p[b]);
+    const int n = moe_infer_prompts_count(ps);
+    for (int b = 0; b < n; b++) {
+        size_t len;
+        const uint8_t *p = moe_infer_prompts_get(ps, b, &len);
+        if (n > 1) printf("%s=== [%d/%d] %.*s\n", b ? "\n" : "", b + 1, n, (int)len, (const char *)p);
         fwrite(gt->text[b], 1, gt->len[b], stdout);
         printf("\n");
     }
@@ -278,34 +226,40 @@ static void stream_step(void *vctx, int t, const int32_t *ids, int n)
 static int run(const gen_opts *o, moe_comm *comm)
 {
     const int rank = moe_comm_rank(comm), W = moe_comm_size(comm);
-    prompt_set ps = {0};
+    moe_infer_prompts *ps = NULL;
     moe_model *m = NULL;
     moe_tok *tok = NULL;
     moe_infer_decoder *d = NULL;
     int32_t *ids[MAX_PROMPTS] = {NULL}, *out = NULL;
     gen_text gt = {{NULL}, {0}};
     moe_infer_gen_stats gs = {0};
-    moe_status st = moe_comm_agree(comm, load_prompts(&ps, o));
-    if (!st) st = moe_infer_load(&m, NULL, o->ckpt, 1, ps.n, comm);
+    moe_status st = moe_comm_agree(comm, o->prompt_file ? moe_infer_prompts_create(&ps, o->prompt_file)
+                                                        : moe_infer_prompts_create_text(&ps, o->prompt));
+    const int n_prompts = st ? 0 : moe_infer_prompts_count(ps);
+    if (!st) st = moe_infer_load(&m, NULL, o->ckpt, 1, n_prompts, comm);
     if (!st) st = moe_ckpt_load_tokenizer(&tok, o->ckpt, comm);
     size_t n_ids[MAX_PROMPTS] = {0};
     int32_t newline = '\n'; /* an empty prompt starts a new document: after "\n" */
     /* the same option on every rank: no agreement needed */
     if (!st && o->vocab_top_k) st = moe_model_set_vocab_top_k(m, o->vocab_top_k);
     if (!st) {
-        for (int b = 0; !st && b < ps.n; b++) st = moe_infer_text_encode(&ids[b], &n_ids[b], tok, ps.p[b], ps.len[b]);
+        for (int b = 0; !st && b < n_prompts; b++) {
+            size_t len;
+            const uint8_t *p = moe_infer_prompts_get(ps, b, &len);
+            st = moe_infer_text_encode(&ids[b], &n_ids[b], tok, p, len);
+        }
         if (!st && tok) newline = (int32_t)moe_tok_rank(tok, (const uint8_t *)"\n", 1); /* every byte has a rank */
-        if (!st) st = moe_infer_decoder_create(&d, m, ps.n);
-        if (!st && !(out = moe_calloc((size_t)ps.n * o->tokens, sizeof(int32_t))))
+        if (!st) st = moe_infer_decoder_create(&d, m, n_prompts);
+        if (!st && !(out = moe_calloc((size_t)n_prompts * o->tokens, sizeof(int32_t))))
             st = moe_errorf(MOE_ERR_NOMEM, "output");
         st = moe_comm_agree(comm, st);
     }
-    const int stream = !o->json && ps.n == 1;
+    const int stream = !o->json && n_prompts == 1;
     stream_ctx sx = {.tok = tok, .rank = rank};
     const moe_infer_gen_hooks hooks = {.empty_prompt = newline, .on_step = stream ? stream_step : NULL, .ctx = &sx};
-    if (!st) st = moe_infer_generate(out, &gs, d, comm, (const int32_t *const *)ids, n_ids, ps.n, o->tokens, &o->s,
+    if (!st) st = moe_infer_generate(out, &gs, d, comm, (const int32_t *const *)ids, n_ids, n_prompts, o->tokens, &o->s,
                                      &hooks);
-    for (int b = 0; !st && b < ps.n; b++)
+    for (int b = 0; !st && b < n_prompts; b++)
         st = moe_infer_text_decode(&gt.text[b], &gt.len[b], tok, out + (size_t)b * o->tokens, (size_t)o->tokens);
     int rc = 0;
     if (st) {
@@ -314,13 +268,13 @@ static int run(const gen_opts *o, moe_comm *comm)
         if (who < 0 || who == rank) moe_cli_error(W > 1 ? rank : -1, "generate", st);
         rc = 1;
     } else if (rank == 0) {
-        if (o->json) rc = print_json(&ps, &gt, &gs);
+        if (o->json) rc = print_json(ps, &gt, &gs);
         else if (stream) printf("\n");
-        else print_text(&ps, &gt);
+        else print_text(ps, &gt);
         fflush(stdout); /* the text, then the figures */
         fprintf(stderr, "moe generate: %d ranks, %d prompts: prefill %lld tokens in %.3f s; decode %lld tokens in %.3f s "
                         "(%.1f tokens/s, %lld context slides)\n",
-                W, ps.n, (long long)gs.prefill_tokens, gs.prefill_s, (long long)gs.decode_tokens, gs.decode_s,
+                W, n_prompts, (long long)gs.prefill_tokens, gs.prefill_s, (long long)gs.decode_tokens, gs.decode_s,
                 gs.decode_s > 0 ? (double)gs.decode_tokens / gs.decode_s : 0.0, (long long)gs.slides);
     }
     gen_text_free(&gt);
@@ -329,7 +283,7 @@ static int run(const gen_opts *o, moe_comm *comm)
     moe_infer_decoder_destroy(d);
     moe_model_destroy(m);
     moe_tok_destroy(tok);
-    moe_free(ps.buf);
+    moe_infer_prompts_destroy(ps);
     return rc;
 }
 

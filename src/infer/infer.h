@@ -52,6 +52,29 @@ moe_status moe_infer_load(moe_model **out, moe_train_config *cfg, const char *pa
  * collective. MOE_ERR_IO naming the file. */
 moe_status moe_infer_read_file(uint8_t **data, size_t *n, const char *path);
 
+/* ---- prompts of `moe generate` (prompt.c) ---- */
+
+enum { MOE_INFER_MAX_PROMPTS = 256 };
+
+typedef struct moe_infer_prompts moe_infer_prompts;
+
+/* The prompts of the file at path: one per line ('\n'; a trailing '\r' is
+ * dropped, an empty line is an empty prompt, a last line without '\n'
+ * counts), each valid UTF-8. Not collective (every rank reads the file
+ * itself). MOE_ERR_IO as moe_infer_read_file; MOE_ERR_ARG naming the file
+ * (and the line and byte) for invalid UTF-8, more than
+ * MOE_INFER_MAX_PROMPTS lines, or an empty file. Owner: caller
+ * (moe_infer_prompts_destroy). */
+moe_status moe_infer_prompts_create(moe_infer_prompts **out, const char *path);
+/* One prompt, the C string text (not copied: it must outlive the handle).
+ * MOE_ERR_ARG "--prompt: invalid UTF-8 at byte N". */
+moe_status moe_infer_prompts_create_text(moe_infer_prompts **out, const char *text);
+void moe_infer_prompts_destroy(moe_infer_prompts *ps);
+int moe_infer_prompts_count(const moe_infer_prompts *ps);
+/* Prompt i (0 <= i < count): *len bytes, not NUL-terminated, inside the
+ * handle's buffer (or the text given). */
+const uint8_t *moe_infer_prompts_get(const moe_infer_prompts *ps, int i, size_t *len);
+
 /* ---- text and token ids (text.c) ---- */
 
 /* Nothing here is collective. A checkpoint's tokenizer comes from
