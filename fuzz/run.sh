@@ -3,7 +3,7 @@
 #   fuzz/run.sh HARNESS MINUTES        (HARNESS: config ckpt prompt data tokenizer tokfile safetensors ...)
 # Builds the instrumented fuzzers into build-fuzz/ (CC=afl-clang-fast,
 # -DMOE_FUZZ=ON, AddressSanitizer + UBSan) unless present, then runs ONE
-# afl-fuzz (nice 10, no CPU binding: the machine is shared) for MINUTES
+# afl-fuzz (nice 19, no CPU binding: the machine is shared) for MINUTES
 # minutes (-V) on fuzz_HARNESS, starting from fuzz/corpus/HARNESS/ with the
 # dictionary fuzz/HARNESS.dict when there is one. Afterwards:
 #   - appends a line to fuzz/CAMPAIGNS.md: date, minutes, executions,
@@ -28,7 +28,7 @@ if [[ ! -f $build/CMakeCache.txt ]]; then
   CC=afl-clang-fast cmake -S . -B "$build" -DCMAKE_BUILD_TYPE=RelWithDebInfo -DMOE_FUZZ=ON -DMOE_BUILD_TESTS=OFF \
     -DMOE_ASAN=ON -DMOE_UBSAN=ON > /dev/null
 fi
-nice -n 10 cmake --build "$build" --target "fuzz_$h" -j2 > "$build/build-$h.log" 2>&1 ||
+nice -n 19 cmake --build "$build" --target "fuzz_$h" -j2 > "$build/build-$h.log" 2>&1 ||
   { tail -30 "$build/build-$h.log" >&2; exit 2; }
 bin=$build/fuzz/fuzz_$h
 
@@ -51,7 +51,7 @@ export AFL_SKIP_CPUFREQ=1 AFL_NO_AFFINITY=1 AFL_NO_UI=1 AFL_I_DONT_CARE_ABOUT_MI
 export ASAN_OPTIONS=abort_on_error=1:symbolize=0:detect_leaks=0:allocator_may_return_null=1
 export UBSAN_OPTIONS=halt_on_error=1:abort_on_error=1
 echo "fuzz/run.sh: $h for $minutes min, output $out"
-nice -n 10 afl-fuzz -i "$corpus" -o "$out" "${dict[@]}" -m none -t "$tmo" -V $((minutes * 60)) -- "$bin" \
+nice -n 19 afl-fuzz -i "$corpus" -o "$out" "${dict[@]}" -m none -t "$tmo" -V $((minutes * 60)) -- "$bin" \
   > "$out/afl.log" 2>&1 || { echo "fuzz/run.sh: afl-fuzz failed:" >&2; tail -30 "$out/afl.log" >&2; exit 2; }
 
 stats=$out/default/fuzzer_stats
@@ -70,7 +70,7 @@ cp "$out"/default/queue/id:* "$out/all/" 2> /dev/null || true
 for f in "$corpus"/*; do
   case $(basename "$f") in regress-*) cp "$f" "$keep/" ;; *) cp "$f" "$out/all/old-$(basename "$f")" ;; esac
 done
-if AFL_SKIP_BIN_CHECK=1 nice -n 10 afl-cmin -i "$out/all" -o "$out/cmin" -m none -t $((tmo * 5)) -- "$bin" \
+if AFL_SKIP_BIN_CHECK=1 nice -n 19 afl-cmin -i "$out/all" -o "$out/cmin" -m none -t $((tmo * 5)) -- "$bin" \
      > "$out/cmin.log" 2>&1 && [[ -n $(ls -A "$out/cmin") ]]; then
   rm -f "$corpus"/*
   i=0
