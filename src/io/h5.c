@@ -293,8 +293,11 @@ static uint64_t le64(const unsigned char *p)
 }
 
 /* The collection at offset g (its signature there) of the file fd of
- * `size` bytes: objects of index != 0 (16-byte header, data rounded up to
- * 8) end inside it, and the free-space object (index 0) ends it. */
+ * `size` bytes, walked as HDF5 reads it: objects of index != 0 (16-byte
+ * header, data rounded up to 8) end inside it, and a free-space object
+ * (index 0, its size counting its header) holds at least its header and
+ * ends inside it; HDF5 steps over free space by its size, so a size of 0
+ * would have it read the same 16 bytes for ever. */
 static moe_status check_collection(int fd, const char *path, uint64_t g, uint64_t size)
 {
     unsigned char h[16];
@@ -312,8 +315,12 @@ static moe_status check_collection(int fd, const char *path, uint64_t g, uint64_
         const unsigned idx = (unsigned)c[pos] | (unsigned)c[pos + 1] << 8;
         const uint64_t len = le64(c + pos + 8);
         if (idx == 0) { /* free space: its size counts its header */
-            if (len > n - pos) st = MOE_ERR_CHECKSUM;
-            break;
+            if (len < 16 || len > n - pos) {
+                st = MOE_ERR_CHECKSUM;
+                break;
+            }
+            pos += len;
+            continue;
         }
         if (len > n - pos - 16 || ((len + 7) & ~7ull) > n - pos - 16) {
             st = MOE_ERR_CHECKSUM;
@@ -324,7 +331,8 @@ static moe_status check_collection(int fd, const char *path, uint64_t g, uint64_
     free(c);
     if (st == MOE_ERR_CHECKSUM)
         return moe_errorf(MOE_ERR_CHECKSUM, "'%s' is damaged: an object of the global heap (string attributes) at "
-                                            "offset %llu runs past its end", path, (unsigned long long)(g + pos));
+                                            "offset %llu runs past its end or is smaller than its header", path,
+                          (unsigned long long)(g + pos));
     return st;
 }
 
