@@ -187,10 +187,14 @@ static int run(train_cmd *t)
         printf("done: %lld steps in %.1f s (%.0f tokens/s); checkpoints took %.2f s (%.1f%% of the run)\n",
                (long long)steps, wall, (double)steps * c->batch_size * S / wall, ckpt_total, 100 * ckpt_total / wall);
         const double peak_mb = moe_cli_mem_mb("VmHWM");
+        moe_model_memory mm; /* what the size check before the run assumed */
+        moe_model_memory_estimate(&mm, c, c->batch_size / t->W, moe_comm_ep_size(t->comm));
         if (peak_mb > 0)
             printf("memory (rank 0): peak RSS %.0f MB = %.0f MB before the model (libraries) + %.0f MB "
-                   "(data index, parameters, gradients and AdamW state: %.0f MB)\n",
-                   peak_mb, base_mb, peak_mb - base_mb, 4.0 * sizeof(float) * moe_model_tensors(model)->total / (1 << 20));
+                   "(data index, parameters, gradients and AdamW state: %.0f MB; estimated before the run: "
+                   "%.0f MB)\n",
+                   peak_mb, base_mb, peak_mb - base_mb, 4.0 * sizeof(float) * moe_model_tensors(model)->total / (1 << 20),
+                   mm.total / (1 << 20));
         const double val = moe_train_run_last_val_loss(r);
         if (isfinite(val))
             printf("validation: %.4f nats/%s = %.3f bits/byte (unigram baseline %.3f bits/byte)\n", val,

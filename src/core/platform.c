@@ -1,7 +1,8 @@
 /* Per-process platform record (BLAS kernels, threads, version, host) and
  * the start-up check that every rank of a job computes with the same
  * kernels (platform.h). Messages group ranks by value and name their hosts,
- * so a node started with another environment is found at once. */
+ * so a node started with another environment is found at once; and the
+ * memory the machine (or its container) offers. */
 #include "core/platform.h"
 
 #include <cblas.h>
@@ -202,4 +203,34 @@ void moe_platform_summary(char *out, size_t cap, const moe_platform *all, int n)
     if (lo == hi) put(&t, "%d thread%s", lo, lo == 1 ? "" : "s");
     else put(&t, "%d-%d threads", lo, hi);
     put(&t, "; moe %s", all[0].version);
+}
+
+/* A byte count from the first line of a cgroup file ("max": none). */
+static uint64_t cgroup_bytes(const char *path)
+{
+    FILE *f = fopen(path, "r");
+    if (!f) return 0;
+    char line[64] = "";
+    const int ok = fgets(line, sizeof line, f) != NULL;
+    fclose(f);
+    char *end;
+    const unsigned long long v = ok ? strtoull(line, &end, 10) : 0;
+    return ok && end != line ? (uint64_t)v : 0;
+}
+
+uint64_t moe_platform_memory(int *limited)
+{
+    const long pages = sysconf(_SC_PHYS_PAGES), page = sysconf(_SC_PAGESIZE);
+    uint64_t mem = pages > 0 && page > 0 ? (uint64_t)pages * (uint64_t)page : 0;
+    *limited = 0;
+    /* the container's own cgroup (v2, then v1); "unlimited" in v1 is a huge number */
+    const char *files[] = {"/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"};
+    for (int i = 0; i < 2; i++) {
+        const uint64_t lim = cgroup_bytes(files[i]);
+        if (lim > 0 && (mem == 0 || lim < mem)) {
+            mem = lim;
+            *limited = 1;
+        }
+    }
+    return mem;
 }

@@ -4,7 +4,8 @@
  * sets give different bits for the same GEMM; ranks started on another node
  * with another environment can differ silently. A job therefore gathers
  * every rank's record at start-up (src/cli) and checks them here.
- * Nothing here is collective or touches MPI. */
+ * moe_platform_memory: how much memory the machine offers (a run's size
+ * check). Nothing here is collective or touches MPI. */
 #ifndef MOE_CORE_PLATFORM_H
 #define MOE_CORE_PLATFORM_H
 
@@ -43,5 +44,11 @@ void moe_platform_summary(char *out, size_t cap, const moe_platform *all, int n)
 
 /* Number of distinct hosts among the n records. */
 int moe_platform_n_hosts(const moe_platform *all, int n);
+
+/* The memory this process may use on this machine, in bytes: the physical
+ * memory, or the memory limit of the container's cgroup (v2 memory.max, v1
+ * memory.limit_in_bytes) when that is smaller (*limited = 1 then); 0 when
+ * unknown. */
+uint64_t moe_platform_memory(int *limited);
 
 #endif

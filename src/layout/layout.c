@@ -131,12 +131,22 @@ typedef struct {
     const int64_t *vids;     /* (vrows) */
 } shard;
 
-/* Appends the tensors of one place (and block l) to t; counts only when t->t is NULL. */
-static moe_status add_place(moe_tensor_table *t, const moe_train_config *c, place at, int l, const shard *sh)
+/* Appends the tensors of one place (and block l) to t; counts only when t->t
+ * is NULL. floats (may be NULL): adds their local elements, in double so
+ * that an absurd configuration cannot overflow the sum. */
+static moe_status add_place(moe_tensor_table *t, const moe_train_config *c, place at, int l, const shard *sh,
+                            double *floats)
 {
     for (int i = 0; i < N_DESCS; i++) {
         const tensor_desc *d = &descs[i];
         if (d->at != at || (d->present && !d->present(c))) continue;
+        if (floats) {
+            double e = d->sharded == 1 + MOE_EXPERTS_FFN     ? (double)sh->rows
+                       : d->sharded == 1 + MOE_EXPERTS_VOCAB ? (double)sh->vrows
+                                                             : (double)dim_value(d->dims[0], c);
+            for (int k = 1; k < d->ndim; k++) e *= (double)dim_value(d->dims[k], c);
+            *floats += e;
+        }
         if (t->t) {
             moe_tensor *x = &t->t[t->n];
             memset(x, 0, sizeof *x);
@@ -170,15 +180,27 @@ static moe_status add_place(moe_tensor_table *t, const moe_train_config *c, plac
 }
 
 /* Every tensor of the model in table order (counting pass when t->t is NULL). */
-static moe_status add_all(moe_tensor_table *t, const moe_train_config *c, const shard *sh)
+static moe_status add_all(moe_tensor_table *t, const moe_train_config *c, const shard *sh, double *floats)
 {
-    moe_status st = add_place(t, c, AT_HEAD, -1, sh);
+    moe_status st = add_place(t, c, AT_HEAD, -1, sh, floats);
     for (int l = 0; st == MOE_OK && l < c->n_layers; l++) {
-        st = add_place(t, c, AT_BLOCK, l, sh);
-        if (st == MOE_OK) st = add_place(t, c, moe_layout_block_is_moe(c, l) ? AT_MOE : AT_DENSE, l, sh);
+        st = add_place(t, c, AT_BLOCK, l, sh, floats);
+        if (st == MOE_OK) st = add_place(t, c, moe_layout_block_is_moe(c, l) ? AT_MOE : AT_DENSE, l, sh, floats);
     }
-    if (st == MOE_OK) st = add_place(t, c, AT_TAIL, -1, sh);
+    if (st == MOE_OK) st = add_place(t, c, AT_TAIL, -1, sh, floats);
     return st;
+}
+
+double moe_layout_local_floats(const moe_train_config *c, int ep_size)
+{
+    if (ep_size < 1) ep_size = 1;
+    /* the vocabulary rows of a rank: an even share (the partition decides) */
+    shard sh = {.rows = (c->n_experts + ep_size - 1) / ep_size,
+                .vrows = c->head == MOE_HEAD_VOCAB_EXPERTS ? (c->vocab_size + ep_size - 1) / ep_size : 0};
+    moe_tensor_table t = {0}; /* counting pass: t.t stays NULL */
+    double floats = 0;
+    add_all(&t, c, &sh, &floats);
+    return floats;
 }
 
 /* The vocabulary experts of ep rank p: their segments and token ids, in
@@ -226,11 +248,11 @@ moe_status moe_layout_create(moe_tensor_table **out, const moe_train_config *c, 
         moe_layout_destroy(t);
         return st;
     }
-    add_all(t, c, &sh); /* count */
+    add_all(t, c, &sh, NULL); /* count */
     const int n = t->n;
     t->n = 0;
     t->t = calloc((size_t)n, sizeof *t->t);
-    st = t->t ? add_all(t, c, &sh) : moe_errorf(MOE_ERR_NOMEM, "layout: %d tensors", n);
+    st = t->t ? add_all(t, c, &sh, NULL) : moe_errorf(MOE_ERR_NOMEM, "layout: %d tensors", n);
     if (st != MOE_OK) {
         moe_layout_destroy(t);
         return st;

@@ -73,6 +73,14 @@ moe_status moe_layout_create(moe_tensor_table **out, const moe_train_config *cfg
                              int ep_rank, int ep_size);
 void moe_layout_destroy(moe_tensor_table *t);
 
+/* The floats of the largest local parameter block of cfg's model on an ep
+ * group of ep_size, from the descriptor alone (no table, no partition, no
+ * allocation): what moe_layout_create's total would be, with the
+ * vocabulary head's rows taken as an even share. In double, so that any
+ * configuration the key table admits gives a finite count. cfg must have
+ * passed moe_train_config_check_model. Not collective. */
+double moe_layout_local_floats(const moe_train_config *cfg, int ep_size);
+
 /* Table index of tensor `kind` of block `layer` (-1 for global tensors),
  * or -1 when the model has no such tensor. Not collective. */
 int moe_layout_find(const moe_tensor_table *t, moe_tensor_kind kind, int layer);

@@ -168,42 +168,98 @@ static void init_params(moe_model *m)
     }
 }
 
+/* The parts of the activation block in floats, in the order of
+ * alloc_acts's pointers, for cfg with B_max local sequences and `threads`
+ * attention blocks. In double: moe_model_memory_estimate calls it before
+ * any check that the sizes fit in memory (or in size_t). */
+enum { N_ACTS = 34 };
+static void act_sizes(double n[N_ACTS], const moe_train_config *cfg, int B_max, int threads)
+{
+    int n_moe = 0;
+    for (int l = 0; l < cfg->n_layers; l++) n_moe += moe_layout_block_is_moe(cfg, l);
+    /* the vocabulary head forms no (N, V) logits */
+    const double N = (double)B_max * cfg->seq_len, C = cfg->d_model, L = cfg->n_layers, T = cfg->seq_len;
+    const double V = cfg->head == MOE_HEAD_VOCAB_EXPERTS ? 0 : (double)cfg->vocab_size;
+    const double Ld = (double)(cfg->n_layers - n_moe), A = moe_cfg_att_width(cfg), QKV = moe_cfg_qkv_width(cfg);
+    const double F = cfg->d_ff, F1 = moe_f1(cfg->d_ff, cfg->activation);
+    const double att = (double)B_max * cfg->n_heads * T * T;
+    const double qk = cfg->qk_norm != MOE_QK_NORM_NONE; /* the q/k norm's buffers, or none */
+    const int per_head = cfg->qk_norm == MOE_QK_NORM_HEAD;
+    const double QG = per_head ? cfg->n_heads : 1, KG = per_head ? moe_cfg_kv_heads(cfg) : 1;
+    const double rope = cfg->pos == MOE_POS_ROPE ? T * (double)(moe_cfg_head_dim(cfg) / 2) : 0;
+    const double sizes[N_ACTS] = {
+        N * C,
+        L * N * C, L * N, L * N,
+        L * N * QKV, qk * L * N * QKV, qk * L * N * (QG + KG),
+        L * att, L * N * A, L * N * C,
+        L * N * C, L * N, L * N,
+        Ld * N * F1, Ld * N * F, L * N * C,
+        N * C, N, N,
+        N * V, N * V, N,
+        N * C, N * C, N * C, N * A, N * QKV,
+        qk * N * QKV,
+        (double)threads * T * T, N * F1, N * F, N * V,
+        rope, rope,
+    };
+    memcpy(n, sizes, sizeof sizes);
+}
+
 static moe_status alloc_acts(moe_model *m)
 {
     m->att_blocks = moe_par_threads();
     model_acts *a = &m->a;
-    /* the vocabulary head forms no (N, V) logits */
-    const size_t N = (size_t)m->B_max * m->T_max, C = m->C, L = m->L, V = m->vocab ? 0 : (size_t)m->V;
-    const size_t Ld = (size_t)(m->L - m->n_moe), T = m->T_max, A = m->A, QKV = m->QKV;
-    const size_t att = (size_t)m->B_max * m->NH * T * T;
-    const size_t qk = m->cfg.qk_norm != MOE_QK_NORM_NONE; /* the q/k norm's buffers, or none */
-    const size_t rope = m->cfg.pos == MOE_POS_ROPE ? T * (size_t)(m->HD / 2) : 0;
-    struct { float **p; size_t n; } lay[] = {
-        {&a->encoded, N * C},
-        {&a->ln1, L * N * C}, {&a->ln1_mean, L * N}, {&a->ln1_rstd, L * N},
-        {&a->qkv, L * N * QKV}, {&a->qkv_raw, qk * L * N * QKV}, {&a->qk_rstd, qk * L * N * (m->QG + m->KG)},
-        {&a->att, L * att}, {&a->atty, L * N * A}, {&a->res2, L * N * C},
-        {&a->ln2, L * N * C}, {&a->ln2_mean, L * N}, {&a->ln2_rstd, L * N},
-        {&a->fch, Ld * N * m->F1}, {&a->fch_act, Ld * N * m->F}, {&a->res3, L * N * C},
-        {&a->lnf, N * C}, {&a->lnf_mean, N}, {&a->lnf_rstd, N},
-        {&a->logits, N * V}, {&a->probs, N * V}, {&a->losses, N},
-        {&a->dres, N * C}, {&a->dln, N * C}, {&a->dhead, N * C}, {&a->datty, N * A}, {&a->dqkv, N * QKV},
-        {&a->dqkv_raw, qk * N * QKV},
-        {&a->datt, (size_t)m->att_blocks * T * T}, {&a->dfch, N * m->F1}, {&a->dfch_act, N * m->F}, {&a->dlogits, N * V},
-        {&m->rope_cos, rope}, {&m->rope_sin, rope},
+    float **ptr[N_ACTS] = {
+        &a->encoded,
+        &a->ln1, &a->ln1_mean, &a->ln1_rstd,
+        &a->qkv, &a->qkv_raw, &a->qk_rstd,
+        &a->att, &a->atty, &a->res2,
+        &a->ln2, &a->ln2_mean, &a->ln2_rstd,
+        &a->fch, &a->fch_act, &a->res3,
+        &a->lnf, &a->lnf_mean, &a->lnf_rstd,
+        &a->logits, &a->probs, &a->losses,
+        &a->dres, &a->dln, &a->dhead, &a->datty, &a->dqkv,
+        &a->dqkv_raw,
+        &a->datt, &a->dfch, &a->dfch_act, &a->dlogits,
+        &m->rope_cos, &m->rope_sin,
     };
-    const int n = (int)(sizeof lay / sizeof lay[0]);
-    size_t total = 0;
-    for (int i = 0; i < n; i++) total += lay[i].n;
-    m->act_mem = moe_calloc(total, sizeof(float));
-    if (!m->act_mem) return moe_errorf(MOE_ERR_NOMEM, "model activations: %zu floats", total);
+    double n[N_ACTS], total = 0;
+    act_sizes(n, &m->cfg, m->B_max, m->att_blocks);
+    for (int i = 0; i < N_ACTS; i++) total += n[i];
+    if (total > (double)(SIZE_MAX / sizeof(float) / 2))
+        return moe_errorf(MOE_ERR_NOMEM, "model activations: %.3g floats", total);
+    m->act_mem = moe_calloc((size_t)total, sizeof(float));
+    if (!m->act_mem) return moe_errorf(MOE_ERR_NOMEM, "model activations: %.0f floats", total);
     float *p = m->act_mem;
-    for (int i = 0; i < n; i++) {
-        *lay[i].p = lay[i].n ? p : NULL;
-        p += lay[i].n;
+    for (int i = 0; i < N_ACTS; i++) {
+        *ptr[i] = n[i] > 0 ? p : NULL;
+        p += (size_t)n[i];
     }
-    if (rope) moe_model_rope_table(m->rope_cos, m->rope_sin, m->T_max, m->HD, m->cfg.rope_theta);
+    if (n[N_ACTS - 1] > 0) moe_model_rope_table(m->rope_cos, m->rope_sin, m->T_max, m->HD, m->cfg.rope_theta);
     return MOE_OK;
+}
+
+void moe_model_memory_estimate(moe_model_memory *out, const moe_train_config *cfg, int max_local_seqs, int ep_size)
+{
+    double n[N_ACTS];
+    act_sizes(n, cfg, max_local_seqs, moe_par_threads());
+    memset(out, 0, sizeof *out);
+    for (int i = 0; i < N_ACTS; i++) out->activations += 4 * n[i];
+    /* parameters, gradients and the two AdamW moments: four blocks of the table */
+    out->state = 16 * moe_layout_local_floats(cfg, ep_size);
+    /* the MoE layers keep each expert row's hidden activations for the
+     * backward (h and a, F1 + F floats) and exchange the rows (in, out and
+     * their gradients: 4 d): every routed copy of a token, top_k per token
+     * for token choice and capacity_factor for expert choice, or more with
+     * an uneven load; the shared experts per token */
+    const double N = (double)max_local_seqs * cfg->seq_len, d = cfg->d_model;
+    const double F = cfg->d_ff, F1 = moe_f1(cfg->d_ff, cfg->activation);
+    const double copies = cfg->router == MOE_ROUTER_EXPERT_CHOICE ? fmax(cfg->capacity_factor, 1) : cfg->top_k;
+    const double Fs = moe_cfg_d_ff_shared(cfg), Fs1 = moe_f1(moe_cfg_d_ff_shared(cfg), cfg->activation);
+    double per_layer = N * copies * (F1 + F + 4 * d) + N * cfg->n_shared * (Fs1 + Fs) + (cfg->n_shared ? 3 * N * d : 0);
+    int n_moe = 0;
+    for (int l = 0; l < cfg->n_layers; l++) n_moe += moe_layout_block_is_moe(cfg, l);
+    out->moe_layers = 4 * per_layer * n_moe;
+    out->total = out->activations + out->state + out->moe_layers;
 }
 
 static moe_status check_config(const moe_train_config *c, int max_local_seqs)

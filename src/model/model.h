@@ -71,6 +71,20 @@ moe_status moe_model_create(moe_model **out, const moe_train_config *cfg, const 
                             int max_local_seqs, moe_comm *comm);
 void moe_model_destroy(moe_model *m);
 
+/* What moe_model_create and a trainer (AdamW) would allocate on the
+ * largest rank, in bytes, from the configuration alone: nothing is
+ * allocated, so a run can refuse sizes the machine cannot hold before it
+ * tries (src/train/run.c). state: parameters, gradients and both moments
+ * (moe_layout_local_floats); activations: the model's activation block for
+ * max_local_seqs sequences (the same size table the model allocates);
+ * moe_layers: the MoE layers' per-row buffers at an even load (an uneven
+ * load needs more). An estimate from below: small tables are left out.
+ * cfg must have passed moe_train_config_check_model. Not collective. */
+typedef struct {
+    double state, activations, moe_layers, total;
+} moe_model_memory;
+void moe_model_memory_estimate(moe_model_memory *out, const moe_train_config *cfg, int max_local_seqs, int ep_size);
+
 /* The parameter table (names, shapes, local offsets) and the two blocks
  * (table->total floats each). Owned by the model. */
 const moe_tensor_table *moe_model_tensors(const moe_model *m);

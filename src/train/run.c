@@ -21,6 +21,7 @@
 
 #include "ckpt/ckpt.h"
 #include "core/platform.h"
+#include "model/model.h"
 
 struct moe_train_run {
     moe_train_config cfg;      /* vocab_size resolved from the data */
@@ -550,6 +551,32 @@ static moe_status load_tokenizer(moe_train_run *r, moe_data_format f, const char
     return MOE_OK;
 }
 
+/* Refuses a model this node cannot hold, before anything of it is
+ * allocated: the estimate of moe_model_memory_estimate for this rank's
+ * sequences, times the job's ranks on this node, against the machine's
+ * memory (an absurd size would otherwise fail deep in an allocation, or
+ * be killed by the kernel when the pages are touched). Not collective. */
+static moe_status check_memory(const moe_train_config *c, moe_comm *comm)
+{
+    const int W = moe_comm_size(comm), me = moe_comm_node_of(comm, moe_comm_rank(comm));
+    int on_node = 0;
+    for (int r = 0; r < W; r++) on_node += moe_comm_node_of(comm, r) == me;
+    moe_model_memory mm;
+    moe_model_memory_estimate(&mm, c, c->batch_size / W, moe_comm_ep_size(comm));
+    int limited = 0;
+    const uint64_t have = moe_platform_memory(&limited);
+    const double gib = (double)(1ull << 30), need = mm.total * on_node;
+    if (have == 0 || need <= (double)have) return MOE_OK;
+    return moe_errorf(MOE_ERR_ARG,
+                      "the model needs about %.1f GiB of memory per rank (parameters, gradients and AdamW state "
+                      "%.1f GiB, activations of %d sequences of seq_len=%d %.1f GiB, MoE layers %.1f GiB), %.1f GiB "
+                      "for the %d ranks on this node, more than the %.1f GiB this machine has%s: make d_model, "
+                      "n_layers, d_ff, n_experts, vocab_size, seq_len or batch_size smaller, or run on more nodes",
+                      mm.total / gib, mm.state / gib, c->batch_size / W, c->seq_len, mm.activations / gib,
+                      mm.moe_layers / gib, need / gib, on_node, (double)have / gib,
+                      limited ? " (its container's memory limit)" : "");
+}
+
 moe_status moe_train_run_create(moe_train_run **out, const moe_train_config *cfg, const char *config_text,
                                 moe_comm *comm, const moe_train_callbacks *cb)
 {
@@ -586,6 +613,7 @@ moe_status moe_train_run_create(moe_train_run **out, const moe_train_config *cfg
     }
     /* the model's vocabulary: the data's unless set (then at least the data's) */
     if (!st) st = moe_train_config_resolve_vocab(&r->cfg, moe_data_vocab_size(r->ds), what);
+    if (!st) st = check_memory(&r->cfg, comm);
     if (!st) {
         if (config_text && r->cfg.vocab_size == cfg->vocab_size) {
             r->config_text = strdup(config_text);

@@ -106,6 +106,11 @@ CASES = {
                         r"vocab_partition=kmeans needs vocab_partition_from"),
     "vocab_resume_full": (lambda cli: (VOCAB + [f"--resume={good_checkpoint(cli)}"], {}),
                           r"ckpt-000002\.h5' has no dataset /model/vocab_head/assign"),
+    # A model no machine holds (about 1 PB per rank): refused before any of it
+    # is allocated, with the estimate and the machine's memory.
+    "too_large": (lambda cli: (["--d_model=65536", "--n_heads=64", "--n_layers=4096"], {}),
+                  r"the model needs about [\d.]+ GiB of memory per rank .*, more than the [\d.]+ GiB this machine "
+                  r"has"),
     # Divergence: the first update with lr 1e30 overflows the weights.
     "diverged": (lambda cli: (["--lr=1e30", "--warmup_steps=0"], {}), r"non-finite"),
     # A NaN gradient on the last rank only (test hook in src/train/train.c).

@@ -1,7 +1,9 @@
 /* layout: the one descriptor of every tensor. Lookups by kind (what the
  * model, decoder and inspect use instead of names), init kinds, a tensor
  * that exists only under an option, and the [model] keys as typed /model
- * attributes, set back into a configuration. */
+ * attributes, set back into a configuration; the descriptor's count of a
+ * rank's floats against the tables. */
+#include <math.h>
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
@@ -95,11 +97,60 @@ static void test_refused(void **state)
     assert_null(t);
 }
 
+/* moe_layout_local_floats (the memory check before a run) counts from the
+ * descriptor what every rank's table holds, under each option that adds
+ * or resizes tensors, for every ep size; and stays finite for the largest
+ * sizes the key table admits. */
+static void test_local_floats(void **state)
+{
+    (void)state;
+    moe_train_config c;
+    for (int variant = 0; variant < 7; variant++) {
+        config(&c);
+        switch (variant) {
+        case 1: c.pos = MOE_POS_ROPE, c.n_kv_heads = 1; break;
+        case 2: c.qk_norm = MOE_QK_NORM_HEAD, c.norm = MOE_NORM_RMSNORM; break;
+        case 3: c.n_shared = 2, c.shared_gate = 1, c.d_ff_shared = 5; break;
+        case 4: c.tie_embeddings = 0, c.linear_bias = 0, c.expert_bias = 1; break;
+        case 5: c.head = MOE_HEAD_VOCAB_EXPERTS, c.vocab_experts = 12, c.vocab_top_k = 2; break;
+        case 6: c.activation = MOE_ACT_GELU, c.moe_every = 1, c.router_noise = 0; break;
+        }
+        /* an even partition: 256 ids, expert of id v is v % 12 (22 or 21 ids each) */
+        int32_t assign[256];
+        for (int v = 0; v < 256; v++) assign[v] = v % 12;
+        moe_vocab_part *part = NULL;
+        if (c.head == MOE_HEAD_VOCAB_EXPERTS) assert_int_equal(moe_vocab_part_create(&part, assign, 256, 12), MOE_OK);
+        const int sizes[] = {1, 2, 3, 4, 6, 12};
+        for (int k = 0; k < 6; k++) {
+            size_t most = 0;
+            for (int r = 0; r < sizes[k]; r++) {
+                moe_tensor_table *t = NULL;
+                assert_int_equal(moe_layout_create(&t, &c, part, r, sizes[k]), MOE_OK);
+                if (t->total > most) most = t->total;
+                moe_layout_destroy(t);
+            }
+            const double est = moe_layout_local_floats(&c, sizes[k]);
+            if (c.head == MOE_HEAD_VOCAB_EXPERTS) /* an even share of the rows: at most one expert's rows apart */
+                assert_true(fabs(est - (double)most) <= 22.0 * c.d_model + 22);
+            else
+                assert_true(est == (double)most);
+        }
+        moe_vocab_part_destroy(part);
+    }
+    config(&c);
+    c.d_model = 1 << 16, c.n_heads = 1 << 6, c.n_layers = 1 << 12, c.d_ff = 1 << 20, c.n_experts = 1 << 10;
+    c.vocab_size = 1 << 24;
+    assert_int_equal(moe_train_config_check_model(&c), MOE_OK);
+    const double big = moe_layout_local_floats(&c, 1);
+    assert_true(isfinite(big) && big > 1e17);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_descriptor),
         cmocka_unit_test(test_refused),
+        cmocka_unit_test(test_local_floats),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
