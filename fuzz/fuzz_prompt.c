@@ -5,7 +5,8 @@
  * detail naming the file. Prompts that load: 1..MOE_INFER_MAX_PROMPTS of
  * them, each inside the file, valid UTF-8 without '\n', and the prompts
  * joined by '\n' (each followed by the '\r' that was dropped, if any) give
- * the file back, up to one final '\n'; their ids decode to the same bytes. */
+ * the file back, up to one final '\n'; their ids decode to the same bytes.
+ * The same bytes up to a NUL as --prompt TEXT: one prompt iff valid UTF-8. */
 #include <stdlib.h>
 #include <string.h>
 
@@ -13,9 +14,34 @@
 #include "infer/infer.h"
 #include "tokenizer/tokenizer.h"
 
+/* --prompt TEXT: the input up to its first NUL is one prompt, taken iff it
+ * is valid UTF-8 (the refusal names the option). */
+static void one_prompt(const uint8_t *data, size_t size)
+{
+    char *text = malloc(size + 1);
+    if (!text) return;
+    memcpy(text, data, size);
+    text[size] = '\0';
+    const size_t n = strlen(text), valid = moe_tok_utf8_valid_prefix((const uint8_t *)text, n);
+    moe_infer_prompts *ps = NULL;
+    moe_error_clear();
+    moe_status st = moe_infer_prompts_create_text(&ps, text);
+    if (valid < n) {
+        FUZZ_CHECK(ps == NULL, "invalid UTF-8 taken as a prompt");
+        FUZZ_CHECK_REJECT(st, "--prompt");
+    } else {
+        size_t len;
+        FUZZ_CHECK(st == MOE_OK && moe_infer_prompts_count(ps) == 1, "a valid --prompt refused (%d)", (int)st);
+        FUZZ_CHECK(moe_infer_prompts_get(ps, 0, &len) == (const uint8_t *)text && len == n, "--prompt not kept");
+    }
+    moe_infer_prompts_destroy(ps);
+    free(text);
+}
+
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 {
     if (size > 1 << 16) return 0;
+    one_prompt(data, size);
     const char *path = fuzz_scratch(data, size, ".txt");
     moe_infer_prompts *ps = NULL;
     moe_error_clear();

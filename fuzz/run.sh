@@ -87,7 +87,9 @@ n_corpus=$(ls "$corpus" | wc -l)
 
 log=fuzz/CAMPAIGNS.md
 line="| $stamp | $h | $((run_s / 60)) | $execs | $paths | ${edges:-?}/${total_edges:-?} | $crashes | $hangs | $n_corpus |"
-echo "$line" >> "$log"
+# the row goes after the table's last row (the findings follow the table)
+last=$(grep -n '^| [0-9]\{8\}T' "$log" | tail -1 | cut -d: -f1)
+if [[ -n $last ]]; then sed -i "${last}a\\$line" "$log"; else echo "$line" >> "$log"; fi
 echo "fuzz/run.sh: $h: $execs executions in $run_s s, $paths paths, edges ${edges:-?}/${total_edges:-?}," \
      "$crashes crashes, $hangs hangs; corpus now $n_corpus files"
 
