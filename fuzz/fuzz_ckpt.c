@@ -52,7 +52,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 
     for (int i = 0; i < moe_ckpt_file_n_dsets(f); i++) {
         const moe_ckpt_dset *d = moe_ckpt_file_dset(f, i);
-        FUZZ_CHECK(moe_ckpt_file_find(f, d->path) >= 0, "dataset '%s' not found by its own path", d->path);
+        FUZZ_CHECK(d->expected || d->present, "dataset '%s' neither expected nor present", d->path);
         FUZZ_CHECK(d->ndim >= 0 && d->ndim <= MOE_TENSOR_MAX_DIMS, "dataset '%s' of %d dims", d->path, d->ndim);
         int64_t want = 1;
         int big = 0;
@@ -62,6 +62,9 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
             else want *= d->dims[k];
         }
         if (big || !d->present) continue;
+        /* (only for datasets the file has: a model of 4096 layers expects
+         * 10^5 of them, and a search is linear) */
+        FUZZ_CHECK(moe_ckpt_file_find(f, d->path) >= 0, "dataset '%s' not found by its own path", d->path);
         double *buf = NULL;
         int64_t n = -1;
         moe_error_clear();
