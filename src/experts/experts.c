@@ -1,5 +1,6 @@
-/* Feed-forward experts, fast path: one single-threaded cblas_sgemm per
- * matmul per expert with the experts spread over the threads, or, for an
+/* Feed-forward experts, fast path: one single-threaded GEMM per matmul per
+ * expert (sgemv rows for an expert with few tokens, core/gemm.h) with the
+ * experts spread over the threads, or, for an
  * expert too big to share out, one expert at a time with the threads inside
  * its GEMMs (expert_plan decides). Biases are folded into the GEMM output (C
  * initialised with the bias, beta = 1), the b1 gradient is summed inside the
@@ -21,6 +22,7 @@
 #include <string.h>
 
 #include "core/fastmath.h"
+#include "core/gemm.h"
 #include "core/par.h"
 
 #define MOE_SQRT_2_OVER_PI 0.79788456080286535588f
@@ -194,13 +196,12 @@ static void expert_forward_one(const expert_args *s, int e, int threaded)
     const float *w1 = s->p->w1 + (size_t)e * F1 * d, *w2 = s->p->w2 + (size_t)e * d * F;
     /* h = x W1^T + b1 (beta = 0 without biases) */
     if (s->p->b1) fill_rows(he, s->p->b1 + (size_t)e * F1, n, F1);
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, n, F1, d, 1.0f, xe, d, w1, d, s->p->b1 ? 1.0f : 0.0f, he,
-                F1);
+    moe_sgemm_nt(n, F1, d, xe, d, w1, d, s->p->b1 ? 1.0f : 0.0f, he, F1);
     const act_job aj = {.out = ae, .h = he, .n = n, .F = F, .act = s->act};
     if (threaded) act_parallel(aj);
     else act_rows(&aj, 0, n, 0, F);
     if (s->p->b2) fill_rows(ye, s->p->b2 + (size_t)e * d, n, d); /* y = a W2^T + b2 */
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, n, d, F, 1.0f, ae, F, w2, F, s->p->b2 ? 1.0f : 0.0f, ye, d);
+    moe_sgemm_nt(n, d, F, ae, F, w2, F, s->p->b2 ? 1.0f : 0.0f, ye, d);
 }
 
 static void expert_backward_one(const expert_args *s, int e, int threaded)

@@ -7,6 +7,7 @@
 #include <string.h>
 
 #include "core/fastmath.h"
+#include "core/gemm.h"
 #include "core/moe.h"
 #include "core/par.h"
 
@@ -445,8 +446,7 @@ void moe_model_matmul_forward(float *out, const float *inp, const float *weight,
                               int N, int C, int OC)
 {
     fill_rows(out, bias, N, OC);
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, N, OC, C, 1.0f, inp, C, weight, C, 1.0f,
-                out, OC);
+    moe_sgemm_nt(N, OC, C, inp, C, weight, C, 1.0f, out, OC);
 }
 
 void moe_model_matmul_forward_ref(float *out, const float *inp, const float *weight,

@@ -8,6 +8,7 @@
 #include <math.h>
 #include <string.h>
 
+#include "core/gemm.h"
 #include "core/par.h"
 #include "core/rng.h"
 
@@ -404,8 +405,11 @@ static void lanes_run(void *ctx, int t, int nt)
         for (int i = 0; i < L->n[l]; i++) {
             const router_gemm *g = &L->g[l][i];
             const int lda = g->ta == CblasNoTrans ? g->k : g->m, ldb = g->tb == CblasNoTrans ? g->n : g->k;
-            cblas_sgemm(CblasRowMajor, g->ta, g->tb, g->m, g->n, g->k, 1.0f, g->a, lda, g->b, ldb, g->beta, g->c,
-                        g->n);
+            if (g->ta == CblasNoTrans && g->tb == CblasTrans) /* the forward's logits */
+                moe_sgemm_nt(g->m, g->n, g->k, g->a, lda, g->b, ldb, g->beta, g->c, g->n);
+            else
+                cblas_sgemm(CblasRowMajor, g->ta, g->tb, g->m, g->n, g->k, 1.0f, g->a, lda, g->b, ldb, g->beta,
+                            g->c, g->n);
         }
 }
 
