@@ -12,6 +12,7 @@
 
 #include "cli/cli.h"
 #include "comm/comm.h"
+#include "config/config.h"
 #include "core/par.h"
 #include "core/rng.h"
 #include "io/dump.h"
@@ -25,6 +26,10 @@ typedef struct {
     moe_a2a_kind a2a;
     uint32_t seed;
     const char *save;
+    /* The router keys of docs/training.md's table (score, n_groups,
+     * topk_groups): read by the config table itself, so names, ranges and
+     * messages are those of `moe train`; only these fields are used. */
+    moe_train_config rk;
 } bench_opts;
 
 static void usage(FILE *f)
@@ -40,6 +45,9 @@ static void usage(FILE *f)
             "                        expert choice: experts per token c (default 2)\n"
             "  --router R            token_choice | expert_choice\n"
             "  --normalize-topk 0|1  (default 1 when k > 1)\n"
+            "  --score S             router score: softmax | sigmoid (key `score`)\n"
+            "  --n-groups N          group-limited routing over N expert groups, 1: off (key `n_groups`)\n"
+            "  --topk-groups M       groups each token may use, 0: all (key `topk_groups`)\n"
             "  --activation A        gelu | relu | swiglu\n"
             "  --groups G            routing groups of T/G tokens (default: number of ranks)\n"
             "  --ep-size P           expert-parallel size (default: number of ranks)\n"
@@ -68,6 +76,7 @@ static int parse_double(const char *s, double *out) { return moe_cli_parse_doubl
 static int parse_opts(bench_opts *o, int argc, char **argv, int rank)
 {
     memset(o, 0, sizeof *o);
+    moe_train_config_default(&o->rk);
     o->T = 4096; o->d = 256; o->F = 1024; o->E = 8; o->k = 2; o->G = 0; o->iters = 10; o->warmup = 2; o->threads = 0; o->ep_size = 0; o->normalize = -1; o->chunks = 1; o->cf = NAN; o->aux = 0.01; o->z = 0.001; o->router = MOE_ROUTER_TOKEN_CHOICE; o->act = MOE_ACT_GELU; o->a2a = MOE_A2A_P2P; o->seed = 1234;
     static const struct option longopts[] = {
         {"tokens", required_argument, 0, 'T'},      {"d-model", required_argument, 0, 'd'},
@@ -81,6 +90,8 @@ static int parse_opts(bench_opts *o, int argc, char **argv, int rank)
         {"normalize-topk", required_argument, 0, 'n'}, {"aux-loss-coef", required_argument, 0, 'A'},
         {"z-loss-coef", required_argument, 0, 'Z'}, {"a2a", required_argument, 0, 'x'},
         {"chunks", required_argument, 0, 'C'},      {"help", no_argument, 0, 'h'},
+        {"score", required_argument, 0, 'S'},       {"n-groups", required_argument, 0, 'g'},
+        {"topk-groups", required_argument, 0, 'K'},
         {0, 0, 0, 0}};
     optind = 1;
     opterr = 0;
@@ -131,6 +142,19 @@ static int parse_opts(bench_opts *o, int argc, char **argv, int rank)
         case 'x':
             if (moe_a2a_kind_parse(&o->a2a, optarg) != MOE_OK) ok = 0;
             break;
+        case 'S':
+        case 'g':
+        case 'K': {
+            const char *key = c == 'S' ? "score" : c == 'g' ? "n_groups" : "topk_groups";
+            moe_status st = moe_train_config_set(&o->rk, key, optarg);
+            if (st) {
+                char what[64];
+                snprintf(what, sizeof what, "bench layer: --%s", longopts[li].name);
+                if (rank == 0) moe_cli_error(-1, what, st);
+                return 2;
+            }
+            break;
+        }
         case 'h':
             if (rank == 0) usage(stdout);
             return 1;
@@ -152,6 +176,16 @@ static int parse_opts(bench_opts *o, int argc, char **argv, int rank)
     }
     if (isnan(o->cf)) o->cf = o->router == MOE_ROUTER_EXPERT_CHOICE ? 2.0 : 1.25;
     return 0;
+}
+
+/* The name the config table gives key `name`'s value in c (enum keys). */
+static const char *key_text(const moe_train_config *c, const char *name)
+{
+    moe_model_attr a[MOE_MODEL_ATTRS_MAX];
+    const int n = moe_train_config_model_attrs(c, a, MOE_MODEL_ATTRS_MAX);
+    for (int i = 0; i < n && i < MOE_MODEL_ATTRS_MAX; i++)
+        if (!strcmp(a[i].name, name) && a[i].type == MOE_ATTR_TEXT) return a[i].text;
+    return "?";
 }
 
 /* Deterministic values keyed by the GLOBAL element index, so every rank
@@ -309,6 +343,11 @@ static int run(moe_comm *comm, const bench_opts *o)
         st = moe_errorf(MOE_ERR_ARG, "--tokens %d is not divisible by --groups %d", o->T, G);
     else if (o->E % P != 0)
         st = moe_errorf(MOE_ERR_ARG, "--experts %d is not divisible by the expert-parallel size %d", o->E, P);
+    else if (o->save && (o->rk.score != MOE_SCORE_SOFTMAX || o->rk.n_groups > 1))
+        /* the layer dump records the router of sections 1-5 only; its
+         * reference would recompute a different routing */
+        st = moe_errorf(MOE_ERR_ARG, "--save writes a layer dump of the softmax router without expert groups; "
+                        "it cannot record --score sigmoid or --n-groups > 1");
     if (st) return fail(rank, "bench layer", st);
     /* Every rank must run the same experiment; name the option that differs. */
     const struct { const char *name; const void *v; size_t n; } same[] = {
@@ -320,7 +359,9 @@ static int run(moe_comm *comm, const bench_opts *o)
         {"--seed", &o->seed, sizeof o->seed},      {"--iters", &o->iters, sizeof o->iters},
         {"--warmup", &o->warmup, sizeof o->warmup}, {"--aux-loss-coef", &o->aux, sizeof o->aux},
         {"--z-loss-coef", &o->z, sizeof o->z},     {"--a2a", &o->a2a, sizeof o->a2a},
-        {"--chunks", &o->chunks, sizeof o->chunks}, {"--save (given or not)", &(int){o->save != NULL}, sizeof(int)},
+        {"--chunks", &o->chunks, sizeof o->chunks}, {"--score", &o->rk.score, sizeof o->rk.score},
+        {"--n-groups", &o->rk.n_groups, sizeof o->rk.n_groups},
+        {"--topk-groups", &o->rk.topk_groups, sizeof o->rk.topk_groups}, {"--save (given or not)", &(int){o->save != NULL}, sizeof(int)},
     };
     for (size_t i = 0; i < sizeof same / sizeof same[0] && !st; i++)
         st = moe_comm_check_same(comm, same[i].name, same[i].v, same[i].n);
@@ -332,7 +373,8 @@ static int run(moe_comm *comm, const bench_opts *o)
         .router = {.n_experts = o->E, .top_k = o->k, .d_model = o->d, .kind = o->router,
                    .capacity_factor = o->cf,
                    .normalize_topk = o->normalize >= 0 ? o->normalize : (o->k > 1),
-                   .noise = 0},
+                   .noise = 0, .score = (moe_score_kind)o->rk.score, .n_groups = o->rk.n_groups,
+                   .topk_groups = o->rk.topk_groups},
         .d_ff = o->F, .act = o->act, .max_tokens = T_local, .max_groups = G_local,
         .a2a = o->a2a, .chunks = o->chunks};
     moe_layer *L = NULL;
@@ -429,6 +471,9 @@ static int run(moe_comm *comm, const bench_opts *o)
             cJSON_AddStringToObject(j, "router", moe_router_kind_str(o->router));
             cJSON_AddStringToObject(j, "activation", moe_activation_str(o->act));
             cJSON_AddNumberToObject(j, "groups", G);
+            cJSON_AddStringToObject(j, "score", key_text(&o->rk, "score"));
+            cJSON_AddNumberToObject(j, "n_groups", o->rk.n_groups);
+            cJSON_AddNumberToObject(j, "topk_groups", moe_cfg_topk_groups(&o->rk));
             cJSON_AddNumberToObject(j, "iters", o->iters);
             cJSON_AddNumberToObject(j, "tokens_per_s", tokens_s);
             cJSON_AddNumberToObject(j, "ms_per_iter", 1e3 * per_iter);
@@ -453,6 +498,8 @@ static int run(moe_comm *comm, const bench_opts *o)
                    "BLAS threads/rank=%d\n",
                    o->T, o->d, o->F, o->E, o->k, o->cf, moe_router_kind_str(o->router),
                    moe_activation_str(o->act), G, W, P, openblas_get_num_threads());
+            printf("  router: score=%s n_groups=%d topk_groups=%d\n", key_text(&o->rk, "score"), o->rk.n_groups,
+                   moe_cfg_topk_groups(&o->rk));
             printf("  forward+backward: %.3f ms/iter (median of %d), %.0f tokens/s\n", 1e3 * per_iter, o->iters, tokens_s);
             printf("  dropped assignments: %.2f%% of %.0f selected; kept %.0f\n",
                    agg_sum[2] > 0 ? 100 * agg_sum[1] / agg_sum[2] : 0, agg_sum[2], agg_sum[3]);

@@ -62,6 +62,11 @@ moe_status moe_router_config_check(const moe_router_config *cfg)
     if (cfg->n_groups < 0 || cfg->topk_groups < 0 || cfg->group_seqs < 0)
         return moe_errorf(MOE_ERR_ARG, "router: n_groups=%d, topk_groups=%d, group_seqs=%d must be >= 0",
                           cfg->n_groups, cfg->topk_groups, cfg->group_seqs);
+    /* topk_groups >= n_groups would route as unlimited; a larger value is a
+     * mistake (a checkpoint or a bench option), said as such */
+    if (cfg->topk_groups > n_groups(cfg))
+        return moe_errorf(MOE_ERR_ARG, "router: topk_groups=%d exceeds n_groups=%d", cfg->topk_groups,
+                          n_groups(cfg));
     if (cfg->n_experts % n_groups(cfg))
         return moe_errorf(MOE_ERR_ARG, "router: n_groups=%d does not divide n_experts=%d", cfg->n_groups,
                           cfg->n_experts);

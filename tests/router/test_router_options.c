@@ -204,6 +204,9 @@ static void test_bad_options(void **state)
     c = options(8, 3, 4, 0.0, 1, MOE_SCORE_SOFTMAX, 0.0, 0, 4, 1, MOE_AUX_SWITCH, 1);
     assert_int_equal(moe_route_create(&r, &c, 4, 1), MOE_ERR_ARG); /* k = 3 > 1 group of 2 */
     assert_non_null(strstr(moe_error_detail(), "top_k=3"));
+    c = options(8, 2, 4, 0.0, 1, MOE_SCORE_SOFTMAX, 0.0, 0, 2, 3, MOE_AUX_SWITCH, 1);
+    assert_int_equal(moe_route_create(&r, &c, 4, 1), MOE_ERR_ARG); /* 3 of 2 groups */
+    assert_non_null(strstr(moe_error_detail(), "topk_groups=3 exceeds n_groups=2"));
     c = tu_config(MOE_ROUTER_EXPERT_CHOICE, 4, 1, 4, 2.0, 0, 0);
     c.expert_bias = 1;
     assert_int_equal(moe_route_create(&r, &c, 4, 1), MOE_ERR_ARG);
