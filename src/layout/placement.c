@@ -358,6 +358,45 @@ static int place_layer(int *slots, const int *order, const int *copies, const in
     return 1;
 }
 
+/* After the greedy pass: swaps of two copies between the busiest rank and
+ * another, the one that lowers the pair's larger load the most, while one
+ * does (the rank-load vector falls lexicographically at each swap, so this
+ * ends; capped for safety). Slot order inside a rank does not matter here:
+ * moe_placement_create sorts. */
+static void refine(int *slots, const int *copies, const int64_t *w, int E, int P, int S, double *load, uint8_t *has)
+{
+    for (int it = 0; it < 64 * E; it++) {
+        int a = 0;
+        for (int r = 1; r < P; r++)
+            if (load[r] > load[a]) a = r;
+        double best = load[a];
+        int bi = -1, bb = -1, bj = -1;
+        for (int i = 0; i < S; i++) {
+            const int x = slots[(size_t)a * S + i];
+            const double sx = (double)w[x] / copies[x];
+            for (int b = 0; b < P; b++) {
+                if (b == a || has[(size_t)b * E + x]) continue;
+                for (int j = 0; j < S; j++) {
+                    const int y = slots[(size_t)b * S + j];
+                    if (has[(size_t)a * E + y]) continue;
+                    const double sy = (double)w[y] / copies[y];
+                    const double la = load[a] - sx + sy, lb = load[b] - sy + sx, m = la > lb ? la : lb;
+                    if (m < best) best = m, bi = i, bb = b, bj = j;
+                }
+            }
+        }
+        if (bi < 0) return;
+        const int x = slots[(size_t)a * S + bi], y = slots[(size_t)bb * S + bj];
+        const double sx = (double)w[x] / copies[x], sy = (double)w[y] / copies[y];
+        slots[(size_t)a * S + bi] = y;
+        slots[(size_t)bb * S + bj] = x;
+        has[(size_t)a * E + x] = 0, has[(size_t)a * E + y] = 1;
+        has[(size_t)bb * E + y] = 0, has[(size_t)bb * E + x] = 1;
+        load[a] += sy - sx;
+        load[bb] += sx - sy;
+    }
+}
+
 /* An expert and its load per copy, for the heaviest-first order. */
 typedef struct {
     double share;
@@ -406,6 +445,7 @@ moe_status moe_placement_plan(moe_placement **out, const int64_t *loads, int n_l
         if (!place_layer(s, order, copies, w, E, P, S, 1, load, used, has) &&
             !place_layer(s, order, copies, w, E, P, S, 0, load, used, has))
             st = moe_errorf(MOE_ERR_ARG, "placement plan: layer %d: no placement of its copies found", l);
+        if (!st) refine(s, copies, w, E, P, S, load, has);
     }
     if (!st) st = moe_placement_create(out, n_layers, E, P, S, slots, "placement plan");
     free(slots);

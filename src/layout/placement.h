@@ -51,8 +51,9 @@ moe_status moe_placement_save(const moe_placement *p, const int *blocks, const c
  * tokens per expert, the R extra copies go one at a time to the expert with
  * the highest load per copy (ties: lower id), then the copies are placed
  * heaviest first (load / copies; ties: lower id) on the least-loaded rank
- * with a free slot that does not hold that expert yet (ties: lower rank).
- * Deterministic. MOE_ERR_ARG when R < 0, when P does not divide E + R,
+ * with a free slot that does not hold that expert yet (ties: lower rank);
+ * then, while one helps, the swap of two copies between the busiest rank
+ * and another that most lowers the larger of the two loads. Deterministic. MOE_ERR_ARG when R < 0, when P does not divide E + R,
  * or when R > E (P - 1) (a rank would hold two copies of one expert). */
 moe_status moe_placement_plan(moe_placement **out, const int64_t *loads, int n_layers, int n_experts, int ranks,
                               int replicas);
