@@ -812,7 +812,7 @@ moe_status moe_train_config_check(const moe_train_config *c, int world)
     int ep = c->ep_size ? c->ep_size : world;
     if (ep > world || world % ep)
         return moe_errorf(MOE_ERR_ARG, "ep_size=%d does not divide the %d ranks", c->ep_size, world);
-    if (c->n_experts % ep)
+    if (c->n_experts % ep && !c->placement[0]) /* a placement's replicas: ep divides E + R (checked on load) */
         return moe_errorf(MOE_ERR_ARG, "n_experts=%d is not divisible by ep_size=%d%s", c->n_experts, ep,
                           c->ep_size ? "" : " (ep_size = 0: all ranks)");
     if (c->head == MOE_HEAD_VOCAB_EXPERTS && c->vocab_experts % ep)
