@@ -411,6 +411,65 @@ static int cmp_heavy(const void *a, const void *b)
     return (x->e > y->e) - (x->e < y->e);
 }
 
+/* Scratch of the planner (one layer at a time). */
+typedef struct {
+    int E, P, S;
+    int *order, *used, *cand;
+    heavy *hv;
+    double *load;
+    uint8_t *has;
+} planner;
+
+/* Packs one layer's copies into slots (P, S): heaviest first, improving
+ * swaps. Returns the busiest rank's load, or -1 when no packing was found. */
+static double pack(planner *pl, int *slots, const int *copies, const int64_t *w)
+{
+    const int E = pl->E, P = pl->P, S = pl->S;
+    for (int e = 0; e < E; e++) pl->hv[e] = (heavy){(double)w[e] / copies[e], e};
+    qsort(pl->hv, (size_t)E, sizeof *pl->hv, cmp_heavy);
+    for (int e = 0; e < E; e++) pl->order[e] = pl->hv[e].e;
+    if (!place_layer(slots, pl->order, copies, w, E, P, S, 1, pl->load, pl->used, pl->has) &&
+        !place_layer(slots, pl->order, copies, w, E, P, S, 0, pl->load, pl->used, pl->has))
+        return -1.0;
+    refine(slots, copies, w, E, P, S, pl->load, pl->has);
+    double m = 0.0;
+    for (int r = 0; r < P; r++) m = pl->load[r] > m ? pl->load[r] : m;
+    return m;
+}
+
+/* With replicas: the EPLB copy counts are a start, not always the best to
+ * pack (each rank holds exactly S copies). Moves one extra copy from an
+ * expert to one of the hottest others while the packed busiest rank gets
+ * lighter; deterministic (first best move in id order), bounded. */
+static double improve_copies(planner *pl, int *slots, int *try_slots, int *copies, const int64_t *w, int R,
+                             double cur)
+{
+    const int E = pl->E, P = pl->P, nc = 2 * R + 4 < E ? 2 * R + 4 : E;
+    for (int it = 0; R > 0 && cur > 0 && it < 2 * R + 8; it++) {
+        /* candidates to gain a copy: the highest loads per copy */
+        for (int e = 0; e < E; e++) pl->hv[e] = (heavy){(double)w[e] / copies[e], e};
+        qsort(pl->hv, (size_t)E, sizeof *pl->hv, cmp_heavy);
+        for (int i = 0; i < nc; i++) pl->cand[i] = pl->hv[i].e;
+        double best = cur;
+        int ba = -1, bb = -1;
+        for (int a = 0; a < E; a++) {
+            if (copies[a] < 2) continue;
+            for (int i = 0; i < nc; i++) {
+                const int b = pl->cand[i];
+                if (b == a || copies[b] >= P) continue;
+                copies[a]--, copies[b]++;
+                const double m = pack(pl, try_slots, copies, w);
+                copies[a]++, copies[b]--;
+                if (m >= 0 && m < best) best = m, ba = a, bb = b;
+            }
+        }
+        if (ba < 0) break;
+        copies[ba]--, copies[bb]++;
+        cur = pack(pl, slots, copies, w);
+    }
+    return cur;
+}
+
 moe_status moe_placement_plan(moe_placement **out, const int64_t *loads, int n_layers, int n_experts, int ranks,
                               int replicas)
 {
@@ -428,32 +487,36 @@ moe_status moe_placement_plan(moe_placement **out, const int64_t *loads, int n_l
         if (loads[i] < 0) return moe_errorf(MOE_ERR_ARG, "placement plan: negative load %lld", (long long)loads[i]);
     const int S = (E + R) / P;
     const size_t nl = (size_t)(n_layers > 0 ? n_layers : 1);
+    planner pl = {.E = E, .P = P, .S = S};
     int *slots = malloc(nl * P * S * sizeof *slots), *copies = malloc((size_t)E * sizeof *copies);
-    int *order = malloc((size_t)E * sizeof *order), *used = malloc((size_t)P * sizeof *used);
-    heavy *hv = malloc((size_t)E * sizeof *hv);
-    double *load = malloc((size_t)P * sizeof *load);
-    uint8_t *has = malloc((size_t)P * E);
-    moe_status st = slots && copies && order && hv && used && load && has ? MOE_OK
-                                                                    : moe_errorf(MOE_ERR_NOMEM, "placement plan");
+    int *try_slots = malloc((size_t)P * S * sizeof *try_slots);
+    pl.order = malloc((size_t)E * sizeof *pl.order);
+    pl.cand = malloc((size_t)E * sizeof *pl.cand);
+    pl.used = malloc((size_t)P * sizeof *pl.used);
+    pl.hv = malloc((size_t)E * sizeof *pl.hv);
+    pl.load = malloc((size_t)P * sizeof *pl.load);
+    pl.has = malloc((size_t)P * E);
+    moe_status st = slots && copies && try_slots && pl.order && pl.cand && pl.hv && pl.used && pl.load && pl.has
+                        ? MOE_OK : moe_errorf(MOE_ERR_NOMEM, "placement plan");
     for (int l = 0; !st && l < n_layers; l++) {
         const int64_t *w = loads + (size_t)l * E;
-        plan_copies(copies, w, E, P, R);
-        for (int e = 0; e < E; e++) hv[e] = (heavy){(double)w[e] / copies[e], e};
-        qsort(hv, (size_t)E, sizeof *hv, cmp_heavy);
-        for (int e = 0; e < E; e++) order[e] = hv[e].e;
         int *s = slots + (size_t)l * P * S;
-        if (!place_layer(s, order, copies, w, E, P, S, 1, load, used, has) &&
-            !place_layer(s, order, copies, w, E, P, S, 0, load, used, has))
+        plan_copies(copies, w, E, P, R);
+        const double m = pack(&pl, s, copies, w);
+        if (m < 0)
             st = moe_errorf(MOE_ERR_ARG, "placement plan: layer %d: no placement of its copies found", l);
-        if (!st) refine(s, copies, w, E, P, S, load, has);
+        else
+            improve_copies(&pl, s, try_slots, copies, w, R, m);
     }
     if (!st) st = moe_placement_create(out, n_layers, E, P, S, slots, "placement plan");
     free(slots);
     free(copies);
-    free(order);
-    free(hv);
-    free(used);
-    free(load);
-    free(has);
+    free(try_slots);
+    free(pl.order);
+    free(pl.cand);
+    free(pl.hv);
+    free(pl.used);
+    free(pl.load);
+    free(pl.has);
     return st;
 }

@@ -162,27 +162,43 @@ static void test_plan(void **state)
     assert_true(mx == 940.0);
     moe_placement_destroy(p);
 
-    /* R = 4: one at a time to the highest load per copy: 900 -> 2 copies
-     * (450), 500 -> 2 (250), 900 -> 3 (300), then 900/3 = 300 ties with
-     * expert 3's 300/1: the lower id, 900 -> 4 copies */
+    /* R = 4: the hottest expert gets copies (EPLB: to the highest load per
+     * copy), every expert at most P copies, E + R in all */
     assert_int_equal(moe_placement_plan(&p, loads, 2, 8, 4, 4), MOE_OK);
     assert_int_equal(moe_placement_slots_per_rank(p), 3);
-    assert_int_equal(moe_placement_copies(p, 0, 0), 4);
-    assert_int_equal(moe_placement_copies(p, 0, 7), 2);
-    assert_int_equal(moe_placement_copies(p, 0, 3), 1);
-    /* layer 1 is uniform: the copies go to the lowest ids */
-    assert_int_equal(moe_placement_copies(p, 1, 0) + moe_placement_copies(p, 1, 1) + moe_placement_copies(p, 1, 2) +
-                         moe_placement_copies(p, 1, 3), 8);
-    /* the greedy placement is within 1.5x of the best over all assignments */
-    int copies[8], used[4] = {0}, has[32] = {0};
-    double load[4] = {0};
-    for (int e = 0; e < 8; e++) copies[e] = moe_placement_copies(p, 0, e);
-    const double best = best_max(loads, copies, 8, 4, 3, used, has, load, 0, 0);
-    moe_placement_rank_loads(p, 0, loads, rl);
+    assert_true(moe_placement_copies(p, 0, 0) >= 2);
+    for (int l = 0; l < 2; l++) {
+        int n = 0;
+        for (int e = 0; e < 8; e++) {
+            assert_in_range(moe_placement_copies(p, l, e), 1, 4);
+            n += moe_placement_copies(p, l, e);
+        }
+        assert_int_equal(n, 12);
+    }
+    moe_placement_destroy(p);
+
+    /* against the best over every copy count and every packing (E = 6,
+     * P = 3, R = 3: 9 copies in 3 x 3 slots) */
+    const int64_t w6[6] = {600, 50, 40, 300, 30, 20};
+    assert_int_equal(moe_placement_plan(&p, w6, 1, 6, 3, 3), MOE_OK);
+    double best = 1e300;
+    int copies[6];
+    for (int a = 0; a < 6; a++)
+        for (int b = a; b < 6; b++)
+            for (int c3 = b; c3 < 6; c3++) {
+                for (int e = 0; e < 6; e++) copies[e] = 1 + (e == a) + (e == b) + (e == c3);
+                int ok = 1, used[3] = {0}, has[18] = {0};
+                double load[3] = {0};
+                for (int e = 0; e < 6; e++) ok &= copies[e] <= 3;
+                if (!ok) continue;
+                const double m = best_max(w6, copies, 6, 3, 3, used, has, load, 0, 0);
+                if (m < best) best = m;
+            }
+    moe_placement_rank_loads(p, 0, w6, rl);
     mx = 0;
-    for (int r = 0; r < 4; r++) mx = rl[r] > mx ? rl[r] : mx;
-    print_message("plan R=4: max rank load %.1f, best possible %.1f\n", mx, best);
-    assert_true(mx <= 1.5 * best && mx >= best);
+    for (int r = 0; r < 3; r++) mx = rl[r] > mx ? rl[r] : mx;
+    print_message("plan E=6 P=3 R=3: max rank load %.1f, best possible %.1f\n", mx, best);
+    assert_true(mx >= best - 1e-9 && mx <= 1.25 * best);
     moe_placement_destroy(p);
 
     /* bad inputs, named */
