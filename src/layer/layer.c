@@ -2,9 +2,11 @@
  * combine, and its backward.
  *
  * Send layout (on a token's home rank): one row per kept assignment, grouped
- * by GLOBAL expert (which is also "destination ep rank, then its local
- * expert", by the placement of docs/routing.md section 8), tokens ascending
- * inside an expert. The combine walks that layout in order, so every token
+ * by exchange destination (ep rank, then its local slot; with the default
+ * contiguous placement of docs/routing.md section 8 that is also global
+ * expert order; under a placement, section 9, a slot holds any expert and a
+ * replicated expert's tokens go to its copies by token index), tokens
+ * ascending inside a destination. The combine walks that layout in order, so every token
  * sums its expert outputs in ascending expert order whatever the number of
  * ranks: results do not depend on message arrival order.
  *
@@ -632,6 +634,25 @@ moe_status moe_layer_backward(moe_layer *L, float *dx, moe_layer_params *grads, 
     return MOE_OK;
 }
 
+moe_status moe_layer_sync_copies(moe_layer *L, moe_layer_params *grads)
+{
+    if (!L->n_rep) return MOE_OK; /* the same on every rank: the placement is */
+    const size_t n = expert_floats(L);
+    memset(L->rep_buf, 0, (size_t)L->n_rep * n * sizeof(float));
+    const int me = moe_comm_ep_rank(L->comm);
+    for (int k = 0; k < L->n_rep; k++) {
+        const int e = L->rep_expert[k];
+        /* the primary copy (lowest destination = lowest ep rank) contributes, the others add zeros */
+        if (L->rep_slot[k] >= 0 && L->holders[L->holder_off[e]] / L->El == me)
+            rep_copy(L, &grads->experts, L->rep_slot[k], L->rep_buf + k * n, 0);
+    }
+    moe_status st = moe_comm_sum_same_f32(L->comm, MOE_SCOPE_EP, L->rep_buf, (size_t)L->n_rep * n);
+    if (st) return st;
+    for (int k = 0; k < L->n_rep; k++)
+        if (L->rep_slot[k] >= 0) rep_copy(L, &grads->experts, L->rep_slot[k], L->rep_buf + k * n, 1);
+    return MOE_OK;
+}
+
 moe_status moe_layer_reduce_grads(moe_layer *L, moe_layer_params *grads)
 {
     size_t Ed = (size_t)L->E * L->d;
@@ -651,5 +672,6 @@ moe_status moe_layer_reduce_grads(moe_layer *L, moe_layer_params *grads)
     if (!st && grads->experts.b1) st = moe_comm_allreduce_f32(L->comm, MOE_SCOPE_REPLICA, grads->experts.b1, El * L->F1);
     if (!st) st = moe_comm_allreduce_f32(L->comm, MOE_SCOPE_REPLICA, grads->experts.w2, El * L->d * L->F);
     if (!st && grads->experts.b2) st = moe_comm_allreduce_f32(L->comm, MOE_SCOPE_REPLICA, grads->experts.b2, El * L->d);
+    if (!st) st = moe_layer_sync_copies(L, grads);
     return st;
 }

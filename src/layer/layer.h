@@ -98,6 +98,13 @@ moe_status moe_layer_backward(moe_layer *L, float *dx, moe_layer_params *grads, 
                               const float *x, const moe_layer_params *p, float lb_scale,
                               float z_scale);
 
+/* After expert gradients were summed over replicas (world > ep size): the
+ * copies of a replicated expert inside the ep group take its primary copy's
+ * bits (different ep ranks reduce over different replica communicators,
+ * and MPI does not promise equal bits from equal inputs there). No-op
+ * without replicated experts. Collective over the ep group; MOE_ERR_MPI. */
+moe_status moe_layer_sync_copies(moe_layer *L, moe_layer_params *grads);
+
 /* Convenience for benchmarks and tests: sums router and shared-expert
  * grads over world and expert grads over replicas. Collective over world. */
 moe_status moe_layer_reduce_grads(moe_layer *L, moe_layer_params *grads);

@@ -705,6 +705,7 @@ moe_status moe_model_backward(moe_model *m)
 }
 
 moe_layer_params moe_model_layer_params(moe_model *m, int l) { return moe_view(m, m->params, l); }
+moe_layer_params moe_model_layer_grads(moe_model *m, int l) { return moe_view(m, m->grads, l); }
 const float *moe_model_head(moe_model *m) { return head_ptr(m, m->params); }
 
 void moe_model_norm_rows(const moe_model *m, float *out, float *mean, float *rstd, const float *inp,

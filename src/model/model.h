@@ -162,6 +162,8 @@ int moe_model_vocab_top_k(const moe_model *m);
 /* The MoE layer parameter views of block l (NULL pointers where an option
  * leaves a tensor out). */
 moe_layer_params moe_model_layer_params(moe_model *m, int l);
+/* The same views into the gradient block (no expert_bias: a buffer). */
+moe_layer_params moe_model_layer_grads(moe_model *m, int l);
 /* The output head (V, d): wte when tied, else lm_head. */
 const float *moe_model_head(moe_model *m);
 /* ln_1 / ln_2 / ln_f as configured (LayerNorm or RMSNorm) over n rows of

@@ -190,6 +190,13 @@ static moe_status reduce_grads(moe_trainer *tr)
     s = allreduce_buckets(tr->comm, MOE_SCOPE_WORLD, g, dense);
     if (!s && tr->n_replicas > 1)
         s = allreduce_buckets(tr->comm, MOE_SCOPE_REPLICA, g + dense, total - dense);
+    /* a placement's copies of one expert: equal bits again after the
+     * replica sums (each ep rank reduced over its own communicator) */
+    for (int i = 0; !s && tr->n_replicas > 1 && i < tr->n_moe; i++) {
+        const int l = moe_model_moe_blocks(m)[i];
+        moe_layer_params gv = moe_model_layer_grads(m, l);
+        s = moe_layer_sync_copies(moe_model_layer(m, l), &gv);
+    }
     return s;
 }
 

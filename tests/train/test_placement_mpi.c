@@ -4,7 +4,10 @@
  *             placement (experts not in contiguous blocks), against one
  *             process AND against the same ranks with contiguous blocks;
  *   replicas  E = 6 with R = 2 extra copies (4 ranks: 2 experts per rank;
- *             two experts of each layer on two ranks each).
+ *             two experts of each layer on two ranks each);
+ *   replicas_dp  the same over an ep group of 2 (4 experts per rank), two
+ *             data-parallel replicas of it: the copies' gradients are also
+ *             summed over the replicas and must stay bitwise equal.
  * Checks: initial weights bitwise those of one process (rows keyed by global
  * expert), losses and gradient norms within 1e-5 relative, the same
  * per-expert update counts, final parameters close to one process; with
@@ -12,7 +15,7 @@
  * weights and both AdamW moments. Then a checkpoint written under the
  * placement loads on one process (and, permute, on the contiguous ranks)
  * into exactly the primary copies' values.
- * Usage: test_placement_mpi permute|replicas (world size 4). */
+ * Usage: test_placement_mpi permute|replicas|replicas_dp (world size 4). */
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -192,26 +195,30 @@ int main(int argc, char **argv)
 {
     if (moe_comm_init(&argc, &argv) != MOE_OK) return 2;
     moe_comm *c = NULL;
-    if (moe_comm_create_world(&c, 0) != MOE_OK) return 2;
+    const int dp = argc > 1 && !strcmp(argv[1], "replicas_dp");
+    if (moe_comm_create_world(&c, dp ? 2 : 0) != MOE_OK) return 2;
     rank = moe_comm_rank(c);
-    const int W = moe_comm_size(c), Bl = GB / W;
-    const int replicas = argc > 1 && !strcmp(argv[1], "replicas");
+    const int W = moe_comm_size(c), Bl = GB / W, P = moe_comm_ep_size(c);
+    const int replicas = dp || (argc > 1 && !strcmp(argv[1], "replicas"));
     if (W != 4 || argc < 2 || (!replicas && strcmp(argv[1], "permute"))) {
-        if (rank == 0) fprintf(stderr, "usage: mpirun -np 4 test_placement_mpi permute|replicas\n");
+        if (rank == 0) fprintf(stderr, "usage: mpirun -np 4 test_placement_mpi permute|replicas|replicas_dp\n");
         moe_comm_destroy(c);
         moe_comm_finalize();
         return 2;
     }
-    const int E = replicas ? 6 : 8, S = 2;
+    const int E = replicas ? 6 : 8, S = dp ? 4 : 2;
     /* (layer, rank, slot): any order inside a rank (the descriptor sorts) */
     static const int permuted[2 * 4 * 2] = {7, 2, 0, 5, 6, 1, 4, 3, /* layer 0 */
                                             3, 6, 5, 2, 0, 7, 1, 4}; /* layer 1 */
     static const int replicated[2 * 4 * 2] = {0, 1, 2, 3, 4, 0, 5, 1,  /* layer 0: 0 and 1 twice */
                                               0, 2, 1, 3, 2, 4, 3, 5}; /* layer 1: 2 and 3 twice */
+    static const int replicated_dp[2 * 2 * 4] = {0, 1, 2, 3, 0, 1, 4, 5,  /* layer 0: 0 and 1 twice */
+                                                 0, 2, 3, 4, 1, 2, 4, 5}; /* layer 1: 2 and 4 twice */
     moe_train_config cfg, cfg_placed;
     config(&cfg, E);
+    cfg.ep_size = P;
     cfg_placed = cfg;
-    write_placement(c, "placement.json", E, W, S, replicas ? replicated : permuted);
+    write_placement(c, "placement.json", E, P, S, dp ? replicated_dp : replicas ? replicated : permuted);
     snprintf(cfg_placed.placement, sizeof cfg_placed.placement, "placement.json");
 
     moe_trainer *tr = NULL, *ref = NULL, *con = NULL;
@@ -248,11 +255,11 @@ int main(int argc, char **argv)
     }
 
     /* final state: copies bitwise equal, close to one process */
-    const double dp = gather_check(c, tab, moe_model_params(m), rtab, moe_model_params(mr), "weights");
+    const double dist = gather_check(c, tab, moe_model_params(m), rtab, moe_model_params(mr), "weights");
     gather_check(c, tab, moe_trainer_adam_m(tr), rtab, moe_trainer_adam_m(ref), "adam m");
     gather_check(c, tab, moe_trainer_adam_v(tr), rtab, moe_trainer_adam_v(ref), "adam v");
-    if (rank == 0) printf("expert weights vs one process: relative distance %.3g\n", dp);
-    CHECK(dp < 1e-4);
+    if (rank == 0) printf("expert weights vs one process: relative distance %.3g\n", dist);
+    CHECK(dist < 1e-4);
     const int El = moe_model_n_local_experts(m);
     for (int i = 0; i < moe_model_n_moe_layers(m); i++) {
         const int *ids = moe_layer_local_experts(moe_model_layer(m, moe_model_moe_blocks(m)[i]));
