@@ -50,8 +50,10 @@ static moe_status check_table(const moe_tensor_table *t, int E, int M, const moe
     if (!t || t->n <= 0 || !t->t) return moe_errorf(MOE_ERR_ARG, "checkpoint: empty tensor table");
     const int P = moe_comm_ep_size(c), p = moe_comm_ep_rank(c);
     int placed = 0; /* a placement may hold replicas: P need not divide E */
-    for (int i = 0; i < t->n; i++) placed |= t->t[i].expert_sharded && t->t[i].experts == MOE_EXPERTS_FFN && t->t[i].row_ids;
-    if (E <= 0 || (!placed && E % P)) return moe_errorf(MOE_ERR_ARG, "checkpoint: n_experts = %d with ep size %d", E, P);
+    for (int i = 0; i < t->n; i++)
+        placed |= t->t[i].expert_sharded && t->t[i].experts == MOE_EXPERTS_FFN && t->t[i].row_ids;
+    if (E <= 0 || (!placed && E % P))
+        return moe_errorf(MOE_ERR_ARG, "checkpoint: n_experts = %d with ep size %d", E, P);
     if (M % P) return moe_errorf(MOE_ERR_ARG, "checkpoint: vocab_experts = %d with ep size %d", M, P);
     const int64_t r0 = (int64_t)p * (E / P), rows = E / P;
     for (int i = 0; i < t->n; i++) {

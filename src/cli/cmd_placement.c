@@ -71,7 +71,9 @@ static int parse(plan_opts *o, int argc, char **argv)
             if (o->replicas < 0) return perr("--replicas %ld: must be >= 0", o->replicas), -1;
             break;
         case 'h': return 1;
-        default: return perr("unknown option or missing value: '%s' (see 'moe placement plan --help')", argv[optind - 1]), -1;
+        default:
+            return perr("unknown option or missing value: '%s' (see 'moe placement plan --help')", argv[optind - 1]),
+                   -1;
         }
     }
     if (optind < argc) return perr("unexpected argument '%s'", argv[optind]), -1;

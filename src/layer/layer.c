@@ -6,9 +6,10 @@
  * contiguous placement of docs/routing.md section 8 that is also global
  * expert order; under a placement, section 9, a slot holds any expert and a
  * replicated expert's tokens go to its copies by token index), tokens
- * ascending inside a destination. The combine walks that layout in order, so every token
- * sums its expert outputs in ascending expert order whatever the number of
- * ranks: results do not depend on message arrival order.
+ * ascending inside a destination. The combine walks each token's
+ * assignments in ascending expert order, so every token sums its expert
+ * outputs in that order whatever the number of ranks and the placement:
+ * results do not depend on message arrival order.
  *
  * The layer never knows which transport runs (one process, point-to-point,
  * shared memory, chunked): the exchange plan is set once per forward and

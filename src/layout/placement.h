@@ -56,8 +56,9 @@ moe_status moe_placement_save(const moe_placement *p, const int *blocks, const c
  * and another that most lowers the larger of the two loads. With R > 0,
  * while it lowers the busiest rank's load, one extra copy moves to one of
  * the hottest other experts and the packing runs again (the EPLB counts
- * are not always the easiest to pack into equal slots). Deterministic. MOE_ERR_ARG when R < 0, when P does not divide E + R,
- * or when R > E (P - 1) (a rank would hold two copies of one expert). */
+ * are not always the easiest to pack into equal slots). Deterministic.
+ * MOE_ERR_ARG when R < 0, when P does not divide E + R, or when
+ * R > E (P - 1) (a rank would hold two copies of one expert). */
 moe_status moe_placement_plan(moe_placement **out, const int64_t *loads, int n_layers, int n_experts, int ranks,
                               int replicas);
 
