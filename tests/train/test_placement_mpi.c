@@ -12,7 +12,9 @@
  * expert), losses and gradient norms within 1e-5 relative, the same
  * per-expert update counts, final parameters close to one process; with
  * replicas every copy of an expert bitwise equal to its primary copy in
- * weights and both AdamW moments. Then a checkpoint written under the
+ * weights and both AdamW moments. Expert 0 of block 0 (replicated in the
+ * replica modes) is kept idle by a fixed selection bias: every copy keeps
+ * its weights bitwise, zero moments and expert_step 0. Then a checkpoint written under the
  * placement loads on one process (and, permute, on the contiguous ranks)
  * into exactly the primary copies' values.
  * Usage: test_placement_mpi permute|replicas|replicas_dp (world size 4). */
@@ -58,6 +60,17 @@ static void config(moe_train_config *c, int E)
     c->lr = 1e-3;
     c->warmup_steps = 3;
     c->steps = STEPS;
+    /* a selection bias that never moves: -1e4 on expert 0 of block 0 keeps
+     * it idle everywhere (main), so its copies must stay bitwise as they were */
+    c->expert_bias = 1;
+    c->bias_update_rate = 0;
+}
+
+enum { IDLE = 0 }; /* the idle expert of block 0 */
+
+static void make_idle(moe_trainer *tr)
+{
+    if (tr) moe_model_param(moe_trainer_model(tr), MOE_T_EXP_BIAS, 0)[IDLE] = -1e4f;
 }
 
 static void global_batch(int32_t *in, int32_t *tg, int k)
@@ -226,9 +239,12 @@ int main(int argc, char **argv)
     CHECK(moe_trainer_create(&ref, &cfg, NULL, moe_comm_self()) == MOE_OK);
     if (!replicas) CHECK(moe_trainer_create(&con, &cfg, NULL, c) == MOE_OK);
     if (fails) return 1;
+    make_idle(tr), make_idle(ref), make_idle(con);
     moe_model *m = moe_trainer_model(tr), *mr = moe_trainer_model(ref);
     const moe_tensor_table *tab = moe_model_tensors(m), *rtab = moe_model_tensors(mr);
     CHECK(moe_model_n_local_experts(m) == S);
+    float *init = malloc(tab->total * sizeof(float));
+    memcpy(init, moe_model_params(m), tab->total * sizeof(float));
 
     /* initial weights: bitwise one process's rows, whatever rank holds them */
     CHECK(gather_check(c, tab, moe_model_params(m), rtab, moe_model_params(mr), "init") == 0.0);
@@ -267,6 +283,28 @@ int main(int argc, char **argv)
             CHECK(moe_trainer_expert_steps(tr)[i * El + j] == moe_trainer_expert_steps(ref)[i * E + ids[j]]);
     }
 
+    /* the idle expert: every copy as it started, no moments, no update */
+    int idle_rows = 0;
+    for (int i = 0; i < tab->n; i++) {
+        const moe_tensor *t = &tab->t[i];
+        if (!t->expert_sharded || t->layer != 0) continue;
+        const size_t row = (size_t)moe_tensor_row_numel(t);
+        for (int64_t r = 0; r < t->rows; r++) {
+            if (global_row(t, r) != IDLE) continue;
+            const size_t o = t->offset + (size_t)r * row;
+            CHECK(!memcmp(moe_model_params(m) + o, init + o, row * sizeof(float)));
+            for (size_t j = 0; j < row; j++) CHECK(moe_trainer_adam_m(tr)[o + j] == 0 && moe_trainer_adam_v(tr)[o + j] == 0);
+            idle_rows++;
+        }
+    }
+    const int *ids0 = moe_layer_local_experts(moe_model_layer(m, moe_model_moe_blocks(m)[0]));
+    for (int j = 0; j < El; j++)
+        if (ids0[j] == IDLE) CHECK(moe_trainer_expert_steps(tr)[j] == 0);
+    CHECK(moe_trainer_expert_steps(ref)[IDLE] == 0 && moe_trainer_expert_steps(ref)[IDLE + 1] == STEPS);
+    double holders = idle_rows > 0; /* ranks of the ep group holding a copy of it */
+    CHECK(moe_comm_allreduce_f64(c, MOE_SCOPE_EP, &holders, 1) == MOE_OK);
+    CHECK(holders == (replicas ? 2 : 1));
+
     /* a checkpoint under the placement: on one process, and on the contiguous ranks */
     CHECK(save(tr, &cfg_placed, "placed.h5", c) == MOE_OK);
     moe_trainer *one = NULL;
@@ -280,6 +318,7 @@ int main(int argc, char **argv)
     CHECK(moe_trainer_create(&back, &cfg_placed, NULL, c) == MOE_OK);
     if (back) load_check(back, &cfg_placed, "ref.h5", c, ref, moe_comm_self());
 
+    free(init);
     moe_trainer_destroy(back);
     moe_trainer_destroy(one);
     moe_trainer_destroy(con);
