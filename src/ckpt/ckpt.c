@@ -49,7 +49,11 @@ static moe_status check_table(const moe_tensor_table *t, int E, int M, const moe
 {
     if (!t || t->n <= 0 || !t->t) return moe_errorf(MOE_ERR_ARG, "checkpoint: empty tensor table");
     const int P = moe_comm_ep_size(c), p = moe_comm_ep_rank(c);
-    if (E <= 0 || E % P) return moe_errorf(MOE_ERR_ARG, "checkpoint: n_experts = %d with ep size %d", E, P);
+    int placed = 0; /* a placement may hold replicas: P need not divide E */
+    for (int i = 0; i < t->n; i++)
+        placed |= t->t[i].expert_sharded && t->t[i].experts == MOE_EXPERTS_FFN && t->t[i].row_ids;
+    if (E <= 0 || (!placed && E % P))
+        return moe_errorf(MOE_ERR_ARG, "checkpoint: n_experts = %d with ep size %d", E, P);
     if (M % P) return moe_errorf(MOE_ERR_ARG, "checkpoint: vocab_experts = %d with ep size %d", M, P);
     const int64_t r0 = (int64_t)p * (E / P), rows = E / P;
     for (int i = 0; i < t->n; i++) {
@@ -69,6 +73,14 @@ static moe_status check_table(const moe_tensor_table *t, int E, int M, const moe
             if (!ok)
                 return moe_errorf(MOE_ERR_ARG, "checkpoint: vocabulary tensor '%s' has bad segments or row ids for "
                                                "%d experts on ep rank %d of %d", x->name, M, p, P);
+        } else if (x->expert_sharded && x->row_ids) {
+            /* placed experts: the rank's slots, ascending global experts, each copy flagged */
+            int ok = x->shape[0] == E && x->layer >= 0 && x->rows >= 1 && x->rows <= E && !x->seg_off && x->row_primary;
+            for (int64_t r = 0; ok && r < x->rows; r++)
+                ok = x->row_ids[r] >= 0 && x->row_ids[r] < E && (r == 0 || x->row_ids[r] > x->row_ids[r - 1]);
+            if (!ok)
+                return moe_errorf(MOE_ERR_ARG, "checkpoint: expert tensor '%s' has bad placed rows for n_experts = %d "
+                                               "on ep rank %d of %d", x->name, E, p, P);
         } else if (x->expert_sharded && (x->shape[0] != E || x->row0 != r0 || x->rows != rows || x->layer < 0))
             return moe_errorf(MOE_ERR_ARG,
                               "checkpoint: expert tensor '%s' (dim 0 = %lld, rows [%lld, +%lld), layer %d) "
@@ -132,7 +144,8 @@ typedef struct {
 
 /* One dataset: global shape dims, this rank's rows [r0, r0 + nr) from buf
  * (nr = 0: select none), or, with ids, the rows ids[0 .. nr) (ascending)
- * in that order; chunks of chunk_rows rows. The buffer holds mtype values
+ * in that order, taken from buf's first nr rows or, with mids, from its
+ * rows mids[0 .. nr) (ascending) of mrows; chunks of chunk_rows rows. The buffer holds mtype values
  * (floats for an integer dataset: HDF5 converts). Collective. */
 typedef struct {
     char name[DSET_NAME];
@@ -143,6 +156,8 @@ typedef struct {
     hsize_t dims[MOE_TENSOR_MAX_DIMS];
     hsize_t r0, nr, chunk_rows;
     const int64_t *ids;
+    const int64_t *mids;
+    hsize_t mrows;
     const void *buf;
 } wdset;
 
@@ -179,7 +194,7 @@ static moe_status write_dset(const writer *w, const wdset *d)
     /* The memory space has the shape of the file selection (rows x the
      * tensor's other dims): with a flat one HDF5 maps chunks element by
      * element, which made writes 4-8x slower (128 MB: 2.4-3.8 s -> 0.3-1.3 s). */
-    hsize_t mdims[MOE_TENSOR_MAX_DIMS] = {n ? d->nr : 1};
+    hsize_t mdims[MOE_TENSOR_MAX_DIMS] = {n ? (d->mids ? d->mrows : d->nr) : 1};
     for (int i = 1; i < d->ndim; i++) mdims[i] = n ? d->dims[i] : 1;
     hid_t fs = H5Screate_simple(d->ndim, d->dims, NULL), ms = H5Screate_simple(d->ndim, mdims, NULL);
     hid_t dcpl = H5Pcreate(H5P_DATASET_CREATE);
@@ -196,6 +211,7 @@ static moe_status write_dset(const writer *w, const wdset *d)
         rc = H5Sselect_none(fs) < 0 || H5Sselect_none(ms) < 0 ? -1 : 0;
     } else if (rc == 0 && d->ids) {
         rc = select_rows(fs, d->ndim, d->dims, d->ids, d->nr);
+        if (rc >= 0 && d->mids) rc = select_rows(ms, d->ndim, mdims, d->mids, d->nr);
     } else if (rc == 0) {
         hsize_t start[MOE_TENSOR_MAX_DIMS] = {d->r0}, count[MOE_TENSOR_MAX_DIMS] = {d->nr};
         for (int i = 1; i < d->ndim; i++) count[i] = d->dims[i];
@@ -228,6 +244,7 @@ typedef struct {
     int64_t *ids, *perm;
     float *rows;
     int32_t *ints;  /* (largest integer tensor) */
+    int64_t *pids;  /* (2 x most rows of a placed FFN expert tensor) placed_rows' scratch */
 } row_map;
 
 static void row_map_free(row_map *r)
@@ -236,6 +253,7 @@ static void row_map_free(row_map *r)
     free(r->perm);
     moe_free(r->rows);
     free(r->ints);
+    free(r->pids);
     memset(r, 0, sizeof *r);
 }
 
@@ -245,8 +263,9 @@ static int cmp_pair(const void *a, const void *b)
     return x[0] < y[0] ? -1 : x[0] > y[0];
 }
 
-/* The row map of table t (its tensors with row_ids share one: the vocabulary
- * experts' weight and bias). Local: MOE_ERR_NOMEM. */
+/* The row map of table t (its vocabulary tensors with row_ids share one:
+ * the vocabulary experts' weight and bias; placed FFN experts' row ids are
+ * ascending and need none). Local: MOE_ERR_NOMEM. */
 static moe_status row_map_make(row_map *r, const moe_tensor_table *t)
 {
     memset(r, 0, sizeof *r);
@@ -255,13 +274,20 @@ static moe_status row_map_make(row_map *r, const moe_tensor_table *t)
     for (int i = 0; i < t->n; i++) {
         const moe_tensor *x = &t->t[i];
         if (x->dtype == MOE_TENSOR_I32 && x->numel > ints) ints = x->numel;
-        if (!x->row_ids) continue;
+        if (!x->row_ids || x->experts != MOE_EXPERTS_VOCAB) continue;
         if (!first) first = x;
         const int64_t f = (int64_t)x->numel;
         if (f > r->cap_floats) r->cap_floats = f;
     }
     if (ints && !(r->ints = malloc(ints * sizeof *r->ints)))
         return moe_errorf(MOE_ERR_NOMEM, "checkpoint: %zu integers", ints);
+    int64_t placed = 0;
+    for (int i = 0; i < t->n; i++)
+        if (t->t[i].row_ids && t->t[i].experts == MOE_EXPERTS_FFN && t->t[i].rows > placed) placed = t->t[i].rows;
+    if (placed && !(r->pids = malloc((size_t)placed * 2 * sizeof *r->pids))) {
+        row_map_free(r);
+        return moe_errorf(MOE_ERR_NOMEM, "checkpoint: placed expert rows");
+    }
     if (!first) return MOE_OK;
     const int64_t n = first->rows;
     int64_t *pairs = malloc((size_t)(n ? n : 1) * 2 * sizeof *pairs);
@@ -297,6 +323,22 @@ static int has_dataset(const moe_tensor *x, const char *prefix)
     return x->role != MOE_TENSOR_BUFFER || !strcmp(prefix, "/model/");
 }
 
+/* The rows a rank writes of placed FFN expert tensor x's layer: the global
+ * experts of its primary copies (d->ids) and where they sit in memory
+ * (d->mids): the local rows of x, or with global_mem the same global rows
+ * of a per-expert [E] array. Nothing when !writes. Uses rm's scratch. */
+static void placed_rows(wdset *d, const moe_tensor *x, const row_map *rm, int global_mem, int writes)
+{
+    int64_t *ids = rm->pids, *mids = rm->pids + x->rows, n = 0;
+    for (int64_t r = 0; writes && r < x->rows; r++)
+        if (x->row_primary[r]) ids[n] = x->row_ids[r], mids[n] = global_mem ? x->row_ids[r] : r, n++;
+    d->ids = ids;
+    d->mids = mids;
+    d->mrows = global_mem ? (hsize_t)x->shape[0] : (hsize_t)x->rows;
+    d->nr = (hsize_t)n;
+    d->r0 = 0;
+}
+
 /* A table tensor under `prefix` ("/model/", "/optimizer/m/", "/grad/"):
  * expert rows from replica 0's owners, replicated tensors from world rank 0. */
 static moe_status write_tensor(const writer *w, moe_comm *c, const char *prefix, const moe_tensor *x,
@@ -312,11 +354,17 @@ static moe_status write_tensor(const writer *w, moe_comm *c, const char *prefix,
     d.r0 = (hsize_t)x->row0;
     d.nr = writes ? (hsize_t)x->rows : 0;
     const hsize_t row_bytes = (hsize_t)moe_tensor_row_numel(x) * 4;
-    if (x->expert_sharded && !x->row_ids)
-        d.chunk_rows = 1;
+    if (x->expert_sharded && (!x->row_ids || x->experts == MOE_EXPERTS_FFN))
+        d.chunk_rows = 1; /* one expert row per chunk: one writer each */
     else
         d.chunk_rows = row_bytes >= CHUNK_TARGET ? 1 : CHUNK_TARGET / row_bytes;
     if (d.chunk_rows > d.dims[0]) d.chunk_rows = d.dims[0];
+    if (x->row_ids && x->experts == MOE_EXPERTS_FFN) {
+        /* placed experts: the primary copies' rows, ascending global
+         * experts, straight from the block (one writer per expert row) */
+        placed_rows(&d, x, rm, 0, writes);
+        return write_dset(w, &d);
+    }
     if (x->row_ids) {
         /* the local rows in id order (checked equal on every rank by the
          * table hash and row_map_fits at save time) */
@@ -335,12 +383,21 @@ static moe_status write_tensor(const writer *w, moe_comm *c, const char *prefix,
 }
 
 /* A per-expert [E] array of a MoE layer: `owned` = written by each expert's
- * owner (replica 0), one chunk per expert; else whole by world rank 0. */
+ * owner (replica 0; with the layer's experts placed, `placed` = one of its
+ * expert tensors: by each primary copy), one chunk per expert; else whole
+ * by world rank 0. */
 static moe_status write_per_expert(const writer *w, moe_comm *c, const char *name, moe_ckpt_dtype dtype,
-                                   const void *row, int E, int owned)
+                                   const void *row, int E, int owned, const moe_tensor *placed, const row_map *rm)
 {
     wdset d = {.dtype = dtype, .ndim = 1, .dims = {(hsize_t)E}};
     snprintf(d.name, sizeof d.name, "%s", name);
+    if (owned && placed) { /* the layer's experts are placed: each primary copy writes its expert */
+        placed_rows(&d, placed, rm, 1, moe_comm_replica(c) == 0);
+        d.chunk_rows = 1;
+        d.mtype = ckpt_mem_type(dtype);
+        d.buf = row;
+        return write_dset(w, &d);
+    }
     if (owned) {
         const int P = moe_comm_ep_size(c), p = moe_comm_ep_rank(c);
         d.r0 = (hsize_t)p * (hsize_t)(E / P);
@@ -491,17 +548,24 @@ static moe_status write_ckpt_body(const writer *w, moe_comm *c, const moe_ckpt_s
     for (int l = 0; st == MOE_OK && l < n_moe; l++) {
         const size_t o = (size_t)l * (size_t)E;
         snprintf(name, sizeof name, "/optimizer/expert_step/h/%d", layers[l]);
-        st = write_per_expert(w, c, name, MOE_CKPT_I64, s->expert_step + o, E, 1);
+        const moe_tensor *placed = NULL;
+        for (int i = 0; !placed && i < t->n; i++)
+            if (t->t[i].expert_sharded && t->t[i].experts == MOE_EXPERTS_FFN && t->t[i].layer == layers[l] &&
+                t->t[i].row_ids)
+                placed = &t->t[i];
+        st = write_per_expert(w, c, name, MOE_CKPT_I64, s->expert_step + o, E, 1, placed, rm);
         snprintf(name, sizeof name, "/stats/h/%d/expert_tokens", layers[l]);
-        if (st == MOE_OK) st = write_per_expert(w, c, name, MOE_CKPT_I64, s->expert_tokens + o, E, 0);
+        if (st == MOE_OK) st = write_per_expert(w, c, name, MOE_CKPT_I64, s->expert_tokens + o, E, 0, NULL, rm);
         snprintf(name, sizeof name, "/stats/h/%d/expert_dropped", layers[l]);
-        if (st == MOE_OK) st = write_per_expert(w, c, name, MOE_CKPT_I64, s->expert_dropped + o, E, 0);
+        if (st == MOE_OK) st = write_per_expert(w, c, name, MOE_CKPT_I64, s->expert_dropped + o, E, 0, NULL, rm);
     }
     if (st == MOE_OK && s->cfg->head == MOE_HEAD_VOCAB_EXPERTS) {
         const int M = s->cfg->vocab_experts;
-        st = write_per_expert(w, c, "/optimizer/expert_step/vocab_head", MOE_CKPT_I64, s->vocab_expert_step, M, 1);
+        st = write_per_expert(w, c, "/optimizer/expert_step/vocab_head", MOE_CKPT_I64, s->vocab_expert_step, M, 1,
+                              NULL, rm);
         if (st == MOE_OK)
-            st = write_per_expert(w, c, "/stats/vocab_head/expert_tokens", MOE_CKPT_I64, s->vocab_expert_tokens, M, 0);
+            st = write_per_expert(w, c, "/stats/vocab_head/expert_tokens", MOE_CKPT_I64, s->vocab_expert_tokens, M, 0,
+                                  NULL, rm);
     }
 
     if (st == MOE_OK && (st = make_group(w, "/train", &g)) == MOE_OK) {
@@ -533,11 +597,11 @@ static moe_status write_grads_body(const writer *w, moe_comm *c, const body *b)
     for (int l = 0; st == MOE_OK && l < n_moe; l++) {
         snprintf(name, sizeof name, "/grad/h/%d/moe/experts/activated", layers[l]);
         st = write_per_expert(w, c, name, MOE_CKPT_U8, b->activated + (size_t)l * (size_t)b->n_experts,
-                              b->n_experts, 0);
+                              b->n_experts, 0, NULL, &b->rm);
     }
     if (st == MOE_OK && b->vocab_activated)
         st = write_per_expert(w, c, "/grad/vocab_head/activated", MOE_CKPT_U8, b->vocab_activated,
-                              b->cfg->vocab_experts, 0);
+                              b->cfg->vocab_experts, 0, NULL, &b->rm);
     return st;
 }
 
@@ -584,7 +648,7 @@ static moe_status save_atomic(const char *path, moe_comm *c, body *b, const moe_
     root_info r;
     moe_status st = row_map_make(&b->rm, t);
     for (int i = 0; st == MOE_OK && i < t->n; i++)
-        if (t->t[i].row_ids && !row_map_fits(&b->rm, &t->t[i]))
+        if (t->t[i].row_ids && t->t[i].experts == MOE_EXPERTS_VOCAB && !row_map_fits(&b->rm, &t->t[i]))
             st = moe_errorf(MOE_ERR_ARG, "checkpoint: tensor '%s' has other row ids than its table's first "
                                          "row-mapped tensor", t->t[i].name);
     st = agree(c, st);
@@ -778,6 +842,14 @@ static moe_status read_tensor(hid_t f, const char *path, const char *prefix, con
     snprintf(name, sizeof name, "%s%s", prefix, x->name);
     float *dst = block + x->offset;
     const size_t row = (size_t)moe_tensor_row_numel(x);
+    if (x->row_ids && x->experts == MOE_EXPERTS_FFN) {
+        /* placed experts: the rank's slots are ascending global rows */
+        moe_status st = read_rows(f, name, H5T_NATIVE_FLOAT, x->ndim, x->shape, 0, x->rows, x->row_ids, dst, path);
+        for (int64_t i = 0; st == MOE_OK && i < x->rows; i++)
+            st = ckpt_check_values(path, name, opt_step, dst + (size_t)i * row, NULL, NULL, row,
+                                   x->row_ids[i] * (int64_t)row);
+        return st;
+    }
     if (x->row_ids) {
         if (rm->n == 0) return MOE_OK;
         /* rows in id order, then each to its local (expert-major) place */
@@ -835,7 +907,7 @@ static moe_status read_all(hid_t f, const char *path, moe_ckpt_state *s, const i
         for (int i = 0; st == MOE_OK && i < t->n; i++) {
             const moe_tensor *x = &t->t[i];
             if (!has_dataset(x, prefixes[p])) continue;
-            if (x->row_ids && !row_map_fits(&rm, x))
+            if (x->row_ids && x->experts == MOE_EXPERTS_VOCAB && !row_map_fits(&rm, x))
                 st = moe_errorf(MOE_ERR_ARG, "checkpoint: tensor '%s' has other row ids than its table's first "
                                              "row-mapped tensor", x->name);
             else

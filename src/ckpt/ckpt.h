@@ -57,7 +57,8 @@ typedef struct {
     int n_experts;             /* E, dim 0 of every expert tensor */
     /* Per MoE layer (ordinal, see above), global expert index. expert_step
      * is authoritative only for the experts this rank owns (the file takes
-     * each row from its owner; load fills every row). The stats are global
+     * each row from its owner: under a placement, from the expert's
+     * primary copy, see the table's row_primary; load fills every row). The stats are global
      * and identical on all ranks (rank 0's copy is written). NULL on load: skip. */
     int64_t *expert_step;      /* (n_moe, E) */
     int64_t *expert_tokens;    /* (n_moe, E) kept assignments since step 0 */

@@ -37,6 +37,7 @@ void moe_cli_usage(FILE *f);
  * argv[0] is the program, argv[1] the command. Returns the exit status. */
 int moe_cli_dispatch(int argc, char **argv);
 int moe_cmd_vocab(int argc, char **argv);
+int moe_cmd_placement(int argc, char **argv);
 
 struct moe_comm;
 /* MPI start-up shared by the subcommands: moe_comm_init, then a world

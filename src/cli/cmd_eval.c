@@ -23,7 +23,7 @@
 #include "infer/infer.h"
 
 typedef struct {
-    const char *ckpt, *data, *domains;
+    const char *ckpt, *data, *domains, *placement;
     int json, batch, help;
     int vocab_top_k; /* 0: the checkpoint's */
 } eval_opts;
@@ -32,6 +32,7 @@ static void usage(FILE *f)
 {
     fprintf(f,
             "usage: [mpirun -np N] moe eval --ckpt FILE|RUNDIR --data FILE [--json] [--domains FILE] [--batch N]\n"
+            "                              [--placement FILE]\n"
             "\n"
             "Mean next-token cross-entropy of a checkpoint over every full window of seq_len tokens of\n"
             "FILE (window i: inputs tokens [i*S, i*S+S), targets shifted by one; each window is its own\n"
@@ -46,6 +47,9 @@ static void usage(FILE *f)
             "                      per MoE layer, each domain's share of kept assignments per expert (a\n"
             "                      token counts for the domain of its first byte)\n"
             "  --batch N           windows per rank per forward (default 8)\n"
+            "  --placement FILE    expert placement of 'moe placement plan' for N ranks (default:\n"
+            "                      contiguous blocks; with replicas N need only divide E + R); the\n"
+            "                      result does not depend on it\n"
 
             "  --vocab-top-k K     vocabulary experts: the K of the coverage (default: the checkpoint's\n"
             "                      vocab_top_k); the loss is exact whatever K\n");
@@ -59,7 +63,7 @@ static int parse(eval_opts *o, int argc, char **argv, int rank)
         {"ckpt", required_argument, NULL, 'c'}, {"data", required_argument, NULL, 'd'},
         {"domains", required_argument, NULL, 'D'}, {"batch", required_argument, NULL, 'b'},
         {"json", no_argument, NULL, 'j'}, {"vocab-top-k", required_argument, NULL, 'k'},
-        {"help", no_argument, NULL, 'h'}, {NULL, 0, NULL, 0}};
+        {"placement", required_argument, NULL, 'L'}, {"help", no_argument, NULL, 'h'}, {NULL, 0, NULL, 0}};
     *o = (eval_opts){.batch = 8};
     opterr = 0;
     optind = 0;
@@ -68,6 +72,7 @@ static int parse(eval_opts *o, int argc, char **argv, int rank)
         case 'c': o->ckpt = optarg; break;
         case 'd': o->data = optarg; break;
         case 'D': o->domains = optarg; break;
+        case 'L': o->placement = optarg; break;
         case 'j': o->json = 1; break;
         case 'h': o->help = 1; return 0;
         case 'b': {
@@ -262,7 +267,7 @@ static int run(const eval_opts *o, moe_comm *comm)
     moe_model *m = NULL;
     moe_tok *tok = NULL;
     moe_infer_eval_result res = {0};
-    moe_status st = moe_infer_load(&m, NULL, o->ckpt, o->batch, 0, comm);
+    moe_status st = moe_infer_load_placed(&m, NULL, o->ckpt, o->batch, 0, o->placement, comm);
     if (!st) st = moe_ckpt_load_tokenizer(&tok, o->ckpt, comm);
     /* the same option on every rank: no agreement needed */
     if (!st && o->vocab_top_k) st = moe_model_set_vocab_top_k(m, o->vocab_top_k);

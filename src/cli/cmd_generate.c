@@ -22,7 +22,7 @@
 enum { MAX_PROMPTS = MOE_INFER_MAX_PROMPTS };
 
 typedef struct {
-    const char *ckpt, *prompt, *prompt_file;
+    const char *ckpt, *prompt, *prompt_file, *placement;
     int tokens, json, help;
     int vocab_top_k; /* 0: the checkpoint's */
     moe_infer_sampler s;
@@ -33,7 +33,7 @@ static void usage(FILE *f)
     fprintf(f,
             "usage: [mpirun -np N] moe generate --ckpt FILE|RUNDIR (--prompt TEXT | --prompt_file FILE)\n"
             "                                   [--tokens N] [--temperature T] [--top_k K] [--top_p P]\n"
-            "                                   [--seed S] [--json]\n"
+            "                                   [--seed S] [--json] [--placement FILE]\n"
             "\n"
             "Samples tokens after each prompt with a key/value cache and prints their bytes. Prompts\n"
             "are encoded with the checkpoint's tokenizer (one token per byte for a byte-level model).\n"
@@ -49,6 +49,8 @@ static void usage(FILE *f)
             "  --top_p P           nucleus sampling, P in (0, 1]; 1 = off (default 1.0)\n"
             "  --seed S            0..4294967295 (default 1)\n"
             "  --json              print {\"samples\": [{\"prompt\", \"text\"}], ...} (invalid UTF-8 shown as U+FFFD)\n"
+            "  --placement FILE    expert placement of 'moe placement plan' for N ranks (default: contiguous\n"
+            "                      blocks); the text does not depend on it\n"
             "  --vocab-top-k K     vocabulary experts: compute the K experts the head router ranks first\n"
             "                      and sample from their tokens (default: the checkpoint's vocab_top_k;\n"
             "                      K = vocab_experts is the exact model)\n"
@@ -71,7 +73,7 @@ static int parse(gen_opts *o, int argc, char **argv, int rank)
         {"top_p", required_argument, NULL, 'P'},       {"seed", required_argument, NULL, 's'},
         {"json", no_argument, NULL, 'j'},              {"help", no_argument, NULL, 'h'},
         {"vocab-top-k", required_argument, NULL, 'V'}, {"vocab_top_k", required_argument, NULL, 'V'},
-        {NULL, 0, NULL, 0}};
+        {"placement", required_argument, NULL, 'L'},   {NULL, 0, NULL, 0}};
     *o = (gen_opts){.tokens = 200, .s = {.temperature = 1.0, .top_k = 0, .top_p = 1.0, .seed = 1}};
     opterr = 0;
     optind = 0;
@@ -81,6 +83,7 @@ static int parse(gen_opts *o, int argc, char **argv, int rank)
         case 'c': o->ckpt = optarg; break;
         case 'p': o->prompt = optarg; break;
         case 'f': o->prompt_file = optarg; break;
+        case 'L': o->placement = optarg; break;
         case 'j': o->json = 1; break;
         case 'h': o->help = 1; return 0;
         case 'n':
@@ -236,7 +239,7 @@ static int run(const gen_opts *o, moe_comm *comm)
     moe_status st = moe_comm_agree(comm, o->prompt_file ? moe_infer_prompts_create(&ps, o->prompt_file)
                                                         : moe_infer_prompts_create_text(&ps, o->prompt));
     const int n_prompts = st ? 0 : moe_infer_prompts_count(ps);
-    if (!st) st = moe_infer_load(&m, NULL, o->ckpt, 1, n_prompts, comm);
+    if (!st) st = moe_infer_load_placed(&m, NULL, o->ckpt, 1, n_prompts, o->placement, comm);
     if (!st) st = moe_ckpt_load_tokenizer(&tok, o->ckpt, comm);
     size_t n_ids[MAX_PROMPTS] = {0};
     int32_t newline = '\n'; /* an empty prompt starts a new document: after "\n" */

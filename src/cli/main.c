@@ -64,6 +64,7 @@ const moe_cli_command moe_cli_commands[] = {
     {"tokenizer", "<sub> ...", "train, import, export, encode, decode, info (BPE tokenizers)", 0},
     {"convert", "import|export ...", "Hugging Face MoE checkpoints (mixtral, qwen2/3_moe, olmoe) <-> moerun", 0},
     {"vocab partition", "...", "split the vocabulary into vocabulary experts (head = vocab_experts)", 0},
+    {"placement plan", "--ckpt F ...", "place experts on ranks by their recorded load, with replicas (EPLB)", 0},
     {"bench layer", "", "time one MoE layer forward+backward (--save writes a dump)", 0},
     {"bench a2a", "", "time the token all-to-all against raw MPI_Alltoallv", 0},
     {"selftest blas", "", "check and time OpenBLAS's kernel sets; pick the fastest correct one", 0},
@@ -129,6 +130,7 @@ int moe_cli_dispatch(int argc, char **argv)
     if (!strcmp(cmd, "selftest")) return moe_cmd_selftest(argc - 1, argv + 1);
     if (!strcmp(cmd, "help")) return moe_cmd_help(argc - 1, argv + 1);
     if (!strcmp(cmd, "vocab")) return moe_cmd_vocab(argc - 1, argv + 1);
+    if (!strcmp(cmd, "placement")) return moe_cmd_placement(argc - 1, argv + 1);
     fprintf(stderr, "moe: unknown command '%s'\n", cmd);
     moe_cli_usage(stderr);
     return 2;

@@ -366,6 +366,27 @@ moe_status moe_comm_allreduce_f32(moe_comm *c, moe_comm_scope s, float *buf, siz
     return reduce(c, s, buf, n, MPI_FLOAT, sizeof *buf, MPI_SUM);
 }
 
+moe_status moe_comm_sum_same_f32(moe_comm *c, moe_comm_scope s, float *buf, size_t n)
+{
+    if ((unsigned)s > MOE_SCOPE_REPLICA) return moe_errorf(MOE_ERR_ARG, "unknown communicator scope %d", (int)s);
+    if (c->self) return MOE_OK;
+    MPI_Comm comm = moe_comm_mpi(c, s);
+    if (comm == MPI_COMM_NULL) return moe_errorf(MOE_ERR_ARG, "unknown communicator scope %d", (int)s);
+    int me = 0;
+    MPI_Comm_rank(comm, &me);
+    for (float *p = buf; n > 0;) {
+        size_t m = n < MOE_COMM_CHUNK ? n : MOE_COMM_CHUNK;
+        /* one sum, formed on the scope's rank 0, then copied to all: MPI
+         * does not promise that an allreduce leaves the same bits everywhere */
+        MOE_MPI_TRY_WD(c, (int)s, "reduction (MPI_Reduce)",
+                       MPI_Reduce(me == 0 ? MPI_IN_PLACE : p, me == 0 ? p : NULL, (int)m, MPI_FLOAT, MPI_SUM, 0, comm));
+        MOE_MPI_TRY_WD(c, (int)s, "broadcast (MPI_Bcast)", MPI_Bcast(p, (int)m, MPI_FLOAT, 0, comm));
+        p += m;
+        n -= m;
+    }
+    return MOE_OK;
+}
+
 moe_status moe_comm_allreduce_f64(moe_comm *c, moe_comm_scope s, double *buf, size_t n)
 {
     return reduce(c, s, buf, n, MPI_DOUBLE, sizeof *buf, MPI_SUM);

@@ -108,6 +108,10 @@ int moe_comm_cause_rank(moe_comm *c, moe_comm_scope s, moe_status local);
 /* In-place sums over a scope (n may exceed INT_MAX: done in chunks). */
 moe_status moe_comm_allreduce_f32(moe_comm *c, moe_comm_scope s, float *buf, size_t n);
 moe_status moe_comm_allreduce_f64(moe_comm *c, moe_comm_scope s, double *buf, size_t n);
+/* In-place sum over a scope that leaves the same bits on every rank of it
+ * (reduced on the scope's rank 0, then broadcast): for copies of one
+ * tensor that must stay bitwise equal. Collective over s; MOE_ERR_MPI. */
+moe_status moe_comm_sum_same_f32(moe_comm *c, moe_comm_scope s, float *buf, size_t n);
 moe_status moe_comm_allreduce_i64(moe_comm *c, moe_comm_scope s, int64_t *buf, size_t n);
 /* In-place max over a scope. */
 moe_status moe_comm_allmax_f64(moe_comm *c, moe_comm_scope s, double *buf, size_t n);

@@ -193,6 +193,9 @@ static const key_desc keys[] = {
     KR(comm_timeout, "exchange", 0, HUGE_VAL, 0, 0,
        "seconds a blocking exchange, collective or checkpoint I/O phase may make no progress before "
        "the job is ended on every node (0: never; docs/cluster.md)"),
+    KS(placement, "exchange",
+       "expert placement file of 'moe placement plan' (which ep rank holds which experts, replicas of the "
+       "hottest; empty: contiguous blocks). Results do not depend on it"),
 
     KI(ckpt_every, "checkpoint", 0, NOMAX, "steps between checkpoints (0: only at the end)"),
     KI(keep_last, "checkpoint", 0, NOMAX, "checkpoints kept in out_dir (0: all)"),
@@ -204,7 +207,8 @@ static const key_desc keys[] = {
 _Static_assert(sizeof(((moe_train_config *)0)->data) == 1024 && sizeof(((moe_train_config *)0)->val_data) == 1024 &&
                    sizeof(((moe_train_config *)0)->out_dir) == 1024 && sizeof(((moe_train_config *)0)->resume) == 1024 &&
                    sizeof(((moe_train_config *)0)->tokenizer) == 1024 &&
-                   sizeof(((moe_train_config *)0)->vocab_partition_from) == 1024,
+                   sizeof(((moe_train_config *)0)->vocab_partition_from) == 1024 &&
+                   sizeof(((moe_train_config *)0)->placement) == 1024,
                "T_STR keys are char[1024]");
 #define STR_CAP 1024
 
@@ -808,7 +812,7 @@ moe_status moe_train_config_check(const moe_train_config *c, int world)
     int ep = c->ep_size ? c->ep_size : world;
     if (ep > world || world % ep)
         return moe_errorf(MOE_ERR_ARG, "ep_size=%d does not divide the %d ranks", c->ep_size, world);
-    if (c->n_experts % ep)
+    if (c->n_experts % ep && !c->placement[0]) /* a placement's replicas: ep divides E + R (checked on load) */
         return moe_errorf(MOE_ERR_ARG, "n_experts=%d is not divisible by ep_size=%d%s", c->n_experts, ep,
                           c->ep_size ? "" : " (ep_size = 0: all ranks)");
     if (c->head == MOE_HEAD_VOCAB_EXPERTS && c->vocab_experts % ep)

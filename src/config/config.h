@@ -77,6 +77,7 @@ typedef struct {
     int a2a;                 /* moe_a2a_kind */
     int a2a_chunks;
     double comm_timeout;     /* seconds without progress in a blocking phase before the job ends (0: never) */
+    char placement[1024];    /* expert placement file ("" contiguous; docs/routing.md "Expert placement") */
     /* checkpoints (issue 5) */
     int ckpt_every, keep_last, dump_grads_every;
     char resume[1024];

@@ -28,6 +28,12 @@ typedef struct {
      * updated" rule and the checkpoint work per segment through these. */
     const int64_t *seg_off;  /* (local experts + 1) or NULL; owned by the table's builder */
     const int64_t *row_ids;  /* (rows) or NULL */
+    /* FFN experts under a non-contiguous placement (layout/placement.h):
+     * row_ids holds the global expert of each local row, ascending, and
+     * row_primary[i] is 1 when local row i is its expert's copy on the
+     * lowest ep rank (the one a checkpoint writes and the gradient norm
+     * counts; other copies are bitwise equal to it). NULL: every row. */
+    const uint8_t *row_primary;
     int experts;          /* expert_sharded: whose experts dim 0 holds: MOE_EXPERTS_FFN (MoE layer `layer`)
                              or MOE_EXPERTS_VOCAB (the vocabulary head) */
     int layer;            /* block index of an FFN expert tensor (per-expert step counters), else -1 */
@@ -52,6 +58,7 @@ typedef struct {
     size_t dense;         /* floats of the leading replicated range: expert tensors occupy [dense, total) */
     size_t total;         /* floats in the local block */
     void *owned;          /* the builder's storage behind seg_off / row_ids */
+    void *owned_placed;   /* ... and behind the FFN experts' row_ids / row_primary */
 } moe_tensor_table;
 
 /* Elements per row of dim 0 (product of shape[1..]). */

@@ -46,6 +46,12 @@
  * max_local_seqs < 1. Owner: caller (moe_model_destroy). */
 moe_status moe_infer_load(moe_model **out, moe_train_config *cfg, const char *path, int max_local_seqs,
                           int min_tokens, moe_comm *comm);
+/* The same with the experts placed by the placement file `placement`
+ * (docs/routing.md "Expert placement"; NULL or "": contiguous). A placement
+ * is a choice of this run, never taken from the checkpoint's saved config;
+ * results do not depend on it. */
+moe_status moe_infer_load_placed(moe_model **out, moe_train_config *cfg, const char *path, int max_local_seqs,
+                                 int min_tokens, const char *placement, moe_comm *comm);
 
 /* Reads a whole file into a new buffer (*data, caller frees with moe_free;
  * never NULL on success, even for an empty file) of *n bytes. Not

@@ -98,6 +98,12 @@ static moe_status share_config_text(char **text, const char *path, moe_comm *com
 moe_status moe_infer_load(moe_model **out, moe_train_config *cfg_out, const char *path, int max_local_seqs,
                           int min_tokens, moe_comm *comm)
 {
+    return moe_infer_load_placed(out, cfg_out, path, max_local_seqs, min_tokens, NULL, comm);
+}
+
+moe_status moe_infer_load_placed(moe_model **out, moe_train_config *cfg_out, const char *path, int max_local_seqs,
+                                 int min_tokens, const char *placement, moe_comm *comm)
+{
     *out = NULL;
     if (!path || max_local_seqs < 1)
         return moe_errorf(MOE_ERR_ARG, "infer load: NULL path or max_local_seqs=%d < 1", max_local_seqs);
@@ -121,7 +127,13 @@ moe_status moe_infer_load(moe_model **out, moe_train_config *cfg_out, const char
     st = moe_train_config_load_text(&saved, text, origin);
     free(text);
     if (st) return st;
-    if (saved.n_experts % W)
+    /* the training run's placement file is not this run's (another rank
+     * count, perhaps gone): only the caller's */
+    saved.placement[0] = 0;
+    if (placement && strlen(placement) >= sizeof saved.placement)
+        return moe_errorf(MOE_ERR_ARG, "placement file name longer than %zu bytes", sizeof saved.placement - 1);
+    if (placement) snprintf(saved.placement, sizeof saved.placement, "%s", placement);
+    if (saved.n_experts % W && !saved.placement[0])
         return moe_errorf(MOE_ERR_ARG,
                           "'%s' has n_experts=%d per MoE layer: the number of ranks (%d) must divide it "
                           "(experts are sharded over all ranks)",

@@ -2,11 +2,14 @@
  * combine, and its backward.
  *
  * Send layout (on a token's home rank): one row per kept assignment, grouped
- * by GLOBAL expert (which is also "destination ep rank, then its local
- * expert", by the placement of docs/routing.md section 8), tokens ascending
- * inside an expert. The combine walks that layout in order, so every token
- * sums its expert outputs in ascending expert order whatever the number of
- * ranks: results do not depend on message arrival order.
+ * by exchange destination (ep rank, then its local slot; with the default
+ * contiguous placement of docs/routing.md section 8 that is also global
+ * expert order; under a placement, section 9, a slot holds any expert and a
+ * replicated expert's tokens go to its copies by token index), tokens
+ * ascending inside a destination. The combine walks each token's
+ * assignments in ascending expert order, so every token sums its expert
+ * outputs in that order whatever the number of ranks and the placement:
+ * results do not depend on message arrival order.
  *
  * The layer never knows which transport runs (one process, point-to-point,
  * shared memory, chunked): the exchange plan is set once per forward and
@@ -53,9 +56,18 @@ struct moe_layer {
     int fwd_ok;              /* 1 when the last forward completed */
 
     /* where each global expert is: holders[holder_off[e] .. holder_off[e+1])
-     * are the exchange destinations (ep rank * El + local slot) of its copies */
+     * are the exchange destinations (ep rank * El + local slot) of its copies,
+     * ascending */
     int *holder_off;         /* (E + 1) */
     int *holders;            /* (P * El) */
+    int *local_ids;          /* (El) global expert of each local slot */
+    /* experts with copies on several ranks: their gradients are summed over
+     * the copies (rep_buf packs one row block per such expert) */
+    int n_rep;
+    int *rep_expert;         /* (n_rep) global expert */
+    int *rep_slot;           /* (n_rep) its local slot here, or -1 */
+    float *rep_buf;          /* (n_rep, F1 d + F1 + d F + d) */
+    float *rep_prev;         /* (n_rep, ...) their gradients before this backward */
 
     /* the routing handed to the exchange: per token, its kept assignments in
      * ascending expert order (the combine order) */
@@ -127,6 +139,56 @@ static moe_status grow_recv(moe_layer *L, int n)
     return MOE_OK;
 }
 
+/* Floats of one expert's parameters: w1, b1, w2, b2 rows. */
+static size_t expert_floats(const moe_layer *L)
+{
+    return (size_t)L->F1 * L->d + L->F1 + (size_t)L->d * L->F + L->d;
+}
+
+/* The holders of every expert from a placement's slots (P, El), and the
+ * experts with more than one copy. MOE_ERR_ARG on a broken placement. */
+static moe_status place(moe_layer *L, const int *slots, int me)
+{
+    const int E = L->E, D = L->P * L->El;
+    memset(L->holder_off, 0, sizeof(int) * ((size_t)E + 1));
+    for (int d = 0; d < D; d++) {
+        if (slots[d] < 0 || slots[d] >= E)
+            return moe_errorf(MOE_ERR_ARG, "MoE layer: placement slot %d holds expert %d, outside [0, %d)", d,
+                              slots[d], E);
+        if (d % L->El && slots[d] <= slots[d - 1])
+            return moe_errorf(MOE_ERR_ARG, "MoE layer: placement of rank %d not strictly ascending at slot %d",
+                              d / L->El, d % L->El);
+        L->holder_off[slots[d] + 1]++;
+    }
+    for (int e = 0; e < E; e++) {
+        if (L->holder_off[e + 1] == 0)
+            return moe_errorf(MOE_ERR_ARG, "MoE layer: the placement holds expert %d nowhere", e);
+        L->n_rep += L->holder_off[e + 1] > 1;
+        L->holder_off[e + 1] += L->holder_off[e];
+    }
+    int *cur = moe_calloc((size_t)E, sizeof(int)); /* next free holder of each expert */
+    if (!cur) return moe_errorf(MOE_ERR_NOMEM, "MoE layer: placement");
+    for (int e = 0; e < E; e++) cur[e] = L->holder_off[e];
+    for (int d = 0; d < D; d++) L->holders[cur[slots[d]]++] = d; /* ascending destinations */
+    moe_free(cur);
+    if (L->n_rep == 0) return MOE_OK;
+    L->rep_expert = moe_calloc((size_t)L->n_rep, sizeof(int));
+    L->rep_slot = moe_calloc((size_t)L->n_rep, sizeof(int));
+    L->rep_buf = moe_calloc((size_t)L->n_rep * expert_floats(L), sizeof(float));
+    L->rep_prev = moe_calloc((size_t)L->n_rep * expert_floats(L), sizeof(float));
+    if (!L->rep_expert || !L->rep_slot || !L->rep_buf || !L->rep_prev)
+        return moe_errorf(MOE_ERR_NOMEM, "MoE layer: gradients of %d replicated experts", L->n_rep);
+    for (int e = 0, k = 0; e < E; e++) {
+        if (L->holder_off[e + 1] - L->holder_off[e] < 2) continue;
+        L->rep_expert[k] = e;
+        L->rep_slot[k] = -1;
+        for (int j = 0; j < L->El; j++)
+            if (slots[me * L->El + j] == e) L->rep_slot[k] = j;
+        k++;
+    }
+    return MOE_OK;
+}
+
 moe_status moe_layer_create(moe_layer **out, const moe_layer_config *cfg, moe_comm *comm)
 {
     *out = NULL;
@@ -140,8 +202,10 @@ moe_status moe_layer_create(moe_layer **out, const moe_layer_config *cfg, moe_co
     if (cfg->chunks < 0) return moe_errorf(MOE_ERR_ARG, "chunks must be >= 1 (got %d)", cfg->chunks);
     int P = moe_comm_ep_size(comm);
     int E = cfg->router.n_experts;
-    if (E % P != 0)
+    if (!cfg->slots && E % P != 0)
         return moe_errorf(MOE_ERR_ARG, "n_experts=%d is not divisible by the expert-parallel size %d", E, P);
+    if (cfg->slots && (cfg->n_slots < 1 || (int64_t)cfg->n_slots * P < E || cfg->n_slots > E))
+        return moe_errorf(MOE_ERR_ARG, "MoE layer: %d slots per rank for %d experts over %d ranks", cfg->n_slots, E, P);
 
     moe_layer *L = moe_calloc(1, sizeof *L);
     if (!L) return moe_errorf(MOE_ERR_NOMEM, "MoE layer: out of memory");
@@ -150,8 +214,8 @@ moe_status moe_layer_create(moe_layer **out, const moe_layer_config *cfg, moe_co
     L->comm = comm;
     L->E = E;
     L->P = P;
-    L->El = E / P;
-    L->e0 = moe_comm_ep_rank(comm) * L->El;
+    L->El = cfg->slots ? cfg->n_slots : E / P;
+    L->cfg.slots = NULL; /* not kept: holders and local_ids are the copy */
     L->d = cfg->router.d_model;
     L->F = cfg->d_ff;
     L->F1 = moe_f1(cfg->d_ff, cfg->act);
@@ -169,7 +233,8 @@ moe_status moe_layer_create(moe_layer **out, const moe_layer_config *cfg, moe_co
         L->tok_off = moe_calloc(T + 1, sizeof(int));
         L->holder_off = moe_calloc((size_t)E + 1, sizeof(int));
         L->holders = moe_calloc((size_t)P * L->El, sizeof(int));
-        if (!L->expert_rows || !L->dweight || !L->tok_off || !L->holder_off || !L->holders)
+        L->local_ids = moe_calloc((size_t)L->El, sizeof(int));
+        if (!L->expert_rows || !L->dweight || !L->tok_off || !L->holder_off || !L->holders || !L->local_ids)
             st = moe_errorf(MOE_ERR_NOMEM, "MoE layer: out of memory");
         if (!st && S) {
             L->sh_h = moe_calloc(S * T * L->F1s, sizeof(float));
@@ -183,11 +248,18 @@ moe_status moe_layer_create(moe_layer **out, const moe_layer_config *cfg, moe_co
                                 S * T * (size_t)(L->F1s + L->Fs));
         }
     }
-    if (!st) {
+    if (!st && !cfg->slots) {
         /* contiguous blocks: expert e is slot e % El of ep rank e / El,
          * i.e. destination e (docs/routing.md section 8) */
         for (int e = 0; e <= E; e++) L->holder_off[e] = e;
         for (int e = 0; e < E; e++) L->holders[e] = e;
+    } else if (!st) {
+        st = place(L, cfg->slots, moe_comm_ep_rank(comm));
+    }
+    if (!st) {
+        for (int j = 0; j < L->El; j++) L->local_ids[j] = cfg->slots ? cfg->slots[moe_comm_ep_rank(comm) * L->El + j]
+                                                                     : moe_comm_ep_rank(comm) * L->El + j;
+        L->e0 = L->local_ids[0];
     }
     /* Collective: every ep rank creates its exchange even if a local step failed,
      * then all agree, so no rank is left inside a2a_create. */
@@ -209,6 +281,11 @@ void moe_layer_destroy(moe_layer *L)
     moe_route_destroy(L->route);
     moe_free(L->holder_off);
     moe_free(L->holders);
+    moe_free(L->local_ids);
+    moe_free(L->rep_expert);
+    moe_free(L->rep_slot);
+    moe_free(L->rep_buf);
+    moe_free(L->rep_prev);
     moe_free(L->tok_off);
     moe_free(L->asg_dest);
     moe_free(L->asg_expert);
@@ -229,6 +306,7 @@ void moe_layer_destroy(moe_layer *L)
 
 int moe_layer_expert0(const moe_layer *L) { return L->e0; }
 int moe_layer_n_local_experts(const moe_layer *L) { return L->El; }
+const int *moe_layer_local_experts(const moe_layer *L) { return L->local_ids; }
 const moe_route *moe_layer_route(const moe_layer *L) { return L->route; }
 const int *moe_layer_expert_rows(const moe_layer *L) { return L->expert_rows; }
 const moe_layer_timing *moe_layer_get_timing(const moe_layer *L) { return &L->timing; }
@@ -462,6 +540,58 @@ moe_status moe_layer_forward(moe_layer *L, float *y, const float *x, const moe_l
     return MOE_OK;
 }
 
+/* Copies the gradient rows of local slot j to (dir 0) or from (dir 1) buf,
+ * in the order w1, b1, w2, b2. */
+static void rep_copy(const moe_layer *L, moe_expert_params *g, int j, float *buf, int dir)
+{
+    const size_t w1 = (size_t)L->F1 * L->d, w2 = (size_t)L->d * L->F;
+    struct { float *p; size_t n; } part[4] = {{g->w1 + j * w1, w1}, {g->b1 ? g->b1 + (size_t)j * L->F1 : NULL, L->F1},
+                                              {g->w2 + j * w2, w2}, {g->b2 ? g->b2 + (size_t)j * L->d : NULL, L->d}};
+    for (int i = 0; i < 4; buf += part[i].n, i++) {
+        if (!part[i].p) continue;
+        if (dir == 0) memcpy(buf, part[i].p, part[i].n * sizeof(float));
+        else memcpy(part[i].p, buf, part[i].n * sizeof(float));
+    }
+}
+
+/* Before the expert backward: the replicated experts' accumulated gradients
+ * move aside (rep_prev) and their rows start from zero, so that the sum
+ * over copies adds this backward's contributions only. */
+static void rep_stash(moe_layer *L, moe_layer_params *g)
+{
+    const size_t n = expert_floats(L);
+    for (int k = 0; k < L->n_rep; k++) {
+        const int j = L->rep_slot[k];
+        if (j < 0) continue;
+        rep_copy(L, &g->experts, j, L->rep_prev + k * n, 0);
+        float *z = L->rep_buf + k * n;
+        memset(z, 0, n * sizeof(float));
+        rep_copy(L, &g->experts, j, z, 1);
+    }
+}
+
+/* After it: each replicated expert's contribution summed over its copies
+ * (the same bits on each: moe_comm_sum_same_f32), plus what its rows held
+ * before (equal on every copy by the same rule). Collective over the ep
+ * group. */
+static moe_status rep_sum(moe_layer *L, moe_layer_params *g)
+{
+    const size_t n = expert_floats(L);
+    memset(L->rep_buf, 0, (size_t)L->n_rep * n * sizeof(float));
+    for (int k = 0; k < L->n_rep; k++)
+        if (L->rep_slot[k] >= 0) rep_copy(L, &g->experts, L->rep_slot[k], L->rep_buf + k * n, 0);
+    moe_status st = moe_comm_sum_same_f32(L->comm, MOE_SCOPE_EP, L->rep_buf, (size_t)L->n_rep * n);
+    if (st) return st;
+    for (int k = 0; k < L->n_rep; k++) {
+        if (L->rep_slot[k] < 0) continue;
+        float *b = L->rep_buf + k * n;
+        const float *prev = L->rep_prev + k * n;
+        for (size_t i = 0; i < n; i++) b[i] += prev[i];
+        rep_copy(L, &g->experts, L->rep_slot[k], b, 1);
+    }
+    return MOE_OK;
+}
+
 moe_status moe_layer_backward(moe_layer *L, float *dx, moe_layer_params *grads, const float *dy,
                               const float *x, const moe_layer_params *p, float lb_scale,
                               float z_scale)
@@ -475,6 +605,7 @@ moe_status moe_layer_backward(moe_layer *L, float *dx, moe_layer_params *grads, 
      * the expert backward on them (which reads the forward's receive rows)
      * and brings the dx rows home. */
     compute_ctx ctx = {L, p, grads, fb.recv};
+    if (L->n_rep) rep_stash(L, grads);
     st = moe_a2a_backward(L->a2a, L->asg_dw, dy, d, bwd_compute, &ctx, MOE_OK);
     const moe_a2a_times xt = moe_a2a_last_times(L->a2a);
     if (st) return st;
@@ -491,6 +622,9 @@ moe_status moe_layer_backward(moe_layer *L, float *dx, moe_layer_params *grads, 
     const double t2 = moe_now();
     if (L->S > 0) shared_backward(L, dx, grads, dy, x, p); /* dense, at home */
     L->timing.bwd_shared += moe_now() - t2;
+    /* every rank of the ep group gets here (the failures above are agreed
+     * or the same everywhere), so the copies' sum is entered by all */
+    if (L->n_rep && (st = rep_sum(L, grads))) return st;
     L->timing.bwd_gate_grad += xt.pack;
     L->timing.bwd_router += t1 - t0;
     L->timing.bwd_dispatch += xt.dispatch;
@@ -498,6 +632,25 @@ moe_status moe_layer_backward(moe_layer *L, float *dx, moe_layer_params *grads, 
     L->timing.bwd_return += xt.ret;
     L->timing.bwd_unpack += t2 - t1;
     L->fwd_ok = 0;
+    return MOE_OK;
+}
+
+moe_status moe_layer_sync_copies(moe_layer *L, moe_layer_params *grads)
+{
+    if (!L->n_rep) return MOE_OK; /* the same on every rank: the placement is */
+    const size_t n = expert_floats(L);
+    memset(L->rep_buf, 0, (size_t)L->n_rep * n * sizeof(float));
+    const int me = moe_comm_ep_rank(L->comm);
+    for (int k = 0; k < L->n_rep; k++) {
+        const int e = L->rep_expert[k];
+        /* the primary copy (lowest destination = lowest ep rank) contributes, the others add zeros */
+        if (L->rep_slot[k] >= 0 && L->holders[L->holder_off[e]] / L->El == me)
+            rep_copy(L, &grads->experts, L->rep_slot[k], L->rep_buf + k * n, 0);
+    }
+    moe_status st = moe_comm_sum_same_f32(L->comm, MOE_SCOPE_EP, L->rep_buf, (size_t)L->n_rep * n);
+    if (st) return st;
+    for (int k = 0; k < L->n_rep; k++)
+        if (L->rep_slot[k] >= 0) rep_copy(L, &grads->experts, L->rep_slot[k], L->rep_buf + k * n, 1);
     return MOE_OK;
 }
 
@@ -520,5 +673,6 @@ moe_status moe_layer_reduce_grads(moe_layer *L, moe_layer_params *grads)
     if (!st && grads->experts.b1) st = moe_comm_allreduce_f32(L->comm, MOE_SCOPE_REPLICA, grads->experts.b1, El * L->F1);
     if (!st) st = moe_comm_allreduce_f32(L->comm, MOE_SCOPE_REPLICA, grads->experts.w2, El * L->d * L->F);
     if (!st && grads->experts.b2) st = moe_comm_allreduce_f32(L->comm, MOE_SCOPE_REPLICA, grads->experts.b2, El * L->d);
+    if (!st) st = moe_layer_sync_copies(L, grads);
     return st;
 }

@@ -25,6 +25,13 @@ typedef struct {
     int max_groups;            /* largest local G */
     moe_a2a_kind a2a;          /* exchange transport over more than one rank */
     int chunks;                /* >= 1: expert chunks overlapped with the exchange */
+    /* The expert placement (docs/routing.md "Expert placement"): slot j of
+     * ep rank p (exchange destination p * n_slots + j) holds global expert
+     * slots[p * n_slots + j]; every expert at least once, a replicated one
+     * on distinct ranks, ascending inside a rank. NULL: contiguous (n_slots
+     * = E/P, expert e in destination e). Not owned; copied at creation. */
+    const int *slots;          /* (P, n_slots) or NULL */
+    int n_slots;               /* slots per ep rank with slots, else ignored */
 } moe_layer_config;
 
 typedef struct {
@@ -62,8 +69,12 @@ typedef struct moe_layer moe_layer;
 moe_status moe_layer_create(moe_layer **out, const moe_layer_config *cfg, moe_comm *comm);
 void moe_layer_destroy(moe_layer *L);
 
-int moe_layer_expert0(const moe_layer *L);         /* first global expert held here */
-int moe_layer_n_local_experts(const moe_layer *L); /* E / P */
+int moe_layer_n_local_experts(const moe_layer *L); /* slots per rank: E / P when contiguous */
+/* The global expert of local slot 0 (contiguous: the first of this rank's
+ * block [e0, e0 + E/P)). */
+int moe_layer_expert0(const moe_layer *L);
+/* (n_local_experts) the global expert of each local slot, ascending. */
+const int *moe_layer_local_experts(const moe_layer *L);
 
 /* Forward for T local tokens in G local groups: y (T, d) overwritten, x (T, d).
  * y is the routed combine plus the shared experts' output (times their gate). 
@@ -77,13 +88,22 @@ moe_status moe_layer_forward(moe_layer *L, float *y, const float *x, const moe_l
  * into grads (router_w, noise_w, local experts, shared experts and their
  * gate; grads->expert_bias is not used). lb_scale / z_scale: dL/d of
  * each group's load-balance / z loss. Expert gradients are summed over the ep
- * group (they arrive at the owner) but NOT over replicas, and router
+ * group (they arrive at the owner; an expert with copies on several ranks
+ * gets the sum over its copies on every copy, the same bits on each, so
+ * that the copies stay equal) but NOT over replicas, and router
  * gradients are this rank's contribution only: reducing them is the
  * caller's job (moe_layer_reduce_grads or a bucketed allreduce).
  * Collective over the ep group. */
 moe_status moe_layer_backward(moe_layer *L, float *dx, moe_layer_params *grads, const float *dy,
                               const float *x, const moe_layer_params *p, float lb_scale,
                               float z_scale);
+
+/* After expert gradients were summed over replicas (world > ep size): the
+ * copies of a replicated expert inside the ep group take its primary copy's
+ * bits (different ep ranks reduce over different replica communicators,
+ * and MPI does not promise equal bits from equal inputs there). No-op
+ * without replicated experts. Collective over the ep group; MOE_ERR_MPI. */
+moe_status moe_layer_sync_copies(moe_layer *L, moe_layer_params *grads);
 
 /* Convenience for benchmarks and tests: sums router and shared-expert
  * grads over world and expert grads over replicas. Collective over world. */

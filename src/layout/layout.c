@@ -129,6 +129,10 @@ typedef struct {
     int64_t vrows;           /* local rows of the vocabulary head */
     const int64_t *vseg;     /* (Ml + 1) */
     const int64_t *vids;     /* (vrows) */
+    /* a non-contiguous placement: per MoE layer (in block order) the S
+     * global experts of this rank's slots and their primary flags */
+    const int64_t *fids;     /* (n_moe, S) or NULL */
+    const uint8_t *fprim;    /* (n_moe, S) */
 } shard;
 
 /* Appends the tensors of one place (and block l) to t; counts only when t->t
@@ -163,6 +167,13 @@ static moe_status add_place(moe_tensor_table *t, const moe_train_config *c, plac
             if (d->sharded == 1 + MOE_EXPERTS_VOCAB) {
                 x->seg_off = sh->vseg;
                 x->row_ids = sh->vids;
+            }
+            if (d->sharded == 1 + MOE_EXPERTS_FFN && sh->fids) {
+                int mi = 0; /* MoE layers before block l */
+                for (int b = 0; b < l; b++) mi += moe_layout_block_is_moe(c, b);
+                x->row_ids = sh->fids + (size_t)mi * sh->rows;
+                x->row_primary = sh->fprim + (size_t)mi * sh->rows;
+                x->row0 = x->row_ids[0];
             }
             x->block = l;
             x->layer = d->sharded == 1 + MOE_EXPERTS_FFN ? l : -1;
@@ -231,19 +242,67 @@ static moe_status vocab_shard(moe_tensor_table *t, shard *sh, const moe_train_co
     return MOE_OK;
 }
 
+/* This rank's slots of every MoE layer under placement pl, in storage the
+ * table owns. */
+static moe_status placed_shard(moe_tensor_table *t, shard *sh, const moe_train_config *c, const moe_placement *pl,
+                               int p, int P)
+{
+    int n_moe = 0;
+    for (int l = 0; l < c->n_layers; l++) n_moe += moe_layout_block_is_moe(c, l);
+    if (moe_placement_n_layers(pl) != n_moe || moe_placement_n_experts(pl) != c->n_experts ||
+        moe_placement_ranks(pl) != P)
+        return moe_errorf(MOE_ERR_MISMATCH, "layout: the placement is for %d MoE layers of %d experts over %d ranks, "
+                                            "the model has %d MoE layers of %d experts over %d ranks",
+                          moe_placement_n_layers(pl), moe_placement_n_experts(pl), moe_placement_ranks(pl), n_moe,
+                          c->n_experts, P);
+    const int S = moe_placement_slots_per_rank(pl);
+    const size_t n = (size_t)(n_moe > 0 ? n_moe : 1) * S;
+    int64_t *ids = malloc(n * sizeof *ids + n);
+    if (!ids) return moe_errorf(MOE_ERR_NOMEM, "layout: expert rows");
+    uint8_t *prim = (uint8_t *)(ids + n);
+    for (int l = 0; l < n_moe; l++) {
+        const int *s = moe_placement_slots(pl, l, p);
+        for (int j = 0; j < S; j++) {
+            ids[(size_t)l * S + j] = s[j];
+            prim[(size_t)l * S + j] = (uint8_t)moe_placement_primary(pl, l, p, j);
+        }
+    }
+    t->owned_placed = ids;
+    sh->rows = S;
+    sh->r0 = 0;
+    sh->fids = ids;
+    sh->fprim = prim;
+    return MOE_OK;
+}
+
 moe_status moe_layout_create(moe_tensor_table **out, const moe_train_config *c, const moe_vocab_part *vocab,
                              int ep_rank, int ep_size)
+{
+    return moe_layout_create_placed(out, c, vocab, NULL, ep_rank, ep_size);
+}
+
+moe_status moe_layout_create_placed(moe_tensor_table **out, const moe_train_config *c, const moe_vocab_part *vocab,
+                                    const moe_placement *placement, int ep_rank, int ep_size)
 {
     *out = NULL;
     moe_status st = moe_train_config_check_model(c);
     if (st != MOE_OK) return st;
-    if (ep_size < 1 || c->n_experts % ep_size != 0 || ep_rank < 0 || ep_rank >= ep_size)
+    if (placement && (moe_placement_ranks(placement) != ep_size || moe_placement_n_experts(placement) != c->n_experts))
+        return moe_errorf(MOE_ERR_MISMATCH, "layout: the placement is for %d experts over %d ranks, the model has %d "
+                                            "experts over %d ranks", moe_placement_n_experts(placement),
+                          moe_placement_ranks(placement), c->n_experts, ep_size);
+    const int placed = placement && !moe_placement_is_contiguous(placement);
+    if (ep_size < 1 || (!placed && c->n_experts % ep_size != 0) || ep_rank < 0 || ep_rank >= ep_size)
         return moe_errorf(MOE_ERR_ARG, "expert-parallel size %d (rank %d) must divide n_experts = %d", ep_size,
                           ep_rank, c->n_experts);
     shard sh = {.rows = c->n_experts / ep_size};
     sh.r0 = ep_rank * sh.rows;
     moe_tensor_table *t = calloc(1, sizeof *t);
     if (!t) return moe_errorf(MOE_ERR_NOMEM, "layout table");
+    if (placed && (st = placed_shard(t, &sh, c, placement, ep_rank, ep_size))) {
+        moe_layout_destroy(t);
+        return st;
+    }
     if (c->head == MOE_HEAD_VOCAB_EXPERTS && (st = vocab_shard(t, &sh, c, vocab, ep_rank, ep_size))) {
         moe_layout_destroy(t);
         return st;
@@ -278,6 +337,7 @@ void moe_layout_destroy(moe_tensor_table *t)
     if (!t) return;
     free(t->t);
     free(t->owned);
+    free(t->owned_placed);
     free(t);
 }
 

@@ -33,6 +33,7 @@
 
 #include "config/config.h"
 #include "core/tensor.h"
+#include "layout/placement.h"
 #include "vocab/partition.h"
 
 typedef enum {
@@ -71,6 +72,14 @@ int moe_layout_block_is_moe(const moe_train_config *cfg, int l);
  * collective. */
 moe_status moe_layout_create(moe_tensor_table **out, const moe_train_config *cfg, const moe_vocab_part *vocab,
                              int ep_rank, int ep_size);
+/* The same with the FFN experts placed by `placement` (its MoE layers in
+ * block order, its ranks = ep_size; NULL or contiguous: exactly
+ * moe_layout_create). Under a non-contiguous placement an expert tensor
+ * holds S rows (the rank's slots), row_ids their global experts and
+ * row_primary which copies are primary; init and checkpoints key rows by
+ * their global expert, so values do not depend on the placement. */
+moe_status moe_layout_create_placed(moe_tensor_table **out, const moe_train_config *cfg, const moe_vocab_part *vocab,
+                                    const moe_placement *placement, int ep_rank, int ep_size);
 void moe_layout_destroy(moe_tensor_table *t);
 
 /* The floats of the largest local parameter block of cfg's model on an ep

@@ -53,11 +53,12 @@ struct moe_model {
     moe_train_config cfg;
     moe_comm *comm;
     int W, rank;                 /* world size and rank */
-    int V, C, L, NH, T_max, B_max, F, F1, E, El, e0;
+    int V, C, L, NH, T_max, B_max, F, F1, E, El; /* El: expert slots per ep rank */
     int NKV, HD, A, QKV;         /* kv heads, head size, attention width NH HD, c_attn rows */
     int QG, KG, QW, KW;          /* q/k norm: groups per row and width of each (qk_norm only) */
     float *rope_cos, *rope_sin;  /* (T_max, HD/2) with pos = rope, else NULL */
     moe_tensor_table *table;     /* from the one descriptor (src/layout) */
+    moe_placement *placement;    /* the experts' placement (cfg.placement, or contiguous) */
     int gid[G_COUNT];            /* table index of the global tensors */
     int *bid;                    /* (L, MOE_T_COUNT) table index of each block tensor, -1 if absent */
     float *params, *grads;       /* (table->total) */
@@ -136,7 +137,7 @@ static void norm_backward(const moe_model *m, float *dinp, float *dw, float *db,
  * forward and backward use. */
 static moe_status build_table(moe_model *m, int ep_rank, int ep_size)
 {
-    moe_status st = moe_layout_create(&m->table, &m->cfg, m->vocab, ep_rank, ep_size);
+    moe_status st = moe_layout_create_placed(&m->table, &m->cfg, m->vocab, m->placement, ep_rank, ep_size);
     if (st) return st;
     for (int g = 0; g < G_COUNT; g++) m->gid[g] = moe_layout_find(m->table, global_kinds[g], -1);
     for (int l = 0; l < m->L; l++)
@@ -291,8 +292,6 @@ static moe_status setup(moe_model *m, const moe_train_config *cfg, const moe_voc
     m->F = cfg->d_ff;
     m->F1 = moe_f1(cfg->d_ff, cfg->activation);
     m->E = cfg->n_experts;
-    m->El = m->E / P;
-    m->e0 = moe_comm_ep_rank(comm) * m->El;
     m->NKV = moe_cfg_kv_heads(cfg);
     m->HD = moe_cfg_head_dim(cfg);
     m->A = moe_cfg_att_width(cfg);
@@ -340,7 +339,13 @@ static moe_status setup(moe_model *m, const moe_train_config *cfg, const moe_voc
     for (int l = 0; l < m->L; l++)
         if (m->moe_index[l] >= 0) m->moe_blocks[m->moe_index[l]] = l;
 
-    moe_status st = build_table(m, moe_comm_ep_rank(comm), P);
+    /* the placement: the same file on every rank, checked against the model */
+    moe_status st = cfg->placement[0]
+                        ? moe_placement_load(&m->placement, cfg->placement, m->n_moe, m->moe_blocks, m->E, P)
+                        : moe_placement_create_contiguous(&m->placement, m->n_moe, m->E, P);
+    if (st) return st;
+    m->El = moe_placement_slots_per_rank(m->placement);
+    st = build_table(m, moe_comm_ep_rank(comm), P);
     if (st) return st;
     m->params = moe_calloc(m->table->total, sizeof(float));
     m->grads = moe_calloc(m->table->total, sizeof(float));
@@ -359,7 +364,7 @@ moe_status moe_model_create(moe_model **out, const moe_train_config *cfg, const 
     if (st) return st;
     if (!comm) return moe_errorf(MOE_ERR_ARG, "model: no communicator (one process: moe_comm_create_self)");
     const int P = moe_comm_ep_size(comm);
-    if (cfg->n_experts % P)
+    if (cfg->n_experts % P && !cfg->placement[0]) /* a placement may hold replicas: E + R slots */
         return moe_errorf(MOE_ERR_ARG, "n_experts=%d not divisible by the expert-parallel size %d",
                           cfg->n_experts, P);
     if (cfg->head == MOE_HEAD_VOCAB_EXPERTS && cfg->vocab_experts % P)
@@ -390,8 +395,12 @@ moe_status moe_model_create(moe_model **out, const moe_train_config *cfg, const 
     };
     /* every rank creates every MoE layer in the same order (collective), and
      * a failure on one rank is reported by the layer on all of them */
-    for (int i = 0; i < m->n_moe; i++)
+    const int placed = !moe_placement_is_contiguous(m->placement);
+    for (int i = 0; i < m->n_moe; i++) {
+        lc.slots = placed ? moe_placement_slots(m->placement, i, 0) : NULL; /* (P, S) of layer i */
+        lc.n_slots = m->El;
         if ((st = moe_layer_create(&m->layers[m->moe_blocks[i]], &lc, comm))) goto fail;
+    }
     if (m->vocab && (st = moe_vocab_ep_create(&m->vhead, m->vocab, m->C, lc.a2a, lc.chunks, comm))) goto fail;
     *out = m;
     return MOE_OK;
@@ -413,6 +422,7 @@ void moe_model_destroy(moe_model *m)
     moe_free(m->moe_blocks);
     moe_free(m->bid);
     moe_layout_destroy(m->table);
+    moe_placement_destroy(m->placement);
     moe_free(m->params);
     moe_free(m->grads);
     moe_free(m->act_mem);
@@ -441,6 +451,9 @@ size_t moe_model_dense_floats(const moe_model *m) { return m->table->dense; }
 moe_layer *moe_model_layer(moe_model *m, int l) { return l >= 0 && l < m->L ? m->layers[l] : NULL; }
 int moe_model_moe_index(const moe_model *m, int l) { return l >= 0 && l < m->L ? m->moe_index[l] : -1; }
 int moe_model_n_moe_layers(const moe_model *m) { return m->n_moe; }
+const moe_placement *moe_model_placement(const moe_model *m) { return m->placement; }
+const int *moe_model_moe_blocks(const moe_model *m) { return m->moe_blocks; }
+int moe_model_n_local_experts(const moe_model *m) { return m->El; }
 const moe_train_config *moe_model_config(const moe_model *m) { return &m->cfg; }
 const float *moe_model_logits(const moe_model *m) { return m->vocab ? NULL : m->a.logits; }
 const float *moe_model_losses(const moe_model *m) { return m->a.losses; }
@@ -748,6 +761,7 @@ moe_status moe_model_backward(moe_model *m)
 }
 
 moe_layer_params moe_model_layer_params(moe_model *m, int l) { return moe_view(m, m->params, l); }
+moe_layer_params moe_model_layer_grads(moe_model *m, int l) { return moe_view(m, m->grads, l); }
 const float *moe_model_head(moe_model *m) { return head_ptr(m, m->params); }
 
 void moe_model_norm_rows(const moe_model *m, float *out, float *mean, float *rstd, const float *inp,

@@ -101,6 +101,12 @@ moe_layer *moe_model_layer(moe_model *m, int l);
 /* Index of block l among the MoE blocks (0 .. n_moe_layers-1), -1 if dense. */
 int moe_model_moe_index(const moe_model *m, int l);
 int moe_model_n_moe_layers(const moe_model *m);
+/* (n_moe_layers) block index of each MoE layer. Owned by the model. */
+const int *moe_model_moe_blocks(const moe_model *m);
+/* The experts' placement (cfg.placement, or contiguous blocks). Owned by the model. */
+const moe_placement *moe_model_placement(const moe_model *m);
+/* Expert slots per ep rank of every MoE layer: E/P, or (E + R)/P with R replicas. */
+int moe_model_n_local_experts(const moe_model *m);
 const moe_train_config *moe_model_config(const moe_model *m);
 
 /* Sets every gradient to 0. Not collective. */
@@ -170,6 +176,8 @@ int moe_model_vocab_top_k(const moe_model *m);
 /* The MoE layer parameter views of block l (NULL pointers where an option
  * leaves a tensor out). */
 moe_layer_params moe_model_layer_params(moe_model *m, int l);
+/* The same views into the gradient block (no expert_bias: a buffer). */
+moe_layer_params moe_model_layer_grads(moe_model *m, int l);
 /* The output head (V, d): wte when tied, else lm_head. */
 const float *moe_model_head(moe_model *m);
 /* ln_1 / ln_2 / ln_f as configured (LayerNorm or RMSNorm) over n rows of

@@ -33,7 +33,8 @@ struct moe_train_run {
     int64_t val_pass_bytes;    /* bytes the targets of one validation pass stand for */
     moe_trainer *tr;
     moe_model *model;
-    int n_moe, E, El, e0, B;
+    int n_moe, E, El, B;                   /* El: expert slots per ep rank (placement) */
+    const int *moe_blocks;                 /* (n_moe) block of each MoE layer (the model's) */
     int64_t *tokens_total, *dropped_total; /* (n_moe, E) since step 0, global */
     int64_t *expert_step_g;                /* (n_moe, E) global view for checkpoints */
     int M, Ml, m0;                         /* vocabulary experts: all, local, first local (M = 0: head = full) */
@@ -227,9 +228,11 @@ static moe_status write_metrics(moe_train_run *r, const moe_train_progress *p)
 static void ckpt_state(moe_train_run *r, moe_ckpt_state *s, int64_t step, int64_t tokens_seen)
 {
     const int64_t *local = moe_trainer_expert_steps(r->tr), *vlocal = moe_trainer_vocab_steps(r->tr);
-    for (int l = 0; l < r->n_moe; l++)
-        for (int j = 0; j < r->El; j++)
-            r->expert_step_g[(size_t)l * r->E + r->e0 + j] = local[(size_t)l * r->El + j];
+    for (int l = 0; l < r->n_moe; l++) {
+        const int *ids = moe_layer_local_experts(moe_model_layer(r->model, r->moe_blocks[l]));
+        for (int j = 0; j < r->El; j++) /* copies of one expert hold the same count */
+            r->expert_step_g[(size_t)l * r->E + ids[j]] = local[(size_t)l * r->El + j];
+    }
     for (int j = 0; j < r->Ml; j++) r->vocab_step_g[r->m0 + j] = vlocal[j];
     memset(s, 0, sizeof *s);
     s->table = moe_model_tensors(r->model);
@@ -309,9 +312,10 @@ static moe_status resume(moe_train_run *r, const char *path)
     st = moe_ckpt_load(path, r->comm, &s, NULL);
     if (st) return st;
     int64_t *local = moe_trainer_expert_steps(r->tr), *vlocal = moe_trainer_vocab_steps(r->tr);
-    for (int l = 0; l < r->n_moe; l++)
-        for (int j = 0; j < r->El; j++)
-            local[(size_t)l * r->El + j] = r->expert_step_g[(size_t)l * r->E + r->e0 + j];
+    for (int l = 0; l < r->n_moe; l++) {
+        const int *ids = moe_layer_local_experts(moe_model_layer(r->model, r->moe_blocks[l]));
+        for (int j = 0; j < r->El; j++) local[(size_t)l * r->El + j] = r->expert_step_g[(size_t)l * r->E + ids[j]];
+    }
     for (int j = 0; j < r->Ml; j++) vlocal[j] = r->vocab_step_g[r->m0 + j];
     moe_trainer_set_updates(r->tr, s.opt_step);
     r->step = s.step;
@@ -643,8 +647,8 @@ moe_status moe_train_run_create(moe_train_run **out, const moe_train_config *cfg
         r->model = moe_trainer_model(r->tr);
         r->n_moe = moe_model_n_moe_layers(r->model);
         r->E = c->n_experts;
-        r->El = r->E / moe_comm_ep_size(comm);
-        r->e0 = moe_comm_ep_rank(comm) * r->El;
+        r->El = moe_model_n_local_experts(r->model);
+        r->moe_blocks = moe_model_moe_blocks(r->model);
         r->B = moe_trainer_local_seqs(r->tr);
         const size_t nE = (size_t)(r->n_moe > 0 ? r->n_moe : 1) * r->E;
         r->tokens_total = moe_calloc(nE, sizeof(int64_t));

@@ -59,7 +59,7 @@ moe_status moe_trainer_create(moe_trainer **out, const moe_train_config *cfg, co
     if (!st) {
         const size_t total = moe_model_tensors(tr->model)->total;
         tr->n_moe = moe_model_n_moe_layers(tr->model);
-        tr->El = cfg->n_experts / moe_comm_ep_size(comm);
+        tr->El = moe_model_n_local_experts(tr->model);
         tr->m = moe_calloc(total, sizeof(float));
         tr->v = moe_calloc(total, sizeof(float));
         tr->expert_steps = moe_calloc((size_t)tr->n_moe * tr->El, sizeof(int64_t));
@@ -190,19 +190,55 @@ static moe_status reduce_grads(moe_trainer *tr)
     s = allreduce_buckets(tr->comm, MOE_SCOPE_WORLD, g, dense);
     if (!s && tr->n_replicas > 1)
         s = allreduce_buckets(tr->comm, MOE_SCOPE_REPLICA, g + dense, total - dense);
+    /* a placement's copies of one expert: equal bits again after the
+     * replica sums (each ep rank reduced over its own communicator) */
+    for (int i = 0; !s && tr->n_replicas > 1 && i < tr->n_moe; i++) {
+        const int l = moe_model_moe_blocks(m)[i];
+        moe_layer_params gv = moe_model_layer_grads(m, l);
+        s = moe_layer_sync_copies(moe_model_layer(m, l), &gv);
+    }
     return s;
+}
+
+/* Sum of squares of the expert rows whose copy is primary (a placement with
+ * replicated experts: the other copies hold the same gradient). */
+static double sum_sq_primary(moe_trainer *tr, const float *g)
+{
+    const moe_tensor_table *t = moe_model_tensors(tr->model);
+    double s = 0.0;
+    for (int i = 0; i < t->n; i++) {
+        const moe_tensor *x = &t->t[i];
+        if (!x->expert_sharded || x->role == MOE_TENSOR_BUFFER) continue;
+        const size_t row = (size_t)moe_tensor_row_numel(x);
+        for (int64_t r = 0; r < x->rows; r++)
+            if (!x->row_primary || x->row_primary[r]) s += sum_sq(g + x->offset + (size_t)r * row, row, tr->sumsq_part);
+    }
+    return s;
+}
+
+/* 1 when some local expert row is a non-primary copy. */
+static int has_copies(const moe_tensor_table *t)
+{
+    for (int i = 0; i < t->n; i++)
+        for (int64_t r = 0; t->t[i].row_primary && r < t->t[i].rows; r++)
+            if (!t->t[i].row_primary[r]) return 1;
+    return 0;
 }
 
 /* Squared L2 norm of the whole reduced gradient with every parameter counted
  * once: the dense part is identical on all ranks (counted locally), each
- * expert is counted by its replica-0 holder only. The sum over WORLD gives
- * every rank the same value, so all ranks take the same clip / skip decision. */
+ * expert is counted by its replica-0 holder only, and of an expert with
+ * several copies in the ep group (a placement's replicas) by its primary
+ * copy only. The sum over WORLD gives every rank the same value, so all
+ * ranks take the same clip / skip decision. */
 static moe_status grad_norm_sq(moe_trainer *tr, double *out)
 {
     moe_model *m = tr->model;
     const size_t dense = moe_model_dense_floats(m), total = moe_model_tensors(m)->total;
     const float *g = moe_model_grads(m);
-    double experts = tr->replica == 0 ? sum_sq(g + dense, total - dense, tr->sumsq_part) : 0.0;
+    double experts = tr->replica != 0                             ? 0.0
+                     : has_copies(moe_model_tensors(m))           ? sum_sq_primary(tr, g)
+                                                                  : sum_sq(g + dense, total - dense, tr->sumsq_part);
     const moe_status s = moe_comm_allreduce_f64(tr->comm, MOE_SCOPE_WORLD, &experts, 1);
     if (s) return s;
     *out = sum_sq(g, dense, tr->sumsq_part) + experts;
@@ -231,17 +267,18 @@ MOE_TARGET_CLONES static void adamw(float *restrict p, float *restrict m, float 
     }
 }
 
-/* Marks the local experts that received a kept assignment anywhere (kept
- * counts are global) and returns how many (layer, expert) pairs are active
+/* Marks the local experts (slots) that received a kept assignment anywhere
+ * (kept counts are global per expert, so every copy of a replicated expert
+ * gets the same flag) and returns how many (layer, expert) pairs are active
  * globally. */
 static int64_t mark_active(moe_trainer *tr, const moe_model_stats *ms)
 {
     const int E = ms->n_experts;
-    const int e0 = moe_layer_expert0(moe_model_layer(tr->model, ms->moe_blocks[0]));
     int64_t n = 0;
     for (int i = 0; i < tr->n_moe; i++) {
+        const int *ids = moe_layer_local_experts(moe_model_layer(tr->model, ms->moe_blocks[i]));
         for (int e = 0; e < E; e++) n += ms->kept[(size_t)i * E + e] > 0;
-        for (int j = 0; j < tr->El; j++) tr->active[(size_t)i * tr->El + j] = ms->kept[(size_t)i * E + e0 + j] > 0;
+        for (int j = 0; j < tr->El; j++) tr->active[(size_t)i * tr->El + j] = ms->kept[(size_t)i * E + ids[j]] > 0;
     }
     return n;
 }
