@@ -34,43 +34,22 @@ ARGS=(--experts 8 --top-k 2 --iters 10 --warmup 2)
 STEPS=10
 [[ $QUICK == 1 ]] && ROUNDS=1 STEPS=2 ARGS=(--experts 8 --top-k 2 --tokens 256 --iters 2 --warmup 1)
 
-if [[ $(id -u) -ne 0 ]]; then
-  echo "a2a_nodes.sh: needs root (the virtual cluster uses network namespaces); skipped" >&2
-  exit 77
-fi
-probe=moea2anprobe$$
-if ! command -v tc > /dev/null || ! ip netns add "$probe" 2> /dev/null; then
-  echo "a2a_nodes.sh: no network namespaces or no tc here; skipped" >&2
-  exit 77
-fi
-ip netns del "$probe"
-
-VC=$REPO_DIR/launch/vcluster
-cl=moea2an$$
+source "$(dirname "$0")/lib/vcluster.sh"
+vc_require a2a_nodes.sh
 tmp=$(mktemp -d "${TMPDIR:-/tmp}/moe-a2a-nodes.XXXXXX")
 chmod 755 "$tmp"
-cleanup() {
-  "$VC" down "$cl" > /dev/null 2>&1 || echo "a2a_nodes.sh: 'vcluster down $cl' failed: check 'launch/vcluster list'" >&2
-  rm -rf "$tmp"
-}
-trap cleanup EXIT
+trap 'vc_down; rm -rf "$tmp"' EXIT
 trap 'exit 130' INT TERM
 
-"$VC" up 2 --name "$cl" --slots 2 > /dev/null
-if "$VC" shape "$cl" --rate "$RATE" --delay "$DELAY" 2> "$tmp/shape.err"; then
-  SHAPE="tc netem: $RATE, $DELAY delay"
-else
-  # no sch_netem in this kernel: the rate alone (tc tbf), no added delay
-  "$VC" shape "$cl" --rate "$RATE"
-  grep -q "sch_netem" "$tmp/shape.err" || { cat "$tmp/shape.err" >&2; exit 1; }
-  SHAPE="tc tbf: $RATE, no added delay (this kernel has no sch_netem)"
-fi
-hostfile=$("$VC" hostfile "$cl")
+vc_up 2 2 moea2an
+vc_shape "$RATE" "$DELAY"
+SHAPE=$vc_shape_desc
+cl=$vc_cl hostfile=$vc_hostfile
 export MOE_BIN=$MOE OPENBLAS_NUM_THREADS=1 OMP_NUM_THREADS=1
 on_cluster=(timeout 600 "$VC" run "$cl" -- "$REPO_DIR/launch/moe-local" --hostfile "$hostfile" 4)
 
 bench() { # bench KIND OUT: one `moe bench a2a` process on the cluster, JSON to OUT
-  "${on_cluster[@]}" bench a2a --kind "$1" --json "${ARGS[@]}" > "$2" 2> "$2.err" \
+  vc_wait "${on_cluster[@]}" bench a2a --kind "$1" --json "${ARGS[@]}" > "$2" 2> "$2.err" \
     || { echo "a2a_nodes.sh: moe bench a2a --kind $1 failed (exit $?):" >&2; tail -n 20 "$2.err" >&2; exit 1; }
 }
 for r in $(seq "$ROUNDS"); do
@@ -101,7 +80,7 @@ data = $tmp/corpus.txt
 ckpt_every = 0
 EOF
 for k in p2p node; do
-  "${on_cluster[@]}" train --config "$tmp/small.ini" --out_dir="$tmp/train-$k" --a2a="$k" > "$tmp/train-$k.log" 2>&1 \
+  vc_wait "${on_cluster[@]}" train --config "$tmp/small.ini" --out_dir="$tmp/train-$k" --a2a="$k" > "$tmp/train-$k.log" 2>&1 \
     || { echo "a2a_nodes.sh: moe train --a2a=$k on the cluster failed (exit $?):" >&2; tail -n 20 "$tmp/train-$k.log" >&2; exit 1; }
 done
 

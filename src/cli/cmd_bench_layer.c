@@ -51,7 +51,7 @@ static void usage(FILE *f)
             "  --activation A        gelu | relu | swiglu\n"
             "  --groups G            routing groups of T/G tokens (default: number of ranks)\n"
             "  --ep-size P           expert-parallel size (default: number of ranks)\n"
-            "  --a2a KIND            p2p | shm  (exchange transport under MPI; alltoallv = p2p)\n"
+            "  --a2a KIND            p2p | shm | node | auto (exchange; default p2p; alltoallv = p2p)\n"
             "  --chunks N            overlap the exchange with expert compute in N chunks (1)\n"
             "  --aux-loss-coef A     (0.01)   --z-loss-coef Z  (0.001)\n"
             "  --iters N             timed iterations, >= 1 (10); --warmup N (2)\n"
@@ -482,6 +482,7 @@ static int run(moe_comm *comm, const bench_opts *o)
             cJSON_AddNumberToObject(j, "gemm_efficiency", gemm_s / per_iter);
             cJSON_AddNumberToObject(j, "exchange_ms", 1e3 * comm_s);
             cJSON_AddNumberToObject(j, "nodes", moe_comm_n_nodes(comm));
+            cJSON_AddStringToObject(j, "a2a", moe_a2a_kind_names[moe_a2a_kind_of(moe_layer_exchange(L))]); /* the kind that ran (auto resolved) */
             cJSON_AddNumberToObject(j, "bytes_sent_per_rank", sent_mean);
             cJSON_AddNumberToObject(j, "bytes_sent_max_rank", sent_max);
             cJSON_AddNumberToObject(j, "bytes_cross_node_per_rank", remote_mean);

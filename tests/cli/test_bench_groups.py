@@ -34,6 +34,7 @@ def body(cli):
                        ("top1", ["--n-groups", "4", "--topk-groups", "1"])):
         j = runs[name] = bench(cli, 4, "--a2a", "node", *args, env=NODE_PER_RANK)
         check(j["ranks"] == 4 and j["nodes"] == 4, f"{name}: expected 4 ranks as 4 nodes, got {j}")
+        check(j["a2a"] == "node", f"{name}: the report says the exchange ran as {j['a2a']}, expected node")
         want = (1, 1) if name == "all" else (4, int(name[-1]))
         check((j["n_groups"], j["topk_groups"]) == want,
               f"{name}: the report says n_groups={j['n_groups']} topk_groups={j['topk_groups']}, expected {want}")
@@ -48,9 +49,11 @@ def body(cli):
         kept = 1 - runs[name]["dropped_frac"]
         check(kept > 0.9, f"{name}: {100 * (1 - kept):.1f}% dropped: the byte figures would measure drops")
 
-    # The sigmoid score goes through (its name in the report).
-    j = bench(cli, 2, "--score", "sigmoid", "--n-groups", "4", "--topk-groups", "2")
+    # The sigmoid score goes through (its name in the report); `--a2a auto`
+    # on one node reports the kind it resolved to (p2p).
+    j = bench(cli, 2, "--score", "sigmoid", "--n-groups", "4", "--topk-groups", "2", "--a2a", "auto")
     check(j["score"] == "sigmoid" and j["n_groups"] == 4, f"--score sigmoid: report {j}")
+    check(j["a2a"] == "p2p", f"--a2a auto on one node: the report says {j['a2a']}, expected p2p")
 
     # Bad values and combinations: a message naming the problem, non-zero exit on every rank.
     bad = [
