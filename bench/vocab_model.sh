@@ -12,7 +12,10 @@
 #                                 (3 seeds each, 300 steps), validation bits per byte, and per K
 #                                 = 1, 2, 4, 8 the coverage, kept router mass and batch-1
 #                                 generation tokens/s; writes study.jsonl, the table
-#                                 (study.md) and the plot (docs/img/vocab_speed_quality.png).
+#                                 (study.md) and a plot (study.png) in the corpus directory.
+#                                 Its generation rates are one run each; bench/vocab_sweep.sh
+#                                 then measures speed against the full head per M and K,
+#                                 interleaved, for docs/img/vocab_speed_quality.png.
 #                                 About 2-3 CPU-hours: run it under nice in the background.
 # VOCAB_CORPUS (default build/vocab_corpus) holds the corpus (built when missing).
 set -euo pipefail
@@ -38,7 +41,7 @@ elif [[ ! -f $CORPUS/train.tok ]]; then
 fi
 
 summary() { # the study's table and plot from study.jsonl
-  "$PY" - "$CORPUS/study.jsonl" "$CORPUS/study.md" "$REPO_DIR/docs/img/vocab_speed_quality.png" << 'PY'
+  "$PY" - "$CORPUS/study.jsonl" "$CORPUS/study.md" "$CORPUS/study.png" << 'PY'
 import collections, json, statistics, subprocess, sys
 src, md, png = sys.argv[1:4]
 runs = [json.loads(l) for l in open(src) if l.strip()]
