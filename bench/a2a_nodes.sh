@@ -22,13 +22,7 @@
 set -euo pipefail
 source "$(dirname "$0")/env.sh"
 ROUNDS=3
-for a in "$@"; do
-  case $a in
-    --quick) QUICK=1 ;;
-    [0-9]*) ROUNDS=$a ;;
-    *) echo "a2a_nodes.sh: unknown argument '$a' (--quick, ROUNDS)" >&2; exit 2 ;;
-  esac
-done
+bench_args "$@"
 RATE=1gbit DELAY=100us
 ARGS=(--experts 8 --top-k 2 --iters 10 --warmup 2)
 STEPS=10

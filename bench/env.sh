@@ -24,6 +24,8 @@
 # OMP_NUM_THREADS (PyTorch's torch.set_num_threads does not limit OpenBLAS's
 # own pool, so the variables do it for both).
 # An explicit setting of any of these in the caller's environment wins.
+#   bench_args "$@"   the common arguments: --quick (QUICK=1) and a round
+#              count (ROUNDS, which the script sets to its default first)
 
 BENCH_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 REPO_DIR=$(dirname "$BENCH_DIR")
@@ -52,3 +54,14 @@ jget() { "$PY" -c "import json,sys; print(json.loads(sys.argv[1])[sys.argv[2]])"
 median() { "$PY" -c "import statistics,sys; print(statistics.median(float(x) for x in sys.argv[1:]))" "$@"; }
 # calc EXPR: a Python expression's value
 calc() { "$PY" -c "print($1)"; }
+
+bench_args() {
+  local a
+  for a in "$@"; do
+    case $a in
+      --quick) QUICK=1 ;;
+      [0-9]*) ROUNDS=$a ;;
+      *) echo "$(basename "$0"): unknown argument '$a' (--quick, ROUNDS)" >&2; exit 2 ;;
+    esac
+  done
+}

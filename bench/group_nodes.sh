@@ -26,13 +26,7 @@ set -euo pipefail
 source "$(dirname "$0")/env.sh"
 source "$(dirname "$0")/lib/vcluster.sh"
 ROUNDS=3
-for a in "$@"; do
-  case $a in
-    --quick) QUICK=1 ;;
-    [0-9]*) ROUNDS=$a ;;
-    *) echo "group_nodes.sh: unknown argument '$a' (--quick, ROUNDS)" >&2; exit 2 ;;
-  esac
-done
+bench_args "$@"
 RATES="100mbit 1gbit"
 DELAY=100us
 BASE=(--tokens 2048 --d-model 256 --d-ff 256 --iters 5 --warmup 1 --seed 1234)

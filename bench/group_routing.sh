@@ -25,13 +25,7 @@
 set -euo pipefail
 source "$(dirname "$0")/env.sh"
 ROUNDS=3
-for a in "$@"; do
-  case $a in
-    --quick) QUICK=1 ;;
-    [0-9]*) ROUNDS=$a ;;
-    *) echo "group_routing.sh: unknown argument '$a' (--quick, ROUNDS)" >&2; exit 2 ;;
-  esac
-done
+bench_args "$@"
 BASE=(--tokens 4096 --d-model 256 --d-ff 256 --iters 10 --warmup 2 --seed 1234)
 [[ $QUICK == 1 ]] && ROUNDS=1 BASE=(--tokens 512 --d-model 32 --d-ff 32 --iters 2 --warmup 1 --seed 1234)
 LAYERS="e8_k2 e64_k8"
