@@ -59,10 +59,14 @@ rank_pid() { # world rank -> pid of the training process
 }
 
 # sample PID -> "rss_kb fds", read between checkpoint writes. A checkpoint
-# in flight holds two descriptors for up to ~0.5 s on a loaded machine (the
-# file being written, run/ckpt-*.h5.tmp, and the POSIX semaphore of MPI-IO,
-# /dev/shm/sem.*): a sample that sees either is read again 0.1 s later, up
-# to 5 s. A leaked one keeps showing, so it is then counted as it is.
+# in flight holds descriptors for up to ~0.5 s on a loaded machine: the file
+# being written (run/ckpt-*.h5.tmp), run/latest.tmp while it is fsynced, the
+# run directory (fsynced after the rename, listed to prune old checkpoints)
+# and the POSIX semaphore of MPI-IO (/dev/shm/sem.*). A sample that sees any
+# of them is read again 0.1 s later, up to 5 s; a leaked one keeps showing,
+# so it is then counted as it is. One that opens just after the look still
+# slips through, which is why the verdict below asks whether the count
+# stays up, not whether it ever moved.
 sample() {
     local p=$1 i rss fds targets
     for i in $(seq 50); do
@@ -70,7 +74,7 @@ sample() {
         rss=$(awk '/^VmRSS:/ { print $2 }' "/proc/$p/status" 2> /dev/null) || return 1
         [[ -n $rss ]] || return 1
         fds=$(grep -c '' <<< "$targets")
-        grep -qE '\.h5\.tmp$|^/dev/shm/sem\.' <<< "$targets" || break
+        grep -qE '\.tmp$|^/dev/shm/sem\.' <<< "$targets" || grep -qxF "$(realpath "$out/run")" <<< "$targets" || break
         sleep 0.1
     done
     echo "$rss $fds"
@@ -147,10 +151,15 @@ for r in (0, 1):
     t, rss, fds = x[:, 0], x[:, 2] / 1024, x[:, 3]
     growth = rss[-1] - rss[0]
     slope = np.polyfit(t, rss, 1)[0] * (t[-1] - t[0])  # MB over the measured span
-    good = growth <= 2.0 and slope <= 2.0 and fds.min() == fds.max()
+    # A leak keeps the count up: the fewest open in the last third of the
+    # samples is compared with the fewest in the first third. A descriptor
+    # that was open only at the moment of one sample does not move either.
+    third = max(1, len(fds) // 3)
+    base, late = int(fds[:third].min()), int(fds[-third:].min())
+    good = growth <= 2.0 and slope <= 2.0 and late <= base
     ok &= bool(good)
     print(f"soak: rank {r}: RSS {rss[0]:.1f} -> {rss[-1]:.1f} MB (growth {growth:+.2f} MB, fitted {slope:+.2f} MB "
-          f"over {t[-1] - t[0]:.0f} s), peak {rss.max():.1f} MB; fds {int(fds.min())}..{int(fds.max())} "
+          f"over {t[-1] - t[0]:.0f} s), peak {rss.max():.1f} MB; fds {base} -> {late} (range {int(fds.min())}..{int(fds.max())}) "
           f"({len(x)} samples after {warm:.0f} s warm-up) {'ok' if good else 'FAIL'}")
 sys.exit(0 if ok else 1)
 EOF
