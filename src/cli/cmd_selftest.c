@@ -33,6 +33,7 @@
 
 #include "cli/cli.h"
 #include "core/blas_check.h"
+#include "core/cpu.h"
 
 enum { MAX_CAND = 12, MAX_ROUNDS = 9, MAX_ROWS = 64 };
 static const char RESULT_TAG[] = "MOE_BLAS_RESULT ";
@@ -74,70 +75,6 @@ typedef struct {
 } opts;
 
 /* ---- the machine ---- */
-
-typedef struct {
-    char model[128];
-    char *flags; /* the first "flags" line of /proc/cpuinfo (malloc'd; "" if none) */
-    int cpus;    /* cores this process may run on */
-} cpu_info;
-
-static void cpu_read(cpu_info *c)
-{
-    snprintf(c->model, sizeof c->model, "unknown CPU");
-    c->flags = NULL;
-    FILE *f = fopen("/proc/cpuinfo", "r");
-    char *line = NULL;
-    size_t cap = 0;
-    int have_model = 0;
-    while (f && getline(&line, &cap, f) > 0) {
-        char *colon = strchr(line, ':');
-        if (!colon) continue;
-        char *v = colon + 1 + (colon[1] == ' ');
-        v[strcspn(v, "\n")] = '\0';
-        if (!have_model && !strncmp(line, "model name", 10)) {
-            snprintf(c->model, sizeof c->model, "%s", v);
-            have_model = 1;
-        } else if (!c->flags && !strncmp(line, "flags", 5)) {
-            c->flags = strdup(v);
-        }
-        if (have_model && c->flags) break;
-    }
-    free(line);
-    if (f) fclose(f);
-    if (!c->flags) c->flags = strdup("");
-    cpu_set_t set;
-    c->cpus = sched_getaffinity(0, sizeof set, &set) == 0 ? CPU_COUNT(&set) : (int)sysconf(_SC_NPROCESSORS_ONLN);
-    if (c->cpus < 1) c->cpus = 1;
-}
-
-static int has_flag(const cpu_info *c, const char *flag)
-{
-    const size_t n = strlen(flag);
-    for (const char *p = c->flags; (p = strstr(p, flag)); p += n)
-        if ((p == c->flags || p[-1] == ' ') && (p[n] == ' ' || p[n] == '\0')) return 1;
-    return 0;
-}
-
-/* Kernel sets of OpenBLAS's DYNAMIC_ARCH build worth trying on this CPU,
- * newest first; Prescott (SSE3) runs anywhere and is the generic floor.
- * A name the library does not know (SapphireRapids is newer than 0.3.21)
- * shows up as "unavailable" when the child reports another core name. */
-static int cpu_candidates(const cpu_info *c, const char **out)
-{
-    int n = 0;
-    const int avx512 = has_flag(c, "avx512f") && has_flag(c, "avx512bw") && has_flag(c, "avx512vl") &&
-                       has_flag(c, "avx512dq") && has_flag(c, "avx512cd");
-    if (avx512 && (has_flag(c, "amx_tile") || has_flag(c, "avx512_fp16"))) out[n++] = "SapphireRapids";
-    if (avx512 && has_flag(c, "avx512_bf16")) out[n++] = "Cooperlake";
-    if (avx512) out[n++] = "SkylakeX";
-    if (has_flag(c, "avx2") && has_flag(c, "fma")) {
-        out[n++] = "Haswell";
-        out[n++] = "Zen";
-    }
-    if (has_flag(c, "avx")) out[n++] = "Sandybridge";
-    out[n++] = "Prescott";
-    return n;
-}
 
 /* The file the loaded OpenBLAS came from (realpath), or "" if unknown. */
 static void blas_library(char *buf, size_t n)
@@ -188,9 +125,9 @@ static int fault(const char *what, const char *set)
 
 static int run_one(const opts *o, int check, int timed)
 {
-    cpu_info cpu;
-    cpu_read(&cpu);
-    free(cpu.flags);
+    moe_cpu cpu;
+    moe_cpu_read(&cpu);
+    moe_cpu_free(&cpu);
     const char *want = o->one, *got = openblas_get_corename();
     const int available = !strcmp(want, "auto") || !strcasecmp(want, got ? got : "");
     cJSON *j = cJSON_CreateObject();
@@ -473,7 +410,7 @@ static int choose(const candidate *c, int n)
 }
 
 typedef struct {
-    cpu_info cpu;
+    moe_cpu cpu;
     char build[256]; /* blas_build() */
     char library[512];
     char detected[32];
@@ -498,13 +435,13 @@ static int parse_candidates(const char *list, const char **out, char *store, siz
 static void run_all(selftest *s, const opts *o, int quiet)
 {
     memset(s, 0, sizeof *s);
-    cpu_read(&s->cpu);
+    moe_cpu_read(&s->cpu);
     blas_build(s->build, sizeof s->build);
     blas_library(s->library, sizeof s->library);
     const char *names[MAX_CAND];
     char store[256];
     s->n_cand = o->candidates[0] ? parse_candidates(o->candidates, names, store, sizeof store)
-                                 : cpu_candidates(&s->cpu, names);
+                                 : moe_cpu_kernel_sets(&s->cpu, names);
     for (int i = 0; i < s->n_cand; i++) snprintf(s->cand[i].name, sizeof s->cand[i].name, "%s", names[i]);
     s->rounds = o->rounds;
     s->choice = -1;
@@ -735,12 +672,12 @@ static int pick(selftest *s, const opts *o)
         return 0;
     }
     /* The key needs the machine only, not the selftest's results. */
-    cpu_read(&s->cpu);
+    moe_cpu_read(&s->cpu);
     blas_build(s->build, sizeof s->build);
     blas_library(s->library, sizeof s->library);
     char key[4096], path[1024];
     cache_key(key, sizeof key, s, o);
-    free(s->cpu.flags);
+    moe_cpu_free(&s->cpu);
     const int have_path = cache_path(path, sizeof path, key) == 0;
     char *choice = have_path && !o->refresh ? cache_read(path, key) : NULL;
     /* One selftest per machine at a time: a second launcher waits for the
@@ -769,7 +706,7 @@ static int pick(selftest *s, const opts *o)
                 fprintf(stderr, "moe selftest blas: warning: cannot write the cache %s: %s\n", path, strerror(errno));
             cJSON_Delete(j);
         }
-        free(s->cpu.flags);
+        moe_cpu_free(&s->cpu);
     }
     if (lock >= 0) close(lock); /* releases the lock */
     if (!choice) {
@@ -877,7 +814,7 @@ static int cmd_blas(int argc, char **argv)
             print_table(stdout, s);
         }
         rc = s->choice >= 0 ? 0 : 1;
-        free(s->cpu.flags);
+        moe_cpu_free(&s->cpu);
     }
     free(s);
     return rc;

@@ -5,6 +5,7 @@
 
 #include "cli/cli.h"
 #include "comm/comm.h"
+#include "core/cpu.h"
 #include "core/moe.h"
 #include "core/platform.h"
 #include "moe_git.h" /* MOE_GIT_DESCRIBE, written at build time (cmake/moeGitDescribe.cmake) */
@@ -95,6 +96,36 @@ void moe_cli_usage(FILE *f)
             "and BLAS kernels.\n");
 }
 
+/* OPENBLAS_CORETYPE forces OpenBLAS's kernels even where the CPU cannot run
+ * them, and the first GEMM then dies of SIGILL with no word of why. A set
+ * the CPU lacks features for is refused here, before any command starts
+ * (every rank of a job says it). Returns 0 to go on, 2 to stop. */
+static int check_coretype(void)
+{
+    const char *want = getenv("OPENBLAS_CORETYPE");
+    if (!want || !*want) return 0;
+    moe_cpu c;
+    moe_cpu_read(&c);
+    const char *missing = NULL;
+    int rc = 0;
+    if (moe_cpu_runs_kernel_set(&c, want, &missing) == 0) {
+        const char *sets[8];
+        const int n = moe_cpu_kernel_sets(&c, sets);
+        char list[160] = "";
+        for (int i = 0; i < n; i++)
+            snprintf(list + strlen(list), sizeof list - strlen(list), "%s%s", i ? ", " : "", sets[i]);
+        fprintf(stderr,
+                "moe: OPENBLAS_CORETYPE=%s selects kernels that need the CPU feature '%s', which this CPU (%s) "
+                "does not have: they would stop the process with an illegal instruction. Unset the variable "
+                "(launch/ then picks the fastest correct set: moe selftest blas --pick) or set one this CPU "
+                "runs: %s\n",
+                want, missing, c.model, list);
+        rc = 2;
+    }
+    moe_cpu_free(&c);
+    return rc;
+}
+
 int moe_cli_dispatch(int argc, char **argv)
 {
     if (argc < 2 || !strcmp(argv[1], "--help") || !strcmp(argv[1], "-h")) {
@@ -110,6 +141,11 @@ int moe_cli_dispatch(int argc, char **argv)
         return 0;
     }
     const char *cmd = argv[1];
+    /* selftest tries kernel sets itself (a crash there marks a set unusable). */
+    if (strcmp(cmd, "selftest") && strcmp(cmd, "help")) {
+        const int rc = check_coretype();
+        if (rc) return rc;
+    }
     if (!strcmp(cmd, "bench")) {
         if (argc < 3) {
             fprintf(stderr, "moe bench: expected 'layer' or 'a2a'\n");

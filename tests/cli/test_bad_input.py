@@ -73,6 +73,22 @@ def data_file(cli, name, nbytes):
 
 
 # case -> (prepare(cli) -> (extra args, env), regex the message must match)
+def unrunnable_coretype():
+    """A kernel set this CPU lacks a feature for (every x86-64 CPU lacks one
+    of these: AVX-512, AMX / AVX512-FP16 with AVX-512, AMD's FMA4 on Intel)."""
+    flags = set()
+    with open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+                break
+    if "avx512f" not in flags:
+        return "SkylakeX"
+    if not {"amx_tile", "avx512_fp16"} & flags:
+        return "SapphireRapids"
+    return "Bulldozer" if "fma4" not in flags else "Cooperlake"
+
+
 CASES = {
     "unknown_key": (lambda cli: (["--d_modle=32"], {}), r"unknown key 'd_modle' \(did you mean 'd_model'\?\)"),
     "bad_value": (lambda cli: (["--top_k=two"], {}), r"top_k: expected an integer .*got 'two'"),
@@ -106,6 +122,11 @@ CASES = {
                         r"vocab_partition=kmeans needs vocab_partition_from"),
     "vocab_resume_full": (lambda cli: (VOCAB + [f"--resume={good_checkpoint(cli)}"], {}),
                           r"ckpt-000002\.h5' has no dataset /model/vocab_head/assign"),
+    # OPENBLAS_CORETYPE forcing kernels this CPU cannot execute (they would
+    # die of SIGILL at the first GEMM): refused at start, naming the feature.
+    "coretype_unrunnable": (lambda cli: ([], {"OPENBLAS_CORETYPE": unrunnable_coretype()}),
+                            r"OPENBLAS_CORETYPE=\w+ selects kernels that need the CPU feature '\w+', which this "
+                            r"CPU .* does not have"),
     # A model no machine holds (about 1 PB per rank): refused before any of it
     # is allocated, with the estimate and the machine's memory.
     "too_large": (lambda cli: (["--d_model=65536", "--n_heads=64", "--n_layers=4096"], {}),
