@@ -1,6 +1,7 @@
 /* Deterministic checkpoint contents for the tests (see ckpt_testlib.h). */
 #include "ckpt_testlib.h"
 #include "layout/layout.h"
+#include "testlib.h"
 
 #include <math.h>
 #include <stdlib.h>
@@ -13,17 +14,7 @@ int tk_assign(int v) { return (v * 5 + v / 16) % 12; }
 
 void tk_config(moe_train_config *c)
 {
-    moe_train_config_default(c);
-    c->d_model = 8;
-    c->n_layers = 3;
-    c->n_heads = 2;
-    c->seq_len = 8;
-    c->n_experts = 12;
-    c->top_k = 2;
-    c->d_ff = 8;
-    c->moe_every = 2;
-    c->activation = MOE_ACT_SWIGLU;
-    c->router_noise = 1;
+    tl_config_tiny(c);
     c->capacity_factor = 1.25;
     c->vocab_size = c->vocab_size_user = 300;
     if (tk_vocab) {

@@ -16,6 +16,8 @@
 #include "core/rng.h"
 #include "infer/infer.h"
 
+#include "testlib.h"
+
 enum { S = 16, V = 256 };
 
 /* A small model with blocks 0 and 2 MoE, block 1 dense. cf: "0" dropless
@@ -25,13 +27,7 @@ static moe_model *make_model_opts(const char *router, const char *cf, const char
                                   const char *const *opts)
 {
     moe_train_config c;
-    moe_train_config_default(&c);
-    c.d_model = 32;
-    c.n_layers = 3;
-    c.n_heads = 2;
-    c.seq_len = S;
-    c.n_experts = 4;
-    c.d_ff = 48;
+    tl_config_small(&c, 3, S, 4);
     c.moe_every = 2;
     assert_int_equal(moe_train_config_set(&c, "router", router), MOE_OK);
     assert_int_equal(moe_train_config_set(&c, "activation", act), MOE_OK);

@@ -25,6 +25,8 @@
 #include "core/rng.h"
 #include "infer/infer.h"
 
+#include "testlib.h"
+
 enum { S = 12, V = 256, M = 8 };
 
 static moe_vocab_part *partition(void)
@@ -39,13 +41,7 @@ static moe_vocab_part *partition(void)
 static moe_model *make_model(int max_seqs, int K)
 {
     moe_train_config c;
-    moe_train_config_default(&c);
-    c.d_model = 32;
-    c.n_layers = 2;
-    c.n_heads = 2;
-    c.seq_len = S;
-    c.n_experts = 4;
-    c.d_ff = 48;
+    tl_config_small(&c, 2, S, 4);
     c.capacity_factor = 0; /* dropless: routing does not depend on the group */
     c.head = MOE_HEAD_VOCAB_EXPERTS;
     c.vocab_experts = M;

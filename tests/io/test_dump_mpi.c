@@ -10,16 +10,9 @@
 #include "comm/comm.h"
 #include "dump_fixture.h"
 
-static int fails;
+#include "check_mpi.h"
 
-#define CHECK(cond)                                                                                 \
-    do {                                                                                            \
-        if (!(cond)) {                                                                              \
-            fprintf(stderr, "rank %d: %s:%d: CHECK(%s) failed: %s\n", rank, __FILE__, __LINE__, #cond, \
-                    moe_error_detail());                                                            \
-            fails++;                                                                                \
-        }                                                                                           \
-    } while (0)
+static int fails;
 
 int main(int argc, char **argv)
 {

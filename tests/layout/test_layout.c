@@ -14,20 +14,9 @@
 
 #include "layout/layout.h"
 
-static void config(moe_train_config *c)
-{
-    moe_train_config_default(c);
-    c->d_model = 8;
-    c->n_layers = 3;
-    c->n_heads = 2;
-    c->seq_len = 8;
-    c->n_experts = 12;
-    c->top_k = 2;
-    c->d_ff = 8;
-    c->moe_every = 2;
-    c->activation = MOE_ACT_SWIGLU;
-    c->router_noise = 1;
-}
+#include "testlib.h"
+
+static void config(moe_train_config *c) { tl_config_tiny(c); }
 
 static void test_descriptor(void **state)
 {

@@ -32,6 +32,8 @@
 #include "tokenizer/tokenizer.h"
 #include "train/train.h"
 
+#include "testlib.h"
+
 enum { N_STEPS = 5 };
 
 static int fail(const char *what, moe_status s)
@@ -101,14 +103,7 @@ static int write_table(hid_t f, const char *prefix, const moe_tensor_table *tab,
 
 static void config_for(moe_train_config *c, const char *variant)
 {
-    moe_train_config_default(c);
-    c->d_model = 32;
-    c->n_layers = 2;
-    c->n_heads = 2;
-    c->seq_len = 16;
-    c->n_experts = 4;
-    c->top_k = 2;
-    c->d_ff = 48;
+    tl_config_small(c, 2, 16, 4);
     c->moe_every = 2; /* block 0 MoE, block 1 dense */
     c->batch_size = 4;
     c->aux_loss_coef = 0.1;
@@ -153,21 +148,9 @@ static void config_for(moe_train_config *c, const char *variant)
          * 2 groups of which each token keeps 1, the per-sequence balance
          * loss over 2-sequence groups, 2 gated shared experts; Qwen3's
          * per-head q/k norm; capacity 1 drops assignments */
-        c->norm = MOE_NORM_RMSNORM;
-        c->pos = MOE_POS_ROPE;
-        c->n_heads = 4;
+        tl_config_every_option(c);
         c->n_kv_heads = 1;
-        c->qk_norm = MOE_QK_NORM_HEAD;
-        c->linear_bias = 0;
-        c->activation = MOE_ACT_SWIGLU;
-        c->score = MOE_SCORE_SIGMOID;
         c->route_scale = 2.5;
-        c->expert_bias = 1;
-        c->bias_update_rate = 0.01;
-        c->n_groups = 2;
-        c->topk_groups = 1;
-        c->aux_loss = MOE_AUX_SEQ;
-        c->group_seqs = 2;
         c->n_shared = 2;
         c->d_ff_shared = 24;
         c->shared_gate = 1;

@@ -14,16 +14,11 @@
 #include "core/rng.h"
 #include "model/model.h"
 
+#include "testlib.h"
+
 static void small_config(moe_train_config *c)
 {
-    moe_train_config_default(c);
-    c->d_model = 32;
-    c->n_layers = 3;
-    c->n_heads = 2;
-    c->seq_len = 16;
-    c->n_experts = 4;
-    c->top_k = 2;
-    c->d_ff = 48;
+    tl_config_small(c, 3, 16, 4);
     c->moe_every = 2; /* blocks 0 and 2 MoE, block 1 dense */
     c->activation = MOE_ACT_SWIGLU;
     c->router_noise = 1;

@@ -30,36 +30,16 @@
 #include "layout/placement.h"
 #include "train/train.h"
 
+#include "check_mpi.h"
+#include "testlib.h"
+
 enum { GB = 8, T = 16, STEPS = 8 };
 
 static int fails, rank;
 
-#define CHECK(cond)                                                                               \
-    do {                                                                                          \
-        if (!(cond)) {                                                                            \
-            fprintf(stderr, "rank %d: %s:%d: CHECK(%s) failed: %s\n", rank, __FILE__, __LINE__,   \
-                    #cond, moe_error_detail());                                                   \
-            fails++;                                                                              \
-        }                                                                                         \
-    } while (0)
-
 static void config(moe_train_config *c, int E)
 {
-    moe_train_config_default(c);
-    c->d_model = 32;
-    c->n_layers = 2;
-    c->n_heads = 2;
-    c->seq_len = T;
-    c->n_experts = E;
-    c->top_k = 2;
-    c->d_ff = 48;
-    c->moe_every = 1; /* both blocks MoE */
-    c->batch_size = GB;
-    c->capacity_factor = 1.0;
-    c->router_noise = 1;
-    c->lr = 1e-3;
-    c->warmup_steps = 3;
-    c->steps = STEPS;
+    tl_config_equiv(c, T, E, GB, STEPS); /* both blocks MoE */
     /* a selection bias that never moves: -1e4 on expert 0 of block 0 keeps
      * it idle everywhere (main), so its copies must stay bitwise as they were */
     c->expert_bias = 1;

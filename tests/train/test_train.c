@@ -16,18 +16,13 @@
 #include "core/rng.h"
 #include "train/train.h"
 
+#include "testlib.h"
+
 enum { B = 4, T = 16, E = 4 };
 
 static void small_config(moe_train_config *c)
 {
-    moe_train_config_default(c);
-    c->d_model = 32;
-    c->n_layers = 2;
-    c->n_heads = 2;
-    c->seq_len = T;
-    c->n_experts = E;
-    c->top_k = 2;
-    c->d_ff = 48;
+    tl_config_small(c, 2, T, E);
     c->moe_every = 2;
     c->batch_size = B;
     c->capacity_factor = 1.0;

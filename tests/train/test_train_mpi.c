@@ -25,38 +25,18 @@
 #include "core/rng.h"
 #include "train/train.h"
 
+#include "check_mpi.h"
+#include "testlib.h"
+
 enum { GB = 8, T = 16, STEPS = 10 };
 
 static int fails, rank;
-
-#define CHECK(cond)                                                                               \
-    do {                                                                                          \
-        if (!(cond)) {                                                                            \
-            fprintf(stderr, "rank %d: %s:%d: CHECK(%s) failed: %s\n", rank, __FILE__, __LINE__,   \
-                    #cond, moe_error_detail());                                                   \
-            fails++;                                                                              \
-        }                                                                                         \
-    } while (0)
 
 static int vocab; /* the vocabulary-expert head */
 
 static void config(moe_train_config *c, int ep)
 {
-    moe_train_config_default(c);
-    c->d_model = 32;
-    c->n_layers = 2;
-    c->n_heads = 2;
-    c->seq_len = T;
-    c->n_experts = 4;
-    c->top_k = 2;
-    c->d_ff = 48;
-    c->moe_every = 1; /* both blocks MoE */
-    c->batch_size = GB;
-    c->capacity_factor = 1.0;
-    c->router_noise = 1;
-    c->lr = 1e-3;
-    c->warmup_steps = 3;
-    c->steps = STEPS;
+    tl_config_equiv(c, T, 4, GB, STEPS); /* both blocks MoE */
     c->ep_size = ep;
     if (vocab) {
         c->head = MOE_HEAD_VOCAB_EXPERTS;
@@ -78,24 +58,11 @@ static moe_vocab_part *partition(void)
 
 static void config_arch(moe_train_config *c)
 {
-    c->norm = MOE_NORM_RMSNORM;
-    c->pos = MOE_POS_ROPE;
-    c->n_heads = 4;
+    tl_config_every_option(c);
     c->n_kv_heads = 2;
-    c->qk_norm = MOE_QK_NORM_HEAD;
-    c->linear_bias = 0;
     c->tie_embeddings = 0;
-    c->activation = MOE_ACT_SWIGLU;
-    c->score = MOE_SCORE_SIGMOID;
     c->route_scale = 2.0;
-    c->expert_bias = 1;
-    c->bias_update_rate = 0.01;
-    c->n_groups = 2;
-    c->topk_groups = 1;
-    c->aux_loss = MOE_AUX_SEQ;
-    c->group_seqs = 2;
     c->n_shared = 1;
-    c->shared_gate = 1;
 }
 
 /* Sequence s of step k (T + 1 bytes: inputs then shifted targets). */

@@ -17,18 +17,12 @@
 #include "data/data.h"
 #include "train/run.h"
 
+#include "check_mpi.h"
+#include "testlib.h"
+
 enum { STEPS = 6, STOP_AT = 3 };
 
 static int fails, rank, world;
-
-#define CHECK(cond)                                                                               \
-    do {                                                                                          \
-        if (!(cond)) {                                                                            \
-            fprintf(stderr, "rank %d: %s:%d: CHECK(%s) failed: %s\n", rank, __FILE__, __LINE__,   \
-                    #cond, moe_error_detail());                                                   \
-            fails++;                                                                              \
-        }                                                                                         \
-    } while (0)
 
 typedef struct {
     double loss[STEPS + 1]; /* by step */
@@ -69,14 +63,7 @@ static int request(void *ctx, int64_t step)
 
 static void config(moe_train_config *c, const char *out_dir)
 {
-    moe_train_config_default(c);
-    c->d_model = 32;
-    c->n_layers = 2;
-    c->n_heads = 2;
-    c->seq_len = 32;
-    c->n_experts = 4;
-    c->top_k = 2;
-    c->d_ff = 48;
+    tl_config_small(c, 2, 32, 4);
     c->batch_size = 4;
     c->steps = STEPS;
     c->warmup_steps = 2;

@@ -23,19 +23,12 @@
 #include "core/rng.h"
 #include "vocab/head_ep.h"
 
+#include "check_mpi.h"
+
 enum { V = 300, D = 24, M = 8, N = 96 };
 
 static int fails, rank;
 static moe_a2a_kind kind = MOE_A2A_P2P;
-
-#define CHECK(cond)                                                                               \
-    do {                                                                                          \
-        if (!(cond)) {                                                                            \
-            fprintf(stderr, "rank %d: %s:%d: CHECK(%s) failed: %s\n", rank, __FILE__, __LINE__,   \
-                    #cond, moe_error_detail());                                                   \
-            fails++;                                                                              \
-        }                                                                                         \
-    } while (0)
 
 static float normal(uint32_t i, uint32_t id) { return (float)moe_rng_normal(7, MOE_RNG_BENCH, i, 0, id, 0); }
 static double unif(uint32_t i, uint32_t id) { return moe_rng_uniform(7, MOE_RNG_BENCH, i, 0, id, 0); }
