@@ -46,6 +46,18 @@ struct moe_comm;
  * and returns the exit status (2: ranks differ, 1: otherwise) with MPI
  * finalised. */
 int moe_cli_start(const char *what, int ep_size, struct moe_comm **comm);
+/* The whole of a command whose options every rank parses once MPI is up
+ * (eval, generate): --help before MPI (moe_cli_wants_help), moe_cli_start
+ * over all ranks, parse, run, then MPI finalised. parse fills opts and
+ * returns 0, 1 for --help (rank 0 prints the usage; exit 0) or -1 after a
+ * usage error (exit 2); run returns the exit status. */
+typedef struct {
+    const char *what; /* the command's words, for start-up messages */
+    void (*usage)(FILE *f);
+    int (*parse)(void *opts, int argc, char **argv, int rank);
+    int (*run)(const void *opts, struct moe_comm *comm);
+} moe_cli_world_command;
+int moe_cli_run_world(const moe_cli_world_command *cmd, void *opts, int argc, char **argv);
 
 /* Start-up (startup.c). moe_cli_take_global_options removes the options
  * every MPI command accepts from argv (before the command parses it):
@@ -71,6 +83,12 @@ const char *moe_cli_comm_timeout_arg(void);
 /* Prints "moe: <what>: <status>: <detail>" to stderr, prefixed by the rank
  * when running under MPI with more than one rank. */
 void moe_cli_error(int rank, const char *what, int status);
+
+/* The --json output of a command: j printed as cJSON_Print formats it, and a
+ * newline, on stdout; j is deleted. Returns 0, or 1 (nothing printed) when
+ * the text could not be made. */
+struct cJSON;
+int moe_cli_print_json(struct cJSON *j);
 
 /* Option parsing (args.c). A usage error is printed by rank 0 only (rank < 0:
  * always) as "moe <cmd>: <message>". The parsers return 0, or -1 when s is

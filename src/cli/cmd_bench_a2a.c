@@ -472,11 +472,7 @@ static int report_json(const bench_opts *o, int W, int nodes, double bytes, cons
         cJSON_AddItemToArray(arr, j);
     }
     cJSON_AddItemToObject(root, "results", arr);
-    char *s = cJSON_Print(root);
-    if (s) puts(s);
-    free(s);
-    cJSON_Delete(root);
-    return s ? 0 : 1;
+    return moe_cli_print_json(root);
 }
 
 int moe_cmd_bench_a2a(int argc, char **argv)

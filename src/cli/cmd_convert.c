@@ -33,8 +33,31 @@ static void usage(FILE *f)
 
 #define perr(...) moe_cli_usage_error(-1, "convert", __VA_ARGS__)
 
-static void print_report(const char *what, const char *from, const char *to, const moe_convert_report *r)
+/* The end of a subcommand's option parsing: no argument left over, and both
+ * paths given (need: what to say if not). Returns 0, or the exit status 2. */
+static int check_args(int argc, char **argv, const char *in, const char *out, const char *need)
 {
+    if (optind < argc) {
+        perr("unexpected argument '%s'", argv[optind]);
+        return 2;
+    }
+    if (!in || !out) {
+        perr("%s (see 'moe convert --help')", need);
+        return 2;
+    }
+    return 0;
+}
+
+/* What a subcommand did (st: its status): the error, or the report.
+ * Returns the exit status. */
+static int report(const char *what, moe_status st, const char *from, const char *to, const moe_convert_report *r)
+{
+    if (st) {
+        char cmd[32];
+        snprintf(cmd, sizeof cmd, "convert %s", what);
+        moe_cli_error(-1, cmd, st);
+        return 1;
+    }
     const moe_train_config *c = &r->cfg;
     printf("moe convert %s: %s -> %s\n", what, from, to);
     printf("  %s: %lld tensors, %lld parameters (%.1f MB as float32)\n", moe_hf_type_str(r->type),
@@ -47,6 +70,7 @@ static void print_report(const char *what, const char *from, const char *to, con
     if (r->dropless_warning)
         printf("  note: the model was trained with capacity_factor %g; transformers routes dropless\n",
                c->capacity_factor);
+    return 0;
 }
 
 static int cmd_import(int argc, char **argv)
@@ -80,22 +104,10 @@ static int cmd_import(int argc, char **argv)
         default: perr("unknown option or missing value: '%s' (see 'moe convert --help')", argv[optind - 1]); return 2;
         }
     }
-    if (optind < argc) {
-        perr("unexpected argument '%s'", argv[optind]);
-        return 2;
-    }
-    if (!in || !out) {
-        perr("import needs --hf DIR and --out CKPT (see 'moe convert --help')");
-        return 2;
-    }
+    const int rc = check_args(argc, argv, in, out, "import needs --hf DIR and --out CKPT");
+    if (rc) return rc;
     moe_convert_report r;
-    const moe_status st = moe_convert_import(in, out, &o, &r);
-    if (st) {
-        moe_cli_error(-1, "convert import", st);
-        return 1;
-    }
-    print_report("import", in, out, &r);
-    return 0;
+    return report("import", moe_convert_import(in, out, &o, &r), in, out, &r);
 }
 
 static int cmd_export(int argc, char **argv)
@@ -138,22 +150,10 @@ static int cmd_export(int argc, char **argv)
         default: perr("unknown option or missing value: '%s' (see 'moe convert --help')", argv[optind - 1]); return 2;
         }
     }
-    if (optind < argc) {
-        perr("unexpected argument '%s'", argv[optind]);
-        return 2;
-    }
-    if (!in || !out) {
-        perr("export needs --ckpt CKPT and --out DIR (see 'moe convert --help')");
-        return 2;
-    }
+    const int rc = check_args(argc, argv, in, out, "export needs --ckpt CKPT and --out DIR");
+    if (rc) return rc;
     moe_convert_report r;
-    const moe_status st = moe_convert_export(in, out, type, (uint64_t)shard, &r);
-    if (st) {
-        moe_cli_error(-1, "convert export", st);
-        return 1;
-    }
-    print_report("export", in, out, &r);
-    return 0;
+    return report("export", moe_convert_export(in, out, type, (uint64_t)shard, &r), in, out, &r);
 }
 
 int moe_cmd_convert(int argc, char **argv)

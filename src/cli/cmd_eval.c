@@ -24,7 +24,7 @@
 
 typedef struct {
     const char *ckpt, *data, *domains, *placement;
-    int json, batch, help;
+    int json, batch;
     int vocab_top_k; /* 0: the checkpoint's */
 } eval_opts;
 
@@ -57,8 +57,10 @@ static void usage(FILE *f)
 
 #define perr(rank, ...) moe_cli_usage_error(rank, "eval", __VA_ARGS__)
 
-static int parse(eval_opts *o, int argc, char **argv, int rank)
+/* 0, 1 for --help, -1 after a usage error (moe_cli_world_command). */
+static int parse(void *opts, int argc, char **argv, int rank)
 {
+    eval_opts *o = opts;
     static const struct option longs[] = {
         {"ckpt", required_argument, NULL, 'c'}, {"data", required_argument, NULL, 'd'},
         {"domains", required_argument, NULL, 'D'}, {"batch", required_argument, NULL, 'b'},
@@ -74,7 +76,7 @@ static int parse(eval_opts *o, int argc, char **argv, int rank)
         case 'D': o->domains = optarg; break;
         case 'L': o->placement = optarg; break;
         case 'j': o->json = 1; break;
-        case 'h': o->help = 1; return 0;
+        case 'h': return 1;
         case 'b': {
             long v;
             if (moe_cli_parse_long(optarg, 1, 65536, &v)) {
@@ -213,12 +215,7 @@ static int print_json(moe_model *m, const moe_infer_eval_result *r, const int64_
             cJSON_AddItemToArray(layers, o);
         }
     }
-    char *s = cJSON_Print(j);
-    cJSON_Delete(j);
-    if (!s) return 1;
-    printf("%s\n", s);
-    free(s);
-    return 0;
+    return moe_cli_print_json(j);
 }
 
 /* The ids to evaluate, identical on every rank: a token file's, or the
@@ -258,8 +255,9 @@ static moe_status read_inputs(const eval_opts *o, const moe_tok *tok, int vocab,
     return st;
 }
 
-static int run(const eval_opts *o, moe_comm *comm)
+static int run(const void *opts, moe_comm *comm)
 {
+    const eval_opts *o = opts;
     const int rank = moe_comm_rank(comm), W = moe_comm_size(comm);
     uint8_t *dom = NULL;
     int32_t *ids = NULL, *id_bytes = NULL;
@@ -302,25 +300,7 @@ static int run(const eval_opts *o, moe_comm *comm)
 
 int moe_cmd_eval(int argc, char **argv)
 {
-    const int help = moe_cli_wants_help(argc, argv);
-    if (help) {
-        if (help > 0) usage(stdout);
-        return 0;
-    }
-    moe_comm *comm = NULL;
-    const int start_rc = moe_cli_start("eval", 0, &comm);
-    if (start_rc) return start_rc;
-    const int rank = moe_comm_rank(comm);
+    static const moe_cli_world_command cmd = {"eval", usage, parse, run};
     eval_opts o;
-    int rc = parse(&o, argc, argv, rank);
-    int ret;
-    if (rc || o.help) {
-        if (o.help && rank == 0) usage(stdout);
-        ret = rc ? 2 : 0;
-    } else {
-        ret = run(&o, comm);
-    }
-    moe_comm_destroy(comm);
-    moe_comm_finalize();
-    return ret;
+    return moe_cli_run_world(&cmd, &o, argc, argv);
 }

@@ -23,7 +23,7 @@ enum { MAX_PROMPTS = MOE_INFER_MAX_PROMPTS };
 
 typedef struct {
     const char *ckpt, *prompt, *prompt_file, *placement;
-    int tokens, json, help;
+    int tokens, json;
     int vocab_top_k; /* 0: the checkpoint's */
     moe_infer_sampler s;
 } gen_opts;
@@ -64,8 +64,10 @@ static void usage(FILE *f)
 
 #define perr(rank, ...) moe_cli_usage_error(rank, "generate", __VA_ARGS__)
 
-static int parse(gen_opts *o, int argc, char **argv, int rank)
+/* 0, 1 for --help, -1 after a usage error (moe_cli_world_command). */
+static int parse(void *opts, int argc, char **argv, int rank)
 {
+    gen_opts *o = opts;
     static const struct option longs[] = {
         {"ckpt", required_argument, NULL, 'c'},        {"prompt", required_argument, NULL, 'p'},
         {"prompt_file", required_argument, NULL, 'f'}, {"tokens", required_argument, NULL, 'n'},
@@ -85,7 +87,7 @@ static int parse(gen_opts *o, int argc, char **argv, int rank)
         case 'f': o->prompt_file = optarg; break;
         case 'L': o->placement = optarg; break;
         case 'j': o->json = 1; break;
-        case 'h': o->help = 1; return 0;
+        case 'h': return 1;
         case 'n':
             if (moe_cli_parse_long(optarg, -2147483647L, 2147483647L, &v))
                 return perr(rank, "--tokens: expected an integer, got '%s'", optarg), -1;
@@ -182,12 +184,7 @@ static int print_json(const moe_infer_prompts *ps, const gen_text *gt, const moe
     cJSON_AddNumberToObject(j, "decode_tokens", (double)gs->decode_tokens);
     cJSON_AddNumberToObject(j, "slides", (double)gs->slides);
     cJSON_AddNumberToObject(j, "decode_tokens_per_s", gs->decode_s > 0 ? (double)gs->decode_tokens / gs->decode_s : 0);
-    char *s = cJSON_Print(j);
-    cJSON_Delete(j);
-    if (!s) return 1;
-    printf("%s\n", s);
-    free(s);
-    return 0;
+    return moe_cli_print_json(j);
 }
 
 static void print_text(const moe_infer_prompts *ps, const gen_text *gt)
@@ -226,8 +223,9 @@ static void stream_step(void *vctx, int t, const int32_t *ids, int n)
     moe_free(bytes);
 }
 
-static int run(const gen_opts *o, moe_comm *comm)
+static int run(const void *opts, moe_comm *comm)
 {
+    const gen_opts *o = opts;
     const int rank = moe_comm_rank(comm), W = moe_comm_size(comm);
     moe_infer_prompts *ps = NULL;
     moe_model *m = NULL;
@@ -292,24 +290,7 @@ static int run(const gen_opts *o, moe_comm *comm)
 
 int moe_cmd_generate(int argc, char **argv)
 {
-    const int help = moe_cli_wants_help(argc, argv);
-    if (help) {
-        if (help > 0) usage(stdout);
-        return 0;
-    }
-    moe_comm *comm = NULL;
-    const int start_rc = moe_cli_start("generate", 0, &comm);
-    if (start_rc) return start_rc;
+    static const moe_cli_world_command cmd = {"generate", usage, parse, run};
     gen_opts o;
-    const int prc = parse(&o, argc, argv, moe_comm_rank(comm));
-    int ret;
-    if (prc || o.help) {
-        if (o.help && moe_comm_rank(comm) == 0) usage(stdout);
-        ret = prc ? 2 : 0;
-    } else {
-        ret = run(&o, comm);
-    }
-    moe_comm_destroy(comm);
-    moe_comm_finalize();
-    return ret;
+    return moe_cli_run_world(&cmd, &o, argc, argv);
 }

@@ -808,10 +808,7 @@ int moe_cmd_inspect(int argc, char **argv)
     if (st != MOE_OK) moe_cli_error(-1, "inspect", st);
     if (j) {
         cJSON_AddBoolToObject(j, "ok", st == MOE_OK && !failed);
-        char *text = cJSON_Print(j);
-        if (text) puts(text);
-        free(text);
-        cJSON_Delete(j);
+        moe_cli_print_json(j);
     }
     moe_ckpt_file_close(g);
     moe_ckpt_file_close(f);

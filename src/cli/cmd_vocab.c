@@ -162,10 +162,7 @@ static void print(const vocab_opts *o, const moe_vocab_part *p, const int64_t *c
             if (counts) cJSON_AddNumberToObject(x, "tokens", tok[m]), cJSON_AddNumberToObject(x, "share", total > 0 ? tok[m] / total : 0);
             cJSON_AddItemToArray(arr, x);
         }
-        char *s = cJSON_Print(j);
-        if (s) puts(s);
-        free(s);
-        cJSON_Delete(j);
+        moe_cli_print_json(j);
     } else {
         printf("vocabulary partition (%s): %d tokens into %d experts, sets of %d..%d tokens (mean %.1f)\n", o->method, V, M,
                smin, smax, (double)V / M);

@@ -1,4 +1,8 @@
-/* `moe`: the command-line entry point; dispatches to subcommands. */
+/* `moe`: the command-line entry point; dispatches to subcommands. Also what
+ * the commands share around their work: start-up (moe_cli_start), the frame
+ * of a command parsed on every rank (moe_cli_run_world), error and --json
+ * output. */
+#include <cjson/cJSON.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -19,6 +23,16 @@ void moe_cli_error(int rank, const char *what, int status)
     else
         fprintf(stderr, "moe: %s: %s%s%s\n", what, moe_status_str((moe_status)status),
                 *detail ? ": " : "", detail);
+}
+
+int moe_cli_print_json(cJSON *j)
+{
+    char *s = cJSON_Print(j);
+    cJSON_Delete(j);
+    if (!s) return 1;
+    printf("%s\n", s);
+    free(s);
+    return 0;
 }
 
 double moe_cli_mem_mb(const char *field)
@@ -50,6 +64,31 @@ int moe_cli_start(const char *what, int ep_size, moe_comm **comm)
     *comm = NULL;
     moe_comm_finalize();
     return st == MOE_ERR_MISMATCH ? 2 : 1;
+}
+
+int moe_cli_run_world(const moe_cli_world_command *cmd, void *opts, int argc, char **argv)
+{
+    const int help = moe_cli_wants_help(argc, argv);
+    if (help) {
+        if (help > 0) cmd->usage(stdout);
+        return 0;
+    }
+    moe_comm *comm = NULL;
+    const int start_rc = moe_cli_start(cmd->what, 0, &comm);
+    if (start_rc) return start_rc;
+    const int rank = moe_comm_rank(comm);
+    /* --help reaches parse only abbreviated (getopt takes --he): the check above missed it */
+    const int prc = cmd->parse(opts, argc, argv, rank);
+    int ret;
+    if (prc) {
+        if (prc > 0 && rank == 0) cmd->usage(stdout);
+        ret = prc > 0 ? 0 : 2;
+    } else {
+        ret = cmd->run(opts, comm);
+    }
+    moe_comm_destroy(comm);
+    moe_comm_finalize();
+    return ret;
 }
 
 /* Every command: the words that name it, its arguments and a summary. The
