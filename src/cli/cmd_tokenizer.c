@@ -2,14 +2,11 @@
  * byte-level BPE tokenizers (src/tokenizer). Single-process; `moe data
  * encode` is the parallel corpus encoder. */
 #include <errno.h>
-#include <fcntl.h>
 #include <getopt.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
-#include <sys/stat.h>
-#include <unistd.h>
 
 #include "cli/cli.h"
 #include "core/moe.h"
@@ -22,7 +19,7 @@
 
 void moe_cli_input_free(moe_cli_input *in)
 {
-    if (in->mapped) munmap(in->data, in->n);
+    if (in->mapped) moe_tok_text_unmap(&(moe_tok_text){in->data, in->n});
     else free(in->data);
     in->data = NULL;
     in->n = 0;
@@ -33,26 +30,13 @@ int moe_cli_input_read(moe_cli_input *in, const char *path)
 {
     memset(in, 0, sizeof *in);
     if (path && strcmp(path, "-")) {
-        /* non-blocking: a named pipe is refused below, never waited on */
-        int fd = open(path, O_RDONLY | O_NONBLOCK | O_CLOEXEC);
-        if (fd < 0) return moe_errorf(MOE_ERR_IO, "cannot open %s: %s", path, strerror(errno));
-        struct stat sb;
-        if (fstat(fd, &sb) || !S_ISREG(sb.st_mode)) {
-            close(fd);
-            return moe_errorf(MOE_ERR_IO, "%s is not a regular file", path);
-        }
-        in->n = (size_t)sb.st_size;
-        if (in->n) {
-            void *p = mmap(NULL, in->n, PROT_READ, MAP_PRIVATE, fd, 0);
-            if (p == MAP_FAILED) {
-                close(fd);
-                return moe_errorf(MOE_ERR_IO, "cannot map %s: %s", path, strerror(errno));
-            }
-            madvise(p, in->n, MADV_SEQUENTIAL);
-            in->data = p;
-            in->mapped = 1;
-        }
-        close(fd);
+        moe_tok_text t;
+        const moe_status st = moe_tok_text_map(&t, path);
+        if (st) return st;
+        if (t.n) madvise(t.data, t.n, MADV_SEQUENTIAL);
+        in->data = t.data;
+        in->n = t.n;
+        in->mapped = t.n > 0;
         return MOE_OK;
     }
     size_t cap = 1 << 20;

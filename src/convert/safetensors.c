@@ -18,6 +18,8 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include "core/strbuf.h"
+
 _Static_assert(__BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__,
                "the safetensors writer stores float32 as they lie in memory (little-endian hosts only)");
 
@@ -913,36 +915,8 @@ moe_status moe_st_dir_check(moe_st_dir *d)
 
 /* ---- writing ---- */
 
-/* A growing text buffer; `bad` records an allocation failure. */
-typedef struct {
-    char *p;
-    size_t n, cap;
-    int bad;
-} sbuf;
-
-static void sb_put(sbuf *b, const char *s, size_t n)
-{
-    if (b->bad) return;
-    if (b->n + n + 1 > b->cap) {
-        size_t cap = b->cap ? b->cap : 4096;
-        while (b->n + n + 1 > cap) cap *= 2;
-        char *p = realloc(b->p, cap);
-        if (!p) {
-            b->bad = 1;
-            return;
-        }
-        b->p = p;
-        b->cap = cap;
-    }
-    memcpy(b->p + b->n, s, n);
-    b->n += n;
-    b->p[b->n] = '\0';
-}
-
-static void sb_puts(sbuf *b, const char *s) { sb_put(b, s, strlen(s)); }
-
-static void sb_printf(sbuf *b, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
-static void sb_printf(sbuf *b, const char *fmt, ...)
+static void sb_printf(moe_strbuf *b, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+static void sb_printf(moe_strbuf *b, const char *fmt, ...)
 {
     char tmp[256];
     va_list ap;
@@ -950,30 +924,30 @@ static void sb_printf(sbuf *b, const char *fmt, ...)
     int n = vsnprintf(tmp, sizeof tmp, fmt, ap);
     va_end(ap);
     if (n < 0 || (size_t)n >= sizeof tmp) b->bad = 1; /* only short fixed texts pass through here */
-    else sb_put(b, tmp, (size_t)n);
+    else moe_strbuf_put(b, tmp, (size_t)n);
 }
 
 /* A JSON string as serde_json writes it (ascii = 0: UTF-8 kept as is) or as
  * Python's json.dumps does (ascii = 1: non-ASCII as \uXXXX escapes). */
-static void sb_json_str(sbuf *b, const char *s, int ascii)
+static void sb_json_str(moe_strbuf *b, const char *s, int ascii)
 {
-    sb_put(b, "\"", 1);
+    moe_strbuf_put(b, "\"", 1);
     const unsigned char *u = (const unsigned char *)s;
     for (size_t i = 0; u[i];) {
         unsigned c = u[i];
         char esc[16];
-        if (c == '"') sb_put(b, "\\\"", 2);
-        else if (c == '\\') sb_put(b, "\\\\", 2);
-        else if (c == '\n') sb_put(b, "\\n", 2);
-        else if (c == '\r') sb_put(b, "\\r", 2);
-        else if (c == '\t') sb_put(b, "\\t", 2);
-        else if (c == '\b') sb_put(b, "\\b", 2);
-        else if (c == '\f') sb_put(b, "\\f", 2);
+        if (c == '"') moe_strbuf_put(b, "\\\"", 2);
+        else if (c == '\\') moe_strbuf_put(b, "\\\\", 2);
+        else if (c == '\n') moe_strbuf_put(b, "\\n", 2);
+        else if (c == '\r') moe_strbuf_put(b, "\\r", 2);
+        else if (c == '\t') moe_strbuf_put(b, "\\t", 2);
+        else if (c == '\b') moe_strbuf_put(b, "\\b", 2);
+        else if (c == '\f') moe_strbuf_put(b, "\\f", 2);
         else if (c < 0x20 || (ascii && c == 0x7f)) {
             snprintf(esc, sizeof esc, "\\u%04x", c);
-            sb_puts(b, esc);
+            moe_strbuf_puts(b, esc);
         } else if (c < 0x80 || !ascii) {
-            sb_put(b, (const char *)&u[i], 1);
+            moe_strbuf_put(b, (const char *)&u[i], 1);
         } else {
             /* Decode one (already validated) UTF-8 sequence. */
             int len = (c & 0xe0) == 0xc0 ? 2 : (c & 0xf0) == 0xe0 ? 3 : 4;
@@ -984,13 +958,13 @@ static void sb_json_str(sbuf *b, const char *s, int ascii)
                 snprintf(esc, sizeof esc, "\\u%04x\\u%04x", 0xd800 + (cp >> 10), 0xdc00 + (cp & 0x3ff));
             } else
                 snprintf(esc, sizeof esc, "\\u%04x", cp);
-            sb_puts(b, esc);
+            moe_strbuf_puts(b, esc);
             i += (size_t)len;
             continue;
         }
         i++;
     }
-    sb_put(b, "\"", 1);
+    moe_strbuf_put(b, "\"", 1);
 }
 
 typedef struct {
@@ -1110,13 +1084,13 @@ static moe_status check_tensors(const char *what, const moe_st_tensor *t, size_t
 }
 
 /* Header JSON of the tensors `t` (already sorted by name), padded. */
-static void build_header(sbuf *h, const moe_st_tensor *const *t, size_t n, const uint64_t *bytes,
+static void build_header(moe_strbuf *h, const moe_st_tensor *const *t, size_t n, const uint64_t *bytes,
                          const moe_st_meta *meta)
 {
     static const char *const def_k[] = {"format"}, *const def_v[] = {"pt"};
     const moe_st_meta def = {def_k, def_v, 1};
     if (!meta || !meta->n) meta = &def;
-    sb_puts(h, "{\"__metadata__\":{");
+    moe_strbuf_puts(h, "{\"__metadata__\":{");
     /* Metadata keys in byte order (the Python library's are a hash map). */
     size_t done = 0;
     const char *last = NULL;
@@ -1127,26 +1101,26 @@ static void build_header(sbuf *h, const moe_st_tensor *const *t, size_t n, const
                 (best == meta->n || strcmp(meta->keys[i], meta->keys[best]) < 0))
                 best = i;
         if (best == meta->n) break;
-        if (done) sb_puts(h, ",");
+        if (done) moe_strbuf_puts(h, ",");
         sb_json_str(h, meta->keys[best], 0);
-        sb_puts(h, ":");
+        moe_strbuf_puts(h, ":");
         sb_json_str(h, meta->values[best], 0);
         last = meta->keys[best];
         done++;
     }
-    sb_puts(h, "}");
+    moe_strbuf_puts(h, "}");
     uint64_t off = 0;
     for (size_t i = 0; i < n; i++) {
-        sb_puts(h, ",");
+        moe_strbuf_puts(h, ",");
         sb_json_str(h, t[i]->name, 0);
-        sb_puts(h, ":{\"dtype\":\"F32\",\"shape\":[");
+        moe_strbuf_puts(h, ":{\"dtype\":\"F32\",\"shape\":[");
         for (int k = 0; k < t[i]->rank; k++) sb_printf(h, k ? ",%lld" : "%lld", (long long)t[i]->shape[k]);
         sb_printf(h, "],\"data_offsets\":[%llu,%llu]}", (unsigned long long)off,
                   (unsigned long long)(off + bytes[i]));
         off += bytes[i];
     }
-    sb_puts(h, "}");
-    while (h->n % 8) sb_puts(h, " ");
+    moe_strbuf_puts(h, "}");
+    while (h->n % 8) moe_strbuf_puts(h, " ");
 }
 
 /* Writes tensors idx[0..n) of t to path. */
@@ -1157,7 +1131,7 @@ static moe_status write_subset(const char *path, const moe_st_tensor *t, const s
     const moe_st_tensor **s = malloc((n ? n : 1) * sizeof *s);
     uint64_t *bytes = malloc((n ? n : 1) * sizeof *bytes);
     segment *seg = malloc((n + 1) * sizeof *seg);
-    sbuf h = {0}, head = {0};
+    moe_strbuf h = {0}, head = {0};
     if (!s || !bytes || !seg) {
         st = moe_errorf(MOE_ERR_NOMEM, "writing '%s'", path);
         goto out;
@@ -1178,8 +1152,8 @@ static moe_status write_subset(const char *path, const moe_st_tensor *t, const s
     /* Segment 0: the length word and the header; then the tensors. */
     uint8_t len8[8];
     for (int i = 0; i < 8; i++) len8[i] = (uint8_t)((uint64_t)h.n >> (8 * i));
-    sb_put(&head, (const char *)len8, 8);
-    sb_put(&head, h.p, h.n);
+    moe_strbuf_put(&head, (const char *)len8, 8);
+    moe_strbuf_put(&head, h.p, h.n);
     if (head.bad) {
         st = moe_errorf(MOE_ERR_NOMEM, "writing '%s': header", path);
         goto out;
@@ -1237,7 +1211,7 @@ moe_status moe_st_write_dir(const char *dir, const moe_st_tensor *t, size_t n, u
     size_t *first = malloc((n + 2) * sizeof *first);      /* shard s: order[first[s] .. first[s+1]) */
     size_t *shard_of = NULL;                              /* final shard of each tensor */
     char *path = NULL;
-    sbuf ix = {0};
+    moe_strbuf ix = {0};
     moe_status st = !bytes || !order || !first ? moe_errorf(MOE_ERR_NOMEM, "writing '%s'", dir) : MOE_OK;
     if (st == MOE_OK) st = check_tensors(dir, t, n, bytes);
     if (st != MOE_OK) goto out;
@@ -1309,13 +1283,13 @@ moe_status moe_st_write_dir(const char *dir, const moe_st_tensor *t, size_t n, u
                   (unsigned long long)total);
         for (size_t i = 0; s && i < n; i++) {
             size_t k = (size_t)(s[i] - t);
-            sb_puts(&ix, i ? ",\n    " : "\n    ");
+            moe_strbuf_puts(&ix, i ? ",\n    " : "\n    ");
             sb_json_str(&ix, s[i]->name, 1);
             snprintf(name, sizeof name, "model-%05zu-of-%05zu.safetensors", shard_of[k] + 1, ns);
-            sb_puts(&ix, ": ");
+            moe_strbuf_puts(&ix, ": ");
             sb_json_str(&ix, name, 1);
         }
-        sb_puts(&ix, "\n  }\n}\n");
+        moe_strbuf_puts(&ix, "\n  }\n}\n");
         free(s);
         if (st == MOE_OK && ix.bad) st = moe_errorf(MOE_ERR_NOMEM, "writing '%s': index", dir);
         free(path);

@@ -8,7 +8,6 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/mman.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -35,44 +34,6 @@ static moe_status comm_exchange(void *xctx, const size_t *mine, size_t *all, int
     return st;
 }
 
-/* ---- input mapping ---- */
-
-typedef struct {
-    uint8_t *data;
-    size_t n;
-} mapped;
-
-static moe_status map_input(mapped *m, const char *path)
-{
-    m->data = NULL;
-    m->n = 0;
-    /* non-blocking: a named pipe is refused below, never waited on */
-    int fd = open(path, O_RDONLY | O_NONBLOCK | O_CLOEXEC);
-    if (fd < 0) return moe_errorf(MOE_ERR_IO, "cannot open %s: %s", path, strerror(errno));
-    struct stat sb;
-    if (fstat(fd, &sb) || !S_ISREG(sb.st_mode)) {
-        close(fd);
-        return moe_errorf(MOE_ERR_IO, "%s is not a regular file", path);
-    }
-    m->n = (size_t)sb.st_size;
-    if (m->n) {
-        void *p = mmap(NULL, m->n, PROT_READ, MAP_PRIVATE, fd, 0);
-        if (p == MAP_FAILED) {
-            close(fd);
-            return moe_errorf(MOE_ERR_IO, "cannot map %s: %s", path, strerror(errno));
-        }
-        m->data = p;
-    }
-    close(fd);
-    return MOE_OK;
-}
-
-static void unmap_input(mapped *m)
-{
-    if (m->data) munmap(m->data, m->n);
-    m->data = NULL;
-}
-
 /* ---- training ---- */
 
 moe_status moe_tok_train_comm(moe_tok **out, moe_comm *c, const char *path, int64_t vocab_size, const char *pattern,
@@ -81,7 +42,7 @@ moe_status moe_tok_train_comm(moe_tok **out, moe_comm *c, const char *path, int6
     *out = NULL;
     if (threads < 1) threads = 1;
     const int W = moe_comm_size(c), r = moe_comm_rank(c);
-    mapped m = {0};
+    moe_tok_text m = {0};
     moe_tok *base = NULL;
     moe_tok_counts *counts = NULL;
     double t0 = moe_now();
@@ -91,7 +52,7 @@ moe_status moe_tok_train_comm(moe_tok **out, moe_comm *c, const char *path, int6
     for (int i = 0; i < 256; i++) bytes[i] = (uint8_t)i, off[i] = i;
     off[256] = 256;
     moe_status st = moe_tok_create(&base, bytes, off, 256, pattern, 0, NULL, NULL);
-    if (!st) st = map_input(&m, path);
+    if (!st) st = moe_tok_text_map(&m, path);
     if (!st) st = moe_tok_counts_create(&counts);
     st = moe_comm_agree(c, st);
     int bad = 0;
@@ -144,7 +105,7 @@ moe_status moe_tok_train_comm(moe_tok **out, moe_comm *c, const char *path, int6
     }
     moe_tok_counts_destroy(counts);
     moe_tok_destroy(base);
-    unmap_input(&m);
+    moe_tok_text_unmap(&m);
     return st;
 }
 
@@ -213,9 +174,9 @@ moe_status moe_tok_encode_file(moe_comm *c, const moe_tok *t, const char *in_pat
 {
     if (threads < 1) threads = 1;
     const int W = moe_comm_size(c), r = moe_comm_rank(c);
-    mapped m = {0};
+    moe_tok_text m = {0};
     double t0 = moe_now();
-    moe_status st = map_input(&m, in_path);
+    moe_status st = moe_tok_text_map(&m, in_path);
     st = moe_comm_agree(c, st);
     if (st) return st;
     const int P = moe_tok_parts_count(m.n, W, threads), nl = P / W;
@@ -313,6 +274,6 @@ moe_status moe_tok_encode_file(moe_comm *c, const moe_tok *t, const char *in_pat
     free(splits);
     free(counts);
     free(mine);
-    unmap_input(&m);
+    moe_tok_text_unmap(&m);
     return st;
 }

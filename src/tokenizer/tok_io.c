@@ -1,19 +1,54 @@
 /* Tokenizer files: import and export of the three forms (tiktoken JSON
  * encoders, moerun's own; .tiktoken rank lists; Hugging Face byte-level BPE
  * tokenizer.json), a strict base64 codec, and the HF merge derivation.
- * Every error names the file and the place (line, token, merge). */
+ * Every error names the file and the place (line, token, merge). Also the
+ * mapping of the text files training and encoding read (moe_tok_text). */
 #include <cjson/cJSON.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include "core/strbuf.h"
 #include "tokenizer/tok_internal.h"
 
 enum { MAX_FILE_BYTES = 1 << 30 };
+
+moe_status moe_tok_text_map(moe_tok_text *t, const char *path)
+{
+    t->data = NULL;
+    t->n = 0;
+    /* non-blocking: a named pipe is refused below, never waited on */
+    int fd = open(path, O_RDONLY | O_NONBLOCK | O_CLOEXEC);
+    if (fd < 0) return moe_errorf(MOE_ERR_IO, "cannot open %s: %s", path, strerror(errno));
+    struct stat sb;
+    if (fstat(fd, &sb) || !S_ISREG(sb.st_mode)) {
+        close(fd);
+        return moe_errorf(MOE_ERR_IO, "%s is not a regular file", path);
+    }
+    t->n = (size_t)sb.st_size;
+    if (t->n) {
+        void *p = mmap(NULL, t->n, PROT_READ, MAP_PRIVATE, fd, 0);
+        if (p == MAP_FAILED) {
+            close(fd);
+            return moe_errorf(MOE_ERR_IO, "cannot map %s: %s", path, strerror(errno));
+        }
+        t->data = p;
+    }
+    close(fd);
+    return MOE_OK;
+}
+
+void moe_tok_text_unmap(moe_tok_text *t)
+{
+    if (t->data) munmap(t->data, t->n);
+    t->data = NULL;
+    t->n = 0;
+}
 
 moe_status moe_tok_form_parse(moe_tok_form *out, const char *name)
 {
@@ -253,9 +288,15 @@ static moe_status decode_token(raw_ranks *r, const char *s, size_t len, int64_t 
     return raw_add(r, rank, scratch, (size_t)k, line, tokidx);
 }
 
-/* bpe_ranks of a tiktoken JSON encoder: runs "! <first> <b64> <b64> ...",
- * one per line; or, as tiktoken also accepts, .tiktoken lines. */
-static moe_status parse_runs(raw_ranks *r, const char *s, size_t n)
+/* One line of a rank list (p, len: without its line end), numbered from 1;
+ * scratch holds a decoded token. */
+typedef moe_status (*line_fn)(raw_ranks *r, const char *p, size_t len, int64_t line, uint8_t *scratch);
+
+/* Calls fn on every line of s[0, n), with one base64 scratch for them all.
+ * An empty line is an error ("<what> line N is empty", what: "bpe_ranks
+ * line" or "line"), but for the last one (a final newline); crlf: a '\r'
+ * before the '\n' is taken off first. Stops at the first error. */
+static moe_status for_each_line(raw_ranks *r, const char *s, size_t n, const char *what, int crlf, line_fn fn)
 {
     uint8_t *scratch = malloc(MOE_TOK_MAX_TOKEN_LEN + 4);
     if (!scratch) return moe_errorf(MOE_ERR_NOMEM, "base64 scratch");
@@ -267,85 +308,76 @@ static moe_status parse_runs(raw_ranks *r, const char *s, size_t n)
         size_t e = nl ? (size_t)(nl - s) : n;
         const char *p = s + i;
         size_t len = e - i;
+        if (crlf && len && p[len - 1] == '\r') len--;
+        i = e + 1;
         if (len == 0) {
-            if (e < n) st = moe_errorf(MOE_ERR_FORMAT, "%s: bpe_ranks line %lld is empty", r->what, (long long)line);
-            i = e + 1;
+            if (e < n) st = moe_errorf(MOE_ERR_FORMAT, "%s: %s %lld is empty", r->what, what, (long long)line);
             continue;
         }
-        if (len < 2 || p[0] != '!' || p[1] != ' ') {
-            st = moe_errorf(MOE_ERR_FORMAT, "%s: bpe_ranks line %lld does not start with \"! <first rank> \"", r->what,
-                            (long long)line);
-            break;
-        }
-        size_t j = 2;
-        size_t k = j;
-        while (k < len && p[k] != ' ') k++;
-        int64_t first;
-        if (parse_rank(p + j, k - j, &first) || first >= MOE_TOK_MAX_VOCAB) {
-            st = moe_errorf(MOE_ERR_FORMAT, "%s: bpe_ranks line %lld: first rank \"%.*s\" is not a number below %d",
-                            r->what, (long long)line, (int)(k - j > 24 ? 24 : k - j), p + j, MOE_TOK_MAX_VOCAB);
-            break;
-        }
-        int64_t tok = 0;
-        for (j = k + 1; j <= len && !st; j = k + 1) {
-            k = j;
-            while (k < len && p[k] != ' ') k++;
-            if (first + tok >= MOE_TOK_MAX_VOCAB) {
-                st = moe_errorf(MOE_ERR_FORMAT, "%s: bpe_ranks line %lld: rank %lld is above the limit %d", r->what,
-                                (long long)line, (long long)(first + tok), MOE_TOK_MAX_VOCAB - 1);
-                break;
-            }
-            st = decode_token(r, p + j, k - j, first + tok, line, tok, scratch);
-            tok++;
-            if (k >= len) break;
-        }
-        i = e + 1;
+        st = fn(r, p, len, line, scratch);
     }
     free(scratch);
     return st;
 }
 
+/* A line of bpe_ranks in a tiktoken JSON encoder: a run "! <first> <b64>
+ * <b64> ...". */
+static moe_status parse_run(raw_ranks *r, const char *p, size_t len, int64_t line, uint8_t *scratch)
+{
+    if (len < 2 || p[0] != '!' || p[1] != ' ')
+        return moe_errorf(MOE_ERR_FORMAT, "%s: bpe_ranks line %lld does not start with \"! <first rank> \"", r->what,
+                          (long long)line);
+    size_t j = 2;
+    size_t k = j;
+    while (k < len && p[k] != ' ') k++;
+    int64_t first;
+    if (parse_rank(p + j, k - j, &first) || first >= MOE_TOK_MAX_VOCAB)
+        return moe_errorf(MOE_ERR_FORMAT, "%s: bpe_ranks line %lld: first rank \"%.*s\" is not a number below %d",
+                          r->what, (long long)line, (int)(k - j > 24 ? 24 : k - j), p + j, MOE_TOK_MAX_VOCAB);
+    moe_status st = MOE_OK;
+    int64_t tok = 0;
+    for (j = k + 1; j <= len && !st; j = k + 1) {
+        k = j;
+        while (k < len && p[k] != ' ') k++;
+        if (first + tok >= MOE_TOK_MAX_VOCAB)
+            return moe_errorf(MOE_ERR_FORMAT, "%s: bpe_ranks line %lld: rank %lld is above the limit %d", r->what,
+                              (long long)line, (long long)(first + tok), MOE_TOK_MAX_VOCAB - 1);
+        st = decode_token(r, p + j, k - j, first + tok, line, tok, scratch);
+        tok++;
+        if (k >= len) break;
+    }
+    return st;
+}
+
+/* A line of a .tiktoken file: "<base64> <rank>". */
+static moe_status parse_tiktoken_line(raw_ranks *r, const char *p, size_t len, int64_t line, uint8_t *scratch)
+{
+    const char *sp = memchr(p, ' ', len);
+    if (!sp)
+        return moe_errorf(MOE_ERR_FORMAT, "%s: line %lld has no rank (expected \"<base64 token> <rank>\")", r->what,
+                          (long long)line);
+    size_t tl = (size_t)(sp - p);
+    int64_t rank;
+    if (parse_rank(sp + 1, len - tl - 1, &rank))
+        return moe_errorf(MOE_ERR_FORMAT, "%s: line %lld: rank \"%.*s\" is not a number", r->what, (long long)line,
+                          (int)(len - tl - 1 > 24 ? 24 : len - tl - 1), sp + 1);
+    if (rank >= MOE_TOK_MAX_VOCAB)
+        return moe_errorf(MOE_ERR_FORMAT, "%s: line %lld: rank %lld is above the limit %d", r->what, (long long)line,
+                          (long long)rank, MOE_TOK_MAX_VOCAB - 1);
+    return decode_token(r, p, tl, rank, line, -1, scratch);
+}
+
+/* bpe_ranks of a tiktoken JSON encoder: runs, one per line; or, as tiktoken
+ * also accepts, .tiktoken lines. */
+static moe_status parse_runs(raw_ranks *r, const char *s, size_t n)
+{
+    return for_each_line(r, s, n, "bpe_ranks line", 0, parse_run);
+}
+
 /* .tiktoken: "<base64> <rank>" per line. */
 static moe_status parse_tiktoken(raw_ranks *r, const char *s, size_t n)
 {
-    uint8_t *scratch = malloc(MOE_TOK_MAX_TOKEN_LEN + 4);
-    if (!scratch) return moe_errorf(MOE_ERR_NOMEM, "base64 scratch");
-    moe_status st = MOE_OK;
-    int64_t line = 0;
-    for (size_t i = 0; i < n && !st;) {
-        line++;
-        const char *nl = memchr(s + i, '\n', n - i);
-        size_t e = nl ? (size_t)(nl - s) : n;
-        const char *p = s + i;
-        size_t len = e - i;
-        if (len && p[len - 1] == '\r') len--;
-        i = e + 1;
-        if (len == 0) {
-            if (e < n) st = moe_errorf(MOE_ERR_FORMAT, "%s: line %lld is empty", r->what, (long long)line);
-            continue;
-        }
-        const char *sp = memchr(p, ' ', len);
-        if (!sp) {
-            st = moe_errorf(MOE_ERR_FORMAT, "%s: line %lld has no rank (expected \"<base64 token> <rank>\")", r->what,
-                            (long long)line);
-            break;
-        }
-        size_t tl = (size_t)(sp - p);
-        int64_t rank;
-        if (parse_rank(sp + 1, len - tl - 1, &rank)) {
-            st = moe_errorf(MOE_ERR_FORMAT, "%s: line %lld: rank \"%.*s\" is not a number", r->what, (long long)line,
-                            (int)(len - tl - 1 > 24 ? 24 : len - tl - 1), sp + 1);
-            break;
-        }
-        if (rank >= MOE_TOK_MAX_VOCAB) {
-            st = moe_errorf(MOE_ERR_FORMAT, "%s: line %lld: rank %lld is above the limit %d", r->what, (long long)line,
-                            (long long)rank, MOE_TOK_MAX_VOCAB - 1);
-            break;
-        }
-        st = decode_token(r, p, tl, rank, line, -1, scratch);
-    }
-    free(scratch);
-    return st;
+    return for_each_line(r, s, n, "line", 1, parse_tiktoken_line);
 }
 
 /* ---- specials given on top of a file's ---- */
@@ -848,39 +880,12 @@ moe_status moe_tok_load(moe_tok **out, const char *path, moe_tok_form form, cons
 
 /* ---- export ---- */
 
-typedef struct {
-    char *p;
-    size_t n, cap;
-    int oom;
-} strbuf;
-
-static void sb_put(strbuf *b, const char *s, size_t n)
-{
-    if (b->oom) return;
-    if (b->n + n + 1 > b->cap) {
-        size_t cap = b->cap ? b->cap : 1 << 16;
-        while (cap < b->n + n + 1) cap *= 2;
-        char *p = realloc(b->p, cap);
-        if (!p) {
-            b->oom = 1;
-            return;
-        }
-        b->p = p;
-        b->cap = cap;
-    }
-    memcpy(b->p + b->n, s, n);
-    b->n += n;
-    b->p[b->n] = '\0';
-}
-
-static void sb_puts(strbuf *b, const char *s) { sb_put(b, s, strlen(s)); }
-
 /* bpe_ranks runs: a new "! <first>" line after every hole. */
-static void put_runs(strbuf *b, const moe_tok *t)
+static void put_runs(moe_strbuf *b, const moe_tok *t)
 {
     char *enc = malloc(4 * ((MOE_TOK_MAX_TOKEN_LEN + 2) / 3) + 2);
     if (!enc) {
-        b->oom = 1;
+        b->bad = 1;
         return;
     }
     int open = 0;
@@ -893,24 +898,24 @@ static void put_runs(strbuf *b, const moe_tok *t)
         if (!open) {
             char head[48];
             snprintf(head, sizeof head, "%s! %lld", b->n ? "\n" : "", (long long)id);
-            sb_puts(b, head);
+            moe_strbuf_puts(b, head);
             open = 1;
         }
         size_t k = moe_tok_base64_encode(enc + 1, t->bytes + t->offsets[id], len);
         enc[0] = ' ';
-        sb_put(b, enc, k + 1);
+        moe_strbuf_put(b, enc, k + 1);
     }
     free(enc);
 }
 
 static moe_status save_tiktoken_json(const moe_tok *t, char **data, size_t *n)
 {
-    strbuf runs = {0};
+    moe_strbuf runs = {0};
     put_runs(&runs, t);
     cJSON *root = cJSON_CreateObject();
     cJSON *sp = cJSON_CreateObject();
     moe_status st = MOE_OK;
-    if (runs.oom || !root || !sp) st = moe_errorf(MOE_ERR_NOMEM, "tokenizer JSON");
+    if (runs.bad || !root || !sp) st = moe_errorf(MOE_ERR_NOMEM, "tokenizer JSON");
     if (!st) {
         if (t->n_holes == 0) cJSON_AddNumberToObject(root, "explicit_n_vocab", (double)t->vocab);
         cJSON_AddStringToObject(root, "pat_str", t->pattern);
@@ -941,7 +946,7 @@ static moe_status save_tiktoken_json(const moe_tok *t, char **data, size_t *n)
 
 static moe_status save_tiktoken(const moe_tok *t, char **data, size_t *n)
 {
-    strbuf b = {0};
+    moe_strbuf b = {0};
     char *enc = malloc(4 * ((MOE_TOK_MAX_TOKEN_LEN + 2) / 3) + 32);
     if (!enc) return moe_errorf(MOE_ERR_NOMEM, ".tiktoken text");
     for (int64_t id = 0; id < t->n; id++) {
@@ -949,10 +954,10 @@ static moe_status save_tiktoken(const moe_tok *t, char **data, size_t *n)
         if (!len) continue;
         size_t k = moe_tok_base64_encode(enc, t->bytes + t->offsets[id], len);
         k += (size_t)sprintf(enc + k, " %lld\n", (long long)id);
-        sb_put(&b, enc, k);
+        moe_strbuf_put(&b, enc, k);
     }
     free(enc);
-    if (b.oom) {
+    if (b.bad) {
         free(b.p);
         return moe_errorf(MOE_ERR_NOMEM, ".tiktoken text");
     }

@@ -203,6 +203,16 @@ moe_status moe_tok_save(const moe_tok *t, const char *path, moe_tok_form form);
 /* The same into a malloc'd buffer (*data, *n; the caller frees). */
 moe_status moe_tok_save_buffer(const moe_tok *t, moe_tok_form form, char **data, size_t *n);
 
+/* A text file mapped read-only: what training and encoding read. A
+ * regular file only (a named pipe or device is refused, never waited on);
+ * an empty file is data NULL, n 0. MOE_ERR_IO naming the file. */
+typedef struct {
+    uint8_t *data;
+    size_t n;
+} moe_tok_text;
+moe_status moe_tok_text_map(moe_tok_text *t, const char *path);
+void moe_tok_text_unmap(moe_tok_text *t);
+
 /* Strict base64 (RFC 4648, '=' padding required to a multiple of 4, no
  * whitespace): decodes s (n chars) into out (room for 3 * n / 4 bytes).
  * Returns -1 - (position of the first bad character) on error. */
