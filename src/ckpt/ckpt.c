@@ -283,8 +283,8 @@ static moe_status sort_rows(writer *w, wdset *e, int64_t n, size_t row_bytes)
     for (i = 0; i < n; i++) w->pairs[2 * i] = w->ids[i], w->pairs[2 * i + 1] = i;
     qsort(w->pairs, (size_t)n, 2 * sizeof *w->pairs, cmp_pair);
     for (i = 0; i < n; i++) {
-        memcpy((char *)w->sorted + (size_t)i * row_bytes, (const char *)w->got + (size_t)w->pairs[2 * i + 1] * row_bytes,
-               row_bytes);
+        const size_t from = (size_t)w->pairs[2 * i + 1] * row_bytes;
+        memcpy((char *)w->sorted + (size_t)i * row_bytes, (const char *)w->got + from, row_bytes);
         w->ids[i] = w->pairs[2 * i];
     }
     e->buf = w->sorted;

@@ -161,7 +161,8 @@ moe_status moe_comm_h5_gather_rows(moe_comm_h5_writers *w, void **buf, size_t *b
     const int writer = w->node_rank == 0;
     const int64_t mine[3] = {rows, first, send_ids != NULL};
     moe_status st = MOE_OK;
-    MOE_MPI_TRY_WD(c, MOE_SCOPE_WORLD, gather_what, MPI_Gather(mine, 3, MPI_INT64_T, w->head, 3, MPI_INT64_T, 0, w->node));
+    MOE_MPI_TRY_WD(c, MOE_SCOPE_WORLD, gather_what,
+                   MPI_Gather(mine, 3, MPI_INT64_T, w->head, 3, MPI_INT64_T, 0, w->node));
     /* The writer lays out the blocks in node rank order and says whether
      * they move (a failure here must not leave the others in the Gatherv):
      * plan[0] data, plan[1] ids from some rank. */

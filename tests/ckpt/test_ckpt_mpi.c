@@ -101,7 +101,8 @@ int main(int argc, char **argv)
     const int saving = argc >= 2 && !strncmp(argv[1], "save", 4);
     const int ep = argc >= 3 ? atoi(argv[saving ? 3 : 2]) : 0;
     if (argc < 4 || moe_comm_create_world(&c, ep) != MOE_OK) {
-        fprintf(stderr, "usage: test_ckpt_mpi save FILE EP [tok] | savefail FILE EP | load EP FILE... (%s)\n", moe_error_detail());
+        fprintf(stderr, "usage: test_ckpt_mpi save FILE EP [tok] | savefail FILE EP | load EP FILE... (%s)\n",
+                moe_error_detail());
         moe_comm_finalize();
         return 2;
     }
