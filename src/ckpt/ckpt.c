@@ -1,17 +1,22 @@
 /* Parallel checkpoint and gradient-dump writer and checkpoint loader
  * (docs/formats.md section 1).
  *
- * Writing: every rank opens the temp file through parallel HDF5, makes the
- * same metadata calls (groups, attributes, dataset creation) and takes part
- * in one collective H5Dwrite per dataset, selecting its own rows (expert
- * rows on replica 0, replicated tensors on world rank 0, nothing
- * otherwise). Datasets are chunked with the Fletcher32 filter; HDF5 >= 1.10.2
- * supports filters on the collective write path. Chunks of [E, ...]
- * datasets are single expert rows, so each chunk has exactly one writer.
- * Rows with a row map (the vocabulary experts') go to their token ids: the
- * rank's rows, sorted by id, against a file selection of those ids; a chunk
- * may then hold rows of several ranks, which the collective filtered write
- * path assembles on one of them.
+ * Writing: one writer per node (comm_h5.h: the lowest world rank there)
+ * opens the temporary file, makes the metadata calls (groups, attributes,
+ * dataset creation) and writes each dataset's rows of its node, which the
+ * other ranks of the node send it dataset by dataset (expert rows from
+ * replica 0, replicated tensors from world rank 0, nothing otherwise),
+ * with their row ids; the writer writes them in ascending row order
+ * against a file selection of those rows. On one node the writer uses
+ * HDF5's POSIX driver; over several, the writers write together through
+ * parallel HDF5 (one collective H5Dwrite per dataset; HDF5 >= 1.10.2
+ * supports filters on that path). Datasets are chunked with the Fletcher32
+ * filter. Chunks of [E, ...] datasets are single expert rows, so each chunk
+ * has exactly one writer. Rows with a row map (the vocabulary experts') go
+ * to their token ids; a chunk may then hold rows of several nodes, which
+ * the collective filtered write path assembles on one writer. Statuses are
+ * agreed over the world after every dataset and every group of metadata
+ * calls (which writers alone make), so all ranks stop at the same point.
  *
  * Loading: metadata and data are read independently (no collective HDF5
  * calls besides open/close), so a checksum failure on one rank's rows
@@ -136,17 +141,28 @@ static moe_status check_common(moe_comm *c, const moe_tensor_table *t, int E, co
 
 /* ---- writing ---- */
 
+/* The state of one file write. Only node writers hold the file (file >=
+ * 0); every rank sends its rows of each dataset to its node's writer. */
 typedef struct {
     hid_t file, dxpl, lcpl;
-    const char *path; /* for messages */
-    moe_comm *c;          /* agreements; the watchdog's phases */
+    const char *path;          /* for messages */
+    moe_comm *c;               /* agreements; the watchdog's phases */
+    moe_comm_h5_writers *agg;  /* the node writers */
+    void *pack;                /* a rank's rows picked out of memory (mids) */
+    size_t pack_cap;
+    void *got, *sorted;        /* writer: the node's rows of one dataset, as received and by row id */
+    size_t got_cap, sorted_cap;
+    int64_t *ids;              /* writer: their row ids, as received */
+    size_t ids_cap;
+    int64_t *pairs;            /* writer: (row id, received index) scratch */
+    size_t pairs_cap;          /* bytes */
 } writer;
 
 /* One dataset: global shape dims, this rank's rows [r0, r0 + nr) from buf
  * (nr = 0: select none), or, with ids, the rows ids[0 .. nr) (ascending)
  * in that order, taken from buf's first nr rows or, with mids, from its
  * rows mids[0 .. nr) (ascending) of mrows; chunks of chunk_rows rows. The buffer holds mtype values
- * (floats for an integer dataset: HDF5 converts). Collective. */
+ * (floats for an integer dataset: HDF5 converts). */
 typedef struct {
     char name[DSET_NAME];
     moe_ckpt_dtype dtype;
@@ -179,17 +195,27 @@ static herr_t select_rows(hid_t fs, int ndim, const hsize_t *dims, const int64_t
     return rc;
 }
 
-static moe_status write_dset(const writer *w, const wdset *d)
+static hid_t dset_mem_type(const wdset *d)
+{
+    return d->dtype == MOE_CKPT_STR ? d->str_type : d->mtype > 0 ? d->mtype : ckpt_mem_type(d->dtype);
+}
+
+static int cmp_pair(const void *a, const void *b)
+{
+    const int64_t *x = a, *y = b;
+    return x[0] < y[0] ? -1 : x[0] > y[0];
+}
+
+/* The writer's part of one dataset: creates it and writes the rows d
+ * describes (nr = 0: none). Collective over the writers. */
+static moe_status put_dset(const writer *w, const wdset *d)
 {
     hsize_t row = 1, chunk[MOE_TENSOR_MAX_DIMS];
     for (int i = 1; i < d->ndim; i++) row *= d->dims[i];
     chunk[0] = d->chunk_rows;
     for (int i = 1; i < d->ndim; i++) chunk[i] = d->dims[i];
     const hid_t ftype = d->dtype == MOE_CKPT_STR ? d->str_type : ckpt_file_type(d->dtype);
-    const hid_t mtype = d->dtype == MOE_CKPT_STR ? d->str_type : d->mtype > 0 ? d->mtype : ckpt_mem_type(d->dtype);
-    const size_t esize = d->dtype == MOE_CKPT_STR ? H5Tget_size(d->str_type) : ckpt_dtype_size(d->dtype);
-    if (row * d->chunk_rows * esize >= (hsize_t)1 << 32)
-        return moe_errorf(MOE_ERR_ARG, "checkpoint: a row of '%s' exceeds HDF5's 4 GiB chunk limit", d->name);
+    const hid_t mtype = dset_mem_type(d);
     const hsize_t n = d->nr * row;
     /* The memory space has the shape of the file selection (rows x the
      * tensor's other dims): with a flat one HDF5 maps chunks element by
@@ -202,9 +228,6 @@ static moe_status write_dset(const writer *w, const wdset *d)
     if (rc == 0)
         rc = H5Pset_chunk(dcpl, d->ndim, chunk) < 0 || H5Pset_fletcher32(dcpl) < 0 ||
              H5Pset_fill_time(dcpl, H5D_FILL_TIME_NEVER) < 0 ? -1 : 0;
-    /* One watchdog phase per dataset (comm_timeout): a huge model's
-     * checkpoint is many phases, each bounded by its largest tensor. */
-    moe_comm_phase_begin(w->c, MOE_SCOPE_WORLD, "parallel HDF5 checkpoint write (one dataset)");
     hid_t ds = rc < 0 ? H5I_INVALID_HID : H5Dcreate2(w->file, d->name, ftype, fs, w->lcpl, dcpl, H5P_DEFAULT);
     if (ds < 0) rc = -1;
     if (rc == 0 && n == 0) {
@@ -217,19 +240,104 @@ static moe_status write_dset(const writer *w, const wdset *d)
         for (int i = 1; i < d->ndim; i++) count[i] = d->dims[i];
         rc = H5Sselect_hyperslab(fs, H5S_SELECT_SET, start, NULL, count, NULL);
     }
-    static const int64_t nothing; /* a rank writing nothing still passes a valid pointer */
+    static const int64_t nothing; /* a writer writing nothing still passes a valid pointer */
     if (rc >= 0) rc = H5Dwrite(ds, mtype, ms, fs, w->dxpl, n ? d->buf : (const void *)&nothing);
     /* the message now: the closes below reset HDF5's error stack (and its
      * system reason, e.g. "No space left on device") */
     moe_status st = rc < 0 ? moe_h5_fail(MOE_ERR_IO, "cannot write dataset", d->name, w->path) : MOE_OK;
     if (ds >= 0) H5Dclose(ds);
-    moe_comm_phase_end();
     if (dcpl >= 0) H5Pclose(dcpl);
     if (ms >= 0) H5Sclose(ms);
     if (fs >= 0) H5Sclose(fs);
-    /* A write can fail on some ranks only (a disk full under one of them):
-     * agree before the next collective HDF5 call, or the others would wait
-     * in it for ever. */
+    return st;
+}
+
+/* Grows a moe_calloc'd scratch buffer to `need` bytes (contents not kept). */
+static moe_status grow(void **p, size_t *cap, size_t need)
+{
+    if (need <= *cap) return MOE_OK;
+    void *q = moe_calloc(need, 1);
+    if (!q) return moe_errorf(MOE_ERR_NOMEM, "checkpoint: %zu bytes of rows", need);
+    moe_free(*p);
+    *p = q;
+    *cap = need;
+    return MOE_OK;
+}
+
+/* The writer's view of the n rows its node sent (w->got, ids w->ids, in
+ * node rank order): the same rows in ascending row id, as put_dset's file
+ * selection takes its memory elements in that order. Rows already in order
+ * are used where they are. */
+static moe_status sort_rows(writer *w, wdset *e, int64_t n, size_t row_bytes)
+{
+    e->ids = w->ids;
+    e->mids = NULL;
+    e->nr = (hsize_t)n;
+    e->buf = w->got;
+    int64_t i = 1;
+    while (i < n && w->ids[i] > w->ids[i - 1]) i++;
+    if (i >= n) return MOE_OK;
+    moe_status st = grow((void **)&w->pairs, &w->pairs_cap, (size_t)n * 2 * sizeof *w->pairs);
+    if (st == MOE_OK) st = grow(&w->sorted, &w->sorted_cap, (size_t)n * row_bytes);
+    if (st != MOE_OK) return st;
+    for (i = 0; i < n; i++) w->pairs[2 * i] = w->ids[i], w->pairs[2 * i + 1] = i;
+    qsort(w->pairs, (size_t)n, 2 * sizeof *w->pairs, cmp_pair);
+    for (i = 0; i < n; i++) {
+        const size_t from = (size_t)w->pairs[2 * i + 1] * row_bytes;
+        memcpy((char *)w->sorted + (size_t)i * row_bytes, (const char *)w->got + from, row_bytes);
+        w->ids[i] = w->pairs[2 * i];
+    }
+    e->buf = w->sorted;
+    return MOE_OK;
+}
+
+/* One dataset, collective over the world: every rank sends its rows to its
+ * node's writer, the writers write them. The status is agreed at the end
+ * (a write can fail on some ranks only: a disk full under one of them), so
+ * all ranks go on to the next dataset or all stop. */
+static moe_status write_dset(writer *w, const wdset *d)
+{
+    hsize_t row = 1;
+    for (int i = 1; i < d->ndim; i++) row *= d->dims[i];
+    const size_t esize = d->dtype == MOE_CKPT_STR ? H5Tget_size(d->str_type) : ckpt_dtype_size(d->dtype);
+    if (row * d->chunk_rows * esize >= (hsize_t)1 << 32)
+        return moe_errorf(MOE_ERR_ARG, "checkpoint: a row of '%s' exceeds HDF5's 4 GiB chunk limit", d->name);
+    const size_t row_bytes = (size_t)row * H5Tget_size(dset_mem_type(d));
+    /* One watchdog phase per dataset (comm_timeout), over the rows' trip
+     * to the writer and the write: a huge model's checkpoint is many
+     * phases, each bounded by its largest tensor. */
+    moe_comm_phase_begin(w->c, MOE_SCOPE_WORLD, "checkpoint write (one dataset: rows to the node writer, HDF5 write)");
+    moe_status st = MOE_OK;
+    const void *send = d->buf;
+    int64_t rows = (int64_t)d->nr;
+    if (d->mids && rows > 0) { /* rows picked out of memory: packed to send */
+        st = grow(&w->pack, &w->pack_cap, (size_t)rows * row_bytes);
+        for (int64_t i = 0; st == MOE_OK && i < rows; i++)
+            memcpy((char *)w->pack + (size_t)i * row_bytes, (const char *)d->buf + (size_t)d->mids[i] * row_bytes,
+                   row_bytes);
+        send = w->pack;
+        if (st != MOE_OK) rows = 0; /* still takes part; the agreement below stops all */
+    }
+    int64_t n = 0;
+    int own = 0;
+    const moe_status gst = moe_comm_h5_gather_rows(w->agg, &w->got, &w->got_cap, &w->ids, &w->ids_cap, &n, &own, send,
+                                                   d->ids, (int64_t)d->r0, rows, row_bytes);
+    if (st == MOE_OK) st = gst;
+    if (w->file >= 0) {
+        /* Test hook: a writer that fails mid-file (MOE_FAULT=ckpt_write, at
+         * the first dataset of /optimizer/v). */
+        if (st == MOE_OK && !strncmp(d->name, "/optimizer/v/", 13) && moe_fault("ckpt_write", moe_comm_rank(w->c)))
+            st = moe_errorf(MOE_ERR_IO, "cannot write dataset '%s' in '%s': injected failure (MOE_FAULT=ckpt_write)",
+                            d->name, w->path);
+        wdset e = *d;
+        if (st == MOE_OK && !own) st = sort_rows(w, &e, n, row_bytes);
+        /* put_dset is collective over the writers: a writer whose rows did
+         * not arrive still takes part, writing none. */
+        if (st != MOE_OK) e.nr = 0;
+        const moe_status pst = put_dset(w, &e);
+        if (st == MOE_OK) st = pst;
+    }
+    moe_comm_phase_end();
     return agree(w->c, st);
 }
 
@@ -255,12 +363,6 @@ static void row_map_free(row_map *r)
     free(r->ints);
     free(r->pids);
     memset(r, 0, sizeof *r);
-}
-
-static int cmp_pair(const void *a, const void *b)
-{
-    const int64_t *x = a, *y = b;
-    return x[0] < y[0] ? -1 : x[0] > y[0];
 }
 
 /* The row map of table t (its vocabulary tensors with row_ids share one:
@@ -341,7 +443,7 @@ static void placed_rows(wdset *d, const moe_tensor *x, const row_map *rm, int gl
 
 /* A table tensor under `prefix` ("/model/", "/optimizer/m/", "/grad/"):
  * expert rows from replica 0's owners, replicated tensors from world rank 0. */
-static moe_status write_tensor(const writer *w, moe_comm *c, const char *prefix, const moe_tensor *x,
+static moe_status write_tensor(writer *w, moe_comm *c, const char *prefix, const moe_tensor *x,
                                const float *block, const row_map *rm)
 {
     if (!has_dataset(x, prefix)) return MOE_OK;
@@ -386,7 +488,7 @@ static moe_status write_tensor(const writer *w, moe_comm *c, const char *prefix,
  * owner (replica 0; with the layer's experts placed, `placed` = one of its
  * expert tensors: by each primary copy), one chunk per expert; else whole
  * by world rank 0. */
-static moe_status write_per_expert(const writer *w, moe_comm *c, const char *name, moe_ckpt_dtype dtype,
+static moe_status write_per_expert(writer *w, moe_comm *c, const char *name, moe_ckpt_dtype dtype,
                                    const void *row, int E, int owned, const moe_tensor *placed, const row_map *rm)
 {
     wdset d = {.dtype = dtype, .ndim = 1, .dims = {(hsize_t)E}};
@@ -412,14 +514,22 @@ static moe_status write_per_expert(const writer *w, moe_comm *c, const char *nam
     return write_dset(w, &d);
 }
 
+/* Metadata calls are made by the writers alone (elsewhere a group is
+ * H5I_INVALID_HID and the calls on it are skipped); each group of them ends
+ * in meta_agree, so that a writer's failure stops every rank at the same
+ * point. */
 static moe_status make_group(const writer *w, const char *name, hid_t *g)
 {
+    *g = H5I_INVALID_HID;
+    if (w->file < 0) return MOE_OK;
     *g = H5Gcreate2(w->file, name, w->lcpl, H5P_DEFAULT, H5P_DEFAULT);
     return *g < 0 ? moe_h5_fail(MOE_ERR_IO, "cannot create group", name, w->path) : MOE_OK;
 }
 
+static moe_status meta_agree(const writer *w, moe_status st) { return agree(w->c, st); }
+
 /* The root attributes every file carries. created_at comes from rank 0 so
- * that all ranks write identical metadata. */
+ * that all writers write identical metadata. */
 typedef struct {
     char created_at[32];
     int64_t world, ep;
@@ -440,6 +550,7 @@ static moe_status root_info_make(root_info *r, moe_comm *c)
 static moe_status write_root(const writer *w, const char *format, int64_t version, const root_info *r,
                              const char *config)
 {
+    if (w->file < 0) return MOE_OK;
     moe_status st = moe_h5_attr_put_str(w->file, "format", format, w->path);
     if (st == MOE_OK) st = moe_h5_attr_put_i64(w->file, "format_version", version, w->path);
     if (st == MOE_OK) st = moe_h5_attr_put_str(w->file, "created_by", "moerun " MOE_VERSION, w->path);
@@ -465,7 +576,7 @@ typedef struct {
 } body;
 
 /* A whole 1-D dataset written by world rank 0, in chunks of about 1 MB. */
-static moe_status write_whole(const writer *w, moe_comm *c, const char *name, moe_ckpt_dtype dtype, hid_t str_type,
+static moe_status write_whole(writer *w, moe_comm *c, const char *name, moe_ckpt_dtype dtype, hid_t str_type,
                               const void *buf, hsize_t n)
 {
     wdset d = {.dtype = dtype, .str_type = str_type, .ndim = 1, .dims = {n}, .buf = buf};
@@ -481,13 +592,14 @@ static moe_status write_whole(const writer *w, moe_comm *c, const char *name, mo
  * pattern and vocab_size, and the specials when there are any (names as
  * fixed-length NUL-padded strings, so that the dataset can carry a
  * checksum). Collective: rank 0 writes the data. */
-static moe_status write_tokenizer(const writer *w, moe_comm *c, const moe_tok *t)
+static moe_status write_tokenizer(writer *w, moe_comm *c, const moe_tok *t)
 {
     hid_t g = H5I_INVALID_HID;
     moe_status st = make_group(w, "/tokenizer", &g);
-    if (st == MOE_OK) st = moe_h5_attr_put_str(g, "pattern", moe_tok_pattern(t), w->path);
-    if (st == MOE_OK) st = moe_h5_attr_put_i64(g, "vocab_size", moe_tok_vocab_size(t), w->path);
+    if (st == MOE_OK && g >= 0) st = moe_h5_attr_put_str(g, "pattern", moe_tok_pattern(t), w->path);
+    if (st == MOE_OK && g >= 0) st = moe_h5_attr_put_i64(g, "vocab_size", moe_tok_vocab_size(t), w->path);
     if (g >= 0) H5Gclose(g);
+    st = meta_agree(w, st);
     const int64_t n = moe_tok_n_ranks(t);
     const int64_t *off = moe_tok_rank_offsets(t);
     if (st == MOE_OK)
@@ -510,6 +622,7 @@ static moe_status write_tokenizer(const writer *w, moe_comm *c, const moe_tok *t
         ids[i] = moe_tok_special_id(t, i);
         memcpy(names + (size_t)i * width, moe_tok_special_name(t, i), strlen(moe_tok_special_name(t, i)));
     }
+    st = agree(c, st); /* a local allocation or type failure */
     if (st == MOE_OK) st = write_whole(w, c, "/tokenizer/special_ids", MOE_CKPT_I64, 0, ids, (hsize_t)k);
     if (st == MOE_OK) st = write_whole(w, c, "/tokenizer/special_names", MOE_CKPT_STR, type, names, (hsize_t)k);
     if (type >= 0) H5Tclose(type);
@@ -518,16 +631,17 @@ static moe_status write_tokenizer(const writer *w, moe_comm *c, const moe_tok *t
     return st;
 }
 
-static moe_status write_ckpt_body(const writer *w, moe_comm *c, const moe_ckpt_state *s, const row_map *rm)
+static moe_status write_ckpt_body(writer *w, moe_comm *c, const moe_ckpt_state *s, const row_map *rm)
 {
     hid_t g = H5I_INVALID_HID;
     const moe_tensor_table *t = s->table;
     moe_status st = make_group(w, "/model", &g);
-    if (st == MOE_OK) st = ckpt_model_put(g, s->cfg, w->path);
+    if (st == MOE_OK && g >= 0) st = ckpt_model_put(g, s->cfg, w->path);
     if (g >= 0) H5Gclose(g);
+    st = meta_agree(w, st);
     for (int i = 0; st == MOE_OK && i < t->n; i++) st = write_tensor(w, c, "/model/", &t->t[i], s->params, rm);
 
-    if (st == MOE_OK && (st = make_group(w, "/optimizer", &g)) == MOE_OK) {
+    if (st == MOE_OK && (st = make_group(w, "/optimizer", &g)) == MOE_OK && g >= 0) {
         const struct {
             const char *name;
             double v;
@@ -539,6 +653,7 @@ static moe_status write_ckpt_body(const writer *w, moe_comm *c, const moe_ckpt_s
     }
     if (g >= 0) H5Gclose(g);
     g = H5I_INVALID_HID;
+    st = meta_agree(w, st);
     for (int i = 0; st == MOE_OK && i < t->n; i++) st = write_tensor(w, c, "/optimizer/m/", &t->t[i], s->m, rm);
     for (int i = 0; st == MOE_OK && i < t->n; i++) st = write_tensor(w, c, "/optimizer/v/", &t->t[i], s->v, rm);
 
@@ -568,7 +683,7 @@ static moe_status write_ckpt_body(const writer *w, moe_comm *c, const moe_ckpt_s
                                   NULL, rm);
     }
 
-    if (st == MOE_OK && (st = make_group(w, "/train", &g)) == MOE_OK) {
+    if (st == MOE_OK && (st = make_group(w, "/train", &g)) == MOE_OK && g >= 0) {
         st = moe_h5_attr_put_i64(g, "step", s->step, w->path);
         if (st == MOE_OK) st = moe_h5_attr_put_i64(g, "tokens_seen", s->tokens_seen, w->path);
         /* The seed is stored unsigned so that no value wraps. */
@@ -577,18 +692,20 @@ static moe_status write_ckpt_body(const writer *w, moe_comm *c, const moe_ckpt_s
             st = moe_h5_attr_put_i64(g, s->extra[i].name, s->extra[i].value, w->path);
     }
     if (g >= 0) H5Gclose(g);
+    st = meta_agree(w, st);
     if (st == MOE_OK && s->tok) st = write_tokenizer(w, c, s->tok);
     return st;
 }
 
-static moe_status write_grads_body(const writer *w, moe_comm *c, const body *b)
+static moe_status write_grads_body(writer *w, moe_comm *c, const body *b)
 {
     hid_t g = H5I_INVALID_HID;
-    moe_status st = moe_h5_attr_put_i64(w->file, "step", b->step, w->path);
+    moe_status st = w->file >= 0 ? moe_h5_attr_put_i64(w->file, "step", b->step, w->path) : MOE_OK;
     /* The model attributes sit on /grad so that readers can check shapes. */
     if (st == MOE_OK) st = make_group(w, "/grad", &g);
-    if (st == MOE_OK) st = ckpt_model_put(g, b->cfg, w->path);
+    if (st == MOE_OK && g >= 0) st = ckpt_model_put(g, b->cfg, w->path);
     if (g >= 0) H5Gclose(g);
+    st = meta_agree(w, st);
     const moe_tensor_table *t = b->table;
     for (int i = 0; st == MOE_OK && i < t->n; i++) st = write_tensor(w, c, "/grad/", &t->t[i], b->grads, &b->rm);
     int layers[MOE_CKPT_MAX_MOE_LAYERS];
@@ -609,22 +726,29 @@ typedef struct {
     const body *b;
     const root_info *r;
     moe_comm *c;
+    moe_comm_h5_writers *agg;
 } fill_ctx;
 
-/* Fills the open temporary file (moe_h5_write_atomic). Every HDF5 failure
- * on this path is symmetric (same call on every rank) or agreed after each
- * dataset group. */
+/* Fills the temporary file (moe_h5_write_atomic with node writers): runs on
+ * every rank, which sends its rows to its node's writer dataset by
+ * dataset; the writers make the metadata calls and write. Failures are
+ * agreed after every dataset and every group of metadata calls. */
 static moe_status fill(void *vctx, hid_t file, hid_t dxpl, hid_t lcpl, const char *tmp)
 {
     const fill_ctx *x = vctx;
     const body *b = x->b;
-    writer w = {file, dxpl, lcpl, tmp, x->c};
+    writer w = {.file = file, .dxpl = dxpl, .lcpl = lcpl, .path = tmp, .c = x->c, .agg = x->agg};
     const char *config = b->st ? b->st->config_text : b->config;
     /* format 2 only when the file holds one of its additions: a /tokenizer
      * group, or a format 2 /model attribute */
     const int64_t version = b->st && b->st->tok ? 2 : ckpt_format_version(b->st ? b->st->cfg : b->cfg);
-    moe_status st = write_root(&w, b->st ? CKPT_FORMAT : CKPT_FORMAT_GRADS, version, x->r, config);
+    moe_status st = meta_agree(&w, write_root(&w, b->st ? CKPT_FORMAT : CKPT_FORMAT_GRADS, version, x->r, config));
     if (st == MOE_OK) st = b->st ? write_ckpt_body(&w, x->c, b->st, &b->rm) : write_grads_body(&w, x->c, b);
+    moe_free(w.pack);
+    moe_free(w.got);
+    moe_free(w.sorted);
+    moe_free(w.ids);
+    moe_free(w.pairs);
     return st;
 }
 
@@ -641,8 +765,9 @@ static uint64_t data_bytes(const moe_tensor_table *t, int n_prefix, int E, int p
     return n + (uint64_t)moe_ckpt_moe_layers(t, NULL) * (uint64_t)E * (uint64_t)per_layer_arrays * elem;
 }
 
-/* Writes path atomically (path.tmp, the one HDF5 writer of io/h5.h).
- * Collective; the caller has already agreed on its argument checks. */
+/* Writes path atomically (path.tmp, the one HDF5 writer of io/h5.h),
+ * through one writer per node. Collective; the caller has already agreed
+ * on its argument checks. */
 static moe_status save_atomic(const char *path, moe_comm *c, body *b, const moe_tensor_table *t)
 {
     root_info r;
@@ -653,16 +778,19 @@ static moe_status save_atomic(const char *path, moe_comm *c, body *b, const moe_
                                          "row-mapped tensor", t->t[i].name);
     st = agree(c, st);
     if (st == MOE_OK) st = root_info_make(&r, c);
+    moe_comm_h5_writers *agg = NULL;
+    if (st == MOE_OK) st = moe_comm_h5_writers_create(&agg, c);
     if (st == MOE_OK) {
-        fill_ctx x = {b, &r, c};
+        fill_ctx x = {b, &r, c, agg};
         uint64_t bytes = b->st ? data_bytes(b->st->table, 3, b->st->n_experts, 3, 8)
                                : data_bytes(b->table, 1, b->n_experts, 1, 1);
         if (b->st && b->st->tok) { /* /tokenizer: rank bytes and offsets */
             const int64_t n = moe_tok_n_ranks(b->st->tok);
             bytes += (uint64_t)moe_tok_rank_offsets(b->st->tok)[n] + 8 * (uint64_t)(n + 1);
         }
-        st = moe_h5_write_atomic(path, ".tmp", c, bytes, fill, &x);
+        st = moe_h5_write_atomic(path, ".tmp", c, agg, bytes, fill, &x);
     }
+    moe_comm_h5_writers_destroy(agg);
     row_map_free(&b->rm);
     return st;
 }

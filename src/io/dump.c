@@ -283,7 +283,7 @@ moe_status moe_dump_write(const char *path, moe_comm *c, const moe_dump_view *v)
     /* The one atomic HDF5 writer: temporary name, flush, fsync, rename,
      * directory fsync. */
     fill_ctx x = {v, rank};
-    return moe_h5_write_atomic(path, DUMP_TMP_SUFFIX, c, 0, fill, &x);
+    return moe_h5_write_atomic(path, DUMP_TMP_SUFFIX, c, NULL, 0, fill, &x);
 }
 
 /* ---- reader ---- */

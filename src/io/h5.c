@@ -433,41 +433,59 @@ static void trim(const char *tmp)
     if (stat(tmp, &sb) == 0 && truncate(tmp, sb.st_size) != 0) {}
 }
 
-/* Creates tmp, reserves its space, fills it, flushes and closes. Collective. */
-static moe_status write_tmp_phase(const char *tmp, moe_comm *c, uint64_t bytes, moe_h5_write_fn fill, void *ctx)
+/* Creates tmp (on every rank, or on the writers of w only), reserves its
+ * space, fills it, flushes and closes. Collective over c's world: every
+ * HDF5 call a writer makes alone is followed by an agreement, so that all
+ * ranks stop at the same point. */
+static moe_status write_tmp_phase(const char *tmp, moe_comm *c, moe_comm_h5_writers *w, uint64_t bytes,
+                                  moe_h5_write_fn fill, void *ctx)
 {
-    hid_t fapl = moe_comm_h5_fapl(c), file = H5I_INVALID_HID;
-    /* The 1.10 format: checksums on all metadata (see h5.h). Readers of
-     * HDF5 1.10 and later (h5py, h5dump, PyTorch's h5py) read it. */
-    if (fapl >= 0 && H5Pset_libver_bounds(fapl, H5F_LIBVER_V110, H5F_LIBVER_V110) < 0) {
-        H5Pclose(fapl);
-        fapl = H5I_INVALID_HID;
+    const int writes = !w || moe_comm_h5_is_writer(w);
+    hid_t fapl = H5I_INVALID_HID, file = H5I_INVALID_HID;
+    moe_status st = MOE_OK;
+    if (writes) {
+        fapl = w ? moe_comm_h5_writers_fapl(w) : moe_comm_h5_fapl(c);
+        /* The 1.10 format: checksums on all metadata (see h5.h). Readers of
+         * HDF5 1.10 and later (h5py, h5dump, PyTorch's h5py) read it. */
+        if (fapl >= 0 && H5Pset_libver_bounds(fapl, H5F_LIBVER_V110, H5F_LIBVER_V110) < 0) {
+            H5Pclose(fapl);
+            fapl = H5I_INVALID_HID;
+        }
+        if (fapl >= 0) file = H5Fcreate(tmp, H5F_ACC_TRUNC, H5P_DEFAULT, fapl);
+        if (file < 0) st = moe_h5_fail(MOE_ERR_IO, "cannot create", NULL, tmp);
+        if (fapl >= 0) H5Pclose(fapl);
     }
-    if (fapl >= 0) file = H5Fcreate(tmp, H5F_ACC_TRUNC, H5P_DEFAULT, fapl);
-    moe_status st = file < 0 ? moe_h5_fail(MOE_ERR_IO, "cannot create", NULL, tmp) : MOE_OK;
-    if (fapl >= 0) H5Pclose(fapl);
     st = moe_comm_agree_detail(c, MOE_SCOPE_WORLD, st);
-    if (st == MOE_OK) st = moe_comm_agree_detail(c, MOE_SCOPE_WORLD, reserve(tmp, bytes));
+    if (st == MOE_OK) st = moe_comm_agree_detail(c, MOE_SCOPE_WORLD, writes ? reserve(tmp, bytes) : MOE_OK);
     if (st != MOE_OK) {
         if (file >= 0) H5Fclose(file);
         return st;
     }
-    hid_t dxpl = moe_comm_h5_dxpl(c), lcpl = H5Pcreate(H5P_LINK_CREATE);
-    if (dxpl < 0 || lcpl < 0 || H5Pset_create_intermediate_group(lcpl, 1) < 0)
-        st = moe_h5_fail(MOE_ERR_IO, "cannot make property lists for", NULL, tmp);
+    hid_t dxpl = H5I_INVALID_HID, lcpl = H5I_INVALID_HID;
+    if (writes) {
+        dxpl = w ? moe_comm_h5_writers_dxpl(w) : moe_comm_h5_dxpl(c);
+        lcpl = H5Pcreate(H5P_LINK_CREATE);
+        if (dxpl < 0 || lcpl < 0 || H5Pset_create_intermediate_group(lcpl, 1) < 0)
+            st = moe_h5_fail(MOE_ERR_IO, "cannot make property lists for", NULL, tmp);
+    }
+    /* With node writers every rank enters fill (it sends its rows) or none
+     * does. */
+    if (w) st = moe_comm_agree_detail(c, MOE_SCOPE_WORLD, st);
     if (st == MOE_OK) st = fill(ctx, file, dxpl, lcpl, tmp);
-    /* Flush and close are collective: every rank makes them, on the
-     * agreed status. So is the checksum attribute: every rank computes the
-     * same hash from the same metadata. */
+    /* Flush and close are collective among the ranks that hold the file:
+     * each makes them, on the agreed status. So is the checksum attribute:
+     * every writer computes the same hash from the same metadata. */
     st = moe_comm_agree_detail(c, MOE_SCOPE_WORLD, st);
     uint64_t h;
-    if (st == MOE_OK) st = strings_hash(file, &h, tmp);
-    if (st == MOE_OK) st = moe_h5_attr_put_u64(file, MOE_H5_STRING_CHECKSUM, h, tmp);
+    if (st == MOE_OK && writes) st = strings_hash(file, &h, tmp);
+    if (st == MOE_OK && writes) st = moe_h5_attr_put_u64(file, MOE_H5_STRING_CHECKSUM, h, tmp);
     st = moe_comm_agree_detail(c, MOE_SCOPE_WORLD, st);
-    if (st == MOE_OK && H5Fflush(file, H5F_SCOPE_GLOBAL) < 0) st = moe_h5_fail(MOE_ERR_IO, "cannot flush", NULL, tmp);
+    if (st == MOE_OK && writes && H5Fflush(file, H5F_SCOPE_GLOBAL) < 0)
+        st = moe_h5_fail(MOE_ERR_IO, "cannot flush", NULL, tmp);
     st = moe_comm_agree_detail(c, MOE_SCOPE_WORLD, st);
     if (lcpl >= 0) H5Pclose(lcpl);
     if (dxpl >= 0) H5Pclose(dxpl);
+    if (!writes) return st;
     /* A file whose metadata cannot be flushed (a full disk) cannot be
      * closed either, and HDF5 then crashes when it tries again at exit.
      * The temporary file is lost anyway: emptying it frees its space, so
@@ -481,18 +499,19 @@ static moe_status write_tmp_phase(const char *tmp, moe_comm *c, uint64_t bytes, 
 /* write_tmp_phase as one watchdog phase (comm_timeout), whose clock
  * restarts with every dataset the fill writes (their own phases) and every
  * agreement. */
-static moe_status write_tmp(const char *tmp, moe_comm *c, uint64_t bytes, moe_h5_write_fn fill, void *ctx)
+static moe_status write_tmp(const char *tmp, moe_comm *c, moe_comm_h5_writers *w, uint64_t bytes,
+                            moe_h5_write_fn fill, void *ctx)
 {
     static char what[MOE_H5_PATH_MAX + 64]; /* read by the watchdog while the phase is open */
     snprintf(what, sizeof what, "parallel HDF5 write of '%s'", tmp);
     moe_comm_phase_begin(c, MOE_SCOPE_WORLD, what);
-    const moe_status st = write_tmp_phase(tmp, c, bytes, fill, ctx);
+    const moe_status st = write_tmp_phase(tmp, c, w, bytes, fill, ctx);
     moe_comm_phase_end();
     return st;
 }
 
-moe_status moe_h5_write_atomic(const char *path, const char *tmp_suffix, moe_comm *c, uint64_t bytes,
-                               moe_h5_write_fn fill, void *ctx)
+moe_status moe_h5_write_atomic(const char *path, const char *tmp_suffix, moe_comm *c, moe_comm_h5_writers *w,
+                               uint64_t bytes, moe_h5_write_fn fill, void *ctx)
 {
     char tmp[MOE_H5_PATH_MAX], dir[MOE_H5_PATH_MAX];
     moe_status st = MOE_OK;
@@ -513,7 +532,7 @@ moe_status moe_h5_write_atomic(const char *path, const char *tmp_suffix, moe_com
 
     moe_h5_quiet q;
     moe_h5_quiet_begin(&q);
-    st = write_tmp(tmp, c, bytes, fill, ctx);
+    st = write_tmp(tmp, c, w, bytes, fill, ctx);
     moe_h5_quiet_end(&q);
 
     /* Every rank has closed before rank 0 renames (agreement synchronises). */

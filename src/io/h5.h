@@ -10,19 +10,24 @@
 #include <stdint.h>
 
 #include "comm/comm.h"
+#include "comm/comm_h5.h"
 #include "core/moe.h"
 
 enum { MOE_H5_PATH_MAX = 4096 };
 
 /* Fills an open file: file, transfer (dxpl) and link-creation (lcpl,
  * intermediate groups) property lists; tmp is the file's name for messages.
- * Runs on every rank (collective HDF5 metadata calls). */
+ * Runs on every rank (collective HDF5 metadata calls). With node writers
+ * (moe_h5_write_atomic's w) it runs on every rank too, but only writers
+ * hold the file: elsewhere file, dxpl and lcpl are H5I_INVALID_HID and fill
+ * only sends its rows to its node's writer. */
 typedef moe_status (*moe_h5_write_fn)(void *ctx, hid_t file, hid_t dxpl, hid_t lcpl, const char *tmp);
 
 /* The atomic write of every HDF5 file moerun produces, collective over c's
  * world: every rank checks that the directory it sees has room for about
- * `bytes` (the data; 0: unknown, no check), then every rank creates
- * path + tmp_suffix through (parallel) HDF5, fill writes it, HDF5 flushes
+ * `bytes` (the data; 0: unknown, no check), then every rank (w == NULL),
+ * or only the node writers of w (comm_h5.h), creates path + tmp_suffix
+ * through (parallel) HDF5, fill writes it, HDF5 flushes
  * and closes it; then world rank 0 fsyncs the file, renames it to path and
  * fsyncs the directory, so a crash leaves either the old file or the new
  * one, never a partial one under path. A failure removes the temporary
@@ -36,8 +41,8 @@ typedef moe_status (*moe_h5_write_fn)(void *ctx, hid_t file, hid_t dxpl, hid_t l
  * and the system's reason (a full disk: the space needed and free, before
  * anything is written). Every rank returns the same status and detail (the
  * cause's). */
-moe_status moe_h5_write_atomic(const char *path, const char *tmp_suffix, moe_comm *c, uint64_t bytes,
-                               moe_h5_write_fn fill, void *ctx);
+moe_status moe_h5_write_atomic(const char *path, const char *tmp_suffix, moe_comm *c, moe_comm_h5_writers *w,
+                               uint64_t bytes, moe_h5_write_fn fill, void *ctx);
 
 /* HDF5 prints its error stack by default; library code must not print. */
 typedef struct {

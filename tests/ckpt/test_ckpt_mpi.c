@@ -2,7 +2,9 @@
  * (with tok, the file holds tk_tokenizer in /tokenizer)
  * (owners write expert rows, replica 0 only; rank 0 the replicated tensors;
  * the others hold garbage that must not reach the file), then the same
- * world loads it back. `load EP FILE...`: a world of any size loads files
+ * world loads it back. `savefail FILE EP`: a checkpoint writer fails
+ * mid-file (MOE_FAULT=ckpt_write): every rank reports it, and neither the
+ * file nor its temporary is left. `load EP FILE...`: a world of any size loads files
  * saved by another and every rank compares its slice bitwise with the
  * values the saver meant; then a copy with one flipped byte in the last
  * expert's chunk must fail with a checksum error on every rank. Exit status
@@ -13,6 +15,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include <hdf5.h>
 
@@ -95,9 +98,11 @@ int main(int argc, char **argv)
         argv[1] += 6;
     }
     moe_comm *c = NULL;
-    const int ep = argc >= 3 ? atoi(argv[strcmp(argv[1], "save") ? 2 : 3]) : 0;
+    const int saving = argc >= 2 && !strncmp(argv[1], "save", 4);
+    const int ep = argc >= 3 ? atoi(argv[saving ? 3 : 2]) : 0;
     if (argc < 4 || moe_comm_create_world(&c, ep) != MOE_OK) {
-        fprintf(stderr, "usage: test_ckpt_mpi save FILE EP [tok] | load EP FILE... (%s)\n", moe_error_detail());
+        fprintf(stderr, "usage: test_ckpt_mpi save FILE EP [tok] | savefail FILE EP | load EP FILE... (%s)\n",
+                moe_error_detail());
         moe_comm_finalize();
         return 2;
     }
@@ -122,6 +127,20 @@ int main(int argc, char **argv)
         CHECK(st == MOE_OK, "save %s: %s", gp, moe_status_str(st));
         tk_state_free(&t);
         load_check(c, argv[2]);
+    } else if (!strcmp(argv[1], "savefail")) {
+        /* MOE_FAULT=ckpt_write (MOE_FAULT_RANK: a writer) fails one writer
+         * mid-file: every rank returns its error, and neither the file nor
+         * its temporary is left behind. */
+        tk_state t;
+        CHECK(tk_state_make(&t, moe_comm_ep_rank(c), P, rank, moe_comm_replica(c)) == 0, "alloc");
+        moe_status st = moe_ckpt_save(argv[2], c, &t.s);
+        CHECK(st == MOE_ERR_IO, "save with a failing writer gave %s", moe_status_str(st));
+        CHECK(strstr(moe_error_detail(), "injected failure") != NULL, "detail names the cause");
+        tk_state_free(&t);
+        moe_comm_barrier(c);
+        char tmp[4200];
+        snprintf(tmp, sizeof tmp, "%s.tmp", argv[2]);
+        CHECK(access(argv[2], F_OK) != 0 && access(tmp, F_OK) != 0, "file or temporary left behind");
     } else {
         for (int i = 3; i < argc; i++) {
             load_check(c, argv[i]);
