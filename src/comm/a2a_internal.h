@@ -86,8 +86,10 @@ static inline float a2a_dot(const float *x, const float *y, int w)
  * tokens over the fork-join pool (core/par.h). Every row and every token
  * is done whole by one thread with the same operations in the same order,
  * so the bits do not depend on the thread count. A pass of fewer floats
- * than this per thread stays on fewer threads (waking one costs a few us). */
-enum { A2A_PAR_MIN_FLOATS = 1 << 15 };
+ * than this per thread stays on fewer threads: a region costs tens of us
+ * here (bench/a2a_passes.c: 2 threads lose below about 200K floats a pass
+ * and gain 1.1x at 256K, 1.6x at 2M). */
+enum { A2A_PAR_MIN_FLOATS = 1 << 17 };
 
 /* One share of a pass: items [i0, i1). */
 typedef void (*a2a_range_fn)(const void *ctx, long i0, long i1);

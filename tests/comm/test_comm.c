@@ -1,6 +1,7 @@
 /* comm: communicator placement (docs/routing.md section 8), the small collectives, and
  * the token exchange (layouts, both kinds, chunked round trips, trip buffers, empty senders
- * and experts, error agreement, overflow). Runs at any number of ranks:
+ * and experts, error agreement, overflow; the token-level trips against a one-thread
+ * reference at 1-4 threads). Runs at any number of ranks:
  * every rank runs every test; only rank 0 prints the progress, failures are
  * printed by the rank that sees them and make the exit code non-zero.
  * Checks are taken after a test's collectives so that a failing rank does
@@ -602,10 +603,10 @@ static void test_token_trips(void **state)
  * the node kind's publish, fan out, home combine and scatter) split over
  * 1, 2, 3 and 4 threads: every kind still gives the one-thread reference's
  * bits. Large enough that every pass splits over 4 threads (about 3K
- * assignments of 64 floats per rank); each token's sums start from 0 and
+ * assignments of 256 floats per rank); each token's sums start from 0 and
  * run in combine order, so a pass that summed in another order (per thread
  * partials, expert-major) would fail here. */
-enum { PT = 2048, PW = 64, PASS_MIN_FLOATS = 1 << 15 /* A2A_PAR_MIN_FLOATS in comm/a2a_internal.h */ };
+enum { PT = 2048, PW = 256, PASS_MIN_FLOATS = 1 << 17 /* A2A_PAR_MIN_FLOATS in comm/a2a_internal.h */ };
 
 static void test_token_trips_threads(void **state)
 {

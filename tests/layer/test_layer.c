@@ -399,13 +399,13 @@ static void test_bad_input(void **state)
  * every expert the same rows, so the 12 experts are shared out evenly (6,
  * 4 or 3 per thread, each on one thread; none runs alone: with 8, 3 threads
  * would run some alone, on OpenBLAS threads). Sizes above the threading
- * thresholds of every pass (2064 rows of 64 floats: 4 shares of the
- * exchange's 32K floats). test_token_trips_threads (tests/comm) holds
+ * thresholds of every pass (8208 rows of 64 floats: 4 shares of the
+ * exchange's 128K floats). test_token_trips_threads (tests/comm) holds
  * the exchange's passes to a one-thread reference at every kind. */
 static void test_threads_bitwise(void **state)
 {
     (void)state;
-    shape s = {1024, 2, 64, 96, 12, 2, MOE_ROUTER_EXPERT_CHOICE, 2.0, MOE_ACT_GELU};
+    shape s = {4096, 2, 64, 96, 12, 2, MOE_ROUTER_EXPERT_CHOICE, 2.0, MOE_ACT_GELU};
     const int threads[] = {1, 2, 3, 4}, saved = openblas_get_num_threads();
     fixture f[4];
     for (int i = 0; i < 4; i++) {
