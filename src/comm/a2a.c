@@ -17,8 +17,14 @@
  * segments straight into place.
  *
  * With one rank in the ep group (local) nothing moves: the receive layout
- * IS the send layout and the trip buffers alias accordingly. */
+ * IS the send layout and the trip buffers alias accordingly.
+ *
+ * The token-level trips (moe_a2a_forward/_backward) also own the passes at
+ * home: pack, combine, gate gradient and dx accumulation, split over rows
+ * or tokens on the fork-join pool (moe_a2a_par_for). */
 #include "comm/a2a_internal.h"
+
+#include "core/par.h"
 
 #include <limits.h>
 #include <stdlib.h>
@@ -750,6 +756,104 @@ moe_status moe_a2a_plan(moe_a2a *a, const moe_a2a_routing *r, moe_status local_s
     return st;
 }
 
+/* ---- the passes at home, over the pool ---- */
+
+typedef struct {
+    a2a_range_fn fn;
+    const void *ctx;
+    long n;
+} par_for_job;
+
+static void par_for_run(void *ctx, int t, int nt)
+{
+    const par_for_job *j = ctx;
+    long i0, i1;
+    moe_par_range(j->n, t, nt, &i0, &i1);
+    if (i0 < i1) j->fn(j->ctx, i0, i1);
+}
+
+void moe_a2a_par_for(a2a_range_fn fn, const void *ctx, long n, long floats)
+{
+    if (n <= 0) return;
+    int nt = moe_par_threads_for(floats, A2A_PAR_MIN_FLOATS);
+    if (nt > n) nt = (int)n;
+    if (nt <= 1) {
+        fn(ctx, 0, n); /* no region: OpenBLAS keeps its threads */
+        return;
+    }
+    const par_for_job j = {fn, ctx, n};
+    moe_par_run(nt, par_for_run, (void *)&j);
+}
+
+/* What a pass reads and writes (the token plan comes from a). */
+typedef struct {
+    const moe_a2a *a;
+    float *out;        /* pack: send rows; combine: y; gate: backward send rows; add: dx */
+    const float *in;   /* pack: x; combine: result rows; gate: dy; add: backward result rows */
+    const float *rows; /* gate: the forward's result rows (may be out: each row is read first) */
+    float *dweight;    /* gate: dL/dg per assignment */
+    int w;
+} tok_pass;
+
+/* Send rows [r0, r1): each a copy of its token's row. */
+static void pass_pack(const void *ctx, long r0, long r1)
+{
+    const tok_pass *p = ctx;
+    const size_t w = (size_t)p->w;
+    for (long row = r0; row < r1; row++)
+        memcpy(p->out + (size_t)row * w, p->in + (size_t)p->a->row_tok[row] * w, sizeof(float) * w);
+}
+
+/* Tokens [t0, t1): y[t] = sum in combine order of weight * result, from 0
+ * (the order is the bits: the same on any number of ranks, with any kind,
+ * at any thread count). */
+static void pass_combine(const void *ctx, long t0, long t1)
+{
+    const tok_pass *p = ctx;
+    const moe_a2a *a = p->a;
+    const int w = p->w;
+    for (long t = t0; t < t1; t++) {
+        float *yt = p->out + (size_t)t * w;
+        memset(yt, 0, sizeof(float) * (size_t)w);
+        for (int i = a->tok_off[t]; i < a->tok_off[t + 1]; i++)
+            a2a_axpy(yt, a->asg_w[i], p->in + (size_t)a->asg_row[i] * w, w);
+    }
+}
+
+/* Tokens [t0, t1): dL/dg of each assignment against its forward result,
+ * and its send row g * dy (in place over that result: read, then written). */
+static void pass_gate(const void *ctx, long t0, long t1)
+{
+    const tok_pass *p = ctx;
+    const moe_a2a *a = p->a;
+    const int w = p->w;
+    for (long t = t0; t < t1; t++) {
+        const float *dyt = p->in + (size_t)t * w;
+        for (int i = a->tok_off[t]; i < a->tok_off[t + 1]; i++) {
+            const size_t row = (size_t)a->asg_row[i];
+            const float g = a->asg_w[i];
+            p->dweight[i] = a2a_dot(dyt, p->rows + row * w, w);
+            float *dyrow = p->out + row * w;
+            for (int k = 0; k < w; k++) dyrow[k] = g * dyt[k];
+        }
+    }
+}
+
+/* Tokens [t0, t1): dx[t] += the returned rows of t, in combine order. */
+static void pass_add(const void *ctx, long t0, long t1)
+{
+    const tok_pass *p = ctx;
+    const moe_a2a *a = p->a;
+    const int w = p->w;
+    for (long t = t0; t < t1; t++) {
+        float *dxt = p->out + (size_t)t * w;
+        for (int i = a->tok_off[t]; i < a->tok_off[t + 1]; i++) {
+            const float *src = p->in + (size_t)a->asg_row[i] * w;
+            for (int k = 0; k < w; k++) dxt[k] += src[k];
+        }
+    }
+}
+
 static moe_status check_tokens(const moe_a2a *a, int width, const char *what)
 {
     if (!a->tok_plan)
@@ -780,21 +884,12 @@ moe_status moe_a2a_forward(moe_a2a *a, float *y, const float *x, int width, moe_
         return st;
     }
     const double t0 = moe_now();
-    for (int row = 0; row < a->A; row++)
-        memcpy(b.send + (size_t)row * w, x + (size_t)a->row_tok[row] * w, sizeof(float) * (size_t)w);
+    const long floats = (long)a->A * w;
+    moe_a2a_par_for(pass_pack, &(tok_pass){a, b.send, x, NULL, NULL, w}, a->A, floats);
     const double t1 = moe_now();
     st = moe_a2a_exchange(a, MOE_A2A_FORWARD, width, width, compute, ctx, local);
     const double t2 = moe_now();
-    if (st == MOE_OK) {
-        /* y[t] = sum in combine order of weight * result (the order is the
-         * bits: the same on any number of ranks, with any kind). */
-        memset(y, 0, sizeof(float) * (size_t)a->T * w);
-        for (int t = 0; t < a->T; t++) {
-            float *yt = y + (size_t)t * w;
-            for (int i = a->tok_off[t]; i < a->tok_off[t + 1]; i++)
-                a2a_axpy(yt, a->asg_w[i], b.back + (size_t)a->asg_row[i] * w, w);
-        }
-    }
+    if (st == MOE_OK) moe_a2a_par_for(pass_combine, &(tok_pass){a, y, b.back, NULL, NULL, w}, a->T, floats);
     a->last.pack = t1 - t0;
     a->last.combine = moe_now() - t2;
     return st;
@@ -827,16 +922,7 @@ moe_status moe_a2a_backward(moe_a2a *a, float *dweight, const float *dy, int wid
     const double t0 = moe_now();
     /* dL/dg of each assignment, and the rows g * dy for the experts: bb.send
      * may be fb.back (in place: each row is read before it is written). */
-    for (int t = 0; t < a->T; t++) {
-        const float *dyt = dy + (size_t)t * w;
-        for (int i = a->tok_off[t]; i < a->tok_off[t + 1]; i++) {
-            const size_t row = (size_t)a->asg_row[i];
-            const float g = a->asg_w[i];
-            dweight[i] = a2a_dot(dyt, fb.back + row * w, w);
-            float *dyrow = bb.send + row * w;
-            for (int k = 0; k < w; k++) dyrow[k] = g * dyt[k];
-        }
-    }
+    moe_a2a_par_for(pass_gate, &(tok_pass){a, bb.send, dy, fb.back, dweight, w}, a->T, (long)a->A * w);
     const double t1 = moe_now();
     st = moe_a2a_exchange(a, MOE_A2A_BACKWARD, width, width, compute, ctx, local);
     a->last.pack = t1 - t0;
@@ -848,12 +934,5 @@ void moe_a2a_backward_add(moe_a2a *a, float *dx, int width)
 {
     moe_a2a_buffers bb;
     if (!a->tok_plan || moe_a2a_buffers_get(a, MOE_A2A_BACKWARD, &bb)) return;
-    const int w = width;
-    for (int t = 0; t < a->T; t++) {
-        float *dxt = dx + (size_t)t * w;
-        for (int i = a->tok_off[t]; i < a->tok_off[t + 1]; i++) {
-            const float *src = bb.back + (size_t)a->asg_row[i] * w;
-            for (int k = 0; k < w; k++) dxt[k] += src[k];
-        }
-    }
+    moe_a2a_par_for(pass_add, &(tok_pass){a, dx, bb.back, NULL, NULL, width}, a->T, (long)a->A * width);
 }

@@ -81,6 +81,24 @@ static inline float a2a_dot(const float *x, const float *y, int w)
     return dot;
 }
 
+/* The token passes (pack, combine, gate gradient, dx accumulation, and
+ * the node kind's publish, fan-out and home combine) split their rows or
+ * tokens over the fork-join pool (core/par.h). Every row and every token
+ * is done whole by one thread with the same operations in the same order,
+ * so the bits do not depend on the thread count. A pass of fewer floats
+ * than this per thread stays on fewer threads: a region costs tens of us
+ * here (bench/a2a_passes.c: 2 threads lose below about 200K floats a pass
+ * and gain 1.1x at 256K, 1.6x at 2M). */
+enum { A2A_PAR_MIN_FLOATS = 1 << 17 };
+
+/* One share of a pass: items [i0, i1). */
+typedef void (*a2a_range_fn)(const void *ctx, long i0, long i1);
+
+/* a2a.c: runs fn over items [0, n) split into contiguous shares, on as many
+ * threads as OpenBLAS uses while each gets A2A_PAR_MIN_FLOATS of the pass's
+ * `floats` (and at least one item); on the caller alone otherwise. */
+void moe_a2a_par_for(a2a_range_fn fn, const void *ctx, long n, long floats);
+
 /* a2a.c: the count exchange and receive layout of a plan with per-peer
  * node counts (extra: (P, 4) or NULL), shared by every kind. */
 moe_status moe_a2a_set_counts_x(moe_a2a *a, const int *send_rows, const int *extra, moe_status local_status,

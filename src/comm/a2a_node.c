@@ -33,7 +33,12 @@
  * unique row, its assignments on the node: destination and weight) crosses
  * once per node pair like the rows. Every rank then precomputes where each
  * of its receive rows, units and combine terms lives. A trip is three node
- * barriers and the partner messages per half. */
+ * barriers and the partner messages per half.
+ *
+ * The per-row and per-token passes of a trip (publishing my rows, the fan
+ * out, publishing results, the home's combine and scatter) split rows or
+ * tokens over the fork-join pool (moe_a2a_par_for), each row or token done
+ * whole by one thread, so the bits do not depend on the thread count. */
 #include "comm/a2a_internal.h"
 
 #include <limits.h>
@@ -767,6 +772,97 @@ moe_status moe_a2a_node_plan(moe_a2a *a, int T, const int *tok_off, const int *d
     return st;
 }
 
+/* ---- the passes of a trip, over ranges of rows or tokens ---- */
+
+typedef struct {
+    const moe_a2a *a;
+    float *dst;        /* my segment's rows; the receive layout; home */
+    const float *src;  /* token rows; expert results */
+    float *dweight;    /* scatter: dL/dg per assignment, or NULL */
+    int w, rw;         /* row width; published row width (w + 1 with dL/dg) */
+} node_pass;
+
+/* Unique rows [u0, u1) into my segment. */
+static void pass_publish_rows(const void *ctx, long u0, long u1)
+{
+    const node_pass *p = ctx;
+    const a2a_node *n = p->a->node;
+    const size_t w = (size_t)p->w;
+    for (long u = u0; u < u1; u++) memcpy(p->dst + (size_t)u * w, p->src + (size_t)n->uniq[u] * w, sizeof(float) * w);
+}
+
+/* Receive rows [r0, r1) from the staged segments. */
+static void pass_fan_out(const void *ctx, long r0, long r1)
+{
+    const node_pass *p = ctx;
+    const a2a_node *n = p->a->node;
+    const int w = p->w;
+    for (long r = r0; r < r1; r++) {
+        const float *src = (const float *)(n->seg[n->rb_seg[r]] + n->dbase) + (size_t)n->rb_row[r] * w;
+        memcpy(p->dst + (size_t)r * w, src, sizeof(float) * (size_t)w);
+    }
+}
+
+/* The backward's fan out: dL/dg against the forward's result row, then
+ * g * dy over it (in place). */
+static void pass_fan_out_scaled(const void *ctx, long r0, long r1)
+{
+    const node_pass *p = ctx;
+    const a2a_node *n = p->a->node;
+    const int w = p->w;
+    for (long r = r0; r < r1; r++) {
+        const float *src = (const float *)(n->seg[n->rb_seg[r]] + n->dbase) + (size_t)n->rb_row[r] * w;
+        float *dst = p->dst + (size_t)r * w;
+        n->dg[r] = a2a_dot(src, dst, w);
+        const float g = n->rb_w[r];
+        for (int c = 0; c < w; c++) dst[c] = g * src[c];
+    }
+}
+
+/* Result rows [r0, r1) into my segment (with their dL/dg). */
+static void pass_publish_results(const void *ctx, long r0, long r1)
+{
+    const node_pass *p = ctx;
+    const a2a_node *n = p->a->node;
+    const int w = p->w, rw = p->rw;
+    for (long r = r0; r < r1; r++) {
+        memcpy(p->dst + (size_t)r * rw, p->src + (size_t)r * w, sizeof(float) * (size_t)w);
+        if (rw > w) p->dst[(size_t)r * rw + w] = n->dg[r];
+    }
+}
+
+/* Tokens [t0, t1) at home: my node's rows and other nodes' units, in
+ * combine order, from 0. */
+static void pass_home_combine(const void *ctx, long t0, long t1)
+{
+    const node_pass *p = ctx;
+    const a2a_node *n = p->a->node;
+    const int w = p->w, rw = p->rw;
+    for (long t = t0; t < t1; t++) {
+        float *yt = p->dst + (size_t)t * w;
+        memset(yt, 0, sizeof(float) * (size_t)w);
+        for (int i = n->tok_off[t]; i < n->tok_off[t + 1]; i++) {
+            const float *src = (const float *)(n->seg[n->hs_seg[i]] + n->dbase) + (size_t)n->hs_row_red[i] * rw;
+            if (n->hs_kind[i] == HS_LOCAL) a2a_axpy(yt, n->w[i], src, w);
+            else if (n->hs_kind[i] == HS_UNIT)
+                for (int c = 0; c < w; c++) yt[c] += src[c];
+        }
+    }
+}
+
+/* Assignments [i0, i1) at home: each record to its send-layout row. */
+static void pass_home_scatter(const void *ctx, long i0, long i1)
+{
+    const node_pass *p = ctx;
+    const a2a_node *n = p->a->node;
+    const int w = p->w, rw = p->rw;
+    for (long i = i0; i < i1; i++) {
+        const float *src = (const float *)(n->seg[n->hs_seg[i]] + n->dbase) + (size_t)n->hs_row_rows[i] * rw;
+        memcpy(p->dst + (size_t)n->hrow[i] * w, src, sizeof(float) * (size_t)w);
+        if (p->dweight) p->dweight[i] = src[w];
+    }
+}
+
 /* ---- the two halves of a trip ---- */
 
 moe_status moe_a2a_node_dispatch(moe_a2a *a, float *recv, const float *tokens, int w, int scaled)
@@ -776,9 +872,9 @@ moe_status moe_a2a_node_dispatch(moe_a2a *a, float *recv, const float *tokens, i
     moe_status st = node_barrier(a, "node exchange, dispatch (segments free)");
     /* My unique rows, node by node. */
     float *mine = (float *)(n->seg[n->li] + n->dbase);
-    for (int x = 0; st == MOE_OK && x < N; x++)
-        for (int u = n->uoff[x]; u < n->uoff[x + 1]; u++)
-            memcpy(mine + (size_t)u * w, tokens + (size_t)n->uniq[u] * w, sizeof(float) * (size_t)w);
+    const long nu = n->uoff[N]; /* uoff[0] = 0 */
+    if (st == MOE_OK)
+        moe_a2a_par_for(pass_publish_rows, &(node_pass){a, mine, tokens, NULL, w, w}, nu, nu * w);
     if (st == MOE_OK) st = node_barrier(a, "node exchange, dispatch (rows published)");
     /* Partners: one message per node pair each way. */
     int k = 0;
@@ -812,17 +908,8 @@ moe_status moe_a2a_node_dispatch(moe_a2a *a, float *recv, const float *tokens, i
     if (n->local_rows_other) a->traffic.sent += n->local_rows_other * w * (int64_t)sizeof(float);
     /* Fan out into the receive layout (backward: g * dy, and dL/dg against
      * the forward's result row, in place). */
-    for (int r = 0; r < a->recv_total; r++) {
-        const float *src = (const float *)(n->seg[n->rb_seg[r]] + n->dbase) + (size_t)n->rb_row[r] * w;
-        float *dst = recv + (size_t)r * w;
-        if (!scaled) {
-            memcpy(dst, src, sizeof(float) * (size_t)w);
-            continue;
-        }
-        n->dg[r] = a2a_dot(src, dst, w);
-        const float g = n->rb_w[r];
-        for (int c = 0; c < w; c++) dst[c] = g * src[c];
-    }
+    const long R = a->recv_total;
+    moe_a2a_par_for(scaled ? pass_fan_out_scaled : pass_fan_out, &(node_pass){a, recv, NULL, NULL, w, w}, R, R * w);
     return MOE_OK;
 }
 
@@ -832,10 +919,8 @@ moe_status moe_a2a_node_return(moe_a2a *a, float *home, const float *out, int w,
     const int with_dg = dweight != NULL, rw = w + with_dg, R = a->recv_total;
     moe_status st = node_barrier(a, "node exchange, return (segments free)");
     float *mine = (float *)(n->seg[n->li] + n->dbase);
-    for (int r = 0; st == MOE_OK && r < R; r++) {
-        memcpy(mine + (size_t)r * rw, out + (size_t)r * w, sizeof(float) * (size_t)w);
-        if (with_dg) mine[(size_t)r * rw + w] = n->dg[r];
-    }
+    if (st == MOE_OK)
+        moe_a2a_par_for(pass_publish_results, &(node_pass){a, mine, out, NULL, w, rw}, R, (long)R * rw);
     if (st == MOE_OK) st = node_barrier(a, "node exchange, return (results published)");
     /* Partners: the units (or records) of node x's tokens, one message. */
     int k = 0;
@@ -876,23 +961,8 @@ moe_status moe_a2a_node_return(moe_a2a *a, float *home, const float *out, int w,
     if (st) return st;
     if (n->local_ret_rows) a->traffic.sent += n->local_ret_rows * rw * (int64_t)sizeof(float);
     /* The home: my own node's rows and other nodes' units, in combine order. */
-    if (reduce) {
-        memset(home, 0, sizeof(float) * (size_t)n->T * w);
-        for (int t = 0; t < n->T; t++) {
-            float *yt = home + (size_t)t * w;
-            for (int i = n->tok_off[t]; i < n->tok_off[t + 1]; i++) {
-                const float *src = (const float *)(n->seg[n->hs_seg[i]] + n->dbase) + (size_t)n->hs_row_red[i] * rw;
-                if (n->hs_kind[i] == HS_LOCAL) a2a_axpy(yt, n->w[i], src, w);
-                else if (n->hs_kind[i] == HS_UNIT)
-                    for (int c = 0; c < w; c++) yt[c] += src[c];
-            }
-        }
-    } else {
-        for (int i = 0; i < n->A; i++) {
-            const float *src = (const float *)(n->seg[n->hs_seg[i]] + n->dbase) + (size_t)n->hs_row_rows[i] * rw;
-            memcpy(home + (size_t)n->hrow[i] * w, src, sizeof(float) * (size_t)w);
-            if (with_dg) dweight[i] = src[w];
-        }
-    }
+    const node_pass hp = {a, home, NULL, dweight, w, rw};
+    if (reduce) moe_a2a_par_for(pass_home_combine, &hp, n->T, (long)n->A * w);
+    else moe_a2a_par_for(pass_home_scatter, &hp, n->A, (long)n->A * w);
     return MOE_OK;
 }

@@ -291,7 +291,12 @@ moe_a2a_times moe_a2a_last_times(const moe_a2a *a);
  * shm: the send layout above; one per (token, destination node) in the
  * node-aware kind), moves them, and combines the results per token in
  * combine order. The receive layout, and so the compute, is the same
- * whatever the kind, and so are the results, bit for bit. */
+ * whatever the kind, and so are the results, bit for bit. The passes at
+ * home (packing, the combine, the gate gradient, adding dx) split rows or
+ * tokens over the fork-join pool (core/par.h: as many threads as OpenBLAS
+ * uses) from the calling thread, each token whole on one thread, so the
+ * results are also the same bits at any thread count; compute is called
+ * from the calling thread, outside any region. */
 typedef struct {
     int n_tokens;          /* T >= 0 */
     const int *tok_off;    /* (T + 1) token t's assignments are [tok_off[t], tok_off[t + 1]), tok_off[0] = 0 */

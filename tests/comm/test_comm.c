@@ -1,6 +1,7 @@
 /* comm: communicator placement (docs/routing.md section 8), the small collectives, and
  * the token exchange (layouts, both kinds, chunked round trips, trip buffers, empty senders
- * and experts, error agreement, overflow). Runs at any number of ranks:
+ * and experts, error agreement, overflow; the token-level trips against a one-thread
+ * reference at 1-4 threads). Runs at any number of ranks:
  * every rank runs every test; only rank 0 prints the progress, failures are
  * printed by the rank that sees them and make the exit code non-zero.
  * Checks are taken after a test's collectives so that a failing rank does
@@ -15,8 +16,11 @@
 
 #include <cmocka.h>
 
+#include <cblas.h>
+
 #include "comm/comm_h5.h"
 #include "comm/comm_mpi.h"
+#include "core/par.h"
 
 static int W, R; /* world size and rank */
 static moe_comm *comm_of_test; /* the communicator of the exchange run_step drives */
@@ -458,22 +462,26 @@ static void test_exchange_layouts(void **state)
 
 enum { TT = 37, TW = 6, TK = 3 };
 
+/* What the test "experts" need: the receive layout's expert offsets and the row width. */
+typedef struct {
+    const int *off;
+    int w;
+} trip_ctx;
+
 /* Forward "experts": out = 2 in + 1; backward: out = 3 in - 1 (in place). */
 static moe_status expert_fwd(void *ctx, int j0, int j1, const float *in, float *out)
 {
-    const int *off = ctx;
-    for (int i = off[j0] * TW; i < off[j1] * TW; i++) out[i] = 2 * in[i] + 1;
+    const trip_ctx *c = ctx;
+    for (long i = (long)c->off[j0] * c->w; i < (long)c->off[j1] * c->w; i++) out[i] = 2 * in[i] + 1;
     return MOE_OK;
 }
 static moe_status expert_bwd(void *ctx, int j0, int j1, const float *in, float *out)
 {
-    const int *off = ctx;
-    for (int i = off[j0] * TW; i < off[j1] * TW; i++) out[i] = 3 * in[i] - 1;
+    const trip_ctx *c = ctx;
+    for (long i = (long)c->off[j0] * c->w; i < (long)c->off[j1] * c->w; i++) out[i] = 3 * in[i] - 1;
     return MOE_OK;
 }
 
-/* Token t of rank r (seed sd): 0..TK assignments to distinct destinations,
- * in ascending destination order; weights and rows from a hash. */
 static uint32_t mix(uint32_t h)
 {
     h ^= h >> 16;
@@ -481,6 +489,80 @@ static uint32_t mix(uint32_t h)
     h ^= h >> 15;
     h *= 0x846ca68bu;
     return h ^ (h >> 16);
+}
+
+/* T tokens of width w for this rank (seed sd): token t has 0..TK
+ * assignments to distinct destinations, in ascending destination order;
+ * weights and rows from a hash. tok_off (T + 1), dest and weight (T * TK),
+ * x and dy (T, w). Returns the number of assignments. */
+static int make_trip(int *tok_off, int *dest, float *weight, float *x, float *dy, int T, int w, int sd)
+{
+    const int D = W * EL;
+    int n = 0;
+    for (int t = 0; t < T; t++) {
+        tok_off[t] = n;
+        const int k = (int)(mix(0x1234u + (uint32_t)(R * 1000 + t) * 7u + (uint32_t)sd) % (TK + 1));
+        int taken[64 * EL] = {0};
+        for (int i = 0; i < k && i < D; i++) {
+            int d = (int)(mix((uint32_t)(R * 7919 + t * 31 + i * 5 + sd)) % (uint32_t)D);
+            while (taken[d]) d = (d + 1) % D;
+            taken[d] = 1;
+        }
+        for (int d = 0; d < D; d++)
+            if (taken[d]) {
+                dest[n] = d;
+                weight[n++] = (float)(mix((uint32_t)(d * 13 + t + R * 101 + sd)) % 1000) / 997.0f;
+            }
+    }
+    tok_off[T] = n;
+    for (long i = 0; i < (long)T * w; i++) {
+        x[i] = (float)((int)(mix((uint32_t)(i + 17 * R + sd)) % 2001) - 1000) / 128.0f;
+        dy[i] = (float)((int)(mix((uint32_t)(3 * i + 5 * R + sd)) % 2001) - 1000) / 256.0f;
+    }
+    return n;
+}
+
+/* The reference: the same operations in combine order, one token after
+ * another on one thread. yref, dxref (T, w); dwref (assignments). */
+static void trip_ref(float *yref, float *dxref, float *dwref, const int *tok_off, const float *weight,
+                     const float *x, const float *dy, int T, int w)
+{
+    memset(yref, 0, sizeof(float) * (size_t)T * w);
+    memset(dxref, 0, sizeof(float) * (size_t)T * w);
+    for (int t = 0; t < T; t++)
+        for (int i = tok_off[t]; i < tok_off[t + 1]; i++) {
+            const float *xt = x + (size_t)t * w, *dyt = dy + (size_t)t * w;
+            float *yt = yref + (size_t)t * w, *dxt = dxref + (size_t)t * w;
+            float dot = 0.0f;
+            for (int q = 0; q < w; q++) {
+                const float res = 2 * xt[q] + 1;
+                yt[q] += weight[i] * res;
+                dot += dyt[q] * res;
+            }
+            dwref[i] = dot;
+            for (int q = 0; q < w; q++) dxt[q] += 3 * (weight[i] * dyt[q]) - 1;
+        }
+}
+
+/* Forward and backward trips of one kind: y, dw and dx (zeroed here). */
+static moe_status run_trips(float *y, float *dw, float *dx, moe_a2a_traffic *traffic, moe_a2a_kind *used, moe_comm *c,
+                            int kind, const int *tok_off, const int *dest, const float *weight, const float *x,
+                            const float *dy, int T, int w)
+{
+    moe_a2a *a = NULL;
+    assert_int_equal(moe_a2a_create(&a, c, EL, (moe_a2a_kind)kind, 2), MOE_OK);
+    const moe_a2a_routing r = {T, tok_off, dest, weight};
+    memset(dx, 0, sizeof(float) * (size_t)T * w);
+    moe_a2a_reset_bytes(a);
+    moe_status st = moe_a2a_plan(a, &r, MOE_OK, 2 * w);
+    const trip_ctx ctx = {moe_a2a_recv_expert_offsets(a), w};
+    if (st == MOE_OK) st = moe_a2a_forward(a, y, x, w, expert_fwd, (void *)&ctx, MOE_OK);
+    if (st == MOE_OK) st = moe_a2a_backward(a, dw, dy, w, expert_bwd, (void *)&ctx, MOE_OK);
+    if (st == MOE_OK) moe_a2a_backward_add(a, dx, w);
+    *traffic = moe_a2a_bytes(a);
+    *used = moe_a2a_kind_of(a);
+    moe_a2a_destroy(a);
+    return st;
 }
 
 /* Every kind, with tokens bound for several experts of one node: the
@@ -492,61 +574,18 @@ static void test_token_trips(void **state)
     (void)state;
     moe_comm *c = NULL;
     assert_int_equal(moe_comm_create(&c, MPI_COMM_WORLD, 0), MOE_OK);
-    const int D = W * EL;
     int tok_off[TT + 1], dest[TT * TK];
     float weight[TT * TK], x[TT * TW], dy[TT * TW];
     for (int sd = 0; sd < 3; sd++) {
-        int n = 0;
-        for (int t = 0; t < TT; t++) {
-            tok_off[t] = n;
-            const int k = (int)(mix(0x1234u + (uint32_t)(R * 1000 + t) * 7u + (uint32_t)sd) % (TK + 1));
-            int taken[64 * EL] = {0};
-            for (int i = 0; i < k && i < D; i++) {
-                int d = (int)(mix((uint32_t)(R * 7919 + t * 31 + i * 5 + sd)) % (uint32_t)D);
-                while (taken[d]) d = (d + 1) % D;
-                taken[d] = 1;
-            }
-            for (int d = 0; d < D; d++)
-                if (taken[d]) {
-                    dest[n] = d;
-                    weight[n++] = (float)(mix((uint32_t)(d * 13 + t + R * 101 + sd)) % 1000) / 997.0f;
-                }
-        }
-        tok_off[TT] = n;
-        for (int i = 0; i < TT * TW; i++) {
-            x[i] = (float)((int)(mix((uint32_t)(i + 17 * R + sd)) % 2001) - 1000) / 128.0f;
-            dy[i] = (float)((int)(mix((uint32_t)(3 * i + 5 * R + sd)) % 2001) - 1000) / 256.0f;
-        }
-        /* reference: the same operations in combine order */
-        float yref[TT * TW] = {0}, dxref[TT * TW] = {0}, dwref[TT * TK], res[TW];
-        for (int t = 0; t < TT; t++)
-            for (int i = tok_off[t]; i < tok_off[t + 1]; i++) {
-                for (int q = 0; q < TW; q++) res[q] = 2 * x[t * TW + q] + 1;
-                float dot = 0.0f;
-                for (int q = 0; q < TW; q++) {
-                    yref[t * TW + q] += weight[i] * res[q];
-                    dot += dy[t * TW + q] * res[q];
-                }
-                dwref[i] = dot;
-                for (int q = 0; q < TW; q++) dxref[t * TW + q] += 3 * (weight[i] * dy[t * TW + q]) - 1;
-            }
+        const int n = make_trip(tok_off, dest, weight, x, dy, TT, TW, sd);
+        float yref[TT * TW], dxref[TT * TW], dwref[TT * TK];
+        trip_ref(yref, dxref, dwref, tok_off, weight, x, dy, TT, TW);
         int64_t remote[2] = {0, 0};
         for (int kind = 0; kind < 4; kind++) {
-            moe_a2a *a = NULL;
-            assert_int_equal(moe_a2a_create(&a, c, EL, (moe_a2a_kind)kind, 2), MOE_OK);
-            const moe_a2a_routing r = {TT, tok_off, dest, weight};
-            float y[TT * TW], dx[TT * TW] = {0}, dw[TT * TK];
-            moe_a2a_reset_bytes(a);
-            assert_int_equal(moe_a2a_plan(a, &r, MOE_OK, 2 * TW), MOE_OK);
-            const int *off = moe_a2a_recv_expert_offsets(a);
-            moe_status fs = moe_a2a_forward(a, y, x, TW, expert_fwd, (void *)off, MOE_OK);
-            moe_status bs = moe_a2a_backward(a, dw, dy, TW, expert_bwd, (void *)off, MOE_OK);
-            if (bs == MOE_OK) moe_a2a_backward_add(a, dx, TW);
-            const moe_a2a_traffic tr = moe_a2a_bytes(a);
-            const moe_a2a_kind used = moe_a2a_kind_of(a);
-            moe_a2a_destroy(a);
-            assert_int_equal(fs, MOE_OK);
-            assert_int_equal(bs, MOE_OK);
+            float y[TT * TW], dx[TT * TW], dw[TT * TK];
+            moe_a2a_traffic tr;
+            moe_a2a_kind used;
+            assert_int_equal(run_trips(y, dw, dx, &tr, &used, c, kind, tok_off, dest, weight, x, dy, TT, TW), MOE_OK);
             if (memcmp(y, yref, sizeof y)) fail_msg("rank %d, kind %d, seed %d: forward y differs", R, kind, sd);
             if (memcmp(dw, dwref, sizeof(float) * (size_t)n)) fail_msg("rank %d, kind %d: dL/dg differs", R, kind);
             if (memcmp(dx, dxref, sizeof dx)) fail_msg("rank %d, kind %d: dx differs", R, kind);
@@ -558,6 +597,57 @@ static void test_token_trips(void **state)
         if (moe_comm_n_nodes(c) > 1) assert_true(remote[1] < remote[0]);
     }
     moe_comm_destroy(c);
+}
+
+/* The passes at home (pack, combine, gate gradient, dx accumulation, and
+ * the node kind's publish, fan out, home combine and scatter) split over
+ * 1, 2, 3 and 4 threads: every kind still gives the one-thread reference's
+ * bits. Large enough that every pass splits over 4 threads (about 3K
+ * assignments of 256 floats per rank); each token's sums start from 0 and
+ * run in combine order, so a pass that summed in another order (per thread
+ * partials, expert-major) would fail here. */
+enum { PT = 2048, PW = 256, PASS_MIN_FLOATS = 1 << 17 /* A2A_PAR_MIN_FLOATS in comm/a2a_internal.h */ };
+
+static void test_token_trips_threads(void **state)
+{
+    (void)state;
+    moe_comm *c = NULL;
+    assert_int_equal(moe_comm_create(&c, MPI_COMM_WORLD, 0), MOE_OK);
+    const size_t tw = (size_t)PT * PW, ta = (size_t)PT * TK;
+    int *tok_off = malloc(sizeof(int) * (PT + 1)), *dest = malloc(sizeof(int) * ta);
+    float *weight = malloc(sizeof(float) * ta), *dwref = malloc(sizeof(float) * ta), *dw = malloc(sizeof(float) * ta);
+    float *x = malloc(sizeof(float) * tw), *dy = malloc(sizeof(float) * tw), *yref = malloc(sizeof(float) * tw),
+          *dxref = malloc(sizeof(float) * tw), *y = malloc(sizeof(float) * tw), *dx = malloc(sizeof(float) * tw);
+    assert_true(tok_off && dest && weight && dwref && dw && x && dy && yref && dxref && y && dx);
+    const int n = make_trip(tok_off, dest, weight, x, dy, PT, PW, 7);
+    trip_ref(yref, dxref, dwref, tok_off, weight, x, dy, PT, PW);
+    /* Every rank runs every trip; the first difference is reported after them. */
+    char bad[160] = "";
+    const int threads[] = {1, 2, 3, 4}, saved = openblas_get_num_threads();
+    int max_got = 1;
+    for (int ti = 0; ti < 4; ti++) {
+        openblas_set_num_threads(threads[ti]);
+        const int got = moe_par_threads(); /* OpenBLAS may cap below 4 */
+        max_got = got > max_got ? got : max_got;
+        for (int kind = 0; kind < 4; kind++) {
+            moe_a2a_traffic tr;
+            moe_a2a_kind used;
+            memset(y, 0xff, sizeof(float) * tw); /* NaN: every token row must be written */
+            const moe_status st = run_trips(y, dw, dx, &tr, &used, c, kind, tok_off, dest, weight, x, dy, PT, PW);
+            const char *what = st != MOE_OK ? "a trip failed"
+                               : memcmp(y, yref, sizeof(float) * tw) ? "forward y differs"
+                               : memcmp(dw, dwref, sizeof(float) * (size_t)n) ? "dL/dg differs"
+                               : memcmp(dx, dxref, sizeof(float) * tw) ? "dx differs" : NULL;
+            if (what && !bad[0]) snprintf(bad, sizeof bad, "rank %d, kind %d, %d threads: %s", R, kind, got, what);
+        }
+    }
+    openblas_set_num_threads(saved);
+    free(tok_off), free(dest), free(weight), free(dwref), free(dw);
+    free(x), free(dy), free(yref), free(dxref), free(y), free(dx);
+    moe_comm_destroy(c);
+    if (bad[0]) fail_msg("%s", bad);
+    assert_true((long)n * PW >= 4L * PASS_MIN_FLOATS);
+    assert_true(max_got >= 3); /* the split really ran uneven (3) and wider */
 }
 
 static moe_status failing_experts(void *ctx, int j0, int j1, const float *in, float *out)
@@ -683,6 +773,7 @@ int main(int argc, char **argv)
         cmocka_unit_test(test_h5_properties),
         cmocka_unit_test(test_exchange_layouts),
         cmocka_unit_test(test_token_trips),
+        cmocka_unit_test(test_token_trips_threads),
         cmocka_unit_test(test_exchange_errors),
         cmocka_unit_test(test_exchange_overflow),
     };

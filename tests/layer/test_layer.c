@@ -1,7 +1,7 @@
 /* The single-process MoE layer: against a naive per-token reference built
  * from the _ref kernels, finite differences of the whole layer (incl. both
  * aux losses), exact zero gradients for an idle expert, bad input, and the
- * same bits at 1, 2 and 4 threads; each also with the section 8 options
+ * same bits at 1, 2, 3 and 4 threads; each also with the section 8 options
  * (sigmoid scores, route_scale, the expert bias, group limits, shared
  * experts with and without their gate, experts without biases). */
 #include <math.h>
@@ -392,32 +392,36 @@ static void test_bad_input(void **state)
     teardown(&f);
 }
 
-/* Forward and backward give the same bits at 1, 2 and 4 threads: the
- * passes at home (pack, combine, gate gradient, unpack, router softmax and
- * backward) split tokens over the threads and each token sums in a fixed
- * order, and expert choice gives every expert the same rows, so the experts
- * are shared out evenly (each on one thread; none runs alone). Sizes above
- * the threading thresholds of every pass. */
+/* Forward and backward give the same bits at 1, 2, 3 and 4 threads: the
+ * passes at home (the exchange's pack, combine, gate gradient and dx
+ * accumulation; router softmax and backward) split rows or tokens over the
+ * threads and each token sums in a fixed order, and expert choice gives
+ * every expert the same rows, so the 12 experts are shared out evenly (6,
+ * 4 or 3 per thread, each on one thread; none runs alone: with 8, 3 threads
+ * would run some alone, on OpenBLAS threads). Sizes above the threading
+ * thresholds of every pass (8208 rows of 64 floats: 4 shares of the
+ * exchange's 128K floats). test_token_trips_threads (tests/comm) holds
+ * the exchange's passes to a one-thread reference at every kind. */
 static void test_threads_bitwise(void **state)
 {
     (void)state;
-    shape s = {1024, 2, 64, 96, 8, 2, MOE_ROUTER_EXPERT_CHOICE, 2.0, MOE_ACT_GELU};
-    const int threads[] = {1, 2, 4}, saved = openblas_get_num_threads();
-    fixture f[3];
-    for (int i = 0; i < 3; i++) {
+    shape s = {4096, 2, 64, 96, 12, 2, MOE_ROUTER_EXPERT_CHOICE, 2.0, MOE_ACT_GELU};
+    const int threads[] = {1, 2, 3, 4}, saved = openblas_get_num_threads();
+    fixture f[4];
+    for (int i = 0; i < 4; i++) {
         setup(&f[i], s);
         openblas_set_num_threads(threads[i]);
         assert_int_equal(moe_layer_forward(f[i].L, f[i].y, f[i].x, &f[i].p, s.T, s.G, NULL), MOE_OK);
         assert_int_equal(moe_layer_backward(f[i].L, f[i].dx, &f[i].g, f[i].dy, f[i].x, &f[i].p, 0.01f, 0.001f), MOE_OK);
     }
     openblas_set_num_threads(saved);
-    for (int i = 1; i < 3; i++) {
+    for (int i = 1; i < 4; i++) {
         assert_memory_equal(f[0].y, f[i].y, sizeof(float) * (size_t)s.T * s.d);
         assert_memory_equal(f[0].dx, f[i].dx, sizeof(float) * (size_t)s.T * s.d);
         /* the gradient block: router, then every expert tensor */
         assert_memory_equal(f[0].g.router_w, f[i].g.router_w, sizeof(float) * f[0].n_params);
     }
-    for (int i = 0; i < 3; i++) teardown(&f[i]);
+    for (int i = 0; i < 4; i++) teardown(&f[i]);
 }
 
 /* The timing table names every field once, at its own offset, and the
