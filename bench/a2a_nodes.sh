@@ -2,6 +2,7 @@
 # bench/all.sh: skip
 # Node-aware token exchange (a2a = node) against the flat one (p2p) across 2 shaped virtual nodes x 2 ranks.
 #   bench/a2a_nodes.sh [--quick] [ROUNDS]     (default 3 rounds; root; build first: launch/build)
+#   A2A_RATE=100mbit bench/a2a_nodes.sh       (another link rate; A2A_DELAY likewise)
 # Brings up a 2-node virtual cluster (launch/vcluster, network namespaces),
 # shapes each node's link to 1 Gbit/s with 100 us delay (tc netem; where the
 # kernel has no sch_netem, the rate alone with tc tbf, and it says so), and
@@ -15,15 +16,16 @@
 # bit for bit, and `moe train` runs 10 steps with a2a = p2p and a2a = node on
 # the cluster, whose losses must be bitwise equal.
 # Open MPI's TCP transport uses one socket per pair of ranks unless
-# OMPI_MCA_btl_tcp_links says otherwise (the caller's environment reaches
-# every rank; the figures say which was used).
+# btl_tcp_links says otherwise: launch/moe-local sets 4 across nodes, and
+# OMPI_MCA_btl_tcp_links in the caller's environment wins (the figures say
+# which was used).
 # Exits 77 without root or network namespaces. The cluster is torn down (by
 # PID, `vcluster down`) on every exit path. Not run by bench/all.sh (root).
 set -euo pipefail
 source "$(dirname "$0")/env.sh"
 ROUNDS=3
 bench_args "$@"
-RATE=1gbit DELAY=100us
+RATE=${A2A_RATE:-1gbit} DELAY=${A2A_DELAY:-100us}
 ARGS=(--experts 8 --top-k 2 --iters 10 --warmup 2)
 STEPS=10
 [[ $QUICK == 1 ]] && ROUNDS=1 STEPS=2 ARGS=(--experts 8 --top-k 2 --tokens 256 --iters 2 --warmup 1)
@@ -124,7 +126,7 @@ train_equal = len(lp) > 0 and lp == ln
 steps = [d for d in lp if "loss" in d]
 
 import os
-links = os.environ.get("OMPI_MCA_btl_tcp_links", "1 (Open MPI's default)")
+links = os.environ.get("OMPI_MCA_btl_tcp_links", "4 (launch/moe-local's default across nodes)")
 print(f"moe bench a2a on a virtual cluster: 2 nodes x 2 ranks ({cl}), each node's link shaped by {shape}; "
       f"TCP sockets per peer pair (OMPI_MCA_btl_tcp_links): {links}")
 print(f"{j0['tokens']} tokens/rank, d_model {j0['d_model']}, E={j0['experts']} top-{j0['top_k']}, skew {j0['skew']}, "
