@@ -38,7 +38,7 @@ moe_gen() { # ranks batch -> appends decode tok/s to $tmp/moe.<ranks>.<batch>
   local prompt
   if [[ $2 == 1 ]]; then prompt=(--prompt "07+17=4 "); else prompt=(--prompt_file "$tmp/prompts16.txt"); fi
   set_threads 1
-  "${MPIRUN[@]}" -np "$1" -x OPENBLAS_NUM_THREADS -x OMP_NUM_THREADS -x OPENBLAS_CORETYPE -x OPENBLAS_THREAD_TIMEOUT \
+  "${MPIRUN[@]}" $(bind_flags "$1" 1) -np "$1" -x OPENBLAS_NUM_THREADS -x OMP_NUM_THREADS -x OPENBLAS_CORETYPE -x OPENBLAS_THREAD_TIMEOUT \
       "$MOE" generate --ckpt "$tmp/run" "${prompt[@]}" --tokens $TOKENS --seed 1 --json 2> /dev/null \
     | "$PY" -c "import json,sys; print(json.load(sys.stdin)['decode_tokens_per_s'])" >> "$tmp/moe.$1.$2"
 }

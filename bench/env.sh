@@ -44,6 +44,13 @@ MPIRUN=(mpirun --oversubscribe)
 [[ $(id -u) -eq 0 ]] && MPIRUN+=(--allow-run-as-root)
 
 set_threads() { export OPENBLAS_NUM_THREADS=$1 OMP_NUM_THREADS=$1; }
+# bind_flags RANKS THREADS: mpirun's placement for RANKS ranks of THREADS
+# threads each, as launch/moe-local chooses it: THREADS cores of its own per
+# rank where they fit, else no binding. (Open MPI's default binds each of up
+# to 2 ranks to ONE core, so 1 rank x 2 threads ran its threads on one core.)
+bind_flags() {
+  if (( $1 * $2 <= $(nproc) )); then echo "--map-by slot:PE=$2 --bind-to core"; else echo "--bind-to none"; fi
+}
 
 perf() { echo "PERF $*"; }
 perf_readme() { echo "PERF_README $*"; }
