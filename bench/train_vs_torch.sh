@@ -15,15 +15,15 @@
 # accounting of parameters, gradients, AdamW state and activations (from
 # one extra untimed run each of 1 and 2 ranks: sampling memory slows a run).
 #   bench/train_vs_torch.sh [rounds]          (default 3; build first: launch/build)
-#   env: STEPS (moe steps per run, 14), SKIP (3), TORCH_STEPS (timed torch
-#        steps, 8), CONFIGS ("small medium"), MOE_EVERY (2, the default of
+#   env: STEPS (moe steps per run, 30), SKIP (10, both sides), TORCH_STEPS (timed torch
+#        steps, 10), CONFIGS ("small medium"), MOE_EVERY (2, the default of
 #        moe train); bench/env.sh (kernels and thread settings of both sides)
 set -euo pipefail
 source "$(dirname "$0")/env.sh"
 ROUNDS=${1:-3}
-STEPS=${STEPS:-14}
-SKIP=${SKIP:-3}
-TORCH_STEPS=${TORCH_STEPS:-8}
+STEPS=${STEPS:-30}
+SKIP=${SKIP:-10}
+TORCH_STEPS=${TORCH_STEPS:-10}
 CONFIGS=${CONFIGS:-small medium}
 MOE_EVERY=${MOE_EVERY:-2}
 QFLAG=()
