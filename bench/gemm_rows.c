@@ -1,9 +1,11 @@
 /* Few-row GEMMs of the decode step: cblas_sgemm against moe_sgemm_nt
- * (core/gemm.h: one sgemv per row up to MOE_GEMV_MAX_ROWS rows), at the
- * forward shapes of a generation step, M = 1..8 rows. Both sides alternate
- * within each round; the figure is the median over rounds. Prints a table
- * and `PERF gemm_rows.<shape>_m<M> <ratio> x` lines (sgemm time / moerun
- * time: above 1, moerun's choice is faster).
+ * (core/gemm.h: one sgemv per row up to MOE_GEMV_MAX_ROWS rows, unless the
+ * kernel set has small-matrix sgemm kernels), at the forward shapes of a
+ * generation step, M = 1..8 rows; up to MOE_GEMV_MAX_ROWS rows also the
+ * sgemv rows alone, so the table shows both paths and the one taken. The
+ * sides alternate within each round; the figure is the median over rounds.
+ * Prints a table and `PERF gemm_rows.<shape>_m<M> <ratio> x` lines (sgemm
+ * time / moerun time: above 1, moerun's choice is faster).
  *   gemm_rows_bench [--rounds R] [--quick]          (bench/gemm_rows.sh) */
 #include <cblas.h>
 #include <stdio.h>
@@ -32,15 +34,20 @@ static int cmp_double(const void *a, const void *b)
     return (x > y) - (x < y);
 }
 
-/* Seconds per call of one side: enough calls for about 5 ms. */
-static double time_side(int ours, int M, const shape *s, const float *A, const float *B, float *C)
+/* Seconds per call of one side (0 sgemm, 1 moe_sgemm_nt, 2 sgemv rows):
+ * enough calls for about 5 ms. */
+static double time_side(int side, int M, const shape *s, const float *A, const float *B, float *C)
 {
     int reps = 1;
     for (;;) {
         const double t0 = moe_now();
         for (int r = 0; r < reps; r++) {
-            if (ours)
+            if (side == 1)
                 moe_sgemm_nt(M, s->N, s->K, A, s->K, B, s->K, 0.0f, C, s->N);
+            else if (side == 2)
+                for (int m = 0; m < M; m++)
+                    cblas_sgemv(CblasRowMajor, CblasNoTrans, s->N, s->K, 1.0f, B, s->K, A + (size_t)m * s->K, 1,
+                                0.0f, C + (size_t)m * s->N, 1);
             else
                 cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, M, s->N, s->K, 1.0f, A, s->K, B, s->K, 0.0f, C,
                             s->N);
@@ -76,30 +83,34 @@ int main(int argc, char **argv)
     }
     for (int i = 0; i < max_m * 1024; i++) A[i] = (float)(((long)i * 7919) % 201 - 100) / 100.0f;
     for (int i = 0; i < 1024 * 1024; i++) B[i] = (float)(((long)i * 104729) % 401 - 200) / 400.0f;
-    printf("C (M, N) = A (M, K) B^T, one thread: microseconds per call, cblas_sgemm vs moe_sgemm_nt "
-           "(sgemv rows up to M = %d), median of %d rounds\n",
-           MOE_GEMV_MAX_ROWS, rounds);
-    printf("%-20s %3s %10s %10s %8s\n", "shape (K x N)", "M", "sgemm", "moerun", "ratio");
-    double *t[2];
-    t[0] = malloc(sizeof(double) * rounds);
-    t[1] = malloc(sizeof(double) * rounds);
+    printf("C (M, N) = A (M, K) B^T, one thread, kernels %s (small-matrix sgemm kernels: %s): microseconds per "
+           "call, cblas_sgemm, sgemv rows and moe_sgemm_nt (the path it takes), median of %d rounds\n",
+           openblas_get_corename(), moe_blas_small_kernels() ? "yes" : "no", rounds);
+    printf("%-20s %3s %10s %10s %10s %-6s %8s\n", "shape (K x N)", "M", "sgemm", "sgemv", "moerun", "path",
+           "ratio");
+    double *t[3];
+    for (int i = 0; i < 3; i++) t[i] = malloc(sizeof(double) * rounds);
     for (int si = 0; si < n_shapes; si++)
         for (int M = 1; M <= max_m; M++) {
             if (quick && M > 2) break;
+            const int sides = M <= MOE_GEMV_MAX_ROWS ? 3 : 2;
             for (int r = 0; r < rounds; r++)
-                for (int k = 0; k < 2; k++) { /* alternate which side runs first */
-                    const int ours = (r + k) % 2;
-                    t[ours][r] = time_side(ours, M, &shapes[si], A, B, C);
+                for (int k = 0; k < sides; k++) { /* rotate which side runs first */
+                    const int side = (r + k) % sides;
+                    t[side][r] = time_side(side, M, &shapes[si], A, B, C);
                 }
-            qsort(t[0], rounds, sizeof(double), cmp_double);
-            qsort(t[1], rounds, sizeof(double), cmp_double);
+            for (int i = 0; i < sides; i++) qsort(t[i], rounds, sizeof(double), cmp_double);
             const double a = t[0][rounds / 2], b = t[1][rounds / 2];
-            printf("%-20s %3d %10.2f %10.2f %7.2fx\n", shapes[si].name, M, a * 1e6, b * 1e6, a / b);
+            char rows[16] = "-";
+            if (sides == 3) snprintf(rows, sizeof rows, "%.2f", t[2][rounds / 2] * 1e6);
+            printf("%-20s %3d %10.2f %10s %10.2f %-6s %7.2fx\n", shapes[si].name, M, a * 1e6, rows, b * 1e6,
+                   moe_gemv_rows(M, shapes[si].N) ? "sgemv" : "sgemm", a / b);
             printf("PERF gemm_rows.%s_m%d %.2f x cblas_sgemm time over moe_sgemm_nt time, %d rows, one thread\n",
                    shapes[si].name, M, a / b, M);
         }
     free(t[0]);
     free(t[1]);
+    free(t[2]);
     free(A);
     free(B);
     free(C);

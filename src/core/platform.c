@@ -5,13 +5,31 @@
  * memory the machine (or its container) offers. */
 #include "core/platform.h"
 
+#include "core/gemm.h"
+
 #include <cblas.h>
 #include <stdarg.h>
 #include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
 #include <unistd.h>
+
+int moe_blas_small_kernels(void)
+{
+    /* -1 until read; the kernel set is fixed once OpenBLAS has loaded, so
+     * concurrent first calls store the same value. */
+    static int cached = -1;
+    int v = __atomic_load_n(&cached, __ATOMIC_RELAXED);
+    if (v < 0) {
+        const char *core = openblas_get_corename();
+        v = core && (!strcasecmp(core, "skylakex") || !strcasecmp(core, "cooperlake") ||
+                     !strcasecmp(core, "sapphirerapids"));
+        __atomic_store_n(&cached, v, __ATOMIC_RELAXED);
+    }
+    return v;
+}
 
 static void copy_field(char *dst, size_t cap, const char *src)
 {
