@@ -146,28 +146,29 @@ for name in $CONFIGS; do
     run_12() {
         rm -rf "$out"
         set_threads 2
+        local bin=$MOE
+        [[ ${1:-} == mem ]] && bin=$tmp/rss_wrap
+        "$bin" train $(moe_args $d $L $NH $E $k $F $T $B "$out") > "$tmp/log" 2>&1 || { cat "$tmp/log" >&2; exit 1; }
         if [[ ${1:-} == mem ]]; then
-            "$tmp/rss_wrap" train $(moe_args $d $L $NH $E $k $F $T $B "$out") > "$tmp/log" 2>&1 || { cat "$tmp/log" >&2; exit 1; }
             rss1=$(best "$rss1" "$(cat "$tmp/rss.0")"); hwm1=$(best "$hwm1" "$(cat "$tmp/hwm.0")")
             base1=$(base_mb "$tmp/log")
-            return
+        else
+            s=$(steady "$out/metrics.jsonl"); r12+=("$(jget "$s" tok_s)"); drop=$(jget "$s" drop); blas=$(jget "$s" blas)
         fi
-        "$MOE" train $(moe_args $d $L $NH $E $k $F $T $B "$out") > "$tmp/log" 2>&1 || { cat "$tmp/log" >&2; exit 1; }
-        s=$(steady "$out/metrics.jsonl"); r12+=("$(jget "$s" tok_s)"); drop=$(jget "$s" drop); blas=$(jget "$s" blas)
     }
     run_21() {
         rm -rf "$out"
+        local bin=$MOE
+        [[ ${1:-} == mem ]] && bin=$tmp/rss_wrap
+        env -u OPENBLAS_NUM_THREADS -u OMP_NUM_THREADS MOE_BIN="$bin" "$REPO_DIR/launch/moe-local" 2 train \
+            $(moe_args $d $L $NH $E $k $F $T $B "$out") > "$tmp/log" 2>&1 || { cat "$tmp/log" >&2; exit 1; }
         if [[ ${1:-} == mem ]]; then
-            env -u OPENBLAS_NUM_THREADS -u OMP_NUM_THREADS MOE_BIN="$tmp/rss_wrap" "$REPO_DIR/launch/moe-local" 2 train \
-                $(moe_args $d $L $NH $E $k $F $T $B "$out") > "$tmp/log" 2>&1 || { cat "$tmp/log" >&2; exit 1; }
             rss2a=$(best "$rss2a" "$(cat "$tmp/rss.0")"); rss2b=$(best "$rss2b" "$(cat "$tmp/rss.1")")
             hwm2a=$(best "$hwm2a" "$(cat "$tmp/hwm.0")"); hwm2b=$(best "$hwm2b" "$(cat "$tmp/hwm.1")")
             base2=$(base_mb "$tmp/log")
-            return
+        else
+            s=$(steady "$out/metrics.jsonl"); r21+=("$(jget "$s" tok_s)")
         fi
-        env -u OPENBLAS_NUM_THREADS -u OMP_NUM_THREADS "$REPO_DIR/launch/moe-local" 2 train \
-            $(moe_args $d $L $NH $E $k $F $T $B "$out") > "$tmp/log" 2>&1 || { cat "$tmp/log" >&2; exit 1; }
-        s=$(steady "$out/metrics.jsonl"); r21+=("$(jget "$s" tok_s)")
     }
     run_11() {
         rm -rf "$out"
