@@ -284,22 +284,41 @@ static moe_status dump_grads(moe_train_run *r, int64_t step, const moe_train_sta
     return st;
 }
 
-/* Writes out_dir/ckpt-<step>.h5 and points `latest` at it. */
-static moe_status save_checkpoint(moe_train_run *r, double *seconds)
+/* The step's metrics line, on disk before its checkpoint is committed
+ * (rank 0; fsync: the line must outlive a crash as the checkpoint does). */
+static moe_status write_metrics_durable(moe_train_run *r, const moe_train_progress *p)
+{
+    moe_status st = write_metrics(r, p);
+    if (!st && fsync(fileno(r->metrics)) != 0)
+        st = moe_errorf(MOE_ERR_IO, "cannot write %s/metrics.jsonl (step %lld): %s", r->cfg.out_dir,
+                        (long long)p->step, strerror(errno));
+    return st;
+}
+
+/* Writes out_dir/ckpt-<step>.h5, then rank 0 writes the step's metrics line
+ * and only then points `latest` at the file. In the other order a kill
+ * between the two would resume after this step with its line never
+ * written; in this one it resumes from the previous checkpoint and does the
+ * step again. Collective; p->checkpoint_s is the write's time. */
+static moe_status save_checkpoint(moe_train_run *r, moe_train_progress *p)
 {
     char path[1200];
     const double t0 = moe_now(), interval = t0 - r->last_ckpt;
     moe_status st = moe_ckpt_path(path, sizeof path, r->cfg.out_dir, r->step);
     moe_ckpt_state s;
     ckpt_state(r, &s, r->step, r->tokens_seen);
-    if (!st) st = moe_ckpt_save(path, r->comm, &s);
+    if (!st) st = moe_ckpt_save(path, r->comm, &s); /* agreed: every rank has the same status */
+    if (st) return st;
+    p->checkpoint_s = moe_now() - t0;
+    p->elapsed_s = moe_now() - r->t_start;
+    if (r->metrics) st = write_metrics_durable(r, p);
     if (!st && r->rank == 0) st = moe_ckpt_commit(r->cfg.out_dir, path, r->cfg.keep_last);
     st = moe_comm_agree_detail(r->comm, MOE_SCOPE_WORLD, st);
-    *seconds = moe_now() - t0;
+    const double seconds = moe_now() - t0;
     if (st) return st;
-    r->ckpt_total += *seconds;
+    r->ckpt_total += seconds;
     r->last_ckpt = moe_now();
-    if (r->cb.on_checkpoint) defer(r, r->cb.on_checkpoint(r->cb.ctx, r->step, path, *seconds, interval));
+    if (r->cb.on_checkpoint) defer(r, r->cb.on_checkpoint(r->cb.ctx, r->step, path, seconds, interval));
     return MOE_OK;
 }
 
@@ -737,14 +756,16 @@ moe_status moe_train_run_step(moe_train_run *r)
     double req = r->cb.request ? (double)r->cb.request(r->cb.ctx, r->step) : 0.0;
     if ((st = moe_comm_allmax_f64(r->comm, MOE_SCOPE_WORLD, &req, 1))) return st;
     r->stopped = req >= MOE_TRAIN_STOP;
-    if ((c->ckpt_every > 0 && r->step % c->ckpt_every == 0) || r->step == c->steps || req >= MOE_TRAIN_CHECKPOINT)
-        if ((st = save_checkpoint(r, &p.checkpoint_s))) return st;
     p.last_val_loss = r->last_val;
     p.last_val_bpb = r->last_val_bpb;
     p.tokens_per_s = (double)c->batch_size * S / t_step; /* the step alone */
     load_figures(&ts->model, &p.max_over_mean_load, &p.dropped_frac);
     p.elapsed_s = moe_now() - r->t_start;
-    if (r->metrics) defer(r, write_metrics(r, &p));
+    if ((c->ckpt_every > 0 && r->step % c->ckpt_every == 0) || r->step == c->steps || req >= MOE_TRAIN_CHECKPOINT) {
+        if ((st = save_checkpoint(r, &p))) return st; /* writes the metrics line */
+    } else if (r->metrics) {
+        defer(r, write_metrics(r, &p));
+    }
     if (r->cb.on_step) defer(r, r->cb.on_step(r->cb.ctx, &p));
     /* No next step to carry a failure: agree now. */
     if (r->step == c->steps || r->stopped) return moe_comm_agree_detail(r->comm, MOE_SCOPE_WORLD, take_pending(r));

@@ -34,7 +34,7 @@ typedef struct {
     double tokens_per_s;       /* of the step alone (not validation or checkpoints) */
     double max_over_mean_load; /* worst max/mean expert load over the MoE layers */
     double dropped_frac;       /* dropped / (kept + dropped) assignments */
-    double checkpoint_s;       /* seconds of the checkpoint written after it, 0 if none */
+    double checkpoint_s;       /* seconds writing the step's checkpoint file, 0 if none */
     double elapsed_s;          /* since moe_train_run_create returned */
 } moe_train_progress;
 

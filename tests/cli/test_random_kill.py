@@ -106,8 +106,12 @@ def body(cli):
         rank, delay = hit
         good = latest_step(run)
         finals = sorted(int(n[5:11]) for n in os.listdir(run) if n.startswith("ckpt-") and n.endswith(".h5"))
-        check(good == (finals[-1] if finals else None),
-              f"trial {trial}: latest names step {good}, complete checkpoints are {finals}")
+        # The checkpoint file takes its final name just before `latest` moves
+        # to it (after the step's metrics line): a kill in between leaves
+        # one complete checkpoint newer than `latest`, which the resume
+        # writes again.
+        allowed = finals[-2:] if len(finals) >= 2 else finals + [None]
+        check(good in allowed, f"trial {trial}: latest names step {good}, complete checkpoints are {finals}")
         for s in finals:
             verify(cli, os.path.join(run, f"ckpt-{s:06d}.h5"))
         # resume = auto: from the directory's latest checkpoint, or from

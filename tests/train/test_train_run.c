@@ -5,7 +5,8 @@
  * parameters and AdamW moments are bitwise those of the uninterrupted run
  * (same rank count: bitwise by construction, batches and noise are pure
  * functions of (seed, step)); metrics.jsonl has one line per step and
- * `latest` names the last checkpoint. Bad input (a missing data file) fails
+ * `latest` names the last checkpoint; whenever `latest` moves, the step's
+ * metrics line is already written. Bad input (a missing data file) fails
  * on every rank with the file named. */
 #include <math.h>
 #include <stdio.h>
@@ -40,10 +41,40 @@ static moe_status on_step(void *ctx, const moe_train_progress *p)
     return MOE_OK;
 }
 
+/* The last line of path, or "" */
+static void last_line(const char *path, char *buf, size_t cap)
+{
+    buf[0] = '\0';
+    FILE *f = fopen(path, "r");
+    if (!f) return;
+    char line[8192];
+    while (fgets(line, sizeof line, f)) snprintf(buf, cap, "%s", line);
+    fclose(f);
+}
+
+/* Called once `latest` names the new checkpoint. By then the step's
+ * metrics line must be in metrics.jsonl: a kill at this moment resumes
+ * after the step and never writes its line again. */
 static moe_status on_checkpoint(void *ctx, int64_t step, const char *path, double s, double interval)
 {
-    (void)step, (void)path, (void)s, (void)interval;
-    ((record *)ctx)->checkpoints++;
+    (void)s, (void)interval;
+    record *r = ctx;
+    r->checkpoints++;
+    if (rank == 0) {
+        char dir[1024], file[1100], line[8192], want[64];
+        snprintf(dir, sizeof dir, "%s", path);
+        char *slash = strrchr(dir, '/');
+        CHECK(slash != NULL);
+        if (!slash) return MOE_OK;
+        *slash = '\0';
+        snprintf(file, sizeof file, "%s/latest", dir);
+        last_line(file, line, sizeof line);
+        CHECK(strstr(line, slash + 1) != NULL);
+        snprintf(file, sizeof file, "%s/metrics.jsonl", dir);
+        last_line(file, line, sizeof line);
+        snprintf(want, sizeof want, "{\"step\":%lld,", (long long)step);
+        CHECK(strncmp(line, want, strlen(want)) == 0);
+    }
     return MOE_OK;
 }
 
