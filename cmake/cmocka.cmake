@@ -67,12 +67,6 @@ function(moe_finalize_tests)
     set_property(GLOBAL PROPERTY MOE_TEST_COUNT ${moe_n})
     file(MAKE_DIRECTORY ${MOE_OMPI_TMP_ROOT}/${moe_n})
     set_property(TEST ${t} APPEND PROPERTY ENVIRONMENT OMPI_MCA_orte_tmpdir_base=${MOE_OMPI_TMP_ROOT}/${moe_n})
-    # PMIx's shared-memory store (gds ds21) keeps a lock in shared memory:
-    # a rank SIGKILLed while it holds it (in MPI_Init) leaves mpirun hung in
-    # its finalize after the job is gone (openpmix issue 1233; seen here 2
-    # in 95 kills at 0.05-0.35 s). The hash store has no such lock.
-    # launch/moe-local sets the same (docs/cluster.md).
-    set_property(TEST ${t} APPEND PROPERTY ENVIRONMENT PMIX_MCA_gds=hash)
     get_test_property(${t} LABELS labels)
     if(ARG_LABEL)
       set_property(TEST ${t} APPEND PROPERTY LABELS ${ARG_LABEL})
