@@ -1,6 +1,7 @@
-/* The one GEMM form of the forward passes, C = A B^T (+ beta C), with a
- * row-by-row sgemv path for few rows: the decode step of generation runs
- * every linear layer and every expert on one to a few tokens. */
+/* The one GEMM form of the forward passes, C = A B^T (+ beta C), with two
+ * few-row paths (row-by-row sgemv, and moerun's own AVX-512 kernel in
+ * core/gemm.c): the decode step of generation runs every linear layer and
+ * every expert on one to a few tokens. */
 #ifndef MOE_CORE_GEMM_H
 #define MOE_CORE_GEMM_H
 
@@ -30,18 +31,58 @@ static inline int moe_gemv_rows(int M, int N)
     return moe_blas_small_kernels() ? M >= 2 && N >= 1024 : 1;
 }
 
+/* Up to this many rows, on the AVX-512 kernel sets (moe_blas_small_kernels,
+ * which only run where the CPU has AVX-512), moerun's own few-row kernel
+ * (core/gemm.c) instead of either BLAS path: it reads B once where
+ * OpenBLAS 0.3.21's sgemm packs all of it (4-32 rows: 1.3-4x faster,
+ * bench/gemm_rows.sh). Tied to the kernel set rather than to the CPU alone
+ * so that every rank of a job, whose kernel sets start-up checks to agree
+ * (core/platform.h), takes the same path. */
+#define MOE_ROWS_MAX 32
+
+/* 1 where this CPU runs moe_sgemm_nt_rows' AVX-512 code (else it runs the
+ * reference loop); read once. */
+int moe_rows_kernel_runs(void);
+
+/* C (M, N) = A (M, K) B (N, K)^T + beta C, row-major, one thread: AVX-512
+ * where the CPU has it, else moe_sgemm_nt_rows_ref. Each element is one
+ * dot product over k in a fixed order (16 lanes, then a fixed tree), so a
+ * row of C does not depend on M or on the other rows. beta 0 never reads
+ * C. Meant for few rows: it does not block for caches over M. */
+void moe_sgemm_nt_rows(int M, int N, int K, const float *A, int lda, const float *B, int ldb, float beta, float *C,
+                       int ldc);
+/* The same, plain loops (the test's reference for the fast kernel). */
+void moe_sgemm_nt_rows_ref(int M, int N, int K, const float *A, int lda, const float *B, int ldb, float beta,
+                           float *C, int ldc);
+
+/* Which path moe_sgemm_nt takes for (M, N). */
+typedef enum { MOE_NT_SGEMM, MOE_NT_SGEMV_ROWS, MOE_NT_ROWS_KERNEL } moe_nt_path;
+
+static inline moe_nt_path moe_nt_path_for(int M, int N)
+{
+    if (moe_blas_small_kernels() && moe_rows_kernel_runs() && M <= MOE_ROWS_MAX) {
+        /* 1-3 rows of a narrow B: OpenBLAS's small-matrix kernels are as
+         * fast or a little faster (bench/gemm_rows.sh) */
+        return M >= 4 || (M >= 2 && N >= 1024) ? MOE_NT_ROWS_KERNEL : MOE_NT_SGEMM;
+    }
+    return moe_gemv_rows(M, N) ? MOE_NT_SGEMV_ROWS : MOE_NT_SGEMM;
+}
+
 /* Row-major C (M, N) = A (M, K) B (N, K)^T + beta C, leading dimensions lda,
- * ldb, ldc. Each row of C is what sgemv or sgemm returns for it: which one
- * depends on M, N and the kernel set, so a row's bits may depend on M
- * (OpenBLAS promises no more for sgemm alone). */
+ * ldb, ldc. Each row of C is what sgemv, sgemm or moe_sgemm_nt_rows returns
+ * for it: which one depends on M, N and the kernel set, so a row's bits may
+ * depend on M (OpenBLAS promises no more for sgemm alone). */
 static inline void moe_sgemm_nt(int M, int N, int K, const float *A, int lda, const float *B, int ldb, float beta,
                                 float *C, int ldc)
 {
-    if (moe_gemv_rows(M, N)) {
+    switch (moe_nt_path_for(M, N)) {
+    case MOE_NT_ROWS_KERNEL: moe_sgemm_nt_rows(M, N, K, A, lda, B, ldb, beta, C, ldc); return;
+    case MOE_NT_SGEMV_ROWS:
         for (int m = 0; m < M; m++)
             cblas_sgemv(CblasRowMajor, CblasNoTrans, N, K, 1.0f, B, ldb, A + (size_t)m * lda, 1, beta,
                         C + (size_t)m * ldc, 1);
         return;
+    case MOE_NT_SGEMM: break;
     }
     cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, M, N, K, 1.0f, A, lda, B, ldb, beta, C, ldc);
 }

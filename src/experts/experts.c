@@ -1,5 +1,5 @@
 /* Feed-forward experts, fast path: one single-threaded GEMM per matmul per
- * expert (sgemv rows for an expert with few tokens, core/gemm.h) with the
+ * expert (few-row paths for an expert with few tokens, core/gemm.h) with the
  * experts spread over the threads, or, for an
  * expert too big to share out, one expert at a time with the threads inside
  * its GEMMs (expert_plan decides). Biases are folded into the GEMM output (C

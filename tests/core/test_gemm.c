@@ -1,11 +1,13 @@
-/* The forward GEMM with its few-row path (core/gemm.h): moe_sgemm_nt
+/* The forward GEMM with its few-row paths (core/gemm.h): moe_sgemm_nt
  * against a float64 reference within the rounding bound of a K-term dot
  * product (the selftest's reference and bound, core/blas_check.h), for
- * 1-6 rows (both paths), narrow and 1024-wide outputs, odd K, strided
- * operands and beta 0 and 1; the documented path rule (never sgemv above
- * MOE_GEMV_MAX_ROWS; up to it always, or on the SkylakeX family only for
- * 2-3 rows of 1024 or more outputs); and that the kernel-set test names
- * exactly the SkylakeX family. */
+ * 1 to MOE_ROWS_MAX + 3 rows (every path), narrow and 1024-wide outputs,
+ * K with and without a 16-lane tail, strided operands and beta 0 and 1;
+ * moerun's few-row kernel called directly (whatever the kernel set) against
+ * its plain reference and float64, with the property it documents (a row's
+ * bits do not depend on M or on the other rows) and beta 0 never reading C;
+ * the documented path rule; and that the kernel-set test names exactly the
+ * SkylakeX family. */
 #include <cblas.h>
 #include <math.h>
 #include <setjmp.h>
@@ -13,6 +15,7 @@
 #include <stddef.h>
 #include <stdint.h>
 #include <stdlib.h>
+#include <string.h>
 #include <strings.h>
 
 #include <cmocka.h>
@@ -26,8 +29,17 @@ static float frand(uint32_t *s)
     return (float)((*s >> 8) & 0xffff) / 32768.0f - 1.0f;
 }
 
-/* One product: A (M, K) with lda = K + 3, B (N, K) with ldb = K + 1, C (M, N) with ldc = N + 2. */
-static void check_product(int M, int N, int K, float beta)
+typedef void (*nt_fn)(int M, int N, int K, const float *A, int lda, const float *B, int ldb, float beta, float *C,
+                      int ldc);
+
+static void call_nt(int M, int N, int K, const float *A, int lda, const float *B, int ldb, float beta, float *C,
+                    int ldc)
+{
+    moe_sgemm_nt(M, N, K, A, lda, B, ldb, beta, C, ldc);
+}
+
+/* One product by f: A (M, K) with lda = K + 3, B (N, K) with ldb = K + 1, C (M, N) with ldc = N + 2. */
+static void check_product_with(nt_fn f, int M, int N, int K, float beta)
 {
     const int lda = K + 3, ldb = K + 1, ldc = N + 2;
     float *A = malloc(sizeof(float) * (size_t)M * lda), *B = malloc(sizeof(float) * (size_t)N * ldb);
@@ -40,7 +52,7 @@ static void check_product(int M, int N, int K, float beta)
     for (int i = 0; i < M * lda; i++) A[i] = frand(&s);
     for (int i = 0; i < N * ldb; i++) B[i] = frand(&s);
     for (int i = 0; i < M * ldc; i++) C0[i] = C[i] = frand(&s);
-    moe_sgemm_nt(M, N, K, A, lda, B, ldb, beta, C, ldc);
+    f(M, N, K, A, lda, B, ldb, beta, C, ldc);
     double *ref = malloc(sizeof(double) * (size_t)M * N), *mag = malloc(sizeof(double) * (size_t)M * N);
     assert_non_null(ref);
     assert_non_null(mag);
@@ -65,12 +77,17 @@ static void check_product(int M, int N, int K, float beta)
     free(C0);
 }
 
+static void check_product(int M, int N, int K, float beta)
+{
+    check_product_with(call_nt, M, N, K, beta);
+}
+
 static void test_against_float64(void **state)
 {
     (void)state;
     static const int Ns[] = {1, 8, 384, 1024, 1031};
-    static const int Ks[] = {1, 7, 256};
-    for (int M = 1; M <= MOE_GEMV_MAX_ROWS + 3; M++)
+    static const int Ks[] = {1, 7, 16, 33, 256};
+    for (int M = 1; M <= MOE_ROWS_MAX + 3; M++)
         for (size_t ni = 0; ni < sizeof Ns / sizeof *Ns; ni++)
             for (size_t ki = 0; ki < sizeof Ks / sizeof *Ks; ki++) {
                 check_product(M, Ns[ni], Ks[ki], 0.0f);
@@ -78,18 +95,74 @@ static void test_against_float64(void **state)
             }
 }
 
+/* The few-row kernel itself, and its plain reference, against float64:
+ * every tile shape (row tails 1-3, column tails 1-3), K tails. */
+static void test_rows_kernel(void **state)
+{
+    (void)state;
+    static const int Ns[] = {1, 2, 3, 4, 5, 7, 64, 1030};
+    static const int Ks[] = {0, 1, 15, 16, 17, 64, 100, 512};
+    for (int M = 1; M <= 9; M++)
+        for (size_t ni = 0; ni < sizeof Ns / sizeof *Ns; ni++)
+            for (size_t ki = 0; ki < sizeof Ks / sizeof *Ks; ki++)
+                for (int b = 0; b < 2; b++) {
+                    check_product_with(moe_sgemm_nt_rows, M, Ns[ni], Ks[ki], (float)b);
+                    check_product_with(moe_sgemm_nt_rows_ref, M, Ns[ni], Ks[ki], (float)b);
+                }
+    check_product_with(moe_sgemm_nt_rows, 40, 77, 300, 1.0f); /* beyond MOE_ROWS_MAX still right */
+}
+
+/* Row m of C is the same bits whether it is computed among M rows or
+ * alone, at every position in its 4-row block; beta 0 stores without
+ * reading C (a NaN there does not leak). */
+static void test_rows_kernel_row_independent(void **state)
+{
+    (void)state;
+    const int M = 11, N = 37, K = 83;
+    float *A = malloc(sizeof(float) * M * K), *B = malloc(sizeof(float) * N * K);
+    float *C = malloc(sizeof(float) * M * N), *row = malloc(sizeof(float) * N);
+    assert_non_null(A);
+    assert_non_null(B);
+    assert_non_null(C);
+    assert_non_null(row);
+    uint32_t s = 12345;
+    for (int i = 0; i < M * K; i++) A[i] = frand(&s);
+    for (int i = 0; i < N * K; i++) B[i] = frand(&s);
+    for (int i = 0; i < M * N; i++) C[i] = NAN;
+    moe_sgemm_nt_rows(M, N, K, A, K, B, K, 0.0f, C, N);
+    for (int m = 0; m < M; m++) {
+        for (int n = 0; n < N; n++) row[n] = NAN;
+        moe_sgemm_nt_rows(1, N, K, A + (size_t)m * K, K, B, K, 0.0f, row, N);
+        for (int n = 0; n < N; n++) {
+            assert_false(isnan(C[(size_t)m * N + n]));
+            if (memcmp(&row[n], &C[(size_t)m * N + n], sizeof(float)))
+                fail_msg("row %d column %d: %.9g among %d rows, %.9g alone", m, n, (double)C[(size_t)m * N + n], M,
+                         (double)row[n]);
+        }
+    }
+    free(A);
+    free(B);
+    free(C);
+    free(row);
+}
+
 static void test_path_rule(void **state)
 {
     (void)state;
-    const int small = moe_blas_small_kernels();
+    const int small = moe_blas_small_kernels(), own = small && moe_rows_kernel_runs();
     static const int Ns[] = {1, 8, 255, 256, 511, 512, 1023, 1024, 1025, 4096};
-    for (int M = 1; M <= 16; M++)
+    for (int M = 1; M <= MOE_ROWS_MAX + 8; M++)
         for (size_t ni = 0; ni < sizeof Ns / sizeof *Ns; ni++) {
-            const int N = Ns[ni], rows = moe_gemv_rows(M, N);
-            if (M > MOE_GEMV_MAX_ROWS) assert_false(rows);
-            else if (!small) assert_true(rows);
-            else assert_int_equal(rows, M >= 2 && N >= 1024);
+            const int N = Ns[ni];
+            const moe_nt_path p = moe_nt_path_for(M, N);
+            if (own && M <= MOE_ROWS_MAX)
+                assert_int_equal(p, M >= 4 || (M >= 2 && N >= 1024) ? MOE_NT_ROWS_KERNEL : MOE_NT_SGEMM);
+            else if (M > MOE_GEMV_MAX_ROWS) assert_int_equal(p, MOE_NT_SGEMM);
+            else if (!small) assert_int_equal(p, MOE_NT_SGEMV_ROWS);
+            else assert_int_equal(p, M >= 2 && N >= 1024 ? MOE_NT_SGEMV_ROWS : MOE_NT_SGEMM);
         }
+    /* the AVX-512 kernel sets only run where the few-row kernel does (cli/main.c refuses others) */
+    if (small) assert_true(moe_rows_kernel_runs());
 }
 
 static void test_kernel_set(void **state)
@@ -107,6 +180,8 @@ int main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_against_float64),
+        cmocka_unit_test(test_rows_kernel),
+        cmocka_unit_test(test_rows_kernel_row_independent),
         cmocka_unit_test(test_path_rule),
         cmocka_unit_test(test_kernel_set),
     };
