@@ -141,7 +141,11 @@ static void load_figures(const moe_model_stats *s, double *balance, double *drop
     *drop_frac = kept + dropped > 0 ? dropped / (kept + dropped) : 0;
 }
 
-static moe_status write_metrics(moe_train_run *r, const moe_train_progress *p)
+/* Appends the step's line to metrics.jsonl (rank 0). durable: fsync it as
+ * well, for a checkpoint step, whose line must outlive a crash as the
+ * checkpoint does. A failed write or fsync cuts the file back to before the
+ * line and ends the run with the error. */
+static moe_status write_metrics(moe_train_run *r, const moe_train_progress *p, int durable)
 {
     const moe_train_stats *ts = p->stats;
     const double val = p->val_loss, ckpt_s = p->checkpoint_s;
@@ -211,6 +215,7 @@ static moe_status write_metrics(moe_train_run *r, const moe_train_progress *p)
     errno = 0;
     int ok = fprintf(r->metrics, "%s\n", s) >= 0;
     ok = fflush(r->metrics) == 0 && ok;
+    if (ok && durable) ok = fsync(fileno(r->metrics)) == 0;
     const int err = errno ? errno : EIO;
     free(s);
     if (!ok) {
@@ -284,17 +289,6 @@ static moe_status dump_grads(moe_train_run *r, int64_t step, const moe_train_sta
     return st;
 }
 
-/* The step's metrics line, on disk before its checkpoint is committed
- * (rank 0; fsync: the line must outlive a crash as the checkpoint does). */
-static moe_status write_metrics_durable(moe_train_run *r, const moe_train_progress *p)
-{
-    moe_status st = write_metrics(r, p);
-    if (!st && fsync(fileno(r->metrics)) != 0)
-        st = moe_errorf(MOE_ERR_IO, "cannot write %s/metrics.jsonl (step %lld): %s", r->cfg.out_dir,
-                        (long long)p->step, strerror(errno));
-    return st;
-}
-
 /* Writes out_dir/ckpt-<step>.h5, then rank 0 writes the step's metrics line
  * and only then points `latest` at the file. In the other order a kill
  * between the two would resume after this step with its line never
@@ -310,8 +304,8 @@ static moe_status save_checkpoint(moe_train_run *r, moe_train_progress *p)
     if (!st) st = moe_ckpt_save(path, r->comm, &s); /* agreed: every rank has the same status */
     if (st) return st;
     p->checkpoint_s = moe_now() - t0;
-    p->elapsed_s = moe_now() - r->t_start;
-    if (r->metrics) st = write_metrics_durable(r, p);
+    p->elapsed_s = moe_now() - r->t_start; /* the step's time now includes the write */
+    if (r->metrics) st = write_metrics(r, p, 1);
     if (!st && r->rank == 0) st = moe_ckpt_commit(r->cfg.out_dir, path, r->cfg.keep_last);
     st = moe_comm_agree_detail(r->comm, MOE_SCOPE_WORLD, st);
     const double seconds = moe_now() - t0;
@@ -760,11 +754,11 @@ moe_status moe_train_run_step(moe_train_run *r)
     p.last_val_bpb = r->last_val_bpb;
     p.tokens_per_s = (double)c->batch_size * S / t_step; /* the step alone */
     load_figures(&ts->model, &p.max_over_mean_load, &p.dropped_frac);
-    p.elapsed_s = moe_now() - r->t_start;
     if ((c->ckpt_every > 0 && r->step % c->ckpt_every == 0) || r->step == c->steps || req >= MOE_TRAIN_CHECKPOINT) {
-        if ((st = save_checkpoint(r, &p))) return st; /* writes the metrics line */
-    } else if (r->metrics) {
-        defer(r, write_metrics(r, &p));
+        if ((st = save_checkpoint(r, &p))) return st; /* writes the metrics line; sets elapsed_s */
+    } else {
+        p.elapsed_s = moe_now() - r->t_start;
+        if (r->metrics) defer(r, write_metrics(r, &p, 0));
     }
     if (r->cb.on_step) defer(r, r->cb.on_step(r->cb.ctx, &p));
     /* No next step to carry a failure: agree now. */
