@@ -2,7 +2,7 @@
  * (core/gemm.h: moerun's own few-row kernel up to MOE_ROWS_MAX rows on the
  * AVX-512 kernel sets; else one sgemv per row up to MOE_GEMV_MAX_ROWS rows,
  * unless the kernel set has small-matrix sgemm kernels), at the forward
- * shapes of a generation step, M = 1..64 rows; also the sgemv rows alone
+ * shapes of a generation step, M = 1..128 rows; also the sgemv rows alone
  * (up to 8 rows) and the few-row kernel alone (where the CPU runs it), so
  * the table shows every path and the one taken. The sides alternate within
  * each round; the figure is the median over rounds.
@@ -79,8 +79,8 @@ int main(int argc, char **argv)
         fprintf(stderr, "gemm_rows_bench: --rounds must be in [1, 99]\n");
         return 2;
     }
-    static const int Ms[] = {1, 2, 3, 4, 5, 6, 7, 8, 12, 16, 20, 24, 32, 48, 64};
-    const int max_m = 64, n_ms = (int)(sizeof Ms / sizeof Ms[0]), n_shapes = (int)(sizeof shapes / sizeof shapes[0]);
+    static const int Ms[] = {1, 2, 3, 4, 5, 6, 7, 8, 12, 16, 20, 24, 32, 48, 64, 128};
+    const int max_m = 128, n_ms = (int)(sizeof Ms / sizeof Ms[0]), n_shapes = (int)(sizeof shapes / sizeof shapes[0]);
     const int have_rows = moe_rows_kernel_runs();
     float *A = malloc(sizeof(float) * max_m * 1024), *B = malloc(sizeof(float) * 1024 * 1024),
           *C = malloc(sizeof(float) * max_m * 1024);

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Few-row GEMMs of the decode step: cblas_sgemm against moerun's few-row paths (core/gemm.h), one thread.
-# At the forward shapes of a generation step and M = 1..64 rows, every side
+# At the forward shapes of a generation step and M = 1..128 rows, every side
 # alternating in each round (bench/gemm_rows.c); the crossovers justify
 # MOE_GEMV_MAX_ROWS and MOE_ROWS_MAX. Prints a table and `PERF gemm_rows.<shape>_m<M> <ratio> x`.
 #   bench/gemm_rows.sh [ROUNDS]     (default 7; build first: launch/build)
