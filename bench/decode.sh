@@ -9,6 +9,11 @@
 # thread (experts sharded), PyTorch at 1 and at 2 threads, every MoE
 # formulation of bench/torch_layer.py (--study); median over rounds; the
 # strongest PyTorch formulation per thread count is the comparison.
+# The memory bound: a decoding step of moe (1 rank) reads B bytes of
+# parameters and cached keys/values (`moe generate --json`, counted by the
+# decoder); bench/membw.c reads a buffer of B bytes again and again on one
+# thread at R bytes/s; so no step can take less than B / R, and tokens/s is
+# at most batch x R / B. The fraction of that bound moe reaches is printed.
 #   bench/decode.sh [ROUNDS]      (default 3; build first: launch/build)
 set -euo pipefail
 source "$(dirname "$0")/env.sh"
@@ -39,8 +44,14 @@ moe_gen() { # ranks batch -> appends decode tok/s to $tmp/moe.<ranks>.<batch>
   if [[ $2 == 1 ]]; then prompt=(--prompt "07+17=4 "); else prompt=(--prompt_file "$tmp/prompts16.txt"); fi
   set_threads 1
   "${MPIRUN[@]}" $(bind_flags "$1" 1) -np "$1" -x OPENBLAS_NUM_THREADS -x OMP_NUM_THREADS -x OPENBLAS_CORETYPE -x OPENBLAS_THREAD_TIMEOUT \
-      "$MOE" generate --ckpt "$tmp/run" "${prompt[@]}" --tokens $TOKENS --seed 1 --json 2> /dev/null \
-    | "$PY" -c "import json,sys; print(json.load(sys.stdin)['decode_tokens_per_s'])" >> "$tmp/moe.$1.$2"
+      "$MOE" generate --ckpt "$tmp/run" "${prompt[@]}" --tokens $TOKENS --seed 1 --json 2> /dev/null > "$tmp/gen.json"
+  "$PY" -c "import json,sys; print(json.load(sys.stdin)['decode_tokens_per_s'])" < "$tmp/gen.json" >> "$tmp/moe.$1.$2"
+  # bytes per step of one rank (the same every round: a fixed seed)
+  if [[ $1 == 1 ]]; then
+    "$PY" -c "import json,sys; j = json.load(sys.stdin)
+print(j['decode_param_bytes_per_step'] + j['decode_kv_bytes_per_step'], j['decode_param_bytes_per_step'])" \
+      < "$tmp/gen.json" > "$tmp/bytes.$2"
+  fi
 }
 torch_gen() { # threads batch -> appends one JSON line per formulation to $tmp/torch.<threads>.<batch>
   set_threads "$1"
@@ -56,6 +67,13 @@ for r in $(seq "$ROUNDS"); do
       torch_gen 2 $batch; torch_gen 1 $batch; moe_gen 2 $batch; moe_gen 1 $batch
     fi
   done
+done
+
+MEMBW=${MEMBW_BENCH:-$REPO_DIR/build/tests/model/membw_bench}
+[[ -x $MEMBW ]] || { echo "no bandwidth benchmark at $MEMBW (build first, or set MEMBW_BENCH)" >&2; exit 2; }
+for batch in 1 16; do
+  read -r bytes _ < "$tmp/bytes.$batch"
+  for r in $(seq "$ROUNDS"); do "$MEMBW" --bytes "$bytes" --seconds 0.3 | awk '{print $3}' >> "$tmp/bw.$batch"; done
 done
 
 echo "kernels $OPENBLAS_CORETYPE; decode tokens/s, median of $ROUNDS rounds"
@@ -85,5 +103,24 @@ print(f"PERF_README decode.b{b}.ratio {r1:.2f} x generation vs PyTorch, batch {b
       f"(moe {moe[1]:.0f} tok/s)")
 print(f"PERF decode.b{b}.ratio_2cores {r2:.2f} x generation vs PyTorch, batch {b}, 2 cores each "
       f"(moe 2 ranks, PyTorch 2 threads)")
+EOF
+done
+
+echo "memory bound (moe 1 rank x 1 thread): a step reads its parameters and cached keys/values; one thread reads a"
+echo "buffer of that size at the rate below (bench/membw.c), so tokens/s <= batch x rate / bytes"
+for batch in 1 16; do
+  "$PY" - "$tmp" "$batch" << 'EOF'
+import statistics, sys
+tmp, b = sys.argv[1], int(sys.argv[2])
+total, params = (float(x) for x in open(f"{tmp}/bytes.{b}").read().split())
+bw = statistics.median(float(x) for x in open(f"{tmp}/bw.{b}")) * 1e9
+moe = statistics.median(float(x) for x in open(f"{tmp}/moe.1.{b}"))
+bound = b * bw / total
+print(f"  batch {b:2d}: {total / 1e6:6.1f} MB per step ({params / 1e6:.1f} MB parameters, {(total - params) / 1e6:.1f} MB "
+      f"keys/values), read at {bw / 1e9:5.1f} GB/s: bound {bound:7.0f} tok/s; moe {moe:6.0f} tok/s = "
+      f"{100 * moe / bound:3.0f}% of it")
+print(f"PERF decode.b{b}.bytes_per_step {total / 1e6:.1f} MB parameters and cached keys/values one decoding step reads, batch {b}")
+print(f"PERF decode.b{b}.read_gb_s {bw / 1e9:.1f} GB/s one-thread read rate over a buffer of that size (bench/membw.c)")
+print(f"PERF decode.b{b}.bound_fraction {100 * moe / bound:.0f} % moe decode tokens/s / memory bound, batch {b}, 1 rank x 1 thread")
 EOF
 done

@@ -184,6 +184,11 @@ static int print_json(const moe_infer_prompts *ps, const gen_text *gt, const moe
     cJSON_AddNumberToObject(j, "decode_tokens", (double)gs->decode_tokens);
     cJSON_AddNumberToObject(j, "slides", (double)gs->slides);
     cJSON_AddNumberToObject(j, "decode_tokens_per_s", gs->decode_s > 0 ? (double)gs->decode_tokens / gs->decode_s : 0);
+    /* rank 0's memory traffic per decoding step (moe_infer_decoder_last_bytes) */
+    const double steps = gs->decode_steps > 0 ? (double)gs->decode_steps : 1.0;
+    cJSON_AddNumberToObject(j, "decode_steps", (double)gs->decode_steps);
+    cJSON_AddNumberToObject(j, "decode_param_bytes_per_step", gs->decode_param_bytes / steps);
+    cJSON_AddNumberToObject(j, "decode_kv_bytes_per_step", gs->decode_kv_bytes / steps);
     return moe_cli_print_json(j);
 }
 

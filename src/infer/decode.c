@@ -43,7 +43,11 @@ struct moe_infer_decoder {
     moe_vocab_params vp;                  /* its parameters in the model's block */
     float *hsel;                          /* (n_max, C) final hidden states of the tokens whose distribution is wanted */
     int head_gemv;                        /* full head: one GEMV per token for calls of <= 4 tokens */
+    double param_bytes, kv_bytes;         /* read by the last call on this rank (moe_infer_decoder_last_bytes) */
 };
+
+/* n floats if p is there, else none: the parameter bytes a call reads. */
+static double floats_if(const void *p, double n) { return p ? n : 0.0; }
 
 /* Tensor `kind` of block l (-1: global) by the table's lookup, or NULL
  * with an error detail. */
@@ -230,11 +234,17 @@ static moe_status run_blocks(moe_infer_decoder *d, const int32_t *tokens, const 
     }
     const int C = d->C, KV = d->NKV * d->HD, k0 = d->NH * d->HD;
     const long NC = (long)n * C;
+    /* what the call streams: each token's embedding rows, every block's
+     * weights once, its keys and values up to its position */
+    double w = (double)n * C + floats_if(d->wpe, (double)n * C) + C + floats_if(d->lnfb, C), kv = 0;
+    for (int i = 0; i < n; i++) kv += 2.0 * KV * (d->pos[i] + 1) * d->L;
     for (int i = 0; i < n; i++)
         moe_model_encoder_forward(d->x + (size_t)i * C, &tokens[i], d->wte,
                                   d->wpe ? d->wpe + (size_t)d->pos[i] * C : NULL, 1, 1, C);
     for (int l = 0; l < d->L; l++) {
         const dec_block *b = &d->blk[l];
+        w += floats_if(b->ln1w, C) + floats_if(b->ln1b, C) + (double)d->QKV * C + floats_if(b->qkvb, d->QKV) +
+             (double)C * d->A + floats_if(b->projb, C) + floats_if(b->ln2w, C) + floats_if(b->ln2b, C);
         moe_model_norm_rows(d->m, d->ln, d->mean, d->rstd, d->x, b->ln1w, b->ln1b, n);
         moe_model_matmul_forward(d->qkv, d->ln, b->qkvw, b->qkvb, n, C, d->QKV);
         moe_model_qk_rows(d->m, l, d->qkv, d->rstd, d->pos, n);
@@ -251,7 +261,9 @@ static moe_status run_blocks(moe_infer_decoder *d, const int32_t *tokens, const 
             /* the n new tokens are one routing group; no noise */
             const moe_status st = moe_layer_forward(b->moe, d->tmp, d->ln, &b->mp, n, 1, NULL);
             if (st) return st;
+            w += moe_layer_forward_param_bytes(b->moe, &b->mp) / sizeof(float);
         } else {
+            w += (double)d->F1 * C + floats_if(b->fcb, d->F1) + (double)C * d->F + floats_if(b->fcpb, C);
             moe_model_matmul_forward(d->fch, d->ln, b->fcw, b->fcb, n, C, d->F1);
             moe_act_forward(d->fch_act, d->fch, n, d->F, d->act);
             moe_model_matmul_forward(d->tmp, d->fch_act, b->fcpw, b->fcpb, n, d->F, C);
@@ -260,6 +272,8 @@ static moe_status run_blocks(moe_infer_decoder *d, const int32_t *tokens, const 
     }
     moe_model_norm_rows(d->m, d->ln, d->mean, d->rstd, d->x, d->lnfw, d->lnfb, n);
     for (int i = 0; i < n; i++) d->len[seq[i]]++;
+    d->param_bytes = w * sizeof(float);
+    d->kv_bytes = kv * sizeof(float);
     return MOE_OK;
 }
 
@@ -271,6 +285,7 @@ moe_status moe_infer_decode(moe_infer_decoder *d, float *logits, const int32_t *
     moe_status st = run_blocks(d, tokens, seq, n);
     if (st) return st;
     /* the full head: wte (tied) or lm_head */
+    d->param_bytes += (double)d->V * d->C * sizeof(float);
     if (d->head_gemv && n <= 4) /* reads the head once per token, without packing it */
         for (int i = 0; i < n; i++)
             cblas_sgemv(CblasRowMajor, CblasNoTrans, d->V, d->C, 1.0f, d->head, d->C, d->ln + (size_t)i * d->C, 1,
@@ -281,6 +296,12 @@ moe_status moe_infer_decode(moe_infer_decoder *d, float *logits, const int32_t *
 }
 
 void moe_infer_decoder_set_head_gemv(moe_infer_decoder *d, int on) { d->head_gemv = on; }
+
+void moe_infer_decoder_last_bytes(const moe_infer_decoder *d, double *param_bytes, double *kv_bytes)
+{
+    *param_bytes = d->param_bytes;
+    *kv_bytes = d->kv_bytes;
+}
 
 moe_status moe_infer_decode_dist(moe_infer_decoder *d, moe_infer_dist *out, const int32_t *tokens, const int *seq,
                                  int n, const uint8_t *want)

@@ -110,7 +110,8 @@ static moe_status run(gen_state *g, int32_t *out, moe_infer_gen_stats *stats, mo
         if (st) return st;
     }
     double t1 = moe_now();
-    int64_t decoded = 0, slides = 0;
+    int64_t decoded = 0, slides = 0, steps = 0;
+    double param_bytes = 0, kv_bytes = 0;
     for (int t = 0; t < tokens; t++) {
         moe_status st = sample_step(g, next, comm, s, position);
         if (st) return st;
@@ -132,6 +133,11 @@ static moe_status run(gen_state *g, int32_t *out, moe_infer_gen_stats *stats, mo
             if ((st = moe_infer_decode_dist(g->d, &g->dist, g->tok, g->seq, m, NULL))) return st;
             for (int i = 0; i < m; i++) keep_row(g, g->seq[i], i);
             decoded += m;
+            double pb, kb;
+            moe_infer_decoder_last_bytes(g->d, &pb, &kb);
+            param_bytes += pb;
+            kv_bytes += kb;
+            steps++;
         }
         /* ... the others slide: the same decision on every rank (lengths only) */
         for (int b = 0; b < n; b++) {
@@ -149,6 +155,9 @@ static moe_status run(gen_state *g, int32_t *out, moe_infer_gen_stats *stats, mo
         stats->slides = slides;
         stats->prefill_s = t1 - t0;
         stats->decode_s = moe_now() - t1;
+        stats->decode_steps = steps;
+        stats->decode_param_bytes = param_bytes;
+        stats->decode_kv_bytes = kv_bytes;
     }
     return MOE_OK;
 }

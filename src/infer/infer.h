@@ -209,6 +209,15 @@ typedef struct {
  * head's baseline. Not collective. */
 void moe_infer_decoder_set_head_gemv(moe_infer_decoder *d, int on);
 
+/* Bytes the last decode call read on this rank: *param_bytes of parameters
+ * (each new token's embedding rows, every block's weights once, the MoE
+ * layers' router and the local experts that got rows, the full head; the
+ * vocabulary-expert head is not counted) and *kv_bytes of cached keys and
+ * values (each new token's sequence up to its position, every layer).
+ * What a decoding step must stream from memory, for a bandwidth bound
+ * (bench/decode.sh). Not collective. */
+void moe_infer_decoder_last_bytes(const moe_infer_decoder *d, double *param_bytes, double *kv_bytes);
+
 /* Candidates per row the decoder's head needs: vocab_size for the full
  * head, the K largest sets together for vocabulary experts (K = the model's
  * vocab_top_k, moe_model_set_vocab_top_k). Not collective. */
@@ -266,6 +275,8 @@ typedef struct {
     int64_t prefill_tokens, decode_tokens; /* tokens through the blocks: prompts, decoding steps */
     int64_t slides;                        /* context re-prefills (see moe_infer_generate) */
     double prefill_s, decode_s;            /* wall time of the prompt pass and of the decoding loop */
+    int64_t decode_steps;                  /* decoding calls (one per step with a sequence that has room) */
+    double decode_param_bytes, decode_kv_bytes; /* summed over them on this rank (moe_infer_decoder_last_bytes) */
 } moe_infer_gen_stats;
 
 /* Optional inputs of moe_infer_generate. */

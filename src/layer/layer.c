@@ -312,6 +312,21 @@ const int *moe_layer_expert_rows(const moe_layer *L) { return L->expert_rows; }
 const moe_layer_timing *moe_layer_get_timing(const moe_layer *L) { return &L->timing; }
 void moe_layer_reset_timing(moe_layer *L) { memset(&L->timing, 0, sizeof L->timing); }
 double moe_layer_expert_flops(const moe_layer *L) { return L->flops; }
+
+double moe_layer_forward_param_bytes(const moe_layer *L, const moe_layer_params *p)
+{
+    double f = (double)L->E * L->d + (p->noise_w && L->route->noise ? (double)L->E * L->d : 0) +
+               (p->expert_bias ? L->E : 0);
+    const double expert = (double)L->F1 * L->d + (double)L->d * L->F + (p->experts.b1 ? L->F1 : 0) +
+                          (p->experts.b2 ? L->d : 0);
+    for (int j = 0; j < L->El; j++)
+        if (L->expert_rows[j] > 0) f += expert;
+    if (L->S > 0)
+        f += L->S * ((double)L->F1s * L->d + (double)L->d * L->Fs + (p->shared.b1 ? L->F1s : 0) +
+                     (p->shared.b2 ? L->d : 0)) +
+             (p->shared_gate ? L->d : 0);
+    return f * sizeof(float);
+}
 moe_a2a *moe_layer_exchange(moe_layer *L) { return L->a2a; }
 
 /* Parameters of local experts [j0, ...). */

@@ -116,6 +116,11 @@ const moe_route *moe_layer_route(const moe_layer *L);
 const int *moe_layer_expert_rows(const moe_layer *L);
 const moe_layer_timing *moe_layer_get_timing(const moe_layer *L);
 void moe_layer_reset_timing(moe_layer *L);
+/* Bytes of parameters the last forward read on this rank: the router's
+ * weights (and selection bias), every local expert that got rows, the
+ * shared experts and their gate. A decoding step must stream these from
+ * memory (bench/decode.sh's bandwidth bound). Not collective. */
+double moe_layer_forward_param_bytes(const moe_layer *L, const moe_layer_params *p);
 /* Expert GEMM floating-point operations of the last forward+backward on this rank. */
 double moe_layer_expert_flops(const moe_layer *L);
 /* The layer's token exchange, for its counters (moe_a2a_bytes,

@@ -137,6 +137,44 @@ static void test_decode_matches_forward(void **state)
     }
 }
 
+/* The bytes a decoding call reports (moe_infer_decoder_last_bytes), against
+ * the parameter table: with expert choice one token goes to every expert,
+ * so a call reads every tensor once except wpe (one row) and wte (one row
+ * and all of it as the tied head); with top-2 token choice two of the E = 4
+ * experts per MoE layer. Keys and values: 2 (K, V) x its position + 1 rows
+ * of n_kv_heads x head_dim per layer. */
+static void test_decode_bytes(void **state)
+{
+    (void)state;
+    for (int tc = 0; tc < 2; tc++) {
+        moe_model *m = make_model(tc ? "token_choice" : "expert_choice", tc ? "0" : NULL, "gelu", 2);
+        const moe_tensor_table *t = moe_model_tensors(m);
+        double expert_floats = 0, wpe = 0, C = 0;
+        for (int i = 0; i < t->n; i++) {
+            if (t->t[i].expert_sharded) expert_floats += (double)moe_tensor_row_numel(&t->t[i]);
+            if (strstr(t->t[i].name, "wpe")) wpe = (double)t->t[i].shape[0] * t->t[i].shape[1], C = (double)t->t[i].shape[1];
+        }
+        assert_true(wpe > 0 && expert_floats > 0);
+        moe_infer_decoder *d = NULL;
+        assert_int_equal(moe_infer_decoder_create(&d, m, 2), MOE_OK);
+        int32_t text[4];
+        random_ids(text, 4, 9);
+        float logits[4 * V];
+        int seq[4] = {0, 0, 0, 0};
+        assert_int_equal(moe_infer_decode(d, logits, text, seq, 3), MOE_OK); /* prefill 3 */
+        assert_int_equal(moe_infer_decode(d, logits, text + 3, seq, 1), MOE_OK); /* position 3 */
+        double pb, kb;
+        moe_infer_decoder_last_bytes(d, &pb, &kb);
+        const double expect = 4.0 * ((double)t->total - wpe + C + C - (tc ? 2.0 * expert_floats : 0.0));
+        print_message("%s: %.0f parameter bytes (table %zu floats), %.0f key/value bytes\n",
+                      tc ? "token choice" : "expert choice", pb, t->total, kb);
+        assert_true(pb == expect);
+        assert_true(kb == 4.0 * 2 * C * 4 * 3); /* K and V, positions 0..3, 3 layers (kv width = C here) */
+        moe_infer_decoder_destroy(d);
+        moe_model_destroy(m);
+    }
+}
+
 /* Expert choice: a decoding step of B tokens is one group, so every expert
  * keeps exactly C = min(B, ceil(B c / E)) of them (c = 2, E = 4); a single
  * token goes to every expert, which is also what the full forward does on a
@@ -449,6 +487,7 @@ int main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_decode_matches_forward), cmocka_unit_test(test_decode_expert_choice),
+        cmocka_unit_test(test_decode_bytes),
         cmocka_unit_test(test_decode_errors),          cmocka_unit_test(test_generate_greedy_slides),
         cmocka_unit_test(test_eval_matches_model),     cmocka_unit_test(test_sampler),
         cmocka_unit_test(test_sampler_matches_ref),    cmocka_unit_test(test_config_text),
