@@ -34,8 +34,9 @@ static inline int moe_gemv_rows(int M, int N)
 /* Up to this many rows, on the AVX-512 kernel sets (moe_blas_small_kernels,
  * which only run where the CPU has AVX-512), moerun's own few-row kernel
  * (core/gemm.c) instead of either BLAS path: it reads B once where
- * OpenBLAS 0.3.21's sgemm packs all of it (4-32 rows: 1.3-4x faster,
- * bench/gemm_rows.sh). Tied to the kernel set rather than to the CPU alone
+ * OpenBLAS 0.3.21's sgemm packs all of it (4-32 rows: 1.4-9x faster where
+ * sgemm packs, within 12% where its small-matrix kernels still apply, e.g.
+ * 4 rows of 256 x 256 or an 8-output router; bench/gemm_rows.sh). Tied to the kernel set rather than to the CPU alone
  * so that every rank of a job, whose kernel sets start-up checks to agree
  * (core/platform.h), takes the same path. */
 #define MOE_ROWS_MAX 32
