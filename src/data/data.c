@@ -105,6 +105,12 @@ static moe_status pread_all(const data_file *f, uint8_t *buf, int64_t off, size_
     while (got < n) {
         ssize_t r = pread(f->fd, buf + got, n - got, (off_t)(off + (int64_t)got));
         if (r < 0 && errno == EINTR) continue;
+        if (r == 0) {
+            /* A file cut after the last check ends early: report it as the
+             * change it is, the same message whichever check sees it first. */
+            moe_status st = check_unchanged(f);
+            if (st != MOE_OK) return st;
+        }
         if (r <= 0)
             return moe_errorf(MOE_ERR_IO, "cannot read %zu bytes at offset %lld of %s '%s': %s", n, (long long)off,
                               f->role, f->path, r < 0 ? strerror(errno) : "the file is shorter than when it was opened");
