@@ -256,6 +256,8 @@ static int run(const void *opts, moe_comm *comm)
         }
         if (!st && tok) newline = (int32_t)moe_tok_rank(tok, (const uint8_t *)"\n", 1); /* every byte has a rank */
         if (!st) st = moe_infer_decoder_create(&d, m, n_prompts);
+        /* every rank decodes the same tokens: split the sequences over the ep group */
+        if (!st) st = moe_infer_decoder_set_split(d);
         if (!st && !(out = moe_calloc((size_t)n_prompts * o->tokens, sizeof(int32_t))))
             st = moe_errorf(MOE_ERR_NOMEM, "output");
         st = moe_comm_agree(comm, st);

@@ -416,6 +416,41 @@ moe_status moe_comm_bcast(moe_comm *c, void *buf, size_t n, int root)
     return MOE_OK;
 }
 
+moe_status moe_comm_allgatherv(moe_comm *c, moe_comm_scope s, void *out, const void *in, const int64_t *bytes)
+{
+    if ((unsigned)s > MOE_SCOPE_REPLICA) return moe_errorf(MOE_ERR_ARG, "unknown communicator scope %d", (int)s);
+    if (c->self) {
+        if (bytes[0] && in) memmove(out, in, (size_t)bytes[0]);
+        return MOE_OK;
+    }
+    MPI_Comm comm = moe_comm_mpi(c, s);
+    if (comm == MPI_COMM_NULL) return moe_errorf(MOE_ERR_ARG, "unknown communicator scope %d", (int)s);
+    int n = 0, me = 0;
+    MPI_Comm_size(comm, &n);
+    MPI_Comm_rank(comm, &me);
+    int stack_counts[16], stack_displs[16];
+    int *counts = n <= 16 ? stack_counts : malloc(2 * (size_t)n * sizeof(int));
+    if (!counts) return moe_errorf(MOE_ERR_NOMEM, "allgatherv: %d counts", n);
+    int *displs = n <= 16 ? stack_displs : counts + n;
+    /* bytes is the same everywhere, so every rank fails here alike */
+    int64_t total = 0;
+    for (int r = 0; r < n; r++) {
+        counts[r] = (int)bytes[r];
+        displs[r] = (int)total;
+        total += bytes[r];
+        if (bytes[r] < 0 || total > INT_MAX) {
+            if (counts != stack_counts) free(counts);
+            return moe_errorf(MOE_ERR_OVERFLOW, "allgatherv of %lld bytes exceeds INT_MAX", (long long)total);
+        }
+    }
+    moe_status st = MOE_OK;
+    MOE_MPI_KEEP_WD(st, c, (int)s, "gather (MPI_Allgatherv)",
+                    MPI_Allgatherv(in ? in : MPI_IN_PLACE, counts[me], MPI_BYTE, out, counts, displs, MPI_BYTE,
+                                   comm));
+    if (counts != stack_counts) free(counts);
+    return st;
+}
+
 moe_status moe_comm_allgather(moe_comm *c, void *out, const void *in, size_t n)
 {
     /* n is the same on every rank, so every rank takes this branch alike. */

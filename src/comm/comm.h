@@ -119,6 +119,12 @@ moe_status moe_comm_allmax_f64(moe_comm *c, moe_comm_scope s, double *buf, size_
 moe_status moe_comm_bcast(moe_comm *c, void *buf, size_t n, int root);
 /* Gather n bytes from every world rank into out (W * n bytes) on every rank. */
 moe_status moe_comm_allgather(moe_comm *c, void *out, const void *in, size_t n);
+/* Gather bytes[r] bytes from rank r of scope s (in) into out on every rank
+ * of s, in rank order (out holds the sum of bytes). bytes is the same on
+ * every rank of s. Collective over s; MOE_ERR_OVERFLOW past INT_MAX bytes
+ * in all (checked alike everywhere), MOE_ERR_MPI. in NULL: this rank's
+ * part is already in place in out (after the parts of the lower ranks). */
+moe_status moe_comm_allgatherv(moe_comm *c, moe_comm_scope s, void *out, const void *in, const int64_t *bytes);
 
 /* ---- watchdog: every blocking phase has a deadline (comm_timeout) ----
  *

@@ -44,6 +44,23 @@ struct moe_infer_decoder {
     float *hsel;                          /* (n_max, C) final hidden states of the tokens whose distribution is wanted */
     int head_gemv;                        /* full head: one GEMV per token for calls of <= 4 tokens */
     double param_bytes, kv_bytes;         /* read by the last call on this rank (moe_infer_decoder_last_bytes) */
+    /* the sequence split (moe_infer_decoder_set_split): sequence s lives on
+     * ep rank s P / S, the ranks [s_lo, s_lo + s_n) here */
+    moe_comm *comm;
+    int split, P, me, s_lo, s_n;
+    int slots;                            /* sequences the cache holds: S, or s_n with the split */
+    int nl;                               /* rows of the current call that live here */
+    int before;                           /* rows of the current call on lower ep ranks */
+    int *lseq;                            /* (n_max) sequence of each local row */
+    int *loc;                             /* (n_max) call index of each local row */
+    int *gpos;                            /* (n_max) row of each call token in the gathered (rank-major) order */
+    int in_order;                         /* 1 when that order is the call's own */
+    int64_t *gbytes;                      /* (P) bytes of each rank in a gather */
+    int *rows_of;                         /* (P) local rows of each rank */
+    int *gnext;                           /* (P) scratch: the next gathered row of each rank */
+    uint8_t *own;                         /* (n_max) 1 for the call tokens that live here */
+    float *full_x, *full_y;               /* (n_max, C) an MoE layer's whole group: inputs, outputs */
+    float *gath;                          /* (n_max, C) gathered rows in rank-major order */
 };
 
 /* n floats if p is there, else none: the parameter bytes a call reads. */
@@ -115,6 +132,10 @@ moe_status moe_infer_decoder_create(moe_infer_decoder **out, moe_model *m, int m
     d->F = c->d_ff;
     d->F1 = moe_f1(c->d_ff, c->activation);
     d->S = max_seqs;
+    d->slots = max_seqs;
+    d->comm = moe_model_comm(m);
+    d->P = 1;
+    d->s_n = max_seqs;
     d->n_max = max_seqs > d->T ? max_seqs : d->T;
     d->act = c->activation;
     const size_t N = (size_t)d->n_max, C = (size_t)d->C, KV = (size_t)d->NKV * d->HD;
@@ -123,6 +144,8 @@ moe_status moe_infer_decoder_create(moe_infer_decoder **out, moe_model *m, int m
     d->len = moe_calloc((size_t)d->S, sizeof(int));
     d->add = moe_calloc((size_t)d->S, sizeof(int));
     d->pos = moe_calloc(N, sizeof(int));
+    d->loc = moe_calloc(N, sizeof(int));
+    d->lseq = moe_calloc(N, sizeof(int));
     d->kc = moe_calloc(cache, sizeof(float));
     d->vc = moe_calloc(cache, sizeof(float));
     d->x = moe_calloc(N * C, sizeof(float));
@@ -139,7 +162,7 @@ moe_status moe_infer_decoder_create(moe_infer_decoder **out, moe_model *m, int m
     d->vp = moe_model_vocab_view(m, moe_model_params(m));
     if (d->vhead) d->hsel = moe_calloc(N * C, sizeof(float));
     moe_status st = MOE_OK;
-    if (!d->blk || !d->len || !d->add || !d->pos || !d->kc || !d->vc || !d->x || !d->ln || !d->mean ||
+    if (!d->blk || !d->len || !d->add || !d->pos || !d->loc || !d->lseq || !d->kc || !d->vc || !d->x || !d->ln || !d->mean ||
         !d->rstd || !d->qkv || !d->atty || !d->tmp || !d->fch || !d->fch_act || !d->scores ||
         (d->vhead && !d->hsel))
         st = moe_errorf(MOE_ERR_NOMEM, "decoder: key/value cache of %zu floats x 2 and buffers", cache);
@@ -155,8 +178,9 @@ moe_status moe_infer_decoder_create(moe_infer_decoder **out, moe_model *m, int m
 void moe_infer_decoder_destroy(moe_infer_decoder *d)
 {
     if (!d) return;
-    void *p[] = {d->blk, d->len, d->add, d->pos, d->kc, d->vc, d->x, d->ln, d->mean, d->rstd,
-                 d->qkv, d->atty, d->tmp, d->fch, d->fch_act, d->scores, d->hsel};
+    void *p[] = {d->blk, d->len, d->add, d->pos, d->loc, d->lseq, d->kc, d->vc, d->x, d->ln, d->mean, d->rstd,
+                 d->qkv, d->atty, d->tmp, d->fch, d->fch_act, d->scores, d->hsel, d->gpos, d->gbytes,
+                 d->rows_of, d->gnext, d->own, d->full_x, d->full_y, d->gath};
     for (size_t i = 0; i < sizeof p / sizeof p[0]; i++) moe_free(p[i]);
     moe_free(d);
 }
@@ -164,6 +188,43 @@ void moe_infer_decoder_destroy(moe_infer_decoder *d)
 void moe_infer_decoder_reset(moe_infer_decoder *d, int s)
 {
     if (s >= 0 && s < d->S) d->len[s] = 0;
+}
+
+moe_status moe_infer_decoder_set_split(moe_infer_decoder *d)
+{
+    const int P = moe_comm_ep_size(d->comm), me = moe_comm_ep_rank(d->comm);
+    if (P == 1 || d->split) return MOE_OK;
+    for (int s = 0; s < d->S; s++)
+        if (d->len[s]) return moe_errorf(MOE_ERR_ARG, "decoder: the split must come before the first token");
+    /* rank r: the sequences s with s P / S = r, i.e. [ceil(r S / P), ceil((r + 1) S / P)) */
+    const int lo = (int)(((int64_t)me * d->S + P - 1) / P), hi = (int)(((int64_t)(me + 1) * d->S + P - 1) / P);
+    const size_t N = (size_t)d->n_max, C = (size_t)d->C, KV = (size_t)d->NKV * d->HD;
+    const size_t cache = (size_t)d->L * (size_t)(hi > lo ? hi - lo : 1) * d->T * KV;
+    float *kc = moe_calloc(cache, sizeof(float)), *vc = moe_calloc(cache, sizeof(float));
+    d->gpos = moe_calloc(N, sizeof(int));
+    d->gbytes = moe_calloc((size_t)P, sizeof(int64_t));
+    d->rows_of = moe_calloc((size_t)P, sizeof(int));
+    d->gnext = moe_calloc((size_t)P, sizeof(int));
+    d->own = moe_calloc(N, 1);
+    d->full_x = moe_calloc(N * C, sizeof(float));
+    d->full_y = moe_calloc(N * C, sizeof(float));
+    d->gath = moe_calloc(N * C, sizeof(float));
+    if (!kc || !vc || !d->gpos || !d->gbytes || !d->rows_of || !d->gnext || !d->own || !d->full_x || !d->full_y || !d->gath) {
+        moe_free(kc);
+        moe_free(vc);
+        return moe_errorf(MOE_ERR_NOMEM, "decoder: split buffers");
+    }
+    moe_free(d->kc);
+    moe_free(d->vc);
+    d->kc = kc;
+    d->vc = vc;
+    d->split = 1;
+    d->P = P;
+    d->me = me;
+    d->s_lo = lo;
+    d->s_n = hi - lo;
+    d->slots = hi - lo;
+    return MOE_OK;
 }
 
 int moe_infer_decoder_max_seqs(const moe_infer_decoder *d) { return d->S; }
@@ -182,7 +243,54 @@ int moe_infer_decoder_length(const moe_infer_decoder *d, int s) { return s >= 0 
 /* Cache row of (layer l, sequence s, position t): NKV HD floats. */
 static size_t cache_row(const moe_infer_decoder *d, int l, int s, int t)
 {
-    return (((size_t)l * d->S + s) * d->T + t) * (size_t)d->NKV * d->HD;
+    return (((size_t)l * d->slots + (s - d->s_lo)) * d->T + t) * (size_t)d->NKV * d->HD;
+}
+
+/* The ep rank where sequence s lives (0 without the split). */
+static int owner(const moe_infer_decoder *d, int s) { return (int)((int64_t)s * d->P / d->S); }
+
+/* The call's layout under the split: loc (this rank's rows), own, and the
+ * row of each token in the rank-major order a gather delivers. */
+static void split_layout(moe_infer_decoder *d, const int *seq, int n)
+{
+    int nl = 0;
+    for (int r = 0; r < d->P; r++) d->rows_of[r] = 0;
+    for (int i = 0; i < n; i++) d->rows_of[owner(d, seq[i])]++;
+    for (int r = 0, o = 0; r < d->P; r++) {
+        d->gnext[r] = o;
+        o += d->rows_of[r];
+    }
+    d->before = d->gnext[d->me];
+    d->in_order = 1;
+    for (int i = 0; i < n; i++) {
+        const int r = owner(d, seq[i]);
+        const int g = d->gnext[r]++;
+        d->gpos[i] = g;
+        d->in_order &= g == i;
+        d->own[i] = r == d->me;
+        if (r == d->me) d->loc[nl++] = i;
+    }
+    d->nl = nl;
+}
+
+/* The whole call's rows of width w in call order into dst (n, w) on every
+ * ep rank, from each rank's local rows: this rank's nl rows at src (they
+ * may already sit in dst when the order is the call's, src == NULL then
+ * means in place at their gathered position). Collective over the ep group. */
+static moe_status gather_rows(moe_infer_decoder *d, float *dst, const float *src, int n, size_t w)
+{
+    const int before = d->before;
+    for (int r = 0; r < d->P; r++) d->gbytes[r] = (int64_t)d->rows_of[r] * (int64_t)w * (int64_t)sizeof(float);
+    /* out of order: through gath, which holds n_max rows of d_model (the
+     * only width gathered out of order: nothing to allocate mid-call,
+     * where a failure on one rank would leave the others in the gather) */
+    float *g = d->in_order ? dst : d->gath;
+    float *mine = g + (size_t)before * w;
+    if (src && src != mine) memmove(mine, src, (size_t)d->nl * w * sizeof(float));
+    moe_status st = moe_comm_allgatherv(d->comm, MOE_SCOPE_EP, g, NULL, d->gbytes);
+    if (st || d->in_order) return st;
+    for (int i = 0; i < n; i++) memcpy(dst + (size_t)i * w, g + (size_t)d->gpos[i] * w, w * sizeof(float));
+    return MOE_OK;
 }
 
 /* atty (n, A): causal attention of each new token over its sequence's cache
@@ -212,8 +320,10 @@ static void attend(moe_infer_decoder *d, int l, const int *seq, int n)
     }
 }
 
-/* The blocks and ln_f over n new tokens: d->ln holds their final hidden
- * states, their keys and values are cached (the sequences' lengths grow). */
+/* The blocks and ln_f over n new tokens: d->ln holds the final hidden
+ * states of the d->nl rows that live here (all n without the split; row j
+ * is call token loc[j] with it), their keys and values are cached, and
+ * every sequence's length grows on every rank. */
 static moe_status run_blocks(moe_infer_decoder *d, const int32_t *tokens, const int *seq, int n)
 {
     if (n < 1 || n > d->n_max)
@@ -232,49 +342,84 @@ static moe_status run_blocks(moe_infer_decoder *d, const int32_t *tokens, const 
             return moe_errorf(MOE_ERR_ARG, "decode: sequence %d would pass seq_len=%d positions (reset it first)",
                               seq[i], d->T);
     }
+    /* the rows that live here, compacted (loc[j] >= j: in place) */
+    if (d->split) {
+        split_layout(d, seq, n);
+    } else {
+        d->nl = n;
+        for (int i = 0; i < n; i++) d->loc[i] = i;
+    }
+    const int nl = d->nl;
+    for (int j = 0; j < nl; j++) {
+        d->pos[j] = d->pos[d->loc[j]];
+        d->lseq[j] = seq[d->loc[j]];
+    }
     const int C = d->C, KV = d->NKV * d->HD, k0 = d->NH * d->HD;
-    const long NC = (long)n * C;
-    /* what the call streams: each token's embedding rows, every block's
-     * weights once, its keys and values up to its position */
-    double w = (double)n * C + floats_if(d->wpe, (double)n * C) + C + floats_if(d->lnfb, C), kv = 0;
-    for (int i = 0; i < n; i++) kv += 2.0 * KV * (d->pos[i] + 1) * d->L;
-    for (int i = 0; i < n; i++)
-        moe_model_encoder_forward(d->x + (size_t)i * C, &tokens[i], d->wte,
-                                  d->wpe ? d->wpe + (size_t)d->pos[i] * C : NULL, 1, 1, C);
+    const long NC = (long)nl * C;
+    /* what the call streams here: each local token's embedding rows, every
+     * block's weights once, its keys and values up to its position */
+    double w = nl ? (double)nl * C + floats_if(d->wpe, (double)nl * C) + C + floats_if(d->lnfb, C) : 0, kv = 0;
+    for (int j = 0; j < nl; j++) kv += 2.0 * KV * (d->pos[j] + 1) * d->L;
+    for (int j = 0; j < nl; j++)
+        moe_model_encoder_forward(d->x + (size_t)j * C, &tokens[d->loc[j]], d->wte,
+                                  d->wpe ? d->wpe + (size_t)d->pos[j] * C : NULL, 1, 1, C);
     for (int l = 0; l < d->L; l++) {
         const dec_block *b = &d->blk[l];
-        w += floats_if(b->ln1w, C) + floats_if(b->ln1b, C) + (double)d->QKV * C + floats_if(b->qkvb, d->QKV) +
-             (double)C * d->A + floats_if(b->projb, C) + floats_if(b->ln2w, C) + floats_if(b->ln2b, C);
-        moe_model_norm_rows(d->m, d->ln, d->mean, d->rstd, d->x, b->ln1w, b->ln1b, n);
-        moe_model_matmul_forward(d->qkv, d->ln, b->qkvw, b->qkvb, n, C, d->QKV);
-        moe_model_qk_rows(d->m, l, d->qkv, d->rstd, d->pos, n);
-        for (int i = 0; i < n; i++) {
-            const size_t r = cache_row(d, l, seq[i], d->pos[i]);
-            memcpy(d->kc + r, d->qkv + (size_t)i * d->QKV + k0, (size_t)KV * sizeof(float));
-            memcpy(d->vc + r, d->qkv + (size_t)i * d->QKV + k0 + KV, (size_t)KV * sizeof(float));
+        if (nl > 0) {
+            w += floats_if(b->ln1w, C) + floats_if(b->ln1b, C) + (double)d->QKV * C + floats_if(b->qkvb, d->QKV) +
+                 (double)C * d->A + floats_if(b->projb, C) + floats_if(b->ln2w, C) + floats_if(b->ln2b, C);
+            moe_model_norm_rows(d->m, d->ln, d->mean, d->rstd, d->x, b->ln1w, b->ln1b, nl);
+            moe_model_matmul_forward(d->qkv, d->ln, b->qkvw, b->qkvb, nl, C, d->QKV);
+            moe_model_qk_rows(d->m, l, d->qkv, d->rstd, d->pos, nl);
+            for (int j = 0; j < nl; j++) {
+                const size_t r = cache_row(d, l, d->lseq[j], d->pos[j]);
+                memcpy(d->kc + r, d->qkv + (size_t)j * d->QKV + k0, (size_t)KV * sizeof(float));
+                memcpy(d->vc + r, d->qkv + (size_t)j * d->QKV + k0 + KV, (size_t)KV * sizeof(float));
+            }
+            attend(d, l, d->lseq, nl);
+            moe_model_matmul_forward(d->tmp, d->atty, b->projw, b->projb, nl, d->A, C);
+            moe_model_residual_forward(d->x, d->x, d->tmp, NC);
+            moe_model_norm_rows(d->m, d->ln, d->mean, d->rstd, d->x, b->ln2w, b->ln2b, nl);
         }
-        attend(d, l, seq, n);
-        moe_model_matmul_forward(d->tmp, d->atty, b->projw, b->projb, n, d->A, C);
-        moe_model_residual_forward(d->x, d->x, d->tmp, NC);
-        moe_model_norm_rows(d->m, d->ln, d->mean, d->rstd, d->x, b->ln2w, b->ln2b, n);
         if (b->moe) {
             /* the n new tokens are one routing group; no noise */
-            const moe_status st = moe_layer_forward(b->moe, d->tmp, d->ln, &b->mp, n, 1, NULL);
+            moe_status st;
+            if (d->split) {
+                /* every rank routes the whole group; each token goes to its
+                 * experts once, from the rank where it lives */
+                st = gather_rows(d, d->full_x, d->ln, n, (size_t)C);
+                if (!st) st = moe_layer_forward_owned(b->moe, d->full_y, d->full_x, &b->mp, n, d->own);
+                for (int j = 0; !st && j < nl; j++)
+                    memcpy(d->tmp + (size_t)j * C, d->full_y + (size_t)d->loc[j] * C, (size_t)C * sizeof(float));
+            } else {
+                st = moe_layer_forward(b->moe, d->tmp, d->ln, &b->mp, n, 1, NULL);
+            }
             if (st) return st;
             w += moe_layer_forward_param_bytes(b->moe, &b->mp) / sizeof(float);
-        } else {
+        } else if (nl > 0) {
             w += (double)d->F1 * C + floats_if(b->fcb, d->F1) + (double)C * d->F + floats_if(b->fcpb, C);
-            moe_model_matmul_forward(d->fch, d->ln, b->fcw, b->fcb, n, C, d->F1);
-            moe_act_forward(d->fch_act, d->fch, n, d->F, d->act);
-            moe_model_matmul_forward(d->tmp, d->fch_act, b->fcpw, b->fcpb, n, d->F, C);
+            moe_model_matmul_forward(d->fch, d->ln, b->fcw, b->fcb, nl, C, d->F1);
+            moe_act_forward(d->fch_act, d->fch, nl, d->F, d->act);
+            moe_model_matmul_forward(d->tmp, d->fch_act, b->fcpw, b->fcpb, nl, d->F, C);
         }
-        moe_model_residual_forward(d->x, d->x, d->tmp, NC);
+        if (nl > 0) moe_model_residual_forward(d->x, d->x, d->tmp, NC);
     }
-    moe_model_norm_rows(d->m, d->ln, d->mean, d->rstd, d->x, d->lnfw, d->lnfb, n);
+    if (nl > 0) moe_model_norm_rows(d->m, d->ln, d->mean, d->rstd, d->x, d->lnfw, d->lnfb, nl);
     for (int i = 0; i < n; i++) d->len[seq[i]]++;
     d->param_bytes = w * sizeof(float);
     d->kv_bytes = kv * sizeof(float);
     return MOE_OK;
+}
+
+/* The full head's logits of the local rows: out (nl, V) from d->ln. */
+static void head_rows(moe_infer_decoder *d, float *out, const float *h, int rows)
+{
+    if (d->head_gemv && rows <= 4) /* reads the head once per token, without packing it */
+        for (int i = 0; i < rows; i++)
+            cblas_sgemv(CblasRowMajor, CblasNoTrans, d->V, d->C, 1.0f, d->head, d->C, h + (size_t)i * d->C, 1,
+                        0.0f, out + (size_t)i * d->V, 1);
+    else if (rows > 0)
+        moe_model_matmul_forward(out, h, d->head, NULL, rows, d->C, d->V);
 }
 
 moe_status moe_infer_decode(moe_infer_decoder *d, float *logits, const int32_t *tokens, const int *seq, int n)
@@ -285,14 +430,21 @@ moe_status moe_infer_decode(moe_infer_decoder *d, float *logits, const int32_t *
     moe_status st = run_blocks(d, tokens, seq, n);
     if (st) return st;
     /* the full head: wte (tied) or lm_head */
-    d->param_bytes += (double)d->V * d->C * sizeof(float);
-    if (d->head_gemv && n <= 4) /* reads the head once per token, without packing it */
-        for (int i = 0; i < n; i++)
-            cblas_sgemv(CblasRowMajor, CblasNoTrans, d->V, d->C, 1.0f, d->head, d->C, d->ln + (size_t)i * d->C, 1,
-                        0.0f, logits + (size_t)i * d->V, 1);
-    else
-        moe_model_matmul_forward(logits, d->ln, d->head, NULL, n, d->C, d->V);
-    return MOE_OK;
+    if (d->nl > 0) d->param_bytes += (double)d->V * d->C * sizeof(float);
+    if (!d->split) {
+        head_rows(d, logits, d->ln, n);
+        return MOE_OK;
+    }
+    if (d->in_order) {
+        /* each rank's logits land at their rows; one gather completes them */
+        head_rows(d, logits + (size_t)d->before * d->V, d->ln, d->nl);
+        return gather_rows(d, logits, NULL, n, (size_t)d->V);
+    }
+    /* tokens out of rank order (not what generation passes): gather the
+     * hidden states instead, every rank computes every row's logits */
+    st = gather_rows(d, d->full_x, d->ln, n, (size_t)d->C);
+    if (!st) head_rows(d, logits, d->full_x, n);
+    return st;
 }
 
 void moe_infer_decoder_set_head_gemv(moe_infer_decoder *d, int on) { d->head_gemv = on; }
@@ -310,6 +462,22 @@ moe_status moe_infer_decode_dist(moe_infer_decoder *d, moe_infer_dist *out, cons
     if (d->vhead ? out->stride < need : out->stride != need)
         return moe_errorf(MOE_ERR_ARG, "decode: distribution rows of %lld candidates, the head needs %s%lld",
                           (long long)out->stride, d->vhead ? "at least " : "", (long long)need);
+    int some = 0; /* 1 when only some rows are wanted (a prompt: its last) */
+    for (int i = 0; want && i < n; i++) some |= !want[i];
+    if (!d->vhead && d->split && some) {
+        /* the split's prompt pass: the hidden states of the (few) wanted
+         * rows to every rank, each computes their logits; a gather of every
+         * row's logits would move n V floats */
+        moe_status st = run_blocks(d, tokens, seq, n);
+        if (!st) st = gather_rows(d, d->full_x, d->ln, n, (size_t)d->C);
+        if (st) return st;
+        d->param_bytes += (double)d->V * d->C * sizeof(float);
+        for (int i = 0; i < n; i++)
+            if (want[i]) head_rows(d, out->logp + (size_t)i * d->V, d->full_x + (size_t)i * d->C, 1);
+        out->dense = 1;
+        for (int i = 0; i < n; i++) out->count[i] = d->V;
+        return MOE_OK;
+    }
     if (!d->vhead) {
         /* the full head: every row, as moe_infer_decode */
         moe_status st = moe_infer_decode(d, out->logp, tokens, seq, n);
@@ -320,11 +488,18 @@ moe_status moe_infer_decode_dist(moe_infer_decoder *d, moe_infer_dist *out, cons
     }
     moe_status st = run_blocks(d, tokens, seq, n);
     if (st) return st;
+    /* the head runs on every rank's copy of every row (its experts are
+     * sharded over the ep group) */
+    const float *h = d->ln;
+    if (d->split) {
+        if ((st = gather_rows(d, d->full_x, d->ln, n, (size_t)d->C))) return st;
+        h = d->full_x;
+    }
     /* only the wanted rows go through the head (a prompt needs its last) */
     const int C = d->C;
     int k = 0;
     for (int i = 0; i < n; i++)
-        if (!want || want[i]) memcpy(d->hsel + (size_t)k++ * C, d->ln + (size_t)i * C, (size_t)C * sizeof(float));
+        if (!want || want[i]) memcpy(d->hsel + (size_t)k++ * C, h + (size_t)i * C, (size_t)C * sizeof(float));
     out->dense = 0;
     st = moe_vocab_ep_topk(d->vhead, out->ids, out->logp, out->count, out->stride, d->hsel, &d->vp, k,
                            moe_model_vocab_top_k(d->m));

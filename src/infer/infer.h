@@ -161,6 +161,19 @@ typedef struct moe_infer_decoder moe_infer_decoder;
 moe_status moe_infer_decoder_create(moe_infer_decoder **out, moe_model *m, int max_seqs);
 void moe_infer_decoder_destroy(moe_infer_decoder *d);
 
+/* Splits the sequences over the ep group, for callers whose ranks all make
+ * the same calls (generation: the same tokens, sequences and want on every
+ * rank). Sequence s then lives on ep rank floor(s P / max_seqs): only there
+ * does it run through the dense layers and keep its keys and values. Each
+ * MoE layer still routes the whole call as one group, on every rank, as
+ * one process would, and each token goes to its experts once, from where it
+ * lives; the outputs are gathered, so every rank still gets every row.
+ * Without it every rank runs every sequence and sends its own copy of each
+ * token to the experts. Before the first token; with one ep rank nothing
+ * changes. Not collective (agree on the result): MOE_ERR_ARG (a sequence
+ * already holds tokens), MOE_ERR_NOMEM. */
+moe_status moe_infer_decoder_set_split(moe_infer_decoder *d);
+
 int moe_infer_decoder_max_seqs(const moe_infer_decoder *d);
 int moe_infer_decoder_seq_len(const moe_infer_decoder *d);
 int moe_infer_decoder_vocab_size(const moe_infer_decoder *d);
@@ -180,7 +193,7 @@ int moe_infer_decoder_length(const moe_infer_decoder *d, int s);
  * through the blocks, and the n tokens form ONE routing group at every MoE
  * layer (see the header comment). 1 <= n <= max(max_seqs, seq_len).
  * Collective over the ep group: every rank must make calls with the same n
- * (the tokens themselves may differ). MOE_ERR_ARG (bad n, sequence or
+ * (the tokens themselves may differ, unless the decoder is split). MOE_ERR_ARG (bad n, sequence or
  * id, a sequence would pass seq_len positions; nothing is changed) is
  * returned before any collective call: a caller whose ranks pass different
  * ids checks them itself. The MoE layer's failures reach every rank of the

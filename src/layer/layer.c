@@ -355,7 +355,7 @@ static moe_expert_params shared_view(const moe_expert_params *p, const moe_layer
 
 /* y += gate * sum_j FFN^shared_j(x) over the T tokens (routing.md section
  * 8): each shared expert runs as one expert whose rows are all tokens. */
-static void shared_forward(moe_layer *L, float *y, const float *x, const moe_layer_params *p)
+static void shared_forward(moe_layer *L, float *y, const float *x, const moe_layer_params *p, const uint8_t *own)
 {
     const int T = L->T, d = L->d;
     const int rows[2] = {0, T};
@@ -370,6 +370,7 @@ static void shared_forward(moe_layer *L, float *y, const float *x, const moe_lay
     for (int t = 0; t < T; t++) {
         const float *o = L->sh_out + (size_t)t * d;
         float *yt = y + (size_t)t * d;
+        if (own && !own[t]) continue; /* the owner's row */
         if (!L->cfg.shared_gate) {
             for (int i = 0; i < d; i++) yt[i] += o[i];
             continue;
@@ -426,7 +427,7 @@ static void shared_backward(moe_layer *L, float *dx, moe_layer_params *g, const 
  * ascending expert order, each with the exchange destination of the copy
  * of its expert that serves this token (the copy is chosen by the token's
  * index: deterministic, and spreading a replicated expert's tokens evenly). */
-static moe_status build_routing(moe_layer *L)
+static moe_status build_routing(moe_layer *L, const uint8_t *own)
 {
     const moe_route *r = L->route;
     const int T = L->T, E = L->E;
@@ -440,6 +441,7 @@ static moe_status build_routing(moe_layer *L)
         L->tok_off[t] = i;
         const uint8_t *kt = r->kept + (size_t)t * E;
         const float *wt = r->weight + (size_t)t * E;
+        if (own && !own[t]) continue; /* another rank of the ep group sends it */
         for (int e = 0; e < E && i < n; e++) {
             if (!kt[e]) continue;
             const int c = L->holder_off[e + 1] - L->holder_off[e];
@@ -492,8 +494,8 @@ static double gemm_flops(const moe_layer *L, int rows)
     return 2.0 * rows * L->d * (double)L->F1 + 2.0 * rows * L->F * (double)L->d;
 }
 
-moe_status moe_layer_forward(moe_layer *L, float *y, const float *x, const moe_layer_params *p,
-                             int T, int G, const moe_noise_key *noise)
+static moe_status forward(moe_layer *L, float *y, const float *x, const moe_layer_params *p, int T, int G,
+                          const moe_noise_key *noise, const uint8_t *own)
 {
     moe_status st = MOE_OK;
     const double t0 = moe_now();
@@ -507,7 +509,7 @@ moe_status moe_layer_forward(moe_layer *L, float *y, const float *x, const moe_l
         st = moe_router_forward(L->route, x, p->router_w, p->noise_w, p->expert_bias, &L->cfg.router, T, G, noise);
     }
     const double t1 = moe_now();
-    if (!st) st = build_routing(L);
+    if (!st) st = build_routing(L, own);
     if (!st && moe_fault("layer_alloc", moe_comm_rank(L->comm)))
         st = moe_errorf(MOE_ERR_NOMEM, "MoE layer: injected allocation failure (MOE_FAULT=layer_alloc)");
     const double t2 = moe_now();
@@ -543,7 +545,7 @@ moe_status moe_layer_forward(moe_layer *L, float *y, const float *x, const moe_l
     if (st) return st;
     /* The shared experts: dense, at home, on every token (not through the exchange). */
     const double t5 = moe_now();
-    if (L->S > 0) shared_forward(L, y, x, p);
+    if (L->S > 0) shared_forward(L, y, x, p, own);
     L->timing.shared += moe_now() - t5;
     L->timing.route += t1 - t0;
     L->timing.pack += (t2 - t1) + xt.pack;
@@ -551,8 +553,20 @@ moe_status moe_layer_forward(moe_layer *L, float *y, const float *x, const moe_l
     L->timing.expert_fwd += xt.compute;
     L->timing.ret += xt.ret;
     L->timing.combine += xt.combine;
-    L->fwd_ok = 1;
+    L->fwd_ok = own == NULL; /* a backward needs every row's routing sent */
     return MOE_OK;
+}
+
+moe_status moe_layer_forward(moe_layer *L, float *y, const float *x, const moe_layer_params *p,
+                             int T, int G, const moe_noise_key *noise)
+{
+    return forward(L, y, x, p, T, G, noise, NULL);
+}
+
+moe_status moe_layer_forward_owned(moe_layer *L, float *y, const float *x, const moe_layer_params *p, int T,
+                                   const uint8_t *own)
+{
+    return forward(L, y, x, p, T, 1, NULL, own);
 }
 
 /* Copies the gradient rows of local slot j to (dir 0) or from (dir 1) buf,

@@ -84,6 +84,18 @@ const int *moe_layer_local_experts(const moe_layer *L);
 moe_status moe_layer_forward(moe_layer *L, float *y, const float *x, const moe_layer_params *p,
                              int T, int G, const moe_noise_key *noise);
 
+/* Forward of one routing group of T tokens that every rank of the ep group
+ * holds alike (decoding: the dense part runs where a sequence lives, the
+ * group is all sequences' new tokens). Every rank routes all T tokens, as
+ * one process would, but sends only the rows it owns (own[t] = 1); each
+ * token must be owned by exactly one rank of the group. y (T, d): the
+ * owned rows get the output, the others are overwritten with unspecified
+ * values. Each token goes through its experts once, not once per rank.
+ * No noise; the forward cannot be followed by a backward. Collective over
+ * the ep group; fails as moe_layer_forward. */
+moe_status moe_layer_forward_owned(moe_layer *L, float *y, const float *x, const moe_layer_params *p, int T,
+                                   const uint8_t *own);
+
 /* Backward of the last forward. dy (T, d). Accumulates into dx (T, d) and
  * into grads (router_w, noise_w, local experts, shared experts and their
  * gate; grads->expert_bias is not used). lb_scale / z_scale: dL/d of

@@ -818,3 +818,5 @@ moe_status moe_model_reduce_stats(moe_model *m, moe_model_stats *st)
     }
     return MOE_OK;
 }
+
+moe_comm *moe_model_comm(const moe_model *m) { return m->comm; }

@@ -180,6 +180,8 @@ moe_layer_params moe_model_layer_params(moe_model *m, int l);
 moe_layer_params moe_model_layer_grads(moe_model *m, int l);
 /* The output head (V, d): wte when tied, else lm_head. */
 const float *moe_model_head(moe_model *m);
+/* The communicator the model was created over (borrowed). */
+moe_comm *moe_model_comm(const moe_model *m);
 /* ln_1 / ln_2 / ln_f as configured (LayerNorm or RMSNorm) over n rows of
  * d: out (n, d); mean, rstd (n) scratch; b may be NULL for RMSNorm. */
 void moe_model_norm_rows(const moe_model *m, float *out, float *mean, float *rstd, const float *inp,
