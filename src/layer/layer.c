@@ -354,32 +354,44 @@ static moe_expert_params shared_view(const moe_expert_params *p, const moe_layer
 }
 
 /* y += gate * sum_j FFN^shared_j(x) over the T tokens (routing.md section
- * 8): each shared expert runs as one expert whose rows are all tokens. */
+ * 8): each shared expert runs as one expert whose rows are all tokens; with
+ * own (moe_layer_forward_owned) only the owned rows, compacted into sh_dy
+ * (the backward's scratch: no backward follows such a forward). */
 static void shared_forward(moe_layer *L, float *y, const float *x, const moe_layer_params *p, const uint8_t *own)
 {
-    const int T = L->T, d = L->d;
+    const int d = L->d;
+    int T = L->T;
+    const float *xs = x;
+    if (own) {
+        int n = 0;
+        for (int t = 0; t < L->T; t++)
+            if (own[t]) memcpy(L->sh_dy + (size_t)n++ * d, x + (size_t)t * d, (size_t)d * sizeof(float));
+        T = n;
+        xs = L->sh_dy;
+    }
+    if (T == 0) return;
     const int rows[2] = {0, T};
     for (int j = 0; j < L->S; j++) {
         const moe_expert_params v = shared_view(&p->shared, L, j);
         float *o = j == 0 ? L->sh_out : L->sh_tmp;
         moe_expert_forward(o, L->sh_h + (size_t)j * L->cfg.max_tokens * L->F1s,
-                           L->sh_a + (size_t)j * L->cfg.max_tokens * L->Fs, x, rows, &v, 1, d, L->Fs, L->cfg.act);
+                           L->sh_a + (size_t)j * L->cfg.max_tokens * L->Fs, xs, rows, &v, 1, d, L->Fs, L->cfg.act);
         if (j > 0)
             for (size_t i = 0; i < (size_t)T * d; i++) L->sh_out[i] += o[i];
     }
-    for (int t = 0; t < T; t++) {
-        const float *o = L->sh_out + (size_t)t * d;
+    for (int c = 0, t = 0; c < T; c++, t++) {
+        while (own && !own[t]) t++; /* compact row c is the c-th owned token */
+        const float *o = L->sh_out + (size_t)c * d;
         float *yt = y + (size_t)t * d;
-        if (own && !own[t]) continue; /* the owner's row */
         if (!L->cfg.shared_gate) {
             for (int i = 0; i < d; i++) yt[i] += o[i];
             continue;
         }
-        const float *xt = x + (size_t)t * d;
+        const float *xt = xs + (size_t)c * d;
         float z = 0.0f;
         for (int i = 0; i < d; i++) z += p->shared_gate[i] * xt[i];
         const float gt = 1.0f / (1.0f + expf(-z));
-        L->sh_gate[t] = gt;
+        L->sh_gate[c] = gt;
         for (int i = 0; i < d; i++) yt[i] += gt * o[i];
     }
 }
