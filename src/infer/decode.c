@@ -277,17 +277,24 @@ static void split_layout(moe_infer_decoder *d, const int *seq, int n)
  * ep rank, from each rank's local rows: this rank's nl rows at src (they
  * may already sit in dst when the order is the call's, src == NULL then
  * means in place at their gathered position). Collective over the ep group. */
+/* Every rank's rows_of[r] rows of row_bytes, in rank order at buf, to every
+ * ep rank; this rank's are already in place. Collective over the ep group. */
+static moe_status gather_in_place(moe_infer_decoder *d, void *buf, size_t row_bytes)
+{
+    for (int r = 0; r < d->P; r++) d->gbytes[r] = (int64_t)d->rows_of[r] * (int64_t)row_bytes;
+    return moe_comm_allgatherv(d->comm, MOE_SCOPE_EP, buf, NULL, d->gbytes);
+}
+
 static moe_status gather_rows(moe_infer_decoder *d, float *dst, const float *src, int n, size_t w)
 {
     const int before = d->before;
-    for (int r = 0; r < d->P; r++) d->gbytes[r] = (int64_t)d->rows_of[r] * (int64_t)w * (int64_t)sizeof(float);
     /* out of order: through gath, which holds n_max rows of d_model (the
      * only width gathered out of order: nothing to allocate mid-call,
      * where a failure on one rank would leave the others in the gather) */
     float *g = d->in_order ? dst : d->gath;
     float *mine = g + (size_t)before * w;
     if (src && src != mine) memmove(mine, src, (size_t)d->nl * w * sizeof(float));
-    moe_status st = moe_comm_allgatherv(d->comm, MOE_SCOPE_EP, g, NULL, d->gbytes);
+    moe_status st = gather_in_place(d, g, w * sizeof(float));
     if (st || d->in_order) return st;
     for (int i = 0; i < n; i++) memcpy(dst + (size_t)i * w, g + (size_t)d->gpos[i] * w, w * sizeof(float));
     return MOE_OK;
@@ -455,6 +462,42 @@ void moe_infer_decoder_last_bytes(const moe_infer_decoder *d, double *param_byte
     *kv_bytes = d->kv_bytes;
 }
 
+/* The split's layout of the call's wanted rows (want NULL: all), in
+ * rows_of / before / nl-compatible form: 1 if the ranks' wanted rows, in
+ * rank order, are the wanted rows in call order (a gather then gives them
+ * in order), else 0 (*k: how many are wanted). */
+static int wanted_layout(moe_infer_decoder *d, const int *seq, int n, const uint8_t *want, int *k)
+{
+    for (int r = 0; r < d->P; r++) d->rows_of[r] = 0;
+    for (int i = 0; i < n; i++)
+        if (!want || want[i]) d->rows_of[owner(d, seq[i])]++;
+    for (int r = 0, o = 0; r < d->P; r++) {
+        d->gnext[r] = o;
+        o += d->rows_of[r];
+    }
+    d->before = d->gnext[d->me];
+    int c = 0, in_order = 1;
+    for (int i = 0; i < n; i++)
+        if (!want || want[i]) in_order &= d->gnext[owner(d, seq[i])]++ == c++;
+    *k = c;
+    return in_order;
+}
+
+/* Wanted row j of k sits at row j; moves it to its token's row (from the
+ * last: a row only moves down). */
+static void place_wanted(moe_infer_dist *out, int n, const uint8_t *want, int k)
+{
+    for (int i = n - 1; i >= 0 && k > 0; i--) {
+        if (want && !want[i]) continue;
+        if (--k == i) break;
+        memcpy(out->logp + (size_t)i * out->stride, out->logp + (size_t)k * out->stride,
+               (size_t)out->count[k] * sizeof(float));
+        memcpy(out->ids + (size_t)i * out->stride, out->ids + (size_t)k * out->stride,
+               (size_t)out->count[k] * sizeof(int32_t));
+        out->count[i] = out->count[k];
+    }
+}
+
 moe_status moe_infer_decode_dist(moe_infer_decoder *d, moe_infer_dist *out, const int32_t *tokens, const int *seq,
                                  int n, const uint8_t *want)
 {
@@ -488,8 +531,29 @@ moe_status moe_infer_decode_dist(moe_infer_decoder *d, moe_infer_dist *out, cons
     }
     moe_status st = run_blocks(d, tokens, seq, n);
     if (st) return st;
-    /* the head runs on every rank's copy of every row (its experts are
-     * sharded over the ep group) */
+    const int K = moe_model_vocab_top_k(d->m);
+    int k = 0;
+    if (d->split && wanted_layout(d, seq, n, want, &k)) {
+        /* each rank's wanted rows go through the head from where they live;
+         * their lists land at their rows of the wanted order, then one
+         * gather per array completes them on every rank */
+        int c = 0;
+        for (int j = 0; j < d->nl; j++)
+            if (!want || want[d->loc[j]])
+                memcpy(d->hsel + (size_t)c++ * d->C, d->ln + (size_t)j * d->C, (size_t)d->C * sizeof(float));
+        const size_t o = (size_t)d->before * (size_t)out->stride;
+        st = moe_vocab_ep_topk(d->vhead, out->ids + o, out->logp + o, out->count + d->before, out->stride, d->hsel,
+                               &d->vp, c, K);
+        if (!st) st = gather_in_place(d, out->logp, (size_t)out->stride * sizeof(float));
+        if (!st) st = gather_in_place(d, out->ids, (size_t)out->stride * sizeof(int32_t));
+        if (!st) st = gather_in_place(d, out->count, sizeof(int32_t));
+        if (st) return st;
+        out->dense = 0;
+        place_wanted(out, n, want, k);
+        return MOE_OK;
+    }
+    /* otherwise the head runs on every rank's copy of every row (its
+     * experts are sharded over the ep group) */
     const float *h = d->ln;
     if (d->split) {
         if ((st = gather_rows(d, d->full_x, d->ln, n, (size_t)d->C))) return st;
@@ -497,23 +561,12 @@ moe_status moe_infer_decode_dist(moe_infer_decoder *d, moe_infer_dist *out, cons
     }
     /* only the wanted rows go through the head (a prompt needs its last) */
     const int C = d->C;
-    int k = 0;
+    k = 0;
     for (int i = 0; i < n; i++)
         if (!want || want[i]) memcpy(d->hsel + (size_t)k++ * C, h + (size_t)i * C, (size_t)C * sizeof(float));
     out->dense = 0;
-    st = moe_vocab_ep_topk(d->vhead, out->ids, out->logp, out->count, out->stride, d->hsel, &d->vp, k,
-                           moe_model_vocab_top_k(d->m));
+    st = moe_vocab_ep_topk(d->vhead, out->ids, out->logp, out->count, out->stride, d->hsel, &d->vp, k, K);
     if (st) return st;
-    /* wanted row j of k sits at row j; move it to its token's row (from the
-     * last: a row only moves down) */
-    for (int i = n - 1; i >= 0 && k > 0; i--) {
-        if (want && !want[i]) continue;
-        if (--k == i) break;
-        memcpy(out->logp + (size_t)i * out->stride, out->logp + (size_t)k * out->stride,
-               (size_t)out->count[k] * sizeof(float));
-        memcpy(out->ids + (size_t)i * out->stride, out->ids + (size_t)k * out->stride,
-               (size_t)out->count[k] * sizeof(int32_t));
-        out->count[i] = out->count[k];
-    }
+    place_wanted(out, n, want, k);
     return MOE_OK;
 }

@@ -353,7 +353,7 @@ moe_status moe_vocab_ep_topk(moe_vocab_ep *v, int32_t *ids, float *logp, int32_t
     moe_status st = MOE_OK;
     if (K < 1 || K > M)
         st = moe_errorf(MOE_ERR_ARG, "vocab_top_k=%d must be in [1, %d] (the vocabulary experts)", K, M);
-    else if (N < 1)
+    else if (N < 0)
         st = moe_errorf(MOE_ERR_ARG, "vocabulary head: %d positions", N);
     else if (stride < moe_vocab_part_topk_size(v->p, K))
         st = moe_errorf(MOE_ERR_ARG, "vocabulary head: a top-%d list needs room for %lld candidates per position, "
@@ -361,11 +361,13 @@ moe_status moe_vocab_ep_topk(moe_vocab_ep *v, int32_t *ids, float *logp, int32_t
                         (long long)stride);
     const int64_t items = st ? 0 : (int64_t)N * K;
     if (!st) st = grow_items(v, items);
-    if (!st) {
+    if (!st && N > 0) {
         moe_vocab_router_forward(v->logits, v->q, v->lse, h, prm->router_w, prm->router_b, N, d, M);
         st = check_router(v, N);
     }
-    if (!st) {
+    if (!st && N == 0) {
+        memset(v->send_rows, 0, (size_t)M * sizeof *v->send_rows); /* no position here: still in the exchange */
+    } else if (!st) {
         moe_vocab_topk_select(v->expert, v->q, N, M, K);
         moe_vocab_group(v->order, v->goff, v->expert, (int)items, M);
         for (int m = 0; m < M; m++) v->send_rows[m] = v->goff[m + 1] - v->goff[m];

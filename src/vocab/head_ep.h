@@ -94,8 +94,9 @@ moe_status moe_vocab_ep_rank_mass(const moe_vocab_ep *v, int n, double *mass);
  * moe_vocab_head_topk: count[n] candidates in increasing token id at
  * ids/logp[n * stride ...], log P_K. Only the K chosen experts compute, on
  * their owners. stride >= moe_vocab_part_topk_size(p, K). Collective over
- * the ep group (every rank passes the same K; N may differ). Fails on every
- * ep rank: MOE_ERR_ARG (K, N < 1, stride), MOE_ERR_NONFINITE (router
+ * the ep group (every rank passes the same K; N may differ, and be 0 on a
+ * rank that only serves its experts). Fails on every
+ * ep rank: MOE_ERR_ARG (K, N < 0, stride), MOE_ERR_NONFINITE (router
  * logits, or the log-probabilities of a position), MOE_ERR_NOMEM. */
 moe_status moe_vocab_ep_topk(moe_vocab_ep *v, int32_t *ids, float *logp, int32_t *count, int64_t stride,
                              const float *h, const moe_vocab_params *prm, int N, int K);

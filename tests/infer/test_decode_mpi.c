@@ -13,9 +13,10 @@
  * several sequences. With `arch` every architecture option is on (RoPE,
  * GQA, RMSNorm, SwiGLU, gated shared experts, group-limited sigmoid
  * routing); with `vocab` the head is the vocabulary-expert head (candidate
- * lists: the same ids, log-probabilities within 2e-4; that head still runs
- * every row on every rank, so its rows are not bitwise the same across
- * ranks). The split refuses a
+ * lists: the same ids, log-probabilities within 2e-4; each rank's rows go
+ * through it from where they live, a rank with none still serving its
+ * experts; out of rank order every rank runs every row, so the rows are
+ * not checked for the same bits across ranks). The split refuses a
  * decoder that already holds tokens.
  * Usage: test_decode_mpi [EP_SIZE [arch | vocab]] (EP_SIZE 0: world size). */
 #include <math.h>
@@ -78,8 +79,8 @@ static void call(moe_comm *c, moe_infer_decoder *a, moe_infer_decoder *r, dist_b
             const double e = fabs((double)x->logp[o + j] - y->logp[o + j]) / fmax(1.0, fabs(y->logp[o + j]));
             worst = fmax(worst, e);
         }
-        /* (the vocabulary-expert head runs every row on every rank, whose
-         * expert GEMMs group rows differently: not bitwise) */
+        /* (out of rank order the vocabulary-expert head runs every row on
+         * every rank, whose expert GEMMs group rows differently: not bitwise) */
         if (x->d.dense) CHECK(same_everywhere(c, x->logp + o, (size_t)x->count[i]));
     }
     CHECK(worst <= 2e-4);
