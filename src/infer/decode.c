@@ -162,8 +162,8 @@ moe_status moe_infer_decoder_create(moe_infer_decoder **out, moe_model *m, int m
     d->vp = moe_model_vocab_view(m, moe_model_params(m));
     if (d->vhead) d->hsel = moe_calloc(N * C, sizeof(float));
     moe_status st = MOE_OK;
-    if (!d->blk || !d->len || !d->add || !d->pos || !d->loc || !d->lseq || !d->kc || !d->vc || !d->x || !d->ln || !d->mean ||
-        !d->rstd || !d->qkv || !d->atty || !d->tmp || !d->fch || !d->fch_act || !d->scores ||
+    if (!d->blk || !d->len || !d->add || !d->pos || !d->loc || !d->lseq || !d->kc || !d->vc || !d->x || !d->ln ||
+        !d->mean || !d->rstd || !d->qkv || !d->atty || !d->tmp || !d->fch || !d->fch_act || !d->scores ||
         (d->vhead && !d->hsel))
         st = moe_errorf(MOE_ERR_NOMEM, "decoder: key/value cache of %zu floats x 2 and buffers", cache);
     if (!st) st = bind_params(d);
@@ -209,7 +209,8 @@ moe_status moe_infer_decoder_set_split(moe_infer_decoder *d)
     d->full_x = moe_calloc(N * C, sizeof(float));
     d->full_y = moe_calloc(N * C, sizeof(float));
     d->gath = moe_calloc(N * C, sizeof(float));
-    if (!kc || !vc || !d->gpos || !d->gbytes || !d->rows_of || !d->gnext || !d->own || !d->full_x || !d->full_y || !d->gath) {
+    if (!kc || !vc || !d->gpos || !d->gbytes || !d->rows_of || !d->gnext || !d->own || !d->full_x || !d->full_y ||
+        !d->gath) {
         moe_free(kc);
         moe_free(vc);
         return moe_errorf(MOE_ERR_NOMEM, "decoder: split buffers");
@@ -273,10 +274,6 @@ static void split_layout(moe_infer_decoder *d, const int *seq, int n)
     d->nl = nl;
 }
 
-/* The whole call's rows of width w in call order into dst (n, w) on every
- * ep rank, from each rank's local rows: this rank's nl rows at src (they
- * may already sit in dst when the order is the call's, src == NULL then
- * means in place at their gathered position). Collective over the ep group. */
 /* Every rank's rows_of[r] rows of row_bytes, in rank order at buf, to every
  * ep rank; this rank's are already in place. Collective over the ep group. */
 static moe_status gather_in_place(moe_infer_decoder *d, void *buf, size_t row_bytes)
@@ -285,6 +282,10 @@ static moe_status gather_in_place(moe_infer_decoder *d, void *buf, size_t row_by
     return moe_comm_allgatherv(d->comm, MOE_SCOPE_EP, buf, NULL, d->gbytes);
 }
 
+/* The whole call's rows of width w in call order into dst (n, w) on every
+ * ep rank, from each rank's local rows: this rank's nl rows at src, or
+ * already at their place in dst (src NULL, calls in rank order only).
+ * Collective over the ep group. */
 static moe_status gather_rows(moe_infer_decoder *d, float *dst, const float *src, int n, size_t w)
 {
     const int before = d->before;
@@ -418,7 +419,7 @@ static moe_status run_blocks(moe_infer_decoder *d, const int32_t *tokens, const 
     return MOE_OK;
 }
 
-/* The full head's logits of the local rows: out (nl, V) from d->ln. */
+/* The full head's logits of rows hidden states: out (rows, V) from h (rows, C). */
 static void head_rows(moe_infer_decoder *d, float *out, const float *h, int rows)
 {
     if (d->head_gemv && rows <= 4) /* reads the head once per token, without packing it */
@@ -462,10 +463,10 @@ void moe_infer_decoder_last_bytes(const moe_infer_decoder *d, double *param_byte
     *kv_bytes = d->kv_bytes;
 }
 
-/* The split's layout of the call's wanted rows (want NULL: all), in
- * rows_of / before / nl-compatible form: 1 if the ranks' wanted rows, in
- * rank order, are the wanted rows in call order (a gather then gives them
- * in order), else 0 (*k: how many are wanted). */
+/* The split's layout of the call's wanted rows (want NULL: all) in
+ * rows_of and before: 1 if the ranks' wanted rows, in rank order, are the
+ * wanted rows in call order (a gather then gives them in order), else 0;
+ * *k: how many are wanted. */
 static int wanted_layout(moe_infer_decoder *d, const int *seq, int n, const uint8_t *want, int *k)
 {
     for (int r = 0; r < d->P; r++) d->rows_of[r] = 0;
