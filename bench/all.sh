@@ -5,7 +5,10 @@
 # docs/perf.md by --update-readme, never typed by hand.
 #
 #   bench/all.sh                      run everything, write docs/perf.md
-#   bench/all.sh --only layer_vs_torch,decode    a subset (names without .sh)
+#   bench/all.sh --only layer_vs_torch,decode    a subset (names without .sh): their
+#                                     sections and summary rows replace those in
+#                                     docs/perf.md, each marked with its own date;
+#                                     the rest of the file is kept
 #   bench/all.sh --quick --no-write   smoke test: tiny runs (BENCH_QUICK=1),
 #                                     meaningless figures, nothing written
 #   bench/all.sh --update-readme      only copy docs/perf.md's summary table
@@ -133,10 +136,10 @@ b = re.search(r"BLAS_INFO=(\w+)", c); print(torch.__version__, "(BLAS_INFO=" + (
         git -C "$REPO_DIR" diff --quiet HEAD 2> /dev/null || echo ' (uncommitted changes)')"
 }
 versions > "$work/versions"
-"$PY" - "$work" "$OUT" "$BENCH_DIR" "$QUICK" "${explicit:-}" "$OPENBLAS_CORETYPE" "${scripts[@]}" << 'PY'
+"$PY" - "$work" "$OUT" "$BENCH_DIR" "$QUICK" "${explicit:-}" "$OPENBLAS_CORETYPE" "$ONLY" "${scripts[@]}" << 'PY'
 import datetime, os, re, sys
-work, out, bench_dir, quick, explicit, core = sys.argv[1:7]
-names = sys.argv[7:]
+work, out, bench_dir, quick, explicit, core, only = sys.argv[1:8]
+names = sys.argv[8:]
 ver = dict(l.rstrip("\n").split("=", 1) for l in open(f"{work}/versions"))
 env = {k: os.environ.get(k, "") for k in ("OPENBLAS_THREAD_TIMEOUT", "OMP_WAIT_POLICY", "MALLOC_MMAP_MAX_",
                                            "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_")}
@@ -190,12 +193,15 @@ for n, kind, key, value, unit, what in perf:
         w(f"| {what} | {value}{'' if unit == '-' else (unit if unit == 'x' else ' ' + unit)} | `bench/{n}.sh` |")
 w("<!-- summary:end -->")
 w("")
+now = datetime.datetime.now().astimezone().strftime('%Y-%m-%d %H:%M %Z')
+head_end = len(L)
 for n in names:
     src = open(f"{bench_dir}/{n}.sh").read().splitlines()
     title = src[1].lstrip("# ").strip() if len(src) > 1 and src[1].startswith("#") else n
     w(f"## {title}")
     w("")
-    w(f"`bench/{n}.sh` ({open(f'{work}/{n}.seconds').read().strip()} s)")
+    alone = f"; rerun alone (`--only`) on {now}, {ver['moe']}" if only else ""
+    w(f"`bench/{n}.sh` ({open(f'{work}/{n}.seconds').read().strip()} s{alone})")
     w("")
     text = [l.rstrip("\n") for l in open(f"{work}/{n}.out") if not re.match(r"^PERF(_README)? ", l)]
     if text:
@@ -209,6 +215,49 @@ for n in names:
         if s == n:
             w(f"| `{key}` | {value} | {unit} | {what}{' (README)' if kind == 'PERF_README' else ''} |")
     w("")
+if only and os.path.exists(out):
+    # merge: the other benchmarks' sections and summary rows stay as they were
+    old = open(out).read().split("\n")
+    def bench_of(line):
+        m = re.search(r"`bench/([\w-]+)\.sh`", line)
+        return m.group(1) if m else None
+    b0, b1 = old.index("<!-- summary:begin -->"), old.index("<!-- summary:end -->")
+    new_rows = L[L.index("<!-- summary:begin -->") + 3:L.index("<!-- summary:end -->")]
+    rows, placed = [], set()
+    for r in old[b0 + 3:b1]:
+        n = bench_of(r)
+        if n in names:
+            if n not in placed:
+                rows += [x for x in new_rows if bench_of(x) == n]
+                placed.add(n)
+        else:
+            rows.append(r)
+    rows += [x for x in new_rows if bench_of(x) not in placed]
+    # sections: from one "## " heading to the next, named by their bench line
+    def sections(lines):
+        out_, cur = [], None
+        for line in lines:
+            if line.startswith("## "):
+                cur = [line]
+                out_.append(cur)
+            elif cur is not None:
+                cur.append(line)
+        return [(next((bench_of(x) for x in sec if x.startswith("`bench/")), None), sec) for sec in out_]
+    first = next(i for i, line in enumerate(old) if line.startswith("## ") and i > b1)
+    fresh = dict(sections(L[head_end:]))
+    merged, done = [], set()
+    for n, sec in sections(old[first:]):
+        if n in fresh:
+            merged += fresh[n]
+            done.add(n)
+        else:
+            merged += sec
+    for n in names:
+        if n not in done:
+            merged += fresh[n]
+    L = old[:b0 + 3] + rows + old[b1:first] + merged
+    while L and L[-1] == "":
+        L.pop()
 open(out, "w").write("\n".join(L) + "\n")
-print(f"all.sh: wrote {out}")
+print(f"all.sh: wrote {out}" + (f" (sections {', '.join(names)} replaced)" if only else ""))
 PY
