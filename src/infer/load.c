@@ -150,7 +150,7 @@ moe_status moe_infer_load_placed(moe_model **out, moe_train_config *cfg_out, con
         if ((st = moe_vocab_part_share(&vocab, st, comm))) return st;
     }
     moe_model *m = NULL;
-    st = moe_model_create(&m, &cfg, vocab, seqs, comm);
+    st = moe_model_create_inference(&m, &cfg, vocab, seqs, comm);
     moe_vocab_part_destroy(vocab); /* the model keeps its own copy */
     if (st) return st;
     /* the file's /model attributes must equal the saved config (group_seqs included) */

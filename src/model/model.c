@@ -145,7 +145,10 @@ static moe_status build_table(moe_model *m, int ep_rank, int ep_size)
     return MOE_OK;
 }
 
-static void init_params(moe_model *m)
+/* The initial parameters; without draw (a model whose parameters are
+ * loaded next) only the constant ones (ones, the head's assignment), the
+ * drawn ones stay 0: drawing them costs as much as a pass over the file. */
+static void init_params(moe_model *m, int draw)
 {
     const double std = 0.02, resid_std = 0.02 / sqrt(2.0 * m->L);
     for (int i = 0; i < m->table->n; i++) {
@@ -161,6 +164,7 @@ static void init_params(moe_model *m)
             case MOE_INIT_ONE: p[j] = 1.0f; break;
             case MOE_INIT_ASSIGN: p[j] = (float)moe_vocab_part_assign(m->vocab)[j]; break;
             default:
+                if (!draw) break; /* calloc'd: 0 */
                 p[j] = (float)((t->init == MOE_INIT_RESID ? resid_std : std) *
                                moe_rng_normal(m->cfg.seed, MOE_RNG_INIT, (uint32_t)g,
                                               (uint32_t)(g >> 32), (uint32_t)i, 0));
@@ -274,9 +278,10 @@ static moe_status check_config(const moe_train_config *c, int max_local_seqs)
 }
 
 /* Everything of the model but its MoE layers: sizes, tables, parameter,
- * gradient and activation blocks, initial weights. Purely local. */
+ * gradient (not for inference) and activation blocks, initial weights.
+ * Purely local. */
 static moe_status setup(moe_model *m, const moe_train_config *cfg, const moe_vocab_part *vocab,
-                        int max_local_seqs, moe_comm *comm)
+                        int max_local_seqs, moe_comm *comm, int inference)
 {
     const int P = moe_comm_ep_size(comm);
     m->cfg = *cfg;
@@ -348,15 +353,15 @@ static moe_status setup(moe_model *m, const moe_train_config *cfg, const moe_voc
     st = build_table(m, moe_comm_ep_rank(comm), P);
     if (st) return st;
     m->params = moe_calloc(m->table->total, sizeof(float));
-    m->grads = moe_calloc(m->table->total, sizeof(float));
-    if (!m->params || !m->grads)
-        return moe_errorf(MOE_ERR_NOMEM, "model parameters: 2 x %zu floats", m->table->total);
-    init_params(m);
+    m->grads = inference ? NULL : moe_calloc(m->table->total, sizeof(float));
+    if (!m->params || (!inference && !m->grads))
+        return moe_errorf(MOE_ERR_NOMEM, "model parameters: %d x %zu floats", inference ? 1 : 2, m->table->total);
+    init_params(m, !inference);
     return alloc_acts(m);
 }
 
-moe_status moe_model_create(moe_model **out, const moe_train_config *cfg, const moe_vocab_part *vocab,
-                            int max_local_seqs, moe_comm *comm)
+static moe_status create(moe_model **out, const moe_train_config *cfg, const moe_vocab_part *vocab,
+                         int max_local_seqs, moe_comm *comm, int inference)
 {
     *out = NULL;
     /* argument errors are the same on every rank: no agreement needed */
@@ -371,7 +376,7 @@ moe_status moe_model_create(moe_model **out, const moe_train_config *cfg, const 
         return moe_errorf(MOE_ERR_ARG, "vocab_experts=%d not divisible by the expert-parallel size %d",
                           cfg->vocab_experts, P);
     moe_model *m = moe_calloc(1, sizeof *m);
-    st = m ? setup(m, cfg, vocab, max_local_seqs, comm) : moe_errorf(MOE_ERR_NOMEM, "model");
+    st = m ? setup(m, cfg, vocab, max_local_seqs, comm, inference) : moe_errorf(MOE_ERR_NOMEM, "model");
     /* local failures must reach every rank before the collective layer creation */
     st = moe_comm_agree(comm, st);
     if (st) goto fail;
@@ -407,6 +412,18 @@ moe_status moe_model_create(moe_model **out, const moe_train_config *cfg, const 
 fail:
     moe_model_destroy(m);
     return st;
+}
+
+moe_status moe_model_create(moe_model **out, const moe_train_config *cfg, const moe_vocab_part *vocab,
+                            int max_local_seqs, moe_comm *comm)
+{
+    return create(out, cfg, vocab, max_local_seqs, comm, 0);
+}
+
+moe_status moe_model_create_inference(moe_model **out, const moe_train_config *cfg, const moe_vocab_part *vocab,
+                                      int max_local_seqs, moe_comm *comm)
+{
+    return create(out, cfg, vocab, max_local_seqs, comm, 1);
 }
 
 void moe_model_destroy(moe_model *m)
@@ -483,7 +500,10 @@ moe_vocab_params moe_model_vocab_view(const moe_model *m, float *block)
     return v;
 }
 
-void moe_model_zero_grad(moe_model *m) { memset(m->grads, 0, m->table->total * sizeof(float)); }
+void moe_model_zero_grad(moe_model *m)
+{
+    if (m->grads) memset(m->grads, 0, m->table->total * sizeof(float));
+}
 
 /* Per-block activation pointers for the current B, T (stride: N_max rows). */
 typedef struct {
@@ -696,6 +716,7 @@ moe_status moe_model_forward(moe_model *m, const int32_t *inputs, const int32_t 
 
 moe_status moe_model_backward(moe_model *m)
 {
+    if (!m->grads) return moe_errorf(MOE_ERR_ARG, "backward of an inference model (it has no gradients)");
     if (!m->have_forward || !m->train || !m->have_targets)
         return moe_errorf(MOE_ERR_ARG, "backward needs a preceding training forward with targets");
     const int B = m->B, T = m->T, N = B * T, C = m->C, V = m->V, F = m->F, F1 = m->F1;

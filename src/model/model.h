@@ -69,6 +69,14 @@ typedef struct {
  * MOE_ERR_NOMEM. Owner: caller (moe_model_destroy). */
 moe_status moe_model_create(moe_model **out, const moe_train_config *cfg, const moe_vocab_part *vocab,
                             int max_local_seqs, moe_comm *comm);
+/* As moe_model_create, for a model whose parameters are loaded next
+ * (evaluation, generation): no gradient block (half the parameter memory;
+ * moe_model_grads returns NULL, moe_model_backward fails with
+ * MOE_ERR_ARG), and the drawn initial weights are left at 0 (only the
+ * constant ones are set), which saves a pass of the random generator over
+ * every parameter. Collective as moe_model_create, same failures. */
+moe_status moe_model_create_inference(moe_model **out, const moe_train_config *cfg, const moe_vocab_part *vocab,
+                                      int max_local_seqs, moe_comm *comm);
 void moe_model_destroy(moe_model *m);
 
 /* What moe_model_create and a trainer (AdamW) would allocate on the

@@ -75,6 +75,15 @@ int main(int argc, char **argv)
     moe_train_config cfg;
     moe_model *m = NULL;
     if ((st = moe_infer_load(&m, &cfg, argv[1], B, 1, moe_comm_self()))) return fail("load", st);
+    /* the loaded model has no gradients (inference): the same weights into
+     * a training model, whose table is the same for the same config */
+    {
+        moe_model *mt = NULL;
+        if ((st = moe_model_create(&mt, &cfg, NULL, B, moe_comm_self()))) return fail("training model", st);
+        memcpy(moe_model_params(mt), moe_model_params(m), moe_model_tensors(m)->total * sizeof(float));
+        moe_model_destroy(m);
+        m = mt;
+    }
     const int V = cfg.vocab_size;
     moe_hf_type type;
     if ((st = moe_hf_type_for(&type, &cfg))) return fail("model type", st);

@@ -129,6 +129,43 @@ static void test_init(void **state)
     moe_model_destroy(m);
 }
 
+/* An inference model: the same table, the constant parameters set (norm
+ * gains 1), the drawn ones 0 (loaded next), no gradients; its forward runs,
+ * its backward is refused. */
+static void test_inference_model(void **state)
+{
+    (void)state;
+    moe_train_config c;
+    small_config(&c);
+    moe_model *m = NULL, *t = NULL;
+    assert_int_equal(moe_model_create_inference(&m, &c, NULL, 2, moe_comm_self()), MOE_OK);
+    assert_int_equal(moe_model_create(&t, &c, NULL, 2, moe_comm_self()), MOE_OK);
+    assert_null(moe_model_grads(m));
+    const moe_tensor_table *tab = moe_model_tensors(m);
+    assert_int_equal(tab->total, moe_model_tensors(t)->total);
+    const float *p = moe_model_params(m), *q = moe_model_params(t);
+    for (int id = 0; id < tab->n; id++) {
+        const moe_tensor *x = &tab->t[id];
+        const int constant = x->init == MOE_INIT_ZERO || x->init == MOE_INIT_ONE;
+        for (size_t j = 0; j < x->numel; j++) assert_true(p[x->offset + j] == (constant ? q[x->offset + j] : 0.0f));
+    }
+    /* the training model's weights, then the same logits */
+    memcpy(moe_model_params(m), q, tab->total * sizeof(float));
+    int32_t in[2 * 8], tg[2 * 8];
+    for (int i = 0; i < 16; i++) {
+        in[i] = (int32_t)(i * 37 % 256);
+        tg[i] = (int32_t)(i * 11 % 256);
+    }
+    assert_int_equal(moe_model_forward(m, in, tg, 2, 8, 1, 0), MOE_OK);
+    assert_int_equal(moe_model_forward(t, in, tg, 2, 8, 1, 0), MOE_OK);
+    assert_memory_equal(moe_model_logits(m), moe_model_logits(t), (size_t)2 * 8 * c.vocab_size * sizeof(float));
+    moe_model_zero_grad(m); /* nothing to zero: no crash */
+    assert_int_equal(moe_model_backward(m), MOE_ERR_ARG);
+    assert_int_equal(moe_model_backward(t), MOE_OK);
+    moe_model_destroy(m);
+    moe_model_destroy(t);
+}
+
 /* Routing groups are per group_seqs sequences, so the logits of a sequence
  * do not depend on the other sequences of the batch (evaluation: no noise). */
 static void test_batch_split(void **state)
@@ -224,6 +261,7 @@ int main(void)
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_table),
         cmocka_unit_test(test_init),
+        cmocka_unit_test(test_inference_model),
         cmocka_unit_test(test_batch_split),
         cmocka_unit_test(test_errors),
     };
