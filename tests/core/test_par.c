@@ -41,17 +41,21 @@ static void share(void *ctx, int t, int nt)
     }
 }
 
-/* Each share once, on distinct threads, share 0 on the caller. */
-static void check_region(const region *r, int nt)
+/* Each share once, on distinct threads, share 0 on the caller; OpenBLAS at
+ * one thread inside unless blas_any (regions opened concurrently: the
+ * OpenBLAS thread count is process-wide, another region's restore may show). */
+static void check_region_blas(const region *r, int nt, int blas_any)
 {
     assert_int_equal(r->nt_seen, nt);
     for (int t = 0; t < MOE_PAR_MAX_THREADS; t++) assert_int_equal(r->runs[t], t < nt);
     assert_true(pthread_equal(r->who[0], pthread_self()));
     for (int t = 0; t < nt; t++) {
-        assert_int_equal(r->blas[t], 1);
+        if (!blas_any) assert_int_equal(r->blas[t], 1);
         for (int u = 0; u < t; u++) assert_false(pthread_equal(r->who[t], r->who[u]));
     }
 }
+
+static void check_region(const region *r, int nt) { check_region_blas(r, nt, 0); }
 
 static void test_regions(void **state)
 {
@@ -102,7 +106,7 @@ static void test_concurrent(void **state)
     for (int i = 0; i < 100; i++) {
         memset(&a[i], 0, sizeof a[i]);
         moe_par_run(3, share, &a[i]);
-        check_region(&a[i], 3);
+        check_region_blas(&a[i], 3, 1);
     }
     pthread_join(th, NULL);
     for (int i = 0; i < 100; i++)
