@@ -36,21 +36,6 @@ enum { T = 16, S = 5, MAXC = 256 };
 
 static int fails, rank;
 
-/* 1 if x (n floats) is bitwise the same on every rank of the world. */
-static int same_everywhere(moe_comm *c, const float *x, size_t n)
-{
-    double h[2] = {0, 0};
-    for (size_t i = 0; i < n; i++) {
-        uint32_t b;
-        memcpy(&b, &x[i], 4);
-        h[0] += (double)b * (double)(i % 13 + 1);
-    }
-    h[1] = -h[0];
-    const double mine = h[0];
-    if (moe_comm_allmax_f64(c, MOE_SCOPE_WORLD, h, 2)) return 0;
-    return h[0] == mine && -h[1] == mine;
-}
-
 typedef struct {
     moe_infer_dist d;
     float logp[T * MAXC];
@@ -81,7 +66,7 @@ static void call(moe_comm *c, moe_infer_decoder *a, moe_infer_decoder *r, dist_b
         }
         /* (out of rank order the vocabulary-expert head runs every row on
          * every rank, whose expert GEMMs group rows differently: not bitwise) */
-        if (x->d.dense) CHECK(same_everywhere(c, x->logp + o, (size_t)x->count[i]));
+        if (x->d.dense) CHECK(tl_same_everywhere(c, MOE_SCOPE_WORLD, x->logp + o, (size_t)x->count[i]));
     }
     CHECK(worst <= 2e-4);
     if (rank == 0) printf("%-34s n=%2d  worst relative difference %.2e\n", what, n, worst);

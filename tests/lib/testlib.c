@@ -1,3 +1,5 @@
+#include <stdint.h>
+#include <string.h>
 /* The model configurations several tests share (see testlib.h). */
 #include "testlib.h"
 
@@ -56,4 +58,18 @@ void tl_config_tiny(moe_train_config *c)
     c->moe_every = 2;
     c->activation = MOE_ACT_SWIGLU;
     c->router_noise = 1;
+}
+
+int tl_same_everywhere(moe_comm *c, moe_comm_scope s, const float *x, size_t n)
+{
+    double h[2] = {0, 0};
+    for (size_t i = 0; i < n; i++) {
+        uint32_t b;
+        memcpy(&b, &x[i], 4);
+        h[0] += (double)b * (double)(i % 13 + 1);
+    }
+    h[1] = -h[0];
+    const double mine = h[0];
+    if (moe_comm_allmax_f64(c, s, h, 2)) return 0;
+    return h[0] == mine && -h[1] == mine;
 }

@@ -4,6 +4,7 @@
 #ifndef MOE_TESTLIB_H
 #define MOE_TESTLIB_H
 
+#include "comm/comm.h"
 #include "config/config.h"
 
 /* The small decoder of the training, model and inference tests: d_model 32,
@@ -31,5 +32,10 @@ void tl_config_every_option(moe_train_config *c);
  * of 2 heads (MoE at 0 and 2: moe_every = 2), seq_len 8, 12 swiglu experts
  * of d_ff 8, top-2, a noisy router; every other key its default. */
 void tl_config_tiny(moe_train_config *c);
+
+/* 1 if x (n floats) is bitwise the same on every rank of scope s (a
+ * position-weighted sum of the bit patterns, compared by a max over s).
+ * Collective over s. */
+int tl_same_everywhere(moe_comm *c, moe_comm_scope s, const float *x, size_t n);
 
 #endif

@@ -101,21 +101,6 @@ static int same_as_ref(const moe_tensor_table *ref, const moe_tensor *t, const f
     return 1;
 }
 
-/* 1 if x (n floats) is bitwise the same on every rank of the scope. */
-static int same_everywhere(moe_comm *c, moe_comm_scope scope, const float *x, size_t n)
-{
-    double h[2] = {0, 0};
-    for (size_t i = 0; i < n; i++) {
-        uint32_t b;
-        memcpy(&b, &x[i], 4);
-        h[0] += (double)b * (double)(i % 13 + 1);
-    }
-    h[1] = -h[0];
-    const double mine = h[0];
-    if (moe_comm_allmax_f64(c, scope, h, 2)) return 0;
-    return h[0] == mine && -h[1] == mine;
-}
-
 int main(int argc, char **argv)
 {
     if (moe_comm_init(&argc, &argv) != MOE_OK) return 2;
@@ -191,9 +176,9 @@ int main(int argc, char **argv)
 
     /* final state: close to the reference, replicas and dense copies identical */
     const size_t dense = moe_model_dense_floats(m);
-    CHECK(same_everywhere(c, MOE_SCOPE_WORLD, moe_model_params(m), dense));
-    CHECK(same_everywhere(c, MOE_SCOPE_REPLICA, moe_model_params(m) + dense, tab->total - dense));
-    CHECK(same_everywhere(c, MOE_SCOPE_REPLICA, moe_trainer_adam_v(tr) + dense, tab->total - dense));
+    CHECK(tl_same_everywhere(c, MOE_SCOPE_WORLD, moe_model_params(m), dense));
+    CHECK(tl_same_everywhere(c, MOE_SCOPE_REPLICA, moe_model_params(m) + dense, tab->total - dense));
+    CHECK(tl_same_everywhere(c, MOE_SCOPE_REPLICA, moe_trainer_adam_v(tr) + dense, tab->total - dense));
     double d2 = 0, r2 = 0;
     for (int i = 0; i < tab->n; i++) {
         const moe_tensor *t = &tab->t[i];
