@@ -170,15 +170,19 @@ void moe_a2a_destroy(moe_a2a *a)
 
 /* Collective: makes every segment hold at least `need` floats, re-allocating
  * the window on every rank when any rank needs more. */
-static moe_status shm_reserve(moe_a2a *a, size_t need)
+static moe_status shm_reserve(moe_a2a *a, size_t need, int width)
 {
     int grow = need > a->win_floats || a->win == MPI_WIN_NULL, any = 0;
     MOE_MPI_TRY_WD(a->c, MOE_SCOPE_EP, "shared window size (MPI_Allreduce)",
                    MPI_Allreduce(&grow, &any, 1, MPI_INT, MPI_LOR, a->comm));
     if (!any) return MOE_OK;
-    /* Grow geometrically so that slowly rising loads re-allocate rarely. */
+    /* Straight to the bound when it holds the plan (one growth per run);
+     * else geometrically so that slowly rising loads re-allocate rarely. */
+    const int64_t rows = a->bound_rows[0] > a->bound_rows[1] ? a->bound_rows[0] : a->bound_rows[1];
+    const size_t bound = (size_t)rows * (size_t)width;
     size_t cap = a->win_floats + a->win_floats / 2;
     if (cap < need) cap = need;
+    if (bound >= need && bound > a->win_floats) cap = bound;
     free_window(a);
     /* Non-contiguous segments: each rank's pages are first touched (and so
      * placed, on NUMA nodes) by their owner. */
@@ -277,7 +281,9 @@ moe_status moe_a2a_reserve_buf(moe_a2a *a, int i, int rows, int width)
 {
     const size_t need = (size_t)rows * (size_t)width;
     if (need <= a->buf_cap[i] && a->buf[i]) return MOE_OK;
-    const int64_t r = rows, cap_rows = i == B_SEND_X || i == B_SEND_Y ? r + r / 4 + 16 : r + r / 8 + 64;
+    const int send = i == B_SEND_X || i == B_SEND_Y;
+    const int64_t r = rows, bound = a->bound_rows[send ? 0 : 1];
+    const int64_t cap_rows = bound >= r ? bound : send ? r + r / 4 + 16 : r + r / 8 + 64;
     const size_t cap = (size_t)cap_rows * (size_t)width;
     float *p = moe_calloc(cap, sizeof(float));
     if (!p) return moe_errorf(MOE_ERR_NOMEM, "token exchange: cannot allocate %zu bytes", cap * sizeof(float));
@@ -339,7 +345,7 @@ moe_status moe_a2a_set_counts_x(moe_a2a *a, const int *send_rows, const int *ext
             MOE_MPI_TRY_WD(a->c, MOE_SCOPE_EP, "exchange counts (MPI_Alltoall)",
                            MPI_Alltoall(a->xsend, El, MPI_INT, a->peer_recv_off, El, MPI_INT, a->comm));
             const int64_t rows = a->send_total > a->recv_total ? a->send_total : a->recv_total;
-            st = moe_comm_agree_on(a->c, MOE_SCOPE_EP, a->comm, shm_reserve(a, (size_t)rows * (size_t)max_width), "ep", 0);
+            st = moe_comm_agree_on(a->c, MOE_SCOPE_EP, a->comm, shm_reserve(a, (size_t)rows * (size_t)max_width, max_width), "ep", 0);
         }
         /* Only now, with every count known to fit, may the buffers grow. */
         if (st == MOE_OK) st = moe_comm_agree_on(a->c, MOE_SCOPE_EP, a->comm, reserve_trip_buffers(a, max_width), "ep", 0);
@@ -364,6 +370,12 @@ float *moe_a2a_shm_buffer(moe_a2a *a)
 
 int moe_a2a_send_total(const moe_a2a *a) { return a->send_total; }
 moe_a2a_kind moe_a2a_kind_of(const moe_a2a *a) { return a->kind; }
+
+void moe_a2a_set_row_bounds(moe_a2a *a, int64_t send_rows, int64_t recv_rows)
+{
+    a->bound_rows[0] = send_rows > 0 ? send_rows : 0;
+    a->bound_rows[1] = recv_rows > 0 ? recv_rows : 0;
+}
 int moe_a2a_recv_total(const moe_a2a *a) { return a->recv_total; }
 const int *moe_a2a_recv_expert_offsets(const moe_a2a *a) { return a->recv_expert_off; }
 const int *moe_a2a_recv_counts(const moe_a2a *a) { return a->recv_counts; }

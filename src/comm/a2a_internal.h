@@ -46,6 +46,7 @@ struct moe_a2a {
     float **seg;            /* (P) every rank's segment, mapped here */
     float *buf[N_BUF];      /* private trip buffers */
     size_t buf_cap[N_BUF];  /* floats allocated */
+    int64_t bound_rows[2];  /* moe_a2a_set_row_bounds: most rows sent [0] and received [1]; 0: unknown */
     int *remote;            /* (P) 1: ep rank q is on another node than this rank */
     /* watchdog: which peers a wait still needs (wait_range) */
     int *owed;              /* (P) requests not yet complete per peer */

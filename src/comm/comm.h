@@ -237,6 +237,13 @@ moe_status moe_a2a_create(moe_a2a **out, moe_comm *c, int n_local_experts, moe_a
 void moe_a2a_destroy(moe_a2a *a);
 /* The kind in use (never AUTO). Not collective. */
 moe_a2a_kind moe_a2a_kind_of(const moe_a2a *a);
+/* Not collective. The most rows a plan of this rank can send and receive
+ * (0: not known), e.g. from the routing's capacity: the trip buffers and
+ * the shared window then grow once, straight to them, instead of each time
+ * a step's load exceeds the last one (a growth mid-run costs a fresh
+ * allocation's page faults: 55-70 ms for the medium model's expert
+ * activations here). A plan beyond them still works, growing as without. */
+void moe_a2a_set_row_bounds(moe_a2a *a, int64_t send_rows, int64_t recv_rows);
 
 /* Collective over the ep group. send_rows (P * El): rows this rank sends to
  * local expert j of ep rank p at [p * El + j]. local_status carries this

@@ -82,6 +82,7 @@ struct moe_layer {
     /* receive layout (expert owner): the experts' activations */
     int n_recv;
     int recv_cap;
+    int64_t recv_bound;      /* most rows this rank can receive in a step (recv_rows_bound), or 0 */
     float *h;                /* (recv_cap, F1) pre-activation */
     float *a;                /* (recv_cap, F) activation */
 
@@ -124,13 +125,53 @@ static moe_status grow_asg(moe_layer *L, int n)
     return MOE_OK;
 }
 
+/* The most rows this rank's slots can receive in one step, or 0 when the
+ * routing does not bound it usefully (dropless token choice over many
+ * ranks). Every rank routes at most max_tokens tokens in at most max_groups
+ * groups, and a group gives each expert at most cap(T/G) rows, so an
+ * expert gets at most G cap(T/G) <= ceil(k' T cf / E) + G rows from a rank
+ * (k' = k for token choice, 1 for expert choice); and a token reaches this
+ * rank's slots at most min(k, El) times (El for expert choice). The same
+ * routing on every rank (a split decoding group) stays inside too. */
+static int64_t recv_rows_bound(const moe_layer_config *cfg, int P, int El)
+{
+    const moe_router_config *r = &cfg->router;
+    const int ec = r->kind == MOE_ROUTER_EXPERT_CHOICE;
+    const int64_t Tm = cfg->max_tokens, Gm = cfg->max_groups;
+    const int64_t per_token = ec || r->top_k > El ? El : r->top_k;
+    int64_t b = (int64_t)P * Tm * per_token;
+    if (ec || r->capacity_factor > 0) {
+        const double x = (ec ? 1.0 : (double)r->top_k) * (double)Tm * r->capacity_factor / r->n_experts;
+        if (x < (double)INT32_MAX) {
+            const int64_t per_expert = (int64_t)ceil(x) + Gm;
+            if ((int64_t)P * El * per_expert < b) b = (int64_t)P * El * per_expert;
+        }
+    } else if (P > 1) {
+        return 0; /* dropless: every token could come here, P times the mean */
+    }
+    return b <= INT32_MAX ? b : 0;
+}
+
+/* The most rows this rank sends in one step: one per kept assignment. */
+static int64_t send_rows_bound(const moe_layer_config *cfg)
+{
+    const moe_router_config *r = &cfg->router;
+    const int64_t Tm = cfg->max_tokens, Gm = cfg->max_groups;
+    if (r->kind != MOE_ROUTER_EXPERT_CHOICE) return Tm * r->top_k <= INT32_MAX ? Tm * r->top_k : 0;
+    const int64_t b = (int64_t)ceil((double)Tm * r->capacity_factor) + Gm * (int64_t)r->n_experts;
+    return b <= INT32_MAX ? b : 0;
+}
+
 /* Grows the expert activations to n rows of the receive layout. */
 static moe_status grow_recv(moe_layer *L, int n)
 {
     if (n <= L->recv_cap) return MOE_OK;
-    /* Headroom so that step-to-step fluctuation of the load does not
-     * reallocate; small, because these are the layer's largest buffers. */
-    int cap = n + n / 8 + 64;
+    /* Straight to the bound when it holds n: one growth per run, at the
+     * first step, not one each time a step's load beats the last (55-70 ms
+     * of page faults each for the medium model here). Else headroom so
+     * that step-to-step fluctuation of the load reallocates rarely; small,
+     * because these are the layer's largest buffers. */
+    int cap = L->recv_bound >= n ? (int)L->recv_bound : n + n / 8 + 64;
     size_t c = (size_t)cap;
     moe_status st;
     if ((st = grow((void **)&L->h, c * L->F1, sizeof(float)))) return st;
@@ -265,6 +306,10 @@ moe_status moe_layer_create(moe_layer **out, const moe_layer_config *cfg, moe_co
      * then all agree, so no rank is left inside a2a_create. */
     moe_status cst = moe_a2a_create(&L->a2a, comm, L->El, cfg->a2a, L->cfg.chunks);
     if (!st) st = cst;
+    if (!st) {
+        L->recv_bound = recv_rows_bound(cfg, P, L->El);
+        moe_a2a_set_row_bounds(L->a2a, send_rows_bound(cfg), L->recv_bound);
+    }
     st = moe_comm_agree(comm, st);
     if (st) {
         moe_layer_destroy(L);
@@ -303,6 +348,8 @@ void moe_layer_destroy(moe_layer *L)
     moe_free(L->sh_gate);
     moe_free(L);
 }
+
+int64_t moe_layer_recv_rows_bound(const moe_layer *L) { return L->recv_bound; }
 
 int moe_layer_expert0(const moe_layer *L) { return L->e0; }
 int moe_layer_n_local_experts(const moe_layer *L) { return L->El; }

@@ -75,6 +75,12 @@ int moe_layer_n_local_experts(const moe_layer *L); /* slots per rank: E / P when
 int moe_layer_expert0(const moe_layer *L);
 /* (n_local_experts) the global expert of each local slot, ascending. */
 const int *moe_layer_local_experts(const moe_layer *L);
+/* The most rows this rank's experts can receive in one forward, from the
+ * routing's capacity, max_tokens and max_groups (0: no useful bound, i.e.
+ * dropless token choice over several ranks). The receive buffers are
+ * allocated for it at the first forward, so a run's load fluctuations
+ * never reallocate them; a load beyond it would still work. Not collective. */
+int64_t moe_layer_recv_rows_bound(const moe_layer *L);
 
 /* Forward for T local tokens in G local groups: y (T, d) overwritten, x (T, d).
  * y is the routed combine plus the shared experts' output (times their gate). 

@@ -254,13 +254,18 @@ void moe_model_memory_estimate(moe_model_memory *out, const moe_train_config *cf
     /* the MoE layers keep each expert row's hidden activations for the
      * backward (h and a, F1 + F floats) and exchange the rows (in, out and
      * their gradients: 4 d): every routed copy of a token, top_k per token
-     * for token choice and capacity_factor for expert choice, or more with
-     * an uneven load; the shared experts per token */
+     * sent for token choice and capacity_factor for expert choice; the
+     * receive side is allocated at once for the most the capacity lets in
+     * (layer.c recv_rows_bound: capacity_factor times the mean); the
+     * shared experts per token */
     const double N = (double)max_local_seqs * cfg->seq_len, d = cfg->d_model;
     const double F = cfg->d_ff, F1 = moe_f1(cfg->d_ff, cfg->activation);
-    const double copies = cfg->router == MOE_ROUTER_EXPERT_CHOICE ? fmax(cfg->capacity_factor, 1) : cfg->top_k;
+    const int ec = cfg->router == MOE_ROUTER_EXPERT_CHOICE;
+    const double sent = ec ? fmax(cfg->capacity_factor, 1) : cfg->top_k;
+    const double received = ec || cfg->capacity_factor <= 0 ? sent : sent * fmax(cfg->capacity_factor, 1);
     const double Fs = moe_cfg_d_ff_shared(cfg), Fs1 = moe_f1(moe_cfg_d_ff_shared(cfg), cfg->activation);
-    double per_layer = N * copies * (F1 + F + 4 * d) + N * cfg->n_shared * (Fs1 + Fs) + (cfg->n_shared ? 3 * N * d : 0);
+    double per_layer = N * received * (F1 + F + 2 * d) + N * sent * 2 * d + N * cfg->n_shared * (Fs1 + Fs) +
+                       (cfg->n_shared ? 3 * N * d : 0);
     int n_moe = 0;
     for (int l = 0; l < cfg->n_layers; l++) n_moe += moe_layout_block_is_moe(cfg, l);
     out->moe_layers = 4 * per_layer * n_moe;

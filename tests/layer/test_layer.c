@@ -453,6 +453,52 @@ static void test_timing_table(void **state)
     assert_true(ret == 1.5 && comb == 2.5 && bret == 3.5);
 }
 
+/* The receive buffers' bound (moe_layer_recv_rows_bound): no forward
+ * receives more rows than it, at any T <= max_tokens and G <= max_groups,
+ * even when one expert is every token's first choice; and it is near the
+ * most the capacity lets in (so sizing the buffers for it costs little). */
+static void test_recv_rows_bound(void **state)
+{
+    (void)state;
+    const shape shapes[] = {
+        {96, 4, 8, 12, 4, 2, MOE_ROUTER_TOKEN_CHOICE, 1.25, MOE_ACT_GELU},
+        {96, 3, 8, 12, 8, 1, MOE_ROUTER_TOKEN_CHOICE, 1.0, MOE_ACT_GELU},
+        {96, 2, 8, 12, 6, 2, MOE_ROUTER_TOKEN_CHOICE, 2.0, MOE_ACT_SWIGLU},
+        {96, 4, 8, 12, 4, 1, MOE_ROUTER_EXPERT_CHOICE, 1.0, MOE_ACT_GELU},
+        {96, 2, 8, 12, 8, 1, MOE_ROUTER_EXPERT_CHOICE, 2.0, MOE_ACT_GELU},
+        {96, 1, 8, 12, 4, 2, MOE_ROUTER_TOKEN_CHOICE, 0.0, MOE_ACT_GELU}, /* dropless */
+    };
+    for (size_t c = 0; c < sizeof shapes / sizeof shapes[0]; c++) {
+        const shape s = shapes[c];
+        fixture f;
+        setup(&f, s);
+        const int64_t bound = moe_layer_recv_rows_bound(f.L);
+        const int ec = s.kind == MOE_ROUTER_EXPERT_CHOICE;
+        /* one process: every kept assignment lands here */
+        const double kk = ec ? 1.0 : s.k, most = s.cf > 0 ? kk * s.T * s.cf + (double)s.E * s.G : kk * s.T;
+        assert_true(bound > 0);
+        assert_true((double)bound <= most + s.E);
+        if (s.cf <= 0) assert_int_equal(bound, (int64_t)s.T * s.k);
+        for (int skew = 0; skew < 2; skew++) {
+            /* skew: expert 1 is every token's first choice */
+            if (skew)
+                for (int i = 0; i < s.d; i++) f.p.router_w[1 * s.d + i] = 2.0f;
+            for (size_t i = 0; skew && i < (size_t)s.T * s.d; i++) f.x[i] = fabsf(f.x[i]) + 0.25f;
+            for (int T = s.T; T >= s.G; T -= s.T / 2) {
+                for (int G = 1; G <= s.G; G++) {
+                    if (T % G) continue;
+                    assert_int_equal(moe_layer_forward(f.L, f.y, f.x, &f.p, T, G, NULL), MOE_OK);
+                    int64_t rows = 0;
+                    for (int j = 0; j < moe_layer_n_local_experts(f.L); j++) rows += moe_layer_expert_rows(f.L)[j];
+                    assert_true(rows <= bound);
+                    if (skew && s.cf > 0 && !ec) assert_true(rows < (int64_t)T * s.k); /* the capacity dropped rows */
+                }
+            }
+        }
+        teardown(&f);
+    }
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -462,6 +508,7 @@ int main(void)
         cmocka_unit_test(test_bad_input),
         cmocka_unit_test(test_threads_bitwise),
         cmocka_unit_test(test_timing_table),
+        cmocka_unit_test(test_recv_rows_bound),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
