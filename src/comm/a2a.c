@@ -274,16 +274,20 @@ static moe_status plan_recv(moe_a2a *a, int max_width)
     return MOE_OK;
 }
 
-/* Makes trip buffer i hold rows x width floats; headroom so that
- * step-to-step fluctuation of the load does not reallocate (small for the
- * receive side, whose buffers are the largest). Contents are not kept. */
+/* Makes trip buffer i hold rows x width floats: the row bound when it
+ * holds them (moe_a2a_set_row_bounds), else headroom so that step-to-step
+ * fluctuation of the load does not reallocate (small for the receive side,
+ * whose buffers are the largest). Contents are not kept. */
 moe_status moe_a2a_reserve_buf(moe_a2a *a, int i, int rows, int width)
 {
     const size_t need = (size_t)rows * (size_t)width;
     if (need <= a->buf_cap[i] && a->buf[i]) return MOE_OK;
     const int send = i == B_SEND_X || i == B_SEND_Y;
     const int64_t r = rows, bound = a->bound_rows[send ? 0 : 1];
-    const int64_t cap_rows = bound >= r ? bound : send ? r + r / 4 + 16 : r + r / 8 + 64;
+    /* a receive side its layer could not bound (dropless routing): a wide
+     * fluctuation, so half again */
+    const int64_t slack = a->bound_rows[0] && !a->bound_rows[1] ? r / 2 : r / 8;
+    const int64_t cap_rows = bound >= r ? bound : send ? r + r / 4 + 16 : r + slack + 64;
     const size_t cap = (size_t)cap_rows * (size_t)width;
     float *p = moe_calloc(cap, sizeof(float));
     if (!p) return moe_errorf(MOE_ERR_NOMEM, "token exchange: cannot allocate %zu bytes", cap * sizeof(float));

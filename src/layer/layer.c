@@ -168,10 +168,12 @@ static moe_status grow_recv(moe_layer *L, int n)
     if (n <= L->recv_cap) return MOE_OK;
     /* Straight to the bound when it holds n: one growth per run, at the
      * first step, not one each time a step's load beats the last (55-70 ms
-     * of page faults each for the medium model here). Else headroom so
-     * that step-to-step fluctuation of the load reallocates rarely; small,
-     * because these are the layer's largest buffers. */
-    int cap = L->recv_bound >= n ? (int)L->recv_bound : n + n / 8 + 64;
+     * of page faults each for the medium model here). Without a bound
+     * (dropless over several ranks) half again the load, so that the
+     * step-to-step fluctuation of a dropless load (wide: nothing caps it)
+     * rarely reallocates. */
+    const int64_t want = L->recv_bound >= n ? L->recv_bound : (int64_t)n + (L->recv_bound ? n / 8 : n / 2) + 64;
+    const int cap = want <= INT32_MAX ? (int)want : n;
     size_t c = (size_t)cap;
     moe_status st;
     if ((st = grow((void **)&L->h, c * L->F1, sizeof(float)))) return st;
