@@ -507,14 +507,22 @@ static inline float row_max(const float *x, int n)
     return m[0];
 }
 
+/* x[j] = exp(x[j] - mx) for j < n. Elementwise, so it gets the AVX-512
+ * clone (the exp is most of a softmax); the sum is a separate pass. */
+MOE_TARGET_CLONES_EW static void row_exp(float *x, int n, float mx)
+{
+    for (int j = 0; j < n; j++) x[j] = moe_fast_expf(x[j] - mx);
+}
+
 /* x[j] = exp(x[j] - mx) for j < n; returns their sum (8 lanes, fixed order). */
 static inline float row_exp_sum(float *x, int n, float mx)
 {
+    row_exp(x, n, mx);
     float s[LANES] = {0};
     int j = 0;
     for (; j + LANES <= n; j += LANES)
-        for (int l = 0; l < LANES; l++) s[l] += (x[j + l] = moe_fast_expf(x[j + l] - mx));
-    for (; j < n; j++) s[0] += (x[j] = moe_fast_expf(x[j] - mx));
+        for (int l = 0; l < LANES; l++) s[l] += x[j + l];
+    for (; j < n; j++) s[0] += x[j];
     return lanes_total(s);
 }
 

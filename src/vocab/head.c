@@ -94,15 +94,23 @@ static inline float row_max(const float *x, int n)
     return m[0];
 }
 
+/* z[j] = exp(z[j] - mx), j < n. Elementwise, so it gets the AVX-512 clone
+ * (the exp is most of a softmax); softmax_row sums in a separate pass. */
+MOE_TARGET_CLONES_EW static void row_exp(float *z, int n, float mx)
+{
+    for (int j = 0; j < n; j++) z[j] = moe_fast_expf(z[j] - mx);
+}
+
 /* z (n) becomes softmax(z) in place; returns logsumexp(z). */
 MOE_TARGET_CLONES static double softmax_row(float *z, int n)
 {
     const float mx = row_max(z, n);
+    row_exp(z, n, mx);
     float s[LANES] = {0};
     int j = 0;
     for (; j + LANES <= n; j += LANES)
-        for (int l = 0; l < LANES; l++) s[l] += (z[j + l] = moe_fast_expf(z[j + l] - mx));
-    for (; j < n; j++) s[0] += (z[j] = moe_fast_expf(z[j] - mx));
+        for (int l = 0; l < LANES; l++) s[l] += z[j + l];
+    for (; j < n; j++) s[0] += z[j];
     const float sum = lanes_total(s), inv = 1.0f / sum;
     for (j = 0; j < n; j++) z[j] *= inv;
     return (double)mx + log((double)sum);
