@@ -78,7 +78,8 @@ moe_status moe_blas_check(moe_blas_check_result *r, moe_blas_sgemm_fn gemm, moe_
  *   MOE_BLAS_ATTN    a = T, b = head size, c = heads (for the q/k/v strides):
  *                    the causal attention of one (sequence, head) pair in
  *                    32-query row blocks, forward and backward (model/ops.c)
- * threads_all: also time at every core (attention runs one BLAS thread per
+ * threads_all: also time at every core, split as moerun splits its GEMMs
+ * (moe_gemm, core/gemm.h; attention runs one BLAS thread per
  * (sequence, head) pair inside moerun's own threads, so it is 1-thread only). */
 typedef enum { MOE_BLAS_EXPERT, MOE_BLAS_LINEAR, MOE_BLAS_ATTN } moe_blas_shape_kind;
 typedef struct {

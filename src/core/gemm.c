@@ -12,6 +12,54 @@
 
 #include <stddef.h>
 
+#include "core/par.h"
+
+typedef struct {
+    int ta, tb, M, N, K, split_rows;
+    float alpha, beta;
+    const float *A, *B;
+    float *C;
+    int lda, ldb, ldc;
+} gemm_job;
+
+/* Thread t's block of rows (or columns) of C: one single-threaded sgemm. */
+static void gemm_run(void *ctx, int t, int nt)
+{
+    const gemm_job *j = ctx;
+    long i0, i1;
+    moe_par_range_aligned(j->split_rows ? j->M : j->N, 16, t, nt, &i0, &i1);
+    if (i0 >= i1) return;
+    const float *A = j->A, *B = j->B;
+    float *C = j->C;
+    int M = j->M, N = j->N;
+    if (j->split_rows) { /* rows i0..i1 of op(A) */
+        A += j->ta ? (size_t)i0 : (size_t)i0 * j->lda;
+        C += (size_t)i0 * j->ldc;
+        M = (int)(i1 - i0);
+    } else { /* columns i0..i1 of op(B) */
+        B += j->tb ? (size_t)i0 * j->ldb : (size_t)i0;
+        C += i0;
+        N = (int)(i1 - i0);
+    }
+    cblas_sgemm(CblasRowMajor, j->ta ? CblasTrans : CblasNoTrans, j->tb ? CblasTrans : CblasNoTrans, M, N, j->K,
+                j->alpha, A, j->lda, B, j->ldb, j->beta, C, j->ldc);
+}
+
+void moe_gemm(int ta, int tb, int M, int N, int K, float alpha, const float *A, int lda, const float *B, int ldb,
+              float beta, float *C, int ldc)
+{
+    const int split_rows = M >= N, blocks = ((split_rows ? M : N) + 15) / 16;
+    int nt = moe_par_threads_for((long)M * N * K, MOE_GEMM_MIN_MNK_PER_THREAD);
+    nt = nt < blocks ? nt : blocks;
+    if (nt <= 1) {
+        cblas_sgemm(CblasRowMajor, ta ? CblasTrans : CblasNoTrans, tb ? CblasTrans : CblasNoTrans, M, N, K, alpha, A,
+                    lda, B, ldb, beta, C, ldc);
+        return;
+    }
+    gemm_job j = {ta, tb, M, N, K, split_rows, alpha, beta, A, B, C, lda, ldb, ldc};
+    moe_par_run(nt, gemm_run, &j);
+}
+
 void moe_sgemm_nt_rows_ref(int M, int N, int K, const float *A, int lda, const float *B, int ldb, float beta,
                            float *C, int ldc)
 {

@@ -7,6 +7,24 @@
 
 #include <cblas.h>
 
+/* C (M, N) = alpha op(A) op(B) + beta C, row-major: cblas_sgemm's
+ * arguments, with ta and tb 1 for a transposed operand. Outside a parallel
+ * region, with more than one thread (core/par.h) and at least
+ * MOE_GEMM_MIN_MNK_PER_THREAD of M*N*K per thread, the rows of C (if
+ * M >= N, else its columns) are split over the threads in blocks of 16,
+ * each block one single-threaded cblas_sgemm; otherwise one cblas_sgemm.
+ * At moerun's shapes OpenBLAS 0.3.21's own threading reaches 1.1-1.5x of
+ * one thread on 2 cores, this split 1.8-1.95x (bench/gemm_split.sh):
+ * OpenBLAS's workers sleep after every call and synchronise inside it,
+ * the pool's workers spin between regions. A block's bits are what sgemm
+ * returns for that block, so they may depend on the thread count (as with
+ * OpenBLAS's threading). Not collective; cannot fail. */
+void moe_gemm(int ta, int tb, int M, int N, int K, float alpha, const float *A, int lda, const float *B, int ldb,
+              float beta, float *C, int ldc);
+
+/* Below this M*N*K per thread the split's hand-off costs more than it saves. */
+#define MOE_GEMM_MIN_MNK_PER_THREAD (1L << 17)
+
 /* Up to this many rows, one sgemv per row, unless the kernels multiply
  * small products directly (moe_blas_small_kernels). OpenBLAS 0.3.21
  * (Debian 12) packs the whole of B for any M in its Haswell, Zen and older
@@ -85,7 +103,7 @@ static inline void moe_sgemm_nt(int M, int N, int K, const float *A, int lda, co
         return;
     case MOE_NT_SGEMM: break;
     }
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, M, N, K, 1.0f, A, lda, B, ldb, beta, C, ldc);
+    moe_gemm(0, 1, M, N, K, 1.0f, A, lda, B, ldb, beta, C, ldc);
 }
 
 #endif

@@ -1,15 +1,24 @@
-/* Fork-join regions (par.h) on a persistent pool of sleeping workers.
- * Starting a pthread per region cost 20-110 us here (a training step of the
- * small model opens about 70 regions at 2 threads); waking a worker that
- * sleeps on a condition variable costs a few microseconds, and a sleeping
- * worker takes no core from OpenBLAS's threads (no spinning). The pool
- * serves one region at a time: a region opened while another runs (from
- * another thread) starts threads of its own, as does one whose workers
- * cannot be started. */
+/* Fork-join regions (par.h) on a persistent pool of workers.
+ * Starting a pthread per region cost 20-110 us here; a training step of the
+ * small model opens about 70 elementwise regions and, since moerun splits
+ * its GEMMs over this pool (moe_gemm, core/gemm.h), about 40 more. Between
+ * regions a worker spins for up to MOE_PAR_SPIN_NS before it sleeps on a
+ * condition variable, and the caller spins as long for the last worker of
+ * a region: a region that follows within that time costs a cache-line
+ * handoff (well under a microsecond) instead of a futex wake-up and a
+ * context switch (several microseconds each, and 660 of them a step with
+ * OpenBLAS threading the GEMMs). The spin is bounded so that a pool left
+ * idle (I/O, an exchange, the end of a run) sleeps and takes no core.
+ * The pool serves one region at a time: a region opened while another runs
+ * (from another thread) starts threads of its own, as does one whose
+ * workers cannot be started. */
 #include "core/par.h"
 
 #include <cblas.h>
 #include <pthread.h>
+#include <stdatomic.h>
+#include <stdint.h>
+#include <time.h>
 
 typedef struct {
     void (*fn)(void *ctx, int t, int nt);
@@ -24,40 +33,87 @@ static void *par_thread(void *arg)
     return NULL;
 }
 
-/* The pool: workers 1..started-1; worker t runs share t of each region. */
+/* The pool: workers 1..started-1; worker t runs share t of each region.
+ * A region is published by one release store of `word` (its generation and
+ * nt); fn and ctx are written before it and read after it, and only by the
+ * workers the region needs, which the caller waits for before it publishes
+ * the next one. */
 static struct {
-    pthread_mutex_t lock;    /* guards everything below */
-    pthread_cond_t work;     /* a new region (generation changed) */
-    pthread_cond_t done;     /* the last worker of a region finished */
+    pthread_mutex_t lock;    /* guards sleepers, waiting and the sleeping side of word */
+    pthread_cond_t work;     /* word changed (for sleeping workers) */
+    pthread_cond_t done;     /* pending reached 0 (for a sleeping caller) */
     pthread_mutex_t busy;    /* held by the thread whose region the pool runs */
     pthread_once_t once;
     int started;             /* threads running (worker 0 is the caller) */
-    unsigned long generation;
-    par_job job;             /* the current region (t unused) */
-    int pending;             /* workers of the current region not yet finished */
+    uint64_t generation;     /* regions published (the caller's copy) */
+    _Atomic uint64_t word;   /* generation << 8 | nt of the current region */
+    void (*fn)(void *ctx, int t, int nt);
+    void *ctx;
+    atomic_int pending;      /* workers of the current region not yet finished */
+    int sleepers;            /* workers asleep on `work` */
+    int waiting;             /* the caller is asleep on `done` */
+    uint64_t born[MOE_PAR_MAX_THREADS]; /* word when worker t was started */
 } pool = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER, PTHREAD_COND_INITIALIZER,
-          PTHREAD_MUTEX_INITIALIZER, PTHREAD_ONCE_INIT, 1, 0, {0}, 0};
+          PTHREAD_MUTEX_INITIALIZER, PTHREAD_ONCE_INIT, 1, 0, 0, NULL, NULL, 0, 0, 0, {0}};
+
+static long now_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return ts.tv_sec * 1000000000L + ts.tv_nsec;
+}
+
+static inline void cpu_relax(void)
+{
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#endif
+}
+
+/* Spins up to MOE_PAR_SPIN_NS (if `spin`) for the region after `seen`, then
+ * sleeps. */
+static uint64_t wait_region(uint64_t seen, int spin)
+{
+    uint64_t w;
+    const long t0 = now_ns();
+    for (int i = 1; spin; i++) {
+        if ((w = atomic_load_explicit(&pool.word, memory_order_acquire)) != seen) return w;
+        cpu_relax();
+        if (i % 64 == 0 && now_ns() - t0 > MOE_PAR_SPIN_NS) break;
+    }
+    pthread_mutex_lock(&pool.lock);
+    pool.sleepers++;
+    while ((w = atomic_load_explicit(&pool.word, memory_order_acquire)) == seen)
+        pthread_cond_wait(&pool.work, &pool.lock);
+    pool.sleepers--;
+    pthread_mutex_unlock(&pool.lock);
+    return w;
+}
 
 static void *pool_worker(void *arg)
 {
     const int t = (int)(long)arg;
-    unsigned long seen = 0;
-    pthread_mutex_lock(&pool.lock);
+    uint64_t seen = pool.born[t]; /* the word when it was started: every later region is new to it */
+    int needed = 0;
     for (;;) {
-        while (pool.generation == seen) pthread_cond_wait(&pool.work, &pool.lock);
-        seen = pool.generation;
-        const par_job j = pool.job;
-        if (t >= j.nt) continue; /* not needed in this region */
-        pthread_mutex_unlock(&pool.lock);
-        j.fn(j.ctx, t, j.nt);
-        pthread_mutex_lock(&pool.lock);
-        if (--pool.pending == 0) pthread_cond_signal(&pool.done);
+        /* a worker the last region did not need sleeps at once: regions
+         * of fewer threads keep the others off the cores */
+        seen = wait_region(seen, needed);
+        const int nt = (int)(seen & 0xff);
+        needed = t < nt;
+        if (!needed) continue;
+        pool.fn(pool.ctx, t, nt);
+        if (atomic_fetch_sub_explicit(&pool.pending, 1, memory_order_acq_rel) == 1) {
+            pthread_mutex_lock(&pool.lock);
+            if (pool.waiting) pthread_cond_signal(&pool.done);
+            pthread_mutex_unlock(&pool.lock);
+        }
     }
     return NULL;
 }
 
 /* A forked child has no workers (and may have copied a held lock): its
- * regions start threads of their own. */
+ * first region starts new ones. */
 static void pool_after_fork(void)
 {
     pthread_mutex_init(&pool.lock, NULL);
@@ -65,18 +121,24 @@ static void pool_after_fork(void)
     pthread_cond_init(&pool.work, NULL);
     pthread_cond_init(&pool.done, NULL);
     pool.started = 1;
+    pool.sleepers = pool.waiting = 0;
 }
 
-/* Starts the workers once; a worker that cannot be started leaves the pool
- * smaller (regions that need more threads start their own). */
-static void pool_start(void)
+static void pool_init(void) { pthread_atfork(NULL, NULL, pool_after_fork); }
+
+/* Starts workers until the pool has nt threads (the caller counts as one).
+ * A worker that cannot be started leaves the pool smaller: regions that
+ * need more threads start their own. Called with pool.busy held. */
+static void pool_grow(int nt)
 {
-    pthread_atfork(NULL, NULL, pool_after_fork);
+    pthread_once(&pool.once, pool_init);
+    if (pool.started >= nt) return;
     pthread_attr_t attr;
     if (pthread_attr_init(&attr) != 0) return;
     pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
-    for (int t = 1; t < MOE_PAR_MAX_THREADS; t++) {
+    for (int t = pool.started; t < nt; t++) {
         pthread_t tid;
+        pool.born[t] = atomic_load_explicit(&pool.word, memory_order_relaxed);
         if (pthread_create(&tid, &attr, pool_worker, (void *)(long)t) != 0) break;
         pthread_mutex_lock(&pool.lock);
         pool.started = t + 1;
@@ -123,24 +185,34 @@ void moe_par_run(int nt, void (*fn)(void *ctx, int t, int nt), void *ctx)
     }
     const int blas = openblas_get_num_threads();
     openblas_set_num_threads(1);
-    pthread_once(&pool.once, pool_start);
     if (pthread_mutex_trylock(&pool.busy) != 0) {
         run_spawned(nt, fn, ctx);
     } else {
-        pthread_mutex_lock(&pool.lock);
+        pool_grow(nt);
         const int have = pool.started;
         if (have >= nt) {
-            pool.job = (par_job){fn, ctx, 0, nt};
-            pool.pending = nt - 1;
-            pool.generation++;
-            pthread_cond_broadcast(&pool.work);
-        }
-        pthread_mutex_unlock(&pool.lock);
-        if (have >= nt) {
-            fn(ctx, 0, nt);
+            pool.fn = fn;
+            pool.ctx = ctx;
+            atomic_store_explicit(&pool.pending, nt - 1, memory_order_relaxed);
             pthread_mutex_lock(&pool.lock);
-            while (pool.pending > 0) pthread_cond_wait(&pool.done, &pool.lock);
+            pool.generation++;
+            atomic_store_explicit(&pool.word, pool.generation << 8 | (uint64_t)nt, memory_order_release);
+            if (pool.sleepers > 0) pthread_cond_broadcast(&pool.work);
             pthread_mutex_unlock(&pool.lock);
+            fn(ctx, 0, nt);
+            const long t0 = now_ns();
+            for (int i = 1; atomic_load_explicit(&pool.pending, memory_order_acquire) > 0; i++) {
+                cpu_relax();
+                if (i % 64 == 0 && now_ns() - t0 > MOE_PAR_SPIN_NS) {
+                    pthread_mutex_lock(&pool.lock);
+                    pool.waiting = 1;
+                    while (atomic_load_explicit(&pool.pending, memory_order_acquire) > 0)
+                        pthread_cond_wait(&pool.done, &pool.lock);
+                    pool.waiting = 0;
+                    pthread_mutex_unlock(&pool.lock);
+                    break;
+                }
+            }
         } else {
             run_spawned(nt, fn, ctx);
         }

@@ -1,6 +1,7 @@
-/* Fork-join parallel regions for the elementwise passes between GEMMs.
- * OpenBLAS threads the GEMMs; without this, layernorm, softmax, the
- * attention blocks and AdamW would run on one core while the others idle.
+/* Fork-join parallel regions: the elementwise passes, and the GEMMs split
+ * over the same threads (moe_gemm, core/gemm.h). Without regions, layernorm,
+ * softmax, the attention blocks and AdamW would run on one core while the
+ * others idle.
  * A region uses as many threads as OpenBLAS does (capped), so a rank
  * started with OPENBLAS_NUM_THREADS=1 stays single-threaded. Callers split
  * work so that results do not depend on the thread count (fixed chunks or
@@ -9,6 +10,11 @@
 #define MOE_CORE_PAR_H
 
 enum { MOE_PAR_MAX_THREADS = 8 };
+
+/* How long an idle pool worker, or a caller waiting for its workers, spins
+ * before it sleeps (par.c). Long enough to bridge the serial work between
+ * the regions of a training step, short enough that an idle pool sleeps. */
+#define MOE_PAR_SPIN_NS 100000L
 
 /* Threads a region would use now: min(openblas_get_num_threads(), MOE_PAR_MAX_THREADS), >= 1. */
 int moe_par_threads(void);

@@ -1,8 +1,8 @@
 /* Feed-forward experts, fast path: one single-threaded GEMM per matmul per
  * expert (few-row paths for an expert with few tokens, core/gemm.h) with the
  * experts spread over the threads, or, for an
- * expert too big to share out, one expert at a time with the threads inside
- * its GEMMs (expert_plan decides). Biases are folded into the GEMM output (C
+ * expert too big to share out, one expert at a time with its GEMMs split
+ * over the threads (moe_gemm; expert_plan decides). Biases are folded into the GEMM output (C
  * initialised with the bias, beta = 1), the b1 gradient is summed inside the
  * activation backward pass, activations run in branch-free loops that the
  * compiler vectorises. gelu and silu share one polynomial exp: both are
@@ -219,30 +219,31 @@ static void expert_backward_one(const expert_args *s, int e, int threaded)
 
     /* In place (dx = dy, da = a, dh = h): every buffer is read before the
      * GEMM or pass that overwrites it. */
-    cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, d, F, n, 1.0f, dye, d, ae, F, 1.0f, gw2, F);
+    moe_gemm(1, 0, d, F, n, 1.0f, dye, d, ae, F, 1.0f, gw2, F);
     if (gb2) add_rows(gb2, dye, n, d);
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, n, F, d, 1.0f, dye, d, w2, F, 0.0f, dae, F);
+    moe_gemm(0, 0, n, F, d, 1.0f, dye, d, w2, F, 0.0f, dae, F);
     /* dh = act'(h) * da, with the b1 gradient summed while rows are hot */
     const act_job aj = {.out = dhe, .db1 = gb1, .in = dae, .h = he, .n = n, .F = F, .act = s->act, .backward = 1};
     if (threaded) act_parallel(aj);
     else act_rows(&aj, 0, n, 0, F);
-    cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, F1, d, n, 1.0f, dhe, F1, xe, d, 1.0f, gw1, d);
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, n, d, F1, 1.0f, dhe, F1, w1, d, 0.0f, dxe, d);
+    moe_gemm(1, 0, F1, d, n, 1.0f, dhe, F1, xe, d, 1.0f, gw1, d);
+    moe_gemm(0, 0, n, d, F1, 1.0f, dhe, F1, w1, d, 0.0f, dxe, d);
 }
 
 /* ---- scheduling the experts over the threads ----
  * With nt threads, an expert either runs whole on one thread (its GEMMs
  * single-threaded: no synchronisation inside, its activation pass on rows
- * the same thread just wrote) or alone over all threads (OpenBLAS threads
- * its GEMMs). The first is faster as long as the loads balance; an expert
- * holding more than a thread's share of the rows cannot be balanced and
- * goes the second way. The plan is a pure function of the row counts and
- * nt; the results do not depend on it (see the bits note at the top). */
+ * the same thread just wrote) or alone over all threads (its GEMMs split
+ * over them, moe_gemm). The first is faster as long as the loads balance;
+ * an expert holding more than a thread's share of the rows cannot be
+ * balanced and goes the second way. The plan is a pure function of the row
+ * counts and nt; the results depend on it only through what sgemm returns
+ * for a split GEMM's blocks (see the bits note at the top). */
 
-/* Relative speed of one expert's GEMMs threaded inside OpenBLAS over nt
- * threads against nt experts on one thread each (measured: 2 threads,
- * d 256, F 1024, 1024 rows). */
-#define MOE_EXPERT_INSIDE_EFF 0.85
+/* Relative speed of one expert's GEMMs split over nt threads against nt
+ * experts on one thread each (bench/gemm_split.sh, 2 threads: 0.92 at
+ * d 128, F 512, 512 rows; 0.96 at d 256, F 1024, 1024 rows). */
+#define MOE_EXPERT_INSIDE_EFF 0.92
 
 typedef struct {
     const expert_args *s;

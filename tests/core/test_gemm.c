@@ -6,8 +6,10 @@
  * moerun's few-row kernel called directly (whatever the kernel set) against
  * its plain reference and float64, with the property it documents (a row's
  * bits do not depend on M or on the other rows) and beta 0 never reading C;
- * the documented path rule; and that the kernel-set test names exactly the
- * SkylakeX family. */
+ * the documented path rule; that the kernel-set test names exactly the
+ * SkylakeX family; and moe_gemm, split over 1-3 threads by rows or by
+ * columns (every transposition, odd sizes, blocks that do not divide,
+ * strided operands, alpha and beta as used), against float64. */
 #include <cblas.h>
 #include <math.h>
 #include <setjmp.h>
@@ -22,6 +24,7 @@
 
 #include "core/blas_check.h"
 #include "core/gemm.h"
+#include "core/par.h"
 
 static float frand(uint32_t *s)
 {
@@ -176,6 +179,54 @@ static void test_kernel_set(void **state)
     assert_int_equal(moe_blas_small_kernels(), family); /* the cached answer */
 }
 
+/* moe_gemm at 1, 2 and 3 threads: each element within the float64 bound,
+ * C's padding untouched. Sizes large enough to split (M*N*K per thread
+ * above MOE_GEMM_MIN_MNK_PER_THREAD), by rows (M >= N) and by columns, with
+ * 16-wide blocks that do not divide M or N and shares smaller than a block. */
+static void test_split(void **state)
+{
+    (void)state;
+    static const int shapes[][3] = {
+        {2048, 384, 128}, {384, 128, 2048}, {129, 1031, 257}, {1031, 129, 257}, {40, 600, 600}, {600, 17, 900},
+        {33, 33, 4096},
+    };
+    static const float ab[][2] = {{1.0f, 0.0f}, {1.0f, 1.0f}, {0.5f, -1.0f}};
+    const int saved = openblas_get_num_threads();
+    for (int nt = 1; nt <= 3; nt++) {
+        openblas_set_num_threads(nt);
+        assert_int_equal(moe_par_threads(), nt);
+        for (size_t si = 0; si < sizeof shapes / sizeof *shapes; si++)
+            for (int tr = 0; tr < 4; tr++) {
+                const int M = shapes[si][0], N = shapes[si][1], K = shapes[si][2], ta = tr & 1, tb = tr >> 1;
+                const float alpha = ab[(si + tr) % 3][0], beta = ab[(si + tr) % 3][1];
+                const int lda = (ta ? M : K) + 3, ldb = (tb ? K : N) + 1, ldc = N + 2;
+                const size_t na = (size_t)(ta ? K : M) * lda, nb = (size_t)(tb ? N : K) * ldb, nc = (size_t)M * ldc;
+                float *A = malloc(sizeof(float) * na), *B = malloc(sizeof(float) * nb);
+                float *C = malloc(sizeof(float) * nc), *C0 = malloc(sizeof(float) * nc);
+                double *ref = malloc(sizeof(double) * (size_t)M * N), *mag = malloc(sizeof(double) * (size_t)M * N);
+                assert_true(A && B && C && C0 && ref && mag);
+                uint32_t s = (uint32_t)(M * 31 + N * 7 + K + tr);
+                for (size_t i = 0; i < na; i++) A[i] = frand(&s);
+                for (size_t i = 0; i < nb; i++) B[i] = frand(&s);
+                for (size_t i = 0; i < nc; i++) C0[i] = C[i] = frand(&s);
+                moe_gemm(ta, tb, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
+                moe_blas_sgemm_ref(ref, mag, ta, tb, M, N, K, alpha, A, lda, B, ldb, beta, C0, ldc);
+                const double factor = moe_blas_bound_factor(K);
+                for (int m = 0; m < M; m++) {
+                    for (int n = 0; n < N; n++) {
+                        const double got = C[(size_t)m * ldc + n], want = ref[(size_t)m * N + n];
+                        if (!(fabs(got - want) <= factor * mag[(size_t)m * N + n]))
+                            fail_msg("threads %d ta %d tb %d M %d N %d K %d: C[%d][%d] = %.9g, float64 %.9g", nt, ta,
+                                     tb, M, N, K, m, n, got, want);
+                    }
+                    for (int n = N; n < ldc; n++) assert_true(C[(size_t)m * ldc + n] == C0[(size_t)m * ldc + n]);
+                }
+                free(A), free(B), free(C), free(C0), free(ref), free(mag);
+            }
+    }
+    openblas_set_num_threads(saved);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -184,6 +235,7 @@ int main(void)
         cmocka_unit_test(test_rows_kernel_row_independent),
         cmocka_unit_test(test_path_rule),
         cmocka_unit_test(test_kernel_set),
+        cmocka_unit_test(test_split),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -10,6 +10,7 @@
 #include <stdint.h>
 #include <string.h>
 #include <sys/wait.h>
+#include <time.h>
 #include <unistd.h>
 
 #include <cmocka.h>
@@ -113,6 +114,52 @@ static void test_concurrent(void **state)
         for (int t = 0; t < MOE_PAR_MAX_THREADS; t++) assert_int_equal(b[i].runs[t], t < 2);
 }
 
+/* A share that outlasts the spin (the caller then sleeps until the worker
+ * wakes it), gaps between regions that outlast it (the workers sleep and
+ * are woken), and regions of fewer threads between larger ones (the
+ * workers not needed sleep at once): every share still runs once, and what
+ * a worker wrote is seen by the caller after the region. */
+typedef struct {
+    int slow_t; /* this share sleeps past the spin */
+    long sum[MOE_PAR_MAX_THREADS];
+    int runs[MOE_PAR_MAX_THREADS];
+} timed_region;
+
+static void pause_ns(long ns)
+{
+    struct timespec ts = {ns / 1000000000L, ns % 1000000000L};
+    nanosleep(&ts, NULL);
+}
+
+static void timed_share(void *ctx, int t, int nt)
+{
+    (void)nt;
+    timed_region *r = ctx;
+    if (t == r->slow_t) pause_ns(2 * MOE_PAR_SPIN_NS);
+    long s = 0;
+    for (int i = 0; i <= 1000 * (t + 1); i++) s += i;
+    r->sum[t] = s; /* plain store: published by the end of the region */
+    r->runs[t]++;
+}
+
+static void test_spin_and_sleep(void **state)
+{
+    (void)state;
+    const int saved = openblas_get_num_threads();
+    openblas_set_num_threads(4);
+    for (int round = 0; round < 120; round++) {
+        const int nt = 1 + (round * 7) % 4;
+        timed_region r = {.slow_t = round % 3 == 0 ? round % nt : -1};
+        moe_par_run(nt, timed_share, &r);
+        for (int t = 0; t < MOE_PAR_MAX_THREADS; t++) {
+            assert_int_equal(r.runs[t], t < nt);
+            if (t < nt) assert_int_equal(r.sum[t], 1000L * (t + 1) * (1000L * (t + 1) + 1) / 2);
+        }
+        if (round % 4 == 1) pause_ns(3 * MOE_PAR_SPIN_NS); /* the workers fall asleep */
+    }
+    openblas_set_num_threads(saved);
+}
+
 /* A forked child has no pool workers: its regions must still complete. */
 static void test_fork(void **state)
 {
@@ -138,6 +185,7 @@ int main(void)
         cmocka_unit_test(test_regions),
         cmocka_unit_test(test_nested),
         cmocka_unit_test(test_concurrent),
+        cmocka_unit_test(test_spin_and_sleep),
         cmocka_unit_test(test_fork),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
