@@ -128,37 +128,36 @@ static moe_status grow_asg(moe_layer *L, int n)
 /* The most rows this rank's slots can receive in one step, or 0 when the
  * routing does not bound it usefully (dropless token choice over many
  * ranks). Every rank routes at most max_tokens tokens in at most max_groups
- * groups, and a group gives each expert at most cap(T/G) rows, so an
- * expert gets at most G cap(T/G) <= ceil(k' T cf / E) + G rows from a rank
- * (k' = k for token choice, 1 for expert choice); and a token reaches this
+ * groups, and group g gives each expert at most cap(T_g) rows
+ * (moe_router_capacity: ceil(k' T_g cf / E), k' = k for token choice, 1 for
+ * expert choice), so an expert gets at most cap(T) + G rows from a rank
+ * (each group's capacity rounds up on its own); and a token reaches this
  * rank's slots at most min(k, El) times (El for expert choice). The same
  * routing on every rank (a split decoding group) stays inside too. */
 static int64_t recv_rows_bound(const moe_layer_config *cfg, int P, int El)
 {
     const moe_router_config *r = &cfg->router;
     const int ec = r->kind == MOE_ROUTER_EXPERT_CHOICE;
-    const int64_t Tm = cfg->max_tokens, Gm = cfg->max_groups;
     const int64_t per_token = ec || r->top_k > El ? El : r->top_k;
-    int64_t b = (int64_t)P * Tm * per_token;
-    if (ec || r->capacity_factor > 0) {
-        const double x = (ec ? 1.0 : (double)r->top_k) * (double)Tm * r->capacity_factor / r->n_experts;
-        if (x < (double)INT32_MAX) {
-            const int64_t per_expert = (int64_t)ceil(x) + Gm;
-            if ((int64_t)P * El * per_expert < b) b = (int64_t)P * El * per_expert;
-        }
+    int64_t b = (int64_t)P * cfg->max_tokens * per_token;
+    const int64_t C = moe_router_capacity(r, cfg->max_tokens);
+    if (C >= 0) {
+        const int64_t per_expert = C + cfg->max_groups;
+        if ((int64_t)P * El * per_expert < b) b = (int64_t)P * El * per_expert;
     } else if (P > 1) {
         return 0; /* dropless: every token could come here, P times the mean */
     }
     return b <= INT32_MAX ? b : 0;
 }
 
-/* The most rows this rank sends in one step: one per kept assignment. */
+/* The most rows this rank sends in one step: one per kept assignment (at
+ * most top_k a token; under expert choice, every expert's capacity). */
 static int64_t send_rows_bound(const moe_layer_config *cfg)
 {
     const moe_router_config *r = &cfg->router;
-    const int64_t Tm = cfg->max_tokens, Gm = cfg->max_groups;
+    const int64_t Tm = cfg->max_tokens;
     if (r->kind != MOE_ROUTER_EXPERT_CHOICE) return Tm * r->top_k <= INT32_MAX ? Tm * r->top_k : 0;
-    const int64_t b = (int64_t)ceil((double)Tm * r->capacity_factor) + Gm * (int64_t)r->n_experts;
+    const int64_t b = (int64_t)r->n_experts * (moe_router_capacity(r, cfg->max_tokens) + cfg->max_groups);
     return b <= INT32_MAX ? b : 0;
 }
 

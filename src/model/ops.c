@@ -10,6 +10,7 @@
 #include "core/gemm.h"
 #include "core/moe.h"
 #include "core/par.h"
+#include "core/rows.h"
 
 void moe_model_encoder_forward(float *out, const int32_t *inp, const float *wte, const float *wpe,
                                int B, int T, int C)
@@ -68,25 +69,6 @@ enum { PAR_MIN_ELEMS = 1 << 15 };
 /* Column shares in blocks of 16 floats: no cache line written by two threads. */
 enum { COL_BLOCK = 16 };
 
-/* Reductions over a row in 8 lanes added in a fixed order: the compiler
- * vectorises them (it may not reorder a single running float sum), and the
- * result depends on nothing but the row. */
-#define LANES 8
-static inline float lanes_total(const float *s)
-{
-    return ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7]));
-}
-
-/* sum_j a[j] b[j] over j < n, in lanes. */
-static inline float lanes_dot(const float *a, const float *b, int n)
-{
-    float s[LANES] = {0};
-    int j = 0;
-    for (; j + LANES <= n; j += LANES)
-        for (int l = 0; l < LANES; l++) s[l] += a[j + l] * b[j + l];
-    for (; j < n; j++) s[0] += a[j] * b[j];
-    return lanes_total(s);
-}
 
 /* Rows [n0, n1) of the layernorm forward. */
 MOE_TARGET_CLONES static void ln_forward_rows(float *restrict out, float *mean, float *rstd,
@@ -96,17 +78,17 @@ MOE_TARGET_CLONES static void ln_forward_rows(float *restrict out, float *mean, 
     for (long n = n0; n < n1; n++) {
         const float *x = inp + (size_t)n * C;
         float *o = out + (size_t)n * C;
-        float s[LANES] = {0}, q[LANES] = {0};
+        float s[MOE_LANES] = {0}, q[MOE_LANES] = {0};
         int i = 0;
-        for (; i + LANES <= C; i += LANES)
-            for (int l = 0; l < LANES; l++) s[l] += x[i + l];
+        for (; i + MOE_LANES <= C; i += MOE_LANES)
+            for (int l = 0; l < MOE_LANES; l++) s[l] += x[i + l];
         for (; i < C; i++) s[0] += x[i];
-        const float m = lanes_total(s) / C;
+        const float m = moe_lanes_total(s) / C;
         /* two passes: no cancellation for rows with a large mean */
-        for (i = 0; i + LANES <= C; i += LANES)
-            for (int l = 0; l < LANES; l++) q[l] += (x[i + l] - m) * (x[i + l] - m);
+        for (i = 0; i + MOE_LANES <= C; i += MOE_LANES)
+            for (int l = 0; l < MOE_LANES; l++) q[l] += (x[i + l] - m) * (x[i + l] - m);
         for (; i < C; i++) q[0] += (x[i] - m) * (x[i] - m);
-        const float r = 1.0f / sqrtf(lanes_total(q) / C + eps);
+        const float r = 1.0f / sqrtf(moe_lanes_total(q) / C + eps);
         for (i = 0; i < C; i++) o[i] = (x[i] - m) * r * weight[i] + bias[i];
         mean[n] = m;
         rstd[n] = r;
@@ -124,10 +106,10 @@ MOE_TARGET_CLONES static void ln_backward_rows(float *restrict dinp, const float
         float *dx = dinp + (size_t)n * C;
         const float m = mean[n], r = rstd[n];
         /* dx = r * (dnorm - mean(dnorm) - norm * mean(dnorm * norm)), dnorm = w * dy */
-        float a[LANES] = {0}, b[LANES] = {0};
+        float a[MOE_LANES] = {0}, b[MOE_LANES] = {0};
         int i = 0;
-        for (; i + LANES <= C; i += LANES)
-            for (int l = 0; l < LANES; l++) {
+        for (; i + MOE_LANES <= C; i += MOE_LANES)
+            for (int l = 0; l < MOE_LANES; l++) {
                 const float norm = (x[i + l] - m) * r, dnorm = weight[i + l] * dy[i + l];
                 a[l] += dnorm;
                 b[l] += dnorm * norm;
@@ -137,7 +119,7 @@ MOE_TARGET_CLONES static void ln_backward_rows(float *restrict dinp, const float
             a[0] += dnorm;
             b[0] += dnorm * norm;
         }
-        const float dnorm_mean = lanes_total(a) / C, dnorm_norm_mean = lanes_total(b) / C;
+        const float dnorm_mean = moe_lanes_total(a) / C, dnorm_norm_mean = moe_lanes_total(b) / C;
         for (i = 0; i < C; i++) {
             const float norm = (x[i] - m) * r, dnorm = weight[i] * dy[i];
             dx[i] += r * (dnorm - dnorm_mean - norm * dnorm_norm_mean);
@@ -214,7 +196,7 @@ MOE_TARGET_CLONES static void rms_forward_rows(float *out, float *rstd, const fl
         for (int g = 0; g < G; g++) {
             const float *x = inp + n * stride + (size_t)g * C;
             float *o = out + n * stride + (size_t)g * C;
-            const float r = 1.0f / sqrtf(lanes_dot(x, x, C) / C + eps);
+            const float r = 1.0f / sqrtf(moe_lanes_dot(x, x, C) / C + eps);
             for (int i = 0; i < C; i++) o[i] = x[i] * r * weight[i];
             rstd[n * G + g] = r;
         }
@@ -231,12 +213,12 @@ MOE_TARGET_CLONES static void rms_backward_rows(float *dinp, const float *dout, 
             const float *x = inp + o, *dy = dout + o;
             float *dx = dinp + o;
             const float r = rstd[n * G + g];
-            float a[LANES] = {0};
+            float a[MOE_LANES] = {0};
             int i = 0;
-            for (; i + LANES <= C; i += LANES)
-                for (int l = 0; l < LANES; l++) a[l] += weight[i + l] * dy[i + l] * x[i + l];
+            for (; i + MOE_LANES <= C; i += MOE_LANES)
+                for (int l = 0; l < MOE_LANES; l++) a[l] += weight[i + l] * dy[i + l] * x[i + l];
             for (; i < C; i++) a[0] += weight[i] * dy[i] * x[i];
-            const float k = r * r * lanes_total(a) / C;
+            const float k = r * r * moe_lanes_total(a) / C;
             for (i = 0; i < C; i++) dx[i] += r * (weight[i] * dy[i] - x[i] * k);
         }
 }
@@ -491,44 +473,18 @@ void moe_model_matmul_backward_ref(float *dinp, float *dweight, float *dbias, co
     }
 }
 
-/* Largest of x[0..n) (n >= 1), over 8 lanes so that the loop vectorises
- * (a float max reduction is not reassociated by the compiler on its own). */
-static inline float row_max(const float *x, int n)
-{
-    float m[LANES];
-    for (int l = 0; l < LANES; l++) m[l] = x[0];
-    int j = 0;
-    for (; j + LANES <= n; j += LANES)
-        for (int l = 0; l < LANES; l++) m[l] = x[j + l] > m[l] ? x[j + l] : m[l];
-    for (; j < n; j++) m[0] = x[j] > m[0] ? x[j] : m[0];
-    for (int l = 1; l < LANES; l++) m[0] = m[l] > m[0] ? m[l] : m[0];
-    return m[0];
-}
-
-/* x[j] = exp(x[j] - mx) for j < n. Elementwise, so it gets the AVX-512
- * clone (the exp is most of a softmax); the sum is a separate pass. */
-MOE_TARGET_CLONES_EW static void row_exp(float *x, int n, float mx)
-{
-    for (int j = 0; j < n; j++) x[j] = moe_fast_expf(x[j] - mx);
-}
-
-/* x[j] = exp(x[j] - mx) for j < n; returns their sum (8 lanes, fixed order). */
+/* x[j] = exp(x[j] - mx) for j < n; returns their sum (lanes, fixed order). */
 static inline float row_exp_sum(float *x, int n, float mx)
 {
-    row_exp(x, n, mx);
-    float s[LANES] = {0};
-    int j = 0;
-    for (; j + LANES <= n; j += LANES)
-        for (int l = 0; l < LANES; l++) s[l] += x[j + l];
-    for (; j < n; j++) s[0] += x[j];
-    return lanes_total(s);
+    moe_row_exp(x, n, mx);
+    return moe_row_sum(x, n);
 }
 
 /* Causal softmax of the scaled scores of row t in place: entries j <= t become
  * probabilities, entries j > t become 0. */
 MOE_TARGET_CLONES static void causal_softmax_row(float *row, int t, int T)
 {
-    const float mx = row_max(row, t + 1);
+    const float mx = moe_row_max(row, t + 1);
     const float inv = 1.0f / row_exp_sum(row, t + 1, mx);
     for (int j = 0; j <= t; j++) row[j] *= inv;
     for (int j = t + 1; j < T; j++) row[j] = 0.0f;
@@ -544,7 +500,7 @@ MOE_TARGET_CLONES static void causal_softmax_backward(float *d, const float *P, 
         const int t = t0 + i;
         float *dr = d + (size_t)i * T;
         const float *pr = P + (size_t)i * T;
-        const float dot = lanes_dot(pr, dr, t + 1);
+        const float dot = moe_lanes_dot(pr, dr, t + 1);
         for (int j = 0; j <= t; j++) dr[j] = pr[j] * (dr[j] - dot) * scale;
         for (int j = t + 1; j < cols; j++) dr[j] = 0.0f;
     }
@@ -740,7 +696,7 @@ MOE_TARGET_CLONES static void ce_forward_run(void *ctx, int t, int nt)
     for (long n = n0; n < n1; n++) {
         const float *l = j->logits + (size_t)n * V;
         float *p = j->probs + (size_t)n * V;
-        const float mx = row_max(l, V);
+        const float mx = moe_row_max(l, V);
         memcpy(p, l, (size_t)V * sizeof *p);
         const double sum = row_exp_sum(p, V, mx);
         const float inv = (float)(1.0 / sum);

@@ -17,6 +17,7 @@
 
 #include "core/fastmath.h"
 #include "core/par.h"
+#include "core/rows.h"
 #include "router/router.h"
 
 /* Rows per expert tile, tokens per expert-gradient tile, router rows per
@@ -76,56 +77,26 @@ static inline int tile_owner(double before, double cost, double total, int nt)
 
 /* ---- row passes ---- */
 
-#define LANES 8
-static inline float lanes_total(const float *s)
-{
-    return ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7]));
-}
-
-static inline float row_max(const float *x, int n)
-{
-    float m[LANES];
-    for (int l = 0; l < LANES; l++) m[l] = x[0];
-    int j = 0;
-    for (; j + LANES <= n; j += LANES)
-        for (int l = 0; l < LANES; l++) m[l] = x[j + l] > m[l] ? x[j + l] : m[l];
-    for (; j < n; j++) m[0] = x[j] > m[0] ? x[j] : m[0];
-    for (int l = 1; l < LANES; l++) m[0] = m[l] > m[0] ? m[l] : m[0];
-    return m[0];
-}
-
-/* z[j] = exp(z[j] - mx), j < n. Elementwise, so it gets the AVX-512 clone
- * (the exp is most of a softmax); softmax_row sums in a separate pass. */
-MOE_TARGET_CLONES_EW static void row_exp(float *z, int n, float mx)
-{
-    for (int j = 0; j < n; j++) z[j] = moe_fast_expf(z[j] - mx);
-}
-
 /* z (n) becomes softmax(z) in place; returns logsumexp(z). */
 MOE_TARGET_CLONES static double softmax_row(float *z, int n)
 {
-    const float mx = row_max(z, n);
-    row_exp(z, n, mx);
-    float s[LANES] = {0};
-    int j = 0;
-    for (; j + LANES <= n; j += LANES)
-        for (int l = 0; l < LANES; l++) s[l] += z[j + l];
-    for (; j < n; j++) s[0] += z[j];
-    const float sum = lanes_total(s), inv = 1.0f / sum;
-    for (j = 0; j < n; j++) z[j] *= inv;
+    const float mx = moe_row_max(z, n);
+    moe_row_exp(z, n, mx);
+    const float sum = moe_row_sum(z, n), inv = 1.0f / sum;
+    for (int j = 0; j < n; j++) z[j] *= inv;
     return (double)mx + log((double)sum);
 }
 
 /* z (n) becomes z - logsumexp(z) in place (log-probabilities). */
 MOE_TARGET_CLONES static void logsoftmax_row(float *z, int n)
 {
-    const float mx = row_max(z, n);
-    float s[LANES] = {0};
+    const float mx = moe_row_max(z, n);
+    float s[MOE_LANES] = {0};
     int j = 0;
-    for (; j + LANES <= n; j += LANES)
-        for (int l = 0; l < LANES; l++) s[l] += moe_fast_expf(z[j + l] - mx);
+    for (; j + MOE_LANES <= n; j += MOE_LANES)
+        for (int l = 0; l < MOE_LANES; l++) s[l] += moe_fast_expf(z[j + l] - mx);
     for (; j < n; j++) s[0] += moe_fast_expf(z[j] - mx);
-    const float lse = (float)((double)mx + log((double)lanes_total(s)));
+    const float lse = (float)((double)mx + log((double)moe_lanes_total(s)));
     for (j = 0; j < n; j++) z[j] -= lse;
 }
 
