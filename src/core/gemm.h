@@ -13,16 +13,18 @@
  * MOE_GEMM_MIN_MNK_PER_THREAD of M*N*K per thread, the rows of C (if
  * M >= N, else its columns) are split over the threads in blocks of 16,
  * each block one single-threaded cblas_sgemm; otherwise one cblas_sgemm.
- * At moerun's shapes OpenBLAS 0.3.21's own threading reaches 1.1-1.5x of
- * one thread on 2 cores, this split 1.8-1.95x (bench/gemm_split.sh):
- * OpenBLAS's workers sleep after every call and synchronise inside it,
- * the pool's workers spin between regions. A block's bits are what sgemm
+ * At moerun's shapes on 2 cores OpenBLAS 0.3.21's own threading reaches
+ * 1.1-1.7x the rate of one thread, this split 1.5-1.95x, faster at every
+ * shape (1.06-1.44x; bench/gemm_split.sh): OpenBLAS's workers sleep after
+ * every call and synchronise inside it, the pool's workers spin between
+ * regions and each block runs alone. A block's bits are what sgemm
  * returns for that block, so they may depend on the thread count (as with
  * OpenBLAS's threading). Not collective; cannot fail. */
 void moe_gemm(int ta, int tb, int M, int N, int K, float alpha, const float *A, int lda, const float *B, int ldb,
               float beta, float *C, int ldc);
 
-/* Below this M*N*K per thread the split's hand-off costs more than it saves. */
+/* No split below this M*N*K per thread: OpenBLAS 0.3.21's own cut (it
+ * threads a GEMM only above M*N*K = 2^18), per thread at 2 threads. */
 #define MOE_GEMM_MIN_MNK_PER_THREAD (1L << 17)
 
 /* Up to this many rows, one sgemv per row, unless the kernels multiply
