@@ -18,7 +18,8 @@
 #include <pthread.h>
 #include <stdatomic.h>
 #include <stdint.h>
-#include <time.h>
+
+#include "core/moe.h"
 
 typedef struct {
     void (*fn)(void *ctx, int t, int nt);
@@ -44,8 +45,7 @@ static struct {
     pthread_cond_t done;     /* pending reached 0 (for a sleeping caller) */
     pthread_mutex_t busy;    /* held by the thread whose region the pool runs */
     pthread_once_t once;
-    int started;             /* threads running (worker 0 is the caller) */
-    uint64_t generation;     /* regions published (the caller's copy) */
+    int started;             /* threads running (worker 0 is the caller); the busy holder's */
     _Atomic uint64_t word;   /* generation << 8 | nt of the current region */
     void (*fn)(void *ctx, int t, int nt);
     void *ctx;
@@ -54,14 +54,11 @@ static struct {
     int waiting;             /* the caller is asleep on `done` */
     uint64_t born[MOE_PAR_MAX_THREADS]; /* word when worker t was started */
 } pool = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER, PTHREAD_COND_INITIALIZER,
-          PTHREAD_MUTEX_INITIALIZER, PTHREAD_ONCE_INIT, 1, 0, 0, NULL, NULL, 0, 0, 0, {0}};
+          PTHREAD_MUTEX_INITIALIZER, PTHREAD_ONCE_INIT, 1, 0, NULL, NULL, 0, 0, 0, {0}};
 
-static long now_ns(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return ts.tv_sec * 1000000000L + ts.tv_nsec;
-}
+/* Whether a spin that started at t0 (moe_now) has run its course; checked
+ * every 64th turn, so the clock is read about once a microsecond. */
+static int spin_over(int i, double t0) { return i % 64 == 0 && (moe_now() - t0) * 1e9 > MOE_PAR_SPIN_NS; }
 
 static inline void cpu_relax(void)
 {
@@ -75,11 +72,10 @@ static inline void cpu_relax(void)
 static uint64_t wait_region(uint64_t seen, int spin)
 {
     uint64_t w;
-    const long t0 = now_ns();
-    for (int i = 1; spin; i++) {
+    const double t0 = moe_now();
+    for (int i = 1; spin && !spin_over(i, t0); i++) {
         if ((w = atomic_load_explicit(&pool.word, memory_order_acquire)) != seen) return w;
         cpu_relax();
-        if (i % 64 == 0 && now_ns() - t0 > MOE_PAR_SPIN_NS) break;
     }
     pthread_mutex_lock(&pool.lock);
     pool.sleepers++;
@@ -140,9 +136,7 @@ static void pool_grow(int nt)
         pthread_t tid;
         pool.born[t] = atomic_load_explicit(&pool.word, memory_order_relaxed);
         if (pthread_create(&tid, &attr, pool_worker, (void *)(long)t) != 0) break;
-        pthread_mutex_lock(&pool.lock);
         pool.started = t + 1;
-        pthread_mutex_unlock(&pool.lock);
     }
     pthread_attr_destroy(&attr);
 }
@@ -194,24 +188,22 @@ void moe_par_run(int nt, void (*fn)(void *ctx, int t, int nt), void *ctx)
             pool.fn = fn;
             pool.ctx = ctx;
             atomic_store_explicit(&pool.pending, nt - 1, memory_order_relaxed);
+            const uint64_t gen = (atomic_load_explicit(&pool.word, memory_order_relaxed) >> 8) + 1;
             pthread_mutex_lock(&pool.lock);
-            pool.generation++;
-            atomic_store_explicit(&pool.word, pool.generation << 8 | (uint64_t)nt, memory_order_release);
+            atomic_store_explicit(&pool.word, gen << 8 | (uint64_t)nt, memory_order_release);
             if (pool.sleepers > 0) pthread_cond_broadcast(&pool.work);
             pthread_mutex_unlock(&pool.lock);
             fn(ctx, 0, nt);
-            const long t0 = now_ns();
-            for (int i = 1; atomic_load_explicit(&pool.pending, memory_order_acquire) > 0; i++) {
+            const double t0 = moe_now();
+            for (int i = 1; atomic_load_explicit(&pool.pending, memory_order_acquire) > 0 && !spin_over(i, t0); i++)
                 cpu_relax();
-                if (i % 64 == 0 && now_ns() - t0 > MOE_PAR_SPIN_NS) {
-                    pthread_mutex_lock(&pool.lock);
-                    pool.waiting = 1;
-                    while (atomic_load_explicit(&pool.pending, memory_order_acquire) > 0)
-                        pthread_cond_wait(&pool.done, &pool.lock);
-                    pool.waiting = 0;
-                    pthread_mutex_unlock(&pool.lock);
-                    break;
-                }
+            if (atomic_load_explicit(&pool.pending, memory_order_acquire) > 0) {
+                pthread_mutex_lock(&pool.lock);
+                pool.waiting = 1;
+                while (atomic_load_explicit(&pool.pending, memory_order_acquire) > 0)
+                    pthread_cond_wait(&pool.done, &pool.lock);
+                pool.waiting = 0;
+                pthread_mutex_unlock(&pool.lock);
             }
         } else {
             run_spawned(nt, fn, ctx);
