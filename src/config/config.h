@@ -76,6 +76,7 @@ typedef struct {
     /* exchange */
     int a2a;                 /* moe_a2a_kind */
     int a2a_chunks;
+    int wgrad_defer;         /* 1: experts' weight-gradient GEMMs run after the backward (> 1 ep rank) */
     double comm_timeout;     /* seconds without progress in a blocking phase before the job ends (0: never) */
     char placement[1024];    /* expert placement file ("" contiguous; docs/routing.md "Expert placement") */
     /* checkpoints (issue 5) */

@@ -82,7 +82,8 @@ struct moe_layer {
     /* receive layout (expert owner): the experts' activations */
     int n_recv;
     int recv_cap;
-    int64_t recv_bound;      /* most rows this rank can receive in a step (recv_rows_bound), or 0 */
+    int64_t recv_bound;      /* most rows this rank can receive in a step (moe_layer_rows_bound), or 0 */
+    int64_t recv_most;       /* the worst case even where recv_bound is 0 (recv_rows_most) */
     float *h;                /* (recv_cap, F1) pre-activation */
     float *a;                /* (recv_cap, F) activation */
 
@@ -98,6 +99,8 @@ struct moe_layer {
     float *sh_gate;          /* (T_max) sigmoid(w_sg . x), or unused without the gate */
     moe_layer_timing timing;
     double flops;
+    float *da;               /* deferred weight gradients: (recv_cap, F) the backward's da (a stays for dW2) */
+    float *dy_keep;          /* deferred weight gradients: (recv_cap, d) dy rows for dW2 (dx overwrites them) */
 };
 
 /* Replaces *p by a zeroed buffer of n elements (contents are not kept:
@@ -125,16 +128,15 @@ static moe_status grow_asg(moe_layer *L, int n)
     return MOE_OK;
 }
 
-/* The most rows this rank's slots can receive in one step, or 0 when the
- * routing does not bound it usefully (dropless token choice over many
- * ranks). Every rank routes at most max_tokens tokens in at most max_groups
+/* The most rows one ep rank of P holding El slots can receive in a step.
+ * Every rank routes at most max_tokens tokens in at most max_groups
  * groups, and group g gives each expert at most cap(T_g) rows
  * (moe_router_capacity: ceil(k' T_g cf / E), k' = k for token choice, 1 for
  * expert choice), so an expert gets at most cap(T) + G rows from a rank
  * (each group's capacity rounds up on its own); and a token reaches this
  * rank's slots at most min(k, El) times (El for expert choice). The same
  * routing on every rank (a split decoding group) stays inside too. */
-static int64_t recv_rows_bound(const moe_layer_config *cfg, int P, int El)
+static int64_t recv_rows_most(const moe_layer_config *cfg, int P, int El)
 {
     const moe_router_config *r = &cfg->router;
     const int ec = r->kind == MOE_ROUTER_EXPERT_CHOICE;
@@ -144,8 +146,20 @@ static int64_t recv_rows_bound(const moe_layer_config *cfg, int P, int El)
     if (C >= 0) {
         const int64_t per_expert = C + cfg->max_groups;
         if ((int64_t)P * El * per_expert < b) b = (int64_t)P * El * per_expert;
-    } else if (P > 1) {
-        return 0; /* dropless: every token could come here, P times the mean */
+    }
+    return b;
+}
+
+int64_t moe_layer_rows_bound(const moe_layer_config *cfg, int P, int El)
+{
+    const int64_t b = recv_rows_most(cfg, P, El);
+    if (moe_router_capacity(&cfg->router, cfg->max_tokens) < 0 && P > 1) {
+        /* Dropless: every token could come here, P min(k, El) / k times the
+         * mean. Worth holding up to MOE_DROPLESS_BOUND_MEANS means (2 ranks:
+         * a dropless load drifts up for tens of steps, and each growth it
+         * forced cost a third of a step in page faults); beyond, growth. */
+        const int64_t mean = (int64_t)cfg->max_tokens * cfg->router.top_k;
+        if (b > MOE_DROPLESS_BOUND_MEANS * mean) return 0;
     }
     return b <= INT32_MAX ? b : 0;
 }
@@ -171,12 +185,17 @@ static moe_status grow_recv(moe_layer *L, int n)
      * (dropless over several ranks) half again the load, so that the
      * step-to-step fluctuation of a dropless load (wide: nothing caps it)
      * rarely reallocates. */
-    const int64_t want = L->recv_bound >= n ? L->recv_bound : (int64_t)n + (L->recv_bound ? n / 8 : n / 2) + 64;
+    int64_t want = L->recv_bound >= n ? L->recv_bound : (int64_t)n + (L->recv_bound ? n / 8 : n / 2) + 64;
+    if (want > L->recv_most && L->recv_most >= n) want = L->recv_most; /* headroom beyond the worst case is waste */
     const int cap = want <= INT32_MAX ? (int)want : n;
     size_t c = (size_t)cap;
     moe_status st;
     if ((st = grow((void **)&L->h, c * L->F1, sizeof(float)))) return st;
     if ((st = grow((void **)&L->a, c * L->F, sizeof(float)))) return st;
+    if (L->P > 1 && L->cfg.wgrad) { /* deferred weight gradients keep a and dy */
+        if ((st = grow((void **)&L->da, c * L->F, sizeof(float)))) return st;
+        if ((st = grow((void **)&L->dy_keep, c * L->d, sizeof(float)))) return st;
+    }
     L->recv_cap = cap;
     return MOE_OK;
 }
@@ -308,7 +327,8 @@ moe_status moe_layer_create(moe_layer **out, const moe_layer_config *cfg, moe_co
     moe_status cst = moe_a2a_create(&L->a2a, comm, L->El, cfg->a2a, L->cfg.chunks);
     if (!st) st = cst;
     if (!st) {
-        L->recv_bound = recv_rows_bound(cfg, P, L->El);
+        L->recv_bound = moe_layer_rows_bound(cfg, P, L->El);
+        L->recv_most = recv_rows_most(cfg, P, L->El);
         moe_a2a_set_row_bounds(L->a2a, send_rows_bound(cfg), L->recv_bound);
     }
     st = moe_comm_agree(comm, st);
@@ -339,6 +359,8 @@ void moe_layer_destroy(moe_layer *L)
     moe_free(L->asg_dw);
     moe_free(L->h);
     moe_free(L->a);
+    moe_free(L->da);
+    moe_free(L->dy_keep);
     moe_free(L->dweight);
     moe_free(L->expert_rows);
     moe_free(L->sh_h);
@@ -543,8 +565,10 @@ static moe_status bwd_compute(void *vctx, int j0, int j1, const float *dy_rows, 
     if (j1 <= j0) return MOE_OK;
     moe_expert_params v = expert_view(&c->p->experts, L, j0);
     moe_expert_params gv = expert_view(&c->g->experts, L, j0);
-    moe_expert_backward(dx_rows, &gv, L->h, L->a, dy_rows, c->x_rows, L->h, L->a,
-                        moe_a2a_recv_expert_offsets(L->a2a) + j0, &v, j1 - j0, L->d, L->F, L->cfg.act);
+    const int defer = L->P > 1 && L->cfg.wgrad;
+    moe_expert_backward_deferred(dx_rows, &gv, L->h, defer ? L->da : L->a, dy_rows, c->x_rows, L->h, L->a,
+                                 moe_a2a_recv_expert_offsets(L->a2a) + j0, &v, j1 - j0, L->d, L->F, L->cfg.act,
+                                 defer ? L->cfg.wgrad : NULL, L->dy_keep);
     return MOE_OK;
 }
 
@@ -713,6 +737,7 @@ moe_status moe_layer_backward(moe_layer *L, float *dx, moe_layer_params *grads, 
     L->timing.bwd_shared += moe_now() - t2;
     /* every rank of the ep group gets here (the failures above are agreed
      * or the same everywhere), so the copies' sum is entered by all */
+    if (L->n_rep) moe_wgrad_drain(L->cfg.wgrad); /* rep_sum reads the copies' gradients */
     if (L->n_rep && (st = rep_sum(L, grads))) return st;
     L->timing.bwd_gate_grad += xt.pack;
     L->timing.bwd_router += t1 - t0;

@@ -25,6 +25,11 @@ typedef struct {
     int max_groups;            /* largest local G */
     moe_a2a_kind a2a;          /* exchange transport over more than one rank */
     int chunks;                /* >= 1: expert chunks overlapped with the exchange */
+    /* Over more than one ep rank the experts' weight-gradient GEMMs go
+     * there (experts.h "Deferred weight gradients"); the owner (the model:
+     * one queue for all its layers) drains it after the backward, before
+     * anything reads the expert gradients. Not owned. NULL: inline. */
+    moe_wgrad_queue *wgrad;
     /* The expert placement (docs/routing.md "Expert placement"): slot j of
      * ep rank p (exchange destination p * n_slots + j) holds global expert
      * slots[p * n_slots + j]; every expert at least once, a replicated one
@@ -76,11 +81,19 @@ int moe_layer_expert0(const moe_layer *L);
 /* (n_local_experts) the global expert of each local slot, ascending. */
 const int *moe_layer_local_experts(const moe_layer *L);
 /* The most rows this rank's experts can receive in one forward, from the
- * routing's capacity, max_tokens and max_groups (0: no useful bound, i.e.
- * dropless token choice over several ranks). The receive buffers are
- * allocated for it at the first forward, so a run's load fluctuations
- * never reallocate them; a load beyond it would still work. Not collective. */
+ * routing's capacity, max_tokens and max_groups (moe_layer_rows_bound). The
+ * receive buffers are allocated for it at the first forward, so a run's
+ * load fluctuations never reallocate them; a load beyond it would still
+ * work. Not collective. */
 int64_t moe_layer_recv_rows_bound(const moe_layer *L);
+/* A dropless layer holds buffers for the worst case when that is at most
+ * this many times the mean load (max_tokens * top_k rows); 2 covers 2 ranks. */
+#define MOE_DROPLESS_BOUND_MEANS 2
+/* The bound of moe_layer_recv_rows_bound for an ep rank of P holding El
+ * slots under cfg, or 0 when there is no useful one (dropless token choice
+ * whose worst case passes MOE_DROPLESS_BOUND_MEANS means: 3 or more ranks
+ * with El >= k). Pure. */
+int64_t moe_layer_rows_bound(const moe_layer_config *cfg, int P, int El);
 
 /* Forward for T local tokens in G local groups: y (T, d) overwritten, x (T, d).
  * y is the routed combine plus the shared experts' output (times their gate). 

@@ -499,6 +499,38 @@ static void test_recv_rows_bound(void **state)
     }
 }
 
+/* The bound for P ep ranks of El slots each (moe_layer_rows_bound): the
+ * worst case of the routing, for dropless token choice only while it is at
+ * most MOE_DROPLESS_BOUND_MEANS mean loads (2 ranks), else none. The worst
+ * case is reachable: every rank's every token picks its k experts among
+ * this rank's El slots (or all El of them when k > El). */
+static void test_rows_bound_ranks(void **state)
+{
+    (void)state;
+    const opts none = {0};
+    const int T = 64, G = 2, E = 8;
+    for (int k = 1; k <= 4; k++) {
+        const shape s = {T, G, 8, 12, E, k, MOE_ROUTER_TOKEN_CHOICE, 0.0, MOE_ACT_SWIGLU};
+        moe_layer_config lc = {.router = router_of(&s, &none), .d_ff = s.F, .act = s.act, .max_tokens = T,
+                               .max_groups = G, .chunks = 1};
+        for (int P = 1; P <= 8; P *= 2) {
+            const int El = E / P, per = k < El ? k : El;
+            const int64_t worst = (int64_t)P * T * per, mean = (int64_t)T * k;
+            const int64_t want = P == 1 || worst <= MOE_DROPLESS_BOUND_MEANS * mean ? worst : 0;
+            assert_int_equal(moe_layer_rows_bound(&lc, P, El), want);
+        }
+        assert_int_equal(moe_layer_rows_bound(&lc, 2, 4), 2 * T * (k < 4 ? k : 4)); /* 2 ranks: always held */
+        /* with a capacity the bound is the capacity's whatever P */
+        lc.router.capacity_factor = 1.0;
+        for (int P = 1; P <= 8; P *= 2) {
+            const int El = E / P, per = k < El ? k : El;
+            const int64_t cap = moe_router_capacity(&lc.router, T) + G;
+            const int64_t b = (int64_t)P * T * per < (int64_t)P * El * cap ? (int64_t)P * T * per : (int64_t)P * El * cap;
+            assert_int_equal(moe_layer_rows_bound(&lc, P, El), b);
+        }
+    }
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -509,6 +541,7 @@ int main(void)
         cmocka_unit_test(test_threads_bitwise),
         cmocka_unit_test(test_timing_table),
         cmocka_unit_test(test_recv_rows_bound),
+        cmocka_unit_test(test_rows_bound_ranks),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
