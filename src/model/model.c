@@ -271,7 +271,7 @@ void moe_model_memory_estimate(moe_model_memory *out, const moe_train_config *cf
         const double worst = (double)ep_size * per / cfg->top_k; /* in means */
         if (worst <= MOE_DROPLESS_BOUND_MEANS) received *= worst;
     }
-    const double kept = ep_size > 1 && cfg->wgrad_defer ? F + d : 0;
+    const double kept = moe_cfg_wgrad_defer(cfg, ep_size) ? F + d : 0;
     const double Fs = moe_cfg_d_ff_shared(cfg), Fs1 = moe_f1(moe_cfg_d_ff_shared(cfg), cfg->activation);
     double per_layer = N * received * (F1 + F + 2 * d + kept) + N * sent * 2 * d + N * cfg->n_shared * (Fs1 + Fs) +
                        (cfg->n_shared ? 3 * N * d : 0);
@@ -392,7 +392,7 @@ static moe_status create(moe_model **out, const moe_train_config *cfg, const moe
     moe_model *m = moe_calloc(1, sizeof *m);
     st = m ? setup(m, cfg, vocab, max_local_seqs, comm, inference) : moe_errorf(MOE_ERR_NOMEM, "model");
     /* two jobs (dW2, dW1) per local expert of every MoE layer and backward */
-    if (!st && !inference && P > 1 && cfg->wgrad_defer && m->n_moe > 0)
+    if (!st && !inference && moe_cfg_wgrad_defer(cfg, P) && m->n_moe > 0)
         st = moe_wgrad_queue_create(&m->wgrad, 2 * m->n_moe * m->El);
     /* local failures must reach every rank before the collective layer creation */
     st = moe_comm_agree(comm, st);
