@@ -120,7 +120,15 @@ print(f"  decoding  moe 1 rank {g1:8.0f} tok/s vs PyTorch 1 thread {best[1][0]:8
 print(f"PERF mixtral.train.moe_2ranks_tok_s {t21:.0f} tok/s moe train, Mixtral-shaped model, 2 ranks x 1 thread")
 print(f"PERF mixtral.train.moe_2threads_tok_s {t12:.0f} tok/s moe train, Mixtral-shaped model, 1 rank x 2 threads")
 print(f"PERF mixtral.train.torch_tok_s {tt:.0f} tok/s PyTorch ({tform}), Mixtral-shaped model, 2 threads")
-print(f"PERF_README mixtral.train.ratio {t21 / tt:.2f} x training vs PyTorch, Mixtral-shaped model, 2 cores each "
+# The README row sets moe's faster layout on this machine against PyTorch's
+# strongest formulation: the best of each side. Both layouts' own ratios
+# follow; on 2 ranks a dropless model waits at each layer's exchange for
+# the rank whose experts got more rows, on 1 rank x 2 threads the experts
+# are shared out over the threads as they come.
+fast = "2 ranks x 1 thread" if t21 >= t12 else "1 rank x 2 threads"
+print(f"PERF_README mixtral.train.ratio_best {max(t21, t12) / tt:.2f} x training vs PyTorch, Mixtral-shaped model, "
+      f"2 cores each (moe's faster layout, {fast})")
+print(f"PERF mixtral.train.ratio {t21 / tt:.2f} x training vs PyTorch, Mixtral-shaped model, 2 cores each "
       f"(moe 2 ranks)")
 print(f"PERF mixtral.train.ratio_2threads {t12 / tt:.2f} x training vs PyTorch, Mixtral-shaped model, 2 threads each")
 print(f"PERF mixtral.decode.b1.moe_tok_s {g1:.0f} tok/s moe generate, Mixtral-shaped model, batch 1, 1 rank x 1 thread")
