@@ -16,7 +16,6 @@
 #include "experts/experts.h"
 
 #include <cblas.h>
-#include <math.h>
 #include <stdatomic.h>
 #include <stdint.h>
 #include <stdlib.h>

@@ -69,7 +69,7 @@ struct moe_model {
     moe_layer **layers;          /* (L) NULL for dense blocks */
     moe_vocab_part *vocab;       /* head = vocab_experts: the partition (own copy), else NULL */
     moe_vocab_ep *vhead;         /* the vocabulary head over the ep group, else NULL */
-    moe_wgrad_queue *wgrad;      /* training over > 1 ep rank with wgrad_defer: the layers' deferred dW1 GEMMs */
+    moe_wgrad_queue *wgrad;      /* training, moe_cfg_wgrad_defer: the layers' deferred dW2/dW1 GEMMs, or NULL */
     int M, vtopk;                /* vocabulary experts; K of the coverage statistic */
     float *act_mem;
     model_acts a;
@@ -800,7 +800,8 @@ moe_status moe_model_backward(moe_model *m)
     }
     moe_model_encoder_backward(tensor_ptr(m, m->grads, m->gid[G_WTE]),
                                tensor_ptr(m, m->grads, m->gid[G_WPE]), a->dres, m->inputs, B, T, C);
-    /* what the exchanges' waits did not run: every gradient is complete on return */
+    /* the experts' deferred weight gradients, after the last exchange: every
+     * gradient is complete on return */
     moe_wgrad_drain(m->wgrad);
     return MOE_OK;
 }
