@@ -284,7 +284,7 @@ moe_status moe_a2a_reserve_buf(moe_a2a *a, int i, int rows, int width)
     if (need <= a->buf_cap[i] && a->buf[i]) return MOE_OK;
     const int send = i == B_SEND_X || i == B_SEND_Y;
     const int64_t r = rows, bound = a->bound_rows[send ? 0 : 1];
-    /* a receive side its layer could not bound (dropless routing): a wide
+    /* a receive side its layer could not bound (dropless, 3+ ranks): a wide
      * fluctuation, so half again */
     const int64_t slack = a->bound_rows[0] && !a->bound_rows[1] ? r / 2 : r / 8;
     const int64_t cap_rows = bound >= r ? bound : send ? r + r / 4 + 16 : r + slack + 64;

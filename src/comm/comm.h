@@ -244,7 +244,7 @@ moe_a2a_kind moe_a2a_kind_of(const moe_a2a *a);
  * allocation's page faults: 55-70 ms for the medium model's expert
  * activations here). A plan beyond them still works, growing as without.
  * A send bound with recv_rows 0 says the receive side has none (dropless
- * routing over several ranks): its buffers then grow with more headroom. */
+ * routing over 3 or more ranks): its buffers then grow with more headroom. */
 void moe_a2a_set_row_bounds(moe_a2a *a, int64_t send_rows, int64_t recv_rows);
 
 /* Collective over the ep group. send_rows (P * El): rows this rank sends to

@@ -182,9 +182,9 @@ static moe_status grow_recv(moe_layer *L, int n)
     /* Straight to the bound when it holds n: one growth per run, at the
      * first step, not one each time a step's load beats the last (55-70 ms
      * of page faults each for the medium model here). Without a bound
-     * (dropless over several ranks) half again the load, so that the
+     * (dropless over 3 or more ranks) half again the load, so that the
      * step-to-step fluctuation of a dropless load (wide: nothing caps it)
-     * rarely reallocates. */
+     * rarely reallocates, but never past the worst case. */
     int64_t want = L->recv_bound >= n ? L->recv_bound : (int64_t)n + (L->recv_bound ? n / 8 : n / 2) + 64;
     if (want > L->recv_most && L->recv_most >= n) want = L->recv_most; /* headroom beyond the worst case is waste */
     const int cap = want <= INT32_MAX ? (int)want : n;
