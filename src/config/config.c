@@ -190,10 +190,6 @@ static const key_desc keys[] = {
        "(on-node shared memory) or node (two levels: shared memory in a node, one message per node pair); "
        "alltoallv = p2p"),
     KI(a2a_chunks, "exchange", 1, NOMAX, "expert chunks overlapped with the exchange (p2p)"),
-    KI(wgrad_defer, "exchange", -1, 1,
-       "1: over several ep ranks the experts' weight-gradient GEMMs run after the backward's last exchange, "
-       "not inside each layer's (its waits for the busiest rank shrink; the same results); 0: inline; "
-       "-1: 1 for dropless token choice (capacity_factor = 0), else 0"),
     KR(comm_timeout, "exchange", 0, HUGE_VAL, 0, 0,
        "seconds a blocking exchange, collective or checkpoint I/O phase may make no progress before "
        "the job is ended on every node (0: never; docs/cluster.md)"),
@@ -287,7 +283,6 @@ void moe_train_config_default(moe_train_config *c)
 
     c->a2a = MOE_A2A_AUTO;
     c->a2a_chunks = 1;
-    c->wgrad_defer = -1;
     c->comm_timeout = MOE_COMM_TIMEOUT_DEFAULT;
 
     c->ckpt_every = 0;

@@ -76,7 +76,6 @@ typedef struct {
     /* exchange */
     int a2a;                 /* moe_a2a_kind */
     int a2a_chunks;
-    int wgrad_defer;         /* experts' weight-gradient GEMMs after the backward: -1 auto, 0, 1 (moe_cfg_wgrad_defer) */
     double comm_timeout;     /* seconds without progress in a blocking phase before the job ends (0: never) */
     char placement[1024];    /* expert placement file ("" contiguous; docs/routing.md "Expert placement") */
     /* checkpoints (issue 5) */
@@ -97,13 +96,6 @@ static inline int moe_cfg_head_dim(const moe_train_config *c)
 static inline int moe_cfg_attn_bias(const moe_train_config *c) { return c->attn_bias >= 0 ? c->attn_bias : c->linear_bias; }
 static inline int moe_cfg_d_ff_shared(const moe_train_config *c) { return c->d_ff_shared > 0 ? c->d_ff_shared : c->d_ff; }
 static inline int moe_cfg_topk_groups(const moe_train_config *c) { return c->topk_groups > 0 ? c->topk_groups : c->n_groups; }
-/* Whether the experts' weight gradients are deferred (wgrad_defer; -1 auto:
- * for dropless token choice, whose loads nothing bounds, over > 1 ep rank). */
-static inline int moe_cfg_wgrad_defer(const moe_train_config *c, int ep_size)
-{
-    if (ep_size < 2 || c->wgrad_defer == 0) return 0;
-    return c->wgrad_defer > 0 || (c->router == MOE_ROUTER_TOKEN_CHOICE && c->capacity_factor <= 0);
-}
 /* Widths of the attention: query heads n_heads*head_dim (c_proj's input),
  * and c_attn's rows, q then k then v: (n_heads + 2 n_kv_heads) head_dim. */
 static inline int moe_cfg_att_width(const moe_train_config *c) { return c->n_heads * moe_cfg_head_dim(c); }

@@ -181,84 +181,7 @@ typedef struct {
     const moe_expert_params *p;
     int d, F;
     moe_activation act;
-    moe_wgrad_queue *wq;        /* backward: the weight-gradient GEMMs go there (NULL: inline) */
-    float *dy_keep;             /* with wq: (N, d) a copy of dy for them */
 } expert_args;
-
-/* ---- deferred weight gradients ---- */
-
-/* C (M, N) += A^T B, A (K, M), B (K, N), all row-major and dense: both
- * weight gradients of an expert (dW2 = dy^T a, dW1 = dh^T x, K = its rows). */
-typedef struct {
-    float *c;
-    const float *a, *b;
-    int M, N, K;
-} wgrad_job;
-
-struct moe_wgrad_queue {
-    wgrad_job *jobs; /* (capacity) */
-    int capacity;
-    atomic_int n;    /* jobs pushed (the threads of one expert_run push concurrently) */
-};
-
-moe_status moe_wgrad_queue_create(moe_wgrad_queue **out, int capacity)
-{
-    *out = NULL;
-    if (capacity < 1) return moe_errorf(MOE_ERR_ARG, "weight-gradient queue: capacity %d < 1", capacity);
-    moe_wgrad_queue *q = calloc(1, sizeof *q);
-    if (q) q->jobs = calloc((size_t)capacity, sizeof *q->jobs);
-    if (!q || !q->jobs) {
-        free(q);
-        return moe_errorf(MOE_ERR_NOMEM, "weight-gradient queue: cannot allocate %d jobs", capacity);
-    }
-    q->capacity = capacity;
-    atomic_init(&q->n, 0);
-    *out = q;
-    return MOE_OK;
-}
-
-void moe_wgrad_queue_destroy(moe_wgrad_queue *q)
-{
-    if (!q) return;
-    free(q->jobs);
-    free(q);
-}
-
-static void wgrad_gemm(const wgrad_job *j)
-{
-    moe_gemm(1, 0, j->M, j->N, j->K, 1.0f, j->a, j->M, j->b, j->N, 1.0f, j->c, j->N);
-}
-
-void moe_wgrad_drain(moe_wgrad_queue *q)
-{
-    if (!q) return;
-    const int n = atomic_load_explicit(&q->n, memory_order_acquire);
-    for (int i = 0; i < n && i < q->capacity; i++) wgrad_gemm(&q->jobs[i]);
-    moe_wgrad_discard(q);
-}
-
-void moe_wgrad_discard(moe_wgrad_queue *q)
-{
-    if (!q) return;
-    atomic_store_explicit(&q->n, 0, memory_order_relaxed);
-}
-
-int moe_wgrad_pending(const moe_wgrad_queue *q)
-{
-    const int n = atomic_load_explicit(&((moe_wgrad_queue *)q)->n, memory_order_acquire);
-    return n < q->capacity ? n : q->capacity;
-}
-
-/* Queues job j, or runs it here when q is NULL or full. */
-static void wgrad_push(moe_wgrad_queue *q, const wgrad_job *j)
-{
-    const int i = q ? atomic_fetch_add_explicit(&q->n, 1, memory_order_acq_rel) : 0;
-    if (q && i < q->capacity) {
-        q->jobs[i] = *j;
-        return;
-    }
-    wgrad_gemm(j);
-}
 
 /* threaded: the activation pass may open a parallel region (the expert
  * runs alone, its GEMMs on every OpenBLAS thread); else it runs on the
@@ -295,25 +218,15 @@ static void expert_backward_one(const expert_args *s, int e, int threaded)
     float *gb1 = g->b1 ? g->b1 + (size_t)e * F1 : NULL, *gb2 = g->b2 ? g->b2 + (size_t)e * d : NULL;
 
     /* In place (dx = dy, da = a, dh = h): every buffer is read before the
-     * GEMM or pass that overwrites it. Deferred (s->wq): the weight
-     * gradients are queued; they read dy from s->dy_keep (dx still
-     * overwrites dy), a (da is a scratch of its own then), dh and x. */
-    const wgrad_job w2j = {.c = gw2, .a = s->wq ? s->dy_keep + (size_t)r0 * d : dye, .b = ae, .M = d, .N = F, .K = n};
-    if (s->wq) {
-        memcpy(s->dy_keep + (size_t)r0 * d, dye, sizeof(float) * (size_t)n * d);
-        wgrad_push(s->wq, &w2j);
-    } else {
-        wgrad_gemm(&w2j);
-    }
+     * GEMM or pass that overwrites it. */
+    moe_gemm(1, 0, d, F, n, 1.0f, dye, d, ae, F, 1.0f, gw2, F);
     if (gb2) add_rows(gb2, dye, n, d);
     moe_gemm(0, 0, n, F, d, 1.0f, dye, d, w2, F, 0.0f, dae, F);
     /* dh = act'(h) * da, with the b1 gradient summed while rows are hot */
     const act_job aj = {.out = dhe, .db1 = gb1, .in = dae, .h = he, .n = n, .F = F, .act = s->act, .backward = 1};
     if (threaded) act_parallel(aj);
     else act_rows(&aj, 0, n, 0, F);
-    const wgrad_job w1j = {.c = gw1, .a = dhe, .b = xe, .M = F1, .N = d, .K = n};
-    if (s->wq) wgrad_push(s->wq, &w1j);
-    else wgrad_gemm(&w1j);
+    moe_gemm(1, 0, F1, d, n, 1.0f, dhe, F1, xe, d, 1.0f, gw1, d);
     moe_gemm(0, 0, n, d, F1, 1.0f, dhe, F1, w1, d, 0.0f, dxe, d);
 }
 
@@ -420,21 +333,13 @@ void moe_expert_forward(float *y, float *h, float *a, const float *x, const int 
     expert_run(&s, E, 0);
 }
 
-void moe_expert_backward_deferred(float *dx, moe_expert_params *g, float *dh, float *da, const float *dy,
-                                  const float *x, const float *h, const float *a, const int *offsets,
-                                  const moe_expert_params *p, int E, int d, int F, moe_activation act,
-                                  moe_wgrad_queue *q, float *dy_keep)
-{
-    const expert_args s = {.dx = dx, .dh = dh, .da = da, .g = g, .x = x, .dy = dy, .hin = h, .ain = a,
-                           .offsets = offsets, .p = p, .d = d, .F = F, .act = act, .wq = q, .dy_keep = dy_keep};
-    expert_run(&s, E, 1);
-}
-
 void moe_expert_backward(float *dx, moe_expert_params *g, float *dh, float *da, const float *dy,
                          const float *x, const float *h, const float *a, const int *offsets,
                          const moe_expert_params *p, int E, int d, int F, moe_activation act)
 {
-    moe_expert_backward_deferred(dx, g, dh, da, dy, x, h, a, offsets, p, E, d, F, act, NULL, NULL);
+    const expert_args s = {.dx = dx, .dh = dh, .da = da, .g = g, .x = x, .dy = dy, .hin = h,
+                           .ain = a, .offsets = offsets, .p = p, .d = d, .F = F, .act = act};
+    expert_run(&s, E, 1);
 }
 
 double moe_expert_flops(const int *offsets, int E, int d, int F, moe_activation act)

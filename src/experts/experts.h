@@ -35,41 +35,6 @@ void moe_expert_forward_ref(float *y, float *h, float *a, const float *x, const 
 void moe_expert_backward(float *dx, moe_expert_params *g, float *dh, float *da, const float *dy,
                          const float *x, const float *h, const float *a, const int *offsets,
                          const moe_expert_params *p, int E, int d, int F, moe_activation act);
-/* Deferred weight gradients (the B/W split of zero-bubble pipeline
- * schedules, applied to expert parallelism). Each MoE layer's backward
- * exchange makes every rank wait for the one whose experts got the most
- * rows, layer after layer; only dx travels, so only dx needs to be ready.
- * moe_expert_backward_deferred queues each expert's weight-gradient GEMMs
- * (dW2 += dy^T a, dW1 += dh^T x: a third of its forward + backward work)
- * and moe_wgrad_drain runs them after the last exchange, where a rank's
- * jobs of all layers together are far more even than any one layer's
- * (the busiest rank differs from layer to layer). A job is the very GEMM
- * call the inline path makes (the same arguments through moe_gemm) on
- * buffers that live until the drain (a copy of dy, a, dh, x), so at one
- * thread the gradients are bitwise those of the inline path; at more, the
- * drain runs outside a parallel region, where moe_gemm may split a job:
- * deterministic too, not the same bits. */
-typedef struct moe_wgrad_queue moe_wgrad_queue;
-/* A queue of at most `capacity` jobs (two per expert per layer and backward).
- * MOE_ERR_NOMEM, MOE_ERR_ARG (capacity < 1). */
-moe_status moe_wgrad_queue_create(moe_wgrad_queue **out, int capacity);
-void moe_wgrad_queue_destroy(moe_wgrad_queue *q);
-/* Runs every queued job, in the order queued, and empties the queue. q NULL: nothing. */
-void moe_wgrad_drain(moe_wgrad_queue *q);
-/* Empties the queue without running its jobs (after a failed step: the
- * gradients are void anyway). q NULL: nothing. */
-void moe_wgrad_discard(moe_wgrad_queue *q);
-/* Jobs queued since the last drain or discard. */
-int moe_wgrad_pending(const moe_wgrad_queue *q);
-/* moe_expert_backward with the weight-gradient GEMMs queued on q (q NULL:
- * inline, dy_keep unused). With q: dy_keep (N, d) receives a copy of dy, da
- * must not be a, and dy_keep, a, dh and x must stay untouched until the
- * drain (dh = h is fine: the layer's next forward follows the drain). A
- * full queue runs a job inline. */
-void moe_expert_backward_deferred(float *dx, moe_expert_params *g, float *dh, float *da, const float *dy,
-                                  const float *x, const float *h, const float *a, const int *offsets,
-                                  const moe_expert_params *p, int E, int d, int F, moe_activation act,
-                                  moe_wgrad_queue *q, float *dy_keep);
 void moe_expert_backward_ref(float *dx, moe_expert_params *g, float *dh, float *da, const float *dy,
                              const float *x, const float *h, const float *a, const int *offsets,
                              const moe_expert_params *p, int E, int d, int F, moe_activation act);

@@ -99,8 +99,6 @@ struct moe_layer {
     float *sh_gate;          /* (T_max) sigmoid(w_sg . x), or unused without the gate */
     moe_layer_timing timing;
     double flops;
-    float *da;               /* deferred weight gradients: (recv_cap, F) the backward's da (a stays for dW2) */
-    float *dy_keep;          /* deferred weight gradients: (recv_cap, d) dy rows for dW2 (dx overwrites them) */
 };
 
 /* Replaces *p by a zeroed buffer of n elements (contents are not kept:
@@ -192,10 +190,6 @@ static moe_status grow_recv(moe_layer *L, int n)
     moe_status st;
     if ((st = grow((void **)&L->h, c * L->F1, sizeof(float)))) return st;
     if ((st = grow((void **)&L->a, c * L->F, sizeof(float)))) return st;
-    if (L->P > 1 && L->cfg.wgrad) { /* deferred weight gradients keep a and dy */
-        if ((st = grow((void **)&L->da, c * L->F, sizeof(float)))) return st;
-        if ((st = grow((void **)&L->dy_keep, c * L->d, sizeof(float)))) return st;
-    }
     L->recv_cap = cap;
     return MOE_OK;
 }
@@ -359,8 +353,6 @@ void moe_layer_destroy(moe_layer *L)
     moe_free(L->asg_dw);
     moe_free(L->h);
     moe_free(L->a);
-    moe_free(L->da);
-    moe_free(L->dy_keep);
     moe_free(L->dweight);
     moe_free(L->expert_rows);
     moe_free(L->sh_h);
@@ -565,10 +557,8 @@ static moe_status bwd_compute(void *vctx, int j0, int j1, const float *dy_rows, 
     if (j1 <= j0) return MOE_OK;
     moe_expert_params v = expert_view(&c->p->experts, L, j0);
     moe_expert_params gv = expert_view(&c->g->experts, L, j0);
-    const int defer = L->P > 1 && L->cfg.wgrad;
-    moe_expert_backward_deferred(dx_rows, &gv, L->h, defer ? L->da : L->a, dy_rows, c->x_rows, L->h, L->a,
-                                 moe_a2a_recv_expert_offsets(L->a2a) + j0, &v, j1 - j0, L->d, L->F, L->cfg.act,
-                                 defer ? L->cfg.wgrad : NULL, L->dy_keep);
+    moe_expert_backward(dx_rows, &gv, L->h, L->a, dy_rows, c->x_rows, L->h, L->a,
+                        moe_a2a_recv_expert_offsets(L->a2a) + j0, &v, j1 - j0, L->d, L->F, L->cfg.act);
     return MOE_OK;
 }
 
@@ -737,7 +727,6 @@ moe_status moe_layer_backward(moe_layer *L, float *dx, moe_layer_params *grads, 
     L->timing.bwd_shared += moe_now() - t2;
     /* every rank of the ep group gets here (the failures above are agreed
      * or the same everywhere), so the copies' sum is entered by all */
-    if (L->n_rep) moe_wgrad_drain(L->cfg.wgrad); /* rep_sum reads the copies' gradients */
     if (L->n_rep && (st = rep_sum(L, grads))) return st;
     L->timing.bwd_gate_grad += xt.pack;
     L->timing.bwd_router += t1 - t0;

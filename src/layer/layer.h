@@ -25,11 +25,6 @@ typedef struct {
     int max_groups;            /* largest local G */
     moe_a2a_kind a2a;          /* exchange transport over more than one rank */
     int chunks;                /* >= 1: expert chunks overlapped with the exchange */
-    /* Over more than one ep rank the experts' weight-gradient GEMMs go
-     * there (experts.h "Deferred weight gradients"); the owner (the model:
-     * one queue for all its layers) drains it after the backward, before
-     * anything reads the expert gradients. Not owned. NULL: inline. */
-    moe_wgrad_queue *wgrad;
     /* The expert placement (docs/routing.md "Expert placement"): slot j of
      * ep rank p (exchange destination p * n_slots + j) holds global expert
      * slots[p * n_slots + j]; every expert at least once, a replicated one

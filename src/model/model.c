@@ -69,7 +69,6 @@ struct moe_model {
     moe_layer **layers;          /* (L) NULL for dense blocks */
     moe_vocab_part *vocab;       /* head = vocab_experts: the partition (own copy), else NULL */
     moe_vocab_ep *vhead;         /* the vocabulary head over the ep group, else NULL */
-    moe_wgrad_queue *wgrad;      /* training, moe_cfg_wgrad_defer: the layers' deferred dW2/dW1 GEMMs, or NULL */
     int M, vtopk;                /* vocabulary experts; K of the coverage statistic */
     float *act_mem;
     model_acts a;
@@ -259,8 +258,7 @@ void moe_model_memory_estimate(moe_model_memory *out, const moe_train_config *cf
      * receive side is allocated at once for the most the capacity lets in
      * (moe_layer_rows_bound: capacity_factor times the mean; dropless,
      * the worst case while it is at most MOE_DROPLESS_BOUND_MEANS means);
-     * deferred weight gradients keep da and dy rows too (F + d); the
-     * shared experts per token */
+     * the shared experts per token */
     const double N = (double)max_local_seqs * cfg->seq_len, d = cfg->d_model;
     const double F = cfg->d_ff, F1 = moe_f1(cfg->d_ff, cfg->activation);
     const int ec = cfg->router == MOE_ROUTER_EXPERT_CHOICE;
@@ -271,9 +269,8 @@ void moe_model_memory_estimate(moe_model_memory *out, const moe_train_config *cf
         const double worst = (double)ep_size * per / cfg->top_k; /* in means */
         if (worst <= MOE_DROPLESS_BOUND_MEANS) received *= worst;
     }
-    const double kept = moe_cfg_wgrad_defer(cfg, ep_size) ? F + d : 0;
     const double Fs = moe_cfg_d_ff_shared(cfg), Fs1 = moe_f1(moe_cfg_d_ff_shared(cfg), cfg->activation);
-    double per_layer = N * received * (F1 + F + 2 * d + kept) + N * sent * 2 * d + N * cfg->n_shared * (Fs1 + Fs) +
+    double per_layer = N * received * (F1 + F + 2 * d) + N * sent * 2 * d + N * cfg->n_shared * (Fs1 + Fs) +
                        (cfg->n_shared ? 3 * N * d : 0);
     int n_moe = 0;
     for (int l = 0; l < cfg->n_layers; l++) n_moe += moe_layout_block_is_moe(cfg, l);
@@ -391,9 +388,6 @@ static moe_status create(moe_model **out, const moe_train_config *cfg, const moe
                           cfg->vocab_experts, P);
     moe_model *m = moe_calloc(1, sizeof *m);
     st = m ? setup(m, cfg, vocab, max_local_seqs, comm, inference) : moe_errorf(MOE_ERR_NOMEM, "model");
-    /* two jobs (dW2, dW1) per local expert of every MoE layer and backward */
-    if (!st && !inference && moe_cfg_wgrad_defer(cfg, P) && m->n_moe > 0)
-        st = moe_wgrad_queue_create(&m->wgrad, 2 * m->n_moe * m->El);
     /* local failures must reach every rank before the collective layer creation */
     st = moe_comm_agree(comm, st);
     if (st) goto fail;
@@ -414,7 +408,6 @@ static moe_status create(moe_model **out, const moe_train_config *cfg, const moe
         .max_groups = m->B_max / cfg->group_seqs,
         .a2a = (moe_a2a_kind)cfg->a2a,
         .chunks = cfg->a2a_chunks < 1 ? 1 : cfg->a2a_chunks,
-        .wgrad = m->wgrad,
     };
     /* every rank creates every MoE layer in the same order (collective), and
      * a failure on one rank is reported by the layer on all of them */
@@ -451,7 +444,6 @@ void moe_model_destroy(moe_model *m)
         for (int l = 0; l < m->L; l++) moe_layer_destroy(m->layers[l]);
     moe_free(m->layers);
     moe_vocab_ep_destroy(m->vhead);
-    moe_wgrad_queue_destroy(m->wgrad);
     moe_vocab_part_destroy(m->vocab);
     moe_free(m->moe_index);
     moe_free(m->dense_index);
@@ -776,10 +768,7 @@ moe_status moe_model_backward(moe_model *m)
             moe_layer_params g = moe_view(m, m->grads, l);
             const moe_status st = moe_layer_backward(m->layers[l], a->dln, &g, a->dres, b.ln2, &p,
                                                      lb_scale, z_scale);
-            if (st) {
-                moe_wgrad_discard(m->wgrad); /* the step is void: its gradients with it */
-                return st;
-            }
+            if (st) return st;
         } else {
             memset(a->dfch_act, 0, (size_t)N * F * sizeof(float));
             moe_model_matmul_backward(a->dfch_act, GW(MOE_T_FCPROJ_W), GW(MOE_T_FCPROJ_B), a->dres, b.fch_act,
@@ -800,9 +789,6 @@ moe_status moe_model_backward(moe_model *m)
     }
     moe_model_encoder_backward(tensor_ptr(m, m->grads, m->gid[G_WTE]),
                                tensor_ptr(m, m->grads, m->gid[G_WPE]), a->dres, m->inputs, B, T, C);
-    /* the experts' deferred weight gradients, after the last exchange: every
-     * gradient is complete on return */
-    moe_wgrad_drain(m->wgrad);
     return MOE_OK;
 }
 

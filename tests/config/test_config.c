@@ -326,28 +326,6 @@ static void test_format_round_trip(void **state)
 }
 
 /* Every key written by format has a line in --help. */
-/* wgrad_defer: auto (-1, the default) defers for dropless token choice
- * only, 1 and 0 force it, and one ep rank never defers. */
-static void test_wgrad_defer_resolution(void **state)
-{
-    (void)state;
-    moe_train_config c;
-    moe_train_config_default(&c);
-    assert_int_equal(c.wgrad_defer, -1);
-    assert_int_equal(moe_cfg_wgrad_defer(&c, 2), 0); /* capacity 1.25 */
-    c.capacity_factor = 0;
-    assert_int_equal(moe_cfg_wgrad_defer(&c, 2), 1);
-    assert_int_equal(moe_cfg_wgrad_defer(&c, 1), 0);
-    c.router = MOE_ROUTER_EXPERT_CHOICE;
-    assert_int_equal(moe_cfg_wgrad_defer(&c, 4), 0);
-    c.wgrad_defer = 1;
-    assert_int_equal(moe_cfg_wgrad_defer(&c, 4), 1);
-    assert_int_equal(moe_cfg_wgrad_defer(&c, 1), 0);
-    c.wgrad_defer = 0;
-    c.router = MOE_ROUTER_TOKEN_CHOICE;
-    assert_int_equal(moe_cfg_wgrad_defer(&c, 2), 0);
-}
-
 static void test_help_lists_every_key(void **state)
 {
     (void)state;
@@ -368,7 +346,7 @@ static void test_help_lists_every_key(void **state)
         if (!strstr(help, want)) fail_msg("help lacks key '%.*s'", (int)(eq - line), line);
         n_keys++;
     }
-    assert_int_equal(n_keys, 74); /* every key of the table */
+    assert_int_equal(n_keys, 73); /* every key of the table */
 }
 
 /* vocab_size follows the data unless set; a value set must hold the
@@ -419,7 +397,6 @@ int main(void)
         cmocka_unit_test(test_check_rules),
         cmocka_unit_test(test_format_round_trip),
         cmocka_unit_test(test_help_lists_every_key),
-        cmocka_unit_test(test_wgrad_defer_resolution),
         cmocka_unit_test(test_vocab_resolution),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);

@@ -9,7 +9,6 @@
 #include <stdarg.h>
 #include <stddef.h>
 #include <stdint.h>
-#include <stdlib.h>
 #include <string.h>
 
 #include <cmocka.h>
@@ -235,77 +234,6 @@ static void in_place_case(const int *counts, int E, int d, int F, moe_activation
     assert_memory_equal(A.g.w2, B.g.w2, sizeof(float) * n_w2(&A));
     assert_memory_equal(A.g.b2, B.g.b2, sizeof(float) * n_b2(&A));
     problem_free(&A), problem_free(&B);
-}
-
-/* Deferred weight gradients (moe_expert_backward_deferred, then
- * moe_wgrad_drain): dx at once and, after the drain, every gradient bitwise
- * that of the inline in-place backward at one thread, within rounding at
- * two (a drained GEMM may be split). Two jobs per non-empty expert; before
- * the drain the weight gradients are untouched (the bias gradients are
- * not deferred); a discard drops the jobs. */
-static void deferred_case(const int *counts, int E, int d, int F, moe_activation act, int threads)
-{
-    problem A, B;
-    problem_init(&A, counts, E, d, F, act, 2);
-    problem_init(&B, counts, E, d, F, act, 2);
-    forward(&A, moe_expert_forward);
-    forward(&B, moe_expert_forward);
-    const int saved = openblas_get_num_threads();
-    openblas_set_num_threads(threads);
-    moe_expert_backward(A.dy, &A.g, A.h, A.a, A.dy, A.x, A.h, A.a, A.offsets, &A.p, A.E, A.d, A.F, A.act);
-    moe_wgrad_queue *q = NULL;
-    assert_int_equal(moe_wgrad_queue_create(&q, 2 * E), MOE_OK);
-    float *w1_before = malloc(sizeof(float) * n_w1(&B)), *w2_before = malloc(sizeof(float) * n_w2(&B));
-    float *da = calloc((size_t)B.N * B.F + 1, sizeof(float)), *dy_keep = calloc((size_t)B.N * d + 1, sizeof(float));
-    memcpy(w1_before, B.g.w1, sizeof(float) * n_w1(&B));
-    memcpy(w2_before, B.g.w2, sizeof(float) * n_w2(&B));
-    moe_expert_backward_deferred(B.dy, &B.g, B.h, da, B.dy, B.x, B.h, B.a, B.offsets, &B.p, B.E, B.d, B.F, B.act, q,
-                                 dy_keep);
-    int busy = 0;
-    for (int e = 0; e < E; e++) busy += counts[e] > 0;
-    assert_int_equal(moe_wgrad_pending(q), 2 * busy);
-    assert_memory_equal(A.dy, B.dy, sizeof(float) * (size_t)A.N * d); /* dx */
-    assert_memory_equal(A.g.b1, B.g.b1, sizeof(float) * n_b1(&A));
-    assert_memory_equal(A.g.b2, B.g.b2, sizeof(float) * n_b2(&A));
-    assert_memory_equal(w1_before, B.g.w1, sizeof(float) * n_w1(&B));
-    assert_memory_equal(w2_before, B.g.w2, sizeof(float) * n_w2(&B));
-    moe_wgrad_drain(q);
-    assert_int_equal(moe_wgrad_pending(q), 0);
-    if (threads == 1) {
-        assert_memory_equal(A.g.w1, B.g.w1, sizeof(float) * n_w1(&A));
-        assert_memory_equal(A.g.w2, B.g.w2, sizeof(float) * n_w2(&A));
-    } else {
-        for (size_t i = 0; i < n_w1(&A); i++) assert_true(fabsf(A.g.w1[i] - B.g.w1[i]) <= 1e-4f * (1 + fabsf(A.g.w1[i])));
-        for (size_t i = 0; i < n_w2(&A); i++) assert_true(fabsf(A.g.w2[i] - B.g.w2[i]) <= 1e-4f * (1 + fabsf(A.g.w2[i])));
-    }
-    /* discard: queued jobs never run */
-    memcpy(w1_before, B.g.w1, sizeof(float) * n_w1(&B));
-    moe_expert_backward_deferred(B.dy, &B.g, B.h, da, B.dy, B.x, B.h, B.a, B.offsets, &B.p, B.E, B.d, B.F, B.act, q,
-                                 dy_keep);
-    moe_wgrad_discard(q);
-    assert_int_equal(moe_wgrad_pending(q), 0);
-    moe_wgrad_drain(q);
-    assert_memory_equal(w1_before, B.g.w1, sizeof(float) * n_w1(&B));
-    openblas_set_num_threads(saved);
-    moe_wgrad_queue_destroy(q);
-    free(w1_before), free(w2_before), free(da), free(dy_keep);
-    problem_free(&A), problem_free(&B);
-}
-
-static void test_deferred_wgrad(void **state)
-{
-    (void)state;
-    static const int c8[] = {5, 0, 25, 1, 29, 0, 37, 0};
-    static const int big[] = {700, 0, 513};
-    for (int i = 0; i < N_ACTS; i++) {
-        deferred_case(c8, 8, 32, 48, acts[i], 1);
-        deferred_case(big, 3, 16, 256, acts[i], 1);
-        deferred_case(big, 3, 16, 256, acts[i], 2);
-    }
-    moe_wgrad_queue *q = NULL;
-    assert_int_equal(moe_wgrad_queue_create(&q, 0), MOE_ERR_ARG);
-    assert_null(q);
-    moe_wgrad_drain(NULL), moe_wgrad_discard(NULL); /* no queue: nothing */
 }
 
 static void test_in_place(void **state)
@@ -578,7 +506,6 @@ int main(void)
         cmocka_unit_test(test_fast_vs_ref_threaded),
         cmocka_unit_test(test_threads_bitwise),
         cmocka_unit_test(test_in_place),
-        cmocka_unit_test(test_deferred_wgrad),
         cmocka_unit_test(test_fd_ref_double),
         cmocka_unit_test(test_fd_fast_float),
         cmocka_unit_test(test_empty_expert_untouched),

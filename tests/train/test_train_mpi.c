@@ -3,9 +3,7 @@
  * weights bitwise equal to the reference rows, then for 10 steps losses and
  * gradient norms within 1e-4 relative, identical per-expert update counts,
  * final parameters close to the reference, dense parameters bitwise equal on
- * every rank and expert replicas bitwise equal to each other; the same run
- * with the experts' weight gradients inline (wgrad_defer = 0) gives bitwise
- * the deferred run's parameters and moments at one thread. Router noise
+ * every rank and expert replicas bitwise equal to each other. Router noise
  * is on (keyed by global token), capacity drops happen. A non-finite value
  * on one rank gives MOE_ERR_NONFINITE on all of them with nothing applied.
  * With `arch` every architecture and router option is on (RMSNorm, RoPE,
@@ -24,7 +22,6 @@
 #include <string.h>
 
 #include "comm/comm.h"
-#include "core/par.h"
 #include "core/rng.h"
 #include "train/train.h"
 
@@ -41,7 +38,6 @@ static void config(moe_train_config *c, int ep)
 {
     tl_config_equiv(c, T, 4, GB, STEPS); /* both blocks MoE */
     c->ep_size = ep;
-    c->wgrad_defer = 1; /* deferred expert weight gradients (auto: only for dropless routing) */
     if (vocab) {
         c->head = MOE_HEAD_VOCAB_EXPERTS;
         c->vocab_experts = 8;
@@ -119,13 +115,9 @@ int main(int argc, char **argv)
     if (arch) config_arch(&cfg);
     moe_vocab_part *part = vocab ? partition() : NULL;
 
-    moe_trainer *tr = NULL, *ref = NULL, *inl = NULL;
+    moe_trainer *tr = NULL, *ref = NULL;
     CHECK(moe_trainer_create(&tr, &cfg, part, c) == MOE_OK);
     CHECK(moe_trainer_create(&ref, &cfg, part, moe_comm_self()) == MOE_OK);
-    /* the same ranks with the expert weight gradients inline (wgrad_defer = 0) */
-    moe_train_config cfg_inline = cfg;
-    cfg_inline.wgrad_defer = 0;
-    CHECK(moe_trainer_create(&inl, &cfg_inline, part, c) == MOE_OK);
     if (fails) return 1;
     moe_model *m = moe_trainer_model(tr), *mr = moe_trainer_model(ref);
     const moe_tensor_table *tab = moe_model_tensors(m), *rtab = moe_model_tensors(mr);
@@ -142,7 +134,6 @@ int main(int argc, char **argv)
         moe_train_stats s, sr;
         CHECK(moe_trainer_step(tr, in + rank * Bl * T, tg + rank * Bl * T, k, &s) == MOE_OK);
         CHECK(moe_trainer_step(ref, in, tg, k, &sr) == MOE_OK);
-        CHECK(moe_trainer_step(inl, in + rank * Bl * T, tg + rank * Bl * T, k, NULL) == MOE_OK);
         CHECK(fabs(s.model.loss - sr.model.loss) <= (vocab ? 1e-5 : 1e-4) * fabs(sr.model.loss));
         CHECK(s.active_vocab_experts == sr.active_vocab_experts && s.model.vocab_covered == sr.model.vocab_covered);
         for (int j = 0; j < s.model.vocab_experts; j++) CHECK(s.model.vocab_tokens[j] == sr.model.vocab_tokens[j]);
@@ -158,25 +149,6 @@ int main(int argc, char **argv)
             for (int e = 0; e < cfg.n_experts; e++) bias_moved = fmaxf(bias_moved, fabsf(b[e]));
         }
     }
-
-    /* Deferred expert weight gradients (the default over more than one ep
-     * rank) against inline ones: bitwise the same at one thread (the same
-     * GEMM calls), else within float rounding (a deferred GEMM may be split
-     * over the threads where the inline one ran whole on one). */
-    {
-        const float *pd = moe_model_params(m), *pi = moe_model_params(moe_trainer_model(inl));
-        if (moe_par_threads() == 1) {
-            CHECK(!memcmp(pd, pi, tab->total * sizeof(float)));
-            CHECK(!memcmp(moe_trainer_adam_v(tr), moe_trainer_adam_v(inl), tab->total * sizeof(float)));
-        } else {
-            double e2 = 0, n2 = 0;
-            for (size_t i = 0; i < tab->total; i++) e2 += ((double)pd[i] - pi[i]) * ((double)pd[i] - pi[i]), n2 += (double)pi[i] * pi[i];
-            CHECK(sqrt(e2 / n2) < 1e-6);
-        }
-        if (rank == 0) printf("deferred vs inline expert weight gradients: %s\n",
-                              moe_par_threads() == 1 ? "bitwise" : "within 1e-6");
-    }
-    moe_trainer_destroy(inl);
 
     /* a NaN reaching the MoE layer on the last rank only, then an Inf loss
      * there: MOE_ERR_NONFINITE on every rank, nothing changed, nobody hangs */
